@@ -1,0 +1,96 @@
+"""Transformer blocks of :class:`~monai_prompt.backbones.vit.PromptableViT`.
+
+They subclass MONAI's ``SABlock`` and ``TransformerBlock`` and keep every parameter name, so MONAI ViT
+checkpoints load unchanged. What they add are the two seams PEFT methods plug into:
+
+* :class:`Attention` splits attention into ``project_qkv`` and ``attend`` so a method may change the
+  attention maths (EPT) or read keys and values (FPT), and it can run on PyTorch SDPA.
+* :class:`PromptBlock` has a ``parallel`` branch whose output is added beside the frozen MLP, fed by the
+  post-attention stream (AdaptFormer, DVPT).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks import SABlock, TransformerBlock
+
+__all__ = ["Attention", "PromptBlock"]
+
+
+class Attention(SABlock):
+    """MONAI ``SABlock`` (combined ``qkv`` and ``out_proj``) with an optional PyTorch SDPA path.
+
+    Args:
+        hidden_size: token width.
+        num_heads: number of attention heads.
+        dropout_rate: dropout on attention weights and output.
+        qkv_bias: whether ``qkv`` has a bias (pre-trained ViTs need ``True``).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout_rate: float = 0.0, qkv_bias: bool = True) -> None:
+        super().__init__(hidden_size, num_heads, dropout_rate, qkv_bias=qkv_bias)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of ``x`` [B, N, D], each [B, H, N, D/H]."""
+        qkv = self.input_rearrange(self.qkv(x))
+        return qkv[0], qkv[1], qkv[2]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of [B, H, N, d] queries over keys/values, [B, H, N, d] out."""
+        if self.use_flash_attention:
+            dropout = self.dropout_rate if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+        att = (torch.einsum("bhxd,bhyd->bhxy", q, k) * self.scale).softmax(dim=-1)
+        return torch.einsum("bhxy,bhyd->bhxd", self.drop_weights(att), v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        q, k, v = self.project_qkv(x)
+        return self.drop_output(self.out_proj(self.out_rearrange(self.attend(q, k, v))))
+
+
+class PromptBlock(TransformerBlock):
+    """Pre-norm ViT block, ``x + attn(norm1(x))`` then ``x + mlp(norm2(x)) + parallel(x)``.
+
+    ``parallel`` is off until a method sets it with :meth:`set_parallel`; ``norm_cross_attn`` (built by
+    MONAI but unused without cross-attention) is kept for key compatibility and always frozen.
+
+    Args:
+        hidden_size: token width.
+        mlp_dim: MLP hidden width.
+        num_heads: number of attention heads.
+        dropout_rate: dropout rate of attention and MLP.
+        qkv_bias: whether ``qkv`` has a bias.
+        layer_norm_eps: epsilon of ``norm1`` and ``norm2`` (1e-6 timm, 1e-12 HuggingFace).
+    """
+
+    __constants__ = ["with_cross_attention", "has_parallel"]
+
+    def __init__(
+        self,
+        hidden_size: int,
+        mlp_dim: int,
+        num_heads: int,
+        dropout_rate: float = 0.0,
+        qkv_bias: bool = True,
+        layer_norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__(hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias)
+        self.attn = Attention(hidden_size, num_heads, dropout_rate, qkv_bias)
+        self.norm1 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.norm_cross_attn.requires_grad_(False)
+        self.has_parallel = False
+        self.parallel: nn.Module = nn.Identity()
+
+    def set_parallel(self, branch: nn.Module) -> None:
+        """Add ``branch(x_after_attention)`` beside the MLP in every later forward."""
+        self.parallel = branch
+        self.has_parallel = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x + self.attn(self.norm1(x))
+        if self.has_parallel:
+            return x + self.mlp(self.norm2(x)) + self.parallel(x)
+        return x + self.mlp(self.norm2(x))

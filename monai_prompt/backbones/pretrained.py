@@ -1,0 +1,419 @@
+"""Import pre-trained ViT weights (HuggingFace transformers, timm, MONAI) into a MONAI ViT.
+
+The layout is detected from the keys. Every layout is renamed to MONAI ViT's own keys, then adapted to
+the target model: the CLS position embedding is folded into ``cls_token`` (MONAI adds no position to
+CLS), patch position embeddings are resized to the target grid (bicubic; separable bicubic in 3D), and the
+patch embedding is adapted to the target channels (RGB summed for 1 channel, as timm does) and, for a 3D
+target, inflated from 2D kernels. Files are read with ``safetensors`` or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import ViT
+
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "convert_state_dict",
+    "find_vit",
+    "load_pretrained",
+    "read_checkpoint",
+    "resize_pos_embed",
+]
+
+logger = logging.getLogger(__name__)
+
+#: nesting keys of training checkpoints (MONAI bundles, DINO, MAE, Lightning, ...).
+_NESTING_KEYS = ("state_dict", "model", "network", "teacher", "module", "model_state_dict", "net")
+#: a key that identifies each layout, by its suffix (anything before it is a prefix to strip).
+_MARKERS = {
+    "hf": "embeddings.patch_embeddings.projection.weight",
+    "timm": "patch_embed.proj.weight",
+    "monai": "patch_embedding.patch_embeddings.weight",
+    "monai_perceptron": "patch_embedding.patch_embeddings.1.weight",
+}
+_BLOCK_PARTS = r"(norm1|norm2|attn\.qkv|attn\.out_proj|mlp\.linear1|mlp\.linear2)"
+#: the frozen backbone keys of a MONAI ViT (``norm_cross_attn`` is unused and never loaded).
+BACKBONE_KEY = re.compile(
+    rf"^(cls_token|patch_embedding\.(patch_embeddings|position_embeddings)(\.weight|\.bias)?"
+    rf"|blocks\.\d+\.{_BLOCK_PARTS}\.(weight|bias)|norm\.(weight|bias))$"
+)
+_TIMM_RENAMES = [
+    (r"^patch_embed\.proj\.", "patch_embedding.patch_embeddings."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"blocks.\1.attn.out_proj."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"blocks.\1.mlp.linear1."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"blocks.\1.mlp.linear2."),
+]
+_HF_RENAMES = [
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embedding.patch_embeddings."),
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^(?:encoder\.layer|layers)\.(\d+)\.(?:attention\.output\.dense|attention\.o_proj)\.", r"blocks.\1.attn.out_proj."),
+    (r"^(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^(?:encoder\.layer\.(\d+)\.intermediate\.dense|layers\.(\d+)\.mlp\.fc1)\.", r"blocks.\1\2.mlp.linear1."),
+    (r"^(?:encoder\.layer\.(\d+)\.output\.dense|layers\.(\d+)\.mlp\.fc2)\.", r"blocks.\1\2.mlp.linear2."),
+    (r"^layernorm\.", "norm."),
+]
+_HF_QKV = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.(weight|bias)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or converted; the message names the file, keys and shapes."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did.
+
+    Attributes:
+        path: the file or directory read.
+        layout: detected layout (``hf``, ``timm``, ``monai`` or ``monai_perceptron``).
+        loaded: MONAI keys that received weights.
+        missing: backbone keys of the model the checkpoint did not provide.
+        unexpected: checkpoint keys (original names) that were not used, e.g. heads or decoders.
+        adapted: human-readable notes on position-embedding resizing and channel/kernel adaption.
+    """
+
+    path: str
+    layout: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors from {self.path} ({self.layout} layout)"]
+        lines += [f"  adapted: {note}" for note in self.adapted]
+        if self.missing:
+            lines.append(f"  missing ({len(self.missing)}): {', '.join(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  unexpected ({len(self.unexpected)}): {', '.join(self.unexpected)}")
+        return "\n".join(lines)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a weight file, or a HuggingFace model directory, into a flat tensor dict.
+
+    Args:
+        path: ``.safetensors``, ``.pth``/``.pt``/``.bin`` file, or a directory with ``model.safetensors`` or
+            ``pytorch_model.bin`` (and optionally ``config.json``).
+
+    Returns:
+        the tensors and the HuggingFace ``config.json`` content (empty when there is none).
+    """
+    path = Path(path)
+    config: dict = {}
+    if path.is_dir():
+        candidates = [path / n for n in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise CheckpointError(f"{path}: directory holds none of {[c.name for c in candidates]}.")
+        if (path / "config.json").is_file():
+            config = json.loads((path / "config.json").read_text())
+        path = found[0]
+    elif not path.is_file():
+        raise CheckpointError(f"{path}: no such file or directory.")
+    elif (path.parent / "config.json").is_file() and path.name in ("model.safetensors", "pytorch_model.bin"):
+        config = json.loads((path.parent / "config.json").read_text())
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(path))
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, zipfile and pickle raise many types for a damaged file
+        raise CheckpointError(f"{path}: cannot be read as a weight file (truncated or not a checkpoint?): {err}") from err
+    return _flatten(raw, path), config
+
+
+def _flatten(raw: object, path: Path) -> dict[str, torch.Tensor]:
+    """Unwrap training checkpoints (``{"state_dict": ...}`` and similar) down to the tensor dict."""
+    while isinstance(raw, dict) and not any(isinstance(v, torch.Tensor) for v in raw.values()):
+        nested = [k for k in _NESTING_KEYS if isinstance(raw.get(k), dict)]
+        if not nested:
+            raise CheckpointError(f"{path}: no tensors found; top-level keys are {sorted(raw)[:20]}.")
+        raw = raw[nested[0]]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: holds a {type(raw).__name__}, not a state dict.")
+    return {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+
+
+def _detect(state: dict[str, torch.Tensor], path: str) -> tuple[str, str]:
+    """Layout name and key prefix (e.g. ``vit.``, ``module.``, ``backbone.``) of a state dict."""
+    for layout, marker in _MARKERS.items():
+        hits = [k[: -len(marker)] for k in state if k.endswith(marker) and (k == marker or k[-len(marker) - 1] == ".")]
+        if hits:
+            return layout, min(hits, key=len)
+    raise CheckpointError(
+        f"{path}: not a ViT checkpoint in a known layout (HuggingFace, timm or MONAI): no key ends with "
+        f"any of {list(_MARKERS.values())}; first keys: {sorted(state)[:8]}."
+    )
+
+
+def _rename(key: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, repl in rules:
+        new, count = re.subn(pattern, repl, key)
+        if count:
+            return new
+    return key
+
+
+def convert_state_dict(
+    state: dict[str, torch.Tensor], path: str = "<state_dict>"
+) -> tuple[dict[str, torch.Tensor], dict[str, list[str]], str]:
+    """Rename a HuggingFace/timm/MONAI ViT state dict to MONAI ViT keys (shapes untouched).
+
+    ``patch_embedding.position_embeddings`` keeps the source's extra (CLS/distillation) slots at the front;
+    :func:`load_pretrained` folds and resizes it for the target.
+
+    Returns:
+        the renamed tensors, a map from each MONAI key to its source keys, and the layout name.
+    """
+    layout, prefix = _detect(state, path)
+    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    out: dict[str, torch.Tensor] = {}
+    source: dict[str, list[str]] = {}
+    if layout == "hf":
+        qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            match = _HF_QKV.match(key)
+            if match:
+                block, name, short, kind = match.groups()
+                qkv.setdefault((block, kind), {})[(name or short)[0]] = value
+                source.setdefault(f"blocks.{block}.attn.qkv.{kind}", []).append(prefix + key)
+                continue
+            new = "patch_embedding.position_embeddings" if key == "embeddings.position_embeddings" else key
+            new = _rename(new, _HF_RENAMES)
+            out[new], source[new] = value, [prefix + key]
+        for (block, kind), parts in qkv.items():
+            if set(parts) != {"q", "k", "v"}:
+                raise CheckpointError(f"{path}: block {block} has attention {kind} for {sorted(parts)} only.")
+            out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    else:
+        for key, value in state.items():
+            new = key
+            if layout == "timm":
+                new = {"pos_embed": "patch_embedding.position_embeddings"}.get(key, _rename(key, _TIMM_RENAMES))
+            out[new], source[new] = value, [prefix + key]
+    return out, source, layout
+
+
+def _perfect_power(n: int, dims: int) -> int | None:
+    root = round(n ** (1.0 / dims))
+    return root if root**dims == n else None
+
+
+def _source_grid(n_tokens: int, dims: int, config: dict, n_prefix_hint: int) -> tuple[int, tuple[int, ...]]:
+    """Number of leading non-patch slots and the source patch grid of a position embedding."""
+    if config.get("image_size") and config.get("patch_size"):
+        size, patch = config["image_size"], config["patch_size"]
+        size = size if isinstance(size, (list, tuple)) else [size] * dims
+        patch = patch if isinstance(patch, (list, tuple)) else [patch] * dims
+        grid = tuple(s // p for s, p in zip(size, patch))
+        return n_tokens - math.prod(grid), grid
+    for n_prefix in dict.fromkeys((n_prefix_hint, 1, 0, 2)):
+        side = _perfect_power(n_tokens - n_prefix, dims)
+        if side:
+            return n_prefix, (side,) * dims
+    raise CheckpointError(f"position embedding of {n_tokens} tokens is not a square/cubic grid.")
+
+
+def _bicubic_axis(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """Bicubic resize of one axis of a [C, *grid] tensor (other axes untouched)."""
+    moved = x.movedim(axis, -1)
+    shape = moved.shape
+    flat = moved.reshape(1, shape[0], -1, shape[-1])
+    out = F.interpolate(flat, size=(flat.shape[2], size), mode="bicubic", align_corners=False)
+    return out.reshape(*shape[:-1], size).movedim(-1, axis)
+
+
+def resize_pos_embed(pos: torch.Tensor, src_grid: tuple[int, ...], dst_grid: tuple[int, ...]) -> torch.Tensor:
+    """Resize patch position embeddings [1, prod(src_grid), D] to [1, prod(dst_grid), D].
+
+    2D uses one bicubic interpolation (as timm); 3D applies the separable bicubic kernel axis by axis. A 2D
+    source grid for a 3D target is treated as one slice and repeated along the first axis. Equal grids are
+    returned unchanged.
+
+    Args:
+        pos: position embeddings without CLS slot.
+        src_grid: the patch grid ``pos`` was trained for.
+        dst_grid: the target patch grid.
+    """
+    src_grid, dst_grid = tuple(src_grid), tuple(dst_grid)
+    if pos.shape[1] != math.prod(src_grid):
+        raise ValueError(f"position embedding has {pos.shape[1]} tokens, grid {src_grid} needs {math.prod(src_grid)}.")
+    if src_grid == dst_grid:
+        return pos
+    dim = pos.shape[-1]
+    grid = pos[0].transpose(0, 1).reshape(dim, *src_grid).float()
+    while grid.dim() - 1 < len(dst_grid):
+        grid = grid.unsqueeze(1)
+    if len(dst_grid) == 2:
+        grid = F.interpolate(grid[None], size=dst_grid, mode="bicubic", align_corners=False)[0]
+    else:
+        for axis, size in enumerate(dst_grid, start=1):
+            if grid.shape[axis] == 1:
+                grid = grid.expand(*grid.shape[:axis], size, *grid.shape[axis + 1 :])
+            elif grid.shape[axis] != size:
+                grid = _bicubic_axis(grid, axis, size)
+    return grid.reshape(dim, -1).transpose(0, 1)[None].to(pos.dtype)
+
+
+def _adapt_patch_weight(weight: torch.Tensor, target: torch.Tensor, notes: list[str]) -> torch.Tensor:
+    """Adapt a patch-embedding conv kernel [D, C, *k] to the target's channels and spatial dims."""
+    if weight.dim() == 4 and target.dim() == 5:
+        depth = target.shape[2]
+        weight = weight.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth
+        notes.append(f"patch embedding inflated from 2D to 3D (depth {depth}, divided by {depth})")
+    src_c, dst_c = weight.shape[1], target.shape[1]
+    if src_c != dst_c:
+        if dst_c == 1:
+            weight = weight.sum(dim=1, keepdim=True)
+            notes.append(f"patch embedding summed over {src_c} input channels for a 1-channel input")
+        else:
+            repeats = math.ceil(dst_c / src_c)
+            weight = weight.repeat(1, repeats, *([1] * (weight.dim() - 2)))[:, :dst_c] * (src_c / dst_c)
+            notes.append(f"patch embedding repeated from {src_c} to {dst_c} input channels (scaled {src_c}/{dst_c})")
+    return weight
+
+
+def _perceptron_to_conv(weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MONAI ``proj_type='perceptron'`` Linear [D, (p1 .. pn c)] to a conv kernel [D, c, p1 .. pn]."""
+    patch = tuple(target.shape[2:])
+    channels = weight.shape[1] // math.prod(patch)
+    spatial = len(patch)
+    return weight.reshape(weight.shape[0], *patch, channels).permute(0, spatial + 1, *range(1, spatial + 1))
+
+
+def find_vit(model: torch.nn.Module) -> ViT:
+    """The MONAI ViT inside ``model``: itself, or its ``backbone`` / ``vit`` / ``lpm`` attribute."""
+    if isinstance(model, ViT):
+        return model
+    for name in ("backbone", "vit", "lpm"):
+        sub = getattr(model, name, None)
+        if isinstance(sub, ViT):
+            return sub
+    raise TypeError(f"{type(model).__name__} is not a MONAI ViT and has no ViT 'backbone', 'vit' or 'lpm'.")
+
+
+def load_pretrained(
+    model: torch.nn.Module,
+    path: str | Path,
+    strict: bool = True,
+    src_grid: tuple[int, ...] | None = None,
+) -> LoadReport:
+    """Load pre-trained ViT weights of any supported layout into a MONAI ViT (in place).
+
+    Args:
+        model: a MONAI ViT (e.g. from :func:`~monai_prompt.backbones.build_vit`), or a network holding one
+            as ``backbone``/``vit`` (PromptClassifier, UNETR). Load before applying a PEFT method.
+        path: HuggingFace model directory or weight file, timm or MONAI ``.safetensors``/``.pth``/``.bin``.
+        strict: raise if any backbone weight of ``model`` is missing from the file. Unused checkpoint keys
+            (heads, decoders) are only reported.
+        src_grid: patch grid of the checkpoint's position embeddings when it is not square/cubic and the
+            file has no ``config.json``.
+
+    Returns:
+        a :class:`LoadReport` (also logged).
+
+    Raises:
+        CheckpointError: unreadable file, unknown layout or a shape that cannot be adapted (the message names
+            the file, key and both shapes).
+    """
+    vit = find_vit(model)
+    tensors, config = read_checkpoint(path)
+    converted, source, layout = convert_state_dict(tensors, str(path))
+    report = LoadReport(path=str(path), layout=layout)
+    if config and "layer_norm_eps" in config:
+        eps = vit.norm.eps
+        if not math.isclose(config["layer_norm_eps"], eps, rel_tol=1e-3):
+            logger.warning(f"{path}: checkpoint LayerNorm eps {config['layer_norm_eps']} but the model uses {eps}.")
+    target = vit.state_dict()
+    patch_key, pos_key = "patch_embedding.patch_embeddings.weight", "patch_embedding.position_embeddings"
+    if layout == "monai_perceptron":
+        weight = converted.pop("patch_embedding.patch_embeddings.1.weight")
+        converted[patch_key] = _perceptron_to_conv(weight, target[patch_key])
+        converted["patch_embedding.patch_embeddings.bias"] = converted.pop("patch_embedding.patch_embeddings.1.bias")
+        source[patch_key] = source.pop("patch_embedding.patch_embeddings.1.weight")
+        source["patch_embedding.patch_embeddings.bias"] = source.pop("patch_embedding.patch_embeddings.1.bias")
+    src_dims = converted[patch_key].dim() - 2
+    if patch_key in target:
+        converted[patch_key] = _adapt_patch_weight(converted[patch_key], target[patch_key], report.adapted)
+    if pos_key in converted and pos_key in target:
+        _fit_position_embeddings(converted, target, layout, src_dims, config, src_grid, vit, report, str(path))
+    state = {}
+    for key, value in converted.items():
+        if key not in target or not BACKBONE_KEY.match(key):
+            continue
+        if value.shape != target[key].shape:
+            raise CheckpointError(
+                f"{path}: key {source.get(key, [key])[0]!r} (MONAI {key!r}) has shape {tuple(value.shape)} but the model "
+                f"expects {tuple(target[key].shape)}; the checkpoint is for another width/depth/patch size."
+            )
+        state[key] = value.to(target[key].dtype)
+    vit.load_state_dict(state, strict=False)
+    report.loaded = sorted(state)
+    report.missing = sorted(k for k in target if BACKBONE_KEY.match(k) and k not in state)
+    used = {src for key in state for src in source.get(key, ())}
+    report.unexpected = sorted(k for k in tensors if k not in used)
+    logger.info(str(report))
+    if strict and report.missing:
+        raise CheckpointError(
+            f"{path}: the checkpoint lacks {len(report.missing)} backbone weights of the model: {report.missing[:10]}"
+            f"; pass strict=False to load the rest."
+        )
+    return report
+
+
+def _target_grid(vit: ViT, n_patches: int, path: str) -> tuple[int, ...]:
+    """Patch grid of the target ViT (PromptableViT knows it; a plain MONAI ViT must be square/cubic)."""
+    if hasattr(vit, "grid_size"):
+        return tuple(vit.grid_size)
+    dims = vit.patch_embedding.patch_embeddings.weight.dim() - 2
+    side = _perfect_power(n_patches, dims)
+    if side is None:
+        raise CheckpointError(f"{path}: cannot tell the patch grid of a {n_patches}-patch {type(vit).__name__}.")
+    return (side,) * dims
+
+
+def _fit_position_embeddings(
+    converted: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    layout: str,
+    src_dims: int,
+    config: dict,
+    src_grid: tuple[int, ...] | None,
+    vit: ViT,
+    report: LoadReport,
+    path: str,
+) -> None:
+    """Fold CLS position into ``cls_token`` and resize the patch position embeddings to the target grid."""
+    pos_key = "patch_embedding.position_embeddings"
+    pos = converted[pos_key]
+    dst_grid = _target_grid(vit, target[pos_key].shape[1], path)
+    if src_grid is not None:
+        n_prefix = pos.shape[1] - math.prod(src_grid)
+    else:
+        hint = 0 if layout.startswith("monai") else 1
+        try:
+            n_prefix, src_grid = _source_grid(pos.shape[1], src_dims, config, hint)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err} Pass src_grid=(...) to load_pretrained.") from err
+    prefix, patches = pos[:, :n_prefix], pos[:, n_prefix:]
+    if n_prefix and "cls_token" in converted and "cls_token" in target:
+        converted["cls_token"] = converted["cls_token"] + prefix[:, :1]
+        report.adapted.append("CLS position embedding folded into cls_token")
+    resized = resize_pos_embed(patches, tuple(src_grid), dst_grid)
+    if tuple(src_grid) != dst_grid:
+        report.adapted.append(f"position embeddings resized from grid {tuple(src_grid)} to {dst_grid}")
+    converted[pos_key] = resized

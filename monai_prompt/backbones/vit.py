@@ -1,0 +1,244 @@
+"""MONAI ViT encoder with the defaults pre-trained checkpoints need, and the seams PEFT methods use.
+
+:class:`PromptableViT` *is* a :class:`monai.networks.nets.ViT` (same state_dict keys, same ``forward``
+contract ``(tokens, hidden_states)``), built with ``qkv_bias=True``, no Tanh head and a configurable
+LayerNorm epsilon. A method may attach a :class:`TokenPrompter` (token slots: VPT, DVPT), replace modules
+inside blocks (LoRA, SSF, EPT) or set a block's parallel branch (adapters).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.nets import ViT
+from torch.utils.checkpoint import checkpoint
+
+from monai_prompt.backbones.blocks import Attention, PromptBlock
+
+__all__ = ["VIT_PRESETS", "PromptableViT", "TokenPrompter", "build_vit", "vit_config"]
+
+#: width, depth, heads and MLP width of the standard ViT sizes (Dosovitskiy et al.; DeiT for tiny/small).
+VIT_PRESETS: dict[str, dict[str, int]] = {
+    "vit_tiny": {"hidden_size": 192, "num_layers": 12, "num_heads": 3, "mlp_dim": 768},
+    "vit_small": {"hidden_size": 384, "num_layers": 12, "num_heads": 6, "mlp_dim": 1536},
+    "vit_base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_dim": 3072},
+    "vit_large": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "mlp_dim": 4096},
+}
+
+
+class TokenPrompter(nn.Module):
+    """Seam for methods that add token slots; this base adds none.
+
+    ``insert`` runs once after the CLS token is prepended, ``before_block(i, x)`` before block ``i``,
+    ``strip`` removes the prompt slots (for consumers that expect only CLS + patches, e.g. UNETR) and
+    ``readout`` turns the final normed tokens into one feature vector (CLS by default).
+    """
+
+    def insert(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def before_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def strip(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+class PromptableViT(ViT):
+    """MONAI ViT encoder (no classification head) whose blocks are :class:`PromptBlock`.
+
+    Args:
+        in_channels: image channels.
+        img_size: spatial size of the input, one int per spatial dimension.
+        patch_size: patch size, one int per spatial dimension.
+        hidden_size: token width.
+        mlp_dim: MLP hidden width.
+        num_layers: number of transformer blocks.
+        num_heads: attention heads.
+        dropout_rate: dropout of embeddings, attention and MLP.
+        spatial_dims: 2 or 3.
+        qkv_bias: bias in ``qkv`` (``True`` for timm/HuggingFace checkpoints).
+        layer_norm_eps: epsilon of every LayerNorm (1e-6 timm, 1e-12 HuggingFace; MONAI's own is 1e-5).
+        cls_token: prepend a learnable CLS token (MONAI ``classification=True`` layout). UNETR-style
+            encoders use ``False``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        img_size: Sequence[int],
+        patch_size: Sequence[int],
+        hidden_size: int = 768,
+        mlp_dim: int = 3072,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        dropout_rate: float = 0.0,
+        spatial_dims: int = 2,
+        qkv_bias: bool = True,
+        layer_norm_eps: float = 1e-6,
+        cls_token: bool = True,
+    ) -> None:
+        img_size, patch_size = tuple(int(s) for s in img_size), tuple(int(p) for p in patch_size)
+        if len(img_size) != spatial_dims or len(patch_size) != spatial_dims:
+            raise ValueError(f"img_size {img_size} and patch_size {patch_size} need {spatial_dims} entries each.")
+        bad = [(i, p) for i, p in zip(img_size, patch_size) if i % p]
+        if bad:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}.")
+        super().__init__(
+            in_channels=in_channels,
+            img_size=img_size,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            mlp_dim=mlp_dim,
+            num_layers=0,
+            num_heads=num_heads,
+            classification=cls_token,
+            dropout_rate=dropout_rate,
+            spatial_dims=spatial_dims,
+            post_activation="none",
+            qkv_bias=qkv_bias,
+        )
+        if cls_token:
+            del self.classification_head
+        self.blocks = nn.ModuleList(
+            PromptBlock(hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, layer_norm_eps)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.config = {
+            "in_channels": in_channels,
+            "img_size": list(img_size),
+            "patch_size": list(patch_size),
+            "hidden_size": hidden_size,
+            "mlp_dim": mlp_dim,
+            "num_layers": num_layers,
+            "num_heads": num_heads,
+            "spatial_dims": spatial_dims,
+            "qkv_bias": qkv_bias,
+            "layer_norm_eps": layer_norm_eps,
+            "cls_token": cls_token,
+        }
+        self.img_size = list(img_size)
+        self.grid_size = [i // p for i, p in zip(img_size, patch_size)]
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_prefix_tokens = int(cls_token)
+        self.prompter: TokenPrompter = TokenPrompter()
+        self.grad_checkpointing = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the blocks see without prompts: CLS (if any) plus patches."""
+        return self.num_prefix_tokens + int(torch.tensor(self.grid_size).prod())
+
+    def set_prompter(self, prompter: TokenPrompter) -> None:
+        """Attach the token-slot logic of a method (VPT, DVPT)."""
+        self.prompter = prompter
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    def set_sdpa(self, enable: bool = True) -> None:
+        """Run attention through ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels)."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.use_flash_attention = enable
+
+    @torch.jit.unused
+    def _checkpointed_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.blocks[index], x, use_reentrant=False)
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All tokens after the final norm (prompt slots included) and each block's output."""
+        if list(x.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"input spatial size {list(x.shape[2:])} differs from the size this ViT was built for "
+                f"{self.img_size}; resize the input (e.g. monai.transforms.Resized) or rebuild the model."
+            )
+        x = self.patch_embedding(x)
+        if hasattr(self, "cls_token"):
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.prompter.insert(x)
+        hidden_states_out: list[torch.Tensor] = []
+        for index, blk in enumerate(self.blocks):
+            x = self.prompter.before_block(index, x)
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x = self._checkpointed_block(index, x)
+            else:
+                x = blk(x)
+            hidden_states_out.append(x)
+        return self.norm(x), hidden_states_out
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """One feature vector per image, [B, D], read out as the attached method prescribes."""
+        return self.prompter.readout(self.forward_tokens(x)[0])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """MONAI ViT contract: ``(normed tokens, hidden states)`` with prompt slots removed."""
+        tokens, hidden_states_out = self.forward_tokens(x)
+        return self.prompter.strip(tokens), [self.prompter.strip(h) for h in hidden_states_out]
+
+
+def vit_config(name: str) -> dict[str, int]:
+    """Width/depth/heads/MLP and patch size of a preset name such as ``vit_base`` or ``vit_small_p8``.
+
+    Args:
+        name: a key of :data:`VIT_PRESETS`, optionally followed by ``_p<patch>`` (default patch 16).
+    """
+    match = re.fullmatch(r"(vit_[a-z]+?)(?:_p(\d+))?", name)
+    if match is None or match.group(1) not in VIT_PRESETS:
+        raise ValueError(f"unknown ViT preset {name!r}; use one of {sorted(VIT_PRESETS)} with an optional _p<N>.")
+    return {**VIT_PRESETS[match.group(1)], "patch_size": int(match.group(2) or 16)}
+
+
+def build_vit(
+    name: str = "vit_base",
+    in_channels: int = 3,
+    img_size: Sequence[int] | int = 224,
+    spatial_dims: int = 2,
+    layer_norm_eps: float = 1e-6,
+    dropout_rate: float = 0.0,
+    cls_token: bool = True,
+    **overrides: int,
+) -> PromptableViT:
+    """Build a :class:`PromptableViT` from a preset.
+
+    Args:
+        name: preset such as ``vit_tiny``, ``vit_small``, ``vit_base``, ``vit_large`` or ``vit_base_p8``.
+        in_channels: image channels.
+        img_size: input size (an int is repeated over ``spatial_dims``).
+        spatial_dims: 2 (default) or 3.
+        layer_norm_eps: LayerNorm epsilon of the source checkpoint: 1e-6 timm, 1e-12 HuggingFace.
+        dropout_rate: dropout in embeddings, attention and MLP.
+        cls_token: prepend a CLS token.
+        overrides: replace ``hidden_size``, ``num_layers``, ``num_heads``, ``mlp_dim`` or ``patch_size``
+            (e.g. for tiny test models).
+
+    Example::
+
+        >>> vit = build_vit("vit_small_p8", in_channels=1, img_size=(96, 96, 96), spatial_dims=3)
+    """
+    config = vit_config(name)
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise ValueError(f"unknown build_vit overrides {sorted(unknown)}; allowed: {sorted(config)}.")
+    config.update(overrides)
+    patch = config.pop("patch_size")
+    sizes = (img_size,) * spatial_dims if isinstance(img_size, int) else tuple(img_size)
+    return PromptableViT(
+        in_channels=in_channels,
+        img_size=sizes,
+        patch_size=(patch,) * spatial_dims,
+        dropout_rate=dropout_rate,
+        spatial_dims=spatial_dims,
+        layer_norm_eps=layer_norm_eps,
+        cls_token=cls_token,
+        **config,
+    )

@@ -1,0 +1,1 @@
+from monai_prompt.nets.classifier import PromptClassifier

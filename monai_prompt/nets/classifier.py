@@ -1,0 +1,96 @@
+"""``PromptClassifier``: pre-trained ViT + PEFT method + linear head, for ``network_def`` in bundles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from monai_prompt.backbones.pretrained import load_pretrained
+from monai_prompt.backbones.vit import PromptableViT, build_vit
+from monai_prompt.peft.registry import apply_method
+
+__all__ = ["PromptClassifier"]
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+class PromptClassifier(nn.Module):
+    """Image classifier: a (pre-trained) MONAI ViT tuned by a PEFT method, read out into a linear head.
+
+    The forward returns a logits Tensor ``[B, num_classes]`` (softmax/CE for multi-class, sigmoid/BCE for
+    multi-label). Inputs are 2D ``[B, C, H, W]`` or 3D ``[B, C, D, H, W]``.
+
+    Args:
+        num_classes: output logits.
+        method: PEFT method name (see :func:`monai_prompt.peft.method_names`).
+        method_config: overrides of the method's config.
+        backbone: ViT preset (``vit_base``, ``vit_small_p8``, ...) or a ready :class:`PromptableViT`.
+        in_channels: image channels.
+        img_size: input size (int or one per spatial dim).
+        spatial_dims: 2 or 3.
+        pretrained: weight file/directory for :func:`~monai_prompt.backbones.load_pretrained`, loaded
+            before the method is applied.
+        layer_norm_eps: LayerNorm epsilon of the checkpoint (1e-6 timm, 1e-12 HuggingFace).
+        backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``patch_size`` overrides.
+        grad_checkpointing: recompute block activations in backward (saves memory).
+        sdpa: fused scaled-dot-product attention where the method's maths allows it.
+        autocast_dtype: ``"bf16"`` or ``"fp16"`` to run the forward under ``torch.autocast``; logits are
+            returned in float32.
+        head_dropout: dropout before the head.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        method: str = "linear",
+        method_config: dict[str, Any] | None = None,
+        backbone: str | PromptableViT = "vit_base",
+        in_channels: int = 3,
+        img_size: int | tuple[int, ...] = 224,
+        spatial_dims: int = 2,
+        pretrained: str | None = None,
+        layer_norm_eps: float = 1e-6,
+        backbone_overrides: dict[str, int] | None = None,
+        grad_checkpointing: bool = False,
+        sdpa: bool = False,
+        autocast_dtype: str | None = None,
+        head_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if autocast_dtype is not None and autocast_dtype not in _AUTOCAST_DTYPES:
+            raise ValueError(f"autocast_dtype {autocast_dtype!r} is not one of {sorted(_AUTOCAST_DTYPES)} or None.")
+        if isinstance(backbone, str):
+            backbone = build_vit(
+                backbone,
+                in_channels=in_channels,
+                img_size=img_size,
+                spatial_dims=spatial_dims,
+                layer_norm_eps=layer_norm_eps,
+                **(backbone_overrides or {}),
+            )
+        if pretrained:
+            load_pretrained(backbone, pretrained)
+        self.backbone = apply_method(backbone, method, method_config)
+        self.backbone.set_grad_checkpointing(grad_checkpointing)
+        self.backbone.set_sdpa(sdpa)
+        self.head_drop = nn.Dropout(head_dropout)
+        self.head = nn.Linear(backbone.hidden_size, num_classes)
+        nn.init.zeros_(self.head.bias)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        self.autocast_dtype = autocast_dtype
+
+    def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits without autocast handling."""
+        return self.head(self.head_drop(self.backbone.forward_features(x)))
+
+    @torch.jit.unused
+    def _autocast_logits(self, x: torch.Tensor, dtype: str) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=_AUTOCAST_DTYPES[dtype]):
+            return self.forward_logits(x).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is not None and not torch.jit.is_scripting():
+            return self._autocast_logits(x, self.autocast_dtype)
+        return self.forward_logits(x)

@@ -1,0 +1,13 @@
+"""PEFT core: registry, freezing, trainable-parameter accounting and delta checkpoints."""
+
+from monai_prompt.peft.delta import DeltaMismatchError, backbone_fingerprint, delta_state_dict, load_delta, save_delta
+from monai_prompt.peft.registry import (
+    METHOD_MODULES,
+    PEFTMethod,
+    apply_method,
+    freeze_for,
+    get_method,
+    method_names,
+    register_method,
+)
+from monai_prompt.peft.report import backbone_parameter_count, format_report, trainable_report

@@ -1,0 +1,126 @@
+"""Save and load only what a method trained (the "delta"), tied to the method, config and backbone.
+
+A delta is a plain dict that ``torch.load(weights_only=True)`` reads::
+
+    {"format": "monai_prompt.delta/1", "method": "lora", "config": {...},
+     "backbone": {"config": {...}, "fingerprint": "<sha256 of the frozen weights>"},
+     "state_dict": {name: tensor for every trainable parameter (head included)}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from monai_prompt.backbones.pretrained import BACKBONE_KEY, find_vit
+
+__all__ = ["DeltaMismatchError", "backbone_fingerprint", "delta_state_dict", "load_delta", "save_delta"]
+
+DELTA_FORMAT = "monai_prompt.delta/1"
+
+
+class DeltaMismatchError(ValueError):
+    """A delta was made for another method, config or backbone; the message says which."""
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the ViT architecture and its *frozen* backbone weights (what a delta depends on)."""
+    vit = find_vit(model)
+    digest = hashlib.sha256(json.dumps(getattr(vit, "config", {}), sort_keys=True).encode())
+    for name, param in sorted(vit.named_parameters(), key=lambda item: item[0]):
+        if BACKBONE_KEY.match(name) and not param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def delta_state_dict(model: nn.Module) -> dict:
+    """Everything needed to restore the trained part of ``model`` on top of the same pre-trained backbone."""
+    vit = find_vit(model)
+    method = getattr(vit, "peft_method", None)
+    if method is None:
+        raise ValueError("model has no PEFT method applied (see monai_prompt.peft.apply_method).")
+    return {
+        "format": DELTA_FORMAT,
+        "method": method,
+        "config": vit.peft_config,
+        "backbone": {"config": getattr(vit, "config", {}), "fingerprint": backbone_fingerprint(model)},
+        "state_dict": _trainable_state(model),
+    }
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k, '<absent>')!r} in the delta vs {current.get(k, '<absent>')!r} here" for k in keys
+            if saved.get(k) != current.get(k)]
+
+
+def load_delta(model: nn.Module, delta: dict | str | Path) -> None:
+    """Load a delta (dict or file) into ``model``, after checking method, config and backbone.
+
+    Args:
+        model: a network with the same method and config applied to the same pre-trained backbone.
+        delta: the dict of :func:`delta_state_dict` or a file written by :func:`save_delta`.
+
+    Raises:
+        DeltaMismatchError: method, config, backbone architecture/weights or parameter names/shapes differ.
+    """
+    source = str(delta) if isinstance(delta, (str, Path)) else "delta"
+    if isinstance(delta, (str, Path)):
+        delta = torch.load(delta, map_location="cpu", weights_only=True)
+    if not isinstance(delta, dict) or delta.get("format") != DELTA_FORMAT:
+        raise DeltaMismatchError(f"{source}: not a monai_prompt delta (format {DELTA_FORMAT!r} expected).")
+    vit = find_vit(model)
+    method = getattr(vit, "peft_method", None)
+    if delta["method"] != method:
+        raise DeltaMismatchError(f"{source}: delta is for method {delta['method']!r}, the model uses {method!r}.")
+    diff = _differences(delta["config"], vit.peft_config)
+    if diff:
+        raise DeltaMismatchError(f"{source}: method config differs: {'; '.join(diff)}.")
+    diff = _differences(delta["backbone"]["config"], getattr(vit, "config", {}))
+    if diff:
+        raise DeltaMismatchError(f"{source}: backbone architecture differs: {'; '.join(diff)}.")
+    if delta["backbone"]["fingerprint"] != backbone_fingerprint(model):
+        raise DeltaMismatchError(
+            f"{source}: the frozen backbone weights differ from those the delta was trained on; load the same "
+            f"pre-trained checkpoint into the backbone before loading the delta."
+        )
+    params = dict(model.named_parameters())
+    wanted = {name for name, p in params.items() if p.requires_grad}
+    saved = delta["state_dict"]
+    if set(saved) != wanted:
+        raise DeltaMismatchError(
+            f"{source}: parameter names differ; missing {sorted(wanted - set(saved))[:10]}, "
+            f"unexpected {sorted(set(saved) - wanted)[:10]}."
+        )
+    bad = [f"{n}: {tuple(t.shape)} vs {tuple(params[n].shape)}" for n, t in saved.items() if t.shape != params[n].shape]
+    if bad:
+        raise DeltaMismatchError(f"{source}: parameter shapes differ (delta vs model): {bad[:10]}.")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+
+
+def save_delta(model: nn.Module, path: str | Path) -> Path:
+    """Write :func:`delta_state_dict` atomically (temp file + rename): a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(delta_state_dict(model), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,130 @@
+"""Method registry and :func:`apply_method`: turn a MONAI ViT into a tuned one for a named method.
+
+Each method lives in its own module (``monai_prompt/peft/<name>.py``) with a config dataclass and an
+``apply`` function registered by :func:`register_method`. ``apply`` inserts the method's modules into the
+ViT in place; :func:`apply_method` then freezes everything except what the method declares trainable.
+Modules are imported on first use, so a method costs nothing until it is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from monai_prompt.backbones.vit import PromptableViT
+
+__all__ = ["METHOD_MODULES", "PEFTMethod", "apply_method", "get_method", "method_names", "register_method"]
+
+#: method name -> module that registers it.
+METHOD_MODULES: dict[str, str] = {
+    name: f"monai_prompt.peft.{name}"
+    for name in ("full", "linear", "vpt", "lora", "adapter", "bitfit", "ssf", "dvpt", "ept")
+}
+#: parameters no method ever trains (MONAI builds them but a ViT without cross-attention never uses them).
+NEVER_TRAINED = re.compile(r"(^|\.)norm_cross_attn\.")
+
+_REGISTRY: dict[str, PEFTMethod] = {}
+
+
+@dataclass(frozen=True)
+class PEFTMethod:
+    """A registered method.
+
+    Attributes:
+        name: registry name (``vpt``, ``lora``, ...).
+        config_class: dataclass of the method's hyper-parameters.
+        apply: ``apply(vit, config)`` inserts the method's modules into ``vit`` in place.
+        trainable: regular expression over ViT parameter names that the method trains.
+    """
+
+    name: str
+    config_class: type
+    apply: Callable[[PromptableViT, Any], None]
+    trainable: str
+
+    def make_config(self, config: Any = None) -> Any:
+        """The method's config from ``None`` (defaults), a dict of overrides or a config instance."""
+        if config is None:
+            return self.config_class()
+        if isinstance(config, self.config_class):
+            return config
+        if not isinstance(config, dict):
+            raise TypeError(f"config for method {self.name!r} must be a dict or {self.config_class.__name__}.")
+        fields = {f.name for f in dataclasses.fields(self.config_class)}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise ValueError(f"unknown {self.name!r} config keys {unknown}; valid keys: {sorted(fields)}.")
+        return self.config_class(**config)
+
+
+def register_method(name: str, config_class: type, trainable: str) -> Callable:
+    """Decorator registering ``apply(vit, config)`` as method ``name``.
+
+    Args:
+        name: registry name.
+        config_class: dataclass of hyper-parameters (every field has a default).
+        trainable: regex over ViT parameter names the method trains.
+    """
+
+    def wrap(apply: Callable[[PromptableViT, Any], None]) -> Callable[[PromptableViT, Any], None]:
+        _REGISTRY[name] = PEFTMethod(name, config_class, apply, trainable)
+        return apply
+
+    return wrap
+
+
+def method_names() -> list[str]:
+    """All method names that can be applied."""
+    return sorted(METHOD_MODULES)
+
+
+def get_method(name: str) -> PEFTMethod:
+    """The registered method ``name`` (its module is imported on first use)."""
+    if name not in _REGISTRY:
+        if name not in METHOD_MODULES:
+            raise ValueError(f"unknown PEFT method {name!r}; available: {method_names()}.")
+        importlib.import_module(METHOD_MODULES[name])
+    return _REGISTRY[name]
+
+
+def freeze_for(model: nn.Module, trainable: str) -> None:
+    """Set ``requires_grad`` so that exactly the parameters whose names match ``trainable`` train."""
+    pattern = re.compile(trainable)
+    for name, param in model.named_parameters():
+        param.requires_grad_(bool(pattern.search(name)) and not NEVER_TRAINED.search(name))
+
+
+def apply_method(vit: PromptableViT, method: str, config: Any = None) -> PromptableViT:
+    """Insert ``method`` into ``vit`` (in place) and freeze all but what it trains.
+
+    Load pre-trained weights first; the backbone keeps MONAI ViT's own state_dict keys, the method adds
+    its own. The method name and config are recorded on the model (``peft_method``, ``peft_config``) for
+    :func:`~monai_prompt.peft.delta.delta_state_dict`.
+
+    Args:
+        vit: a :class:`~monai_prompt.backbones.PromptableViT`.
+        method: a name from :func:`method_names`.
+        config: ``None`` for the defaults, a dict of overrides or the method's config dataclass.
+
+    Example::
+
+        >>> vit = build_vit("vit_base")
+        >>> apply_method(vit, "lora", {"rank": 8})
+    """
+    if not isinstance(vit, PromptableViT):
+        raise TypeError(f"apply_method needs a PromptableViT (see build_vit), got {type(vit).__name__}.")
+    if getattr(vit, "peft_method", None) is not None:
+        raise ValueError(f"this ViT already has method {vit.peft_method!r}; build a fresh one for {method!r}.")
+    spec = get_method(method)
+    cfg = spec.make_config(config)
+    spec.apply(vit, cfg)
+    freeze_for(vit, spec.trainable)
+    vit.peft_method = method
+    vit.peft_config = dataclasses.asdict(cfg)
+    return vit
