@@ -1,0 +1,192 @@
+"""Pre-trained weight import: HuggingFace parity, timm and MONAI layouts, resizing, adaption, bad files."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import ViTConfig, ViTModel
+
+from monai_prompt.backbones import build_vit
+from monai_prompt.backbones.pretrained import CheckpointError, load_pretrained, resize_pos_embed
+
+ARCH = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 128, "patch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random HuggingFace ViTModel saved with save_pretrained (config.json + model.safetensors)."""
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8
+    )
+    model = ViTModel(config, add_pooling_layer=False).eval()
+    # random non-trivial CLS/position embeddings so folding errors cannot hide behind zeros
+    with torch.no_grad():
+        model.embeddings.cls_token.normal_()
+        model.embeddings.position_embeddings.normal_()
+    path = tmp_path_factory.mktemp("hf") / "vit"
+    model.save_pretrained(path)
+    return path, model
+
+
+def hf_to_timm(hf_state: dict) -> dict:
+    """Independent rename of HuggingFace ViT keys to timm's (the layout timm checkpoints use)."""
+    out = {}
+    for key, value in hf_state.items():
+        key = key.replace("embeddings.patch_embeddings.projection", "patch_embed.proj")
+        key = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed"}.get(key, key)
+        match = re.match(r"encoder\.layer\.(\d+)\.(.*)", key)
+        if match:
+            i, rest = match.groups()
+            if rest.startswith("attention.attention."):
+                continue
+            rest = {
+                "attention.output.dense.weight": "attn.proj.weight", "attention.output.dense.bias": "attn.proj.bias",
+                "layernorm_before.weight": "norm1.weight", "layernorm_before.bias": "norm1.bias",
+                "layernorm_after.weight": "norm2.weight", "layernorm_after.bias": "norm2.bias",
+                "intermediate.dense.weight": "mlp.fc1.weight", "intermediate.dense.bias": "mlp.fc1.bias",
+                "output.dense.weight": "mlp.fc2.weight", "output.dense.bias": "mlp.fc2.bias",
+            }[rest]
+            key = f"blocks.{i}.{rest}"
+        key = key.replace("layernorm.", "norm.")
+        out[key] = value
+    for i in range(2):
+        for kind in ("weight", "bias"):
+            parts = [hf_state[f"encoder.layer.{i}.attention.attention.{n}.{kind}"] for n in ("query", "key", "value")]
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts)
+    out["head.weight"] = torch.zeros(10, 64)
+    return out
+
+
+def tiny_vit(**kwargs):
+    kwargs = {"img_size": 32, "layer_norm_eps": 1e-12, **ARCH, **kwargs}
+    return build_vit("vit_tiny", **kwargs).eval()
+
+
+def test_huggingface_parity(hf_dir):
+    path, hf = hf_dir
+    vit = tiny_vit()
+    report = load_pretrained(vit, path)
+    assert report.layout == "hf" and not report.missing and not report.unexpected
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = hf(pixel_values=x).last_hidden_state
+        got = vit(x)[0]
+    assert (got - expected).abs().max() < 1e-5
+
+
+def test_timm_layout_loads_to_same_model(hf_dir, tmp_path):
+    path, hf = hf_dir
+    reference = tiny_vit()
+    load_pretrained(reference, path)
+    timm_state = hf_to_timm(load_file(path / "model.safetensors"))
+    save_file(timm_state, tmp_path / "timm.safetensors")
+    torch.save({"model": timm_state}, tmp_path / "timm.pth")
+    x = torch.randn(2, 3, 32, 32)
+    for file in ("timm.safetensors", "timm.pth"):
+        vit = tiny_vit()
+        report = load_pretrained(vit, tmp_path / file)
+        assert report.layout == "timm" and report.unexpected == ["head.weight"]
+        torch.testing.assert_close(vit(x)[0], reference(x)[0], rtol=0, atol=0)
+
+
+def test_monai_layouts_nested_and_prefixed(tmp_path):
+    source = tiny_vit()
+    state = source.state_dict()
+    torch.save({"state_dict": {f"vit.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "unetr.pt")
+    torch.save({"network": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "zoo.pt")
+    x = torch.randn(2, 3, 32, 32)
+    for file in ("unetr.pt", "zoo.pt"):
+        vit = tiny_vit()
+        report = load_pretrained(vit, tmp_path / file)
+        assert report.layout == "monai" and not report.missing
+        torch.testing.assert_close(vit(x)[0], source(x)[0], rtol=0, atol=0)
+
+
+def test_monai_perceptron_patch_embedding_is_converted(tmp_path):
+    """Old MONAI ViTs with proj_type='perceptron' (Rearrange + Linear) load into a conv patch embedding."""
+    from monai.networks.blocks import PatchEmbeddingBlock
+
+    source = tiny_vit()
+    perceptron = PatchEmbeddingBlock(3, (32, 32), (8, 8), 64, 4, proj_type="perceptron", spatial_dims=2)
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("patch_embedding.")}
+    state.update({f"patch_embedding.{k}": v for k, v in perceptron.state_dict().items()})
+    torch.save(state, tmp_path / "old.pt")
+    vit = tiny_vit()
+    assert load_pretrained(vit, tmp_path / "old.pt").layout == "monai_perceptron"
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(vit.patch_embedding(x), perceptron(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gray_and_3d_inputs_adapt_the_patch_embedding(hf_dir):
+    path, hf = hf_dir
+    rgb = tiny_vit()
+    load_pretrained(rgb, path)
+    gray = tiny_vit(in_channels=1)
+    report = load_pretrained(gray, path)
+    assert any("summed over 3" in note for note in report.adapted)
+    x = torch.randn(2, 1, 32, 32)
+    # summing the RGB kernels == feeding the gray image to all three channels
+    torch.testing.assert_close(gray(x)[0], rgb(x.repeat(1, 3, 1, 1))[0], rtol=1e-5, atol=1e-5)
+    # a 3D model whose depth is one patch, on a volume constant along depth, equals the 2D model on the slice
+    volume = tiny_vit(in_channels=1, img_size=(8, 32, 32), spatial_dims=3)
+    report = load_pretrained(volume, path)
+    assert any("inflated from 2D to 3D" in note for note in report.adapted)
+    stack = x[:, :, None].repeat(1, 1, 8, 1, 1)
+    torch.testing.assert_close(volume(stack)[0], gray(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_position_embeddings_resize_on_load(hf_dir):
+    path, _ = hf_dir
+    vit = tiny_vit(img_size=48)
+    report = load_pretrained(vit, path)
+    assert "position embeddings resized from grid (4, 4) to (6, 6)" in report.adapted
+    assert vit.patch_embedding.position_embeddings.shape == (1, 36, 64)
+
+
+def test_resize_pos_embed_identity_shapes_and_bicubic():
+    pos2d = torch.randn(1, 16, 8)
+    assert torch.equal(resize_pos_embed(pos2d, (4, 4), (4, 4)), pos2d)
+    pos3d = torch.randn(1, 27, 8)
+    assert torch.equal(resize_pos_embed(pos3d, (3, 3, 3), (3, 3, 3)), pos3d)
+    assert resize_pos_embed(pos2d, (4, 4), (6, 5)).shape == (1, 30, 8)
+    assert resize_pos_embed(pos3d, (3, 3, 3), (4, 5, 6)).shape == (1, 120, 8)
+    assert resize_pos_embed(pos2d, (4, 4), (2, 6, 6)).shape == (1, 72, 8)
+    # 2D: timm's formula, a single bicubic interpolation of the grid
+    grid = pos2d[0].T.reshape(1, 8, 4, 4)
+    expected = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).reshape(8, 36).T[None]
+    torch.testing.assert_close(resize_pos_embed(pos2d, (4, 4), (6, 6)), expected)
+    # 3D with unchanged depth: each depth slice is the 2D bicubic resize of that slice
+    slices = torch.randn(2, 16, 8)
+    pos = slices.reshape(1, 32, 8)
+    resized = resize_pos_embed(pos, (2, 4, 4), (2, 6, 6)).reshape(2, 36, 8)
+    for d in range(2):
+        torch.testing.assert_close(resized[d : d + 1], resize_pos_embed(slices[d : d + 1], (4, 4), (6, 6)))
+
+
+def test_bad_files_raise_clear_errors(hf_dir, tmp_path):
+    path, hf = hf_dir
+    weights = (path / "model.safetensors").read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match="truncated.safetensors: cannot be read"):
+        load_pretrained(tiny_vit(), truncated)
+    truncated_pth = tmp_path / "truncated.pth"
+    torch.save(hf.state_dict(), tmp_path / "full.pth")
+    truncated_pth.write_bytes((tmp_path / "full.pth").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated.pth: cannot be read"):
+        load_pretrained(tiny_vit(), truncated_pth)
+    resnet = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, resnet)
+    with pytest.raises(CheckpointError, match=r"resnet.pth: not a ViT checkpoint .*conv1.weight"):
+        load_pretrained(tiny_vit(), resnet)
+    with pytest.raises(CheckpointError, match=r"'embeddings.cls_token' \(MONAI 'cls_token'\) has shape \(1, 1, 64\) .* expects \(1, 1, 32\)"):
+        load_pretrained(tiny_vit(hidden_size=32), path)
+    with pytest.raises(CheckpointError, match="lacks 12 backbone weights .*blocks.2"):
+        load_pretrained(tiny_vit(num_layers=3), path)
+    report = load_pretrained(tiny_vit(num_layers=3), path, strict=False)
+    assert len(report.missing) == 12 and all(k.startswith("blocks.2.") for k in report.missing)
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_pretrained(tiny_vit(), tmp_path / "missing.pth")
