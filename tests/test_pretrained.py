@@ -120,6 +120,23 @@ def test_monai_perceptron_patch_embedding_is_converted(tmp_path):
     torch.testing.assert_close(vit.patch_embedding(x), perceptron(x), rtol=1e-5, atol=1e-5)
 
 
+def test_monai_masked_autoencoder_encoder_is_imported(tmp_path):
+    """MONAI's MaskedAutoEncoderViT keeps its final norm as the last entry of ``blocks``."""
+    from monai.networks.nets import MaskedAutoEncoderViT
+
+    mae = MaskedAutoEncoderViT(
+        in_channels=3, img_size=32, patch_size=8, hidden_size=64, mlp_dim=128, num_layers=2, num_heads=4,
+        decoder_hidden_size=32, decoder_mlp_dim=64, decoder_num_layers=1, decoder_num_heads=4, spatial_dims=2,
+        qkv_bias=True,
+    )
+    torch.save({"state_dict": mae.state_dict()}, tmp_path / "mae.pt")
+    vit = tiny_vit()
+    report = load_pretrained(vit, tmp_path / "mae.pt")
+    assert not report.missing and "decoder_pred.weight" in report.unexpected
+    torch.testing.assert_close(vit.norm.weight, mae.blocks[2].weight, rtol=0, atol=0)
+    torch.testing.assert_close(vit.blocks[1].attn.qkv.weight, mae.blocks[1].attn.qkv.weight, rtol=0, atol=0)
+
+
 def test_gray_and_3d_inputs_adapt_the_patch_embedding(hf_dir):
     path, hf = hf_dir
     rgb = tiny_vit()

@@ -200,12 +200,19 @@ def convert_state_dict(
                 raise CheckpointError(f"{path}: block {block} has attention {kind} for {sorted(parts)} only.")
             out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     else:
+        final_norm = _mae_final_norm(state)
         for key, value in state.items():
-            new = key
+            new = re.sub(rf"^blocks\.{final_norm}\.", "norm.", key) if final_norm is not None else key
             if layout == "timm":
                 new = {"pos_embed": "patch_embedding.position_embeddings"}.get(key, _rename(key, _TIMM_RENAMES))
             out[new], source[new] = value, [prefix + key]
     return out, source, layout
+
+
+def _mae_final_norm(state: dict[str, torch.Tensor]) -> int | None:
+    """Index of the final LayerNorm that MONAI's ``MaskedAutoEncoderViT`` keeps as the last entry of ``blocks``."""
+    found = [int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.weight$", k))]
+    return found[0] if found and "norm.weight" not in state else None
 
 
 def _perfect_power(n: int, dims: int) -> int | None:
@@ -365,7 +372,7 @@ def load_pretrained(
     report.loaded = sorted(state)
     report.missing = sorted(k for k in target if BACKBONE_KEY.match(k) and k not in state)
     used = {src for key in state for src in source.get(key, ())}
-    report.unexpected = sorted(k for k in tensors if k not in used)
+    report.unexpected = sorted(k for k in tensors if k not in used and "norm_cross_attn" not in k)
     logger.info(str(report))
     if strict and report.missing:
         raise CheckpointError(

@@ -1,6 +1,16 @@
 """PEFT core: registry, freezing, trainable-parameter accounting and delta checkpoints."""
 
-from monai_prompt.peft.delta import DeltaMismatchError, backbone_fingerprint, delta_state_dict, load_delta, save_delta
+from monai_prompt.peft.delta import (
+    DeltaMismatchError,
+    backbone_fingerprint,
+    check_delta_meta,
+    delta_meta,
+    delta_state_dict,
+    load_delta,
+    load_trainable_state,
+    save_delta,
+    trainable_state,
+)
 from monai_prompt.peft.registry import (
     METHOD_MODULES,
     PEFTMethod,

@@ -1,10 +1,12 @@
 """Save and load only what a method trained (the "delta"), tied to the method, config and backbone.
 
-A delta is a plain dict that ``torch.load(weights_only=True)`` reads::
+A delta is a plain dict that ``torch.load(weights_only=True)`` reads, laid out like a MONAI/ignite
+checkpoint of two objects, so MONAI tools read it as-is (``CheckpointLoader``, ``ckpt_export --key_in_ckpt
+model``, MONAI Label's ``ckpt.get("model")``)::
 
-    {"format": "monai_prompt.delta/1", "method": "lora", "config": {...},
-     "backbone": {"config": {...}, "fingerprint": "<sha256 of the frozen weights>"},
-     "state_dict": {name: tensor for every trainable parameter (head included)}}
+    {"model": {name: tensor for every trainable parameter (head included)},
+     "peft": {"format": "monai_prompt.delta/1", "method": "lora", "config": {...},
+              "backbone": {"config": {...}, "fingerprint": "<sha256 of the frozen weights>"}}}
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ import torch.nn as nn
 
 from monai_prompt.backbones.pretrained import BACKBONE_KEY, find_vit
 
-__all__ = ["DeltaMismatchError", "backbone_fingerprint", "delta_state_dict", "load_delta", "save_delta"]
+__all__ = [
+    "DeltaMismatchError",
+    "backbone_fingerprint",
+    "check_delta_meta",
+    "delta_meta",
+    "delta_state_dict",
+    "load_delta",
+    "load_trainable_state",
+    "save_delta",
+    "trainable_state",
+]
 
 DELTA_FORMAT = "monai_prompt.delta/1"
 
@@ -40,12 +52,13 @@ def backbone_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter of ``model`` (head included), by its ``named_parameters`` name."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def delta_state_dict(model: nn.Module) -> dict:
-    """Everything needed to restore the trained part of ``model`` on top of the same pre-trained backbone."""
+def delta_meta(model: nn.Module) -> dict:
+    """Method, config and backbone identity a delta of ``model`` depends on."""
     vit = find_vit(model)
     method = getattr(vit, "peft_method", None)
     if method is None:
@@ -55,14 +68,59 @@ def delta_state_dict(model: nn.Module) -> dict:
         "method": method,
         "config": vit.peft_config,
         "backbone": {"config": getattr(vit, "config", {}), "fingerprint": backbone_fingerprint(model)},
-        "state_dict": _trainable_state(model),
     }
+
+
+def delta_state_dict(model: nn.Module) -> dict:
+    """Everything needed to restore the trained part of ``model`` on top of the same pre-trained backbone."""
+    return {"model": trainable_state(model), "peft": delta_meta(model)}
 
 
 def _differences(saved: dict, current: dict) -> list[str]:
     keys = sorted(set(saved) | set(current))
-    return [f"{k}: {saved.get(k, '<absent>')!r} in the delta vs {current.get(k, '<absent>')!r} here" for k in keys
-            if saved.get(k) != current.get(k)]
+    return [
+        f"{k}: {saved.get(k, '<absent>')!r} in the delta vs {current.get(k, '<absent>')!r} here"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
+
+
+def check_delta_meta(model: nn.Module, meta: dict, source: str = "delta") -> None:
+    """Raise :class:`DeltaMismatchError` naming what differs between ``meta`` and ``model``."""
+    if not isinstance(meta, dict) or meta.get("format") != DELTA_FORMAT:
+        raise DeltaMismatchError(f"{source}: not a monai_prompt delta (format {DELTA_FORMAT!r} expected).")
+    vit = find_vit(model)
+    method = getattr(vit, "peft_method", None)
+    if meta["method"] != method:
+        raise DeltaMismatchError(f"{source}: delta is for method {meta['method']!r}, the model uses {method!r}.")
+    diff = _differences(meta["config"], vit.peft_config)
+    if diff:
+        raise DeltaMismatchError(f"{source}: method config differs: {'; '.join(diff)}.")
+    diff = _differences(meta["backbone"]["config"], getattr(vit, "config", {}))
+    if diff:
+        raise DeltaMismatchError(f"{source}: backbone architecture differs: {'; '.join(diff)}.")
+    if meta["backbone"]["fingerprint"] != backbone_fingerprint(model):
+        raise DeltaMismatchError(
+            f"{source}: the frozen backbone weights differ from those the delta was trained on; load the same "
+            f"pre-trained checkpoint into the backbone before loading the delta."
+        )
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "delta") -> None:
+    """Copy ``state`` into exactly the trainable parameters of ``model`` (names and shapes must match)."""
+    params = dict(model.named_parameters())
+    wanted = {name for name, p in params.items() if p.requires_grad}
+    if set(state) != wanted:
+        raise DeltaMismatchError(
+            f"{source}: parameter names differ; missing {sorted(wanted - set(state))[:10]}, "
+            f"unexpected {sorted(set(state) - wanted)[:10]}."
+        )
+    bad = [f"{n}: {tuple(t.shape)} vs {tuple(params[n].shape)}" for n, t in state.items() if t.shape != params[n].shape]
+    if bad:
+        raise DeltaMismatchError(f"{source}: parameter shapes differ (delta vs model): {bad[:10]}.")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
 
 
 def load_delta(model: nn.Module, delta: dict | str | Path) -> None:
@@ -78,37 +136,10 @@ def load_delta(model: nn.Module, delta: dict | str | Path) -> None:
     source = str(delta) if isinstance(delta, (str, Path)) else "delta"
     if isinstance(delta, (str, Path)):
         delta = torch.load(delta, map_location="cpu", weights_only=True)
-    if not isinstance(delta, dict) or delta.get("format") != DELTA_FORMAT:
-        raise DeltaMismatchError(f"{source}: not a monai_prompt delta (format {DELTA_FORMAT!r} expected).")
-    vit = find_vit(model)
-    method = getattr(vit, "peft_method", None)
-    if delta["method"] != method:
-        raise DeltaMismatchError(f"{source}: delta is for method {delta['method']!r}, the model uses {method!r}.")
-    diff = _differences(delta["config"], vit.peft_config)
-    if diff:
-        raise DeltaMismatchError(f"{source}: method config differs: {'; '.join(diff)}.")
-    diff = _differences(delta["backbone"]["config"], getattr(vit, "config", {}))
-    if diff:
-        raise DeltaMismatchError(f"{source}: backbone architecture differs: {'; '.join(diff)}.")
-    if delta["backbone"]["fingerprint"] != backbone_fingerprint(model):
-        raise DeltaMismatchError(
-            f"{source}: the frozen backbone weights differ from those the delta was trained on; load the same "
-            f"pre-trained checkpoint into the backbone before loading the delta."
-        )
-    params = dict(model.named_parameters())
-    wanted = {name for name, p in params.items() if p.requires_grad}
-    saved = delta["state_dict"]
-    if set(saved) != wanted:
-        raise DeltaMismatchError(
-            f"{source}: parameter names differ; missing {sorted(wanted - set(saved))[:10]}, "
-            f"unexpected {sorted(set(saved) - wanted)[:10]}."
-        )
-    bad = [f"{n}: {tuple(t.shape)} vs {tuple(params[n].shape)}" for n, t in saved.items() if t.shape != params[n].shape]
-    if bad:
-        raise DeltaMismatchError(f"{source}: parameter shapes differ (delta vs model): {bad[:10]}.")
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor)
+    if not isinstance(delta, dict) or "peft" not in delta or "model" not in delta:
+        raise DeltaMismatchError(f"{source}: not a monai_prompt delta (keys 'model' and 'peft' expected).")
+    check_delta_meta(model, delta["peft"], source)
+    load_trainable_state(model, delta["model"], source)
 
 
 def save_delta(model: nn.Module, path: str | Path) -> Path:
