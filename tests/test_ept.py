@@ -1,0 +1,189 @@
+"""EPT: maths against a literal float64 reference, the SDPA sink path, prompt resizing, training plumbing."""
+
+import pytest
+import torch
+
+from monai_prompt.backbones import build_vit
+from monai_prompt.nets import PromptClassifier
+from monai_prompt.peft import apply_method, load_delta, save_delta, trainable_report
+from monai_prompt.peft.ept import EPTAttention, EPTConfig, resize_ept_prompt
+
+TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64, "patch_size": 8}
+HEADS, WIDTH, TOKENS = 4, 32, 17  # 32 px / patch 8 -> 16 patches + CLS
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def reference_ept(x: torch.Tensor, attn: EPTAttention, prompt: torch.Tensor, variant: str) -> torch.Tensor:
+    """EPT attention with plain loops over samples, heads and queries (float64)."""
+    qkv = x @ attn.qkv.weight.t() + attn.qkv.bias  # [B, N, 3D], ordered (qkv, head, d)
+    batch, tokens, _ = x.shape
+    dim_head = WIDTH // HEADS
+    qkv = qkv.reshape(batch, tokens, 3, HEADS, dim_head)
+    out = torch.zeros(batch, tokens, HEADS, dim_head, dtype=x.dtype)
+    for b in range(batch):
+        for h in range(HEADS):
+            q, k, v = qkv[b, :, 0, h], qkv[b, :, 1, h], qkv[b, :, 2, h]
+            for i in range(tokens):
+                logits = (k @ q[i]) / dim_head**0.5
+                row = prompt[i] * (logits.max() - logits.min()) if variant == "multi_cat" else prompt[i]
+                weights = torch.softmax(torch.cat((row, logits)), dim=0)[prompt.shape[1] :]
+                out[b, i, h] = weights @ v
+    return out.reshape(batch, tokens, WIDTH) @ attn.out_proj.weight.t() + attn.out_proj.bias
+
+
+def make_attention(variant: str, sdpa: bool) -> EPTAttention:
+    torch.manual_seed(0)
+    attn = EPTAttention(WIDTH, HEADS, TOKENS, prompt_length=7, variant=variant).double()
+    with torch.no_grad():
+        attn.ept_prompt.normal_(std=1.0)  # well away from the near-uniform init, so the prompt matters
+    attn.use_flash_attention = sdpa
+    return attn
+
+
+@pytest.mark.parametrize("variant", ["pure_cat", "multi_cat"])
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_forward_and_gradients_match_literal_reference(variant, sdpa):
+    attn = make_attention(variant, sdpa)
+    x = torch.randn(2, TOKENS, WIDTH, dtype=torch.float64, requires_grad=True)
+    out = attn(x)
+    grads = torch.autograd.grad(out.square().sum(), (x, attn.ept_prompt))
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref_prompt = attn.ept_prompt.detach().clone().requires_grad_(True)
+    ref = reference_ept(ref_x, attn, ref_prompt, variant)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (ref_x, ref_prompt))
+    assert rel_err(out, ref) < 1e-6
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert rel_err(grad, ref_grad) < 1e-6
+
+
+def test_closed_form_is_a_learnable_per_query_sink():
+    # softmax over [P_i ; U_i] restricted to keys = sigmoid(LSE_j U_ij - LSE_k P_ik) * softmax(U_i)
+    attn = make_attention("pure_cat", sdpa=False)
+    q, k, v = torch.randn(3, 2, HEADS, TOKENS, WIDTH // HEADS, dtype=torch.float64)
+    logits = q @ k.transpose(-1, -2) * attn.scale
+    scale = torch.sigmoid(logits.logsumexp(-1) - attn.ept_prompt.logsumexp(-1))
+    expected = scale.unsqueeze(-1) * (logits.softmax(-1) @ v)
+    assert rel_err(attn.attend(q, k, v), expected) < 1e-12
+
+
+def test_parameter_count_vit_base():
+    vit = apply_method(build_vit("vit_base"), "ept")
+    prompts = {n: p.shape for n, p in vit.named_parameters() if p.requires_grad}
+    assert len(prompts) == 12 and set(prompts.values()) == {torch.Size([197, 100])}
+    assert trainable_report(vit)["trainable"] == 12 * 197 * 100 == 236_400
+    shallow = apply_method(build_vit("vit_base"), "ept", {"deep": False, "prompt_length": 20})
+    assert [n for n, p in shallow.named_parameters() if p.requires_grad] == ["blocks.0.attn.ept_prompt"]
+    assert trainable_report(shallow)["trainable"] == 197 * 20
+
+
+def test_backbone_keys_and_modules_are_reused():
+    vit = build_vit("vit_tiny", img_size=32, **TINY)
+    keys, qkv = list(vit.state_dict()), vit.blocks[1].attn.qkv
+    apply_method(vit, "ept", {"prompt_length": 3})
+    assert vit.blocks[1].attn.qkv is qkv
+    assert [k for k in vit.state_dict() if k not in keys] == ["blocks.0.attn.ept_prompt", "blocks.1.attn.ept_prompt"]
+    assert all(k in vit.state_dict() for k in keys)
+
+
+def test_bad_config_and_wrong_token_count_raise_clear_errors():
+    with pytest.raises(ValueError, match="'multi'"):
+        EPTConfig(variant="multi")
+    model = PromptClassifier(2, "ept", {"prompt_length": 3}, backbone="vit_tiny", img_size=32, backbone_overrides=TINY)
+    with pytest.raises(ValueError, match=r"input spatial size \[48, 48\]"):
+        model(torch.randn(1, 3, 48, 48))
+    with pytest.raises(ValueError, match="built for 17 tokens but the layer got 37.*resize_ept_prompt"):
+        model.backbone.blocks[0].attn(torch.randn(1, 37, WIDTH))
+
+
+def test_resize_prompt_keeps_cls_row_and_grid_layout():
+    rows = torch.arange(4.0).repeat_interleave(4)  # value = grid row of the patch (row-major token order)
+    prompt = torch.cat((torch.full((1, 2), 7.0), torch.stack((rows, torch.ones(16)), dim=1)))
+    resized = resize_ept_prompt(prompt, (4, 4), (6, 6))
+    assert resized.shape == (37, 2)
+    assert torch.equal(resized[0], prompt[0])
+    grid = resized[1:, 0].reshape(6, 6)
+    assert torch.allclose(grid, grid[:, :1].expand(6, 6)) and bool((grid[1:, 0] > grid[:-1, 0]).all())
+    assert torch.allclose(resized[1:, 1], torch.ones(36))  # a constant column stays constant
+    assert torch.allclose(resize_ept_prompt(prompt, (4, 4), (4, 4)), prompt)
+    assert resize_ept_prompt(torch.randn(8, 3), (2, 2, 2), (4, 4, 4), num_prefix_tokens=0).shape == (64, 3)
+    with pytest.raises(ValueError, match=r"\(17, 2\).*\(5, 5\)"):
+        resize_ept_prompt(prompt, (5, 5), (6, 6))
+
+
+def test_resized_prompts_run_at_the_new_resolution():
+    small = apply_method(build_vit("vit_tiny", img_size=32, **TINY), "ept", {"prompt_length": 3})
+    large = apply_method(build_vit("vit_tiny", img_size=48, **TINY), "ept", {"prompt_length": 3})
+    for name, value in small.state_dict().items():
+        target = large.get_parameter(name) if name.endswith("ept_prompt") else None
+        if target is not None:
+            target.data.copy_(resize_ept_prompt(value, small.grid_size, large.grid_size))
+    assert large.blocks[0].attn.ept_prompt.shape == (37, 3)
+    assert large.forward_features(torch.randn(1, 3, 48, 48)).shape == (1, WIDTH)
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_forward_contract_shapes_equal_unprompted(cls_token):
+    plain = build_vit("vit_tiny", img_size=32, cls_token=cls_token, **TINY)
+    tuned = apply_method(build_vit("vit_tiny", img_size=32, cls_token=cls_token, **TINY), "ept", {"prompt_length": 3})
+    x = torch.randn(2, 3, 32, 32)
+    (tokens, hidden), (ref_tokens, ref_hidden) = tuned(x), plain(x)
+    assert tokens.shape == ref_tokens.shape and [h.shape for h in hidden] == [h.shape for h in ref_hidden]
+
+
+def classifier(sdpa: bool = False, **kwargs) -> PromptClassifier:
+    torch.manual_seed(0)
+    return PromptClassifier(
+        3, "ept", {"prompt_length": 5, **kwargs.pop("config", {})}, backbone="vit_tiny", img_size=32,
+        backbone_overrides=TINY, sdpa=sdpa, **kwargs,
+    )
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_only_prompts_and_head_train(sdpa):
+    model = classifier(sdpa)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model(torch.randn(2, 3, 32, 32)).logsumexp(-1).sum().backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained == {"backbone.blocks.0.attn.ept_prompt", "backbone.blocks.1.attn.ept_prompt",
+                       "head.weight", "head.bias"}
+    optimizer.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_delta_round_trip_reproduces_outputs(tmp_path):
+    model, fresh = classifier(), classifier()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(model(x), fresh(x))
+    load_delta(fresh, save_delta(model, tmp_path / "ept.pt"))
+    assert torch.equal(model(x), fresh(x))
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+@pytest.mark.parametrize("variant", ["pure_cat", "multi_cat"])
+def test_grad_checkpointing_autocast_and_torchscript(sdpa, variant):
+    x = torch.randn(2, 3, 32, 32)
+    model = classifier(sdpa, config={"variant": variant}).train()
+    model(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    checkpointed = classifier(sdpa, config={"variant": variant}, grad_checkpointing=True).train()
+    checkpointed(x).sum().backward()
+    for grad, p in zip(grads, (p for p in checkpointed.parameters() if p.requires_grad)):
+        torch.testing.assert_close(p.grad, grad)
+
+    bf16 = classifier(sdpa, config={"variant": variant}, autocast_dtype="bf16")
+    logits = bf16(x)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, model(x), atol=0.05, rtol=0.05)
+    logits.sum().backward()
+    assert bf16.backbone.blocks[0].attn.ept_prompt.grad.dtype == torch.float32
+
+    model.eval()
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=1e-6)
