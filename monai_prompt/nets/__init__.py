@@ -1,1 +1,2 @@
 from monai_prompt.nets.classifier import PromptClassifier
+from monai_prompt.fpt.classifier import FPTClassifier

@@ -1,0 +1,7 @@
+"""FPT and FPT+: fine-grained prompt tuning with a frozen high-resolution LPM and a small side ViT."""
+
+from monai_prompt.fpt.classifier import OFFICIAL_LPM_PARAMETERS, FPTClassifier, paper_learnable_percent
+from monai_prompt.fpt.config import FPT_VARIANTS, FPTConfig, resolve_layers
+from monai_prompt.fpt.fusion import PromptFusion
+from monai_prompt.fpt.lpm import LPMExtractor, select_important_tokens
+from monai_prompt.fpt.side import SideViT

@@ -1,0 +1,176 @@
+"""``FPTClassifier``: FPT / FPT+ as one network for ``network_def`` (frozen LPM + fusion + side ViT).
+
+``forward(image)`` runs the frozen LPM online on the high-resolution image and feeds the side network a
+downsampled copy: one input tensor, so MONAI bundle checks, inferers and MONAI Label work as for any classifier.
+``forward(image, fpt_kv)`` uses LPM features read from a preload cache (:mod:`monai_prompt.fpt.cache`) and never
+runs the LPM: that is how training gets its memory saving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from monai_prompt.backbones.pretrained import load_pretrained
+from monai_prompt.backbones.vit import PromptableViT, build_vit
+from monai_prompt.fpt.config import FPTConfig, resolve_layers
+from monai_prompt.fpt.fusion import PromptFusion
+from monai_prompt.fpt.lpm import LPMExtractor
+from monai_prompt.fpt.side import SideViT
+
+__all__ = ["OFFICIAL_LPM_PARAMETERS", "FPTClassifier", "paper_learnable_percent"]
+
+#: parameters of the LPM as the official FPT code counts them: HuggingFace ``ViTForImageClassification``
+#: google/vit-base-patch16-384 (its 384-px position table and 1000-class head included, no pooler).
+OFFICIAL_LPM_PARAMETERS = 86_859_496
+
+
+def paper_learnable_percent(learnable: int, frozen: int = OFFICIAL_LPM_PARAMETERS) -> float:
+    """Learnable share in the FPT papers' convention: ``learnable / (frozen LPM + learnable)`` in percent."""
+    return 100.0 * learnable / (frozen + learnable)
+
+
+class FPTClassifier(nn.Module):
+    """Fine-grained prompt tuning classifier (FPT or FPT+).
+
+    Args:
+        num_classes: logits.
+        variant: ``"fptplus"`` (default) or ``"fpt"``.
+        fpt_config: overrides of :class:`~monai_prompt.fpt.config.FPTConfig` (``side_img_size``, ``layers``,
+            ``num_prompts``, ``token_ratio``, ...).
+        backbone: LPM preset (``vit_base``, ...) or a ready plain :class:`PromptableViT` (its weights are copied).
+        in_channels: image channels (LPM and side network).
+        img_size: LPM input size, the size of the images ``forward`` receives online (512 in the papers).
+        spatial_dims: 2 or 3.
+        pretrained: LPM weight file/directory for :func:`~monai_prompt.backbones.load_pretrained`.
+        layer_norm_eps: LayerNorm epsilon of the LPM checkpoint (1e-6 timm, 1e-12 HuggingFace); the side network
+            uses the same value, as the official code does.
+        backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``patch_size`` overrides.
+
+    Example::
+
+        >>> net = FPTClassifier(num_classes=5, variant="fptplus", pretrained="vit-base-patch16-384/")
+        >>> logits = net(image_512)                   # online: runs the frozen LPM
+        >>> logits = net(image_side, batch["fpt_kv"])  # training from the preload cache
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        variant: str = "fptplus",
+        fpt_config: dict[str, Any] | None = None,
+        backbone: str | PromptableViT = "vit_base",
+        in_channels: int = 3,
+        img_size: int | tuple[int, ...] = 512,
+        spatial_dims: int = 2,
+        pretrained: str | None = None,
+        layer_norm_eps: float = 1e-6,
+        backbone_overrides: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        config = FPTConfig.from_dict(variant, fpt_config)
+        if isinstance(backbone, str):
+            with torch.device("meta"):  # resolves the preset without allocating or initialising weights
+                vit_config = build_vit(
+                    backbone,
+                    in_channels=in_channels,
+                    img_size=img_size,
+                    spatial_dims=spatial_dims,
+                    layer_norm_eps=layer_norm_eps,
+                    **(backbone_overrides or {}),
+                ).config
+            layers = resolve_layers(config.layers, vit_config["num_layers"])
+            lpm = LPMExtractor(vit_config, layers, config.token_ratio, config.token_importance)
+        else:
+            layers = resolve_layers(config.layers, len(backbone.blocks))
+            lpm = LPMExtractor.from_vit(backbone, layers, config.token_ratio, config.token_importance)
+        if pretrained:
+            load_pretrained(lpm, pretrained)
+        width, heads = lpm.hidden_size, lpm.num_heads
+        side_width = width // config.side_reduction
+        if width % config.side_reduction or side_width % heads or width % config.prompt_reduction:
+            raise ValueError(
+                f"LPM width {width} with {heads} heads: side_reduction {config.side_reduction} and prompt_reduction "
+                f"{config.prompt_reduction} must divide it, and the side width must be divisible by {heads} heads."
+            )
+        dims = lpm.config["spatial_dims"]
+        side_vit = PromptableViT(
+            in_channels=lpm.config["in_channels"],
+            img_size=(int(config.side_img_size),) * dims,
+            patch_size=lpm.config["patch_size"],
+            hidden_size=side_width,
+            mlp_dim=4 * side_width,
+            num_layers=len(layers),
+            num_heads=heads,
+            spatial_dims=dims,
+            layer_norm_eps=lpm.config["layer_norm_eps"],
+        )
+        self.lpm = lpm
+        self.fusion = PromptFusion(
+            num_layers=len(layers),
+            num_prompts=config.num_prompts,
+            lpm_dim=width,
+            num_heads=heads,
+            side_dim=side_width,
+            prompt_dim=width // config.prompt_reduction,
+            prompt_norm=bool(config.prompt_norm),
+            prompt_proj=bool(config.prompt_proj),
+            dropout=config.fusion_dropout,
+        )
+        self.side = SideViT(side_vit, num_classes)
+        self.fpt_config = dataclasses.replace(config, layers=layers)
+        lpm.peft_method = variant
+        lpm.peft_config = dataclasses.asdict(self.fpt_config)
+        self.feature_shape = list(lpm.feature_shape)
+        self.lpm_img_size = list(lpm.img_size)
+        self.side_img_size = list(side_vit.img_size)
+        self.side_resize_mode = "bilinear" if dims == 2 else "area"
+
+    def learnable_parameters(self) -> int:
+        """Parameters that train: side network and fusion module (the LPM is frozen)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @torch.jit.unused
+    def cache_fingerprint(self) -> str:
+        """Fingerprint of the LPM weights and feature-extraction config that a preload cache must match."""
+        return self.lpm.fingerprint()
+
+    def lpm_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Selected LPM keys/values ``[B, 2, L, H, n, d_h]`` of LPM-size images, computed on the LPM's device."""
+        device = self.lpm.norm.weight.device
+        return self.lpm.extract(image.to(device)).to(image.device)
+
+    def side_input(self, image: torch.Tensor) -> torch.Tensor:
+        """The side network's input: ``image`` itself at the side size, or its downsampling from the LPM size."""
+        size = list(image.shape[2:])
+        if size == self.side_img_size:
+            return image
+        if size != self.lpm_img_size:
+            raise ValueError(
+                f"input spatial size {size} is neither the LPM size {self.lpm_img_size} nor the side size "
+                f"{self.side_img_size}; resize the image to one of them."
+            )
+        if self.side_resize_mode == "bilinear":
+            return F.interpolate(image, size=self.side_img_size, mode="bilinear", align_corners=False, antialias=True)
+        return F.interpolate(image, size=self.side_img_size, mode="area")
+
+    def forward(self, image: torch.Tensor, fpt_kv: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
+        """Logits [B, num_classes].
+
+        Args:
+            image: the LPM-size image (online, or with cached features) or the (augmented) side-size image
+                (with cached features).
+            fpt_kv: cached LPM features [B, 2, L, H, n, d_h]; ``None`` runs the LPM on ``image`` (LPM size).
+        """
+        if fpt_kv is None:
+            fpt_kv = self.lpm_features(image)
+        elif list(fpt_kv.shape[1:]) != self.feature_shape:
+            raise ValueError(
+                f"fpt_kv has shape {list(fpt_kv.shape)}, but this model expects [B] + {self.feature_shape} "
+                f"(2, layers, heads, kept tokens, head dim): the cache was made for another LPM or FPT variant."
+            )
+        return self.side(self.side_input(image), self.fusion(fpt_kv))
