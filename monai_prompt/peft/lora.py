@@ -1,0 +1,146 @@
+"""LoRA (Hu et al., ICLR 2022): a trainable low-rank update ``W + (alpha / r) * B @ A`` of frozen linears.
+
+Each targeted ``nn.Linear`` becomes a :class:`LoRALinear`: the same module (its ``weight``/``bias`` keys
+and values are untouched) plus ``lora_A`` [r, in] and ``lora_B`` [out, r]. The init, scaling and dropout
+follow HuggingFace ``peft`` (``tuners/lora/layer.py``): ``A`` kaiming-uniform with ``a=sqrt(5)``, ``B``
+zeros (so training starts from the pre-trained model), dropout on the input of the low-rank path.
+:func:`merge_lora` folds the update into ``weight`` for export (no extra cost at inference).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from monai_prompt.backbones.vit import PromptableViT
+from monai_prompt.peft.registry import register_method
+
+__all__ = ["LORA_TARGETS", "LoRAConfig", "LoRALinear", "merge_lora"]
+
+#: LoRA target name -> module path inside each transformer block.
+LORA_TARGETS: dict[str, str] = {
+    "qkv": "attn.qkv",
+    "out_proj": "attn.out_proj",
+    "linear1": "mlp.linear1",
+    "linear2": "mlp.linear2",
+}
+
+
+@dataclass
+class LoRAConfig:
+    """Hyper-parameters of LoRA.
+
+    Args:
+        rank: rank ``r`` of the update (8: the LoRA paper and V-PETL's ViT-B runs).
+        alpha: the update is scaled by ``alpha / rank`` (peft's default 8, i.e. scaling 1 at rank 8).
+        dropout: dropout on the input of the low-rank path (peft default 0).
+        targets: linears of every block to adapt, from :data:`LORA_TARGETS` (default the fused ``qkv``).
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("qkv",)
+
+    def __post_init__(self) -> None:
+        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(
+                f"LoRA targets {list(self.targets)} invalid; choose a non-empty subset of {list(LORA_TARGETS)}."
+            )
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
+
+
+class LoRALinear(nn.Linear):
+    """``nn.Linear`` plus a low-rank update: ``y = x W^T + b + (alpha / r) * dropout(x) A^T B^T``.
+
+    Build one from scratch like an ``nn.Linear`` or convert an existing (pre-trained) one in place with
+    :meth:`from_linear`. After :meth:`merge` the update lives in ``weight`` and the low-rank path is off.
+
+    Args:
+        in_features: input width.
+        out_features: output width.
+        rank: rank ``r``.
+        alpha: scaling numerator; the update is multiplied by ``alpha / rank``.
+        dropout: dropout on the input of the low-rank path.
+        bias: whether the linear has a bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 8,
+        alpha: float = 8.0,
+        dropout: float = 0.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self._init_lora(rank, alpha, dropout)
+
+    def _init_lora(self, rank: int, alpha: float, dropout: float) -> None:
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout)
+        self.scaling = alpha / rank
+        self.merged = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
+        """Turn ``linear`` into a :class:`LoRALinear` in place (its parameters and keys stay) and return it.
+
+        Like ``torch.nn.utils.parametrize``, this swaps the module's class, so every reference to the
+        module (and its parent's slot) sees the new forward.
+        """
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"LoRA adapts plain nn.Linear modules, got {type(linear).__name__}.")
+        linear.__class__ = cls
+        linear._init_lora(rank, alpha, dropout)
+        return linear
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``(alpha / r) * B @ A`` in the shape of ``weight``."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``weight`` and switch the low-rank path off (idempotent)."""
+        if not self.merged:
+            self.weight += self.delta_weight()
+            self.merged = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every :class:`LoRALinear` of ``model`` (see :meth:`LoRALinear.merge`) and return ``model``.
+
+    The merged weights are no longer the pre-trained ones, so merge for export/inference, after the
+    delta was saved.
+    """
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.merge()
+    return model
+
+
+@register_method("lora", LoRAConfig, trainable=r"\.lora_[AB]$")
+def apply_lora(vit: PromptableViT, config: LoRAConfig) -> None:
+    """Convert the targeted linears of every block to :class:`LoRALinear`."""
+    for block in vit.blocks:
+        for target in config.targets:
+            LoRALinear.from_linear(block.get_submodule(LORA_TARGETS[target]), config.rank, config.alpha, config.dropout)

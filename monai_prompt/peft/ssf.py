@@ -1,0 +1,153 @@
+"""SSF (Lian et al., NeurIPS 2022): a trainable per-channel scale and shift after each frozen operation.
+
+As in dongzelian/SSF ``models/vision_transformer.py`` (``tuning_mode="ssf"``), ``y -> y * scale + shift``
+follows the patch embedding, ``norm1``, ``qkv``, ``out_proj``, ``norm2``, ``linear1`` (before the GELU),
+``linear2`` and the final ``norm``; scale starts at N(1, 0.02), shift at N(0, 0.02). Each such module becomes
+an SSF subclass of its own type (:class:`SSFLinear`, :class:`SSFLayerNorm`, :class:`SSFConv2d`,
+:class:`SSFConv3d`) that keeps its ``weight``/``bias`` keys and adds ``ssf_scale``/``ssf_shift``. Because
+each op is affine per output channel, :func:`merge_ssf` folds scale and shift into its weight and bias
+(re-parameterisation: the merged model is a plain ViT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from monai_prompt.backbones.pretrained import BACKBONE_KEY
+from monai_prompt.backbones.vit import PromptableViT
+from monai_prompt.peft.registry import register_method
+
+__all__ = ["SSFConfig", "SSFConv2d", "SSFConv3d", "SSFLayerNorm", "SSFLinear", "add_ssf", "merge_ssf"]
+
+
+@dataclass
+class SSFConfig:
+    """Hyper-parameters of SSF.
+
+    Args:
+        init_std: standard deviation of the init, scale ~ N(1, init_std) and shift ~ N(0, init_std)
+            (0.02 in ``init_ssf_scale_shift`` of the official code).
+    """
+
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.init_std < 0:
+            raise ValueError(f"SSF init_std must be >= 0, got {self.init_std}.")
+
+
+class _ScaleShift:
+    """Per-output-channel ``ssf_scale``/``ssf_shift`` after the host module's own op, foldable into it.
+
+    ``spatial_dims`` is how many axes follow the channel axis of the op's output: 0 for linears and
+    LayerNorms (channels last), 2 or 3 for convolutions (``[B, C, *spatial]``).
+    """
+
+    def _init_ssf(self, init_std: float) -> None:
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.ssf_scale = nn.Parameter(torch.empty(self.weight.shape[0], **factory))
+        self.ssf_shift = nn.Parameter(torch.empty(self.weight.shape[0], **factory))
+        nn.init.normal_(self.ssf_scale, mean=1.0, std=init_std)
+        nn.init.normal_(self.ssf_shift, mean=0.0, std=init_std)
+        self.spatial_dims = self.weight.dim() - 2 if isinstance(self, nn.modules.conv._ConvNd) else 0
+        self.merged = False
+
+    def _scale_shift(self, y: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return y
+        shape = [-1] + [1] * self.spatial_dims
+        return y * self.ssf_scale.view(shape).to(y.dtype) + self.ssf_shift.view(shape).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``y * scale + shift`` into the op: ``weight <- scale * weight`` (per output channel),
+        ``bias <- scale * bias + shift`` (a bias is created if the op had none); then switch SSF off."""
+        if self.merged:
+            return
+        self.weight.mul_(self.ssf_scale.view([-1] + [1] * (self.weight.dim() - 1)))
+        if self.bias is None:
+            self.bias = nn.Parameter(self.ssf_shift.clone(), requires_grad=False)
+        else:
+            self.bias.mul_(self.ssf_scale).add_(self.ssf_shift)
+        self.merged = True
+
+
+class SSFLinear(_ScaleShift, nn.Linear):
+    """``nn.Linear`` followed by a per-channel scale and shift (same ``weight``/``bias`` keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._scale_shift(F.linear(x, self.weight, self.bias))
+
+
+class SSFLayerNorm(_ScaleShift, nn.LayerNorm):
+    """``nn.LayerNorm`` followed by a per-channel scale and shift (same ``weight``/``bias`` keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._scale_shift(F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps))
+
+
+class SSFConv2d(_ScaleShift, nn.Conv2d):
+    """``nn.Conv2d`` (the 2D patch embedding) followed by a per-channel scale and shift."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._scale_shift(self._conv_forward(x, self.weight, self.bias))
+
+
+class SSFConv3d(_ScaleShift, nn.Conv3d):
+    """``nn.Conv3d`` (the 3D patch embedding) followed by a per-channel scale and shift."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._scale_shift(self._conv_forward(x, self.weight, self.bias))
+
+
+_SSF_CLASSES: dict[type, type] = {
+    nn.Linear: SSFLinear,
+    nn.LayerNorm: SSFLayerNorm,
+    nn.Conv2d: SSFConv2d,
+    nn.Conv3d: SSFConv3d,
+}
+
+
+def add_ssf(module: nn.Module, init_std: float = 0.02) -> nn.Module:
+    """Turn a plain ``nn.Linear``/``nn.LayerNorm``/``nn.Conv2d``/``nn.Conv3d`` into its SSF subclass in place.
+
+    Like ``torch.nn.utils.parametrize``, this swaps the module's class: its parameters, keys and every
+    reference to it stay, and ``ssf_scale``/``ssf_shift`` are added.
+
+    Args:
+        module: the module to scale and shift.
+        init_std: init spread, scale ~ N(1, init_std), shift ~ N(0, init_std).
+    """
+    cls = _SSF_CLASSES.get(type(module))
+    if cls is None or getattr(module, "weight", None) is None:
+        raise TypeError(
+            f"SSF needs a plain {[c.__name__ for c in _SSF_CLASSES]} with a weight, got {type(module).__name__}."
+        )
+    module.__class__ = cls
+    module._init_ssf(init_std)
+    return module
+
+
+def merge_ssf(model: nn.Module) -> nn.Module:
+    """Fold every SSF scale/shift of ``model`` into the preceding op (see :meth:`_ScaleShift.merge`).
+
+    The merged weights are no longer the pre-trained ones, so merge for export/inference, after the
+    delta was saved.
+    """
+    for module in model.modules():
+        if isinstance(module, _ScaleShift):
+            module.merge()
+    return model
+
+
+@register_method("ssf", SSFConfig, trainable=r"\.ssf_(scale|shift)$")
+def apply_ssf(vit: PromptableViT, config: SSFConfig) -> None:
+    """Add scale and shift after every frozen op with a weight: the backbone's own linears, LayerNorms and
+    patch-embedding convolution (exactly the modules whose ``<name>.weight`` is a MONAI ViT backbone key)."""
+    for name, module in list(vit.named_modules()):
+        if name and BACKBONE_KEY.match(f"{name}.weight"):
+            add_ssf(module, config.init_std)
