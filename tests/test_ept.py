@@ -5,8 +5,9 @@ import torch
 
 from monai_prompt.backbones import build_vit
 from monai_prompt.nets import PromptClassifier
-from monai_prompt.peft import apply_method, load_delta, save_delta, trainable_report
+from monai_prompt.peft import apply_method, trainable_report
 from monai_prompt.peft.ept import EPTAttention, EPTConfig, resize_ept_prompt
+from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64, "patch_size": 8}
 HEADS, WIDTH, TOKENS = 4, 32, 17  # 32 px / patch 8 -> 16 patches + CLS
@@ -136,34 +137,25 @@ def test_forward_contract_shapes_equal_unprompted(cls_token):
 def classifier(sdpa: bool = False, **kwargs) -> PromptClassifier:
     torch.manual_seed(0)
     return PromptClassifier(
-        3, "ept", {"prompt_length": 5, **kwargs.pop("config", {})}, backbone="vit_tiny", img_size=32,
-        backbone_overrides=TINY, sdpa=sdpa, **kwargs,
+        3,
+        "ept",
+        {"prompt_length": 5, **kwargs.pop("config", {})},
+        backbone="vit_tiny",
+        img_size=32,
+        backbone_overrides=TINY,
+        sdpa=sdpa,
+        **kwargs,
     )
 
 
 @pytest.mark.parametrize("sdpa", [False, True])
 def test_only_prompts_and_head_train(sdpa):
-    model = classifier(sdpa)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    model(torch.randn(2, 3, 32, 32)).logsumexp(-1).sum().backward()
-    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert trained == {"backbone.blocks.0.attn.ept_prompt", "backbone.blocks.1.attn.ept_prompt",
-                       "head.weight", "head.bias"}
-    optimizer.step()
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    prompts = {"backbone.blocks.0.attn.ept_prompt", "backbone.blocks.1.attn.ept_prompt"}
+    assert_adamw_trains_exactly(classifier(sdpa), prompts | {"head.weight", "head.bias"})
 
 
 def test_delta_round_trip_reproduces_outputs(tmp_path):
-    model, fresh = classifier(), classifier()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p))
-    x = torch.randn(2, 3, 32, 32)
-    assert not torch.allclose(model(x), fresh(x))
-    load_delta(fresh, save_delta(model, tmp_path / "ept.pt"))
-    assert torch.equal(model(x), fresh(x))
+    assert_delta_round_trip(classifier(), classifier(), tmp_path / "ept.pt")
 
 
 @pytest.mark.parametrize("sdpa", [False, True])

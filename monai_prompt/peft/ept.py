@@ -101,8 +101,14 @@ class EPTAttention(Attention):
     def from_attention(cls, attn: Attention, num_tokens: int, config: EPTConfig) -> EPTAttention:
         """An EPT attention sharing ``attn``'s ``qkv``/``out_proj`` (so state_dict keys stay MONAI's)."""
         new = cls(
-            attn.hidden_input_size, attn.num_heads, num_tokens, config.prompt_length, config.variant,
-            attn.dropout_rate, attn.qkv.bias is not None, config.init_std,
+            attn.hidden_input_size,
+            attn.num_heads,
+            num_tokens,
+            config.prompt_length,
+            config.variant,
+            attn.dropout_rate,
+            attn.qkv.bias is not None,
+            config.init_std,
         )
         new.qkv, new.out_proj = attn.qkv, attn.out_proj
         new.use_flash_attention = attn.use_flash_attention

@@ -1,0 +1,196 @@
+"""DVPT: the whole prompted network against a literal float64 reference, sharing, counts, training plumbing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monai_prompt.backbones import build_vit
+from monai_prompt.nets import PromptClassifier
+from monai_prompt.peft import apply_method, delta_state_dict, trainable_report
+from monai_prompt.peft.dvpt import DVPTConfig, DVPTModule
+from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip
+
+TINY = {"hidden_size": 32, "num_layers": 4, "num_heads": 4, "mlp_dim": 64, "patch_size": 8}
+CONFIG = {"num_prompts": 5, "bottleneck": 6, "share": 2}
+WIDTH, HEADS, PROMPTS = 32, 4, 5
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def classifier(variant: str = "paper", **kwargs) -> PromptClassifier:
+    torch.manual_seed(0)
+    return PromptClassifier(
+        3,
+        "dvpt",
+        {**CONFIG, "variant": variant},
+        backbone="vit_tiny",
+        img_size=32,
+        backbone_overrides=TINY,
+        **kwargs,
+    )
+
+
+def open_gates(model: PromptClassifier) -> None:
+    """Give the gates non-zero values so the branch is live (it is exactly zero at initialisation)."""
+    with torch.no_grad():
+        for index, block in enumerate(model.backbone.blocks[:: CONFIG["share"]]):
+            block.parallel.gate.fill_(0.5 + index)
+
+
+def reference_logits(model: PromptClassifier, x: torch.Tensor, variant: str) -> torch.Tensor:
+    """The DVPT classifier written out literally from its weights (einsum attention, per-prompt loop)."""
+    vit = model.backbone
+    pe = vit.patch_embedding
+    patches = F.conv2d(x, pe.patch_embeddings.weight, pe.patch_embeddings.bias, stride=8).flatten(2).transpose(1, 2)
+    batch = x.shape[0]
+    prompts = (vit.prompter.prompts + vit.prompter.prompt_positions).expand(batch, -1, -1)
+    t = torch.cat((prompts, vit.cls_token.expand(batch, -1, -1), patches + pe.position_embeddings), dim=1)
+    modules = [block.parallel for block in vit.blocks[:: CONFIG["share"]]]  # one module per 2 blocks
+    dim_head = WIDTH // HEADS
+    for index, block in enumerate(vit.blocks):
+        h = F.layer_norm(t, (WIDTH,), block.norm1.weight, block.norm1.bias, 1e-6)
+        q, k, v = (h @ block.attn.qkv.weight.t() + block.attn.qkv.bias).reshape(batch, -1, 3, HEADS, dim_head).unbind(2)
+        att = torch.einsum("bihd,bjhd->bhij", q, k).div(dim_head**0.5).softmax(-1)
+        att_out = torch.einsum("bhij,bjhd->bihd", att, v).reshape(batch, -1, WIDTH)
+        t = t + att_out @ block.attn.out_proj.weight.t() + block.attn.out_proj.bias
+
+        module = modules[index // CONFIG["share"]]
+        z = t @ module.down.weight.t() + module.down.bias
+        z = z * torch.sigmoid(1.702 * z)
+        if variant == "paper":
+            keys = z[:, PROMPTS:]  # CLS + patches; each prompt slot queries them
+            rows = [
+                torch.softmax(keys[b] @ z[b, m] / 6**0.5, dim=0) @ keys[b] for b in range(batch) for m in range(PROMPTS)
+            ]
+            z = torch.cat((torch.stack(rows).reshape(batch, PROMPTS, -1), keys), dim=1)
+        branch = module.gate * (z @ module.up.weight.t() + module.up.bias)
+
+        h = F.layer_norm(t, (WIDTH,), block.norm2.weight, block.norm2.bias, 1e-6)
+        mlp = F.gelu(h @ block.mlp.linear1.weight.t() + block.mlp.linear1.bias)
+        t = t + mlp @ block.mlp.linear2.weight.t() + block.mlp.linear2.bias + branch
+    t = F.layer_norm(t, (WIDTH,), vit.norm.weight, vit.norm.bias, 1e-6)
+    feature = t[:, : PROMPTS + 1].mean(1)  # mean of the prompts and CLS
+    return feature @ model.head.weight.t() + model.head.bias
+
+
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_forward_and_gradients_match_literal_reference(variant):
+    model = classifier(variant).double()
+    open_gates(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits, ref = model(x), reference_logits(model, x, variant)
+    assert rel_err(logits, ref) < 1e-6
+    grads = torch.autograd.grad(logits.square().sum(), params)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params)
+    assert len(params) == 2 + 2 * 5 + 2  # prompts, positions; 2 shared modules x (down, up, gate); head
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert rel_err(grad, ref_grad) < 1e-6
+
+
+def test_variants_differ_only_through_the_cross_attention():
+    paper, code = classifier("paper"), classifier("code")
+    open_gates(paper)
+    open_gates(code)
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(paper(x), code(x))
+    for block in (*paper.backbone.blocks, *code.backbone.blocks):
+        block.parallel.cross_attention = False
+    torch.testing.assert_close(paper(x), code(x), rtol=0, atol=0)
+
+
+def test_added_branch_is_exactly_zero_at_initialisation():
+    module = DVPTModule(WIDTH, 6, PROMPTS)
+    assert torch.equal(module(torch.randn(2, 21, WIDTH)), torch.zeros(2, 21, WIDTH))
+    model = classifier().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with_branch = model(x)
+    for block in model.backbone.blocks:
+        block.has_parallel = False
+    assert torch.equal(with_branch, model(x))
+
+
+def test_parameter_counts_vit_base_with_and_without_sharing():
+    # 50x768 prompts + 50x768 positions + modules of 2x768x20 + 20 + 768 + 1
+    vit = apply_method(build_vit("vit_base"), "dvpt")
+    report = trainable_report(vit)
+    assert report["trainable"] == 2 * 50 * 768 + 4 * (2 * 768 * 20 + 20 + 768 + 1) == 202_836
+    assert report["modules"]["blocks.*.parallel.down.weight"] == 4 * 768 * 20
+    assert len({id(block.parallel) for block in vit.blocks}) == 4
+    assert vit.blocks[2].parallel is vit.blocks[0].parallel and vit.blocks[3].parallel is not vit.blocks[0].parallel
+    unshared = apply_method(build_vit("vit_base"), "dvpt", {"share": 1})
+    assert trainable_report(unshared)["trainable"] == 2 * 50 * 768 + 12 * 31_509 == 454_908
+
+
+def test_sharing_in_state_dict_delta_and_report():
+    model = classifier()
+    parallel_keys = [k for k in model.state_dict() if ".parallel." in k]
+    assert len(parallel_keys) == 4 * 5  # every block lists its (shared) module
+    delta = delta_state_dict(model)["model"]
+    assert sorted(k for k in delta if ".parallel." in k) == sorted(
+        f"backbone.blocks.{i}.parallel.{n}"
+        for i in (0, 2)
+        for n in ("down.weight", "down.bias", "up.weight", "up.bias", "gate")
+    )
+    head = 3 * WIDTH + 3
+    expected = 2 * PROMPTS * WIDTH + 2 * (2 * WIDTH * 6 + 6 + WIDTH + 1) + head
+    assert trainable_report(model)["trainable"] == sum(t.numel() for t in delta.values()) == expected
+
+
+def test_only_dvpt_parameters_and_head_train():
+    model = classifier()
+    open_gates(model)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("backbone.prompter.", "head.")) or ".parallel." in n for n in expected)
+    assert_adamw_trains_exactly(model, expected)
+
+
+def test_delta_round_trip_keeps_sharing(tmp_path):
+    model, fresh = classifier(), classifier()
+    assert_delta_round_trip(model, fresh, tmp_path / "dvpt.pt")
+    assert torch.equal(fresh.backbone.blocks[1].parallel.up.weight, model.backbone.blocks[0].parallel.up.weight)
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_forward_strips_prompts_for_segmentation(cls_token):
+    plain = build_vit("vit_tiny", img_size=32, cls_token=cls_token, **TINY)
+    tuned = apply_method(build_vit("vit_tiny", img_size=32, cls_token=cls_token, **TINY), "dvpt", CONFIG)
+    x = torch.randn(2, 3, 32, 32)
+    (tokens, hidden), (ref_tokens, ref_hidden) = tuned(x), plain(x)
+    assert tokens.shape == ref_tokens.shape and [h.shape for h in hidden] == [h.shape for h in ref_hidden]
+    assert tuned.forward_tokens(x)[0].shape[1] == ref_tokens.shape[1] + PROMPTS
+    assert tuned.forward_features(x).shape == (2, WIDTH)
+
+
+def test_bad_config_raises_clear_errors():
+    with pytest.raises(ValueError, match="'official'"):
+        DVPTConfig(variant="official")
+    with pytest.raises(ValueError, match="share must be >= 1, got 0"):
+        DVPTConfig(share=0)
+
+
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_grad_checkpointing_autocast_and_torchscript(variant):
+    x = torch.randn(2, 3, 32, 32)
+    model = classifier(variant).train()
+    open_gates(model)
+    model(x).sum().backward()
+    checkpointed = classifier(variant, grad_checkpointing=True).train()
+    open_gates(checkpointed)
+    checkpointed(x).sum().backward()
+    for p, q in zip(model.parameters(), checkpointed.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad)
+
+    bf16 = classifier(variant, autocast_dtype="bf16")
+    open_gates(bf16)
+    logits = bf16(x)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, model(x), atol=0.1, rtol=0.05)
+    logits.sum().backward()
+    assert bf16.backbone.blocks[0].parallel.down.weight.grad.dtype == torch.float32
+
+    model.eval()
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=1e-6)
