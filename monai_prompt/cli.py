@@ -45,6 +45,69 @@ def _info(args: argparse.Namespace) -> None:
         print(f"{name}: {preset} (patch 16; add _p<N> for another patch size)")
 
 
+def _preload(args: argparse.Namespace) -> None:
+    """FPT/FPT+: run the frozen LPM once per image of a datalist into a content-keyed feature cache."""
+    import json
+    import logging
+
+    import torch
+    from monai.data import Dataset
+    from monai.transforms import Compose
+
+    from monai_prompt.data import read_datalist
+    from monai_prompt.data.transforms import classification_transforms
+    from monai_prompt.fpt import FPTCacheError, FPTClassifier, preload_features
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.pretrained:
+        print("preload: no --pretrained weights given; the LPM is randomly initialised")
+    try:
+        net = FPTClassifier(
+            num_classes=2,  # the head does not touch the LPM features
+            variant=args.variant,
+            fpt_config=json.loads(args.fpt_config),
+            backbone=args.backbone,
+            in_channels=args.in_channels,
+            img_size=args.img_size,
+            spatial_dims=args.spatial_dims,
+            pretrained=args.pretrained,
+            layer_norm_eps=args.layer_norm_eps,
+            backbone_overrides=json.loads(args.backbone_overrides),
+        )
+        net.lpm.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        items = [item for _, item in read_datalist(args.datalist).all_items()]
+        data = Dataset(items, Compose(classification_transforms(args.img_size, args.spatial_dims, args.in_channels)))
+        dtype = "float16" if args.fp16 else "float32"
+        report = preload_features(
+            net, data, args.cache_dir, batch_size=args.batch_size, storage_dtype=dtype, num_workers=args.num_workers,
+            overwrite=args.overwrite,
+        )
+        print(report)
+    except (FPTCacheError, ValueError, OSError) as err:  # stale cache, bad datalist/checkpoint/config
+        raise SystemExit(f"preload: {err}") from None
+
+
+def _add_preload_parser(sub: argparse._SubParsersAction) -> None:
+    preload = sub.add_parser("preload", help="FPT/FPT+: compute the frozen LPM's features once into a cache")
+    preload.add_argument("datalist", help="class-per-folder tree, CSV or decathlon JSON (every split is preloaded)")
+    preload.add_argument("--cache-dir", required=True, help="cache directory (resumed if it exists for this model)")
+    preload.add_argument("--variant", choices=["fpt", "fptplus"], default="fptplus", help="default: fptplus")
+    preload.add_argument("--backbone", default="vit_base", help="LPM preset (default: vit_base)")
+    preload.add_argument("--pretrained", help="LPM weights (HuggingFace dir, timm or MONAI file)")
+    preload.add_argument("--img-size", type=int, default=512, help="LPM input size (default: 512)")
+    preload.add_argument("--in-channels", type=int, default=3, help="image channels (default: 3)")
+    preload.add_argument("--spatial-dims", type=int, default=2, help="2 or 3 (default: 2)")
+    preload.add_argument("--layer-norm-eps", type=float, default=1e-6, help="1e-6 timm, 1e-12 HuggingFace")
+    preload.add_argument("--backbone-overrides", default="{}", help='JSON, e.g. \'{"num_layers": 6}\'')
+    preload.add_argument("--fpt-config", default="{}", help='FPTConfig overrides as JSON, e.g. \'{"layers": [8]}\'')
+    preload.add_argument("--batch-size", type=int, default=8, help="images per LPM forward (default: 8)")
+    preload.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    preload.add_argument("--fp16", action="store_true", help="store float16 (half the disk)")
+    preload.add_argument("--device", help="LPM device (default: cuda if available)")
+    preload.add_argument("--overwrite", action="store_true", help="replace a cache made for another model")
+    preload.set_defaults(func=_preload)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-prompt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="list methods and backbone presets")
     info.set_defaults(func=_info)
+    _add_preload_parser(sub)
     return parser
 
 

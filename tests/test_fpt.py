@@ -106,14 +106,12 @@ def ref_fusion(fusion: PromptFusion, kv: torch.Tensor, heads: int) -> torch.Tens
             q = ref_layer_norm(p, fusion.prompt_norm) if isinstance(fusion.prompt_norm, torch.nn.LayerNorm) else p
             if isinstance(fusion.prompt_proj, torch.nn.Linear):
                 q = q @ fusion.prompt_proj.weight.T + fusion.prompt_proj.bias
-            context = torch.cat(
-                [
-                    torch.softmax(q[:, h * head_dim : (h + 1) * head_dim] @ kv[b, 0, layer, h].T / math.sqrt(head_dim), -1)
-                    @ kv[b, 1, layer, h]
-                    for h in range(heads)
-                ],
-                dim=-1,
-            )
+            heads_out = []
+            for h in range(heads):
+                q_h = q[:, h * head_dim : (h + 1) * head_dim]
+                att = torch.softmax(q_h @ kv[b, 0, layer, h].T / math.sqrt(head_dim), dim=-1)
+                heads_out.append(att @ kv[b, 1, layer, h])
+            context = torch.cat(heads_out, dim=-1)
             if prompt_dim == lpm_dim:
                 fused = (context + p) @ fusion.out_proj.weight.T + fusion.out_proj.bias
             else:

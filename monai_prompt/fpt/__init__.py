@@ -1,7 +1,17 @@
 """FPT and FPT+: fine-grained prompt tuning with a frozen high-resolution LPM and a small side ViT."""
 
+from monai_prompt.fpt.cache import (
+    CACHE_FORMAT,
+    STORAGE_DTYPES,
+    FPTCacheError,
+    FPTFeatureCache,
+    cache_identity,
+    content_key,
+)
 from monai_prompt.fpt.classifier import OFFICIAL_LPM_PARAMETERS, FPTClassifier, paper_learnable_percent
 from monai_prompt.fpt.config import FPT_VARIANTS, FPTConfig, resolve_layers
 from monai_prompt.fpt.fusion import PromptFusion
 from monai_prompt.fpt.lpm import LPMExtractor, select_important_tokens
+from monai_prompt.fpt.preload import PreloadReport, preload_features
 from monai_prompt.fpt.side import SideViT
+from monai_prompt.fpt.transforms import LoadFPTFeaturesd

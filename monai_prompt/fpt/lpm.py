@@ -127,7 +127,7 @@ class LPMExtractor(PromptableViT):
         if list(x.shape[2:]) != self.img_size:
             raise ValueError(
                 f"LPM input spatial size {list(x.shape[2:])} differs from the LPM size {self.img_size}; resize the "
-                f"image (monai_prompt.fpt.lpm_input_transforms) to the size the FPT model was built for."
+                f"image (e.g. monai_prompt.data.classification_transforms) to the size the FPT model was built for."
             )
         with torch.no_grad():
             return self._extract(x)
