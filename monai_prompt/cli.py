@@ -45,6 +45,36 @@ def _info(args: argparse.Namespace) -> None:
         print(f"{name}: {preset} (patch 16; add _p<N> for another patch size)")
 
 
+def _demo_data(args: argparse.Namespace) -> None:
+    """Build the demo classification set and print its split sizes."""
+    from monai_prompt.data.demo import build_demo_data
+
+    datalist = build_demo_data(
+        args.out,
+        patch_size=args.patch_size,
+        train_per_class=args.train_per_class,
+        eval_per_class=args.eval_per_class,
+        unlabeled=args.unlabeled,
+        seed=args.seed,
+    )
+    sizes = ", ".join(f"{split} {len(items)}" for split, items in datalist.splits.items())
+    print(f"{args.out}/datalist.json (and .csv): classes {datalist.classes}; {sizes}")
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    """Check a datalist; exit with status 1 and every problem listed when it is not clean."""
+    from monai_prompt.data.check import check_datalist
+
+    options = {"classes": args.classes, "image_column": args.image_column, "label_columns": args.label_columns}
+    options = {key: value for key, value in options.items() if value is not None}
+    if args.dicom_series:
+        options["dicom_series"] = True
+    try:
+        print(check_datalist(args.datalist, channels=args.channels, read_pixels=args.read_pixels, **options))
+    except (ValueError, OSError) as err:  # DataCheckError (a ValueError) lists every problem
+        raise SystemExit(f"check-data: {err}") from None
+
+
 def _preload(args: argparse.Namespace) -> None:
     """FPT/FPT+: run the frozen LPM once per image of a datalist into a content-keyed feature cache."""
     import json
@@ -117,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="list methods and backbone presets")
     info.set_defaults(func=_info)
+    demo_data = sub.add_parser("demo-data", help="build the demo classification set (MNI152 tissue patches)")
+    demo_data.add_argument("--out", default="demo_data", help="output folder (default: demo_data)")
+    demo_data.add_argument("--patch-size", type=int, default=32, help="patch side in pixels (default: 32)")
+    demo_data.add_argument("--train-per-class", type=int, default=300, help="training patches per class")
+    demo_data.add_argument("--eval-per-class", type=int, default=75, help="validation and test patches per class")
+    demo_data.add_argument("--unlabeled", type=int, default=600, help="unlabelled patches for pre-training")
+    demo_data.add_argument("--seed", type=int, default=0, help="random seed")
+    demo_data.set_defaults(func=_demo_data)
+    check_data = sub.add_parser("check-data", help="check every image and label of a datalist before training")
+    check_data.add_argument("datalist", help="class-per-folder tree, CSV or decathlon JSON")
+    check_data.add_argument("--channels", type=int, help="expected channels per image (default: the most common)")
+    check_data.add_argument("--read-pixels", action="store_true", help="decode every image with MONAI LoadImage")
+    check_data.add_argument("--classes", nargs="+", help="class names in label order (default: from the labels)")
+    check_data.add_argument("--image-column", help="CSV column of image paths (default: image)")
+    check_data.add_argument("--label-columns", nargs="+", help="CSV label column, or several for multi-label")
+    check_data.add_argument("--dicom-series", action="store_true", help="folders: a DICOM folder is one image")
+    check_data.set_defaults(func=_check_data)
     _add_preload_parser(sub)
     return parser
 

@@ -1,0 +1,515 @@
+"""Classification datalists: MONAI-style lists of ``{"image": path, "label": ...}`` dicts per split.
+
+Three sources give the same :class:`ClassificationDatalist`:
+
+- a class-per-folder tree (:func:`datalist_from_folder`), optionally under ``train``/``val``/``test`` folders;
+- a CSV table (:func:`datalist_from_csv`): an image column, one label column (class name or index) or several
+  0/1 label columns (multi-label), optional ``split`` and ``group`` columns;
+- a MONAI decathlon JSON file (:func:`datalist_from_json`): ``training``/``validation``/``test``/``unlabeled``
+  lists and an optional ``labels`` map of class names.
+
+Labels become a class index (``int``) or, for multi-label data, a multi-hot ``list[float]``. Splits the source
+lacks are carved out of the training images by a seeded, class-stratified split of *groups* (a ``group`` value,
+or a regex/function of the path given as ``group_by``), so the slices of one volume or patient never land in
+two splits. :func:`read_datalist` picks the source from the path; bundle configs use it as
+``"$monai_prompt.data.read_datalist(@dataset_dir)['training']"``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monai_prompt.data.headers import is_dicom_file, is_image_file
+
+__all__ = [
+    "SPLITS",
+    "UNLABELED",
+    "ClassificationDatalist",
+    "DataCheckError",
+    "datalist_from_csv",
+    "datalist_from_folder",
+    "datalist_from_json",
+    "read_datalist",
+    "split_items",
+]
+
+#: labelled splits, with MONAI decathlon names.
+SPLITS = ("training", "validation", "test")
+#: images without labels (for self-supervised pre-training).
+UNLABELED = "unlabeled"
+_SPLIT_ALIASES = {
+    **{name: "training" for name in ("train", "training")},
+    **{name: "validation" for name in ("val", "valid", "validation")},
+    **{name: "test" for name in ("test", "testing")},
+    **{name: UNLABELED for name in ("unlabeled", "unlabelled")},
+}
+GroupBy = str | Callable[[str], str] | None
+
+
+class DataCheckError(ValueError):
+    """One error for all the problems found in a dataset, each naming its file.
+
+    Attributes:
+        problems: one line per problem, starting with the image path.
+    """
+
+    def __init__(self, problems: Sequence[str], source: str | os.PathLike = "datalist") -> None:
+        self.problems = list(problems)
+        listing = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{listing}")
+
+
+@dataclass
+class ClassificationDatalist:
+    """Images per split and the class names.
+
+    Attributes:
+        classes: class names; a label is an index into this list (or a multi-hot vector over it).
+        splits: ``training``/``validation``/``test``/``unlabeled`` -> list of ``{"image", "label"[, "group"]}``
+            dicts with absolute image paths (no ``label`` in ``unlabeled``).
+        multi_label: labels are multi-hot ``list[float]`` instead of ``int``.
+        problems: per-image problems found while reading with ``strict=False`` (missing/unknown labels, ...).
+    """
+
+    classes: list[str]
+    splits: dict[str, list[dict[str, Any]]]
+    multi_label: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, split: str) -> list[dict[str, Any]]:
+        """Items of ``split`` (``training``, ``validation``, ``test`` or ``unlabeled``; empty when absent)."""
+        if split not in (*SPLITS, UNLABELED):
+            raise KeyError(f"unknown split {split!r}; use one of {(*SPLITS, UNLABELED)}.")
+        return self.splits.get(split, [])
+
+    def all_items(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(split, item)`` for every item."""
+        for split, items in self.splits.items():
+            for item in items:
+                yield split, item
+
+    def to_decathlon(self, base_dir: str | os.PathLike, **metadata: Any) -> dict[str, Any]:
+        """MONAI decathlon dict with image paths relative to ``base_dir`` and ``metadata`` fields in front (an
+        image of a labelled split without label is written as a bare path, as in MSD test lists)."""
+        splits = {
+            split: [
+                {**item, "image": os.path.relpath(item["image"], base_dir)}
+                if "label" in item or split == UNLABELED
+                else os.path.relpath(item["image"], base_dir)
+                for item in items
+            ]
+            for split, items in self.splits.items()
+        }
+        return {
+            **metadata,
+            "labels": {str(i): name for i, name in enumerate(self.classes)},
+            "multiLabel": self.multi_label,
+            "numTraining": len(self["training"]),
+            **splits,
+        }
+
+    def save_json(self, path: str | os.PathLike, **metadata: Any) -> Path:
+        """Write a decathlon JSON file (paths relative to its folder); read it back with :func:`datalist_from_json`."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_decathlon(path.parent, **metadata), indent=1) + "\n")
+        return path
+
+    def save_csv(self, path: str | os.PathLike) -> Path:
+        """Write ``image,label,split,group`` rows (one 0/1 column per class when multi-label), paths relative to
+        the CSV's folder; read it back with :func:`datalist_from_csv` (``label_columns=classes`` if multi-label)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        label_columns = self.classes if self.multi_label else ["label"]
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["image", *label_columns, "split", "group"])
+            for split, item in self.all_items():
+                label = item.get("label")
+                if label is None:
+                    cells = [""] * len(label_columns)
+                elif self.multi_label:
+                    cells = [f"{value:g}" for value in label]
+                else:
+                    cells = [self.classes[label]]
+                writer.writerow([os.path.relpath(item["image"], path.parent), *cells, split, item.get("group", "")])
+        return path
+
+
+@dataclass
+class _Record:
+    """One image as the source states it, before labels are encoded and splits assigned."""
+
+    image: str  # absolute path
+    name: str  # path as the source writes it, for group_by
+    label: Any
+    split: str | None = None
+    group: str | None = None
+    where: str = ""  # e.g. "line 7", for problem messages
+    labelled: bool = True  # False for a bare path in a decathlon list (MSD test images)
+
+    def problem(self, message: str) -> str:
+        return f"{self.image}{f' ({self.where})' if self.where else ''}: {message}"
+
+
+def read_datalist(source: str | os.PathLike, **options: Any) -> ClassificationDatalist:
+    """Read a datalist from a folder tree, a ``.csv`` table or a decathlon ``.json`` file.
+
+    Args:
+        source: the folder, CSV or JSON path.
+        options: keyword arguments of :func:`datalist_from_folder`, :func:`datalist_from_csv` or
+            :func:`datalist_from_json`.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return datalist_from_folder(path, **options)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist; give a class-per-folder tree, a .csv or a .json.")
+    readers = {".csv": datalist_from_csv, ".json": datalist_from_json}
+    if path.suffix.lower() not in readers:
+        raise ValueError(f"datalist {path} is neither a folder, a .csv nor a .json file.")
+    return readers[path.suffix.lower()](path, **options)
+
+
+def datalist_from_folder(
+    root: str | os.PathLike,
+    *,
+    classes: Sequence[str] | None = None,
+    dicom_series: bool = False,
+    group_by: GroupBy = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    strict: bool = True,
+) -> ClassificationDatalist:
+    """Datalist from ``root/<class>/**/<image>``, or ``root/<split>/<class>/**/<image>`` with split folders
+    named ``train``/``val``/``test`` (or ``training``/``validation``/``testing``).
+
+    Args:
+        root: the tree's root folder.
+        classes: class order (default: sorted class folder names); images of a folder not listed are problems.
+        dicom_series: each folder that directly holds DICOM files is one (3D) image, instead of each file.
+        group_by: regex (first capture group, else the whole match) or function of the image path relative to
+            ``root`` that names the image's group; images of a group share a split.
+        val_fraction: fraction of groups carved from training for validation when there is no ``val`` folder.
+        test_fraction: same for test (0 disables).
+        seed: split seed.
+        strict: raise :class:`DataCheckError` on problems; else collect them in ``problems``.
+    """
+    root = Path(root).absolute()
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a folder of class folders.")
+    folders = _subfolders(root)
+    split_names = {folder.name: _SPLIT_ALIASES.get(folder.name.lower()) for folder in folders}
+    if folders and all(split_names.values()):
+        trees = [(split_names[folder.name], folder) for folder in folders]
+    else:
+        trees = [(None, root)]
+    records, problems, found = [], [], []
+    for split, tree in trees:
+        if split == UNLABELED:
+            class_images = [(None, _folder_images(tree, dicom_series))]
+        else:
+            class_images = [(folder.name, _folder_images(folder, dicom_series)) for folder in _subfolders(tree)]
+        for label, images in class_images:
+            if label is not None:
+                found.append(label)
+                if not images:
+                    problems.append(f"{tree / label}: class folder holds no images.")
+            records += [_Record(str(image), str(image.relative_to(root)), label, split) for image in images]
+    classes = list(classes) if classes is not None else sorted(set(found))
+    return _assemble(records, classes, False, group_by, val_fraction, test_fraction, seed, problems, strict, root)
+
+
+def datalist_from_csv(
+    path: str | os.PathLike,
+    *,
+    image_column: str = "image",
+    label_columns: str | Sequence[str] = "label",
+    split_column: str = "split",
+    group_column: str = "group",
+    classes: Sequence[str] | None = None,
+    base_dir: str | os.PathLike | None = None,
+    group_by: GroupBy = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    strict: bool = True,
+) -> ClassificationDatalist:
+    """Datalist from a CSV table with a header row.
+
+    Args:
+        path: the CSV file.
+        image_column: column of image paths (relative to ``base_dir``).
+        label_columns: one column of class names or indices, or several columns of 0/1 values (multi-label, the
+            column names are the classes).
+        split_column: optional column of ``train``/``val``/``test``/``unlabeled`` (empty = training pool).
+        group_column: optional column of group ids (volume, patient) kept within one split.
+        classes: class order for a single label column (default: sorted names, or ``0..max`` for indices).
+        base_dir: folder image paths are relative to (default: the CSV's folder).
+        group_by, val_fraction, test_fraction, seed, strict: see :func:`datalist_from_folder`.
+    """
+    path = Path(path)
+    label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
+    multi_label = len(label_columns) > 1
+    if multi_label and classes is not None:
+        raise ValueError(f"classes={list(classes)} given with several label_columns; the columns are the classes.")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows, columns = list(reader), reader.fieldnames or []
+    missing = [c for c in (image_column, *label_columns) if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{path}: no column(s) {missing}; the header has {list(columns)}. Set image_column/label_columns."
+        )
+    base = Path(base_dir if base_dir is not None else path.parent).absolute()
+    records, problems = [], []
+    for line, row in enumerate(rows, start=2):
+        image = (row[image_column] or "").strip()
+        where = f"{path.name} line {line}"
+        if not image:
+            problems.append(f"{path} line {line}: empty {image_column!r} cell.")
+            continue
+        labels = [(row[c] or "").strip() for c in label_columns]
+        record = _Record(os.path.normpath(base / image), image, labels if multi_label else labels[0], where=where)
+        record.split = _split_name(row.get(split_column), record, problems)
+        record.group = (row.get(group_column) or "").strip() or None
+        records.append(record)
+    classes = label_columns if multi_label else classes
+    return _assemble(records, classes, multi_label, group_by, val_fraction, test_fraction, seed, problems, strict, path)
+
+
+def datalist_from_json(
+    path: str | os.PathLike,
+    *,
+    classes: Sequence[str] | None = None,
+    base_dir: str | os.PathLike | None = None,
+    group_by: GroupBy = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    strict: bool = True,
+) -> ClassificationDatalist:
+    """Datalist from a MONAI decathlon JSON file.
+
+    Items are ``{"image": path, "label": index | class name | multi-hot list[, "group": id]}`` under
+    ``training``, ``validation``, ``test`` and ``unlabeled``; a bare path (as in MSD test lists) is an image
+    without label. Class names come from ``classes``, else the
+    file's ``labels`` map (``{"0": "name", ...}``), else the labels themselves. A list label makes the datalist
+    multi-label. (MONAI's ``load_decathlon_datalist`` is not used: it would join a class-name label to the path.)
+
+    Args:
+        path: the JSON file.
+        classes: class order (overrides ``labels``).
+        base_dir: folder image paths are relative to (default: the JSON's folder).
+        group_by, val_fraction, test_fraction, seed, strict: see :func:`datalist_from_folder`.
+    """
+    path = Path(path)
+    content = json.loads(Path(path).read_text())
+    if not isinstance(content, dict) or not any(key in content for key in (*SPLITS, UNLABELED)):
+        raise ValueError(f"{path} is not a decathlon datalist: it needs a 'training' (or other split) list.")
+    base = Path(base_dir if base_dir is not None else path.parent).absolute()
+    records, problems = [], []
+    for split in (*SPLITS, UNLABELED):
+        for index, entry in enumerate(content.get(split, [])):
+            labelled = not isinstance(entry, str)
+            entry = entry if labelled else {"image": entry}
+            where = f"{split}[{index}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+                problems.append(f"{path} {where}: item without an 'image' path: {entry!r}.")
+                continue
+            group = str(entry["group"]) if entry.get("group") is not None else None
+            image = entry["image"]
+            records.append(_Record(os.path.normpath(base / image), image, entry.get("label"), split, group, where, labelled))
+    if classes is None and isinstance(content.get("labels"), dict):
+        classes = [name for _, name in sorted(content["labels"].items(), key=lambda kv: int(kv[0]))]
+    multi_label = any(isinstance(r.label, list) for r in records if r.split != UNLABELED and r.labelled)
+    return _assemble(records, classes, multi_label, group_by, val_fraction, test_fraction, seed, problems, strict, path)
+
+
+def split_items(
+    items: Sequence[dict[str, Any]], val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
+) -> dict[str, list[dict[str, Any]]]:
+    """Seeded split of items into training/validation/test by group, stratified by class.
+
+    Items sharing ``item["group"]`` (else each image alone) go to the same split. Groups are stratified by their
+    most frequent ``int`` label (multi-label items are not stratified), sorted, shuffled with ``seed`` and cut by
+    the fractions (rounded per class, training keeps at least one group). The result does not depend on the
+    order of ``items``; each split keeps the items' order.
+
+    Args:
+        items: datalist items.
+        val_fraction: fraction of groups for validation.
+        test_fraction: fraction of groups for test.
+        seed: random seed.
+    """
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum to < 1.")
+    groups: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(str(item.get("group") or item["image"]), []).append(index)
+    strata: dict[str, list[str]] = {}
+    for group, members in groups.items():
+        labels = [items[i].get("label") for i in members if isinstance(items[i].get("label"), int)]
+        stratum = min(Counter(labels).most_common(), key=lambda kv: (-kv[1], kv[0]))[0] if labels else -1
+        strata.setdefault(stratum, []).append(group)
+    rng = np.random.default_rng(seed)
+    split_of: dict[str, str] = {}
+    for stratum in sorted(strata):
+        names = sorted(strata[stratum])
+        names = [names[i] for i in rng.permutation(len(names))]
+        n_test = math.floor(len(names) * test_fraction + 0.5)
+        n_val = math.floor(len(names) * val_fraction + 0.5)
+        n_test = min(n_test, len(names) - 1)
+        n_val = min(n_val, len(names) - 1 - n_test)
+        for i, name in enumerate(names):
+            split_of[name] = "test" if i < n_test else "validation" if i < n_test + n_val else "training"
+    result: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    for group, members in groups.items():
+        result[split_of[group]].extend(members)
+    return {split: [items[i] for i in sorted(indices)] for split, indices in result.items()}
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _folder_images(folder: Path, dicom_series: bool) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted); with ``dicom_series`` a folder's DICOM files are one."""
+    images = [
+        path
+        for path in sorted(folder.rglob("*"))
+        if not any(part.startswith(".") for part in path.relative_to(folder).parts) and is_image_file(path)
+    ]
+    if not dicom_series:
+        return images
+    return sorted({path.parent if is_dicom_file(path) else path for path in images})
+
+
+def _group_of(path: str, group_by: str | Callable[[str], str]) -> str:
+    """Group id of ``path`` by a regex (first capture group or whole match) or a function."""
+    if callable(group_by):
+        return str(group_by(path))
+    match = re.search(group_by, path)
+    if match is None:
+        raise ValueError(f"group_by pattern {group_by!r} does not match the path; fix the pattern.")
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def _split_name(value: str | None, record: _Record, problems: list[str]) -> str | None:
+    """Canonical split name of a CSV cell (None when empty), recording unknown names as problems."""
+    value = (value or "").strip().lower()
+    if not value:
+        return None
+    if value not in _SPLIT_ALIASES:
+        problems.append(record.problem(f"unknown split {value!r}; use one of {sorted(_SPLIT_ALIASES)}."))
+        return None
+    return _SPLIT_ALIASES[value]
+
+
+def _as_index(value: Any) -> int | None:
+    """``value`` as an int class index if it is one (``3``, ``"3"``, ``3.0``), else None."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def _infer_classes(labels: list[Any], multi_label: bool) -> list[str]:
+    """Class names from raw labels: ``0..max`` when all are indices, else the sorted distinct names; for multi-hot
+    lists ``0..K-1`` with K the most common length."""
+    present = [label for label in labels if label not in (None, "")]
+    if multi_label:
+        lengths = Counter(len(label) for label in present if isinstance(label, (list, tuple)))
+        return [str(i) for i in range(max(lengths, key=lengths.__getitem__))] if lengths else []
+    indices = [_as_index(label) for label in present]
+    if present and all(index is not None for index in indices):
+        return [str(i) for i in range(max(indices) + 1)]
+    return sorted({str(label) for label in present})
+
+
+def _encode_label(raw: Any, classes: list[str], multi_label: bool) -> int | list[float]:
+    """Class index (or multi-hot vector) of a raw label; ValueError with the reason when it has none."""
+    if raw is None or raw == "":
+        raise ValueError("missing label.")
+    if not multi_label:
+        if str(raw) in classes:
+            return classes.index(str(raw))
+        index = _as_index(raw)
+        if index is not None and 0 <= index < len(classes):
+            return index
+        raise ValueError(f"label {raw!r} is not one of the classes {classes} (nor an index below {len(classes)}).")
+    if not isinstance(raw, (list, tuple)) or len(raw) != len(classes):
+        raise ValueError(f"multi-label {raw!r} must be {len(classes)} values in [0, 1], one per class {classes}.")
+    try:
+        values = [float(value) for value in raw]
+    except (TypeError, ValueError):
+        raise ValueError(f"multi-label {list(raw)} has a missing or non-numeric value; use 0 or 1 per class.") from None
+    if any(not 0 <= value <= 1 for value in values):
+        raise ValueError(f"multi-label {values} has values outside [0, 1].")
+    return values
+
+
+def _assemble(
+    records: list[_Record],
+    classes: Sequence[str] | None,
+    multi_label: bool,
+    group_by: GroupBy,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    problems: list[str],
+    strict: bool,
+    source: str | os.PathLike,
+) -> ClassificationDatalist:
+    """Encode labels and groups, carve the splits the source lacks out of training, raise or keep the problems."""
+    labelled = [r for r in records if r.split != UNLABELED and r.labelled]
+    classes = list(classes) if classes is not None else _infer_classes([r.label for r in labelled], multi_label)
+    splits: dict[str, list[dict[str, Any]]] = {split: [] for split in (*SPLITS, UNLABELED)}
+    for record in records:
+        if record.group is None and group_by is not None:
+            try:
+                record.group = _group_of(record.name, group_by)
+            except ValueError as err:
+                problems.append(record.problem(str(err)))
+        item: dict[str, Any] = {"image": record.image}
+        if record.split != UNLABELED and record.labelled:
+            try:
+                item["label"] = _encode_label(record.label, classes, multi_label)
+            except ValueError as err:
+                problems.append(record.problem(str(err)))
+                item["label"] = None
+        if record.group is not None:
+            item["group"] = record.group
+        splits[record.split or "training"].append(item)
+    missing = [split for split in SPLITS[1:] if not splits[split]]
+    if missing and splits["training"]:
+        fractions = {"validation": val_fraction, "test": test_fraction}
+        val, test = (fractions[split] if split in missing else 0.0 for split in SPLITS[1:])
+        carved = split_items(splits["training"], val, test, seed=seed)
+        splits["training"] = carved["training"]
+        for split in missing:
+            splits[split] = carved[split]
+    if problems and strict:
+        raise DataCheckError(problems, source)
+    return ClassificationDatalist(classes, {k: v for k, v in splits.items() if v}, multi_label, problems)

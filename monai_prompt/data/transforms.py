@@ -1,0 +1,143 @@
+"""MONAI transform chain that turns a datalist item into a classification network input.
+
+``classification_transforms(img_size, spatial_dims, in_channels, augment)`` returns a list for
+``monai.transforms.Compose``: load with MONAI's readers, channel first, match the network's layout
+(:class:`MatchInputd`), scale intensities to [0, 1], resize to the model size, optionally augment, and make the
+label a tensor. Only :class:`MatchInputd` is written here: MONAI has no transform that both drops the singleton
+depth ITK gives a 2D DICOM and converts between grey and colour channels, with an error that names the file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    Resized,
+    ScaleIntensityd,
+    SqueezeDim,
+    ToTensord,
+    Transform,
+)
+from monai.utils import ensure_tuple_rep
+
+__all__ = ["MatchInputd", "classification_transforms", "match_input"]
+
+
+def match_input(image: torch.Tensor, spatial_dims: int, channels: int) -> torch.Tensor:
+    """Bring a channel-first image to ``channels`` channels and ``spatial_dims`` spatial dimensions.
+
+    Trailing singleton spatial dimensions are dropped (ITK reads a 2D DICOM as ``[C, W, H, 1]``); one channel is
+    repeated to ``channels``; three or four colour channels are averaged to one (alpha dropped) or cut to three.
+
+    Args:
+        image: ``[C, *spatial]`` image (a MONAI ``MetaTensor`` keeps its metadata).
+        spatial_dims: 2 or 3.
+        channels: the network's input channels.
+
+    Raises:
+        ValueError: naming the file when the image has other dimensions or channels the rules above cannot map.
+    """
+    name = getattr(image, "meta", {}).get("filename_or_obj", "image")
+    while image.ndim - 1 > spatial_dims and image.shape[-1] == 1:
+        image = SqueezeDim(dim=-1, update_meta=False)(image)  # keep the 4 x 4 affine other 2D readers give
+    if image.ndim - 1 != spatial_dims:
+        raise ValueError(
+            f"{name}: shape {tuple(image.shape)} (channel first) has {image.ndim - 1} spatial dims but the network is "
+            f"{spatial_dims}D; set spatial_dims={image.ndim - 1} or give {spatial_dims}D images."
+        )
+    found = image.shape[0]
+    if found == channels:
+        return image
+    if found == 1:
+        return image.repeat(channels, *[1] * spatial_dims)
+    if found in (3, 4) and channels == 1:
+        return image[:3].mean(dim=0, keepdim=True)
+    if found == 4 and channels == 3:
+        return image[:3]
+    raise ValueError(f"{name}: {found} channels cannot feed a {channels}-channel network; set in_channels={found}.")
+
+
+class MatchInputd(MapTransform):
+    """Dictionary version of :func:`match_input`.
+
+    Args:
+        keys: image keys.
+        spatial_dims: the network's spatial dims.
+        channels: the network's input channels.
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int, channels: int, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = spatial_dims
+        self.channels = channels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = match_input(d[key], self.spatial_dims, self.channels)
+        return d
+
+
+def classification_transforms(
+    img_size: int | Sequence[int],
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    augment: bool = False,
+    multi_label: bool = False,
+    track_meta: bool = True,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> list[Transform]:
+    """Transforms from a datalist item ``{"image": path, "label": ...}`` to network input and target.
+
+    Load (MONAI ``LoadImaged``: PIL, ITK for DICOM files/series, nibabel), channel first, :class:`MatchInputd`,
+    min-max scale to [0, 1], resize to ``img_size`` (anti-aliased when shrinking); with ``augment``, a random flip
+    of the first spatial axis, a small random rotation/scaling and random contrast; then a float32 image and the
+    label as a tensor (``long`` index, or ``float32`` multi-hot). A missing label (unlabelled data) is allowed.
+
+    Args:
+        img_size: the network's input size, one int or one per spatial dim.
+        spatial_dims: 2 or 3.
+        in_channels: the network's input channels.
+        augment: add the random training augmentations.
+        multi_label: labels are multi-hot lists.
+        track_meta: keep MONAI metadata (file name, affine) on the image; False gives plain tensors, which batch
+            even when the images come from different formats (their metadata differs in shape).
+        image_key: key of the image path.
+        label_key: key of the label.
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims={spatial_dims}; use 2 or 3.")
+    size = ensure_tuple_rep(img_size, spatial_dims)
+    chain: list[Transform] = [
+        LoadImaged(keys=image_key, image_only=True, ensure_channel_first=True),
+        MatchInputd(keys=image_key, spatial_dims=spatial_dims, channels=in_channels),
+        ScaleIntensityd(keys=image_key, minv=0.0, maxv=1.0),
+        Resized(keys=image_key, spatial_size=size, mode="bilinear" if spatial_dims == 2 else "trilinear",
+                anti_aliasing=True),
+    ]
+    if augment:
+        angle = math.pi / 12
+        chain += [
+            RandFlipd(keys=image_key, prob=0.5, spatial_axis=0),
+            RandAffined(keys=image_key, prob=0.5, rotate_range=angle if spatial_dims == 2 else (angle,) * 3,
+                        scale_range=0.1, padding_mode="zeros"),
+            RandAdjustContrastd(keys=image_key, prob=0.3, gamma=(0.7, 1.5)),
+        ]
+    chain += [
+        EnsureTyped(keys=image_key, dtype=torch.float32, track_meta=track_meta),
+        ToTensord(keys=label_key, dtype=torch.float32 if multi_label else torch.long, track_meta=False,
+                  allow_missing_keys=True),
+    ]
+    return chain

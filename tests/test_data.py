@@ -1,0 +1,374 @@
+"""Data layer: datalists from folders/CSV/JSON, the pre-training check, transforms and the demo set."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.data import DataLoader, Dataset
+from monai.transforms import Compose, LoadImage
+from PIL import Image
+from pydicom.dataset import Dataset as DicomDataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from monai_prompt.cli import main
+from monai_prompt.data import (
+    DataCheckError,
+    build_demo_data,
+    check_datalist,
+    classification_transforms,
+    datalist_from_csv,
+    datalist_from_folder,
+    datalist_from_json,
+    read_datalist,
+    read_header,
+    split_items,
+)
+from monai_prompt.data.demo import SLAB_SPLITS, mni152_volumes
+
+RNG = np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------------------------------------- file writers
+def write_png(path: Path, channels: int = 1, size: tuple[int, int] = (20, 30)) -> np.ndarray:
+    """A (rows, cols[, 3]) uint8 PNG; returns the array as PIL stores it."""
+    shape = size if channels == 1 else (*size, channels)
+    array = RNG.integers(0, 256, shape, dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return array
+
+
+def write_nifti(path: Path, shape: tuple[int, ...] = (20, 30)) -> np.ndarray:
+    array = RNG.random(shape, dtype=np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    return array
+
+
+def write_dicom(path: Path, rows: int = 20, cols: int = 30, series_uid: str | None = None, index: int = 0) -> None:
+    """A minimal CT slice written with pydicom (16-bit, explicit VR little endian)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = DicomDataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.StudyInstanceUID = "CT", "anon", "1.2.3"
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.InstanceNumber = index + 1
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, float(index)], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 1.0
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = RNG.integers(0, 4096, (rows, cols), dtype=np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_series(folder: Path, slices: int = 4) -> None:
+    uid = generate_uid()
+    for k in range(slices):
+        write_dicom(folder / f"slice{k}.dcm", series_uid=uid, index=k)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def names(items: list[dict]) -> list[str]:
+    return [Path(item["image"]).name for item in items]
+
+
+# ---------------------------------------------------------------------------------------------- headers
+def test_headers_agree_with_monai_reading(tmp_path):
+    """Channels and spatial shape from headers only equal what MONAI's LoadImage decodes, for every format."""
+    write_png(tmp_path / "grey.png")
+    write_png(tmp_path / "rgb.png", channels=3)
+    write_png(tmp_path / "grey.tif")
+    write_nifti(tmp_path / "slice.nii.gz")
+    write_nifti(tmp_path / "volume.nii.gz", (6, 7, 8))
+    write_nifti(tmp_path / "two_channel.nii", (6, 7, 8, 2))
+    write_dicom(tmp_path / "single.dcm")
+    write_series(tmp_path / "series")
+    load = LoadImage(image_only=True, ensure_channel_first=True)
+    formats = {}
+    for path in sorted(tmp_path.iterdir()):
+        header, image = read_header(path), load(path)
+        shape = tuple(image.shape[1:])
+        shape = shape[:-1] if header.format == "dicom" and shape[-1] == 1 else shape  # ITK: 2D DICOM as W x H x 1
+        assert (header.channels, header.spatial_shape) == (image.shape[0], shape), path.name
+        formats[path.name] = header.format
+    assert formats == {"grey.png": "pil", "rgb.png": "pil", "grey.tif": "pil", "slice.nii.gz": "nifti",
+                       "volume.nii.gz": "nifti", "two_channel.nii": "nifti", "single.dcm": "dicom",
+                       "series": "dicom-series"}
+
+
+# ---------------------------------------------------------------------------------------------- splitting
+def test_split_is_grouped_stratified_seeded_and_order_free():
+    items = [
+        {"image": f"/d/vol{v:02d}_s{s}.png", "label": v % 3, "group": f"vol{v:02d}"} for v in range(60) for s in range(4)
+    ]
+    splits = split_items(items, val_fraction=0.2, test_fraction=0.1, seed=3)
+    assert sum(len(v) for v in splits.values()) == len(items)
+    groups = {split: {item["group"] for item in its} for split, its in splits.items()}
+    assert not (groups["training"] & groups["validation"] or groups["training"] & groups["test"]
+                or groups["validation"] & groups["test"])
+    for label in range(3):  # 20 volumes per class: 4 validation, 2 test, 14 training
+        per_class = {split: sum(1 for i in its if i["label"] == label) // 4 for split, its in splits.items()}
+        assert per_class == {"training": 14, "validation": 4, "test": 2}
+    shuffled = [items[i] for i in np.random.default_rng(1).permutation(len(items))]
+    again = split_items(shuffled, val_fraction=0.2, test_fraction=0.1, seed=3)
+    assert {k: sorted(names(v)) for k, v in again.items()} == {k: sorted(names(v)) for k, v in splits.items()}
+    other = split_items(items, val_fraction=0.2, test_fraction=0.1, seed=4)
+    assert names(other["validation"]) != names(splits["validation"])
+    with pytest.raises(ValueError, match="sum to < 1"):
+        split_items(items, 0.5, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def test_folder_datalist_all_formats(tmp_path):
+    root = tmp_path / "tree"
+    for k in range(5):
+        write_png(root / "benign" / f"pat{k}_a.png")
+        write_nifti(root / "benign" / f"pat{k}_b.nii.gz")
+        write_png(root / "malignant" / f"pat{k}_a.tif")
+        write_series(root / "malignant" / f"pat{k}_series", slices=2)
+    (root / "benign" / "notes.txt").write_text("not an image")
+    datalist = datalist_from_folder(root, dicom_series=True, group_by=r"pat\d", val_fraction=0.2, test_fraction=0.2)
+    assert datalist.classes == ["benign", "malignant"] and not datalist.multi_label
+    everything = [item for _, item in datalist.all_items()]
+    assert len(everything) == 20 and all(Path(item["image"]).is_absolute() for item in everything)
+    for item in everything:
+        assert item["label"] == (0 if "/benign/" in item["image"] else 1)
+        assert item["group"] == re.search(r"pat\d", item["image"]).group(0)
+    assert {Path(i["image"]).name for i in everything if Path(i["image"]).is_dir()} == {f"pat{k}_series" for k in range(5)}
+    groups = {split: {item["group"] for item in datalist[split]} for split in ("training", "validation", "test")}
+    assert groups["training"].isdisjoint(groups["validation"]) and groups["training"].isdisjoint(groups["test"])
+    assert all(datalist[split] for split in ("training", "validation", "test"))
+    # without dicom_series each DICOM file is an image; split folders set the splits
+    split_root = tmp_path / "split_tree"
+    for split, count in (("train", 3), ("val", 2)):
+        for k in range(count):
+            write_png(split_root / split / "a" / f"{k}.png")
+            write_dicom(split_root / split / "b" / f"{k}.dcm")
+    write_png(split_root / "unlabeled" / "u0.png")
+    datalist = read_datalist(split_root, test_fraction=0.0)
+    assert {split: len(items) for split, items in datalist.splits.items()} == {
+        "training": 6, "validation": 4, "unlabeled": 1}
+    assert "label" not in datalist["unlabeled"][0]
+
+
+def test_csv_single_and_multi_label(tmp_path):
+    for k in range(6):
+        write_png(tmp_path / "img" / f"{k}.png")
+    rows = [[f"img/{k}.png", ["cyst", "tumour", "normal"][k % 3], ["train", "", "test"][k % 3], f"p{k // 2}"]
+            for k in range(6)]
+    datalist = datalist_from_csv(write_csv(tmp_path / "single.csv", ["image", "label", "split", "group"], rows),
+                                 val_fraction=0.5, test_fraction=0.0)
+    assert datalist.classes == ["cyst", "normal", "tumour"]
+    labels = {Path(i["image"]).name: i["label"] for _, i in datalist.all_items()}
+    assert labels == {f"{k}.png": datalist.classes.index(["cyst", "tumour", "normal"][k % 3]) for k in range(6)}
+    assert sorted(names(datalist["test"])) == ["2.png", "5.png"]  # stated split kept, validation carved from the rest
+    assert len(datalist["validation"]) > 0 and str(tmp_path / "img" / "0.png") in {
+        i["image"] for i in datalist["training"] + datalist["validation"]}
+    # integer labels index the classes directly; classes= fixes names and order
+    rows = [[f"img/{k}.png", str(k % 2)] for k in range(6)]
+    indexed = datalist_from_csv(write_csv(tmp_path / "idx.csv", ["path", "y"], rows), image_column="path",
+                                label_columns="y", classes=["neg", "pos"], test_fraction=0.0)
+    assert {Path(i["image"]).name: i["label"] for _, i in indexed.all_items()} == {f"{k}.png": k % 2 for k in range(6)}
+    # several label columns: multi-hot floats, the columns are the classes
+    rows = [[f"img/{k}.png", str(k % 2), str(k // 3), "1"] for k in range(6)]
+    multi = datalist_from_csv(write_csv(tmp_path / "multi.csv", ["image", "effusion", "mass", "nodule"], rows),
+                              label_columns=["effusion", "mass", "nodule"])
+    assert multi.multi_label and multi.classes == ["effusion", "mass", "nodule"]
+    assert {Path(i["image"]).name: i["label"] for _, i in multi.all_items()} == {
+        f"{k}.png": [float(k % 2), float(k // 3), 1.0] for k in range(6)}
+    with pytest.raises(ValueError, match=r"no column\(s\) \['label'\]"):
+        datalist_from_csv(tmp_path / "idx.csv", image_column="path")
+
+
+def test_decathlon_json_and_round_trips(tmp_path):
+    for k in range(8):
+        write_nifti(tmp_path / "imgs" / f"case{k}.nii.gz", (6, 7, 8))
+    content = {
+        "labels": {"0": "normal", "1": "abnormal"},
+        "training": [{"image": f"imgs/case{k}.nii.gz", "label": k % 2, "group": f"pt{k // 2}"} for k in range(6)]
+        + [{"image": "imgs/case6.nii.gz", "label": "abnormal"}],
+        "test": ["imgs/case7.nii.gz"],
+        "unlabeled": [{"image": "imgs/case0.nii.gz"}],
+    }
+    (tmp_path / "dataset.json").write_text(json.dumps(content))
+    datalist = datalist_from_json(tmp_path / "dataset.json", val_fraction=0.3)
+    assert datalist.classes == ["normal", "abnormal"]
+    assert names(datalist["test"]) == ["case7.nii.gz"] and "label" not in datalist["test"][0]  # MSD-style path
+    labels = {Path(i["image"]).name: i.get("label") for s, i in datalist.all_items() if s in ("training", "validation")}
+    assert labels == {f"case{k}.nii.gz": k % 2 for k in range(6)} | {"case6.nii.gz": 1}
+    groups = {i.get("group") for i in datalist["validation"]}
+    assert not groups & {i.get("group") for i in datalist["training"]}
+    # the decathlon JSON (and, with labels everywhere, the CSV) written by a datalist reads back to it
+    again = read_datalist(datalist.save_json(tmp_path / "out" / "copy.json"))
+    assert (again.classes, again.splits) == (datalist.classes, datalist.splits)
+    datalist.splits["test"][0]["label"] = 1
+    again = read_datalist(datalist.save_csv(tmp_path / "copy.csv"), classes=datalist.classes)
+    assert (again.classes, again.splits) == (datalist.classes, datalist.splits)
+    # multi-hot list labels make a multi-label datalist
+    multi = {"training": [{"image": f"imgs/case{k}.nii.gz", "label": [k % 2, 1, 0]} for k in range(8)]}
+    (tmp_path / "multi.json").write_text(json.dumps(multi))
+    datalist = read_datalist(tmp_path / "multi.json")
+    assert datalist.multi_label and datalist.classes == ["0", "1", "2"]
+
+
+# ---------------------------------------------------------------------------------------------- check
+def test_check_reports_every_problem_with_paths(tmp_path, capsys):
+    for k in range(4):
+        write_png(tmp_path / f"good{k}.png")
+    write_png(tmp_path / "colour.png", channels=3)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG but not really")
+    write_series(tmp_path / "series")
+    (tmp_path / "series" / "slice1.dcm").write_bytes(b"garbage")
+    rows = [[f"good{k}.png", "a", "train", f"g{k}"] for k in range(4)] + [
+        ["colour.png", "b", "train", "g5"],
+        ["corrupt.png", "a", "train", "g6"],
+        ["missing.png", "b", "train", "g7"],
+        ["series", "b", "val", "g8"],
+        ["good0.png", "", "test", "g9"],  # missing label; good0.png in two splits
+        ["good1.png", "zebra", "test", "g1"],  # unknown class; good1.png and its group g1 in two splits
+        ["good2.png", "7", "nonsense", "g10"],
+    ]
+    source = write_csv(tmp_path / "bad.csv", ["image", "label", "split", "group"], rows)
+    with pytest.raises(DataCheckError) as caught:
+        check_datalist(source, classes=["a", "b"])
+    problems = caught.value.problems
+    expected = [
+        ("colour.png", "3 channel(s) where the other images have 1"),
+        ("corrupt.png", "unreadable"),
+        ("missing.png", "file not found"),
+        ("series", "unreadable slices: slice1.dcm"),
+        ("line 10", "missing label"),
+        ("line 11", "label 'zebra' is not one of the classes ['a', 'b']"),
+        ("line 12", "unknown split 'nonsense'"),
+        ("line 12", "label '7' is not one of the classes ['a', 'b'] (nor an index below 2)"),
+        ("good0.png: listed in several splits", "['test', 'training']"),
+        ("good1.png: listed in several splits", "['test', 'training']"),
+        ("group 'g1'", "['test', 'training']"),
+    ]
+    for where, message in expected:
+        assert any(where in p and message in p for p in problems), (where, problems)
+    assert len(problems) == len(expected), "\n".join(problems)
+    assert all(str(tmp_path) in p for p in problems if not p.startswith("group")), problems
+    with pytest.raises(SystemExit, match="11 problem"):
+        main(["check-data", str(source), "--classes", "a", "b"])
+    # a clean dataset: a summary, also from the CLI
+    clean = write_csv(tmp_path / "clean.csv", ["image", "label"], [[f"good{k}.png", "ab"[k % 2]] for k in range(4)])
+    summary = check_datalist(clean, test_fraction=0.0, val_fraction=0.25)
+    assert summary.counts == {"training": 2, "validation": 2} and summary.channels == 1  # 1 of 2 per class
+    assert summary.class_counts["training"] == [1, 1] and summary.formats == {"pil": 4}
+    assert main(["check-data", str(clean)]) == 0 and "2 classes, 1 channel(s)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+def test_transforms_give_network_input_2d(tmp_path):
+    grey, rgb = write_png(tmp_path / "grey.png"), write_png(tmp_path / "rgb.png", channels=3)
+    write_dicom(tmp_path / "single.dcm")
+    write_nifti(tmp_path / "slice.nii.gz", (40, 10))
+    items = [{"image": str(tmp_path / name), "label": k} for k, name in
+             enumerate(["grey.png", "rgb.png", "single.dcm", "slice.nii.gz"])]
+    for augment in (False, True):
+        chain = Compose(classification_transforms(img_size=16, spatial_dims=2, in_channels=3, augment=augment))
+        for item in items:
+            out = chain(item)
+            assert out["image"].shape == (3, 16, 16) and out["image"].dtype == torch.float32, item
+            assert 0 <= out["image"].min() and out["image"].max() <= 1
+            assert out["label"].dtype == torch.long and out["label"].item() == item["label"]
+    # at the native size nothing is resampled: grey is repeated, colour averaged, both min-max scaled (PIL rows
+    # are the second axis in MONAI's reading)
+    def scaled(array):
+        return (array - array.min()) / (array.max() - array.min())
+
+    native = classification_transforms(img_size=(30, 20), spatial_dims=2, in_channels=3)
+    assert torch.allclose(Compose(native)(items[0])["image"], torch.from_numpy(scaled(grey.T.astype(np.float64))).float()
+                          .expand(3, 30, 20), atol=1e-5)
+    native = classification_transforms(img_size=(30, 20), spatial_dims=2, in_channels=1)
+    expected = scaled(rgb.astype(np.float64).mean(-1).T)[None]
+    assert torch.allclose(Compose(native)(items[1])["image"], torch.from_numpy(expected).float(), atol=1e-5)
+    mixed_formats = Compose(classification_transforms(16, 2, 1, track_meta=False))  # metadata differs per reader
+    batch = next(iter(DataLoader(Dataset(items, mixed_formats), batch_size=4)))
+    assert batch["image"].shape == (4, 1, 16, 16) and batch["label"].tolist() == [0, 1, 2, 3]
+
+
+def test_transforms_give_network_input_3d_and_multilabel(tmp_path):
+    write_nifti(tmp_path / "volume.nii.gz", (6, 7, 8))
+    write_series(tmp_path / "series", slices=5)
+    for augment in (False, True):
+        chain = Compose(classification_transforms(img_size=8, spatial_dims=3, in_channels=1, augment=augment,
+                                                  multi_label=True))
+        for name in ("volume.nii.gz", "series"):
+            out = chain({"image": str(tmp_path / name), "label": [1.0, 0.0, 1.0]})
+            assert out["image"].shape == (1, 8, 8, 8)
+            assert out["label"].dtype == torch.float32 and out["label"].tolist() == [1.0, 0.0, 1.0]
+    unlabelled = Compose(classification_transforms(img_size=8, spatial_dims=3))({"image": str(tmp_path / "series")})
+    assert "label" not in unlabelled and unlabelled["image"].shape == (1, 8, 8, 8)
+    with pytest.raises(RuntimeError) as caught:  # MONAI wraps the error of a transform in a RuntimeError
+        Compose(classification_transforms(img_size=8, spatial_dims=2))({"image": str(tmp_path / "series")})
+    assert re.search(r"series: .* 3 spatial dims but the network is 2D", str(caught.value.__cause__))
+
+
+# ---------------------------------------------------------------------------------------------- demo set
+def test_demo_data_is_deterministic_leak_free_and_correctly_labelled(tmp_path):
+    size = {"train_per_class": 8, "eval_per_class": 4, "unlabeled": 8}
+    datalist = build_demo_data(tmp_path / "a", patch_size=24, **size)
+    main(["demo-data", "--out", str(tmp_path / "b"), "--patch-size", "24", "--train-per-class", "8",
+          "--eval-per-class", "4", "--unlabeled", "8"])
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert len(files) == 3 * (8 + 4 + 4) + 8 + 2  # images + datalist.json + datalist.csv
+
+    summary = check_datalist(tmp_path / "a" / "datalist.json")
+    assert summary.counts == {"training": 24, "validation": 12, "test": 12, "unlabeled": 8}
+    assert summary.class_counts == {"training": [8, 8, 8], "validation": [4, 4, 4], "test": [4, 4, 4]}
+
+    # leakage: slices of different splits are >= 5 slices apart, and the slab of every slice gives its split
+    t1, _ = mni152_volumes()
+    z_of = {split: [int(re.search(r"_z(\d+)", i["image"]).group(1)) for i in datalist[split]]
+            for split in datalist.splits}
+    for split, zs in z_of.items():
+        assert all(SLAB_SPLITS[(z // 10) % 5] == ("training" if split == "unlabeled" else split) for z in zs)
+        assert all(f"slab{z // 10:02d}" == i["group"] for z, i in zip(zs, datalist[split]))
+    for a, b in (("training", "validation"), ("training", "test"), ("validation", "test")):
+        assert min(abs(za - zb) for za in z_of[a] for zb in z_of[b]) >= 5
+
+    # labels against an independent reading of the GM/WM maps: mean over the central 3 x 3 pixels, literally
+    folder = Path(__import__("nilearn").__file__).parent / "datasets" / "data"
+    maps = [np.asarray(nib.load(folder / f"mni_icbm152_{t}_tal_nlin_sym_09a_converted.nii.gz").dataobj, np.float64)
+            / 255 for t in ("gm", "wm")]
+    load = LoadImage(image_only=True)
+    for split in ("training", "validation", "test"):
+        for item in datalist[split]:
+            x, y, z = (int(v) for v in re.search(r"x(\d+)_y(\d+)_z(\d+)", item["image"]).groups())
+            grey = sum(maps[0][x + i, y + j, z] for i in (-1, 0, 1) for j in (-1, 0, 1)) / 9
+            white = sum(maps[1][x + i, y + j, z] for i in (-1, 0, 1) for j in (-1, 0, 1)) / 9
+            csf = sum(max(0.0, 1 - maps[0][x + i, y + j, z] - maps[1][x + i, y + j, z]) * (t1[x + i, y + j, z] > 0)
+                      for i in (-1, 0, 1) for j in (-1, 0, 1)) / 9
+            tissue = [csf, grey, white]
+            assert int(np.argmax(tissue)) == item["label"] and max(tissue) >= 0.6 - 1e-6, (item, tissue)
+    # without noise a PNG is a monotone (gamma, contrast) function of the T1 patch centred on (x, y)
+    exact = build_demo_data(tmp_path / "exact", patch_size=24, train_per_class=2, eval_per_class=1, unlabeled=2,
+                            noise=0.0)
+    for _, item in exact.all_items():
+        x, y, z = (int(v) for v in re.search(r"x(\d+)_y(\d+)_z(\d+)", item["image"]).groups())
+        patch = t1[x - 12 : x + 12, y - 12 : y + 12, z].ravel()
+        png = np.asarray(load(item["image"])).ravel()[np.argsort(patch, kind="stable")]
+        assert png.shape == patch.shape and np.all(np.diff(png) >= 0) and png[-1] > png[0], item
