@@ -1,0 +1,403 @@
+"""The bundle configs (``train``, ``evaluate``, ``inference``, ``multi_gpu_train``) as Python dicts.
+
+One template for every method: a :class:`~monai_prompt.bundle_gen.specs.BundleSpec` fills in the method, its
+config and its optimisation recipe. Ids follow the model-zoo layout (``train#...``/``validate#...``) so MONAI's
+property checks, ``--tracking mlflow`` and MONAI Label find what they expect. Repeated pieces (``network_def``,
+the data settings, metric definitions) are written into each file on purpose: ``%file#id`` macros resolve
+against the working directory, not the bundle, so every file has to stand on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from monai_prompt.bundle_gen.specs import BundleSpec
+
+__all__ = ["evaluate_config", "inference_config", "multi_gpu_config", "train_config"]
+
+_IMPORTS = [
+    "$import glob",
+    "$import os",
+    "$import torch",
+    "$import monai_prompt",
+    "$import monai_prompt.data",
+    "$import monai_prompt.engine",
+    "$import monai_prompt.nets",
+]
+_BATCH_SIZE = 16
+_NUM_WORKERS = 4
+_FROM_PRED_LABEL = "$monai.handlers.from_engine(['pred', 'label'])"
+
+
+def _common(spec: BundleSpec) -> dict[str, Any]:
+    """Paths, device, task and network settings every file starts with."""
+    return {
+        "imports": list(_IMPORTS),
+        "bundle_root": f"$monai_prompt.engine.bundle_root('{spec.name}')",
+        "ckpt_dir": "$@bundle_root + '/models'",
+        "output_dir": "$@bundle_root + '/eval'",
+        "dataset_dir": "$@bundle_root + '/../../demo_data'",
+        "datalist_file": "$@dataset_dir + '/datalist.json'",
+        "datalist": "$monai_prompt.data.read_datalist(@datalist_file)",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "amp": "$torch.cuda.is_available()",
+        "seed": 0,
+        "num_classes": 3,
+        "multi_label": False,
+        "in_channels": 3,
+        "spatial_dims": 2,
+        "img_size": 224,
+        "backbone": "vit_base",
+        "backbone_overrides": {},
+        "pretrained": None,
+        "layer_norm_eps": 1e-6,
+        "method": spec.method,
+        "method_config": dict(spec.method_config),
+        "network_def": {
+            "_target_": "monai_prompt.nets.PromptClassifier",
+            "num_classes": "@num_classes",
+            "method": "@method",
+            "method_config": "@method_config",
+            "backbone": "@backbone",
+            "in_channels": "@in_channels",
+            "img_size": "@img_size",
+            "spatial_dims": "@spatial_dims",
+            "pretrained": "@pretrained",
+            "layer_norm_eps": "@layer_norm_eps",
+            "backbone_overrides": "@backbone_overrides",
+        },
+        "network": "$@network_def.to(@device)",
+        "batch_size": _BATCH_SIZE,
+        "num_workers": _NUM_WORKERS,
+        "experiment_name": "monai_prompt_classification",
+    }
+
+
+def _transforms(augment: bool) -> dict[str, Any]:
+    call = "@img_size, @spatial_dims, @in_channels, augment={}, multi_label=@multi_label".format(augment)
+    return {"_target_": "Compose", "transforms": f"$monai_prompt.data.classification_transforms({call})"}
+
+
+def _loader(dataset: str, shuffle: bool) -> dict[str, Any]:
+    return {
+        "_target_": "DataLoader",
+        "dataset": dataset,
+        "batch_size": "@batch_size",
+        "shuffle": shuffle,
+        "num_workers": "@num_workers",
+    }
+
+
+def _delta(network: str = "@network", source: str | None = None) -> dict[str, Any]:
+    """``load_dict``/``save_dict`` of a delta checkpoint: the ``peft`` identity first, then the weights."""
+    extra = {} if source is None else {"source": source}
+    return {
+        "peft": {"_target_": "monai_prompt.engine.PeftMeta", "network": network, **extra},
+        "model": {"_target_": "monai_prompt.engine.TrainableState", "network": network, **extra},
+    }
+
+
+def _metrics(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Key metric (accuracy) and additional metrics (macro AUC, macro F1, quadratic-weighted kappa)."""
+    decisions = "@metric_decisions"
+    key = {f"{prefix}accuracy": {"_target_": "ignite.metrics.Accuracy", "is_multilabel": "@multi_label",
+                                 "output_transform": decisions}}
+    additional = {
+        f"{prefix}auc": {"_target_": "ROCAUC", "average": "macro", "output_transform": _FROM_PRED_LABEL},
+        f"{prefix}f1": {"_target_": "monai_prompt.engine.macro_f1", "multi_label": "@multi_label",
+                        "output_transform": decisions},
+        f"{prefix}kappa": {"_target_": "monai_prompt.engine.QuadraticWeightedKappa", "_disabled_": "@multi_label",
+                           "num_classes": "@num_classes", "output_transform": decisions},
+    }
+    return key, additional
+
+
+_POSTPROCESSING = {
+    "_target_": "Compose",
+    "transforms": [
+        {"_target_": "Activationsd", "keys": "pred", "softmax": "$not @multi_label", "sigmoid": "@multi_label"},
+        {"_target_": "AsDiscreted", "keys": "label", "to_onehot": "$None if @multi_label else @num_classes"},
+    ],
+}
+_EVALUATOR = {
+    "_target_": "SupervisedEvaluator",
+    "device": "@device",
+    "network": "@network",
+    "amp": "@amp",
+}
+
+
+#: the trainer-state checkpoint handlers reference the trainer, so they are attached to it here rather than listed
+#: in ``train#handlers`` (which the trainer references: a cycle); they run after the listed handlers.
+_TRAIN_RUN = (
+    "$@train#checkpoint_loader.attach(@train#trainer) if @resume else None",
+    "$@train#checkpoint_saver.attach(@train#trainer)",
+    "$@train#trainer.run()",
+)
+
+
+def _initialize(*extra: str) -> list[str]:
+    return [
+        "$monai.utils.set_determinism(seed=@seed)",
+        "$monai_prompt.engine.check_task(@datalist, @num_classes, @multi_label)",
+        *extra,
+    ]
+
+
+def train_config(spec: BundleSpec) -> dict[str, Any]:
+    """``configs/train.json``: training with validation, best delta to ``models/model.pt``, resumable."""
+    key_metric, additional_metrics = _metrics("val_")
+    optimizer = {
+        "_target_": f"torch.optim.{spec.optimizer}",
+        "params": "$[p for p in @network.parameters() if p.requires_grad]",
+        "lr": "@learning_rate",
+        "weight_decay": "@weight_decay",
+        **spec.optimizer_args,
+    }
+    return {
+        **_common(spec),
+        "learning_rate": spec.learning_rate,
+        "weight_decay": spec.weight_decay,
+        "val_interval": 1,
+        "resume": False,
+        "resume_file": "$monai_prompt.engine.latest_checkpoint(@ckpt_dir) if @resume else None",
+        "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_train')",
+        "is_not_rank0": "$torch.distributed.is_available() and torch.distributed.is_initialized() "
+        "and torch.distributed.get_rank() > 0",
+        "delta": _delta(),
+        "loss": "$torch.nn.BCEWithLogitsLoss() if @multi_label else torch.nn.CrossEntropyLoss()",
+        "optimizer": optimizer,
+        "lr_scheduler": {
+            "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
+            "optimizer": "@optimizer",
+            "T_max": "@train#trainer#max_epochs",
+        },
+        "metric_decisions": "$monai_prompt.engine.class_decisions(@multi_label)",
+        "train": {
+            "checkpoint": {
+                "trainer": "@train#trainer",
+                "optimizer": "@optimizer",
+                "lr_scheduler": "@lr_scheduler",
+                **_delta(),
+            },
+            "checkpoint_loader": {
+                "_target_": "CheckpointLoader",
+                "_disabled_": "$not @resume",
+                "load_path": "@resume_file",
+                "load_dict": "@train#checkpoint",
+                "map_location": "@device",
+            },
+            "checkpoint_saver": {
+                "_target_": "monai_prompt.engine.AtomicCheckpointSaver",
+                "save_dir": "@ckpt_dir",
+                "save_dict": "@train#checkpoint",
+                "save_interval": 1,
+                "n_saved": 1,
+            },
+            "preprocessing": _transforms(augment=True),
+            "dataset": {"_target_": "Dataset", "data": "$@datalist['training']", "transform": "@train#preprocessing"},
+            "dataloader": _loader("@train#dataset", shuffle=True),
+            "inferer": {"_target_": "SimpleInferer"},
+            "handlers": [
+                {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
+                {
+                    "_target_": "ValidationHandler",
+                    "validator": "@validate#evaluator",
+                    "epoch_level": True,
+                    "interval": "@val_interval",
+                },
+                {"_target_": "monai_prompt.engine.TrainableReportHandler", "_disabled_": "@is_not_rank0",
+                 "network": "@network"},
+                {"_target_": "monai_prompt.engine.PeakMemoryHandler", "device": "@device"},
+                {
+                    "_target_": "StatsHandler",
+                    "_disabled_": "@is_not_rank0",
+                    "tag_name": "train_loss",
+                    "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
+                },
+                {
+                    "_target_": "monai_prompt.engine.MLflowPeftLogger",
+                    "network": "@network",
+                    "artifacts": ["$@ckpt_dir + '/model.pt'"],
+                    "extra_params": {"pretrained": "@pretrained", "backbone": "@backbone", "img_size": "@img_size"},
+                },
+            ],
+            "trainer": {
+                "_target_": "SupervisedTrainer",
+                "max_epochs": spec.epochs,
+                "device": "@device",
+                "train_data_loader": "@train#dataloader",
+                "network": "@network",
+                "loss_function": "@loss",
+                "optimizer": "@optimizer",
+                "inferer": "@train#inferer",
+                "train_handlers": "@train#handlers",
+                "amp": "@amp",
+            },
+        },
+        "validate": {
+            "preprocessing": _transforms(augment=False),
+            "dataset": {
+                "_target_": "Dataset",
+                "data": "$@datalist['validation']",
+                "transform": "@validate#preprocessing",
+            },
+            "dataloader": _loader("@validate#dataset", shuffle=False),
+            "inferer": {"_target_": "SimpleInferer"},
+            "postprocessing": _POSTPROCESSING,
+            "key_metric": key_metric,
+            "additional_metrics": additional_metrics,
+            "handlers": [
+                {"_target_": "StatsHandler", "_disabled_": "@is_not_rank0", "iteration_log": False},
+                {
+                    "_target_": "monai_prompt.engine.AtomicCheckpointSaver",
+                    "save_dir": "@ckpt_dir",
+                    "save_dict": "@delta",
+                    "save_key_metric": True,
+                    "key_metric_filename": "model.pt",
+                },
+            ],
+            "evaluator": {
+                **_EVALUATOR,
+                "val_data_loader": "@validate#dataloader",
+                "inferer": "@validate#inferer",
+                "postprocessing": "@validate#postprocessing",
+                "key_val_metric": "@validate#key_metric",
+                "additional_metrics": "@validate#additional_metrics",
+                "val_handlers": "@validate#handlers",
+            },
+        },
+        "initialize": _initialize(),
+        "run": list(_TRAIN_RUN),
+    }
+
+
+def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
+    """``configs/evaluate.json`` (merged on ``train.json``): metrics of ``models/model.pt`` on the test split."""
+    key_metric, additional_metrics = _metrics("")
+    return {
+        "evaluate_split": "test",
+        "load_path": "$@ckpt_dir + '/model.pt'",
+        "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_evaluate')",
+        "dataset": {"_target_": "Dataset", "data": "$@datalist[@evaluate_split]", "transform": "@validate#preprocessing"},
+        "dataloader": _loader("@dataset", shuffle=False),
+        "inferer": "@validate#inferer",
+        "key_metric": key_metric,
+        "additional_metrics": additional_metrics,
+        "handlers": [
+            {
+                "_target_": "CheckpointLoader",
+                "load_path": "@load_path",
+                "load_dict": _delta(source="@load_path"),
+                "map_location": "@device",
+            },
+            {"_target_": "StatsHandler", "iteration_log": False},
+            {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": "*", "metric_details": None},
+            {
+                "_target_": "monai_prompt.engine.MLflowPeftLogger",
+                "network": "@network",
+                "artifacts": ["$@output_dir + '/metrics.csv'", "@load_path"],
+                "extra_params": {"pretrained": "@pretrained", "checkpoint": "@load_path"},
+            },
+        ],
+        "evaluator": {
+            **_EVALUATOR,
+            "val_data_loader": "@dataloader",
+            "inferer": "@inferer",
+            "postprocessing": "@validate#postprocessing",
+            "key_val_metric": "@key_metric",
+            "additional_metrics": "@additional_metrics",
+            "val_handlers": "@handlers",
+        },
+        "initialize": _initialize(),
+        "run": ["$@evaluator.run()"],
+    }
+
+
+def inference_config(spec: BundleSpec) -> dict[str, Any]:
+    """``configs/inference.json`` (standalone): class probabilities per image to ``eval/predictions.csv``."""
+    return {
+        **_common(spec),
+        "infer_split": "test",
+        "infer_images": "$[item['image'] for item in @datalist[@infer_split]]",
+        "load_path": "$@ckpt_dir + '/model.pt'",
+        "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_infer')",
+        "preprocessing": _transforms(augment=False),
+        "dataset": {
+            "_target_": "Dataset",
+            "data": "$[{'image': image} for image in @infer_images]",
+            "transform": "@preprocessing",
+        },
+        "dataloader": _loader("@dataset", shuffle=False),
+        "inferer": {"_target_": "SimpleInferer"},
+        "postprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "Activationsd", "keys": "pred", "softmax": "$not @multi_label",
+                 "sigmoid": "@multi_label"},
+            ],
+        },
+        "handlers": [
+            {
+                "_target_": "CheckpointLoader",
+                "load_path": "@load_path",
+                "load_dict": _delta(source="@load_path"),
+                "map_location": "@device",
+            },
+            {"_target_": "StatsHandler", "iteration_log": False},
+            {
+                "_target_": "ClassificationSaver",
+                "output_dir": "@output_dir",
+                "filename": "predictions.csv",
+                "batch_transform": "$lambda batch: [item['image'].meta for item in batch]",
+                "output_transform": "$monai.handlers.from_engine(['pred'])",
+            },
+        ],
+        "evaluator": {
+            **_EVALUATOR,
+            "val_data_loader": "@dataloader",
+            "inferer": "@inferer",
+            "postprocessing": "@postprocessing",
+            "val_handlers": "@handlers",
+        },
+        "initialize": ["$monai.utils.set_determinism(seed=@seed)"],
+        "run": ["$@evaluator.run()"],
+    }
+
+
+def multi_gpu_config(spec: BundleSpec) -> dict[str, Any]:
+    """``configs/multi_gpu_train.json`` (merged on ``train.json``, run with ``torchrun``): DDP, nccl on GPUs and
+    gloo on CPUs. ``static_graph`` lets DDP skip the frozen backbone and tolerate parameters without gradients."""
+    return {
+        "device": "$torch.device('cuda:' + os.environ['LOCAL_RANK'] if torch.cuda.is_available() else 'cpu')",
+        "network": {
+            "_target_": "torch.nn.parallel.DistributedDataParallel",
+            "module": "$@network_def.to(@device)",
+            "device_ids": "$[@device] if torch.cuda.is_available() else None",
+            "static_graph": True,
+        },
+        "train#sampler": {
+            "_target_": "DistributedSampler",
+            "dataset": "@train#dataset",
+            "even_divisible": True,
+            "shuffle": True,
+        },
+        "train#dataloader#sampler": "@train#sampler",
+        "train#dataloader#shuffle": False,
+        "validate#sampler": {
+            "_target_": "DistributedSampler",
+            "dataset": "@validate#dataset",
+            "even_divisible": False,
+            "shuffle": False,
+        },
+        "validate#dataloader#sampler": "@validate#sampler",
+        "initialize": [
+            "$import torch.distributed as dist",
+            "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() "
+            "else 'gloo')",
+            "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+            *_initialize(),
+        ],
+        "run": list(_TRAIN_RUN),
+        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
+    }

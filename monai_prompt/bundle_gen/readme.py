@@ -1,0 +1,201 @@
+"""``docs/README.md`` of a classification bundle, in the model-zoo layout (overview, data, training,
+performance, commands, references, license)."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+
+from monai_prompt.bundle_gen.metadata import PINNED_VERSIONS
+from monai_prompt.bundle_gen.specs import BundleSpec
+
+__all__ = ["load_measurements", "readme"]
+
+
+def load_measurements() -> dict:
+    """Measured numbers per bundle (``measurements.json``, written by ``python -m monai_prompt.bundle_gen.measure``)."""
+    return json.loads(files("monai_prompt.bundle_gen").joinpath("measurements.json").read_text())
+
+
+def _method_config(spec: BundleSpec) -> str:
+    if not spec.method_config:
+        return "none (the method has no hyper-parameters)"
+    return ", ".join(f"`{key}={json.dumps(value)}`" for key, value in spec.method_config.items())
+
+
+def _performance(spec: BundleSpec, measured: dict) -> str:
+    entry = measured.get("bundles", {}).get(spec.name)
+    if not entry:
+        return "Not measured yet for this bundle.\n"
+    params = entry["parameters"]
+    lines = [
+        f"Measured on {measured['hardware']} with monai-prompt's `python -m monai_prompt.bundle_gen.measure` "
+        f"({measured['date']}).",
+        "",
+        "**Trainable parameters and delta size** at the default network (ViT-B/16, 224 x 224, 3 classes; the head "
+        "counts as trainable):",
+        "",
+        "| trainable | % of the ViT-B/16 backbone | `models/model.pt` (delta) |",
+        "|---|---|---|",
+        f"| {params['trainable']:,} | {params['percent_of_backbone']:.3f}% | {params['delta_bytes'] / 2**20:.2f} MiB |",
+        "",
+    ]
+    run = entry.get("demo_run")
+    if run:
+        lines += [
+            f"**Demo run** ({run['setup']}). {measured['demo_note']}",
+            "",
+            "| epochs | s / epoch | peak RSS (MiB) | test accuracy | test macro AUC | test macro F1 | test kappa |",
+            "|---|---|---|---|---|---|---|",
+            f"| {run['epochs']} | {run['seconds_per_epoch']:.1f} | {run['peak_rss_mb']:.0f} | {run['accuracy']:.3f} "
+            f"| {run['auc']:.3f} | {run['f1']:.3f} | {run['kappa']:.3f} |",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+_COMMANDS = """\
+All commands run from the repository root (outputs go to `bundles/{name}/models` and `eval`) or from inside
+the bundle folder (drop `bundles/{name}/` from the paths). Build the demo data first with
+`monai-prompt demo-data` (it writes `demo_data/`, the default `dataset_dir`) or pass `--dataset_dir`.
+
+Train (validation every epoch, best delta to `models/model.pt`, resumable checkpoints
+`models/checkpoint_epoch=<N>.pt`):
+
+```bash
+python -m monai.bundle run --config_file bundles/{name}/configs/train.json \\
+    --pretrained /path/to/vit_base_patch16_224.safetensors
+```
+
+Resume an interrupted run from the newest `checkpoint_epoch=<N>.pt` (raise `--train#trainer#max_epochs` to
+train longer):
+
+```bash
+python -m monai.bundle run --config_file bundles/{name}/configs/train.json --pretrained ... --resume True
+```
+
+Track with MLflow (local SQLite store `eval/mlruns.db`, or `--tracking_uri http://host:port`):
+
+```bash
+python -m monai.bundle run --config_file bundles/{name}/configs/train.json --pretrained ... --tracking mlflow
+```
+
+Multi-GPU (DDP; nccl on GPUs, gloo on CPUs):
+
+```bash
+torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run \\
+    --config_file "['bundles/{name}/configs/train.json','bundles/{name}/configs/multi_gpu_train.json']" \\
+    --pretrained ...
+```
+
+Evaluate `models/model.pt` on the test split (metrics to `eval/metrics.csv`):
+
+```bash
+python -m monai.bundle run \\
+    --config_file "['bundles/{name}/configs/train.json','bundles/{name}/configs/evaluate.json']" --pretrained ...
+```
+
+Infer (class probabilities per image to `eval/predictions.csv`; `--infer_images "$['a.png','b.png']"` for
+other images):
+
+```bash
+python -m monai.bundle run --config_file bundles/{name}/configs/inference.json --pretrained ...
+```
+
+Check and export (TorchScript of the network with the delta loaded on the pre-trained backbone):
+
+```bash
+python -m monai.bundle verify_metadata --meta_file bundles/{name}/configs/metadata.json --filepath schema.json
+python -m monai.bundle verify_net_in_out network_def --meta_file bundles/{name}/configs/metadata.json \\
+    --config_file bundles/{name}/configs/inference.json --pretrained ...
+python -m monai.bundle ckpt_export network_def --filepath bundles/{name}/models/model.ts \\
+    --ckpt_file bundles/{name}/models/model.pt --meta_file bundles/{name}/configs/metadata.json \\
+    --config_file bundles/{name}/configs/inference.json --key_in_ckpt model --pretrained ...
+```
+
+`monai-prompt export bundles/{name} --pretrained ...` writes one self-contained file instead: the full state
+dict (with LoRA/SSF merged into the weights where the method allows it) and its TorchScript.
+"""
+
+
+def readme(spec: BundleSpec, measured: dict | None = None) -> str:
+    """The README text of ``spec``'s bundle."""
+    measured = load_measurements() if measured is None else measured
+    recipe = f"{spec.optimizer}, learning rate {spec.learning_rate:g}, weight decay {spec.weight_decay:g}"
+    if spec.optimizer_args:
+        recipe += ", " + ", ".join(f"{key} {value}" for key, value in spec.optimizer_args.items())
+    references = "\n".join(f"- {ref.citation}. {ref.url}" for ref in spec.references)
+    return f"""\
+# {spec.title} classification (MONAI ViT)
+
+## Model overview
+
+{spec.title}: {spec.summary}. The backbone is MONAI's `ViT` (`monai_prompt.backbones.PromptableViT`, same
+state-dict keys), pre-trained weights are loaded by the network itself from `pretrained` (timm, HuggingFace
+or MONAI layouts; see the repository's `docs/pretrained-weights.md`), the method is applied on top and a linear
+head reads the CLS feature. `network_def` is `monai_prompt.nets.PromptClassifier` with `method="{spec.method}"`
+and method config {_method_config(spec)}.
+
+`models/model.pt` holds only what training changed (the delta: method parameters and the head), laid out as
+an ignite checkpoint `{{"model": ..., "peft": ...}}`; `peft` records the method, its config and a fingerprint
+of the frozen backbone, so loading a delta of another method, config or backbone fails with a message that
+says what differs. No trained weights ship with the bundle: training produces them for your data and backbone.
+
+This bundle is generated by `monai_prompt.bundle_gen` (`monai-prompt render-bundles`); edit the generator,
+not the files.
+
+## Data
+
+The default `dataset_dir` is `demo_data/` at the repository root, built by `monai-prompt demo-data`:
+32 x 32 axial patches of the MNI ICBM152 2009a T1 template (shipped inside the nilearn wheel), labelled by
+the tissue at their centre (`csf`, `gray_matter`, `white_matter`), split by axial slab so no two splits share
+a voxel. `datalist_file` may be any datalist `monai_prompt.data.read_datalist` reads: a MONAI decathlon JSON,
+a CSV (one label column, or several 0/1 columns for multi-label) or a class-per-folder tree. Images are read
+with MONAI `LoadImaged` (PNG/JPEG, DICOM, NIfTI), matched to `in_channels` (grey repeated to RGB), scaled to
+[0, 1] and resized to `img_size`; training adds a flip, a small affine and contrast jitter.
+`initialize` checks that the datalist's classes match `num_classes` and `multi_label`.
+
+For other data set `num_classes` (and `channel_def` in `metadata.json`); `--multi_label True` switches to
+sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.
+
+## Training configuration
+
+- Network: `{spec.method}` on `backbone="vit_base"` (ViT-B/16), `img_size=224`, `in_channels=3`,
+  `layer_norm_eps=1e-6` (timm checkpoints; 1e-12 for HuggingFace ones).
+- Optimiser: {recipe}, cosine annealing to 0 over {spec.epochs} epochs, batch size 16; source:
+  {spec.recipe_source}.
+- Loss: cross-entropy (`BCEWithLogitsLoss` with `multi_label`).
+- Device: CUDA with AMP when available, else CPU, chosen at run time (`device`, `amp`).
+- Validation every `val_interval` epochs: accuracy (key metric, selects `models/model.pt`), macro ROC AUC,
+  macro F1 and quadratic-weighted kappa (not for multi-label).
+- At start the trainable-parameter report is printed; each epoch logs peak memory (CUDA max allocated on GPU,
+  peak RSS on CPU).
+- Overrides: any id, e.g. `--dataset_dir`, `--pretrained`, `--img_size`, `--batch_size`, `--num_workers`,
+  `--learning_rate`, `--train#trainer#max_epochs`, `--method_config "{{...}}"`, `--backbone vit_small`.
+
+## Input and output
+
+- Input: `image`, 3 x 224 x 224 float32 in [0, 1].
+- Output: `pred`, logits `[B, num_classes]`; after postprocessing, class probabilities. Inference writes
+  `eval/predictions.csv`: one row per image, `<image path>,<p_class0>,<p_class1>,...` (no header; MONAI's
+  `ClassificationSaver` format). Evaluation writes `eval/metrics.csv` (`accuracy`, `auc`, `f1`, `kappa`).
+
+## Performance
+
+{_performance(spec, measured)}
+## MONAI bundle commands
+
+{_COMMANDS.format(name=spec.name)}
+Tested with MONAI {PINNED_VERSIONS['monai_version']}, PyTorch {PINNED_VERSIONS['pytorch_version']}. See
+`docs/bundles.md` of the repository for MONAI Label notes and limits.
+
+## References
+
+{references}
+
+## License
+
+Code and configs: Apache License 2.0 (`LICENSE`). The demo data comes from the MNI ICBM152 2009a template
+(MNI copyright notice: free use with the notice kept) as shipped in nilearn (BSD-3-Clause). Pre-trained
+weights keep their own licences.
+"""

@@ -1,0 +1,45 @@
+"""Small helpers bundle configs call: where the bundle is, and whether the data fits the configured task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["bundle_root", "check_task"]
+
+
+def bundle_root(name: str) -> str:
+    """The bundle's folder, so outputs land in it whether a workflow is run from inside it or from the repository.
+
+    The current directory when it holds ``configs/metadata.json`` (run inside the bundle), else
+    ``bundles/<name>`` under the current directory when it exists (run from the repository root), else the
+    current directory. ``--bundle_root`` overrides it.
+
+    Args:
+        name: the bundle's folder name.
+    """
+    if Path("configs", "metadata.json").is_file():
+        return "."
+    in_repo = Path("bundles", name)
+    return str(in_repo) if (in_repo / "configs").is_dir() else "."
+
+
+def check_task(datalist, num_classes: int, multi_label: bool) -> None:
+    """Raise a ``ValueError`` naming the fix when the datalist's classes or label kind differ from the config.
+
+    Args:
+        datalist: a :class:`~monai_prompt.data.ClassificationDatalist` (``classes``, ``multi_label``).
+        num_classes: the bundle's ``num_classes``.
+        multi_label: the bundle's ``multi_label``.
+    """
+    found = len(datalist.classes)
+    if found != num_classes:
+        raise ValueError(
+            f"the datalist has {found} classes {list(datalist.classes)} but the bundle is configured for "
+            f"num_classes={num_classes}; run with --num_classes {found} (and update channel_def in metadata.json)."
+        )
+    if bool(datalist.multi_label) != bool(multi_label):
+        kind = "multi-label (multi-hot)" if datalist.multi_label else "single-label (class index)"
+        raise ValueError(
+            f"the datalist's labels are {kind} but the bundle has multi_label={multi_label}; "
+            f"run with --multi_label {bool(datalist.multi_label)}."
+        )
