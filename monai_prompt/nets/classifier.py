@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from monai_prompt.backbones.pretrained import load_pretrained
 from monai_prompt.backbones.vit import PromptableViT, build_vit
+from monai_prompt.peft.delta import allow_delta_load
 from monai_prompt.peft.registry import apply_method
 
 __all__ = ["PromptClassifier"]
@@ -80,6 +81,7 @@ class PromptClassifier(nn.Module):
         nn.init.zeros_(self.head.bias)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         self.autocast_dtype = autocast_dtype
+        allow_delta_load(self)
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits without autocast handling."""

@@ -24,6 +24,7 @@ from monai_prompt.backbones.pretrained import BACKBONE_KEY, find_vit
 
 __all__ = [
     "DeltaMismatchError",
+    "allow_delta_load",
     "backbone_fingerprint",
     "check_delta_meta",
     "delta_meta",
@@ -121,6 +122,21 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)
+
+
+def _drop_frozen_missing(module: nn.Module, incompatible_keys) -> None:
+    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+    incompatible_keys.missing_keys[:] = [
+        key for key in incompatible_keys.missing_keys if not any(key == f or key.endswith("." + f) for f in frozen)
+    ]
+
+
+def allow_delta_load(module: nn.Module) -> None:
+    """Let ``module.load_state_dict(delta["model"])`` pass ``strict=True``: missing keys that name *frozen*
+    parameters are not errors (they come from the pre-trained backbone), so MONAI tools that load strictly
+    (``ckpt_export --key_in_ckpt model``, ignite ``Checkpoint.load_objects``) accept a delta. Unexpected keys,
+    missing trainable keys and shape mismatches still fail."""
+    module.register_load_state_dict_post_hook(_drop_frozen_missing)
 
 
 def load_delta(model: nn.Module, delta: dict | str | Path) -> None:
