@@ -309,9 +309,9 @@ def datalist_from_json(
 
     Items are ``{"image": path, "label": index | class name | multi-hot list[, "group": id]}`` under
     ``training``, ``validation``, ``test`` and ``unlabeled``; a bare path (as in MSD test lists) is an image
-    without label. Class names come from ``classes``, else the
-    file's ``labels`` map (``{"0": "name", ...}``), else the labels themselves. A list label makes the datalist
-    multi-label. (MONAI's ``load_decathlon_datalist`` is not used: it would join a class-name label to the path.)
+    without label. Class names come from ``classes``, else the file's ``labels`` map (``{"0": "name", ...}``),
+    else the labels themselves. A list label makes the datalist multi-label. (MONAI's
+    ``load_decathlon_datalist`` is not used: it would join a class-name label to the base folder.)
 
     Args:
         path: the JSON file.
@@ -333,9 +333,11 @@ def datalist_from_json(
             if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
                 problems.append(f"{path} {where}: item without an 'image' path: {entry!r}.")
                 continue
-            group = str(entry["group"]) if entry.get("group") is not None else None
-            image = entry["image"]
-            records.append(_Record(os.path.normpath(base / image), image, entry.get("label"), split, group, where, labelled))
+            image, group = entry["image"], entry.get("group")
+            group = None if group is None else str(group)
+            records.append(
+                _Record(os.path.normpath(base / image), image, entry.get("label"), split, group, where, labelled)
+            )
     if classes is None and isinstance(content.get("labels"), dict):
         classes = [name for _, name in sorted(content["labels"].items(), key=lambda kv: int(kv[0]))]
     multi_label = any(isinstance(r.label, list) for r in records if r.split != UNLABELED and r.labelled)
@@ -363,7 +365,7 @@ def split_items(
     groups: dict[str, list[int]] = {}
     for index, item in enumerate(items):
         groups.setdefault(str(item.get("group") or item["image"]), []).append(index)
-    strata: dict[str, list[str]] = {}
+    strata: dict[int, list[str]] = {}
     for group, members in groups.items():
         labels = [items[i].get("label") for i in members if isinstance(items[i].get("label"), int)]
         stratum = min(Counter(labels).most_common(), key=lambda kv: (-kv[1], kv[0]))[0] if labels else -1

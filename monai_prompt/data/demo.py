@@ -125,7 +125,8 @@ def build_demo_data(
         description=f"{patch_size}x{patch_size} axial T1 patches labelled by the tissue at their centre; split by "
         f"{slab_thickness}-slice axial slab (group), {slab_gap} slices left out at each slab border.",
         reference="MNI ICBM152 2009a nonlinear symmetric template (Fonov et al. 2009, 2011), as bundled in nilearn",
-        licence="MNI ICBM152 copyright notice (free use with the notice kept); nilearn BSD-3-Clause",
+        licence="Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological "
+        "Institute, McGill University (permissive; keep this notice with copies). Read from nilearn (BSD-3-Clause).",
         tensorImageSize="2D",
         modality={"0": "T1w MRI"},
     )
