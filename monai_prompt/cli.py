@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -138,6 +139,63 @@ def _add_preload_parser(sub: argparse._SubParsersAction) -> None:
     preload.set_defaults(func=_preload)
 
 
+def _render_bundles(args: argparse.Namespace) -> None:
+    """Render the classification bundles from their one template, or check the committed ones against it."""
+    from monai_prompt.bundle_gen import check_bundles, write_bundles
+
+    if args.check:
+        problems = check_bundles(args.root, args.names or None)
+        if problems:
+            listing = "\n  ".join(problems)
+            raise SystemExit(f"bundles differ from the generator (run monai-prompt render-bundles):\n  {listing}")
+        print(f"bundles under {args.root} match the generator")
+        return
+    changed = write_bundles(args.root, args.names or None)
+    print(f"{len(changed)} file(s) written under {args.root}")
+
+
+def _override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with a JSON value (plain text when it is not JSON)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. img_size=384 or 'backbone_overrides={{}}').")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _export(args: argparse.Namespace) -> None:
+    """Write a bundle's delta as one full state dict and TorchScript (LoRA/SSF merged)."""
+    from monai_prompt.engine.export import export_bundle
+    from monai_prompt.peft import DeltaMismatchError
+
+    overrides = dict(args.set or [])
+    if args.pretrained:
+        overrides["pretrained"] = args.pretrained
+    try:
+        print(export_bundle(args.bundle, args.ckpt, args.out_dir, merge=not args.no_merge, overrides=overrides))
+    except (DeltaMismatchError, FileNotFoundError, RuntimeError) as err:
+        raise SystemExit(f"export: {err}") from None
+
+
+def _add_bundle_parsers(sub: argparse._SubParsersAction) -> None:
+    render = sub.add_parser("render-bundles", help="render bundles/*_classification from the generator")
+    render.add_argument("names", nargs="*", help="bundle names (default: all)")
+    render.add_argument("--root", default="bundles", help="bundles folder (default: bundles)")
+    render.add_argument("--check", action="store_true", help="only report differences; exit 1 if any")
+    render.set_defaults(func=_render_bundles)
+    export = sub.add_parser("export", help="a bundle's delta as one full state dict + TorchScript (merged)")
+    export.add_argument("bundle", help="bundle folder, e.g. bundles/lora_classification")
+    export.add_argument("--ckpt", help="delta checkpoint (default: <bundle>/models/model.pt)")
+    export.add_argument("--out-dir", help="output folder (default: <bundle>/models)")
+    export.add_argument("--pretrained", help="pre-trained backbone weights the delta was trained on")
+    export.add_argument("--set", action="append", type=_override, metavar="KEY=VALUE",
+                        help="config override (JSON value), repeatable, e.g. --set img_size=384")
+    export.add_argument("--no-merge", action="store_true", help="keep LoRA/SSF modules instead of merging them")
+    export.set_defaults(func=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-prompt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_data.add_argument("--dicom-series", action="store_true", help="folders: a DICOM folder is one image")
     check_data.set_defaults(func=_check_data)
     _add_preload_parser(sub)
+    _add_bundle_parsers(sub)
     return parser
 
 

@@ -29,10 +29,32 @@ _NUM_WORKERS = 4
 _FROM_PRED_LABEL = "$monai.handlers.from_engine(['pred', 'label'])"
 
 
+def _network_def(spec: BundleSpec) -> dict[str, Any]:
+    """``PromptClassifier`` (or ``FPTClassifier``) loading the pre-trained backbone itself from ``pretrained``."""
+    if spec.fpt:
+        target = "monai_prompt.fpt.FPTClassifier"
+        method = {"variant": "@method", "fpt_config": "@method_config"}
+    else:
+        target = "monai_prompt.nets.PromptClassifier"
+        method = {"method": "@method", "method_config": "@method_config"}
+    return {
+        "_target_": target,
+        "num_classes": "@num_classes",
+        **method,
+        "backbone": "@backbone",
+        "in_channels": "@in_channels",
+        "img_size": "@img_size",
+        "spatial_dims": "@spatial_dims",
+        "pretrained": "@pretrained",
+        "layer_norm_eps": "@layer_norm_eps",
+        "backbone_overrides": "@backbone_overrides",
+    }
+
+
 def _common(spec: BundleSpec) -> dict[str, Any]:
     """Paths, device, task and network settings every file starts with."""
     return {
-        "imports": list(_IMPORTS),
+        "imports": _IMPORTS + (["$import monai_prompt.fpt"] if spec.fpt else []),
         "bundle_root": f"$monai_prompt.engine.bundle_root('{spec.name}')",
         "ckpt_dir": "$@bundle_root + '/models'",
         "output_dir": "$@bundle_root + '/eval'",
@@ -46,26 +68,14 @@ def _common(spec: BundleSpec) -> dict[str, Any]:
         "multi_label": False,
         "in_channels": 3,
         "spatial_dims": 2,
-        "img_size": 224,
+        "img_size": spec.img_size,
         "backbone": "vit_base",
         "backbone_overrides": {},
         "pretrained": None,
         "layer_norm_eps": 1e-6,
         "method": spec.method,
-        "method_config": dict(spec.method_config),
-        "network_def": {
-            "_target_": "monai_prompt.nets.PromptClassifier",
-            "num_classes": "@num_classes",
-            "method": "@method",
-            "method_config": "@method_config",
-            "backbone": "@backbone",
-            "in_channels": "@in_channels",
-            "img_size": "@img_size",
-            "spatial_dims": "@spatial_dims",
-            "pretrained": "@pretrained",
-            "layer_norm_eps": "@layer_norm_eps",
-            "backbone_overrides": "@backbone_overrides",
-        },
+        "method_config": spec.method_config(),
+        "network_def": _network_def(spec),
         "network": "$@network_def.to(@device)",
         "batch_size": _BATCH_SIZE,
         "num_workers": _NUM_WORKERS,
@@ -73,9 +83,38 @@ def _common(spec: BundleSpec) -> dict[str, Any]:
     }
 
 
-def _transforms(augment: bool) -> dict[str, Any]:
-    call = "@img_size, @spatial_dims, @in_channels, augment={}, multi_label=@multi_label".format(augment)
-    return {"_target_": "Compose", "transforms": f"$monai_prompt.data.classification_transforms({call})"}
+def _fpt_settings() -> dict[str, Any]:
+    """FPT's preload cache: the frozen LPM runs once per image (``initialize``), training reads its features."""
+    return {
+        "fpt_cache_dir": "$@bundle_root + '/cache'",
+        "fpt_cache_dtype": "float32",
+        "fpt_preload": True,
+        "fpt_preload_items": "$[item for split in ('training', 'validation', 'test') for item in @datalist[split]]",
+        "fpt_features": {
+            "_target_": "monai_prompt.fpt.LoadFPTFeaturesd",
+            "keys": "image",
+            "cache_dir": "@fpt_cache_dir",
+            "network": "@network_def",
+        },
+        "fpt_prepare_batch": {"_target_": "PrepareBatchExtraInput", "extra_keys": "fpt_kv"},
+    }
+
+
+#: preload the FPT cache (entries already there are skipped, so a second run only checks).
+_FPT_PRELOAD = (
+    "monai_prompt.fpt.preload_features(@network_def.to(@device), monai.data.Dataset(@fpt_preload_items, "
+    "monai.transforms.Compose(monai_prompt.data.classification_transforms(@img_size, @spatial_dims, @in_channels))), "
+    "@fpt_cache_dir, batch_size=@batch_size, storage_dtype=@fpt_cache_dtype)"
+)
+
+
+def _transforms(augment: bool, fpt: bool = False) -> dict[str, Any]:
+    """``classification_transforms`` (with FPT: plus the cache lookup, before the random augmentations)."""
+    chain = "monai_prompt.data.classification_transforms(@img_size, @spatial_dims, @in_channels, augment={}, " \
+        "multi_label=@multi_label)".format(augment)
+    if fpt:
+        chain = f"monai_prompt.engine.insert_before_random({chain}, @fpt_features)"
+    return {"_target_": "Compose", "transforms": f"${chain}"}
 
 
 def _loader(dataset: str, shuffle: bool) -> dict[str, Any]:
@@ -136,12 +175,22 @@ _TRAIN_RUN = (
 )
 
 
-def _initialize(*extra: str) -> list[str]:
-    return [
+def _initialize(spec: BundleSpec, distributed: bool = False) -> list[str]:
+    """Seed, check the data against the task and (FPT) preload the LPM features, on rank 0 only under DDP."""
+    steps = [
         "$monai.utils.set_determinism(seed=@seed)",
         "$monai_prompt.engine.check_task(@datalist, @num_classes, @multi_label)",
-        *extra,
     ]
+    if spec.fpt and distributed:
+        steps += [f"${_FPT_PRELOAD} if @fpt_preload and dist.get_rank() == 0 else None", "$dist.barrier()"]
+    elif spec.fpt:
+        steps.append(f"${_FPT_PRELOAD} if @fpt_preload else None")
+    return steps
+
+
+def _fpt_batch(spec: BundleSpec) -> dict[str, Any]:
+    """Engines of FPT bundles call ``network(image, fpt_kv)`` with the cached features."""
+    return {"prepare_batch": "@fpt_prepare_batch"} if spec.fpt else {}
 
 
 def train_config(spec: BundleSpec) -> dict[str, Any]:
@@ -156,6 +205,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
     }
     return {
         **_common(spec),
+        **(_fpt_settings() if spec.fpt else {}),
         "learning_rate": spec.learning_rate,
         "weight_decay": spec.weight_decay,
         "val_interval": 1,
@@ -194,7 +244,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
                 "save_interval": 1,
                 "n_saved": 1,
             },
-            "preprocessing": _transforms(augment=True),
+            "preprocessing": _transforms(augment=True, fpt=spec.fpt),
             "dataset": {"_target_": "Dataset", "data": "$@datalist['training']", "transform": "@train#preprocessing"},
             "dataloader": _loader("@train#dataset", shuffle=True),
             "inferer": {"_target_": "SimpleInferer"},
@@ -231,12 +281,13 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
                 "loss_function": "@loss",
                 "optimizer": "@optimizer",
                 "inferer": "@train#inferer",
+                **_fpt_batch(spec),
                 "train_handlers": "@train#handlers",
                 "amp": "@amp",
             },
         },
         "validate": {
-            "preprocessing": _transforms(augment=False),
+            "preprocessing": _transforms(augment=False, fpt=spec.fpt),
             "dataset": {
                 "_target_": "Dataset",
                 "data": "$@datalist['validation']",
@@ -261,13 +312,14 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
                 **_EVALUATOR,
                 "val_data_loader": "@validate#dataloader",
                 "inferer": "@validate#inferer",
+                **_fpt_batch(spec),
                 "postprocessing": "@validate#postprocessing",
                 "key_val_metric": "@validate#key_metric",
                 "additional_metrics": "@validate#additional_metrics",
                 "val_handlers": "@validate#handlers",
             },
         },
-        "initialize": _initialize(),
+        "initialize": _initialize(spec),
         "run": list(_TRAIN_RUN),
     }
 
@@ -279,9 +331,11 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
         "evaluate_split": "test",
         "load_path": "$@ckpt_dir + '/model.pt'",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_evaluate')",
-        "dataset": {"_target_": "Dataset", "data": "$@datalist[@evaluate_split]", "transform": "@validate#preprocessing"},
+        "preprocessing": "@validate#preprocessing",
+        "dataset": {"_target_": "Dataset", "data": "$@datalist[@evaluate_split]", "transform": "@preprocessing"},
         "dataloader": _loader("@dataset", shuffle=False),
         "inferer": "@validate#inferer",
+        "postprocessing": "@validate#postprocessing",
         "key_metric": key_metric,
         "additional_metrics": additional_metrics,
         "handlers": [
@@ -304,12 +358,13 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
             **_EVALUATOR,
             "val_data_loader": "@dataloader",
             "inferer": "@inferer",
-            "postprocessing": "@validate#postprocessing",
+            **_fpt_batch(spec),
+            "postprocessing": "@postprocessing",
             "key_val_metric": "@key_metric",
             "additional_metrics": "@additional_metrics",
             "val_handlers": "@handlers",
         },
-        "initialize": _initialize(),
+        "initialize": _initialize(spec),
         "run": ["$@evaluator.run()"],
     }
 
@@ -396,7 +451,7 @@ def multi_gpu_config(spec: BundleSpec) -> dict[str, Any]:
             "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() "
             "else 'gloo')",
             "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
-            *_initialize(),
+            *_initialize(spec, distributed=True),
         ],
         "run": list(_TRAIN_RUN),
         "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],

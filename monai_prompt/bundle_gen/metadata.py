@@ -33,6 +33,7 @@ def metadata(spec: BundleSpec) -> dict[str, Any]:
     """The metadata dict of ``spec``'s bundle."""
     num_classes = len(DEMO_CLASSES)
     channel_def = {str(i): name for i, name in enumerate(DEMO_CLASSES)}
+    network = "monai_prompt.fpt.FPTClassifier" if spec.fpt else "monai_prompt.nets.PromptClassifier"
     return {
         "schema": METADATA_SCHEMA,
         "version": spec.version,
@@ -43,10 +44,10 @@ def metadata(spec: BundleSpec) -> dict[str, Any]:
         "name": f"{spec.title} classification (MONAI ViT)",
         "task": f"2D image classification with a pre-trained ViT tuned by {spec.title}",
         "description": (
-            f"{spec.title}: {spec.summary}. The network is monai_prompt.nets.PromptClassifier, a MONAI ViT that "
-            "loads its pre-trained backbone itself (config 'pretrained'); models/model.pt holds only the trained "
-            "delta (method parameters and head) with the method, config and backbone fingerprint it belongs to. "
-            "Needs the monai_prompt package from its repository (pip install -e .; not on PyPI)."
+            f"{spec.title}: {spec.summary}. The network ({network}) loads its pre-trained MONAI ViT itself "
+            "(config 'pretrained'); models/model.pt holds only the trained delta (what trains, head included) with "
+            "the method, config and backbone fingerprint it belongs to. Needs the monai_prompt package from its "
+            "repository (pip install -e .; not on PyPI)."
         ),
         "authors": "monai-prompt contributors",
         "copyright": "Copyright (c) monai-prompt contributors",
@@ -67,7 +68,7 @@ def metadata(spec: BundleSpec) -> dict[str, Any]:
                     "format": "magnitude",
                     "modality": "any 2D image (demo: T1w MRI patches)",
                     "num_channels": 3,
-                    "spatial_shape": [224, 224],
+                    "spatial_shape": [spec.img_size, spec.img_size],
                     "dtype": "float32",
                     "value_range": [0, 1],
                     "is_patch_data": False,

@@ -18,9 +18,30 @@ def load_measurements() -> dict:
 
 
 def _method_config(spec: BundleSpec) -> str:
-    if not spec.method_config:
+    config = spec.method_config()
+    if not config:
         return "none (the method has no hyper-parameters)"
-    return ", ".join(f"`{key}={json.dumps(value)}`" for key, value in spec.method_config.items())
+    return ", ".join(f"`{key}={json.dumps(value)}`" for key, value in config.items())
+
+
+def _network(spec: BundleSpec) -> str:
+    """The overview paragraph on the network."""
+    if spec.fpt:
+        return f"""\
+`network_def` is `monai_prompt.fpt.FPTClassifier` with `variant="{spec.method}"` and FPT config
+{_method_config(spec)}. The frozen large pre-trained model (LPM, a MONAI `ViT` loaded from `pretrained`) sees
+the {spec.img_size} x {spec.img_size} image; its important keys and values per tapped layer feed fine-grained
+prompts through a fusion module into a small side ViT that sees a downsampled copy. Training never runs the LPM:
+`initialize` preloads its features once into `cache/` (`fpt_cache_dir`; entries are keyed by image content and
+tied to the LPM weights, so a stale cache fails loudly; `--fpt_preload False` skips the pass, `monai-prompt
+preload` does the same from the command line), and the train/validation transforms read them back
+(`LoadFPTFeaturesd`) before the augmentations. Inference runs the LPM online on the image."""
+    return f"""\
+The backbone is MONAI's `ViT` (`monai_prompt.backbones.PromptableViT`, same
+state-dict keys), pre-trained weights are loaded by the network itself from `pretrained` (timm, HuggingFace
+or MONAI layouts; see the repository's `docs/pretrained-weights.md`), the method is applied on top and a linear
+head reads the CLS feature. `network_def` is `monai_prompt.nets.PromptClassifier` with `method="{spec.method}"`
+and method config {_method_config(spec)}."""
 
 
 def _performance(spec: BundleSpec, measured: dict) -> str:
@@ -32,7 +53,8 @@ def _performance(spec: BundleSpec, measured: dict) -> str:
         f"Measured on {measured['hardware']} with monai-prompt's `python -m monai_prompt.bundle_gen.measure` "
         f"({measured['date']}).",
         "",
-        "**Trainable parameters and delta size** at the default network (ViT-B/16, 224 x 224, 3 classes; the head "
+        f"**Trainable parameters and delta size** at the default network (ViT-B/16, {spec.img_size} x {spec.img_size}, "
+        "3 classes; the head "
         "counts as trainable):",
         "",
         "| trainable | % of the ViT-B/16 backbone | `models/model.pt` (delta) |",
@@ -130,11 +152,9 @@ def readme(spec: BundleSpec, measured: dict | None = None) -> str:
 
 ## Model overview
 
-{spec.title}: {spec.summary}. The backbone is MONAI's `ViT` (`monai_prompt.backbones.PromptableViT`, same
-state-dict keys), pre-trained weights are loaded by the network itself from `pretrained` (timm, HuggingFace
-or MONAI layouts; see the repository's `docs/pretrained-weights.md`), the method is applied on top and a linear
-head reads the CLS feature. `network_def` is `monai_prompt.nets.PromptClassifier` with `method="{spec.method}"`
-and method config {_method_config(spec)}.
+{spec.title}: {spec.summary}.
+
+{_network(spec)}
 
 `models/model.pt` holds only what training changed (the delta: method parameters and the head), laid out as
 an ignite checkpoint `{{"model": ..., "peft": ...}}`; `peft` records the method, its config and a fingerprint
@@ -160,7 +180,7 @@ sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.
 
 ## Training configuration
 
-- Network: `{spec.method}` on `backbone="vit_base"` (ViT-B/16), `img_size=224`, `in_channels=3`,
+- Network: `{spec.method}` on `backbone="vit_base"` (ViT-B/16), `img_size={spec.img_size}`, `in_channels=3`,
   `layer_norm_eps=1e-6` (timm checkpoints; 1e-12 for HuggingFace ones).
 - Optimiser: {recipe}, cosine annealing to 0 over {spec.epochs} epochs, batch size 16; source:
   {spec.recipe_source}.
@@ -175,7 +195,7 @@ sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.
 
 ## Input and output
 
-- Input: `image`, 3 x 224 x 224 float32 in [0, 1].
+- Input: `image`, 3 x {spec.img_size} x {spec.img_size} float32 in [0, 1].
 - Output: `pred`, logits `[B, num_classes]`; after postprocessing, class probabilities. Inference writes
   `eval/predictions.csv`: one row per image, `<image path>,<p_class0>,<p_class1>,...` (no header; MONAI's
   `ClassificationSaver` format). Evaluation writes `eval/metrics.csv` (`accuracy`, `auc`, `f1`, `kappa`).

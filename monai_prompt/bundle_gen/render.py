@@ -14,8 +14,9 @@ from monai_prompt.bundle_gen.specs import BUNDLE_SPECS, BundleSpec
 
 __all__ = ["check_bundles", "render_bundle", "write_bundles"]
 
-#: folders a bundle fills when it runs (checkpoints, metrics, MLflow store); never rendered, never checked.
-OUTPUT_DIRS = ("models", "eval")
+#: folders a bundle fills when it runs (checkpoints; metrics, predictions and the MLflow store; the FPT feature
+#: cache); never rendered, never checked.
+OUTPUT_DIRS = ("models", "eval", "cache")
 
 
 def _json(content: dict[str, Any]) -> str:

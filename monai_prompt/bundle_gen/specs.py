@@ -7,8 +7,13 @@ Everything else (the workflow, transforms, metrics, checkpoints, tracking, docs 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from monai_prompt.fpt.config import FPTConfig
+from monai_prompt.peft.registry import get_method
 
 __all__ = ["BUNDLE_SPECS", "BundleSpec", "Reference"]
 
@@ -26,10 +31,11 @@ class BundleSpec:
     """One method's classification bundle.
 
     Attributes:
-        method: method name (:func:`monai_prompt.peft.method_names`, or ``fpt``/``fptplus``).
+        method: method name (:func:`monai_prompt.peft.method_names`, or the FPT variant ``fpt``/``fptplus``).
         title: display name.
         summary: one sentence on what the method trains.
-        method_config: the method's config as written into the bundle (its defaults, made explicit).
+        config_overrides: changes to the method's default config (the bundle spells out the whole config).
+        img_size: default input size (the LPM size for FPT).
         optimizer: ``torch.optim`` class name.
         optimizer_args: optimizer arguments besides ``params``/``lr``/``weight_decay``.
         learning_rate: base learning rate (cosine-annealed to 0 over ``epochs``).
@@ -44,7 +50,8 @@ class BundleSpec:
     method: str
     title: str
     summary: str
-    method_config: dict[str, Any]
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 224
     optimizer: str = "AdamW"
     optimizer_args: dict[str, Any] = field(default_factory=dict)
     learning_rate: float = 1e-3
@@ -65,6 +72,15 @@ class BundleSpec:
     @property
     def version(self) -> str:
         return self.changelog[0][0]
+
+    def method_config(self) -> dict[str, Any]:
+        """The method's full config (its defaults with ``config_overrides``), JSON-ready."""
+        if self.fpt:
+            config = dataclasses.asdict(FPTConfig.from_dict(self.method, self.config_overrides))
+            config.pop("variant")
+        else:
+            config = dataclasses.asdict(get_method(self.method).make_config(dict(self.config_overrides)))
+        return json.loads(json.dumps(config))
 
 
 _VIT = Reference(
@@ -95,7 +111,6 @@ _SPECS = (
         method="full",
         title="Full fine-tuning",
         summary="every backbone weight and the linear head train (the upper reference every PEFT paper reports)",
-        method_config={},
         learning_rate=1e-4,
         weight_decay=0.05,
         references=(_VIT, _VPETL),
@@ -104,7 +119,6 @@ _SPECS = (
         method="linear",
         title="Linear probing",
         summary="the backbone is frozen; only the linear head on the CLS feature trains",
-        method_config={},
         weight_decay=0.0,
         references=(_VIT, _VPETL),
     ),
@@ -112,7 +126,6 @@ _SPECS = (
         method="vpt",
         title="VPT (visual prompt tuning)",
         summary="learnable prompt tokens are inserted after the CLS token (shallow: once; deep: before every block)",
-        method_config={"num_tokens": 5, "deep": False, "dropout": 0.0},
         references=(
             Reference("Jia et al., Visual Prompt Tuning, ECCV 2022", "https://arxiv.org/abs/2203.12119"),
             Reference("Official code: KMnP/vpt", "https://github.com/KMnP/vpt"),
@@ -122,7 +135,6 @@ _SPECS = (
         method="lora",
         title="LoRA",
         summary="a trainable low-rank update (alpha / r) B A of the frozen qkv projections",
-        method_config={"rank": 8, "alpha": 8.0, "dropout": 0.0, "targets": ["qkv"]},
         references=(
             Reference(
                 "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022",
@@ -134,7 +146,6 @@ _SPECS = (
         method="adapter",
         title="AdaptFormer adapters",
         summary="a parallel bottleneck MLP beside each block's MLP, its output scaled by s",
-        method_config={"bottleneck": 64, "scale": 0.1, "dropout": 0.1},
         references=(
             Reference(
                 "Chen et al., AdaptFormer: Adapting Vision Transformers for Scalable Visual Recognition, NeurIPS 2022",
@@ -146,7 +157,6 @@ _SPECS = (
         method="bitfit",
         title="BitFit",
         summary="only the bias terms of the backbone (and the head) train",
-        method_config={},
         weight_decay=0.0,
         references=(
             Reference(
@@ -160,7 +170,6 @@ _SPECS = (
         method="ssf",
         title="SSF (scale and shift features)",
         summary="a per-channel scale and shift after every linear, LayerNorm and the patch embedding",
-        method_config={"init_std": 0.02},
         references=(
             Reference(
                 "Lian et al., Scaling & Shifting Your Features: A New Baseline for Efficient Model Tuning, "
@@ -174,7 +183,6 @@ _SPECS = (
         title="DVPT (dynamic visual prompt tuning)",
         summary="learnable prompts cross-attend to bottleneck-transformed frozen features; the result is projected "
         "back and added, one module shared by several blocks",
-        method_config={"num_prompts": 50, "bottleneck": 20, "share": 3, "variant": "paper"},
         learning_rate=5e-4,
         epochs=60,
         recipe_source="official DVPT code (NKUhealong/DVPT): AdamW lr 5e-4, wd 1e-4, 60 epochs",
@@ -192,7 +200,6 @@ _SPECS = (
         title="EPT (embedded prompt tuning)",
         summary="learnable prompt logits are concatenated to every block's attention logits along the key axis "
         "and dropped after the softmax",
-        method_config={"prompt_length": 100, "deep": True, "variant": "pure_cat", "init_std": 0.02},
         optimizer="SGD",
         optimizer_args={"momentum": 0.9},
         learning_rate=6e-4,
@@ -206,6 +213,32 @@ _SPECS = (
             ),
             Reference("Official code: zuwenqiang/EPT", "https://github.com/zuwenqiang/EPT"),
         ),
+    ),
+    BundleSpec(
+        method="fpt",
+        title="FPT (fine-grained prompt tuning)",
+        summary="a frozen large ViT sees the high-resolution image (its selected keys and values are computed once "
+        "into a preload cache); fine-grained prompts summarise them by cross-attention for a small side ViT on a "
+        "low-resolution copy, and only the prompts, fusion and side ViT train",
+        img_size=512,
+        learning_rate=2e-3,
+        weight_decay=0.1,
+        recipe_source="official FPT code (YijinHuang/FPT, MICCAI-era configs): AdamW lr 2e-3, wd 0.1, 20 epochs, "
+        "batch 16",
+        references=_FPT_REFS,
+        fpt=True,
+    ),
+    BundleSpec(
+        method="fptplus",
+        title="FPT+",
+        summary="FPT with the FPT+ defaults: a 128 x 128 side ViT, prompts at full width with LayerNorm and no "
+        "projection, only the last half of the frozen ViT's layers tapped (less memory, fewer parameters)",
+        img_size=512,
+        learning_rate=2e-3,
+        weight_decay=0.1,
+        recipe_source="official FPT code (YijinHuang/FPT): AdamW lr 2e-3, wd 0.1, 20 epochs, batch 16",
+        references=_FPT_REFS,
+        fpt=True,
     ),
 )
 

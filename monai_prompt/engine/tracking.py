@@ -20,6 +20,7 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
+from monai_prompt.backbones.pretrained import find_vit
 from monai_prompt.engine.checkpoint import unwrap
 from monai_prompt.peft.report import trainable_report
 
@@ -36,10 +37,11 @@ def peft_params(network: nn.Module) -> dict[str, str]:
     """Run parameters describing a tuned network: method, its config, backbone and parameter counts."""
     model = unwrap(network)
     report = trainable_report(model)
-    vit_config = getattr(getattr(model, "backbone", None), "config", {})
+    vit = find_vit(model)
+    vit_config = getattr(vit, "config", {})
     params = {
         "peft_method": str(report["method"]),
-        "peft_config": json.dumps(getattr(getattr(model, "backbone", None), "peft_config", {}), sort_keys=True),
+        "peft_config": json.dumps(getattr(vit, "peft_config", {}), sort_keys=True),
         "trainable_params": str(report["trainable"]),
         "total_params": str(report["total"]),
         "backbone_params": str(report["backbone"]),

@@ -1,10 +1,13 @@
-"""Small helpers bundle configs call: where the bundle is, and whether the data fits the configured task."""
+"""Small helpers bundle configs call: where the bundle is, whether the data fits the task, transform splicing."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["bundle_root", "check_task"]
+from monai.transforms import Randomizable, Transform
+
+__all__ = ["bundle_root", "check_task", "insert_before_random"]
 
 
 def bundle_root(name: str) -> str:
@@ -43,3 +46,13 @@ def check_task(datalist, num_classes: int, multi_label: bool) -> None:
             f"the datalist's labels are {kind} but the bundle has multi_label={multi_label}; "
             f"run with --multi_label {bool(datalist.multi_label)}."
         )
+
+
+def insert_before_random(chain: Sequence[Transform], transform: Transform) -> list[Transform]:
+    """``chain`` with ``transform`` inserted before its first random transform (at the end if there is none).
+
+    FPT's cache lookup (:class:`~monai_prompt.fpt.LoadFPTFeaturesd`) must see the image exactly as the
+    deterministic preprocessing left it, before the training augmentations change it.
+    """
+    index = next((i for i, t in enumerate(chain) if isinstance(t, Randomizable)), len(chain))
+    return [*chain[:index], transform, *chain[index:]]

@@ -1,0 +1,149 @@
+"""``monai-prompt export``: one self-contained file from a bundle's delta, with LoRA/SSF merged where possible.
+
+The bundle's ``network_def`` is built from ``configs/inference.json`` (it loads the pre-trained backbone), the
+delta is loaded on top (checked against method, config and backbone), and:
+
+- ``lora`` and ``ssf`` are folded into the backbone weights (:func:`~monai_prompt.peft.lora.merge_lora`,
+  :func:`~monai_prompt.peft.ssf.merge_ssf`); with ``full``, ``linear`` and ``bitfit`` (no added modules) the
+  result is a *plain* network: ``PromptClassifier(method="full")`` keys, loadable without the method's code;
+- other methods (prompts, adapters, DVPT, EPT, FPT) keep their modules: the file is their full state dict.
+
+The exported network is checked against the tuned one on a random input before anything is written; files are
+written atomically: ``models/model_full.pt`` (state dict) and ``models/model_full.ts`` (TorchScript).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.bundle import ConfigParser
+from monai.networks.utils import convert_to_torchscript
+
+from monai_prompt.backbones.pretrained import find_vit
+from monai_prompt.peft.delta import load_delta
+
+__all__ = ["ExportReport", "export_bundle"]
+
+#: methods with no modules of their own once merged: the export is a plain ``PromptClassifier(method="full")``.
+PLAIN_METHODS = ("full", "linear", "bitfit", "lora", "ssf")
+
+
+def _mergers() -> dict[str, Callable[[nn.Module], Any]]:
+    from monai_prompt.peft.lora import merge_lora
+    from monai_prompt.peft.ssf import merge_ssf
+
+    return {"lora": merge_lora, "ssf": merge_ssf}
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_bundle` wrote.
+
+    Attributes:
+        method: the bundle's method.
+        merged: the method was merged into a plain network.
+        state_dict: path of the state dict.
+        torchscript: path of the TorchScript file.
+        max_abs_diff: largest logit difference between the exported and the tuned network on a random input.
+    """
+
+    method: str
+    merged: bool
+    state_dict: Path
+    torchscript: Path
+    max_abs_diff: float
+
+    def __str__(self) -> str:
+        kind = "merged into a plain network" if self.merged else "full state dict with the method's modules"
+        return (
+            f"{self.method}: {kind}; wrote {self.state_dict} and {self.torchscript} "
+            f"(max |logit difference| vs the tuned network {self.max_abs_diff:.2e})"
+        )
+
+
+def _parser(bundle: Path, overrides: dict[str, Any]) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser.update({"bundle_root": str(bundle), **overrides})
+    return parser
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def export_bundle(
+    bundle: str | os.PathLike,
+    ckpt: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    merge: bool = True,
+    overrides: dict[str, Any] | None = None,
+    atol: float = 1e-4,
+) -> ExportReport:
+    """Export a bundle's delta as a full state dict and TorchScript.
+
+    Args:
+        bundle: the bundle folder.
+        ckpt: the delta (default ``<bundle>/models/model.pt``).
+        out_dir: output folder (default ``<bundle>/models``).
+        merge: fold LoRA/SSF into the weights and export a plain network (:data:`PLAIN_METHODS`).
+        overrides: config overrides, e.g. ``{"pretrained": "vit.safetensors"}`` (as on the bundle command line).
+        atol: largest logit difference accepted between the exported and the tuned network.
+
+    Raises:
+        DeltaMismatchError: the delta belongs to another method, config or backbone.
+        RuntimeError: the exported network's logits differ from the tuned network's by more than ``atol``.
+    """
+    bundle = Path(bundle)
+    overrides = dict(overrides or {})
+    ckpt = Path(ckpt) if ckpt is not None else bundle / "models" / "model.pt"
+    out = Path(out_dir) if out_dir is not None else bundle / "models"
+    out.mkdir(parents=True, exist_ok=True)
+    parser = _parser(bundle, overrides)
+    method = parser.get_parsed_content("method")
+    network = parser.get_parsed_content("network_def").eval()
+    load_delta(network, ckpt)
+    vit = find_vit(network)
+    generator = torch.Generator().manual_seed(0)
+    example = torch.rand(2, vit.config["in_channels"], *vit.img_size, generator=generator)
+    with torch.no_grad():
+        reference = network(example)
+    merged = merge and method in PLAIN_METHODS and not hasattr(network, "lpm")
+    if merged:
+        _mergers().get(method, lambda net: net)(network)
+        plain = _parser(bundle, {**overrides, "method": "full", "method_config": {}, "pretrained": None})
+        exported = plain.get_parsed_content("network_def").eval()
+        state = network.state_dict()
+        exported.load_state_dict({key: state[key] for key in exported.state_dict()}, strict=True)
+    else:
+        exported = network
+    with torch.no_grad():
+        difference = float((exported(example) - reference).abs().max())
+    if difference > atol:
+        raise RuntimeError(f"exported {method} network differs from the tuned one by {difference:.2e} > {atol}.")
+    state_path, script_path = out / "model_full.pt", out / "model_full.ts"
+    _atomic(state_path, lambda tmp: torch.save(exported.state_dict(), tmp))
+    meta = json.dumps(parser.get("_meta_", {})).encode()
+    _atomic(
+        script_path,
+        lambda tmp: convert_to_torchscript(
+            exported, filename_or_obj=tmp, extra_files={"metadata.json": meta}, verify=True, inputs=[example]
+        ),
+    )
+    return ExportReport(method, merged, state_path, script_path, difference)

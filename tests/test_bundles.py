@@ -1,0 +1,171 @@
+"""Every classification bundle trains, evaluates, infers, verifies and exports on tiny data; the generator check."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+
+from monai_prompt.bundle_gen import BUNDLE_SPECS, check_bundles, write_bundles
+from monai_prompt.engine import latest_checkpoint
+from monai_prompt.engine.export import export_bundle
+from monai_prompt.bundle_gen.tiny import tiny_overrides, write_tiny_backbone, write_tiny_dataset
+from monai_prompt.peft import DeltaMismatchError
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO.parent / "shared" / "reference" / "meta_schema_20240725.json"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_dataset(root / "data")
+    backbone = write_tiny_backbone(root / "vit_tiny.pt")
+    schema = root / "schema.json"
+    if SCHEMA.is_file():
+        shutil.copy(SCHEMA, schema)
+    return {"data": root / "data", "backbone": backbone, "schema": schema}
+
+
+def copy_bundle(name: str, root: Path) -> Path:
+    """A copy of the committed bundle under ``root/bundles`` (runs never write into the repository)."""
+    target = root / "bundles" / name
+    shutil.copytree(REPO / "bundles" / name, target)
+    return target
+
+
+def run_workflow(bundle: Path, files: list[str], workflow_type: str, **overrides):
+    """``monai.bundle run`` in-process: initialize, check properties, run, finalize; returns the workflow."""
+    workflow = ConfigWorkflow(
+        config_file=[str(bundle / "configs" / f) for f in files], workflow_type=workflow_type,
+        bundle_root=str(bundle), **overrides,
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    workflow.run()
+    workflow.finalize()
+    return workflow
+
+
+def workflow_error(bundle: Path, files: list[str], workflow_type: str, **overrides) -> BaseException:
+    """The error a workflow raises (MONAI wraps errors of config expressions in a RuntimeError)."""
+    with pytest.raises(RuntimeError) as info:
+        run_workflow(bundle, files, workflow_type, **overrides)
+    return info.value.__cause__
+
+
+def test_committed_bundles_match_generator():
+    assert check_bundles(REPO / "bundles") == []
+
+
+def test_generator_check_reports_drift(tmp_path):
+    write_bundles(tmp_path, ["vpt_classification"])
+    assert check_bundles(tmp_path, ["vpt_classification"]) == []
+    train = tmp_path / "vpt_classification" / "configs" / "train.json"
+    train.write_text(train.read_text().replace('"num_tokens": 5', '"num_tokens": 6'))
+    (tmp_path / "vpt_classification" / "configs" / "extra.json").write_text("{}")
+    (tmp_path / "vpt_classification" / "models").mkdir()
+    (tmp_path / "vpt_classification" / "models" / "model.pt").write_bytes(b"ignored: a run's output")
+    problems = check_bundles(tmp_path, ["vpt_classification"])
+    assert len(problems) == 2
+    assert "train.json: differs" in problems[0] and "extra.json: not rendered" in problems[1]
+    (tmp_path / "unknown_classification").mkdir()
+    assert any("no bundle spec renders it" in p for p in check_bundles(tmp_path))
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLE_SPECS))
+def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path):
+    spec = BUNDLE_SPECS[name]
+    bundle = copy_bundle(name, tmp_path)
+    overrides = tiny_overrides(spec, tiny["data"], tiny["backbone"])
+    run_workflow(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
+
+    delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert list(delta) == ["peft", "model"] and delta["peft"]["method"] == spec.method
+    assert any(key.endswith("head.weight") for key in delta["model"])  # the delta holds the head, not the backbone
+    frozen_weights = {"backbone.patch_embedding.patch_embeddings.weight", "lpm.patch_embedding.patch_embeddings.weight"}
+    assert frozen_weights.isdisjoint(delta["model"]) or spec.method == "full"
+    resume = torch.load(bundle / "models" / "checkpoint_epoch=1.pt", weights_only=True)
+    assert set(resume) == {"trainer", "optimizer", "lr_scheduler", "peft", "model"}
+    assert resume["trainer"]["iteration"] == 3  # 12 training images, batch 4, one epoch
+    if spec.fpt:  # every labelled image was preloaded once
+        assert len(list((bundle / "cache" / "kv").rglob("*.safetensors"))) == 24
+
+    run_workflow(bundle, ["train.json", "evaluate.json"], "infer", **overrides)
+    with open(bundle / "eval" / "metrics.csv") as f:
+        metrics = {row[0]: float(row[1]) for row in csv.reader(f)}
+    assert set(metrics) == {"accuracy", "auc", "f1", "kappa"}
+    assert all(-1.0 <= value <= 1.0 for value in metrics.values())
+
+    run_workflow(bundle, ["inference.json"], "infer", **overrides)
+    with open(bundle / "eval" / "predictions.csv") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == 6 and all(len(row) == 4 for row in rows)
+    assert all(abs(sum(float(v) for v in row[1:]) - 1.0) < 1e-5 for row in rows)
+
+    meta, infer = bundle / "configs" / "metadata.json", bundle / "configs" / "inference.json"
+    verify_metadata(meta_file=str(meta), filepath=str(tiny["schema"]))
+    verify_net_in_out(net_id="network_def", meta_file=str(meta), config_file=str(infer), **overrides)
+    ts_file = bundle / "models" / "model.ts"
+    if spec.fpt:  # FPTClassifier does not accept a delta with strict=True: export from the full state dict
+        export_bundle(bundle, overrides=overrides)
+        ckpt = {"ckpt_file": str(bundle / "models" / "model_full.pt")}
+    else:
+        ckpt = {"ckpt_file": str(bundle / "models" / "model.pt"), "key_in_ckpt": "model"}
+    ckpt_export(net_id="network_def", filepath=str(ts_file), meta_file=str(meta), config_file=str(infer), **ckpt,
+                **overrides)
+    scripted = torch.jit.load(str(ts_file))
+    assert scripted(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny, tmp_path):
+    spec = BUNDLE_SPECS["linear_classification"]
+    bundle = copy_bundle(spec.name, tmp_path)
+    overrides = tiny_overrides(spec, tiny["data"], tiny["backbone"])
+    error = workflow_error(bundle, ["train.json"], "train", resume=True, **overrides)
+    assert isinstance(error, FileNotFoundError) and "no checkpoint_epoch=<N>.pt" in str(error)
+
+    run_workflow(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
+    first = torch.load(bundle / "models" / "checkpoint_epoch=1.pt", weights_only=True)
+    workflow = run_workflow(bundle, ["train.json"], "train", resume=True, **overrides, **{"train#trainer#max_epochs": 2})
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 2 and trainer.state.iteration == 2 * first["trainer"]["iteration"]
+    assert latest_checkpoint(bundle / "models").endswith("checkpoint_epoch=2.pt")
+
+
+def test_delta_of_another_config_or_method_fails_loudly(tiny, tmp_path):
+    vpt = BUNDLE_SPECS["vpt_classification"]
+    bundle = copy_bundle(vpt.name, tmp_path)
+    overrides = tiny_overrides(vpt, tiny["data"], tiny["backbone"])
+    run_workflow(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
+    error = workflow_error(bundle, ["inference.json"], "infer", **overrides, **{"method_config#num_tokens": 7})
+    assert isinstance(error, DeltaMismatchError)
+    assert str(error).endswith("model.pt: method config differs: num_tokens: 5 in the delta vs 7 here.")
+    lora = copy_bundle("lora_classification", tmp_path)
+    error = workflow_error(lora, ["inference.json"], "infer", **overrides, load_path=str(bundle / "models" / "model.pt"))
+    assert isinstance(error, DeltaMismatchError) and "delta is for method 'vpt', the model uses 'lora'" in str(error)
+    other_backbone = write_tiny_backbone(tmp_path / "other.pt", seed=1)
+    error = workflow_error(bundle, ["inference.json"], "infer", **{**overrides, "pretrained": str(other_backbone)})
+    assert isinstance(error, DeltaMismatchError) and "frozen backbone weights differ" in str(error)
+
+
+def test_multi_label_trains_and_evaluates_with_sigmoid(tmp_path, tiny):
+    spec = BUNDLE_SPECS["linear_classification"]
+    data = tmp_path / "multi"
+    write_tiny_dataset(data, multi_label=True)
+    bundle = copy_bundle(spec.name, tmp_path)
+    overrides = {**tiny_overrides(spec, data, tiny["backbone"]), "multi_label": True}
+    error = workflow_error(bundle, ["train.json"], "train", **{**overrides, "multi_label": False})
+    assert isinstance(error, ValueError) and "run with --multi_label True" in str(error)
+    run_workflow(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
+    run_workflow(bundle, ["train.json", "evaluate.json"], "infer", **overrides)
+    with open(bundle / "eval" / "metrics.csv") as f:
+        assert {row[0] for row in csv.reader(f)} == {"accuracy", "auc", "f1"}
+    run_workflow(bundle, ["inference.json"], "infer", **overrides)
+    with open(bundle / "eval" / "predictions.csv") as f:
+        rows = list(csv.reader(f))
+    assert any(abs(sum(float(v) for v in row[1:]) - 1.0) > 1e-3 for row in rows)  # sigmoid, not softmax
