@@ -125,15 +125,27 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
 
 
 def _drop_frozen_missing(module: nn.Module, incompatible_keys) -> None:
-    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
-    incompatible_keys.missing_keys[:] = [
-        key for key in incompatible_keys.missing_keys if not any(key == f or key.endswith("." + f) for f in frozen)
-    ]
+    params = {name: p for name, p in module.named_parameters(remove_duplicate=False)}
+    aliases: dict[int, list[str]] = {}
+    for name, param in params.items():
+        aliases.setdefault(id(param), []).append(name)
+    missing = set(incompatible_keys.missing_keys)
+
+    def satisfied(key: str) -> bool:
+        """Frozen (from the backbone), or a shared parameter loaded under another of its names."""
+        for name, param in params.items():
+            if key == name or key.endswith("." + name):
+                prefix = key[: len(key) - len(name)]
+                return not param.requires_grad or any(prefix + a not in missing for a in aliases[id(param)])
+        return False
+
+    incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if not satisfied(key)]
 
 
 def allow_delta_load(module: nn.Module) -> None:
     """Let ``module.load_state_dict(delta["model"])`` pass ``strict=True``: missing keys that name *frozen*
-    parameters are not errors (they come from the pre-trained backbone), so MONAI tools that load strictly
+    parameters (they come from the pre-trained backbone) or other names of a shared parameter that was loaded
+    (DVPT's shared modules) are not errors, so MONAI tools that load strictly
     (``ckpt_export --key_in_ckpt model``, ignite ``Checkpoint.load_objects``) accept a delta. Unexpected keys,
     missing trainable keys and shape mismatches still fail."""
     module.register_load_state_dict_post_hook(_drop_frozen_missing)
