@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 
 from monai_prompt.bundle_gen import BUNDLE_SPECS, check_bundles, write_bundles
+from monai_prompt.bundle_gen.smoke import run_bundle, tiny_overrides, write_tiny_backbone, write_tiny_dataset
 from monai_prompt.engine import latest_checkpoint
 from monai_prompt.engine.export import export_bundle
-from monai_prompt.bundle_gen.tiny import tiny_overrides, write_tiny_backbone, write_tiny_dataset
+from monai_prompt.fpt.lpm import LPMExtractor
 from monai_prompt.peft import DeltaMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,23 +39,10 @@ def copy_bundle(name: str, root: Path) -> Path:
     return target
 
 
-def run_workflow(bundle: Path, files: list[str], workflow_type: str, **overrides):
-    """``monai.bundle run`` in-process: initialize, check properties, run, finalize; returns the workflow."""
-    workflow = ConfigWorkflow(
-        config_file=[str(bundle / "configs" / f) for f in files], workflow_type=workflow_type,
-        bundle_root=str(bundle), **overrides,
-    )
-    workflow.initialize()
-    assert workflow.check_properties() == []
-    workflow.run()
-    workflow.finalize()
-    return workflow
-
-
 def workflow_error(bundle: Path, files: list[str], workflow_type: str, **overrides) -> BaseException:
     """The error a workflow raises (MONAI wraps errors of config expressions in a RuntimeError)."""
     with pytest.raises(RuntimeError) as info:
-        run_workflow(bundle, files, workflow_type, **overrides)
+        run_bundle(bundle, files, workflow_type, **overrides)
     return info.value.__cause__
 
 
@@ -78,11 +66,11 @@ def test_generator_check_reports_drift(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLE_SPECS))
-def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path):
+def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path, monkeypatch):
     spec = BUNDLE_SPECS[name]
     bundle = copy_bundle(name, tmp_path)
     overrides = tiny_overrides(spec, tiny["data"], tiny["backbone"])
-    run_workflow(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
+    run_bundle(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
 
     delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert list(delta) == ["peft", "model"] and delta["peft"]["method"] == spec.method
@@ -92,16 +80,20 @@ def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path):
     resume = torch.load(bundle / "models" / "checkpoint_epoch=1.pt", weights_only=True)
     assert set(resume) == {"trainer", "optimizer", "lr_scheduler", "peft", "model"}
     assert resume["trainer"]["iteration"] == 3  # 12 training images, batch 4, one epoch
-    if spec.fpt:  # every labelled image was preloaded once
+    if spec.fpt:  # every labelled image was preloaded once; training and validation then never run the LPM
         assert len(list((bundle / "cache" / "kv").rglob("*.safetensors"))) == 24
+        with monkeypatch.context() as patch:
+            patch.setattr(LPMExtractor, "extract", lambda *args: pytest.fail("the LPM ran during training"))
+            run_bundle(bundle, ["train.json"], "train", **overrides, fpt_preload=False,
+                       **{"train#trainer#max_epochs": 1})
 
-    run_workflow(bundle, ["train.json", "evaluate.json"], "infer", **overrides)
+    run_bundle(bundle, ["train.json", "evaluate.json"], "infer", **overrides)
     with open(bundle / "eval" / "metrics.csv") as f:
         metrics = {row[0]: float(row[1]) for row in csv.reader(f)}
     assert set(metrics) == {"accuracy", "auc", "f1", "kappa"}
     assert all(-1.0 <= value <= 1.0 for value in metrics.values())
 
-    run_workflow(bundle, ["inference.json"], "infer", **overrides)
+    run_bundle(bundle, ["inference.json"], "infer", **overrides)
     with open(bundle / "eval" / "predictions.csv") as f:
         rows = list(csv.reader(f))
     assert len(rows) == 6 and all(len(row) == 4 for row in rows)
@@ -129,9 +121,9 @@ def test_resume_continues_from_the_last_checkpoint(tiny, tmp_path):
     error = workflow_error(bundle, ["train.json"], "train", resume=True, **overrides)
     assert isinstance(error, FileNotFoundError) and "no checkpoint_epoch=<N>.pt" in str(error)
 
-    run_workflow(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
+    run_bundle(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
     first = torch.load(bundle / "models" / "checkpoint_epoch=1.pt", weights_only=True)
-    workflow = run_workflow(bundle, ["train.json"], "train", resume=True, **overrides, **{"train#trainer#max_epochs": 2})
+    workflow = run_bundle(bundle, ["train.json"], "train", resume=True, **overrides, **{"train#trainer#max_epochs": 2})
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch == 2 and trainer.state.iteration == 2 * first["trainer"]["iteration"]
     assert latest_checkpoint(bundle / "models").endswith("checkpoint_epoch=2.pt")
@@ -141,7 +133,7 @@ def test_delta_of_another_config_or_method_fails_loudly(tiny, tmp_path):
     vpt = BUNDLE_SPECS["vpt_classification"]
     bundle = copy_bundle(vpt.name, tmp_path)
     overrides = tiny_overrides(vpt, tiny["data"], tiny["backbone"])
-    run_workflow(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
+    run_bundle(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
     error = workflow_error(bundle, ["inference.json"], "infer", **overrides, **{"method_config#num_tokens": 7})
     assert isinstance(error, DeltaMismatchError)
     assert str(error).endswith("model.pt: method config differs: num_tokens: 5 in the delta vs 7 here.")
@@ -161,11 +153,11 @@ def test_multi_label_trains_and_evaluates_with_sigmoid(tmp_path, tiny):
     overrides = {**tiny_overrides(spec, data, tiny["backbone"]), "multi_label": True}
     error = workflow_error(bundle, ["train.json"], "train", **{**overrides, "multi_label": False})
     assert isinstance(error, ValueError) and "run with --multi_label True" in str(error)
-    run_workflow(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
-    run_workflow(bundle, ["train.json", "evaluate.json"], "infer", **overrides)
+    run_bundle(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
+    run_bundle(bundle, ["train.json", "evaluate.json"], "infer", **overrides)
     with open(bundle / "eval" / "metrics.csv") as f:
         assert {row[0] for row in csv.reader(f)} == {"accuracy", "auc", "f1"}
-    run_workflow(bundle, ["inference.json"], "infer", **overrides)
+    run_bundle(bundle, ["inference.json"], "infer", **overrides)
     with open(bundle / "eval" / "predictions.csv") as f:
         rows = list(csv.reader(f))
     assert any(abs(sum(float(v) for v in row[1:]) - 1.0) > 1e-3 for row in rows)  # sigmoid, not softmax

@@ -10,7 +10,7 @@ objects, so bundle configs save and load deltas with MONAI's own handlers::
 
 Loading checks the ``peft`` entry first, so a delta of another method, config or backbone fails with a message
 naming the difference. :class:`AtomicCheckpointSaver` is MONAI's ``CheckpointSaver`` writing every file through
-a temporary file and a rename (MONAI builds ignite's ``DiskSaver`` with ``atomic=False``).
+a temporary file and a rename, and deleting a superseded file only once its successor is complete.
 """
 
 from __future__ import annotations
@@ -86,24 +86,34 @@ class PeftMeta:
 
 
 class _AtomicDiskSaver(DiskSaver):
-    """ignite ``DiskSaver`` with ``atomic=True`` and MONAI's optional fixed file name."""
+    """ignite ``DiskSaver`` with ``atomic=True``, MONAI's optional fixed file name, and deletions deferred until the
+    next file is complete (ignite deletes the file a new one replaces *before* writing the new one)."""
 
     def __init__(self, dirname: str, filename: str | None = None) -> None:
         super().__init__(dirname=dirname, require_empty=False, atomic=True)
         self.filename = filename
+        self._superseded: list[str] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        super().__call__(checkpoint, self.filename or filename, metadata)
+        filename = self.filename or filename
+        super().__call__(checkpoint, filename, metadata)
+        for old in self._superseded:
+            if old != filename:
+                super().remove(old)
+        self._superseded.clear()
 
     def remove(self, filename: str) -> None:
-        super().remove(self.filename or filename)
+        if self.filename is None:  # a fixed name is replaced in place by the next save
+            self._superseded.append(filename)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI ``CheckpointSaver`` whose files are written to a temporary file and renamed into place.
+    """MONAI ``CheckpointSaver`` that never leaves a half-written or missing checkpoint behind.
 
-    A crash while saving leaves the previous file intact. ignite's atomic ``DiskSaver`` also grants group/others
-    read access, which is why MONAI had turned it off. Arguments are those of
+    Each file is written to a temporary name and renamed into place (MONAI builds ignite's ``DiskSaver`` with
+    ``atomic=False``; ignite's atomic mode also grants group/others read access, which was MONAI's reason), and a
+    file being superseded (``n_saved``, a fixed ``key_metric_filename``/``final_filename``) is removed only after
+    its successor is complete, so a crash at any moment leaves the last good checkpoint. Arguments are those of
     :class:`monai.handlers.CheckpointSaver`.
     """
 

@@ -1,7 +1,8 @@
-"""Tiny data, a tiny pre-trained backbone and the overrides that make any classification bundle run in seconds.
+"""Smoke runs of the bundles: tiny data, a tiny stand-in pre-trained backbone, the overrides that make any
+classification bundle run in seconds, and an in-process runner.
 
-Used by the bundle tests and for smoke runs: ``tiny_overrides(spec, data_dir, backbone_file)`` are the
-command-line overrides (``--img_size 32 --backbone_overrides ...``) as a dict for ``monai.bundle.run``.
+``tiny_overrides(spec, data_dir, backbone_file)`` are the command-line overrides (``--img_size 32
+--backbone_overrides ...``) as a dict; :func:`run_bundle` runs a workflow like ``python -m monai.bundle run``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai.bundle import ConfigWorkflow
+
 from monai_prompt.backbones.vit import build_vit
 from monai_prompt.bundle_gen.specs import BundleSpec
 from monai_prompt.data.datalist import ClassificationDatalist
 
-__all__ = ["TINY_BACKBONE", "TINY_IMG_SIZE", "tiny_overrides", "write_tiny_backbone", "write_tiny_dataset"]
+__all__ = [
+    "TINY_BACKBONE",
+    "TINY_IMG_SIZE",
+    "run_bundle",
+    "tiny_overrides",
+    "write_tiny_backbone",
+    "write_tiny_dataset",
+]
 
 TINY_IMG_SIZE = 32
 #: a 2-block ViT of width 32 (patch 8 at 32 x 32: 16 patches).
@@ -86,3 +96,33 @@ def tiny_overrides(spec: BundleSpec, dataset_dir: str | os.PathLike, pretrained:
     if spec.fpt:
         overrides["method_config#side_img_size"] = TINY_IMG_SIZE // 2
     return overrides
+
+
+def run_bundle(
+    bundle: str | os.PathLike, files: list[str], workflow_type: str, tracking: str | None = None, **overrides: Any
+) -> ConfigWorkflow:
+    """Run ``configs/<files>`` of ``bundle`` in-process as ``python -m monai.bundle run`` does, after checking the
+    workflow's required properties; returns the finished workflow.
+
+    Args:
+        bundle: bundle folder (also ``bundle_root``).
+        files: config files merged in order, e.g. ``["train.json", "evaluate.json"]``.
+        workflow_type: ``"train"`` or ``"infer"`` (which MONAI property set to check).
+        tracking: ``"mlflow"`` to add MONAI's MLflow handlers.
+        overrides: config overrides.
+    """
+    bundle = Path(bundle)
+    workflow = ConfigWorkflow(
+        config_file=[str(bundle / "configs" / name) for name in files],
+        workflow_type=workflow_type,
+        tracking=tracking,
+        bundle_root=str(bundle),
+        **overrides,
+    )
+    workflow.initialize()
+    missing = workflow.check_properties()
+    if missing:
+        raise ValueError(f"{bundle}: {workflow_type} workflow lacks required properties {missing}.")
+    workflow.run()
+    workflow.finalize()
+    return workflow

@@ -1,0 +1,122 @@
+"""``--tracking mlflow``: a real tracking server and the default local SQLite store, read back with MlflowClient."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from monai_prompt.bundle_gen import BUNDLE_SPECS
+from monai_prompt.bundle_gen.smoke import run_bundle, tiny_overrides, write_tiny_backbone, write_tiny_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = BUNDLE_SPECS["linear_classification"]
+EXPERIMENT = "monai_prompt_classification"
+SERVER_START_TIMEOUT_S = 120
+
+
+@pytest.fixture
+def bundle(tmp_path, monkeypatch):
+    """A copy of the linear bundle and its tiny overrides; no MLFLOW_TRACKING_URI from the environment."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_tiny_dataset(tmp_path / "data")
+    backbone = write_tiny_backbone(tmp_path / "vit_tiny.pt")
+    target = tmp_path / "bundles" / SPEC.name
+    shutil.copytree(REPO / "bundles" / SPEC.name, target)
+    return target, tiny_overrides(SPEC, tmp_path / "data", backbone)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """``mlflow server`` on a free local port with a SQLite backend in ``tmp_path``; always terminated."""
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination", str(tmp_path / "server_artifacts"),
+    ]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"mlflow server exited with {server.returncode}: {(tmp_path / 'server.log').read_text()}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer within {SERVER_START_TIMEOUT_S} s")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def _runs(client: MlflowClient) -> dict[str, object]:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+
+
+def test_train_and_evaluate_logged_to_a_tracking_server(bundle, mlflow_server):
+    path, overrides = bundle
+    tracked = {**overrides, "tracking_uri": mlflow_server}
+    run_bundle(path, ["train.json"], "train", tracking="mlflow", **tracked, **{"train#trainer#max_epochs": 2})
+    run_bundle(path, ["train.json", "evaluate.json"], "infer", tracking="mlflow", **tracked)
+
+    client = MlflowClient(mlflow_server)
+    runs = _runs(client)
+    train = next(run for name, run in runs.items() if name.startswith("linear_classification_train_"))
+    evaluate = next(run for name, run in runs.items() if name.startswith("linear_classification_evaluate_"))
+    assert len(runs) == 2 and train.info.status == evaluate.info.status == "FINISHED"
+
+    params = train.data.params
+    assert params["peft_method"] == "linear" and params["peft_config"] == "{}"
+    assert params["trainable_params"] == str(32 * 3 + 3)  # the head of a width-32 backbone, 3 classes
+    assert int(params["total_params"]) > int(params["trainable_params"]) and params["max_epochs"] == "2"
+    history = client.get_metric_history(train.info.run_id, "val_accuracy")
+    assert [metric.step for metric in history] == [1, 2]
+    assert {"train_loss", "val_auc", "val_f1", "val_kappa", "peak_rss_mb"} <= set(train.data.metrics)
+    artifacts = {artifact.path for artifact in client.list_artifacts(train.info.run_id)}
+    assert "model.pt" in artifacts and any(name.startswith("config_") for name in artifacts)
+
+    assert {"accuracy", "auc", "f1", "kappa"} <= set(evaluate.data.metrics)
+    assert {"metrics.csv", "model.pt"} <= {artifact.path for artifact in client.list_artifacts(evaluate.info.run_id)}
+    local = client.download_artifacts(train.info.run_id, "model.pt", str(path.parent / "download"))
+    assert Path(local).read_bytes() == (path / "models" / "model.pt").read_bytes()
+
+
+def test_default_local_sqlite_store_and_unique_run_names(bundle):
+    path, overrides = bundle
+    for _ in range(2):
+        run_bundle(path, ["train.json"], "train", tracking="mlflow", **overrides, **{"train#trainer#max_epochs": 1})
+    store = path / "eval" / "mlruns.db"
+    assert store.is_file()
+    runs = _runs(MlflowClient(f"sqlite:///{store}"))
+    assert len(runs) == 2 and all(name.startswith("linear_classification_train_") for name in runs)
+    assert all(run.info.status == "FINISHED" and "val_accuracy" in run.data.metrics for run in runs.values())
