@@ -251,7 +251,8 @@ def test_parameter_counts_vit_b16_512(variant, side_depth, side_img, prompt_para
     assert not any(p.requires_grad for p in net.lpm.parameters())
 
 
-def test_torchscript_matches_eager():
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_torchscript_and_trace_match_eager():
     torch.manual_seed(7)
     net = tiny_fpt("fpt").eval()
     image = torch.randn(2, 3, 32, 32)
@@ -259,6 +260,9 @@ def test_torchscript_matches_eager():
     torch.testing.assert_close(scripted(image), net(image), rtol=0, atol=0)
     features = net.lpm_features(image)
     torch.testing.assert_close(scripted(image[:, :, ::2, ::2], features), net(image[:, :, ::2, ::2], features))
+    traced = torch.jit.trace(net, image)
+    other = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(traced(other), net(other), rtol=0, atol=1e-6)
 
 
 def test_delta_checkpoint_holds_side_and_fusion_only():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from monai_prompt.backbones.pretrained import load_pretrained
 from monai_prompt.backbones.vit import PromptableViT, build_vit
-from monai_prompt.fpt.config import FPTConfig, resolve_layers
+from monai_prompt.fpt.config import FPTConfig
 from monai_prompt.fpt.fusion import PromptFusion
 from monai_prompt.fpt.lpm import LPMExtractor
 from monai_prompt.fpt.side import SideViT
@@ -83,11 +83,10 @@ class FPTClassifier(nn.Module):
                     layer_norm_eps=layer_norm_eps,
                     **(backbone_overrides or {}),
                 ).config
-            layers = resolve_layers(config.layers, vit_config["num_layers"])
-            lpm = LPMExtractor(vit_config, layers, config.token_ratio, config.token_importance)
+            lpm = LPMExtractor(vit_config, config.layers, config.token_ratio, config.token_importance)
         else:
-            layers = resolve_layers(config.layers, len(backbone.blocks))
-            lpm = LPMExtractor.from_vit(backbone, layers, config.token_ratio, config.token_importance)
+            lpm = LPMExtractor.from_vit(backbone, config.layers, config.token_ratio, config.token_importance)
+        layers = lpm.layers
         if pretrained:
             load_pretrained(lpm, pretrained)
         width, heads = lpm.hidden_size, lpm.num_heads

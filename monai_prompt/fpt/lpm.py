@@ -18,7 +18,7 @@ import torch
 
 from monai_prompt.backbones.blocks import PromptBlock
 from monai_prompt.backbones.vit import PromptableViT, TokenPrompter
-from monai_prompt.fpt.config import FPT_VARIANTS, TOKEN_IMPORTANCE
+from monai_prompt.fpt.config import FPT_VARIANTS, TOKEN_IMPORTANCE, resolve_layers
 from monai_prompt.peft.delta import backbone_fingerprint
 
 __all__ = ["LPMExtractor", "select_important_tokens"]
@@ -53,13 +53,13 @@ class LPMExtractor(PromptableViT):
 
     Args:
         vit_config: the ``config`` of a :class:`PromptableViT` (``build_vit(...).config``).
-        layers: strictly increasing indices of the tapped blocks.
+        layers: tapped blocks: ``"all"``, ``"last_half"`` or strictly increasing indices.
         token_ratio: fraction of the ``N`` tokens kept per head.
         token_importance: ``"global"`` or ``"class_token"`` (see :func:`select_important_tokens`).
     """
 
     def __init__(
-        self, vit_config: dict[str, Any], layers: list[int], token_ratio: float = 0.2, token_importance: str = "global"
+        self, vit_config: dict[str, Any], layers: str | list[int], token_ratio: float = 0.2, token_importance: str = "global"
     ) -> None:
         super().__init__(**vit_config)
         if token_importance not in TOKEN_IMPORTANCE:
@@ -67,9 +67,7 @@ class LPMExtractor(PromptableViT):
         if token_importance == "class_token" and not vit_config.get("cls_token", True):
             raise ValueError("token_importance='class_token' needs an LPM with a CLS token (cls_token=True).")
         depth = len(self.blocks)
-        if not layers or sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= depth:
-            raise ValueError(f"layers {layers} must be strictly increasing block indices in [0, {depth - 1}].")
-        self.layers = [int(i) for i in layers]
+        self.layers = resolve_layers(layers, depth)
         self.tapped = [i in self.layers for i in range(depth)]
         self.last_layer = self.layers[-1]
         self.token_ratio = float(token_ratio)
@@ -82,7 +80,7 @@ class LPMExtractor(PromptableViT):
 
     @classmethod
     def from_vit(
-        cls, vit: PromptableViT, layers: list[int], token_ratio: float = 0.2, token_importance: str = "global"
+        cls, vit: PromptableViT, layers: str | list[int], token_ratio: float = 0.2, token_importance: str = "global"
     ) -> LPMExtractor:
         """An extractor holding a copy of ``vit``'s weights (``vit`` must be a plain ViT, no PEFT method)."""
         if not isinstance(vit, PromptableViT):
