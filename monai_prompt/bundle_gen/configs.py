@@ -79,6 +79,7 @@ def _common(spec: BundleSpec) -> dict[str, Any]:
         "network": "$@network_def.to(@device)",
         "batch_size": _BATCH_SIZE,
         "num_workers": _NUM_WORKERS,
+        "cache_rate": 0.0,
         "experiment_name": "monai_prompt_classification",
     }
 
@@ -117,6 +118,18 @@ def _transforms(augment: bool, fpt: bool = False) -> dict[str, Any]:
     return {"_target_": "Compose", "transforms": f"${chain}"}
 
 
+def _dataset(data: str, transform: str) -> dict[str, Any]:
+    """``CacheDataset``: with ``cache_rate`` > 0 the deterministic transforms (load, resize; FPT: the feature lookup)
+    run once and stay in memory; the default 0 keeps nothing (large datasets)."""
+    return {
+        "_target_": "CacheDataset",
+        "data": data,
+        "transform": transform,
+        "cache_rate": "@cache_rate",
+        "num_workers": "@num_workers",
+    }
+
+
 def _loader(dataset: str, shuffle: bool) -> dict[str, Any]:
     return {
         "_target_": "DataLoader",
@@ -151,12 +164,21 @@ def _metrics(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return key, additional
 
 
+#: probabilities: softmax, or sigmoid for multi-label.
+_ACTIVATION = {"_target_": "Activationsd", "keys": "pred", "softmax": "$not @multi_label", "sigmoid": "@multi_label"}
 _POSTPROCESSING = {
     "_target_": "Compose",
     "transforms": [
-        {"_target_": "Activationsd", "keys": "pred", "softmax": "$not @multi_label", "sigmoid": "@multi_label"},
+        _ACTIVATION,
         {"_target_": "AsDiscreted", "keys": "label", "to_onehot": "$None if @multi_label else @num_classes"},
     ],
+}
+#: loads ``models/model.pt`` (or ``--load_path``) after checking its method, config and backbone.
+_DELTA_LOADER = {
+    "_target_": "CheckpointLoader",
+    "load_path": "@load_path",
+    "load_dict": _delta(source="@load_path"),
+    "map_location": "@device",
 }
 _EVALUATOR = {
     "_target_": "SupervisedEvaluator",
@@ -245,7 +267,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
                 "n_saved": 1,
             },
             "preprocessing": _transforms(augment=True, fpt=spec.fpt),
-            "dataset": {"_target_": "Dataset", "data": "$@datalist['training']", "transform": "@train#preprocessing"},
+            "dataset": _dataset("$@datalist['training']", "@train#preprocessing"),
             "dataloader": _loader("@train#dataset", shuffle=True),
             "inferer": {"_target_": "SimpleInferer"},
             "handlers": [
@@ -288,11 +310,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
         },
         "validate": {
             "preprocessing": _transforms(augment=False, fpt=spec.fpt),
-            "dataset": {
-                "_target_": "Dataset",
-                "data": "$@datalist['validation']",
-                "transform": "@validate#preprocessing",
-            },
+            "dataset": _dataset("$@datalist['validation']", "@validate#preprocessing"),
             "dataloader": _loader("@validate#dataset", shuffle=False),
             "inferer": {"_target_": "SimpleInferer"},
             "postprocessing": _POSTPROCESSING,
@@ -332,19 +350,14 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
         "load_path": "$@ckpt_dir + '/model.pt'",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_evaluate')",
         "preprocessing": "@validate#preprocessing",
-        "dataset": {"_target_": "Dataset", "data": "$@datalist[@evaluate_split]", "transform": "@preprocessing"},
+        "dataset": _dataset("$@datalist[@evaluate_split]", "@preprocessing"),
         "dataloader": _loader("@dataset", shuffle=False),
         "inferer": "@validate#inferer",
         "postprocessing": "@validate#postprocessing",
         "key_metric": key_metric,
         "additional_metrics": additional_metrics,
         "handlers": [
-            {
-                "_target_": "CheckpointLoader",
-                "load_path": "@load_path",
-                "load_dict": _delta(source="@load_path"),
-                "map_location": "@device",
-            },
+            _DELTA_LOADER,
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": "*", "metric_details": None},
             {
@@ -378,27 +391,17 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "load_path": "$@ckpt_dir + '/model.pt'",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_infer')",
         "preprocessing": _transforms(augment=False),
-        "dataset": {
-            "_target_": "Dataset",
-            "data": "$[{'image': image} for image in @infer_images]",
-            "transform": "@preprocessing",
-        },
+        "dataset": _dataset("$[{'image': image} for image in @infer_images]", "@preprocessing"),
         "dataloader": _loader("@dataset", shuffle=False),
         "inferer": {"_target_": "SimpleInferer"},
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [
-                {"_target_": "Activationsd", "keys": "pred", "softmax": "$not @multi_label",
-                 "sigmoid": "@multi_label"},
+                _ACTIVATION,
             ],
         },
         "handlers": [
-            {
-                "_target_": "CheckpointLoader",
-                "load_path": "@load_path",
-                "load_dict": _delta(source="@load_path"),
-                "map_location": "@device",
-            },
+            _DELTA_LOADER,
             {"_target_": "StatsHandler", "iteration_log": False},
             {
                 "_target_": "ClassificationSaver",

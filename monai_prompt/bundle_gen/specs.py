@@ -105,6 +105,16 @@ _FPT_REFS = (
     ),
     Reference("Official code: YijinHuang/FPT", "https://github.com/YijinHuang/FPT"),
 )
+#: FPT and FPT+ share the official recipe (MICCAI-era configs: lr 2e-3 for every dataset) and a 512 x 512 LPM input.
+_FPT_RECIPE: dict[str, Any] = {
+    "img_size": 512,
+    "learning_rate": 2e-3,
+    "weight_decay": 0.1,
+    "recipe_source": "official FPT code (YijinHuang/FPT, MICCAI-era configs): AdamW lr 2e-3, wd 0.1, 20 epochs, "
+    "batch 16",
+    "references": _FPT_REFS,
+    "fpt": True,
+}
 
 _SPECS = (
     BundleSpec(
@@ -220,25 +230,14 @@ _SPECS = (
         summary="a frozen large ViT sees the high-resolution image (its selected keys and values are computed once "
         "into a preload cache); fine-grained prompts summarise them by cross-attention for a small side ViT on a "
         "low-resolution copy, and only the prompts, fusion and side ViT train",
-        img_size=512,
-        learning_rate=2e-3,
-        weight_decay=0.1,
-        recipe_source="official FPT code (YijinHuang/FPT, MICCAI-era configs): AdamW lr 2e-3, wd 0.1, 20 epochs, "
-        "batch 16",
-        references=_FPT_REFS,
-        fpt=True,
+        **_FPT_RECIPE,
     ),
     BundleSpec(
         method="fptplus",
         title="FPT+",
         summary="FPT with the FPT+ defaults: a 128 x 128 side ViT, prompts at full width with LayerNorm and no "
         "projection, only the last half of the frozen ViT's layers tapped (less memory, fewer parameters)",
-        img_size=512,
-        learning_rate=2e-3,
-        weight_decay=0.1,
-        recipe_source="official FPT code (YijinHuang/FPT): AdamW lr 2e-3, wd 0.1, 20 epochs, batch 16",
-        references=_FPT_REFS,
-        fpt=True,
+        **_FPT_RECIPE,
     ),
 )
 

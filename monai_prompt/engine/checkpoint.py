@@ -40,11 +40,8 @@ def unwrap(network: nn.Module) -> nn.Module:
     return network
 
 
-class TrainableState:
-    """The trainable parameters of a network as a checkpoint object.
-
-    ``state_dict()`` returns exactly the parameters with ``requires_grad`` (head included);
-    ``load_state_dict()`` needs the same names and shapes (:func:`~monai_prompt.peft.load_trainable_state`).
+class _DeltaPart:
+    """One entry of a delta checkpoint, read from / written to ``network``.
 
     Args:
         network: the (possibly DDP-wrapped) network.
@@ -54,6 +51,14 @@ class TrainableState:
     def __init__(self, network: nn.Module, source: str = "delta") -> None:
         self.network = network
         self.source = str(source)
+
+
+class TrainableState(_DeltaPart):
+    """The trainable parameters of a network as a checkpoint object.
+
+    ``state_dict()`` returns exactly the parameters with ``requires_grad`` (head included);
+    ``load_state_dict()`` needs the same names and shapes (:func:`~monai_prompt.peft.load_trainable_state`).
+    """
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return trainable_state(unwrap(self.network))
@@ -62,21 +67,13 @@ class TrainableState:
         load_trainable_state(unwrap(self.network), dict(state), self.source)
 
 
-class PeftMeta:
+class PeftMeta(_DeltaPart):
     """The ``peft`` entry of a delta as a checkpoint object.
 
     ``state_dict()`` is :func:`~monai_prompt.peft.delta_meta` (method, config, backbone fingerprint);
     ``load_state_dict()`` raises :class:`~monai_prompt.peft.DeltaMismatchError` when the checkpoint was made for
     another method, config or backbone. Put it before :class:`TrainableState` in a ``load_dict``.
-
-    Args:
-        network: the (possibly DDP-wrapped) network.
-        source: name used in error messages (the checkpoint path).
     """
-
-    def __init__(self, network: nn.Module, source: str = "delta") -> None:
-        self.network = network
-        self.source = str(source)
 
     def state_dict(self) -> dict[str, Any]:
         return delta_meta(unwrap(self.network))
