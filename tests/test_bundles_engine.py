@@ -41,7 +41,8 @@ def tiny_net(method: str = "vpt", **config) -> PromptClassifier:
 def kappa_reference(truth: list[int], pred: list[int], classes: int) -> float:
     """Quadratic-weighted kappa by its definition: double sums over class pairs."""
     n = len(truth)
-    observed = [[sum(1 for t, p in zip(truth, pred) if t == i and p == j) for j in range(classes)] for i in range(classes)]
+    pairs = list(zip(truth, pred))
+    observed = [[pairs.count((i, j)) for j in range(classes)] for i in range(classes)]
     rows = [sum(observed[i]) for i in range(classes)]
     cols = [sum(observed[i][j] for i in range(classes)) for j in range(classes)]
     num = den = 0.0
@@ -80,7 +81,8 @@ def test_class_decisions_and_macro_f1():
     probs, index = class_decisions()(output)
     assert probs.shape == (3, 3) and index.tolist() == [0, 1, 1]
     hard, multi_hot = class_decisions(multi_label=True, threshold=0.4)(output)
-    assert hard.tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 0]] and multi_hot.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]
+    assert hard.tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 0]]
+    assert multi_hot.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]
 
     engine = Engine(lambda engine, batch: output)
     macro_f1(output_transform=class_decisions()).attach(engine, "f1")

@@ -202,6 +202,7 @@ def _initialize(spec: BundleSpec, distributed: bool = False) -> list[str]:
     steps = [
         "$monai.utils.set_determinism(seed=@seed)",
         "$monai_prompt.engine.check_task(@datalist, @num_classes, @multi_label)",
+        "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)",
     ]
     if spec.fpt and distributed:
         steps += [f"${_FPT_PRELOAD} if @fpt_preload and dist.get_rank() == 0 else None", "$dist.barrier()"]
@@ -418,7 +419,10 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
             "postprocessing": "@postprocessing",
             "val_handlers": "@handlers",
         },
-        "initialize": ["$monai.utils.set_determinism(seed=@seed)"],
+        "initialize": [
+            "$monai.utils.set_determinism(seed=@seed)",
+            "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)",
+        ],
         "run": ["$@evaluator.run()"],
     }
 

@@ -138,7 +138,8 @@ def demo_run(spec: BundleSpec, bundles: Path, work: Path, data_dir: Path, backbo
     )
     seconds = [
         int(h) * 3600 + int(m) * 60 + float(s)
-        for h, m, s in re.findall(r"SupervisedTrainer - INFO - Epoch\[\d+\] Complete\. Time taken: (\d+):(\d+):([\d.]+)", train)
+        for h, m, s in re.findall(r"SupervisedTrainer - INFO - Epoch\[\d+\] Complete\. Time taken: (\d+):(\d+):([\d.]+)",
+                                  train)
     ]
     peak = max(float(v) for v in re.findall(r"peak_rss_mb: ([\d.]+)", train))
     with open(bundle / "eval" / "metrics.csv") as f:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from monai.transforms import Randomizable, Transform
 
-__all__ = ["bundle_root", "check_task", "insert_before_random"]
+__all__ = ["bundle_root", "check_task", "insert_before_random", "warn_if_not_pretrained"]
+
+logger = logging.getLogger("monai_prompt")
 
 
 def bundle_root(name: str) -> str:
@@ -45,6 +48,15 @@ def check_task(datalist, num_classes: int, multi_label: bool) -> None:
         raise ValueError(
             f"the datalist's labels are {kind} but the bundle has multi_label={multi_label}; "
             f"run with --multi_label {bool(datalist.multi_label)}."
+        )
+
+
+def warn_if_not_pretrained(pretrained: str | None) -> None:
+    """Log a warning when no pre-trained weights are configured: the frozen backbone would be random."""
+    if not pretrained:
+        logger.warning(
+            "pretrained is not set: the backbone is randomly initialised, and a PEFT method keeps it frozen; "
+            "pass --pretrained /path/to/vit weights (timm, HuggingFace or MONAI layout)."
         )
 
 
