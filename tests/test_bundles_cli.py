@@ -29,7 +29,7 @@ def checkout(tmp_path):
     """A stand-in repository root (``bundles/<name>`` copies) with tiny data and a tiny backbone."""
     write_tiny_dataset(tmp_path / "data")
     backbone = write_tiny_backbone(tmp_path / "vit_tiny.pt")
-    for name in ("linear_classification", "lora_classification"):
+    for name in ("linear_classification", "lora_classification", "fptplus_classification"):
         shutil.copytree(REPO / "bundles" / name, tmp_path / "bundles" / name)
     return tmp_path, backbone
 
@@ -65,9 +65,11 @@ def test_monai_bundle_cli_from_repository_root_and_from_inside_the_bundle(checko
         assert {row[0] for row in csv.reader(f)} == {"accuracy", "auc", "f1", "kappa"}
 
 
-def test_torchrun_ddp_on_cpu_with_gloo(checkout):
+@pytest.mark.parametrize("name", ["lora_classification", "fptplus_classification"])
+def test_torchrun_ddp_on_cpu_with_gloo(name, checkout):
+    """DDP with a frozen backbone; FPT+ also preloads its cache on rank 0 while rank 1 waits."""
     root, backbone = checkout
-    spec = BUNDLE_SPECS["lora_classification"]
+    spec = BUNDLE_SPECS[name]
     configs = f"['bundles/{spec.name}/configs/train.json','bundles/{spec.name}/configs/multi_gpu_train.json']"
     result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
                   "-m", "monai.bundle", "run", "--config_file", configs,
@@ -77,7 +79,7 @@ def test_torchrun_ddp_on_cpu_with_gloo(checkout):
     assert "Key metric: val_accuracy best value" in output
     delta = torch.load(root / "bundles" / spec.name / "models" / "model.pt", weights_only=True)
     assert not any(key.startswith("module.") for key in delta["model"])  # saved unwrapped from DDP
-    assert delta["peft"]["method"] == "lora"
+    assert delta["peft"]["method"] == spec.method
 
 
 def test_export_merges_lora_into_a_plain_network(checkout, capsys):
