@@ -135,13 +135,24 @@ python -m monai.bundle verify_metadata --meta_file bundles/{name}/configs/metada
 python -m monai.bundle verify_net_in_out network_def --meta_file bundles/{name}/configs/metadata.json \\
     --config_file bundles/{name}/configs/inference.json --pretrained ...
 python -m monai.bundle ckpt_export network_def --filepath bundles/{name}/models/model.ts \\
-    --ckpt_file bundles/{name}/models/model.pt --meta_file bundles/{name}/configs/metadata.json \\
-    --config_file bundles/{name}/configs/inference.json --key_in_ckpt model --pretrained ...
+    --ckpt_file bundles/{name}/models/{ckpt} --meta_file bundles/{name}/configs/metadata.json \\
+    --config_file bundles/{name}/configs/inference.json{key} --pretrained ...
 ```
 
 `monai-prompt export bundles/{name} --pretrained ...` writes one self-contained file instead: the full state
-dict (with LoRA/SSF merged into the weights where the method allows it) and its TorchScript.
+dict `models/model_full.pt` (with LoRA/SSF merged into the weights where the method allows it) and its
+TorchScript `models/model_full.ts`.{fpt_note}
 """
+
+
+def _commands(spec: BundleSpec) -> str:
+    if spec.fpt:  # FPTClassifier loads state dicts strictly: ckpt_export takes the full state dict of the export
+        note = (
+            "\n\n`FPTClassifier` does not load a delta with `strict=True`, so `ckpt_export` above takes "
+            "`models/model_full.pt`: run `monai-prompt export` first."
+        )
+        return _COMMANDS.format(name=spec.name, ckpt="model_full.pt", key="", fpt_note=note)
+    return _COMMANDS.format(name=spec.name, ckpt="model.pt", key=" --key_in_ckpt model", fpt_note="")
 
 
 def readme(spec: BundleSpec, measured: dict | None = None) -> str:
@@ -160,7 +171,7 @@ def readme(spec: BundleSpec, measured: dict | None = None) -> str:
 
 {_network(spec)}
 
-`models/model.pt` holds only what training changed (the delta: method parameters and the head), laid out as
+`models/model.pt` holds only what training changed (the delta: the trainable parameters, head included), laid out as
 an ignite checkpoint `{{"model": ..., "peft": ...}}`; `peft` records the method, its config and a fingerprint
 of the frozen backbone, so loading a delta of another method, config or backbone fails with a message that
 says what differs. No trained weights ship with the bundle: training produces them for your data and backbone.
@@ -210,7 +221,7 @@ sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.
 {_performance(spec, measured)}
 ## MONAI bundle commands
 
-{_COMMANDS.format(name=spec.name)}
+{_commands(spec)}
 Tested with MONAI {PINNED_VERSIONS['monai_version']}, PyTorch {PINNED_VERSIONS['pytorch_version']}. See
 `docs/bundles.md` of the repository for MONAI Label notes and limits.
 
