@@ -193,6 +193,9 @@ def test_fp16_storage_halves_disk_and_stays_close(tmp_path):
         torch.testing.assert_close(net(batch16["image"], batch16["fpt_kv"]), net(batch32["image"]), rtol=0, atol=1e-3)
     with pytest.raises(FPTCacheError, match="stores float16, not float32"):
         preload_features(net, items, tmp_path / "fp16")
+    cache = FPTFeatureCache(tmp_path / "fp16", cache_identity(net))
+    with pytest.raises(FPTCacheError, match="not finite in float16"):
+        cache.save("0" * 64, torch.full(net.feature_shape, 1e5))
 
 
 def test_cli_keys_by_content_not_file_stem(tmp_path):

@@ -179,9 +179,15 @@ class FPTFeatureCache:
         if list(features.shape) != self.identity["feature_shape"]:
             shape = self.identity["feature_shape"]
             raise ValueError(f"features of shape {list(features.shape)}; this cache holds {shape}.")
+        stored = features.detach().to("cpu", self.storage_dtype).contiguous()
+        if not torch.isfinite(stored).all():
+            raise FPTCacheError(
+                f"LPM features of {key[:16]}... are not finite in {self.manifest['storage_dtype']} (largest magnitude "
+                f"{features.abs().max().item():.3g}); preload with storage_dtype='float32'."
+            )
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"kv": features.detach().to("cpu", self.storage_dtype).contiguous()}
+        tensors = {"kv": stored}
         metadata = {"format": CACHE_FORMAT, "fingerprint": self.identity["fingerprint"]}
         _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
