@@ -44,10 +44,21 @@ class TrainableReportHandler:
 
 
 def peak_memory_mb(device: torch.device | str) -> float:
-    """Peak memory in MiB: CUDA max allocated on ``device`` for a GPU, else the process's peak resident set."""
+    """Peak memory in MiB: CUDA max allocated on ``device`` for a GPU, else the process's peak resident set.
+
+    On Linux the resident peak is ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` would also count the memory of
+    the parent process that started this one (Linux carries it over ``exec``).
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
