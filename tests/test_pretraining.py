@@ -1,0 +1,143 @@
+"""MAE pre-training: the masked-patch loss against a literal formula, and the vit_pretraining bundle end to end."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, verify_metadata
+from monai.networks.blocks import PatchEmbeddingBlock
+
+from monai_prompt.backbones import build_vit
+from monai_prompt.backbones.pretrained import load_pretrained
+from monai_prompt.data import ClassificationDatalist
+from monai_prompt.engine.mae import MaskedPatchLoss, patchify
+from monai_prompt.nets import PromptClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "vit_pretraining"
+SCHEMA = REPO.parent / "shared" / "reference" / "meta_schema_20240725.json"
+TINY_IMG_SIZE = 32
+TINY_BACKBONE = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 8}
+
+
+def write_unlabeled_images(root: Path, training: int = 4, unlabeled: int = 8) -> Path:
+    """Random grey PNGs in the ``training`` (labelled) and ``unlabeled`` splits, and their ``datalist.json``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    splits: dict[str, list[dict]] = {"training": [], "unlabeled": []}
+    for split, count in (("training", training), ("unlabeled", unlabeled)):
+        for index in range(count):
+            path = root / split / f"{index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (TINY_IMG_SIZE, TINY_IMG_SIZE), dtype=np.uint8)).save(path)
+            splits[split].append({"image": str(path)} | ({"label": index % 2} if split == "training" else {}))
+    return ClassificationDatalist(["a", "b"], splits).save_json(root / "datalist.json")
+
+
+def literal_mae_loss(image, pred, mask, patch, norm_pix, eps=1e-6):
+    """The MAE loss written out with loops: patch (g1, g2) row-major, values ordered (p1, p2, c)."""
+    batch, channels, height, width = image.shape
+    p1, p2 = patch
+    total, hidden = 0.0, 0.0
+    for b in range(batch):
+        for n, (g1, g2) in enumerate(itertools.product(range(height // p1), range(width // p2))):
+            values = [
+                float(image[b, c, g1 * p1 + i, g2 * p2 + j])
+                for i in range(p1) for j in range(p2) for c in range(channels)
+            ]
+            if norm_pix:
+                mean = sum(values) / len(values)
+                var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+                values = [(v - mean) / (var + eps) ** 0.5 for v in values]
+            error = sum((float(pred[b, n, k]) - v) ** 2 for k, v in enumerate(values)) / len(values)
+            total += float(mask[b, n]) * error
+            hidden += float(mask[b, n])
+    return total / hidden
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_masked_patch_loss_matches_literal_formula(norm_pix):
+    torch.manual_seed(0)
+    patch = (4, 2)
+    image = torch.rand(2, 3, 8, 6, dtype=torch.float64)
+    pred = torch.randn(2, 6, 4 * 2 * 3, dtype=torch.float64)
+    mask = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 1]], dtype=torch.int32)
+    loss = MaskedPatchLoss(patch, norm_pix=norm_pix)((pred, mask), image)
+    expected = literal_mae_loss(image, pred, mask, patch, norm_pix)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_patchify_follows_monai_patch_embedding_order(spatial_dims):
+    """A conv patch embedding whose output channel k copies value k of a patch gives exactly patchify's rows."""
+    channels, patch, size = 2, 2, 4
+    embed = PatchEmbeddingBlock(channels, size, patch, hidden_size=channels * patch**spatial_dims, num_heads=1,
+                                pos_embed_type="none", spatial_dims=spatial_dims)
+    conv = embed.patch_embeddings
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        offsets = itertools.product(*[range(patch)] * spatial_dims, range(channels))  # (p1, .., pn, c) order
+        for k, (*position, c) in enumerate(offsets):
+            conv.weight[(k, c, *position)] = 1.0
+    image = torch.rand(2, channels, *[size] * spatial_dims)
+    torch.testing.assert_close(patchify(image, patch), embed(image), rtol=0, atol=1e-6)
+
+
+def test_masked_patch_loss_rejects_wrong_inputs():
+    loss = MaskedPatchLoss(4)
+    with pytest.raises(TypeError, match="MaskedAutoEncoderViT"):
+        loss(torch.zeros(1, 4, 16), torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="does not match the image's patches"):
+        loss((torch.zeros(1, 4, 32), torch.ones(1, 4)), torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        patchify(torch.zeros(1, 1, 6, 8), 4)
+
+
+def test_pretraining_bundle_output_loads_into_prompt_classifier(tmp_path):
+    data = write_unlabeled_images(tmp_path / "data").parent
+    bundle = tmp_path / "vit_pretraining"
+    shutil.copytree(BUNDLE, bundle)
+    if SCHEMA.is_file():
+        verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(SCHEMA))
+    workflow = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "train.json"), workflow_type="train", bundle_root=str(bundle),
+        dataset_dir=str(data), img_size=TINY_IMG_SIZE, backbone_overrides=dict(TINY_BACKBONE),
+        decoder={"hidden_size": 16, "mlp_dim": 32, "num_layers": 1, "num_heads": 2}, batch_size=4,
+        **{"train#trainer#max_epochs": 1},
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    workflow.run()
+    workflow.finalize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.iteration == 3  # 4 training (labels unused) + 8 unlabelled images, batch 4
+    assert 0 < trainer.state.metrics["train_loss"] < 10
+    mae = workflow.parser.get_parsed_content("network")
+    checkpoint = bundle / "models" / "model.pt"
+    assert torch.load(checkpoint, weights_only=True).keys() == mae.state_dict().keys()
+
+    shape = {"backbone": "vit_tiny", "in_channels": 1, "img_size": TINY_IMG_SIZE, "layer_norm_eps": 1e-5,
+             "backbone_overrides": dict(TINY_BACKBONE)}
+    net = PromptClassifier(num_classes=3, method="dvpt", pretrained=str(checkpoint), **shape)
+    last = TINY_BACKBONE["num_layers"]  # MAE keeps its final LayerNorm as the last entry of `blocks`
+    mae_state, vit_state = mae.state_dict(), net.backbone.state_dict()
+    for key in ("patch_embedding.patch_embeddings.weight", "patch_embedding.position_embeddings", "cls_token",
+                "blocks.1.attn.qkv.weight", "blocks.1.attn.qkv.bias", "blocks.0.mlp.linear2.weight"):
+        torch.testing.assert_close(vit_state[key], mae_state[key], rtol=0, atol=0)
+    torch.testing.assert_close(vit_state["norm.weight"], mae_state[f"blocks.{last}.weight"], rtol=0, atol=0)
+
+    # the loaded ViT computes the MAE encoder's features when nothing is masked
+    vit = build_vit(shape["backbone"], in_channels=1, img_size=TINY_IMG_SIZE, layer_norm_eps=1e-5, **TINY_BACKBONE)
+    load_pretrained(vit, checkpoint)
+    image = torch.rand(2, 1, TINY_IMG_SIZE, TINY_IMG_SIZE)
+    with torch.no_grad():
+        tokens = mae.patch_embedding(image)
+        encoded = mae.blocks(torch.cat([mae.cls_token.expand(2, -1, -1), tokens], dim=1))
+        torch.testing.assert_close(vit(image)[0], encoded, rtol=1e-5, atol=1e-5)
