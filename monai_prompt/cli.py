@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -11,29 +12,16 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> None:
-    """Build a tiny prompt-tuned ViT, print its trainable-parameter report and run training steps."""
+    """The main job: demo data, MAE pre-training (cached), DVPT tuning and test metrics (monai_prompt.demo)."""
     import torch
 
-    from monai_prompt.nets import PromptClassifier
-    from monai_prompt.peft import format_report, trainable_report
+    from monai_prompt.demo import TINY_DEMO, DemoConfig, run_demo
 
-    torch.manual_seed(0)
-    net = PromptClassifier(
-        num_classes=3,
-        method=args.method,
-        backbone="vit_tiny",
-        img_size=64,
-        backbone_overrides={"num_layers": 4},
-    )
-    print(format_report(trainable_report(net)))
-    images, labels = torch.randn(8, 3, 64, 64), torch.randint(0, 3, (8,))
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-    for step in range(args.steps):
-        loss = torch.nn.functional.cross_entropy(net(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        print(f"step {step + 1}/{args.steps}: loss {loss.item():.4f}")
+    torch.set_num_threads(args.threads)
+    config = TINY_DEMO if args.tiny else DemoConfig()
+    overrides = {"pretrain_epochs": args.pretrain_epochs, "tune_epochs": args.epochs}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    run_demo(args.out, config, compare_scratch=args.compare_scratch, verbose=args.verbose)
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -199,9 +187,14 @@ def _add_bundle_parsers(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-prompt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job on embedded demo data")
-    demo.add_argument("--method", default="linear", help="PEFT method (default: linear)")
-    demo.add_argument("--steps", type=int, default=1, help="training steps")
+    demo = sub.add_parser("demo", help="the main job: MAE pre-training + DVPT on the demo data, test metrics")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument("--compare-scratch", action="store_true", help="also tune DVPT on a random-init backbone")
+    demo.add_argument("--pretrain-epochs", type=int, help="MAE epochs (default: 20)")
+    demo.add_argument("--epochs", type=int, help="DVPT epochs (default: 15)")
+    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, see docs/demo.md)")
+    demo.add_argument("--tiny", action="store_true", help="a smoke run of seconds (tiny data and ViT)")
+    demo.add_argument("--verbose", action="store_true", help="show the bundles' MONAI/ignite logs")
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="list methods and backbone presets")
     info.set_defaults(func=_info)
