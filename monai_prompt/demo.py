@@ -128,7 +128,7 @@ class EpochProgress:
         self._losses.clear()
         if self.validator is not None:
             metrics = self.validator.state.metrics
-            parts += [f"{name.removeprefix('val_')} {value:.3f}" for name, value in metrics.items()]
+            parts += ["val " + " ".join(f"{name.removeprefix('val_')} {value:.3f}" for name, value in metrics.items())]
         self.print_fn(f"  {'  '.join(parts)}  | {per_epoch:.1f} s/epoch, {_clock((total - done) * per_epoch)} left")
 
 
