@@ -110,7 +110,7 @@ def test_pretraining_bundle_output_loads_into_prompt_classifier(tmp_path):
         config_file=str(bundle / "configs" / "train.json"), workflow_type="train", bundle_root=str(bundle),
         dataset_dir=str(data), img_size=TINY_IMG_SIZE, backbone_overrides=dict(TINY_BACKBONE),
         decoder={"hidden_size": 16, "mlp_dim": 32, "num_layers": 1, "num_heads": 2}, batch_size=4,
-        **{"train#trainer#max_epochs": 1},
+        tracking="mlflow", **{"train#trainer#max_epochs": 1},
     )
     workflow.initialize()
     assert workflow.check_properties() == []
@@ -118,7 +118,14 @@ def test_pretraining_bundle_output_loads_into_prompt_classifier(tmp_path):
     workflow.finalize()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert trainer.state.iteration == 3  # 4 training (labels unused) + 8 unlabelled images, batch 4
-    assert 0 < trainer.state.metrics["train_loss"] < 10
+    assert 0 < trainer.state.metrics["mean_train_loss"] < 10
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("monai_prompt_pretraining").experiment_id])
+    (logged,) = client.get_metric_history(run.info.run_id, "mean_train_loss")  # one epoch
+    assert logged.value == pytest.approx(trainer.state.metrics["mean_train_loss"])
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3  # MONAI's handler: every iteration
     mae = workflow.parser.get_parsed_content("network")
     checkpoint = bundle / "models" / "model.pt"
     assert torch.load(checkpoint, weights_only=True).keys() == mae.state_dict().keys()
