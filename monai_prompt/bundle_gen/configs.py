@@ -198,9 +198,11 @@ _TRAIN_RUN = (
 
 
 def _initialize(spec: BundleSpec, distributed: bool = False) -> list[str]:
-    """Seed, check the data against the task and (FPT) preload the LPM features, on rank 0 only under DDP."""
+    """Seed, check every image header and label, check the data against the task and (FPT) preload the LPM
+    features, on rank 0 only under DDP."""
     steps = [
         "$monai.utils.set_determinism(seed=@seed)",
+        "$monai_prompt.data.check_datalist(@datalist_file)",
         "$monai_prompt.engine.check_task(@datalist, @num_classes, @multi_label)",
         "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)",
     ]
