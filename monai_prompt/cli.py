@@ -1,4 +1,4 @@
-"""``monai-prompt`` command line: demo, info."""
+"""``monai-prompt`` command line: demo, info, demo-data, check-data, preload, render-bundles, export."""
 
 from __future__ import annotations
 
