@@ -66,7 +66,8 @@ def _performance(spec: BundleSpec, measured: dict) -> str:
             f"**Demo run.** No ImageNet ViT ships in an installable package, so this run uses a small ViT (width 64, "
             f"4 blocks, patch 8, 32 x 32 input) pre-trained by `measure` as a MONAI `MaskedAutoEncoderViT` "
             f"({measured.get('mae_minutes', '?')} min, self-supervised on the demo's training and unlabeled patches, "
-            f"no labels), then tuned by this bundle's recipe for {run['epochs']} epochs on the demo data through "
+            f"no labels){'; it is the frozen LPM and the side network sees 16 x 16' if spec.fpt else ''}, then tuned by "
+            f"this bundle's recipe for {run['epochs']} epochs on the demo data through "
             "`python -m monai.bundle run` and evaluated on the 225 test patches. It shows the pipeline working on "
             "real images; it is not evidence of how the method does with a real pre-trained ViT-B. Times are wall "
             "clock on a CPU shared with other jobs.",
