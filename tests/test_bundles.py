@@ -11,6 +11,7 @@ import torch
 from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 
 from monai_prompt.bundle_gen import BUNDLE_SPECS, check_bundles, write_bundles
+from monai_prompt.bundle_gen.metadata import schema_file
 from monai_prompt.bundle_gen.smoke import run_bundle, tiny_overrides, write_tiny_backbone, write_tiny_dataset
 from monai_prompt.engine import latest_checkpoint
 from monai_prompt.engine.export import export_bundle
@@ -18,7 +19,6 @@ from monai_prompt.fpt.lpm import LPMExtractor
 from monai_prompt.peft import DeltaMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = REPO.parent / "shared" / "reference" / "meta_schema_20240725.json"
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,8 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     write_tiny_dataset(root / "data")
     backbone = write_tiny_backbone(root / "vit_tiny.pt")
-    schema = root / "schema.json"
-    if SCHEMA.is_file():
-        shutil.copy(SCHEMA, schema)
+    schema = root / "schema.json"  # verify_metadata downloads the schema unless the file exists
+    shutil.copy(schema_file(), schema)
     return {"data": root / "data", "backbone": backbone, "schema": schema}
 
 

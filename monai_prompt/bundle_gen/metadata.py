@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from monai_prompt.bundle_gen.specs import BundleSpec
 from monai_prompt.data.demo import DEMO_CLASSES
 
-__all__ = ["METADATA_SCHEMA", "PINNED_VERSIONS", "REQUIRED_PACKAGES", "metadata"]
+__all__ = ["METADATA_SCHEMA", "PINNED_VERSIONS", "REQUIRED_PACKAGES", "metadata", "schema_file"]
 
 METADATA_SCHEMA = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -27,6 +29,12 @@ REQUIRED_PACKAGES = {
     "itk": "5.4.7",
     "mlflow": "3.17.2",
 }
+
+
+def schema_file() -> Path:
+    """A local copy of :data:`METADATA_SCHEMA` (MONAI-extra-test-data 0.8.1, Apache-2.0), so that
+    ``python -m monai.bundle verify_metadata --filepath <it>`` needs no download."""
+    return Path(str(files("monai_prompt.bundle_gen").joinpath("schema", METADATA_SCHEMA.rsplit("/", 1)[1])))
 
 
 def metadata(spec: BundleSpec) -> dict[str, Any]:

@@ -132,7 +132,8 @@ python -m monai.bundle run --config_file bundles/{name}/configs/inference.json -
 Check and export (TorchScript of the network with the delta loaded on the pre-trained backbone):
 
 ```bash
-python -m monai.bundle verify_metadata --meta_file bundles/{name}/configs/metadata.json --filepath schema.json
+SCHEMA=$(python -c "from monai_prompt.bundle_gen.metadata import schema_file; print(schema_file())")  # offline copy
+python -m monai.bundle verify_metadata --meta_file bundles/{name}/configs/metadata.json --filepath $SCHEMA
 python -m monai.bundle verify_net_in_out network_def --meta_file bundles/{name}/configs/metadata.json \\
     --config_file bundles/{name}/configs/inference.json --pretrained ...
 python -m monai.bundle ckpt_export network_def --filepath bundles/{name}/models/model.ts \\
