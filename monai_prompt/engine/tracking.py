@@ -96,8 +96,11 @@ class MLflowPeftLogger:
                 handler.experiment_param = {**(handler.experiment_param or {}), **params}
 
     def completed(self, engine: Engine) -> None:
+        handlers = find_mlflow_handlers(engine)
+        if not handlers:
+            return
         existing = [path for path in self.artifacts if os.path.exists(path)]
         for path in sorted(set(self.artifacts) - set(existing)):
             self.logger.warning(f"MLflow artifact {path} does not exist; not logged.")
-        for handler in find_mlflow_handlers(engine):
+        for handler in handlers:
             handler.artifacts = (*[a for a in handler.artifacts if a], *existing)
