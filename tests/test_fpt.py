@@ -310,3 +310,15 @@ def test_clear_errors():
     vit.peft_method = "lora"
     with pytest.raises(ValueError, match="plain pre-trained ViT"):
         FPTClassifier(2, "fpt", backbone=vit)
+
+
+def test_delta_loads_strictly_for_monai_tools():
+    """MONAI's ckpt_export / ignite load a delta (trainable keys only) with strict=True."""
+    torch.manual_seed(0)
+    trained, fresh = tiny_fpt("fptplus"), tiny_fpt("fptplus")
+    fresh.lpm.load_state_dict(trained.lpm.state_dict())
+    fresh.load_state_dict(delta_state_dict(trained)["model"], strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fresh.eval()(x), trained.eval()(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict({k: v for k, v in delta_state_dict(trained)["model"].items() if "fusion" not in k})

@@ -19,6 +19,7 @@ from monai_prompt.backbones.pretrained import load_pretrained
 from monai_prompt.backbones.vit import PromptableViT, build_vit
 from monai_prompt.fpt.config import FPTConfig
 from monai_prompt.fpt.fusion import PromptFusion
+from monai_prompt.peft.delta import allow_delta_load
 from monai_prompt.fpt.lpm import LPMExtractor
 from monai_prompt.fpt.side import SideViT
 
@@ -128,6 +129,7 @@ class FPTClassifier(nn.Module):
         self.lpm_img_size = list(lpm.img_size)
         self.side_img_size = list(side_vit.img_size)
         self.side_resize_mode = "bilinear" if dims == 2 else "area"
+        allow_delta_load(self)
 
     def learnable_parameters(self) -> int:
         """Parameters that train: side network and fusion module (the LPM is frozen)."""
