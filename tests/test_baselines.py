@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monai_prompt.backbones.pretrained import BACKBONE_KEY
+from monai_prompt.backbones.vit import BACKBONE_KEY
 from monai_prompt.backbones.vit import build_vit
 from monai_prompt.nets.classifier import PromptClassifier
 from monai_prompt.peft.delta import load_delta, save_delta

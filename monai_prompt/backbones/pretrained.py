@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import ViT
 
+from monai_prompt.backbones.vit import BACKBONE_KEY, find_vit
+
 __all__ = [
     "CheckpointError",
     "LoadReport",
     "convert_state_dict",
-    "find_vit",
     "load_pretrained",
     "read_checkpoint",
     "resize_pos_embed",
@@ -41,12 +42,6 @@ _MARKERS = {
     "monai": "patch_embedding.patch_embeddings.weight",
     "monai_perceptron": "patch_embedding.patch_embeddings.1.weight",
 }
-_BLOCK_PARTS = r"(norm1|norm2|attn\.qkv|attn\.out_proj|mlp\.linear1|mlp\.linear2)"
-#: the frozen backbone keys of a MONAI ViT (``norm_cross_attn`` is unused and never loaded).
-BACKBONE_KEY = re.compile(
-    rf"^(cls_token|patch_embedding\.(patch_embeddings|position_embeddings)(\.weight|\.bias)?"
-    rf"|blocks\.\d+\.{_BLOCK_PARTS}\.(weight|bias)|norm\.(weight|bias))$"
-)
 _TIMM_RENAMES = [
     (r"^patch_embed\.proj\.", "patch_embedding.patch_embeddings."),
     (r"^blocks\.(\d+)\.attn\.proj\.", r"blocks.\1.attn.out_proj."),
@@ -300,17 +295,6 @@ def _perceptron_to_conv(weight: torch.Tensor, target: torch.Tensor) -> torch.Ten
     channels = weight.shape[1] // math.prod(patch)
     spatial = len(patch)
     return weight.reshape(weight.shape[0], *patch, channels).permute(0, spatial + 1, *range(1, spatial + 1))
-
-
-def find_vit(model: torch.nn.Module) -> ViT:
-    """The MONAI ViT inside ``model``: itself, or its ``backbone`` / ``vit`` / ``lpm`` attribute."""
-    if isinstance(model, ViT):
-        return model
-    for name in ("backbone", "vit", "lpm"):
-        sub = getattr(model, name, None)
-        if isinstance(sub, ViT):
-            return sub
-    raise TypeError(f"{type(model).__name__} is not a MONAI ViT and has no ViT 'backbone', 'vit' or 'lpm'.")
 
 
 def load_pretrained(

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from monai_prompt.backbones.blocks import Attention, PromptBlock
 
-__all__ = ["VIT_PRESETS", "PromptableViT", "TokenPrompter", "build_vit", "vit_config"]
+__all__ = ["BACKBONE_KEY", "VIT_PRESETS", "PromptableViT", "TokenPrompter", "build_vit", "find_vit", "vit_config"]
 
 #: width, depth, heads and MLP width of the standard ViT sizes (Dosovitskiy et al.; DeiT for tiny/small).
 VIT_PRESETS: dict[str, dict[str, int]] = {
@@ -27,6 +27,13 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
     "vit_base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_dim": 3072},
     "vit_large": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "mlp_dim": 4096},
 }
+
+_BLOCK_PARTS = r"(norm1|norm2|attn\.qkv|attn\.out_proj|mlp\.linear1|mlp\.linear2)"
+#: the frozen backbone keys of a MONAI ViT (``norm_cross_attn`` is unused and never loaded).
+BACKBONE_KEY = re.compile(
+    rf"^(cls_token|patch_embedding\.(patch_embeddings|position_embeddings)(\.weight|\.bias)?"
+    rf"|blocks\.\d+\.{_BLOCK_PARTS}\.(weight|bias)|norm\.(weight|bias))$"
+)
 
 
 class TokenPrompter(nn.Module):
@@ -242,3 +249,14 @@ def build_vit(
         cls_token=cls_token,
         **config,
     )
+
+
+def find_vit(model: torch.nn.Module) -> ViT:
+    """The MONAI ViT inside ``model``: itself, or its ``backbone`` / ``vit`` / ``lpm`` attribute."""
+    if isinstance(model, ViT):
+        return model
+    for name in ("backbone", "vit", "lpm"):
+        sub = getattr(model, name, None)
+        if isinstance(sub, ViT):
+            return sub
+    raise TypeError(f"{type(model).__name__} is not a MONAI ViT and has no ViT 'backbone', 'vit' or 'lpm'.")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ import torch.nn as nn
 from monai.bundle import ConfigParser
 from monai.networks.utils import convert_to_torchscript
 
-from monai_prompt.backbones.pretrained import find_vit
+from monai_prompt.backbones.vit import find_vit
+from monai_prompt.io import atomic_write
 from monai_prompt.peft.delta import load_delta
 
 __all__ = ["ExportReport", "export_bundle"]
@@ -75,17 +75,6 @@ def _parser(bundle: Path, overrides: dict[str, Any]) -> ConfigParser:
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
     parser.update({"bundle_root": str(bundle), **overrides})
     return parser
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def export_bundle(
@@ -138,9 +127,9 @@ def export_bundle(
     if difference > atol:
         raise RuntimeError(f"exported {method} network differs from the tuned one by {difference:.2e} > {atol}.")
     state_path, script_path = out / "model_full.pt", out / "model_full.ts"
-    _atomic(state_path, lambda tmp: torch.save(exported.state_dict(), tmp))
+    atomic_write(state_path, lambda tmp: torch.save(exported.state_dict(), tmp))
     meta = json.dumps(parser.get("_meta_", {})).encode()
-    _atomic(
+    atomic_write(
         script_path,
         lambda tmp: convert_to_torchscript(
             exported, filename_or_obj=tmp, extra_files={"metadata.json": meta}, verify=True, inputs=[example]

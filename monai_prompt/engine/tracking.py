@@ -20,7 +20,7 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
-from monai_prompt.backbones.pretrained import find_vit
+from monai_prompt.backbones.vit import find_vit
 from monai_prompt.engine.checkpoint import unwrap
 from monai_prompt.peft.report import trainable_report
 

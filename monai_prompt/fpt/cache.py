@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from monai_prompt.backbones.pretrained import find_vit
+from monai_prompt.backbones.vit import find_vit
 from monai_prompt.fpt.lpm import LPMExtractor
+from monai_prompt.io import atomic_write
 
 __all__ = ["CACHE_FORMAT", "STORAGE_DTYPES", "FPTCacheError", "FPTFeatureCache", "cache_identity", "content_key"]
 
@@ -72,18 +72,6 @@ def cache_identity(model: nn.Module) -> dict[str, Any]:
         "extraction": lpm.extraction_config(),
         "feature_shape": list(lpm.feature_shape),
     }
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder, flushed to disk, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class FPTFeatureCache:
@@ -161,7 +149,7 @@ class FPTFeatureCache:
             raise FPTCacheError(f"{root} is neither empty nor an FPT feature cache; choose a new cache directory.")
         root.mkdir(parents=True, exist_ok=True)
         manifest = {"format": CACHE_FORMAT, "storage_dtype": dtype_name, **identity}
-        _atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
+        atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
         return cls(root, identity)
 
     def path(self, key: str) -> Path:
@@ -189,7 +177,7 @@ class FPTFeatureCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"kv": stored}
         metadata = {"format": CACHE_FORMAT, "fingerprint": self.identity["fingerprint"]}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     def load(self, key: str, source: str = "image") -> torch.Tensor:
         """Features [2, L, H, n, d_h] (storage dtype) of the image with content key ``key``.

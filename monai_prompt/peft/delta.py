@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from monai_prompt.backbones.pretrained import BACKBONE_KEY, find_vit
+from monai_prompt.backbones.vit import BACKBONE_KEY, find_vit
+from monai_prompt.io import atomic_write
 
 __all__ = [
     "DeltaMismatchError",
@@ -172,14 +171,4 @@ def load_delta(model: nn.Module, delta: dict | str | Path) -> None:
 
 def save_delta(model: nn.Module, path: str | Path) -> Path:
     """Write :func:`delta_state_dict` atomically (temp file + rename): a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(delta_state_dict(model), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(delta_state_dict(model), tmp))

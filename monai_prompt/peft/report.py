@@ -6,7 +6,7 @@ import re
 
 import torch.nn as nn
 
-from monai_prompt.backbones.pretrained import BACKBONE_KEY, find_vit
+from monai_prompt.backbones.vit import BACKBONE_KEY, find_vit
 from monai_prompt.peft.registry import NEVER_TRAINED
 
 __all__ = ["backbone_parameter_count", "format_report", "trainable_report"]

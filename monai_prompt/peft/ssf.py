@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_prompt.backbones.pretrained import BACKBONE_KEY
+from monai_prompt.backbones.vit import BACKBONE_KEY
 from monai_prompt.backbones.vit import PromptableViT
 from monai_prompt.peft.registry import register_method
 
