@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTModel
 
-from monai_prompt.backbones import build_vit
-from monai_prompt.backbones.pretrained import CheckpointError, load_pretrained, resize_pos_embed
+from monai_prompt.backbones import CheckpointError, build_vit, load_pretrained, resize_pos_embed
 
 ARCH = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 128, "patch_size": 8}
 
@@ -161,6 +160,28 @@ def test_position_embeddings_resize_on_load(hf_dir):
     report = load_pretrained(vit, path)
     assert "position embeddings resized from grid (4, 4) to (6, 6)" in report.adapted
     assert vit.patch_embedding.position_embeddings.shape == (1, 36, 64)
+
+
+def test_non_square_source_grid_needs_src_grid(hf_dir, tmp_path):
+    """A 4 x 3 timm grid (13 slots with CLS) is no square: the error names the fix; with src_grid it loads."""
+    path, _ = hf_dir
+    state = hf_to_timm(load_file(path / "model.safetensors"))
+    state["pos_embed"] = torch.randn(1, 13, 64)
+    save_file(state, tmp_path / "wide.safetensors")
+    with pytest.raises(CheckpointError, match=r"wide.safetensors: position embedding of 13 tokens .* pass src_grid"):
+        load_pretrained(tiny_vit(), tmp_path / "wide.safetensors")
+    with pytest.raises(CheckpointError, match=r"wide.safetensors: src_grid=\(4, 4\) needs 16 positions; .* has 13"):
+        load_pretrained(tiny_vit(), tmp_path / "wide.safetensors", src_grid=(4, 4))
+    vit = tiny_vit()
+    report = load_pretrained(vit, tmp_path / "wide.safetensors", src_grid=(4, 3))
+    assert report.adapted == [
+        "CLS position embedding folded into cls_token",
+        "position embeddings resized from grid (4, 3) to (4, 4)",
+    ]
+    grid = state["pos_embed"][0, 1:].T.reshape(1, 64, 4, 3)
+    expected = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).reshape(64, 16).T[None]
+    torch.testing.assert_close(vit.patch_embedding.position_embeddings.detach(), expected)
+    torch.testing.assert_close(vit.cls_token.detach(), state["cls_token"] + state["pos_embed"][:, :1])
 
 
 def test_resize_pos_embed_identity_shapes_and_bicubic():

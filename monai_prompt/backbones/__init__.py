@@ -1,2 +1,31 @@
+"""The promptable MONAI ViT, its blocks, and the import of pre-trained weights into it."""
+
 from monai_prompt.backbones.blocks import Attention, PromptBlock
-from monai_prompt.backbones.vit import VIT_PRESETS, PromptableViT, TokenPrompter, build_vit, vit_config
+from monai_prompt.backbones.pos_embed import fit_pos_embed, resize_pos_embed
+from monai_prompt.backbones.pretrained import CheckpointError, LoadReport, load_pretrained
+from monai_prompt.backbones.vit import (
+    BACKBONE_KEY,
+    VIT_PRESETS,
+    PromptableViT,
+    TokenPrompter,
+    build_vit,
+    find_vit,
+    vit_config,
+)
+
+__all__ = [
+    "BACKBONE_KEY",
+    "VIT_PRESETS",
+    "Attention",
+    "CheckpointError",
+    "LoadReport",
+    "PromptBlock",
+    "PromptableViT",
+    "TokenPrompter",
+    "build_vit",
+    "find_vit",
+    "fit_pos_embed",
+    "load_pretrained",
+    "resize_pos_embed",
+    "vit_config",
+]

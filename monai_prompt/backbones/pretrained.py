@@ -1,10 +1,10 @@
 """Import pre-trained ViT weights (HuggingFace transformers, timm, MONAI) into a MONAI ViT.
 
-The layout is detected from the keys. Every layout is renamed to MONAI ViT's own keys, then adapted to
-the target model: the CLS position embedding is folded into ``cls_token`` (MONAI adds no position to
-CLS), patch position embeddings are resized to the target grid (bicubic; separable bicubic in 3D), and the
-patch embedding is adapted to the target channels (RGB summed for 1 channel, as timm does) and, for a 3D
-target, inflated from 2D kernels. Files are read with ``safetensors`` or ``torch.load(weights_only=True)``.
+Files are read with ``safetensors`` or ``torch.load(weights_only=True)``; the layout is detected from the keys
+and renamed to MONAI ViT's own keys. :func:`load_pretrained` then adapts the tensors to the target model: the
+patch embedding to the target channels (RGB summed for 1 channel, as timm does) and, for a 3D target, inflated
+from 2D kernels; the position embeddings by :func:`~monai_prompt.backbones.pos_embed.fit_pos_embed` (CLS
+position folded into ``cls_token``, patch positions resized to the target grid).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from monai.networks.nets import ViT
 
+from monai_prompt.backbones.pos_embed import fit_pos_embed, patch_grid
 from monai_prompt.backbones.vit import BACKBONE_KEY, find_vit
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "convert_state_dict",
     "load_pretrained",
     "read_checkpoint",
-    "resize_pos_embed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,14 +49,19 @@ _TIMM_RENAMES = [
 _HF_RENAMES = [
     (r"^embeddings\.patch_embeddings\.projection\.", "patch_embedding.patch_embeddings."),
     (r"^embeddings\.cls_token$", "cls_token"),
-    (r"^(?:encoder\.layer|layers)\.(\d+)\.(?:attention\.output\.dense|attention\.o_proj)\.", r"blocks.\1.attn.out_proj."),
+    (
+        r"^(?:encoder\.layer|layers)\.(\d+)\.(?:attention\.output\.dense|attention\.o_proj)\.",
+        r"blocks.\1.attn.out_proj.",
+    ),
     (r"^(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
     (r"^(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
     (r"^(?:encoder\.layer\.(\d+)\.intermediate\.dense|layers\.(\d+)\.mlp\.fc1)\.", r"blocks.\1\2.mlp.linear1."),
     (r"^(?:encoder\.layer\.(\d+)\.output\.dense|layers\.(\d+)\.mlp\.fc2)\.", r"blocks.\1\2.mlp.linear2."),
     (r"^layernorm\.", "norm."),
 ]
-_HF_QKV = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.(weight|bias)$")
+_HF_QKV = re.compile(
+    r"^(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.(weight|bias)$"
+)
 
 
 class CheckpointError(ValueError):
@@ -127,7 +130,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors, zipfile and pickle raise many types for a damaged file
-        raise CheckpointError(f"{path}: cannot be read as a weight file (truncated or not a checkpoint?): {err}") from err
+        raise CheckpointError(
+            f"{path}: cannot be read as a weight file (truncated or not a checkpoint?): {err}"
+        ) from err
     return _flatten(raw, path), config
 
 
@@ -210,67 +215,6 @@ def _mae_final_norm(state: dict[str, torch.Tensor]) -> int | None:
     return found[0] if found and "norm.weight" not in state else None
 
 
-def _perfect_power(n: int, dims: int) -> int | None:
-    root = round(n ** (1.0 / dims))
-    return root if root**dims == n else None
-
-
-def _source_grid(n_tokens: int, dims: int, config: dict, n_prefix_hint: int) -> tuple[int, tuple[int, ...]]:
-    """Number of leading non-patch slots and the source patch grid of a position embedding."""
-    if config.get("image_size") and config.get("patch_size"):
-        size, patch = config["image_size"], config["patch_size"]
-        size = size if isinstance(size, (list, tuple)) else [size] * dims
-        patch = patch if isinstance(patch, (list, tuple)) else [patch] * dims
-        grid = tuple(s // p for s, p in zip(size, patch))
-        return n_tokens - math.prod(grid), grid
-    for n_prefix in dict.fromkeys((n_prefix_hint, 1, 0, 2)):
-        side = _perfect_power(n_tokens - n_prefix, dims)
-        if side:
-            return n_prefix, (side,) * dims
-    raise CheckpointError(f"position embedding of {n_tokens} tokens is not a square/cubic grid.")
-
-
-def _bicubic_axis(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
-    """Bicubic resize of one axis of a [C, *grid] tensor (other axes untouched)."""
-    moved = x.movedim(axis, -1)
-    shape = moved.shape
-    flat = moved.reshape(1, shape[0], -1, shape[-1])
-    out = F.interpolate(flat, size=(flat.shape[2], size), mode="bicubic", align_corners=False)
-    return out.reshape(*shape[:-1], size).movedim(-1, axis)
-
-
-def resize_pos_embed(pos: torch.Tensor, src_grid: tuple[int, ...], dst_grid: tuple[int, ...]) -> torch.Tensor:
-    """Resize patch position embeddings [1, prod(src_grid), D] to [1, prod(dst_grid), D].
-
-    2D uses one bicubic interpolation (as timm); 3D applies the separable bicubic kernel axis by axis. A 2D
-    source grid for a 3D target is treated as one slice and repeated along the first axis. Equal grids are
-    returned unchanged.
-
-    Args:
-        pos: position embeddings without CLS slot.
-        src_grid: the patch grid ``pos`` was trained for.
-        dst_grid: the target patch grid.
-    """
-    src_grid, dst_grid = tuple(src_grid), tuple(dst_grid)
-    if pos.shape[1] != math.prod(src_grid):
-        raise ValueError(f"position embedding has {pos.shape[1]} tokens, grid {src_grid} needs {math.prod(src_grid)}.")
-    if src_grid == dst_grid:
-        return pos
-    dim = pos.shape[-1]
-    grid = pos[0].transpose(0, 1).reshape(dim, *src_grid).float()
-    while grid.dim() - 1 < len(dst_grid):
-        grid = grid.unsqueeze(1)
-    if len(dst_grid) == 2:
-        grid = F.interpolate(grid[None], size=dst_grid, mode="bicubic", align_corners=False)[0]
-    else:
-        for axis, size in enumerate(dst_grid, start=1):
-            if grid.shape[axis] == 1:
-                grid = grid.expand(*grid.shape[:axis], size, *grid.shape[axis + 1 :])
-            elif grid.shape[axis] != size:
-                grid = _bicubic_axis(grid, axis, size)
-    return grid.reshape(dim, -1).transpose(0, 1)[None].to(pos.dtype)
-
-
 def _adapt_patch_weight(weight: torch.Tensor, target: torch.Tensor, notes: list[str]) -> torch.Tensor:
     """Adapt a patch-embedding conv kernel [D, C, *k] to the target's channels and spatial dims."""
     if weight.dim() == 4 and target.dim() == 5:
@@ -341,15 +285,29 @@ def load_pretrained(
     if patch_key in target:
         converted[patch_key] = _adapt_patch_weight(converted[patch_key], target[patch_key], report.adapted)
     if pos_key in converted and pos_key in target:
-        _fit_position_embeddings(converted, target, layout, src_dims, config, src_grid, vit, report, str(path))
+        try:
+            converted[pos_key], cls_token, notes = fit_pos_embed(
+                converted[pos_key],
+                patch_grid(vit),
+                cls_token=converted.get("cls_token") if "cls_token" in target else None,
+                src_grid=src_grid,
+                src_dims=src_dims,
+                config=config,
+                n_prefix_hint=0 if layout.startswith("monai") else 1,
+            )
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from err
+        if cls_token is not None:
+            converted["cls_token"] = cls_token
+        report.adapted += notes
     state = {}
     for key, value in converted.items():
         if key not in target or not BACKBONE_KEY.match(key):
             continue
         if value.shape != target[key].shape:
             raise CheckpointError(
-                f"{path}: key {source.get(key, [key])[0]!r} (MONAI {key!r}) has shape {tuple(value.shape)} but the model "
-                f"expects {tuple(target[key].shape)}; the checkpoint is for another width/depth/patch size."
+                f"{path}: key {source.get(key, [key])[0]!r} (MONAI {key!r}) has shape {tuple(value.shape)} but the "
+                f"model expects {tuple(target[key].shape)}; the checkpoint is for another width/depth/patch size."
             )
         state[key] = value.to(target[key].dtype)
     vit.load_state_dict(state, strict=False)
@@ -364,47 +322,3 @@ def load_pretrained(
             f"; pass strict=False to load the rest."
         )
     return report
-
-
-def _target_grid(vit: ViT, n_patches: int, path: str) -> tuple[int, ...]:
-    """Patch grid of the target ViT (PromptableViT knows it; a plain MONAI ViT must be square/cubic)."""
-    if hasattr(vit, "grid_size"):
-        return tuple(vit.grid_size)
-    dims = vit.patch_embedding.patch_embeddings.weight.dim() - 2
-    side = _perfect_power(n_patches, dims)
-    if side is None:
-        raise CheckpointError(f"{path}: cannot tell the patch grid of a {n_patches}-patch {type(vit).__name__}.")
-    return (side,) * dims
-
-
-def _fit_position_embeddings(
-    converted: dict[str, torch.Tensor],
-    target: dict[str, torch.Tensor],
-    layout: str,
-    src_dims: int,
-    config: dict,
-    src_grid: tuple[int, ...] | None,
-    vit: ViT,
-    report: LoadReport,
-    path: str,
-) -> None:
-    """Fold CLS position into ``cls_token`` and resize the patch position embeddings to the target grid."""
-    pos_key = "patch_embedding.position_embeddings"
-    pos = converted[pos_key]
-    dst_grid = _target_grid(vit, target[pos_key].shape[1], path)
-    if src_grid is not None:
-        n_prefix = pos.shape[1] - math.prod(src_grid)
-    else:
-        hint = 0 if layout.startswith("monai") else 1
-        try:
-            n_prefix, src_grid = _source_grid(pos.shape[1], src_dims, config, hint)
-        except CheckpointError as err:
-            raise CheckpointError(f"{path}: {err} Pass src_grid=(...) to load_pretrained.") from err
-    prefix, patches = pos[:, :n_prefix], pos[:, n_prefix:]
-    if n_prefix and "cls_token" in converted and "cls_token" in target:
-        converted["cls_token"] = converted["cls_token"] + prefix[:, :1]
-        report.adapted.append("CLS position embedding folded into cls_token")
-    resized = resize_pos_embed(patches, tuple(src_grid), dst_grid)
-    if tuple(src_grid) != dst_grid:
-        report.adapted.append(f"position embeddings resized from grid {tuple(src_grid)} to {dst_grid}")
-    converted[pos_key] = resized

@@ -1,0 +1,166 @@
+"""Position embeddings of a pre-trained ViT fitted to another model's patch grid.
+
+MONAI's ViT adds no position to CLS and holds one position per patch, while timm/HuggingFace checkpoints keep
+leading slots (CLS, distillation) in front and were trained for another grid. :func:`fit_pos_embed` folds the
+CLS slot into ``cls_token``, drops the other slots and resizes the patch positions with :func:`resize_pos_embed`:
+one bicubic interpolation in 2D (as timm), the same cubic kernel axis by axis in 3D, and a 2D grid repeated
+along depth for a 3D model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import ViT
+
+__all__ = ["fit_pos_embed", "patch_grid", "resize_pos_embed", "source_grid"]
+
+
+def _perfect_power(n: int, dims: int) -> int | None:
+    """The integer ``r`` with ``r ** dims == n``, or None."""
+    root = round(n ** (1.0 / dims))
+    return root if root**dims == n else None
+
+
+def patch_grid(vit: ViT) -> tuple[int, ...]:
+    """Patch grid of a ViT: ``grid_size`` of a PromptableViT, else the square/cubic grid of a plain MONAI ViT.
+
+    Args:
+        vit: the target ViT.
+
+    Raises:
+        ValueError: a plain ViT whose number of patches is not a square/cubic number.
+    """
+    if hasattr(vit, "grid_size"):
+        return tuple(vit.grid_size)
+    n_patches = vit.patch_embedding.position_embeddings.shape[1]
+    dims = vit.patch_embedding.patch_embeddings.weight.dim() - 2
+    side = _perfect_power(n_patches, dims)
+    if side is None:
+        raise ValueError(f"cannot tell the patch grid of a {n_patches}-patch {type(vit).__name__}.")
+    return (side,) * dims
+
+
+def source_grid(
+    n_tokens: int, dims: int, config: Mapping[str, Any] | None = None, n_prefix_hint: int = 1
+) -> tuple[int, tuple[int, ...]]:
+    """Number of leading non-patch slots and the patch grid of a checkpoint's position embedding.
+
+    Args:
+        n_tokens: tokens of the position embedding, leading slots included.
+        dims: spatial dimensions of the checkpoint.
+        config: HuggingFace ``config.json`` content; its ``image_size`` and ``patch_size`` give the grid.
+        n_prefix_hint: leading slots tried first (1 for a CLS slot, 0 for MONAI), then 1, 0 and 2.
+
+    Raises:
+        ValueError: no ``config`` grid and the patch count is not a square/cubic number for any tried prefix.
+    """
+    config = config or {}
+    if config.get("image_size") and config.get("patch_size"):
+        size, patch = config["image_size"], config["patch_size"]
+        size = size if isinstance(size, (list, tuple)) else [size] * dims
+        patch = patch if isinstance(patch, (list, tuple)) else [patch] * dims
+        grid = tuple(s // p for s, p in zip(size, patch))
+        return n_tokens - math.prod(grid), grid
+    for n_prefix in dict.fromkeys((n_prefix_hint, 1, 0, 2)):
+        side = _perfect_power(n_tokens - n_prefix, dims)
+        if side:
+            return n_prefix, (side,) * dims
+    raise ValueError(
+        f"position embedding of {n_tokens} tokens is not a square/cubic grid; pass src_grid=(...) with the patch "
+        "grid it was trained for."
+    )
+
+
+def _bicubic_axis(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """Bicubic resize of one axis of a [C, *grid] tensor (other axes untouched)."""
+    moved = x.movedim(axis, -1)
+    shape = moved.shape
+    flat = moved.reshape(1, shape[0], -1, shape[-1])
+    out = F.interpolate(flat, size=(flat.shape[2], size), mode="bicubic", align_corners=False)
+    return out.reshape(*shape[:-1], size).movedim(-1, axis)
+
+
+def resize_pos_embed(pos: torch.Tensor, src_grid: Sequence[int], dst_grid: Sequence[int]) -> torch.Tensor:
+    """Resize patch position embeddings [1, prod(src_grid), D] to [1, prod(dst_grid), D].
+
+    2D uses one bicubic interpolation (as timm); 3D applies the separable bicubic kernel axis by axis. A 2D
+    source grid for a 3D target is treated as one slice and repeated along the first axis. Equal grids are
+    returned unchanged.
+
+    Args:
+        pos: position embeddings without CLS slot.
+        src_grid: the patch grid ``pos`` was trained for.
+        dst_grid: the target patch grid.
+    """
+    src_grid, dst_grid = tuple(src_grid), tuple(dst_grid)
+    if pos.shape[1] != math.prod(src_grid):
+        raise ValueError(f"position embedding has {pos.shape[1]} tokens, grid {src_grid} needs {math.prod(src_grid)}.")
+    if src_grid == dst_grid:
+        return pos
+    dim = pos.shape[-1]
+    grid = pos[0].transpose(0, 1).reshape(dim, *src_grid).float()
+    while grid.dim() - 1 < len(dst_grid):
+        grid = grid.unsqueeze(1)
+    if len(dst_grid) == 2:
+        grid = F.interpolate(grid[None], size=dst_grid, mode="bicubic", align_corners=False)[0]
+    else:
+        for axis, size in enumerate(dst_grid, start=1):
+            if grid.shape[axis] == 1:
+                grid = grid.expand(*grid.shape[:axis], size, *grid.shape[axis + 1 :])
+            elif grid.shape[axis] != size:
+                grid = _bicubic_axis(grid, axis, size)
+    return grid.reshape(dim, -1).transpose(0, 1)[None].to(pos.dtype)
+
+
+def fit_pos_embed(
+    pos: torch.Tensor,
+    dst_grid: Sequence[int],
+    cls_token: torch.Tensor | None = None,
+    src_grid: Sequence[int] | None = None,
+    src_dims: int = 2,
+    config: Mapping[str, Any] | None = None,
+    n_prefix_hint: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """Fit a checkpoint's position embeddings [1, n_prefix + prod(src_grid), D] to a MONAI ViT's patch grid.
+
+    The leading slots are dropped; the first one (CLS) is added to ``cls_token`` when one is given, since MONAI
+    adds no position to CLS. The patch positions are resized with :func:`resize_pos_embed`.
+
+    Args:
+        pos: the checkpoint's position embeddings, leading (CLS, distillation) slots included.
+        dst_grid: the target patch grid (see :func:`patch_grid`).
+        cls_token: the checkpoint's CLS token [1, 1, D], or None to drop the CLS position.
+        src_grid: the patch grid ``pos`` was trained for; inferred by :func:`source_grid` when None.
+        src_dims: spatial dimensions of the checkpoint, for :func:`source_grid`.
+        config: HuggingFace ``config.json`` content, for :func:`source_grid`.
+        n_prefix_hint: leading slots tried first by :func:`source_grid`.
+
+    Returns:
+        the patch position embeddings [1, prod(dst_grid), D], the CLS token (with its position folded in, or
+        ``cls_token`` unchanged) and notes on what was done.
+
+    Raises:
+        ValueError: the source grid cannot be inferred, or ``src_grid`` needs more tokens than ``pos`` has.
+    """
+    if src_grid is None:
+        n_prefix, src_grid = source_grid(pos.shape[1], src_dims, config, n_prefix_hint)
+    else:
+        src_grid = tuple(src_grid)
+        n_prefix = pos.shape[1] - math.prod(src_grid)
+        if n_prefix < 0:
+            raise ValueError(
+                f"src_grid={src_grid} needs {math.prod(src_grid)} positions; the checkpoint has {pos.shape[1]}."
+            )
+    notes = []
+    if n_prefix and cls_token is not None:
+        cls_token = cls_token + pos[:, :1]
+        notes.append("CLS position embedding folded into cls_token")
+    resized = resize_pos_embed(pos[:, n_prefix:], src_grid, dst_grid)
+    if tuple(src_grid) != tuple(dst_grid):
+        notes.append(f"position embeddings resized from grid {tuple(src_grid)} to {tuple(dst_grid)}")
+    return resized, cls_token, notes
