@@ -9,7 +9,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 import torch
 from monai.data import DataLoader, Dataset
@@ -22,6 +21,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from monai_prompt.cli import main
 from monai_prompt.data import (
     DataCheckError,
+    SplitOptions,
     build_demo_data,
     check_datalist,
     classification_transforms,
@@ -122,7 +122,7 @@ def test_split_is_grouped_stratified_seeded_and_order_free():
         for v in range(60)
         for s in range(4)
     ]
-    splits = split_items(items, val_fraction=0.2, test_fraction=0.1, seed=3)
+    splits = split_items(items, SplitOptions(val_fraction=0.2, test_fraction=0.1, seed=3))
     assert sum(len(v) for v in splits.values()) == len(items)
     groups = {split: {item["group"] for item in its} for split, its in splits.items()}
     assert not (groups["training"] & groups["validation"] or groups["training"] & groups["test"]
@@ -131,12 +131,31 @@ def test_split_is_grouped_stratified_seeded_and_order_free():
         per_class = {split: sum(1 for i in its if i["label"] == label) // 4 for split, its in splits.items()}
         assert per_class == {"training": 14, "validation": 4, "test": 2}
     shuffled = [items[i] for i in np.random.default_rng(1).permutation(len(items))]
-    again = split_items(shuffled, val_fraction=0.2, test_fraction=0.1, seed=3)
+    again = split_items(shuffled, {"val_fraction": 0.2, "test_fraction": 0.1, "seed": 3})  # a dict, as in configs
     assert {k: sorted(names(v)) for k, v in again.items()} == {k: sorted(names(v)) for k, v in splits.items()}
-    other = split_items(items, val_fraction=0.2, test_fraction=0.1, seed=4)
+    other = split_items(items, SplitOptions(val_fraction=0.2, test_fraction=0.1, seed=4))
     assert names(other["validation"]) != names(splits["validation"])
+    # group_by names the group of items without one, from the image path
+    ungrouped = [{k: v for k, v in item.items() if k != "group"} for item in items]
+    by_path = split_items(ungrouped, SplitOptions(val_fraction=0.2, test_fraction=0.1, seed=3, group_by=r"(vol\d+)_"))
+    assert {k: names(v) for k, v in by_path.items()} == {k: names(v) for k, v in splits.items()}
+
+
+def test_split_options_reject_bad_values_and_unknown_keys(tmp_path):
+    assert SplitOptions.of(None) == SplitOptions() == SplitOptions(0.1, 0.1, None, 0)
+    assert SplitOptions.of({"seed": 2, "group_by": "p(\\d)"}) == SplitOptions(seed=2, group_by="p(\\d)")
     with pytest.raises(ValueError, match="sum to < 1"):
-        split_items(items, 0.5, 0.5)
+        SplitOptions(val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(ValueError, match="must be numbers >= 0"):
+        SplitOptions(val_fraction=-0.1)
+    with pytest.raises(ValueError, match="not a valid regex"):
+        SplitOptions(group_by="pat(")
+    with pytest.raises(ValueError, match=r"unknown split option\(s\) \['val_frac'\]; valid ones are \['val_fraction'"):
+        SplitOptions.of({"val_frac": 0.2})
+    with pytest.raises(TypeError, match="not float"):
+        SplitOptions.of(0.2)
+    with pytest.raises(ValueError, match=r"unknown split option\(s\) \['test'\]"):  # readers check before reading
+        read_datalist(tmp_path, split={"val_fraction": 0.2, "test": 0.0})
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -148,7 +167,8 @@ def test_folder_datalist_all_formats(tmp_path):
         write_png(root / "malignant" / f"pat{k}_a.tif")
         write_series(root / "malignant" / f"pat{k}_series", slices=2)
     (root / "benign" / "notes.txt").write_text("not an image")
-    datalist = datalist_from_folder(root, dicom_series=True, group_by=r"pat\d", val_fraction=0.2, test_fraction=0.2)
+    split = SplitOptions(group_by=r"pat\d", val_fraction=0.2, test_fraction=0.2)
+    datalist = datalist_from_folder(root, dicom_series=True, split=split)
     assert datalist.classes == ["benign", "malignant"] and not datalist.multi_label
     everything = [item for _, item in datalist.all_items()]
     assert len(everything) == 20 and all(Path(item["image"]).is_absolute() for item in everything)
@@ -167,7 +187,7 @@ def test_folder_datalist_all_formats(tmp_path):
             write_png(split_root / split / "a" / f"{k}.png")
             write_dicom(split_root / split / "b" / f"{k}.dcm")
     write_png(split_root / "unlabeled" / "u0.png")
-    datalist = read_datalist(split_root, test_fraction=0.0)
+    datalist = read_datalist(split_root, split={"test_fraction": 0.0})
     assert {split: len(items) for split, items in datalist.splits.items()} == {
         "training": 6, "validation": 4, "unlabeled": 1}
     assert "label" not in datalist["unlabeled"][0]
@@ -180,7 +200,7 @@ def test_csv_single_and_multi_label(tmp_path):
     rows = [[f"img/{k}.png", ["cyst", "tumour", "normal"][k % 3], ["train", "", "test"][k % 3], groups[k]]
             for k in range(6)]
     datalist = datalist_from_csv(write_csv(tmp_path / "single.csv", ["image", "label", "split", "group"], rows),
-                                 val_fraction=0.5, test_fraction=0.0)
+                                 split={"val_fraction": 0.5, "test_fraction": 0.0})
     assert datalist.classes == ["cyst", "normal", "tumour"]
     labels = {Path(i["image"]).name: i["label"] for _, i in datalist.all_items()}
     assert labels == {f"{k}.png": datalist.classes.index(["cyst", "tumour", "normal"][k % 3]) for k in range(6)}
@@ -191,7 +211,7 @@ def test_csv_single_and_multi_label(tmp_path):
     # integer labels index the classes directly; classes= fixes names and order
     rows = [[f"img/{k}.png", str(k % 2)] for k in range(6)]
     indexed = datalist_from_csv(write_csv(tmp_path / "idx.csv", ["path", "y"], rows), image_column="path",
-                                label_columns="y", classes=["neg", "pos"], test_fraction=0.0)
+                                label_columns="y", classes=["neg", "pos"], split=SplitOptions(test_fraction=0.0))
     assert {Path(i["image"]).name: i["label"] for _, i in indexed.all_items()} == {f"{k}.png": k % 2 for k in range(6)}
     # several label columns: multi-hot floats, the columns are the classes
     rows = [[f"img/{k}.png", str(k % 2), str(k // 3), "1"] for k in range(6)]
@@ -215,7 +235,7 @@ def test_decathlon_json_and_round_trips(tmp_path):
         "unlabeled": [{"image": "imgs/case0.nii.gz"}],
     }
     (tmp_path / "dataset.json").write_text(json.dumps(content))
-    datalist = datalist_from_json(tmp_path / "dataset.json", val_fraction=0.3)
+    datalist = datalist_from_json(tmp_path / "dataset.json", split={"val_fraction": 0.3})
     assert datalist.classes == ["normal", "abnormal"]
     assert names(datalist["test"]) == ["case7.nii.gz"] and "label" not in datalist["test"][0]  # MSD-style path
     labels = {Path(i["image"]).name: i.get("label") for s, i in datalist.all_items() if s in ("training", "validation")}
@@ -277,7 +297,7 @@ def test_check_reports_every_problem_with_paths(tmp_path, capsys):
         main(["check-data", str(source), "--classes", "a", "b"])
     # a clean dataset: a summary, also from the CLI
     clean = write_csv(tmp_path / "clean.csv", ["image", "label"], [[f"good{k}.png", "ab"[k % 2]] for k in range(4)])
-    summary = check_datalist(clean, test_fraction=0.0, val_fraction=0.25)
+    summary = check_datalist(clean, split={"test_fraction": 0.0, "val_fraction": 0.25})
     assert summary.counts == {"training": 2, "validation": 2} and summary.channels == 1  # 1 of 2 per class
     assert summary.class_counts["training"] == [1, 1] and summary.formats == {"pil": 4}
     assert main(["check-data", str(clean)]) == 0 and "2 classes, 1 channel(s)" in capsys.readouterr().out

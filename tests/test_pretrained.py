@@ -220,7 +220,8 @@ def test_bad_files_raise_clear_errors(hf_dir, tmp_path):
     torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, resnet)
     with pytest.raises(CheckpointError, match=r"resnet.pth: not a ViT checkpoint .*conv1.weight"):
         load_pretrained(tiny_vit(), resnet)
-    with pytest.raises(CheckpointError, match=r"'embeddings.cls_token' \(MONAI 'cls_token'\) has shape \(1, 1, 64\) .* expects \(1, 1, 32\)"):
+    shapes = r"'embeddings.cls_token' \(MONAI 'cls_token'\) has shape \(1, 1, 64\) .* expects \(1, 1, 32\)"
+    with pytest.raises(CheckpointError, match=shapes):
         load_pretrained(tiny_vit(hidden_size=32), path)
     with pytest.raises(CheckpointError, match="lacks 12 backbone weights .*blocks.2"):
         load_pretrained(tiny_vit(num_layers=3), path)

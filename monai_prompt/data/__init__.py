@@ -1,8 +1,7 @@
-"""Data layer: classification datalists (folders, CSV, decathlon JSON), header checks, transforms, demo set."""
+"""Data layer: classification datalists (folders, CSV, decathlon JSON), splits, header checks, transforms, demo set."""
 
 from monai_prompt.data.check import DataSummary, check_datalist
 from monai_prompt.data.datalist import (
-    SPLITS,
     UNLABELED,
     ClassificationDatalist,
     DataCheckError,
@@ -10,12 +9,32 @@ from monai_prompt.data.datalist import (
     datalist_from_folder,
     datalist_from_json,
     read_datalist,
-    split_items,
 )
 from monai_prompt.data.demo import DEMO_CLASSES, build_demo_data
 from monai_prompt.data.headers import ImageHeader, read_header
+from monai_prompt.data.split import SPLITS, SplitOptions, split_items
 
 _TRANSFORMS = ("MatchInputd", "classification_transforms", "match_input")
+
+__all__ = [
+    "DEMO_CLASSES",
+    "SPLITS",
+    "UNLABELED",
+    "ClassificationDatalist",
+    "DataCheckError",
+    "DataSummary",
+    "ImageHeader",
+    "SplitOptions",
+    "build_demo_data",
+    "check_datalist",
+    "datalist_from_csv",
+    "datalist_from_folder",
+    "datalist_from_json",
+    "read_datalist",
+    "read_header",
+    "split_items",
+    *_TRANSFORMS,
+]
 
 
 def __getattr__(name: str):

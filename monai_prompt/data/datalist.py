@@ -9,31 +9,28 @@ Three sources give the same :class:`ClassificationDatalist`:
   lists and an optional ``labels`` map of class names.
 
 Labels become a class index (``int``) or, for multi-label data, a multi-hot ``list[float]``. Splits the source
-lacks are carved out of the training images by a seeded, class-stratified split of *groups* (a ``group`` value,
-or a regex/function of the path given as ``group_by``), so the slices of one volume or patient never land in
-two splits. :func:`read_datalist` picks the source from the path; bundle configs use it as
-``"$monai_prompt.data.read_datalist(@dataset_dir)['training']"``.
+lacks are carved out of the training images as every reader's ``split`` (:class:`SplitOptions`) says: a seeded,
+class-stratified split of *groups* (a ``group`` value, or a regex/function of the path), so the slices of one
+volume or patient never land in two splits. :func:`read_datalist` picks the source from the path; bundle configs
+use it as ``"$monai_prompt.data.read_datalist(@dataset_dir)['training']"``.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
-import math
 import os
-import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from monai_prompt.data.headers import is_dicom_file, is_image_file
+from monai_prompt.data.split import SPLITS, SplitOptions, split_items
 
 __all__ = [
-    "SPLITS",
     "UNLABELED",
     "ClassificationDatalist",
     "DataCheckError",
@@ -41,11 +38,8 @@ __all__ = [
     "datalist_from_folder",
     "datalist_from_json",
     "read_datalist",
-    "split_items",
 ]
 
-#: labelled splits, with MONAI decathlon names.
-SPLITS = ("training", "validation", "test")
 #: images without labels (for self-supervised pre-training).
 UNLABELED = "unlabeled"
 _SPLIT_ALIASES = {
@@ -54,7 +48,6 @@ _SPLIT_ALIASES = {
     **{name: "test" for name in ("test", "testing")},
     **{name: UNLABELED for name in ("unlabeled", "unlabelled")},
 }
-GroupBy = str | Callable[[str], str] | None
 
 
 class DataCheckError(ValueError):
@@ -156,7 +149,7 @@ class _Record:
     """One image as the source states it, before labels are encoded and splits assigned."""
 
     image: str  # absolute path
-    name: str  # path as the source writes it, for group_by
+    name: str  # path as the source writes it, for SplitOptions.group_by
     label: Any
     split: str | None = None
     group: str | None = None
@@ -191,10 +184,7 @@ def datalist_from_folder(
     *,
     classes: Sequence[str] | None = None,
     dicom_series: bool = False,
-    group_by: GroupBy = None,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    seed: int = 0,
+    split: SplitOptions | Mapping[str, Any] | None = None,
     strict: bool = True,
 ) -> ClassificationDatalist:
     """Datalist from ``root/<class>/**/<image>``, or ``root/<split>/<class>/**/<image>`` with split folders
@@ -204,13 +194,11 @@ def datalist_from_folder(
         root: the tree's root folder.
         classes: class order (default: sorted class folder names); images of a folder not listed are problems.
         dicom_series: each folder that directly holds DICOM files is one (3D) image, instead of each file.
-        group_by: regex (first capture group, else the whole match) or function of the image path relative to
-            ``root`` that names the image's group; images of a group share a split.
-        val_fraction: fraction of groups carved from training for validation when there is no ``val`` folder.
-        test_fraction: same for test (0 disables).
-        seed: split seed.
+        split: how the splits without a folder are carved out of training (:class:`SplitOptions` or a dict of its
+            fields; default 10% validation, 10% test, seed 0); its ``group_by`` sees paths relative to ``root``.
         strict: raise :class:`DataCheckError` on problems; else collect them in ``problems``.
     """
+    options = SplitOptions.of(split)
     root = Path(root).absolute()
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a folder of class folders.")
@@ -221,8 +209,8 @@ def datalist_from_folder(
     else:
         trees = [(None, root)]
     records, problems, found = [], [], []
-    for split, tree in trees:
-        if split == UNLABELED:
+    for split_name, tree in trees:
+        if split_name == UNLABELED:
             class_images = [(None, _folder_images(tree, dicom_series))]
         else:
             class_images = [(folder.name, _folder_images(folder, dicom_series)) for folder in _subfolders(tree)]
@@ -231,9 +219,9 @@ def datalist_from_folder(
                 found.append(label)
                 if not images:
                     problems.append(f"{tree / label}: class folder holds no images.")
-            records += [_Record(str(image), str(image.relative_to(root)), label, split) for image in images]
+            records += [_Record(str(image), str(image.relative_to(root)), label, split_name) for image in images]
     classes = list(classes) if classes is not None else sorted(set(found))
-    return _assemble(records, classes, False, group_by, val_fraction, test_fraction, seed, problems, strict, root)
+    return _assemble(records, classes, False, options, problems, strict, root)
 
 
 def datalist_from_csv(
@@ -245,10 +233,7 @@ def datalist_from_csv(
     group_column: str = "group",
     classes: Sequence[str] | None = None,
     base_dir: str | os.PathLike | None = None,
-    group_by: GroupBy = None,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    seed: int = 0,
+    split: SplitOptions | Mapping[str, Any] | None = None,
     strict: bool = True,
 ) -> ClassificationDatalist:
     """Datalist from a CSV table with a header row.
@@ -262,8 +247,9 @@ def datalist_from_csv(
         group_column: optional column of group ids (volume, patient) kept within one split.
         classes: class order for a single label column (default: sorted names, or ``0..max`` for indices).
         base_dir: folder image paths are relative to (default: the CSV's folder).
-        group_by, val_fraction, test_fraction, seed, strict: see :func:`datalist_from_folder`.
+        split, strict: see :func:`datalist_from_folder` (``group_by`` sees the paths as the file writes them).
     """
+    options = SplitOptions.of(split)
     path = Path(path)
     label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
     multi_label = len(label_columns) > 1
@@ -291,7 +277,7 @@ def datalist_from_csv(
         record.group = (row.get(group_column) or "").strip() or None
         records.append(record)
     classes = label_columns if multi_label else classes
-    return _assemble(records, classes, multi_label, group_by, val_fraction, test_fraction, seed, problems, strict, path)
+    return _assemble(records, classes, multi_label, options, problems, strict, path)
 
 
 def datalist_from_json(
@@ -299,10 +285,7 @@ def datalist_from_json(
     *,
     classes: Sequence[str] | None = None,
     base_dir: str | os.PathLike | None = None,
-    group_by: GroupBy = None,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    seed: int = 0,
+    split: SplitOptions | Mapping[str, Any] | None = None,
     strict: bool = True,
 ) -> ClassificationDatalist:
     """Datalist from a MONAI decathlon JSON file.
@@ -317,74 +300,32 @@ def datalist_from_json(
         path: the JSON file.
         classes: class order (overrides ``labels``).
         base_dir: folder image paths are relative to (default: the JSON's folder).
-        group_by, val_fraction, test_fraction, seed, strict: see :func:`datalist_from_folder`.
+        split, strict: see :func:`datalist_from_folder` (``group_by`` sees the paths as the file writes them).
     """
+    options = SplitOptions.of(split)
     path = Path(path)
     content = json.loads(Path(path).read_text())
     if not isinstance(content, dict) or not any(key in content for key in (*SPLITS, UNLABELED)):
         raise ValueError(f"{path} is not a decathlon datalist: it needs a 'training' (or other split) list.")
     base = Path(base_dir if base_dir is not None else path.parent).absolute()
     records, problems = [], []
-    for split in (*SPLITS, UNLABELED):
-        for index, entry in enumerate(content.get(split, [])):
+    for split_name in (*SPLITS, UNLABELED):
+        for index, entry in enumerate(content.get(split_name, [])):
             labelled = not isinstance(entry, str)
             entry = entry if labelled else {"image": entry}
-            where = f"{split}[{index}]"
+            where = f"{split_name}[{index}]"
             if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
                 problems.append(f"{path} {where}: item without an 'image' path: {entry!r}.")
                 continue
             image, group = entry["image"], entry.get("group")
             group = None if group is None else str(group)
             records.append(
-                _Record(os.path.normpath(base / image), image, entry.get("label"), split, group, where, labelled)
+                _Record(os.path.normpath(base / image), image, entry.get("label"), split_name, group, where, labelled)
             )
     if classes is None and isinstance(content.get("labels"), dict):
         classes = [name for _, name in sorted(content["labels"].items(), key=lambda kv: int(kv[0]))]
     multi_label = any(isinstance(r.label, list) for r in records if r.split != UNLABELED and r.labelled)
-    return _assemble(records, classes, multi_label, group_by, val_fraction, test_fraction, seed, problems, strict, path)
-
-
-def split_items(
-    items: Sequence[dict[str, Any]], val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
-) -> dict[str, list[dict[str, Any]]]:
-    """Seeded split of items into training/validation/test by group, stratified by class.
-
-    Items sharing ``item["group"]`` (else each image alone) go to the same split. Groups are stratified by their
-    most frequent ``int`` label (multi-label items are not stratified), sorted, shuffled with ``seed`` and cut by
-    the fractions (rounded per class, training keeps at least one group). The result does not depend on the
-    order of ``items``; each split keeps the items' order.
-
-    Args:
-        items: datalist items.
-        val_fraction: fraction of groups for validation.
-        test_fraction: fraction of groups for test.
-        seed: random seed.
-    """
-    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum to < 1.")
-    groups: dict[str, list[int]] = {}
-    for index, item in enumerate(items):
-        groups.setdefault(str(item.get("group") or item["image"]), []).append(index)
-    strata: dict[int, list[str]] = {}
-    for group, members in groups.items():
-        labels = [items[i].get("label") for i in members if isinstance(items[i].get("label"), int)]
-        stratum = min(Counter(labels).most_common(), key=lambda kv: (-kv[1], kv[0]))[0] if labels else -1
-        strata.setdefault(stratum, []).append(group)
-    rng = np.random.default_rng(seed)
-    split_of: dict[str, str] = {}
-    for stratum in sorted(strata):
-        names = sorted(strata[stratum])
-        names = [names[i] for i in rng.permutation(len(names))]
-        n_test = math.floor(len(names) * test_fraction + 0.5)
-        n_val = math.floor(len(names) * val_fraction + 0.5)
-        n_test = min(n_test, len(names) - 1)
-        n_val = min(n_val, len(names) - 1 - n_test)
-        for i, name in enumerate(names):
-            split_of[name] = "test" if i < n_test else "validation" if i < n_test + n_val else "training"
-    result: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
-    for group, members in groups.items():
-        result[split_of[group]].extend(members)
-    return {split: [items[i] for i in sorted(indices)] for split, indices in result.items()}
+    return _assemble(records, classes, multi_label, options, problems, strict, path)
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -401,16 +342,6 @@ def _folder_images(folder: Path, dicom_series: bool) -> list[Path]:
     if not dicom_series:
         return images
     return sorted({path.parent if is_dicom_file(path) else path for path in images})
-
-
-def _group_of(path: str, group_by: str | Callable[[str], str]) -> str:
-    """Group id of ``path`` by a regex (first capture group or whole match) or a function."""
-    if callable(group_by):
-        return str(group_by(path))
-    match = re.search(group_by, path)
-    if match is None:
-        raise ValueError(f"group_by pattern {group_by!r} does not match the path; fix the pattern.")
-    return match.group(1) if match.groups() else match.group(0)
 
 
 def _split_name(value: str | None, record: _Record, problems: list[str]) -> str | None:
@@ -476,10 +407,7 @@ def _assemble(
     records: list[_Record],
     classes: Sequence[str] | None,
     multi_label: bool,
-    group_by: GroupBy,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
+    options: SplitOptions,
     problems: list[str],
     strict: bool,
     source: str | os.PathLike,
@@ -489,9 +417,9 @@ def _assemble(
     classes = list(classes) if classes is not None else _infer_classes([r.label for r in labelled], multi_label)
     splits: dict[str, list[dict[str, Any]]] = {split: [] for split in (*SPLITS, UNLABELED)}
     for record in records:
-        if record.group is None and group_by is not None:
+        if record.group is None:
             try:
-                record.group = _group_of(record.name, group_by)
+                record.group = options.group_of(record.name)
             except ValueError as err:
                 problems.append(record.problem(str(err)))
         item: dict[str, Any] = {"image": record.image}
@@ -506,12 +434,16 @@ def _assemble(
         splits[record.split or "training"].append(item)
     missing = [split for split in SPLITS[1:] if not splits[split]]
     if missing and splits["training"]:
-        fractions = {"validation": val_fraction, "test": test_fraction}
-        val, test = (fractions[split] if split in missing else 0.0 for split in SPLITS[1:])
-        carved = split_items(splits["training"], val, test, seed=seed)
+        carve = dataclasses.replace(
+            options,
+            val_fraction=options.val_fraction if "validation" in missing else 0.0,
+            test_fraction=options.test_fraction if "test" in missing else 0.0,
+            group_by=None,  # applied above, to the paths as the source writes them
+        )
+        carved = split_items(splits["training"], carve)
         splits["training"] = carved["training"]
-        for split in missing:
-            splits[split] = carved[split]
+        for name in missing:
+            splits[name] = carved[name]
     if problems and strict:
         raise DataCheckError(problems, source)
     return ClassificationDatalist(classes, {k: v for k, v in splits.items() if v}, multi_label, problems)
