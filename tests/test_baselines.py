@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monai_prompt.backbones.vit import BACKBONE_KEY
-from monai_prompt.backbones.vit import build_vit
+from monai_prompt.backbones.vit import BACKBONE_KEY, build_vit
 from monai_prompt.nets.classifier import PromptClassifier
 from monai_prompt.peft.delta import load_delta, save_delta
+from monai_prompt.peft.merge import MergeableLayer, merge_and_unload
 from monai_prompt.peft.registry import apply_method
 
 LAYERS, WIDTH, HEADS, MLP, PATCH, IMG, CLASSES = 3, 32, 2, 64, 8, 32, 3
@@ -315,25 +315,69 @@ def test_lora_linear_formula_and_dropout():
     mask_x = F.dropout(x, 0.5, training=True)  # dropout acts on the low-rank input only
     low_rank = 2.0 * mask_x @ layer.lora_A.T @ layer.lora_B.T
     torch.testing.assert_close(dropped, x @ layer.weight.T + layer.bias + low_rank)
+    merged = layer.eval().merge()  # folds (alpha / r) B A into weight and becomes a plain nn.Linear
+    assert merged is layer and type(merged) is torch.nn.Linear and set(merged.state_dict()) == {"weight", "bias"}
+    torch.testing.assert_close(merged(x), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.jit.script(merged)(x), expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", ["lora", "lora_all", "ssf", "ssf_3d"])
-def test_merge_equals_unmerged_and_gives_a_plain_vit(case):
-    from monai_prompt.peft.lora import merge_lora
-    from monai_prompt.peft.ssf import merge_ssf
+#: SSF host -> (plain module, input shape); without a bias, merging creates one.
+SSF_HOSTS = {
+    "linear": (lambda: torch.nn.Linear(5, 4), (3, 5)),
+    "linear_without_bias": (lambda: torch.nn.Linear(5, 4, bias=False), (3, 5)),
+    "layer_norm": (lambda: torch.nn.LayerNorm(4), (3, 4)),
+    "conv2d": (lambda: torch.nn.Conv2d(2, 4, 3), (2, 2, 6, 6)),
+    "conv3d_without_bias": (lambda: torch.nn.Conv3d(2, 4, 3, bias=False), (2, 2, 5, 5, 5)),
+}
 
+
+@pytest.mark.parametrize("host", list(SSF_HOSTS))
+def test_ssf_layer_merges_into_its_plain_module(host):
+    from monai_prompt.peft.ssf import add_ssf
+
+    make, shape = SSF_HOSTS[host]
+    torch.manual_seed(0)
+    original = make().double()
+    layer = add_ssf(copy.deepcopy(original), init_std=0.5)
+    x = torch.randn(*shape, dtype=torch.float64)
+    channels = [-1] + [1] * (len(shape) - 2) if isinstance(original, torch.nn.modules.conv._ConvNd) else [-1]
+    expected = original(x) * layer.ssf_scale.view(channels) + layer.ssf_shift.view(channels)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+    merged = layer.merge()  # weight <- scale * weight, bias <- scale * bias + shift
+    assert merged is layer and type(merged) is type(original)
+    assert set(merged.state_dict()) == set(original.state_dict()) | {"bias"}
+    torch.testing.assert_close(merged(x), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.jit.script(merged)(x), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [*CASES, "ssf_3d"])
+def test_merge_and_unload_equals_unmerged_and_gives_a_plain_vit_where_possible(case):
+    """Every mergeable layer is folded; a model whose added keys all belonged to mergeable layers (LoRA, SSF) or
+    that added none (full, linear, BitFit) then loads strictly into a plain ViT (a MONAI ViT's keys); a model
+    without mergeable layers is left exactly as it was."""
     spatial = {"spatial_dims": 3, "img_size": 16} if case == "ssf_3d" else {}
     method, config = CASES[case.replace("_3d", "")]
     vit = apply_method(pretrained_vit(**spatial), method, config).eval()
     perturb_trainable(vit)
     x = torch.randn(2, 3, *([16] * 3 if spatial else [IMG] * 2))
     unmerged = vit.forward_features(x)
-    merge = merge_lora if method == "lora" else merge_ssf
-    merge(merge(vit))  # idempotent
-    assert (vit.forward_features(x) - unmerged).abs().max() < 1e-5
     plain = pretrained_vit(seed=7, **spatial).eval()
-    plain.load_state_dict({k: v for k, v in vit.state_dict().items() if k in plain.state_dict()})
-    assert (plain.forward_features(x) - unmerged).abs().max() < 1e-5
+    added = set(vit.state_dict()) - set(plain.state_dict())
+    layers = {name: m for name, m in vit.named_modules() if isinstance(m, MergeableLayer)}
+    mergeable = {f"{name}.{key}" for name, m in layers.items() for key in m.added_attributes}
+    before = {"state": copy.deepcopy(vit.state_dict()), "types": [type(m) for m in vit.modules()]}
+
+    merge_and_unload(merge_and_unload(vit))  # merging twice is merging once
+    assert not any(isinstance(m, MergeableLayer) for m in vit.modules())
+    assert (vit.forward_features(x) - unmerged).abs().max() < 1e-5
+    if added <= mergeable:
+        plain.load_state_dict(vit.state_dict(), strict=True)
+        assert (plain.forward_features(x) - unmerged).abs().max() < 1e-5
+    if not layers:
+        assert [type(m) for m in vit.modules()] == before["types"]
+        state = vit.state_dict()
+        assert state.keys() == before["state"].keys()
+        assert all(torch.equal(state[key], value) for key, value in before["state"].items())
 
 
 def test_adapter_starts_as_identity_and_uses_official_init():

@@ -1,19 +1,27 @@
-"""PEFT core: registry, config validation, freezing, parameter report, delta save/load checks."""
+"""PEFT core: registry and method discovery, config validation, freezing, parameter report, delta checks."""
 
+import pkgutil
+import sys
+import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
+import monai_prompt.peft
 from monai_prompt.backbones import build_vit
 from monai_prompt.nets import PromptClassifier
 from monai_prompt.peft import (
     DeltaMismatchError,
     apply_method,
     format_report,
+    get_method,
+    import_package_modules,
     load_delta,
     method_names,
     register_method,
+    registry,
     save_delta,
     trainable_report,
 )
@@ -28,19 +36,83 @@ class NormTuneConfig:
     blocks: int = 1
 
 
-@register_method("test_norm_tune", NormTuneConfig, trainable=r"^blocks\.0\.norm[12]\.")
 def apply_norm_tune(vit, config):
     vit.extra_marker = config.blocks
 
 
+@pytest.fixture
+def registry_copy(monkeypatch):
+    """Methods registered during the test go into a copy of the registry that is dropped afterwards."""
+    method_names()  # the package's own methods are in the copy
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_IMPORTED_PACKAGES", set(registry._IMPORTED_PACKAGES))
+
+
+@pytest.fixture
+def norm_tune(registry_copy):
+    """The test-only method ``test_norm_tune``, registered for one test."""
+    register_method("test_norm_tune", NormTuneConfig, trainable=r"^blocks\.0\.norm[12]\.")(apply_norm_tune)
+
+
 def tiny_classifier(method="linear", config=None, seed=0):
     torch.manual_seed(seed)
-    return PromptClassifier(3, method=method, method_config=config, backbone="vit_tiny", img_size=32, backbone_overrides=TINY)
+    return PromptClassifier(
+        3, method=method, method_config=config, backbone="vit_tiny", img_size=32, backbone_overrides=TINY
+    )
 
 
-def test_registry_lists_all_methods_and_rejects_unknown():
-    assert {"full", "linear", "vpt", "lora", "adapter", "bitfit", "ssf", "dvpt", "ept"} <= set(method_names())
-    with pytest.raises(ValueError, match="unknown PEFT method 'prefix'"):
+def test_registry_lists_exactly_the_method_modules_of_the_package():
+    """A module of ``monai_prompt/peft`` is a method module iff its source declares a method; each declares one,
+    named like the module, and the registry lists exactly those (the core modules are no methods)."""
+    package = Path(monai_prompt.peft.__file__).parent
+    modules = [info.name for info in pkgutil.iter_modules([str(package)])]
+    declaring = {name for name in modules if "@register_method(" in (package / f"{name}.py").read_text()}
+    assert declaring
+    assert set(method_names()) == declaring
+    assert all(get_method(name).module == f"monai_prompt.peft.{name}" for name in declaring)
+
+
+@pytest.fixture
+def fake_method_package(tmp_path, monkeypatch, registry_copy):
+    """A package ``fake_methods`` on ``sys.path`` with a method module (``fake_dora.py``) and a helper module."""
+    (tmp_path / "fake_methods").mkdir()
+    (tmp_path / "fake_methods" / "__init__.py").write_text("")
+    (tmp_path / "fake_methods" / "helpers.py").write_text("SCALE = 2.0\n")
+    fake_dora = """
+        from dataclasses import dataclass
+
+        from monai_prompt.peft.registry import register_method
+
+
+        @dataclass
+        class FakeDoRAConfig:
+            rank: int = 4
+
+
+        @register_method("fake_dora", FakeDoRAConfig, trainable="(?!)")
+        def apply_fake_dora(vit, config):
+            vit.fake_rank = config.rank
+        """
+    (tmp_path / "fake_methods" / "fake_dora.py").write_text(textwrap.dedent(fake_dora))
+    monkeypatch.syspath_prepend(tmp_path)
+    yield "fake_methods"
+    for name in [name for name in sys.modules if name.split(".")[0] == "fake_methods"]:
+        del sys.modules[name]
+
+
+def test_a_new_method_module_registers_itself_without_a_list(fake_method_package):
+    before = set(method_names())
+    import_package_modules(fake_method_package)
+    assert set(method_names()) == before | {"fake_dora"}  # the helper module registers nothing
+    assert get_method("fake_dora").module == "fake_methods.fake_dora"
+    assert apply_method(build_vit("vit_tiny", **TINY), "fake_dora", {"rank": 2}).fake_rank == 2
+    with pytest.raises(ValueError, match=r"unknown PEFT method 'dora'; available: \[.*'fake_dora'"):
+        get_method("dora")
+
+
+@pytest.mark.usefixtures("norm_tune")
+def test_registry_rejects_unknown_methods_config_keys_and_double_registration():
+    with pytest.raises(ValueError, match=r"unknown PEFT method 'prefix'; available: \['adapter', "):
         apply_method(build_vit("vit_tiny", **TINY), "prefix")
     with pytest.raises(ValueError, match=r"unknown 'test_norm_tune' config keys \['depth'\]; valid keys: \['blocks'\]"):
         apply_method(build_vit("vit_tiny", **TINY), "test_norm_tune", {"depth": 2})
@@ -48,8 +120,11 @@ def test_registry_lists_all_methods_and_rejects_unknown():
     assert vit.peft_method == "test_norm_tune" and vit.peft_config == {"blocks": 2} and vit.extra_marker == 2
     with pytest.raises(ValueError, match="already has method"):
         apply_method(vit, "full")
+    with pytest.raises(ValueError, match=f"'lora' is registered twice: by monai_prompt.peft.lora and by {__name__}"):
+        register_method("lora", NormTuneConfig, trainable="(?!)")(apply_norm_tune)
 
 
+@pytest.mark.usefixtures("norm_tune")
 def test_freezing_follows_the_method_pattern():
     vit = apply_method(build_vit("vit_tiny", **TINY), "test_norm_tune")
     trainable = sorted(n for n, p in vit.named_parameters() if p.requires_grad)
@@ -59,6 +134,7 @@ def test_freezing_follows_the_method_pattern():
     assert frozen == [f"blocks.{i}.norm_cross_attn.{k}" for i in range(2) for k in ("bias", "weight")]
 
 
+@pytest.mark.usefixtures("norm_tune")
 def test_trainable_report_counts_and_prints():
     net = tiny_classifier("test_norm_tune")
     report = trainable_report(net)
@@ -73,6 +149,7 @@ def test_trainable_report_counts_and_prints():
     assert "test_norm_tune" in text and f"{report['trainable']:,}" in text and "% of the backbone" in text
 
 
+@pytest.mark.usefixtures("norm_tune")
 def test_delta_roundtrip_and_mismatch_messages(tmp_path):
     trained = tiny_classifier("test_norm_tune", {"blocks": 1})
     with torch.no_grad():
@@ -81,7 +158,8 @@ def test_delta_roundtrip_and_mismatch_messages(tmp_path):
     path = save_delta(trained, tmp_path / "delta.pt")
     assert not list(tmp_path.glob(".*.tmp"))
     saved = torch.load(path, weights_only=True)
-    assert set(saved) == {"model", "peft"} and set(saved["model"]) == {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert set(saved) == {"model", "peft"}
+    assert set(saved["model"]) == {n for n, p in trained.named_parameters() if p.requires_grad}
 
     fresh = tiny_classifier("test_norm_tune", {"blocks": 1})  # same seed: same "pre-trained" backbone
     load_delta(fresh, path)
@@ -94,6 +172,7 @@ def test_delta_roundtrip_and_mismatch_messages(tmp_path):
         load_delta(tiny_classifier("test_norm_tune", {"blocks": 2}), path)
     with pytest.raises(DeltaMismatchError, match="frozen backbone weights differ"):
         load_delta(tiny_classifier("test_norm_tune", {"blocks": 1}, seed=1), path)
-    other = PromptClassifier(3, method="test_norm_tune", backbone="vit_tiny", img_size=32, backbone_overrides={**TINY, "mlp_dim": 128})
+    wider = {**TINY, "mlp_dim": 128}
+    other = PromptClassifier(3, method="test_norm_tune", backbone="vit_tiny", img_size=32, backbone_overrides=wider)
     with pytest.raises(DeltaMismatchError, match="backbone architecture differs: mlp_dim: 64 in the delta vs 128 here"):
         load_delta(other, path)

@@ -1,12 +1,12 @@
-"""``monai-prompt export``: one self-contained file from a bundle's delta, with LoRA/SSF merged where possible.
+"""``monai-prompt export``: one self-contained file from a bundle's delta, with the method merged where possible.
 
 The bundle's ``network_def`` is built from ``configs/inference.json`` (it loads the pre-trained backbone), the
-delta is loaded on top (checked against method, config and backbone), and:
-
-- ``lora`` and ``ssf`` are folded into the backbone weights (:func:`~monai_prompt.peft.lora.merge_lora`,
-  :func:`~monai_prompt.peft.ssf.merge_ssf`); with ``full``, ``linear`` and ``bitfit`` (no added modules) the
-  result is a *plain* network: ``PromptClassifier(method="full")`` keys, loadable without the method's code;
-- other methods (prompts, adapters, DVPT, EPT, FPT) keep their modules: the file is their full state dict.
+delta is loaded on top (checked against method, config and backbone), and every mergeable layer (LoRA, SSF:
+see :func:`~monai_prompt.peft.merge.merge_and_unload`) is folded into the backbone weights. If the merged
+network then has exactly the state-dict keys of ``PromptClassifier(method="full")`` (as with LoRA, SSF and the
+methods that add nothing: full, linear, BitFit), the export is that *plain* network, loadable without the
+method's code; otherwise (prompts, adapters, DVPT, EPT, and FPT, which is never merged) it is the tuned network's
+full state dict with the method's modules.
 
 The exported network is checked against the tuned one on a random input before anything is written; files are
 written atomically: ``models/model_full.pt`` (state dict) and ``models/model_full.ts`` (TorchScript).
@@ -16,31 +16,20 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from monai.bundle import ConfigParser
 from monai.networks.utils import convert_to_torchscript
 
 from monai_prompt.backbones.vit import find_vit
 from monai_prompt.io import atomic_write
 from monai_prompt.peft.delta import load_delta
+from monai_prompt.peft.merge import merge_and_unload
 
 __all__ = ["ExportReport", "export_bundle"]
-
-#: methods with no modules of their own once merged: the export is a plain ``PromptClassifier(method="full")``.
-PLAIN_METHODS = ("full", "linear", "bitfit", "lora", "ssf")
-
-
-def _mergers() -> dict[str, Callable[[nn.Module], Any]]:
-    from monai_prompt.peft.lora import merge_lora
-    from monai_prompt.peft.ssf import merge_ssf
-
-    return {"lora": merge_lora, "ssf": merge_ssf}
 
 
 @dataclass
@@ -91,7 +80,7 @@ def export_bundle(
         bundle: the bundle folder.
         ckpt: the delta (default ``<bundle>/models/model.pt``).
         out_dir: output folder (default ``<bundle>/models``).
-        merge: fold LoRA/SSF into the weights and export a plain network (:data:`PLAIN_METHODS`).
+        merge: fold mergeable layers into the weights and export a plain network where the result is one.
         overrides: config overrides, e.g. ``{"pretrained": "vit.safetensors"}`` (as on the bundle command line).
         atol: largest logit difference accepted between the exported and the tuned network.
 
@@ -113,15 +102,16 @@ def export_bundle(
     example = torch.rand(2, vit.config["in_channels"], *vit.img_size, generator=generator)
     with torch.no_grad():
         reference = network(example)
-    merged = merge and method in PLAIN_METHODS and not hasattr(network, "lpm")
-    if merged:
-        _mergers().get(method, lambda net: net)(network)
-        plain = _parser(bundle, {**overrides, "method": "full", "method_config": {}, "pretrained": None})
-        exported = plain.get_parsed_content("network_def").eval()
+    exported, merged = network, False
+    if merge and not hasattr(network, "lpm"):  # FPT's LPM and side network keep their modules
+        merge_and_unload(network)
+        plain_config = {**overrides, "method": "full", "method_config": {}, "pretrained": None}
+        plain = _parser(bundle, plain_config).get_parsed_content("network_def").eval()
         state = network.state_dict()
-        exported.load_state_dict({key: state[key] for key in exported.state_dict()}, strict=True)
-    else:
-        exported = network
+        merged = state.keys() == plain.state_dict().keys()  # nothing left that a plain network lacks
+        if merged:
+            plain.load_state_dict(state, strict=True)
+            exported = plain
     with torch.no_grad():
         difference = float((exported(example) - reference).abs().max())
     if difference > atol:

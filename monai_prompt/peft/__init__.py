@@ -1,4 +1,4 @@
-"""PEFT core: registry, freezing, trainable-parameter accounting and delta checkpoints."""
+"""PEFT core: registry, freezing, trainable-parameter accounting, delta checkpoints and merging."""
 
 from monai_prompt.peft.delta import (
     DeltaMismatchError,
@@ -11,12 +11,13 @@ from monai_prompt.peft.delta import (
     save_delta,
     trainable_state,
 )
+from monai_prompt.peft.merge import MergeableLayer, merge_and_unload
 from monai_prompt.peft.registry import (
-    METHOD_MODULES,
     PEFTMethod,
     apply_method,
     freeze_for,
     get_method,
+    import_package_modules,
     method_names,
     register_method,
 )

@@ -4,7 +4,8 @@ Each targeted ``nn.Linear`` becomes a :class:`LoRALinear`: the same module (its 
 and values are untouched) plus ``lora_A`` [r, in] and ``lora_B`` [out, r]. The init, scaling and dropout
 follow HuggingFace ``peft`` (``tuners/lora/layer.py``): ``A`` kaiming-uniform with ``a=sqrt(5)``, ``B``
 zeros (so training starts from the pre-trained model), dropout on the input of the low-rank path.
-:func:`merge_lora` folds the update into ``weight`` for export (no extra cost at inference).
+:meth:`LoRALinear.merge` (through :func:`~monai_prompt.peft.merge.merge_and_unload`) folds the update into
+``weight`` for export and turns the layer back into a plain ``nn.Linear`` (no extra cost at inference).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from monai_prompt.backbones.vit import PromptableViT
+from monai_prompt.peft.merge import MergeableLayer
 from monai_prompt.peft.registry import register_method
 
-__all__ = ["LORA_TARGETS", "LoRAConfig", "LoRALinear", "merge_lora"]
+__all__ = ["LORA_TARGETS", "LoRAConfig", "LoRALinear"]
 
 #: LoRA target name -> module path inside each transformer block.
 LORA_TARGETS: dict[str, str] = {
@@ -59,11 +61,11 @@ class LoRAConfig:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(MergeableLayer, nn.Linear):
     """``nn.Linear`` plus a low-rank update: ``y = x W^T + b + (alpha / r) * dropout(x) A^T B^T``.
 
     Build one from scratch like an ``nn.Linear`` or convert an existing (pre-trained) one in place with
-    :meth:`from_linear`. After :meth:`merge` the update lives in ``weight`` and the low-rank path is off.
+    :meth:`from_linear`. :meth:`merge` adds the update to ``weight`` and turns the layer into a plain ``nn.Linear``.
 
     Args:
         in_features: input width.
@@ -73,6 +75,9 @@ class LoRALinear(nn.Linear):
         dropout: dropout on the input of the low-rank path.
         bias: whether the linear has a bias.
     """
+
+    base_class = nn.Linear
+    added_attributes = ("lora_A", "lora_B", "lora_dropout", "scaling")
 
     def __init__(
         self,
@@ -93,7 +98,6 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout)
         self.scaling = alpha / rank
-        self.merged = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
@@ -112,30 +116,13 @@ class LoRALinear(nn.Linear):
         """The update ``(alpha / r) * B @ A`` in the shape of ``weight``."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into ``weight`` and switch the low-rank path off (idempotent)."""
-        if not self.merged:
-            self.weight += self.delta_weight()
-            self.merged = True
+    def fold(self) -> None:
+        """``weight <- weight + (alpha / r) * B @ A``."""
+        self.weight += self.delta_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return out
         return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Merge every :class:`LoRALinear` of ``model`` (see :meth:`LoRALinear.merge`) and return ``model``.
-
-    The merged weights are no longer the pre-trained ones, so merge for export/inference, after the
-    delta was saved.
-    """
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            module.merge()
-    return model
 
 
 @register_method("lora", LoRAConfig, trainable=r"\.lora_[AB]$")

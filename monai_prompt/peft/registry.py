@@ -3,13 +3,18 @@
 Each method lives in its own module (``monai_prompt/peft/<name>.py``) with a config dataclass and an
 ``apply`` function registered by :func:`register_method`. ``apply`` inserts the method's modules into the
 ViT in place; :func:`apply_method` then freezes everything except what the method declares trainable.
-Modules are imported on first use, so a method costs nothing until it is asked for.
+
+The registry is the only list of methods: on the first :func:`method_names` or :func:`get_method` call,
+:func:`import_package_modules` imports every module of this package, and the method modules register
+themselves. A module is a method module because it registers a method; the core modules (this one, delta
+checkpoints, merging, reports) register none, so no list of either has to be kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,17 +24,22 @@ import torch.nn as nn
 
 from monai_prompt.backbones.vit import PromptableViT
 
-__all__ = ["METHOD_MODULES", "PEFTMethod", "apply_method", "get_method", "method_names", "register_method"]
+__all__ = [
+    "PEFTMethod",
+    "apply_method",
+    "freeze_for",
+    "get_method",
+    "import_package_modules",
+    "method_names",
+    "register_method",
+]
 
-#: method name -> module that registers it.
-METHOD_MODULES: dict[str, str] = {
-    name: f"monai_prompt.peft.{name}"
-    for name in ("full", "linear", "vpt", "lora", "adapter", "bitfit", "ssf", "dvpt", "ept")
-}
 #: parameters no method ever trains (MONAI builds them but a ViT without cross-attention never uses them).
 NEVER_TRAINED = re.compile(r"(^|\.)norm_cross_attn\.")
 
 _REGISTRY: dict[str, PEFTMethod] = {}
+#: packages whose modules :func:`import_package_modules` has imported.
+_IMPORTED_PACKAGES: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -41,12 +51,14 @@ class PEFTMethod:
         config_class: dataclass of the method's hyper-parameters.
         apply: ``apply(vit, config)`` inserts the method's modules into ``vit`` in place.
         trainable: regular expression over ViT parameter names that the method trains.
+        module: the module that registered the method.
     """
 
     name: str
     config_class: type
     apply: Callable[[PromptableViT, Any], None]
     trainable: str
+    module: str
 
     def make_config(self, config: Any = None) -> Any:
         """The method's config from ``None`` (defaults), a dict of overrides or a config instance."""
@@ -64,32 +76,54 @@ class PEFTMethod:
 
 
 def register_method(name: str, config_class: type, trainable: str) -> Callable:
-    """Decorator registering ``apply(vit, config)`` as method ``name``.
+    """Decorator registering ``apply(vit, config)`` as method ``name``; a method module declares itself with it.
 
     Args:
         name: registry name.
         config_class: dataclass of hyper-parameters (every field has a default).
         trainable: regex over ViT parameter names the method trains.
+
+    Raises:
+        ValueError: ``name`` is already registered (a method is declared once).
     """
 
     def wrap(apply: Callable[[PromptableViT, Any], None]) -> Callable[[PromptableViT, Any], None]:
-        _REGISTRY[name] = PEFTMethod(name, config_class, apply, trainable)
+        if name in _REGISTRY:
+            raise ValueError(
+                f"PEFT method {name!r} is registered twice: by {_REGISTRY[name].module} and by {apply.__module__}; "
+                f"rename one of them."
+            )
+        _REGISTRY[name] = PEFTMethod(name, config_class, apply, trainable, apply.__module__)
         return apply
 
     return wrap
 
 
+def import_package_modules(package: str = __package__) -> None:
+    """Import every module of ``package`` once, so that its method modules register their methods.
+
+    Args:
+        package: a package name (default this one, ``monai_prompt.peft``).
+    """
+    if package in _IMPORTED_PACKAGES:
+        return
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__, prefix=f"{package}."):
+        importlib.import_module(info.name)
+    _IMPORTED_PACKAGES.add(package)
+
+
 def method_names() -> list[str]:
     """All method names that can be applied."""
-    return sorted(METHOD_MODULES)
+    import_package_modules()
+    return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> PEFTMethod:
-    """The registered method ``name`` (its module is imported on first use)."""
+    """The registered method ``name`` (the method modules are imported on first use)."""
     if name not in _REGISTRY:
-        if name not in METHOD_MODULES:
-            raise ValueError(f"unknown PEFT method {name!r}; available: {method_names()}.")
-        importlib.import_module(METHOD_MODULES[name])
+        import_package_modules()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown PEFT method {name!r}; available: {method_names()}.")
     return _REGISTRY[name]
 
 

@@ -5,8 +5,9 @@ follows the patch embedding, ``norm1``, ``qkv``, ``out_proj``, ``norm2``, ``line
 ``linear2`` and the final ``norm``; scale starts at N(1, 0.02), shift at N(0, 0.02). Each such module becomes
 an SSF subclass of its own type (:class:`SSFLinear`, :class:`SSFLayerNorm`, :class:`SSFConv2d`,
 :class:`SSFConv3d`) that keeps its ``weight``/``bias`` keys and adds ``ssf_scale``/``ssf_shift``. Because
-each op is affine per output channel, :func:`merge_ssf` folds scale and shift into its weight and bias
-(re-parameterisation: the merged model is a plain ViT).
+each op is affine per output channel, each layer's ``merge`` (through
+:func:`~monai_prompt.peft.merge.merge_and_unload`) folds scale and shift into its weight and bias and turns it
+back into the plain module (re-parameterisation: the merged model is a plain ViT).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_prompt.backbones.vit import BACKBONE_KEY
-from monai_prompt.backbones.vit import PromptableViT
+from monai_prompt.backbones.vit import BACKBONE_KEY, PromptableViT
+from monai_prompt.peft.merge import MergeableLayer
 from monai_prompt.peft.registry import register_method
 
-__all__ = ["SSFConfig", "SSFConv2d", "SSFConv3d", "SSFLayerNorm", "SSFLinear", "add_ssf", "merge_ssf"]
+__all__ = ["SSFConfig", "SSFConv2d", "SSFConv3d", "SSFLayerNorm", "SSFLinear", "add_ssf"]
 
 
 @dataclass
@@ -40,12 +41,14 @@ class SSFConfig:
             raise ValueError(f"SSF init_std must be >= 0, got {self.init_std}.")
 
 
-class _ScaleShift:
+class _ScaleShift(MergeableLayer):
     """Per-output-channel ``ssf_scale``/``ssf_shift`` after the host module's own op, foldable into it.
 
     ``spatial_dims`` is how many axes follow the channel axis of the op's output: 0 for linears and
     LayerNorms (channels last), 2 or 3 for convolutions (``[B, C, *spatial]``).
     """
+
+    added_attributes = ("ssf_scale", "ssf_shift", "spatial_dims")
 
     def _init_ssf(self, init_std: float) -> None:
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
@@ -54,30 +57,25 @@ class _ScaleShift:
         nn.init.normal_(self.ssf_scale, mean=1.0, std=init_std)
         nn.init.normal_(self.ssf_shift, mean=0.0, std=init_std)
         self.spatial_dims = self.weight.dim() - 2 if isinstance(self, nn.modules.conv._ConvNd) else 0
-        self.merged = False
 
     def _scale_shift(self, y: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return y
         shape = [-1] + [1] * self.spatial_dims
         return y * self.ssf_scale.view(shape).to(y.dtype) + self.ssf_shift.view(shape).to(y.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
+    def fold(self) -> None:
         """Fold ``y * scale + shift`` into the op: ``weight <- scale * weight`` (per output channel),
-        ``bias <- scale * bias + shift`` (a bias is created if the op had none); then switch SSF off."""
-        if self.merged:
-            return
+        ``bias <- scale * bias + shift`` (a bias is created if the op had none)."""
         self.weight.mul_(self.ssf_scale.view([-1] + [1] * (self.weight.dim() - 1)))
         if self.bias is None:
             self.bias = nn.Parameter(self.ssf_shift.clone(), requires_grad=False)
         else:
             self.bias.mul_(self.ssf_scale).add_(self.ssf_shift)
-        self.merged = True
 
 
 class SSFLinear(_ScaleShift, nn.Linear):
     """``nn.Linear`` followed by a per-channel scale and shift (same ``weight``/``bias`` keys)."""
+
+    base_class = nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._scale_shift(F.linear(x, self.weight, self.bias))
@@ -86,12 +84,16 @@ class SSFLinear(_ScaleShift, nn.Linear):
 class SSFLayerNorm(_ScaleShift, nn.LayerNorm):
     """``nn.LayerNorm`` followed by a per-channel scale and shift (same ``weight``/``bias`` keys)."""
 
+    base_class = nn.LayerNorm
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._scale_shift(F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps))
 
 
 class SSFConv2d(_ScaleShift, nn.Conv2d):
     """``nn.Conv2d`` (the 2D patch embedding) followed by a per-channel scale and shift."""
+
+    base_class = nn.Conv2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._scale_shift(self._conv_forward(x, self.weight, self.bias))
@@ -100,16 +102,14 @@ class SSFConv2d(_ScaleShift, nn.Conv2d):
 class SSFConv3d(_ScaleShift, nn.Conv3d):
     """``nn.Conv3d`` (the 3D patch embedding) followed by a per-channel scale and shift."""
 
+    base_class = nn.Conv3d
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._scale_shift(self._conv_forward(x, self.weight, self.bias))
 
 
-_SSF_CLASSES: dict[type, type] = {
-    nn.Linear: SSFLinear,
-    nn.LayerNorm: SSFLayerNorm,
-    nn.Conv2d: SSFConv2d,
-    nn.Conv3d: SSFConv3d,
-}
+#: plain module class -> its SSF subclass.
+_SSF_CLASSES: dict[type, type] = {cls.base_class: cls for cls in (SSFLinear, SSFLayerNorm, SSFConv2d, SSFConv3d)}
 
 
 def add_ssf(module: nn.Module, init_std: float = 0.02) -> nn.Module:
@@ -130,18 +130,6 @@ def add_ssf(module: nn.Module, init_std: float = 0.02) -> nn.Module:
     module.__class__ = cls
     module._init_ssf(init_std)
     return module
-
-
-def merge_ssf(model: nn.Module) -> nn.Module:
-    """Fold every SSF scale/shift of ``model`` into the preceding op (see :meth:`_ScaleShift.merge`).
-
-    The merged weights are no longer the pre-trained ones, so merge for export/inference, after the
-    delta was saved.
-    """
-    for module in model.modules():
-        if isinstance(module, _ScaleShift):
-            module.merge()
-    return model
 
 
 @register_method("ssf", SSFConfig, trainable=r"\.ssf_(scale|shift)$")
