@@ -6,32 +6,21 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bundle_support import REPO, TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny_overrides, write_tiny_backbone
 
 from monai_prompt.bundle_gen import BUNDLE_SPECS
-from monai_prompt.bundle_gen.smoke import run_bundle, tiny_overrides, write_tiny_backbone, write_tiny_dataset
 from monai_prompt.cli import main
+from monai_prompt.engine.runner import run_bundle
 from monai_prompt.nets import PromptClassifier
 from monai_prompt.peft import load_delta
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
-
-
-@pytest.fixture
-def checkout(tmp_path):
-    """A stand-in repository root (``bundles/<name>`` copies) with tiny data and a tiny backbone."""
-    write_tiny_dataset(tmp_path / "data")
-    backbone = write_tiny_backbone(tmp_path / "vit_tiny.pt")
-    for name in ("linear_classification", "lora_classification", "fptplus_classification"):
-        shutil.copytree(REPO / "bundles" / name, tmp_path / "bundles" / name)
-    return tmp_path, backbone
 
 
 def cli_overrides(spec, data: Path, backbone: Path) -> list[str]:
@@ -49,13 +38,14 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def test_monai_bundle_cli_from_repository_root_and_from_inside_the_bundle(checkout):
-    root, backbone = checkout
+@pytest.mark.slow
+def test_monai_bundle_cli_from_repository_root_and_from_inside_the_bundle(tiny, tmp_path):
+    root = tmp_path  # a stand-in repository root
     spec = BUNDLE_SPECS["linear_classification"]
-    args = cli_overrides(spec, root / "data", backbone)
+    bundle = copy_bundle(spec.name, root)
+    args = cli_overrides(spec, tiny["data"], tiny["backbone"])
     run([sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundles/{spec.name}/configs/train.json",
          *args, "--train#trainer#max_epochs", "1"], cwd=root)
-    bundle = root / "bundles" / spec.name
     assert (bundle / "models" / "model.pt").is_file() and not (root / "models").exists()
 
     result = run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
@@ -65,37 +55,40 @@ def test_monai_bundle_cli_from_repository_root_and_from_inside_the_bundle(checko
         assert {row[0] for row in csv.reader(f)} == {"accuracy", "auc", "f1", "kappa"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lora_classification", "fptplus_classification"])
-def test_torchrun_ddp_on_cpu_with_gloo(name, checkout):
+def test_torchrun_ddp_on_cpu_with_gloo(name, tiny, tmp_path):
     """DDP with a frozen backbone; FPT+ also preloads its cache on rank 0 while rank 1 waits."""
-    root, backbone = checkout
     spec = BUNDLE_SPECS[name]
+    bundle = copy_bundle(name, tmp_path)
     configs = f"['bundles/{spec.name}/configs/train.json','bundles/{spec.name}/configs/multi_gpu_train.json']"
     result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
                   "-m", "monai.bundle", "run", "--config_file", configs,
-                  *cli_overrides(spec, root / "data", backbone), "--train#trainer#max_epochs", "1"], cwd=root)
+                  *cli_overrides(spec, tiny["data"], tiny["backbone"]), "--train#trainer#max_epochs", "1"],
+                 cwd=tmp_path)
     output = result.stdout + result.stderr
     assert output.count("Epoch: 1/1, Iter: 2/2") == 1  # 12 images on 2 ranks, batch 4; rank 1 does not log
     assert "Key metric: val_accuracy best value" in output
-    delta = torch.load(root / "bundles" / spec.name / "models" / "model.pt", weights_only=True)
+    delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert not any(key.startswith("module.") for key in delta["model"])  # saved unwrapped from DDP
     assert delta["peft"]["method"] == spec.method
 
 
-def test_export_merges_lora_into_a_plain_network(checkout, capsys):
-    root, backbone = checkout
+@pytest.mark.slow
+def test_export_merges_lora_into_a_plain_network(tiny, tmp_path, capsys):
     spec = BUNDLE_SPECS["lora_classification"]
-    bundle = root / "bundles" / spec.name
-    overrides = tiny_overrides(spec, root / "data", backbone)
+    bundle = copy_bundle(spec.name, tmp_path)
+    backbone = tiny["backbone"]
+    overrides = tiny_overrides(spec, tiny["data"], backbone)
     run_bundle(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
     sets = [f"--set={key}={json.dumps(overrides[key])}" for key in ("img_size", "backbone", "backbone_overrides")]
     assert main(["export", str(bundle), "--pretrained", str(backbone), *sets]) == 0
     assert "lora: merged into a plain network" in capsys.readouterr().out
 
-    tiny = {"backbone": "vit_tiny", "img_size": 32, "backbone_overrides": overrides["backbone_overrides"]}
-    tuned = PromptClassifier(3, "lora", spec.method_config(), pretrained=str(backbone), **tiny).eval()
+    shape = {"backbone": "vit_tiny", "img_size": TINY_IMG_SIZE, "backbone_overrides": TINY_BACKBONE}
+    tuned = PromptClassifier(3, "lora", spec.method_config(), pretrained=str(backbone), **shape).eval()
     load_delta(tuned, bundle / "models" / "model.pt")
-    plain = PromptClassifier(3, "full", **tiny).eval()
+    plain = PromptClassifier(3, "full", **shape).eval()
     plain.load_state_dict(torch.load(bundle / "models" / "model_full.pt", weights_only=True), strict=True)
     scripted = torch.jit.load(str(bundle / "models" / "model_full.ts"))
     image = torch.rand(2, 3, 32, 32)
@@ -104,7 +97,7 @@ def test_export_merges_lora_into_a_plain_network(checkout, capsys):
         torch.testing.assert_close(scripted(image), tuned(image), atol=1e-5, rtol=1e-5)
 
     with pytest.raises(SystemExit, match="frozen backbone weights differ"):
-        main(["export", str(bundle), "--pretrained", str(write_tiny_backbone(root / "other.pt", seed=1)), *sets])
+        main(["export", str(bundle), "--pretrained", str(write_tiny_backbone(tmp_path / "other.pt", seed=1)), *sets])
 
 
 def test_render_bundles_check_command(tmp_path, capsys):

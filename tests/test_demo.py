@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
 import torch
 
 from monai_prompt.cli import main
 from monai_prompt.demo import TINY_DEMO, prepare_data, pretrain
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_reuses_data_and_pretraining(tmp_path, capsys):
     out = tmp_path / "demo"
     threads = torch.get_num_threads()

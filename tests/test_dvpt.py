@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip
 
 from monai_prompt.backbones import build_vit
 from monai_prompt.nets import PromptClassifier
 from monai_prompt.peft import apply_method, delta_state_dict, trainable_report
 from monai_prompt.peft.dvpt import DVPTConfig, DVPTModule
-from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip
 
 TINY = {"hidden_size": 32, "num_layers": 4, "num_heads": 4, "mlp_dim": 64, "patch_size": 8}
 CONFIG = {"num_prompts": 5, "bottleneck": 6, "share": 2}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,26 +12,23 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from bundle_support import copy_bundle, tiny_overrides
 from mlflow import MlflowClient
 
 from monai_prompt.bundle_gen import BUNDLE_SPECS
-from monai_prompt.bundle_gen.smoke import run_bundle, tiny_overrides, write_tiny_backbone, write_tiny_dataset
+from monai_prompt.engine.runner import run_bundle
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test runs bundle workflows
 SPEC = BUNDLE_SPECS["linear_classification"]
 EXPERIMENT = "monai_prompt_classification"
 SERVER_START_TIMEOUT_S = 120
 
 
 @pytest.fixture
-def bundle(tmp_path, monkeypatch):
+def bundle(tiny, tmp_path, monkeypatch):
     """A copy of the linear bundle and its tiny overrides; no MLFLOW_TRACKING_URI from the environment."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    write_tiny_dataset(tmp_path / "data")
-    backbone = write_tiny_backbone(tmp_path / "vit_tiny.pt")
-    target = tmp_path / "bundles" / SPEC.name
-    shutil.copytree(REPO / "bundles" / SPEC.name, target)
-    return target, tiny_overrides(SPEC, tmp_path / "data", backbone)
+    return copy_bundle(SPEC.name, tmp_path), tiny_overrides(SPEC, tiny["data"], tiny["backbone"])
 
 
 def _free_port() -> int:
