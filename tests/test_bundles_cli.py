@@ -96,6 +96,15 @@ def test_export_merges_lora_into_a_plain_network(tiny, tmp_path, capsys):
         torch.testing.assert_close(plain(image), tuned(image), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(scripted(image), tuned(image), atol=1e-5, rtol=1e-5)
 
+    unmerged = tmp_path / "unmerged"  # --no-merge keeps LoRA's modules: the tuned network's full state dict
+    no_merge = ["--no-merge", "--out-dir", str(unmerged)]
+    assert main(["export", str(bundle), "--pretrained", str(backbone), *no_merge, *sets]) == 0
+    assert "lora: full state dict with the method's modules" in capsys.readouterr().out
+    state = torch.load(unmerged / "model_full.pt", weights_only=True)
+    assert state.keys() == tuned.state_dict().keys() and any(key.endswith(".lora_A") for key in state)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(unmerged / "model_full.ts"))(image), tuned(image))
+
     with pytest.raises(SystemExit, match="frozen backbone weights differ"):
         main(["export", str(bundle), "--pretrained", str(write_tiny_backbone(tmp_path / "other.pt", seed=1)), *sets])
 
