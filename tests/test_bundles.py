@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
-from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
+from monai.transforms import Compose
+from PIL import Image
 
 from monai_prompt.bundle_gen import BUNDLE_SPECS, check_bundles, write_bundles
 from monai_prompt.bundle_gen.metadata import schema_file
 from monai_prompt.bundle_gen.smoke import run_bundle, tiny_overrides, write_tiny_backbone, write_tiny_dataset
+from monai_prompt.data import classification_transforms
 from monai_prompt.engine import latest_checkpoint
 from monai_prompt.engine.export import export_bundle
 from monai_prompt.fpt.lpm import LPMExtractor
@@ -62,6 +69,99 @@ def test_generator_check_reports_drift(tmp_path):
     assert "train.json: differs" in problems[0] and "extra.json: not rendered" in problems[1]
     (tmp_path / "unknown_classification").mkdir()
     assert any("no bundle spec renders it" in p for p in check_bundles(tmp_path))
+
+
+def _strings(config) -> Iterator[str]:
+    if isinstance(config, dict):
+        config = list(config.values())
+    if isinstance(config, list):
+        for value in config:
+            yield from _strings(value)
+    elif isinstance(config, str):
+        yield config
+
+
+def test_rendered_configs_import_what_their_expressions_use():
+    runs = (["train.json"], ["train.json", "evaluate.json"], ["train.json", "multi_gpu_train.json"], ["inference.json"])
+    cases = [(name, files) for name in BUNDLE_SPECS for files in runs] + [("vit_pretraining", ["train.json"])]
+    for name, files in cases:
+        parser = ConfigParser()
+        parser.read_config([str(REPO / "bundles" / name / "configs" / file) for file in files])
+        expressions = [text for text in _strings(parser.get()) if text.startswith("$")]
+        imports = {text.removeprefix("$import ") for text in expressions if text.startswith("$import ")}
+        code = " ".join(text for text in expressions if not text.startswith("$import "))
+        for statement in imports:
+            module, _, alias = statement.partition(" as ")
+            assert re.search(rf"\b{re.escape(alias or module)}\.", code), f"{name} {files}: {statement} unused"
+        for module in set(re.findall(r"\b(monai_prompt\.\w+)\.", code)):
+            assert module in imports, f"{name} {files}: expressions use {module} but do not import it"
+
+
+def _write_samples(folder: Path) -> tuple[Path, Path]:
+    """A 20 x 30 RGB PNG and a 6 x 7 x 8 NIfTI volume."""
+    rng = np.random.default_rng(0)
+    png, nii = folder / "rgb.png", folder / "volume.nii.gz"
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(png)
+    nib.save(nib.Nifti1Image(rng.random((6, 7, 8), dtype=np.float32), np.eye(4)), nii)
+    return png, nii
+
+
+def _assert_same(out: dict, expected: dict) -> None:
+    image, reference = out["image"], expected["image"]
+    assert type(image) is type(reference) and image.dtype == reference.dtype
+    assert torch.equal(image.as_tensor(), reference.as_tensor()) and torch.equal(image.affine, reference.affine)
+    assert out["label"].dtype == expected["label"].dtype and torch.equal(out["label"], expected["label"])
+
+
+def _parser(bundle: str, file: str, overrides: dict) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / file))
+    parser.update(overrides)
+    return parser
+
+
+def test_rendered_transforms_are_classification_transforms(tmp_path):
+    """The spelled-out ``train#deterministic_transforms`` + ``train#random_transforms`` (train), the deterministic
+    ones alone (validation, inference, MAE pre-training) give exactly what ``classification_transforms`` gives:
+    augmentation off, and on with the same random state; the FPT bundles put the cache lookup between the lists."""
+    png, nii = _write_samples(tmp_path)
+    rgb_2d = {"img_size": 16, "spatial_dims": 2, "in_channels": 3}
+    cases = [
+        ({**rgb_2d, "multi_label": False}, {"image": str(png), "label": 2}),
+        ({"img_size": 8, "spatial_dims": 3, "in_channels": 1, "multi_label": True},
+         {"image": str(nii), "label": [1.0, 0.0, 1.0]}),
+    ]
+    for settings, item in cases:
+        train_json = _parser("vpt_classification", "train.json", settings)
+        train = train_json.get_parsed_content("train#preprocessing")
+        validate = train_json.get_parsed_content("validate#preprocessing")
+        infer = _parser("vpt_classification", "inference.json", settings).get_parsed_content("preprocessing")
+        args = (settings["img_size"], settings["spatial_dims"], settings["in_channels"])
+        plain = Compose(classification_transforms(*args, augment=False, multi_label=settings["multi_label"]))
+        augmented = Compose(classification_transforms(*args, augment=True, multi_label=settings["multi_label"]))
+        assert [type(t) for t in train.transforms] == [type(t) for t in augmented.transforms]
+        expected = plain(item)
+        _assert_same(validate(item), expected)
+        _assert_same(infer(item), expected)
+        changed = 0
+        for seed in range(4):
+            train.set_random_state(seed)
+            augmented.set_random_state(seed)
+            out = train(item)
+            _assert_same(out, augmented(item))
+            changed += not torch.equal(out["image"].as_tensor(), expected["image"].as_tensor())
+        assert changed > 0  # the augmentations ran
+
+    pretraining = _parser("vit_pretraining", "train.json", rgb_2d).get_parsed_content("train#deterministic_transforms")
+    out = Compose(pretraining)({"image": str(png)})
+    expected = Compose(classification_transforms(*rgb_2d.values(), track_meta=False))({"image": str(png)})
+    assert type(out["image"]) is torch.Tensor and torch.equal(out["image"], expected["image"])
+    for name, spec in BUNDLE_SPECS.items():
+        train = ConfigParser.load_config_file(REPO / "bundles" / name / "configs" / "train.json")
+        lookup = "[@fpt_features] + " if spec.fpt else ""
+        assert train["train"]["preprocessing"]["transforms"] == (
+            f"$@train#deterministic_transforms + {lookup}@train#random_transforms"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLE_SPECS))

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from ignite.engine import Engine, Events
-from monai.transforms import LoadImaged, RandFlipd, ScaleIntensityd
 
 from monai_prompt.engine import (
     AtomicCheckpointSaver,
@@ -21,7 +20,6 @@ from monai_prompt.engine import (
     bundle_root,
     check_task,
     class_decisions,
-    insert_before_random,
     latest_checkpoint,
     macro_f1,
     quadratic_weighted_kappa,
@@ -173,12 +171,7 @@ def test_check_task_names_the_fix():
         check_task(datalist, 2, True)
 
 
-def test_insert_before_random_and_bundle_root(tmp_path, monkeypatch):
-    load, scale, flip = LoadImaged("image"), ScaleIntensityd("image"), RandFlipd("image")
-    marker = ScaleIntensityd("x")
-    assert insert_before_random([load, scale, flip], marker) == [load, scale, marker, flip]
-    assert insert_before_random([load, scale], marker) == [load, scale, marker]
-
+def test_bundle_root_from_the_repository_or_inside_the_bundle(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert bundle_root("x_classification") == "."
     (tmp_path / "bundles" / "x_classification" / "configs").mkdir(parents=True)

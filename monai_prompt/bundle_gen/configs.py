@@ -2,9 +2,10 @@
 
 One template for every method: a :class:`~monai_prompt.bundle_gen.specs.BundleSpec` fills in the method, its
 config and its optimisation recipe. Ids follow the model-zoo layout (``train#...``/``validate#...``) so MONAI's
-property checks, ``--tracking mlflow`` and MONAI Label find what they expect. Repeated pieces (``network_def``,
-the data settings, metric definitions) are written into each file on purpose: ``%file#id`` macros resolve
-against the working directory, not the bundle, so every file has to stand on its own.
+property checks, ``--tracking mlflow`` and MONAI Label find what they expect; the transforms are MONAI components
+(``train#deterministic_transforms``, ``train#random_transforms``) that overrides reach by id. Repeated pieces
+(``network_def``, the data settings, metric definitions) are written into each file on purpose: ``%file#id`` macros
+resolve against the working directory, not the bundle, so every file has to stand on its own.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ from monai_prompt.bundle_gen.specs import BundleSpec
 
 __all__ = ["evaluate_config", "inference_config", "multi_gpu_config", "train_config"]
 
-_IMPORTS = [
-    "$import glob",
-    "$import os",
+#: the modules the expressions use (``_target_`` components import their own); ``torch.distributed`` and ``os``
+#: come with ``multi_gpu_train.json``, ``monai_prompt.fpt`` with FPT training.
+_IMPORTS = (
     "$import torch",
     "$import monai_prompt",
     "$import monai_prompt.data",
     "$import monai_prompt.engine",
-    "$import monai_prompt.nets",
-]
+)
 _BATCH_SIZE = 16
 _NUM_WORKERS = 4
 _FROM_PRED_LABEL = "$monai.handlers.from_engine(['pred', 'label'])"
@@ -51,10 +51,17 @@ def _network_def(spec: BundleSpec) -> dict[str, Any]:
     }
 
 
-def _common(spec: BundleSpec) -> dict[str, Any]:
-    """Paths, device, task and network settings every file starts with."""
+def _common(spec: BundleSpec, imports: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Paths, device, task and network settings every file starts with (``imports``: more than :data:`_IMPORTS`).
+
+    ``bundle_root`` is not the model-zoo ``"."``: ``python -m monai.bundle run`` does not set it, and the READMEs
+    run every command both from the repository root (``--config_file bundles/<name>/configs/train.json``, outputs
+    and the default ``dataset_dir`` relative to the bundle) and from inside the bundle, which ``"."`` cannot both
+    serve; :func:`monai_prompt.engine.bundle_root` finds the bundle from the working directory (``--bundle_root``
+    still overrides it, as MONAI's tools pass it).
+    """
     return {
-        "imports": _IMPORTS + (["$import monai_prompt.fpt"] if spec.fpt else []),
+        "imports": [*_IMPORTS, *imports],
         "bundle_root": f"$monai_prompt.engine.bundle_root('{spec.name}')",
         "ckpt_dir": "$@bundle_root + '/models'",
         "output_dir": "$@bundle_root + '/eval'",
@@ -101,21 +108,45 @@ def _fpt_settings() -> dict[str, Any]:
     }
 
 
-#: preload the FPT cache (entries already there are skipped, so a second run only checks).
+#: preload the FPT cache through the deterministic transforms (entries already there are skipped, so a second run
+#: only checks).
 _FPT_PRELOAD = (
     "monai_prompt.fpt.preload_features(@network_def.to(@device), monai.data.Dataset(@fpt_preload_items, "
-    "monai.transforms.Compose(monai_prompt.data.classification_transforms(@img_size, @spatial_dims, @in_channels))), "
-    "@fpt_cache_dir, batch_size=@batch_size, storage_dtype=@fpt_cache_dtype)"
+    "monai.transforms.Compose(@train#deterministic_transforms)), @fpt_cache_dir, batch_size=@batch_size, "
+    "storage_dtype=@fpt_cache_dtype)"
 )
 
 
-def _transforms(augment: bool, fpt: bool = False) -> dict[str, Any]:
-    """``classification_transforms`` (with FPT: plus the cache lookup, before the random augmentations)."""
-    chain = "monai_prompt.data.classification_transforms(@img_size, @spatial_dims, @in_channels, augment={}, " \
-        "multi_label=@multi_label)".format(augment)
-    if fpt:
-        chain = f"monai_prompt.engine.insert_before_random({chain}, @fpt_features)"
-    return {"_target_": "Compose", "transforms": f"${chain}"}
+def _deterministic_transforms() -> list[dict[str, Any]]:
+    """Datalist item to network input and target: load, channel first, match ``in_channels``/``spatial_dims``, scale
+    to [0, 1], resize to ``img_size``, float32 image, label tensor (``monai_prompt.data.classification_transforms``,
+    spelled out so each transform can be overridden by id)."""
+    return [
+        {"_target_": "LoadImaged", "keys": "image", "image_only": True},
+        {"_target_": "EnsureChannelFirstd", "keys": "image"},
+        {"_target_": "monai_prompt.data.MatchInputd", "keys": "image", "spatial_dims": "@spatial_dims",
+         "channels": "@in_channels"},
+        {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
+        {"_target_": "Resized", "keys": "image", "spatial_size": "$monai.utils.ensure_tuple_rep(@img_size, "
+         "@spatial_dims)", "mode": "$'bilinear' if @spatial_dims == 2 else 'trilinear'", "anti_aliasing": True},
+        {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
+        {"_target_": "ToTensord", "keys": "label", "dtype": "$torch.float32 if @multi_label else torch.long",
+         "track_meta": False, "allow_missing_keys": True},
+    ]
+
+
+#: the training augmentations (``classification_transforms(augment=True)``).
+_RANDOM_TRANSFORMS = [
+    {"_target_": "RandFlipd", "keys": "image", "prob": 0.5, "spatial_axis": 0},
+    {"_target_": "RandAffined", "keys": "image", "prob": 0.5,
+     "rotate_range": "$np.pi / 12 if @spatial_dims == 2 else [np.pi / 12] * 3", "scale_range": 0.1,
+     "padding_mode": "zeros"},
+    {"_target_": "RandAdjustContrastd", "keys": "image", "prob": 0.3, "gamma": [0.7, 1.5]},
+]
+
+
+def _compose(transforms: str | list[dict[str, Any]]) -> dict[str, Any]:
+    return {"_target_": "Compose", "transforms": transforms}
 
 
 def _dataset(data: str, transform: str) -> dict[str, Any]:
@@ -229,7 +260,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
         **spec.optimizer_args,
     }
     return {
-        **_common(spec),
+        **_common(spec, ("$import monai_prompt.fpt",) if spec.fpt else ()),
         **(_fpt_settings() if spec.fpt else {}),
         "learning_rate": spec.learning_rate,
         "weight_decay": spec.weight_decay,
@@ -253,7 +284,8 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
                 "trainer": "@train#trainer",
                 "optimizer": "@optimizer",
                 "lr_scheduler": "@lr_scheduler",
-                **_delta(),
+                "peft": "@delta#peft",
+                "model": "@delta#model",
             },
             "checkpoint_loader": {
                 "_target_": "CheckpointLoader",
@@ -269,7 +301,11 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
                 "save_interval": 1,
                 "n_saved": 1,
             },
-            "preprocessing": _transforms(augment=True, fpt=spec.fpt),
+            "deterministic_transforms": _deterministic_transforms(),
+            "random_transforms": list(_RANDOM_TRANSFORMS),
+            # FPT: the cache lookup sees the image exactly as the preload did, before the augmentations
+            "preprocessing": _compose("$@train#deterministic_transforms + "
+                                      f"{'[@fpt_features] + ' if spec.fpt else ''}@train#random_transforms"),
             "dataset": _dataset("$@datalist['training']", "@train#preprocessing"),
             "dataloader": _loader("@train#dataset", shuffle=True),
             "inferer": {"_target_": "SimpleInferer"},
@@ -312,7 +348,8 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
             },
         },
         "validate": {
-            "preprocessing": _transforms(augment=False, fpt=spec.fpt),
+            "preprocessing": _compose("$@train#deterministic_transforms + [@fpt_features]" if spec.fpt
+                                      else "@train#deterministic_transforms"),
             "dataset": _dataset("$@datalist['validation']", "@validate#preprocessing"),
             "dataloader": _loader("@validate#dataset", shuffle=False),
             "inferer": {"_target_": "SimpleInferer"},
@@ -393,7 +430,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "infer_images": "$[item['image'] for item in @datalist[@infer_split]]",
         "load_path": "$@ckpt_dir + '/model.pt'",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_infer')",
-        "preprocessing": _transforms(augment=False),
+        "preprocessing": _compose(_deterministic_transforms()),
         "dataset": _dataset("$[{'image': image} for image in @infer_images]", "@preprocessing"),
         "dataloader": _loader("@dataset", shuffle=False),
         "inferer": {"_target_": "SimpleInferer"},
@@ -456,6 +493,7 @@ def multi_gpu_config(spec: BundleSpec) -> dict[str, Any]:
         },
         "validate#dataloader#sampler": "@validate#sampler",
         "initialize": [
+            "$import os",
             "$import torch.distributed as dist",
             "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() "
             "else 'gloo')",

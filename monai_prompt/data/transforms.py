@@ -1,9 +1,10 @@
 """MONAI transform chain that turns a datalist item into a classification network input.
 
 ``classification_transforms(img_size, spatial_dims, in_channels, augment)`` returns a list for
-``monai.transforms.Compose``: load with MONAI's readers, channel first, match the network's layout
-(:class:`MatchInputd`), scale intensities to [0, 1], resize to the model size, optionally augment, and make the
-label a tensor. Only :class:`MatchInputd` is written here: MONAI has no transform that both drops the singleton
+``monai.transforms.Compose``, the deterministic transforms first and the random ones last (the bundles'
+``train#deterministic_transforms`` and ``train#random_transforms``): load with MONAI's readers, channel first,
+match the network's layout (:class:`MatchInputd`), scale intensities to [0, 1], resize to the model size, make the
+image float32 and the label a tensor, then optionally augment. Only :class:`MatchInputd` is written here: MONAI has no transform that both drops the singleton
 depth ITK gives a 2D DICOM and converts between grey and colour channels, with an error that names the file.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
+    EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
     MapTransform,
@@ -102,9 +104,10 @@ def classification_transforms(
     """Transforms from a datalist item ``{"image": path, "label": ...}`` to network input and target.
 
     Load (MONAI ``LoadImaged``: PIL, ITK for DICOM files/series, nibabel), channel first, :class:`MatchInputd`,
-    min-max scale to [0, 1], resize to ``img_size`` (anti-aliased when shrinking); with ``augment``, a random flip
-    of the first spatial axis, a small random rotation/scaling and random contrast; then a float32 image and the
-    label as a tensor (``long`` index, or ``float32`` multi-hot). A missing label (unlabelled data) is allowed.
+    min-max scale to [0, 1], resize to ``img_size`` (anti-aliased when shrinking), a float32 image and the label as
+    a tensor (``long`` index, or ``float32`` multi-hot; a missing label, unlabelled data, is allowed); then, with
+    ``augment``, a random flip of the first spatial axis, a small random rotation/scaling and random contrast. The
+    bundles spell out the same chain as ``train#deterministic_transforms`` and ``train#random_transforms``.
 
     Args:
         img_size: the network's input size, one int or one per spatial dim.
@@ -112,8 +115,9 @@ def classification_transforms(
         in_channels: the network's input channels.
         augment: add the random training augmentations.
         multi_label: labels are multi-hot lists.
-        track_meta: keep MONAI metadata (file name, affine) on the image; False gives plain tensors, which batch
-            even when the images come from different formats (their metadata differs in shape).
+        track_meta: keep MONAI metadata (file name, affine) on the image; False drops it (plain tensors, or with
+            ``augment`` MetaTensors with default metadata), so images of different formats batch (their metadata
+            differs in shape).
         image_key: key of the image path.
         label_key: key of the label.
     """
@@ -121,11 +125,15 @@ def classification_transforms(
         raise ValueError(f"spatial_dims={spatial_dims}; use 2 or 3.")
     size = ensure_tuple_rep(img_size, spatial_dims)
     chain: list[Transform] = [
-        LoadImaged(keys=image_key, image_only=True, ensure_channel_first=True),
+        LoadImaged(keys=image_key, image_only=True),
+        EnsureChannelFirstd(keys=image_key),
         MatchInputd(keys=image_key, spatial_dims=spatial_dims, channels=in_channels),
         ScaleIntensityd(keys=image_key, minv=0.0, maxv=1.0),
         Resized(keys=image_key, spatial_size=size, mode="bilinear" if spatial_dims == 2 else "trilinear",
                 anti_aliasing=True),
+        EnsureTyped(keys=image_key, dtype=torch.float32, track_meta=track_meta),
+        ToTensord(keys=label_key, dtype=torch.float32 if multi_label else torch.long, track_meta=False,
+                  allow_missing_keys=True),
     ]
     if augment:
         angle = math.pi / 12
@@ -135,9 +143,4 @@ def classification_transforms(
                         scale_range=0.1, padding_mode="zeros"),
             RandAdjustContrastd(keys=image_key, prob=0.3, gamma=(0.7, 1.5)),
         ]
-    chain += [
-        EnsureTyped(keys=image_key, dtype=torch.float32, track_meta=track_meta),
-        ToTensord(keys=label_key, dtype=torch.float32 if multi_label else torch.long, track_meta=False,
-                  allow_missing_keys=True),
-    ]
     return chain

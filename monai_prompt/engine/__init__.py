@@ -4,4 +4,4 @@ from monai_prompt.engine.checkpoint import AtomicCheckpointSaver, PeftMeta, Trai
 from monai_prompt.engine.handlers import PeakMemoryHandler, TrainableReportHandler, peak_memory_mb
 from monai_prompt.engine.metrics import QuadraticWeightedKappa, class_decisions, macro_f1, quadratic_weighted_kappa
 from monai_prompt.engine.tracking import MLflowPeftLogger, find_mlflow_handlers, peft_params, unique_run_name
-from monai_prompt.engine.workflow import bundle_root, check_task, insert_before_random, warn_if_not_pretrained
+from monai_prompt.engine.workflow import bundle_root, check_task, warn_if_not_pretrained

@@ -1,14 +1,11 @@
-"""Small helpers bundle configs call: where the bundle is, whether the data fits the task, transform splicing."""
+"""Small helpers bundle configs call: where the bundle is, whether the data fits the task and the weights."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
-from monai.transforms import Randomizable, Transform
-
-__all__ = ["bundle_root", "check_task", "insert_before_random", "warn_if_not_pretrained"]
+__all__ = ["bundle_root", "check_task", "warn_if_not_pretrained"]
 
 logger = logging.getLogger("monai_prompt")
 
@@ -59,12 +56,3 @@ def warn_if_not_pretrained(pretrained: str | None) -> None:
             "pass --pretrained /path/to/vit weights (timm, HuggingFace or MONAI layout)."
         )
 
-
-def insert_before_random(chain: Sequence[Transform], transform: Transform) -> list[Transform]:
-    """``chain`` with ``transform`` inserted before its first random transform (at the end if there is none).
-
-    FPT's cache lookup (:class:`~monai_prompt.fpt.LoadFPTFeaturesd`) must see the image exactly as the
-    deterministic preprocessing left it, before the training augmentations change it.
-    """
-    index = next((i for i, t in enumerate(chain) if isinstance(t, Randomizable)), len(chain))
-    return [*chain[:index], transform, *chain[index:]]
