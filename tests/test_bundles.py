@@ -202,7 +202,7 @@ def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path, monkeyp
     verify_metadata(meta_file=str(meta), filepath=str(tiny["schema"]))
     verify_net_in_out(net_id="network_def", meta_file=str(meta), config_file=str(infer), **overrides)
     ts_file = bundle / "models" / "model.ts"
-    if spec.fpt:  # FPTClassifier does not accept a delta with strict=True: export from the full state dict
+    if spec.fpt:  # also the export path: ckpt_export of the full state dict (the delta loads too, test_fpt.py)
         export_bundle(bundle, overrides=overrides)
         ckpt = {"ckpt_file": str(bundle / "models" / "model_full.pt")}
     else:
