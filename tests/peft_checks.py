@@ -30,3 +30,26 @@ def assert_delta_round_trip(model: torch.nn.Module, fresh: torch.nn.Module, path
     assert not torch.allclose(model(x), fresh(x))
     load_delta(fresh, save_delta(model, path))
     assert torch.equal(model(x), fresh(x))
+
+
+def _outputs_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_efficiency_paths_match(model: torch.nn.Module, vit: torch.nn.Module, x: torch.Tensor) -> None:
+    """Activation checkpointing and then SDPA on ``vit`` (the model's encoder) leave outputs and gradients of a
+    float64 ``model`` in train mode unchanged (to rounding)."""
+    plain = _outputs_and_grads(model, x)
+    vit.set_grad_checkpointing(True)
+    checkpointed = _outputs_and_grads(model, x)
+    vit.set_grad_checkpointing(False)
+    vit.set_sdpa(True)
+    fused = _outputs_and_grads(model, x)
+    for other in (checkpointed, fused):
+        torch.testing.assert_close(other[0], plain[0], rtol=0, atol=1e-12)
+        assert other[1].keys() == plain[1].keys()
+        for name in plain[1]:
+            torch.testing.assert_close(other[1][name], plain[1][name], rtol=1e-9, atol=1e-12)

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from peft_checks import assert_efficiency_paths_match
 
 from monai_prompt.backbones.vit import BACKBONE_KEY, build_vit
 from monai_prompt.nets.classifier import PromptClassifier
@@ -194,29 +195,11 @@ def test_delta_round_trip_reproduces_outputs(case, tmp_path):
     assert torch.equal(fresh(x), model(x))
 
 
-def _logits_and_grads(model, x):
-    model.zero_grad()
-    logits = model(x)
-    logits.square().sum().backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_checkpointing_and_sdpa_match_plain_path(case):
     model = make_model(case, dtype=torch.float64).train()
     perturb_trainable(model)
-    x = images(torch.float64)
-    plain = _logits_and_grads(model, x)
-    model.backbone.set_grad_checkpointing(True)
-    checkpointed = _logits_and_grads(model, x)
-    model.backbone.set_grad_checkpointing(False)
-    model.backbone.set_sdpa(True)
-    fused = _logits_and_grads(model, x)
-    for other in (checkpointed, fused):
-        torch.testing.assert_close(other[0], plain[0], rtol=0, atol=1e-12)
-        assert other[1].keys() == plain[1].keys()
-        for name in plain[1]:
-            torch.testing.assert_close(other[1][name], plain[1][name], rtol=1e-9, atol=1e-12)
+    assert_efficiency_paths_match(model, model.backbone, images(torch.float64))
 
 
 @pytest.mark.parametrize("case", list(CASES))

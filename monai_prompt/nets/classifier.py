@@ -9,15 +9,14 @@ import torch.nn as nn
 
 from monai_prompt.backbones.pretrained import load_pretrained
 from monai_prompt.backbones.vit import PromptableViT, build_vit
+from monai_prompt.nets.autocast import AutocastForward, check_autocast_dtype
 from monai_prompt.peft.delta import allow_delta_load
 from monai_prompt.peft.registry import apply_method
 
 __all__ = ["PromptClassifier"]
 
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
-
-class PromptClassifier(nn.Module):
+class PromptClassifier(AutocastForward):
     """Image classifier: a (pre-trained) MONAI ViT tuned by a PEFT method, read out into a linear head.
 
     The forward returns a logits Tensor ``[B, num_classes]`` (softmax/CE for multi-class, sigmoid/BCE for
@@ -60,8 +59,7 @@ class PromptClassifier(nn.Module):
         head_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if autocast_dtype is not None and autocast_dtype not in _AUTOCAST_DTYPES:
-            raise ValueError(f"autocast_dtype {autocast_dtype!r} is not one of {sorted(_AUTOCAST_DTYPES)} or None.")
+        check_autocast_dtype(autocast_dtype)
         if isinstance(backbone, str):
             backbone = build_vit(
                 backbone,
@@ -86,13 +84,3 @@ class PromptClassifier(nn.Module):
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits without autocast handling."""
         return self.head(self.head_drop(self.backbone.forward_features(x)))
-
-    @torch.jit.unused
-    def _autocast_logits(self, x: torch.Tensor, dtype: str) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, dtype=_AUTOCAST_DTYPES[dtype]):
-            return self.forward_logits(x).float()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.autocast_dtype is not None and not torch.jit.is_scripting():
-            return self._autocast_logits(x, self.autocast_dtype)
-        return self.forward_logits(x)
