@@ -3,6 +3,7 @@
 from monai_prompt.backbones.blocks import Attention, PromptBlock
 from monai_prompt.backbones.pos_embed import fit_pos_embed, resize_pos_embed
 from monai_prompt.backbones.pretrained import CheckpointError, LoadReport, load_pretrained
+from monai_prompt.backbones.tinyvit import TinyViT, build_tinyvit, load_lite_medsam_encoder, load_tinyvit_weights
 from monai_prompt.backbones.vit import (
     BACKBONE_KEY,
     VIT_PRESETS,
@@ -21,11 +22,15 @@ __all__ = [
     "LoadReport",
     "PromptBlock",
     "PromptableViT",
+    "TinyViT",
     "TokenPrompter",
+    "build_tinyvit",
     "build_vit",
     "find_vit",
     "fit_pos_embed",
+    "load_lite_medsam_encoder",
     "load_pretrained",
+    "load_tinyvit_weights",
     "resize_pos_embed",
     "vit_config",
 ]

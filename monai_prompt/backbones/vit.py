@@ -17,8 +17,18 @@ from monai.networks.nets import ViT
 from torch.utils.checkpoint import checkpoint
 
 from monai_prompt.backbones.blocks import Attention, PromptBlock
+from monai_prompt.backbones.tinyvit import TinyViT
 
-__all__ = ["BACKBONE_KEY", "VIT_PRESETS", "PromptableViT", "TokenPrompter", "build_vit", "find_vit", "vit_config"]
+__all__ = [
+    "BACKBONE_KEY",
+    "VIT_PRESETS",
+    "PromptableViT",
+    "TokenPrompter",
+    "backbone_key",
+    "build_vit",
+    "find_vit",
+    "vit_config",
+]
 
 #: width, depth, heads and MLP width of the standard ViT sizes (Dosovitskiy et al.; DeiT for tiny/small).
 VIT_PRESETS: dict[str, dict[str, int]] = {
@@ -75,6 +85,9 @@ class PromptableViT(ViT):
         cls_token: prepend a learnable CLS token (MONAI ``classification=True`` layout). UNETR-style
             encoders use ``False``.
     """
+
+    #: the backbone family PEFT methods declare support for (the other one: ``TinyViT.family``).
+    family = "vit"
 
     def __init__(
         self,
@@ -251,12 +264,17 @@ def build_vit(
     )
 
 
-def find_vit(model: torch.nn.Module) -> ViT:
-    """The MONAI ViT inside ``model``: itself, or its ``backbone`` / ``vit`` / ``lpm`` attribute."""
-    if isinstance(model, ViT):
+def find_vit(model: torch.nn.Module) -> ViT | TinyViT:
+    """The backbone (a MONAI ViT or a TinyViT) inside ``model``: itself, or its ``backbone`` / ``vit`` / ``lpm``."""
+    if isinstance(model, (ViT, TinyViT)):
         return model
     for name in ("backbone", "vit", "lpm"):
         sub = getattr(model, name, None)
-        if isinstance(sub, ViT):
+        if isinstance(sub, (ViT, TinyViT)):
             return sub
-    raise TypeError(f"{type(model).__name__} is not a MONAI ViT and has no ViT 'backbone', 'vit' or 'lpm'.")
+    raise TypeError(f"{type(model).__name__} is not a MONAI ViT or TinyViT and has none as 'backbone', 'vit' or 'lpm'.")
+
+
+def backbone_key(vit: torch.nn.Module) -> re.Pattern:
+    """The pre-trained parameter names of backbone ``vit``: its ``backbone_key`` (TinyViT), else ``BACKBONE_KEY``."""
+    return getattr(vit, "backbone_key", BACKBONE_KEY)

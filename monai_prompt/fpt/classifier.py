@@ -16,10 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from monai_prompt.backbones.pretrained import load_pretrained
+from monai_prompt.backbones.tinyvit import TINYVIT_PRESETS, TinyViT
 from monai_prompt.backbones.vit import PromptableViT, build_vit
 from monai_prompt.fpt.config import FPTConfig
 from monai_prompt.fpt.fusion import PromptFusion
 from monai_prompt.peft.delta import allow_delta_load
+from monai_prompt.peft.registry import PLAIN_TOKENS, check_family
 from monai_prompt.fpt.lpm import LPMExtractor
 from monai_prompt.fpt.side import SideViT
 
@@ -73,6 +75,8 @@ class FPTClassifier(nn.Module):
         backbone_overrides: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(backbone, TinyViT) or backbone in TINYVIT_PRESETS:
+            check_family(variant, ("vit",), PLAIN_TOKENS, TinyViT.family)  # the LPM's K/V are ViT tokens
         config = FPTConfig.from_dict(variant, fpt_config)
         if isinstance(backbone, str):
             with torch.device("meta"):  # resolves the preset without allocating or initialising weights

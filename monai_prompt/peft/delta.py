@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from monai_prompt.backbones.vit import BACKBONE_KEY, find_vit
+from monai_prompt.backbones.vit import backbone_key, find_vit
 from monai_prompt.io import atomic_write
 
 __all__ = [
@@ -45,8 +45,9 @@ def backbone_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the ViT architecture and its *frozen* backbone weights (what a delta depends on)."""
     vit = find_vit(model)
     digest = hashlib.sha256(json.dumps(getattr(vit, "config", {}), sort_keys=True).encode())
+    keys = backbone_key(vit)
     for name, param in sorted(vit.named_parameters(), key=lambda item: item[0]):
-        if BACKBONE_KEY.match(name) and not param.requires_grad:
+        if keys.match(name) and not param.requires_grad:
             digest.update(name.encode())
             digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()

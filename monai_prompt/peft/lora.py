@@ -125,9 +125,10 @@ class LoRALinear(MergeableLayer, nn.Linear):
         return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
 
-@register_method("lora", LoRAConfig, trainable=r"\.lora_[AB]$")
+@register_method("lora", LoRAConfig, trainable=r"\.lora_[AB]$", families=("vit", "tinyvit"))
 def apply_lora(vit: PromptableViT, config: LoRAConfig) -> None:
-    """Convert the targeted linears of every block to :class:`LoRALinear`."""
+    """Convert the targeted linears of every block to :class:`LoRALinear` (a TinyViT's paths: its ``block_linears``)."""
+    paths = getattr(vit, "block_linears", LORA_TARGETS)
     for block in vit.blocks:
         for target in config.targets:
-            LoRALinear.from_linear(block.get_submodule(LORA_TARGETS[target]), config.rank, config.alpha, config.dropout)
+            LoRALinear.from_linear(block.get_submodule(paths[target]), config.rank, config.alpha, config.dropout)

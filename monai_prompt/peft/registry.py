@@ -8,6 +8,10 @@ The registry is the only list of methods: on the first :func:`method_names` or :
 :func:`import_package_modules` imports every module of this package, and the method modules register
 themselves. A module is a method module because it registers a method; the core modules (this one, delta
 checkpoints, merging, reports) register none, so no list of either has to be kept.
+
+A method also declares the backbone families it works on (``families``: ``"vit"`` for PromptableViT,
+``"tinyvit"`` for LiteMedSAM's TinyViT); :func:`apply_method` refuses any other family at build time, saying what
+the method ``requires`` (token methods: :data:`PLAIN_TOKENS`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import dataclasses
 import importlib
 import pkgutil
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +29,10 @@ import torch.nn as nn
 from monai_prompt.backbones.vit import PromptableViT
 
 __all__ = [
+    "PLAIN_TOKENS",
     "PEFTMethod",
     "apply_method",
+    "check_family",
     "freeze_for",
     "get_method",
     "import_package_modules",
@@ -36,6 +42,8 @@ __all__ = [
 
 #: parameters no method ever trains (MONAI builds them but a ViT without cross-attention never uses them).
 NEVER_TRAINED = re.compile(r"(^|\.)norm_cross_attn\.")
+#: what a method registered for the ``"vit"`` family only needs (prompts, EPT, DVPT, FPT), said when it is refused.
+PLAIN_TOKENS = "a plain token sequence with a CLS/prefix slot (a MONAI ViT, PromptableViT)"
 
 _REGISTRY: dict[str, PEFTMethod] = {}
 #: packages whose modules :func:`import_package_modules` has imported.
@@ -52,6 +60,8 @@ class PEFTMethod:
         apply: ``apply(vit, config)`` inserts the method's modules into ``vit`` in place.
         trainable: regular expression over ViT parameter names that the method trains.
         module: the module that registered the method.
+        families: backbone families (``family`` of the backbone class: ``"vit"``, ``"tinyvit"``) it supports.
+        requires: what it needs from a backbone, for the error on an unsupported family.
     """
 
     name: str
@@ -59,6 +69,8 @@ class PEFTMethod:
     apply: Callable[[PromptableViT, Any], None]
     trainable: str
     module: str
+    families: tuple[str, ...] = ("vit",)
+    requires: str = PLAIN_TOKENS
 
     def make_config(self, config: Any = None) -> Any:
         """The method's config from ``None`` (defaults), a dict of overrides or a config instance."""
@@ -75,13 +87,21 @@ class PEFTMethod:
         return self.config_class(**config)
 
 
-def register_method(name: str, config_class: type, trainable: str) -> Callable:
+def register_method(
+    name: str,
+    config_class: type,
+    trainable: str,
+    families: Sequence[str] = ("vit",),
+    requires: str = PLAIN_TOKENS,
+) -> Callable:
     """Decorator registering ``apply(vit, config)`` as method ``name``; a method module declares itself with it.
 
     Args:
         name: registry name.
         config_class: dataclass of hyper-parameters (every field has a default).
         trainable: regex over ViT parameter names the method trains.
+        families: backbone families ``apply`` works on (``"vit"``: PromptableViT, ``"tinyvit"``: TinyViT).
+        requires: what the method needs that other families lack (default :data:`PLAIN_TOKENS`).
 
     Raises:
         ValueError: ``name`` is already registered (a method is declared once).
@@ -93,7 +113,7 @@ def register_method(name: str, config_class: type, trainable: str) -> Callable:
                 f"PEFT method {name!r} is registered twice: by {_REGISTRY[name].module} and by {apply.__module__}; "
                 f"rename one of them."
             )
-        _REGISTRY[name] = PEFTMethod(name, config_class, apply, trainable, apply.__module__)
+        _REGISTRY[name] = PEFTMethod(name, config_class, apply, trainable, apply.__module__, tuple(families), requires)
         return apply
 
     return wrap
@@ -127,6 +147,23 @@ def get_method(name: str) -> PEFTMethod:
     return _REGISTRY[name]
 
 
+def check_family(method: str, families: Sequence[str], requires: str, family: str) -> None:
+    """Raise a ``ValueError`` naming the method, the backbone family and why, if ``family`` is not in ``families``.
+
+    Args:
+        method: the method's name.
+        families: the families it supports.
+        requires: what it needs from a backbone.
+        family: the backbone's family.
+    """
+    if family not in families:
+        supported = [name for name in method_names() if family in _REGISTRY[name].families]
+        raise ValueError(
+            f"PEFT method {method!r} does not support the {family!r} backbone family: it needs {requires}, which a "
+            f"{family!r} backbone does not have. Methods for {family!r}: {supported}."
+        )
+
+
 def freeze_for(model: nn.Module, trainable: str) -> None:
     """Set ``requires_grad`` so that exactly the parameters whose names match ``trainable`` train."""
     pattern = re.compile(trainable)
@@ -134,7 +171,7 @@ def freeze_for(model: nn.Module, trainable: str) -> None:
         param.requires_grad_(bool(pattern.search(name)) and not NEVER_TRAINED.search(name))
 
 
-def apply_method(vit: PromptableViT, method: str, config: Any = None) -> PromptableViT:
+def apply_method(vit: nn.Module, method: str, config: Any = None) -> nn.Module:
     """Insert ``method`` into ``vit`` (in place) and freeze all but what it trains.
 
     Load pre-trained weights first; the backbone keeps MONAI ViT's own state_dict keys, the method adds
@@ -142,20 +179,27 @@ def apply_method(vit: PromptableViT, method: str, config: Any = None) -> Prompta
     :func:`~monai_prompt.peft.delta.delta_state_dict`.
 
     Args:
-        vit: a :class:`~monai_prompt.backbones.PromptableViT`.
-        method: a name from :func:`method_names`.
+        vit: a :class:`~monai_prompt.backbones.PromptableViT` or a :class:`~monai_prompt.backbones.TinyViT`.
+        method: a name from :func:`method_names` that supports the backbone's ``family``.
         config: ``None`` for the defaults, a dict of overrides or the method's config dataclass.
+
+    Raises:
+        ValueError: the method does not support the backbone's family (the message says why).
 
     Example::
 
         >>> vit = build_vit("vit_base")
         >>> apply_method(vit, "lora", {"rank": 8})
     """
-    if not isinstance(vit, PromptableViT):
-        raise TypeError(f"apply_method needs a PromptableViT (see build_vit), got {type(vit).__name__}.")
+    family = getattr(vit, "family", None)
+    if family is None:
+        raise TypeError(
+            f"apply_method needs a PromptableViT (build_vit) or a TinyViT (build_tinyvit), got {type(vit).__name__}."
+        )
     if getattr(vit, "peft_method", None) is not None:
         raise ValueError(f"this ViT already has method {vit.peft_method!r}; build a fresh one for {method!r}.")
     spec = get_method(method)
+    check_family(method, spec.families, spec.requires, family)
     cfg = spec.make_config(config)
     spec.apply(vit, cfg)
     freeze_for(vit, spec.trainable)

@@ -6,17 +6,18 @@ import re
 
 import torch.nn as nn
 
-from monai_prompt.backbones.vit import BACKBONE_KEY, find_vit
+from monai_prompt.backbones.vit import backbone_key, find_vit
 from monai_prompt.peft.registry import NEVER_TRAINED
 
 __all__ = ["backbone_parameter_count", "format_report", "trainable_report"]
 
 
 def backbone_parameter_count(model: nn.Module) -> int:
-    """Parameters of the pre-trained ViT itself: MONAI ViT keys only, without method additions, heads or
-    the unused ``norm_cross_attn`` LayerNorms."""
+    """Parameters of the pre-trained backbone itself: its own keys only (MONAI ViT or TinyViT), without method
+    additions, heads or the unused ``norm_cross_attn`` LayerNorms."""
     vit = find_vit(model)
-    return sum(p.numel() for name, p in vit.named_parameters() if BACKBONE_KEY.match(name))
+    keys = backbone_key(vit)
+    return sum(p.numel() for name, p in vit.named_parameters() if keys.match(name))
 
 
 def trainable_report(model: nn.Module) -> dict:

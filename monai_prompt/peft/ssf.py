@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_prompt.backbones.vit import BACKBONE_KEY, PromptableViT
+from monai_prompt.backbones.vit import PromptableViT, backbone_key
 from monai_prompt.peft.merge import MergeableLayer
 from monai_prompt.peft.registry import register_method
 
@@ -132,10 +132,13 @@ def add_ssf(module: nn.Module, init_std: float = 0.02) -> nn.Module:
     return module
 
 
-@register_method("ssf", SSFConfig, trainable=r"\.ssf_(scale|shift)$")
+@register_method("ssf", SSFConfig, trainable=r"\.ssf_(scale|shift)$", families=("vit", "tinyvit"))
 def apply_ssf(vit: PromptableViT, config: SSFConfig) -> None:
     """Add scale and shift after every frozen op with a weight: the backbone's own linears, LayerNorms and
-    patch-embedding convolution (exactly the modules whose ``<name>.weight`` is a MONAI ViT backbone key)."""
+    convolutions (the modules with an SSF subclass whose ``<name>.weight`` is a pre-trained backbone key). On a
+    MONAI ViT that is every such key; on a TinyViT its BatchNorms (each follows a scaled convolution) and the
+    neck's LayerNorm2d are not scaled, and merging gives its bias-free convolutions a bias."""
+    keys = backbone_key(vit)
     for name, module in list(vit.named_modules()):
-        if name and BACKBONE_KEY.match(f"{name}.weight"):
+        if name and keys.match(f"{name}.weight") and type(module) in _SSF_CLASSES:
             add_ssf(module, config.init_std)

