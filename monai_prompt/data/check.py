@@ -1,23 +1,28 @@
 """Check a dataset before training: every problem at once, each with its path.
 
-:func:`check_datalist` reads the datalist leniently, then every image's header (:func:`read_header`, no pixel
-data unless ``read_pixels``), and collects: unreadable or missing files, missing labels and labels outside the
-class list, channel counts that differ from the rest (or from ``channels``), images listed in two splits and
-groups split across training/validation/test. It raises one :class:`DataCheckError` listing them all, or
-returns a :class:`DataSummary`. ``monai-prompt check-data <datalist>`` runs it from the command line.
+:func:`check_datalist` reads the datalist leniently, then every image's header (:func:`read_header`) and, unless
+``read_pixels=False``, its pixels as training will read them (MONAI's ``LoadImage``), and collects: unreadable,
+truncated or missing files, images with NaN/Inf values, missing labels and labels outside the class list (or,
+without a class map, outside ``0..num_classes-1``), channel counts that differ from the rest (or from
+``channels``), images listed in two splits and groups split across training/validation/test. It raises one
+:class:`DataCheckError` listing them all, or returns a :class:`DataSummary`. :func:`check_images` does the image
+part for a list of paths (inference inputs). ``monai-prompt check-data <datalist>`` runs it from the command line.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from monai_prompt.data.datalist import SPLITS, ClassificationDatalist, DataCheckError, read_datalist
 from monai_prompt.data.headers import ImageHeader, read_header
 
-__all__ = ["DataSummary", "check_datalist"]
+__all__ = ["DataSummary", "check_datalist", "check_images"]
 
 
 @dataclass
@@ -56,39 +61,32 @@ class DataSummary:
 
 
 def check_datalist(
-    source: str | os.PathLike, channels: int | None = None, read_pixels: bool = False, **read_options: Any
+    source: str | os.PathLike,
+    channels: int | None = None,
+    read_pixels: bool = True,
+    num_classes: int | None = None,
+    **read_options: Any,
 ) -> DataSummary:
     """Check every image and label of a datalist and report all problems at once.
 
     Args:
         source: class-per-folder tree, CSV or decathlon JSON (see :func:`read_datalist`).
         channels: expected channels per image (default: the most common count).
-        read_pixels: also decode every image with MONAI's ``LoadImage`` (slow; catches truncated pixel data).
+        read_pixels: also decode every image with MONAI's ``LoadImage``, as training reads it (truncated or
+            corrupt pixel data, NaN/Inf values); ``False`` reads headers only, for very large datasets.
+        num_classes: the bundle's ``num_classes``: without a class map (class names inferred from index labels),
+            every label must lie in ``0..num_classes-1``; each file whose label does not is reported.
         read_options: options of the datalist reader (``label_columns``, ``dicom_series``, ...).
 
     Raises:
         DataCheckError: listing every problem with its path, and the fix where there is one.
     """
     datalist = read_datalist(source, strict=False, **read_options)
-    problems = list(datalist.problems)
-    headers: dict[str, ImageHeader] = {}
-    for _, item in datalist.all_items():
-        path = item["image"]
-        if path in headers:
-            continue
-        try:
-            headers[path] = _read_pixels(path) if read_pixels else read_header(path)
-        except FileNotFoundError:
-            problems.append(f"{path}: file not found.")
-        except Exception as err:  # noqa: BLE001 - every unreadable file is reported, with the reader's reason
-            problems.append(f"{path}: unreadable ({type(err).__name__}: {err}).")
-    expected = channels or _most_common([header.channels for header in headers.values()])
-    problems += [
-        f"{path}: {header.channels} channel(s) where the other images have {expected}; convert it or drop it."
-        for path, header in headers.items()
-        if header.channels != expected
-    ]
-    problems += _leaks(datalist)
+    paths = list(dict.fromkeys(item["image"] for _, item in datalist.all_items()))
+    headers, problems = _check_images(paths, channels, read_pixels)
+    problems = list(datalist.problems) + problems + _leaks(datalist)
+    if num_classes is not None:
+        problems += _labels_out_of_range(datalist, num_classes)
     if not datalist["training"]:
         problems.append(f"{source}: no training images.")
     if problems:
@@ -99,17 +97,101 @@ def check_datalist(
         multi_label=datalist.multi_label,
         counts={split: len(items) for split, items in datalist.splits.items()},
         class_counts={split: _class_counts(datalist, split) for split in SPLITS if split in datalist.splits},
-        channels=expected,
+        channels=channels or _most_common([header.channels for header in headers.values()]),
         formats=dict(Counter(header.format for header in headers.values())),
     )
 
 
-def _read_pixels(path: str) -> ImageHeader:
-    """Header taken from a full MONAI ``LoadImage`` read."""
-    from monai.transforms import LoadImage
+def check_images(
+    paths: Sequence[str | os.PathLike], channels: int | None = None, read_pixels: bool = True
+) -> dict[str, ImageHeader]:
+    """Check images without labels (e.g. inference inputs) as :func:`check_datalist` checks a datalist's images.
 
-    image = LoadImage(image_only=True, ensure_channel_first=True)(path)
-    return ImageHeader("monai", int(image.shape[0]), tuple(int(s) for s in image.shape[1:]))
+    Args:
+        paths: image files or DICOM series folders.
+        channels: expected channels per image (default: the most common count).
+        read_pixels: decode every image (see :func:`check_datalist`).
+
+    Returns:
+        each image's header, by path.
+
+    Raises:
+        DataCheckError: no images, or every missing, unreadable or non-finite image and channel mismatch.
+    """
+    paths = [str(path) for path in paths]
+    if not paths:
+        raise DataCheckError(["no images given; check the image list (e.g. the datalist split or folder)."], "images")
+    headers, problems = _check_images(list(dict.fromkeys(paths)), channels, read_pixels)
+    if problems:
+        raise DataCheckError(problems, f"{len(paths)} images")
+    return headers
+
+
+def _check_images(
+    paths: list[str], channels: int | None, read_pixels: bool
+) -> tuple[dict[str, ImageHeader], list[str]]:
+    """Headers of the readable images and one problem per bad image, then per channel mismatch."""
+    load = None
+    if read_pixels:  # MONAI is imported only to decode
+        from monai.transforms import LoadImage
+
+        load = LoadImage(image_only=True)
+    headers: dict[str, ImageHeader] = {}
+    problems = []
+    for path in paths:
+        try:
+            headers[path] = read_header(path)
+        except FileNotFoundError:
+            problems.append(f"{path}: file not found.")
+            continue
+        except Exception as err:  # noqa: BLE001 - every unreadable file is reported, with the reader's reason
+            problems.append(f"{path}: unreadable ({type(err).__name__}: {err}).")
+            continue
+        problem = _pixel_problem(path, load) if load is not None else None
+        if problem:
+            problems.append(f"{path}: {problem}")
+    expected = channels or _most_common([header.channels for header in headers.values()])
+    problems += [
+        f"{path}: {header.channels} channel(s) where the other images have {expected}; convert it or drop it."
+        for path, header in headers.items()
+        if header.channels != expected
+    ]
+    return headers, problems
+
+
+def _pixel_problem(path: str, load: Callable[[str], Any]) -> str | None:
+    """What is wrong with the pixel data of an image whose header reads (None if nothing), read with ``load``."""
+    try:
+        image = np.asarray(load(path))
+    except Exception as err:  # noqa: BLE001 - truncated/corrupt pixel data, with the reader's reason
+        return (
+            f"pixel data unreadable ({type(err).__name__}: {err}); the file may be truncated: re-export it or drop it."
+        )
+    if np.issubdtype(image.dtype, np.inexact):
+        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        if bad:
+            return f"{bad} NaN/Inf value(s) of {image.size}; training would get a NaN loss: fix the image or drop it."
+    return None
+
+
+def _labels_out_of_range(datalist: ClassificationDatalist, num_classes: int) -> list[str]:
+    """Without a class map (classes ``"0".."K-1"`` inferred from index labels), each item whose label is not below
+    ``num_classes``."""
+    index_names = [str(i) for i in range(datalist.num_classes)]
+    if datalist.multi_label or datalist.classes != index_names or datalist.num_classes <= num_classes:
+        return []
+    one_based = " (no image has label 0: are the labels 1-based? subtract 1)" if not _has_label(datalist, 0) else ""
+    return [
+        f"{item['image']}: label {item['label']} is outside 0..{num_classes - 1}: without a class map, labels must "
+        f"be class indices 0..num_classes-1 (num_classes={num_classes}){one_based}; renumber them, or name the "
+        f"classes (decathlon 'labels' map, --classes)."
+        for _, item in datalist.all_items()
+        if isinstance(item.get("label"), int) and item["label"] >= num_classes
+    ]
+
+
+def _has_label(datalist: ClassificationDatalist, label: int) -> bool:
+    return any(item.get("label") == label for _, item in datalist.all_items())
 
 
 def _most_common(values: list[int]) -> int:

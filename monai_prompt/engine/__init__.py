@@ -1,7 +1,39 @@
-"""ignite/MONAI glue for bundles: delta checkpoints, PEFT handlers, classification metrics, MLflow extras."""
+"""ignite/MONAI glue for bundles: delta checkpoints, PEFT handlers, classification metrics, MLflow extras, and the
+guards that make a run trustworthy (run-folder lock, non-finite stops, errors shown last)."""
 
-from monai_prompt.engine.checkpoint import AtomicCheckpointSaver, PeftMeta, TrainableState, latest_checkpoint, unwrap
-from monai_prompt.engine.handlers import PeakMemoryHandler, TrainableReportHandler, peak_memory_mb
-from monai_prompt.engine.metrics import QuadraticWeightedKappa, class_decisions, macro_f1, quadratic_weighted_kappa
-from monai_prompt.engine.tracking import MLflowPeftLogger, find_mlflow_handlers, peft_params, unique_run_name
+from monai_prompt.engine.checkpoint import (
+    AtomicCheckpointSaver,
+    BestMetricState,
+    NonFiniteError,
+    PeftMeta,
+    TrainableState,
+    latest_checkpoint,
+    non_finite_entries,
+    unwrap,
+)
+from monai_prompt.engine.errors import format_root_cause, root_cause, show_cause_last
+from monai_prompt.engine.handlers import (
+    NonFiniteGuard,
+    PeakMemoryHandler,
+    ResumeLrScheduleHandler,
+    TrainableReportHandler,
+    batch_images,
+    peak_memory_mb,
+)
+from monai_prompt.engine.metrics import (
+    ClassReportHandler,
+    QuadraticWeightedKappa,
+    class_decisions,
+    macro_f1,
+    per_class_scores,
+    quadratic_weighted_kappa,
+)
+from monai_prompt.engine.run_folder import RunFolderError, RunLock, claim_run_folder, remove_partial_writes
+from monai_prompt.engine.tracking import (
+    MLflowPeftLogger,
+    check_tracking_uri,
+    find_mlflow_handlers,
+    peft_params,
+    unique_run_name,
+)
 from monai_prompt.engine.workflow import bundle_root, check_task, warn_if_not_pretrained

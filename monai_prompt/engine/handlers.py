@@ -1,19 +1,31 @@
-"""ignite handlers for PEFT training: the trainable-parameter report and peak memory per epoch."""
+"""ignite handlers for PEFT training: the trainable-parameter report, peak memory per epoch, a stop at the first
+non-finite loss, and the cosine schedule refitted to a resumed run's length."""
 
 from __future__ import annotations
 
 import logging
 import resource
 import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
 from ignite.engine import Engine, Events
+from monai.handlers import from_engine
+from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from monai_prompt.engine.checkpoint import unwrap
+from monai_prompt.engine.checkpoint import NonFiniteError, unwrap
 from monai_prompt.peft.report import format_report, trainable_report
 
-__all__ = ["PeakMemoryHandler", "TrainableReportHandler", "peak_memory_mb"]
+__all__ = [
+    "NonFiniteGuard",
+    "PeakMemoryHandler",
+    "ResumeLrScheduleHandler",
+    "TrainableReportHandler",
+    "batch_images",
+    "peak_memory_mb",
+]
 
 
 class TrainableReportHandler:
@@ -93,3 +105,107 @@ class PeakMemoryHandler:
         value = peak_memory_mb(self.device)
         engine.state.metrics[self.metric_name] = value
         self.logger.info(f"epoch {engine.state.epoch}: {self.metric_name} {value:.1f}")
+
+
+def batch_images(batch: Any, image_key: str = "image") -> list[tuple[str, torch.Tensor]]:
+    """``(file name, image)`` of each image of an engine's batch, collated (``{"image": [B, ...]}``) or decollated
+    (``[{"image": ...}, ...]``, MONAI's default); the name is MONAI's ``filename_or_obj`` metadata, else
+    ``batch item <i>``."""
+    if isinstance(batch, Mapping):
+        images = batch.get(image_key)
+        if not isinstance(images, torch.Tensor):
+            return []
+        names = getattr(images, "meta", {}).get("filename_or_obj", [])
+        names = [names] if isinstance(names, str) else list(names)
+        return [(str(names[i]) if i < len(names) else f"batch item {i}", image) for i, image in enumerate(images)]
+    found = []
+    for index, item in enumerate(batch if isinstance(batch, Sequence) else ()):
+        image = item.get(image_key) if isinstance(item, Mapping) else None
+        if isinstance(image, torch.Tensor):
+            found.append((str(getattr(image, "meta", {}).get("filename_or_obj", f"batch item {index}")), image))
+    return found
+
+
+class NonFiniteGuard:
+    """Stop training at the first iteration whose loss is NaN or infinite, naming the likely cause.
+
+    Attached to a trainer, it raises :class:`~monai_prompt.engine.NonFiniteError` (so the run ends with a
+    non-zero exit and no further checkpoint) whose message gives the epoch, the iteration and the learning rate,
+    and either the batch's images that hold NaN/Inf values (a data problem: fix or drop those files) or, when
+    the images are finite, that the model diverged (the learning rate is likely too high; with AMP, an fp16
+    overflow).
+
+    Args:
+        output_transform: ``engine.state.output`` to the loss (default: ``"loss"`` of MONAI's decollated output).
+        image_key: key of the images in ``engine.state.batch``.
+    """
+
+    def __init__(self, output_transform: Callable | None = None, image_key: str = "image") -> None:
+        self.output_transform = output_transform or from_engine(["loss"], first=True)
+        self.image_key = image_key
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        loss = torch.as_tensor(self.output_transform(engine.state.output))
+        if bool(torch.isfinite(loss).all()):
+            return
+        state = engine.state
+        where = f"epoch {state.epoch}, iteration {(state.iteration - 1) % state.epoch_length + 1}/{state.epoch_length}"
+        optimizer = getattr(engine, "optimizer", None)
+        lr = f" at learning rate {optimizer.param_groups[0]['lr']:g}" if optimizer is not None else ""
+        images = batch_images(state.batch, self.image_key)
+        bad = [name for name, image in images if not bool(torch.isfinite(image).all())]
+        if bad:
+            cause = (
+                f"these images of the batch hold NaN/Inf values: {', '.join(bad)}; fix or drop them "
+                f"(monai_prompt.data.check_datalist lists every such file)."
+            )
+        else:
+            amp = " or, with amp, an fp16 overflow (try --amp false)" if getattr(engine, "amp", False) else ""
+            files = f" (batch: {', '.join(name for name, _ in images)})" if images else ""
+            cause = (
+                f"the batch's images are finite{files}, so the model diverged: the learning rate is likely too "
+                f"high{amp}; start a new run with a lower --learning_rate (e.g. 10x; a resume would restore the old "
+                f"one)."
+            )
+        raise NonFiniteError(f"loss is {loss.flatten()[0].item()} at {where}{lr}: {cause}")
+
+
+class ResumeLrScheduleHandler:
+    """Refit a restored ``CosineAnnealingLR`` to the run's ``max_epochs`` when a resumed run is longer (or shorter).
+
+    A resume restores the schedule's ``T_max`` with the rest of its state, so raising ``max_epochs`` on resume
+    would leave the cosine at its old length: the learning rate reaches ``eta_min`` at the old last epoch and
+    then climbs back up (the cosine is periodic). When an epoch starts with ``T_max != max_epochs`` this handler
+    sets ``T_max = max_epochs`` and keeps the current position (``last_epoch``) and learning rate. PyTorch's
+    recursive cosine step then continues from the current rate ``lr_t`` at epoch ``t`` as
+    ``eta_min + (lr_t - eta_min) * (1 + cos(pi k / T)) / (1 + cos(pi t / T))`` for ``k = t..T``: no jump, a
+    non-increasing rate, ``eta_min`` at the new last epoch. A run that was not resumed has ``T_max == max_epochs``
+    and is left alone.
+
+    Args:
+        lr_scheduler: the trainer's cosine schedule, stepped once per epoch (MONAI ``LrScheduleHandler``).
+        name: logger name.
+    """
+
+    def __init__(self, lr_scheduler: CosineAnnealingLR, name: str = "monai_prompt") -> None:
+        if not isinstance(lr_scheduler, CosineAnnealingLR):
+            raise TypeError(f"ResumeLrScheduleHandler refits a CosineAnnealingLR, got {type(lr_scheduler).__name__}.")
+        self.lr_scheduler = lr_scheduler
+        self.logger = logging.getLogger(name)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        scheduler, max_epochs = self.lr_scheduler, engine.state.max_epochs
+        if scheduler.T_max == max_epochs:
+            return
+        self.logger.info(
+            f"learning-rate schedule: cosine over {scheduler.T_max} epochs refitted to max_epochs={max_epochs} from "
+            f"epoch {scheduler.last_epoch} (learning rate {scheduler.get_last_lr()[0]:g} decays to "
+            f"{scheduler.eta_min:g} at epoch {max_epochs})."
+        )
+        scheduler.T_max = max_epochs

@@ -5,26 +5,47 @@
 executed config. :class:`MLflowPeftLogger`, placed in the same handler list, hands it more to log: the method,
 its config, trainable/total parameter counts (as run parameters) and files such as the delta checkpoint (as
 artifacts). Without ``--tracking`` there is no ``MLFlowHandler`` and it does nothing.
+
+Tracking never holds training up: before the run, :func:`check_tracking_uri` fails within seconds when the
+tracking server is unreachable (naming the URI and the fix), MLflow's HTTP retries are cut to a few seconds, and
+a server that goes away mid-run costs one warning, after which the run's MLflow handlers are skipped.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-import torch.nn as nn
 from ignite.engine import Engine, Events
-from monai.handlers import MLFlowHandler
+from monai.handlers import MLFlowHandler, ValidationHandler
+from torch import nn
 
 from monai_prompt.backbones.vit import find_vit
 from monai_prompt.engine.checkpoint import unwrap
 from monai_prompt.peft.report import trainable_report
 
-__all__ = ["MLflowPeftLogger", "find_mlflow_handlers", "peft_params", "unique_run_name"]
+__all__ = [
+    "MLFLOW_HTTP_LIMITS",
+    "MLflowPeftLogger",
+    "check_tracking_uri",
+    "find_mlflow_handlers",
+    "peft_params",
+    "unique_run_name",
+]
+
+#: MLflow's HTTP settings while we run training (MLflow's defaults: 7 retries with backoff, 120 s timeout, so a
+#: dead server blocks each logging call for minutes); an environment variable the user set wins.
+MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+logger = logging.getLogger("monai_prompt")
 
 
 def unique_run_name(prefix: str) -> str:
@@ -52,23 +73,101 @@ def peft_params(network: nn.Module) -> dict[str, str]:
     return params
 
 
-def find_mlflow_handlers(engine: Engine) -> list[MLFlowHandler]:
-    """The ``MLFlowHandler`` instances attached to ``engine`` (ignite has no public listing of handlers)."""
-    found: list[MLFlowHandler] = []
+def _attached(engine: Engine, kind: type) -> list:
+    """The handler objects of type ``kind`` whose methods are attached to ``engine`` (ignite has no public
+    listing of handlers)."""
+    found: list = []
     for handlers in engine._event_handlers.values():
         for handler, _, _ in handlers:
             owner = getattr(handler, "__self__", None)
-            if isinstance(owner, MLFlowHandler) and owner not in found:
+            if isinstance(owner, kind) and owner not in found:
                 found.append(owner)
     return found
 
 
-class MLflowPeftLogger:
-    """Add PEFT parameters and artifact files to the ``MLFlowHandler`` that ``--tracking mlflow`` attaches.
+def find_mlflow_handlers(engine: Engine) -> list[MLFlowHandler]:
+    """The ``MLFlowHandler`` instances attached to ``engine``."""
+    return _attached(engine, MLFlowHandler)
 
-    When the engine starts (before the MLflow run is opened) it sets the handler's ``experiment_param`` to
-    :func:`peft_params`; when the engine completes (before the run is closed) it adds those of ``artifacts`` that
-    exist to the handler's artifacts. Place it in the same handler list, before the tracking handler is appended.
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast when an ``http(s)://`` MLflow tracking server does not answer (other URIs, e.g. SQLite, pass).
+
+    Asks the server's ``/health`` endpoint; any answer below 500 counts as reachable (also 401/403/404: a server
+    is there, MLflow reports what it wants).
+
+    Args:
+        uri: the tracking URI.
+        timeout: seconds to wait for an answer.
+
+    Raises:
+        ConnectionError: naming the URI, the reason and the fix.
+    """
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code < 500:
+            return
+        reason = f"HTTP {err.code} {err.reason}"
+    except (OSError, ValueError) as err:  # URLError, refused connection, timeout, bad port
+        reason = str(getattr(err, "reason", err))
+    raise ConnectionError(
+        f"MLflow tracking server {uri} is unreachable ({reason}). Start it (e.g. mlflow server --host "
+        f"{parsed.hostname} --port {parsed.port or (443 if parsed.scheme == 'https' else 80)}), pass a reachable "
+        f"--tracking_uri (or MLFLOW_TRACKING_URI), or run without --tracking mlflow."
+    )
+
+
+def _tracking_uri(handler: MLFlowHandler) -> str:
+    """The URI ``handler``'s client talks to."""
+    import mlflow
+
+    return str(getattr(handler.client, "tracking_uri", None) or mlflow.get_tracking_uri())
+
+
+def _tolerate_failures(engine: Engine, handlers: Sequence[MLFlowHandler], failed: list[str]) -> None:
+    """Wrap the callbacks of ``handlers`` on ``engine`` so that the first failing one logs a warning and marks
+    ``failed``; from then on every wrapped callback is skipped (the tracking server is gone, each call would wait
+    for it)."""
+
+    def tolerant(callback: Callable) -> Callable:
+        @functools.wraps(callback)
+        def call(*args, **kwargs):
+            if failed:
+                return None
+            try:
+                return callback(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - any tracking failure: warn once, keep training
+                failed.append(f"{type(err).__name__}: {err}")
+                logger.warning(
+                    f"MLflow tracking failed ({failed[0]}); training continues without tracking from here "
+                    f"(epoch {engine.state.epoch}). Check the tracking server and --tracking_uri."
+                )
+                return None
+
+        call.tolerant = True
+        return call
+
+    for entries in engine._event_handlers.values():
+        for index, (callback, args, kwargs) in enumerate(entries):
+            if getattr(callback, "__self__", None) in handlers and not getattr(callback, "tolerant", False):
+                entries[index] = (tolerant(callback), args, kwargs)
+
+
+class MLflowPeftLogger:
+    """Add PEFT parameters and artifact files to the ``MLFlowHandler`` that ``--tracking mlflow`` attaches, and
+    keep tracking from stopping or stalling training.
+
+    When the engine starts (before the MLflow run is opened) it checks every tracking server the run logs to
+    (:func:`check_tracking_uri`, also those of the validator behind a ``ValidationHandler``), sets
+    :data:`MLFLOW_HTTP_LIMITS`, makes the MLflow handlers of the engine and its validators skip themselves after
+    a first failure (one warning), and sets the handler's ``experiment_param`` to :func:`peft_params`; when the
+    engine completes (before the run is closed) it adds those of ``artifacts`` that exist to the handler's
+    artifacts. Place it in the same handler list, before the tracking handler is appended.
 
     Args:
         network: the (possibly DDP-wrapped) network.
@@ -82,18 +181,28 @@ class MLflowPeftLogger:
         self.network = network
         self.artifacts = [str(a) for a in artifacts]
         self.extra_params = {k: str(v) for k, v in (extra_params or {}).items()}
-        self.logger = logging.getLogger("monai_prompt")
+        self.logger = logger
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def started(self, engine: Engine) -> None:
-        handlers = find_mlflow_handlers(engine)
-        if handlers:
-            params = {**peft_params(self.network), **self.extra_params}
-            for handler in handlers:
-                handler.experiment_param = {**(handler.experiment_param or {}), **params}
+        engines = [engine, *(v.validator for v in _attached(engine, ValidationHandler) if v.validator is not None)]
+        tracked = {e: find_mlflow_handlers(e) for e in engines}
+        tracked = {e: handlers for e, handlers in tracked.items() if handlers}
+        if not tracked:
+            return
+        for uri in sorted({_tracking_uri(h) for handlers in tracked.values() for h in handlers}):
+            check_tracking_uri(uri)
+        for name, value in MLFLOW_HTTP_LIMITS.items():
+            os.environ.setdefault(name, value)
+        failed: list[str] = []  # shared: one dead server stops all of this run's handlers
+        for tracked_engine, handlers in tracked.items():
+            _tolerate_failures(tracked_engine, handlers, failed)
+        params = {**peft_params(self.network), **self.extra_params}
+        for handler in tracked.get(engine, []):
+            handler.experiment_param = {**(handler.experiment_param or {}), **params}
 
     def completed(self, engine: Engine) -> None:
         handlers = find_mlflow_handlers(engine)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["bundle_root", "check_task", "warn_if_not_pretrained"]
@@ -26,14 +27,33 @@ def bundle_root(name: str) -> str:
     return str(in_repo) if (in_repo / "configs").is_dir() else "."
 
 
-def check_task(datalist, num_classes: int, multi_label: bool) -> None:
-    """Raise a ``ValueError`` naming the fix when the datalist's classes or label kind differ from the config.
+#: why a workflow needs a split, for the error when it is empty.
+_SPLIT_NEEDS = {
+    "training": "there is nothing to train on; list training images in the datalist",
+    "validation": (
+        "training validates every val_interval epochs to choose models/model.pt, and MONAI skips an empty "
+        "validation silently, so model.pt would never be written; add a 'validation' list (JSON), split column "
+        "(CSV) or folder, or more training images per class for the reader to carve a validation split from"
+    ),
+}
+
+
+def check_task(datalist, num_classes: int, multi_label: bool, required_splits: Sequence[str] = ()) -> None:
+    """Raise a ``ValueError`` naming the fix when the datalist's classes or label kind differ from the config, or a
+    split the workflow reads is empty.
 
     Args:
-        datalist: a :class:`~monai_prompt.data.ClassificationDatalist` (``classes``, ``multi_label``).
+        datalist: a :class:`~monai_prompt.data.ClassificationDatalist` (``classes``, ``multi_label``, splits).
         num_classes: the bundle's ``num_classes``.
         multi_label: the bundle's ``multi_label``.
+        required_splits: splits that must hold images (training: ``["training", "validation"]``; evaluation:
+            ``[@evaluate_split]``).
     """
+    for split in required_splits:
+        if not datalist[split]:
+            present = [name for name, items in datalist.splits.items() if items]
+            need = _SPLIT_NEEDS.get(split, f"choose a split that has images (the datalist has {present})")
+            raise ValueError(f"the datalist has no {split!r} images: {need}.")
     found = len(datalist.classes)
     if found != num_classes:
         raise ValueError(

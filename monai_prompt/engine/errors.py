@@ -1,0 +1,65 @@
+"""The real error as the last thing ``python -m monai.bundle run`` prints.
+
+MONAI wraps every exception raised while it evaluates a config expression, instantiates a component or applies
+a transform in a ``RuntimeError`` of its own (``Failed to evaluate ConfigExpression: "$..."``, ``Failed to
+instantiate component ...``, ``applying transform ...``), so a bundle's data or setup error ends with that
+generic line while the message naming the file and the fix sits screens above. :func:`show_cause_last`, the
+first step of a bundle's ``initialize``, installs a ``sys.excepthook`` that prints the usual traceback and then
+the innermost error of such a chain, after the config text it came from.
+
+Python callers are unaffected: exceptions keep their types (``DataCheckError``, ``ValueError``, ...), and only an
+uncaught exception wrapped by MONAI changes what is printed.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from types import TracebackType
+
+__all__ = ["format_root_cause", "root_cause", "show_cause_last"]
+
+#: how MONAI's wrapping ``RuntimeError``s begin (config_item.py, utils/module.py, transforms/transform.py).
+MONAI_WRAPPERS = ("Failed to evaluate ", "Failed to instantiate ", "applying transform ")
+#: how MONAI's ``ReferenceResolver`` rewrites ``@id`` inside an expression before evaluating it.
+_LOCAL_REF = re.compile(r"__local_refs\[['\"]([^'\"]*)['\"]\]")
+
+
+def root_cause(error: BaseException) -> tuple[BaseException, str | None]:
+    """The innermost error below MONAI's wrapping ``RuntimeError``s, and the message of the last wrapper (the
+    config text or component closest to it; None when ``error`` is not wrapped)."""
+    wrapper = None
+    while isinstance(error, RuntimeError) and str(error).startswith(MONAI_WRAPPERS) and error.__cause__ is not None:
+        wrapper, error = str(error), error.__cause__
+    return error, wrapper
+
+
+def format_root_cause(error: BaseException) -> str | None:
+    """``Root cause (<MONAI wrapper>):`` and ``<type>: <message>`` of a MONAI-wrapped error (None if not wrapped)."""
+    cause, wrapper = root_cause(error)
+    if wrapper is None:
+        return None
+    lines = [line.strip() for line in wrapper.splitlines() if not line.strip().startswith("set '_mode_")]
+    context = _LOCAL_REF.sub(r"@\1", " ".join(lines))  # the config text as written
+    return f"Root cause ({context}):\n{type(cause).__name__}: {cause}"
+
+
+_previous_hook = sys.excepthook
+
+
+def _excepthook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+    _previous_hook(kind, error, traceback)
+    summary = format_root_cause(error)
+    if summary is not None:
+        print(f"\n{summary}", file=sys.stderr)
+
+
+def show_cause_last() -> None:
+    """Install (once) the ``sys.excepthook`` that repeats the root error of a MONAI-wrapped exception last.
+
+    Put ``"$monai_prompt.engine.show_cause_last()"`` first in a bundle's ``initialize`` list.
+    """
+    global _previous_hook
+    if sys.excepthook is not _excepthook:
+        _previous_hook = sys.excepthook
+        sys.excepthook = _excepthook
