@@ -283,6 +283,11 @@ def test_run_folder_lock_is_exclusive_and_names_its_holder(tmp_path, release_loc
     assert not (tmp_path / "models" / ".lock").exists()
     other.acquire()
     release_locks.append(other)
+    other.path.unlink()  # the folder was cleared (the demo deletes a run's folder before a new one)
+    assert not other.held
+    again = claim_run_folder(tmp_path / "models")
+    release_locks.append(again)
+    assert again is not other and json.loads(again.path.read_text())["pid"] == os.getpid()
 
 
 def test_a_dead_run_s_lock_is_taken_over(tmp_path, release_locks):

@@ -94,7 +94,8 @@ class RunLock:
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        """This object holds the lock, and ``<folder>/.lock`` is still the locked file (not deleted with its folder)."""
+        return self._fd is not None and self._same_file(self._fd)
 
     def _same_file(self, fd: int) -> bool:
         try:
@@ -152,6 +153,8 @@ def claim_run_folder(ckpt_dir: str | os.PathLike, resume: bool = False, overwrit
     folder = Path(ckpt_dir).absolute()
     lock = _HELD.get(folder)
     if lock is None or not lock.held:
+        if lock is not None:  # its lock file went away (e.g. the folder was deleted): drop it, lock anew
+            lock.release()
         lock = RunLock(folder)
         lock.acquire()
         _HELD[folder] = lock
