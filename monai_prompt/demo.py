@@ -15,8 +15,10 @@ under ``out_dir`` (``runs/demo``, git-ignored):
    quadratic-weighted kappa, next to the trainable-parameter report.
 
 With ``compare_scratch``, steps 3-4 run again on a randomly initialised backbone, the baseline that shows
-what the pre-training is worth. Both bundles run through MONAI's bundle API (``ConfigWorkflow``), exactly as
-``python -m monai.bundle run`` would run them with the same overrides.
+what the pre-training is worth. Both bundles run through MONAI's bundle API (``ConfigWorkflow``, by
+:func:`monai_prompt.engine.runner.run_bundle`), exactly as ``python -m monai.bundle run`` would run them with the same
+overrides. :func:`pretrain` and :func:`pretrained_overrides` also give the bundle benchmarks
+(:mod:`monai_prompt.benchmarks.bundle_runs`) their backbone.
 """
 
 from __future__ import annotations
@@ -26,22 +28,38 @@ import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["DEMO_DVPT", "TINY_DEMO", "DemoConfig", "EpochProgress", "prepare_data", "pretrain", "run_demo", "tune"]
+if TYPE_CHECKING:
+    from monai.bundle import ConfigWorkflow
+
+__all__ = [
+    "BUNDLES",
+    "DEMO_DVPT",
+    "TINY_DEMO",
+    "DemoConfig",
+    "EpochProgress",
+    "attach_progress",
+    "prepare_data",
+    "pretrain",
+    "pretrained_overrides",
+    "run_demo",
+    "train_and_evaluate",
+    "tune",
+]
 
 #: DVPT for a 64-token input on a CPU: 10 prompts (the paper's 50 would almost double the tokens), a module per block.
 DEMO_DVPT = {"num_prompts": 10, "bottleneck": 16, "share": 1, "variant": "paper"}
 #: LayerNorm epsilon of MONAI's ``MaskedAutoEncoderViT`` (``nn.LayerNorm`` default); the tuned ViT must match it.
 MONAI_LAYER_NORM_EPS = 1e-5
-_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+#: the repository's bundles (the demo runs a checkout: ``pip install -e .``).
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 _print = functools.partial(print, flush=True)
 
 
@@ -147,36 +165,14 @@ def _bundle(name: str, bundles: Path) -> Path:
     return folder
 
 
-def _run_workflow(bundle: Path, files: list[str], workflow_type: str, verbose: bool, attach=None, **overrides: Any):
-    """Run ``bundle``'s workflow through MONAI's ``ConfigWorkflow``, as ``python -m monai.bundle run`` would.
+def attach_progress(progress: EpochProgress, validator_id: str | None = None) -> Callable:
+    """An ``attach`` hook for :func:`~monai_prompt.engine.runner.run_bundle` that attaches ``progress`` to
+    ``train#trainer``.
 
     Args:
-        bundle: the bundle folder.
-        files: config files under ``configs/``, merged in order.
-        workflow_type: ``"train"`` or ``"infer"``.
-        verbose: keep the bundle's logs (otherwise only errors and the demo's own lines are shown).
-        attach: called with the initialised workflow before it runs (e.g. to attach progress handlers).
-        overrides: config overrides.
+        progress: the progress lines.
+        validator_id: the engine whose metrics the lines show (e.g. ``"validate#evaluator"``), if any.
     """
-    from monai.bundle import ConfigWorkflow
-
-    logging.disable(logging.NOTSET if verbose else logging.WARNING)
-    try:
-        workflow = ConfigWorkflow(
-            config_file=[str(bundle / "configs" / f) for f in files], workflow_type=workflow_type, **overrides
-        )
-        workflow.initialize()
-        if attach is not None:
-            attach(workflow)
-        workflow.run()
-        workflow.finalize()
-    finally:
-        logging.disable(logging.NOTSET)
-    return workflow
-
-
-def _attach_to_trainer(progress: EpochProgress, validator_id: str | None = None) -> Callable:
-    """A hook for :func:`_run_workflow` that attaches ``progress`` to ``train#trainer`` (and shows ``validator_id``)."""
 
     def attach(workflow) -> None:
         if validator_id is not None:
@@ -228,7 +224,7 @@ def prepare_data(folder: str | Path, config: DemoConfig = DemoConfig()) -> tuple
     return datalist, False
 
 
-def _backbone_overrides(config: DemoConfig, bundles: Path) -> dict[str, Any]:
+def _encoder_shape(config: DemoConfig, bundles: Path) -> dict[str, Any]:
     """The encoder shape both bundles get: the pre-training bundle's defaults, replaced by ``config``'s."""
     from monai.bundle import ConfigParser
 
@@ -240,11 +236,57 @@ def _backbone_overrides(config: DemoConfig, bundles: Path) -> dict[str, Any]:
     return shape
 
 
+def pretrained_overrides(config: DemoConfig, pretrained: Path | None, bundles: str | Path = BUNDLES) -> dict[str, Any]:
+    """Overrides that give a classification bundle the demo backbone: the encoder shape :func:`pretrain` trains,
+    its checkpoint as ``pretrained`` (``None``: randomly initialised) and MONAI's LayerNorm epsilon.
+
+    Args:
+        config: demo sizes (``backbone_overrides``).
+        pretrained: the MAE checkpoint :func:`pretrain` returns, or ``None``.
+        bundles: the bundles folder.
+    """
+    return {
+        **_encoder_shape(config, Path(bundles)),
+        "pretrained": None if pretrained is None else str(pretrained),
+        "layer_norm_eps": MONAI_LAYER_NORM_EPS,
+    }
+
+
+def train_and_evaluate(
+    bundle: Path, out_dir: Path, overrides: Mapping[str, Any], epochs: int, verbose: bool = False,
+    attach: Callable | None = None,
+) -> tuple[ConfigWorkflow, dict[str, float]]:
+    """Train a classification bundle into ``out_dir`` (its ``bundle_root``, emptied first), then evaluate the best
+    delta on the test split (``train.json`` + ``evaluate.json``).
+
+    Args:
+        bundle: the bundle folder.
+        out_dir: where checkpoints, metrics and (FPT) the feature cache go.
+        overrides: config overrides for both runs.
+        epochs: ``train#trainer#max_epochs``.
+        verbose: show the bundle's own logs (else warnings and errors only).
+        attach: ``attach`` hook of the training run (e.g. progress lines).
+
+    Returns:
+        the finished training workflow and the test metrics of ``eval/metrics.csv``.
+    """
+    from monai_prompt.engine.runner import run_bundle
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    overrides = {**overrides, "bundle_root": str(out_dir)}
+    train = run_bundle(bundle, ["train.json"], quiet=not verbose, attach=attach, **overrides,
+                       **{"train#trainer#max_epochs": epochs})
+    run_bundle(bundle, ["train.json", "evaluate.json"], "infer", quiet=not verbose, **overrides)
+    with open(out_dir / "eval" / "metrics.csv") as f:
+        return train, {name: float(value) for name, value in csv.reader(f)}
+
+
 def pretrain(
     out_dir: str | Path,
     datalist: Path,
     config: DemoConfig = DemoConfig(),
-    bundles: str | Path = _BUNDLES,
+    bundles: str | Path = BUNDLES,
     verbose: bool = False,
     print_fn: Callable[[str], None] = _print,
 ) -> tuple[Path, str]:
@@ -257,10 +299,11 @@ def pretrain(
         the MAE checkpoint (``models/model.pt``) and what happened: ``"reused"``, ``"resumed"`` or ``"trained"``.
     """
     from monai_prompt.engine import latest_checkpoint
+    from monai_prompt.engine.runner import run_bundle
 
     bundle, out_dir = _bundle("vit_pretraining", Path(bundles)), Path(out_dir)
     overrides = {
-        **_backbone_overrides(config, Path(bundles)),
+        **_encoder_shape(config, Path(bundles)),
         "dataset_dir": str(datalist.parent),
         "datalist_file": str(datalist),
         "batch_size": config.pretrain_batch_size,
@@ -280,8 +323,8 @@ def pretrain(
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps({"fingerprint": fingerprint, "complete": False, "overrides": overrides}, indent=1))
     progress = EpochProgress("MAE", print_fn=print_fn)
-    _run_workflow(bundle, ["train.json"], "train", verbose, _attach_to_trainer(progress), bundle_root=str(out_dir),
-                  resume=resume, **overrides)
+    run_bundle(bundle, ["train.json"], quiet=not verbose, attach=attach_progress(progress), bundle_root=str(out_dir),
+               resume=resume, **overrides)
     stamp.write_text(json.dumps({"fingerprint": fingerprint, "complete": True, "overrides": overrides}, indent=1))
     return checkpoint, "resumed" if resume else "trained"
 
@@ -291,7 +334,7 @@ def tune(
     datalist: Path,
     pretrained: Path | None,
     config: DemoConfig = DemoConfig(),
-    bundles: str | Path = _BUNDLES,
+    bundles: str | Path = BUNDLES,
     verbose: bool = False,
     print_fn: Callable[[str], None] = _print,
 ) -> dict[str, Any]:
@@ -311,16 +354,10 @@ def tune(
     """
     from monai_prompt.peft import trainable_report
 
-    bundle, out_dir = _bundle("dvpt_classification", Path(bundles)), Path(out_dir)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
     overrides = {
-        **_backbone_overrides(config, Path(bundles)),
-        "bundle_root": str(out_dir),
+        **pretrained_overrides(config, pretrained, bundles),
         "dataset_dir": str(datalist.parent),
         "datalist_file": str(datalist),
-        "pretrained": None if pretrained is None else str(pretrained),
-        "layer_norm_eps": MONAI_LAYER_NORM_EPS,
         "method_config": dict(config.method_config),
         "learning_rate": config.learning_rate,
         "batch_size": config.tune_batch_size,
@@ -328,12 +365,9 @@ def tune(
         "cache_rate": 1.0,
     }
     progress = EpochProgress("DVPT", print_fn=print_fn)
-    train = _run_workflow(bundle, ["train.json"], "train", verbose, _attach_to_trainer(progress, "validate#evaluator"),
-                          **overrides, **{"train#trainer#max_epochs": config.tune_epochs})
+    train, metrics = train_and_evaluate(_bundle("dvpt_classification", Path(bundles)), Path(out_dir), overrides,
+                                        config.tune_epochs, verbose, attach_progress(progress, "validate#evaluator"))
     report = trainable_report(train.parser.get_parsed_content("network"))
-    _run_workflow(bundle, ["train.json", "evaluate.json"], "infer", verbose, **overrides)
-    with open(out_dir / "eval" / "metrics.csv") as f:
-        metrics = {name: float(value) for name, value in csv.reader(f)}
     return {"metrics": metrics, **{k: report[k] for k in ("trainable", "backbone", "percent_of_backbone")}}
 
 
@@ -341,7 +375,7 @@ def run_demo(
     out_dir: str | Path = "runs/demo",
     config: DemoConfig = DemoConfig(),
     compare_scratch: bool = False,
-    bundles: str | Path = _BUNDLES,
+    bundles: str | Path = BUNDLES,
     verbose: bool = False,
     print_fn: Callable[[str], None] = _print,
 ) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The main job (``monai-prompt demo``) end to end at its tiny size, and its caching of data and pre-training."""
+"""The main job (``monai-prompt demo``) end to end at its tiny size, its caching of data and pre-training, and the
+bundle benchmarks on the same backbone."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 import torch
 
+from monai_prompt.benchmarks import bundle_runs
 from monai_prompt.cli import main
 from monai_prompt.demo import TINY_DEMO, prepare_data, pretrain
 
@@ -46,6 +48,16 @@ def test_demo_runs_end_to_end_and_reuses_data_and_pretraining(tmp_path, capsys):
     stamp = out / "vit_pretraining" / "pretraining.json"
     stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "complete": False}))
     assert pretrain(out / "vit_pretraining", datalist, TINY_DEMO)[1] == "resumed" and checkpoint.is_file()
+
+    # the bundle benchmarks (--quick: the tiny demo) tune the demo's pre-trained backbone, reusing data and checkpoint
+    capsys.readouterr()
+    bundle_runs.main(["--quick", "--work", str(out), "linear_classification"])
+    assert f"pre-training: reused {checkpoint}" in capsys.readouterr().out
+    measured = json.loads((out / "measurements.json").read_text())
+    assert measured["pretraining"]["shape"]["backbone_overrides"] == TINY_DEMO.backbone_overrides
+    run = measured["bundles"]["linear_classification"]["demo_run"]
+    assert run["epochs"] == 1 and run["seconds_per_epoch"] > 0 and run["peak_rss_mb"] > 100
+    assert set(run) >= {"accuracy", "auc", "f1", "kappa"} and 0 <= run["accuracy"] <= 1
 
     # other settings invalidate both caches
     one_more = dataclasses.replace(TINY_DEMO, unlabeled=TINY_DEMO.unlabeled + 1)

@@ -4,17 +4,20 @@ performance, commands, references, license)."""
 from __future__ import annotations
 
 import json
-from importlib.resources import files
+from pathlib import Path
 
 from monai_prompt.bundle_gen.metadata import PINNED_VERSIONS
 from monai_prompt.bundle_gen.specs import BundleSpec
 
-__all__ = ["load_measurements", "readme"]
+__all__ = ["MEASUREMENTS_FILE", "load_measurements", "readme"]
+
+#: measured numbers per bundle, written by ``python -m monai_prompt.benchmarks.bundle_runs``.
+MEASUREMENTS_FILE = Path(__file__).with_name("measurements.json")
 
 
 def load_measurements() -> dict:
-    """Measured numbers per bundle (``measurements.json``, written by ``python -m monai_prompt.bundle_gen.measure``)."""
-    return json.loads(files("monai_prompt.bundle_gen").joinpath("measurements.json").read_text())
+    """The numbers of :data:`MEASUREMENTS_FILE`."""
+    return json.loads(MEASUREMENTS_FILE.read_text())
 
 
 def _method_config(spec: BundleSpec) -> str:
@@ -44,13 +47,31 @@ head reads the CLS feature. `network_def` is `monai_prompt.nets.PromptClassifier
 and method config {_method_config(spec)}."""
 
 
+def _demo_run(spec: BundleSpec, run: dict, pretraining: dict) -> str:
+    """The paragraph on how the demo run was made: the pre-trained backbone, the side size (FPT), the tuning."""
+    shape = pretraining["shape"]
+    encoder, size = shape["backbone_overrides"], shape["img_size"]
+    minutes = "" if pretraining["minutes"] is None else f", {pretraining['minutes']} min"
+    side = f"; it is the frozen LPM and the side network sees {size // 2} x {size // 2}" if spec.fpt else ""
+    return (
+        f"**Demo run.** No ImageNet ViT ships in an installable package, so this run uses a small ViT (width "
+        f"{encoder['hidden_size']}, {encoder['num_layers']} blocks, patch {encoder['patch_size']}, "
+        f"{shape['in_channels']} x {size} x {size} input) pre-trained {pretraining['recipe']} as a MONAI "
+        f"`MaskedAutoEncoderViT` ({pretraining['epochs']} epochs{minutes}, self-supervised on the demo's training and "
+        f"unlabeled patches, no labels){side}, then tuned by this bundle's recipe for {run['epochs']} epochs on the "
+        "demo data through MONAI's `ConfigWorkflow` (what `python -m monai.bundle run` runs) and evaluated on the "
+        "225 test patches. It shows the pipeline working on real images; it is not evidence of how the method does "
+        "with a real pre-trained ViT-B. Times are wall clock on a CPU shared with other jobs."
+    )
+
+
 def _performance(spec: BundleSpec, measured: dict) -> str:
     entry = measured.get("bundles", {}).get(spec.name)
     if not entry:
-        return "Not measured yet for this bundle (`python -m monai_prompt.bundle_gen.measure`).\n"
+        return "Not measured yet for this bundle (`python -m monai_prompt.benchmarks.bundle_runs`).\n"
     params = entry["parameters"]
     lines = [
-        f"Measured {measured['date']} on {measured['hardware']} with `python -m monai_prompt.bundle_gen.measure`.",
+        f"Measured {measured['date']} on {measured['hardware']} with {measured['command']}.",
         "",
         f"**Trainable parameters and delta size** of the default network (ViT-B/16 at {spec.img_size} x "
         f"{spec.img_size}, 3 classes; the head counts as trainable; built, not trained):",
@@ -63,14 +84,7 @@ def _performance(spec: BundleSpec, measured: dict) -> str:
     run = entry.get("demo_run")
     if run:
         lines += [
-            f"**Demo run.** No ImageNet ViT ships in an installable package, so this run uses a small ViT (width 64, "
-            f"4 blocks, patch 8, 32 x 32 input) pre-trained by `measure` as a MONAI `MaskedAutoEncoderViT` "
-            f"({measured.get('mae_minutes', '?')} min, self-supervised on the demo's training and unlabeled patches, "
-            f"no labels){'; it is the frozen LPM and the side network sees 16 x 16' if spec.fpt else ''}, then tuned by "
-            f"this bundle's recipe for {run['epochs']} epochs on the demo data through "
-            "`python -m monai.bundle run` and evaluated on the 225 test patches. It shows the pipeline working on "
-            "real images; it is not evidence of how the method does with a real pre-trained ViT-B. Times are wall "
-            "clock on a CPU shared with other jobs.",
+            _demo_run(spec, run, measured["pretraining"]),
             "",
             "| s / epoch | peak RSS (MiB) | test accuracy | macro AUC | macro F1 | quadratic kappa |",
             "|---|---|---|---|---|---|",
@@ -122,7 +136,7 @@ python -m monai.bundle run \\
     --config_file "['bundles/{name}/configs/train.json','bundles/{name}/configs/evaluate.json']" --pretrained ...
 ```
 
-Infer (class probabilities per image to `eval/predictions.csv`; `--infer_images "$['a.png','b.png']"` for
+Infer (class probabilities per image to `eval/predictions.csv`; `--infer_images "['a.png','b.png']"` for
 other images):
 
 ```bash
@@ -137,24 +151,14 @@ python -m monai.bundle verify_metadata --meta_file bundles/{name}/configs/metada
 python -m monai.bundle verify_net_in_out network_def --meta_file bundles/{name}/configs/metadata.json \\
     --config_file bundles/{name}/configs/inference.json --pretrained ...
 python -m monai.bundle ckpt_export network_def --filepath bundles/{name}/models/model.ts \\
-    --ckpt_file bundles/{name}/models/{ckpt} --meta_file bundles/{name}/configs/metadata.json \\
-    --config_file bundles/{name}/configs/inference.json{key} --pretrained ...
+    --ckpt_file bundles/{name}/models/model.pt --meta_file bundles/{name}/configs/metadata.json \\
+    --config_file bundles/{name}/configs/inference.json --key_in_ckpt model --pretrained ...
 ```
 
 `monai-prompt export bundles/{name} --pretrained ...` writes one self-contained file instead: the full state
 dict `models/model_full.pt` (with LoRA/SSF merged into the weights where the method allows it) and its
-TorchScript `models/model_full.ts`.{fpt_note}
+TorchScript `models/model_full.ts`.
 """
-
-
-def _commands(spec: BundleSpec) -> str:
-    if spec.fpt:  # FPTClassifier loads state dicts strictly: ckpt_export takes the full state dict of the export
-        note = (
-            "\n\n`FPTClassifier` does not load a delta with `strict=True`, so `ckpt_export` above takes "
-            "`models/model_full.pt`: run `monai-prompt export` first."
-        )
-        return _COMMANDS.format(name=spec.name, ckpt="model_full.pt", key="", fpt_note=note)
-    return _COMMANDS.format(name=spec.name, ckpt="model.pt", key=" --key_in_ckpt model", fpt_note="")
 
 
 def readme(spec: BundleSpec, measured: dict | None = None) -> str:
@@ -223,7 +227,7 @@ sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.
 {_performance(spec, measured)}
 ## MONAI bundle commands
 
-{_commands(spec)}
+{_COMMANDS.format(name=spec.name)}
 Tested with MONAI {PINNED_VERSIONS['monai_version']}, PyTorch {PINNED_VERSIONS['pytorch_version']}. See
 `docs/bundles.md` of the repository for MONAI Label notes and limits.
 

@@ -26,7 +26,7 @@ def run_bundle(
     required properties (as the model-zoo CI does); returns the finished workflow.
 
     Args:
-        bundle: the bundle folder (also ``bundle_root``).
+        bundle: the bundle folder (also ``bundle_root`` unless ``overrides`` set it).
         files: config files under ``configs/``, merged in order, e.g. ``["train.json", "evaluate.json"]``.
         workflow_type: ``"train"`` or ``"infer"``: which MONAI property set to check.
         tracking: ``"mlflow"`` to add MONAI's MLflow handlers (as ``--tracking mlflow``).
@@ -45,8 +45,7 @@ def run_bundle(
             config_file=[str(bundle / "configs" / name) for name in files],
             workflow_type=workflow_type,
             tracking=tracking,
-            bundle_root=str(bundle),
-            **overrides,
+            **{"bundle_root": str(bundle), **overrides},
         )
         workflow.initialize()
         missing = workflow.check_properties()
