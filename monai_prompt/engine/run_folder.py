@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import fcntl
 import json
 import logging
 import os
@@ -58,6 +57,8 @@ class RunLock:
         Raises:
             RunFolderError: another live process holds it (its PID, host and start time in the message).
         """
+        import fcntl  # POSIX only; imported here so that the package imports everywhere
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while self._fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
