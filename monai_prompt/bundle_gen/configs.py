@@ -12,18 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from monai_prompt.bundle_gen import common
 from monai_prompt.bundle_gen.specs import BundleSpec
 
 __all__ = ["evaluate_config", "inference_config", "multi_gpu_config", "train_config"]
 
-#: the modules the expressions use (``_target_`` components import their own); ``torch.distributed`` and ``os``
-#: come with ``multi_gpu_train.json``, ``monai_prompt.fpt`` with FPT training.
-_IMPORTS = (
-    "$import torch",
-    "$import monai_prompt",
-    "$import monai_prompt.data",
-    "$import monai_prompt.engine",
-)
 _BATCH_SIZE = 16
 _NUM_WORKERS = 4
 _FROM_PRED_LABEL = "$monai.handlers.from_engine(['pred', 'label'])"
@@ -52,36 +45,20 @@ def _network_def(spec: BundleSpec) -> dict[str, Any]:
 
 
 def _common(spec: BundleSpec, imports: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Paths, device, task and network settings every file starts with (``imports``: more than :data:`_IMPORTS`).
-
-    ``bundle_root`` is not the model-zoo ``"."``: ``python -m monai.bundle run`` does not set it, and the READMEs
-    run every command both from the repository root (``--config_file bundles/<name>/configs/train.json``, outputs
-    and the default ``dataset_dir`` relative to the bundle) and from inside the bundle, which ``"."`` cannot both
-    serve; :func:`monai_prompt.engine.bundle_root` finds the bundle from the working directory (``--bundle_root``
-    still overrides it, as MONAI's tools pass it).
-    """
+    """Paths, device, task and network settings every file starts with (``imports``: more than
+    :data:`~monai_prompt.bundle_gen.common.IMPORTS`; ``torch.distributed`` and ``os`` come with
+    ``multi_gpu_train.json``, ``monai_prompt.fpt`` with FPT training)."""
     return {
-        "imports": [*_IMPORTS, *imports],
-        "bundle_root": f"$monai_prompt.engine.bundle_root('{spec.name}')",
-        "ckpt_dir": "$@bundle_root + '/models'",
-        "output_dir": "$@bundle_root + '/eval'",
-        "dataset_dir": "$@bundle_root + '/../../demo_data'",
-        "datalist_file": "$@dataset_dir + '/datalist.json'",
+        "imports": [*common.IMPORTS, *imports],
+        **common.paths(spec, "demo_data", "datalist.json"),
         "datalist": "$monai_prompt.data.read_datalist(@datalist_file)",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "amp": "$torch.cuda.is_available()",
-        "seed": 0,
+        **common.device_settings(),
         "num_classes": 3,
         "multi_label": False,
         "in_channels": 3,
         "spatial_dims": 2,
         "img_size": spec.img_size,
-        "backbone": "vit_base",
-        "backbone_overrides": {},
-        "pretrained": None,
-        "layer_norm_eps": 1e-6,
-        "method": spec.method,
-        "method_config": spec.method_config(),
+        **common.backbone_settings(spec),
         "network_def": _network_def(spec),
         "network": "$@network_def.to(@device)",
         "batch_size": _BATCH_SIZE,
@@ -149,37 +126,6 @@ def _compose(transforms: str | list[dict[str, Any]]) -> dict[str, Any]:
     return {"_target_": "Compose", "transforms": transforms}
 
 
-def _dataset(data: str, transform: str) -> dict[str, Any]:
-    """``CacheDataset``: with ``cache_rate`` > 0 the deterministic transforms (load, resize; FPT: the feature lookup)
-    run once and stay in memory; the default 0 keeps nothing (large datasets)."""
-    return {
-        "_target_": "CacheDataset",
-        "data": data,
-        "transform": transform,
-        "cache_rate": "@cache_rate",
-        "num_workers": "@num_workers",
-    }
-
-
-def _loader(dataset: str, shuffle: bool) -> dict[str, Any]:
-    return {
-        "_target_": "DataLoader",
-        "dataset": dataset,
-        "batch_size": "@batch_size",
-        "shuffle": shuffle,
-        "num_workers": "@num_workers",
-    }
-
-
-def _delta(network: str = "@network", source: str | None = None) -> dict[str, Any]:
-    """``load_dict``/``save_dict`` of a delta checkpoint: the ``peft`` identity first, then the weights."""
-    extra = {} if source is None else {"source": source}
-    return {
-        "peft": {"_target_": "monai_prompt.engine.PeftMeta", "network": network, **extra},
-        "model": {"_target_": "monai_prompt.engine.TrainableState", "network": network, **extra},
-    }
-
-
 def _metrics(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Key metric (accuracy) and additional metrics (macro AUC, macro F1, quadratic-weighted kappa)."""
     decisions = "@metric_decisions"
@@ -204,28 +150,6 @@ _POSTPROCESSING = {
         {"_target_": "AsDiscreted", "keys": "label", "to_onehot": "$None if @multi_label else @num_classes"},
     ],
 }
-#: loads ``models/model.pt`` (or ``--load_path``) after checking its method, config and backbone.
-_DELTA_LOADER = {
-    "_target_": "CheckpointLoader",
-    "load_path": "@load_path",
-    "load_dict": _delta(source="@load_path"),
-    "map_location": "@device",
-}
-_EVALUATOR = {
-    "_target_": "SupervisedEvaluator",
-    "device": "@device",
-    "network": "@network",
-    "amp": "@amp",
-}
-
-
-#: the trainer-state checkpoint handlers reference the trainer, so they are attached to it here rather than listed
-#: in ``train#handlers`` (which the trainer references: a cycle); they run after the listed handlers.
-_TRAIN_RUN = (
-    "$@train#checkpoint_loader.attach(@train#trainer) if @resume else None",
-    "$@train#checkpoint_saver.attach(@train#trainer)",
-    "$@train#trainer.run()",
-)
 
 
 def _initialize(spec: BundleSpec, distributed: bool = False) -> list[str]:
@@ -252,171 +176,60 @@ def _fpt_batch(spec: BundleSpec) -> dict[str, Any]:
 def train_config(spec: BundleSpec) -> dict[str, Any]:
     """``configs/train.json``: training with validation, best delta to ``models/model.pt``, resumable."""
     key_metric, additional_metrics = _metrics("val_")
-    optimizer = {
-        "_target_": f"torch.optim.{spec.optimizer}",
-        "params": "$[p for p in @network.parameters() if p.requires_grad]",
-        "lr": "@learning_rate",
-        "weight_decay": "@weight_decay",
-        **spec.optimizer_args,
-    }
     return {
         **_common(spec, ("$import monai_prompt.fpt",) if spec.fpt else ()),
         **(_fpt_settings() if spec.fpt else {}),
-        "learning_rate": spec.learning_rate,
-        "weight_decay": spec.weight_decay,
-        "val_interval": 1,
-        "resume": False,
-        "resume_file": "$monai_prompt.engine.latest_checkpoint(@ckpt_dir) if @resume else None",
-        "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_train')",
-        "is_not_rank0": "$torch.distributed.is_available() and torch.distributed.is_initialized() "
-        "and torch.distributed.get_rank() > 0",
-        "delta": _delta(),
+        **common.train_settings(spec),
         "loss": "$torch.nn.BCEWithLogitsLoss() if @multi_label else torch.nn.CrossEntropyLoss()",
-        "optimizer": optimizer,
-        "lr_scheduler": {
-            "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
-            "optimizer": "@optimizer",
-            "T_max": "@train#trainer#max_epochs",
-        },
+        **common.optimization(spec),
         "metric_decisions": "$monai_prompt.engine.class_decisions(@multi_label)",
         "train": {
-            "checkpoint": {
-                "trainer": "@train#trainer",
-                "optimizer": "@optimizer",
-                "lr_scheduler": "@lr_scheduler",
-                "peft": "@delta#peft",
-                "model": "@delta#model",
-            },
-            "checkpoint_loader": {
-                "_target_": "CheckpointLoader",
-                "_disabled_": "$not @resume",
-                "load_path": "@resume_file",
-                "load_dict": "@train#checkpoint",
-                "map_location": "@device",
-            },
-            "checkpoint_saver": {
-                "_target_": "monai_prompt.engine.AtomicCheckpointSaver",
-                "save_dir": "@ckpt_dir",
-                "save_dict": "@train#checkpoint",
-                "save_interval": 1,
-                "n_saved": 1,
-            },
+            **common.train_checkpointing(),
             "deterministic_transforms": _deterministic_transforms(),
             "random_transforms": list(_RANDOM_TRANSFORMS),
             # FPT: the cache lookup sees the image exactly as the preload did, before the augmentations
             "preprocessing": _compose("$@train#deterministic_transforms + "
                                       f"{'[@fpt_features] + ' if spec.fpt else ''}@train#random_transforms"),
-            "dataset": _dataset("$@datalist['training']", "@train#preprocessing"),
-            "dataloader": _loader("@train#dataset", shuffle=True),
+            "dataset": common.dataset("$@datalist['training']", "@train#preprocessing"),
+            "dataloader": common.loader("@train#dataset", shuffle=True),
             "inferer": {"_target_": "SimpleInferer"},
-            "handlers": [
-                {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
-                {
-                    "_target_": "ValidationHandler",
-                    "validator": "@validate#evaluator",
-                    "epoch_level": True,
-                    "interval": "@val_interval",
-                },
-                {"_target_": "monai_prompt.engine.TrainableReportHandler", "_disabled_": "@is_not_rank0",
-                 "network": "@network"},
-                {"_target_": "monai_prompt.engine.PeakMemoryHandler", "device": "@device"},
-                {
-                    "_target_": "StatsHandler",
-                    "_disabled_": "@is_not_rank0",
-                    "tag_name": "train_loss",
-                    "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
-                },
-                {
-                    "_target_": "monai_prompt.engine.MLflowPeftLogger",
-                    "network": "@network",
-                    "artifacts": ["$@ckpt_dir + '/model.pt'"],
-                    "extra_params": {"pretrained": "@pretrained", "backbone": "@backbone", "img_size": "@img_size"},
-                },
-            ],
-            "trainer": {
-                "_target_": "SupervisedTrainer",
-                "max_epochs": spec.epochs,
-                "device": "@device",
-                "train_data_loader": "@train#dataloader",
-                "network": "@network",
-                "loss_function": "@loss",
-                "optimizer": "@optimizer",
-                "inferer": "@train#inferer",
-                **_fpt_batch(spec),
-                "train_handlers": "@train#handlers",
-                "amp": "@amp",
-            },
+            "handlers": common.train_handlers(),
+            "trainer": common.trainer(spec, _fpt_batch(spec)),
         },
         "validate": {
             "preprocessing": _compose("$@train#deterministic_transforms + [@fpt_features]" if spec.fpt
                                       else "@train#deterministic_transforms"),
-            "dataset": _dataset("$@datalist['validation']", "@validate#preprocessing"),
-            "dataloader": _loader("@validate#dataset", shuffle=False),
+            "dataset": common.dataset("$@datalist['validation']", "@validate#preprocessing"),
+            "dataloader": common.loader("@validate#dataset", shuffle=False),
             "inferer": {"_target_": "SimpleInferer"},
             "postprocessing": _POSTPROCESSING,
             "key_metric": key_metric,
             "additional_metrics": additional_metrics,
-            "handlers": [
-                {"_target_": "StatsHandler", "_disabled_": "@is_not_rank0", "iteration_log": False},
-                {
-                    "_target_": "monai_prompt.engine.AtomicCheckpointSaver",
-                    "save_dir": "@ckpt_dir",
-                    "save_dict": "@delta",
-                    "save_key_metric": True,
-                    "key_metric_filename": "model.pt",
-                },
-            ],
-            "evaluator": {
-                **_EVALUATOR,
-                "val_data_loader": "@validate#dataloader",
-                "inferer": "@validate#inferer",
-                **_fpt_batch(spec),
-                "postprocessing": "@validate#postprocessing",
-                "key_val_metric": "@validate#key_metric",
-                "additional_metrics": "@validate#additional_metrics",
-                "val_handlers": "@validate#handlers",
-            },
+            "handlers": common.validate_handlers(),
+            "evaluator": common.evaluator("validate#", _fpt_batch(spec)),
         },
         "initialize": _initialize(spec),
-        "run": list(_TRAIN_RUN),
+        "run": list(common.TRAIN_RUN),
     }
 
 
 def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
     """``configs/evaluate.json`` (merged on ``train.json``): metrics of ``models/model.pt`` on the test split."""
     key_metric, additional_metrics = _metrics("")
+    metrics_saver = {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": "*", "metric_details": None}
     return {
         "evaluate_split": "test",
         "load_path": "$@ckpt_dir + '/model.pt'",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_evaluate')",
         "preprocessing": "@validate#preprocessing",
-        "dataset": _dataset("$@datalist[@evaluate_split]", "@preprocessing"),
-        "dataloader": _loader("@dataset", shuffle=False),
+        "dataset": common.dataset("$@datalist[@evaluate_split]", "@preprocessing"),
+        "dataloader": common.loader("@dataset", shuffle=False),
         "inferer": "@validate#inferer",
         "postprocessing": "@validate#postprocessing",
         "key_metric": key_metric,
         "additional_metrics": additional_metrics,
-        "handlers": [
-            _DELTA_LOADER,
-            {"_target_": "StatsHandler", "iteration_log": False},
-            {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": "*", "metric_details": None},
-            {
-                "_target_": "monai_prompt.engine.MLflowPeftLogger",
-                "network": "@network",
-                "artifacts": ["$@output_dir + '/metrics.csv'", "@load_path"],
-                "extra_params": {"pretrained": "@pretrained", "checkpoint": "@load_path"},
-            },
-        ],
-        "evaluator": {
-            **_EVALUATOR,
-            "val_data_loader": "@dataloader",
-            "inferer": "@inferer",
-            **_fpt_batch(spec),
-            "postprocessing": "@postprocessing",
-            "key_val_metric": "@key_metric",
-            "additional_metrics": "@additional_metrics",
-            "val_handlers": "@handlers",
-        },
+        "handlers": common.evaluate_handlers(metrics_saver),
+        "evaluator": common.evaluator("", _fpt_batch(spec)),
         "initialize": _initialize(spec),
         "run": ["$@evaluator.run()"],
     }
@@ -431,8 +244,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "load_path": "$@ckpt_dir + '/model.pt'",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_infer')",
         "preprocessing": _compose(_deterministic_transforms()),
-        "dataset": _dataset("$[{'image': image} for image in @infer_images]", "@preprocessing"),
-        "dataloader": _loader("@dataset", shuffle=False),
+        "dataset": common.dataset("$[{'image': image} for image in @infer_images]", "@preprocessing"),
+        "dataloader": common.loader("@dataset", shuffle=False),
         "inferer": {"_target_": "SimpleInferer"},
         "postprocessing": {
             "_target_": "Compose",
@@ -441,7 +254,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
             ],
         },
         "handlers": [
-            _DELTA_LOADER,
+            common.delta_loader(),
             {"_target_": "StatsHandler", "iteration_log": False},
             {
                 "_target_": "ClassificationSaver",
@@ -451,13 +264,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
                 "output_transform": "$monai.handlers.from_engine(['pred'])",
             },
         ],
-        "evaluator": {
-            **_EVALUATOR,
-            "val_data_loader": "@dataloader",
-            "inferer": "@inferer",
-            "postprocessing": "@postprocessing",
-            "val_handlers": "@handlers",
-        },
+        "evaluator": common.evaluator(metrics=False),
         "initialize": [
             "$monai.utils.set_determinism(seed=@seed)",
             "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)",
@@ -467,39 +274,6 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
 
 
 def multi_gpu_config(spec: BundleSpec) -> dict[str, Any]:
-    """``configs/multi_gpu_train.json`` (merged on ``train.json``, run with ``torchrun``): DDP, nccl on GPUs and
-    gloo on CPUs. ``static_graph`` lets DDP skip the frozen backbone and tolerate parameters without gradients."""
-    return {
-        "device": "$torch.device('cuda:' + os.environ['LOCAL_RANK'] if torch.cuda.is_available() else 'cpu')",
-        "network": {
-            "_target_": "torch.nn.parallel.DistributedDataParallel",
-            "module": "$@network_def.to(@device)",
-            "device_ids": "$[@device] if torch.cuda.is_available() else None",
-            "static_graph": True,
-        },
-        "train#sampler": {
-            "_target_": "DistributedSampler",
-            "dataset": "@train#dataset",
-            "even_divisible": True,
-            "shuffle": True,
-        },
-        "train#dataloader#sampler": "@train#sampler",
-        "train#dataloader#shuffle": False,
-        "validate#sampler": {
-            "_target_": "DistributedSampler",
-            "dataset": "@validate#dataset",
-            "even_divisible": False,
-            "shuffle": False,
-        },
-        "validate#dataloader#sampler": "@validate#sampler",
-        "initialize": [
-            "$import os",
-            "$import torch.distributed as dist",
-            "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() "
-            "else 'gloo')",
-            "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
-            *_initialize(spec, distributed=True),
-        ],
-        "run": list(_TRAIN_RUN),
-        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
-    }
+    """``configs/multi_gpu_train.json``: :func:`~monai_prompt.bundle_gen.common.multi_gpu_config` with this
+    template's ``initialize`` (FPT: the preload on rank 0 only)."""
+    return common.multi_gpu_config(_initialize(spec, distributed=True))

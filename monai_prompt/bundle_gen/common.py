@@ -1,0 +1,340 @@
+"""Config pieces every task template shares (:mod:`~monai_prompt.bundle_gen.configs` for classification,
+:mod:`~monai_prompt.bundle_gen.segmentation`): paths, device, backbone and method settings, data loading,
+delta checkpoints, the optimiser and schedule, resumable training state, engines, handlers (parameter report,
+peak memory, MLflow) and the DDP overrides. The task templates add the network, transforms, loss and metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from monai_prompt.bundle_gen.specs import BundleSpec
+
+__all__ = [
+    "EVALUATOR",
+    "IMPORTS",
+    "TRAIN_RUN",
+    "backbone_settings",
+    "dataset",
+    "delta",
+    "delta_loader",
+    "device_settings",
+    "evaluate_handlers",
+    "evaluator",
+    "loader",
+    "multi_gpu_config",
+    "optimization",
+    "paths",
+    "train_checkpointing",
+    "train_handlers",
+    "train_settings",
+    "trainer",
+    "validate_handlers",
+]
+
+#: the modules the expressions use (``_target_`` components import their own).
+IMPORTS = (
+    "$import torch",
+    "$import monai_prompt",
+    "$import monai_prompt.data",
+    "$import monai_prompt.engine",
+)
+EVALUATOR = {
+    "_target_": "SupervisedEvaluator",
+    "device": "@device",
+    "network": "@network",
+    "amp": "@amp",
+}
+#: the trainer-state checkpoint handlers reference the trainer, so they are attached to it here rather than listed
+#: in ``train#handlers`` (which the trainer references: a cycle); they run after the listed handlers.
+TRAIN_RUN = (
+    "$@train#checkpoint_loader.attach(@train#trainer) if @resume else None",
+    "$@train#checkpoint_saver.attach(@train#trainer)",
+    "$@train#trainer.run()",
+)
+
+
+def paths(spec: BundleSpec, dataset_dir: str, datalist_file: str) -> dict[str, Any]:
+    """``bundle_root`` and the folders and datalist under it.
+
+    ``bundle_root`` is not the model-zoo ``"."``: ``python -m monai.bundle run`` does not set it, and the READMEs
+    run every command both from the repository root (``--config_file bundles/<name>/configs/train.json``, outputs
+    and the default ``dataset_dir`` relative to the bundle) and from inside the bundle, which ``"."`` cannot both
+    serve; :func:`monai_prompt.engine.bundle_root` finds the bundle from the working directory (``--bundle_root``
+    still overrides it, as MONAI's tools pass it).
+
+    Args:
+        spec: the bundle.
+        dataset_dir: the default data folder below the repository root (e.g. ``demo_data``).
+        datalist_file: the datalist's name in it.
+    """
+    return {
+        "bundle_root": f"$monai_prompt.engine.bundle_root('{spec.name}')",
+        "ckpt_dir": "$@bundle_root + '/models'",
+        "output_dir": "$@bundle_root + '/eval'",
+        "dataset_dir": f"$@bundle_root + '/../../{dataset_dir}'",
+        "datalist_file": f"$@dataset_dir + '/{datalist_file}'",
+    }
+
+
+def device_settings() -> dict[str, Any]:
+    """CUDA with AMP when available, else CPU, chosen at run time; the seed."""
+    return {
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "amp": "$torch.cuda.is_available()",
+        "seed": 0,
+    }
+
+
+def backbone_settings(spec: BundleSpec) -> dict[str, Any]:
+    """The ViT preset, its overrides and weights, the method and its full config."""
+    return {
+        "backbone": "vit_base",
+        "backbone_overrides": {},
+        "pretrained": None,
+        "layer_norm_eps": 1e-6,
+        "method": spec.method,
+        "method_config": spec.method_config(),
+    }
+
+
+def dataset(data: str, transform: str) -> dict[str, Any]:
+    """``CacheDataset``: with ``cache_rate`` > 0 the deterministic transforms (load, resize; FPT: the feature lookup)
+    run once and stay in memory; the default 0 keeps nothing (large datasets)."""
+    return {
+        "_target_": "CacheDataset",
+        "data": data,
+        "transform": transform,
+        "cache_rate": "@cache_rate",
+        "num_workers": "@num_workers",
+    }
+
+
+def loader(data: str, shuffle: bool, batch_size: str | int = "@batch_size") -> dict[str, Any]:
+    """MONAI ``DataLoader`` of ``data`` (``list_data_collate``: crops sampled per image are flattened)."""
+    return {
+        "_target_": "DataLoader",
+        "dataset": data,
+        "batch_size": batch_size,
+        "shuffle": shuffle,
+        "num_workers": "@num_workers",
+    }
+
+
+def delta(network: str = "@network", source: str | None = None) -> dict[str, Any]:
+    """``load_dict``/``save_dict`` of a delta checkpoint: the ``peft`` identity first, then the weights."""
+    extra = {} if source is None else {"source": source}
+    return {
+        "peft": {"_target_": "monai_prompt.engine.PeftMeta", "network": network, **extra},
+        "model": {"_target_": "monai_prompt.engine.TrainableState", "network": network, **extra},
+    }
+
+
+def delta_loader() -> dict[str, Any]:
+    """Loads ``models/model.pt`` (or ``--load_path``) after checking its method, config and backbone."""
+    return {
+        "_target_": "CheckpointLoader",
+        "load_path": "@load_path",
+        "load_dict": delta(source="@load_path"),
+        "map_location": "@device",
+    }
+
+
+def train_settings(spec: BundleSpec) -> dict[str, Any]:
+    """Recipe numbers, validation interval, resume, the MLflow run name, rank and the delta objects."""
+    return {
+        "learning_rate": spec.learning_rate,
+        "weight_decay": spec.weight_decay,
+        "val_interval": 1,
+        "resume": False,
+        "resume_file": "$monai_prompt.engine.latest_checkpoint(@ckpt_dir) if @resume else None",
+        "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_train')",
+        "is_not_rank0": "$torch.distributed.is_available() and torch.distributed.is_initialized() "
+        "and torch.distributed.get_rank() > 0",
+        "delta": delta(),
+    }
+
+
+def optimization(spec: BundleSpec) -> dict[str, Any]:
+    """The spec's optimiser over the trainable parameters and a cosine annealing to 0 over ``max_epochs``."""
+    return {
+        "optimizer": {
+            "_target_": f"torch.optim.{spec.optimizer}",
+            "params": "$[p for p in @network.parameters() if p.requires_grad]",
+            "lr": "@learning_rate",
+            "weight_decay": "@weight_decay",
+            **spec.optimizer_args,
+        },
+        "lr_scheduler": {
+            "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
+            "optimizer": "@optimizer",
+            "T_max": "@train#trainer#max_epochs",
+        },
+    }
+
+
+def train_checkpointing() -> dict[str, Any]:
+    """``train#checkpoint`` (trainer, optimiser, schedule and delta: the resumable state), its loader (``resume``)
+    and its atomic saver (``models/checkpoint_epoch=<N>.pt``, the last one kept)."""
+    return {
+        "checkpoint": {
+            "trainer": "@train#trainer",
+            "optimizer": "@optimizer",
+            "lr_scheduler": "@lr_scheduler",
+            "peft": "@delta#peft",
+            "model": "@delta#model",
+        },
+        "checkpoint_loader": {
+            "_target_": "CheckpointLoader",
+            "_disabled_": "$not @resume",
+            "load_path": "@resume_file",
+            "load_dict": "@train#checkpoint",
+            "map_location": "@device",
+        },
+        "checkpoint_saver": {
+            "_target_": "monai_prompt.engine.AtomicCheckpointSaver",
+            "save_dir": "@ckpt_dir",
+            "save_dict": "@train#checkpoint",
+            "save_interval": 1,
+            "n_saved": 1,
+        },
+    }
+
+
+def train_handlers() -> list[dict[str, Any]]:
+    """Schedule, validation every ``val_interval`` epochs, the parameter report, peak memory, loss logs, MLflow."""
+    return [
+        {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
+        {
+            "_target_": "ValidationHandler",
+            "validator": "@validate#evaluator",
+            "epoch_level": True,
+            "interval": "@val_interval",
+        },
+        {"_target_": "monai_prompt.engine.TrainableReportHandler", "_disabled_": "@is_not_rank0",
+         "network": "@network"},
+        {"_target_": "monai_prompt.engine.PeakMemoryHandler", "device": "@device"},
+        {
+            "_target_": "StatsHandler",
+            "_disabled_": "@is_not_rank0",
+            "tag_name": "train_loss",
+            "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
+        },
+        {
+            "_target_": "monai_prompt.engine.MLflowPeftLogger",
+            "network": "@network",
+            "artifacts": ["$@ckpt_dir + '/model.pt'"],
+            "extra_params": {"pretrained": "@pretrained", "backbone": "@backbone", "img_size": "@img_size"},
+        },
+    ]
+
+
+def trainer(spec: BundleSpec, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``train#trainer``: MONAI's ``SupervisedTrainer`` over ``train#dataloader`` (``extra``: e.g. ``prepare_batch``)."""
+    return {
+        "_target_": "SupervisedTrainer",
+        "max_epochs": spec.epochs,
+        "device": "@device",
+        "train_data_loader": "@train#dataloader",
+        "network": "@network",
+        "loss_function": "@loss",
+        "optimizer": "@optimizer",
+        "inferer": "@train#inferer",
+        **(extra or {}),
+        "train_handlers": "@train#handlers",
+        "amp": "@amp",
+    }
+
+
+def validate_handlers() -> list[dict[str, Any]]:
+    """Validation logs and the best-key-metric delta to ``models/model.pt``."""
+    return [
+        {"_target_": "StatsHandler", "_disabled_": "@is_not_rank0", "iteration_log": False},
+        {
+            "_target_": "monai_prompt.engine.AtomicCheckpointSaver",
+            "save_dir": "@ckpt_dir",
+            "save_dict": "@delta",
+            "save_key_metric": True,
+            "key_metric_filename": "model.pt",
+        },
+    ]
+
+
+def evaluator(prefix: str = "", extra: dict[str, Any] | None = None, metrics: bool = True) -> dict[str, Any]:
+    """A ``SupervisedEvaluator`` wired to the ids under ``prefix`` (``"validate#"`` or ``""``).
+
+    Args:
+        prefix: id prefix of its dataloader, inferer, postprocessing, metrics and handlers.
+        extra: more evaluator arguments (e.g. ``prepare_batch``).
+        metrics: wire ``key_metric`` and ``additional_metrics`` (not for inference).
+    """
+    scores = {"key_val_metric": f"@{prefix}key_metric", "additional_metrics": f"@{prefix}additional_metrics"}
+    return {
+        **EVALUATOR,
+        "val_data_loader": f"@{prefix}dataloader",
+        "inferer": f"@{prefix}inferer",
+        **(extra or {}),
+        "postprocessing": f"@{prefix}postprocessing",
+        **(scores if metrics else {}),
+        "val_handlers": f"@{prefix}handlers",
+    }
+
+
+def evaluate_handlers(metrics_saver: dict[str, Any]) -> list[dict[str, Any]]:
+    """Delta loader, logs, the task's ``MetricsSaver`` (``eval/metrics.csv``) and MLflow."""
+    return [
+        delta_loader(),
+        {"_target_": "StatsHandler", "iteration_log": False},
+        metrics_saver,
+        {
+            "_target_": "monai_prompt.engine.MLflowPeftLogger",
+            "network": "@network",
+            "artifacts": ["$@output_dir + '/metrics.csv'", "@load_path"],
+            "extra_params": {"pretrained": "@pretrained", "checkpoint": "@load_path"},
+        },
+    ]
+
+
+def multi_gpu_config(initialize: list[str]) -> dict[str, Any]:
+    """``configs/multi_gpu_train.json`` (merged on ``train.json``, run with ``torchrun``): DDP, nccl on GPUs and
+    gloo on CPUs. ``static_graph`` lets DDP skip the frozen backbone and tolerate parameters without gradients.
+
+    Args:
+        initialize: the task's ``initialize`` steps for DDP (after the process group is up).
+    """
+    return {
+        "device": "$torch.device('cuda:' + os.environ['LOCAL_RANK'] if torch.cuda.is_available() else 'cpu')",
+        "network": {
+            "_target_": "torch.nn.parallel.DistributedDataParallel",
+            "module": "$@network_def.to(@device)",
+            "device_ids": "$[@device] if torch.cuda.is_available() else None",
+            "static_graph": True,
+        },
+        "train#sampler": {
+            "_target_": "DistributedSampler",
+            "dataset": "@train#dataset",
+            "even_divisible": True,
+            "shuffle": True,
+        },
+        "train#dataloader#sampler": "@train#sampler",
+        "train#dataloader#shuffle": False,
+        "validate#sampler": {
+            "_target_": "DistributedSampler",
+            "dataset": "@validate#dataset",
+            "even_divisible": False,
+            "shuffle": False,
+        },
+        "validate#dataloader#sampler": "@validate#sampler",
+        "initialize": [
+            "$import os",
+            "$import torch.distributed as dist",
+            (
+                "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() "
+                "else 'gloo')"
+            ),
+            "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+            *initialize,
+        ],
+        "run": list(TRAIN_RUN),
+        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
+    }
