@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTModel
 
-from monai_prompt.backbones import CheckpointError, build_vit, load_pretrained, resize_pos_embed
+from monai_prompt.backbones import CheckpointError, build_vit, load_pretrained, resize_pos_embed, vit_from_pretrained
 
 ARCH = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 128, "patch_size": 8}
 
@@ -77,7 +77,7 @@ def test_huggingface_parity(hf_dir):
 
 
 def test_timm_layout_loads_to_same_model(hf_dir, tmp_path):
-    path, hf = hf_dir
+    path, _ = hf_dir
     reference = tiny_vit()
     load_pretrained(reference, path)
     timm_state = hf_to_timm(load_file(path / "model.safetensors"))
@@ -137,7 +137,7 @@ def test_monai_masked_autoencoder_encoder_is_imported(tmp_path):
 
 
 def test_gray_and_3d_inputs_adapt_the_patch_embedding(hf_dir):
-    path, hf = hf_dir
+    path, _ = hf_dir
     rgb = tiny_vit()
     load_pretrained(rgb, path)
     gray = tiny_vit(in_channels=1)
@@ -229,3 +229,18 @@ def test_bad_files_raise_clear_errors(hf_dir, tmp_path):
     assert len(report.missing) == 12 and all(k.startswith("blocks.2.") for k in report.missing)
     with pytest.raises(CheckpointError, match="no such file"):
         load_pretrained(tiny_vit(), tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_vit_from_pretrained_builds_the_huggingface_vit(hf_dir, size):
+    """The architecture and eps come from config.json; resized, it matches transformers' interpolate_pos_encoding."""
+    path, hf = hf_dir
+    vit, report = vit_from_pretrained(path, img_size=size)
+    assert report.inferred["architecture"] == ("vit", "config.json model_type")
+    assert report.inferred["layer_norm_eps"] == (1e-12, "config.json layer_norm_eps")
+    assert not report.missing and not report.unexpected
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = hf(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+        got = vit.eval()(x)[0]
+    assert (got - expected).abs().max() < 1e-5

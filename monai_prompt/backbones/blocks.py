@@ -7,6 +7,9 @@ checkpoints load unchanged. What they add are the two seams PEFT methods plug in
   attention maths (EPT) or read keys and values (FPT), and it can run on PyTorch SDPA.
 * :class:`PromptBlock` has a ``parallel`` branch whose output is added beside the frozen MLP, fed by the
   post-attention stream (AdaptFormer, DVPT).
+
+For the pre-trained families that need them, a block optionally has LayerScale (DINOv2: ``ls1``/``ls2``, one
+``gamma`` per channel) and another MLP activation (CLIP's QuickGELU); a plain block keeps MONAI's keys exactly.
 """
 
 from __future__ import annotations
@@ -15,8 +18,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import SABlock, TransformerBlock
+from monai.networks.layers import get_act_layer
 
-__all__ = ["Attention", "PromptBlock"]
+__all__ = ["MLP_ACTIVATIONS", "Attention", "LayerScale", "PromptBlock"]
+
+#: MLP activations of pre-trained ViTs, as MONAI activation specs: exact GELU (ViT, DINOv2; MONAI's default),
+#: QuickGELU ``x * sigmoid(1.702 x)`` (OpenAI CLIP; MONAI's Swish with alpha 1.702) and tanh-approximated GELU.
+MLP_ACTIVATIONS: dict[str, str | tuple] = {
+    "gelu": "GELU",
+    "quick_gelu": ("swish", {"alpha": 1.702}),
+    "gelu_tanh": ("gelu", {"approximate": "tanh"}),
+}
 
 
 class Attention(SABlock):
@@ -50,11 +62,28 @@ class Attention(SABlock):
         return self.drop_output(self.out_proj(self.out_rearrange(self.attend(q, k, v))))
 
 
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch, ``x * gamma`` (Touvron et al., CaiT; used by DINOv2).
+
+    Args:
+        hidden_size: token width.
+        init_value: initial value of every ``gamma`` entry (pre-trained weights overwrite it).
+    """
+
+    def __init__(self, hidden_size: int, init_value: float = 1.0) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((hidden_size,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma.to(x.dtype)
+
+
 class PromptBlock(TransformerBlock):
-    """Pre-norm ViT block, ``x + attn(norm1(x))`` then ``x + mlp(norm2(x)) + parallel(x)``.
+    """Pre-norm ViT block, ``x + ls1(attn(norm1(x)))`` then ``x + ls2(mlp(norm2(x))) + parallel(x)``.
 
     ``parallel`` is off until a method sets it with :meth:`set_parallel`; ``norm_cross_attn`` (built by
-    MONAI but unused without cross-attention) is kept for key compatibility and always frozen.
+    MONAI but unused without cross-attention) is kept for key compatibility and always frozen. ``ls1``/``ls2``
+    are identities (no keys) unless ``layer_scale``.
 
     Args:
         hidden_size: token width.
@@ -63,6 +92,8 @@ class PromptBlock(TransformerBlock):
         dropout_rate: dropout rate of attention and MLP.
         qkv_bias: whether ``qkv`` has a bias.
         layer_norm_eps: epsilon of ``norm1`` and ``norm2`` (1e-6 timm, 1e-12 HuggingFace).
+        layer_scale: scale each residual branch per channel (:class:`LayerScale`, DINOv2).
+        act: MLP activation, a key of :data:`MLP_ACTIVATIONS` (``quick_gelu`` for OpenAI CLIP).
     """
 
     __constants__ = ["with_cross_attention", "has_parallel"]
@@ -75,12 +106,20 @@ class PromptBlock(TransformerBlock):
         dropout_rate: float = 0.0,
         qkv_bias: bool = True,
         layer_norm_eps: float = 1e-6,
+        layer_scale: bool = False,
+        act: str = "gelu",
     ) -> None:
         super().__init__(hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias)
+        if act not in MLP_ACTIVATIONS:
+            raise ValueError(f"MLP activation {act!r} is not one of {sorted(MLP_ACTIVATIONS)}.")
         self.attn = Attention(hidden_size, num_heads, dropout_rate, qkv_bias)
         self.norm1 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.norm2 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.norm_cross_attn.requires_grad_(False)
+        if act != "gelu":
+            self.mlp.fn = get_act_layer(MLP_ACTIVATIONS[act])
+        self.ls1: nn.Module = LayerScale(hidden_size) if layer_scale else nn.Identity()
+        self.ls2: nn.Module = LayerScale(hidden_size) if layer_scale else nn.Identity()
         self.has_parallel = False
         self.parallel: nn.Module = nn.Identity()
 
@@ -90,7 +129,7 @@ class PromptBlock(TransformerBlock):
         self.has_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = x + self.attn(self.norm1(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
         if self.has_parallel:
-            return x + self.mlp(self.norm2(x)) + self.parallel(x)
-        return x + self.mlp(self.norm2(x))
+            return x + self.ls2(self.mlp(self.norm2(x))) + self.parallel(x)
+        return x + self.ls2(self.mlp(self.norm2(x)))

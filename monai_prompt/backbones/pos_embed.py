@@ -3,8 +3,10 @@
 MONAI's ViT adds no position to CLS and holds one position per patch, while timm/HuggingFace checkpoints keep
 leading slots (CLS, distillation) in front and were trained for another grid. :func:`fit_pos_embed` folds the
 CLS slot into ``cls_token``, drops the other slots and resizes the patch positions with :func:`resize_pos_embed`:
-one bicubic interpolation in 2D (as timm), the same cubic kernel axis by axis in 3D, and a 2D grid repeated
-along depth for a 3D model.
+one bicubic interpolation in 2D (as transformers' ViT, DINOv2 and CLIP ``interpolate_pos_encoding``), the same
+cubic kernel axis by axis in 3D, and a 2D grid repeated along depth for a 3D model. ``antialias=True`` selects
+PyTorch's antialiased bicubic (cubic coefficient -0.5 instead of -0.75, and a widened kernel when shrinking), which
+transformers' ``Dinov2WithRegisters`` and timm's ``resample_abs_pos_embed`` use.
 """
 
 from __future__ import annotations
@@ -76,26 +78,29 @@ def source_grid(
     )
 
 
-def _bicubic_axis(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+def _bicubic_axis(x: torch.Tensor, axis: int, size: int, antialias: bool = False) -> torch.Tensor:
     """Bicubic resize of one axis of a [C, *grid] tensor (other axes untouched)."""
     moved = x.movedim(axis, -1)
     shape = moved.shape
     flat = moved.reshape(1, shape[0], -1, shape[-1])
-    out = F.interpolate(flat, size=(flat.shape[2], size), mode="bicubic", align_corners=False)
+    out = F.interpolate(flat, size=(flat.shape[2], size), mode="bicubic", align_corners=False, antialias=antialias)
     return out.reshape(*shape[:-1], size).movedim(-1, axis)
 
 
-def resize_pos_embed(pos: torch.Tensor, src_grid: Sequence[int], dst_grid: Sequence[int]) -> torch.Tensor:
+def resize_pos_embed(
+    pos: torch.Tensor, src_grid: Sequence[int], dst_grid: Sequence[int], antialias: bool = False
+) -> torch.Tensor:
     """Resize patch position embeddings [1, prod(src_grid), D] to [1, prod(dst_grid), D].
 
-    2D uses one bicubic interpolation (as timm); 3D applies the separable bicubic kernel axis by axis. A 2D
-    source grid for a 3D target is treated as one slice and repeated along the first axis. Equal grids are
-    returned unchanged.
+    2D uses one bicubic interpolation in float32 (``align_corners=False`` at the output size, as transformers'
+    ``interpolate_pos_encoding``); 3D applies the separable bicubic kernel axis by axis. A 2D source grid for a 3D
+    target is treated as one slice and repeated along the first axis. Equal grids are returned unchanged.
 
     Args:
         pos: position embeddings without CLS slot.
         src_grid: the patch grid ``pos`` was trained for.
         dst_grid: the target patch grid.
+        antialias: PyTorch's antialiased bicubic (transformers' Dinov2WithRegisters, timm).
     """
     src_grid, dst_grid = tuple(src_grid), tuple(dst_grid)
     if pos.shape[1] != math.prod(src_grid):
@@ -107,13 +112,13 @@ def resize_pos_embed(pos: torch.Tensor, src_grid: Sequence[int], dst_grid: Seque
     while grid.dim() - 1 < len(dst_grid):
         grid = grid.unsqueeze(1)
     if len(dst_grid) == 2:
-        grid = F.interpolate(grid[None], size=dst_grid, mode="bicubic", align_corners=False)[0]
+        grid = F.interpolate(grid[None], size=dst_grid, mode="bicubic", align_corners=False, antialias=antialias)[0]
     else:
         for axis, size in enumerate(dst_grid, start=1):
             if grid.shape[axis] == 1:
                 grid = grid.expand(*grid.shape[:axis], size, *grid.shape[axis + 1 :])
             elif grid.shape[axis] != size:
-                grid = _bicubic_axis(grid, axis, size)
+                grid = _bicubic_axis(grid, axis, size, antialias)
     return grid.reshape(dim, -1).transpose(0, 1)[None].to(pos.dtype)
 
 
@@ -125,6 +130,7 @@ def fit_pos_embed(
     src_dims: int = 2,
     config: Mapping[str, Any] | None = None,
     n_prefix_hint: int = 1,
+    antialias: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
     """Fit a checkpoint's position embeddings [1, n_prefix + prod(src_grid), D] to a MONAI ViT's patch grid.
 
@@ -139,6 +145,7 @@ def fit_pos_embed(
         src_dims: spatial dimensions of the checkpoint, for :func:`source_grid`.
         config: HuggingFace ``config.json`` content, for :func:`source_grid`.
         n_prefix_hint: leading slots tried first by :func:`source_grid`.
+        antialias: antialiased bicubic resizing (see :func:`resize_pos_embed`).
 
     Returns:
         the patch position embeddings [1, prod(dst_grid), D], the CLS token (with its position folded in, or
@@ -160,7 +167,8 @@ def fit_pos_embed(
     if n_prefix and cls_token is not None:
         cls_token = cls_token + pos[:, :1]
         notes.append("CLS position embedding folded into cls_token")
-    resized = resize_pos_embed(pos[:, n_prefix:], src_grid, dst_grid)
+    resized = resize_pos_embed(pos[:, n_prefix:], src_grid, dst_grid, antialias)
     if tuple(src_grid) != tuple(dst_grid):
-        notes.append(f"position embeddings resized from grid {tuple(src_grid)} to {tuple(dst_grid)}")
+        how = " (antialiased bicubic)" if antialias else ""
+        notes.append(f"position embeddings resized from grid {tuple(src_grid)} to {tuple(dst_grid)}{how}")
     return resized, cls_token, notes

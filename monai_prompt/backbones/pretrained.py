@@ -1,10 +1,22 @@
-"""Import pre-trained ViT weights (HuggingFace transformers, timm, MONAI) into a MONAI ViT.
+"""Import pre-trained ViT weights (HuggingFace transformers, timm, open_clip, MONAI) into a MONAI ViT.
 
 Files are read with ``safetensors`` or ``torch.load(weights_only=True)``; the layout is detected from the keys
-and renamed to MONAI ViT's own keys. :func:`load_pretrained` then adapts the tensors to the target model: the
-patch embedding to the target channels (RGB summed for 1 channel, as timm does) and, for a 3D target, inflated
-from 2D kernels; the position embeddings by :func:`~monai_prompt.backbones.pos_embed.fit_pos_embed` (CLS
-position folded into ``cls_token``, patch positions resized to the target grid).
+and renamed to :class:`~monai_prompt.backbones.PromptableViT`'s keys (:func:`open_checkpoint`).
+:func:`load_pretrained` then adapts the tensors to the target model: the patch embedding to the target channels
+(RGB summed for 1 channel, as timm does) and, for a 3D target, inflated from 2D kernels; the position embeddings
+by :func:`~monai_prompt.backbones.pos_embed.fit_pos_embed` (CLS position folded into ``cls_token``, patch
+positions resized to the target grid).
+
+Layouts (the key that identifies each, with any prefix such as ``vit.``, ``module.`` or ``vision_model.``):
+
+* ``hf``: transformers ``ViTModel``/``ViTMAEModel``/``Dinov2Model``/``Dinov2WithRegistersModel``
+  (``embeddings.patch_embeddings.projection``) and ``CLIPVisionModel``/``CLIPModel``
+  (``embeddings.patch_embedding``);
+* ``timm``: timm ViTs (also DINOv2, CLIP and BiomedCLIP's ``visual.trunk``) and the original DINO/DINOv2/MAE
+  releases (``patch_embed.proj``);
+* ``open_clip``: open_clip / OpenAI CLIP ``visual.*`` (``ln_pre``, ``transformer.resblocks``);
+* ``monai`` / ``monai_perceptron``: MONAI ViT, ViTAutoEnc, UNETR (``vit.``) and MaskedAutoEncoderViT, with a
+  conv or an old ``proj_type="perceptron"`` patch embedding.
 """
 
 from __future__ import annotations
@@ -15,17 +27,22 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from monai_prompt.backbones.pos_embed import fit_pos_embed, patch_grid
-from monai_prompt.backbones.vit import BACKBONE_KEY, find_vit
+from monai_prompt.backbones.vit import BACKBONE_KEY, VIT_PRESETS, find_vit
 
 __all__ = [
+    "HF_ACTIVATIONS",
+    "Checkpoint",
     "CheckpointError",
     "LoadReport",
+    "config_activation",
     "convert_state_dict",
     "load_pretrained",
+    "open_checkpoint",
     "read_checkpoint",
 ]
 
@@ -33,35 +50,117 @@ logger = logging.getLogger(__name__)
 
 #: nesting keys of training checkpoints (MONAI bundles, DINO, MAE, Lightning, ...).
 _NESTING_KEYS = ("state_dict", "model", "network", "teacher", "module", "model_state_dict", "net")
-#: a key that identifies each layout, by its suffix (anything before it is a prefix to strip).
-_MARKERS = {
-    "hf": "embeddings.patch_embeddings.projection.weight",
-    "timm": "patch_embed.proj.weight",
-    "monai": "patch_embedding.patch_embeddings.weight",
-    "monai_perceptron": "patch_embedding.patch_embeddings.1.weight",
-}
-_TIMM_RENAMES = [
-    (r"^patch_embed\.proj\.", "patch_embedding.patch_embeddings."),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"blocks.\1.attn.out_proj."),
-    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"blocks.\1.mlp.linear1."),
-    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"blocks.\1.mlp.linear2."),
-]
-_HF_RENAMES = [
-    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embedding.patch_embeddings."),
-    (r"^embeddings\.cls_token$", "cls_token"),
-    (
-        r"^(?:encoder\.layer|layers)\.(\d+)\.(?:attention\.output\.dense|attention\.o_proj)\.",
-        r"blocks.\1.attn.out_proj.",
-    ),
-    (r"^(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
-    (r"^(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
-    (r"^(?:encoder\.layer\.(\d+)\.intermediate\.dense|layers\.(\d+)\.mlp\.fc1)\.", r"blocks.\1\2.mlp.linear1."),
-    (r"^(?:encoder\.layer\.(\d+)\.output\.dense|layers\.(\d+)\.mlp\.fc2)\.", r"blocks.\1\2.mlp.linear2."),
-    (r"^layernorm\.", "norm."),
-]
-_HF_QKV = re.compile(
-    r"^(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.(weight|bias)$"
+#: weight files looked for in a directory, in this order (HuggingFace, open_clip, plain torch).
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "model.pt",
+    "model.pth",
 )
+#: configuration files read beside the weights (HuggingFace/timm hub, open_clip).
+_CONFIG_FILES = ("config.json", "open_clip_config.json")
+#: keys that identify each layout, by their suffix (anything before it is a prefix to strip).
+_MARKERS = {
+    "hf": ("embeddings.patch_embeddings.projection.weight", "embeddings.patch_embedding.weight"),
+    "timm": ("patch_embed.proj.weight",),
+    "open_clip": ("ln_pre.weight",),
+    "monai": ("patch_embedding.patch_embeddings.weight",),
+    "monai_perceptron": ("patch_embedding.patch_embeddings.1.weight",),
+}
+#: transformers ``hidden_act`` names -> PromptableViT ``act``.
+HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+_PATCH_KEY, _POS_KEY = "patch_embedding.patch_embeddings.weight", "patch_embedding.position_embeddings"
+_PATCH_BIAS = "patch_embedding.patch_embeddings.bias"
+#: checkpoint keys that are deliberately not loaded, and why (reported in ``LoadReport.ignored``).
+_IGNORED = (
+    (re.compile(r"(^|\.)mask_token$"), "mask token of masked-image pre-training (DINOv2, MAE); unused when tuning"),
+    (re.compile(r"(^|\.)position_ids$"), "index buffer of the position embedding"),
+    (
+        re.compile(r"^(visual\.)?proj$|(^|\.)visual_projection\.weight$|^visual\.head\.proj\.weight$"),
+        (
+            "CLIP image-text projection: not loaded; the task head reads the CLS feature before it (a trained "
+            "linear head subsumes a frozen linear projection)"
+        ),
+    ),
+    (re.compile(r"^logit_scale$"), "CLIP image-text temperature"),
+)
+
+
+def _rules(top: dict[str, str], block: str, parts: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+    """Rename rules of one layout: top-level module paths, then ``<block>.<i>.<part>`` paths to MONAI's names.
+
+    Each pattern matches a module path at the start of a key (the rest of the key is kept).
+    """
+    rules = [(re.compile(rf"^{old}(?=\.|$)"), new) for old, new in top.items()]
+    rules += [
+        (re.compile(rf"^{block}\.(?P<i>\d+)\.{old}(?=\.|$)"), rf"blocks.\g<i>.{new}") for old, new in parts.items()
+    ]
+    return rules
+
+
+_HF_BLOCK = r"(?:encoder\.layers?|layers)"
+_RENAMES = {
+    "hf": _rules(
+        {
+            r"embeddings\.patch_embeddings\.projection": "patch_embedding.patch_embeddings",
+            r"embeddings\.patch_embedding": "patch_embedding.patch_embeddings",
+            r"embeddings\.(?:cls_token|class_embedding)": "cls_token",
+            r"embeddings\.(?:position_embeddings|position_embedding\.weight)": _POS_KEY,
+            r"embeddings\.register_tokens": "register_tokens",
+            r"pre_layrnorm": "norm_pre",
+            r"(?:layernorm|post_layernorm)": "norm",
+        },
+        _HF_BLOCK,
+        {
+            r"(?:attention\.output\.dense|attention\.o_proj|self_attn\.out_proj)": "attn.out_proj",
+            r"(?:layernorm_before|norm1|layer_norm1)": "norm1",
+            r"(?:layernorm_after|norm2|layer_norm2)": "norm2",
+            r"(?:intermediate\.dense|mlp\.fc1)": "mlp.linear1",
+            r"(?:output\.dense|mlp\.fc2)": "mlp.linear2",
+            r"layer_scale1\.lambda1": "ls1.gamma",
+            r"layer_scale2\.lambda1": "ls2.gamma",
+        },
+    ),
+    "timm": _rules(
+        {
+            r"patch_embed\.proj": "patch_embedding.patch_embeddings",
+            r"pos_embed": _POS_KEY,
+            r"(?:reg_token|register_tokens)": "register_tokens",
+        },
+        "blocks",
+        {r"attn\.proj": "attn.out_proj", r"mlp\.fc1": "mlp.linear1", r"mlp\.fc2": "mlp.linear2"},
+    ),
+    "open_clip": _rules(
+        {
+            "conv1": "patch_embedding.patch_embeddings",
+            "class_embedding": "cls_token",
+            "positional_embedding": _POS_KEY,
+            "ln_pre": "norm_pre",
+            "ln_post": "norm",
+        },
+        r"transformer\.resblocks",
+        {
+            "ln_1": "norm1",
+            "ln_2": "norm2",
+            r"attn\.in_proj_weight": "attn.qkv.weight",
+            r"attn\.in_proj_bias": "attn.qkv.bias",
+            r"attn\.out_proj": "attn.out_proj",
+            r"mlp\.c_fc": "mlp.linear1",
+            r"mlp\.c_proj": "mlp.linear2",
+            "ls_1": "ls1",
+            "ls_2": "ls2",
+        },
+    ),
+}
+_HF_QKV = re.compile(
+    rf"^{_HF_BLOCK}\.(\d+)\.(?:attention\.attention\.(query|key|value)|(?:attention|self_attn)\.(q|k|v)_proj)"
+    r"\.(weight|bias)$"
+)
+#: MLPs other than the two-layer one (DINOv2-giant's SwiGLU: timm/original ``mlp.w12``/``w3``, HF
+#: ``weights_in``/``weights_out`` or ``gate_proj``/``up_proj``/``down_proj``).
+_GATED_MLP = re.compile(r"\.mlp\.(w12|w3|weights_in|weights_out|gate_proj|up_proj|down_proj|fc1_g|fc1_x)\.")
 
 
 class CheckpointError(ValueError):
@@ -70,15 +169,21 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What :func:`load_pretrained` did.
+    """What :func:`load_pretrained` (and :func:`~monai_prompt.backbones.vit_from_pretrained`) did.
 
     Attributes:
         path: the file or directory read.
-        layout: detected layout (``hf``, ``timm``, ``monai`` or ``monai_perceptron``).
+        layout: detected layout (``hf``, ``timm``, ``open_clip``, ``monai`` or ``monai_perceptron``).
         loaded: MONAI keys that received weights.
         missing: backbone keys of the model the checkpoint did not provide.
-        unexpected: checkpoint keys (original names) that were not used, e.g. heads or decoders.
+        unexpected: checkpoint keys (original names) that were not used, e.g. heads, decoders, a text tower.
         adapted: human-readable notes on position-embedding resizing and channel/kernel adaption.
+        inferred: for a model built from the checkpoint, each architecture setting as ``(value, where it came
+            from)``: the weights' shapes, a config file key, an override, or ``assumed: ...`` (also logged as a
+            warning, since a wrong assumption does not fail loudly).
+        ignored: checkpoint keys deliberately not used, with the reason (mask token, CLIP projection, ...).
+        initialised: model keys the checkpoint has no counterpart for by design, left at their initial value
+            (``cls_token`` for a checkpoint without CLS, e.g. MONAI ViTAutoEnc/UNETR, into a classifier).
     """
 
     path: str
@@ -87,41 +192,78 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)
+    inferred: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+    initialised: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.path} ({self.layout} layout)"]
+        lines += [f"  inferred: {name} = {value} ({origin})" for name, (value, origin) in self.inferred.items()]
         lines += [f"  adapted: {note}" for note in self.adapted]
+        if self.initialised:
+            lines.append(f"  initialised (not in the checkpoint, left at their init): {', '.join(self.initialised)}")
+        lines += [f"  ignored: {key} ({why})" for key, why in self.ignored.items()]
         if self.missing:
             lines.append(f"  missing ({len(self.missing)}): {', '.join(self.missing)}")
         if self.unexpected:
-            lines.append(f"  unexpected ({len(self.unexpected)}): {', '.join(self.unexpected)}")
+            shown = ", ".join(self.unexpected[:20])
+            more = f" and {len(self.unexpected) - 20} more" if len(self.unexpected) > 20 else ""
+            lines.append(f"  unexpected ({len(self.unexpected)}): {shown}{more}")
         return "\n".join(lines)
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a weight file, or a HuggingFace model directory, into a flat tensor dict.
+@dataclass
+class Checkpoint:
+    """A weight file read and renamed to MONAI ViT keys (see :func:`open_checkpoint`).
+
+    Attributes:
+        path: the file or directory read.
+        tensors: the tensors under their stored names.
+        config: the vision tower's settings in transformers' key names (``image_size``, ``patch_size``,
+            ``num_attention_heads``, ``hidden_act``, ``layer_norm_eps``, ``model_type``), from ``config.json``
+            (HuggingFace, timm hub) or ``open_clip_config.json``; empty when there is none.
+        config_name: the file ``config`` came from (``""`` when none).
+        state: the tensors under MONAI keys (position embeddings still with the source's leading slots).
+        source: MONAI key -> the stored keys it came from.
+        layout: the detected layout.
+    """
+
+    path: str
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    config_name: str
+    state: dict[str, torch.Tensor]
+    source: dict[str, list[str]]
+    layout: str
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """Read a weight file, or a HuggingFace/open_clip model directory, into a flat tensor dict.
 
     Args:
-        path: ``.safetensors``, ``.pth``/``.pt``/``.bin`` file, or a directory with ``model.safetensors`` or
-            ``pytorch_model.bin`` (and optionally ``config.json``).
+        path: ``.safetensors``, ``.pth``/``.pt``/``.bin`` file, or a directory with one of ``model.safetensors``,
+            ``pytorch_model.bin``, ``open_clip_model.safetensors``, ``open_clip_pytorch_model.bin``, ``model.pt``
+            (and optionally ``config.json`` / ``open_clip_config.json``).
 
     Returns:
-        the tensors and the HuggingFace ``config.json`` content (empty when there is none).
+        the tensors, the vision settings of the config file beside them (see :class:`Checkpoint`; empty when
+        there is none) and that file's name.
     """
     path = Path(path)
-    config: dict = {}
+    folder = path
     if path.is_dir():
-        candidates = [path / n for n in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")]
-        found = [c for c in candidates if c.is_file()]
+        found = [path / n for n in _WEIGHT_FILES if (path / n).is_file()]
         if not found:
-            raise CheckpointError(f"{path}: directory holds none of {[c.name for c in candidates]}.")
-        if (path / "config.json").is_file():
-            config = json.loads((path / "config.json").read_text())
+            raise CheckpointError(f"{path}: directory holds none of {list(_WEIGHT_FILES)}.")
         path = found[0]
     elif not path.is_file():
         raise CheckpointError(f"{path}: no such file or directory.")
-    elif (path.parent / "config.json").is_file() and path.name in ("model.safetensors", "pytorch_model.bin"):
-        config = json.loads((path.parent / "config.json").read_text())
+    else:
+        folder = path.parent if path.name in _WEIGHT_FILES else None
+    config, config_name = {}, ""
+    configs = [folder / n for n in _CONFIG_FILES if folder is not None and (folder / n).is_file()]
+    if configs:
+        config, config_name = _vision_config(json.loads(configs[0].read_text())), configs[0].name
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -133,7 +275,61 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(
             f"{path}: cannot be read as a weight file (truncated or not a checkpoint?): {err}"
         ) from err
-    return _flatten(raw, path), config
+    return _flatten(raw, path), config, config_name
+
+
+def _timm_name_settings(name: str) -> dict[str, Any]:
+    """Patch size and heads of a timm model name such as ``vit_base_patch14_reg4_dinov2`` (heads of the preset)."""
+    match = re.match(r"vit_(tiny|small|base|large)_patch(\d+)", name)
+    if match is None:
+        return {"model_type": f"timm {name}"}
+    heads = VIT_PRESETS[f"vit_{match.group(1)}"]["num_heads"]
+    return {"model_type": f"timm {name}", "patch_size": int(match.group(2)), "num_attention_heads": heads}
+
+
+def _vision_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The vision settings of a config file in transformers' key names (see :class:`Checkpoint`)."""
+    if isinstance(raw.get("vision_config"), dict):  # CLIPModel and other two-tower HF configs
+        return {"model_type": raw.get("model_type"), **raw["vision_config"]}
+    if isinstance(raw.get("model_cfg"), dict):  # open_clip_config.json
+        model_cfg = raw["model_cfg"]
+        vision = model_cfg.get("vision_cfg", {})
+        out: dict[str, Any] = {"model_type": "open_clip"}
+        if vision.get("timm_model_name"):
+            out.update(_timm_name_settings(vision["timm_model_name"]))
+        else:
+            out["hidden_act"] = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+            if "width" in vision:
+                out["num_attention_heads"] = vision["width"] // vision.get("head_width", 64)
+            if "patch_size" in vision:
+                out["patch_size"] = vision["patch_size"]
+        if "image_size" in vision:
+            out["image_size"] = vision["image_size"]
+        return out
+    if isinstance(raw.get("architecture"), str):  # timm hub config.json
+        out = _timm_name_settings(raw["architecture"])
+        input_size = raw.get("pretrained_cfg", {}).get("input_size")
+        if input_size and "patch_size" in out:
+            out["image_size"] = list(input_size[1:])
+        return out
+    return raw
+
+
+def config_activation(checkpoint: Checkpoint) -> str | None:
+    """The MLP activation (a PromptableViT ``act``) its config names, or None without ``hidden_act``.
+
+    Raises:
+        CheckpointError: an activation PromptableViT does not have.
+    """
+    name = checkpoint.config.get("hidden_act")
+    if name is None:
+        return None
+    if name not in HF_ACTIVATIONS:
+        raise CheckpointError(
+            f"{checkpoint.path}: {checkpoint.config_name} hidden_act {name!r} is not supported; "
+            f"supported: {sorted(HF_ACTIVATIONS)}."
+        )
+    return HF_ACTIVATIONS[name]
 
 
 def _flatten(raw: object, path: Path) -> dict[str, torch.Tensor]:
@@ -149,20 +345,26 @@ def _flatten(raw: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _detect(state: dict[str, torch.Tensor], path: str) -> tuple[str, str]:
-    """Layout name and key prefix (e.g. ``vit.``, ``module.``, ``backbone.``) of a state dict."""
-    for layout, marker in _MARKERS.items():
-        hits = [k[: -len(marker)] for k in state if k.endswith(marker) and (k == marker or k[-len(marker) - 1] == ".")]
+    """Layout name and key prefix (e.g. ``vit.``, ``module.``, ``vision_model.``, ``visual.``) of a state dict."""
+    for layout, markers in _MARKERS.items():
+        hits = [
+            k[: -len(marker)]
+            for marker in markers
+            for k in state
+            if k.endswith(marker) and (k == marker or k[-len(marker) - 1] == ".")
+        ]
         if hits:
             return layout, min(hits, key=len)
+    markers = [m for group in _MARKERS.values() for m in group]
     raise CheckpointError(
-        f"{path}: not a ViT checkpoint in a known layout (HuggingFace, timm or MONAI): no key ends with "
-        f"any of {list(_MARKERS.values())}; first keys: {sorted(state)[:8]}."
+        f"{path}: not a ViT checkpoint in a known layout (HuggingFace, timm, open_clip or MONAI): no key ends with "
+        f"any of {markers}; first keys: {sorted(state)[:8]}."
     )
 
 
-def _rename(key: str, rules: list[tuple[str, str]]) -> str:
+def _rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str:
     for pattern, repl in rules:
-        new, count = re.subn(pattern, repl, key)
+        new, count = pattern.subn(repl, key, count=1)
         if count:
             return new
     return key
@@ -171,42 +373,57 @@ def _rename(key: str, rules: list[tuple[str, str]]) -> str:
 def convert_state_dict(
     state: dict[str, torch.Tensor], path: str = "<state_dict>"
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]], str]:
-    """Rename a HuggingFace/timm/MONAI ViT state dict to MONAI ViT keys (shapes untouched).
+    """Rename a HuggingFace/timm/open_clip/MONAI ViT state dict to PromptableViT keys.
 
-    ``patch_embedding.position_embeddings`` keeps the source's extra (CLS/distillation) slots at the front;
-    :func:`load_pretrained` folds and resizes it for the target.
+    Separate query/key/value projections are concatenated into ``qkv``; CLS tokens, register tokens and position
+    embeddings stored without a batch axis (CLIP) get one. ``patch_embedding.position_embeddings`` keeps the
+    source's extra (CLS/distillation) slots at the front; :func:`load_pretrained` folds and resizes it.
 
     Returns:
         the renamed tensors, a map from each MONAI key to its source keys, and the layout name.
+
+    Raises:
+        CheckpointError: an MLP other than two linears (DINOv2-giant's SwiGLU), or a block with part of its
+            query/key/value projections.
     """
     layout, prefix = _detect(state, path)
     state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    gated = sorted(k for k in state if _GATED_MLP.search(f".{k}"))
+    if gated:
+        raise CheckpointError(
+            f"{path}: the blocks have a gated (SwiGLU) MLP ({gated[:3]}), e.g. DINOv2 giant; PromptableViT's MLP "
+            "is two linears with GELU/QuickGELU. Use a checkpoint with a plain MLP (DINOv2 ViT-S/B/L)."
+        )
     out: dict[str, torch.Tensor] = {}
     source: dict[str, list[str]] = {}
-    if layout == "hf":
-        qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-        for key, value in state.items():
-            match = _HF_QKV.match(key)
-            if match:
-                block, name, short, kind = match.groups()
-                qkv.setdefault((block, kind), {})[(name or short)[0]] = value
-                source.setdefault(f"blocks.{block}.attn.qkv.{kind}", []).append(prefix + key)
-                continue
-            new = "patch_embedding.position_embeddings" if key == "embeddings.position_embeddings" else key
-            new = _rename(new, _HF_RENAMES)
-            out[new], source[new] = value, [prefix + key]
-        for (block, kind), parts in qkv.items():
-            if set(parts) != {"q", "k", "v"}:
-                raise CheckpointError(f"{path}: block {block} has attention {kind} for {sorted(parts)} only.")
-            out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    else:
-        final_norm = _mae_final_norm(state)
-        for key, value in state.items():
-            new = re.sub(rf"^blocks\.{final_norm}\.", "norm.", key) if final_norm is not None else key
-            if layout == "timm":
-                new = {"pos_embed": "patch_embedding.position_embeddings"}.get(key, _rename(key, _TIMM_RENAMES))
-            out[new], source[new] = value, [prefix + key]
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    final_norm = _mae_final_norm(state) if layout.startswith("monai") else None
+    for key, value in state.items():
+        match = _HF_QKV.match(key) if layout == "hf" else None
+        if match:
+            block, name, short, kind = match.groups()
+            qkv.setdefault((block, kind), {})[(name or short)[0]] = value
+            source.setdefault(f"blocks.{block}.attn.qkv.{kind}", []).append(prefix + key)
+            continue
+        if final_norm is not None:
+            new = re.sub(rf"^blocks\.{final_norm}\.", "norm.", key)
+        else:
+            new = _rename(key, _RENAMES.get(layout, []))
+        if new in ("cls_token", "register_tokens", _POS_KEY):
+            value = value.reshape(1, -1, value.shape[-1])
+        out[new], source[new] = value, [prefix + key]
+    for (block, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{path}: block {block} has attention {kind} for {sorted(parts)} only.")
+        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out, source, layout
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Read ``path`` (:func:`read_checkpoint`) and rename its tensors (:func:`convert_state_dict`)."""
+    tensors, config, config_name = read_checkpoint(path)
+    state, source, layout = convert_state_dict(tensors, str(path))
+    return Checkpoint(str(path), tensors, config, config_name, state, source, layout)
 
 
 def _mae_final_norm(state: dict[str, torch.Tensor]) -> int | None:
@@ -241,22 +458,33 @@ def _perceptron_to_conv(weight: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return weight.reshape(weight.shape[0], *patch, channels).permute(0, spatial + 1, *range(1, spatial + 1))
 
 
+def _interpolates_antialiased(checkpoint: Checkpoint) -> bool:
+    """Whether the reference implementation of this checkpoint resizes its position embeddings with antialiasing:
+    transformers' ``Dinov2WithRegisters``, and the DINOv2-with-registers releases of the original code and timm."""
+    return checkpoint.config.get("model_type") == "dinov2_with_registers" or "register_tokens" in checkpoint.state
+
+
 def load_pretrained(
     model: torch.nn.Module,
-    path: str | Path,
+    path: str | Path | Checkpoint,
     strict: bool = True,
     src_grid: tuple[int, ...] | None = None,
+    antialias: bool | None = None,
 ) -> LoadReport:
     """Load pre-trained ViT weights of any supported layout into a MONAI ViT (in place).
 
     Args:
         model: a MONAI ViT (e.g. from :func:`~monai_prompt.backbones.build_vit`), or a network holding one
             as ``backbone``/``vit`` (PromptClassifier, UNETR). Load before applying a PEFT method.
-        path: HuggingFace model directory or weight file, timm or MONAI ``.safetensors``/``.pth``/``.bin``.
-        strict: raise if any backbone weight of ``model`` is missing from the file. Unused checkpoint keys
-            (heads, decoders) are only reported.
+        path: HuggingFace/open_clip model directory or weight file, timm or MONAI ``.safetensors``/``.pth``/``.bin``,
+            or a :class:`Checkpoint` already opened.
+        strict: raise if any backbone weight of ``model`` is missing from the file, or the file has LayerScale,
+            register tokens or a pre-norm the model lacks. Unused checkpoint keys (heads, decoders) are only
+            reported.
         src_grid: patch grid of the checkpoint's position embeddings when it is not square/cubic and the
             file has no ``config.json``.
+        antialias: resize position embeddings with antialiased bicubic; None: as the checkpoint's reference
+            implementation does (only DINOv2 with registers).
 
     Returns:
         a :class:`LoadReport` (also logged).
@@ -266,40 +494,46 @@ def load_pretrained(
             the file, key and both shapes).
     """
     vit = find_vit(model)
-    tensors, config = read_checkpoint(path)
-    converted, source, layout = convert_state_dict(tensors, str(path))
-    report = LoadReport(path=str(path), layout=layout)
-    if config and "layer_norm_eps" in config:
-        eps = vit.norm.eps
-        if not math.isclose(config["layer_norm_eps"], eps, rel_tol=1e-3):
-            logger.warning(f"{path}: checkpoint LayerNorm eps {config['layer_norm_eps']} but the model uses {eps}.")
+    checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+    path = checkpoint.path
+    converted, source = dict(checkpoint.state), dict(checkpoint.source)
+    report = LoadReport(path=path, layout=checkpoint.layout)
+    _warn_config_mismatch(vit, checkpoint)
     target = vit.state_dict()
-    patch_key, pos_key = "patch_embedding.patch_embeddings.weight", "patch_embedding.position_embeddings"
-    if layout == "monai_perceptron":
-        weight = converted.pop("patch_embedding.patch_embeddings.1.weight")
-        converted[patch_key] = _perceptron_to_conv(weight, target[patch_key])
-        converted["patch_embedding.patch_embeddings.bias"] = converted.pop("patch_embedding.patch_embeddings.1.bias")
-        source[patch_key] = source.pop("patch_embedding.patch_embeddings.1.weight")
-        source["patch_embedding.patch_embeddings.bias"] = source.pop("patch_embedding.patch_embeddings.1.bias")
-    src_dims = converted[patch_key].dim() - 2
-    if patch_key in target:
-        converted[patch_key] = _adapt_patch_weight(converted[patch_key], target[patch_key], report.adapted)
-    if pos_key in converted and pos_key in target:
+    if checkpoint.layout == "monai_perceptron":
+        for kind in ("weight", "bias"):
+            source[f"patch_embedding.patch_embeddings.{kind}"] = source.pop(
+                f"patch_embedding.patch_embeddings.1.{kind}"
+            )
+            converted[f"patch_embedding.patch_embeddings.{kind}"] = converted.pop(
+                f"patch_embedding.patch_embeddings.1.{kind}"
+            )
+        converted[_PATCH_KEY] = _perceptron_to_conv(converted[_PATCH_KEY], target[_PATCH_KEY])
+    if _PATCH_BIAS in target and _PATCH_BIAS not in converted:
+        converted[_PATCH_BIAS] = torch.zeros_like(target[_PATCH_BIAS])
+        report.adapted.append("patch embedding bias set to 0 (the checkpoint's patch convolution has none)")
+    src_dims = converted[_PATCH_KEY].dim() - 2
+    if _PATCH_KEY in target:
+        converted[_PATCH_KEY] = _adapt_patch_weight(converted[_PATCH_KEY], target[_PATCH_KEY], report.adapted)
+    if _POS_KEY in converted and _POS_KEY in target:
         try:
-            converted[pos_key], cls_token, notes = fit_pos_embed(
-                converted[pos_key],
+            converted[_POS_KEY], cls_token, notes = fit_pos_embed(
+                converted[_POS_KEY],
                 patch_grid(vit),
                 cls_token=converted.get("cls_token") if "cls_token" in target else None,
                 src_grid=src_grid,
                 src_dims=src_dims,
-                config=config,
-                n_prefix_hint=0 if layout.startswith("monai") else 1,
+                config=checkpoint.config,
+                n_prefix_hint=0 if checkpoint.layout.startswith("monai") else 1,
+                antialias=_interpolates_antialiased(checkpoint) if antialias is None else antialias,
             )
         except ValueError as err:
             raise CheckpointError(f"{path}: {err}") from err
         if cls_token is not None:
             converted["cls_token"] = cls_token
         report.adapted += notes
+    if "cls_token" in target and "cls_token" not in converted:
+        report.initialised.append("cls_token")
     state = {}
     for key, value in converted.items():
         if key not in target or not BACKBONE_KEY.match(key):
@@ -307,18 +541,57 @@ def load_pretrained(
         if value.shape != target[key].shape:
             raise CheckpointError(
                 f"{path}: key {source.get(key, [key])[0]!r} (MONAI {key!r}) has shape {tuple(value.shape)} but the "
-                f"model expects {tuple(target[key].shape)}; the checkpoint is for another width/depth/patch size."
+                f"model expects {tuple(target[key].shape)}; the checkpoint is for another width/depth/patch size"
+                f"{' or number of register tokens' if key == 'register_tokens' else ''}."
             )
         state[key] = value.to(target[key].dtype)
     vit.load_state_dict(state, strict=False)
     report.loaded = sorted(state)
-    report.missing = sorted(k for k in target if BACKBONE_KEY.match(k) and k not in state)
+    report.missing = sorted(
+        k for k in target if BACKBONE_KEY.match(k) and k not in state and k not in report.initialised
+    )
     used = {src for key in state for src in source.get(key, ())}
-    report.unexpected = sorted(k for k in tensors if k not in used and "norm_cross_attn" not in k)
+    for key in sorted(k for k in checkpoint.tensors if k not in used and "norm_cross_attn" not in k):
+        why = next((why for pattern, why in _IGNORED if pattern.search(key)), None)
+        if why is None:
+            report.unexpected.append(key)
+        else:
+            report.ignored[key] = why
     logger.info(str(report))
+    lacking = _lacking_parts(converted, target)
+    if strict and lacking:
+        raise CheckpointError(
+            f"{path}: the checkpoint has {', '.join(lacking)} that the model lacks: build it with those arguments, or "
+            f"let monai_prompt.backbones.vit_from_pretrained build it from the checkpoint."
+        )
     if strict and report.missing:
         raise CheckpointError(
             f"{path}: the checkpoint lacks {len(report.missing)} backbone weights of the model: {report.missing[:10]}"
             f"; pass strict=False to load the rest."
         )
     return report
+
+
+def _lacking_parts(converted: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> list[str]:
+    """The optional PromptableViT parts the checkpoint has and the model lacks, with the argument that adds each."""
+    parts = []
+    if "register_tokens" in converted and "register_tokens" not in target:
+        count = converted["register_tokens"].shape[1]
+        parts.append(f"{count} register tokens (num_registers={count})")
+    if "blocks.0.ls1.gamma" in converted and "blocks.0.ls1.gamma" not in target:
+        parts.append("LayerScale (layer_scale=True)")
+    if "norm_pre.weight" in converted and "norm_pre.weight" not in target:
+        parts.append("a LayerNorm before the blocks (pre_norm=True)")
+    return parts
+
+
+def _warn_config_mismatch(vit: torch.nn.Module, checkpoint: Checkpoint) -> None:
+    """Warn when the checkpoint's config names another LayerNorm epsilon or MLP activation than the model has."""
+    config = checkpoint.config
+    if "layer_norm_eps" in config and not math.isclose(config["layer_norm_eps"], vit.norm.eps, rel_tol=1e-3):
+        logger.warning(
+            f"{checkpoint.path}: checkpoint LayerNorm eps {config['layer_norm_eps']} but the model uses {vit.norm.eps}."
+        )
+    act, model_act = config_activation(checkpoint), getattr(vit, "config", {}).get("act", "gelu")
+    if act is not None and act != model_act:
+        logger.warning(f"{checkpoint.path}: checkpoint MLP activation {act!r} but the model uses {model_act!r}.")

@@ -4,6 +4,9 @@
 contract ``(tokens, hidden_states)``), built with ``qkv_bias=True``, no Tanh head and a configurable
 LayerNorm epsilon. A method may attach a :class:`TokenPrompter` (token slots: VPT, DVPT), replace modules
 inside blocks (LoRA, SSF, EPT) or set a block's parallel branch (adapters).
+
+The options other pre-trained families need (DINOv2: LayerScale and register tokens; CLIP: a LayerNorm before
+the blocks and QuickGELU) add their own keys only when switched on, so a plain ViT keeps MONAI's keys exactly.
 """
 
 from __future__ import annotations
@@ -39,11 +42,15 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
 }
 
 _BLOCK_PARTS = r"(norm1|norm2|attn\.qkv|attn\.out_proj|mlp\.linear1|mlp\.linear2)"
-#: the frozen backbone keys of a MONAI ViT (``norm_cross_attn`` is unused and never loaded).
+#: the frozen backbone keys of a MONAI ViT (``norm_cross_attn`` is unused and never loaded), plus those of the
+#: optional parts: ``register_tokens``, the pre-norm ``norm_pre`` and LayerScale ``blocks.<i>.ls1/ls2.gamma``.
 BACKBONE_KEY = re.compile(
-    rf"^(cls_token|patch_embedding\.(patch_embeddings|position_embeddings)(\.weight|\.bias)?"
-    rf"|blocks\.\d+\.{_BLOCK_PARTS}\.(weight|bias)|norm\.(weight|bias))$"
+    rf"^(cls_token|register_tokens|patch_embedding\.(patch_embeddings|position_embeddings)(\.weight|\.bias)?"
+    rf"|blocks\.\d+\.{_BLOCK_PARTS}\.(weight|bias)|blocks\.\d+\.ls[12]\.gamma|(norm|norm_pre)\.(weight|bias))$"
 )
+#: values of the optional constructor arguments at which PromptableViT is a plain MONAI ViT; ``config`` lists
+#: them only when they differ, so a plain ViT's config (and the deltas tied to it) is unchanged.
+_PLAIN_OPTIONS = {"layer_scale": False, "num_registers": 0, "pre_norm": False, "act": "gelu"}
 
 
 class TokenPrompter(nn.Module):
@@ -84,6 +91,16 @@ class PromptableViT(ViT):
         layer_norm_eps: epsilon of every LayerNorm (1e-6 timm, 1e-12 HuggingFace; MONAI's own is 1e-5).
         cls_token: prepend a learnable CLS token (MONAI ``classification=True`` layout). UNETR-style
             encoders use ``False``.
+        layer_scale: LayerScale on both residual branches of every block (DINOv2; ``blocks.<i>.ls1/ls2.gamma``).
+        num_registers: register tokens (DINOv2 with registers; ``register_tokens`` [1, R, D]) placed after CLS,
+            without position embedding.
+        pre_norm: a LayerNorm ``norm_pre`` on the embedded tokens before the first block (CLIP's ``ln_pre``).
+        act: MLP activation, ``"gelu"``, ``"quick_gelu"`` (OpenAI CLIP) or ``"gelu_tanh"``.
+
+    Token layout inside the blocks: ``[CLS, registers, patches]`` (CLS and registers are the prefix tokens,
+    ``num_prefix_tokens``); a method's prompter adds its slots (VPT after the prefix, DVPT before CLS).
+    :meth:`forward_tokens` returns that whole sequence; :meth:`forward` returns MONAI's layout ``[CLS, patches]``
+    (``[patches]`` without CLS), prompt slots and registers removed, so UNETR-style consumers get the patch grid.
     """
 
     #: the backbone family PEFT methods declare support for (the other one: ``TinyViT.family``).
@@ -103,6 +120,10 @@ class PromptableViT(ViT):
         qkv_bias: bool = True,
         layer_norm_eps: float = 1e-6,
         cls_token: bool = True,
+        layer_scale: bool = False,
+        num_registers: int = 0,
+        pre_norm: bool = False,
+        act: str = "gelu",
     ) -> None:
         img_size, patch_size = tuple(int(s) for s in img_size), tuple(int(p) for p in patch_size)
         if len(img_size) != spatial_dims or len(patch_size) != spatial_dims:
@@ -127,10 +148,16 @@ class PromptableViT(ViT):
         if cls_token:
             del self.classification_head
         self.blocks = nn.ModuleList(
-            PromptBlock(hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, layer_norm_eps)
+            PromptBlock(hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, layer_norm_eps, layer_scale, act)
             for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        if num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {num_registers}.")
+        if num_registers:
+            self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, hidden_size))
+        if pre_norm:
+            self.norm_pre = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.config = {
             "in_channels": in_channels,
             "img_size": list(img_size),
@@ -144,17 +171,20 @@ class PromptableViT(ViT):
             "layer_norm_eps": layer_norm_eps,
             "cls_token": cls_token,
         }
+        options = {"layer_scale": layer_scale, "num_registers": num_registers, "pre_norm": pre_norm, "act": act}
+        self.config.update({k: v for k, v in options.items() if v != _PLAIN_OPTIONS[k]})
         self.img_size = list(img_size)
         self.grid_size = [i // p for i, p in zip(img_size, patch_size)]
         self.hidden_size = hidden_size
         self.num_heads = num_heads
-        self.num_prefix_tokens = int(cls_token)
+        self.num_registers = num_registers
+        self.num_prefix_tokens = int(cls_token) + num_registers
         self.prompter: TokenPrompter = TokenPrompter()
         self.grad_checkpointing = False
 
     @property
     def num_tokens(self) -> int:
-        """Tokens the blocks see without prompts: CLS (if any) plus patches."""
+        """Tokens the blocks see without prompts: CLS (if any), registers and patches."""
         return self.num_prefix_tokens + int(torch.tensor(self.grid_size).prod())
 
     def set_prompter(self, prompter: TokenPrompter) -> None:
@@ -175,17 +205,34 @@ class PromptableViT(ViT):
     def _checkpointed_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
         return checkpoint(self.blocks[index], x, use_reentrant=False)
 
-    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """All tokens after the final norm (prompt slots included) and each block's output."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens entering the first block before any prompt: ``[CLS, registers, patches]`` (patches with
+        their position embeddings), through ``norm_pre`` when the ViT has one."""
         if list(x.shape[2:]) != self.img_size:
             raise ValueError(
                 f"input spatial size {list(x.shape[2:])} differs from the size this ViT was built for "
                 f"{self.img_size}; resize the input (e.g. monai.transforms.Resized) or rebuild the model."
             )
         x = self.patch_embedding(x)
+        if hasattr(self, "register_tokens"):
+            x = torch.cat((self.register_tokens.expand(x.shape[0], -1, -1), x), dim=1)
         if hasattr(self, "cls_token"):
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        x = self.prompter.insert(x)
+        if hasattr(self, "norm_pre"):
+            x = self.norm_pre(x)
+        return x
+
+    def strip(self, x: torch.Tensor) -> torch.Tensor:
+        """MONAI's token layout ``[CLS, patches]`` of a sequence from the blocks: prompt slots and registers removed."""
+        x = self.prompter.strip(x)
+        if self.num_registers > 0:
+            start = self.num_prefix_tokens - self.num_registers
+            x = torch.cat((x[:, :start], x[:, self.num_prefix_tokens :]), dim=1)
+        return x
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All tokens after the final norm (prompt slots and registers included) and each block's output."""
+        x = self.prompter.insert(self.embed(x))
         hidden_states_out: list[torch.Tensor] = []
         for index, blk in enumerate(self.blocks):
             x = self.prompter.before_block(index, x)
@@ -201,9 +248,10 @@ class PromptableViT(ViT):
         return self.prompter.readout(self.forward_tokens(x)[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """MONAI ViT contract: ``(normed tokens, hidden states)`` with prompt slots removed."""
+        """MONAI ViT contract: ``(normed tokens, hidden states)`` in MONAI's layout ``[CLS, patches]`` (see
+        :meth:`strip`): prompt slots and register tokens removed."""
         tokens, hidden_states_out = self.forward_tokens(x)
-        return self.prompter.strip(tokens), [self.prompter.strip(h) for h in hidden_states_out]
+        return self.strip(tokens), [self.strip(h) for h in hidden_states_out]
 
 
 def vit_config(name: str) -> dict[str, int]:

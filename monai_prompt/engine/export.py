@@ -105,7 +105,10 @@ def export_bundle(
     exported, merged = network, False
     if merge and not hasattr(network, "lpm"):  # FPT's LPM and side network keep their modules
         merge_and_unload(network)
-        plain_config = {**overrides, "method": "full", "method_config": {}, "pretrained": None}
+        # a plain network needs no pre-trained weights, except to read its architecture from them (backbone="auto")
+        auto = parser.get_parsed_content("backbone", default=None) == "auto"
+        weights = parser.get_parsed_content("pretrained") if auto else None
+        plain_config = {**overrides, "method": "full", "method_config": {}, "pretrained": weights}
         plain = _parser(bundle, plain_config).get_parsed_content("network_def").eval()
         state = network.state_dict()
         merged = state.keys() == plain.state_dict().keys()  # nothing left that a plain network lacks

@@ -131,9 +131,7 @@ class LPMExtractor(PromptableViT):
             return self._extract(x)
 
     def _extract(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(x)
-        if hasattr(self, "cls_token"):
-            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.embed(x)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         for index, blk in enumerate(self.blocks):
@@ -148,6 +146,6 @@ class LPMExtractor(PromptableViT):
                 else:
                     attended = blk.attn.attend(q, k, v)
                 if index < self.last_layer:
-                    x = x + blk.attn.out_proj(blk.attn.out_rearrange(attended))
-                    x = x + blk.mlp(blk.norm2(x))
+                    x = x + blk.ls1(blk.attn.out_proj(blk.attn.out_rearrange(attended)))
+                    x = x + blk.ls2(blk.mlp(blk.norm2(x)))
         return torch.stack((torch.stack(keys, dim=1), torch.stack(values, dim=1)), dim=1)

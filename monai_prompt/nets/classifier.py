@@ -7,9 +7,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from monai_prompt.backbones.pretrained import load_pretrained
+from monai_prompt.backbones.auto import build_backbone
 from monai_prompt.backbones.tinyvit import TINYVIT_PRESETS, TinyViT, build_tinyvit, load_tinyvit_weights
-from monai_prompt.backbones.vit import PromptableViT, build_vit
+from monai_prompt.backbones.vit import PromptableViT
 from monai_prompt.nets.autocast import AutocastForward, check_autocast_dtype
 from monai_prompt.peft.delta import allow_delta_load
 from monai_prompt.peft.registry import apply_method
@@ -32,16 +32,20 @@ class PromptClassifier(AutocastForward):
         num_classes: output logits.
         method: PEFT method name (see :func:`monai_prompt.peft.method_names`).
         method_config: overrides of the method's config.
-        backbone: ViT preset (``vit_base``, ``vit_small_p8``, ...), a TinyViT preset (``lite_medsam``) or a ready
-            :class:`PromptableViT` / :class:`~monai_prompt.backbones.TinyViT`.
+        backbone: ViT preset (``vit_base``, ``vit_small_p8``, ...), ``"auto"`` (the ViT ``pretrained`` needs, built
+            from the checkpoint by :func:`~monai_prompt.backbones.vit_from_pretrained`: DINOv2, CLIP, ViT, MONAI
+            ViTAutoEnc/UNETR ...), a TinyViT preset (``lite_medsam``) or a ready :class:`PromptableViT` /
+            :class:`~monai_prompt.backbones.TinyViT`.
         in_channels: image channels.
         img_size: input size (int or one per spatial dim).
         spatial_dims: 2 or 3.
         pretrained: weight file/directory for :func:`~monai_prompt.backbones.load_pretrained` (TinyViT:
             :func:`~monai_prompt.backbones.load_tinyvit_weights`), loaded before the method is applied.
-        layer_norm_eps: LayerNorm epsilon of the checkpoint (1e-6 timm, 1e-12 HuggingFace; not used by TinyViT).
+        layer_norm_eps: LayerNorm epsilon of the checkpoint (1e-6 timm, 1e-12 HuggingFace; not used by TinyViT, nor
+            by ``"auto"``, which reads it from the checkpoint).
         backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``patch_size`` overrides
-            (TinyViT: fields of its preset, e.g. ``embed_dims``, ``depths``).
+            (TinyViT: fields of its preset, e.g. ``embed_dims``, ``depths``; ``"auto"``: what the checkpoint does not
+            hold, see :data:`~monai_prompt.backbones.auto.AUTO_OVERRIDES`, e.g. ``num_heads`` without a config).
         grad_checkpointing: recompute block activations in backward (saves memory).
         sdpa: fused scaled-dot-product attention where the method's maths allows it.
         autocast_dtype: ``"bf16"`` or ``"fp16"`` to run the forward under ``torch.autocast``; logits are
@@ -60,7 +64,7 @@ class PromptClassifier(AutocastForward):
         spatial_dims: int = 2,
         pretrained: str | None = None,
         layer_norm_eps: float = 1e-6,
-        backbone_overrides: dict[str, int] | None = None,
+        backbone_overrides: dict[str, Any] | None = None,
         grad_checkpointing: bool = False,
         sdpa: bool = False,
         autocast_dtype: str | None = None,
@@ -70,17 +74,13 @@ class PromptClassifier(AutocastForward):
         check_autocast_dtype(autocast_dtype)
         if isinstance(backbone, str) and backbone in TINYVIT_PRESETS:
             backbone = build_tinyvit(backbone, in_channels, img_size, spatial_dims, **(backbone_overrides or {}))
-        elif isinstance(backbone, str):
-            backbone = build_vit(
-                backbone,
-                in_channels=in_channels,
-                img_size=img_size,
-                spatial_dims=spatial_dims,
-                layer_norm_eps=layer_norm_eps,
-                **(backbone_overrides or {}),
+        if isinstance(backbone, TinyViT):
+            if pretrained:
+                load_tinyvit_weights(backbone, pretrained)
+        else:
+            backbone = build_backbone(
+                backbone, pretrained, in_channels, img_size, spatial_dims, layer_norm_eps, overrides=backbone_overrides
             )
-        if pretrained:
-            (load_tinyvit_weights if isinstance(backbone, TinyViT) else load_pretrained)(backbone, pretrained)
         self.backbone = apply_method(backbone, method, method_config)
         self.backbone.set_grad_checkpointing(grad_checkpointing)
         self.backbone.set_sdpa(sdpa)

@@ -65,7 +65,7 @@ class DVPTPrompter(TokenPrompter):
     Args:
         num_prompts: prompt tokens ``M``.
         hidden_size: token width ``D``.
-        num_prefix_tokens: tokens before the patches in the ViT (1 with CLS, 0 without); read out with the prompts.
+        num_prefix_tokens: CLS tokens, read out with the prompts (1 with CLS, 0 without; registers are not read out).
     """
 
     def __init__(self, num_prompts: int, hidden_size: int, num_prefix_tokens: int = 1) -> None:
@@ -122,7 +122,7 @@ def apply_dvpt(vit: PromptableViT, config: DVPTConfig) -> None:
     their parallel branch. A shared module appears under every block's state_dict keys but once in
     ``named_parameters()`` (under its first block), which is what training, reports and deltas use."""
     reference = vit.patch_embedding.position_embeddings
-    prompter = DVPTPrompter(config.num_prompts, vit.hidden_size, vit.num_prefix_tokens)
+    prompter = DVPTPrompter(config.num_prompts, vit.hidden_size, vit.num_prefix_tokens - vit.num_registers)
     vit.set_prompter(prompter.to(reference))
     modules = [
         DVPTModule(vit.hidden_size, config.bottleneck, config.num_prompts, config.variant == "paper").to(reference)
