@@ -105,15 +105,15 @@ def read_metrics(path: Path) -> dict[str, float]:
 
 
 def metrics_from_predictions(path: Path) -> dict[str, float]:
-    """Accuracy, macro ROC AUC, macro F1 and quadratic-weighted kappa of a bundle's ``predictions.csv`` (rows of
-    image path and class probabilities) of :func:`write_tiny_dataset` images, computed by scikit-learn with each
-    image's class read from its file name."""
+    """Accuracy, macro ROC AUC, macro F1 and quadratic-weighted kappa of a bundle's ``predictions.csv`` (a header
+    row, then rows of image path, class probabilities and predicted class) of :func:`write_tiny_dataset` images,
+    computed by scikit-learn with each image's class read from its file name."""
     from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
     with open(path) as f:
-        rows = list(csv.reader(f))
+        rows = list(csv.reader(f))[1:]
     truth = [CLASSES.index(Path(row[0]).stem.rsplit("_", 1)[0]) for row in rows]
-    probs = np.array([[float(value) for value in row[1:]] for row in rows])
+    probs = np.array([[float(value) for value in row[1:-1]] for row in rows])
     pred = probs.argmax(1)
     labels = list(range(len(CLASSES)))
     return {

@@ -166,13 +166,13 @@ def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path, monkeyp
     frozen_weights = {"backbone.patch_embedding.patch_embeddings.weight", "lpm.patch_embedding.patch_embeddings.weight"}
     assert frozen_weights.isdisjoint(delta["model"]) or spec.method == "full"
     resume = torch.load(bundle / "models" / "checkpoint_epoch=1.pt", weights_only=True)
-    assert set(resume) == {"trainer", "optimizer", "lr_scheduler", "peft", "model"}
+    assert set(resume) == {"run", "trainer", "optimizer", "lr_scheduler", "peft", "model", "best_metric"}
     assert resume["trainer"]["iteration"] == 3  # 12 training images, batch 4, one epoch
     if spec.fpt:  # every labelled image was preloaded once; training and validation then never run the LPM
         assert len(list((bundle / "cache" / "kv").rglob("*.safetensors"))) == 24
         with monkeypatch.context() as patch:
             patch.setattr(LPMExtractor, "extract", lambda *args: pytest.fail("the LPM ran during training"))
-            run_bundle(bundle, ["train.json"], "train", **overrides, fpt_preload=False,
+            run_bundle(bundle, ["train.json"], "train", **overrides, fpt_preload=False, overwrite=True,
                        **{"train#trainer#max_epochs": 1})
 
     run_bundle(bundle, ["train.json", "evaluate.json"], "infer", **overrides)
@@ -181,9 +181,11 @@ def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path, monkeyp
 
     run_bundle(bundle, ["inference.json"], "infer", **overrides)
     with open(bundle / "eval" / "predictions.csv") as f:
-        rows = list(csv.reader(f))
-    assert len(rows) == 6 and all(len(row) == 4 for row in rows)
-    assert all(abs(sum(float(v) for v in row[1:]) - 1.0) < 1e-5 for row in rows)
+        header, *rows = list(csv.reader(f))
+    assert header == ["image", "dark", "mid", "bright", "predicted"]  # the class names of the training record
+    assert len(rows) == 6 and all(len(row) == 5 for row in rows)
+    assert all(abs(sum(float(v) for v in row[1:-1]) - 1.0) < 1e-5 for row in rows)
+    assert all(row[-1] == header[1 + int(np.argmax([float(v) for v in row[1:-1]]))] for row in rows)
     # the evaluation's metrics are scikit-learn's of the inference's predictions for the same test images
     assert metrics == pytest.approx(metrics_from_predictions(bundle / "eval" / "predictions.csv"), abs=1e-6)
 
@@ -251,5 +253,7 @@ def test_multi_label_trains_and_evaluates_with_sigmoid(tmp_path, tiny):
         assert {row[0] for row in csv.reader(f)} == {"accuracy", "auc", "f1"}
     run_bundle(bundle, ["inference.json"], "infer", **overrides)
     with open(bundle / "eval" / "predictions.csv") as f:
-        rows = list(csv.reader(f))
-    assert any(abs(sum(float(v) for v in row[1:]) - 1.0) > 1e-3 for row in rows)  # sigmoid, not softmax
+        rows = list(csv.reader(f))[1:]
+    assert any(abs(sum(float(v) for v in row[1:-1]) - 1.0) > 1e-3 for row in rows)  # sigmoid, not softmax
+    names = ("dark", "mid", "bright")
+    assert all(row[-1] == ";".join(n for n, v in zip(names, row[1:-1]) if float(v) > 0.5) for row in rows)

@@ -1,11 +1,14 @@
 """Config pieces every task template shares (:mod:`~monai_prompt.bundle_gen.configs` for classification,
 :mod:`~monai_prompt.bundle_gen.segmentation`): paths, device, backbone and method settings, data loading,
-delta checkpoints, the optimiser and schedule, resumable training state, engines, handlers (parameter report,
-peak memory, MLflow) and the DDP overrides. The task templates add the network, transforms, loss and metrics.
+delta checkpoints, the optimiser and schedule, resumable training state (run id, best score), the first steps of a
+training run (errors shown last, run-folder lock, the training record), engines, handlers (parameter report, peak
+memory, non-finite stop, schedule refit on resume, MLflow) and the DDP overrides. The task templates add the
+network, transforms, loss, metrics and the data checks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from monai_prompt.bundle_gen.specs import BundleSpec
@@ -13,7 +16,10 @@ from monai_prompt.bundle_gen.specs import BundleSpec
 __all__ = [
     "EVALUATOR",
     "IMPORTS",
+    "RECORD_TRAINING",
+    "SHOW_CAUSE_LAST",
     "TRAIN_RUN",
+    "TRAIN_START",
     "backbone_settings",
     "dataset",
     "delta",
@@ -25,6 +31,7 @@ __all__ = [
     "multi_gpu_config",
     "optimization",
     "paths",
+    "recorded",
     "train_checkpointing",
     "train_handlers",
     "train_settings",
@@ -45,6 +52,20 @@ EVALUATOR = {
     "network": "@network",
     "amp": "@amp",
 }
+#: first step of every workflow's ``initialize``: the root cause of a failure is printed last.
+SHOW_CAUSE_LAST = "$monai_prompt.engine.show_cause_last()"
+#: first steps of a training run: errors shown last, the checkpoint folder locked (a previous run is only replaced
+#: with ``--overwrite true``, crash leftovers removed), the seed.
+TRAIN_START = (
+    SHOW_CAUSE_LAST,
+    "$monai_prompt.engine.claim_run_folder(@ckpt_dir, resume=@resume, overwrite=@overwrite)",
+    "$monai.utils.set_determinism(seed=@seed)",
+)
+#: after the data checks: a new run writes ``models/training_config.json`` from ``training_record`` (the task's
+#: settings that define the network and data), which evaluation and inference read.
+RECORD_TRAINING = (
+    "$None if @resume else monai_prompt.engine.write_training_config(@ckpt_dir, @run_id, @training_record)"
+)
 #: the trainer-state checkpoint handlers reference the trainer, so they are attached to it here rather than listed
 #: in ``train#handlers`` (which the trainer references: a cycle); they run after the listed handlers.
 TRAIN_RUN = (
@@ -65,15 +86,16 @@ def paths(spec: BundleSpec, dataset_dir: str, datalist_file: str) -> dict[str, A
 
     Args:
         spec: the bundle.
-        dataset_dir: the default data folder below the repository root (e.g. ``demo_data``).
-        datalist_file: the datalist's name in it.
+        dataset_dir: the default data folder below the repository root (where ``make demo`` writes the data).
+        datalist_file: the datalist's name in it; ``--dataset_dir`` may also name a class-per-folder tree or a
+            CSV/JSON datalist (:func:`monai_prompt.engine.find_datalist`).
     """
     return {
         "bundle_root": f"$monai_prompt.engine.bundle_root('{spec.name}')",
         "ckpt_dir": "$@bundle_root + '/models'",
         "output_dir": "$@bundle_root + '/eval'",
         "dataset_dir": f"$@bundle_root + '/../../{dataset_dir}'",
-        "datalist_file": f"$@dataset_dir + '/{datalist_file}'",
+        "datalist_file": f"$monai_prompt.engine.find_datalist(@dataset_dir, '{datalist_file}')",
     }
 
 
@@ -140,14 +162,50 @@ def delta_loader() -> dict[str, Any]:
     }
 
 
+def recorded(defaults: dict[str, Any]) -> dict[str, Any]:
+    """Settings an evaluation or inference takes from the bundle's training record (``training_config.json`` in
+    ``@ckpt_dir``, :func:`monai_prompt.engine.read_training_config`), each falling back to its default when there
+    is no record.
+
+    A value given on the command line wins: a scalar entry is an expression reading the record, which the value
+    replaces; a dict entry (``method_config``, ``backbone_overrides``) holds *changes* to the recorded dict (so
+    ``--method_config#num_tokens 7`` works as in training), ``default_<key>`` the dict without a record, and
+    ``trained_<key>`` the recorded (or default) dict with the changes applied, which the network reads. (A default
+    dict is an entry of its own, not written into the expression: MONAI parses an expression that contains the
+    word "import", e.g. FPT's ``token_importance``, as Python before resolving its ``@`` references.)
+
+    Args:
+        defaults: config id (also the record's key) -> default: a JSON value, an expression ``"$..."`` or a
+            reference ``"@id"``.
+    """
+
+    def source(value: Any) -> str:
+        if isinstance(value, str) and value.startswith("$"):
+            return value[1:]
+        return value if isinstance(value, str) and value.startswith("@") else repr(value)
+
+    settings: dict[str, Any] = {"training_config": "$monai_prompt.engine.read_training_config(@ckpt_dir)"}
+    for key, value in defaults.items():
+        if isinstance(value, dict):
+            settings[key] = {}
+            settings[f"default_{key}"] = value
+            settings[f"trained_{key}"] = f"$dict(@training_config.get({key!r}, @default_{key}), **@{key})"
+        else:
+            settings[key] = f"$@training_config.get({key!r}, {source(value)})"
+    return settings
+
+
 def train_settings(spec: BundleSpec) -> dict[str, Any]:
-    """Recipe numbers, validation interval, resume, the MLflow run name, rank and the delta objects."""
+    """Recipe numbers, validation interval, resume (the newest checkpoint of the recorded run) or overwrite, the run
+    id, the MLflow run name, rank and the delta objects."""
     return {
         "learning_rate": spec.learning_rate,
         "weight_decay": spec.weight_decay,
         "val_interval": 1,
         "resume": False,
-        "resume_file": "$monai_prompt.engine.latest_checkpoint(@ckpt_dir) if @resume else None",
+        "overwrite": False,
+        "run_id": "$monai_prompt.engine.run_id(@ckpt_dir, @resume)",
+        "resume_file": "$monai_prompt.engine.latest_checkpoint(@ckpt_dir, run_id=@run_id) if @resume else None",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_train')",
         "is_not_rank0": "$torch.distributed.is_available() and torch.distributed.is_initialized() "
         "and torch.distributed.get_rank() > 0",
@@ -174,15 +232,22 @@ def optimization(spec: BundleSpec) -> dict[str, Any]:
 
 
 def train_checkpointing() -> dict[str, Any]:
-    """``train#checkpoint`` (trainer, optimiser, schedule and delta: the resumable state), its loader (``resume``)
-    and its atomic saver (``models/checkpoint_epoch=<N>.pt``, the last one kept)."""
+    """``train#checkpoint`` (run id, trainer, optimiser, schedule, delta and best validation score: the resumable
+    state), its loader (``resume``), its atomic saver (``models/checkpoint_epoch=<N>.pt``, the last one kept) and
+    ``train#model_saver``, the best-key-metric delta ``models/model.pt`` (attached to the validator)."""
     return {
         "checkpoint": {
+            "run": {"_target_": "monai_prompt.engine.RunIdentity", "run": "@run_id"},
             "trainer": "@train#trainer",
             "optimizer": "@optimizer",
             "lr_scheduler": "@lr_scheduler",
             "peft": "@delta#peft",
             "model": "@delta#model",
+            "best_metric": {
+                "_target_": "monai_prompt.engine.BestMetricState",
+                "evaluator": "@validate#evaluator",
+                "saver": "@train#model_saver",
+            },
         },
         "checkpoint_loader": {
             "_target_": "CheckpointLoader",
@@ -198,13 +263,22 @@ def train_checkpointing() -> dict[str, Any]:
             "save_interval": 1,
             "n_saved": 1,
         },
+        "model_saver": {
+            "_target_": "monai_prompt.engine.AtomicCheckpointSaver",
+            "save_dir": "@ckpt_dir",
+            "save_dict": "@delta",
+            "save_key_metric": True,
+            "key_metric_filename": "model.pt",
+        },
     }
 
 
 def train_handlers() -> list[dict[str, Any]]:
-    """Schedule, validation every ``val_interval`` epochs, the parameter report, peak memory, loss logs, MLflow."""
+    """Schedule (refitted when a resumed run is longer), validation every ``val_interval`` epochs, the parameter
+    report, peak memory, loss logs, a stop at the first NaN/Inf loss, MLflow."""
     return [
         {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
+        {"_target_": "monai_prompt.engine.ResumeLrScheduleHandler", "lr_scheduler": "@lr_scheduler"},
         {
             "_target_": "ValidationHandler",
             "validator": "@validate#evaluator",
@@ -220,6 +294,7 @@ def train_handlers() -> list[dict[str, Any]]:
             "tag_name": "train_loss",
             "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
         },
+        {"_target_": "monai_prompt.engine.NonFiniteGuard"},
         {
             "_target_": "monai_prompt.engine.MLflowPeftLogger",
             "network": "@network",
@@ -247,16 +322,10 @@ def trainer(spec: BundleSpec, extra: dict[str, Any] | None = None) -> dict[str, 
 
 
 def validate_handlers() -> list[dict[str, Any]]:
-    """Validation logs and the best-key-metric delta to ``models/model.pt``."""
+    """Validation logs and the best-key-metric delta to ``models/model.pt`` (``train#model_saver``)."""
     return [
         {"_target_": "StatsHandler", "_disabled_": "@is_not_rank0", "iteration_log": False},
-        {
-            "_target_": "monai_prompt.engine.AtomicCheckpointSaver",
-            "save_dir": "@ckpt_dir",
-            "save_dict": "@delta",
-            "save_key_metric": True,
-            "key_metric_filename": "model.pt",
-        },
+        "@train#model_saver",
     ]
 
 
@@ -280,16 +349,21 @@ def evaluator(prefix: str = "", extra: dict[str, Any] | None = None, metrics: bo
     }
 
 
-def evaluate_handlers(metrics_saver: dict[str, Any]) -> list[dict[str, Any]]:
-    """Delta loader, logs, the task's ``MetricsSaver`` (``eval/metrics.csv``) and MLflow."""
+def evaluate_handlers(*savers: dict[str, Any], files: Sequence[str] = ("metrics.csv",)) -> list[dict[str, Any]]:
+    """Delta loader, logs, the task's savers (``MetricsSaver``: ``eval/metrics.csv``, reports) and MLflow.
+
+    Args:
+        savers: handlers that write the evaluation's files.
+        files: what they write under ``@output_dir``, logged as MLflow artifacts with the delta.
+    """
     return [
         delta_loader(),
         {"_target_": "StatsHandler", "iteration_log": False},
-        metrics_saver,
+        *savers,
         {
             "_target_": "monai_prompt.engine.MLflowPeftLogger",
             "network": "@network",
-            "artifacts": ["$@output_dir + '/metrics.csv'", "@load_path"],
+            "artifacts": [*(f"$@output_dir + '/{name}'" for name in files), "@load_path"],
             "extra_params": {"pretrained": "@pretrained", "checkpoint": "@load_path"},
         },
     ]

@@ -20,16 +20,33 @@ __all__ = ["evaluate_config", "inference_config", "multi_gpu_config", "train_con
 _BATCH_SIZE = 16
 _NUM_WORKERS = 4
 _FROM_PRED_LABEL = "$monai.handlers.from_engine(['pred', 'label'])"
+#: where ``make demo`` (and ``monai-prompt demo-data``) write the demo data, below the repository root.
+DEMO_DATASET_DIR = "runs/demo/data"
+#: training and evaluation: the task follows the datalist unless given on the command line.
+_DATALIST_TASK = {
+    "num_classes": "$@datalist.num_classes",
+    "multi_label": "$@datalist.multi_label",
+    "class_names": "$@datalist.classes",
+}
+#: inference without a training record (a bundle that was not trained here): the demo's task.
+_DEFAULT_TASK = {"num_classes": 3, "multi_label": False, "class_names": "$[str(i) for i in range(@num_classes)]"}
 
 
-def _network_def(spec: BundleSpec) -> dict[str, Any]:
-    """``PromptClassifier`` (or ``FPTClassifier``) loading the pre-trained backbone itself from ``pretrained``."""
+def _method_key(spec: BundleSpec) -> str:
+    """The network argument that takes ``method_config``."""
+    return "fpt_config" if spec.fpt else "method_config"
+
+
+def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
+    """``PromptClassifier`` (or ``FPTClassifier``) loading the pre-trained backbone itself from ``pretrained``
+    (``trained``: with the recorded method config and backbone overrides, see :func:`~.common.recorded`)."""
+    prefix = "trained_" if trained else ""
     if spec.fpt:
         target = "monai_prompt.fpt.FPTClassifier"
-        method = {"variant": "@method", "fpt_config": "@method_config"}
+        method = {"variant": "@method", _method_key(spec): f"@{prefix}method_config"}
     else:
         target = "monai_prompt.nets.PromptClassifier"
-        method = {"method": "@method", "method_config": "@method_config"}
+        method = {"method": "@method", _method_key(spec): f"@{prefix}method_config"}
     return {
         "_target_": target,
         "num_classes": "@num_classes",
@@ -40,25 +57,34 @@ def _network_def(spec: BundleSpec) -> dict[str, Any]:
         "spatial_dims": "@spatial_dims",
         "pretrained": "@pretrained",
         "layer_norm_eps": "@layer_norm_eps",
-        "backbone_overrides": "@backbone_overrides",
+        "backbone_overrides": f"@{prefix}backbone_overrides",
     }
 
 
+def _network_settings(spec: BundleSpec, task: dict[str, Any]) -> dict[str, Any]:
+    """What defines the network and its outputs: the ``training_record`` of ``models/training_config.json``.
+
+    Args:
+        spec: the bundle.
+        task: ``num_classes``, ``multi_label`` and ``class_names`` (:data:`_DATALIST_TASK` or :data:`_DEFAULT_TASK`).
+    """
+    return {**task, "in_channels": 3, "spatial_dims": 2, "img_size": spec.img_size, **common.backbone_settings(spec)}
+
+
 def _common(spec: BundleSpec, imports: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Paths, device, task and network settings every file starts with (``imports``: more than
+    """Paths, datalist, device, task and network settings every file starts with (``imports``: more than
     :data:`~monai_prompt.bundle_gen.common.IMPORTS`; ``torch.distributed`` and ``os`` come with
-    ``multi_gpu_train.json``, ``monai_prompt.fpt`` with FPT training)."""
+    ``multi_gpu_train.json``, ``monai_prompt.fpt`` with FPT training). ``datalist_options`` are the reader's
+    options (``label_columns``, ``classes``, ``split``, ...), given to the reader and the data check alike;
+    ``check_pixels`` false checks headers only (very large sets)."""
     return {
         "imports": [*common.IMPORTS, *imports],
-        **common.paths(spec, "demo_data", "datalist.json"),
-        "datalist": "$monai_prompt.data.read_datalist(@datalist_file)",
+        **common.paths(spec, DEMO_DATASET_DIR, "datalist.json"),
+        "datalist_options": {},
+        "datalist": "$monai_prompt.data.read_datalist(@datalist_file, **@datalist_options)",
+        "check_pixels": True,
         **common.device_settings(),
-        "num_classes": 3,
-        "multi_label": False,
-        "in_channels": 3,
-        "spatial_dims": 2,
-        "img_size": spec.img_size,
-        **common.backbone_settings(spec),
+        **_network_settings(spec, _DATALIST_TASK),
         "network_def": _network_def(spec),
         "network": "$@network_def.to(@device)",
         "batch_size": _BATCH_SIZE,
@@ -152,13 +178,26 @@ _POSTPROCESSING = {
 }
 
 
-def _initialize(spec: BundleSpec, distributed: bool = False) -> list[str]:
-    """Seed, check every image header and label, check the data against the task and (FPT) preload the LPM
-    features, on rank 0 only under DDP."""
+#: every image decoded as training reads it, every label, with the reader's options.
+_CHECK_DATALIST = "$monai_prompt.data.check_datalist(@datalist_file, read_pixels=@check_pixels, **@datalist_options)"
+
+
+def _initialize(spec: BundleSpec, distributed: bool = False, train: bool = True) -> list[str]:
+    """Errors shown last; training: the run folder claimed and the seed; every image and label checked, the data
+    against the task (the splits the workflow reads not empty; evaluation: the training's classes); training: the
+    run recorded; (FPT) the LPM features preloaded, on rank 0 only under DDP."""
+    if train:
+        start = list(common.TRAIN_START)
+        task = "$monai_prompt.engine.check_task(@datalist, @num_classes, @multi_label, ['training', 'validation'])"
+    else:
+        start = [common.SHOW_CAUSE_LAST, "$monai.utils.set_determinism(seed=@seed)"]
+        task = ("$monai_prompt.engine.check_task(@datalist, @num_classes, @multi_label, [@evaluate_split], "
+                "classes=@class_names)")
     steps = [
-        "$monai.utils.set_determinism(seed=@seed)",
-        "$monai_prompt.data.check_datalist(@datalist_file)",
-        "$monai_prompt.engine.check_task(@datalist, @num_classes, @multi_label)",
+        *start,
+        _CHECK_DATALIST,
+        task,
+        *([common.RECORD_TRAINING] if train else []),
         "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)",
     ]
     if spec.fpt and distributed:
@@ -166,6 +205,14 @@ def _initialize(spec: BundleSpec, distributed: bool = False) -> list[str]:
     elif spec.fpt:
         steps.append(f"${_FPT_PRELOAD} if @fpt_preload else None")
     return steps
+
+
+def _class_report(output_dir: bool) -> dict[str, Any]:
+    """Per-class precision/recall/F1 and the confusion matrix of each evaluation, a warning when every prediction is
+    the same class (``output_dir``: also ``eval/class_report.csv`` and ``eval/confusion_matrix.csv``)."""
+    report = {"_target_": "monai_prompt.engine.ClassReportHandler", "num_classes": "@num_classes",
+              "class_names": "@class_names", "multi_label": "@multi_label"}
+    return {**report, "output_dir": "@output_dir"} if output_dir else report
 
 
 def _fpt_batch(spec: BundleSpec) -> dict[str, Any]:
@@ -180,6 +227,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
         **_common(spec, ("$import monai_prompt.fpt",) if spec.fpt else ()),
         **(_fpt_settings() if spec.fpt else {}),
         **common.train_settings(spec),
+        "training_record": {key: f"@{key}" for key in _network_settings(spec, _DATALIST_TASK)},
         "loss": "$torch.nn.BCEWithLogitsLoss() if @multi_label else torch.nn.CrossEntropyLoss()",
         **common.optimization(spec),
         "metric_decisions": "$monai_prompt.engine.class_decisions(@multi_label)",
@@ -205,7 +253,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
             "postprocessing": _POSTPROCESSING,
             "key_metric": key_metric,
             "additional_metrics": additional_metrics,
-            "handlers": common.validate_handlers(),
+            "handlers": [*common.validate_handlers(), _class_report(output_dir=False)],
             "evaluator": common.evaluator("validate#", _fpt_batch(spec)),
         },
         "initialize": _initialize(spec),
@@ -214,12 +262,17 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
 
 
 def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
-    """``configs/evaluate.json`` (merged on ``train.json``): metrics of ``models/model.pt`` on the test split."""
+    """``configs/evaluate.json`` (merged on ``train.json``): metrics of ``models/model.pt`` on the test split, with
+    the network and classes of its training record."""
     key_metric, additional_metrics = _metrics("")
     metrics_saver = {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": "*", "metric_details": None}
+    reports = ("metrics.csv", "class_report.csv", "confusion_matrix.csv")
     return {
         "evaluate_split": "test",
         "load_path": "$@ckpt_dir + '/model.pt'",
+        **common.recorded(_network_settings(spec, _DATALIST_TASK)),
+        f"network_def#{_method_key(spec)}": "@trained_method_config",
+        "network_def#backbone_overrides": "@trained_backbone_overrides",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_evaluate')",
         "preprocessing": "@validate#preprocessing",
         "dataset": common.dataset("$@datalist[@evaluate_split]", "@preprocessing"),
@@ -228,48 +281,55 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
         "postprocessing": "@validate#postprocessing",
         "key_metric": key_metric,
         "additional_metrics": additional_metrics,
-        "handlers": common.evaluate_handlers(metrics_saver),
+        "handlers": common.evaluate_handlers(metrics_saver, _class_report(output_dir=True), files=reports),
         "evaluator": common.evaluator("", _fpt_batch(spec)),
-        "initialize": _initialize(spec),
+        "initialize": _initialize(spec, train=False),
         "run": ["$@evaluator.run()"],
     }
 
 
 def inference_config(spec: BundleSpec) -> dict[str, Any]:
-    """``configs/inference.json`` (standalone): class probabilities per image to ``eval/predictions.csv``."""
+    """``configs/inference.json`` (standalone): class probabilities and the predicted class per image to
+    ``eval/predictions.csv``, with the network and classes of the training record.
+
+    ``infer_images`` is a folder (``--input_dir``), a glob or a list of them (default: the demo's test images); no
+    datalist is read, and nothing is looked up before the workflow runs, so MONAI's property checks pass on a
+    bundle without data.
+    """
     return {
         **_common(spec),
-        "infer_split": "test",
-        "infer_images": "$[item['image'] for item in @datalist[@infer_split]]",
         "load_path": "$@ckpt_dir + '/model.pt'",
+        **common.recorded(_network_settings(spec, _DEFAULT_TASK)),
+        "network_def": _network_def(spec, trained=True),
+        "input_dir": "$@dataset_dir + '/images/test'",
+        "infer_images": "@input_dir",
+        "infer_files": "$monai_prompt.data.find_images(@infer_images)",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_infer')",
         "preprocessing": _compose(_deterministic_transforms()),
-        "dataset": common.dataset("$[{'image': image} for image in @infer_images]", "@preprocessing"),
+        "dataset": common.dataset("$[{'image': image} for image in @infer_files]", "@preprocessing"),
         "dataloader": common.loader("@dataset", shuffle=False),
         "inferer": {"_target_": "SimpleInferer"},
-        "postprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                _ACTIVATION,
-            ],
-        },
+        "postprocessing": _compose([_ACTIVATION]),
         "handlers": [
             common.delta_loader(),
             {"_target_": "StatsHandler", "iteration_log": False},
             {
-                "_target_": "ClassificationSaver",
+                "_target_": "monai_prompt.engine.PredictionSaver",
                 "output_dir": "@output_dir",
-                "filename": "predictions.csv",
-                "batch_transform": "$lambda batch: [item['image'].meta for item in batch]",
-                "output_transform": "$monai.handlers.from_engine(['pred'])",
+                "class_names": "@class_names",
+                "multi_label": "@multi_label",
             },
         ],
         "evaluator": common.evaluator(metrics=False),
         "initialize": [
+            common.SHOW_CAUSE_LAST,
             "$monai.utils.set_determinism(seed=@seed)",
             "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)",
         ],
-        "run": ["$@evaluator.run()"],
+        "run": [
+            "$monai_prompt.data.check_images(@infer_files, read_pixels=@check_pixels, source=@infer_images)",
+            "$@evaluator.run()",
+        ],
     }
 
 

@@ -1,6 +1,6 @@
 """Data layer: classification datalists (folders, CSV, decathlon JSON), splits, header checks, transforms, demo set."""
 
-from monai_prompt.data.check import DataSummary, check_datalist, check_images
+from monai_prompt.data.check import DataSummary, check_datalist, check_images, find_images
 from monai_prompt.data.datalist import (
     UNLABELED,
     ClassificationDatalist,

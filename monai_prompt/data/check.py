@@ -6,23 +6,26 @@ truncated or missing files, images with NaN/Inf values, missing labels and label
 without a class map, outside ``0..num_classes-1``), channel counts that differ from the rest (or from
 ``channels``), images listed in two splits and groups split across training/validation/test. It raises one
 :class:`DataCheckError` listing them all, or returns a :class:`DataSummary`. :func:`check_images` does the image
-part for a list of paths (inference inputs). ``monai-prompt check-data <datalist>`` runs it from the command line.
+part for a list of paths (inference inputs, which :func:`find_images` collects from folders, globs and lists).
+``monai-prompt check-data <datalist>`` runs it from the command line.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from monai_prompt.data.datalist import SPLITS, ClassificationDatalist, DataCheckError, read_datalist
-from monai_prompt.data.headers import ImageHeader, read_header
+from monai_prompt.data.headers import ImageHeader, is_image_file, read_header
 
-__all__ = ["DataSummary", "check_datalist", "check_images"]
+__all__ = ["DataSummary", "check_datalist", "check_images", "find_images", "labels_out_of_range"]
 
 
 @dataclass
@@ -86,7 +89,7 @@ def check_datalist(
     headers, problems = _check_images(paths, channels, read_pixels)
     problems = list(datalist.problems) + problems + _leaks(datalist)
     if num_classes is not None:
-        problems += _labels_out_of_range(datalist, num_classes)
+        problems += labels_out_of_range(datalist, num_classes)
     if not datalist["training"]:
         problems.append(f"{source}: no training images.")
     if problems:
@@ -102,8 +105,37 @@ def check_datalist(
     )
 
 
+def find_images(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Inference inputs: the image files of a folder (recursively, sorted, hidden ones skipped), the matches of a
+    glob pattern (sorted; ``**`` recurses), a file, or a list of any of these (in order, each image once).
+
+    Nothing found is not an error here (a bundle's configs are parsed before they run, also where there is no
+    data): :func:`check_images` reports it, given ``source``. A file of a list that does not exist is kept, for
+    :func:`check_images` to report as missing.
+
+    Args:
+        source: a folder, a glob pattern, an image file, or a list of them.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        found = (find_images(entry) or ([] if glob.has_magic(str(entry)) else [str(entry)]) for entry in source)
+        return list(dict.fromkeys(path for paths in found for path in paths))
+    path = Path(source)
+    if path.is_dir():
+        return [
+            str(image)
+            for image in sorted(path.rglob("*"))
+            if is_image_file(image) and not any(part.startswith(".") for part in image.relative_to(path).parts)
+        ]
+    if glob.has_magic(str(source)):
+        return [match for match in sorted(glob.glob(str(source), recursive=True)) if is_image_file(match)]
+    return [str(source)] if path.is_file() else []
+
+
 def check_images(
-    paths: Sequence[str | os.PathLike], channels: int | None = None, read_pixels: bool = True
+    paths: Sequence[str | os.PathLike],
+    channels: int | None = None,
+    read_pixels: bool = True,
+    source: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> dict[str, ImageHeader]:
     """Check images without labels (e.g. inference inputs) as :func:`check_datalist` checks a datalist's images.
 
@@ -111,6 +143,8 @@ def check_images(
         paths: image files or DICOM series folders.
         channels: expected channels per image (default: the most common count).
         read_pixels: decode every image (see :func:`check_datalist`).
+        source: where ``paths`` were looked for (e.g. the folder or glob given to :func:`find_images`), named in
+            the errors.
 
     Returns:
         each image's header, by path.
@@ -119,11 +153,17 @@ def check_images(
         DataCheckError: no images, or every missing, unreadable or non-finite image and channel mismatch.
     """
     paths = [str(path) for path in paths]
+    where = f"images of {source!r}" if source is not None else f"{len(paths)} images"
     if not paths:
-        raise DataCheckError(["no images given; check the image list (e.g. the datalist split or folder)."], "images")
+        found_in = f"no images in {source!r}" if source is not None else "no images given"
+        fix = (
+            f'{found_in}; give a folder of images (--input_dir DIR), a glob (--infer_images "/data/*.png"), or a '
+            f"list (--infer_images \"['a.png','b.png']\")."
+        )
+        raise DataCheckError([fix], where)
     headers, problems = _check_images(list(dict.fromkeys(paths)), channels, read_pixels)
     if problems:
-        raise DataCheckError(problems, f"{len(paths)} images")
+        raise DataCheckError(problems, where)
     return headers
 
 
@@ -174,11 +214,16 @@ def _pixel_problem(path: str, load: Callable[[str], Any]) -> str | None:
     return None
 
 
-def _labels_out_of_range(datalist: ClassificationDatalist, num_classes: int) -> list[str]:
-    """Without a class map (classes ``"0".."K-1"`` inferred from index labels), each item whose label is not below
-    ``num_classes``."""
-    index_names = [str(i) for i in range(datalist.num_classes)]
-    if datalist.multi_label or datalist.classes != index_names or datalist.num_classes <= num_classes:
+def labels_out_of_range(datalist: ClassificationDatalist, num_classes: int) -> list[str]:
+    """One problem per item whose label is too large: without a class map (classes ``"0".."K-1"`` inferred from
+    index labels), each item whose label is not below ``num_classes``.
+
+    Args:
+        datalist: the datalist.
+        num_classes: the bundle's ``num_classes``.
+    """
+    index_names = [str(i) for i in range(len(datalist.classes))]
+    if datalist.multi_label or datalist.classes != index_names or len(index_names) <= num_classes:
         return []
     one_based = " (no image has label 0: are the labels 1-based? subtract 1)" if not _has_label(datalist, 0) else ""
     return [

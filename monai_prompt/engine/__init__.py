@@ -1,5 +1,6 @@
 """ignite/MONAI glue for bundles: delta checkpoints, PEFT handlers, classification metrics, MLflow extras, and the
-guards that make a run trustworthy (run-folder lock, non-finite stops, errors shown last)."""
+guards that make a run trustworthy (run-folder lock, non-finite stops, errors shown last), the training record and
+the inference CSV."""
 
 from monai_prompt.engine.checkpoint import (
     AtomicCheckpointSaver,
@@ -28,6 +29,8 @@ from monai_prompt.engine.metrics import (
     per_class_scores,
     quadratic_weighted_kappa,
 )
+from monai_prompt.engine.predictions import PredictionSaver
+from monai_prompt.engine.record import TRAINING_CONFIG, RunIdentity, read_training_config, run_id, write_training_config
 from monai_prompt.engine.run_folder import RunFolderError, RunLock, claim_run_folder, remove_partial_writes
 from monai_prompt.engine.tracking import (
     MLflowPeftLogger,
@@ -36,4 +39,4 @@ from monai_prompt.engine.tracking import (
     peft_params,
     unique_run_name,
 )
-from monai_prompt.engine.workflow import bundle_root, check_task, warn_if_not_pretrained
+from monai_prompt.engine.workflow import bundle_root, check_task, find_datalist, warn_if_not_pretrained

@@ -231,21 +231,41 @@ class BestMetricState:
         self.saver.load_state_dict({"_saved": [tuple(item) for item in state["saver"]["_saved"]]})
 
 
-def latest_checkpoint(ckpt_dir: str | Path) -> str:
+def latest_checkpoint(ckpt_dir: str | Path, run_id: str | None = None) -> str:
     """The ``checkpoint_epoch=<N>.pt`` of the highest epoch in ``ckpt_dir``, to resume training from (never a
     temporary file of an interrupted write: those are ``.checkpoint_epoch=<N>.pt.<random>.tmp``).
 
+    Args:
+        ckpt_dir: the checkpoint folder.
+        run_id: only checkpoints of this training run (their ``run`` entry, :class:`~monai_prompt.engine.RunIdentity`).
+
     Raises:
-        FileNotFoundError: there is none, with the fix.
+        FileNotFoundError: there is none (of that run), with the fix.
     """
     found = sorted(
         (int(match.group(1)), str(path))
         for path in Path(ckpt_dir).glob("checkpoint_epoch=*.pt")
         if (match := _INTERVAL_FILE.fullmatch(path.name)) and path.is_file()
     )
+    others = []
+    if run_id is not None:
+        others = [Path(path).name for _, path in found if _run_of(path) != run_id]
+        found = [(epoch, path) for epoch, path in found if Path(path).name not in others]
     if not found:
+        of_run = f" of training run {run_id}" if run_id is not None else ""
+        ignored = f" ({', '.join(others)}: of another run, ignored)" if others else ""
         raise FileNotFoundError(
-            f"no checkpoint_epoch=<N>.pt in {ckpt_dir} to resume from; train once without --resume "
+            f"no checkpoint_epoch=<N>.pt{of_run} in {ckpt_dir} to resume from{ignored}; train once without --resume "
             f"(or point --ckpt_dir at the folder that holds them)."
         )
     return found[-1][1]
+
+
+def _run_of(path: str) -> str | None:
+    """The run id a resumable checkpoint was saved with (None: none recorded, or the file is unreadable)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a damaged file is not a checkpoint of this run
+        return None
+    run = checkpoint.get("run") if isinstance(checkpoint, Mapping) else None
+    return run.get("run_id") if isinstance(run, Mapping) else None

@@ -1,12 +1,17 @@
-"""Small helpers bundle configs call: where the bundle is, whether the data fits the task and the weights."""
+"""Small helpers bundle configs call: where the bundle and its datalist are, whether the data fits the task and the
+weights."""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["bundle_root", "check_task", "warn_if_not_pretrained"]
+from monai_prompt.data.check import labels_out_of_range
+from monai_prompt.data.datalist import DataCheckError
+
+__all__ = ["DATALIST_NAME", "bundle_root", "check_task", "find_datalist", "warn_if_not_pretrained"]
 
 logger = logging.getLogger("monai_prompt")
 
@@ -27,6 +32,33 @@ def bundle_root(name: str) -> str:
     return str(in_repo) if (in_repo / "configs").is_dir() else "."
 
 
+#: the datalist file a dataset folder may hold (``monai-prompt demo-data`` writes one).
+DATALIST_NAME = "datalist.json"
+
+
+def find_datalist(dataset_dir: str | os.PathLike, name: str = DATALIST_NAME) -> str:
+    """What ``--dataset_dir`` names, as :func:`~monai_prompt.data.read_datalist` reads it: ``<folder>/<name>`` when
+    the folder holds one, else the folder itself (a class-per-folder tree), or the file itself (a ``.csv`` or
+    ``.json`` datalist).
+
+    Args:
+        dataset_dir: a dataset folder, a class-per-folder tree, or a CSV/JSON datalist.
+        name: the datalist file a dataset folder may hold.
+
+    Raises:
+        FileNotFoundError: ``dataset_dir`` does not exist, with the fix.
+    """
+    path = Path(dataset_dir)
+    if path.is_dir():
+        return str(path / name) if (path / name).is_file() else str(path)
+    if path.is_file():
+        return str(path)
+    raise FileNotFoundError(
+        f"dataset_dir {path} does not exist; build the demo data there with `monai-prompt demo-data` (or `make "
+        f"demo`), or pass --dataset_dir <a folder with {name}, a class-per-folder tree, or a .csv/.json datalist>."
+    )
+
+
 #: why a workflow needs a split, for the error when it is empty.
 _SPLIT_NEEDS = {
     "training": "there is nothing to train on; list training images in the datalist",
@@ -38,9 +70,16 @@ _SPLIT_NEEDS = {
 }
 
 
-def check_task(datalist, num_classes: int, multi_label: bool, required_splits: Sequence[str] = ()) -> None:
+def check_task(
+    datalist,
+    num_classes: int,
+    multi_label: bool,
+    required_splits: Sequence[str] = (),
+    classes: Sequence[str] | None = None,
+) -> None:
     """Raise a ``ValueError`` naming the fix when the datalist's classes or label kind differ from the config, or a
-    split the workflow reads is empty.
+    split the workflow reads is empty (a :class:`~monai_prompt.data.DataCheckError` naming each file whose index
+    label is not below ``num_classes``, for a datalist without class names).
 
     Args:
         datalist: a :class:`~monai_prompt.data.ClassificationDatalist` (``classes``, ``multi_label``, splits).
@@ -48,12 +87,17 @@ def check_task(datalist, num_classes: int, multi_label: bool, required_splits: S
         multi_label: the bundle's ``multi_label``.
         required_splits: splits that must hold images (training: ``["training", "validation"]``; evaluation:
             ``[@evaluate_split]``).
+        classes: the class names the model was trained on (evaluation: from the training record); the datalist's
+            must be the same, in the same order.
     """
     for split in required_splits:
         if not datalist[split]:
             present = [name for name, items in datalist.splits.items() if items]
             need = _SPLIT_NEEDS.get(split, f"choose a split that has images (the datalist has {present})")
             raise ValueError(f"the datalist has no {split!r} images: {need}.")
+    out_of_range = labels_out_of_range(datalist, num_classes)
+    if out_of_range:
+        raise DataCheckError(out_of_range, f"the datalist (num_classes={num_classes})")
     found = len(datalist.classes)
     if found != num_classes:
         raise ValueError(
@@ -65,6 +109,12 @@ def check_task(datalist, num_classes: int, multi_label: bool, required_splits: S
         raise ValueError(
             f"the datalist's labels are {kind} but the bundle has multi_label={multi_label}; "
             f"run with --multi_label {bool(datalist.multi_label)}."
+        )
+    if classes is not None and list(classes) != list(datalist.classes):
+        raise ValueError(
+            f"the model was trained on the classes {list(classes)} but the datalist has {list(datalist.classes)}; "
+            f"evaluate on data with the training's classes in the same order (e.g. --datalist_options#classes "
+            f"\"{list(classes)}\"), or give --class_names to override the training record."
         )
 
 

@@ -1,0 +1,127 @@
+"""What a training run records about itself, so that its bundle's other workflows need no repeated overrides and
+``--resume`` only continues the same run.
+
+When a new training run starts (after the data checks) it writes ``<ckpt_dir>/training_config.json``: a run id and
+the settings that define its network and data (backbone, its overrides and weights, image size, channels, method
+and config, classes). ``evaluate.json`` and ``inference.json`` read the record of their ``ckpt_dir``
+(:func:`read_training_config`), so ``model.pt`` is rebuilt as it was trained; a value given on the command line
+replaces the config entry that reads the record, so it wins. Every resumable checkpoint holds the run id
+(:class:`RunIdentity`); a resume picks the newest ``checkpoint_epoch=<N>.pt`` of the recorded run
+(:func:`~monai_prompt.engine.latest_checkpoint` with ``run_id``) and refuses a checkpoint of another run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from monai_prompt.io import atomic_write
+
+__all__ = ["TRAINING_CONFIG", "RunIdentity", "read_training_config", "run_id", "write_training_config"]
+
+#: the record's file name in the checkpoint folder.
+TRAINING_CONFIG = "training_config.json"
+
+
+def _record_path(path: str | os.PathLike) -> Path:
+    """The record of a checkpoint folder, or of the folder holding a checkpoint file (e.g. ``models/model.pt``)."""
+    path = Path(path)
+    folder = path if path.is_dir() or not path.suffix else path.parent
+    return folder / TRAINING_CONFIG
+
+
+def read_training_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The training record of a checkpoint folder or of the folder of a checkpoint file; ``{}`` when there is none.
+
+    Args:
+        path: the checkpoint folder (``models/``) or a file in it (``models/model.pt``).
+
+    Raises:
+        ValueError: the record exists but is not a JSON object, naming the file and the fix.
+    """
+    record = _record_path(path)
+    if not record.is_file():
+        return {}
+    try:
+        content = json.loads(record.read_text())
+    except ValueError as err:
+        raise ValueError(
+            f"{record} is not valid JSON ({err}); delete it and give the training settings (--backbone, "
+            f"--img_size, ...) on the command line, or train again."
+        ) from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{record} holds {type(content).__name__}, not the JSON object a training run writes.")
+    return content
+
+
+def write_training_config(ckpt_dir: str | os.PathLike, run: str, settings: Mapping[str, Any]) -> Path | None:
+    """Record this training run: ``{"run_id", "started", **settings}`` to ``<ckpt_dir>/training_config.json``,
+    atomically, on rank 0 only. A ``pretrained`` value naming an existing file is stored as an absolute path, so
+    that workflows run from another folder find it.
+
+    Args:
+        ckpt_dir: the run's checkpoint folder.
+        run: the run id (:func:`run_id`).
+        settings: what defines the network and data, JSON-serialisable.
+
+    Returns:
+        the record's path (None on ranks other than 0).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() > 0:
+        return None
+    content = {"run_id": run, "started": datetime.datetime.now().isoformat("T", "seconds"), **settings}
+    pretrained = content.get("pretrained")
+    if isinstance(pretrained, str) and os.path.exists(pretrained):
+        content["pretrained"] = os.path.abspath(pretrained)
+    text = json.dumps(content, indent=2, default=str) + "\n"
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+
+    return atomic_write(_record_path(ckpt_dir), write)
+
+
+def run_id(ckpt_dir: str | os.PathLike, resume: bool) -> str:
+    """A new run id, or for a resume the id recorded in ``<ckpt_dir>/training_config.json``.
+
+    Raises:
+        FileNotFoundError: ``resume`` is set and the folder holds no record of a run to resume, with the fix.
+    """
+    if not resume:
+        return uuid.uuid4().hex
+    recorded = read_training_config(ckpt_dir).get("run_id")
+    if not recorded:
+        raise FileNotFoundError(
+            f"no checkpoint_epoch=<N>.pt of a recorded training run in {ckpt_dir} to resume from "
+            f"({TRAINING_CONFIG} is missing); train once without --resume (or point --ckpt_dir at the run's folder)."
+        )
+    return str(recorded)
+
+
+class RunIdentity:
+    """The run id as a checkpoint object: saved with every resumable checkpoint, and checked when one is loaded.
+
+    Args:
+        run: this run's id (:func:`run_id`).
+    """
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+
+    def state_dict(self) -> dict[str, str]:
+        return {"run_id": self.run}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("run_id") != self.run:
+            raise ValueError(
+                f"the checkpoint belongs to training run {state.get('run_id')}, not to the run recorded in "
+                f"{TRAINING_CONFIG} ({self.run}); resume from a checkpoint of that run (leave --resume_file unset to "
+                f"pick its newest), or start a new run with --overwrite true."
+            )
