@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTModel
 
 from monai_prompt.backbones import CheckpointError, build_vit, load_pretrained, resize_pos_embed, vit_from_pretrained
+from monai_prompt.nets import PromptClassifier
 
 ARCH = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 128, "patch_size": 8}
 
@@ -102,6 +103,40 @@ def test_monai_layouts_nested_and_prefixed(tmp_path):
         report = load_pretrained(vit, tmp_path / file)
         assert report.layout == "monai" and not report.missing
         torch.testing.assert_close(vit(x)[0], source(x)[0], rtol=0, atol=0)
+
+
+def test_monai_vit_defaults_load_into_a_preset(tmp_path):
+    """MONAI's ViT has no qkv bias and LayerNorm eps 1e-5: build_vit(qkv_bias=False, layer_norm_eps=1e-5) loads its
+    file strictly and gives its outputs (also as PromptClassifier's backbone); a wrong bias setting is an error
+    naming the fix."""
+    from monai.networks.nets import ViT
+
+    torch.manual_seed(0)
+    monai_vit = ViT(3, 32, 8, 64, 128, 2, 4, spatial_dims=2).eval()  # MONAI defaults: qkv_bias=False, no CLS
+    torch.save(monai_vit.state_dict(), tmp_path / "monai_vit.pt")
+    kwargs = {"cls_token": False, "layer_norm_eps": 1e-5}
+    vit = tiny_vit(qkv_bias=False, **kwargs)
+    report = load_pretrained(vit, tmp_path / "monai_vit.pt")
+    assert vit.blocks[0].attn.qkv.bias is None and not report.missing and not report.unexpected
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(vit(x)[0], monai_vit(x)[0], rtol=0, atol=1e-6)
+    fix = r"monai_vit.pt: .* lacks 2 backbone weights .*qkv.bias.* no qkv bias: build the model with qkv_bias=False"
+    with pytest.raises(CheckpointError, match=fix):
+        load_pretrained(tiny_vit(**kwargs), tmp_path / "monai_vit.pt")
+    torch.save(tiny_vit(**kwargs).state_dict(), tmp_path / "biased.pt")
+    with pytest.raises(CheckpointError, match=r"biased.pt: the checkpoint has qkv biases \(qkv_bias=True\) that the"):
+        load_pretrained(tiny_vit(qkv_bias=False, **kwargs), tmp_path / "biased.pt")
+    overrides = {**ARCH, "qkv_bias": False}
+    net = PromptClassifier(
+        2,
+        backbone="vit_tiny",
+        img_size=32,
+        pretrained=str(tmp_path / "monai_vit.pt"),
+        layer_norm_eps=1e-5,
+        backbone_overrides=overrides,
+    )
+    attn = net.backbone.blocks[1].attn
+    assert attn.qkv.bias is None and torch.equal(attn.qkv.weight, monai_vit.blocks[1].attn.qkv.weight)
 
 
 def test_monai_perceptron_patch_embedding_is_converted(tmp_path):

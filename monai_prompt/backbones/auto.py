@@ -104,6 +104,18 @@ def _patch_shape(checkpoint: Checkpoint, overrides: dict[str, Any]) -> tuple[int
     return weight.shape[0], weight.shape[1] // math.prod(patch), patch
 
 
+def _target_grid(overrides: dict[str, Any], src_patch: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The patch grid of the model ``overrides`` describe (``img_size`` over the patch size), or None without
+    ``img_size`` or for other spatial dims than the checkpoint's."""
+    dims = len(src_patch)
+    if "img_size" not in overrides or overrides.get("spatial_dims", dims) != dims:
+        return None
+    size, patch = overrides["img_size"], overrides.get("patch_size", src_patch)
+    size = tuple(size) if isinstance(size, Sequence) else (size,) * dims
+    patch = tuple(patch) if isinstance(patch, Sequence) else (patch,) * dims
+    return tuple(int(s) // int(p) for s, p in zip(size, patch))
+
+
 def infer_vit_config(
     checkpoint: Checkpoint, src_grid: Sequence[int] | None = None, **overrides: Any
 ) -> tuple[dict[str, Any], dict[str, tuple[Any, str]]]:
@@ -148,11 +160,18 @@ def infer_vit_config(
     inferred["layout"] = (checkpoint.layout, "keys")
     if src_grid is None:
         hint = 0 if checkpoint.layout.startswith("monai") else 1
+        n_positions = state["patch_embedding.position_embeddings"].shape[1]
+        target_grid = _target_grid(overrides, src_patch)
         try:
-            _, src_grid = source_grid(state["patch_embedding.position_embeddings"].shape[1], src_dims, config, hint)
+            _, src_grid = source_grid(n_positions, src_dims, config, hint, target_grid)
         except ValueError as err:
             raise CheckpointError(f"{checkpoint.path}: {err}") from err
-        grid_origin = f"{config_name} image_size/patch_size" if config.get("image_size") else "position embeddings"
+        if config.get("image_size"):
+            grid_origin = f"{config_name} image_size/patch_size"
+        elif src_grid == target_grid:
+            grid_origin = "position embeddings: the patch count of img_size"
+        else:
+            grid_origin = "position embeddings"
     else:
         grid_origin = "src_grid"
     inferred["source_grid"] = (tuple(src_grid), grid_origin)
@@ -271,7 +290,8 @@ def build_backbone(
             ``overrides={"layer_norm_eps": ...}``).
         dropout_rate: dropout inside the ViT.
         cls_token: whether the ViT has a CLS token (classification: True, UNETR: False).
-        overrides: for a preset, :func:`build_vit` overrides (``hidden_size``, ``num_heads``, ...); for ``"auto"``,
+        overrides: for a preset, :func:`build_vit` overrides (``hidden_size``, ``num_heads``, ..., ``qkv_bias``:
+            False for MONAI's own ViT/ViTAutoEnc/UNETR checkpoints); for ``"auto"``,
             :data:`AUTO_OVERRIDES` (e.g. ``num_heads`` when no config names it, ``act``).
 
     Raises:

@@ -48,18 +48,28 @@ def patch_grid(vit: ViT) -> tuple[int, ...]:
 
 
 def source_grid(
-    n_tokens: int, dims: int, config: Mapping[str, Any] | None = None, n_prefix_hint: int = 1
+    n_tokens: int,
+    dims: int,
+    config: Mapping[str, Any] | None = None,
+    n_prefix_hint: int = 1,
+    dst_grid: Sequence[int] | None = None,
 ) -> tuple[int, tuple[int, ...]]:
     """Number of leading non-patch slots and the patch grid of a checkpoint's position embedding.
+
+    In this order: the ``config`` grid; the target's grid ``dst_grid`` when ``n_tokens - n_prefix_hint`` is its
+    patch count (a non-square checkpoint loaded at its own size, e.g. a MONAI UNETR at 32 x 48: 6 tokens, grid
+    2 x 3, no resize); the square/cubic grid left after ``n_prefix_hint``, then 1, 0 and 2 leading slots.
 
     Args:
         n_tokens: tokens of the position embedding, leading slots included.
         dims: spatial dimensions of the checkpoint.
         config: HuggingFace ``config.json`` content; its ``image_size`` and ``patch_size`` give the grid.
-        n_prefix_hint: leading slots tried first (1 for a CLS slot, 0 for MONAI), then 1, 0 and 2.
+        n_prefix_hint: leading slots expected (1 for a CLS slot, 0 for MONAI).
+        dst_grid: the target model's patch grid, if known.
 
     Raises:
-        ValueError: no ``config`` grid and the patch count is not a square/cubic number for any tried prefix.
+        ValueError: no ``config`` or target grid fits and the patch count is not a square/cubic number for any
+            tried prefix.
     """
     config = config or {}
     if config.get("image_size") and config.get("patch_size"):
@@ -68,6 +78,8 @@ def source_grid(
         patch = patch if isinstance(patch, (list, tuple)) else [patch] * dims
         grid = tuple(s // p for s, p in zip(size, patch))
         return n_tokens - math.prod(grid), grid
+    if dst_grid is not None and len(dst_grid) == dims and n_tokens - n_prefix_hint == math.prod(dst_grid):
+        return n_prefix_hint, tuple(int(g) for g in dst_grid)
     for n_prefix in dict.fromkeys((n_prefix_hint, 1, 0, 2)):
         side = _perfect_power(n_tokens - n_prefix, dims)
         if side:
@@ -141,7 +153,8 @@ def fit_pos_embed(
         pos: the checkpoint's position embeddings, leading (CLS, distillation) slots included.
         dst_grid: the target patch grid (see :func:`patch_grid`).
         cls_token: the checkpoint's CLS token [1, 1, D], or None to drop the CLS position.
-        src_grid: the patch grid ``pos`` was trained for; inferred by :func:`source_grid` when None.
+        src_grid: the patch grid ``pos`` was trained for; inferred by :func:`source_grid` (which tries
+            ``dst_grid`` first) when None.
         src_dims: spatial dimensions of the checkpoint, for :func:`source_grid`.
         config: HuggingFace ``config.json`` content, for :func:`source_grid`.
         n_prefix_hint: leading slots tried first by :func:`source_grid`.
@@ -155,7 +168,7 @@ def fit_pos_embed(
         ValueError: the source grid cannot be inferred, or ``src_grid`` needs more tokens than ``pos`` has.
     """
     if src_grid is None:
-        n_prefix, src_grid = source_grid(pos.shape[1], src_dims, config, n_prefix_hint)
+        n_prefix, src_grid = source_grid(pos.shape[1], src_dims, config, n_prefix_hint, dst_grid)
     else:
         src_grid = tuple(src_grid)
         n_prefix = pos.shape[1] - math.prod(src_grid)

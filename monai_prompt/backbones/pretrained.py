@@ -72,7 +72,7 @@ _MARKERS = {
 #: transformers ``hidden_act`` names -> PromptableViT ``act``.
 HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 _PATCH_KEY, _POS_KEY = "patch_embedding.patch_embeddings.weight", "patch_embedding.position_embeddings"
-_PATCH_BIAS = "patch_embedding.patch_embeddings.bias"
+_PATCH_BIAS, _QKV_BIAS = "patch_embedding.patch_embeddings.bias", "blocks.0.attn.qkv.bias"
 #: checkpoint keys that are deliberately not loaded, and why (reported in ``LoadReport.ignored``).
 _IGNORED = (
     (re.compile(r"(^|\.)mask_token$"), "mask token of masked-image pre-training (DINOv2, MAE); unused when tuning"),
@@ -478,8 +478,8 @@ def load_pretrained(
             as ``backbone``/``vit`` (PromptClassifier, UNETR). Load before applying a PEFT method.
         path: HuggingFace/open_clip model directory or weight file, timm or MONAI ``.safetensors``/``.pth``/``.bin``,
             or a :class:`Checkpoint` already opened.
-        strict: raise if any backbone weight of ``model`` is missing from the file, or the file has LayerScale,
-            register tokens or a pre-norm the model lacks. Unused checkpoint keys (heads, decoders) are only
+        strict: raise if any backbone weight of ``model`` is missing from the file, or the file has qkv biases,
+            LayerScale, register tokens or a pre-norm the model lacks. Unused checkpoint keys (heads, decoders) are only
             reported.
         src_grid: patch grid of the checkpoint's position embeddings when it is not square/cubic and the
             file has no ``config.json``.
@@ -565,9 +565,11 @@ def load_pretrained(
             f"let monai_prompt.backbones.vit_from_pretrained build it from the checkpoint."
         )
     if strict and report.missing:
+        no_bias = _QKV_BIAS in target and _QKV_BIAS not in converted and "blocks.0.attn.qkv.weight" in converted
+        hint = " (its attention has no qkv bias: build the model with qkv_bias=False)" if no_bias else ""
         raise CheckpointError(
             f"{path}: the checkpoint lacks {len(report.missing)} backbone weights of the model: {report.missing[:10]}"
-            f"; pass strict=False to load the rest."
+            f"{hint}; pass strict=False to load the rest."
         )
     return report
 
@@ -575,6 +577,8 @@ def load_pretrained(
 def _lacking_parts(converted: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> list[str]:
     """The optional PromptableViT parts the checkpoint has and the model lacks, with the argument that adds each."""
     parts = []
+    if _QKV_BIAS in converted and _QKV_BIAS not in target:
+        parts.append("qkv biases (qkv_bias=True)")
     if "register_tokens" in converted and "register_tokens" not in target:
         count = converted["register_tokens"].shape[1]
         parts.append(f"{count} register tokens (num_registers={count})")

@@ -274,6 +274,7 @@ def build_vit(
     layer_norm_eps: float = 1e-6,
     dropout_rate: float = 0.0,
     cls_token: bool = True,
+    qkv_bias: bool = True,
     **overrides: int,
 ) -> PromptableViT:
     """Build a :class:`PromptableViT` from a preset.
@@ -286,6 +287,8 @@ def build_vit(
         layer_norm_eps: LayerNorm epsilon of the source checkpoint: 1e-6 timm, 1e-12 HuggingFace.
         dropout_rate: dropout in embeddings, attention and MLP.
         cls_token: prepend a CLS token.
+        qkv_bias: bias in the attention's ``qkv`` projection (timm/HuggingFace checkpoints have one; MONAI's own
+            ViT, ViTAutoEnc and UNETR default to ``qkv_bias=False``, with LayerNorm eps 1e-5).
         overrides: replace ``hidden_size``, ``num_layers``, ``num_heads``, ``mlp_dim`` or ``patch_size``
             (e.g. for tiny test models).
 
@@ -308,6 +311,7 @@ def build_vit(
         spatial_dims=spatial_dims,
         layer_norm_eps=layer_norm_eps,
         cls_token=cls_token,
+        qkv_bias=qkv_bias,
         **config,
     )
 
