@@ -10,9 +10,10 @@ import re
 
 import pytest
 import torch
-from monai.networks.nets import UNETR
+from monai.networks.nets import UNETR, ViTAutoEnc
 from peft_checks import assert_efficiency_paths_match
 
+from monai_prompt.backbones import vit_from_pretrained
 from monai_prompt.backbones.vit import BACKBONE_KEY, PromptableViT, build_vit
 from monai_prompt.nets import PromptUNETR
 from monai_prompt.nets.unetr import unetr_tap_layers
@@ -74,9 +75,9 @@ def make_net(case: str, dims: int, backbone: PromptableViT | None = None, **kwar
     )
 
 
-def preset_net(method: str, img, config: dict | None = None, **kwargs) -> PromptUNETR:
+def preset_net(method: str, img, config: dict | None = None, qkv_bias: bool = True, **kwargs) -> PromptUNETR:
     """A 2D PromptUNETR built from the ``vit_tiny`` preset at the tiny width with 12 blocks (like MONAI's UNETR)."""
-    overrides = {**TINY, "num_layers": 12}
+    overrides = {**TINY, "num_layers": 12, "qkv_bias": qkv_bias}
     return PromptUNETR(1, OUT, img, method, config, "vit_tiny", 2, FEATURES, backbone_overrides=overrides, **kwargs)
 
 
@@ -204,6 +205,70 @@ def test_monai_unetr_checkpoint_loads_into_lora_net(tmp_path):
     vit_state = encoder_only.vit.state_dict()
     loaded = {k[4:]: v for k, v in square.state_dict().items() if k.startswith("vit.") and BACKBONE_KEY.match(k[4:])}
     assert len(loaded) == 12 * 12 + 5 and all(torch.equal(vit_state[k], v) for k, v in loaded.items())
+
+
+def test_non_square_monai_unetr_file_loads_without_resizing(tmp_path):
+    """A UNETR at 32 x 48 has 6 position embeddings (grid 2 x 3, no CLS) and no config: loaded at its own size they
+    are taken as they are, not read as 2 leading slots + a 2 x 2 grid and resized; the network gives its outputs."""
+    stock = stock_unetr(2, qkv_bias=False).eval()
+    torch.save({"state_dict": stock.state_dict()}, tmp_path / "unetr_32x48.pt")
+    net = preset_net(
+        "full",
+        IMG[2],
+        qkv_bias=False,
+        layer_norm_eps=1e-5,
+        pretrained=str(tmp_path / "unetr_32x48.pt"),
+    ).eval()
+    pos = stock.vit.patch_embedding.position_embeddings
+    torch.testing.assert_close(net.vit.patch_embedding.position_embeddings, pos, rtol=0, atol=0)
+    decoder = {k: v for k, v in stock.state_dict().items() if not k.startswith("vit.")}
+    assert net.load_state_dict(decoder, strict=False).unexpected_keys == []
+    torch.testing.assert_close(net(images(2)), stock(images(2)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["unetr", "vitautoenc"])
+def test_auto_backbone_is_built_from_a_monai_file(source, tmp_path):
+    """``backbone="auto"``: the encoder a MONAI UNETR (2D, 32 x 48) or ViTAutoEnc (3D, 32 x 32 x 16) file needs,
+    without config: 12 blocks, no qkv bias, LayerNorm eps 1e-5 (MONAI's default, assumed), its non-square grid taken
+    as it is; the encoder gives the source's hidden states."""
+    dims = 2 if source == "unetr" else 3
+    if source == "unetr":
+        model = stock_unetr(2, qkv_bias=False)
+        encoder = model.vit
+    else:
+        torch.manual_seed(6)
+        model = encoder = ViTAutoEnc(1, IMG[3], 16, spatial_dims=3, **TINY)
+        perturb(model, seed=6)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    net = PromptUNETR(
+        1,
+        OUT,
+        IMG[dims],
+        "lora",
+        backbone="auto",
+        spatial_dims=dims,
+        feature_size=FEATURES,
+        pretrained=str(tmp_path / "weights.pt"),
+        backbone_overrides={"num_heads": HEADS},
+    ).eval()
+    config = net.vit.config
+    assert (config["num_layers"], config["qkv_bias"], config["layer_norm_eps"], config["cls_token"]) == (
+        12,
+        False,
+        1e-5,
+        False,
+    )
+    x = images(dims)
+    with torch.no_grad():
+        _, expected = encoder.eval()(x)
+        _, hidden = net.vit(x)  # LoRA's B starts at zero: the pre-trained encoder's outputs
+    assert len(hidden) == len(expected) == 12
+    for got, want in zip(hidden, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert net(x).shape == (2, OUT, *IMG[dims])
+    _, report = vit_from_pretrained(tmp_path / "weights.pt", num_heads=HEADS, img_size=IMG[dims], cls_token=False)
+    grid = tuple(s // 16 for s in IMG[dims])
+    assert report.inferred["source_grid"] == (grid, "position embeddings: the patch count of img_size")
 
 
 # --------------------------------------------------------------------------------------------------------

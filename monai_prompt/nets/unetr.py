@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from monai.networks.nets import UNETR
 
-from monai_prompt.backbones.pretrained import load_pretrained
-from monai_prompt.backbones.vit import PromptableViT, build_vit
+from monai_prompt.backbones.auto import build_backbone
+from monai_prompt.backbones.vit import PromptableViT
 from monai_prompt.fpt.config import FPT_VARIANTS
 from monai_prompt.nets.autocast import AutocastForward, check_autocast_dtype
 from monai_prompt.peft.delta import allow_delta_load
@@ -42,7 +42,8 @@ class PromptUNETR(AutocastForward, UNETR):
     so the state_dict keys are exactly MONAI UNETR's (plus the keys the method adds): a MONAI UNETR state_dict
     loads as-is (``net.load_state_dict(unetr_state, strict=False)`` reports only the method's keys missing;
     with ``method="full"`` it loads strictly and gives MONAI UNETR's outputs; MONAI's ViT uses
-    ``qkv_bias=False`` and LayerNorm eps 1e-5 by default, so build the backbone the same way). The decoder
+    ``qkv_bias=False`` and LayerNorm eps 1e-5 by default, so build the backbone the same way:
+    ``layer_norm_eps=1e-5, backbone_overrides={"qkv_bias": False}``, or ``backbone="auto"``). The decoder
     is MONAI's and always trains; the forward returns logits ``[B, out_channels, *img_size]``.
 
     The encoder's outputs after blocks :func:`unetr_tap_layers` (MONAI's 3, 6, 9 of 12, scaled for other
@@ -63,8 +64,10 @@ class PromptUNETR(AutocastForward, UNETR):
         img_size: input size (int or one per spatial dim), a multiple of 16.
         method: PEFT method name (see :func:`monai_prompt.peft.method_names`).
         method_config: overrides of the method's config.
-        backbone: ViT preset with patch 16 (``vit_base``, ``vit_small``, ...) or a ready
-            :class:`PromptableViT` built with ``cls_token=False`` for these ``in_channels``/``img_size``.
+        backbone: ViT preset with patch 16 (``vit_base``, ``vit_small``, ...), ``"auto"`` (the ViT ``pretrained``
+            needs, built from the checkpoint by :func:`~monai_prompt.backbones.vit_from_pretrained`, e.g. a MONAI
+            ViTAutoEnc or UNETR file, without CLS token) or a ready :class:`PromptableViT` built with
+            ``cls_token=False`` for these ``in_channels``/``img_size``.
         spatial_dims: 2 or 3.
         feature_size: decoder width (MONAI's ``feature_size``).
         norm_name: decoder normalisation (MONAI's ``norm_name``).
@@ -75,8 +78,11 @@ class PromptUNETR(AutocastForward, UNETR):
             timm, MONAI ViT or a MONAI UNETR checkpoint, whose ``vit.`` keys are used), loaded into the
             encoder before the method is applied. To also take a UNETR checkpoint's decoder, load the whole
             state_dict afterwards: ``net.load_state_dict(state, strict=False)`` (only the method's keys missing).
-        layer_norm_eps: LayerNorm epsilon of the checkpoint (1e-6 timm, 1e-12 HuggingFace, 1e-5 MONAI).
-        backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim`` overrides of the preset.
+        layer_norm_eps: LayerNorm epsilon of the checkpoint (1e-6 timm, 1e-12 HuggingFace, 1e-5 MONAI; not used by
+            ``"auto"``, which reads it from the checkpoint).
+        backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``qkv_bias`` overrides of the
+            preset (``"auto"``: what the checkpoint does not hold, see
+            :data:`~monai_prompt.backbones.auto.AUTO_OVERRIDES`, e.g. ``num_heads`` without a config).
         grad_checkpointing: recompute encoder block activations in backward (saves memory).
         sdpa: fused scaled-dot-product attention where the method's maths allows it.
         autocast_dtype: ``"bf16"`` or ``"fp16"`` to run the forward under ``torch.autocast``; logits are
@@ -103,7 +109,7 @@ class PromptUNETR(AutocastForward, UNETR):
         dropout_rate: float = 0.0,
         pretrained: str | None = None,
         layer_norm_eps: float = 1e-6,
-        backbone_overrides: dict[str, int] | None = None,
+        backbone_overrides: dict[str, Any] | None = None,
         grad_checkpointing: bool = False,
         sdpa: bool = False,
         autocast_dtype: str | None = None,
@@ -115,17 +121,17 @@ class PromptUNETR(AutocastForward, UNETR):
             )
         check_autocast_dtype(autocast_dtype)
         sizes = [img_size] * spatial_dims if isinstance(img_size, int) else [int(s) for s in img_size]
-        if isinstance(backbone, str):
-            backbone = build_vit(
-                backbone,
-                in_channels=in_channels,
-                img_size=sizes,
-                spatial_dims=spatial_dims,
-                layer_norm_eps=layer_norm_eps,
-                dropout_rate=dropout_rate,
-                cls_token=False,
-                **(backbone_overrides or {}),
-            )
+        backbone = build_backbone(
+            backbone,
+            pretrained,
+            in_channels,
+            sizes,
+            spatial_dims,
+            layer_norm_eps,
+            dropout_rate,
+            cls_token=False,
+            overrides=backbone_overrides,
+        )
         _check_backbone(backbone, in_channels, sizes, spatial_dims)
         cfg = backbone.config
         # the parent builds the decoder and MONAI's own 12-block ViT (about a second at ViT-B), replaced right after
@@ -144,8 +150,6 @@ class PromptUNETR(AutocastForward, UNETR):
             spatial_dims=spatial_dims,
             qkv_bias=cfg["qkv_bias"],
         )
-        if pretrained:
-            load_pretrained(backbone, pretrained)
         self.vit = apply_method(backbone, method, method_config)
         self.vit.set_grad_checkpointing(grad_checkpointing)
         self.vit.set_sdpa(sdpa)
