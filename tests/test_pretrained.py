@@ -1,14 +1,17 @@
 """Pre-trained weight import: HuggingFace parity, timm and MONAI layouts, resizing, adaption, bad files."""
 
+import logging
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.bundle import ConfigParser
 from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTModel
 
 from monai_prompt.backbones import CheckpointError, build_vit, load_pretrained, resize_pos_embed, vit_from_pretrained
+from monai_prompt.fpt import FPTClassifier
 from monai_prompt.nets import PromptClassifier
 
 ARCH = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 128, "patch_size": 8}
@@ -264,6 +267,55 @@ def test_bad_files_raise_clear_errors(hf_dir, tmp_path):
     assert len(report.missing) == 12 and all(k.startswith("blocks.2.") for k in report.missing)
     with pytest.raises(CheckpointError, match="no such file"):
         load_pretrained(tiny_vit(), tmp_path / "missing.pth")
+
+
+def test_deeper_checkpoint_is_an_error_or_a_warning(hf_dir, tmp_path, caplog):
+    """2 blocks into a 1-block model: strict (default) raises naming the fix and the keys left over; strict=False
+    (a network's ``pretrained_strict``, also as a bundle config override) loads block 0 with a warning. A wider MLP
+    stays a shape error."""
+    path, _ = hf_dir
+    fix = (
+        r"vit: checkpoint has 2 blocks, model has 1: build with num_layers=2, or pass strict=False \(a network's "
+        r"pretrained_strict=False\) to load the first 1; not loaded: \['encoder\.layer\.1\..*'\] and 13 more\.$"
+    )
+    with pytest.raises(CheckpointError, match=fix):
+        load_pretrained(tiny_vit(num_layers=1), path)
+    reference = tiny_vit()
+    load_pretrained(reference, path)
+    with caplog.at_level(logging.INFO, logger="monai_prompt.backbones.pretrained"):
+        shallow = tiny_vit(num_layers=1)
+        report = load_pretrained(shallow, path, strict=False)
+    warnings = [r for r in caplog.records if "checkpoint has 2 blocks, model has 1: loading the first 1" in r.message]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert not report.missing and any(k.startswith("encoder.layer.1.") for k in report.unexpected)
+    shallow_state, reference_state = shallow.state_dict(), reference.state_dict()
+    assert all(torch.equal(value, reference_state[key]) for key, value in shallow_state.items())
+    with pytest.raises(CheckpointError, match=r"\(MONAI 'blocks\.0\.mlp\.linear1\.bias'\) has shape \(128,\) but the model expects \(256,\)"):
+        load_pretrained(tiny_vit(mlp_dim=256), path)
+
+    network = {
+        "_target_": "monai_prompt.nets.PromptClassifier",
+        "num_classes": 2,
+        "backbone": "vit_tiny",
+        "img_size": 32,
+        "pretrained": str(path),
+        "layer_norm_eps": 1e-12,
+        "backbone_overrides": {**ARCH, "num_layers": 1},
+    }
+    parser = ConfigParser({"network_def": network})
+    with pytest.raises(RuntimeError) as error:
+        parser.get_parsed_content("network_def")
+    assert isinstance(error.value.__cause__, CheckpointError) and "model has 1" in str(error.value.__cause__)
+    parser = ConfigParser({"network_def": network})
+    parser.update({"network_def#pretrained_strict": False})  # what --network_def#pretrained_strict false sets
+    net = parser.get_parsed_content("network_def")
+    assert torch.equal(net.backbone.blocks[0].mlp.linear1.weight, reference.blocks[0].mlp.linear1.weight)
+    lpm_kwargs = {"backbone": "vit_tiny", "img_size": 32, "pretrained": str(path), "layer_norm_eps": 1e-12}
+    lpm_kwargs["backbone_overrides"] = {**ARCH, "num_layers": 1}
+    with pytest.raises(CheckpointError, match="checkpoint has 2 blocks, model has 1"):
+        FPTClassifier(2, "fpt", {"side_img_size": 16}, **lpm_kwargs)
+    lpm = FPTClassifier(2, "fpt", {"side_img_size": 16}, **lpm_kwargs, pretrained_strict=False).lpm
+    assert torch.equal(lpm.blocks[0].attn.qkv.weight, reference.blocks[0].attn.qkv.weight)
 
 
 @pytest.mark.parametrize("size", [32, 48])

@@ -6,6 +6,7 @@ methods, MONAI's UNETR forward fed with the prompted encoder's tokens after remo
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from monai.networks.nets import UNETR, ViTAutoEnc
 from peft_checks import assert_efficiency_paths_match
 
-from monai_prompt.backbones import vit_from_pretrained
+from monai_prompt.backbones import CheckpointError, vit_from_pretrained
 from monai_prompt.backbones.vit import BACKBONE_KEY, PromptableViT, build_vit
 from monai_prompt.nets import PromptUNETR
 from monai_prompt.nets.unetr import unetr_tap_layers
@@ -224,6 +225,25 @@ def test_non_square_monai_unetr_file_loads_without_resizing(tmp_path):
     decoder = {k: v for k, v in stock.state_dict().items() if not k.startswith("vit.")}
     assert net.load_state_dict(decoder, strict=False).unexpected_keys == []
     torch.testing.assert_close(net(images(2)), stock(images(2)), rtol=0, atol=1e-5)
+
+
+def test_deeper_unetr_file_needs_pretrained_strict_false(tmp_path, caplog):
+    """MONAI's 12-block UNETR into a 4-block encoder: an error naming the fix, or with pretrained_strict=False its
+    first 4 blocks and a warning."""
+    stock = stock_unetr(2, qkv_bias=False)
+    torch.save(stock.state_dict(), tmp_path / "unetr.pt")
+    kwargs = {"layer_norm_eps": 1e-5, "pretrained": str(tmp_path / "unetr.pt"), "spatial_dims": 2}
+    overrides = {**TINY, "num_layers": LAYERS, "qkv_bias": False}
+    with pytest.raises(CheckpointError, match=r"unetr.pt: checkpoint has 12 blocks, model has 4: build with num_l"):
+        PromptUNETR(1, OUT, IMG[2], backbone="vit_tiny", backbone_overrides=overrides, **kwargs)
+    with caplog.at_level(logging.WARNING):
+        net = PromptUNETR(
+            1, OUT, IMG[2], backbone="vit_tiny", backbone_overrides=overrides, pretrained_strict=False, **kwargs
+        )
+    assert any(r.levelno == logging.WARNING and "loading the first 4" in r.message for r in caplog.records)
+    for key, value in net.vit.state_dict().items():
+        if BACKBONE_KEY.match(key):
+            assert torch.equal(value, stock.state_dict()[f"vit.{key}"]), key
 
 
 @pytest.mark.parametrize("source", ["unetr", "vitautoenc"])

@@ -275,6 +275,7 @@ def build_backbone(
     dropout_rate: float = 0.0,
     cls_token: bool = True,
     overrides: dict[str, Any] | None = None,
+    strict: bool = True,
 ) -> PromptableViT:
     """The ViT of a network, pre-trained weights loaded: the hook PromptClassifier and PromptUNETR share.
 
@@ -293,6 +294,7 @@ def build_backbone(
         overrides: for a preset, :func:`build_vit` overrides (``hidden_size``, ``num_heads``, ..., ``qkv_bias``:
             False for MONAI's own ViT/ViTAutoEnc/UNETR checkpoints); for ``"auto"``,
             :data:`AUTO_OVERRIDES` (e.g. ``num_heads`` when no config names it, ``act``).
+        strict: as for :func:`~monai_prompt.backbones.load_pretrained` (networks: ``pretrained_strict``).
 
     Raises:
         ValueError: ``"auto"`` without ``pretrained``.
@@ -303,7 +305,7 @@ def build_backbone(
             raise ValueError("backbone='auto' builds the ViT from its checkpoint: pass pretrained=PATH as well.")
         target = {"in_channels": in_channels, "img_size": img_size, "spatial_dims": spatial_dims}
         target.update(cls_token=cls_token, dropout_rate=dropout_rate)
-        vit, _ = vit_from_pretrained(pretrained, **{**target, **overrides})
+        vit, _ = vit_from_pretrained(pretrained, strict, **{**target, **overrides})
         return vit
     if isinstance(backbone, str):
         backbone = build_vit(
@@ -317,5 +319,5 @@ def build_backbone(
             **overrides,
         )
     if pretrained:
-        load_pretrained(backbone, pretrained)
+        load_pretrained(backbone, pretrained, strict)
     return backbone

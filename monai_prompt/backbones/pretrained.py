@@ -73,6 +73,7 @@ _MARKERS = {
 HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 _PATCH_KEY, _POS_KEY = "patch_embedding.patch_embeddings.weight", "patch_embedding.position_embeddings"
 _PATCH_BIAS, _QKV_BIAS = "patch_embedding.patch_embeddings.bias", "blocks.0.attn.qkv.bias"
+_BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
 #: checkpoint keys that are deliberately not loaded, and why (reported in ``LoadReport.ignored``).
 _IGNORED = (
     (re.compile(r"(^|\.)mask_token$"), "mask token of masked-image pre-training (DINOv2, MAE); unused when tuning"),
@@ -478,9 +479,10 @@ def load_pretrained(
             as ``backbone``/``vit`` (PromptClassifier, UNETR). Load before applying a PEFT method.
         path: HuggingFace/open_clip model directory or weight file, timm or MONAI ``.safetensors``/``.pth``/``.bin``,
             or a :class:`Checkpoint` already opened.
-        strict: raise if any backbone weight of ``model`` is missing from the file, or the file has qkv biases,
-            LayerScale, register tokens or a pre-norm the model lacks. Unused checkpoint keys (heads, decoders) are only
-            reported.
+        strict: raise if any backbone weight of ``model`` is missing from the file, or the file has more
+            transformer blocks, qkv biases, LayerScale, register tokens or a pre-norm than the model. With
+            ``strict=False`` the rest is loaded (extra blocks with a warning). Other unused checkpoint keys (heads,
+            decoders) are only reported.
         src_grid: patch grid of the checkpoint's position embeddings when it is not square/cubic and the
             file has no ``config.json``.
         antialias: resize position embeddings with antialiased bicubic; None: as the checkpoint's reference
@@ -534,6 +536,7 @@ def load_pretrained(
         report.adapted += notes
     if "cls_token" in target and "cls_token" not in converted:
         report.initialised.append("cls_token")
+    _check_depth(path, converted, source, target, strict)
     state = {}
     for key, value in converted.items():
         if key not in target or not BACKBONE_KEY.match(key):
@@ -572,6 +575,37 @@ def load_pretrained(
             f"{hint}; pass strict=False to load the rest."
         )
     return report
+
+
+def _check_depth(
+    path: str,
+    converted: dict[str, torch.Tensor],
+    source: dict[str, list[str]],
+    target: dict[str, torch.Tensor],
+    strict: bool,
+) -> None:
+    """Raise (``strict``) or warn when the checkpoint has more transformer blocks than the model, whose keys would
+    otherwise not be loaded without a word."""
+
+    def block(key: str) -> int:
+        match = _BLOCK_INDEX.match(key)
+        return int(match.group(1)) if match and BACKBONE_KEY.match(key) else -1
+
+    src_depth, dst_depth = 1 + max(map(block, converted), default=-1), 1 + max(map(block, target), default=-1)
+    if src_depth <= dst_depth:
+        return
+    extra = [name for key in converted if block(key) >= dst_depth for name in source.get(key, [key])]
+    shown = f"{extra[:3]}{f' and {len(extra) - 3} more' if len(extra) > 3 else ''}"
+    if strict:
+        raise CheckpointError(
+            f"{path}: checkpoint has {src_depth} blocks, model has {dst_depth}: build with num_layers={src_depth}, or "
+            f"pass strict=False (a network's pretrained_strict=False) to load the first {dst_depth}; not loaded: "
+            f"{shown}."
+        )
+    logger.warning(
+        f"{path}: checkpoint has {src_depth} blocks, model has {dst_depth}: loading the first {dst_depth} "
+        f"(strict=False); not loaded: {shown}."
+    )
 
 
 def _lacking_parts(converted: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> list[str]:

@@ -52,7 +52,10 @@ class FPTClassifier(nn.Module):
         pretrained: LPM weight file/directory for :func:`~monai_prompt.backbones.load_pretrained`.
         layer_norm_eps: LayerNorm epsilon of the LPM checkpoint (1e-6 timm, 1e-12 HuggingFace); the side network
             uses the same value, as the official code does.
-        backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``patch_size`` overrides.
+        backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``patch_size``/``qkv_bias``
+            overrides.
+        pretrained_strict: ``strict`` of :func:`~monai_prompt.backbones.load_pretrained`: False loads a checkpoint
+            with more blocks than the LPM (its first ``num_layers``, with a warning) or lacking some weights.
 
     Example::
 
@@ -73,6 +76,7 @@ class FPTClassifier(nn.Module):
         pretrained: str | None = None,
         layer_norm_eps: float = 1e-6,
         backbone_overrides: dict[str, int] | None = None,
+        pretrained_strict: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(backbone, TinyViT) or backbone in TINYVIT_PRESETS:
@@ -93,7 +97,7 @@ class FPTClassifier(nn.Module):
             lpm = LPMExtractor.from_vit(backbone, config.layers, config.token_ratio, config.token_importance)
         layers = lpm.layers
         if pretrained:
-            load_pretrained(lpm, pretrained)
+            load_pretrained(lpm, pretrained, pretrained_strict)
         width, heads = lpm.hidden_size, lpm.num_heads
         side_width = width // config.side_reduction
         if width % config.side_reduction or side_width % heads or width % config.prompt_reduction:

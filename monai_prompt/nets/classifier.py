@@ -43,14 +43,18 @@ class PromptClassifier(AutocastForward):
             :func:`~monai_prompt.backbones.load_tinyvit_weights`), loaded before the method is applied.
         layer_norm_eps: LayerNorm epsilon of the checkpoint (1e-6 timm, 1e-12 HuggingFace; not used by TinyViT, nor
             by ``"auto"``, which reads it from the checkpoint).
-        backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``patch_size`` overrides
-            (TinyViT: fields of its preset, e.g. ``embed_dims``, ``depths``; ``"auto"``: what the checkpoint does not
-            hold, see :data:`~monai_prompt.backbones.auto.AUTO_OVERRIDES`, e.g. ``num_heads`` without a config).
+        backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``patch_size``/``qkv_bias``
+            overrides (TinyViT: fields of its preset, e.g. ``embed_dims``, ``depths``; ``"auto"``: what the
+            checkpoint does not hold, see :data:`~monai_prompt.backbones.auto.AUTO_OVERRIDES`, e.g. ``num_heads``
+            without a config).
         grad_checkpointing: recompute block activations in backward (saves memory).
         sdpa: fused scaled-dot-product attention where the method's maths allows it.
         autocast_dtype: ``"bf16"`` or ``"fp16"`` to run the forward under ``torch.autocast``; logits are
             returned in float32.
         head_dropout: dropout before the head.
+        pretrained_strict: ``strict`` of :func:`~monai_prompt.backbones.load_pretrained`: False loads a checkpoint
+            with more blocks than the backbone (its first ``num_layers``, with a warning) or lacking some weights
+            (TinyViT weights always load strictly).
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class PromptClassifier(AutocastForward):
         sdpa: bool = False,
         autocast_dtype: str | None = None,
         head_dropout: float = 0.0,
+        pretrained_strict: bool = True,
     ) -> None:
         super().__init__()
         check_autocast_dtype(autocast_dtype)
@@ -79,7 +84,14 @@ class PromptClassifier(AutocastForward):
                 load_tinyvit_weights(backbone, pretrained)
         else:
             backbone = build_backbone(
-                backbone, pretrained, in_channels, img_size, spatial_dims, layer_norm_eps, overrides=backbone_overrides
+                backbone,
+                pretrained,
+                in_channels,
+                img_size,
+                spatial_dims,
+                layer_norm_eps,
+                overrides=backbone_overrides,
+                strict=pretrained_strict,
             )
         self.backbone = apply_method(backbone, method, method_config)
         self.backbone.set_grad_checkpointing(grad_checkpointing)

@@ -87,6 +87,8 @@ class PromptUNETR(AutocastForward, UNETR):
         sdpa: fused scaled-dot-product attention where the method's maths allows it.
         autocast_dtype: ``"bf16"`` or ``"fp16"`` to run the forward under ``torch.autocast``; logits are
             returned in float32.
+        pretrained_strict: ``strict`` of :func:`~monai_prompt.backbones.load_pretrained`: False loads a checkpoint
+            with more blocks than the encoder (its first ``num_layers``, with a warning) or lacking some weights.
 
     Example::
 
@@ -113,6 +115,7 @@ class PromptUNETR(AutocastForward, UNETR):
         grad_checkpointing: bool = False,
         sdpa: bool = False,
         autocast_dtype: str | None = None,
+        pretrained_strict: bool = True,
     ) -> None:
         if method in FPT_VARIANTS:
             raise ValueError(
@@ -131,6 +134,7 @@ class PromptUNETR(AutocastForward, UNETR):
             dropout_rate,
             cls_token=False,
             overrides=backbone_overrides,
+            strict=pretrained_strict,
         )
         _check_backbone(backbone, in_channels, sizes, spatial_dims)
         cfg = backbone.config
