@@ -25,6 +25,7 @@ from monai.transforms import Compose
 from PIL import Image
 
 from monai_prompt.bundle_gen import BUNDLE_SPECS, check_bundles, write_bundles
+from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS
 from monai_prompt.data import classification_transforms
 from monai_prompt.engine import latest_checkpoint
 from monai_prompt.engine.export import export_bundle
@@ -71,7 +72,7 @@ def _strings(config) -> Iterator[str]:
 
 def test_rendered_configs_import_what_their_expressions_use():
     runs = (["train.json"], ["train.json", "evaluate.json"], ["train.json", "multi_gpu_train.json"], ["inference.json"])
-    cases = [(name, files) for name in BUNDLE_SPECS for files in runs] + [("vit_pretraining", ["train.json"])]
+    cases = [(name, files) for name in ALL_BUNDLE_SPECS for files in runs] + [("vit_pretraining", ["train.json"])]
     for name, files in cases:
         parser = ConfigParser()
         parser.read_config([str(REPO / "bundles" / name / "configs" / file) for file in files])

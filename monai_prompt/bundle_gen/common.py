@@ -27,6 +27,7 @@ __all__ = [
     "device_settings",
     "evaluate_handlers",
     "evaluator",
+    "inference_steps",
     "loader",
     "multi_gpu_config",
     "optimization",
@@ -367,6 +368,24 @@ def evaluate_handlers(*savers: dict[str, Any], files: Sequence[str] = ("metrics.
             "extra_params": {"pretrained": "@pretrained", "checkpoint": "@load_path"},
         },
     ]
+
+
+def inference_steps(check: str) -> dict[str, list[str]]:
+    """``initialize`` and ``run`` of an inference: errors shown last, the seed, a warning without pre-trained
+    weights; then ``check`` of the inputs and the evaluator. The check runs in ``run``, so that nothing is looked
+    up while MONAI checks the bundle's properties (a bundle without data passes).
+
+    Args:
+        check: the expression that checks the input images.
+    """
+    return {
+        "initialize": [
+            SHOW_CAUSE_LAST,
+            "$monai.utils.set_determinism(seed=@seed)",
+            "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)",
+        ],
+        "run": [check, "$@evaluator.run()"],
+    }
 
 
 def multi_gpu_config(initialize: list[str]) -> dict[str, Any]:

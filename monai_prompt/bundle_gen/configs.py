@@ -321,15 +321,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
             },
         ],
         "evaluator": common.evaluator(metrics=False),
-        "initialize": [
-            common.SHOW_CAUSE_LAST,
-            "$monai.utils.set_determinism(seed=@seed)",
-            "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)",
-        ],
-        "run": [
-            "$monai_prompt.data.check_images(@infer_files, read_pixels=@check_pixels, source=@infer_images)",
-            "$@evaluator.run()",
-        ],
+        **common.inference_steps("$monai_prompt.data.check_images(@infer_files, read_pixels=@check_pixels, source=@infer_images)"),
     }
 
 

@@ -1,4 +1,4 @@
-"""Render every classification bundle from the one template, write them, or check committed bundles against it."""
+"""Render every bundle from its task's template, write them, or check committed bundles against them."""
 
 from __future__ import annotations
 
@@ -7,16 +7,23 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from monai_prompt.bundle_gen.configs import evaluate_config, inference_config, multi_gpu_config, train_config
-from monai_prompt.bundle_gen.metadata import metadata
+from monai_prompt.bundle_gen import configs, segmentation
+from monai_prompt.bundle_gen.metadata import metadata, segmentation_metadata
 from monai_prompt.bundle_gen.readme import readme
-from monai_prompt.bundle_gen.specs import BUNDLE_SPECS, BundleSpec
+from monai_prompt.bundle_gen.segmentation_readme import segmentation_readme
+from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS, TASKS, BundleSpec
 
 __all__ = ["check_bundles", "render_bundle", "write_bundles"]
 
 #: folders a bundle fills when it runs (checkpoints; metrics, predictions and the MLflow store; the FPT feature
 #: cache); never rendered, never checked.
 OUTPUT_DIRS = ("models", "eval", "cache")
+#: task -> (the configs module: ``train_config``, ``evaluate_config``, ``inference_config``, ``multi_gpu_config``;
+#: metadata; README).
+_TEMPLATES = {
+    "classification": (configs, metadata, readme),
+    "segmentation": (segmentation, segmentation_metadata, segmentation_readme),
+}
 
 
 def _json(content: dict[str, Any]) -> str:
@@ -29,26 +36,27 @@ def _template(name: str) -> str:
 
 def render_bundle(spec: BundleSpec) -> dict[str, str]:
     """Every file of ``spec``'s bundle: relative path -> text."""
+    template, bundle_metadata, bundle_readme = _TEMPLATES[spec.task]
     return {
         "LICENSE": _template("LICENSE"),
         ".gitignore": "".join(f"/{folder}/\n" for folder in OUTPUT_DIRS),
-        "configs/metadata.json": _json(metadata(spec)),
-        "configs/train.json": _json(train_config(spec)),
-        "configs/evaluate.json": _json(evaluate_config(spec)),
-        "configs/inference.json": _json(inference_config(spec)),
-        "configs/multi_gpu_train.json": _json(multi_gpu_config(spec)),
+        "configs/metadata.json": _json(bundle_metadata(spec)),
+        "configs/train.json": _json(template.train_config(spec)),
+        "configs/evaluate.json": _json(template.evaluate_config(spec)),
+        "configs/inference.json": _json(template.inference_config(spec)),
+        "configs/multi_gpu_train.json": _json(template.multi_gpu_config(spec)),
         "configs/logging.conf": _template("logging.conf"),
-        "docs/README.md": readme(spec),
+        "docs/README.md": bundle_readme(spec),
     }
 
 
 def _selected(names: list[str] | None) -> list[BundleSpec]:
     if not names:
-        return list(BUNDLE_SPECS.values())
-    unknown = sorted(set(names) - set(BUNDLE_SPECS))
+        return list(ALL_BUNDLE_SPECS.values())
+    unknown = sorted(set(names) - set(ALL_BUNDLE_SPECS))
     if unknown:
-        raise ValueError(f"unknown bundles {unknown}; known: {sorted(BUNDLE_SPECS)}.")
-    return [BUNDLE_SPECS[name] for name in names]
+        raise ValueError(f"unknown bundles {unknown}; known: {sorted(ALL_BUNDLE_SPECS)}.")
+    return [ALL_BUNDLE_SPECS[name] for name in names]
 
 
 def write_bundles(root: str | Path, names: list[str] | None = None) -> list[Path]:
@@ -68,7 +76,7 @@ def check_bundles(root: str | Path, names: list[str] | None = None) -> list[str]
     """Differences between the bundles under ``root`` and what the generator renders (empty when in sync).
 
     Reports missing and differing files, files the generator does not render (outside ``models/``/``eval/``)
-    and ``*_classification`` folders that no spec renders.
+    and ``*_classification``/``*_segmentation`` folders that no spec renders.
     """
     problems = []
     root = Path(root)
@@ -89,7 +97,8 @@ def check_bundles(root: str | Path, names: list[str] | None = None) -> list[str]
     if not names and root.is_dir():
         problems += [
             f"{folder}: no bundle spec renders it"
-            for folder in sorted(root.glob("*_classification"))
-            if folder.name not in BUNDLE_SPECS
+            for task in TASKS
+            for folder in sorted(root.glob(f"*_{task}"))
+            if folder.name not in ALL_BUNDLE_SPECS
         ]
     return problems

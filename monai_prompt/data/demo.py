@@ -29,7 +29,15 @@ import numpy as np
 
 from monai_prompt.data.datalist import SPLITS, UNLABELED, ClassificationDatalist
 
-__all__ = ["DEMO_CLASSES", "SLAB_SPLITS", "build_demo_data", "mni152_volumes"]
+__all__ = [
+    "DEMO_CLASSES",
+    "SLAB_SPLITS",
+    "build_demo_data",
+    "jitter_intensity",
+    "mni152_folder",
+    "mni152_volumes",
+    "write_png",
+]
 
 DEMO_CLASSES = ("csf", "gray_matter", "white_matter")
 #: split of slab ``k`` is ``SLAB_SPLITS[k % 5]``: 60/20/20 of the slabs, interleaved along the head.
@@ -39,17 +47,20 @@ _MNI_FILES = {
 }
 
 
-def mni152_volumes() -> tuple[np.ndarray, np.ndarray]:
-    """The MNI152 T1 template (uint8) and tissue probabilities ``[3, X, Y, Z]`` (csf, gm, wm) from nilearn's files.
-
-    The files are found without importing nilearn (its import pulls in scikit-learn and pandas).
-    """
-    import nibabel as nib
-
+def mni152_folder() -> Path:
+    """nilearn's folder of template files, found without importing nilearn (its import pulls in scikit-learn and
+    pandas)."""
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("the demo data is cut from the MNI152 template inside nilearn: pip install nilearn")
-    folder = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+
+
+def mni152_volumes() -> tuple[np.ndarray, np.ndarray]:
+    """The MNI152 T1 template (uint8) and tissue probabilities ``[3, X, Y, Z]`` (csf, gm, wm) from nilearn's files."""
+    import nibabel as nib
+
+    folder = mni152_folder()
     volumes = {name: np.asanyarray(nib.load(folder / file).dataobj) for name, file in _MNI_FILES.items()}
     grey, white = (volumes[name].astype(np.float32) / 255 for name in ("gm", "wm"))
     csf = np.clip(1 - grey - white, 0, 1) * (volumes["t1"] > 0)
@@ -115,7 +126,7 @@ def build_demo_data(
             for x, y, z in centres[np.sort(rng.choice(len(centres), count, replace=False))]:
                 folder = out / "images" / split / ("" if label is None else DEMO_CLASSES[label])
                 path = folder / f"x{x:03d}_y{y:03d}_z{z:03d}.png"
-                _write_png(path, _jitter(padded[x : x + patch_size, y : y + patch_size, z], noise, rng))
+                write_png(path, jitter_intensity(padded[x : x + patch_size, y : y + patch_size, z], noise, rng))
                 item = {"image": str(path)} | ({} if label is None else {"label": int(label)})
                 splits[split].append(item | {"group": f"slab{slab[z]:02d}"})
     datalist = ClassificationDatalist(list(DEMO_CLASSES), splits)
@@ -134,14 +145,14 @@ def build_demo_data(
     return datalist
 
 
-def _jitter(patch: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
-    """Random gamma (0.6-1.6), contrast (0.7-1) and Gaussian noise on a uint8 patch, back to uint8."""
+def jitter_intensity(patch: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """Random gamma (0.6-1.6), contrast (0.7-1) and Gaussian noise on a uint8 image (any shape), back to uint8."""
     gamma = np.exp(rng.uniform(np.log(0.6), np.log(1.6)))
     image = (patch / 255.0) ** gamma * rng.uniform(0.7, 1.0) + rng.normal(0.0, noise, patch.shape)
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def _write_png(path: Path, patch: np.ndarray) -> None:
+def write_png(path: Path, patch: np.ndarray) -> None:
     """Save a ``[X, Y]`` patch so that MONAI's PIL reader loads it back as ``[X, Y]``."""
     from PIL import Image
 

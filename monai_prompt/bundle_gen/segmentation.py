@@ -1,0 +1,301 @@
+"""The segmentation bundle configs (``train``, ``evaluate``, ``inference``, ``multi_gpu_train``) as Python dicts.
+
+One template for the nine PEFT methods in 2D and 3D: ``monai_prompt.nets.PromptUNETR`` (MONAI's UNETR with the
+method on its ViT encoder) trained in the model-zoo way: DiceCE loss on random ROI crops (half centred on
+foreground), sliding-window inference over whole images (ROI = the network's ``img_size``, ``sw_overlap``
+configurable), mean Dice (key metric), Dice per class and HD95 (mean and per class, in voxels) on validation and
+evaluation, and inference that inverts the preprocessing (``Invertd``) before ``SaveImaged`` writes each mask
+on its input's grid (NIfTI with the input's affine for NIfTI/DICOM inputs, PNG for PNG inputs). The task-free
+pieces (paths, delta checkpoints, optimiser, resume, the run-folder lock and training record, handlers, DDP) come
+from :mod:`~monai_prompt.bundle_gen.common`; splits are read with MONAI's ``load_decathlon_datalist``
+(:func:`monai_prompt.data.segmentation.read_segmentation_datalist`), the class names from the datalist's
+``labels``. As in :mod:`~monai_prompt.bundle_gen.configs`, evaluation and inference take the network and classes
+from the training record (``models/training_config.json``) and every file stands on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from monai_prompt.bundle_gen import common
+from monai_prompt.bundle_gen.specs import BundleSpec
+from monai_prompt.data.demo_segmentation import SEGMENTATION_CLASSES
+
+__all__ = [
+    "DEMO_DATASET_DIR",
+    "evaluate_config",
+    "inference_config",
+    "multi_gpu_config",
+    "train_config",
+]
+
+#: the default data folder (``monai-prompt demo-data --task segmentation``) below the repository root.
+DEMO_DATASET_DIR = "demo_data_segmentation"
+_KEYS = ["image", "label"]
+#: images per batch and ROI crops sampled from each (UNETR's BTCV recipe in 3D: one volume, four crops).
+_BATCH = {2: (8, 2), 3: (1, 4)}
+_FROM_PRED_LABEL = "$monai.handlers.from_engine(['pred', 'label'])"
+#: training and evaluation: the classes are the datalist's ``labels`` unless given on the command line.
+_DATALIST_TASK = {"class_names": "$@datalist.classes", "num_classes": "$len(@class_names)"}
+#: inference without a training record (a bundle that was not trained here): the demo's classes.
+_DEFAULT_TASK = {"class_names": list(SEGMENTATION_CLASSES), "num_classes": "$len(@class_names)"}
+
+
+def _network_def(trained: bool = False) -> dict[str, Any]:
+    """``PromptUNETR`` loading the pre-trained encoder itself from ``pretrained`` (``trained``: with the recorded
+    method config and backbone overrides, see :func:`~monai_prompt.bundle_gen.common.recorded`)."""
+    prefix = "trained_" if trained else ""
+    return {
+        "_target_": "monai_prompt.nets.PromptUNETR",
+        "in_channels": "@in_channels",
+        "out_channels": "@num_classes",
+        "img_size": "@img_size",
+        "method": "@method",
+        "method_config": f"@{prefix}method_config",
+        "backbone": "@backbone",
+        "spatial_dims": "@spatial_dims",
+        "feature_size": "@feature_size",
+        "pretrained": "@pretrained",
+        "layer_norm_eps": "@layer_norm_eps",
+        "backbone_overrides": f"@{prefix}backbone_overrides",
+    }
+
+
+def _network_settings(spec: BundleSpec, task: dict[str, Any]) -> dict[str, Any]:
+    """The classes, input, decoder width, encoder and method: what the training record keeps for evaluation and
+    inference (``task``: :data:`_DATALIST_TASK` or :data:`_DEFAULT_TASK`)."""
+    return {
+        **task,
+        "in_channels": 1,
+        "spatial_dims": spec.spatial_dims,
+        "img_size": spec.img_size,
+        "feature_size": 16,
+        **common.backbone_settings(spec),
+    }
+
+
+def _common(spec: BundleSpec) -> dict[str, Any]:
+    """Paths, datalist, device, classes, input, network and loader settings every file starts with."""
+    batch_size, num_samples = _BATCH[spec.spatial_dims]
+    return {
+        "imports": [*common.IMPORTS, "$import monai_prompt.data.segmentation"],
+        **common.paths(spec, DEMO_DATASET_DIR, f"datalist_{spec.spatial_dims}d.json"),
+        "datalist": "$monai_prompt.data.segmentation.read_segmentation_datalist(@datalist_file)",
+        **common.device_settings(),
+        **_network_settings(spec, _DATALIST_TASK),
+        "roi_size": "$monai.utils.ensure_tuple_rep(@img_size, @spatial_dims)",
+        "pixdim": None,
+        "network_def": _network_def(),
+        "network": "$@network_def.to(@device)",
+        "batch_size": batch_size,
+        "num_samples": num_samples,
+        "sw_batch_size": 4,
+        "sw_overlap": 0.25,
+        "num_workers": 4,
+        "cache_rate": 0.0,
+        "experiment_name": "monai_prompt_segmentation",
+    }
+
+
+def _deterministic_transforms() -> list[dict[str, Any]]:
+    """Datalist item to network input and target: load image and label (the label may be absent: inference),
+    channel first, match ``in_channels``/``spatial_dims``, RAS orientation, resampling to ``pixdim`` when it is
+    set (default: keep the data's spacing), image scaled to [0, 1], float32. No resizing: the sliding window covers
+    whole images of any size."""
+    optional = {"allow_missing_keys": True}
+    return [
+        {"_target_": "LoadImaged", "keys": _KEYS, "image_only": True, **optional},
+        {"_target_": "EnsureChannelFirstd", "keys": _KEYS, **optional},
+        {"_target_": "monai_prompt.data.MatchInputd", "keys": "image", "spatial_dims": "@spatial_dims",
+         "channels": "@in_channels"},
+        {"_target_": "monai_prompt.data.MatchInputd", "keys": "label", "spatial_dims": "@spatial_dims", "channels": 1,
+         **optional},
+        {"_target_": "Orientationd", "keys": _KEYS, "axcodes": "$'RAS'[:@spatial_dims]", "labels": None, **optional},
+        {"_target_": "Spacingd", "_disabled_": "$@pixdim is None", "keys": _KEYS, "pixdim": "@pixdim",
+         "mode": ["bilinear", "nearest"], **optional},
+        {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
+        {"_target_": "EnsureTyped", "keys": _KEYS, "dtype": "$torch.float32", **optional},
+    ]
+
+
+def _random_transforms() -> list[dict[str, Any]]:
+    """The training sampling and augmentations: pad to the ROI, ``num_samples`` ROI crops per image (half centred
+    on foreground), a left-right flip, contrast and intensity shifts."""
+    return [
+        {"_target_": "SpatialPadd", "keys": _KEYS, "spatial_size": "@roi_size"},
+        {"_target_": "RandCropByPosNegLabeld", "keys": _KEYS, "label_key": "label", "image_key": "image",
+         "spatial_size": "@roi_size", "pos": 1, "neg": 1, "num_samples": "@num_samples", "image_threshold": 0},
+        {"_target_": "RandFlipd", "keys": _KEYS, "prob": 0.5, "spatial_axis": 0},
+        {"_target_": "RandAdjustContrastd", "keys": "image", "prob": 0.3, "gamma": [0.7, 1.5]},
+        {"_target_": "RandShiftIntensityd", "keys": "image", "prob": 0.5, "offsets": 0.1},
+    ]
+
+
+def _compose(transforms: str | list[dict[str, Any]]) -> dict[str, Any]:
+    return {"_target_": "Compose", "transforms": transforms}
+
+
+def _sliding_window() -> dict[str, Any]:
+    return {
+        "_target_": "SlidingWindowInferer",
+        "roi_size": "@roi_size",
+        "sw_batch_size": "@sw_batch_size",
+        "overlap": "@sw_overlap",
+        "mode": "gaussian",
+    }
+
+
+def _metrics(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Key metric (mean Dice over the foreground classes) and Dice per class, HD95 per class and its mean (NaN where
+    undefined: :mod:`monai_prompt.engine.segmentation`)."""
+    foreground = "$@class_names[1:]"
+    key = {f"{prefix}mean_dice": {"_target_": "MeanDice", "include_background": False,
+                                  "output_transform": _FROM_PRED_LABEL}}
+    additional = {
+        f"{prefix}dice": {"_target_": "monai_prompt.engine.segmentation.ClassMeanDice", "class_names": foreground,
+                          "include_background": False, "output_transform": _FROM_PRED_LABEL},
+        f"{prefix}hd95": {"_target_": "monai_prompt.engine.segmentation.ClassHausdorffDistance",
+                          "class_names": foreground, "mean_name": f"{prefix}mean_hd95", "percentile": 95,
+                          "include_background": False, "output_transform": _FROM_PRED_LABEL},
+    }
+    return key, additional
+
+
+#: softmax, then one-hot prediction (argmax) and label for the metrics.
+_POSTPROCESSING = _compose([
+    {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+    {"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False], "to_onehot": "@num_classes"},
+])
+
+
+def _initialize(train: bool = True) -> list[str]:
+    """Errors shown last; training: the run folder claimed; the seed; every image/label pair checked (geometry,
+    label values, the splits the workflow reads, the classes against the bundle's); training: the run recorded; a
+    warning without pre-trained weights."""
+    splits = "['training', 'validation']" if train else "[@evaluate_split]"
+    check = (
+        "$monai_prompt.data.segmentation.check_segmentation_datalist(@datalist_file, @class_names, "
+        f"required_splits={splits})"
+    )
+    start = list(common.TRAIN_START) if train else [common.SHOW_CAUSE_LAST, "$monai.utils.set_determinism(seed=@seed)"]
+    return [
+        *start,
+        check,
+        *([common.RECORD_TRAINING] if train else []),
+        "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)",
+    ]
+
+
+def train_config(spec: BundleSpec) -> dict[str, Any]:
+    """``configs/train.json``: training with sliding-window validation, best delta to ``models/model.pt``,
+    resumable."""
+    key_metric, additional_metrics = _metrics("val_")
+    return {
+        **_common(spec),
+        **common.train_settings(spec),
+        "training_record": {key: f"@{key}" for key in _network_settings(spec, _DATALIST_TASK)},
+        "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
+        **common.optimization(spec),
+        "train": {
+            **common.train_checkpointing(),
+            "deterministic_transforms": _deterministic_transforms(),
+            "random_transforms": _random_transforms(),
+            "preprocessing": _compose("$@train#deterministic_transforms + @train#random_transforms"),
+            "dataset": common.dataset("$@datalist['training']", "@train#preprocessing"),
+            "dataloader": common.loader("@train#dataset", shuffle=True),
+            "inferer": {"_target_": "SimpleInferer"},
+            "handlers": common.train_handlers(),
+            "trainer": common.trainer(spec),
+        },
+        "validate": {
+            "preprocessing": _compose("@train#deterministic_transforms"),
+            "dataset": common.dataset("$@datalist['validation']", "@validate#preprocessing"),
+            "dataloader": common.loader("@validate#dataset", shuffle=False, batch_size=1),
+            "inferer": _sliding_window(),
+            "postprocessing": _POSTPROCESSING,
+            "key_metric": key_metric,
+            "additional_metrics": additional_metrics,
+            "handlers": common.validate_handlers(),
+            "evaluator": common.evaluator("validate#"),
+        },
+        "initialize": _initialize(),
+        "run": list(common.TRAIN_RUN),
+    }
+
+
+def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
+    """``configs/evaluate.json`` (merged on ``train.json``): Dice and HD95 of ``models/model.pt`` on the test split,
+    to ``eval/metrics.csv`` (and per image to ``eval/mean_dice_raw.csv``, ``eval/hd95_raw.csv``), with the network
+    and classes of its training record."""
+    key_metric, additional_metrics = _metrics("")
+    metrics_saver = {
+        "_target_": "MetricsSaver",
+        "save_dir": "@output_dir",
+        "metrics": "*",
+        "metric_details": ["mean_dice", "hd95"],
+        "batch_transform": "$lambda batch: [item['image'].meta for item in batch]",
+        "summary_ops": None,
+    }
+    return {
+        "evaluate_split": "test",
+        "load_path": "$@ckpt_dir + '/model.pt'",
+        **common.recorded(_network_settings(spec, _DATALIST_TASK)),
+        "network_def#method_config": "@trained_method_config",
+        "network_def#backbone_overrides": "@trained_backbone_overrides",
+        "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_evaluate')",
+        "preprocessing": "@validate#preprocessing",
+        "dataset": common.dataset("$@datalist[@evaluate_split]", "@preprocessing"),
+        "dataloader": common.loader("@dataset", shuffle=False, batch_size=1),
+        "inferer": "@validate#inferer",
+        "postprocessing": "@validate#postprocessing",
+        "key_metric": key_metric,
+        "additional_metrics": additional_metrics,
+        "handlers": common.evaluate_handlers(metrics_saver, files=("metrics.csv", "mean_dice_raw.csv", "hd95_raw.csv")),
+        "evaluator": common.evaluator(""),
+        "initialize": _initialize(train=False),
+        "run": ["$@evaluator.run()"],
+    }
+
+
+def inference_config(spec: BundleSpec) -> dict[str, Any]:
+    """``configs/inference.json`` (standalone): a mask per image on the image's own grid, to ``eval/masks``, with
+    the network and classes of the training record.
+
+    ``infer_images`` is a folder (``--input_dir``), a glob or a list of them (default: the demo's test images); no
+    datalist is read. The masks are ``<image name>_seg.nii.gz`` with the input's affine, or ``_seg.png`` for PNG
+    inputs.
+    """
+    return {
+        **_common(spec),
+        "load_path": "$@ckpt_dir + '/model.pt'",
+        **common.recorded(_network_settings(spec, _DEFAULT_TASK)),
+        "network_def": _network_def(trained=True),
+        "input_dir": f"$@dataset_dir + '/{spec.spatial_dims}d/images/test'",
+        "infer_images": "@input_dir",
+        "infer_files": "$monai_prompt.data.find_images(@infer_images)",
+        "mask_dir": "$@output_dir + '/masks'",
+        "mask_ext": "$monai_prompt.data.segmentation.mask_suffix(@infer_files)",
+        "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_infer')",
+        "preprocessing": _compose(_deterministic_transforms()),
+        "dataset": common.dataset("$[{'image': image} for image in @infer_files]", "@preprocessing"),
+        "dataloader": common.loader("@dataset", shuffle=False, batch_size=1),
+        "inferer": _sliding_window(),
+        "postprocessing": _compose([
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@mask_dir", "output_postfix": "seg",
+             "output_ext": "@mask_ext", "output_dtype": "$np.uint8", "resample": False, "separate_folder": False,
+             "print_log": False},
+        ]),
+        "handlers": [common.delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}],
+        "evaluator": common.evaluator(metrics=False),
+        **common.inference_steps("$monai_prompt.data.check_images(@infer_files, source=@infer_images)"),
+    }
+
+
+def multi_gpu_config(spec: BundleSpec) -> dict[str, Any]:
+    """``configs/multi_gpu_train.json``: :func:`~monai_prompt.bundle_gen.common.multi_gpu_config` with the data check
+    on every rank."""
+    return common.multi_gpu_config(_initialize())

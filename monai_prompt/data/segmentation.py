@@ -1,0 +1,257 @@
+"""Segmentation datalists: image/label pairs in a MONAI decathlon JSON, their check, and inference inputs.
+
+The segmentation bundles read their splits with MONAI's own ``load_decathlon_datalist``; this module adds what
+MONAI has no function for: :func:`check_segmentation_datalist` (every pair readable, image and label of the
+same geometry, label values that are class indices, no image or group in two splits; all problems at once) and
+:func:`mask_suffix` (PNG masks for PNG inputs, NIfTI otherwise). Inference inputs are listed by
+:func:`monai_prompt.data.find_images`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monai_prompt.data.check import _leaks, _most_common
+from monai_prompt.data.datalist import DataCheckError
+from monai_prompt.data.headers import PIL_SUFFIXES, image_suffix
+from monai_prompt.data.split import SPLITS
+
+__all__ = [
+    "SegmentationDatalist",
+    "SegmentationSummary",
+    "check_segmentation_datalist",
+    "mask_suffix",
+    "read_segmentation_datalist",
+]
+
+_ALL_SPLITS = (*SPLITS, "unlabeled")
+#: relative tolerance of the affine comparison (image vs label), in units of the largest voxel size.
+_AFFINE_TOLERANCE = 1e-3
+
+
+@dataclass
+class SegmentationDatalist:
+    """Image/label pairs per split and the class names.
+
+    Attributes:
+        classes: class names, index = label value (``labels`` of the decathlon file).
+        splits: ``training``/``validation``/``test``/``unlabeled`` -> ``{"image", "label"[, "group"]}`` dicts
+            with absolute paths (no ``label`` in ``unlabeled``; MSD-style bare test paths become ``{"image"}``).
+    """
+
+    classes: list[str]
+    splits: dict[str, list[dict[str, Any]]]
+
+    def __getitem__(self, split: str) -> list[dict[str, Any]]:
+        return self.splits.get(split, [])
+
+    def all_items(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(split, item)`` for every item."""
+        for split, items in self.splits.items():
+            for item in items:
+                yield split, item
+
+
+def read_segmentation_datalist(path: str | os.PathLike) -> SegmentationDatalist:
+    """Read a decathlon JSON segmentation datalist (paths relative to its folder) with MONAI's reader.
+
+    Raises:
+        ValueError: the file has no ``labels`` map naming the classes.
+    """
+    from monai.data import load_decathlon_datalist
+
+    content = json.loads(Path(path).read_text())
+    labels = content.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError(
+            f"{path}: a segmentation datalist names its classes in 'labels', e.g. "
+            '{"0": "background", "1": "liver"}; add it (MONAI Label and metadata.json channel_def use the same names).'
+        )
+    classes = [labels[key] for key in sorted(labels, key=int)]
+    splits = {
+        split: load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=split)
+        for split in _ALL_SPLITS
+        if content.get(split)
+    }
+    return SegmentationDatalist(classes, splits)
+
+
+@dataclass
+class SegmentationSummary:
+    """What a clean segmentation dataset holds.
+
+    Attributes:
+        source: the datalist checked.
+        classes: class names.
+        counts: image/label pairs (unlabelled images) per split.
+        voxel_fractions: per labelled split, the fraction of label voxels of each class.
+        channels: the channel count every image has.
+    """
+
+    source: str
+    classes: list[str]
+    counts: dict[str, int]
+    voxel_fractions: dict[str, list[float]]
+    channels: int
+
+    def __str__(self) -> str:
+        width = max(len(name) for name in [*self.classes, "images"]) + 2
+        lines = [
+            f"segmentation datalist {self.source}: {len(self.classes)} classes, {self.channels} channel(s)",
+            f"{'split':<12}{'images':>{width}}" + "".join(f"{name:>{width}}" for name in self.classes),
+        ]
+        for split, count in self.counts.items():
+            fractions = "".join(f"{value:>{width}.3f}" for value in self.voxel_fractions.get(split, []))
+            lines.append(f"{split:<12}{count:>{width}}{fractions}")
+        return "\n".join(lines) + "\n(class columns: fraction of label voxels)"
+
+
+def _spatial_shape(array) -> tuple[int, ...]:
+    """Spatial shape of a channel-first array with trailing singleton dims dropped (ITK reads 2D DICOM as 3D)."""
+    shape = tuple(int(s) for s in array.shape[1:])
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _load(path: str, load, problems: list[str]):
+    """``load(path)``, or None with the reason appended to ``problems``."""
+    if not os.path.exists(path):
+        problems.append(f"{path}: file not found.")
+        return None
+    try:
+        return load(path)
+    except Exception as err:  # noqa: BLE001 - every unreadable file is reported, with the reader's reason
+        problems.append(f"{path}: unreadable ({type(err).__name__}: {err}).")
+        return None
+
+
+def _pair_problems(image, label, image_path: str, label_path: str, num_classes: int) -> list[str]:
+    """What is wrong with one loaded image/label pair: non-finite image, geometry, label values."""
+    problems = []
+    pixels = np.asarray(image)
+    if np.issubdtype(pixels.dtype, np.inexact) and not np.isfinite(pixels).all():
+        bad = int(pixels.size - np.count_nonzero(np.isfinite(pixels)))
+        problems.append(f"{image_path}: {bad} NaN/Inf value(s); training would get a NaN loss: fix or drop the image.")
+    if label.shape[0] != 1:
+        problems.append(f"{label_path}: {label.shape[0]} channels; a label map has one (class index per voxel).")
+    if _spatial_shape(image) != _spatial_shape(label):
+        problems.append(f"{label_path}: shape {_spatial_shape(label)} differs from its image's {_spatial_shape(image)} "
+                        f"({image_path}); the label must be on the image's grid (resample it with nearest neighbour).")
+    else:
+        image_affine, label_affine = np.asarray(image.affine), np.asarray(label.affine)
+        scale = max(float(np.abs(image_affine[:-1, :-1]).max()), 1.0)
+        if image_affine.shape != label_affine.shape or not np.allclose(
+            image_affine, label_affine, atol=_AFFINE_TOLERANCE * scale
+        ):
+            problems.append(f"{label_path}: affine differs from its image's ({image_path}): the label is not in the "
+                            f"image's space; re-save it with the image's header.\n    image {image_affine.tolist()}\n"
+                            f"    label {label_affine.tolist()}")
+    values = np.unique(np.asarray(label))
+    if not np.all(np.equal(np.mod(values, 1), 0)):
+        problems.append(f"{label_path}: non-integer values (e.g. {values[np.mod(values, 1) != 0][:3].tolist()}); a "
+                        "label map holds class indices (was it resampled with linear interpolation?).")
+    outside = values[(values < 0) | (values >= num_classes)]
+    if outside.size:
+        problems.append(f"{label_path}: values {outside[:5].tolist()} are outside the classes 0..{num_classes - 1}; "
+                        f"renumber them, or set num_classes (and the datalist's 'labels').")
+    return problems
+
+
+def check_segmentation_datalist(
+    source: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+    channels: int | None = None,
+    required_splits: Sequence[str] = ("training",),
+) -> SegmentationSummary:
+    """Check every image/label pair of a decathlon segmentation datalist and report all problems at once.
+
+    Each image and label of the labelled splits is read as training reads it (MONAI ``LoadImage``, channel first;
+    ``unlabeled`` items are only checked for leaks). Reported: missing or
+    unreadable files, NaN/Inf in images, items of a labelled split without label, label maps with several
+    channels, another shape or affine than their image, non-integer values or values outside the classes,
+    channel counts that differ from the rest (or from ``channels``), images listed in two splits, groups split
+    across training/validation/test, empty ``required_splits`` and classes other than ``class_names``.
+
+    Args:
+        source: the datalist JSON (its ``labels`` map names the classes).
+        class_names: the bundle's classes (evaluation: those the network was trained for; default: the
+            datalist's).
+        channels: expected channels per image (default: the most common count).
+        required_splits: splits that must hold items (training: training and validation).
+
+    Raises:
+        DataCheckError: listing every problem with its path and the fix.
+    """
+    from monai.transforms import LoadImage
+
+    datalist = read_segmentation_datalist(source)
+    problems: list[str] = []
+    if class_names is not None and list(class_names) != datalist.classes:
+        problems.append(f"{source}: 'labels' names the classes {datalist.classes} but the bundle's are "
+                        f"{list(class_names)} (a trained network's come from models/training_config.json); "
+                        "relabel the data to the bundle's classes, or train on these (and update channel_def in "
+                        "metadata.json).")
+    num_classes = len(datalist.classes if class_names is None else class_names)
+    problems += [f"{source}: no {split!r} items; the workflow needs them." for split in required_splits
+                 if not datalist[split]]
+    load = LoadImage(image_only=True, ensure_channel_first=True)
+    image_channels: dict[str, int] = {}
+    voxels = {split: np.zeros(num_classes) for split in SPLITS if datalist[split]}
+    for split, item in datalist.all_items():
+        if split not in SPLITS:  # unlabelled images: the segmentation workflows do not read them
+            continue
+        image = _load(item["image"], load, problems)
+        if image is not None:
+            image_channels[item["image"]] = int(image.shape[0])
+        if "label" not in item:
+            problems.append(f"{item['image']}: no label; a {split} item needs both 'image' and 'label'.")
+            continue
+        label = _load(item["label"], load, problems)
+        if image is None or label is None:
+            continue
+        problems += _pair_problems(image, label, item["image"], item["label"], num_classes)
+        values, counts = np.unique(np.asarray(label), return_counts=True)
+        for value, count in zip(values, counts):
+            if 0 <= value < num_classes and value % 1 == 0:
+                voxels[split][int(value)] += count
+    expected = channels or _most_common(list(image_channels.values()))
+    problems += [
+        f"{path}: {count} channel(s) where the other images have {expected}; convert it or drop it."
+        for path, count in image_channels.items()
+        if count != expected
+    ]
+    problems += _leaks(datalist)
+    if problems:
+        raise DataCheckError(problems, source)
+    return SegmentationSummary(
+        source=str(source),
+        classes=datalist.classes,
+        counts={split: len(items) for split, items in datalist.splits.items()},
+        voxel_fractions={split: (v / max(v.sum(), 1)).tolist() for split, v in voxels.items()},
+        channels=expected,
+    )
+
+
+def mask_suffix(images: Sequence[str | os.PathLike]) -> str:
+    """Suffix of the saved masks: ``.png`` when every input is a PIL format (PNG/JPEG/TIFF/BMP), else ``.nii.gz``
+    (NIfTI keeps the input's affine, also for DICOM and other ITK inputs).
+
+    Raises:
+        ValueError: the inputs mix PIL formats with others (their masks need different writers).
+    """
+    kinds = Counter(image_suffix(path) in PIL_SUFFIXES for path in images)
+    if kinds[True] and kinds[False]:
+        raise ValueError(
+            f"{kinds[True]} PNG/JPEG-type and {kinds[False]} other images in one inference run; their masks are "
+            "written as PNG and NIfTI respectively: run inference separately on each kind."
+        )
+    return ".png" if kinds[True] else ".nii.gz"

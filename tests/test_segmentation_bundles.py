@@ -1,0 +1,200 @@
+"""Every segmentation bundle trains, evaluates, infers, verifies and exports on tiny data; its metrics match numpy/
+scipy on the saved masks, which keep the input's geometry; the data check, per-class metrics and input listing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
+from monai.handlers import from_engine
+from monai.networks.utils import one_hot
+from PIL import Image
+from segmentation_support import (
+    TINY_CLASSES,
+    reference_scores,
+    tiny_segmentation_overrides,
+    write_tiny_encoder,
+    write_tiny_segmentation,
+)
+
+from monai_prompt.bundle_gen import check_bundles
+from monai_prompt.bundle_gen.metadata import schema_file
+from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS
+from monai_prompt.data import DataCheckError
+from monai_prompt.data.segmentation import check_segmentation_datalist, mask_suffix
+from monai_prompt.engine.runner import run_bundle
+from monai_prompt.engine.segmentation import ClassHausdorffDistance, ClassMeanDice
+
+REPO = Path(__file__).resolve().parents[1]
+FOREGROUND = TINY_CLASSES[1:]
+
+
+def test_bundle_names_end_in_segmentation_and_the_generator_covers_them(tmp_path):
+    assert len(SEGMENTATION_SPECS) == 18 and all(name.endswith("segmentation") for name in SEGMENTATION_SPECS)
+    assert {spec.spatial_dims for spec in SEGMENTATION_SPECS.values()} == {2, 3}
+    assert check_bundles(REPO / "bundles", sorted(SEGMENTATION_SPECS)) == []
+    (tmp_path / "unknown_segmentation").mkdir()
+    assert any("no bundle spec renders it" in problem for problem in check_bundles(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """Tiny datalists (2D NIfTI, 2D PNG, 3D NIfTI) and tiny encoders (2D, 3D), written once for the module."""
+    root = tmp_path_factory.mktemp("tiny_segmentation")
+    return {
+        "2d": write_tiny_segmentation(root / "nifti2d", 2),
+        "2d_png": write_tiny_segmentation(root / "png2d", 2, png=True),
+        "3d": write_tiny_segmentation(root / "nifti3d", 3),
+        "encoder2": write_tiny_encoder(root / "vit2.pt", 2),
+        "encoder3": write_tiny_encoder(root / "vit3.pt", 3),
+    }
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A mask or label file as MONAI's readers orient it ([X, Y(, Z)]), and its affine (None for PNG)."""
+    if path.suffix == ".png":
+        return np.asarray(Image.open(path)).T, None
+    image = nib.load(path)
+    return np.asarray(image.dataobj), image.affine
+
+
+def _assert_masks_match_labels_and_metrics(bundle: Path, datalist: Path, png: bool) -> None:
+    """Each saved mask has its input's shape (and affine); the evaluation's metrics equal numpy/scipy's on the masks
+    (the network and the test images are the same in both runs)."""
+    with open(bundle / "eval" / "metrics.csv") as f:
+        metrics = {name: float(value) for name, value in csv.reader(f)}
+    expected_names = {"mean_dice", "mean_hd95"} | {f"{m}_{c}" for m in ("dice", "hd95") for c in FOREGROUND}
+    assert set(metrics) == expected_names
+    scores: dict[str, list[list[float]]] = {"dice": [], "hd95": []}
+    for item in json.loads(datalist.read_text())["test"]:
+        image_path, label_path = datalist.parent / item["image"], datalist.parent / item["label"]
+        suffix = ".png" if png else ".nii.gz"
+        mask_path = bundle / "eval" / "masks" / image_path.name.replace(suffix, f"_seg{suffix}")
+        mask, mask_affine = _read(mask_path)
+        label, _ = _read(label_path)
+        assert mask.shape == label.shape and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1, 2, 3}
+        if not png:
+            np.testing.assert_allclose(mask_affine, nib.load(image_path).affine, atol=1e-5)
+        for key, values in reference_scores(mask, label, len(TINY_CLASSES)).items():
+            scores[key].append(values)
+    for key in ("dice", "hd95"):
+        table = np.array(scores[key])
+        for index, name in enumerate(FOREGROUND):
+            assert metrics[f"{key}_{name}"] == pytest.approx(np.nanmean(table[:, index]), abs=1e-4), (key, name)
+    assert metrics["mean_dice"] == pytest.approx(np.nanmean(np.array(scores["dice"])), abs=1e-4)
+    assert metrics["mean_hd95"] == pytest.approx(np.nanmean(np.array(scores["hd95"])), abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SEGMENTATION_SPECS))
+def test_bundle_train_evaluate_infer_verify_export(name, tiny_data, tmp_path):
+    spec = SEGMENTATION_SPECS[name]
+    png = spec.spatial_dims == 2 and spec.method in ("linear", "lora", "bitfit", "dvpt")  # both 2D formats covered
+    datalist = tiny_data["2d_png" if png else f"{spec.spatial_dims}d"]
+    bundle = tmp_path / "bundles" / name
+    shutil.copytree(REPO / "bundles" / name, bundle)
+    overrides = tiny_segmentation_overrides(spec, datalist, tiny_data[f"encoder{spec.spatial_dims}"])
+    run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
+
+    delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert list(delta) == ["peft", "model"] and delta["peft"]["method"] == spec.method
+    assert "out.conv.conv.weight" in delta["model"] and "decoder2.transp_conv.conv.weight" in delta["model"]
+    assert ("vit.patch_embedding.patch_embeddings.weight" in delta["model"]) == (spec.method == "full")
+    resume = torch.load(bundle / "models" / "checkpoint_epoch=1.pt", weights_only=True)
+    assert resume["trainer"]["iteration"] == 2  # 4 training images, batch 2
+
+    run_bundle(bundle, ["train.json", "evaluate.json"], "infer", quiet=True, **overrides)
+    images = datalist.parent / "images" / "test"  # inference takes a folder or a glob of unlabelled images
+    infer_images = str(images) if spec.spatial_dims == 2 else str(images / "*.nii.gz")
+    run_bundle(bundle, ["inference.json"], "infer", quiet=True, infer_images=infer_images, **overrides)
+    _assert_masks_match_labels_and_metrics(bundle, datalist, png)
+
+    meta, infer = bundle / "configs" / "metadata.json", bundle / "configs" / "inference.json"
+    verify_metadata(meta_file=str(meta), filepath=str(schema_file()))
+    verify_net_in_out(net_id="network_def", meta_file=str(meta), config_file=str(infer), **overrides)
+    ts_file = bundle / "models" / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts_file), meta_file=str(meta), config_file=str(infer),
+                ckpt_file=str(bundle / "models" / "model.pt"), key_in_ckpt="model", **overrides)
+    scripted, image = torch.jit.load(str(ts_file)), torch.rand(1, 1, *[32] * spec.spatial_dims)
+    network = ConfigParser(ConfigParser.load_config_file(infer))
+    network.update({key: value for key, value in overrides.items() if not key.startswith("_meta_")})
+    eager = network.get_parsed_content("network_def")
+    eager.load_state_dict(delta["model"], strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(image), eager.eval()(image), atol=1e-5, rtol=1e-4)
+
+
+def test_masks_are_png_for_png_inputs_and_nifti_otherwise():
+    assert mask_suffix(["a.png", "b.PNG"]) == ".png" and mask_suffix(["a.nii.gz", "b.dcm"]) == ".nii.gz"
+    with pytest.raises(ValueError, match="run inference separately"):
+        mask_suffix(["a.png", "b.nii.gz"])
+
+
+def test_data_check_reports_every_bad_pair(tmp_path):
+    datalist = write_tiny_segmentation(tmp_path, 3, counts=(3, 1, 1))
+    summary = check_segmentation_datalist(datalist, TINY_CLASSES, required_splits=["training", "validation"])
+    assert summary.counts == {"training": 3, "validation": 1, "test": 1} and summary.classes == list(TINY_CLASSES)
+    assert sum(summary.voxel_fractions["training"]) == pytest.approx(1.0)
+
+    content = json.loads(datalist.read_text())
+    first, second, third = (tmp_path / item["label"] for item in content["training"])
+    values, affine = np.asarray(nib.load(first).dataobj), nib.load(first).affine
+    nib.save(nib.Nifti1Image(values[:-1], affine), first)  # another shape
+    nib.save(nib.Nifti1Image(values, np.eye(4)), second)  # another affine
+    values = values.astype(np.float32)
+    values[0, 0, 0], values[1, 0, 0] = 7, 0.5
+    nib.save(nib.Nifti1Image(values, affine), third)  # a value outside the classes and a fraction
+    content["validation"][0]["label"] = "labels/missing.nii.gz"
+    content["test"].append({"image": content["training"][0]["image"]})  # in two splits, without label
+    datalist.write_text(json.dumps(content))
+    with pytest.raises(DataCheckError) as info:
+        check_segmentation_datalist(datalist, [*TINY_CLASSES, "tumour"])
+    problems = info.value.problems
+    expected = [
+        "'labels' names the classes ['background', 'csf', 'gray_matter', 'white_matter'] but the bundle's are",
+        f"{first}: shape (35, 40, 34) differs",
+        f"{second}: affine differs",
+        f"{third}: non-integer values (e.g. [0.5])",
+        f"{third}: values [7.0] are outside the classes 0..4",  # the bundle's 5 classes
+        "missing.nii.gz: file not found",
+        "case0.nii.gz: no label; a test item needs both",
+        "case0.nii.gz: listed in several splits ['test', 'training']",
+    ]
+    for text in expected:
+        assert sum(text in problem for problem in problems) == 1, (text, problems)
+    assert len(problems) == len(expected)
+
+
+def test_class_metrics_equal_numpy_and_scipy_with_undefined_classes_as_nan():
+    rng = np.random.default_rng(0)
+    truths = [rng.integers(0, 3, (24, 20)) for _ in range(3)]  # class 3 in no image
+    truths[1][truths[1] == 2] = 1  # class 2 absent from image 1's truth: no Dice, no HD95 there
+    predictions = [np.where(rng.random(t.shape) < 0.8, t, rng.integers(0, 3, t.shape)) for t in truths]
+    predictions[2][predictions[2] == 1] = 0  # class 1 absent from image 2's prediction: no HD95 there
+    names = ["one", "two", "three"]
+    engine = Engine(lambda e, b: {"pred": [one_hot(torch.as_tensor(p)[None], 4, dim=0) for p in predictions],
+                                  "label": [one_hot(torch.as_tensor(t)[None], 4, dim=0) for t in truths]})
+    transform = from_engine(["pred", "label"])
+    ClassMeanDice(names, include_background=False, output_transform=transform).attach(engine, "dice")
+    ClassHausdorffDistance(names, mean_name="mean_hd95", percentile=95, output_transform=transform).attach(
+        engine, "hd95"
+    )
+    engine.run([0])
+    reference = [reference_scores(p, t, 4) for p, t in zip(predictions, truths)]
+    dice, hd95 = (np.array([r[key] for r in reference]) for key in ("dice", "hd95"))
+    assert np.isnan(dice[1, 1]) and np.isnan(hd95[1, 1]) and np.isnan(hd95[2, 0]) and np.isnan(hd95[:, 2]).all()
+    for index, name in enumerate(names[:2]):
+        assert engine.state.metrics[f"dice_{name}"] == pytest.approx(np.nanmean(dice[:, index]), abs=1e-6)
+        assert engine.state.metrics[f"hd95_{name}"] == pytest.approx(np.nanmean(hd95[:, index]), abs=1e-5)
+    assert engine.state.metrics["mean_hd95"] == pytest.approx(np.nanmean(hd95), abs=1e-5)
+    # a class no image holds: MONAI's reductions would say 0 (a perfect HD95), the per-class metrics say NaN
+    assert np.isnan(engine.state.metrics["dice_three"]) and np.isnan(engine.state.metrics["hd95_three"])
+    assert "hd95" not in engine.state.metrics and "dice" not in engine.state.metrics  # only scalars are stored
