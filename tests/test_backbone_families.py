@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from bundle_support import copy_bundle
 from monai.networks.nets import UNETR, ViTAutoEnc
 from safetensors.torch import load_file, save_file
@@ -36,7 +37,8 @@ from monai_prompt.backbones.auto import infer_vit_config
 from monai_prompt.backbones.pretrained import open_checkpoint
 from monai_prompt.engine.export import export_bundle
 from monai_prompt.nets import PromptClassifier
-from monai_prompt.peft import method_names, save_delta
+from monai_prompt.peft import apply_method, method_names, save_delta
+from monai_prompt.peft.ept import resize_ept_prompt
 from monai_prompt.peft.registry import get_method
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 28, "patch_size": 7}
@@ -431,6 +433,27 @@ def test_token_layout_of_prompt_methods_with_registers(dinov2):
     tokens = dvpt.forward_tokens(x)[0]
     assert tokens.shape[1] == 5 + 1 + 2 + 16
     torch.testing.assert_close(dvpt.forward_features(x), tokens[:, :6].mean(dim=1))
+
+
+def test_ept_prompt_resize_keeps_cls_and_register_rows():
+    """With 2 registers the EPT prompt has 1 + 2 prefix rows (``vit.num_prefix_tokens``, also the default read off
+    the shape): they are kept, the 4 x 4 patch rows are resized bicubically to 6 x 6, and the ViT at the new size
+    runs with it; 1 prefix row is refused."""
+    arch = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "mlp_dim": 64, "num_registers": 2}
+    small = apply_method(PromptableViT(3, (28, 28), (7, 7), **arch), "ept", {"prompt_length": 3})
+    large = apply_method(PromptableViT(3, (42, 42), (7, 7), **arch), "ept", {"prompt_length": 3})
+    prompt = small.blocks[0].attn.ept_prompt.detach()
+    assert small.num_prefix_tokens == 3 and prompt.shape == (3 + 16, 3)
+    grid = prompt[3:].T.reshape(1, 3, 4, 4)
+    patches = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).reshape(3, 36).T
+    for prefix in (small.num_prefix_tokens, None):
+        resized = resize_ept_prompt(prompt, small.grid_size, large.grid_size, prefix)
+        assert torch.equal(resized[:3], prompt[:3])
+        torch.testing.assert_close(resized[3:], patches)
+    with pytest.raises(ValueError, match=r"\(19, 3\) does not fit 1 prefix rows plus the 2D/3D grid \(4, 4\)"):
+        resize_ept_prompt(prompt, small.grid_size, large.grid_size, 1)
+    large.blocks[0].attn.ept_prompt.data.copy_(resized)
+    assert large.forward_features(torch.randn(2, 3, 42, 42)).shape == (2, 32)
 
 
 def test_auto_classifier_reads_eps_and_needs_weights(clip):

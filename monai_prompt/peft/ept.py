@@ -160,28 +160,34 @@ class EPTAttention(Attention):
 
 
 def resize_ept_prompt(
-    prompt: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int], num_prefix_tokens: int = 1
+    prompt: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int], num_prefix_tokens: int | None = None
 ) -> torch.Tensor:
     """Resize a trained EPT prompt ``[prefix + prod(old_grid), L]`` to a new patch grid.
 
-    The prefix rows (CLS) are kept; the patch rows are interpolated over the grid (bicubic in 2D, trilinear in
-    3D, ``align_corners=False`` as for position embeddings), each prompt column as one channel.
+    The prefix rows (CLS, registers) are kept; the patch rows are interpolated over the grid (bicubic in 2D,
+    trilinear in 3D, ``align_corners=False`` as for position embeddings), each prompt column as one channel.
 
     Args:
         prompt: ``blocks.<i>.attn.ept_prompt`` of a trained model.
         old_grid: patch grid the prompt was trained on (``vit.grid_size``), e.g. ``(14, 14)``.
         new_grid: patch grid of the new model, e.g. ``(24, 24)`` for 384 px with patch 16.
-        num_prefix_tokens: leading non-patch rows (1 with CLS, 0 without).
+        num_prefix_tokens: leading non-patch rows, the trained ViT's ``vit.num_prefix_tokens`` (1 with CLS, plus
+            the register tokens of a DINOv2 with registers; 0 without CLS). None: the rows before the
+            ``prod(old_grid)`` patch rows; pass it to have the prompt's shape checked against ``old_grid``.
 
     Example::
 
         >>> new_vit = apply_method(build_vit("vit_base", img_size=384), "ept")
         >>> for name, value in trained_vit.state_dict().items():
         ...     if name.endswith("ept_prompt"):
-        ...         new_vit.get_parameter(name).data.copy_(resize_ept_prompt(value, (14, 14), (24, 24)))
+        ...         resized = resize_ept_prompt(value, (14, 14), (24, 24), trained_vit.num_prefix_tokens)
+        ...         new_vit.get_parameter(name).data.copy_(resized)
     """
     old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
-    expected = num_prefix_tokens + int(torch.tensor(old_grid).prod())
+    num_patches = int(torch.tensor(old_grid).prod())
+    if num_prefix_tokens is None:
+        num_prefix_tokens = max(prompt.shape[0] - num_patches, 0) if prompt.ndim == 2 else 0
+    expected = num_prefix_tokens + num_patches
     if prompt.ndim != 2 or prompt.shape[0] != expected or len(old_grid) != len(new_grid) or len(old_grid) not in (2, 3):
         raise ValueError(
             f"EPT prompt of shape {tuple(prompt.shape)} does not fit {num_prefix_tokens} prefix rows plus the 2D/3D "
