@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from monai_prompt.bundle_gen.configs import DEMO_DATASET_DIR
 from monai_prompt.bundle_gen.metadata import PINNED_VERSIONS
 from monai_prompt.bundle_gen.specs import BundleSpec
 
@@ -97,11 +98,12 @@ def _performance(spec: BundleSpec, measured: dict) -> str:
 
 _COMMANDS = """\
 All commands run from the repository root (outputs go to `bundles/{name}/models` and `eval`) or from inside
-the bundle folder (drop `bundles/{name}/` from the paths). Build the demo data first with
-`monai-prompt demo-data` (it writes `demo_data/`, the default `dataset_dir`) or pass `--dataset_dir`.
+the bundle folder (drop `bundles/{name}/` from the paths). The default `dataset_dir` is `{data}/`: build
+it with `make demo` or alone with `monai-prompt demo-data`, or pass `--dataset_dir`.
 
 Train (validation every epoch, best delta to `models/model.pt`, resumable checkpoints
-`models/checkpoint_epoch=<N>.pt`):
+`models/checkpoint_epoch=<N>.pt`). Each training command below starts a new run in `models/` and stops when the
+folder holds a previous one: `--resume True` continues it, `--overwrite true` replaces it:
 
 ```bash
 python -m monai.bundle run --config_file bundles/{name}/configs/train.json \\
@@ -109,7 +111,7 @@ python -m monai.bundle run --config_file bundles/{name}/configs/train.json \\
 ```
 
 Resume an interrupted run from the newest `checkpoint_epoch=<N>.pt` (raise `--train#trainer#max_epochs` to
-train longer):
+train longer: the cosine schedule is refit to the new length):
 
 ```bash
 python -m monai.bundle run --config_file bundles/{name}/configs/train.json --pretrained ... --resume True
@@ -187,11 +189,12 @@ not the files.
 
 ## Data
 
-The default `dataset_dir` is `demo_data/` at the repository root, built by `monai-prompt demo-data`:
-32 x 32 axial patches of the MNI ICBM152 2009a T1 template (shipped inside the nilearn wheel), labelled by
-the tissue at their centre (`csf`, `gray_matter`, `white_matter`), split by axial slab so no two splits share
-a voxel. `datalist_file` may be any datalist `monai_prompt.data.read_datalist` reads: a MONAI decathlon JSON,
-a CSV (one label column, or several 0/1 columns for multi-label) or a class-per-folder tree. Images are read
+The default `dataset_dir` is `{DEMO_DATASET_DIR}/` below the repository root, the demo data that `make demo`
+builds (`monai-prompt demo-data` builds it alone): 32 x 32 axial patches of the MNI
+ICBM152 2009a T1 template (shipped inside the nilearn wheel), labelled by the tissue at their centre (`csf`,
+`gray_matter`, `white_matter`), split by axial slab so no two splits share a voxel. `datalist_file` may be any
+datalist `monai_prompt.data.read_datalist` reads: a MONAI decathlon JSON, a CSV (one label column, or several 0/1
+columns for multi-label) or a class-per-folder tree. Images are read
 with MONAI `LoadImaged` (PNG/JPEG, DICOM, NIfTI), matched to `in_channels` (grey repeated to RGB), scaled to
 [0, 1] and resized to `img_size`; training adds a flip, a small affine and contrast jitter.
 `initialize` checks that the datalist's classes match `num_classes` and `multi_label`.
@@ -227,7 +230,7 @@ sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.
 {_performance(spec, measured)}
 ## MONAI bundle commands
 
-{_COMMANDS.format(name=spec.name)}
+{_COMMANDS.format(name=spec.name, data=DEMO_DATASET_DIR)}
 Tested with MONAI {PINNED_VERSIONS['monai_version']}, PyTorch {PINNED_VERSIONS['pytorch_version']}. See
 `docs/bundles.md` of the repository for MONAI Label notes and limits.
 
