@@ -109,8 +109,9 @@ def test_train_and_evaluate_logged_to_a_tracking_server(bundle, mlflow_server):
 
 def test_default_local_sqlite_store_and_unique_run_names(bundle):
     path, overrides = bundle
-    for _ in range(2):
-        run_bundle(path, ["train.json"], "train", tracking="mlflow", **overrides, **{"train#trainer#max_epochs": 1})
+    for _ in range(2):  # the second run replaces the first one's files, the MLflow store keeps both runs
+        run_bundle(path, ["train.json"], "train", tracking="mlflow", overwrite=True, **overrides,
+                   **{"train#trainer#max_epochs": 1})
     store = path / "eval" / "mlruns.db"
     assert store.is_file()
     runs = _runs(MlflowClient(f"sqlite:///{store}"))

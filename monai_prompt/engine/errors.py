@@ -13,6 +13,8 @@ uncaught exception wrapped by MONAI changes what is printed.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import re
 import sys
 from types import TracebackType
@@ -40,7 +42,12 @@ def format_root_cause(error: BaseException) -> str | None:
     if wrapper is None:
         return None
     lines = [line.strip() for line in wrapper.splitlines() if not line.strip().startswith("set '_mode_")]
-    context = _LOCAL_REF.sub(r"@\1", " ".join(lines))  # the config text as written
+    context = " ".join(lines)
+    head, separator, expression = context.partition("ConfigExpression: ")
+    if separator:  # MONAI pretty-prints the expression's string, a long one as ("..." "..."): show it as written
+        with contextlib.suppress(ValueError, SyntaxError):
+            context = f'{head}{separator}"{ast.literal_eval(expression)}"'
+    context = _LOCAL_REF.sub(r"@\1", context)  # the config text as written
     return f"Root cause ({context}):\n{type(cause).__name__}: {cause}"
 
 

@@ -108,7 +108,9 @@ def export_bundle(
         # a plain network needs no pre-trained weights, except to read its architecture from them (backbone="auto")
         auto = parser.get_parsed_content("backbone", default=None) == "auto"
         weights = parser.get_parsed_content("pretrained") if auto else None
-        plain_config = {**overrides, "method": "full", "method_config": {}, "pretrained": weights}
+        # inference.json's network reads trained_method_config: the recorded config with method_config's changes
+        no_method = {"method": "full", "method_config": {}, "trained_method_config": {}}
+        plain_config = {**overrides, **no_method, "pretrained": weights}
         plain = _parser(bundle, plain_config).get_parsed_content("network_def").eval()
         state = network.state_dict()
         merged = state.keys() == plain.state_dict().keys()  # nothing left that a plain network lacks
