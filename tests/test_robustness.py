@@ -230,14 +230,16 @@ def test_best_model_survives_a_resume(tmp_path, keep_best):
 
 
 # ---------------------------------------------------------------------------------------------- 3. longer resume
-def _schedule_run(ckpt_dir: Path, max_epochs: int, resume: bool, refit: bool) -> list[float]:
-    """Learning rate of each epoch of a run with a cosine schedule over the config's max_epochs."""
+def _schedule_run(
+    ckpt_dir: Path, max_epochs: int, resume: bool, refit: bool, stop_after: int | None = None
+) -> list[float]:
+    """Learning rate each epoch trains at, of a run with a cosine schedule over the config's max_epochs."""
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=1.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs, eta_min=0.01)
     trainer = Engine(lambda engine, batch: optimizer.step())
     lrs: list[float] = []
-    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: lrs.append(optimizer.param_groups[0]["lr"]))
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda engine: lrs.append(optimizer.param_groups[0]["lr"]))
     LrScheduleHandler(scheduler).attach(trainer)
     if refit:
         ResumeLrScheduleHandler(scheduler).attach(trainer)
@@ -245,29 +247,27 @@ def _schedule_run(ckpt_dir: Path, max_epochs: int, resume: bool, refit: bool) ->
     if resume:
         CheckpointLoader(latest_checkpoint(ckpt_dir), checkpoint).attach(trainer)
     AtomicCheckpointSaver(str(ckpt_dir), checkpoint, save_interval=1, n_saved=1).attach(trainer)
-    if not resume:  # the first run is interrupted after epoch 5 of its 10
-        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=5), lambda engine: engine.terminate())
+    if stop_after is not None:  # interrupted
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda engine: engine.terminate())
     trainer.run([0], max_epochs=max_epochs)
     return lrs
 
 
 @pytest.mark.parametrize("refit", [True, False])
-def test_resume_with_more_epochs_continues_the_cosine_down_to_eta_min(tmp_path, refit):
-    first = _schedule_run(tmp_path, max_epochs=10, resume=False, refit=refit)
-    expected_first = [0.01 + 0.99 * (1 + math.cos(math.pi * k / 10)) / 2 for k in range(5)]
-    assert first == pytest.approx(expected_first)
+def test_resume_with_more_epochs_follows_the_cosine_of_the_new_length(tmp_path, refit):
+    first = _schedule_run(tmp_path, max_epochs=10, resume=False, refit=refit, stop_after=5)
+    assert first == pytest.approx([0.01 + 0.99 * (1 + math.cos(math.pi * k / 10)) / 2 for k in range(5)])
     resumed = _schedule_run(tmp_path, max_epochs=20, resume=True, refit=refit)  # epochs 6..20
     assert len(resumed) == 15
     if not refit:  # the restored T_max=10 reaches eta_min at epoch 10, then the cosine climbs back up
         assert max(resumed[5:]) > 10 * min(resumed)
         return
-    # from the rate at position t=5, eta_min + (lr_5 - eta_min) * (1 + cos(pi k / 20)) / (1 + cos(pi 5 / 20))
-    lr_5 = 0.01 + 0.99 * (1 + math.cos(math.pi * 5 / 10)) / 2
-    expected = [0.01 + (lr_5 - 0.01) * (1 + math.cos(math.pi * k / 20)) / (1 + math.cos(math.pi * 5 / 20))
-                for k in range(5, 20)]
-    assert resumed == pytest.approx(expected)
-    assert all(b <= a for a, b in zip([first[-1], *resumed], resumed))  # no jump, non-increasing
-    assert resumed[-1] < 0.01 + 0.01 * (lr_5 - 0.01)  # the last epoch trains at about eta_min
+    cosine_of_20 = [0.01 + 0.99 * (1 + math.cos(math.pi * k / 20)) / 2 for k in range(21)]
+    assert resumed == pytest.approx(cosine_of_20[5:20])  # as if the run had been started with 20 epochs
+    assert all(b < a for a, b in zip(resumed, resumed[1:]))  # then down to about eta_min
+    extended = _schedule_run(tmp_path, max_epochs=30, resume=True, refit=refit)  # a finished run, extended
+    assert extended == pytest.approx([0.01 + 0.99 * (1 + math.cos(math.pi * k / 30)) / 2 for k in range(20, 30)])
+    assert extended[0] > 25 * 0.01  # not stuck at eta_min
 
 
 def test_resume_lr_handler_refuses_other_schedules():

@@ -1,9 +1,10 @@
 """ignite handlers for PEFT training: the trainable-parameter report, peak memory per epoch, a stop at the first
-non-finite loss, and the cosine schedule refitted to a resumed run's length."""
+non-finite loss, and the cosine schedule rebuilt for a resumed run's length."""
 
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -174,16 +175,16 @@ class NonFiniteGuard:
 
 
 class ResumeLrScheduleHandler:
-    """Refit a restored ``CosineAnnealingLR`` to the run's ``max_epochs`` when a resumed run is longer (or shorter).
+    """Rebuild a restored ``CosineAnnealingLR`` for the run's ``max_epochs`` when a resumed run is longer (or shorter).
 
     A resume restores the schedule's ``T_max`` with the rest of its state, so raising ``max_epochs`` on resume
     would leave the cosine at its old length: the learning rate reaches ``eta_min`` at the old last epoch and
-    then climbs back up (the cosine is periodic). When an epoch starts with ``T_max != max_epochs`` this handler
-    sets ``T_max = max_epochs`` and keeps the current position (``last_epoch``) and learning rate. PyTorch's
-    recursive cosine step then continues from the current rate ``lr_t`` at epoch ``t`` as
-    ``eta_min + (lr_t - eta_min) * (1 + cos(pi k / T)) / (1 + cos(pi t / T))`` for ``k = t..T``: no jump, a
-    non-increasing rate, ``eta_min`` at the new last epoch. A run that was not resumed has ``T_max == max_epochs``
-    and is left alone.
+    then climbs back up (the cosine is periodic), and a finished run extended would train on at ``eta_min``. When
+    an epoch starts with ``T_max != max_epochs`` this handler sets ``T_max = max_epochs`` and each learning rate to
+    the new cosine at the current position ``t`` (``last_epoch``): ``eta_min + (base - eta_min) * (1 + cos(pi t /
+    max_epochs)) / 2``, the rate a run started with the new ``max_epochs`` would have now. PyTorch's recursive
+    cosine step then follows that curve down to ``eta_min`` at the new last epoch. A run that was not resumed has
+    ``T_max == max_epochs`` and is left alone.
 
     Args:
         lr_scheduler: the trainer's cosine schedule, stepped once per epoch (MONAI ``LrScheduleHandler``).
@@ -203,9 +204,14 @@ class ResumeLrScheduleHandler:
         scheduler, max_epochs = self.lr_scheduler, engine.state.max_epochs
         if scheduler.T_max == max_epochs:
             return
-        self.logger.info(
-            f"learning-rate schedule: cosine over {scheduler.T_max} epochs refitted to max_epochs={max_epochs} from "
-            f"epoch {scheduler.last_epoch} (learning rate {scheduler.get_last_lr()[0]:g} decays to "
-            f"{scheduler.eta_min:g} at epoch {max_epochs})."
-        )
+        position, old_length = scheduler.last_epoch, scheduler.T_max
         scheduler.T_max = max_epochs
+        progress = (1 + math.cos(math.pi * position / max_epochs)) / 2
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * progress
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        self.logger.info(
+            f"learning-rate schedule: cosine over {old_length} epochs rebuilt for max_epochs={max_epochs} at epoch "
+            f"{position} (learning rate {scheduler.get_last_lr()[0]:g}, down to {scheduler.eta_min:g} at epoch "
+            f"{max_epochs})."
+        )

@@ -79,7 +79,8 @@ def _attached(engine: Engine, kind: type) -> list:
     found: list = []
     for handlers in engine._event_handlers.values():
         for handler, _, _ in handlers:
-            owner = getattr(getattr(handler, "__wrapped__", handler), "__self__", None)  # also behind _tolerate_failures
+            bound = getattr(handler, "__wrapped__", handler)  # also behind _tolerate_failures' wrapper
+            owner = getattr(bound, "__self__", None)
             if isinstance(owner, kind) and owner not in found:
                 found.append(owner)
     return found
