@@ -13,19 +13,32 @@ __all__ = ["main"]
 #: where ``make demo`` (``monai-prompt demo``'s ``<out>/data``) and ``demo-data`` put the demo set, and where the
 #: bundles look by default (``monai_prompt.bundle_gen.configs.DEMO_DATASET_DIR``).
 DEMO_DATA = "runs/demo/data"
+#: each demo's output folder (its data in ``data/``, where that task's bundles look by default).
+DEMO_OUT = {"classification": "runs/demo", "segmentation": "runs/demo_segmentation"}
 
 
 def _demo(args: argparse.Namespace) -> None:
-    """The main job: demo data, MAE pre-training (cached), DVPT tuning and test metrics (monai_prompt.demo)."""
+    """The main job: demo data, MAE pre-training (cached), DVPT tuning and test metrics (monai_prompt.demo); with
+    ``--task segmentation``, a prompt-tuned UNETR on MNI152 slices (monai_prompt.demo_segmentation)."""
     import torch
 
-    from monai_prompt.demo import TINY_DEMO, DemoConfig, run_demo
-
     torch.set_num_threads(args.threads)
-    config = TINY_DEMO if args.tiny else DemoConfig()
     overrides = {"pretrain_epochs": args.pretrain_epochs, "tune_epochs": args.epochs}
+    if args.task == "segmentation":
+        from monai_prompt.demo_segmentation import TINY_SEGMENTATION_DEMO, SegmentationDemoConfig, run_segmentation_demo
+
+        config = TINY_SEGMENTATION_DEMO if args.tiny else SegmentationDemoConfig()
+        overrides["method"] = args.method
+        run = run_segmentation_demo
+    else:
+        from monai_prompt.demo import TINY_DEMO, DemoConfig, run_demo
+
+        if args.method is not None:
+            raise SystemExit("demo: --method chooses the segmentation bundle; the main job tunes DVPT.")
+        config = TINY_DEMO if args.tiny else DemoConfig()
+        run = run_demo
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    run_demo(args.out, config, compare_scratch=args.compare_scratch, verbose=args.verbose)
+    run(args.out or DEMO_OUT[args.task], config, compare_scratch=args.compare_scratch, verbose=args.verbose)
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -39,15 +52,26 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _demo_data(args: argparse.Namespace) -> None:
-    """Build the demo classification set and print its split sizes."""
+    """Build the demo classification set (``--task segmentation``: the 2D and 3D segmentation sets) and print its
+    split sizes."""
     from pathlib import Path
 
+    out = args.out or f"{DEMO_OUT[args.task]}/data"
+    # the stamp of the demo's cached build (monai_prompt.demo.prepare_data) would no longer describe the folder
+    Path(out, "build.json").unlink(missing_ok=True)
+    if args.task == "segmentation":
+        from monai_prompt.data.demo_segmentation import build_segmentation_demo
+
+        for kind, path in build_segmentation_demo(out, seed=args.seed).items():
+            content = json.loads(path.read_text())
+            sizes = ", ".join(f"{split} {len(content[split])}" for split in ("training", "validation", "test",
+                                                                             "unlabeled") if split in content)
+            print(f"{path} ({kind}): classes {list(content['labels'].values())}; {sizes}")
+        return
     from monai_prompt.data.demo import build_demo_data
 
-    # the stamp of the demo's cached build (monai_prompt.demo.prepare_data) would no longer describe the folder
-    Path(args.out, "build.json").unlink(missing_ok=True)
     datalist = build_demo_data(
-        args.out,
+        out,
         patch_size=args.patch_size,
         train_per_class=args.train_per_class,
         eval_per_class=args.eval_per_class,
@@ -55,7 +79,7 @@ def _demo_data(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     sizes = ", ".join(f"{split} {len(items)}" for split, items in datalist.splits.items())
-    print(f"{args.out}/datalist.json (and .csv): classes {datalist.classes}; {sizes}")
+    print(f"{out}/datalist.json (and .csv): classes {datalist.classes}; {sizes}")
 
 
 def _check_data(args: argparse.Namespace) -> None:
@@ -196,8 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-prompt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job: MAE pre-training + DVPT on the demo data, test metrics")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--compare-scratch", action="store_true", help="also tune DVPT on a random-init backbone")
+    demo.add_argument("--task", choices=list(DEMO_OUT), default="classification",
+                      help="classification (the main job, default) or segmentation (a prompt-tuned UNETR)")
+    demo.add_argument("--out", help="output folder (default: runs/demo, runs/demo_segmentation for segmentation)")
+    demo.add_argument("--method", help="segmentation: the PEFT method of <method>_segmentation (default: dvpt)")
+    demo.add_argument("--compare-scratch", action="store_true",
+                      help="also tune DVPT on a random-init backbone (segmentation: train a UNETR from scratch)")
     demo.add_argument("--pretrain-epochs", type=int, help="MAE epochs (default: 20)")
     demo.add_argument("--epochs", type=int, help="DVPT epochs (default: 15)")
     demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, see docs/demo.md)")
@@ -207,8 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="list methods and backbone presets")
     info.set_defaults(func=_info)
     demo_data = sub.add_parser("demo-data", help="build the demo classification set (MNI152 tissue patches)")
+    demo_data.add_argument("--task", choices=list(DEMO_OUT), default="classification",
+                           help="classification (default) or segmentation (2D slices and 3D crops with masks)")
     demo_data.add_argument(
-        "--out", default=DEMO_DATA, help=f"output folder (default: {DEMO_DATA}: make demo's, the bundles' default)"
+        "--out", help=f"output folder (default: {DEMO_DATA}: make demo's, the bundles' default; segmentation: "
+        f"{DEMO_OUT['segmentation']}/data)"
     )
     demo_data.add_argument("--patch-size", type=int, default=32, help="patch side in pixels (default: 32)")
     demo_data.add_argument("--train-per-class", type=int, default=300, help="training patches per class")

@@ -289,11 +289,13 @@ def pretrain(
     bundles: str | Path = BUNDLES,
     verbose: bool = False,
     print_fn: Callable[[str], None] = _print,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[Path, str]:
     """Run the ``vit_pretraining`` bundle into ``out_dir`` unless its checkpoint there is for the same inputs.
 
     The fingerprint covers the bundle's ``train.json``, the datalist and the overrides. A run of the same
-    fingerprint that stopped early resumes from its newest ``checkpoint_epoch=<N>.pt``.
+    fingerprint that stopped early resumes from its newest ``checkpoint_epoch=<N>.pt``. ``overrides`` change the
+    bundle's config further (e.g. the segmentation demo's ``img_size``, patch size and image list).
 
     Returns:
         the MAE checkpoint (``models/model.pt``) and what happened: ``"reused"``, ``"resumed"`` or ``"trained"``.
@@ -308,6 +310,7 @@ def pretrain(
         "datalist_file": str(datalist),
         "batch_size": config.pretrain_batch_size,
         "train#trainer#max_epochs": config.pretrain_epochs,
+        **(overrides or {}),
     }
     fingerprint = _fingerprint(_file_hash(bundle / "configs" / "train.json"), _file_hash(datalist), overrides)
     stamp, checkpoint = out_dir / "pretraining.json", out_dir / "models" / "model.pt"

@@ -29,8 +29,9 @@ __all__ = [
     "train_config",
 ]
 
-#: the default data folder (``monai-prompt demo-data --task segmentation``) below the repository root.
-DEMO_DATASET_DIR = "demo_data_segmentation"
+#: the default data folder below the repository root: where ``monai-prompt demo --task segmentation`` and
+#: ``monai-prompt demo-data --task segmentation`` write the demo sets.
+DEMO_DATASET_DIR = "runs/demo_segmentation/data"
 _KEYS = ["image", "label"]
 #: images per batch and ROI crops sampled from each (UNETR's BTCV recipe in 3D: one volume, four crops).
 _BATCH = {2: (8, 2), 3: (1, 4)}

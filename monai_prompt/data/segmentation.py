@@ -169,6 +169,7 @@ def _pair_problems(image, label, image_path: str, label_path: str, num_classes: 
 def check_segmentation_datalist(
     source: str | os.PathLike,
     class_names: Sequence[str] | None = None,
+    *,
     channels: int | None = None,
     required_splits: Sequence[str] = ("training",),
 ) -> SegmentationSummary:
