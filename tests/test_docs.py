@@ -94,8 +94,8 @@ class Rule:
         setup: stand-ins written into the work copy first: ``data:<dir>`` (the tiny data set), ``hf:<dir>`` (a tiny
             HuggingFace ``ViTModel`` directory), ``timm:<file>`` (a tiny timm-layout ``.safetensors``),
             ``repo:<file>`` (a copy of a repository file), ``images:<dir>`` (two test images as ``<dir>/a.png``
-            and ``<dir>/b.png``), ``seed:`` (the named bundles copied again from their
-            tiny trained seed, replacing what earlier snippets made of them).
+            and ``<dir>/b.png``), ``seed:`` (the named bundles copied again from their tiny trained seed and the
+            tiny data put back where they read it, replacing what earlier snippets made of them).
         prelude: Python run before a Python snippet (what the doc's text assumes exists).
         check: Python run after a Python snippet (what the doc's text says of the result).
         slow: mark the snippet ``slow``.
@@ -189,7 +189,7 @@ MAPPING: tuple[Rule, ...] = (
     Rule("*", r"^monai-prompt demo\b", append=" --tiny --pretrain-epochs 1 --epochs 1", slow=True,
          why="the demo at its --tiny smoke size, one epoch each"),
     Rule("*", r"^(python|torchrun) .*--resume True", append=" --train#trainer#max_epochs 2", setup=("seed:",),
-         why="the bundle is (again) the tiny run interrupted after epoch 1 of 2"),
+         why="the bundle and its data are (again) those of the tiny run interrupted after epoch 1 of 2"),
     Rule("docs/bundles.md", r"^monai-prompt export \$B", subs=(("[--set img_size=384]", "--set img_size={img}"),),
          why="the optional `[--set ...]` is given, with the size the tiny bundle was trained at"),
     Rule("docs/methods.md", r"^monai-prompt preload", setup=("data:data", "hf:vit-base-patch16-384"),
@@ -842,6 +842,8 @@ def _setup(work: Path, items: tuple[str, ...], bundles: list[str], docs: dict) -
             for name in bundles:
                 shutil.rmtree(work / "bundles" / name)
                 shutil.copytree(docs["seed"](name), work / "bundles" / name)
+                shutil.rmtree(work / _default_dataset_dir(name), ignore_errors=True)
+                shutil.copytree(docs["data"], work / _default_dataset_dir(name))
         else:
             raise ValueError(f"unknown setup item {item!r}")
 
