@@ -45,7 +45,7 @@ from monai_prompt.demo import (
     train_and_evaluate,
 )
 
-__all__ = ["demo_run", "parameter_counts"]
+__all__ = ["default_network", "demo_run", "hardware", "parameter_counts"]
 
 #: how the READMEs name the measuring command (Markdown).
 COMMAND = "`python -m monai_prompt.benchmarks.bundle_runs`"
@@ -53,15 +53,20 @@ COMMAND = "`python -m monai_prompt.benchmarks.bundle_runs`"
 DEMO_RUN = {"batch_size": 32, "num_workers": 1, "cache_rate": 1.0}
 
 
-def parameter_counts(spec: BundleSpec, bundles: Path) -> dict[str, Any]:
-    """Trainable count, % of the backbone and delta bytes of the bundle's default network."""
+def default_network(spec: BundleSpec, bundles: Path) -> torch.nn.Module:
+    """The bundle's ``network_def`` with its defaults (``inference.json``; no pre-trained weights)."""
     from monai.bundle import ConfigParser
-
-    from monai_prompt.peft import delta_state_dict, trainable_report
 
     parser = ConfigParser()
     parser.read_config(str(bundles / spec.name / "configs" / "inference.json"))
-    net = parser.get_parsed_content("network_def")
+    return parser.get_parsed_content("network_def")
+
+
+def parameter_counts(spec: BundleSpec, bundles: Path, net: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Trainable count, % of the backbone and delta bytes of the bundle's default network (``net``: already built)."""
+    from monai_prompt.peft import delta_state_dict, trainable_report
+
+    net = default_network(spec, bundles) if net is None else net
     report = trainable_report(net)
     buffer = io.BytesIO()
     torch.save(delta_state_dict(net), buffer)
@@ -131,7 +136,7 @@ def _pretraining_record(config: DemoConfig, backbone: dict[str, Any], minutes: f
     return {**record, "minutes": minutes}
 
 
-def _hardware() -> str:
+def hardware() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     cpu = f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other jobs)"
     return f"{cpu}, torch {torch.__version__}, {gpu}"
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             entry["demo_run"] = _in_own_process(demo_run, spec, bundles, work / "runs" / name, datalist, backbone,
                                                 epochs)
         print(name, json.dumps(entry), flush=True)
-        measured.update(command=COMMAND, date=datetime.date.today().isoformat(), hardware=_hardware())
+        measured.update(command=COMMAND, date=datetime.date.today().isoformat(), hardware=hardware())
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(measured, indent=1) + "\n")
 
