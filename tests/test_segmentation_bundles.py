@@ -198,3 +198,28 @@ def test_class_metrics_equal_numpy_and_scipy_with_undefined_classes_as_nan():
     # a class no image holds: MONAI's reductions would say 0 (a perfect HD95), the per-class metrics say NaN
     assert np.isnan(engine.state.metrics["dice_three"]) and np.isnan(engine.state.metrics["hd95_three"])
     assert "hd95" not in engine.state.metrics and "dice" not in engine.state.metrics  # only scalars are stored
+
+
+@pytest.mark.slow
+def test_mlflow_tracking_logs_dice_per_class_and_the_evaluation_files(tiny_data, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    spec = SEGMENTATION_SPECS["linear_segmentation"]
+    bundle = tmp_path / "bundles" / spec.name
+    shutil.copytree(REPO / "bundles" / spec.name, bundle)
+    overrides = tiny_segmentation_overrides(spec, tiny_data["2d"], tiny_data["encoder2"])
+    run_bundle(bundle, ["train.json"], "train", tracking="mlflow", quiet=True, **overrides,
+               **{"train#trainer#max_epochs": 2})
+    run_bundle(bundle, ["train.json", "evaluate.json"], "infer", tracking="mlflow", quiet=True, **overrides)
+    client = MlflowClient(f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("monai_prompt_segmentation")
+    runs = {run.info.run_name.rsplit("_", 3)[0]: run for run in client.search_runs([experiment.experiment_id])}
+    train, evaluate = runs["linear_segmentation_train"], runs["linear_segmentation_evaluate"]
+    per_class = {f"{metric}_{name}" for metric in ("dice", "hd95") for name in FOREGROUND}
+    assert {"train_loss", "val_mean_dice", "val_mean_hd95"} | {f"val_{name}" for name in per_class} <= set(
+        train.data.metrics
+    )
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "val_dice_csf")] == [1, 2]
+    assert {"mean_dice", "mean_hd95"} | per_class <= set(evaluate.data.metrics)
+    artifacts = {artifact.path for artifact in client.list_artifacts(evaluate.info.run_id)}
+    assert {"metrics.csv", "mean_dice_raw.csv", "hd95_raw.csv", "model.pt"} <= artifacts
