@@ -111,7 +111,7 @@ python -m monai.bundle run --config_file bundles/{name}/configs/train.json \\
 ```
 
 Resume an interrupted run from the newest `checkpoint_epoch=<N>.pt` (raise `--train#trainer#max_epochs` to
-train longer: the cosine schedule is refit to the new length):
+train longer: the cosine schedule is rebuilt for the new length):
 
 ```bash
 python -m monai.bundle run --config_file bundles/{name}/configs/train.json --pretrained ... --resume True
