@@ -142,11 +142,16 @@ _INFER = "python -m monai.bundle run --config_file $B/configs/inference.json --p
 MAPPING: tuple[Rule, ...] = (
     # --- names of programs in prose, not command lines
     Rule("*", r"^(make|python -m monai\.bundle( run)?|monai-prompt (export|check-data|preload|demo)|"
-         r"OMP_NUM_THREADS=1|huggingface-cli|hf)$", "mention",
+         r"OMP_NUM_THREADS=1|huggingface-cli|hf|torchrun)$", "mention",
          why="the span names a program in a sentence; its command lines are the fenced blocks"),
     Rule("*", r"^python -m monai_prompt\.bundle_gen\.measure$", "mention",
          why="the measurement record names the script that made it, since renamed bundle_runs (run below)"),
     Rule("docs/methods.md", r"^--ffn_num\b", "mention", why="a flag of the official AdaptFormer code, quoted"),
+    Rule("docs/segmentation.md", r"^monai-prompt render-bundles --check$",
+         why=("`--check` compares a fresh render of every bundle into the work copy (the committed bundles are "
+              "test_bundles.py's)"),
+         subs=(("monai-prompt render-bundles --check", "monai-prompt render-bundles && monai-prompt render-bundles "
+                "--check"),)),
     # --- set-up and the suite itself
     Rule("*", r"^make test\b", why=("the suite is not run from inside itself: `make -n` shows that the target runs "
                                     "pytest, and every `pip install` it would run must be satisfied here"),
