@@ -150,8 +150,8 @@ MAPPING: tuple[Rule, ...] = (
     Rule("docs/segmentation.md", r"^monai-prompt render-bundles --check$",
          why=("`--check` compares a fresh render of every bundle into the work copy (the committed bundles are "
               "test_bundles.py's)"),
-         subs=(("monai-prompt render-bundles --check", "monai-prompt render-bundles && monai-prompt render-bundles "
-                "--check"),)),
+         subs=(("monai-prompt render-bundles --check",
+                "monai-prompt render-bundles && monai-prompt render-bundles --check"),)),
     # --- set-up and the suite itself
     Rule("*", r"^make test\b", why=("the suite is not run from inside itself: `make -n` shows that the target runs "
                                     "pytest, and every `pip install` it would run must be satisfied here"),
