@@ -144,8 +144,6 @@ MAPPING: tuple[Rule, ...] = (
     Rule("*", r"^(make|python -m monai\.bundle( run)?|monai-prompt (export|check-data|preload|demo)|"
          r"OMP_NUM_THREADS=1|huggingface-cli|hf|torchrun)$", "mention",
          why="the span names a program in a sentence; its command lines are the fenced blocks"),
-    Rule("*", r"^python -m monai_prompt\.bundle_gen\.measure$", "mention",
-         why="the measurement record names the script that made it, since renamed bundle_runs (run below)"),
     Rule("docs/methods.md", r"^--ffn_num\b", "mention", why="a flag of the official AdaptFormer code, quoted"),
     Rule("docs/segmentation.md", r"^monai-prompt render-bundles --check$",
          why=("`--check` compares a fresh render of every bundle into the work copy (the committed bundles are "
