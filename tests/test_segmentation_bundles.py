@@ -30,6 +30,7 @@ from monai_prompt.bundle_gen.metadata import schema_file
 from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS
 from monai_prompt.data import DataCheckError
 from monai_prompt.data.segmentation import check_segmentation_datalist, mask_suffix
+from monai_prompt.engine import latest_checkpoint
 from monai_prompt.engine.runner import run_bundle
 from monai_prompt.engine.segmentation import ClassHausdorffDistance, ClassMeanDice
 
@@ -223,3 +224,22 @@ def test_mlflow_tracking_logs_dice_per_class_and_the_evaluation_files(tiny_data,
     assert {"mean_dice", "mean_hd95"} | per_class <= set(evaluate.data.metrics)
     artifacts = {artifact.path for artifact in client.list_artifacts(evaluate.info.run_id)}
     assert {"metrics.csv", "mean_dice_raw.csv", "hd95_raw.csv", "model.pt"} <= artifacts
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_last_checkpoint(tiny_data, tmp_path):
+    spec = SEGMENTATION_SPECS["dvpt_segmentation"]
+    bundle = tmp_path / "bundles" / spec.name
+    shutil.copytree(REPO / "bundles" / spec.name, bundle)
+    overrides = tiny_segmentation_overrides(spec, tiny_data["2d"], tiny_data["encoder2"])
+    run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
+    first = torch.load(bundle / "models" / "checkpoint_epoch=1.pt", weights_only=True)
+    workflow = run_bundle(bundle, ["train.json"], "train", resume=True, quiet=True, **overrides,
+                          **{"train#trainer#max_epochs": 2})
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 2 and trainer.state.iteration == 2 * first["trainer"]["iteration"]
+    assert latest_checkpoint(bundle / "models").endswith("checkpoint_epoch=2.pt")
+    second = torch.load(bundle / "models" / "checkpoint_epoch=2.pt", weights_only=True)
+    assert second["run"] == first["run"]  # the same run, continued
+    assert set(second["model"]) == set(first["model"])  # the delta's tensors (prompts, decoder), trained on
+    assert any(not torch.equal(first["model"][key], second["model"][key]) for key in first["model"])
