@@ -1,6 +1,6 @@
 """Docs that run: every Python snippet and shell command in README.md, docs/*.md and the bundle READMEs
-(``bundles/*_classification``, ``bundles/vit_pretraining``) is executed here, so that a documented import, flag or
-path cannot silently go wrong.
+(``bundles/*_classification``, ``bundles/vit_pretraining``, ``bundles/*segmentation``) is executed here, so that a
+documented import, flag or path cannot silently go wrong.
 
 What is collected (one pytest param per snippet, id ``<file>:<line>``):
 
@@ -37,7 +37,9 @@ How they run (the conventions; every exception is a row of :data:`MAPPING`, the 
 
 A snippet without a row runs as written (with the tiny argv) and must pass. Snippets that run bundle workflows of
 bundles other than the representative ``lora``, ``fptplus`` and ``vit_pretraining`` ones (the classification
-READMEs are rendered from one template) and whole demo runs are marked ``slow``.
+READMEs are rendered from one template) and whole demo runs are marked ``slow``. Of the segmentation READMEs (two
+templates, 2D and 3D), those of :data:`SEGMENTATION_RUN` run; every other one must hold only commands its template
+runs, with its own bundle name (static check), and its flags must exist in its own configs.
 """
 
 from __future__ import annotations
@@ -61,15 +63,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-#: the segmentation bundles' READMEs (bundle_gen/segmentation_readme.py) are not collected yet: they need their own
-#: tiny overrides (tests/segmentation_support.py) in :func:`tiny_argv`'s table.
 DOC_GLOBS = ("README.md", "docs/*.md", "bundles/*_classification/docs/README.md",
-             "bundles/vit_pretraining/docs/README.md")
+             "bundles/vit_pretraining/docs/README.md", "bundles/*segmentation/docs/README.md")
 #: a prose `code` span starting with one of these is a command.
 COMMAND_WORDS = ("monai-prompt", "python", "python3", "make", "pip", "hf", "huggingface-cli", "torchrun", "mlflow",
                  "OMP_NUM_THREADS=")
 #: bundles whose READMEs run in the fast loop (one PromptClassifier bundle, one FPT bundle, the pre-training bundle).
 FAST_BUNDLES = ("lora_classification", "fptplus_classification", "vit_pretraining")
+#: the segmentation READMEs that run, one per template (2D, 3D); every other segmentation README must hold the same
+#: commands with its own bundle name (checked statically, :func:`test_segmentation_readmes_share_their_template`).
+SEGMENTATION_RUN = {2: "dvpt_segmentation", 3: "dvpt_3d_segmentation"}
 #: the tiny data set of every work copy: ``monai-prompt demo-data`` at these sizes (MNI152 patches, 3 classes).
 DEMO_TINY = {"train-per-class": 4, "eval-per-class": 2, "unlabeled": 0}
 SHIMS = ("python", "python3", "monai-prompt", "torchrun", "docs-check-pip", "docs-check-hf", "docs-check-mlflow")
@@ -185,6 +188,8 @@ MAPPING: tuple[Rule, ...] = (
     Rule("*", r"^python -m monai_prompt\.benchmarks\.bundle_runs\b", append=" --help",
          why=("it trains every bundle for an hour and rewrites the package's measurements.json: only its command line "
               "is run (--help)")),
+    Rule("*", r"^monai-prompt demo-data --task segmentation$",
+         why="runs as written: the segmentation set is small (715 files, 9 MB, seconds)"),
     Rule("*", r"^monai-prompt demo-data", append="".join(f" --{key} {value}" for key, value in DEMO_TINY.items()),
          why="the work copies' tiny sizes (the documented ones write 4,350 PNGs); the same bytes as their data"),
     Rule("docs/demo.md", r"^monai-prompt demo --tiny --out /tmp/smoke", why="outputs stay in the work copy",
@@ -213,6 +218,9 @@ MAPPING: tuple[Rule, ...] = (
     Rule("bundles/*", r"^--infer_images \"\['a\.png','b\.png'\]\"$", setup=("images:.",),
          why="run in an inference of the README's bundle, on two test images copied to a.png and b.png",
          subs=(("--infer_images", _INFER.replace("$B", "bundles/{bundle}") + " --infer_images"),)),
+    Rule("bundles/*segmentation/*", r"--infer_images \"/data/new_scans/", setup=("scans:new_scans",),
+         why="the tiny test images of the README's bundle (2D or 3D NIfTI), copied to new_scans/",
+         subs=(("/data/new_scans/", "new_scans/"),)),
     # --- Python blocks
     Rule("docs/getting-started.md", r"PromptClassifier\(", setup=("hf:weights/vit-b16-in21k",),
          why="a tiny HuggingFace ViT at weights/vit-b16-in21k, in place of ViT-B/16 at 224",
@@ -367,7 +375,22 @@ def collect(path: Path) -> list[Snippet]:
 
 DOC_FILES = sorted({path for pattern in DOC_GLOBS for path in REPO.glob(pattern)})
 COLLECTED = [snippet for path in DOC_FILES for snippet in collect(path)]
-SNIPPETS = [snippet for snippet in COLLECTED if snippet.kind != "mention"]
+
+
+def template_readme(file: str) -> str | None:
+    """The segmentation README of :data:`SEGMENTATION_RUN` whose commands ``file``'s must repeat (``None``: ``file``
+    is not a segmentation README, or it is that one)."""
+    parts = file.split("/")
+    if parts[0] != "bundles" or not parts[1].endswith("segmentation"):
+        return None
+    run = SEGMENTATION_RUN[3 if parts[1].endswith("_3d_segmentation") else 2]
+    return None if parts[1] == run else f"bundles/{run}/docs/README.md"
+
+
+#: what runs: every snippet but prose mentions and the commands of segmentation READMEs that repeat their template's
+#: (their flags are still checked against their own bundle's configs).
+SNIPPETS = [snippet for snippet in COLLECTED if snippet.kind != "mention"
+            and (snippet.kind == "flags" or template_readme(snippet.file) is None)]
 
 
 def _bundles_named(snippet: Snippet, text: str | None = None) -> list[str]:
@@ -693,10 +716,12 @@ def docs(fork_server, tiny, tmp_path_factory):
     lazily) and one work copy per doc file."""
     import torch
     from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny_overrides
+    from segmentation_support import tiny_segmentation_overrides, write_tiny_encoder, write_tiny_segmentation
     from safetensors.torch import save_file
     from transformers import ViTConfig, ViTModel
 
     from monai_prompt.bundle_gen import BUNDLE_SPECS
+    from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS
     from monai_prompt.data import build_demo_data
     from monai_prompt.engine.runner import run_bundle
 
@@ -715,8 +740,18 @@ def docs(fork_server, tiny, tmp_path_factory):
     tiny_by_bundle = {name: {k: v for k, v in tiny_overrides(spec, data, tiny["backbone"]).items()
                              if k != "dataset_dir"} for name, spec in BUNDLE_SPECS.items()}
     tiny_by_bundle["vit_pretraining"] = {"batch_size": 4, "num_workers": 0}
+    segmentation_data = {}  # the tiny image/label pairs (the datalist's folder) and encoder of each running README
+    for dims, name in SEGMENTATION_RUN.items():
+        datalist = write_tiny_segmentation(root / f"segmentation{dims}d", dims)
+        encoder = write_tiny_encoder(standins / f"encoder{dims}d.pt", dims)
+        tiny_by_bundle[name] = tiny_segmentation_overrides(SEGMENTATION_SPECS[name], datalist, encoder)
+        segmentation_data[name] = datalist.parent
     seeds = root / "seeds"
     trained: dict[str, Path] = {}
+
+    def data_of(name: str) -> Path:
+        """The tiny data ``name`` trains on."""
+        return segmentation_data.get(name, data)
 
     def seed(name: str) -> Path:
         """``name`` trained on the tiny data: an interrupted run (epoch 1 of 2), as ``--resume True`` expects."""
@@ -724,7 +759,7 @@ def docs(fork_server, tiny, tmp_path_factory):
             bundle = copy_bundle(name, seeds)
             overrides = {k: v for k, v in tiny_by_bundle[name].items() if not k.startswith("_meta_")}
             run_bundle(bundle, ["train.json"], "train", quiet=True, attach=_stop_after_first_epoch,
-                       dataset_dir=str(data), **{**overrides, "train#trainer#max_epochs": 2})
+                       dataset_dir=str(data_of(name)), **{**overrides, "train#trainer#max_epochs": 2})
             shutil.rmtree(bundle / "eval", ignore_errors=True)
             trained[name] = bundle
         return trained[name]
@@ -745,12 +780,13 @@ def docs(fork_server, tiny, tmp_path_factory):
             names = sorted({n for s in SNIPPETS if s.file == file for n in _bundles_named(s, _mapped(s, values))})
             for name in names:
                 shutil.copytree(seed(name), works[file] / "bundles" / name)
-            for folder in {_default_dataset_dir(name) for name in names}:
-                shutil.copytree(data, works[file] / folder, dirs_exist_ok=True)
+            for name in names:
+                shutil.copytree(data_of(name), works[file] / _default_dataset_dir(name), dirs_exist_ok=True)
         return works[file]
 
     _wait_for(*fork_server[1:])
-    return {"env": env, "data": data, "standins": standins, "seed": seed, "work": work, "values": values}
+    return {"env": env, "data": data, "data_of": data_of, "standins": standins, "seed": seed, "work": work,
+            "values": values}
 
 
 def _default_dataset_dir(bundle: str) -> str:
@@ -841,12 +877,17 @@ def _setup(work: Path, items: tuple[str, ...], bundles: list[str], docs: dict) -
             dest.mkdir(parents=True, exist_ok=True)
             for name, image in zip(("a.png", "b.png"), sorted((docs["data"] / "images" / "test").rglob("*.png"))):
                 shutil.copy(image, dest / name)
+        elif kind == "scans":
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in bundles:
+                for image in (docs["data_of"](name) / "images" / "test").iterdir():
+                    shutil.copy(image, dest / image.name)
         elif kind == "seed":
             for name in bundles:
                 shutil.rmtree(work / "bundles" / name)
                 shutil.copytree(docs["seed"](name), work / "bundles" / name)
                 shutil.rmtree(work / _default_dataset_dir(name), ignore_errors=True)
-                shutil.copytree(docs["data"], work / _default_dataset_dir(name))
+                shutil.copytree(docs["data_of"](name), work / _default_dataset_dir(name))
         else:
             raise ValueError(f"unknown setup item {item!r}")
 
@@ -953,3 +994,23 @@ def test_every_mapping_row_is_used():
     for rule in MAPPING:
         used = [s.id for s in COLLECTED if rule_for(s.file, s.text) is rule]
         assert used, f"MAPPING row {rule.match!r} ({rule.files}) matches no snippet"
+
+
+def _commands(file: str) -> set[tuple[str, str]]:
+    """``(kind, text)`` of a file's snippets with its bundle's name as ``{bundle}`` (flags one by one, without their
+    line numbers)."""
+    name = file.split("/")[1]
+    found = set()
+    for snippet in COLLECTED:
+        if snippet.file == file:
+            texts = [line.split(": ", 1)[1] for line in snippet.text.splitlines()] if snippet.kind == "flags" else [
+                snippet.text]
+            found |= {(snippet.kind, text.replace(name, "{bundle}")) for text in texts}
+    return found
+
+
+@pytest.mark.parametrize("file", sorted({s.file for s in COLLECTED if template_readme(s.file)}))
+def test_segmentation_readmes_share_their_template(file):
+    """A segmentation README that does not run holds only commands its template runs (with its own bundle name)."""
+    extra = _commands(file) - _commands(template_readme(file))
+    assert not extra, f"{file}: commands its template {template_readme(file)} does not run: {sorted(extra)}"
