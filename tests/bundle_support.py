@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +105,25 @@ def read_metrics(path: Path) -> dict[str, float]:
         return {row[0]: float(row[1]) for row in csv.reader(f)}
 
 
+def reference_ece(confidence: Sequence[float], correct: Sequence[bool], bins: int = 15) -> float:
+    """Expected calibration error as Guo et al. (2017) write it, a plain loop: bins ``B_m = ((m-1)/M, m/M]`` (a
+    confidence of 0 in the first), ``sum_m |B_m| / n * |acc(B_m) - conf(B_m)|``."""
+    n, total = len(confidence), 0.0
+    for m in range(1, bins + 1):
+        lower, upper = (m - 1) / bins, m / bins
+        members = [i for i, c in enumerate(confidence) if lower < c <= upper or (m == 1 and c == 0)]
+        if members:
+            accuracy = sum(bool(correct[i]) for i in members) / len(members)
+            mean_confidence = sum(confidence[i] for i in members) / len(members)
+            total += len(members) / n * abs(accuracy - mean_confidence)
+    return total
+
+
 def metrics_from_predictions(path: Path) -> dict[str, float]:
     """Accuracy, macro ROC AUC, macro F1 and quadratic-weighted kappa of a bundle's ``predictions.csv`` (a header
     row, then rows of image path, class probabilities and predicted class) of :func:`write_tiny_dataset` images,
-    computed by scikit-learn with each image's class read from its file name."""
+    computed by scikit-learn with each image's class read from its file name; the calibration error by
+    :func:`reference_ece`."""
     from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
     with open(path) as f:
@@ -121,4 +137,5 @@ def metrics_from_predictions(path: Path) -> dict[str, float]:
         "auc": roc_auc_score(truth, probs, multi_class="ovr", average="macro", labels=labels),
         "f1": f1_score(truth, pred, average="macro", labels=labels, zero_division=0),
         "kappa": cohen_kappa_score(truth, pred, weights="quadratic", labels=labels),
+        "ece": reference_ece(probs.max(1).tolist(), (pred == np.array(truth)).tolist()),
     }

@@ -178,7 +178,7 @@ def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path, monkeyp
 
     run_bundle(bundle, ["train.json", "evaluate.json"], "infer", **overrides)
     metrics = read_metrics(bundle / "eval" / "metrics.csv")
-    assert set(metrics) == {"accuracy", "auc", "f1", "kappa"}
+    assert set(metrics) == {"accuracy", "auc", "f1", "kappa", "ece"}
 
     run_bundle(bundle, ["inference.json"], "infer", **overrides)
     with open(bundle / "eval" / "predictions.csv") as f:
@@ -251,7 +251,7 @@ def test_multi_label_trains_and_evaluates_with_sigmoid(tmp_path, tiny):
     run_bundle(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
     run_bundle(bundle, ["train.json", "evaluate.json"], "infer", **overrides)
     with open(bundle / "eval" / "metrics.csv") as f:
-        assert {row[0] for row in csv.reader(f)} == {"accuracy", "auc", "f1"}
+        assert {row[0] for row in csv.reader(f)} == {"accuracy", "auc", "f1", "ece"}
     run_bundle(bundle, ["inference.json"], "infer", **overrides)
     with open(bundle / "eval" / "predictions.csv") as f:
         rows = list(csv.reader(f))[1:]

@@ -52,7 +52,7 @@ def test_monai_bundle_cli_from_repository_root_and_from_inside_the_bundle(tiny, 
                   "['configs/train.json','configs/evaluate.json']", *args], cwd=bundle)
     assert "Restored all variables from ./models/model.pt" in result.stdout + result.stderr
     with open(bundle / "eval" / "metrics.csv") as f:
-        assert {row[0] for row in csv.reader(f)} == {"accuracy", "auc", "f1", "kappa"}
+        assert {row[0] for row in csv.reader(f)} == {"accuracy", "auc", "f1", "kappa", "ece"}
 
 
 @pytest.mark.slow

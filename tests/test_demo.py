@@ -30,7 +30,7 @@ def test_demo_runs_end_to_end_and_reuses_data_and_pretraining(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results["backbones"]) == {"pretrained", "scratch"}
     for run in results["backbones"].values():
-        assert set(run["metrics"]) == {"accuracy", "auc", "f1", "kappa"}
+        assert set(run["metrics"]) == {"accuracy", "auc", "f1", "kappa", "ece"}
         assert 0 < run["trainable"] < run["backbone"]
         assert f"{run['metrics']['accuracy']:.3f}" in printed
     assert (out / "dvpt_pretrained" / "models" / "model.pt").is_file()

@@ -101,7 +101,7 @@ def test_train_and_evaluate_logged_to_a_tracking_server(bundle, mlflow_server):
     artifacts = {artifact.path for artifact in client.list_artifacts(train.info.run_id)}
     assert "model.pt" in artifacts and any(name.startswith("config_") for name in artifacts)
 
-    assert {"accuracy", "auc", "f1", "kappa"} <= set(evaluate.data.metrics)
+    assert {"accuracy", "auc", "f1", "kappa", "ece"} <= set(evaluate.data.metrics)
     assert {"metrics.csv", "model.pt"} <= {artifact.path for artifact in client.list_artifacts(evaluate.info.run_id)}
     local = client.download_artifacts(train.info.run_id, "model.pt", str(path.parent / "download"))
     assert Path(local).read_bytes() == (path / "models" / "model.pt").read_bytes()

@@ -7,7 +7,9 @@ expect: ``(probabilities, class index)`` for multi-class, ``(0/1 predictions, 0/
 Everything else is ignite's or MONAI's own; only the kappa is written here (ignite's ``CohenKappa`` needs
 scikit-learn and hard labels). :class:`ClassReportHandler` accumulates ignite's confusion matrix over an
 evaluator's epoch, writes per-class precision/recall/F1 and the matrix as CSV files, and warns when every
-prediction is the same (a collapsed model).
+prediction is the same (a collapsed model). It also measures the expected calibration error
+(:func:`expected_calibration_error`, Guo et al. 2017) into the engine's metrics (``ece``) and draws the
+reliability diagram (:func:`plot_reliability_diagram`).
 """
 
 from __future__ import annotations
@@ -27,11 +29,25 @@ from ignite.metrics import ConfusionMatrix, Fbeta, MultiLabelConfusionMatrix, Pr
 __all__ = [
     "ClassReportHandler",
     "QuadraticWeightedKappa",
+    "calibration_histogram",
     "class_decisions",
+    "confidence_and_correct",
+    "ece_from_histogram",
+    "expected_calibration_error",
     "macro_f1",
     "per_class_scores",
+    "plot_reliability_diagram",
     "quadratic_weighted_kappa",
 ]
+
+#: confidence bins of the expected calibration error (Guo et al. 2017 use 15 equal-width bins).
+ECE_BINS = 15
+
+
+def _stacked(output: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decollated ``[{"pred", "label"}]`` engine output as batched ``(pred, label)`` tensors on ``pred``'s device."""
+    preds = torch.stack([torch.as_tensor(item["pred"]) for item in output])
+    return preds, torch.stack([torch.as_tensor(item["label"]) for item in output]).to(preds.device)
 
 
 def class_decisions(multi_label: bool = False, threshold: float = 0.5) -> Callable[[Sequence[dict]], tuple]:
@@ -45,8 +61,7 @@ def class_decisions(multi_label: bool = False, threshold: float = 0.5) -> Callab
     """
 
     def transform(output: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-        preds = torch.stack([torch.as_tensor(item["pred"]) for item in output])
-        labels = torch.stack([torch.as_tensor(item["label"]) for item in output]).to(preds.device)
+        preds, labels = _stacked(output)
         if multi_label:
             return (preds > threshold).long(), (labels > 0.5).long()
         return preds, labels.argmax(dim=1) if labels.ndim == 2 else labels.long()
@@ -99,6 +114,117 @@ class QuadraticWeightedKappa(ConfusionMatrix):
         return quadratic_weighted_kappa(super().compute())
 
 
+def confidence_and_correct(
+    probabilities: torch.Tensor, labels: torch.Tensor, multi_label: bool = False, threshold: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The confidence of each decision and whether it is right, the inputs of the expected calibration error.
+
+    Multi-class: the decision is the arg-max class and its confidence the largest probability. Multi-label: each
+    (image, class) pair is one binary decision (``p > threshold``) with confidence ``max(p, 1 - p)``, so the error
+    is that of all per-class decisions pooled.
+
+    Args:
+        probabilities: ``[B, C]`` softmax (multi-class) or sigmoid (multi-label) outputs.
+        labels: ``[B, C]`` one-hot / multi-hot, or ``[B]`` class indices (multi-class).
+        multi_label: multi-hot labels.
+        threshold: decision threshold for multi-label.
+
+    Returns:
+        flat float64 ``confidence`` and 0/1 ``correct`` tensors of the same length.
+    """
+    probabilities = probabilities.detach().double()
+    if multi_label:
+        decided = probabilities > threshold
+        confidence = torch.where(decided, probabilities, 1 - probabilities)
+        return confidence.flatten(), (decided == (labels > 0.5)).double().flatten()
+    index = labels.argmax(dim=1) if labels.ndim == 2 else labels.long()
+    confidence, predicted = probabilities.max(dim=1)
+    return confidence, (predicted == index.to(predicted.device)).double()
+
+
+def calibration_histogram(
+    confidence: torch.Tensor, correct: torch.Tensor, num_bins: int = ECE_BINS
+) -> torch.Tensor:
+    """Per-bin ``[count, confidence sum, correct sum]`` (``[3, num_bins]``, float64) over equal-width confidence bins
+    ``((m - 1) / M, m / M]`` (a confidence of 0 falls in the first); histograms of batches add up.
+
+    Args:
+        confidence: flat confidences in [0, 1] (:func:`confidence_and_correct`).
+        correct: flat 0/1 correctness.
+        num_bins: ``M``.
+    """
+    confidence, correct = confidence.detach().double().flatten().cpu(), correct.detach().double().flatten().cpu()
+    index = (torch.ceil(confidence * num_bins).long() - 1).clamp(0, num_bins - 1)
+    histogram = torch.zeros(3, num_bins, dtype=torch.float64)
+    for row, values in enumerate((torch.ones_like(confidence), confidence, correct)):
+        histogram[row].index_add_(0, index, values)
+    return histogram
+
+
+def ece_from_histogram(histogram: torch.Tensor) -> float:
+    """``sum_m |correct_m - confidence_m| / N`` from :func:`calibration_histogram`: the bins' gaps between accuracy
+    and mean confidence, weighted by their share of the decisions (NaN when there are none)."""
+    total = float(histogram[0].sum())
+    return float((histogram[2] - histogram[1]).abs().sum() / total) if total > 0 else float("nan")
+
+
+def expected_calibration_error(
+    probabilities: torch.Tensor, labels: torch.Tensor, num_bins: int = ECE_BINS, multi_label: bool = False
+) -> float:
+    """Expected calibration error (Guo et al., ICML 2017) with ``num_bins`` equal-width confidence bins.
+
+    Args:
+        probabilities: ``[B, C]`` class probabilities.
+        labels: ``[B, C]`` one-hot / multi-hot or ``[B]`` class indices.
+        num_bins: number of bins (15, as Guo et al.).
+        multi_label: pool the per-class binary decisions (:func:`confidence_and_correct`).
+    """
+    return ece_from_histogram(calibration_histogram(*confidence_and_correct(probabilities, labels, multi_label),
+                                                    num_bins))
+
+
+def plot_reliability_diagram(histogram: torch.Tensor, path: str | os.PathLike, title: str = "") -> Path:
+    """Write the reliability diagram of :func:`calibration_histogram` to a PNG: accuracy per confidence bin (bars),
+    the gap to each bin's mean confidence (red), the diagonal of perfect calibration, the ECE, and the share of the
+    decisions per bin below.
+
+    Args:
+        histogram: ``[3, M]`` counts, confidence sums and correct sums.
+        path: the PNG file.
+        title: first line of the title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count, confidence, correct = histogram.double()
+    bins = count.numel()
+    edges = torch.linspace(0, 1, bins + 1)
+    centres = ((edges[:-1] + edges[1:]) / 2).numpy()
+    filled = count > 0
+    accuracy = torch.where(filled, correct / count.clamp_min(1), torch.zeros_like(count)).numpy()
+    mean_confidence = torch.where(filled, confidence / count.clamp_min(1), torch.zeros_like(count)).numpy()
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(4.5, 5.5), height_ratios=(3, 1), sharex=True)
+    top.bar(centres, accuracy, width=1 / bins, edgecolor="black", color="tab:blue", label="accuracy")
+    gap_bottom = [min(a, c) for a, c in zip(accuracy, mean_confidence)]
+    gap = [abs(a - c) if f else 0.0 for a, c, f in zip(accuracy, mean_confidence, filled.tolist())]
+    top.bar(centres, gap, bottom=gap_bottom, width=1 / bins, color="tab:red", alpha=0.4, label="gap to confidence")
+    top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    top.set_title(f"{title + chr(10) if title else ''}ECE {ece_from_histogram(histogram):.4f} ({bins} bins, "
+                  f"{int(count.sum())} decisions)", fontsize=9)
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(centres, (count / count.sum().clamp_min(1)).numpy(), width=1 / bins, color="gray", edgecolor="black")
+    bottom.set(xlabel="confidence", ylabel="share")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def per_class_scores(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-class ``precision``, ``recall``, ``f1``, ``support`` (true count) and ``predicted`` (predicted count).
 
@@ -137,6 +263,13 @@ class ClassReportHandler:
     and ``<prefix>confusion_matrix.csv`` (multi-class: rows truth, columns prediction; multi-label: tn, fp, fn,
     tp per class) beside MONAI's ``metrics.csv``, on rank 0.
 
+    It also accumulates the calibration histogram of the probabilities (:func:`calibration_histogram`) and puts the
+    expected calibration error into ``engine.state.metrics[ece_name]`` after every iteration, so that handlers
+    attached before it (MONAI's ``MetricsSaver``, ``StatsHandler``) already see the epoch's value at
+    ``EPOCH_COMPLETED``, and MLflow logs it as any metric. Under DDP the all-process value replaces it at the end of
+    the epoch. With ``output_dir``: ``<prefix>calibration.csv`` (per bin: bounds, count, mean confidence,
+    accuracy) and the reliability diagram ``<prefix>reliability.png``.
+
     Args:
         num_classes: number of classes.
         class_names: names for the rows (default: the class indices).
@@ -146,6 +279,8 @@ class ClassReportHandler:
         output_transform: decollated engine output to ``(decisions, labels)`` (default:
             :func:`class_decisions` for ``multi_label``).
         name: logger name.
+        num_bins: confidence bins of the calibration error.
+        ece_name: the metric name of the calibration error (``engine.state.metrics``).
     """
 
     def __init__(
@@ -157,6 +292,8 @@ class ClassReportHandler:
         filename_prefix: str = "",
         output_transform: Callable | None = None,
         name: str = "monai_prompt",
+        num_bins: int = ECE_BINS,
+        ece_name: str = "ece",
     ) -> None:
         self.class_names = (
             [str(c) for c in class_names] if class_names is not None else [str(c) for c in range(num_classes)]
@@ -169,6 +306,8 @@ class ClassReportHandler:
         self.output_transform = output_transform or class_decisions(multi_label)
         self.confusion = (MultiLabelConfusionMatrix if multi_label else ConfusionMatrix)(num_classes)
         self.logger = logging.getLogger(name)
+        self.num_bins, self.ece_name = num_bins, ece_name
+        self.calibration = torch.zeros(3, num_bins, dtype=torch.float64)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
@@ -177,15 +316,23 @@ class ClassReportHandler:
 
     def epoch_started(self, engine: Engine) -> None:
         self.confusion.reset()
+        self.calibration.zero_()
 
     def iteration_completed(self, engine: Engine) -> None:
         self.confusion.update(self.output_transform(engine.state.output))
+        decisions = confidence_and_correct(*_stacked(engine.state.output), multi_label=self.multi_label)
+        self.calibration += calibration_histogram(*decisions, self.num_bins)
+        engine.state.metrics[self.ece_name] = ece_from_histogram(self.calibration)
 
     def epoch_completed(self, engine: Engine) -> None:
         confusion = self.confusion.compute().cpu()
         self._warn_if_collapsed(engine, confusion)
+        if idist.get_world_size() > 1:
+            self.calibration = idist.all_reduce(self.calibration.to(idist.device())).cpu()
+            engine.state.metrics[self.ece_name] = ece_from_histogram(self.calibration)
         if self.output_dir is not None and idist.get_rank() == 0:
             self._write(confusion)
+            self._write_calibration()
 
     def _warn_if_collapsed(self, engine: Engine, confusion: torch.Tensor) -> None:
         scores = per_class_scores(confusion)
@@ -226,3 +373,14 @@ class ClassReportHandler:
             else:
                 writer.writerow(["truth \\ prediction", *self.class_names])
                 writer.writerows([name, *[int(v) for v in confusion[i]]] for i, name in enumerate(self.class_names))
+
+    def _write_calibration(self) -> None:
+        count, confidence, correct = self.calibration
+        with open(self.output_dir / f"{self.filename_prefix}calibration.csv", "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["lower", "upper", "count", "confidence", "accuracy"])
+            for m in range(self.num_bins):
+                means = [f"{float(v / count[m]):.4f}" if count[m] > 0 else "" for v in (confidence[m], correct[m])]
+                writer.writerow([f"{m / self.num_bins:.4f}", f"{(m + 1) / self.num_bins:.4f}", int(count[m]), *means])
+        plot_reliability_diagram(self.calibration, self.output_dir / f"{self.filename_prefix}reliability.png",
+                                 "multi-label, per-class decisions pooled" if self.multi_label else "")
