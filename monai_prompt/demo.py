@@ -23,6 +23,7 @@ overrides. :func:`pretrain` and :func:`pretrained_overrides` also give the bundl
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -31,7 +32,7 @@ import json
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,6 +154,38 @@ class EpochProgress:
 def _clock(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes}m{seconds:02d}s"
+
+
+class DemoSteps:
+    """The numbered, timed steps of a demo run: each prints ``[i/n] title`` and records its seconds under a key.
+
+    Args:
+        total: the number of steps.
+        print_fn: where lines go.
+    """
+
+    def __init__(self, total: int, print_fn: Callable[[str], None]) -> None:
+        self.total, self.print_fn, self.done = total, print_fn, 0
+        self.timings: dict[str, float] = {}
+        self._start = time.monotonic()
+
+    @contextlib.contextmanager
+    def step(self, key: str, title: str) -> Iterator[None]:
+        """Print the step's line, run the block and record its duration as ``timings[key]``."""
+        self.done += 1
+        self.print_fn(f"[{self.done}/{self.total}] {title}")
+        start = time.monotonic()
+        yield
+        self.timings[key] = time.monotonic() - start
+
+    def report(self, key: str, status: str, path: Path) -> None:
+        """The indented line after a step: what it did (``built``, ``reused``, ...) to which file, in how long."""
+        self.print_fn(f"  {status} {path} ({_clock(self.timings[key])})")
+
+    def rounded(self) -> dict[str, float]:
+        """Every step's seconds and ``total_s`` since the start, to 0.1 s."""
+        return {key: round(value, 1) for key, value in
+                {**self.timings, "total_s": time.monotonic() - self._start}.items()}
 
 
 def _bundle(name: str, bundles: Path) -> Path:
@@ -399,34 +432,24 @@ def run_demo(
     warnings.filterwarnings("ignore", message="torch.meshgrid")  # MONAI's sin-cos position embedding
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")  # no GPU DICOM decoder: irrelevant here
     out_dir = Path(out_dir)
-    steps = 4 if compare_scratch else 3
-    timings: dict[str, float] = {}
-    start = time.monotonic()
-
-    print_fn(f"[1/{steps}] demo data (MNI152 T1 tissue patches) in {out_dir / 'data'}")
-    datalist, reused = prepare_data(out_dir / "data", config)
-    timings["data_s"] = time.monotonic() - start
-    print_fn(f"  {'reused' if reused else 'built'} {datalist} ({timings['data_s']:.1f} s)")
-
-    print_fn(f"[2/{steps}] MAE pre-training of the ViT encoder (bundles/vit_pretraining, "
-             f"{config.pretrain_epochs} epochs)")
-    step_start = time.monotonic()
-    checkpoint, status = pretrain(out_dir / "vit_pretraining", datalist, config, bundles, verbose, print_fn)
-    timings["pretraining_s"] = time.monotonic() - step_start
-    print_fn(f"  {status} {checkpoint} ({_clock(timings['pretraining_s'])})")
+    steps = DemoSteps(4 if compare_scratch else 3, print_fn)
+    with steps.step("data_s", f"demo data (MNI152 T1 tissue patches) in {out_dir / 'data'}"):
+        datalist, reused = prepare_data(out_dir / "data", config)
+    steps.report("data_s", "reused" if reused else "built", datalist)
+    with steps.step("pretraining_s", f"MAE pre-training of the ViT encoder (bundles/vit_pretraining, "
+                                     f"{config.pretrain_epochs} epochs)"):
+        checkpoint, status = pretrain(out_dir / "vit_pretraining", datalist, config, bundles, verbose, print_fn)
+    steps.report("pretraining_s", status, checkpoint)
 
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "backbones": {}}
     runs = [("pretrained", checkpoint)] + ([("scratch", None)] if compare_scratch else [])
-    for index, (name, pretrained) in enumerate(runs, start=3):
+    for name, pretrained in runs:
         what = "the MAE-pre-trained backbone" if pretrained else "a randomly initialised backbone (baseline)"
-        print_fn(f"[{index}/{steps}] DVPT on {what} (bundles/dvpt_classification, {config.tune_epochs} epochs), "
-                 f"then evaluation on the test split")
-        step_start = time.monotonic()
-        results["backbones"][name] = tune(out_dir / f"dvpt_{name}", datalist, pretrained, config, bundles, verbose,
-                                          print_fn)
-        timings[f"dvpt_{name}_s"] = time.monotonic() - step_start
-    timings["total_s"] = time.monotonic() - start
-    results["timings"] = {k: round(v, 1) for k, v in timings.items()}
+        with steps.step(f"dvpt_{name}_s", f"DVPT on {what} (bundles/dvpt_classification, {config.tune_epochs} "
+                                          "epochs), then evaluation on the test split"):
+            results["backbones"][name] = tune(out_dir / f"dvpt_{name}", datalist, pretrained, config, bundles,
+                                              verbose, print_fn)
+    results["timings"] = steps.rounded()
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print_fn(_summary(results, out_dir))
     return results

@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import json
 import shutil
-import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from monai_prompt.demo import (
     DEMO_DVPT,
     MONAI_LAYER_NORM_EPS,
     DemoConfig,
+    DemoSteps,
     EpochProgress,
     attach_progress,
     pretrain,
@@ -301,45 +301,34 @@ def run_segmentation_demo(
     warnings.filterwarnings("ignore", message="torch.meshgrid")
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     out_dir, bundles = Path(out_dir), Path(bundles)
-    steps = 5 if compare_scratch else 4
-    timings: dict[str, float] = {}
-    start = time.monotonic()
-
-    print_fn(f"[1/{steps}] demo segmentation data (MNI152 T1 slices, tissue labels) in {out_dir / 'data'}")
-    datalist, reused = prepare_segmentation_data(out_dir / "data", config)
-    timings["data_s"] = time.monotonic() - start
-    print_fn(f"  {'reused' if reused else 'built'} {datalist} ({timings['data_s']:.1f} s)")
-
-    print_fn(f"[2/{steps}] MAE pre-training of the patch-16 ViT encoder on the training slices "
-             f"(bundles/vit_pretraining, {config.pretrain_epochs} epochs)")
-    step_start = time.monotonic()
-    checkpoint, status = pretrain_encoder(out_dir / "vit_pretraining", datalist, config, bundles, verbose, print_fn)
-    timings["pretraining_s"] = time.monotonic() - step_start
-    print_fn(f"  {status} {checkpoint} ({timings['pretraining_s']:.1f} s)")
+    steps = DemoSteps(5 if compare_scratch else 4, print_fn)
+    with steps.step("data_s", f"demo segmentation data (MNI152 T1 slices, tissue labels) in {out_dir / 'data'}"):
+        datalist, reused = prepare_segmentation_data(out_dir / "data", config)
+    steps.report("data_s", "reused" if reused else "built", datalist)
+    with steps.step("pretraining_s", f"MAE pre-training of the patch-16 ViT encoder on the training slices "
+                                     f"(bundles/vit_pretraining, {config.pretrain_epochs} epochs)"):
+        checkpoint, status = pretrain_encoder(out_dir / "vit_pretraining", datalist, config, bundles, verbose,
+                                              print_fn)
+    steps.report("pretraining_s", status, checkpoint)
 
     name = f"{config.method}_segmentation"
     runs_to_do = [("pretrained", name, checkpoint)] + ([("scratch", "full_segmentation", None)]
                                                        if compare_scratch else [])
     runs: dict[str, dict[str, Any]] = {}
-    for index, (label, bundle, pretrained) in enumerate(runs_to_do, start=3):
+    for label, bundle, pretrained in runs_to_do:
         what = (f"{config.method} on the MAE-pre-trained encoder" if pretrained
                 else "UNETR from scratch (every weight trained, random init)")
-        print_fn(f"[{index}/{steps}] {what} (bundles/{bundle}, {config.tune_epochs} epochs), then evaluation on "
-                 "the test slab and inference")
-        step_start = time.monotonic()
         run_dir = out_dir / (f"{config.method}_pretrained" if pretrained else "unetr_scratch")
-        runs[label] = {**_tune(bundle, run_dir, datalist.parent, pretrained, config, bundles, verbose, print_fn),
-                       "out_dir": str(run_dir)}
-        timings[f"{label}_s"] = time.monotonic() - step_start
+        with steps.step(f"{label}_s", f"{what} (bundles/{bundle}, {config.tune_epochs} epochs), then evaluation on "
+                                      "the test slab and inference"):
+            runs[label] = {**_tune(bundle, run_dir, datalist.parent, pretrained, config, bundles, verbose,
+                                   print_fn), "out_dir": str(run_dir)}
 
-    print_fn(f"[{steps}/{steps}] figure of {config.figure_slices} test slices")
-    step_start = time.monotonic()
-    figure = _figure(datalist.parent, runs, out_dir, config.figure_slices)
-    timings["figure_s"] = time.monotonic() - step_start
-    timings["total_s"] = time.monotonic() - start
+    with steps.step("figure_s", f"figure of {config.figure_slices} test slices"):
+        figure = _figure(datalist.parent, runs, out_dir, config.figure_slices)
     results = {"config": dataclasses.asdict(config), "runs": runs, "figure": str(figure),
                "test_images": len(json.loads(datalist.read_text())["test"]),
-               "timings": {key: round(value, 1) for key, value in timings.items()}}
+               "timings": steps.rounded()}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print_fn(_summary(results, out_dir))
     return results
