@@ -1,4 +1,4 @@
-"""``monai-prompt`` command line: demo, info, demo-data, check-data, preload, render-bundles, export."""
+"""``monai-prompt`` command line: demo, info, demo-data, check-data, preload, render-bundles, export, benchmark."""
 
 from __future__ import annotations
 
@@ -216,6 +216,20 @@ def _add_bundle_parsers(sub: argparse._SubParsersAction) -> None:
     export.set_defaults(func=_export)
 
 
+def _benchmark(args: argparse.Namespace) -> None:
+    """Measurements that are not tests: ``monai_prompt.benchmarks.<kind>.main`` with the remaining options."""
+    import importlib
+
+    importlib.import_module(f"monai_prompt.benchmarks.{args.kind}").main(args.options)
+
+
+def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
+    benchmark = sub.add_parser("benchmark", help="efficiency or accuracy of every method side by side (docs/benchmarks.md)")
+    benchmark.add_argument("kind", choices=["efficiency", "accuracy"], help="what to measure")
+    benchmark.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
+    benchmark.set_defaults(func=_benchmark)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-prompt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -260,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_data.set_defaults(func=_check_data)
     _add_preload_parser(sub)
     _add_bundle_parsers(sub)
+    _add_benchmark_parser(sub)
     return parser
 
 

@@ -45,7 +45,7 @@ from monai_prompt.demo import (
     train_and_evaluate,
 )
 
-__all__ = ["default_network", "demo_run", "hardware", "parameter_counts"]
+__all__ = ["default_network", "demo_overrides", "demo_run", "hardware", "parameter_counts"]
 
 #: how the READMEs name the measuring command (Markdown).
 COMMAND = "`python -m monai_prompt.benchmarks.bundle_runs`"
@@ -78,6 +78,15 @@ def parameter_counts(spec: BundleSpec, bundles: Path, net: torch.nn.Module | Non
     }
 
 
+def demo_overrides(spec: BundleSpec, datalist: Path, backbone: dict[str, Any]) -> dict[str, Any]:
+    """Overrides of a demo run: the backbone, the datalist and :data:`DEMO_RUN` (FPT: the side network at half the
+    LPM's size)."""
+    overrides = {**backbone, "dataset_dir": str(datalist.parent), "datalist_file": str(datalist), **DEMO_RUN}
+    if spec.fpt:  # the pre-trained ViT is the frozen LPM; the side network sees half its size
+        overrides["method_config#side_img_size"] = backbone["img_size"] // 2
+    return overrides
+
+
 def demo_run(spec: BundleSpec, bundles: Path, out_dir: Path, datalist: Path, backbone: dict[str, Any],
              epochs: int) -> dict[str, Any]:
     """Train ``spec``'s bundle into ``out_dir`` on the demo data and evaluate it on the test split.
@@ -99,9 +108,7 @@ def demo_run(spec: BundleSpec, bundles: Path, out_dir: Path, datalist: Path, bac
 
     from monai_prompt.engine.handlers import peak_memory_mb
 
-    overrides = {**backbone, "dataset_dir": str(datalist.parent), "datalist_file": str(datalist), **DEMO_RUN}
-    if spec.fpt:  # the pre-trained ViT is the frozen LPM; the side network sees half its size
-        overrides["method_config#side_img_size"] = backbone["img_size"] // 2
+    overrides = demo_overrides(spec, datalist, backbone)
     seconds: list[float] = []
     peak: list[float] = []
     progress = attach_progress(EpochProgress(spec.method), "validate#evaluator")

