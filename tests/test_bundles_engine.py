@@ -30,6 +30,7 @@ from monai_prompt.engine import (
 )
 from monai_prompt.nets import PromptClassifier
 from monai_prompt.peft import DeltaMismatchError
+from monai_prompt.peft.delta import IDENTITY_KEYS
 
 
 def tiny_net(method: str = "vpt", **config) -> PromptClassifier:
@@ -93,7 +94,8 @@ def test_class_decisions_and_macro_f1():
 def test_delta_objects_round_trip_and_refuse_other_configs():
     net = tiny_net("vpt", num_tokens=2)
     state, meta = TrainableState(net).state_dict(), PeftMeta(net).state_dict()
-    assert set(state) == {"backbone.prompter.prompts", "head.weight", "head.bias"} and meta["method"] == "vpt"
+    assert set(state) == {"backbone.prompter.prompts", "head.weight", "head.bias", *IDENTITY_KEYS}
+    assert meta["method"] == "vpt"
     other = tiny_net("vpt", num_tokens=2)
     with torch.no_grad():
         other.head.weight.zero_()
@@ -109,7 +111,8 @@ def test_delta_objects_round_trip_and_refuse_other_configs():
 def test_prompt_classifier_loads_a_delta_strictly_but_not_a_wrong_one():
     net = tiny_net("lora", rank=2)
     delta = TrainableState(net).state_dict()
-    assert not any("lora" in key for key in delta) or all(net.get_parameter(k).requires_grad for k in delta)
+    params = [key for key in delta if key not in IDENTITY_KEYS]
+    assert not any("lora" in key for key in params) or all(net.get_parameter(k).requires_grad for k in params)
     fresh = tiny_net("lora", rank=2)
     assert fresh.load_state_dict(delta, strict=True).missing_keys == []  # frozen backbone keys are not required
     with pytest.raises(RuntimeError, match="Missing key"):

@@ -25,6 +25,7 @@ from monai_prompt.peft import (
     save_delta,
     trainable_report,
 )
+from monai_prompt.peft.delta import IDENTITY_KEYS
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64, "patch_size": 8}
 
@@ -159,7 +160,7 @@ def test_delta_roundtrip_and_mismatch_messages(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
     saved = torch.load(path, weights_only=True)
     assert set(saved) == {"model", "peft"}
-    assert set(saved["model"]) == {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert set(saved["model"]) == {n for n, p in trained.named_parameters() if p.requires_grad} | set(IDENTITY_KEYS)
 
     fresh = tiny_classifier("test_norm_tune", {"blocks": 1})  # same seed: same "pre-trained" backbone
     load_delta(fresh, path)

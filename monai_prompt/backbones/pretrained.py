@@ -574,6 +574,7 @@ def load_pretrained(
             f"{path}: the checkpoint lacks {len(report.missing)} backbone weights of the model: {report.missing[:10]}"
             f"{hint}; pass strict=False to load the rest."
         )
+    vit.pretrained_source = str(path)  # what a delta's backbone identity names (monai_prompt.peft.delta)
     return report
 
 

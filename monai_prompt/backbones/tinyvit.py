@@ -511,6 +511,7 @@ def load_tinyvit_weights(model: TinyViT, source: str | Path) -> TinyViT:
             f"{path}: not a TinyViT encoder of this architecture ({model.config}); a LiteMedSAM checkpoint needs "
             f"build_tinyvit('lite_medsam'). {error}"
         ) from None
+    model.pretrained_source = str(path)  # what a delta's backbone identity names (monai_prompt.peft.delta)
     return model
 
 

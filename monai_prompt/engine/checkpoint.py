@@ -31,7 +31,7 @@ from monai.handlers import CheckpointSaver
 from torch import nn
 
 from monai_prompt.io import atomic_write
-from monai_prompt.peft.delta import check_delta_meta, delta_meta, load_trainable_state, trainable_state
+from monai_prompt.peft.delta import check_delta_meta, delta_meta, delta_model_state, load_trainable_state
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -96,12 +96,13 @@ class _DeltaPart:
 class TrainableState(_DeltaPart):
     """The trainable parameters of a network as a checkpoint object.
 
-    ``state_dict()`` returns exactly the parameters with ``requires_grad`` (head included);
-    ``load_state_dict()`` needs the same names and shapes (:func:`~monai_prompt.peft.load_trainable_state`).
+    ``state_dict()`` returns exactly the parameters with ``requires_grad`` (head included) and the backbone's
+    fingerprint (:func:`~monai_prompt.peft.delta.delta_model_state`); ``load_state_dict()`` needs the same names and
+    shapes and the same backbone (:func:`~monai_prompt.peft.load_trainable_state`).
     """
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return trainable_state(unwrap(self.network))
+        return delta_model_state(unwrap(self.network))
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         load_trainable_state(unwrap(self.network), dict(state), self.source)

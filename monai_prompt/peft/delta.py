@@ -4,15 +4,21 @@ A delta is a plain dict that ``torch.load(weights_only=True)`` reads, laid out l
 checkpoint of two objects, so MONAI tools read it as-is (``CheckpointLoader``, ``ckpt_export --key_in_ckpt
 model``, MONAI Label's ``ckpt.get("model")``)::
 
-    {"model": {name: tensor for every trainable parameter (head included)},
+    {"model": {name: tensor for every trainable parameter (head included),
+               "peft_backbone_fingerprint": <the sha256 below, 32 uint8>, "peft_backbone_source": <path, uint8>},
      "peft": {"format": "monai_prompt.delta/1", "method": "lora", "config": {...},
-              "backbone": {"config": {...}, "fingerprint": "<sha256 of the frozen weights>"}}}
+              "backbone": {"config": {...}, "fingerprint": "<sha256 of the frozen weights>", "source": "<path>"}}}
+
+The backbone's identity travels inside the ``model`` entry too, so that a loader that reads only that entry
+(MONAI Label: ``network.load_state_dict(ckpt["model"], strict=False)``) cannot apply the delta to another backbone:
+networks that call :func:`allow_delta_load` check it in a ``load_state_dict`` pre-hook.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,11 +28,18 @@ from monai_prompt.backbones.vit import backbone_key, find_vit
 from monai_prompt.io import atomic_write
 
 __all__ = [
+    "FINGERPRINT_KEY",
+    "IDENTITY_KEYS",
+    "SOURCE_KEY",
     "DeltaMismatchError",
     "allow_delta_load",
     "backbone_fingerprint",
+    "backbone_identity",
+    "backbone_source",
+    "check_backbone_identity",
     "check_delta_meta",
     "delta_meta",
+    "delta_model_state",
     "delta_state_dict",
     "load_delta",
     "load_trainable_state",
@@ -35,22 +48,62 @@ __all__ = [
 ]
 
 DELTA_FORMAT = "monai_prompt.delta/1"
+#: key of the frozen backbone's fingerprint (:func:`backbone_fingerprint`, 32 bytes as uint8) in a delta's ``model``
+#: entry.
+FINGERPRINT_KEY = "peft_backbone_fingerprint"
+#: key of the weights the backbone was loaded from (UTF-8 bytes as uint8; empty: none) in a delta's ``model`` entry.
+SOURCE_KEY = "peft_backbone_source"
+#: the keys of a delta's ``model`` entry that are not trainable parameters.
+IDENTITY_KEYS = (FINGERPRINT_KEY, SOURCE_KEY)
 
 
 class DeltaMismatchError(ValueError):
     """A delta was made for another method, config or backbone; the message says which."""
 
 
-def backbone_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the ViT architecture and its *frozen* backbone weights (what a delta depends on)."""
+def _frozen_backbone(vit: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The frozen pre-trained parameters of backbone ``vit``, by name."""
+    keys = backbone_key(vit)
+    return sorted(
+        (item for item in vit.named_parameters() if keys.match(item[0]) and not item[1].requires_grad),
+        key=lambda item: item[0],
+    )
+
+
+def backbone_fingerprint(model: nn.Module, replace: Mapping[str, torch.Tensor] | None = None) -> str:
+    """SHA-256 over the ViT architecture and its *frozen* backbone weights (what a delta depends on).
+
+    Args:
+        model: a ViT or TinyViT, or a network holding one (:func:`~monai_prompt.backbones.find_vit`).
+        replace: tensors to hash instead of some of the frozen weights, by their name in the ViT (those a state
+            dict is about to load).
+    """
     vit = find_vit(model)
     digest = hashlib.sha256(json.dumps(getattr(vit, "config", {}), sort_keys=True).encode())
-    keys = backbone_key(vit)
-    for name, param in sorted(vit.named_parameters(), key=lambda item: item[0]):
-        if keys.match(name) and not param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    for name, param in _frozen_backbone(vit):
+        tensor = (replace or {}).get(name, param)
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def backbone_source(model: nn.Module) -> str | None:
+    """The pre-trained weights loaded into the backbone of ``model`` (recorded by
+    :func:`~monai_prompt.backbones.load_pretrained`), or None: none were, so they are random."""
+    return getattr(find_vit(model), "pretrained_source", None)
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.tensor(list(data), dtype=torch.uint8)
+
+
+def backbone_identity(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries that tie a delta's ``model`` entry to the backbone of ``model``: :data:`FINGERPRINT_KEY` and
+    :data:`SOURCE_KEY`, as uint8 tensors (so that every state-dict reader takes them)."""
+    return {
+        FINGERPRINT_KEY: _bytes_tensor(bytes.fromhex(backbone_fingerprint(model))),
+        SOURCE_KEY: _bytes_tensor((backbone_source(model) or "").encode()),
+    }
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -68,13 +121,81 @@ def delta_meta(model: nn.Module) -> dict:
         "format": DELTA_FORMAT,
         "method": method,
         "config": vit.peft_config,
-        "backbone": {"config": getattr(vit, "config", {}), "fingerprint": backbone_fingerprint(model)},
+        "backbone": {
+            "config": getattr(vit, "config", {}),
+            "fingerprint": backbone_fingerprint(model),
+            "source": backbone_source(model),
+        },
     }
+
+
+def delta_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A delta's ``model`` entry: the trainable parameters of ``model`` and its :func:`backbone_identity`."""
+    return {**trainable_state(model), **backbone_identity(model)}
 
 
 def delta_state_dict(model: nn.Module) -> dict:
     """Everything needed to restore the trained part of ``model`` on top of the same pre-trained backbone."""
-    return {"model": trainable_state(model), "peft": delta_meta(model)}
+    return {"model": delta_model_state(model), "peft": delta_meta(model)}
+
+
+def _mismatch(
+    source: str, model: nn.Module, actual: str, expected: str, trained_from: str | None
+) -> DeltaMismatchError:
+    """The error for a delta trained on another backbone than the one ``model`` holds, naming both and the fix."""
+    built_from = backbone_source(model)
+    built = f"from pretrained={built_from!r}" if built_from else "from pretrained=None: random weights"
+    trained = f"recorded source {trained_from!r}" if trained_from else "source not recorded"
+    return DeltaMismatchError(
+        f"{source}: the frozen backbone weights differ from those the delta was trained on: the backbone this network "
+        f"was built with (fingerprint {actual[:12]}, {built}) is not the one the delta was trained on (fingerprint "
+        f"{expected[:12]}, {trained}). Set `pretrained` in the bundle config to the weights the delta was trained on, "
+        f"or package the bundle with its backbone: monai-prompt package BUNDLE --pretrained WEIGHTS --out DIR."
+    )
+
+
+def check_backbone_identity(
+    model: nn.Module, state: Mapping[str, object], prefix: str = "", source: str = "the state dict being loaded"
+) -> None:
+    """Raise :class:`DeltaMismatchError` when the frozen backbone ``model`` will hold after loading ``state`` is not
+    the one ``state`` records (:data:`FINGERPRINT_KEY`).
+
+    Weights ``state`` holds itself replace the model's in that comparison, so a full state dict is checked against
+    its own backbone. Nothing is checked for a model without frozen backbone weights (``method="full"``) or for a
+    state dict without a fingerprint that holds every frozen weight (e.g. a MONAI UNETR checkpoint).
+
+    Args:
+        model: the network about to load ``state``.
+        state: a state dict (a delta's ``model`` entry, a full state dict).
+        prefix: where ``model``'s keys start in ``state`` (``load_state_dict`` pre-hooks get it).
+        source: name of ``state`` in the error.
+
+    Raises:
+        DeltaMismatchError: the fingerprints differ, or ``state`` lacks frozen weights and has no fingerprint.
+    """
+    vit = find_vit(model)
+    frozen = _frozen_backbone(vit)
+    if not frozen:
+        return
+    path = next(name for name, module in model.named_modules() if module is vit)
+    at = prefix + (path + "." if path else "")
+    supplied = {name: state[at + name] for name, _ in frozen if at + name in state}
+    recorded = state.get(prefix + FINGERPRINT_KEY)
+    if recorded is None:
+        if len(supplied) == len(frozen):
+            return
+        raise DeltaMismatchError(
+            f"{source}: it holds trainable weights only and no {FINGERPRINT_KEY!r} entry, so nothing ties it to the "
+            f"frozen backbone it was trained on (a delta saved before monai_prompt recorded it there); load it with "
+            f"monai_prompt.peft.load_delta (it checks the delta's 'peft' entry), or re-save it with "
+            f"`monai-prompt package BUNDLE --pretrained WEIGHTS --out DIR`."
+        )
+    expected = bytes(torch.as_tensor(recorded).tolist()).hex()
+    actual = backbone_fingerprint(model, supplied)
+    if actual != expected:
+        trained_from = state.get(prefix + SOURCE_KEY)
+        trained_from = bytes(torch.as_tensor(trained_from).tolist()).decode() if trained_from is not None else None
+        raise _mismatch(source, model, actual, expected, trained_from)
 
 
 def _differences(saved: dict, current: dict) -> list[str]:
@@ -100,15 +221,17 @@ def check_delta_meta(model: nn.Module, meta: dict, source: str = "delta") -> Non
     diff = _differences(meta["backbone"]["config"], getattr(vit, "config", {}))
     if diff:
         raise DeltaMismatchError(f"{source}: backbone architecture differs: {'; '.join(diff)}.")
-    if meta["backbone"]["fingerprint"] != backbone_fingerprint(model):
-        raise DeltaMismatchError(
-            f"{source}: the frozen backbone weights differ from those the delta was trained on; load the same "
-            f"pre-trained checkpoint into the backbone before loading the delta."
-        )
+    actual = backbone_fingerprint(model)
+    if meta["backbone"]["fingerprint"] != actual:
+        raise _mismatch(source, model, actual, meta["backbone"]["fingerprint"], meta["backbone"].get("source"))
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "delta") -> None:
-    """Copy ``state`` into exactly the trainable parameters of ``model`` (names and shapes must match)."""
+    """Copy ``state`` into exactly the trainable parameters of ``model`` (names and shapes must match), after
+    checking the backbone fingerprint ``state`` holds (:func:`check_backbone_identity`; older deltas hold none)."""
+    if FINGERPRINT_KEY in state:
+        check_backbone_identity(model, state, source=source)
+    state = {name: tensor for name, tensor in state.items() if name not in IDENTITY_KEYS}
     params = dict(model.named_parameters())
     wanted = {name for name, p in params.items() if p.requires_grad}
     if set(state) != wanted:
@@ -142,12 +265,30 @@ def _drop_frozen_missing(module: nn.Module, incompatible_keys) -> None:
     incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if not satisfied(key)]
 
 
+def _check_on_load(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook: refuse a state dict made on another backbone, then drop the identity keys."""
+    check_backbone_identity(module, state_dict, prefix)
+    for key in IDENTITY_KEYS:
+        state_dict.pop(prefix + key, None)
+
+
 def allow_delta_load(module: nn.Module) -> None:
-    """Let ``module.load_state_dict(delta["model"])`` pass ``strict=True``: missing keys that name *frozen*
-    parameters (they come from the pre-trained backbone) or other names of a shared parameter that was loaded
-    (DVPT's shared modules) are not errors, so MONAI tools that load strictly
-    (``ckpt_export --key_in_ckpt model``, ignite ``Checkpoint.load_objects``) accept a delta. Unexpected keys,
-    missing trainable keys and shape mismatches still fail."""
+    """Make ``module.load_state_dict`` take a delta's ``model`` entry, and only on the backbone it was trained on.
+
+    - ``strict=True`` passes: missing keys that name *frozen* parameters (they come from the pre-trained
+      backbone) or other names of a shared parameter that was loaded (DVPT's shared modules) are not errors, so
+      MONAI tools that load strictly (``ckpt_export --key_in_ckpt model``, ignite ``Checkpoint.load_objects``)
+      accept a delta. Unexpected keys, missing trainable keys and shape mismatches still fail.
+    - whatever ``strict`` (MONAI Label loads ``ckpt["model"]`` with ``strict=False``), a state dict whose
+      :data:`FINGERPRINT_KEY` differs from the backbone's raises :class:`DeltaMismatchError` before anything is
+      loaded, as does one without it that lacks frozen weights (:func:`check_backbone_identity`).
+
+    ``module.state_dict()`` is unchanged (MONAI's keys plus the method's), so loaders that keep only the target's
+    own keys (MONAI ``copy_model_state``, ``CheckpointLoader(strict_shape=False)``) drop the fingerprint: load a
+    delta with :func:`load_delta` or the :class:`~monai_prompt.engine.PeftMeta` object there. Only load-state-dict
+    hooks are used: TorchScript (``ckpt_export``) ignores them.
+    """
+    module.register_load_state_dict_pre_hook(_check_on_load)
     module.register_load_state_dict_post_hook(_drop_frozen_missing)
 
 
