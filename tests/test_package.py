@@ -1,0 +1,123 @@
+"""``monai-prompt package``: a trained bundle with its backbone inside, and deltas that refuse any other backbone
+whichever loader reads them (MONAI Label: ``network.load_state_dict(ckpt["model"], strict=False)``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from bundle_support import copy_bundle, tiny_overrides, write_tiny_backbone
+from monai.bundle import ConfigParser
+
+from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
+from monai_prompt.cli import main
+from monai_prompt.engine.package import package_bundle
+from monai_prompt.engine.runner import run_bundle
+from monai_prompt.peft.delta import FINGERPRINT_KEY, IDENTITY_KEYS, SOURCE_KEY, DeltaMismatchError, backbone_source
+
+SPEC = BUNDLE_SPECS["lora_classification"]
+#: what inference needs besides the training record: where the images are, and no worker processes.
+DATA_ONLY = ("dataset_dir", "num_workers", "batch_size")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory) -> tuple[Path, dict]:
+    """The LoRA classification bundle trained one epoch on the tiny data and backbone, and its overrides."""
+    bundle = copy_bundle(SPEC.name, tmp_path_factory.mktemp("trained"))
+    overrides = tiny_overrides(SPEC, tiny["data"], tiny["backbone"])
+    run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
+    return bundle, overrides
+
+
+def network(bundle: Path, **overrides):
+    """``network_def`` of ``inference.json`` as MONAI Label builds it: ``bundle_root`` set, no ``initialize``."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(bundle), **overrides})
+    return parser.get_parsed_content("network_def")
+
+
+def predictions(bundle: Path, **overrides) -> list[list[str]]:
+    run_bundle(bundle, ["inference.json"], "infer", quiet=True, **overrides)
+    return (bundle / "eval" / "predictions.csv").read_text().splitlines()
+
+
+def test_packaged_bundle_finds_its_backbone_and_predicts_as_the_original(trained, tiny, tmp_path):
+    bundle, overrides = trained
+    report = package_bundle(bundle, tmp_path / SPEC.name)  # the weights: the training record's pretrained
+    out = report.out
+    assert report.backbone == "models/backbone.pt" and report.method == "lora"
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["backbone.pt", "model.pt", "training_config.json"]
+    assert not (out / "eval").exists() and not list(tmp_path.glob(".*.tmp"))
+    assert (out / "models" / "backbone.pt").read_bytes() == Path(tiny["backbone"]).read_bytes()
+    for name in ("train.json", "evaluate.json", "inference.json"):
+        config = json.loads((out / "configs" / name).read_text())
+        assert config["pretrained"] == "$@bundle_root + '/models/backbone.pt'"
+    record = json.loads((out / "models" / "training_config.json").read_text())
+    assert record["pretrained"] == "models/backbone.pt"
+    assert record["packaged_from"]["pretrained"] == str(Path(tiny["backbone"]).resolve())
+
+    data_only = {key: overrides[key] for key in DATA_ONLY}
+    assert predictions(out, **data_only) == predictions(bundle, **overrides)
+
+    # MONAI Label's load: the network of the packaged config takes the delta's model entry as it is
+    delta = torch.load(out / "models" / "model.pt", weights_only=True)
+    net = network(out)
+    assert backbone_source(net) == str(out / "models" / "backbone.pt")  # its own copy, not the original file
+    net.load_state_dict(delta["model"], strict=False)
+    assert torch.equal(net.head.weight, delta["model"]["head.weight"])
+
+
+def test_delta_refuses_a_random_or_other_backbone_and_takes_the_right_one(trained, tiny, tmp_path):
+    bundle, _ = trained
+    delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert set(IDENTITY_KEYS) <= set(delta["model"])
+    recorded = str(Path(tiny["backbone"]).resolve())
+    fingerprint = delta["peft"]["backbone"]["fingerprint"]
+
+    with pytest.raises(DeltaMismatchError) as random_backbone:
+        network(bundle, pretrained=None).load_state_dict(delta["model"], strict=False)
+    message = str(random_backbone.value)
+    assert "from pretrained=None: random weights" in message and f"recorded source {recorded!r}" in message
+    assert f"(fingerprint {fingerprint[:12]}," in message and "monai-prompt package BUNDLE --pretrained" in message
+
+    other = write_tiny_backbone(tmp_path / "other.pt", seed=1)
+    with pytest.raises(DeltaMismatchError, match=f"from pretrained='{other}'"):
+        network(bundle, pretrained=str(other)).load_state_dict(delta["model"], strict=False)
+
+    right = network(bundle, pretrained=str(tiny["backbone"]))
+    before = right.head.weight.detach().clone()
+    right.load_state_dict(delta["model"], strict=False)  # the check does not fire for the backbone of the delta
+    assert torch.equal(right.head.weight, delta["model"]["head.weight"])
+    assert not torch.equal(before, right.head.weight)
+
+
+def test_a_failed_package_leaves_nothing_and_names_the_cause(trained, tmp_path, capsys):
+    bundle, _ = trained
+    other = write_tiny_backbone(tmp_path / "other.pt", seed=1)
+    out = tmp_path / "out" / SPEC.name
+    with pytest.raises(SystemExit, match="package: .*model.pt: the frozen backbone weights differ"):
+        main(["package", str(bundle), "--pretrained", str(other), "--out", str(out)])
+    assert not out.exists() and list(out.parent.iterdir()) == []  # no partial copy, no temporary folder
+    with pytest.raises(FileExistsError, match="choose another --out"):
+        package_bundle(bundle, out.parent)
+
+
+def test_a_delta_without_identity_keys_is_refused_and_packaged_with_them(trained, tiny, tmp_path):
+    bundle, _ = trained
+    old = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    old["model"] = {k: v for k, v in old["model"].items() if k not in IDENTITY_KEYS}  # as saved before they existed
+    models = tmp_path / "old" / "models"
+    models.mkdir(parents=True)
+    torch.save(old, models / "model.pt")
+    (models / "training_config.json").write_bytes((bundle / "models" / "training_config.json").read_bytes())
+    with pytest.raises(DeltaMismatchError, match="holds trainable weights only and no 'peft_backbone_fingerprint'"):
+        network(bundle, pretrained=str(tiny["backbone"])).load_state_dict(old["model"], strict=False)
+
+    out = package_bundle(bundle, tmp_path / SPEC.name, model=models / "model.pt").out
+    packaged = torch.load(out / "models" / "model.pt", weights_only=True)["model"]
+    assert bytes(packaged[FINGERPRINT_KEY].tolist()).hex() == old["peft"]["backbone"]["fingerprint"]
+    assert bytes(packaged[SOURCE_KEY].tolist()).decode() == str(Path(tiny["backbone"]).resolve())
+    network(out).load_state_dict(packaged, strict=False)
