@@ -250,9 +250,10 @@ class _Tracker:
 
 def bundle_run(
     method: str, backbone_name: str, backbone: dict[str, Any], datalist: Path, out_dir: Path, regime: Regime,
-    seed: int, epochs: int, bundles: Path,
+    seed: int, epochs: int, bundles: Path, validations: int = 8,
 ) -> dict[str, Any]:
-    """Train and evaluate ``<method>_classification`` on ``datalist`` (a subset datalist) into ``out_dir``.
+    """Train and evaluate ``<method>_classification`` on ``datalist`` (a subset datalist) into ``out_dir``, validating
+    every ``max(1, epochs // validations)`` epochs (the best validation is evaluated).
 
     Returns:
         the run's row: what ran, test metrics, trainable parameters and wall time.
@@ -263,7 +264,8 @@ def bundle_run(
     from monai_prompt.peft import trainable_report
 
     spec = BUNDLE_SPECS[f"{method}_classification"]
-    overrides = {**demo_overrides(spec, datalist, backbone), "seed": seed, "val_interval": max(1, epochs // 8)}
+    val_interval = max(1, epochs // validations)
+    overrides = {**demo_overrides(spec, datalist, backbone), "seed": seed, "val_interval": val_interval}
     start = time.monotonic()
     train, metrics = train_and_evaluate(bundles / spec.name, out_dir, overrides, epochs)
     report = trainable_report(train.parser.get_parsed_content("network"))
@@ -385,6 +387,8 @@ def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = pr
                         help="label fractions (100%%, 40%%, 0.1) and few-shot (5shot); default: %(default)s")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (subset draw and bundle seed)")
     parser.add_argument("--epochs", type=int, default=8, help="epochs on the full training set (subsets: more)")
+    parser.add_argument("--validations", type=int, default=8,
+                        help="validations per run (every max(1, epochs // N) epochs; the best one is evaluated)")
     parser.add_argument("--work", default="runs/demo", help="demo data and pre-training cache (make demo's)")
     parser.add_argument("--out", default="runs/benchmark_accuracy", help="output folder")
     parser.add_argument("--bundles", default=str(BUNDLES), help="the bundles folder")
@@ -437,7 +441,7 @@ def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = pr
             for method in args.methods:
                 run_dir = out / "runs" / f"{method}_{regime.name}_seed{seed}"
                 record(bundle_run(method, "mae_vit", mae, subset, run_dir, regime, seed,
-                                  regime_epochs(n_train, n_full, epochs), bundles), run_dir)
+                                  regime_epochs(n_train, n_full, epochs), bundles, args.validations), run_dir)
     if args.lite_medsam:
         regime = parse_regime(args.lite_regime)
         per_class = 2 if args.quick else args.lite_eval_per_class
