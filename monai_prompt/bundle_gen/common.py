@@ -32,10 +32,12 @@ __all__ = [
     "multi_gpu_config",
     "optimization",
     "paths",
+    "record_training",
     "recorded",
     "train_checkpointing",
     "train_handlers",
     "train_settings",
+    "train_start",
     "trainer",
     "validate_handlers",
 ]
@@ -55,18 +57,32 @@ EVALUATOR = {
 }
 #: first step of every workflow's ``initialize``: the root cause of a failure is printed last.
 SHOW_CAUSE_LAST = "$monai_prompt.engine.show_cause_last()"
-#: first steps of a training run: errors shown last, the checkpoint folder locked (a previous run is only replaced
-#: with ``--overwrite true``, crash leftovers removed), the seed.
-TRAIN_START = (
-    SHOW_CAUSE_LAST,
-    "$monai_prompt.engine.claim_run_folder(@ckpt_dir, resume=@resume, overwrite=@overwrite)",
-    "$monai.utils.set_determinism(seed=@seed)",
-)
-#: after the data checks: a new run writes ``models/training_config.json`` from ``training_record`` (the task's
-#: settings that define the network and data), which evaluation and inference read.
-RECORD_TRAINING = (
-    "$None if @resume else monai_prompt.engine.write_training_config(@ckpt_dir, @run_id, @training_record)"
-)
+
+
+def train_start(kept: str = "@resume") -> tuple[str, ...]:
+    """First steps of a training run: errors shown last, the checkpoint folder locked (a previous run is only
+    replaced with ``--overwrite true``, crash leftovers removed), the seed.
+
+    Args:
+        kept: the condition (config references) under which the run continues the folder's previous run, which
+            is then kept: ``@resume`` (segmentation: ``@resume or @continue_model``).
+    """
+    return (
+        SHOW_CAUSE_LAST,
+        f"$monai_prompt.engine.claim_run_folder(@ckpt_dir, resume={kept}, overwrite=@overwrite)",
+        "$monai.utils.set_determinism(seed=@seed)",
+    )
+
+
+def record_training(kept: str = "@resume") -> str:
+    """After the data checks: a new run writes ``models/training_config.json`` from ``training_record`` (the task's
+    settings that define the network and data), which evaluation and inference read; a run that continues the
+    folder's previous run (``kept``, as in :func:`train_start`) keeps its record."""
+    return f"$None if {kept} else monai_prompt.engine.write_training_config(@ckpt_dir, @run_id, @training_record)"
+
+
+TRAIN_START = train_start()
+RECORD_TRAINING = record_training()
 #: the trainer-state checkpoint handlers reference the trainer, so they are attached to it here rather than listed
 #: in ``train#handlers`` (which the trainer references: a cycle); they run after the listed handlers.
 TRAIN_RUN = (

@@ -169,6 +169,10 @@ def _metrics(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 #: probabilities: softmax, or sigmoid for multi-label.
 _ACTIVATION = {"_target_": "Activationsd", "keys": "pred", "softmax": "$not @multi_label", "sigmoid": "@multi_label"}
+#: inference: the image (and its meta dict, which MONAI Label's loader adds) leaves the output with the
+#: probabilities, so that the ``Restored(ref_image="image")`` MONAI Label's ``BundleInferTask`` appends to these
+#: transforms has no image to resize the class vector to and leaves it as it is.
+_DROP_IMAGE = {"_target_": "DeleteItemsd", "keys": ["image", "image_meta_dict"]}
 _POSTPROCESSING = {
     "_target_": "Compose",
     "transforms": [
@@ -294,7 +298,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
 
     ``infer_images`` is a folder (``--input_dir``), a glob or a list of them (default: the demo's test images); no
     datalist is read, and nothing is looked up before the workflow runs, so MONAI's property checks pass on a
-    bundle without data.
+    bundle without data. MONAI Label's stock ``monaibundle`` app serves the same ``preprocessing``, ``inferer`` and
+    ``postprocessing`` (:data:`_DROP_IMAGE`).
     """
     return {
         **_common(spec),
@@ -309,7 +314,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "dataset": common.dataset("$[{'image': image} for image in @infer_files]", "@preprocessing"),
         "dataloader": common.loader("@dataset", shuffle=False),
         "inferer": {"_target_": "SimpleInferer"},
-        "postprocessing": _compose([_ACTIVATION]),
+        "postprocessing": _compose([_ACTIVATION, _DROP_IMAGE]),
         "handlers": [
             common.delta_loader(),
             {"_target_": "StatsHandler", "iteration_log": False},

@@ -98,24 +98,30 @@ def _common(spec: BundleSpec) -> dict[str, Any]:
     }
 
 
-def _deterministic_transforms() -> list[dict[str, Any]]:
-    """Datalist item to network input and target: load image and label (the label may be absent: inference),
-    channel first, match ``in_channels``/``spatial_dims``, RAS orientation, resampling to ``pixdim`` when it is
-    set (default: keep the data's spacing), image scaled to [0, 1], float32. No resizing: the sliding window covers
-    whole images of any size."""
-    optional = {"allow_missing_keys": True}
+def _deterministic_transforms(label: bool = True) -> list[dict[str, Any]]:
+    """Datalist item to network input and target: load image and label, channel first, match
+    ``in_channels``/``spatial_dims``, RAS orientation, resampling to ``pixdim`` when it is set (default: keep the
+    data's spacing), image scaled to [0, 1], float32. No resizing: the sliding window covers whole images of any size.
+
+    Args:
+        label: also the label (training, validation, evaluation; allowed to be missing); inference reads images
+            only, as MONAI Label's loader needs every key it is given.
+    """
+    keys = _KEYS if label else "image"
+    optional = {"allow_missing_keys": True} if label else {}
+    match_label = {"_target_": "monai_prompt.data.MatchInputd", "keys": "label", "spatial_dims": "@spatial_dims",
+                   "channels": 1, **optional}
     return [
-        {"_target_": "LoadImaged", "keys": _KEYS, "image_only": True, **optional},
-        {"_target_": "EnsureChannelFirstd", "keys": _KEYS, **optional},
+        {"_target_": "LoadImaged", "keys": keys, "image_only": True, **optional},
+        {"_target_": "EnsureChannelFirstd", "keys": keys, **optional},
         {"_target_": "monai_prompt.data.MatchInputd", "keys": "image", "spatial_dims": "@spatial_dims",
          "channels": "@in_channels"},
-        {"_target_": "monai_prompt.data.MatchInputd", "keys": "label", "spatial_dims": "@spatial_dims", "channels": 1,
-         **optional},
-        {"_target_": "Orientationd", "keys": _KEYS, "axcodes": "$'RAS'[:@spatial_dims]", "labels": None, **optional},
-        {"_target_": "Spacingd", "_disabled_": "$@pixdim is None", "keys": _KEYS, "pixdim": "@pixdim",
-         "mode": ["bilinear", "nearest"], **optional},
+        *([match_label] if label else []),
+        {"_target_": "Orientationd", "keys": keys, "axcodes": "$'RAS'[:@spatial_dims]", "labels": None, **optional},
+        {"_target_": "Spacingd", "_disabled_": "$@pixdim is None", "keys": keys, "pixdim": "@pixdim",
+         "mode": ["bilinear", "nearest"] if label else "bilinear", **optional},
         {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
-        {"_target_": "EnsureTyped", "keys": _KEYS, "dtype": "$torch.float32", **optional},
+        {"_target_": "EnsureTyped", "keys": keys, "dtype": "$torch.float32", **optional},
     ]
 
 
@@ -169,20 +175,55 @@ _POSTPROCESSING = _compose([
 ])
 
 
+#: inference: the mask without its channel axis (``SaveImaged`` sees that from the spatial shape), as uint8. MONAI
+#: Label's ``BundleInferTask`` drops ``SaveImaged`` and writes the mask itself through ITK, which needs both (a 2D
+#: mask with a channel axis is a 3D image, and PNG holds no float).
+_MASK = (
+    {"_target_": "SqueezeDimd", "keys": "pred", "dim": 0},
+    {"_target_": "CastToTyped", "keys": "pred", "dtype": "$np.uint8"},
+)
+
+
+def _continue_model(settings: dict[str, Any]) -> dict[str, Any]:
+    """``continue_model`` (default false): the training run continues ``models/model.pt`` in place, as MONAI Label's
+    ``BundleTrainTask`` trains a served bundle (its ``CheckpointLoader`` loads the delta, the data come from its
+    datastore as ``train#dataset#data`` and ``validate#dataset#data``): the folder's previous run and training
+    record are kept, the classes are the record's, and no datalist is looked up, read or checked. MONAI resolves
+    every reference of an expression before evaluating it, so the datalist expressions themselves test the flag.
+
+    Args:
+        settings: the ``datalist_file`` and ``datalist`` expressions of :func:`_common`.
+    """
+    unless = "$None if @continue_model else "
+    return {
+        "datalist_file": unless + settings["datalist_file"][1:],
+        "datalist": unless + settings["datalist"][1:],
+        "class_names": "$@training_config['class_names'] if @continue_model else @datalist.classes",
+        "continue_model": False,
+        "training_config": "$monai_prompt.engine.read_training_config(@ckpt_dir)",
+    }
+
+
+#: a training run that keeps the folder's previous run: ``--resume`` or ``continue_model`` (:func:`_continue_model`).
+_KEPT = "@resume or @continue_model"
+
+
 def _initialize(train: bool = True) -> list[str]:
     """Errors shown last; training: the run folder claimed; the seed; every image/label pair checked (geometry,
-    label values, the splits the workflow reads, the classes against the bundle's); training: the run recorded; a
-    warning without pre-trained weights."""
+    label values, the splits the workflow reads, the classes against the bundle's; training: not when it continues
+    the served model, :func:`_continue_model`); training: the run recorded; a warning without pre-trained weights."""
     splits = "['training', 'validation']" if train else "[@evaluate_split]"
     check = (
-        "$monai_prompt.data.segmentation.check_segmentation_datalist(@datalist_file, @class_names, "
+        f"monai_prompt.data.segmentation.check_segmentation_datalist(@datalist_file, @class_names, "
         f"required_splits={splits})"
     )
-    start = list(common.TRAIN_START) if train else [common.SHOW_CAUSE_LAST, "$monai.utils.set_determinism(seed=@seed)"]
+    if not train:
+        return [common.SHOW_CAUSE_LAST, "$monai.utils.set_determinism(seed=@seed)", f"${check}",
+                "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)"]
     return [
-        *start,
-        check,
-        *([common.RECORD_TRAINING] if train else []),
+        *common.train_start(_KEPT),
+        f"$None if @continue_model else {check}",
+        common.record_training(_KEPT),
         "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)",
     ]
 
@@ -191,8 +232,10 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
     """``configs/train.json``: training with sliding-window validation, best delta to ``models/model.pt``,
     resumable."""
     key_metric, additional_metrics = _metrics("val_")
+    settings = _common(spec)
     return {
-        **_common(spec),
+        **settings,
+        **_continue_model(settings),
         **common.train_settings(spec),
         "training_record": {key: f"@{key}" for key in _network_settings(spec, _DATALIST_TASK)},
         "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
@@ -264,7 +307,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
 
     ``infer_images`` is a folder (``--input_dir``), a glob or a list of them (default: the demo's test images); no
     datalist is read. The masks are ``<image name>_seg.nii.gz`` with the input's affine, or ``_seg.png`` for PNG
-    inputs.
+    inputs. MONAI Label's stock ``monaibundle`` app serves the same ``preprocessing``, ``inferer`` and
+    ``postprocessing`` (image-only loading, :data:`_MASK`).
     """
     return {
         **_common(spec),
@@ -277,7 +321,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "mask_dir": "$@output_dir + '/masks'",
         "mask_ext": "$monai_prompt.data.segmentation.mask_suffix(@infer_files)",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_infer')",
-        "preprocessing": _compose(_deterministic_transforms()),
+        "preprocessing": _compose(_deterministic_transforms(label=False)),
         "dataset": common.dataset("$[{'image': image} for image in @infer_files]", "@preprocessing"),
         "dataloader": common.loader("@dataset", shuffle=False, batch_size=1),
         "inferer": _sliding_window(),
@@ -286,6 +330,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
              "nearest_interp": False, "to_tensor": True},
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            *_MASK,
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@mask_dir", "output_postfix": "seg",
              "output_ext": "@mask_ext", "output_dtype": "$np.uint8", "resample": False, "separate_folder": False,
              "print_log": False},
