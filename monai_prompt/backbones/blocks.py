@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import SABlock, TransformerBlock
 from monai.networks.layers import get_act_layer
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["MLP_ACTIVATIONS", "Attention", "LayerScale", "PromptBlock"]
 
@@ -128,8 +129,28 @@ class PromptBlock(TransformerBlock):
         self.parallel = branch
         self.has_parallel = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = x + self.ls1(self.attn(self.norm1(x)))
+    def attention_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch around attention, ``ls1(attn(norm1(x)))``."""
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch after attention, ``ls2(mlp(norm2(x)))`` plus the parallel branch if set."""
         if self.has_parallel:
-            return x + self.ls2(self.mlp(self.norm2(x))) + self.parallel(x)
-        return x + self.ls2(self.mlp(self.norm2(x)))
+            return self.ls2(self.mlp(self.norm2(x))) + self.parallel(x)
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    @torch.jit.unused
+    def forward_recomputing(self, part: str, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` whose ``part`` (``"attn"``: :meth:`attention_branch`; ``"mlp"``: :meth:`mlp_branch`;
+        ``"none"``) is recomputed in backward instead of storing its activations (eager only)."""
+        if part == "attn":
+            x = x + checkpoint(self.attention_branch, x, use_reentrant=False)
+        else:
+            x = x + self.attention_branch(x)
+        if part == "mlp":
+            return x + checkpoint(self.mlp_branch, x, use_reentrant=False)
+        return x + self.mlp_branch(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x + self.attention_branch(x)
+        return x + self.mlp_branch(x)

@@ -12,7 +12,7 @@ the blocks and QuickGELU) add their own keys only when switched on, so a plain V
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,7 @@ from monai_prompt.backbones.tinyvit import TinyViT
 
 __all__ = [
     "BACKBONE_KEY",
+    "CHECKPOINT_MODES",
     "VIT_PRESETS",
     "PromptableViT",
     "TokenPrompter",
@@ -48,6 +49,15 @@ BACKBONE_KEY = re.compile(
     rf"^(cls_token|register_tokens|patch_embedding\.(patch_embeddings|position_embeddings)(\.weight|\.bias)?"
     rf"|blocks\.\d+\.{_BLOCK_PARTS}\.(weight|bias)|blocks\.\d+\.ls[12]\.gamma|(norm|norm_pre)\.(weight|bias))$"
 )
+#: activation-checkpointing modes of :meth:`PromptableViT.set_grad_checkpointing`: block index -> what that block
+#: recomputes in backward (``"block"``, ``"attn"``, ``"mlp"`` or ``"none"``, see :meth:`PromptBlock.forward_recomputing`).
+CHECKPOINT_MODES: dict[str, Callable[[int], str]] = {
+    "none": lambda index: "none",
+    "blocks": lambda index: "block",
+    "attn": lambda index: "attn",
+    "mlp": lambda index: "mlp",
+    "alternate": lambda index: "block" if index % 2 == 0 else "none",
+}
 #: values of the optional constructor arguments at which PromptableViT is a plain MONAI ViT; ``config`` lists
 #: them only when they differ, so a plain ViT's config (and the deltas tied to it) is unchanged.
 _PLAIN_OPTIONS = {"layer_scale": False, "num_registers": 0, "pre_norm": False, "act": "gelu"}
@@ -181,6 +191,7 @@ class PromptableViT(ViT):
         self.num_prefix_tokens = int(cls_token) + num_registers
         self.prompter: TokenPrompter = TokenPrompter()
         self.grad_checkpointing = False
+        self.recompute = ["none"] * num_layers
 
     @property
     def num_tokens(self) -> int:
@@ -191,9 +202,20 @@ class PromptableViT(ViT):
         """Attach the token-slot logic of a method (VPT, DVPT)."""
         self.prompter = prompter
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass instead of storing its activations."""
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
+        """Choose what the backward pass recomputes instead of storing (activation checkpointing).
+
+        Args:
+            enable: ``True`` / ``"blocks"``: every whole block; ``False`` / ``"none"``: nothing; ``"attn"``: only
+                each block's attention branch ``ls1(attn(norm1(x)))``; ``"mlp"``: only each block's MLP branch (and
+                its parallel branch); ``"alternate"``: every other whole block (blocks 0, 2, 4, ...). See
+                :data:`CHECKPOINT_MODES` and docs/benchmarks.md for the memory/time trade-off.
+        """
+        mode = ("blocks" if enable else "none") if isinstance(enable, bool) else enable
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"grad checkpointing {enable!r} is not a bool or one of {list(CHECKPOINT_MODES)}.")
+        self.grad_checkpointing = mode != "none"
+        self.recompute = [CHECKPOINT_MODES[mode](index) for index in range(len(self.blocks))]
 
     def set_sdpa(self, enable: bool = True) -> None:
         """Run attention through ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels)."""
@@ -203,7 +225,11 @@ class PromptableViT(ViT):
 
     @torch.jit.unused
     def _checkpointed_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self.blocks[index], x, use_reentrant=False)
+        """Block ``index`` with what :meth:`set_grad_checkpointing` chose to recompute in backward."""
+        part = self.recompute[index]
+        if part == "block":
+            return checkpoint(self.blocks[index], x, use_reentrant=False)
+        return self.blocks[index].forward_recomputing(part, x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The tokens entering the first block before any prompt: ``[CLS, registers, patches]`` (patches with

@@ -47,7 +47,9 @@ class PromptClassifier(AutocastForward):
             overrides (TinyViT: fields of its preset, e.g. ``embed_dims``, ``depths``; ``"auto"``: what the
             checkpoint does not hold, see :data:`~monai_prompt.backbones.auto.AUTO_OVERRIDES`, e.g. ``num_heads``
             without a config).
-        grad_checkpointing: recompute block activations in backward (saves memory).
+        grad_checkpointing: recompute block activations in backward (saves memory): ``True`` every whole
+            block, or a mode of :meth:`~monai_prompt.backbones.PromptableViT.set_grad_checkpointing`
+            (``"attn"``, ``"mlp"``, ``"alternate"``; a TinyViT takes a bool only).
         sdpa: fused scaled-dot-product attention where the method's maths allows it.
         autocast_dtype: ``"bf16"`` or ``"fp16"`` to run the forward under ``torch.autocast``; logits are
             returned in float32.
@@ -69,7 +71,7 @@ class PromptClassifier(AutocastForward):
         pretrained: str | None = None,
         layer_norm_eps: float = 1e-6,
         backbone_overrides: dict[str, Any] | None = None,
-        grad_checkpointing: bool = False,
+        grad_checkpointing: bool | str = False,
         sdpa: bool = False,
         autocast_dtype: str | None = None,
         head_dropout: float = 0.0,
@@ -80,6 +82,9 @@ class PromptClassifier(AutocastForward):
         if isinstance(backbone, str) and backbone in TINYVIT_PRESETS:
             backbone = build_tinyvit(backbone, in_channels, img_size, spatial_dims, **(backbone_overrides or {}))
         if isinstance(backbone, TinyViT):
+            if not isinstance(grad_checkpointing, bool):
+                raise TypeError(f"grad_checkpointing {grad_checkpointing!r}: the TinyViT recomputes whole blocks only; "
+                                 f"pass True or False.")
             if pretrained:
                 load_tinyvit_weights(backbone, pretrained)
         else:

@@ -83,7 +83,9 @@ class PromptUNETR(AutocastForward, UNETR):
         backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``qkv_bias`` overrides of the
             preset (``"auto"``: what the checkpoint does not hold, see
             :data:`~monai_prompt.backbones.auto.AUTO_OVERRIDES`, e.g. ``num_heads`` without a config).
-        grad_checkpointing: recompute encoder block activations in backward (saves memory).
+        grad_checkpointing: recompute encoder block activations in backward (saves memory): ``True`` every whole
+            block, or a mode of :meth:`~monai_prompt.backbones.PromptableViT.set_grad_checkpointing`
+            (``"attn"``, ``"mlp"``, ``"alternate"``).
         sdpa: fused scaled-dot-product attention where the method's maths allows it.
         autocast_dtype: ``"bf16"`` or ``"fp16"`` to run the forward under ``torch.autocast``; logits are
             returned in float32.
@@ -112,7 +114,7 @@ class PromptUNETR(AutocastForward, UNETR):
         pretrained: str | None = None,
         layer_norm_eps: float = 1e-6,
         backbone_overrides: dict[str, Any] | None = None,
-        grad_checkpointing: bool = False,
+        grad_checkpointing: bool | str = False,
         sdpa: bool = False,
         autocast_dtype: str | None = None,
         pretrained_strict: bool = True,
