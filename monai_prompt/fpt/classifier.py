@@ -144,6 +144,21 @@ class FPTClassifier(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     @torch.jit.unused
+    def release_lpm(self) -> None:
+        """Free the frozen LPM's weights: training from preloaded features (``forward(image, fpt_kv)``) then holds
+        only the side network, the fusion module and the features.
+
+        The LPM keeps its config, parameter counts and fingerprints, so :meth:`cache_fingerprint`,
+        :func:`~monai_prompt.fpt.cache_identity`, the trainable report and the delta (tied to the LPM weights, and
+        loadable into a fresh ``FPTClassifier`` built with them) work as before; ``to(device)`` leaves the LPM
+        alone and DDP skips it. Online calls (``forward(image)``) then raise: inference and export build the
+        network again with ``pretrained=``.
+        """
+        self.lpm.release()
+        # DistributedDataParallel would broadcast the (meta) LPM weights; it skips the names listed here
+        self._ddp_params_and_buffers_to_ignore = [f"lpm.{name}" for name in self.lpm.state_dict()]
+
+    @torch.jit.unused
     def cache_fingerprint(self) -> str:
         """Fingerprint of the LPM weights and feature-extraction config that a preload cache must match."""
         return self.lpm.fingerprint()

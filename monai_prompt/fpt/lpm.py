@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -77,6 +78,7 @@ class LPMExtractor(PromptableViT):
             raise ValueError(f"token_ratio {token_ratio} keeps no token of {self.num_tokens}; raise it.")
         self.requires_grad_(False)
         self.eval()
+        self.released = False
 
     @classmethod
     def from_vit(
@@ -100,6 +102,28 @@ class LPMExtractor(PromptableViT):
         """The LPM stays in eval mode whatever the parent network does."""
         return super().train(False)
 
+    @torch.jit.unused
+    def release(self) -> None:
+        """Free the frozen weights (they move to the meta device) but keep what identifies them.
+
+        :meth:`fingerprint` (what a preload cache must match) and the backbone fingerprint a delta is tied to
+        (``recorded_fingerprint``, read by :func:`~monai_prompt.peft.delta.backbone_fingerprint`) are computed
+        first and kept, as are the config and the parameter shapes (parameter counts). Afterwards device moves
+        and casts leave the LPM alone and :meth:`extract` raises: for training from preloaded features only.
+        """
+        if self.released:
+            return
+        self.recorded_fingerprint = backbone_fingerprint(self)
+        self.recorded_cache_fingerprint = self.fingerprint()
+        self.to("meta")
+        self.released = True
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LPMExtractor:
+        """``to``/``cuda``/``float``/... of a released LPM do nothing: it has no weights to move."""
+        if getattr(self, "released", False):
+            return self
+        return super()._apply(fn, recurse)
+
     @property
     def feature_shape(self) -> tuple[int, int, int, int, int]:
         """Shape of one image's features: (2 for K/V, tapped layers, heads, kept tokens, head dim)."""
@@ -112,6 +136,8 @@ class LPMExtractor(PromptableViT):
     @torch.jit.unused
     def fingerprint(self) -> str:
         """SHA-256 over the ViT architecture, its weights and :meth:`extraction_config` (cache validity)."""
+        if self.released:
+            return self.recorded_cache_fingerprint
         digest = hashlib.sha256(backbone_fingerprint(self).encode())
         digest.update(json.dumps(self.extraction_config(), sort_keys=True).encode())
         return digest.hexdigest()
@@ -122,6 +148,12 @@ class LPMExtractor(PromptableViT):
         Args:
             x: image at the LPM's input size, [B, C, *img_size].
         """
+        if self.released:
+            raise RuntimeError(
+                "the FPT LPM's weights were released (FPTClassifier.release_lpm) for training from the preload cache; "
+                "pass the cached features (network(image, fpt_kv)) or build a new FPTClassifier with pretrained= to "
+                "run the LPM online."
+            )
         if list(x.shape[2:]) != self.img_size:
             raise ValueError(
                 f"LPM input spatial size {list(x.shape[2:])} differs from the LPM size {self.img_size}; resize the "

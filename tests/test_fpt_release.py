@@ -1,0 +1,117 @@
+"""FPT training from the preload cache without holding the LPM: ``FPTClassifier.release_lpm``.
+
+The released network trains from cached features, keeps its fingerprints (cache and delta), and the delta it saves
+loads into a fresh network built with the LPM weights and gives the same logits online.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from bundle_support import copy_bundle, tiny_overrides
+from monai.bundle import ConfigParser
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import PrepareBatchExtraInput
+from monai.transforms import Compose, Resized
+
+from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
+from monai_prompt.engine.runner import run_bundle
+from monai_prompt.fpt import FPTClassifier, LoadFPTFeaturesd, cache_identity, preload_features
+from monai_prompt.peft import delta_state_dict, load_delta, save_delta, trainable_report
+
+TINY = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "mlp_dim": 128, "patch_size": 8}
+
+
+def tiny_fpt(variant: str = "fptplus", pretrained: str | None = None, seed: int = 0) -> FPTClassifier:
+    torch.manual_seed(seed)
+    return FPTClassifier(3, variant, {"side_img_size": 16}, backbone="vit_tiny", img_size=32, backbone_overrides=TINY,
+                         pretrained=pretrained)
+
+
+def images(count: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(1)
+    return [{"image": torch.rand(3, 32, 32, generator=generator), "label": i % 3} for i in range(count)]
+
+
+@pytest.mark.parametrize("variant", ["fpt", "fptplus"])
+def test_train_from_cache_after_release_then_online_logits_of_a_fresh_network(tmp_path, variant):
+    lpm_file = tmp_path / "lpm.pt"
+    net = tiny_fpt(variant)
+    torch.save(net.lpm.state_dict(), lpm_file)
+    items = images(4)
+    preload_features(net, items, tmp_path / "cache")
+    identity, report, meta = cache_identity(net), trainable_report(net), delta_state_dict(net)["peft"]
+
+    net.release_lpm()
+    assert all(p.device.type == "meta" for p in net.lpm.parameters())
+    assert net.to("cpu").float() is net and all(p.device.type == "meta" for p in net.lpm.parameters())
+    assert cache_identity(net) == identity and net.cache_fingerprint() == identity["fingerprint"]
+    assert trainable_report(net) == report and delta_state_dict(net)["peft"] == meta
+    chain = Compose([LoadFPTFeaturesd("image", tmp_path / "cache", network=net), Resized("image", (16, 16))])
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=DataLoader(Dataset(items, chain), batch_size=2),
+        network=net,
+        optimizer=torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2),
+        loss_function=torch.nn.CrossEntropyLoss(),
+        prepare_batch=PrepareBatchExtraInput(extra_keys="fpt_kv"),
+    )
+    before = net.fusion.out_proj.weight.detach().clone()
+    trainer.run()
+    assert trainer.state.iteration == 2 and not torch.equal(net.fusion.out_proj.weight, before)
+
+    delta = torch.load(save_delta(net, tmp_path / "delta.pt"), weights_only=True)
+    fresh = tiny_fpt(variant, pretrained=str(lpm_file), seed=5).eval()
+    load_delta(fresh, delta)  # tied to the LPM weights the released network recorded
+    lookup = DataLoader(Dataset(items, LoadFPTFeaturesd("image", tmp_path / "cache", network=net)), batch_size=4)
+    batch = next(iter(lookup))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(batch["image"]), net.eval()(batch["image"], batch["fpt_kv"]),
+                                   rtol=0, atol=1e-6)
+    released_again = tiny_fpt(variant, pretrained=str(lpm_file), seed=6)
+    released_again.release_lpm()
+    load_delta(released_again, delta)  # a resumed training loads its delta into the released network too
+    with pytest.raises(RuntimeError, match=r"weights were released .* pretrained= to run the LPM online"):
+        net(batch["image"])
+    with pytest.raises(RuntimeError, match="weights were released"):
+        preload_features(net, items, tmp_path / "other_cache")
+
+
+def test_ddp_skips_the_released_lpm(tmp_path):
+    import torch.distributed as dist
+
+    net = tiny_fpt()
+    kv = net.lpm_features(torch.rand(2, 3, 32, 32))
+    net.release_lpm()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        ddp(torch.rand(2, 3, 16, 16), kv).sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert net.fusion.out_proj.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_fptplus_bundle_trains_from_the_cache_after_release(tiny, tmp_path):
+    """The FPT bundles' training with the release step after the preload (notes: fpt_bundle_change.md): training
+    and validation run on the released network, the delta loads for the online evaluation."""
+    spec = BUNDLE_SPECS["fptplus_classification"]
+    bundle = copy_bundle(spec.name, tmp_path)
+    overrides = tiny_overrides(spec, tiny["data"], tiny["backbone"])
+    initialize = ConfigParser.load_config_file(str(bundle / "configs" / "train.json"))["initialize"]
+    initialize = [*initialize, "$@network_def.release_lpm()"]
+    workflow = run_bundle(bundle, ["train.json"], "train", **overrides, initialize=initialize,
+                          **{"train#trainer#max_epochs": 1})
+    network = workflow.parser.get_parsed_content("network_def")
+    assert all(p.device.type == "meta" for p in network.lpm.parameters())
+    delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert delta["peft"]["backbone"]["fingerprint"] == delta_state_dict(network)["peft"]["backbone"]["fingerprint"]
+    run_bundle(bundle, ["train.json", "evaluate.json"], "infer", **overrides)  # the fresh network loads the delta
+    assert os.path.getsize(bundle / "eval" / "metrics.csv") > 0
+    assert json.loads((bundle / "models" / "training_config.json").read_text())
