@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # (a later make keeps the torch of the last TORCH_SPEC given; another TORCH_SPEC reinstalls torch)
 TORCH_SPEC ?= $(or $(shell cat $(VENV)/.torch-spec 2>/dev/null),torch==2.13.0)
 
-.PHONY: setup demo test FORCE
+.PHONY: setup demo test label-env label-test FORCE
 
 setup: $(VENV)/.installed
 
@@ -33,3 +33,29 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# MONAI Label (docs/monai-label.md): a separate venv, since monailabel 0.8.5 needs numpy<2 and pydicom<3. Its
+# packages are installed from scratch when label/constraints.txt changes (sam2, a monailabel dependency, is built
+# without CUDA); this package again when pyproject.toml changes.
+LABEL_VENV ?= .venv-label
+LABEL_PY := $(LABEL_VENV)/bin/python
+LABEL_PIP := $(LABEL_PY) -m pip install -c label/constraints.txt
+
+label-env: $(LABEL_VENV)/.installed
+
+$(LABEL_VENV)/.packages: label/constraints.txt
+	rm -rf $(LABEL_VENV)
+	python3 -m venv $(LABEL_VENV)
+	$(LABEL_PY) -m pip install --upgrade pip
+	$(LABEL_PIP) torch torchvision numpy pydicom setuptools wheel
+	SAM2_BUILD_CUDA=0 $(LABEL_PIP) --no-build-isolation sam2
+	$(LABEL_PIP) monailabel pytest
+	touch $@
+
+$(LABEL_VENV)/.installed: $(LABEL_VENV)/.packages pyproject.toml
+	$(LABEL_PIP) -e .
+	touch $@
+
+# the MONAI Label test (tests/label/: a real server on 127.0.0.1); the main venv has no monailabel and skips it
+label-test: label-env
+	$(LABEL_PY) -m pytest -q tests/label
