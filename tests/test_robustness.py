@@ -863,8 +863,8 @@ BUNDLE_FAILURES = {
                        r"\S+models/model\.pt: the frozen backbone weights differ from those the delta was trained "
                        r"on: the backbone this network was built with \(fingerprint \w{12}, from pretrained='\S+"
                        r"other_vit\.pt'\) is not the one the delta was trained on \(fingerprint \w{12}, recorded "
-                       r"source '\S+vit_tiny\.pt'\)\. Set `pretrained` in the bundle config to the weights the delta "
-                       r"was trained on, or package the bundle with its backbone: monai-prompt package BUNDLE "
+                       r"source '\S+vit_tiny\.pt'\)\. Set the bundle's pretrained \(--pretrained\) to the weights the "
+                       r"delta was trained on, or package the bundle with its backbone: monai-prompt package BUNDLE "
                        r"--pretrained WEIGHTS --out DIR\.$"),
     "missing-pretrained": (_case_missing_pretrained, CheckpointError,
                            r"\S+vit\.safetensors: no such file or directory\.$"),

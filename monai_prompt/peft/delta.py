@@ -163,8 +163,8 @@ def _mismatch(
     return DeltaMismatchError(
         f"{source}: the frozen backbone weights differ from those the delta was trained on: the backbone this network "
         f"was built with (fingerprint {actual[:12]}, {built}) is not the one the delta was trained on (fingerprint "
-        f"{expected[:12]}, {trained}). Set `pretrained` in the bundle config to the weights the delta was trained on, "
-        f"or package the bundle with its backbone: monai-prompt package BUNDLE --pretrained WEIGHTS --out DIR."
+        f"{expected[:12]}, {trained}). Set the bundle's pretrained (--pretrained) to the weights the delta was trained "
+        f"on, or package the bundle with its backbone: monai-prompt package BUNDLE --pretrained WEIGHTS --out DIR."
     )
 
 
