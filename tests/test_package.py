@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bundle_support import copy_bundle, tiny_overrides, write_tiny_backbone
+from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny_overrides, write_tiny_backbone
 from monai.bundle import ConfigParser
 
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
@@ -121,3 +121,24 @@ def test_a_delta_without_identity_keys_is_refused_and_packaged_with_them(trained
     assert bytes(packaged[FINGERPRINT_KEY].tolist()).hex() == old["peft"]["backbone"]["fingerprint"]
     assert bytes(packaged[SOURCE_KEY].tolist()).decode() == str(Path(tiny["backbone"]).resolve())
     network(out).load_state_dict(packaged, strict=False)
+
+
+def test_a_huggingface_folder_travels_as_a_folder(tiny, tmp_path):
+    """backbone='auto' from a HuggingFace ViT folder: the copy is models/backbone/ (hidden entries such as hf's
+    .cache/ left out), and the packaged network builds the ViT from it and takes the delta."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    hf = tmp_path / "hf_vit"
+    ViTModel(ViTConfig(**shape, image_size=TINY_IMG_SIZE, patch_size=TINY_BACKBONE["patch_size"])).save_pretrained(hf)
+    (hf / ".cache").mkdir()
+    bundle = copy_bundle(SPEC.name, tmp_path)
+    overrides = {**tiny_overrides(SPEC, tiny["data"], hf), "backbone": "auto", "backbone_overrides": {}}
+    run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
+
+    out = package_bundle(bundle, tmp_path / "packaged" / SPEC.name).out
+    assert sorted(p.name for p in (out / "models" / "backbone").iterdir()) == ["config.json", "model.safetensors"]
+    net = network(out)
+    assert backbone_source(net) == str(out / "models" / "backbone")
+    net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True)["model"], strict=False)
