@@ -125,27 +125,29 @@ def package_bundle(
     Raises:
         FileNotFoundError: the bundle, delta, training record or weights are missing.
         FileExistsError: ``out`` exists.
+        ValueError: no ``pretrained`` given or recorded.
         DeltaMismatchError: the weights are not the delta's backbone, or the delta is not one of this bundle.
     """
     bundle = Path(bundle)
     out = Path(out)
     model = Path(model) if model is not None else bundle / "models" / "model.pt"
-    for path, what in ((bundle / "configs" / "inference.json", "bundle config"), (model, "delta")):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{what} {path} does not exist; package a trained bundle (train.json writes "
-                f"models/model.pt), or pass --model <the delta>."
-            )
+    if not (bundle / "configs" / "inference.json").is_file():
+        raise FileNotFoundError(f"{bundle} is not a bundle folder: it has no configs/inference.json.")
+    if not model.is_file():
+        raise FileNotFoundError(
+            f"delta {model} does not exist; train the bundle first (train.json writes models/model.pt), or pass "
+            f"--model <the delta>."
+        )
     record = read_training_config(model)
     if not record:
         raise FileNotFoundError(
-            f"{model.parent / TRAINING_CONFIG} does not exist: the network settings the delta "
-            f"was trained with are unknown; package the folder a training run wrote."
+            f"{model.parent / TRAINING_CONFIG} does not exist, so the network settings the delta was trained with "
+            f"are unknown; package a delta beside the training_config.json its training run wrote."
         )
     if pretrained is None and not record.get("pretrained"):
         raise ValueError(
-            f"{model.parent / TRAINING_CONFIG} names no pretrained weights: pass --pretrained <the "
-            f"weights the delta was trained on>."
+            f"{model.parent / TRAINING_CONFIG} names no pretrained weights: pass --pretrained <the weights the delta "
+            f"was trained on>."
         )
     weights = _weights(pretrained if pretrained is not None else record["pretrained"])
     if out.exists():
