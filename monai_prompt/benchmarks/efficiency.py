@@ -1,0 +1,499 @@
+"""Cost of every method side by side: ``monai-prompt benchmark efficiency`` (docs/benchmarks.md, Efficiency).
+
+Every configuration (method x memory/speed variant) trains on random data in a fresh process of its own (a new child
+of a fork server that imported the networks once), so its memory is its own; the configurations are interleaved in rounds (full
+fine-tuning first, then every other one, repeated ``--rounds`` times), so each ratio to full fine-tuning comes from
+the same round, under the same load. Per configuration:
+
+- trainable parameters (count and % of the backbone) and the delta size (bytes of the saved delta; its ratio to
+  full fine-tuning's delta is the ratio to the full checkpoint);
+- peak training memory above the process's level once the network and the optimiser are built (and one
+  forward/backward has loaded the kernels; its gradients are dropped, the optimiser's state is not yet created): CPU,
+  the resident peak (``VmHWM``) reset through ``/proc/self/clear_refs`` (glibc is told to mmap every allocation
+  above 128 KiB, so freed memory does not hide later peaks); CUDA, ``torch.cuda.max_memory_allocated`` after a
+  reset;
+- the median CPU and wall time of a training step after warm-up, and the inference latency per image (online:
+  FPT runs its LPM).
+
+Variants of the in-backbone methods (``--checkpointing`` modes of
+:meth:`~monai_prompt.backbones.vit.PromptableViT.set_grad_checkpointing` and ``--variants`` such as
+``blocks+sdpa+bf16``); FPT/FPT+ train online and from preloaded features (the LPM released,
+:meth:`~monai_prompt.fpt.FPTClassifier.release_lpm`) against full fine-tuning of the same ViT at the LPM's size.
+Writes ``efficiency.csv``, ``efficiency.json`` and ``memory_ratio.png`` / ``time_ratio.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import dataclasses
+import gc
+import io
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["BenchConfig", "BenchSettings", "PeakMemory", "build_configs", "measure", "run_benchmark", "summarise"]
+
+#: methods that change the backbone itself (the checkpointing/SDPA/autocast variants apply to them).
+IN_BACKBONE = ("vpt", "lora", "adapter", "bitfit", "ssf", "dvpt", "ept")
+#: FPT variants: a frozen LPM at high resolution beside a small side network.
+FPT_METHODS = ("fpt", "fptplus")
+#: torch.autocast dtypes a variant may name.
+AUTOCAST = ("bf16", "fp16")
+#: the workers mmap every allocation above this many bytes, so freed memory goes back to the OS at once.
+MMAP_THRESHOLD = 131072
+#: the columns of the table, the CSV and the JSON summary rows.
+COLUMNS = (
+    "config", "method", "variant", "img_size", "batch_size", "trainable", "percent_of_backbone", "delta_bytes",
+    "peak_mib", "step_cpu_s", "step_wall_s", "infer_ms_per_image", "memory_ratio", "cpu_ratio", "wall_ratio",
+    "infer_ratio", "delta_ratio",
+)
+#: measured value -> its ratio column.
+RATIOS = {"peak_mib": "memory_ratio", "step_cpu_s": "cpu_ratio", "step_wall_s": "wall_ratio",
+          "infer_ms_per_image": "infer_ratio", "delta_bytes": "delta_ratio"}
+QUICK_BACKBONE = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "mlp_dim": 128, "patch_size": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """What every configuration of one run shares.
+
+    Args:
+        backbone: ViT preset of every network (the FPT LPM too).
+        backbone_overrides: :func:`~monai_prompt.backbones.build_vit` overrides (``--quick``: a tiny ViT).
+        img_size: input size of the in-backbone methods and their full fine-tuning row.
+        fpt_img_size: the LPM's input size (FPT's setting), and that of the full fine-tuning row FPT is compared to.
+        fpt_side_img_size: side-network input size (None: the variant's default, 224 FPT, 128 FPT+).
+        batch_size: images per step.
+        num_classes: logits.
+        steps: timed training steps (after ``warmup``).
+        warmup: untimed training steps first (inside the memory window: they are training too).
+        inference_steps: timed inference batches (after one untimed).
+        threads: torch threads of each worker.
+        device: ``"cpu"`` or ``"cuda"``.
+    """
+
+    backbone: str = "vit_base"
+    backbone_overrides: dict[str, int] = dataclasses.field(default_factory=dict)
+    img_size: int = 224
+    fpt_img_size: int = 512
+    fpt_side_img_size: int | None = None
+    batch_size: int = 4
+    num_classes: int = 5
+    steps: int = 5
+    warmup: int = 2
+    inference_steps: int = 3
+    threads: int = 1
+    device: str = "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One measured configuration.
+
+    Args:
+        method: ``"full"``, an in-backbone method (:data:`IN_BACKBONE`) or an FPT variant.
+        variant: ``"+"``-joined options: a checkpointing mode (``none``, ``blocks``, ``attn``, ``mlp``,
+            ``alternate``), ``sdpa``, an autocast dtype (``bf16``, ``fp16``); FPT: ``online`` or ``cached``.
+        img_size: input size (FPT and its full row: the LPM's).
+    """
+
+    method: str
+    variant: str
+    img_size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.variant} @{self.img_size}"
+
+    def options(self) -> dict[str, Any]:
+        """``{"checkpointing", "sdpa", "autocast"}`` of an in-backbone variant."""
+        parts = self.variant.split("+")
+        modes = [p for p in parts if p not in ("sdpa", *AUTOCAST)]
+        autocast = [p for p in parts if p in AUTOCAST]
+        return {"checkpointing": modes[0] if modes else "none", "sdpa": "sdpa" in parts,
+                "autocast": autocast[0] if autocast else None}
+
+
+def check_variant(variant: str) -> str:
+    """``variant`` if it names at most one checkpointing mode, ``sdpa`` and one autocast dtype; else a clear error."""
+    from monai_prompt.backbones.vit import CHECKPOINT_MODES
+
+    parts = variant.split("+")
+    modes = [p for p in parts if p in CHECKPOINT_MODES]
+    unknown = [p for p in parts if p not in (*CHECKPOINT_MODES, "sdpa", *AUTOCAST)]
+    if unknown or len(modes) > 1 or sum(p in AUTOCAST for p in parts) > 1 or len(set(parts)) < len(parts):
+        raise ValueError(
+            f"variant {variant!r}: join at most one checkpointing mode of {list(CHECKPOINT_MODES)}, 'sdpa' and one "
+            f"autocast dtype of {list(AUTOCAST)} with '+', e.g. 'blocks+sdpa+bf16'."
+        )
+    return variant
+
+
+def build_configs(settings: BenchSettings, methods: Sequence[str], variants: Sequence[str]) -> list[BenchConfig]:
+    """Full fine-tuning at each size first, then each variant for every in-backbone method, then FPT online and
+    cached.
+
+    Args:
+        settings: the run's settings.
+        methods: in-backbone methods and FPT variants to measure.
+        variants: in-backbone variants (see :class:`BenchConfig`).
+    """
+    fpt = [m for m in methods if m in FPT_METHODS]
+    configs = [BenchConfig("full", "none", settings.img_size)]
+    if fpt and settings.fpt_img_size != settings.img_size:
+        configs.append(BenchConfig("full", "none", settings.fpt_img_size))
+    unknown = [m for m in methods if m not in IN_BACKBONE + FPT_METHODS]
+    if unknown:
+        raise ValueError(f"method {unknown[0]!r} is not one of {list(IN_BACKBONE + FPT_METHODS)}.")
+    # variant by variant, so that a run stopped early has every method in its first variants
+    in_backbone = [m for m in methods if m in IN_BACKBONE]
+    configs += [BenchConfig(m, check_variant(v), settings.img_size) for v in variants for m in in_backbone]
+    return configs + [BenchConfig(m, mode, settings.fpt_img_size) for m in fpt for mode in ("online", "cached")]
+
+
+class PeakMemory:
+    """Peak memory above the level at :meth:`reset`, in MiB.
+
+    CPU (Linux): the resident set's high-water mark ``VmHWM``, reset to the current resident size by writing
+    ``5`` to ``/proc/self/clear_refs``. CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+
+    Args:
+        device: the training device.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.baseline = 0.0
+
+    @staticmethod
+    def _status_mib(field: str) -> float:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+        raise RuntimeError(f"/proc/self/status has no {field}; the CPU memory benchmark needs Linux.")
+
+    def reset(self) -> None:
+        """Take the current level as the baseline and forget earlier peaks."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")
+        except OSError as err:
+            raise RuntimeError(f"cannot reset the resident peak through /proc/self/clear_refs ({err}).") from err
+        self.baseline = self._status_mib("VmRSS")
+
+    def peak(self) -> float:
+        """Peak MiB above the baseline since :meth:`reset`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline
+        return self._status_mib("VmHWM") - self.baseline
+
+
+def _return_freed_memory() -> None:
+    """glibc: serve every allocation above :data:`MMAP_THRESHOLD` bytes by mmap, so that memory freed earlier is
+    returned to the OS instead of hiding later peaks from the resident-set reading (no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also stops glibc raising it dynamically)
+
+
+def _network(config: BenchConfig, settings: BenchSettings, online: bool = False) -> torch.nn.Module:
+    """The network of ``config`` (random weights: timings and memory do not depend on them)."""
+    from monai_prompt.fpt import FPTClassifier
+    from monai_prompt.nets import PromptClassifier
+
+    common = {"backbone": settings.backbone, "img_size": config.img_size,
+              "backbone_overrides": settings.backbone_overrides or None}
+    if config.method in FPT_METHODS:
+        fpt_config = {"side_img_size": settings.fpt_side_img_size} if settings.fpt_side_img_size else None
+        net = FPTClassifier(settings.num_classes, config.method, fpt_config, **common)
+        if config.variant == "cached" and not online:
+            net.release_lpm()
+        return net
+    options = config.options()
+    return PromptClassifier(settings.num_classes, config.method, grad_checkpointing=options["checkpointing"],
+                            sdpa=options["sdpa"], autocast_dtype=options["autocast"], **common)
+
+
+def _serialized_bytes(state: dict) -> int:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def _timed(fn: Any, repeats: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """Median CPU and wall seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    cpu, wall = [], []
+    for index in range(warmup + repeats):
+        start_cpu, start_wall = time.process_time(), time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if index >= warmup:
+            cpu.append(time.process_time() - start_cpu)
+            wall.append(time.perf_counter() - start_wall)
+    return statistics.median(cpu), statistics.median(wall)
+
+
+def measure(config: BenchConfig, settings: BenchSettings) -> dict[str, Any]:
+    """Build, train and time one configuration in this process (run it in a fresh one: see :func:`run_benchmark`).
+
+    Returns:
+        ``trainable``, ``percent_of_backbone``, ``delta_bytes``, ``peak_mib``, ``step_cpu_s``, ``step_wall_s``,
+        ``infer_ms_per_image``.
+    """
+    from monai_prompt.peft import delta_state_dict, trainable_report
+
+    torch.set_num_threads(settings.threads)
+    _return_freed_memory()
+    torch.manual_seed(0)
+    device = torch.device(settings.device)
+    net = _network(config, settings).to(device).train()
+    batch, channels = settings.batch_size, 3
+    labels = torch.randint(0, settings.num_classes, (batch,), device=device)
+    if config.variant == "cached":  # what the loader hands over: the side-size image and the cached K/V
+        inputs = (torch.rand(batch, channels, *net.side_img_size, device=device),
+                  torch.randn(batch, *net.feature_shape, device=device))
+    else:
+        inputs = (torch.rand(batch, channels, config.img_size, config.img_size, device=device),)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(*inputs), labels).backward()
+        optimizer.step()
+
+    # one forward/backward first, its gradients dropped: the kernels' code and lazily built state are loaded before
+    # the reset, while the optimiser's state and the gradients are still created inside the measured window
+    torch.nn.functional.cross_entropy(net(*inputs), labels).backward()
+    optimizer.zero_grad(set_to_none=True)
+    memory = PeakMemory(device)
+    memory.reset()
+    step_cpu, step_wall = _timed(train_step, settings.steps, settings.warmup, device)
+    peak = memory.peak()
+    report = trainable_report(net)
+    delta_bytes = _serialized_bytes(delta_state_dict(net))
+    optimizer.zero_grad(set_to_none=True)
+    if config.variant == "cached":  # inference runs online, with the LPM
+        del net, optimizer
+        net = _network(config, settings, online=True).to(device)
+    net.eval()
+    image = torch.rand(batch, channels, config.img_size, config.img_size, device=device)
+    with torch.no_grad():
+        _, infer_wall = _timed(lambda: net(image), settings.inference_steps, 1, device)
+    return {
+        "trainable": report["trainable"],
+        "percent_of_backbone": report["percent_of_backbone"],
+        "delta_bytes": delta_bytes,
+        "peak_mib": peak,
+        "step_cpu_s": step_cpu,
+        "step_wall_s": step_wall,
+        "infer_ms_per_image": 1000 * infer_wall / batch,
+    }
+
+
+def _fresh_processes() -> multiprocessing.context.BaseContext:
+    """A fork server that has imported the networks once; each configuration runs in a new child of it."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["monai_prompt.benchmarks.efficiency", "monai_prompt.nets", "monai_prompt.fpt",
+                                    "monai_prompt.peft"])
+    return context
+
+
+def _run_worker(config: BenchConfig, settings: BenchSettings, context: multiprocessing.context.BaseContext
+                ) -> dict[str, Any]:
+    """:func:`measure` in a fresh process (a child of the fork server, used for this configuration only)."""
+    with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
+        return pool.submit(measure, config, settings).result()
+
+
+def summarise(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per configuration: medians over rounds of each value and of its ratio to the same round's full
+    fine-tuning at the same input size.
+
+    Args:
+        rounds: per round, the measured rows (``config``, ``method``, ``variant``, ``img_size``, values).
+    """
+    ratios: dict[str, dict[str, list[float]]] = {}
+    values: dict[str, dict[str, list[float]]] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for measured in rounds:
+        full = {row["img_size"]: row for row in measured if row["method"] == "full"}
+        for row in measured:
+            rows.setdefault(row["config"], {k: row[k] for k in ("config", "method", "variant", "img_size",
+                                                                "batch_size", "trainable", "percent_of_backbone")})
+            for value, ratio in RATIOS.items():
+                values.setdefault(row["config"], {}).setdefault(value, []).append(row[value])
+                ratios.setdefault(row["config"], {}).setdefault(ratio, []).append(
+                    row[value] / full[row["img_size"]][value])
+    for name, row in rows.items():
+        row.update({k: statistics.median(v) for k, v in values[name].items()})
+        row.update({k: statistics.median(v) for k, v in ratios[name].items()})
+    return [{k: rows[name][k] for k in COLUMNS} for name in rows]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width text table of :func:`summarise`'s rows."""
+    header = (f"{'configuration':<34} {'trainable':>11} {'% bb':>7} {'delta MiB':>9} {'peak MiB':>9} {'mem x':>6} "
+              f"{'cpu s':>7} {'cpu x':>6} {'wall s':>7} {'wall x':>6} {'inf ms':>7} {'inf x':>6} {'delta x':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['config']:<34} {r['trainable']:>11,} {r['percent_of_backbone']:>7.3f} {r['delta_bytes'] / 2**20:>9.2f} "
+            f"{r['peak_mib']:>9.1f} {r['memory_ratio']:>6.3f} {r['step_cpu_s']:>7.3f} {r['cpu_ratio']:>6.2f} "
+            f"{r['step_wall_s']:>7.3f} {r['wall_ratio']:>6.2f} {r['infer_ms_per_image']:>7.1f} {r['infer_ratio']:>6.2f} "
+            f"{r['delta_ratio']:>8.4f}"
+        )
+    return "\n".join(lines)
+
+
+def _charts(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """``memory_ratio.png`` and ``time_ratio.png``: one horizontal bar per configuration (full fine-tuning = 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    shown = [r for r in rows if r["method"] != "full"]
+    for column, title, name in (("memory_ratio", "peak training memory / full fine-tuning", "memory_ratio.png"),
+                                ("wall_ratio", "training step wall time / full fine-tuning", "time_ratio.png")):
+        fig, ax = plt.subplots(figsize=(7, 0.8 + 0.22 * len(shown)))
+        colours = ["tab:orange" if r["method"] in FPT_METHODS else "tab:blue" for r in shown]
+        ax.barh([r["config"] for r in shown], [r[column] for r in shown], color=colours)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.invert_yaxis()
+        ax.set_xlabel(title)
+        ax.tick_params(axis="y", labelsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=80)
+        plt.close(fig)
+        written.append(out / name)
+    return written
+
+
+def machine(settings: BenchSettings) -> str:
+    """CPU model, cores, torch version, device and threads of this run."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    device = torch.cuda.get_device_name() if settings.device == "cuda" else "CPU"
+    return (f"{cpu} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, device {device}, "
+            f"{settings.threads} torch thread(s)")
+
+
+def _write(out: Path, settings: BenchSettings, configs: list[BenchConfig], measured: list[list[dict[str, Any]]]
+           ) -> list[dict[str, Any]]:
+    """CSV, JSON and charts of the rounds measured so far; returns :func:`summarise`'s rows."""
+    rows = summarise(measured)
+    with open(out / "efficiency.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    record = {"settings": dataclasses.asdict(settings), "rounds": len(measured), "machine": machine(settings),
+              "configs": [c.name for c in configs], "summary": rows, "measured": measured}
+    (out / "efficiency.json").write_text(json.dumps(record, indent=1))
+    _charts(rows, out)
+    return rows
+
+
+def run_benchmark(settings: BenchSettings, configs: list[BenchConfig], rounds: int, out: Path,
+                  log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Measure ``configs`` ``rounds`` times, each in a fresh process, and write CSV, JSON and charts into ``out``
+    (after every configuration, so an interrupted run keeps what it measured; a configuration's values are its
+    medians over the rounds that reached it).
+
+    Returns:
+        :func:`summarise`'s rows.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    measured: list[list[dict[str, Any]]] = []
+    context = _fresh_processes()
+    for index in range(rounds):
+        this_round = []
+        for config in configs:
+            start = time.perf_counter()
+            values = _run_worker(config, settings, context)
+            this_round.append({"config": config.name, "method": config.method, "variant": config.variant,
+                               "img_size": config.img_size, "batch_size": settings.batch_size, **values})
+            log(f"round {index + 1}/{rounds} {config.name}: peak {values['peak_mib']:.1f} MiB, step "
+                f"{values['step_wall_s']:.3f} s ({time.perf_counter() - start:.0f} s)")
+            rows = _write(out, settings, configs, [*measured, this_round])
+        measured.append(this_round)
+    return rows
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    from monai_prompt.backbones.vit import CHECKPOINT_MODES
+
+    parser = argparse.ArgumentParser(prog="monai-prompt benchmark efficiency", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/benchmark_efficiency", help="output folder")
+    parser.add_argument("--methods", nargs="+", default=[*IN_BACKBONE, *FPT_METHODS],
+                        help="methods besides full fine-tuning (default: all)")
+    parser.add_argument("--checkpointing", nargs="+", default=list(CHECKPOINT_MODES), choices=list(CHECKPOINT_MODES),
+                        help="checkpointing modes, one variant each (default: all)")
+    parser.add_argument("--variants", nargs="*", default=["sdpa", "bf16", "mlp+sdpa", "blocks+sdpa+bf16"],
+                        help="more in-backbone variants, '+'-joined options (default: sdpa bf16 mlp+sdpa "
+                             "blocks+sdpa+bf16; on CUDA use fp16/bf16)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration (default: 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first (default: 2)")
+    parser.add_argument("--inference-steps", type=int, default=3, help="timed inference batches (default: 3)")
+    parser.add_argument("--backbone", default="vit_base", help="ViT preset (default: vit_base, patch 16)")
+    parser.add_argument("--img-size", type=int, default=224, help="input size (default: 224)")
+    parser.add_argument("--fpt-img-size", type=int, default=512, help="FPT's LPM input size (default: 512)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per step (default: 4)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: 1)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI smoke run: tiny ViT, 32 px (FPT 64), batch 2, 2 steps, 1 round, none/blocks")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``monai-prompt benchmark efficiency [options]`` (also ``python -m monai_prompt.benchmarks.efficiency``)."""
+    args = _parse(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:
+        settings = BenchSettings("vit_tiny", QUICK_BACKBONE, 32, 64, 16, 2, steps=2, warmup=1, inference_steps=1,
+                                 threads=args.threads, device=device)
+        checkpointing, variants, rounds = ["none", "blocks"], [], 1
+    else:
+        settings = BenchSettings(args.backbone, {}, args.img_size, args.fpt_img_size, None, args.batch_size,
+                                 steps=args.steps, warmup=args.warmup, inference_steps=args.inference_steps,
+                                 threads=args.threads, device=device)
+        checkpointing, variants, rounds = args.checkpointing, args.variants, args.rounds
+    variants = list(dict.fromkeys([*checkpointing, *variants]))
+    try:
+        configs = build_configs(settings, args.methods, variants)
+    except ValueError as err:
+        raise SystemExit(f"benchmark efficiency: {err}") from None
+    print(f"{len(configs)} configurations x {rounds} round(s) on {machine(settings)}", flush=True)
+    rows = run_benchmark(settings, configs, rounds, Path(args.out), log=lambda line: print(line, flush=True))
+    print(format_table(rows))
+    print(f"written: {args.out}/efficiency.csv, efficiency.json, memory_ratio.png, time_ratio.png")
+
+
+if __name__ == "__main__":
+    main()

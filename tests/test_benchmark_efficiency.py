@@ -1,0 +1,86 @@
+"""``monai-prompt benchmark efficiency``: the memory reading, the configurations, and the ``--quick`` run end to end
+(no timing assertions: times depend on the machine's load)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from monai_prompt.benchmarks.efficiency import (
+    COLUMNS,
+    FPT_METHODS,
+    IN_BACKBONE,
+    BenchSettings,
+    PeakMemory,
+    build_configs,
+    summarise,
+)
+from monai_prompt.cli import main
+
+
+def test_peak_memory_sees_a_known_allocation_and_forgets_earlier_peaks():
+    memory = PeakMemory("cpu")
+    big = torch.ones(300 * 2**20 // 4)  # 300 MiB touched, then freed: an earlier peak
+    del big
+    memory.reset()
+    assert memory.peak() < 50
+    block = torch.ones(200 * 2**20 // 4)  # 200 MiB, every page written
+    assert memory.peak() >= 190
+    del block
+
+
+def test_configurations_and_variant_errors():
+    settings = BenchSettings()
+    configs = build_configs(settings, ["lora", "fptplus", "ssf"], ["none", "mlp+sdpa+bf16"])
+    assert [c.name for c in configs] == [
+        "full none @224", "full none @512", "lora none @224", "ssf none @224", "lora mlp+sdpa+bf16 @224",
+        "ssf mlp+sdpa+bf16 @224", "fptplus online @512", "fptplus cached @512",
+    ]
+    assert configs[4].options() == {"checkpointing": "mlp", "sdpa": True, "autocast": "bf16"}
+    assert configs[2].options() == {"checkpointing": "none", "sdpa": False, "autocast": None}
+    with pytest.raises(ValueError, match=r"variant 'blocks\+attn': join at most one checkpointing mode"):
+        build_configs(settings, ["lora"], ["blocks+attn"])
+    with pytest.raises(ValueError, match="method 'dora' is not one of"):
+        build_configs(settings, ["dora"], ["none"])
+
+
+def test_ratios_come_from_the_same_round():
+    def row(method, size, peak, wall):
+        values = {"trainable": 1, "percent_of_backbone": 1.0, "delta_bytes": 10, "peak_mib": peak, "step_cpu_s": wall,
+                  "step_wall_s": wall, "infer_ms_per_image": 1.0}
+        return {"config": f"{method} @{size}", "method": method, "variant": "none", "img_size": size,
+                "batch_size": 4, **values}
+
+    rounds = [[row("full", 224, 100, 1.0), row("lora", 224, 30, 0.8)],  # a slow round: both slower
+              [row("full", 224, 100, 2.0), row("lora", 224, 20, 1.6)],
+              [row("full", 224, 100, 4.0), row("lora", 224, 40, 3.2)]]
+    lora = summarise(rounds)[1]
+    assert lora["wall_ratio"] == pytest.approx(0.8) and lora["memory_ratio"] == pytest.approx(0.3)
+    assert lora["step_wall_s"] == pytest.approx(1.6) and list(lora) == list(COLUMNS)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_method(tmp_path, capsys):
+    main(["benchmark", "efficiency", "--quick", "--out", str(tmp_path)])
+    table = capsys.readouterr().out
+    with open(tmp_path / "efficiency.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["method"] for r in rows} == {"full", *IN_BACKBONE, *FPT_METHODS}
+    assert {(r["method"], r["variant"]) for r in rows if r["method"] in FPT_METHODS} == {
+        (m, v) for m in FPT_METHODS for v in ("online", "cached")}
+    assert all(r["config"] in table for r in rows)
+    numbers = [c for c in COLUMNS if c not in ("config", "method", "variant")]
+    for r in rows:
+        assert all(math.isfinite(float(r[c])) and float(r[c]) > 0 for c in numbers), r
+    for r in (r for r in rows if r["method"] == "full"):
+        assert all(float(r[c]) == 1.0 for c in ("memory_ratio", "cpu_ratio", "wall_ratio", "infer_ratio",
+                                                "delta_ratio"))
+    record = json.loads((tmp_path / "efficiency.json").read_text())
+    assert record["summary"] == json.loads(json.dumps(record["summary"])) and len(record["measured"]) == 1
+    assert [r["config"] for r in record["summary"]] == [r["config"] for r in rows]
+    for chart in ("memory_ratio.png", "time_ratio.png"):
+        assert (tmp_path / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
