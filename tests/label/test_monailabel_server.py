@@ -1,10 +1,10 @@
-"""MONAI Label's stock ``monaibundle`` app serves a classification, a 2D (PNG) and a 3D (NIfTI) segmentation bundle,
-and trains the 3D one from its datastore, against a real server on 127.0.0.1.
+"""MONAI Label's stock ``monaibundle`` app serves two classification bundles (PromptClassifier, FPT+), a 2D (PNG) and
+a 3D (NIfTI) segmentation bundle, and trains the 3D one from its datastore, against a real server on 127.0.0.1.
 
 Run by ``make label-test`` in the MONAI Label environment (``make label-env``: monailabel needs numpy<2 and
 pydicom<3, so it has a venv of its own); skipped where monailabel is not installed (the main ``make test``).
 
-Both bundles are trained here for one epoch on tiny data with a tiny backbone, then copied into the app's
+The bundles are trained here for one epoch on tiny data with a tiny backbone, then copied into the app's
 ``model/`` folder with the training settings written into their ``train.json`` (MONAI Label gives a bundle no
 command-line overrides); ``inference.json`` needs none: it reads them from ``models/training_config.json``. Each
 ``/infer`` answer is compared with what the bundle's own ``inference.json`` writes for the same image.
@@ -44,7 +44,9 @@ from segmentation_support import (
 from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS
 from monai_prompt.engine.runner import run_bundle
 
-CLASSIFICATION, SEGMENTATION_2D, SEGMENTATION = "vpt_classification", "vpt_segmentation", "vpt_3d_segmentation"
+#: a PromptClassifier and an FPTClassifier (frozen LPM + side network) bundle.
+CLASSIFICATIONS = ("vpt_classification", "fptplus_classification")
+SEGMENTATION_2D, SEGMENTATION = "vpt_segmentation", "vpt_3d_segmentation"
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 300
@@ -72,7 +74,7 @@ def _deploy(bundle: Path, app: Path, settings: dict[str, Any]) -> Path:
     """``bundle`` copied to ``<app>/model/<name>`` with ``settings`` written into its ``train.json`` and the trained
     class names into its metadata (MONAI Label names the outputs after ``channel_def``)."""
     target = app / "model" / bundle.name
-    shutil.copytree(bundle, target, ignore=shutil.ignore_patterns("eval", "*.lock"))
+    shutil.copytree(bundle, target, ignore=shutil.ignore_patterns("eval", "cache", "*.lock"))
     train = target / "configs" / "train.json"
     train.write_text(json.dumps({**json.loads(train.read_text()), **settings}, indent=4))
     classes = json.loads((target / "models" / "training_config.json").read_text())["class_names"]
@@ -152,19 +154,19 @@ class Server:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny):
-    """The app with the three trained bundles, its studies (a classification PNG, a segmentation PNG, 3D NIfTI
+    """The app with the four trained bundles, its studies (a classification PNG, a segmentation PNG, 3D NIfTI
     images with final labels) and the running server."""
     root = tmp_path_factory.mktemp("label")
     seg_data = write_tiny_segmentation(root / "seg_data", 3)
     png_data = write_tiny_segmentation(root / "png_data", 2, png=True)
-    cls_overrides = tiny_overrides(ALL_BUNDLE_SPECS[CLASSIFICATION], tiny["data"], tiny["backbone"])
     seg_overrides = tiny_segmentation_overrides(ALL_BUNDLE_SPECS[SEGMENTATION], seg_data,
                                                 write_tiny_encoder(root / "vit3.pt", 3))
     png_overrides = tiny_segmentation_overrides(ALL_BUNDLE_SPECS[SEGMENTATION_2D], png_data,
                                                 write_tiny_encoder(root / "vit2.pt", 2))
     trained = root / "trained"
-    bundles = {CLASSIFICATION: _train_tiny(CLASSIFICATION, trained, cls_overrides),
-               SEGMENTATION_2D: _train_tiny(SEGMENTATION_2D, trained, png_overrides),
+    bundles = {name: _train_tiny(name, trained, tiny_overrides(ALL_BUNDLE_SPECS[name], tiny["data"], tiny["backbone"]))
+               for name in CLASSIFICATIONS}
+    bundles |= {SEGMENTATION_2D: _train_tiny(SEGMENTATION_2D, trained, png_overrides),
                SEGMENTATION: _train_tiny(SEGMENTATION, trained, seg_overrides)}
 
     subprocess.run([str(BIN / "monailabel"), "apps", "--download", "--name", "monaibundle", "--output",
@@ -174,8 +176,8 @@ def served(tmp_path_factory, tiny):
     # and continue_model makes its training continue the served delta (no datalist, the record's classes)
     seg_settings = {key: value for key, value in seg_overrides.items()
                     if not key.startswith("_meta_") and key != "datalist_file"}
-    deployed = {CLASSIFICATION: _deploy(bundles[CLASSIFICATION], app, {}),
-                SEGMENTATION_2D: _deploy(bundles[SEGMENTATION_2D], app, {}),
+    deployed = {name: _deploy(bundles[name], app, {}) for name in CLASSIFICATIONS}
+    deployed |= {SEGMENTATION_2D: _deploy(bundles[SEGMENTATION_2D], app, {}),
                 SEGMENTATION: _deploy(bundles[SEGMENTATION], app,
                                       {**seg_settings, "continue_model": True, "learning_rate": 0.05})}
 
@@ -200,7 +202,7 @@ def served(tmp_path_factory, tiny):
 def test_info_lists_every_bundle_with_its_type_and_labels(served):
     info = requests.get(f"{served['server'].url}/info/", timeout=30).json()
     models = info["models"]
-    assert models[CLASSIFICATION]["type"] == "classification"
+    assert all(models[name]["type"] == "classification" for name in CLASSIFICATIONS)
     assert models[SEGMENTATION_2D]["type"] == "segmentation" and models[SEGMENTATION_2D]["dimension"] == 2
     assert models[SEGMENTATION]["type"] == "segmentation" and models[SEGMENTATION]["dimension"] == 3
     assert models[SEGMENTATION]["labels"] == {name: i for i, name in enumerate(TINY_CLASSES) if i > 0}
@@ -208,11 +210,12 @@ def test_info_lists_every_bundle_with_its_type_and_labels(served):
     print(f"server start-up: {served['server'].started_s:.1f} s")
 
 
-def test_classification_infer_equals_the_bundles_own_inference(served):
-    server, bundle = served["server"], served["bundles"][CLASSIFICATION]
+@pytest.mark.parametrize("name", CLASSIFICATIONS)
+def test_classification_infer_equals_the_bundles_own_inference(served, name):
+    server, bundle = served["server"], served["bundles"][name]
     begin = time.monotonic()
-    answer = server.post(f"/infer/{CLASSIFICATION}", params={"image": "bright", "output": "json"}).json()
-    print(f"classification /infer: {time.monotonic() - begin:.2f} s")
+    answer = server.post(f"/infer/{name}", params={"image": "bright", "output": "json"}).json()
+    print(f"{name} /infer: {time.monotonic() - begin:.2f} s")
     expected = _own_probabilities(bundle, served["studies"] / "bright.png")
     assert [entry["label"] for entry in answer["prediction"]] == ["dark", "mid", "bright"]
     np.testing.assert_allclose([entry["score"] for entry in answer["prediction"]], expected, atol=1e-5)
