@@ -144,7 +144,7 @@ _INFER = "python -m monai.bundle run --config_file $B/configs/inference.json --p
 
 MAPPING: tuple[Rule, ...] = (
     # --- names of programs in prose, not command lines
-    Rule("*", r"^(make|python -m monai\.bundle( run)?|monai-prompt (export|check-data|preload|demo)|"
+    Rule("*", r"^(make|python -m monai\.bundle( run)?|monai-prompt (export|check-data|preload|demo|package)|"
          r"OMP_NUM_THREADS=1|huggingface-cli|hf|torchrun)$", "mention",
          why="the span names a program in a sentence; its command lines are the fenced blocks"),
     Rule("docs/methods.md", r"^--ffn_num\b", "mention", why="a flag of the official AdaptFormer code, quoted"),
@@ -160,6 +160,10 @@ MAPPING: tuple[Rule, ...] = (
     Rule("*", r"^make setup\b", why=("no installs in a test: `make -n` lists the steps and every `pip install` spec "
                                      "must parse and be satisfied by this venv"),
          subs=(("make setup", "make -n setup"),), append=" | docs-check-pip", setup=_MAKE),
+    Rule("*", r"^make label-(env|test)$", why=("MONAI Label's own 8 GB environment: `make -n` shows its recipe here; "
+                                              ".ci/run builds it and runs `make label-test` for real"),
+         subs=(("make", "make -n"),), append=" | grep 'pip install -c label/constraints.txt monailabel'",
+         setup=(*_MAKE, "repo:label/constraints.txt")),
     Rule("*", r"^make demo TORCH_SPEC=", why="the demo runs under `make demo`; `make -n` shows TORCH_SPEC reaching pip",
          subs=(("make demo", "make -n demo"),), append=" | docs-check-pip --expect cu126", setup=_MAKE),
     Rule("*", r"^make demo\b", why="set-up checked with `make -n`, then `monai-prompt demo` at its --tiny size",
