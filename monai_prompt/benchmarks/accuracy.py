@@ -385,7 +385,8 @@ def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = pr
                         help="classification bundle methods (none: only the LiteMedSAM comparison)")
     parser.add_argument("--regimes", nargs="+", default=list(DEFAULT_REGIMES),
                         help="label fractions (100%%, 40%%, 0.1) and few-shot (5shot); default: %(default)s")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (subset draw and bundle seed)")
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds (subset draw and bundle seed)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+N-1 (to extend a grid)")
     parser.add_argument("--epochs", type=int, default=8, help="epochs on the full training set (subsets: more)")
     parser.add_argument("--validations", type=int, default=8,
                         help="validations per run (every max(1, epochs // N) epochs; the best one is evaluated)")
@@ -414,7 +415,7 @@ def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = pr
 
     torch.set_num_threads(1)
     config, epochs = (TINY_DEMO, 1) if args.quick else (DemoConfig(), args.epochs)
-    seeds = range(1 if args.quick else args.seeds)
+    seeds = range(args.first_seed, args.first_seed + (1 if args.quick else args.seeds))
     regimes = [parse_regime(text) for text in args.regimes]
     work, bundles = Path(args.work).absolute(), Path(args.bundles).absolute()
     out.mkdir(parents=True, exist_ok=True)
