@@ -212,16 +212,22 @@ def recorded(defaults: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def train_settings(spec: BundleSpec) -> dict[str, Any]:
+def train_settings(spec: BundleSpec, kept: str = "@resume") -> dict[str, Any]:
     """Recipe numbers, validation interval, resume (the newest checkpoint of the recorded run) or overwrite, the run
-    id, the MLflow run name, rank and the delta objects."""
+    id, the MLflow run name, rank and the delta objects.
+
+    Args:
+        spec: the bundle's spec.
+        kept: the condition under which the run continues the folder's previous run (as in :func:`train_start`):
+            it then keeps the recorded run id, so that a later ``--resume`` finds the checkpoints it writes.
+    """
     return {
         "learning_rate": spec.learning_rate,
         "weight_decay": spec.weight_decay,
         "val_interval": 1,
         "resume": False,
         "overwrite": False,
-        "run_id": "$monai_prompt.engine.run_id(@ckpt_dir, @resume)",
+        "run_id": f"$monai_prompt.engine.run_id(@ckpt_dir, {kept})",
         "resume_file": "$monai_prompt.engine.latest_checkpoint(@ckpt_dir, run_id=@run_id) if @resume else None",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_train')",
         "is_not_rank0": "$torch.distributed.is_available() and torch.distributed.is_initialized() "

@@ -236,7 +236,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
     return {
         **settings,
         **_continue_model(settings),
-        **common.train_settings(spec),
+        **common.train_settings(spec, _KEPT),
         "training_record": {key: f"@{key}" for key in _network_settings(spec, _DATALIST_TASK)},
         "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
         **common.optimization(spec),

@@ -307,7 +307,7 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
         changelog=(
             ("0.1.1", ("served and trained by MONAI Label's stock monaibundle app: inference reads images only "
                        "and writes uint8 masks without channel axis; training with continue_model continues "
-                       "models/model.pt on the datastore's pairs")),
+                       "models/model.pt on the datastore's pairs under the recorded run id")),
             ("0.1.0", _SEGMENTATION_RELEASE),
         ),
     )
