@@ -10,9 +10,18 @@ import pytest
 import torch
 from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny_overrides, write_tiny_backbone
 from monai.bundle import ConfigParser
+from segmentation_support import (
+    TINY_CLASSES,
+    TINY_ENCODER,
+    TINY_ROI,
+    tiny_segmentation_overrides,
+    write_tiny_encoder,
+    write_tiny_segmentation,
+)
 
-from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
+from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS, BUNDLE_SPECS
 from monai_prompt.cli import main
+from monai_prompt.engine import latest_checkpoint
 from monai_prompt.engine.package import package_bundle
 from monai_prompt.engine.runner import run_bundle
 from monai_prompt.peft.delta import FINGERPRINT_KEY, IDENTITY_KEYS, SOURCE_KEY, DeltaMismatchError, backbone_source
@@ -58,6 +67,19 @@ def test_packaged_bundle_finds_its_backbone_and_predicts_as_the_original(trained
     record = json.loads((out / "models" / "training_config.json").read_text())
     assert record["pretrained"] == "models/backbone.pt"
     assert record["packaged_from"]["pretrained"] == str(Path(tiny["backbone"]).resolve())
+
+    # the network settings it was trained with, in every config (MONAI Label passes none); the classes in metadata
+    for name in ("train.json", "evaluate.json", "inference.json"):
+        config = json.loads((out / "configs" / name).read_text())
+        assert config["backbone"] == "vit_tiny" and config["img_size"] == TINY_IMG_SIZE
+        assert config["backbone_overrides"] == TINY_BACKBONE == record["backbone_overrides"]
+        assert config["method_config"] == record["method_config"] and "continue_model" not in config
+    train = json.loads((out / "configs" / "train.json").read_text())
+    assert train["class_names"] == json.loads((bundle / "configs" / "train.json").read_text())["class_names"]
+    meta = json.loads((out / "configs" / "metadata.json").read_text())["network_data_format"]
+    classes = {str(i): name for i, name in enumerate(record["class_names"])}
+    assert meta["outputs"]["pred"]["channel_def"] == meta["post_processed_outputs"]["pred"]["channel_def"] == classes
+    assert meta["inputs"]["image"]["spatial_shape"] == [TINY_IMG_SIZE, TINY_IMG_SIZE]
 
     data_only = {key: overrides[key] for key in DATA_ONLY}
     assert predictions(out, **data_only) == predictions(bundle, **overrides)
@@ -142,3 +164,38 @@ def test_a_huggingface_folder_travels_as_a_folder(tiny, tmp_path):
     net = network(out)
     assert backbone_source(net) == str(out / "models" / "backbone")
     net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True)["model"], strict=False)
+
+
+def test_a_segmentation_package_continues_its_delta_under_the_recorded_run(tmp_path):
+    """The packaged train.json sets continue_model and the trained network, so MONAI Label's /train (the datastore
+    pairs as train#dataset#data / validate#dataset#data, nothing else) trains it; the run keeps the recorded run id,
+    so --resume finds the checkpoint it writes."""
+    spec = ALL_BUNDLE_SPECS["vpt_segmentation"]
+    datalist = write_tiny_segmentation(tmp_path / "data", 2)
+    overrides = tiny_segmentation_overrides(spec, datalist, write_tiny_encoder(tmp_path / "vit.pt", 2))
+    bundle = copy_bundle(spec.name, tmp_path)
+    run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
+
+    out = package_bundle(bundle, tmp_path / "app" / spec.name).out
+    train = json.loads((out / "configs" / "train.json").read_text())
+    assert train["continue_model"] is True
+    assert train["backbone_overrides"] == TINY_ENCODER and train["img_size"] == TINY_ROI
+    assert train["feature_size"] == overrides["feature_size"] and train["backbone"] == "vit_tiny"
+    meta = json.loads((out / "configs" / "metadata.json").read_text())["network_data_format"]
+    assert meta["outputs"]["pred"]["channel_def"] == {str(i): name for i, name in enumerate(TINY_CLASSES)}
+    assert meta["inputs"]["image"]["spatial_shape"] == meta["outputs"]["pred"]["spatial_shape"] == [TINY_ROI] * 2
+
+    record_file = out / "models" / "training_config.json"
+    record = record_file.read_text()
+    delta = (out / "models" / "model.pt").read_bytes()
+    splits = json.loads(datalist.read_text())
+    pairs = {split: [{key: str(datalist.parent / item[key]) for key in ("image", "label")} for item in splits[split]]
+             for split in ("training", "validation")}
+    run_bundle(out, ["train.json"], "train", quiet=True, num_workers=0, **{
+        "train#dataset#data": pairs["training"], "validate#dataset#data": pairs["validation"],
+        "train#trainer#max_epochs": 1})
+    assert (out / "models" / "model.pt").read_bytes() != delta
+    assert record_file.read_text() == record  # the record, its run id included, is kept
+    run = json.loads(record)["run_id"]
+    checkpoint = torch.load(latest_checkpoint(out / "models", run_id=run), weights_only=True)
+    assert checkpoint["run"]["run_id"] == run

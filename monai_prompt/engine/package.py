@@ -8,7 +8,11 @@ open_clip folder), and every config that sets ``pretrained`` points it there rel
     "pretrained": "$@bundle_root + '/models/backbone.pt'"
 
 ``models/training_config.json`` records the same relative path (and, under ``packaged_from``, the bundle, delta and
-weights it was made from). The delta's ``model`` entry carries the backbone's fingerprint
+weights it was made from). MONAI Label passes a bundle no settings and reads its labels from ``metadata.json``, so the
+configs also state the network the delta was trained with (the record's settings, :data:`LABEL_KEYS` aside: those
+come from the record or, for classification training, from its datalist), a segmentation ``train.json`` sets
+``continue_model`` (MONAI Label's ``/train`` continues the packaged delta), and ``metadata.json`` names the
+record's classes in ``channel_def`` with the trained input shape. The delta's ``model`` entry carries the backbone's fingerprint
 (:data:`~monai_prompt.peft.delta.FINGERPRINT_KEY`; added from its ``peft`` entry for a delta saved before it did), so
 a network built on any other backbone refuses it. The copy is made in a temporary folder beside ``out``, verified
 by building the network from the packaged ``inference.json`` and loading the delta into it, and only then renamed
@@ -23,6 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.bundle import ConfigParser
@@ -38,6 +43,12 @@ __all__ = ["BACKBONE_NAME", "PackageReport", "package_bundle"]
 BACKBONE_NAME = "backbone"
 #: folders of a bundle that a packaged copy keeps (with its top-level files, e.g. LICENSE); run outputs are left out.
 KEPT_FOLDERS = ("configs", "docs", "scripts")
+#: record entries not written into the packaged configs: the classes (the record's, read by evaluation, inference
+#: and ``continue_model`` training; a classification ``train.json`` takes them from its datalist).
+LABEL_KEYS = ("class_names", "num_classes", "multi_label")
+#: the configs whose network a packaged bundle is verified with: MONAI Label's inference, and its training
+#: (``train.json``) where that continues the delta (``continue_model``).
+VERIFIED_CONFIGS = ("inference.json", "train.json")
 
 
 @dataclass
@@ -85,25 +96,59 @@ def _read_delta(model: Path, weights: Path) -> dict:
     return delta
 
 
-def _point_configs_at(configs: Path, backbone: str) -> None:
-    """Set ``pretrained`` of every config under ``configs`` that has one to ``backbone`` under ``bundle_root``."""
+def _network_settings(configs: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The record's values of the settings ``train.json``'s ``training_record`` lists, ``pretrained`` and
+    :data:`LABEL_KEYS` aside."""
+    listed = json.loads((configs / "train.json").read_text()).get("training_record", {})
+    return {key: record[key] for key in listed if key in record and key not in (*LABEL_KEYS, "pretrained")}
+
+
+def _write_configs(configs: Path, settings: dict[str, Any]) -> None:
+    """Set every top-level entry of ``settings`` in each config under ``configs`` that has it."""
     for path in sorted(configs.glob("*.json")):
         config = json.loads(path.read_text())
-        if isinstance(config, dict) and "pretrained" in config:
-            config["pretrained"] = f"$@bundle_root + '/{backbone}'"
+        if isinstance(config, dict) and any(key in config for key in settings):
+            config.update({key: value for key, value in settings.items() if key in config})
             path.write_text(json.dumps(config, indent=4) + "\n")
 
 
+def _write_metadata(path: Path, record: dict[str, Any]) -> None:
+    """``network_data_format`` of ``metadata.json`` for the trained network: the record's classes as every ``pred``
+    output's ``channel_def`` (MONAI Label's labels), and its input shape."""
+    meta = json.loads(path.read_text())
+    data_format = meta["network_data_format"]
+    shape = None
+    if "img_size" in record and "spatial_dims" in record:
+        size = record["img_size"]
+        shape = list(size) if isinstance(size, list) else [size] * record["spatial_dims"]
+        data_format["inputs"]["image"]["spatial_shape"] = shape
+    if "class_names" in record:
+        classes = {str(i): name for i, name in enumerate(record["class_names"])}
+        for outputs in ("outputs", "post_processed_outputs"):
+            pred = data_format.get(outputs, {}).get("pred")
+            if pred is None:
+                continue
+            pred.update(channel_def=classes, num_channels=len(classes))
+            if pred["format"] == "classes":
+                pred["spatial_shape"] = [1, len(classes)]
+            elif shape is not None:
+                pred["spatial_shape"] = shape
+    path.write_text(json.dumps(meta, indent=4) + "\n")
+
+
 def _verify(bundle: Path, delta: dict, source: str) -> None:
-    """Build ``network_def`` of the packaged ``inference.json`` as MONAI Label does (``bundle_root`` = the folder)
-    and load the delta's ``model`` entry into it: the backbone fingerprint, method and config must match (errors
-    name ``source``)."""
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(bundle)})
-    network = parser.get_parsed_content("network_def")
-    check_delta_meta(network, delta["peft"], source)
-    network.load_state_dict(delta["model"], strict=True)
+    """Build ``network_def`` of the packaged :data:`VERIFIED_CONFIGS` as MONAI Label does (``bundle_root`` = the
+    folder, no ``initialize``) and load the delta's ``model`` entry into it: the backbone fingerprint, method and
+    config must match (errors name ``source`` and the config)."""
+    for name in VERIFIED_CONFIGS:
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs" / name))
+        if name == "train.json" and not parser.get("continue_model", False):
+            continue
+        parser.update({"bundle_root": str(bundle)})
+        network = parser.get_parsed_content("network_def")
+        check_delta_meta(network, delta["peft"], source if name == "inference.json" else f"{source} (configs/{name})")
+        network.load_state_dict(delta["model"], strict=True)
 
 
 def package_bundle(
@@ -178,7 +223,9 @@ def package_bundle(
         }
         packaged = {**record, "pretrained": backbone, "packaged_from": packaged_from}
         (tmp / "models" / TRAINING_CONFIG).write_text(json.dumps(packaged, indent=2, default=str) + "\n")
-        _point_configs_at(tmp / "configs", backbone)
+        settings = {**_network_settings(tmp / "configs", record), "pretrained": f"$@bundle_root + '/{backbone}'"}
+        _write_configs(tmp / "configs", {**settings, "continue_model": True})
+        _write_metadata(tmp / "configs" / "metadata.json", record)
         _verify(tmp, delta, str(model))
         os.rename(tmp, out)
     finally:
