@@ -38,8 +38,9 @@ def test_configurations_and_variant_errors():
     configs = build_configs(settings, ["lora", "fptplus", "ssf"], ["none", "mlp+sdpa+bf16"])
     assert [c.name for c in configs] == [
         "full none @224", "full none @512", "lora none @224", "ssf none @224", "lora mlp+sdpa+bf16 @224",
-        "ssf mlp+sdpa+bf16 @224", "fptplus online @512", "fptplus cached @512",
+        "ssf mlp+sdpa+bf16 @224", "fptplus online @512", "fptplus cached @512", "fptplus cached+sdpa @512",
     ]
+    assert configs[-1].cached and configs[-1].options()["sdpa"] and not configs[-3].cached
     assert configs[4].options() == {"checkpointing": "mlp", "sdpa": True, "autocast": "bf16"}
     assert configs[2].options() == {"checkpointing": "none", "sdpa": False, "autocast": None}
     with pytest.raises(ValueError, match=r"variant 'blocks\+attn': join at most one checkpointing mode"):
@@ -71,7 +72,7 @@ def test_quick_run_writes_every_method(tmp_path, capsys):
         rows = list(csv.DictReader(handle))
     assert {r["method"] for r in rows} == {"full", *IN_BACKBONE, *FPT_METHODS}
     assert {(r["method"], r["variant"]) for r in rows if r["method"] in FPT_METHODS} == {
-        (m, v) for m in FPT_METHODS for v in ("online", "cached")}
+        (m, v) for m in FPT_METHODS for v in ("online", "cached", "cached+sdpa")}
     assert all(r["config"] in table for r in rows)
     numbers = [c for c in COLUMNS if c not in ("config", "method", "variant")]
     for r in rows:

@@ -115,3 +115,26 @@ def test_fptplus_bundle_trains_from_the_cache_after_release(tiny, tmp_path):
     run_bundle(bundle, ["train.json", "evaluate.json"], "infer", **overrides)  # the fresh network loads the delta
     assert os.path.getsize(bundle / "eval" / "metrics.csv") > 0
     assert json.loads((bundle / "models" / "training_config.json").read_text())
+
+
+def test_side_sdpa_gives_the_literal_logits_and_gradients():
+    """``sdpa=True`` (the memory-lean setting for training from the cache) changes only how the side network's
+    attention is computed: float64 logits and gradients equal the literal path."""
+    literal = tiny_fpt("fpt").double()
+    fused = tiny_fpt("fpt").double()
+    fused.load_state_dict(literal.state_dict())
+    fused.side.vit.set_sdpa(True)
+    assert not literal.side.vit.blocks[0].attn.use_flash_attention
+    assert FPTClassifier(3, "fpt", {"side_img_size": 16}, backbone="vit_tiny", img_size=32, backbone_overrides=TINY,
+                         sdpa=True).side.vit.blocks[0].attn.use_flash_attention
+    assert not fused.lpm.blocks[0].attn.use_flash_attention  # the LPM needs its attention probabilities
+    kv = literal.lpm_features(torch.rand(2, 3, 32, 32, dtype=torch.float64))
+    image = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    outputs = []
+    for net in (literal, fused):
+        logits = net.eval()(image, kv)  # eval: no fusion dropout; gradients still flow
+        logits.square().sum().backward()
+        outputs.append((logits.detach(), {n: p.grad for n, p in net.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-10, atol=1e-12)
+    for name, grad in outputs[0][1].items():
+        torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-9, atol=1e-12, msg=name)

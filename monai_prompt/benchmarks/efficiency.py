@@ -49,6 +49,9 @@ __all__ = ["BenchConfig", "BenchSettings", "PeakMemory", "build_configs", "measu
 IN_BACKBONE = ("vpt", "lora", "adapter", "bitfit", "ssf", "dvpt", "ept")
 #: FPT variants: a frozen LPM at high resolution beside a small side network.
 FPT_METHODS = ("fpt", "fptplus")
+#: how FPT gets its LPM features, and the FPT configurations measured (``sdpa``: the side network's attention).
+FPT_MODES = ("online", "cached")
+FPT_CONFIGS = ("online", "cached", "cached+sdpa")
 #: torch.autocast dtypes a variant may name.
 AUTOCAST = ("bf16", "fp16")
 #: the workers mmap every allocation above this many bytes, so freed memory goes back to the OS at once.
@@ -105,7 +108,8 @@ class BenchConfig:
     Args:
         method: ``"full"``, an in-backbone method (:data:`IN_BACKBONE`) or an FPT variant.
         variant: ``"+"``-joined options: a checkpointing mode (``none``, ``blocks``, ``attn``, ``mlp``,
-            ``alternate``), ``sdpa``, an autocast dtype (``bf16``, ``fp16``); FPT: ``online`` or ``cached``.
+            ``alternate``), ``sdpa``, an autocast dtype (``bf16``, ``fp16``); FPT: ``online`` or ``cached``, with
+            ``+sdpa`` for the side network's attention.
         img_size: input size (FPT and its full row: the LPM's).
     """
 
@@ -117,10 +121,15 @@ class BenchConfig:
     def name(self) -> str:
         return f"{self.method} {self.variant} @{self.img_size}"
 
+    @property
+    def cached(self) -> bool:
+        """FPT trained from preloaded features (the LPM released)."""
+        return "cached" in self.variant.split("+")
+
     def options(self) -> dict[str, Any]:
         """``{"checkpointing", "sdpa", "autocast"}`` of an in-backbone variant."""
         parts = self.variant.split("+")
-        modes = [p for p in parts if p not in ("sdpa", *AUTOCAST)]
+        modes = [p for p in parts if p not in ("sdpa", *AUTOCAST, *FPT_MODES)]
         autocast = [p for p in parts if p in AUTOCAST]
         return {"checkpointing": modes[0] if modes else "none", "sdpa": "sdpa" in parts,
                 "autocast": autocast[0] if autocast else None}
@@ -142,8 +151,8 @@ def check_variant(variant: str) -> str:
 
 
 def build_configs(settings: BenchSettings, methods: Sequence[str], variants: Sequence[str]) -> list[BenchConfig]:
-    """Full fine-tuning at each size first, then each variant for every in-backbone method, then FPT online and
-    cached.
+    """Full fine-tuning at each size first, then each variant for every in-backbone method, then FPT
+    (:data:`FPT_CONFIGS`).
 
     Args:
         settings: the run's settings.
@@ -160,7 +169,7 @@ def build_configs(settings: BenchSettings, methods: Sequence[str], variants: Seq
     # variant by variant, so that a run stopped early has every method in its first variants
     in_backbone = [m for m in methods if m in IN_BACKBONE]
     configs += [BenchConfig(m, check_variant(v), settings.img_size) for v in variants for m in in_backbone]
-    return configs + [BenchConfig(m, mode, settings.fpt_img_size) for m in fpt for mode in ("online", "cached")]
+    return configs + [BenchConfig(m, mode, settings.fpt_img_size) for m in fpt for mode in FPT_CONFIGS]
 
 
 class PeakMemory:
@@ -227,8 +236,8 @@ def _network(config: BenchConfig, settings: BenchSettings, online: bool = False)
               "backbone_overrides": settings.backbone_overrides or None}
     if config.method in FPT_METHODS:
         fpt_config = {"side_img_size": settings.fpt_side_img_size} if settings.fpt_side_img_size else None
-        net = FPTClassifier(settings.num_classes, config.method, fpt_config, **common)
-        if config.variant == "cached" and not online:
+        net = FPTClassifier(settings.num_classes, config.method, fpt_config, sdpa=config.options()["sdpa"], **common)
+        if config.cached and not online:
             net.release_lpm()
         return net
     options = config.options()
@@ -272,7 +281,7 @@ def measure(config: BenchConfig, settings: BenchSettings) -> dict[str, Any]:
     net = _network(config, settings).to(device).train()
     batch, channels = settings.batch_size, 3
     labels = torch.randint(0, settings.num_classes, (batch,), device=device)
-    if config.variant == "cached":  # what the loader hands over: the side-size image and the cached K/V
+    if config.cached:  # what the loader hands over: the side-size image and the cached K/V
         inputs = (torch.rand(batch, channels, *net.side_img_size, device=device),
                   torch.randn(batch, *net.feature_shape, device=device))
     else:
@@ -295,7 +304,7 @@ def measure(config: BenchConfig, settings: BenchSettings) -> dict[str, Any]:
     report = trainable_report(net)
     delta_bytes = _serialized_bytes(delta_state_dict(net))
     optimizer.zero_grad(set_to_none=True)
-    if config.variant == "cached":  # inference runs online, with the LPM
+    if config.cached:  # inference runs online, with the LPM
         del net, optimizer
         net = _network(config, settings, online=True).to(device)
     net.eval()

@@ -56,6 +56,9 @@ class FPTClassifier(nn.Module):
             overrides.
         pretrained_strict: ``strict`` of :func:`~monai_prompt.backbones.load_pretrained`: False loads a checkpoint
             with more blocks than the LPM (its first ``num_layers``, with a warning) or lacking some weights.
+        sdpa: run the side network's attention on PyTorch SDPA (same maths; no attention matrix is stored for the
+            backward, which is most of FPT's training memory from the cache). The LPM always computes its attention
+            literally (it needs the probabilities to select tokens).
 
     Example::
 
@@ -77,6 +80,7 @@ class FPTClassifier(nn.Module):
         layer_norm_eps: float = 1e-6,
         backbone_overrides: dict[str, int] | None = None,
         pretrained_strict: bool = True,
+        sdpa: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(backbone, TinyViT) or backbone in TINYVIT_PRESETS:
@@ -130,6 +134,7 @@ class FPTClassifier(nn.Module):
             dropout=config.fusion_dropout,
         )
         self.side = SideViT(side_vit, num_classes)
+        side_vit.set_sdpa(sdpa)
         self.fpt_config = dataclasses.replace(config, layers=layers)
         lpm.peft_method = variant
         lpm.peft_config = dataclasses.asdict(self.fpt_config)
