@@ -224,7 +224,7 @@ def _plot(summary: list[dict[str, Any]], regimes: Sequence[str], path: Path) -> 
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    figure.savefig(path, dpi=70)
     plt.close(figure)
 
 
@@ -403,11 +403,14 @@ def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = pr
     parser.add_argument("--quick", action="store_true", help="a smoke run: the tiny demo, one epoch, 1 seed")
     parser.add_argument("--combine", nargs="+", metavar="DIR",
                         help="train nothing: summarise the runs.csv of these earlier --out folders (e.g. parts of a "
-                             "grid run in parallel) into --out")
+                             "grid run in parallel; a run found twice counts once) into --out")
     args = parser.parse_args(argv)
     out = Path(args.out).absolute()
     if args.combine:
-        rows = [row for folder in args.combine for row in _read_runs(Path(folder) / "runs.csv")]
+        runs = {}  # a run found in several parts (same backbone, method, labels, seed, test set) counts once
+        for row in (row for folder in args.combine for row in _read_runs(Path(folder) / "runs.csv")):
+            runs.setdefault(tuple(row[key] for key in ("backbone", "method", "regime", "seed", "n_test")), row)
+        rows = list(runs.values())
         out.mkdir(parents=True, exist_ok=True)
         _write_csv(out / "runs.csv", rows)
         labels = {row["regime"]: row["n_train"] for row in rows}
@@ -483,7 +486,8 @@ def _report(rows: list[dict[str, Any]], regimes: Sequence[str], out: Path, argv:
     (out / "results.json").write_text(json.dumps({"runs": rows, "summary": summary, "argv": list(argv or [])},
                                                  indent=1) + "\n")
     n_test = max(entry["n_test"] for entry in summary)
-    _plot([e for e in summary if e["n_test"] == n_test and e["backbone"] == "mae_vit"], regimes,
+    plotted = [e for e in summary if e["n_test"] == n_test and e["backbone"] == "mae_vit"]
+    _plot(plotted, [regime for regime in regimes if any(e["regime"] == regime for e in plotted)],
           out / "accuracy_vs_labels.png")
     print_fn(_table(summary))
     print_fn(f"runs.csv, summary.csv, results.json, accuracy_vs_labels.png (and mlflow.db of the runs) in {out}")
