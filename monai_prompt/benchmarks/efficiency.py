@@ -43,7 +43,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["BenchConfig", "BenchSettings", "PeakMemory", "build_configs", "measure", "run_benchmark", "summarise"]
+__all__ = [
+    "BenchConfig", "BenchSettings", "PeakMemory", "build_configs", "build_parser", "measure", "run_benchmark",
+    "summarise",
+]
 
 #: methods that change the backbone itself (the checkpointing/SDPA/autocast variants apply to them).
 IN_BACKBONE = ("vpt", "lora", "adapter", "bitfit", "ssf", "dvpt", "ept")
@@ -387,7 +390,7 @@ def _charts(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     written = []
     shown = [r for r in rows if r["method"] != "full"]
     for column, title, name in (("memory_ratio", "peak training memory / full fine-tuning", "memory_ratio.png"),
-                                ("wall_ratio", "training step wall time / full fine-tuning", "time_ratio.png")):
+                                ("cpu_ratio", "training step CPU time / full fine-tuning", "time_ratio.png")):
         fig, ax = plt.subplots(figsize=(7, 0.8 + 0.22 * len(shown)))
         colours = ["tab:orange" if r["method"] in FPT_METHODS else "tab:blue" for r in shown]
         ax.barh([r["config"] for r in shown], [r[column] for r in shown], color=colours)
@@ -452,7 +455,8 @@ def run_benchmark(settings: BenchSettings, configs: list[BenchConfig], rounds: i
     return rows
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``monai-prompt benchmark efficiency``."""
     from monai_prompt.backbones.vit import CHECKPOINT_MODES
 
     parser = argparse.ArgumentParser(prog="monai-prompt benchmark efficiency", description=__doc__,
@@ -477,12 +481,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     parser.add_argument("--quick", action="store_true",
                         help="CI smoke run: tiny ViT, 32 px (FPT 64), batch 2, 2 steps, 1 round, none/blocks")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``monai-prompt benchmark efficiency [options]`` (also ``python -m monai_prompt.benchmarks.efficiency``)."""
-    args = _parse(argv)
+    args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         settings = BenchSettings("vit_tiny", QUICK_BACKBONE, 32, 64, 16, 2, steps=2, warmup=1, inference_steps=1,
