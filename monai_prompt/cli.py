@@ -235,18 +235,33 @@ def _add_bundle_parsers(sub: argparse._SubParsersAction) -> None:
     package.set_defaults(func=_package)
 
 
-def _benchmark(args: argparse.Namespace) -> None:
-    """Measurements that are not tests: ``monai_prompt.benchmarks.<kind>.main`` with the remaining options."""
-    import importlib
+def _benchmark_efficiency(args: argparse.Namespace) -> None:
+    """Cost of every method side by side (monai_prompt.benchmarks.efficiency) with the remaining options."""
+    from monai_prompt.benchmarks.efficiency import main
 
-    importlib.import_module(f"monai_prompt.benchmarks.{args.kind}").main(args.options)
+    main(args.options)
+
+
+def _benchmark_accuracy(args: argparse.Namespace) -> None:
+    """Every method at fewer labels, over seeds (monai_prompt.benchmarks.accuracy)."""
+    from monai_prompt.benchmarks.accuracy import run
+
+    run(args)
 
 
 def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
+    from monai_prompt.benchmarks.accuracy import add_arguments
+
     benchmark = sub.add_parser("benchmark", help="efficiency or accuracy of every method side by side (docs/benchmarks.md)")
-    benchmark.add_argument("kind", choices=["efficiency", "accuracy"], help="what to measure")
-    benchmark.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
-    benchmark.set_defaults(func=_benchmark)
+    kinds = benchmark.add_subparsers(dest="kind", required=True)
+    # its own parser reads every option (prefix "+" here, so that "--quick" or "-h" stay in the remainder)
+    efficiency = kinds.add_parser("efficiency", help="memory, time and delta size of every method", prefix_chars="+",
+                                  add_help=False)
+    efficiency.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
+    efficiency.set_defaults(func=_benchmark_efficiency)
+    accuracy = kinds.add_parser("accuracy", help="every method at label fractions and few-shot, over seeds")
+    add_arguments(accuracy)
+    accuracy.set_defaults(func=_benchmark_accuracy)
 
 
 def build_parser() -> argparse.ArgumentParser:

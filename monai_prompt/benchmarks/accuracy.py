@@ -40,20 +40,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from monai_prompt.demo import BUNDLES, TINY_DEMO, DemoConfig, prepare_data, pretrain, pretrained_overrides
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "METRICS",
     "Regime",
+    "add_arguments",
     "feature_probe",
     "main",
     "parse_regime",
     "regime_epochs",
+    "run",
     "subset_datalist",
     "training_subset",
 ]
@@ -278,6 +282,7 @@ def bundle_run(
 def _features(net: torch.nn.Module, items: Sequence[dict[str, Any]], img_size: int, in_channels: int,
               batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen backbone's features (``forward_features``) and class indices of ``items``, without augmentation."""
+    import torch
     from monai.data import DataLoader, Dataset
     from monai.transforms import Compose
 
@@ -322,6 +327,8 @@ def feature_probe(
         epochs: full-batch steps.
         learning_rate: AdamW learning rate.
     """
+    import torch
+
     torch.manual_seed(seed)
     head = net.head
     torch.nn.init.trunc_normal_(head.weight, std=0.02)
@@ -347,6 +354,8 @@ def _probe_rows(
     print_fn: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Linear-probe rows per backbone and seed; each backbone's features are computed once per image."""
+    import torch
+
     from monai_prompt.nets import PromptClassifier
 
     rows = []
@@ -377,10 +386,8 @@ def _probe_rows(
     return rows
 
 
-def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """The command line (``monai-prompt benchmark accuracy``); returns the summary rows."""
-    parser = argparse.ArgumentParser(prog="monai-prompt benchmark accuracy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``monai-prompt benchmark accuracy`` (the CLI's subparser and :func:`main` share them)."""
     parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS),
                         help="classification bundle methods (none: only the LiteMedSAM comparison)")
     parser.add_argument("--regimes", nargs="+", default=list(DEFAULT_REGIMES),
@@ -404,7 +411,21 @@ def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = pr
     parser.add_argument("--combine", nargs="+", metavar="DIR",
                         help="train nothing: summarise the runs.csv of these earlier --out folders (e.g. parts of a "
                              "grid run in parallel; a run found twice counts once) into --out")
-    args = parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """``python -m monai_prompt.benchmarks.accuracy``, as ``monai-prompt benchmark accuracy``; returns the summary."""
+    parser = argparse.ArgumentParser(prog="monai-prompt benchmark accuracy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv), print_fn)
+
+
+def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run the benchmark with :func:`add_arguments`' options (or summarise with ``--combine``); returns the summary
+    rows."""
+    import torch
+
     out = Path(args.out).absolute()
     if args.combine:
         runs = {}  # a run found in several parts (same backbone, method, labels, seed, test set) counts once
@@ -414,7 +435,7 @@ def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = pr
         out.mkdir(parents=True, exist_ok=True)
         _write_csv(out / "runs.csv", rows)
         labels = {row["regime"]: row["n_train"] for row in rows}
-        return _report(rows, sorted(labels, key=lambda regime: -labels[regime]), out, argv, print_fn)
+        return _report(rows, sorted(labels, key=lambda regime: -labels[regime]), out, args, print_fn)
 
     torch.set_num_threads(1)
     config, epochs = (TINY_DEMO, 1) if args.quick else (DemoConfig(), args.epochs)
@@ -461,7 +482,7 @@ def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = pr
                 record(bundle_run("lora", name, backbone, lists[seed], run_dir, regime, seed,
                                   1 if args.quick else args.lite_epochs, bundles), run_dir)
 
-    return _report(rows, [r.name for r in regimes], out, argv, print_fn)
+    return _report(rows, [r.name for r in regimes], out, args, print_fn)
 
 
 def _read_runs(path: Path) -> list[dict[str, Any]]:
@@ -478,13 +499,13 @@ def _read_runs(path: Path) -> list[dict[str, Any]]:
         return [{key: value(text) for key, text in row.items() if text != ""} for row in csv.DictReader(f)]
 
 
-def _report(rows: list[dict[str, Any]], regimes: Sequence[str], out: Path, argv: Sequence[str] | None,
+def _report(rows: list[dict[str, Any]], regimes: Sequence[str], out: Path, args: argparse.Namespace,
             print_fn: Callable[[str], None]) -> list[dict[str, Any]]:
     """``summary.csv``, ``results.json``, the plot (the demo ViT's runs on the whole test split) and the table."""
     summary = _summarise(rows, ("backbone", "method", "regime", "n_test"))
     _write_csv(out / "summary.csv", summary)
-    (out / "results.json").write_text(json.dumps({"runs": rows, "summary": summary, "argv": list(argv or [])},
-                                                 indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps({"runs": rows, "summary": summary, "options": vars(args)},
+                                                 indent=1, default=str) + "\n")
     n_test = max(entry["n_test"] for entry in summary)
     plotted = [e for e in summary if e["n_test"] == n_test and e["backbone"] == "mae_vit"]
     _plot(plotted, [regime for regime in regimes if any(e["regime"] == regime for e in plotted)],
@@ -492,3 +513,7 @@ def _report(rows: list[dict[str, Any]], regimes: Sequence[str], out: Path, argv:
     print_fn(_table(summary))
     print_fn(f"runs.csv, summary.csv, results.json, accuracy_vs_labels.png (and mlflow.db of the runs) in {out}")
     return summary
+
+
+if __name__ == "__main__":
+    main()
