@@ -97,12 +97,13 @@ def test_train_and_evaluate_logged_to_a_tracking_server(bundle, mlflow_server):
     assert int(params["total_params"]) > int(params["trainable_params"]) and params["max_epochs"] == "2"
     history = client.get_metric_history(train.info.run_id, "val_accuracy")
     assert [metric.step for metric in history] == [1, 2]
-    assert {"train_loss", "val_auc", "val_f1", "val_kappa", "peak_rss_mb"} <= set(train.data.metrics)
+    assert {"train_loss", "val_auc", "val_f1", "val_kappa", "val_ece", "peak_rss_mb"} <= set(train.data.metrics)
     artifacts = {artifact.path for artifact in client.list_artifacts(train.info.run_id)}
     assert "model.pt" in artifacts and any(name.startswith("config_") for name in artifacts)
 
     assert {"accuracy", "auc", "f1", "kappa", "ece"} <= set(evaluate.data.metrics)
-    assert {"metrics.csv", "model.pt"} <= {artifact.path for artifact in client.list_artifacts(evaluate.info.run_id)}
+    evaluated = {artifact.path for artifact in client.list_artifacts(evaluate.info.run_id)}
+    assert {"metrics.csv", "calibration.csv", "reliability.png", "model.pt"} <= evaluated
     local = client.download_artifacts(train.info.run_id, "model.pt", str(path.parent / "download"))
     assert Path(local).read_bytes() == (path / "models" / "model.pt").read_bytes()
 

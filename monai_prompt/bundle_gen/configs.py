@@ -43,7 +43,8 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
     prefix = "trained_" if trained else ""
     if spec.fpt:
         target = "monai_prompt.fpt.FPTClassifier"
-        method = {"variant": "@method", _method_key(spec): f"@{prefix}method_config"}
+        # SDPA in the side network: the same attention without storing its matrices (training memory, issue 14)
+        method = {"variant": "@method", _method_key(spec): f"@{prefix}method_config", "sdpa": True}
     else:
         target = "monai_prompt.nets.PromptClassifier"
         method = {"method": "@method", _method_key(spec): f"@{prefix}method_config"}
@@ -111,6 +112,8 @@ def _fpt_settings() -> dict[str, Any]:
     }
 
 
+#: training reads the features from the cache: free the frozen LPM's weights (its fingerprints stay for the delta).
+_FPT_RELEASE = "$@network_def.release_lpm()"
 #: preload the FPT cache through the deterministic transforms (entries already there are skipped, so a second run
 #: only checks).
 _FPT_PRELOAD = (
@@ -189,7 +192,8 @@ _CHECK_DATALIST = "$monai_prompt.data.check_datalist(@datalist_file, read_pixels
 def _initialize(spec: BundleSpec, distributed: bool = False, train: bool = True) -> list[str]:
     """Errors shown last; training: the run folder claimed and the seed; every image and label checked, the data
     against the task (the splits the workflow reads not empty; evaluation: the training's classes); training: the
-    run recorded; (FPT) the LPM features preloaded, on rank 0 only under DDP."""
+    run recorded; (FPT) the LPM features preloaded, on rank 0 only under DDP, then (training) the LPM weights
+    freed."""
     if train:
         start = list(common.TRAIN_START)
         task = "$monai_prompt.engine.check_task(@datalist, @num_classes, @multi_label, ['training', 'validation'])"
@@ -208,6 +212,8 @@ def _initialize(spec: BundleSpec, distributed: bool = False, train: bool = True)
         steps += [f"${_FPT_PRELOAD} if @fpt_preload and dist.get_rank() == 0 else None", "$dist.barrier()"]
     elif spec.fpt:
         steps.append(f"${_FPT_PRELOAD} if @fpt_preload else None")
+    if spec.fpt and train:  # training and validation read the cache: the LPM weights are not needed (every rank)
+        steps.append(_FPT_RELEASE)
     return steps
 
 
@@ -216,7 +222,7 @@ def _class_report(output_dir: bool) -> dict[str, Any]:
     the same class (``output_dir``: also ``eval/class_report.csv`` and ``eval/confusion_matrix.csv``)."""
     report = {"_target_": "monai_prompt.engine.ClassReportHandler", "num_classes": "@num_classes",
               "class_names": "@class_names", "multi_label": "@multi_label"}
-    return {**report, "output_dir": "@output_dir"} if output_dir else report
+    return {**report, "output_dir": "@output_dir"} if output_dir else {**report, "ece_name": "val_ece"}
 
 
 def _fpt_batch(spec: BundleSpec) -> dict[str, Any]:
@@ -270,7 +276,7 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
     the network and classes of its training record."""
     key_metric, additional_metrics = _metrics("")
     metrics_saver = {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": "*", "metric_details": None}
-    reports = ("metrics.csv", "class_report.csv", "confusion_matrix.csv")
+    reports = ("metrics.csv", "class_report.csv", "confusion_matrix.csv", "calibration.csv", "reliability.png")
     return {
         "evaluate_split": "test",
         "load_path": "$@ckpt_dir + '/model.pt'",
