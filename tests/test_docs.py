@@ -926,7 +926,7 @@ _FLAG = re.compile(r"(?:^|\s)--([\w#.-]+)")
 def _known_options(file: str) -> set[str]:
     """Option names a flag in ``file`` may use: the config ids of its bundle (a bundle README) or of every bundle
     (``_meta_#...`` from metadata.json; nested ids joined with ``#``), the parameters of MONAI's bundle scripts and
-    of its MLflow settings, and the options of ``monai-prompt``'s commands."""
+    of its MLflow settings, and the options of ``monai-prompt``'s commands (``benchmark efficiency``'s included)."""
     import argparse
     import inspect
 
@@ -947,7 +947,9 @@ def _known_options(file: str) -> set[str]:
             known |= ids({"_meta_": content} if config.name == "metadata.json" else content)
     for function in (scripts.run, scripts.ckpt_export, scripts.verify_metadata, scripts.verify_net_in_out):
         known |= set(inspect.signature(function).parameters)
-    parsers = [build_parser()]
+    from monai_prompt.benchmarks.efficiency import build_parser as efficiency_parser
+
+    parsers = [build_parser(), efficiency_parser()]  # `benchmark efficiency` hands its options to its own parser
     for parser in parsers:
         for action in parser._actions:
             known |= {option[2:] for option in action.option_strings if option.startswith("--")}
