@@ -192,7 +192,8 @@ def _table(summary: list[dict[str, Any]]) -> str:
     header += "".join(f"{name:>16}" for name in METRICS) + f"{'wall s':>9}"
     lines = [header]
     for entry in summary:
-        line = f"{entry['backbone']:<12}{entry['method']:<13}{entry['regime']:<8}{entry['n_train']:>6}{entry['n_test']:>5}"
+        line = f"{entry['backbone']:<12}{entry['method']:<13}{entry['regime']:<8}"
+        line += f"{entry['n_train']:>6}{entry['n_test']:>5}"
         line += f"{entry['epochs']:>4}{entry['trainable']:>11,}"
         line += "".join(f"{entry[m]:>9.3f} ±{entry[m + '_std']:.3f}" if m in entry else f"{'-':>16}" for m in METRICS)
         lines.append(line + f"{entry['wall_s']:>9.0f}")
@@ -254,10 +255,11 @@ class _Tracker:
 
 def bundle_run(
     method: str, backbone_name: str, backbone: dict[str, Any], datalist: Path, out_dir: Path, regime: Regime,
-    seed: int, epochs: int, bundles: Path, validations: int = 8,
+    seed: int, epochs: int, bundles: Path, validations: int = 8, batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate ``<method>_classification`` on ``datalist`` (a subset datalist) into ``out_dir``, validating
-    every ``max(1, epochs // validations)`` epochs (the best validation is evaluated).
+    every ``max(1, epochs // validations)`` epochs (the best validation is evaluated); ``batch_size``: instead of
+    the bundle's.
 
     Returns:
         the run's row: what ran, test metrics, trainable parameters and wall time.
@@ -269,13 +271,15 @@ def bundle_run(
 
     spec = BUNDLE_SPECS[f"{method}_classification"]
     val_interval = max(1, epochs // validations)
-    overrides = {**demo_overrides(spec, datalist, backbone), "seed": seed, "val_interval": val_interval}
+    overrides = {**demo_overrides(spec, datalist, backbone), "seed": seed, "val_interval": val_interval,
+                 **({"batch_size": batch_size} if batch_size else {})}
     start = time.monotonic()
     train, metrics = train_and_evaluate(bundles / spec.name, out_dir, overrides, epochs)
     report = trainable_report(train.parser.get_parsed_content("network"))
     content = json.loads(datalist.read_text())
     return {"backbone": backbone_name, "method": method, "regime": regime.name, "seed": seed,
-            "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": epochs, "trainable": report["trainable"], "percent_of_backbone": report["percent_of_backbone"],
+            "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": epochs,
+            "trainable": report["trainable"], "percent_of_backbone": report["percent_of_backbone"],
             **metrics, "wall_s": round(time.monotonic() - start, 1)}
 
 
@@ -379,8 +383,9 @@ def _probe_rows(
                                  torch.stack([cache[item["image"]][1] for item in items]))
             metrics = feature_probe(net, splits, seed)
             rows.append({"backbone": name, "method": "linear_probe", "regime": regime.name, "seed": seed,
-                         "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": 100, "trainable": net.head.weight.numel()
-                         + net.head.bias.numel(), **metrics, "wall_s": round(time.monotonic() - start, 1)})
+                         "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": 100,
+                         "trainable": net.head.weight.numel() + net.head.bias.numel(), **metrics,
+                         "wall_s": round(time.monotonic() - start, 1)})
             print_fn(f"  {name} linear probe (cached features) seed {seed}: " +
                      ", ".join(f"{k} {rows[-1][k]:.3f}" for k in METRICS))
     return rows
@@ -407,6 +412,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lite-img-size", type=int, default=128, help="its TinyViT input (trained at 256)")
     parser.add_argument("--lite-epochs", type=int, default=4, help="its LoRA epochs")
     parser.add_argument("--lite-seeds", type=int, default=1, help="its LoRA seeds (the probe uses --seeds)")
+    parser.add_argument("--lite-batch-size", type=int, default=8,
+                        help="its LoRA batch (a 10-shot set is 30 images: one step per epoch at the bundle's 32)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: the tiny demo, one epoch, 1 seed")
     parser.add_argument("--combine", nargs="+", metavar="DIR",
                         help="train nothing: summarise the runs.csv of these earlier --out folders (e.g. parts of a "
@@ -480,7 +487,8 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
             for name, backbone in backbones.items():
                 run_dir = out / "runs" / f"lora_{name}_lite_{regime.name}_seed{seed}"
                 record(bundle_run("lora", name, backbone, lists[seed], run_dir, regime, seed,
-                                  1 if args.quick else args.lite_epochs, bundles), run_dir)
+                                  1 if args.quick else args.lite_epochs, bundles, args.validations,
+                                  args.lite_batch_size), run_dir)
 
     return _report(rows, [r.name for r in regimes], out, args, print_fn)
 
