@@ -459,10 +459,11 @@ def _summary(results: dict[str, Any], out_dir: Path) -> str:
     """The closing table: test metrics per backbone, trainable parameters and timings."""
     labels = {"pretrained": "DVPT, MAE-pre-trained ViT", "scratch": "DVPT, random-init ViT"}
     lines = ["", "Test split (best-validation delta):",
-             f"  {'':<26}{'accuracy':>10}{'macro AUC':>11}{'macro F1':>10}{'QWK':>8}"]
+             f"  {'':<26}{'accuracy':>10}{'macro AUC':>11}{'macro F1':>10}{'QWK':>8}{'ECE':>8}"]
     for name, run in results["backbones"].items():
         m = run["metrics"]
-        lines.append(f"  {labels[name]:<26}{m['accuracy']:>10.3f}{m['auc']:>11.3f}{m['f1']:>10.3f}{m['kappa']:>8.3f}")
+        lines.append(f"  {labels[name]:<26}{m['accuracy']:>10.3f}{m['auc']:>11.3f}{m['f1']:>10.3f}{m['kappa']:>8.3f}"
+                     f"{m['ece']:>8.3f}")
     run = next(iter(results["backbones"].values()))
     lines.append(f"  trainable: {run['trainable']:,} parameters = {run['percent_of_backbone']:.2f}% of the "
                  f"{run['backbone']:,}-parameter backbone (DVPT modules, prompts and head)")
