@@ -8,6 +8,7 @@ import math
 import random
 from collections import Counter
 
+import mlflow
 import pytest
 from bundle_support import write_tiny_dataset
 from mlflow import MlflowClient
@@ -81,6 +82,7 @@ def test_regime_epochs():
 @pytest.mark.slow  # tiny MAE pre-training, then 4 bundle trainings and evaluations (about a minute)
 def test_quick_run_writes_finite_metrics_for_every_method_and_regime(tmp_path, capsys):
     out = tmp_path / "out"
+    tracking_uri = mlflow.get_tracking_uri()
     cli_main(["benchmark", "accuracy", "--quick", "--methods", "linear", "lora", "--regimes", "100%", "1shot",
               "--work", str(tmp_path / "work"), "--out", str(out)])
     with open(out / "runs.csv") as f:
@@ -98,6 +100,7 @@ def test_quick_run_writes_finite_metrics_for_every_method_and_regime(tmp_path, c
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 4 and all(set(METRICS) <= set(run.data.metrics) for run in runs)
     assert all("reliability.png" in {a.path for a in client.list_artifacts(run.info.run_id)} for run in runs)
+    assert (out / "mlartifacts").is_dir() and mlflow.get_tracking_uri() == tracking_uri  # the process's own is kept
     # parts of a grid run apart are summarised together without training again, a run found twice counted once
     cli_main(["benchmark", "accuracy", "--combine", str(out), str(out), "--out", str(tmp_path / "combined")])
     assert json.loads((tmp_path / "combined" / "results.json").read_text())["summary"] == summary

@@ -234,23 +234,32 @@ def _plot(summary: list[dict[str, Any]], regimes: Sequence[str], path: Path) -> 
 
 
 class _Tracker:
-    """One MLflow run per training run in ``<out>/mlflow.db``."""
+    """One MLflow run per training run in ``<out>/mlflow.db`` (artifacts in ``<out>/mlartifacts``), through a client
+    of its own: the process's MLflow settings (tracking URI, active experiment) are left alone."""
 
     def __init__(self, out: Path, experiment: str = "monai_prompt_benchmark_accuracy") -> None:
-        import mlflow
+        from mlflow.tracking import MlflowClient
 
-        self.mlflow = mlflow
-        mlflow.set_tracking_uri(f"sqlite:///{out.absolute() / 'mlflow.db'}")
-        mlflow.set_experiment(experiment)
+        self.client = MlflowClient(tracking_uri=f"sqlite:///{out.absolute() / 'mlflow.db'}")
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=(out.absolute() / "mlartifacts").as_uri())
 
     def log(self, row: dict[str, Any], files: Sequence[Path] = ()) -> None:
+        from mlflow.entities import Metric, Param
+
         name = f"{row['backbone']}_{row['method']}_{row['regime']}_seed{row['seed']}"
-        with self.mlflow.start_run(run_name=name):
-            self.mlflow.log_params({k: v for k, v in row.items() if k not in (*METRICS, "wall_s")})
-            self.mlflow.log_metrics({k: float(row[k]) for k in (*METRICS, "wall_s") if k in row})
-            for file in files:
-                if file.is_file():
-                    self.mlflow.log_artifact(str(file))
+        run_id = self.client.create_run(self.experiment_id, run_name=name).info.run_id
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(row[k]), now, 0) for k in (*METRICS, "wall_s") if k in row],
+            params=[Param(k, str(v)) for k, v in row.items() if k not in (*METRICS, "wall_s")],
+        )
+        for file in files:
+            if file.is_file():
+                self.client.log_artifact(run_id, str(file))
+        self.client.set_terminated(run_id)
 
 
 def bundle_run(
