@@ -94,15 +94,20 @@ def _assert_masks_match_labels_and_metrics(bundle: Path, datalist: Path, png: bo
     assert metrics["mean_hd95"] == pytest.approx(np.nanmean(np.array(scores["hd95"])), abs=1e-4)
 
 
+def _copy(name: str, datalist: Path, encoder: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of the bundle under ``tmp_path/bundles`` and its overrides for the tiny data and encoder."""
+    bundle = tmp_path / "bundles" / name
+    shutil.copytree(REPO / "bundles" / name, bundle)
+    return bundle, tiny_segmentation_overrides(SEGMENTATION_SPECS[name], datalist, encoder)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SEGMENTATION_SPECS))
 def test_bundle_train_evaluate_infer_verify_export(name, tiny_data, tmp_path):
     spec = SEGMENTATION_SPECS[name]
     png = spec.spatial_dims == 2 and spec.method in ("linear", "lora", "bitfit", "dvpt")  # both 2D formats covered
     datalist = tiny_data["2d_png" if png else f"{spec.spatial_dims}d"]
-    bundle = tmp_path / "bundles" / name
-    shutil.copytree(REPO / "bundles" / name, bundle)
-    overrides = tiny_segmentation_overrides(spec, datalist, tiny_data[f"encoder{spec.spatial_dims}"])
+    bundle, overrides = _copy(name, datalist, tiny_data[f"encoder{spec.spatial_dims}"], tmp_path)
     run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
 
     delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
@@ -205,10 +210,7 @@ def test_class_metrics_equal_numpy_and_scipy_with_undefined_classes_as_nan():
 def test_mlflow_tracking_logs_dice_per_class_and_the_evaluation_files(tiny_data, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    spec = SEGMENTATION_SPECS["linear_segmentation"]
-    bundle = tmp_path / "bundles" / spec.name
-    shutil.copytree(REPO / "bundles" / spec.name, bundle)
-    overrides = tiny_segmentation_overrides(spec, tiny_data["2d"], tiny_data["encoder2"])
+    bundle, overrides = _copy("linear_segmentation", tiny_data["2d"], tiny_data["encoder2"], tmp_path)
     run_bundle(bundle, ["train.json"], "train", tracking="mlflow", quiet=True, **overrides,
                **{"train#trainer#max_epochs": 2})
     run_bundle(bundle, ["train.json", "evaluate.json"], "infer", tracking="mlflow", quiet=True, **overrides)
@@ -228,10 +230,7 @@ def test_mlflow_tracking_logs_dice_per_class_and_the_evaluation_files(tiny_data,
 
 @pytest.mark.slow
 def test_resume_continues_from_the_last_checkpoint(tiny_data, tmp_path):
-    spec = SEGMENTATION_SPECS["dvpt_segmentation"]
-    bundle = tmp_path / "bundles" / spec.name
-    shutil.copytree(REPO / "bundles" / spec.name, bundle)
-    overrides = tiny_segmentation_overrides(spec, tiny_data["2d"], tiny_data["encoder2"])
+    bundle, overrides = _copy("dvpt_segmentation", tiny_data["2d"], tiny_data["encoder2"], tmp_path)
     run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
     first = torch.load(bundle / "models" / "checkpoint_epoch=1.pt", weights_only=True)
     workflow = run_bundle(bundle, ["train.json"], "train", resume=True, quiet=True, **overrides,
