@@ -51,6 +51,7 @@ __all__ = [
     "prepare_segmentation_data",
     "pretrain_encoder",
     "run_segmentation_demo",
+    "tune_segmentation",
 ]
 
 _print = functools.partial(print, flush=True)
@@ -181,18 +182,36 @@ def pretrain_encoder(
     return pretrain(out_dir, datalist, mae, bundles, verbose, print_fn, overrides=overrides)
 
 
-def _tune(
+def tune_segmentation(
     name: str,
     out_dir: Path,
     data_dir: Path,
     pretrained: Path | None,
     config: SegmentationDemoConfig,
-    bundles: Path,
-    verbose: bool,
-    print_fn: Callable[[str], None],
+    bundles: Path = BUNDLES,
+    verbose: bool = False,
+    print_fn: Callable[[str], None] = _print,
+    extra_overrides: Mapping[str, Any] | None = None,
+    infer: bool = True,
 ) -> dict[str, Any]:
-    """Train ``name`` (a segmentation bundle) into ``out_dir``, evaluate its best delta on the test split, infer the
-    test images; returns the test metrics, the parameter report and the seconds per epoch."""
+    """Train ``name`` (a segmentation bundle) into ``out_dir`` with the demo's settings, evaluate its best delta on
+    the test split and (``infer``) run ``inference.json`` on the test images.
+
+    Args:
+        name: the bundle, e.g. ``"dvpt_segmentation"``.
+        out_dir: its ``bundle_root`` (emptied first).
+        data_dir: the demo data (:func:`prepare_segmentation_data`'s folder).
+        pretrained: the MAE checkpoint of the encoder; ``None``: random initialisation.
+        config: the demo's sizes (``tune_epochs`` epochs).
+        bundles: the bundles folder.
+        verbose: show the bundle's own logs.
+        print_fn: where progress lines go.
+        extra_overrides: more config overrides (e.g. ``datalist_file``, ``seed``, ``val_interval``).
+        infer: also run ``inference.json``.
+
+    Returns:
+        the test metrics, the parameter report and the seconds per epoch (validation included).
+    """
     from monai_prompt.engine.runner import run_bundle
 
     method = name.removesuffix("_segmentation")
@@ -210,6 +229,7 @@ def _tune(
         "cache_rate": 1.0,
         "_meta_#network_data_format#inputs#image#spatial_shape": [config.roi] * 2,
         "_meta_#network_data_format#outputs#pred#spatial_shape": [config.roi] * 2,
+        **(extra_overrides or {}),
     }
     method_config = config.resolved_method_config() if method == config.method else None
     if method_config is not None:
@@ -219,8 +239,9 @@ def _tune(
                                         attach_progress(progress, "validate#evaluator"))
     trainer = train.parser.get_parsed_content("train#trainer")
     seconds_per_epoch = trainer.state.times["COMPLETED"] / config.tune_epochs  # with validation
-    run_bundle(bundles / name, ["inference.json"], "infer", quiet=not verbose, bundle_root=str(out_dir),
-               **{key: value for key, value in overrides.items() if not key.startswith("_meta_")})
+    if infer:
+        run_bundle(bundles / name, ["inference.json"], "infer", quiet=not verbose, bundle_root=str(out_dir),
+                   **{key: value for key, value in overrides.items() if not key.startswith("_meta_")})
     report = train.parser.get_parsed_content("network").parameter_report()
     keys = ("trainable", "backbone", "percent_of_backbone", "encoder_trainable", "decoder")
     return {"bundle": name, "metrics": metrics, "seconds_per_epoch": round(seconds_per_epoch, 2),
@@ -321,8 +342,8 @@ def run_segmentation_demo(
         run_dir = out_dir / (f"{config.method}_pretrained" if pretrained else "unetr_scratch")
         with steps.step(f"{label}_s", f"{what} (bundles/{bundle}, {config.tune_epochs} epochs), then evaluation on "
                                       "the test slab and inference"):
-            runs[label] = {**_tune(bundle, run_dir, datalist.parent, pretrained, config, bundles, verbose,
-                                   print_fn), "out_dir": str(run_dir)}
+            runs[label] = {**tune_segmentation(bundle, run_dir, datalist.parent, pretrained, config, bundles,
+                                               verbose, print_fn), "out_dir": str(run_dir)}
 
     with steps.step("figure_s", f"figure of {config.figure_slices} test slices"):
         figure = _figure(datalist.parent, runs, out_dir, config.figure_slices)

@@ -15,8 +15,10 @@ from mlflow import MlflowClient
 
 from monai_prompt.benchmarks.accuracy import (
     METRICS,
+    SEGMENTATION_METRICS,
     parse_regime,
     regime_epochs,
+    segmentation_subset_datalist,
     subset_datalist,
     training_subset,
 )
@@ -73,6 +75,51 @@ def test_subset_datalist_keeps_evaluation_splits_apart(tmp_path):
     assert images(small[0], "test") <= images(source, "test")
 
 
+def test_segmentation_subset_is_a_share_of_all_slices(tmp_path):
+    def pair(split, i):
+        return {"image": f"images/{split}/{i:02d}.nii.gz", "label": f"labels/{split}/{i:02d}.nii.gz"}
+
+    source = tmp_path / "data" / "datalist_2d.json"
+    source.parent.mkdir()
+    content = {"labels": {"0": "background", "1": "liver"}, "numTraining": 10,
+               "training": [pair("training", i) for i in range(10)], "validation": [pair("validation", 0)],
+               "test": [pair("test", i) for i in range(2)], "unlabeled": [{"image": "images/u.nii.gz"}]}
+    source.write_text(json.dumps(content))
+
+    def files(path, split):
+        return [(str((path.parent / item["image"]).resolve()), str((path.parent / item["label"]).resolve()))
+                for item in json.loads(path.read_text())[split]]
+
+    for regime, n in (("40%", 4), ("3shot", 3), ("100%", 10)):  # not per class: each mask holds every class
+        written = segmentation_subset_datalist(source, tmp_path / "out" / f"{regime}.json", parse_regime(regime), 1)
+        assert len(files(written, "training")) == n == json.loads(written.read_text())["numTraining"]
+        assert set(files(written, "training")) <= set(files(source, "training"))
+        for split in ("validation", "test"):
+            assert files(written, split) == files(source, split)
+        assert "unlabeled" not in json.loads(written.read_text())
+        assert json.loads(written.read_text())["labels"] == content["labels"]
+    again = segmentation_subset_datalist(source, tmp_path / "again.json", parse_regime("3shot"), 1)
+    assert files(again, "training") == files(tmp_path / "out" / "3shot.json", "training")  # deterministic
+    other = segmentation_subset_datalist(source, tmp_path / "other.json", parse_regime("3shot"), 2)
+    assert files(other, "training") != files(again, "training")
+
+
+def test_combine_summarises_earlier_parts(tmp_path, capsys):
+    """Parts written before runs had a ``task`` column are classification runs; means and spreads over seeds."""
+    part = tmp_path / "part"
+    part.mkdir()
+    columns = ["backbone", "method", "regime", "seed", "n_train", "n_test", "epochs", "trainable", *METRICS, "wall_s"]
+    values = [["mae_vit", "lora", "10%", seed, 90, 225, 30, 12579, accuracy, 0.8, 0.6, 0.7, 0.1, 40.0]
+              for seed, accuracy in ((0, 0.5), (1, 0.7))]
+    (part / "runs.csv").write_text("\n".join(",".join(map(str, row)) for row in [columns, *values]) + "\n")
+    cli_main(["benchmark", "accuracy", "--combine", str(part), "--out", str(tmp_path / "combined")])
+    [entry] = json.loads((tmp_path / "combined" / "results.json").read_text())["summary"]
+    assert entry["task"] == "classification" and entry["seeds"] == 2
+    assert entry["accuracy"] == pytest.approx(0.6) and entry["accuracy_std"] == pytest.approx(0.1 * math.sqrt(2))
+    assert (tmp_path / "combined" / "accuracy_vs_labels.png").is_file()
+    assert "lora" in capsys.readouterr().out.splitlines()[-2]
+
+
 def test_regime_epochs():
     assert regime_epochs(900, 900, 8) == 8
     assert regime_epochs(90, 900, 8) == 40  # 80 for the same steps, capped at 5 x 8
@@ -104,3 +151,29 @@ def test_quick_run_writes_finite_metrics_for_every_method_and_regime(tmp_path, c
     # parts of a grid run apart are summarised together without training again, a run found twice counted once
     cli_main(["benchmark", "accuracy", "--combine", str(out), str(out), "--out", str(tmp_path / "combined")])
     assert json.loads((tmp_path / "combined" / "results.json").read_text())["summary"] == summary
+
+
+@pytest.mark.slow  # tiny segmentation data and MAE pre-training, then 4 UNETR trainings and evaluations
+def test_quick_segmentation_run_writes_dice_and_hd95(tmp_path, capsys):
+    out = tmp_path / "out"
+    cli_main(["benchmark", "accuracy", "--task", "segmentation", "--quick", "--methods", "linear", "dvpt",
+              "--regimes", "100%", "1shot", "--work", str(tmp_path / "work"), "--out", str(out)])
+    with open(out / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(row["task"], row["method"], row["regime"]) for row in rows} == {
+        ("segmentation", m, r) for m in ("linear", "dvpt") for r in ("100%", "1shot")}
+    dice = [float(row[key]) for row in rows for key in row if "dice" in key]
+    assert len(dice) == 4 * 4 and all(0 <= value <= 1 for value in dice)  # mean and 3 tissue classes
+    assert all(math.isfinite(float(row["mean_hd95"])) and float(row["mean_hd95"]) >= 0 for row in rows)
+    assert [int(row["n_train"]) for row in rows if row["regime"] == "1shot"] == [1, 1]  # one labelled slice
+    linear = next(row for row in rows if row["method"] == "linear")
+    dvpt = next(row for row in rows if row["method"] == "dvpt")
+    assert int(linear["encoder_trainable"]) == 0 < int(dvpt["encoder_trainable"])  # the decoder trains in both
+    assert int(linear["trainable"]) == int(linear["decoder"]) == int(dvpt["decoder"])
+    assert (out / "dice_vs_labels.png").read_bytes()[:4] == b"\x89PNG"
+    assert "dvpt" in capsys.readouterr().out.splitlines()[-2]  # the table closes the output
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("monai_prompt_benchmark_accuracy")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 4 and all(set(SEGMENTATION_METRICS) <= set(run.data.metrics) for run in runs)
+    assert all("metrics.csv" in {a.path for a in client.list_artifacts(run.info.run_id)} for run in runs)

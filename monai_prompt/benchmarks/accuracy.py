@@ -15,6 +15,13 @@ steps of the full set, capped). Each seed also seeds the bundle (``seed``). Per 
 macro F1, quadratic-weighted kappa, expected calibration error (the evaluation's own ``ece``), trainable parameters
 and wall time; summaries give mean and standard deviation over seeds.
 
+``--task segmentation`` does the same on the demo segmentation task (the data and the patch-16 MAE encoder of
+``monai-prompt demo --task segmentation``, cached under ``--work`` as :mod:`monai_prompt.demo_segmentation` caches
+them): each method's ``<method>_segmentation`` bundle (a UNETR whose decoder always trains) through
+:func:`~monai_prompt.demo_segmentation.tune_segmentation`, with the demo's settings. A label fraction takes that share
+of the training slices, few-shot that many labelled slices (one stratum: a slice holds every class). Per run: test
+mean Dice and HD95 (pixels) and per class, trainable parameters (encoder and decoder) and wall time.
+
 ``--lite-medsam`` adds the LiteMedSAM TinyViT encoder (issue 13 item 7) beside the demo ViT on the same images:
 a linear probe on features computed once per image (:func:`feature_probe`), and LoRA through the bundle. The
 TinyViT needs seconds per image on a CPU, so its runs use subsets of the validation and test splits
@@ -22,7 +29,8 @@ TinyViT needs seconds per image on a CPU, so its runs use subsets of the validat
 the very same subsets.
 
 Outputs under ``--out``: ``runs.csv`` (one row per run), ``summary.csv`` and ``results.json``, a table on stdout,
-``accuracy_vs_labels.png`` (each metric against the regime, one line per method), and one MLflow run per
+``accuracy_vs_labels.png`` (segmentation: ``dice_vs_labels.png``; each metric against the regime, one line per
+method), and one MLflow run per
 training run in ``mlflow.db`` (SQLite; ``mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db``) with its
 metrics, parameters and evaluation files (``metrics.csv``, ``calibration.csv``, ``reliability.png``).
 """
@@ -34,6 +42,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import re
 import statistics
 import time
@@ -44,13 +53,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from monai_prompt.data.split import SPLITS
 from monai_prompt.demo import BUNDLES, TINY_DEMO, DemoConfig, prepare_data, pretrain, pretrained_overrides
+from monai_prompt.demo_segmentation import (
+    TINY_SEGMENTATION_DEMO,
+    SegmentationDemoConfig,
+    prepare_segmentation_data,
+    pretrain_encoder,
+)
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
     "METRICS",
+    "SEGMENTATION_METRICS",
+    "TASKS",
     "Regime",
     "add_arguments",
     "feature_probe",
@@ -58,15 +76,50 @@ __all__ = [
     "parse_regime",
     "regime_epochs",
     "run",
+    "segmentation_run",
+    "segmentation_subset_datalist",
     "subset_datalist",
     "training_subset",
 ]
 
-#: test metrics of each run (``metrics.csv`` of the bundle's evaluation).
+#: test metrics of each classification run (``metrics.csv`` of the bundle's evaluation).
 METRICS = ("accuracy", "auc", "f1", "kappa", "ece")
+#: the segmentation runs' metrics in the table and the plot (``runs.csv`` also has Dice and HD95 per class).
+SEGMENTATION_METRICS = ("mean_dice", "mean_hd95")
+#: metrics where lower is better.
+LOWER_IS_BETTER = ("ece", "mean_hd95")
 #: the default grid (issue 14): label fractions and few-shot.
 DEFAULT_REGIMES = ("100%", "40%", "10%", "1shot", "5shot", "10shot")
-DEFAULT_METHODS = ("full", "linear", "vpt", "lora", "adapter", "bitfit", "ssf", "ept", "dvpt", "fpt", "fptplus")
+#: columns of a run's row that say what ran (every other number is a metric).
+RUN_FIELDS = ("task", "backbone", "method", "regime", "seed", "n_train", "n_test", "epochs", "trainable",
+              "percent_of_backbone", "encoder_trainable", "decoder")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What ``--task`` changes.
+
+    Attributes:
+        metrics: the table's and the plot's metrics.
+        methods: the default ``--methods``.
+        work: the default ``--work`` (the demo's output folder).
+        epochs: the default ``--epochs`` on the full training set.
+        plot: the plot's file name.
+    """
+
+    metrics: tuple[str, ...]
+    methods: tuple[str, ...]
+    work: str
+    epochs: int
+    plot: str
+
+
+TASKS = {
+    "classification": Task(METRICS, ("full", "linear", "vpt", "lora", "adapter", "bitfit", "ssf", "ept", "dvpt", "fpt",
+                                     "fptplus"), "runs/demo", 8, "accuracy_vs_labels.png"),
+    "segmentation": Task(SEGMENTATION_METRICS, ("full", "linear", "vpt", "lora", "adapter", "bitfit", "ssf", "ept",
+                                                "dvpt"), "runs/demo_segmentation", 30, "dice_vs_labels.png"),
+}
 #: how many times the full set's optimiser steps a subset run may take at most (see :func:`regime_epochs`).
 EPOCH_CAP = 5
 #: the LiteMedSAM encoder as classification-bundle overrides (3 channels; the images are gray, repeated).
@@ -114,18 +167,26 @@ def parse_regime(text: str) -> Regime:
     return Regime(f"{fraction * 100:g}%", fraction=fraction)
 
 
-def training_subset(items: Sequence[dict[str, Any]], regime: Regime, seed: int) -> list[dict[str, Any]]:
+def training_subset(
+    items: Sequence[dict[str, Any]], regime: Regime, seed: int, stratify: bool = True
+) -> list[dict[str, Any]]:
     """A stratified subset of training ``items``: per class, :meth:`Regime.per_class` images drawn with ``seed``.
 
     Deterministic for a seed whatever the order of ``items`` (each class is sorted by image path before the draw);
     the result keeps the class order, then the drawn order.
+
+    Args:
+        items: ``{"image", "label"}`` dicts.
+        regime: how many labels.
+        seed: the draw.
+        stratify: per class (``label``); ``False``: all items are one class (segmentation: ``label`` is a mask).
 
     Raises:
         ValueError: a class has fewer images than the regime asks for.
     """
     by_class: dict[Any, list[dict[str, Any]]] = {}
     for item in items:
-        by_class.setdefault(json.dumps(item["label"]), []).append(item)
+        by_class.setdefault(json.dumps(item["label"]) if stratify else "all", []).append(item)
     rng = np.random.default_rng(seed)
     chosen: list[dict[str, Any]] = []
     for label in sorted(by_class):
@@ -163,10 +224,37 @@ def subset_datalist(
     return dataclasses.replace(datalist, splits=splits).save_json(out_file, name=f"{regime.name} seed {seed}")
 
 
+def segmentation_subset_datalist(datalist_file: Path, out_file: Path, regime: Regime, seed: int) -> Path:
+    """Write a copy of the segmentation datalist ``datalist_file`` whose training split is an unstratified
+    :func:`training_subset` (image and mask paths made relative to ``out_file``'s folder; the other splits whole,
+    ``unlabeled`` dropped)."""
+    content = json.loads(datalist_file.read_text())
+
+    def moved(item: dict[str, Any]) -> dict[str, Any]:
+        return {key: os.path.relpath(datalist_file.parent / value, out_file.parent) if key in ("image", "label")
+                else value for key, value in item.items()}
+
+    content.pop("unlabeled", None)
+    content["training"] = training_subset(content["training"], regime, seed, stratify=False)
+    for split in SPLITS:
+        content[split] = [moved(item) for item in content.get(split, [])]
+    content["numTraining"] = len(content["training"])
+    content["name"] = f"{content.get('name', datalist_file.stem)}: {regime.name} seed {seed}"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(content, indent=1) + "\n")
+    return out_file
+
+
 def regime_epochs(n_train: int, n_full: int, epochs: int, cap: int = EPOCH_CAP) -> int:
     """Epochs for a subset of ``n_train`` of ``n_full`` images: about the optimiser steps of ``epochs`` on the full
     set, at most ``cap`` times ``epochs``."""
     return max(epochs, min(cap * epochs, math.ceil(epochs * n_full / max(n_train, 1))))
+
+
+def _metric_names(row: dict[str, Any]) -> list[str]:
+    """The metrics of a run's row: its numbers that are not :data:`RUN_FIELDS`, ``wall_s`` last."""
+    names = [key for key, value in row.items() if key not in (*RUN_FIELDS, "wall_s") and isinstance(value, float)]
+    return names + ["wall_s"]
 
 
 def _summarise(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
@@ -176,9 +264,10 @@ def _summarise(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str
         groups.setdefault(tuple(row[key] for key in keys), []).append(row)
     summary = []
     for group, members in groups.items():
-        entry = {**dict(zip(keys, group)), "seeds": len(members), "n_train": members[0]["n_train"],
-                 "epochs": members[0]["epochs"], "trainable": members[0]["trainable"]}
-        for metric in (*METRICS, "wall_s"):
+        counts = ("n_train", "epochs", "trainable", "encoder_trainable", "decoder")
+        entry = {**dict(zip(keys, group)), "seeds": len(members),
+                 **{key: members[0][key] for key in counts if key in members[0]}}
+        for metric in _metric_names(members[0]):
             values = [float(member[metric]) for member in members if metric in member]
             if values:
                 entry[metric] = statistics.fmean(values)
@@ -187,15 +276,17 @@ def _summarise(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str
     return summary
 
 
-def _table(summary: list[dict[str, Any]]) -> str:
+def _table(summary: list[dict[str, Any]], metrics: Sequence[str]) -> str:
+    """One line per (backbone, method, regime): sizes, ``metrics`` as mean ± standard deviation, wall time."""
+    encoder = any("encoder_trainable" in entry for entry in summary)  # segmentation: encoder's and decoder's
     header = f"{'backbone':<12}{'method':<13}{'regime':<8}{'train':>6}{'test':>5}{'ep':>4}{'trainable':>11}"
-    header += "".join(f"{name:>16}" for name in METRICS) + f"{'wall s':>9}"
+    header += (f"{'encoder':>10}" if encoder else "") + "".join(f"{name:>16}" for name in metrics) + f"{'wall s':>9}"
     lines = [header]
     for entry in summary:
         line = f"{entry['backbone']:<12}{entry['method']:<13}{entry['regime']:<8}"
         line += f"{entry['n_train']:>6}{entry['n_test']:>5}"
-        line += f"{entry['epochs']:>4}{entry['trainable']:>11,}"
-        line += "".join(f"{entry[m]:>9.3f} ±{entry[m + '_std']:.3f}" if m in entry else f"{'-':>16}" for m in METRICS)
+        line += f"{entry['epochs']:>4}{entry['trainable']:>11,}" + (f"{entry['encoder_trainable']:>10,}" if encoder else "")
+        line += "".join(f"{entry[m]:>9.3f} ±{entry[m + '_std']:.3f}" if m in entry else f"{'-':>16}" for m in metrics)
         lines.append(line + f"{entry['wall_s']:>9.0f}")
     return "\n".join(lines)
 
@@ -208,23 +299,24 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _plot(summary: list[dict[str, Any]], regimes: Sequence[str], path: Path) -> None:
-    """Each metric against the regime (most labels left), one line per method, seed spread as error bars."""
+def _plot(summary: list[dict[str, Any]], regimes: Sequence[str], metrics: Sequence[str], path: Path) -> None:
+    """Each of ``metrics`` against the regime (most labels left), one line per method, seed spread as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4))
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4))
     for method in dict.fromkeys(entry["method"] for entry in summary):
         entries = {e["regime"]: e for e in summary if e["method"] == method}
         x = [i for i, regime in enumerate(regimes) if regime in entries]
-        for axis, metric in zip(axes, METRICS):
+        for axis, metric in zip(axes, metrics):
             y = [entries[regimes[i]].get(metric, math.nan) for i in x]
             spread = [entries[regimes[i]].get(f"{metric}_std", 0.0) for i in x]
             axis.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=method)
-    for axis, metric in zip(axes, METRICS):
-        axis.set(xticks=range(len(regimes)), title=f"test {metric}" + (" (lower is better)" if metric == "ece" else ""))
+    for axis, metric in zip(axes, metrics):
+        lower = " (lower is better)" if metric in LOWER_IS_BETTER else ""
+        axis.set(xticks=range(len(regimes)), title=f"test {metric}{lower}")
         axis.set_xticklabels(regimes)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -248,13 +340,13 @@ class _Tracker:
     def log(self, row: dict[str, Any], files: Sequence[Path] = ()) -> None:
         from mlflow.entities import Metric, Param
 
-        name = f"{row['backbone']}_{row['method']}_{row['regime']}_seed{row['seed']}"
+        name = f"{row['task']}_{row['backbone']}_{row['method']}_{row['regime']}_seed{row['seed']}"
         run_id = self.client.create_run(self.experiment_id, run_name=name).info.run_id
-        now = int(time.time() * 1000)
+        now, metrics = int(time.time() * 1000), _metric_names(row)
         self.client.log_batch(
             run_id,
-            metrics=[Metric(k, float(row[k]), now, 0) for k in (*METRICS, "wall_s") if k in row],
-            params=[Param(k, str(v)) for k, v in row.items() if k not in (*METRICS, "wall_s")],
+            metrics=[Metric(k, float(row[k]), now, 0) for k in metrics],
+            params=[Param(k, str(v)) for k, v in row.items() if k not in metrics],
         )
         for file in files:
             if file.is_file():
@@ -286,10 +378,36 @@ def bundle_run(
     train, metrics = train_and_evaluate(bundles / spec.name, out_dir, overrides, epochs)
     report = trainable_report(train.parser.get_parsed_content("network"))
     content = json.loads(datalist.read_text())
-    return {"backbone": backbone_name, "method": method, "regime": regime.name, "seed": seed,
-            "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": epochs,
+    return {"task": "classification", "backbone": backbone_name, "method": method, "regime": regime.name,
+            "seed": seed, "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": epochs,
             "trainable": report["trainable"], "percent_of_backbone": report["percent_of_backbone"],
             **metrics, "wall_s": round(time.monotonic() - start, 1)}
+
+
+def segmentation_run(
+    method: str, datalist: Path, data_dir: Path, checkpoint: Path, config: SegmentationDemoConfig, out_dir: Path,
+    regime: Regime, seed: int, epochs: int, bundles: Path, validations: int = 8,
+) -> dict[str, Any]:
+    """Train and evaluate ``<method>_segmentation`` on ``datalist`` (a subset datalist of the demo data in
+    ``data_dir``) from the MAE encoder ``checkpoint`` with the segmentation demo's settings (``config``; DVPT: its
+    method config), validating every ``max(1, epochs // validations)`` epochs (the best validation is evaluated).
+
+    Returns:
+        the run's row: what ran, test Dice and HD95 (mean and per class), trainable parameters and wall time.
+    """
+    from monai_prompt.demo_segmentation import tune_segmentation
+
+    start = time.monotonic()
+    config = dataclasses.replace(config, method=method, tune_epochs=epochs)
+    result = tune_segmentation(f"{method}_segmentation", out_dir, data_dir, checkpoint, config, bundles,
+                               print_fn=lambda line: None, infer=False,
+                               extra_overrides={"datalist_file": str(datalist), "seed": seed,
+                                                "val_interval": max(1, epochs // validations)})
+    content = json.loads(datalist.read_text())
+    return {"task": "segmentation", "backbone": "mae_vit_p16", "method": method, "regime": regime.name, "seed": seed,
+            "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": epochs,
+            **{key: result[key] for key in ("trainable", "percent_of_backbone", "encoder_trainable", "decoder")},
+            **result["metrics"], "wall_s": round(time.monotonic() - start, 1)}
 
 
 def _features(net: torch.nn.Module, items: Sequence[dict[str, Any]], img_size: int, in_channels: int,
@@ -391,7 +509,7 @@ def _probe_rows(
                 splits[split] = (torch.stack([cache[item["image"]][0] for item in items]),
                                  torch.stack([cache[item["image"]][1] for item in items]))
             metrics = feature_probe(net, splits, seed)
-            rows.append({"backbone": name, "method": "linear_probe", "regime": regime.name, "seed": seed,
+            rows.append({"task": "classification", "backbone": name, "method": "linear_probe", "regime": regime.name, "seed": seed,
                          "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": 100,
                          "trainable": net.head.weight.numel() + net.head.bias.numel(), **metrics,
                          "wall_s": round(time.monotonic() - start, 1)})
@@ -402,16 +520,21 @@ def _probe_rows(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``monai-prompt benchmark accuracy`` (the CLI's subparser and :func:`main` share them)."""
-    parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS),
-                        help="classification bundle methods (none: only the LiteMedSAM comparison)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="classification",
+                        help="the demo task: classification bundles or segmentation (UNETR) bundles")
+    parser.add_argument("--methods", nargs="*",
+                        help="bundle methods (default: every method of the task; none: only the LiteMedSAM "
+                             "comparison)")
     parser.add_argument("--regimes", nargs="+", default=list(DEFAULT_REGIMES),
                         help="label fractions (100%%, 40%%, 0.1) and few-shot (5shot); default: %(default)s")
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds (subset draw and bundle seed)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+N-1 (to extend a grid)")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs on the full training set (subsets: more)")
+    parser.add_argument("--epochs", type=int,
+                        help="epochs on the full training set (subsets: more); default 8, segmentation 30")
     parser.add_argument("--validations", type=int, default=8,
                         help="validations per run (every max(1, epochs // N) epochs; the best one is evaluated)")
-    parser.add_argument("--work", default="runs/demo", help="demo data and pre-training cache (make demo's)")
+    parser.add_argument("--work", help="demo data and pre-training cache: make demo's runs/demo (segmentation: "
+                                       "runs/demo_segmentation, the segmentation demo's)")
     parser.add_argument("--out", default="runs/benchmark_accuracy", help="output folder")
     parser.add_argument("--bundles", default=str(BUNDLES), help="the bundles folder")
     parser.add_argument("--lite-medsam", action="store_true",
@@ -444,9 +567,9 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
 
     out = Path(args.out).absolute()
     if args.combine:
-        runs = {}  # a run found in several parts (same backbone, method, labels, seed, test set) counts once
+        runs = {}  # a run found in several parts (same task, backbone, method, labels, seed, test set) counts once
         for row in (row for folder in args.combine for row in _read_runs(Path(folder) / "runs.csv")):
-            runs.setdefault(tuple(row[key] for key in ("backbone", "method", "regime", "seed", "n_test")), row)
+            runs.setdefault(tuple(row[key] for key in ("task", "backbone", "method", "regime", "seed", "n_test")), row)
         rows = list(runs.values())
         out.mkdir(parents=True, exist_ok=True)
         _write_csv(out / "runs.csv", rows)
@@ -454,16 +577,13 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
         return _report(rows, sorted(labels, key=lambda regime: -labels[regime]), out, args, print_fn)
 
     torch.set_num_threads(1)
-    config, epochs = (TINY_DEMO, 1) if args.quick else (DemoConfig(), args.epochs)
+    task = TASKS[args.task]
+    methods = task.methods if args.methods is None else args.methods
+    epochs = 1 if args.quick else args.epochs or task.epochs
     seeds = range(args.first_seed, args.first_seed + (1 if args.quick else args.seeds))
     regimes = [parse_regime(text) for text in args.regimes]
-    work, bundles = Path(args.work).absolute(), Path(args.bundles).absolute()
+    work, bundles = Path(args.work or task.work).absolute(), Path(args.bundles).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    datalist, _ = prepare_data(work / "data", config)
-    checkpoint, status = pretrain(work / "vit_pretraining", datalist, config, bundles)
-    print_fn(f"demo data {datalist}; MAE-pre-trained ViT {status}: {checkpoint}")
-    mae = pretrained_overrides(config, checkpoint, bundles)
-    n_full = len(json.loads(datalist.read_text())["training"])
     tracker, rows = _Tracker(out), []
 
     def record(row: dict[str, Any], run_dir: Path | None) -> None:
@@ -472,14 +592,38 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
             if run_dir else []
         tracker.log(row, files)
         print_fn(f"  {row['backbone']} {row['method']} {row['regime']} seed {row['seed']}: " +
-                 ", ".join(f"{k} {row[k]:.3f}" for k in METRICS) + f", {row['wall_s']:.0f} s")
+                 ", ".join(f"{k} {row[k]:.3f}" for k in task.metrics) + f", {row['wall_s']:.0f} s")
         _write_csv(out / "runs.csv", rows)
 
+    if args.task == "segmentation":
+        config = TINY_SEGMENTATION_DEMO if args.quick else SegmentationDemoConfig()
+        datalist, _ = prepare_segmentation_data(work / "data", config)
+        checkpoint, status = pretrain_encoder(work / "vit_pretraining", datalist, config, bundles, print_fn=print_fn)
+        print_fn(f"demo segmentation data {datalist}; MAE-pre-trained encoder {status}: {checkpoint}")
+        n_full = len(json.loads(datalist.read_text())["training"])
+        for regime in regimes:
+            for seed in seeds:
+                subset = segmentation_subset_datalist(
+                    datalist, out / "datalists" / f"segmentation_{regime.name}_seed{seed}.json", regime, seed)
+                n_train = len(json.loads(subset.read_text())["training"])
+                for method in methods:
+                    run_dir = out / "runs" / f"{method}_segmentation_{regime.name}_seed{seed}"
+                    record(segmentation_run(method, subset, datalist.parent, checkpoint, config, run_dir, regime,
+                                            seed, regime_epochs(n_train, n_full, epochs), bundles, args.validations),
+                           run_dir)
+        return _report(rows, [r.name for r in regimes], out, args, print_fn)
+
+    config = TINY_DEMO if args.quick else DemoConfig()
+    datalist, _ = prepare_data(work / "data", config)
+    checkpoint, status = pretrain(work / "vit_pretraining", datalist, config, bundles)
+    print_fn(f"demo data {datalist}; MAE-pre-trained ViT {status}: {checkpoint}")
+    mae = pretrained_overrides(config, checkpoint, bundles)
+    n_full = len(json.loads(datalist.read_text())["training"])
     for regime in regimes:
         for seed in seeds:
             subset = subset_datalist(datalist, out / "datalists" / f"{regime.name}_seed{seed}.json", regime, seed)
             n_train = len(json.loads(subset.read_text())["training"])
-            for method in args.methods:
+            for method in methods:
                 run_dir = out / "runs" / f"{method}_{regime.name}_seed{seed}"
                 record(bundle_run(method, "mae_vit", mae, subset, run_dir, regime, seed,
                                   regime_epochs(n_train, n_full, epochs), bundles, args.validations), run_dir)
@@ -503,7 +647,7 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
 
 
 def _read_runs(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``runs.csv``, numbers as numbers."""
+    """The rows of a ``runs.csv``, numbers as numbers (a row without a ``task`` is a classification run)."""
     def value(text: str) -> Any:
         for kind in (int, float):
             try:
@@ -513,22 +657,30 @@ def _read_runs(path: Path) -> list[dict[str, Any]]:
         return text
 
     with open(path, newline="") as f:
-        return [{key: value(text) for key, text in row.items() if text != ""} for row in csv.DictReader(f)]
+        return [{"task": "classification", **{key: value(text) for key, text in row.items() if text != ""}}
+                for row in csv.DictReader(f)]
 
 
 def _report(rows: list[dict[str, Any]], regimes: Sequence[str], out: Path, args: argparse.Namespace,
             print_fn: Callable[[str], None]) -> list[dict[str, Any]]:
-    """``summary.csv``, ``results.json``, the plot (the demo ViT's runs on the whole test split) and the table."""
-    summary = _summarise(rows, ("backbone", "method", "regime", "n_test"))
+    """``summary.csv``, ``results.json``, per task a plot (of the runs on the whole test split of the demo's own
+    backbone) and a table."""
+    summary = _summarise(rows, ("task", "backbone", "method", "regime", "n_test"))
     _write_csv(out / "summary.csv", summary)
     (out / "results.json").write_text(json.dumps({"runs": rows, "summary": summary, "options": vars(args)},
                                                  indent=1, default=str) + "\n")
-    n_test = max(entry["n_test"] for entry in summary)
-    plotted = [e for e in summary if e["n_test"] == n_test and e["backbone"] == "mae_vit"]
-    _plot(plotted, [regime for regime in regimes if any(e["regime"] == regime for e in plotted)],
-          out / "accuracy_vs_labels.png")
-    print_fn(_table(summary))
-    print_fn(f"runs.csv, summary.csv, results.json, accuracy_vs_labels.png (and mlflow.db of the runs) in {out}")
+    plots = []
+    for name, task in TASKS.items():
+        entries = [entry for entry in summary if entry["task"] == name]
+        if not entries:
+            continue
+        n_test = max(entry["n_test"] for entry in entries)
+        plotted = [e for e in entries if e["n_test"] == n_test and e["backbone"] != "lite_medsam"]
+        _plot(plotted, [regime for regime in regimes if any(e["regime"] == regime for e in plotted)], task.metrics,
+              out / task.plot)
+        print_fn(_table(entries, task.metrics))
+        plots.append(task.plot)
+    print_fn(f"runs.csv, summary.csv, results.json, {', '.join(plots)} (and mlflow.db of the runs) in {out}")
     return summary
 
 
