@@ -117,6 +117,8 @@ def test_combine_summarises_earlier_parts(tmp_path, capsys):
     assert entry["task"] == "classification" and entry["seeds"] == 2
     assert entry["accuracy"] == pytest.approx(0.6) and entry["accuracy_std"] == pytest.approx(0.1 * math.sqrt(2))
     assert (tmp_path / "combined" / "accuracy_vs_labels.png").is_file()
+    assert "| mae_vit | lora | 10 % | 90 | 30 | 2 | 12,579 | 0.600 ± 0.141 |" in (
+        tmp_path / "combined" / "summary.md").read_text()
     assert "lora" in capsys.readouterr().out.splitlines()[-2]
 
 

@@ -28,7 +28,8 @@ TinyViT needs seconds per image on a CPU, so its runs use subsets of the validat
 (``--lite-eval-per-class``) and a smaller input (``--lite-img-size``); the demo ViT rows of that comparison use
 the very same subsets.
 
-Outputs under ``--out``: ``runs.csv`` (one row per run), ``summary.csv`` and ``results.json``, a table on stdout,
+Outputs under ``--out``: ``runs.csv`` (one row per run), ``summary.csv``, ``summary.md`` (the table in Markdown) and
+``results.json``, a table on stdout,
 ``accuracy_vs_labels.png`` (segmentation: ``dice_vs_labels.png``; each metric against the regime, one line per
 method), and one MLflow run per
 training run in ``mlflow.db`` (SQLite; ``mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db``) with its
@@ -289,6 +290,22 @@ def _table(summary: list[dict[str, Any]], metrics: Sequence[str]) -> str:
         line += "".join(f"{entry[m]:>9.3f} ±{entry[m + '_std']:.3f}" if m in entry else f"{'-':>16}" for m in metrics)
         lines.append(line + f"{entry['wall_s']:>9.0f}")
     return "\n".join(lines)
+
+
+def _markdown(summary: list[dict[str, Any]], metrics: Sequence[str]) -> str:
+    """:func:`_table` as a Markdown table (``summary.md``, for docs/benchmarks.md)."""
+    encoder = any("encoder_trainable" in entry for entry in summary)
+    columns = ["backbone", "method", "labels", "train images", "epochs", "seeds", "trainable",
+               *(["encoder trainable"] if encoder else []), *metrics, "wall s / run"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for entry in summary:
+        cells = [entry["backbone"], entry["method"], entry["regime"].replace("%", " %").replace("shot", "-shot"),
+                 str(entry["n_train"]), str(entry["epochs"]), str(entry["seeds"]), f"{entry['trainable']:,}",
+                 *([f"{entry['encoder_trainable']:,}"] if encoder else []),
+                 *(f"{entry[m]:.3f} ± {entry[m + '_std']:.3f}" if m in entry else "-" for m in metrics),
+                 f"{entry['wall_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -669,7 +686,7 @@ def _report(rows: list[dict[str, Any]], regimes: Sequence[str], out: Path, args:
     _write_csv(out / "summary.csv", summary)
     (out / "results.json").write_text(json.dumps({"runs": rows, "summary": summary, "options": vars(args)},
                                                  indent=1, default=str) + "\n")
-    plots = []
+    plots, markdown = [], []
     for name, task in TASKS.items():
         entries = [entry for entry in summary if entry["task"] == name]
         if not entries:
@@ -680,7 +697,10 @@ def _report(rows: list[dict[str, Any]], regimes: Sequence[str], out: Path, args:
               out / task.plot)
         print_fn(_table(entries, task.metrics))
         plots.append(task.plot)
-    print_fn(f"runs.csv, summary.csv, results.json, {', '.join(plots)} (and mlflow.db of the runs) in {out}")
+        markdown.append(f"{name} (test split: {n_test} images)\n\n" + _markdown(entries, task.metrics))
+    (out / "summary.md").write_text("\n".join(markdown))
+    print_fn(f"runs.csv, summary.csv, summary.md, results.json, {', '.join(plots)} (and mlflow.db of the runs) in "
+             f"{out}")
     return summary
 
 
