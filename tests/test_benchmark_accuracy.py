@@ -28,6 +28,15 @@ from monai_prompt.cli import main as cli_main
 ITEMS = [{"image": f"/d/{label}_{i:02d}.png", "label": label} for label, n in enumerate((20, 10, 5)) for i in range(n)]
 
 
+def assert_logged(out, n_runs, metrics, artifact):
+    """``out/mlflow.db`` holds ``n_runs`` runs, each with ``metrics`` and the evaluation file ``artifact``."""
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("monai_prompt_benchmark_accuracy")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == n_runs and all(set(metrics) <= set(run.data.metrics) for run in runs)
+    assert all(artifact in {a.path for a in client.list_artifacts(run.info.run_id)} for run in runs)
+
+
 def test_parse_regime():
     assert parse_regime("40%") == parse_regime("0.4") and parse_regime("40%").fraction == pytest.approx(0.4)
     assert parse_regime("100%").name == "100%" and parse_regime("5shot").shots == 5
@@ -144,11 +153,7 @@ def test_quick_run_writes_finite_metrics_for_every_method_and_regime(tmp_path, c
     assert len(summary) == 4 and all(entry["seeds"] == 1 for entry in summary)
     assert (out / "accuracy_vs_labels.png").read_bytes()[:4] == b"\x89PNG"
     assert "lora" in capsys.readouterr().out.splitlines()[-2]  # the table closes the output
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("monai_prompt_benchmark_accuracy")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 4 and all(set(METRICS) <= set(run.data.metrics) for run in runs)
-    assert all("reliability.png" in {a.path for a in client.list_artifacts(run.info.run_id)} for run in runs)
+    assert_logged(out, 4, METRICS, "reliability.png")
     assert (out / "mlartifacts").is_dir() and mlflow.get_tracking_uri() == tracking_uri  # the process's own is kept
     # parts of a grid run apart are summarised together without training again, a run found twice counted once
     cli_main(["benchmark", "accuracy", "--combine", str(out), str(out), "--out", str(tmp_path / "combined")])
@@ -174,8 +179,4 @@ def test_quick_segmentation_run_writes_dice_and_hd95(tmp_path, capsys):
     assert int(linear["trainable"]) == int(linear["decoder"]) == int(dvpt["decoder"])
     assert (out / "dice_vs_labels.png").read_bytes()[:4] == b"\x89PNG"
     assert "dvpt" in capsys.readouterr().out.splitlines()[-2]  # the table closes the output
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("monai_prompt_benchmark_accuracy")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 4 and all(set(SEGMENTATION_METRICS) <= set(run.data.metrics) for run in runs)
-    assert all("metrics.csv" in {a.path for a in client.list_artifacts(run.info.run_id)} for run in runs)
+    assert_logged(out, 4, SEGMENTATION_METRICS, "metrics.csv")
