@@ -129,6 +129,8 @@ def test_combine_summarises_earlier_parts(tmp_path, capsys):
     assert "| mae_vit | lora | 10 % | 90 | 30 | 2 | 12,579 | 0.600 ± 0.141 |" in (
         tmp_path / "combined" / "summary.md").read_text()
     assert "lora" in capsys.readouterr().out.splitlines()[-2]
+    with pytest.raises(FileNotFoundError, match=r"--combine .*part\.log: no runs.csv there; give the --out folders"):
+        cli_main(["benchmark", "accuracy", "--combine", str(part), str(tmp_path / "part.log"), "--out", str(part)])
 
 
 def test_regime_epochs():

@@ -323,21 +323,25 @@ def _plot(summary: list[dict[str, Any]], regimes: Sequence[str], metrics: Sequen
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4))
-    for method in dict.fromkeys(entry["method"] for entry in summary):
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics) + 1.5, 4))
+    methods = list(dict.fromkeys(entry["method"] for entry in summary))
+    for k, method in enumerate(methods):
         entries = {e["regime"]: e for e in summary if e["method"] == method}
         x = [i for i, regime in enumerate(regimes) if regime in entries]
+        offset = 0.3 * (k / max(len(methods) - 1, 1) - 0.5)  # side by side, so that the error bars do not overlap
+        style = {"color": plt.cm.tab10(k % 10), "marker": "osD^v<>px*h"[k % 11], "capsize": 2, "markersize": 4,
+                 "linewidth": 1}
         for axis, metric in zip(axes, metrics):
             y = [entries[regimes[i]].get(metric, math.nan) for i in x]
             spread = [entries[regimes[i]].get(f"{metric}_std", 0.0) for i in x]
-            axis.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=method)
+            axis.errorbar([i + offset for i in x], y, yerr=spread, label=method, **style)
     for axis, metric in zip(axes, metrics):
         lower = " (lower is better)" if metric in LOWER_IS_BETTER else ""
         axis.set(xticks=range(len(regimes)), title=f"test {metric}{lower}")
         axis.set_xticklabels(regimes)
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    figure.tight_layout()
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
+    figure.tight_layout(rect=(0, 0, 1 - 1.3 / figure.get_figwidth(), 1))
     figure.savefig(path, dpi=70)
     plt.close(figure)
 
@@ -673,6 +677,9 @@ def _read_runs(path: Path) -> list[dict[str, Any]]:
                 pass
         return text
 
+    if not path.is_file():
+        raise FileNotFoundError(f"--combine {path.parent}: no {path.name} there; give the --out folders of earlier "
+                                f"runs of this benchmark.")
     with open(path, newline="") as f:
         return [{"task": "classification", **{key: value(text) for key, text in row.items() if text != ""}}
                 for row in csv.DictReader(f)]
