@@ -689,7 +689,14 @@ def _report(rows: list[dict[str, Any]], regimes: Sequence[str], out: Path, args:
             print_fn: Callable[[str], None]) -> list[dict[str, Any]]:
     """``summary.csv``, ``results.json``, per task a plot (of the runs on the whole test split of the demo's own
     backbone) and a table."""
-    summary = _summarise(rows, ("task", "backbone", "method", "regime", "n_test"))
+    order = {regime: i for i, regime in enumerate(regimes)}
+
+    def position(entry: dict[str, Any]) -> tuple:  # by task, regime (most labels first), backbone, method
+        methods = TASKS[entry["task"]].methods
+        method = methods.index(entry["method"]) if entry["method"] in methods else len(methods)
+        return entry["task"], order.get(entry["regime"], len(order)), entry["backbone"], method, entry["method"]
+
+    summary = sorted(_summarise(rows, ("task", "backbone", "method", "regime", "n_test")), key=position)
     _write_csv(out / "summary.csv", summary)
     (out / "results.json").write_text(json.dumps({"runs": rows, "summary": summary, "options": vars(args)},
                                                  indent=1, default=str) + "\n")
