@@ -23,6 +23,7 @@ is worth here. All bundles run through MONAI's bundle API, as ``python -m monai.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import json
@@ -31,7 +32,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monai_prompt.demo import (
     BUNDLES,
@@ -45,6 +46,9 @@ from monai_prompt.demo import (
     train_and_evaluate,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "TINY_SEGMENTATION_DEMO",
     "SegmentationDemoConfig",
@@ -52,6 +56,7 @@ __all__ = [
     "pretrain_encoder",
     "run_segmentation_demo",
     "tune_segmentation",
+    "zero_encoder_outputs",
 ]
 
 _print = functools.partial(print, flush=True)
@@ -193,6 +198,7 @@ def tune_segmentation(
     print_fn: Callable[[str], None] = _print,
     extra_overrides: Mapping[str, Any] | None = None,
     infer: bool = True,
+    zeroed_encoder: bool = False,
 ) -> dict[str, Any]:
     """Train ``name`` (a segmentation bundle) into ``out_dir`` with the demo's settings, evaluate its best delta on
     the test split and (``infer``) run ``inference.json`` on the test images.
@@ -208,9 +214,12 @@ def tune_segmentation(
         print_fn: where progress lines go.
         extra_overrides: more config overrides (e.g. ``datalist_file``, ``seed``, ``val_interval``).
         infer: also run ``inference.json``.
+        zeroed_encoder: also evaluate the best delta with every ViT output zeroed (:func:`zero_encoder_outputs`;
+            into ``out_dir/eval_zeroed_encoder``): how much of the result the encoder carries.
 
     Returns:
-        the test metrics, the parameter report and the seconds per epoch (validation included).
+        the test metrics (``zeroed_encoder_metrics`` too if asked), the parameter report and the seconds per epoch
+        (validation included).
     """
     from monai_prompt.engine.runner import run_bundle
 
@@ -242,10 +251,35 @@ def tune_segmentation(
     if infer:
         run_bundle(bundles / name, ["inference.json"], "infer", quiet=not verbose, bundle_root=str(out_dir),
                    **{key: value for key, value in overrides.items() if not key.startswith("_meta_")})
+    ablation = {}
+    if zeroed_encoder:
+        ablated = out_dir / "eval_zeroed_encoder"
+        run_bundle(bundles / name, ["train.json", "evaluate.json"], "infer", quiet=not verbose,
+                   attach=lambda workflow: zero_encoder_outputs(workflow.parser.get_parsed_content("network")),
+                   **{**overrides, "bundle_root": str(out_dir), "output_dir": str(ablated)})
+        with open(ablated / "metrics.csv") as f:
+            ablation["zeroed_encoder_metrics"] = {name: float(value) for name, value in csv.reader(f)}
     report = train.parser.get_parsed_content("network").parameter_report()
     keys = ("trainable", "backbone", "percent_of_backbone", "encoder_trainable", "decoder")
-    return {"bundle": name, "metrics": metrics, "seconds_per_epoch": round(seconds_per_epoch, 2),
+    return {"bundle": name, "metrics": metrics, **ablation, "seconds_per_epoch": round(seconds_per_epoch, 2),
             **{key: report[key] for key in keys}}
+
+
+def zero_encoder_outputs(network: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Make ``network.vit`` (a ``PromptUNETR``'s encoder) output zeros: its final tokens and every hidden state
+    UNETR taps, so only the decoder's convolutional path on the raw image is left (an ablation: how much of the
+    segmentation the encoder carries).
+
+    Returns:
+        the forward hook's handle (``.remove()`` undoes it).
+    """
+    import torch
+
+    def zeros(module: torch.nn.Module, args: tuple, output: tuple) -> tuple:
+        tokens, hidden_states = output
+        return torch.zeros_like(tokens), [torch.zeros_like(hidden) for hidden in hidden_states]
+
+    return network.vit.register_forward_hook(zeros)
 
 
 def _figure(data_dir: Path, runs: dict[str, dict[str, Any]], out_dir: Path, slices: int) -> Path:

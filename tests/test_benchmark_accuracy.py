@@ -171,9 +171,11 @@ def test_quick_segmentation_run_writes_dice_and_hd95(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert {(row["task"], row["method"], row["regime"]) for row in rows} == {
         ("segmentation", m, r) for m in ("linear", "dvpt") for r in ("100%", "1shot")}
-    dice = [float(row[key]) for row in rows for key in row if "dice" in key]
+    dice = [float(row[key]) for row in rows for key in row if key == "mean_dice" or key.startswith("dice_")]
     assert len(dice) == 4 * 4 and all(0 <= value <= 1 for value in dice)  # mean and 3 tissue classes
     assert all(math.isfinite(float(row["mean_hd95"])) and float(row["mean_hd95"]) >= 0 for row in rows)
+    assert all(0 <= float(row["mean_dice_zeroed_encoder"]) <= 1 for row in rows)  # the decoder alone
+    assert (out / "runs" / "dvpt_segmentation_1shot_seed0" / "eval_zeroed_encoder" / "metrics.csv").is_file()
     assert [int(row["n_train"]) for row in rows if row["regime"] == "1shot"] == [1, 1]  # one labelled slice
     linear = next(row for row in rows if row["method"] == "linear")
     dvpt = next(row for row in rows if row["method"] == "dvpt")

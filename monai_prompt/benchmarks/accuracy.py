@@ -85,8 +85,9 @@ __all__ = [
 
 #: test metrics of each classification run (``metrics.csv`` of the bundle's evaluation).
 METRICS = ("accuracy", "auc", "f1", "kappa", "ece")
-#: the segmentation runs' metrics in the table and the plot (``runs.csv`` also has Dice and HD95 per class).
-SEGMENTATION_METRICS = ("mean_dice", "mean_hd95")
+#: the segmentation runs' metrics in the table and the plot (``runs.csv`` also has Dice and HD95 per class, and the
+#: HD95 with the encoder zeroed); ``*_zeroed_encoder``: the same delta evaluated with every ViT output zeroed.
+SEGMENTATION_METRICS = ("mean_dice", "mean_hd95", "mean_dice_zeroed_encoder")
 #: metrics where lower is better.
 LOWER_IS_BETTER = ("ece", "mean_hd95")
 #: the default grid (issue 14): label fractions and few-shot.
@@ -411,24 +412,28 @@ def segmentation_run(
 ) -> dict[str, Any]:
     """Train and evaluate ``<method>_segmentation`` on ``datalist`` (a subset datalist of the demo data in
     ``data_dir``) from the MAE encoder ``checkpoint`` with the segmentation demo's settings (``config``; DVPT: its
-    method config), validating every ``max(1, epochs // validations)`` epochs (the best validation is evaluated).
+    method config), validating every ``max(1, epochs // validations)`` epochs (the best validation is evaluated),
+    then evaluate the same delta with the encoder's outputs zeroed (the decoder alone).
 
     Returns:
-        the run's row: what ran, test Dice and HD95 (mean and per class), trainable parameters and wall time.
+        the run's row: what ran, test Dice and HD95 (mean and per class; mean with the encoder zeroed), trainable
+        parameters and wall time.
     """
     from monai_prompt.demo_segmentation import tune_segmentation
 
     start = time.monotonic()
     config = dataclasses.replace(config, method=method, tune_epochs=epochs)
     result = tune_segmentation(f"{method}_segmentation", out_dir, data_dir, checkpoint, config, bundles,
-                               print_fn=lambda line: None, infer=False,
+                               print_fn=lambda line: None, infer=False, zeroed_encoder=True,
                                extra_overrides={"datalist_file": str(datalist), "seed": seed,
                                                 "val_interval": max(1, epochs // validations)})
     content = json.loads(datalist.read_text())
     return {"task": "segmentation", "backbone": "mae_vit_p16", "method": method, "regime": regime.name, "seed": seed,
             "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": epochs,
             **{key: result[key] for key in ("trainable", "percent_of_backbone", "encoder_trainable", "decoder")},
-            **result["metrics"], "wall_s": round(time.monotonic() - start, 1)}
+            **result["metrics"],
+            **{f"{key}_zeroed_encoder": result["zeroed_encoder_metrics"][key] for key in ("mean_dice", "mean_hd95")},
+            "wall_s": round(time.monotonic() - start, 1)}
 
 
 def _features(net: torch.nn.Module, items: Sequence[dict[str, Any]], img_size: int, in_channels: int,
