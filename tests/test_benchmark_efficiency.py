@@ -83,5 +83,5 @@ def test_quick_run_writes_every_method(tmp_path, capsys):
     record = json.loads((tmp_path / "efficiency.json").read_text())
     assert record["summary"] == json.loads(json.dumps(record["summary"])) and len(record["measured"]) == 1
     assert [r["config"] for r in record["summary"]] == [r["config"] for r in rows]
-    for chart in ("memory_ratio.png", "time_ratio.png"):
+    for chart in ("memory_ratio.png", "time_ratio.png", "tradeoff.png"):
         assert (tmp_path / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

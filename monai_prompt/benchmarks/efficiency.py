@@ -19,7 +19,8 @@ Variants of the in-backbone methods (``--checkpointing`` modes of
 :meth:`~monai_prompt.backbones.vit.PromptableViT.set_grad_checkpointing` and ``--variants`` such as
 ``blocks+sdpa+bf16``); FPT/FPT+ train online and from preloaded features (the LPM released,
 :meth:`~monai_prompt.fpt.FPTClassifier.release_lpm`) against full fine-tuning of the same ViT at the LPM's size.
-Writes ``efficiency.csv``, ``efficiency.json`` and ``memory_ratio.png`` / ``time_ratio.png`` into ``--out``.
+Writes ``efficiency.csv``, ``efficiency.json``, ``memory_ratio.png`` / ``time_ratio.png`` and ``tradeoff.png`` (memory
+against time of the in-backbone variants) into ``--out``.
 """
 
 from __future__ import annotations
@@ -402,7 +403,37 @@ def _charts(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         fig.savefig(out / name, dpi=80)
         plt.close(fig)
         written.append(out / name)
+    in_backbone = [r for r in shown if r["method"] in IN_BACKBONE]
+    if in_backbone:
+        written.append(_tradeoff_chart(in_backbone, out / "tradeoff.png"))
     return written
+
+
+def _tradeoff_chart(rows: list[dict[str, Any]], path: Path) -> Path:
+    """``tradeoff.png``: memory ratio against step CPU-time ratio of the in-backbone methods, a colour per variant
+    and a marker per method, with issue 14's target region (<= 0.3 of the memory at <= 0.9 of the time)."""
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.fill_between([0, 0.3], 0, 0.9, color="tab:green", alpha=0.12, label="target: memory <= 0.3, time <= 0.9")
+    for r in rows:
+        ax.scatter(r["memory_ratio"], r["cpu_ratio"], color=plt.cm.tab10(variants.index(r["variant"]) % 10),
+                   marker="osD^v<>px*h"[methods.index(r["method"]) % 11], s=30)
+    handles = [plt.Line2D([], [], color=plt.cm.tab10(i % 10), marker="o", linestyle="", label=v)
+               for i, v in enumerate(variants)]
+    handles += [plt.Line2D([], [], color="grey", marker="osD^v<>px*h"[i % 11], linestyle="", label=m)
+                for i, m in enumerate(methods)]
+    ax.legend(handles=[*ax.get_legend_handles_labels()[0], *handles], fontsize=7, loc="upper right", ncol=2)
+    ax.set(xlabel="peak training memory / full fine-tuning", ylabel="training step CPU time / full fine-tuning",
+           xlim=(0, max(1.0, max(r["memory_ratio"] for r in rows) * 1.05)),
+           ylim=(0, max(1.3, max(r["cpu_ratio"] for r in rows) * 1.05)))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 def machine(settings: BenchSettings) -> str:
@@ -505,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{len(configs)} configurations x {rounds} round(s) on {machine(settings)}", flush=True)
     rows = run_benchmark(settings, configs, rounds, Path(args.out), log=lambda line: print(line, flush=True))
     print(format_table(rows))
-    print(f"written: {args.out}/efficiency.csv, efficiency.json, memory_ratio.png, time_ratio.png")
+    print(f"written: {args.out}/efficiency.csv, efficiency.json, memory_ratio.png, time_ratio.png, tradeoff.png")
 
 
 if __name__ == "__main__":
