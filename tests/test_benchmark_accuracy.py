@@ -120,9 +120,13 @@ def test_combine_summarises_earlier_parts(tmp_path, capsys):
     columns = ["backbone", "method", "regime", "seed", "n_train", "n_test", "epochs", "trainable", *METRICS, "wall_s"]
     values = [["mae_vit", "lora", "10%", seed, 90, 225, 30, 12579, accuracy, 0.8, 0.6, 0.7, 0.1, 40.0]
               for seed, accuracy in ((0, 0.5), (1, 0.7))]
+    values += [["mae_vit", "lora", regime, 0, n, 225, 30, 12579, 0.5, 0.8, 0.6, 0.7, 0.1, 40.0]
+               for regime, n in (("5shot", 15), ("100%", 900), ("1shot", 3))]
     (part / "runs.csv").write_text("\n".join(",".join(map(str, row)) for row in [columns, *values]) + "\n")
     cli_main(["benchmark", "accuracy", "--combine", str(part), "--out", str(tmp_path / "combined")])
-    [entry] = json.loads((tmp_path / "combined" / "results.json").read_text())["summary"]
+    summary = json.loads((tmp_path / "combined" / "results.json").read_text())["summary"]
+    assert [entry["regime"] for entry in summary] == ["100%", "10%", "5shot", "1shot"]  # most labels first
+    entry = summary[1]
     assert entry["task"] == "classification" and entry["seeds"] == 2
     assert entry["accuracy"] == pytest.approx(0.6) and entry["accuracy_std"] == pytest.approx(0.1 * math.sqrt(2))
     assert (tmp_path / "combined" / "accuracy_vs_labels.png").is_file()

@@ -282,13 +282,16 @@ def _table(summary: list[dict[str, Any]], metrics: Sequence[str]) -> str:
     """One line per (backbone, method, regime): sizes, ``metrics`` as mean ± standard deviation, wall time."""
     encoder = any("encoder_trainable" in entry for entry in summary)  # segmentation: encoder's and decoder's
     header = f"{'backbone':<12}{'method':<13}{'regime':<8}{'train':>6}{'test':>5}{'ep':>4}{'trainable':>11}"
-    header += (f"{'encoder':>10}" if encoder else "") + "".join(f"{name:>16}" for name in metrics) + f"{'wall s':>9}"
+    widths = [max(16, len(name) + 2) for name in metrics]
+    header += (f"{'encoder':>10}" if encoder else "") + "".join(f"{n:>{w}}" for n, w in zip(metrics, widths))
+    header += f"{'wall s':>9}"
     lines = [header]
     for entry in summary:
         line = f"{entry['backbone']:<12}{entry['method']:<13}{entry['regime']:<8}"
         line += f"{entry['n_train']:>6}{entry['n_test']:>5}"
         line += f"{entry['epochs']:>4}{entry['trainable']:>11,}" + (f"{entry['encoder_trainable']:>10,}" if encoder else "")
-        line += "".join(f"{entry[m]:>9.3f} ±{entry[m + '_std']:.3f}" if m in entry else f"{'-':>16}" for m in metrics)
+        line += "".join(f"{entry[m]:>{w - 7}.3f} ±{entry[m + '_std']:.3f}" if m in entry else f"{'-':>{w}}"
+                        for m, w in zip(metrics, widths))
         lines.append(line + f"{entry['wall_s']:>9.0f}")
     return "\n".join(lines)
 
@@ -599,8 +602,7 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
         rows = list(runs.values())
         out.mkdir(parents=True, exist_ok=True)
         _write_csv(out / "runs.csv", rows)
-        labels = {row["regime"]: row["n_train"] for row in rows}
-        return _report(rows, sorted(labels, key=lambda regime: -labels[regime]), out, args, print_fn)
+        return _report(rows, sorted({row["regime"] for row in rows}, key=_most_labels_first), out, args, print_fn)
 
     torch.set_num_threads(1)
     task = TASKS[args.task]
@@ -670,6 +672,12 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
                                   args.lite_batch_size), run_dir)
 
     return _report(rows, [r.name for r in regimes], out, args, print_fn)
+
+
+def _most_labels_first(name: str) -> tuple[int, float]:
+    """Sort key of regime names: label fractions (largest first), then few-shot (most shots first)."""
+    regime = parse_regime(name)
+    return (0, -regime.fraction) if regime.fraction is not None else (1, -regime.shots)
 
 
 def _read_runs(path: Path) -> list[dict[str, Any]]:
