@@ -20,7 +20,9 @@ and wall time; summaries give mean and standard deviation over seeds.
 them): each method's ``<method>_segmentation`` bundle (a UNETR whose decoder always trains) through
 :func:`~monai_prompt.demo_segmentation.tune_segmentation`, with the demo's settings. A label fraction takes that share
 of the training slices, few-shot that many labelled slices (one stratum: a slice holds every class). Per run: test
-mean Dice and HD95 (pixels) and per class, trainable parameters (encoder and decoder) and wall time.
+mean Dice and HD95 (pixels) and per class, the mean Dice and HD95 of the same delta with the encoder's outputs zeroed
+(:func:`~monai_prompt.demo_segmentation.zero_encoder_outputs`: how much the encoder carries), trainable parameters
+(encoder and decoder) and wall time.
 
 ``--lite-medsam`` adds the LiteMedSAM TinyViT encoder (issue 13 item 7) beside the demo ViT on the same images:
 a linear probe on features computed once per image (:func:`feature_probe`), and LoRA through the bundle. The
@@ -29,11 +31,10 @@ TinyViT needs seconds per image on a CPU, so its runs use subsets of the validat
 the very same subsets.
 
 Outputs under ``--out``: ``runs.csv`` (one row per run), ``summary.csv``, ``summary.md`` (the table in Markdown) and
-``results.json``, a table on stdout,
-``accuracy_vs_labels.png`` (segmentation: ``dice_vs_labels.png``; each metric against the regime, one line per
-method), and one MLflow run per
-training run in ``mlflow.db`` (SQLite; ``mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db``) with its
-metrics, parameters and evaluation files (``metrics.csv``, ``calibration.csv``, ``reliability.png``).
+``results.json``, a table on stdout, ``accuracy_vs_labels.png`` (segmentation: ``dice_vs_labels.png``; each metric
+against the regime, one line per method), and one MLflow run per training run in ``mlflow.db`` (SQLite;
+``mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db``) with its metrics, parameters and evaluation files
+(``metrics.csv``, ``calibration.csv``, ``reliability.png``).
 """
 
 from __future__ import annotations
