@@ -50,6 +50,7 @@ __all__ = [
     "prepare_data",
     "pretrain",
     "pretrained_overrides",
+    "read_metrics",
     "run_demo",
     "train_and_evaluate",
     "tune",
@@ -311,8 +312,13 @@ def train_and_evaluate(
     train = run_bundle(bundle, ["train.json"], quiet=not verbose, attach=attach, **overrides,
                        **{"train#trainer#max_epochs": epochs})
     run_bundle(bundle, ["train.json", "evaluate.json"], "infer", quiet=not verbose, **overrides)
-    with open(out_dir / "eval" / "metrics.csv") as f:
-        return train, {name: float(value) for name, value in csv.reader(f)}
+    return train, read_metrics(out_dir / "eval" / "metrics.csv")
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """The ``name,value`` rows of an evaluation's ``metrics.csv``."""
+    with open(path) as f:
+        return {name: float(value) for name, value in csv.reader(f)}
 
 
 def pretrain(

@@ -23,7 +23,6 @@ is worth here. All bundles run through MONAI's bundle API, as ``python -m monai.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import json
@@ -43,6 +42,7 @@ from monai_prompt.demo import (
     EpochProgress,
     attach_progress,
     pretrain,
+    read_metrics,
     train_and_evaluate,
 )
 
@@ -257,8 +257,7 @@ def tune_segmentation(
         run_bundle(bundles / name, ["train.json", "evaluate.json"], "infer", quiet=not verbose,
                    attach=lambda workflow: zero_encoder_outputs(workflow.parser.get_parsed_content("network")),
                    **{**overrides, "bundle_root": str(out_dir), "output_dir": str(ablated)})
-        with open(ablated / "metrics.csv") as f:
-            ablation["zeroed_encoder_metrics"] = {name: float(value) for name, value in csv.reader(f)}
+        ablation["zeroed_encoder_metrics"] = read_metrics(ablated / "metrics.csv")
     report = train.parser.get_parsed_content("network").parameter_report()
     keys = ("trainable", "backbone", "percent_of_backbone", "encoder_trainable", "decoder")
     return {"bundle": name, "metrics": metrics, **ablation, "seconds_per_epoch": round(seconds_per_epoch, 2),
