@@ -58,7 +58,7 @@ def _demo_data(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     out = args.out or f"{DEMO_OUT[args.task]}/data"
-    # the stamp of the demo's cached build (monai_prompt.demo.prepare_data) would no longer describe the folder
+    # the stamp of the demo's cached build (monai_prompt.runs.demo_task.prepare_data) would no longer describe the folder
     Path(out, "build.json").unlink(missing_ok=True)
     if args.task == "segmentation":
         from monai_prompt.data.demo_segmentation import build_segmentation_demo
@@ -188,8 +188,8 @@ def _override(text: str) -> tuple[str, object]:
 
 def _export(args: argparse.Namespace) -> None:
     """Write a bundle's delta as one full state dict and TorchScript (LoRA/SSF merged)."""
-    from monai_prompt.engine.export import export_bundle
     from monai_prompt.peft import DeltaMismatchError
+    from monai_prompt.tools.export import export_bundle
 
     overrides = dict(args.set or [])
     if args.pretrained:
@@ -202,8 +202,8 @@ def _export(args: argparse.Namespace) -> None:
 
 def _package(args: argparse.Namespace) -> None:
     """Write a MONAI-Label-ready copy of a trained bundle with its pre-trained backbone inside."""
-    from monai_prompt.engine.package import package_bundle
     from monai_prompt.peft import DeltaMismatchError
+    from monai_prompt.tools.package import package_bundle
 
     try:
         print(package_bundle(args.bundle, args.out, args.pretrained, args.model))

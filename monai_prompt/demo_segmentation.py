@@ -5,7 +5,7 @@ Every output goes under ``out_dir`` (``runs/demo_segmentation``, git-ignored):
 1. **data**: the 2D and 3D sets of :mod:`monai_prompt.data.demo_segmentation` (96 x 96 axial slices at 2 mm,
    background/CSF/grey/white matter, split by axial slab), built once and reused while the settings are unchanged.
 2. **pre-training**: ``bundles/vit_pretraining`` (MONAI's ``MaskedAutoEncoderViT``, through
-   :func:`monai_prompt.demo.pretrain` and its cache) on the training slab's slices and their re-jittered copies
+   :func:`monai_prompt.runs.demo_task.pretrain` and its cache) on the training slab's slices and their re-jittered copies
    (labels unused), with patch 16 on the whole 96 x 96 slice. The classification demo's encoder does not fit
    (patch 4 on 32 x 32 patches; UNETR's decoder needs patch 16), so this demo pre-trains its own; a second run
    reuses it.
@@ -18,7 +18,9 @@ Every output goes under ``out_dir`` (``runs/demo_segmentation``, git-ignored):
 
 With ``compare_scratch``, a UNETR trained from scratch (``full_segmentation``, random initialisation, every
 weight trained) is evaluated the same way: the baseline that shows what the pre-trained, prompt-tuned encoder
-is worth here. All bundles run through MONAI's bundle API, as ``python -m monai.bundle run`` runs them.
+is worth here. All bundles run through MONAI's bundle API, as ``python -m monai.bundle run`` runs them. The task
+itself (sizes, data, encoder, tuning) is :mod:`monai_prompt.runs.segmentation_demo_task`, which the accuracy
+benchmark shares; nothing imports this module.
 """
 
 from __future__ import annotations
@@ -26,259 +28,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
+import os
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from monai_prompt.demo import (
-    BUNDLES,
-    DEMO_DVPT,
-    MONAI_LAYER_NORM_EPS,
-    DemoConfig,
-    DemoSteps,
-    EpochProgress,
-    attach_progress,
-    pretrain,
-    read_metrics,
-    train_and_evaluate,
+from monai_prompt.runs.progress import RunSteps
+from monai_prompt.runs.segmentation_demo_task import (
+    SegmentationDemoConfig,
+    prepare_segmentation_data,
+    pretrain_encoder,
+    tune_segmentation,
 )
 
-if TYPE_CHECKING:
-    import torch
-
-__all__ = [
-    "TINY_SEGMENTATION_DEMO",
-    "SegmentationDemoConfig",
-    "prepare_segmentation_data",
-    "pretrain_encoder",
-    "run_segmentation_demo",
-    "tune_segmentation",
-    "zero_encoder_outputs",
-]
+__all__ = ["run_segmentation_demo"]
 
 _print = functools.partial(print, flush=True)
-#: the encoder of the default run: width 192, 4 blocks (UNETR taps blocks 1, 2, 3), patch 16.
-DEMO_ENCODER = {"hidden_size": 192, "num_layers": 4, "num_heads": 4, "mlp_dim": 768, "patch_size": 16}
-
-
-@dataclass(frozen=True)
-class SegmentationDemoConfig:
-    """Sizes of the segmentation demo (the defaults are the measured run; :data:`TINY_SEGMENTATION_DEMO` is a
-    smoke run).
-
-    Attributes:
-        method: the PEFT method: the ``<method>_segmentation`` bundle that tunes the encoder.
-        method_config: its config (``None``: the bundle's; DVPT: :data:`monai_prompt.demo.DEMO_DVPT`).
-        encoder: the ViT shape (patch 16).
-        slice_size: side of the demo slices (the MAE input).
-        roi: the UNETR input (the sliding-window ROI), a multiple of 16.
-        feature_size: UNETR decoder width.
-        unlabeled_copies: re-jittered copies of each training slice for pre-training.
-        crops_3d: training, validation and test 3D crops of the data build.
-        pretrain_epochs: MAE epochs.
-        pretrain_batch_size: MAE batch size.
-        tune_epochs: tuning epochs.
-        batch_size: images per tuning batch.
-        num_samples: ROI crops per image.
-        learning_rate: tuning learning rate (AdamW, cosine; also the scratch baseline's).
-        figure_slices: test slices in the figure.
-    """
-
-    method: str = "dvpt"
-    method_config: Mapping[str, Any] | None = None
-    encoder: Mapping[str, int] = field(default_factory=lambda: dict(DEMO_ENCODER))
-    slice_size: int = 96
-    roi: int = 64
-    feature_size: int = 16
-    unlabeled_copies: int = 4
-    crops_3d: tuple[int, int, int] = (24, 6, 6)
-    pretrain_epochs: int = 30
-    pretrain_batch_size: int = 32
-    tune_epochs: int = 30
-    batch_size: int = 8
-    num_samples: int = 2
-    learning_rate: float = 1e-3
-    figure_slices: int = 4
-
-    def resolved_method_config(self) -> dict[str, Any] | None:
-        """The method config the demo passes (``None``: the bundle's)."""
-        if self.method_config is not None:
-            return dict(self.method_config)
-        return dict(DEMO_DVPT) if self.method == "dvpt" else None
-
-
-#: a run of seconds: 32 x 32 slices and ROI, a 4-block encoder of width 32, one epoch each.
-TINY_SEGMENTATION_DEMO = SegmentationDemoConfig(
-    method_config=None,
-    encoder={"hidden_size": 32, "num_layers": 4, "num_heads": 2, "mlp_dim": 64, "patch_size": 16},
-    slice_size=32,
-    roi=32,
-    feature_size=8,
-    unlabeled_copies=1,
-    crops_3d=(2, 1, 1),
-    pretrain_epochs=1,
-    pretrain_batch_size=8,
-    tune_epochs=1,
-    batch_size=4,
-    num_samples=1,
-    figure_slices=2,
-)
-
-
-def prepare_segmentation_data(folder: str | Path, config: SegmentationDemoConfig) -> tuple[Path, bool]:
-    """Build the demo segmentation sets in ``folder``, or reuse them when built with these settings and complete.
-
-    Returns:
-        the 2D (NIfTI) datalist and whether an existing build was reused.
-    """
-    from monai_prompt.data.demo_segmentation import build_segmentation_demo
-
-    folder = Path(folder)
-    settings = {"slice_size": config.slice_size, "unlabeled_copies": config.unlabeled_copies,
-                "crops_3d": list(config.crops_3d)}
-    stamp, datalist = folder / "build.json", folder / "datalist_2d.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == settings and datalist.is_file():
-        content = json.loads(datalist.read_text())
-        files = [item[key] for items in content.values() if isinstance(items, list) for item in items
-                 for key in ("image", "label") if key in item]
-        if all((folder / name).is_file() for name in files):
-            return datalist, True
-    shutil.rmtree(folder, ignore_errors=True)
-    paths = build_segmentation_demo(folder, slice_size=config.slice_size, unlabeled_copies=config.unlabeled_copies,
-                                    crops_3d=config.crops_3d)
-    stamp.write_text(json.dumps(settings))
-    return paths["2d"], False
-
-
-def _pretraining_images(datalist: Path) -> dict[str, list[dict[str, str]]]:
-    """The training slab's images (training slices and their unlabelled copies) as the pre-training bundle's
-    ``datalist`` (its ``unlabeled`` split; labels are never read)."""
-    from monai_prompt.data.segmentation import read_segmentation_datalist
-
-    splits = read_segmentation_datalist(datalist)
-    return {"unlabeled": [{"image": item["image"]} for split in ("training", "unlabeled") for item in splits[split]]}
-
-
-def _encoder_overrides(config: SegmentationDemoConfig) -> dict[str, Any]:
-    return {"backbone": "vit_tiny", "backbone_overrides": dict(config.encoder), "in_channels": 1, "spatial_dims": 2}
-
-
-def pretrain_encoder(
-    out_dir: str | Path,
-    datalist: Path,
-    config: SegmentationDemoConfig,
-    bundles: str | Path = BUNDLES,
-    verbose: bool = False,
-    print_fn: Callable[[str], None] = _print,
-) -> tuple[Path, str]:
-    """MAE pre-training of the patch-16 encoder on whole training slices (``slice_size``), through
-    :func:`monai_prompt.demo.pretrain`: reused when its checkpoint in ``out_dir`` is for the same inputs.
-
-    Returns:
-        the MAE checkpoint and ``"reused"``, ``"resumed"`` or ``"trained"``.
-    """
-    mae = DemoConfig(pretrain_epochs=config.pretrain_epochs, pretrain_batch_size=config.pretrain_batch_size,
-                     backbone_overrides=dict(config.encoder))
-    overrides = {**_encoder_overrides(config), "img_size": config.slice_size,
-                 "datalist": _pretraining_images(datalist), "pretrain_splits": ["unlabeled"]}
-    return pretrain(out_dir, datalist, mae, bundles, verbose, print_fn, overrides=overrides)
-
-
-def tune_segmentation(
-    name: str,
-    out_dir: Path,
-    data_dir: Path,
-    pretrained: Path | None,
-    config: SegmentationDemoConfig,
-    bundles: Path = BUNDLES,
-    verbose: bool = False,
-    print_fn: Callable[[str], None] = _print,
-    extra_overrides: Mapping[str, Any] | None = None,
-    infer: bool = True,
-    zeroed_encoder: bool = False,
-) -> dict[str, Any]:
-    """Train ``name`` (a segmentation bundle) into ``out_dir`` with the demo's settings, evaluate its best delta on
-    the test split and (``infer``) run ``inference.json`` on the test images.
-
-    Args:
-        name: the bundle, e.g. ``"dvpt_segmentation"``.
-        out_dir: its ``bundle_root`` (emptied first).
-        data_dir: the demo data (:func:`prepare_segmentation_data`'s folder).
-        pretrained: the MAE checkpoint of the encoder; ``None``: random initialisation.
-        config: the demo's sizes (``tune_epochs`` epochs).
-        bundles: the bundles folder.
-        verbose: show the bundle's own logs.
-        print_fn: where progress lines go.
-        extra_overrides: more config overrides (e.g. ``datalist_file``, ``seed``, ``val_interval``).
-        infer: also run ``inference.json``.
-        zeroed_encoder: also evaluate the best delta with every ViT output zeroed (:func:`zero_encoder_outputs`;
-            into ``out_dir/eval_zeroed_encoder``): how much of the result the encoder carries.
-
-    Returns:
-        the test metrics (``zeroed_encoder_metrics`` too if asked), the parameter report and the seconds per epoch
-        (validation included).
-    """
-    from monai_prompt.engine.runner import run_bundle
-
-    method = name.removesuffix("_segmentation")
-    overrides: dict[str, Any] = {
-        **_encoder_overrides(config),
-        "dataset_dir": str(data_dir),
-        "pretrained": None if pretrained is None else str(pretrained),
-        "layer_norm_eps": MONAI_LAYER_NORM_EPS,
-        "img_size": config.roi,
-        "feature_size": config.feature_size,
-        "learning_rate": config.learning_rate,
-        "batch_size": config.batch_size,
-        "num_samples": config.num_samples,
-        "num_workers": 0,
-        "cache_rate": 1.0,
-        "_meta_#network_data_format#inputs#image#spatial_shape": [config.roi] * 2,
-        "_meta_#network_data_format#outputs#pred#spatial_shape": [config.roi] * 2,
-        **(extra_overrides or {}),
-    }
-    method_config = config.resolved_method_config() if method == config.method else None
-    if method_config is not None:
-        overrides["method_config"] = method_config
-    progress = EpochProgress(f"{method}-UNETR", print_fn=print_fn)
-    train, metrics = train_and_evaluate(bundles / name, out_dir, overrides, config.tune_epochs, verbose,
-                                        attach_progress(progress, "validate#evaluator"))
-    trainer = train.parser.get_parsed_content("train#trainer")
-    seconds_per_epoch = trainer.state.times["COMPLETED"] / config.tune_epochs  # with validation
-    if infer:
-        run_bundle(bundles / name, ["inference.json"], "infer", quiet=not verbose, bundle_root=str(out_dir),
-                   **{key: value for key, value in overrides.items() if not key.startswith("_meta_")})
-    ablation = {}
-    if zeroed_encoder:
-        ablated = out_dir / "eval_zeroed_encoder"
-        run_bundle(bundles / name, ["train.json", "evaluate.json"], "infer", quiet=not verbose,
-                   attach=lambda workflow: zero_encoder_outputs(workflow.parser.get_parsed_content("network")),
-                   **{**overrides, "bundle_root": str(out_dir), "output_dir": str(ablated)})
-        ablation["zeroed_encoder_metrics"] = read_metrics(ablated / "metrics.csv")
-    report = train.parser.get_parsed_content("network").parameter_report()
-    keys = ("trainable", "backbone", "percent_of_backbone", "encoder_trainable", "decoder")
-    return {"bundle": name, "metrics": metrics, **ablation, "seconds_per_epoch": round(seconds_per_epoch, 2),
-            **{key: report[key] for key in keys}}
-
-
-def zero_encoder_outputs(network: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Make ``network.vit`` (a ``PromptUNETR``'s encoder) output zeros: its final tokens and every hidden state
-    UNETR taps, so only the decoder's convolutional path on the raw image is left (an ablation: how much of the
-    segmentation the encoder carries).
-
-    Returns:
-        the forward hook's handle (``.remove()`` undoes it).
-    """
-    import torch
-
-    def zeros(module: torch.nn.Module, args: tuple, output: tuple) -> tuple:
-        tokens, hidden_states = output
-        return torch.zeros_like(tokens), [torch.zeros_like(hidden) for hidden in hidden_states]
-
-    return network.vit.register_forward_hook(zeros)
 
 
 def _figure(data_dir: Path, runs: dict[str, dict[str, Any]], out_dir: Path, slices: int) -> Path:
@@ -333,7 +99,7 @@ def run_segmentation_demo(
     out_dir: str | Path = "runs/demo_segmentation",
     config: SegmentationDemoConfig = SegmentationDemoConfig(),
     compare_scratch: bool = False,
-    bundles: str | Path = BUNDLES,
+    bundles: str | os.PathLike | None = None,
     verbose: bool = False,
     print_fn: Callable[[str], None] = _print,
 ) -> dict[str, Any]:
@@ -345,7 +111,7 @@ def run_segmentation_demo(
             ``segmentation_demo.png``, ``results.json``).
         config: sizes (:class:`SegmentationDemoConfig`; :data:`TINY_SEGMENTATION_DEMO` for a smoke run).
         compare_scratch: also train a UNETR from scratch (``full_segmentation``, random initialisation).
-        bundles: the bundles folder (default: the repository's).
+        bundles: the bundles folder (default: the package's, :func:`~monai_prompt.runs.bundles.bundles_folder`).
         verbose: show the bundles' own logs.
         print_fn: where lines go.
 
@@ -354,8 +120,8 @@ def run_segmentation_demo(
     """
     warnings.filterwarnings("ignore", message="torch.meshgrid")
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-    out_dir, bundles = Path(out_dir), Path(bundles)
-    steps = DemoSteps(5 if compare_scratch else 4, print_fn)
+    out_dir = Path(out_dir)
+    steps = RunSteps(5 if compare_scratch else 4, print_fn)
     with steps.step("data_s", f"demo segmentation data (MNI152 T1 slices, tissue labels) in {out_dir / 'data'}"):
         datalist, reused = prepare_segmentation_data(out_dir / "data", config)
     steps.report("data_s", "reused" if reused else "built", datalist)

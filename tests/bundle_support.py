@@ -2,7 +2,7 @@
 make any classification bundle run in seconds, and scikit-learn's metrics of a run's predictions.
 
 ``tiny_overrides(spec, data_dir, backbone_file)`` are the command-line overrides (``--img_size 32
---backbone_overrides ...``) as a dict; ``monai_prompt.engine.runner.run_bundle`` runs a workflow with them.
+--backbone_overrides ...``) as a dict; ``monai_prompt.runs.runner.run_bundle`` runs a workflow with them.
 """
 
 from __future__ import annotations
@@ -97,12 +97,6 @@ def copy_bundle(name: str, root: Path) -> Path:
     target = root / "bundles" / name
     shutil.copytree(REPO / "bundles" / name, target)
     return target
-
-
-def read_metrics(path: Path) -> dict[str, float]:
-    """The ``name,value`` rows of a bundle's ``metrics.csv``."""
-    with open(path) as f:
-        return {row[0]: float(row[1]) for row in csv.reader(f)}
 
 
 def reference_ece(confidence: Sequence[float], correct: Sequence[bool], bins: int = 15) -> float:

@@ -35,11 +35,11 @@ from monai_prompt.backbones import (
 )
 from monai_prompt.backbones.auto import infer_vit_config
 from monai_prompt.backbones.pretrained import open_checkpoint
-from monai_prompt.engine.export import export_bundle
 from monai_prompt.nets import PromptClassifier
 from monai_prompt.peft import apply_method, method_names, save_delta
 from monai_prompt.peft.ept import resize_ept_prompt
 from monai_prompt.peft.registry import get_method
+from monai_prompt.tools.export import export_bundle
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 28, "patch_size": 7}
 TOL = 1e-5

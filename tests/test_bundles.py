@@ -15,7 +15,6 @@ from bundle_support import (
     REPO,
     copy_bundle,
     metrics_from_predictions,
-    read_metrics,
     tiny_overrides,
     write_tiny_backbone,
     write_tiny_dataset,
@@ -28,10 +27,10 @@ from monai_prompt.bundle_gen import BUNDLE_SPECS, check_bundles, write_bundles
 from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS
 from monai_prompt.data import classification_transforms
 from monai_prompt.engine import latest_checkpoint
-from monai_prompt.engine.export import export_bundle
-from monai_prompt.engine.runner import run_bundle
 from monai_prompt.fpt.lpm import LPMExtractor
 from monai_prompt.peft import DeltaMismatchError
+from monai_prompt.runs.runner import read_metrics, run_bundle
+from monai_prompt.tools.export import export_bundle
 
 
 def workflow_error(bundle: Path, files: list[str], workflow_type: str, **overrides) -> BaseException:
@@ -250,8 +249,7 @@ def test_multi_label_trains_and_evaluates_with_sigmoid(tmp_path, tiny):
     assert isinstance(error, ValueError) and "run with --multi_label True" in str(error)
     run_bundle(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
     run_bundle(bundle, ["train.json", "evaluate.json"], "infer", **overrides)
-    with open(bundle / "eval" / "metrics.csv") as f:
-        assert {row[0] for row in csv.reader(f)} == {"accuracy", "auc", "f1", "ece"}
+    assert set(read_metrics(bundle / "eval" / "metrics.csv")) == {"accuracy", "auc", "f1", "ece"}
     run_bundle(bundle, ["inference.json"], "infer", **overrides)
     with open(bundle / "eval" / "predictions.csv") as f:
         rows = list(csv.reader(f))[1:]

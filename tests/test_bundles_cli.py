@@ -3,7 +3,6 @@ the bundle), ``torchrun`` with DDP on CPU (gloo), and ``monai-prompt export``/``
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -16,9 +15,9 @@ from bundle_support import REPO, TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny
 
 from monai_prompt.bundle_gen import BUNDLE_SPECS
 from monai_prompt.cli import main
-from monai_prompt.engine.runner import run_bundle
 from monai_prompt.nets import PromptClassifier
 from monai_prompt.peft import load_delta
+from monai_prompt.runs.runner import read_metrics, run_bundle
 
 TIMEOUT_S = 300
 
@@ -51,8 +50,7 @@ def test_monai_bundle_cli_from_repository_root_and_from_inside_the_bundle(tiny, 
     result = run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
                   "['configs/train.json','configs/evaluate.json']", *args], cwd=bundle)
     assert "Restored all variables from ./models/model.pt" in result.stdout + result.stderr
-    with open(bundle / "eval" / "metrics.csv") as f:
-        assert {row[0] for row in csv.reader(f)} == {"accuracy", "auc", "f1", "kappa", "ece"}
+    assert set(read_metrics(bundle / "eval" / "metrics.csv")) == {"accuracy", "auc", "f1", "kappa", "ece"}
 
 
 @pytest.mark.slow

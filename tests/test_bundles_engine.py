@@ -20,8 +20,6 @@ from monai_prompt.engine import (
     QuadraticWeightedKappa,
     TrainableReportHandler,
     TrainableState,
-    bundle_root,
-    check_task,
     class_decisions,
     latest_checkpoint,
     macro_f1,
@@ -31,6 +29,10 @@ from monai_prompt.engine import (
 from monai_prompt.nets import PromptClassifier
 from monai_prompt.peft import DeltaMismatchError
 from monai_prompt.peft.delta import IDENTITY_KEYS
+from monai_prompt.runs import (
+    bundle_root,
+    check_task,
+)
 
 
 def tiny_net(method: str = "vpt", **config) -> PromptClassifier:

@@ -11,7 +11,7 @@ import torch
 
 from monai_prompt.benchmarks import bundle_runs
 from monai_prompt.cli import main
-from monai_prompt.demo import TINY_DEMO, prepare_data, pretrain
+from monai_prompt.runs.demo_task import TINY_DEMO, prepare_data, pretrain
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from monai_prompt.cli import main
 from monai_prompt.data.demo import mni152_folder
 from monai_prompt.data.demo_segmentation import SEGMENTATION_CLASSES, SLAB_SPLITS_3D, build_segmentation_demo
 from monai_prompt.data.segmentation import check_segmentation_datalist
-from monai_prompt.demo_segmentation import TINY_SEGMENTATION_DEMO, prepare_segmentation_data, pretrain_encoder
+from monai_prompt.runs.segmentation_demo_task import TINY_SEGMENTATION_DEMO, prepare_segmentation_data, pretrain_encoder
 
 SMALL = {"unlabeled_copies": 1, "crops_3d": (3, 1, 1)}
 
@@ -166,8 +166,8 @@ def test_demo_data_command_builds_the_segmentation_sets(tmp_path, capsys):
 def test_zero_encoder_outputs_leaves_the_decoder_alone():
     """With the hook, the UNETR's output no longer depends on its encoder's weights (it does without the hook, and
     again once the hook is removed)."""
-    from monai_prompt.demo_segmentation import zero_encoder_outputs
     from monai_prompt.nets import PromptUNETR
+    from monai_prompt.runs.segmentation_demo_task import zero_encoder_outputs
 
     torch.manual_seed(0)
     net = PromptUNETR(1, 4, 32, "lora", backbone="vit_tiny", spatial_dims=2, feature_size=8,

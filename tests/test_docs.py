@@ -721,14 +721,14 @@ def docs(fork_server, tiny, tmp_path_factory):
     lazily) and one work copy per doc file."""
     import torch
     from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny_overrides
-    from segmentation_support import tiny_segmentation_overrides, write_tiny_encoder, write_tiny_segmentation
     from safetensors.torch import save_file
+    from segmentation_support import tiny_segmentation_overrides, write_tiny_encoder, write_tiny_segmentation
     from transformers import ViTConfig, ViTModel
 
     from monai_prompt.bundle_gen import BUNDLE_SPECS
     from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS
     from monai_prompt.data import build_demo_data
-    from monai_prompt.engine.runner import run_bundle
+    from monai_prompt.runs.runner import run_bundle
 
     root = tmp_path_factory.mktemp("docs")
     data = root / "data"

@@ -19,9 +19,9 @@ from monai.engines.utils import PrepareBatchExtraInput
 from monai.transforms import Compose, Resized
 
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
-from monai_prompt.engine.runner import run_bundle
 from monai_prompt.fpt import FPTClassifier, LoadFPTFeaturesd, cache_identity, preload_features
 from monai_prompt.peft import delta_state_dict, load_delta, save_delta, trainable_report
+from monai_prompt.runs.runner import run_bundle
 
 TINY = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "mlp_dim": 128, "patch_size": 8}
 

@@ -16,7 +16,7 @@ from bundle_support import copy_bundle, tiny_overrides
 from mlflow import MlflowClient
 
 from monai_prompt.bundle_gen import BUNDLE_SPECS
-from monai_prompt.engine.runner import run_bundle
+from monai_prompt.runs.runner import run_bundle
 
 pytestmark = pytest.mark.slow  # every test runs bundle workflows
 SPEC = BUNDLE_SPECS["linear_classification"]

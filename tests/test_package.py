@@ -22,9 +22,9 @@ from segmentation_support import (
 from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS, BUNDLE_SPECS
 from monai_prompt.cli import main
 from monai_prompt.engine import latest_checkpoint
-from monai_prompt.engine.package import package_bundle
-from monai_prompt.engine.runner import run_bundle
 from monai_prompt.peft.delta import FINGERPRINT_KEY, IDENTITY_KEYS, SOURCE_KEY, DeltaMismatchError, backbone_source
+from monai_prompt.runs.runner import run_bundle
+from monai_prompt.tools.package import package_bundle
 
 SPEC = BUNDLE_SPECS["lora_classification"]
 #: what inference needs besides the training record: where the images are, and no worker processes.

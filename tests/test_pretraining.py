@@ -17,9 +17,9 @@ from monai_prompt.backbones import build_vit
 from monai_prompt.backbones.pretrained import load_pretrained
 from monai_prompt.bundle_gen.metadata import schema_file
 from monai_prompt.data import ClassificationDatalist
-from monai_prompt.engine.mae import MaskedPatchLoss, patchify
-from monai_prompt.engine.runner import run_bundle
+from monai_prompt.losses import MaskedPatchLoss, patchify
 from monai_prompt.nets import PromptClassifier
+from monai_prompt.runs.runner import run_bundle
 
 
 def write_unlabeled_images(root: Path, training: int = 4, unlabeled: int = 8) -> Path:

@@ -47,27 +47,29 @@ from monai_prompt.engine import (
     NonFiniteGuard,
     PredictionSaver,
     ResumeLrScheduleHandler,
+    check_tracking_uri,
+    latest_checkpoint,
+    non_finite_entries,
+    per_class_scores,
+)
+from monai_prompt.engine.tracking import MLFLOW_HTTP_LIMITS
+from monai_prompt.io import atomic_write
+from monai_prompt.nets import PromptClassifier
+from monai_prompt.peft import DeltaMismatchError
+from monai_prompt.runs import (
     RunFolderError,
     RunIdentity,
     RunLock,
     check_task,
-    check_tracking_uri,
     claim_run_folder,
     find_datalist,
     format_root_cause,
-    latest_checkpoint,
-    non_finite_entries,
-    per_class_scores,
     read_training_config,
     root_cause,
     run_id,
     write_training_config,
 )
-from monai_prompt.engine.runner import run_bundle
-from monai_prompt.engine.tracking import MLFLOW_HTTP_LIMITS
-from monai_prompt.io import atomic_write
-from monai_prompt.nets import PromptClassifier
-from monai_prompt.peft import DeltaMismatchError
+from monai_prompt.runs.runner import run_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 8}
@@ -318,7 +320,7 @@ def test_a_dead_run_s_lock_is_taken_over(tmp_path, release_locks):
 def test_a_second_process_fails_at_once_and_a_killed_one_s_lock_is_taken_over(tmp_path, release_locks):
     folder = tmp_path / "models"
     holder = subprocess.Popen(
-        [sys.executable, "-c", (f"import time; from monai_prompt.engine.run_folder import claim_run_folder; "
+        [sys.executable, "-c", (f"import time; from monai_prompt.runs.run_folder import claim_run_folder; "
                                 f"claim_run_folder({str(folder)!r}); print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True, cwd=REPO,
     )

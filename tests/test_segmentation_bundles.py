@@ -3,7 +3,6 @@ scipy on the saved masks, which keep the input's geometry; the data check, per-c
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -31,8 +30,8 @@ from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS
 from monai_prompt.data import DataCheckError
 from monai_prompt.data.segmentation import check_segmentation_datalist, mask_suffix
 from monai_prompt.engine import latest_checkpoint
-from monai_prompt.engine.runner import run_bundle
-from monai_prompt.engine.segmentation import ClassHausdorffDistance, ClassMeanDice
+from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice
+from monai_prompt.runs.runner import read_metrics, run_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 FOREGROUND = TINY_CLASSES[1:]
@@ -70,8 +69,7 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 def _assert_masks_match_labels_and_metrics(bundle: Path, datalist: Path, png: bool) -> None:
     """Each saved mask has its input's shape (and affine); the evaluation's metrics equal numpy/scipy's on the masks
     (the network and the test images are the same in both runs)."""
-    with open(bundle / "eval" / "metrics.csv") as f:
-        metrics = {name: float(value) for name, value in csv.reader(f)}
+    metrics = read_metrics(bundle / "eval" / "metrics.csv")
     expected_names = {"mean_dice", "mean_hd95"} | {f"{m}_{c}" for m in ("dice", "hd95") for c in FOREGROUND}
     assert set(metrics) == expected_names
     scores: dict[str, list[list[float]]] = {"dice": [], "hd95": []}

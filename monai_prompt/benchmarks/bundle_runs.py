@@ -3,10 +3,10 @@
 1. Trainable parameters and delta size of each bundle's default network (ViT-B/16 at the bundle's ``img_size``,
    3 classes; built, never run).
 2. A demo run of each bundle on the demo set of ``make demo``: no ImageNet ViT ships in any installable package, so
-   the backbone is the one ``make demo`` pre-trains (:func:`monai_prompt.demo.pretrain`: the ``bundles/vit_pretraining``
+   the backbone is the one ``make demo`` pre-trains (:func:`monai_prompt.runs.demo_task.pretrain`: the ``bundles/vit_pretraining``
    MAE bundle on the training and unlabelled images, labels unused), then each bundle's own recipe tunes it. Data and
    pre-training are cached under ``--work`` as the demo caches them (``--work runs/demo`` reuses a finished
-   ``make demo``). Each bundle trains and evaluates through :func:`~monai_prompt.engine.runner.run_bundle` in a process
+   ``make demo``). Each bundle trains and evaluates through :func:`~monai_prompt.runs.runner.run_bundle` in a process
    of its own, so its peak RSS is its own; train seconds per epoch, peak RSS and the test metrics are recorded.
 
 The numbers go to ``monai_prompt/bundle_gen/measurements.json``; ``monai-prompt render-bundles`` then writes them into
@@ -33,17 +33,10 @@ import torch
 
 from monai_prompt.bundle_gen.readme import MEASUREMENTS_FILE
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS, BundleSpec
-from monai_prompt.demo import (
-    BUNDLES,
-    TINY_DEMO,
-    DemoConfig,
-    EpochProgress,
-    attach_progress,
-    prepare_data,
-    pretrain,
-    pretrained_overrides,
-    train_and_evaluate,
-)
+from monai_prompt.runs.bundles import bundles_folder
+from monai_prompt.runs.demo_task import TINY_DEMO, DemoConfig, prepare_data, pretrain, pretrained_overrides
+from monai_prompt.runs.progress import EpochProgress, attach_progress
+from monai_prompt.runs.runner import train_and_evaluate
 
 __all__ = ["default_network", "demo_overrides", "demo_run", "hardware", "parameter_counts"]
 
@@ -98,7 +91,7 @@ def demo_run(spec: BundleSpec, bundles: Path, out_dir: Path, datalist: Path, bac
         bundles: the bundles folder.
         out_dir: the run's ``bundle_root`` (emptied first).
         datalist: the demo datalist.
-        backbone: :func:`~monai_prompt.demo.pretrained_overrides` of the pre-trained demo backbone.
+        backbone: :func:`~monai_prompt.runs.demo_task.pretrained_overrides` of the pre-trained demo backbone.
         epochs: training epochs.
 
     Returns:
@@ -152,7 +145,7 @@ def hardware() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="bundles (default: all)")
-    parser.add_argument("--bundles", default=str(BUNDLES), help="the bundles folder (default: the repository's)")
+    parser.add_argument("--bundles", help="the bundles folder (default: the package's)")
     parser.add_argument("--work", default="runs/measure", help="scratch folder (demo data, pre-training, runs)")
     parser.add_argument("--epochs", type=int, default=8, help="demo training epochs per bundle")
     parser.add_argument("--no-demo", action="store_true", help="only count parameters")
@@ -161,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", help="where the numbers go (default: the READMEs' measurements.json)")
     args = parser.parse_args(argv)
 
-    bundles, work = Path(args.bundles).absolute(), Path(args.work).absolute()
+    bundles, work = bundles_folder(args.bundles).absolute(), Path(args.work).absolute()
     config, epochs = (TINY_DEMO, 1) if args.quick else (DemoConfig(), args.epochs)
     target = Path(args.output) if args.output else work / "measurements.json" if args.quick else MEASUREMENTS_FILE
     measured = json.loads(target.read_text()) if target.is_file() else {}

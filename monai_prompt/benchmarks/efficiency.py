@@ -192,11 +192,13 @@ class PeakMemory:
 
     @staticmethod
     def _status_mib(field: str) -> float:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-        raise RuntimeError(f"/proc/self/status has no {field}; the CPU memory benchmark needs Linux.")
+        from monai_prompt.engine.handlers import process_status_mib
+
+        try:
+            return process_status_mib(field)
+        except (OSError, KeyError) as err:
+            raise RuntimeError(f"cannot read {field} of /proc/self/status ({err}); the CPU memory benchmark needs "
+                               "Linux.") from err
 
     def reset(self) -> None:
         """Take the current level as the baseline and forget earlier peaks."""

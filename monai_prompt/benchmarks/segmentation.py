@@ -20,7 +20,7 @@ from typing import Any
 from monai_prompt.benchmarks.bundle_runs import default_network, hardware, parameter_counts
 from monai_prompt.bundle_gen.segmentation_readme import SEGMENTATION_MEASUREMENTS_FILE
 from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS, BundleSpec
-from monai_prompt.demo import BUNDLES
+from monai_prompt.runs.bundles import bundles_folder
 
 __all__ = ["demo_record", "segmentation_counts"]
 
@@ -64,7 +64,7 @@ def demo_record(results: dict[str, Any], date: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundles", default=str(BUNDLES), help="the bundles folder (default: the repository's)")
+    parser.add_argument("--bundles", help="the bundles folder (default: the package's)")
     parser.add_argument("--demo", help="results.json of a finished `monai-prompt demo --task segmentation` run")
     parser.add_argument("--no-counts", action="store_true", help="keep the recorded parameter counts")
     parser.add_argument("--output", default=str(SEGMENTATION_MEASUREMENTS_FILE), help="where the numbers go")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     measured = json.loads(target.read_text()) if target.is_file() else {}
     if not args.no_counts:
         for name, spec in SEGMENTATION_SPECS.items():
-            measured.setdefault("parameters", {})[name] = segmentation_counts(spec, Path(args.bundles))
+            measured.setdefault("parameters", {})[name] = segmentation_counts(spec, bundles_folder(args.bundles))
             print(name, json.dumps(measured["parameters"][name]), flush=True)
         measured["date"] = today
     if args.demo:

@@ -48,6 +48,7 @@ IMPORTS = (
     "$import monai_prompt",
     "$import monai_prompt.data",
     "$import monai_prompt.engine",
+    "$import monai_prompt.runs",
 )
 EVALUATOR = {
     "_target_": "SupervisedEvaluator",
@@ -56,7 +57,7 @@ EVALUATOR = {
     "amp": "@amp",
 }
 #: first step of every workflow's ``initialize``: the root cause of a failure is printed last.
-SHOW_CAUSE_LAST = "$monai_prompt.engine.show_cause_last()"
+SHOW_CAUSE_LAST = "$monai_prompt.runs.show_cause_last()"
 
 
 def train_start(kept: str = "@resume") -> tuple[str, ...]:
@@ -69,7 +70,7 @@ def train_start(kept: str = "@resume") -> tuple[str, ...]:
     """
     return (
         SHOW_CAUSE_LAST,
-        f"$monai_prompt.engine.claim_run_folder(@ckpt_dir, resume={kept}, overwrite=@overwrite)",
+        f"$monai_prompt.runs.claim_run_folder(@ckpt_dir, resume={kept}, overwrite=@overwrite)",
         "$monai.utils.set_determinism(seed=@seed)",
     )
 
@@ -78,7 +79,7 @@ def record_training(kept: str = "@resume") -> str:
     """After the data checks: a new run writes ``models/training_config.json`` from ``training_record`` (the task's
     settings that define the network and data), which evaluation and inference read; a run that continues the
     folder's previous run (``kept``, as in :func:`train_start`) keeps its record."""
-    return f"$None if {kept} else monai_prompt.engine.write_training_config(@ckpt_dir, @run_id, @training_record)"
+    return f"$None if {kept} else monai_prompt.runs.write_training_config(@ckpt_dir, @run_id, @training_record)"
 
 
 TRAIN_START = train_start()
@@ -98,21 +99,21 @@ def paths(spec: BundleSpec, dataset_dir: str, datalist_file: str) -> dict[str, A
     ``bundle_root`` is not the model-zoo ``"."``: ``python -m monai.bundle run`` does not set it, and the READMEs
     run every command both from the repository root (``--config_file bundles/<name>/configs/train.json``, outputs
     and the default ``dataset_dir`` relative to the bundle) and from inside the bundle, which ``"."`` cannot both
-    serve; :func:`monai_prompt.engine.bundle_root` finds the bundle from the working directory (``--bundle_root``
+    serve; :func:`monai_prompt.runs.bundle_root` finds the bundle from the working directory (``--bundle_root``
     still overrides it, as MONAI's tools pass it).
 
     Args:
         spec: the bundle.
         dataset_dir: the default data folder below the repository root (where ``make demo`` writes the data).
         datalist_file: the datalist's name in it; ``--dataset_dir`` may also name a class-per-folder tree or a
-            CSV/JSON datalist (:func:`monai_prompt.engine.find_datalist`).
+            CSV/JSON datalist (:func:`monai_prompt.runs.find_datalist`).
     """
     return {
-        "bundle_root": f"$monai_prompt.engine.bundle_root('{spec.name}')",
+        "bundle_root": f"$monai_prompt.runs.bundle_root('{spec.name}')",
         "ckpt_dir": "$@bundle_root + '/models'",
         "output_dir": "$@bundle_root + '/eval'",
         "dataset_dir": f"$@bundle_root + '/../../{dataset_dir}'",
-        "datalist_file": f"$monai_prompt.engine.find_datalist(@dataset_dir, '{datalist_file}')",
+        "datalist_file": f"$monai_prompt.runs.find_datalist(@dataset_dir, '{datalist_file}')",
     }
 
 
@@ -181,7 +182,7 @@ def delta_loader() -> dict[str, Any]:
 
 def recorded(defaults: dict[str, Any]) -> dict[str, Any]:
     """Settings an evaluation or inference takes from the bundle's training record (``training_config.json`` in
-    ``@ckpt_dir``, :func:`monai_prompt.engine.read_training_config`), each falling back to its default when there
+    ``@ckpt_dir``, :func:`monai_prompt.runs.read_training_config`), each falling back to its default when there
     is no record.
 
     A value given on the command line wins: a scalar entry is an expression reading the record, which the value
@@ -201,7 +202,7 @@ def recorded(defaults: dict[str, Any]) -> dict[str, Any]:
             return value[1:]
         return value if isinstance(value, str) and value.startswith("@") else repr(value)
 
-    settings: dict[str, Any] = {"training_config": "$monai_prompt.engine.read_training_config(@ckpt_dir)"}
+    settings: dict[str, Any] = {"training_config": "$monai_prompt.runs.read_training_config(@ckpt_dir)"}
     for key, value in defaults.items():
         if isinstance(value, dict):
             settings[key] = {}
@@ -227,7 +228,7 @@ def train_settings(spec: BundleSpec, kept: str = "@resume") -> dict[str, Any]:
         "val_interval": 1,
         "resume": False,
         "overwrite": False,
-        "run_id": f"$monai_prompt.engine.run_id(@ckpt_dir, {kept})",
+        "run_id": f"$monai_prompt.runs.run_id(@ckpt_dir, {kept})",
         "resume_file": "$monai_prompt.engine.latest_checkpoint(@ckpt_dir, run_id=@run_id) if @resume else None",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_train')",
         "is_not_rank0": "$torch.distributed.is_available() and torch.distributed.is_initialized() "
@@ -260,7 +261,7 @@ def train_checkpointing() -> dict[str, Any]:
     ``train#model_saver``, the best-key-metric delta ``models/model.pt`` (attached to the validator)."""
     return {
         "checkpoint": {
-            "run": {"_target_": "monai_prompt.engine.RunIdentity", "run": "@run_id"},
+            "run": {"_target_": "monai_prompt.runs.RunIdentity", "run": "@run_id"},
             "trainer": "@train#trainer",
             "optimizer": "@optimizer",
             "lr_scheduler": "@lr_scheduler",
@@ -404,7 +405,7 @@ def inference_steps(check: str) -> dict[str, list[str]]:
         "initialize": [
             SHOW_CAUSE_LAST,
             "$monai.utils.set_determinism(seed=@seed)",
-            "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)",
+            "$monai_prompt.runs.warn_if_not_pretrained(@pretrained)",
         ],
         "run": [check, "$@evaluator.run()"],
     }

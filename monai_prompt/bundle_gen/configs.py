@@ -196,17 +196,17 @@ def _initialize(spec: BundleSpec, distributed: bool = False, train: bool = True)
     freed."""
     if train:
         start = list(common.TRAIN_START)
-        task = "$monai_prompt.engine.check_task(@datalist, @num_classes, @multi_label, ['training', 'validation'])"
+        task = "$monai_prompt.runs.check_task(@datalist, @num_classes, @multi_label, ['training', 'validation'])"
     else:
         start = [common.SHOW_CAUSE_LAST, "$monai.utils.set_determinism(seed=@seed)"]
-        task = ("$monai_prompt.engine.check_task(@datalist, @num_classes, @multi_label, [@evaluate_split], "
+        task = ("$monai_prompt.runs.check_task(@datalist, @num_classes, @multi_label, [@evaluate_split], "
                 "classes=@class_names)")
     steps = [
         *start,
         _CHECK_DATALIST,
         task,
         *([common.RECORD_TRAINING] if train else []),
-        "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)",
+        "$monai_prompt.runs.warn_if_not_pretrained(@pretrained)",
     ]
     if spec.fpt and distributed:
         steps += [f"${_FPT_PRELOAD} if @fpt_preload and dist.get_rank() == 0 else None", "$dist.barrier()"]

@@ -79,9 +79,9 @@ def _common(spec: BundleSpec) -> dict[str, Any]:
     """Paths, datalist, device, classes, input, network and loader settings every file starts with."""
     batch_size, num_samples = _BATCH[spec.spatial_dims]
     return {
-        "imports": [*common.IMPORTS, "$import monai_prompt.data.segmentation"],
+        "imports": list(common.IMPORTS),
         **common.paths(spec, DEMO_DATASET_DIR, f"datalist_{spec.spatial_dims}d.json"),
-        "datalist": "$monai_prompt.data.segmentation.read_segmentation_datalist(@datalist_file)",
+        "datalist": "$monai_prompt.data.read_segmentation_datalist(@datalist_file)",
         **common.device_settings(),
         **_network_settings(spec, _DATALIST_TASK),
         "roi_size": "$monai.utils.ensure_tuple_rep(@img_size, @spatial_dims)",
@@ -154,14 +154,14 @@ def _sliding_window() -> dict[str, Any]:
 
 def _metrics(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Key metric (mean Dice over the foreground classes) and Dice per class, HD95 per class and its mean (NaN where
-    undefined: :mod:`monai_prompt.engine.segmentation`)."""
+    undefined: :mod:`monai_prompt.engine.metrics.segmentation`)."""
     foreground = "$@class_names[1:]"
     key = {f"{prefix}mean_dice": {"_target_": "MeanDice", "include_background": False,
                                   "output_transform": _FROM_PRED_LABEL}}
     additional = {
-        f"{prefix}dice": {"_target_": "monai_prompt.engine.segmentation.ClassMeanDice", "class_names": foreground,
+        f"{prefix}dice": {"_target_": "monai_prompt.engine.ClassMeanDice", "class_names": foreground,
                           "include_background": False, "output_transform": _FROM_PRED_LABEL},
-        f"{prefix}hd95": {"_target_": "monai_prompt.engine.segmentation.ClassHausdorffDistance",
+        f"{prefix}hd95": {"_target_": "monai_prompt.engine.ClassHausdorffDistance",
                           "class_names": foreground, "mean_name": f"{prefix}mean_hd95", "percentile": 95,
                           "include_background": False, "output_transform": _FROM_PRED_LABEL},
     }
@@ -200,7 +200,7 @@ def _continue_model(settings: dict[str, Any]) -> dict[str, Any]:
         "datalist": unless + settings["datalist"][1:],
         "class_names": "$@training_config['class_names'] if @continue_model else @datalist.classes",
         "continue_model": False,
-        "training_config": "$monai_prompt.engine.read_training_config(@ckpt_dir)",
+        "training_config": "$monai_prompt.runs.read_training_config(@ckpt_dir)",
     }
 
 
@@ -214,17 +214,17 @@ def _initialize(train: bool = True) -> list[str]:
     the served model, :func:`_continue_model`); training: the run recorded; a warning without pre-trained weights."""
     splits = "['training', 'validation']" if train else "[@evaluate_split]"
     check = (
-        f"monai_prompt.data.segmentation.check_segmentation_datalist(@datalist_file, @class_names, "
+        f"monai_prompt.data.check_segmentation_datalist(@datalist_file, @class_names, "
         f"required_splits={splits})"
     )
     if not train:
         return [common.SHOW_CAUSE_LAST, "$monai.utils.set_determinism(seed=@seed)", f"${check}",
-                "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)"]
+                "$monai_prompt.runs.warn_if_not_pretrained(@pretrained)"]
     return [
         *common.train_start(_KEPT),
         f"$None if @continue_model else {check}",
         common.record_training(_KEPT),
-        "$monai_prompt.engine.warn_if_not_pretrained(@pretrained)",
+        "$monai_prompt.runs.warn_if_not_pretrained(@pretrained)",
     ]
 
 
@@ -319,7 +319,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "infer_images": "@input_dir",
         "infer_files": "$monai_prompt.data.find_images(@infer_images)",
         "mask_dir": "$@output_dir + '/masks'",
-        "mask_ext": "$monai_prompt.data.segmentation.mask_suffix(@infer_files)",
+        "mask_ext": "$monai_prompt.data.mask_suffix(@infer_files)",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_infer')",
         "preprocessing": _compose(_deterministic_transforms(label=False)),
         "dataset": common.dataset("$[{'image': image} for image in @infer_files]", "@preprocessing"),

@@ -12,6 +12,13 @@ from monai_prompt.data.datalist import (
 )
 from monai_prompt.data.demo import DEMO_CLASSES, build_demo_data
 from monai_prompt.data.headers import ImageHeader, read_header
+from monai_prompt.data.segmentation import (
+    SegmentationDatalist,
+    SegmentationSummary,
+    check_segmentation_datalist,
+    mask_suffix,
+    read_segmentation_datalist,
+)
 from monai_prompt.data.split import SPLITS, SplitOptions, split_items
 
 _TRANSFORMS = ("MatchInputd", "classification_transforms", "match_input")
@@ -24,14 +31,19 @@ __all__ = [
     "DataCheckError",
     "DataSummary",
     "ImageHeader",
+    "SegmentationDatalist",
+    "SegmentationSummary",
     "SplitOptions",
     "build_demo_data",
     "check_datalist",
+    "check_segmentation_datalist",
     "datalist_from_csv",
     "datalist_from_folder",
     "datalist_from_json",
+    "mask_suffix",
     "read_datalist",
     "read_header",
+    "read_segmentation_datalist",
     "split_items",
     *_TRANSFORMS,
 ]

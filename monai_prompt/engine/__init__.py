@@ -1,6 +1,6 @@
-"""ignite/MONAI glue for bundles: delta checkpoints, PEFT handlers, classification metrics, MLflow extras, and the
-guards that make a run trustworthy (run-folder lock, non-finite stops, errors shown last), the training record and
-the inference CSV."""
+"""ignite/MONAI components that bundle configs reference: delta checkpoints, PEFT handlers, classification and
+segmentation metrics, the inference CSV and MLflow extras. What a run keeps beside them (the run-folder lock, the
+training record, errors shown last, the config checks, the in-process runner) is :mod:`monai_prompt.runs`."""
 
 from monai_prompt.engine.checkpoint import (
     AtomicCheckpointSaver,
@@ -12,7 +12,6 @@ from monai_prompt.engine.checkpoint import (
     non_finite_entries,
     unwrap,
 )
-from monai_prompt.engine.errors import format_root_cause, root_cause, show_cause_last
 from monai_prompt.engine.handlers import (
     NonFiniteGuard,
     PeakMemoryHandler,
@@ -20,18 +19,20 @@ from monai_prompt.engine.handlers import (
     TrainableReportHandler,
     batch_images,
     peak_memory_mb,
+    process_status_mib,
 )
 from monai_prompt.engine.metrics import (
+    ClassHausdorffDistance,
+    ClassMeanDice,
     ClassReportHandler,
     QuadraticWeightedKappa,
     class_decisions,
+    expected_calibration_error,
     macro_f1,
     per_class_scores,
     quadratic_weighted_kappa,
 )
 from monai_prompt.engine.predictions import PredictionSaver
-from monai_prompt.engine.record import TRAINING_CONFIG, RunIdentity, read_training_config, run_id, write_training_config
-from monai_prompt.engine.run_folder import RunFolderError, RunLock, claim_run_folder, remove_partial_writes
 from monai_prompt.engine.tracking import (
     MLflowPeftLogger,
     check_tracking_uri,
@@ -39,4 +40,3 @@ from monai_prompt.engine.tracking import (
     peft_params,
     unique_run_name,
 )
-from monai_prompt.engine.workflow import bundle_root, check_task, find_datalist, warn_if_not_pretrained

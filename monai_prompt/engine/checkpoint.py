@@ -238,7 +238,7 @@ def latest_checkpoint(ckpt_dir: str | Path, run_id: str | None = None) -> str:
 
     Args:
         ckpt_dir: the checkpoint folder.
-        run_id: only checkpoints of this training run (their ``run`` entry, :class:`~monai_prompt.engine.RunIdentity`).
+        run_id: only checkpoints of this training run (their ``run`` entry, :class:`~monai_prompt.runs.RunIdentity`).
 
     Raises:
         FileNotFoundError: there is none (of that run), with the fix.

@@ -26,6 +26,7 @@ __all__ = [
     "TrainableReportHandler",
     "batch_images",
     "peak_memory_mb",
+    "process_status_mib",
 ]
 
 
@@ -56,24 +57,38 @@ class TrainableReportHandler:
         )
 
 
+def process_status_mib(field: str) -> float:
+    """A memory field of this process's ``/proc/self/status`` (Linux) in MiB: ``VmHWM`` (the resident set's peak),
+    ``VmRSS`` (its current size), ...
+
+    Args:
+        field: the field name, without the colon.
+
+    Raises:
+        OSError: there is no ``/proc/self/status`` (not Linux).
+        KeyError: it has no such field.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**10  # kB
+    raise KeyError(f"/proc/self/status has no {field}")
+
+
 def peak_memory_mb(device: torch.device | str) -> float:
     """Peak memory in MiB: CUDA max allocated on ``device`` for a GPU, else the process's peak resident set.
 
-    On Linux the resident peak is ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` would also count the memory of
-    the parent process that started this one (Linux carries it over ``exec``).
+    On Linux the resident peak is ``VmHWM`` of ``/proc/self/status`` (:func:`process_status_mib`): ``ru_maxrss``
+    would also count the memory of the parent process that started this one (Linux carries it over ``exec``).
     """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+        return process_status_mib("VmHWM")
+    except (OSError, KeyError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 class PeakMemoryHandler:

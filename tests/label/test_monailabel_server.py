@@ -43,7 +43,7 @@ from segmentation_support import (
 )
 
 from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS
-from monai_prompt.engine.runner import run_bundle
+from monai_prompt.runs.runner import run_bundle
 
 #: a PromptClassifier and an FPTClassifier (frozen LPM + side network) bundle.
 CLASSIFICATIONS = ("vpt_classification", "fptplus_classification")

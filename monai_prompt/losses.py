@@ -62,7 +62,7 @@ class MaskedPatchLoss(nn.Module):
 
     Example::
 
-        "loss": {"_target_": "monai_prompt.engine.mae.MaskedPatchLoss", "patch_size": 4}
+        "loss": {"_target_": "monai_prompt.losses.MaskedPatchLoss", "patch_size": 4}
     """
 
     def __init__(self, patch_size: Sequence[int] | int, norm_pix: bool = True, eps: float = 1e-6) -> None:

@@ -64,7 +64,7 @@ def _excepthook(kind: type[BaseException], error: BaseException, traceback: Trac
 def show_cause_last() -> None:
     """Install (once) the ``sys.excepthook`` that repeats the root error of a MONAI-wrapped exception last.
 
-    Put ``"$monai_prompt.engine.show_cause_last()"`` first in a bundle's ``initialize`` list.
+    Put ``"$monai_prompt.runs.show_cause_last()"`` first in a bundle's ``initialize`` list.
     """
     global _previous_hook
     if sys.excepthook is not _excepthook:

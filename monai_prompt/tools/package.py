@@ -33,9 +33,9 @@ import torch
 from monai.bundle import ConfigParser
 
 from monai_prompt.backbones.tinyvit import LITE_MEDSAM_WHEEL, lite_medsam_checkpoint
-from monai_prompt.engine.record import TRAINING_CONFIG, read_training_config
 from monai_prompt.io import TMP_SUFFIX
 from monai_prompt.peft.delta import FINGERPRINT_KEY, DeltaMismatchError, check_delta_meta, identity_state
+from monai_prompt.runs.record import TRAINING_CONFIG, read_training_config
 
 __all__ = ["BACKBONE_NAME", "PackageReport", "package_bundle"]
 

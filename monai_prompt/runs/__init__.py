@@ -1,0 +1,11 @@
+"""Running bundles and keeping their runs: what configs call around the engines (errors shown last, the run-folder
+claim, the training record, the data and weight checks), the in-process runner with its progress lines, where the
+bundles are, and the two demo tasks that ``monai-prompt demo`` and the benchmarks share."""
+
+from monai_prompt.runs.bundles import bundles_folder, find_bundle
+from monai_prompt.runs.errors import format_root_cause, root_cause, show_cause_last
+from monai_prompt.runs.progress import EpochProgress, RunSteps, attach_progress
+from monai_prompt.runs.record import TRAINING_CONFIG, RunIdentity, read_training_config, run_id, write_training_config
+from monai_prompt.runs.run_folder import RunFolderError, RunLock, claim_run_folder, remove_partial_writes
+from monai_prompt.runs.runner import read_metrics, run_bundle, train_and_evaluate
+from monai_prompt.runs.workflow import bundle_root, check_task, find_datalist, warn_if_not_pretrained
