@@ -26,13 +26,15 @@ def _demo(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     overrides = {"pretrain_epochs": args.pretrain_epochs, "tune_epochs": args.epochs}
     if args.task == "segmentation":
-        from monai_prompt.demo_segmentation import TINY_SEGMENTATION_DEMO, SegmentationDemoConfig, run_segmentation_demo
+        from monai_prompt.demo_segmentation import run_segmentation_demo
+        from monai_prompt.runs.segmentation_demo_task import TINY_SEGMENTATION_DEMO, SegmentationDemoConfig
 
         config = TINY_SEGMENTATION_DEMO if args.tiny else SegmentationDemoConfig()
         overrides["method"] = args.method
         run = run_segmentation_demo
     else:
-        from monai_prompt.demo import TINY_DEMO, DemoConfig, run_demo
+        from monai_prompt.demo import run_demo
+        from monai_prompt.runs.demo_task import TINY_DEMO, DemoConfig
 
         if args.method is not None:
             raise SystemExit("demo: --method chooses the segmentation bundle; the main job tunes DVPT.")
@@ -58,7 +60,8 @@ def _demo_data(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     out = args.out or f"{DEMO_OUT[args.task]}/data"
-    # the stamp of the demo's cached build (monai_prompt.runs.demo_task.prepare_data) would no longer describe the folder
+    # the stamp of the demo's cached build (monai_prompt.runs.demo_task.prepare_data) would no longer describe the
+    # folder
     Path(out, "build.json").unlink(missing_ok=True)
     if args.task == "segmentation":
         from monai_prompt.data.demo_segmentation import build_segmentation_demo

@@ -96,7 +96,8 @@ def run_demo(
     Args:
         out_dir: output folder (``data/``, ``vit_pretraining/``, ``dvpt_pretrained/``, ``dvpt_scratch/``,
             ``results.json``).
-        config: sizes (:class:`DemoConfig`; :data:`TINY_DEMO` for a smoke run).
+        config: sizes (:class:`~monai_prompt.runs.demo_task.DemoConfig`;
+            :data:`~monai_prompt.runs.demo_task.TINY_DEMO` for a smoke run).
         compare_scratch: also tune and evaluate DVPT on a randomly initialised backbone.
         bundles: the bundles folder (default: the package's, :func:`~monai_prompt.runs.bundles.bundles_folder`).
         verbose: show the bundles' own logs (MONAI/ignite INFO lines).

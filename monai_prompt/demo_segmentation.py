@@ -5,8 +5,8 @@ Every output goes under ``out_dir`` (``runs/demo_segmentation``, git-ignored):
 1. **data**: the 2D and 3D sets of :mod:`monai_prompt.data.demo_segmentation` (96 x 96 axial slices at 2 mm,
    background/CSF/grey/white matter, split by axial slab), built once and reused while the settings are unchanged.
 2. **pre-training**: ``bundles/vit_pretraining`` (MONAI's ``MaskedAutoEncoderViT``, through
-   :func:`monai_prompt.runs.demo_task.pretrain` and its cache) on the training slab's slices and their re-jittered copies
-   (labels unused), with patch 16 on the whole 96 x 96 slice. The classification demo's encoder does not fit
+   :func:`monai_prompt.runs.demo_task.pretrain` and its cache) on the training slab's slices and their re-jittered
+   copies (labels unused), with patch 16 on the whole 96 x 96 slice. The classification demo's encoder does not fit
    (patch 4 on 32 x 32 patches; UNETR's decoder needs patch 16), so this demo pre-trains its own; a second run
    reuses it.
 3. **tuning**: the ``<method>_segmentation`` bundle (default DVPT) on 64 x 64 ROI crops, the encoder loaded from
@@ -109,7 +109,8 @@ def run_segmentation_demo(
     Args:
         out_dir: output folder (``data/``, ``vit_pretraining/``, ``<method>_pretrained/``, ``unetr_scratch/``,
             ``segmentation_demo.png``, ``results.json``).
-        config: sizes (:class:`SegmentationDemoConfig`; :data:`TINY_SEGMENTATION_DEMO` for a smoke run).
+        config: sizes (:class:`~monai_prompt.runs.segmentation_demo_task.SegmentationDemoConfig`;
+            :data:`~monai_prompt.runs.segmentation_demo_task.TINY_SEGMENTATION_DEMO` for a smoke run).
         compare_scratch: also train a UNETR from scratch (``full_segmentation``, random initialisation).
         bundles: the bundles folder (default: the package's, :func:`~monai_prompt.runs.bundles.bundles_folder`).
         verbose: show the bundles' own logs.

@@ -1,9 +1,10 @@
 """``monai-prompt benchmark accuracy``: every method from the same pre-trained backbone, at fewer labels, over seeds.
 
 On the demo classification task (the data and the MAE-pre-trained ViT of ``make demo``, cached as
-:func:`monai_prompt.runs.demo_task.prepare_data` and :func:`monai_prompt.runs.demo_task.pretrain` cache them under ``--work``), each
-method's classification bundle is trained and evaluated through :func:`~monai_prompt.runs.runner.train_and_evaluate` (so
-the numbers are what a user of the bundle gets) on a training subset per *regime*:
+:func:`monai_prompt.runs.demo_task.prepare_data` and :func:`monai_prompt.runs.demo_task.pretrain` cache them under
+``--work``), each method's classification bundle is trained and evaluated through
+:func:`~monai_prompt.runs.runner.train_and_evaluate` (so the numbers are what a user of the bundle gets) on a training
+subset per *regime*:
 
 * a label fraction (``100%``, ``40%``, ``10%``): that share of each class's training images;
 * few-shot (``1shot``, ``5shot``, ``10shot``): that many training images per class (EPT's setting).
@@ -16,13 +17,14 @@ macro F1, quadratic-weighted kappa, expected calibration error (the evaluation's
 and wall time; summaries give mean and standard deviation over seeds.
 
 ``--task segmentation`` does the same on the demo segmentation task (the data and the patch-16 MAE encoder of
-``monai-prompt demo --task segmentation``, cached under ``--work`` as :mod:`monai_prompt.runs.segmentation_demo_task` caches
-them): each method's ``<method>_segmentation`` bundle (a UNETR whose decoder always trains) through
-:func:`~monai_prompt.runs.segmentation_demo_task.tune_segmentation`, with the demo's settings. A label fraction takes that share
-of the training slices, few-shot that many labelled slices (one stratum: a slice holds every class). Per run: test
-mean Dice and HD95 (pixels) and per class, the mean Dice and HD95 of the same delta with the encoder's outputs zeroed
-(:func:`~monai_prompt.runs.segmentation_demo_task.zero_encoder_outputs`: how much the encoder carries), trainable parameters
-(encoder and decoder) and wall time.
+``monai-prompt demo --task segmentation``, cached under ``--work`` as
+:mod:`monai_prompt.runs.segmentation_demo_task` caches them): each method's ``<method>_segmentation`` bundle (a UNETR
+whose decoder always trains) through :func:`~monai_prompt.runs.segmentation_demo_task.tune_segmentation`, with the
+demo's settings. A label fraction takes that share of the training slices, few-shot that many labelled slices (one
+stratum: a slice holds every class). Per run: test mean Dice and HD95 (pixels) and per class, the mean Dice and HD95
+of the same delta with the encoder's outputs zeroed
+(:func:`~monai_prompt.runs.segmentation_demo_task.zero_encoder_outputs`: how much the encoder carries), trainable
+parameters (encoder and decoder) and wall time.
 
 ``--lite-medsam`` adds the LiteMedSAM TinyViT encoder (issue 13 item 7) beside the demo ViT on the same images:
 a linear probe on features computed once per image (:func:`feature_probe`), and LoRA through the bundle. The

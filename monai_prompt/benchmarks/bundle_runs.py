@@ -3,10 +3,10 @@
 1. Trainable parameters and delta size of each bundle's default network (ViT-B/16 at the bundle's ``img_size``,
    3 classes; built, never run).
 2. A demo run of each bundle on the demo set of ``make demo``: no ImageNet ViT ships in any installable package, so
-   the backbone is the one ``make demo`` pre-trains (:func:`monai_prompt.runs.demo_task.pretrain`: the ``bundles/vit_pretraining``
-   MAE bundle on the training and unlabelled images, labels unused), then each bundle's own recipe tunes it. Data and
-   pre-training are cached under ``--work`` as the demo caches them (``--work runs/demo`` reuses a finished
-   ``make demo``). Each bundle trains and evaluates through :func:`~monai_prompt.runs.runner.run_bundle` in a process
+   the backbone is the one ``make demo`` pre-trains (:func:`monai_prompt.runs.demo_task.pretrain`: the
+   ``bundles/vit_pretraining`` MAE bundle on the training and unlabelled images, labels unused), then each bundle's
+   own recipe tunes it. Data and pre-training are cached under ``--work`` as the demo caches them (``--work
+   runs/demo`` reuses a finished ``make demo``). Each bundle trains and evaluates through :func:`~monai_prompt.runs.runner.run_bundle` in a process
    of its own, so its peak RSS is its own; train seconds per epoch, peak RSS and the test metrics are recorded.
 
 The numbers go to ``monai_prompt/bundle_gen/measurements.json``; ``monai-prompt render-bundles`` then writes them into
