@@ -44,6 +44,21 @@ def test_committed_bundles_match_generator():
     assert check_bundles(REPO / "bundles") == []
 
 
+def test_configs_name_only_what_a_package_exports():
+    """Every ``monai_prompt`` name in a committed config is an attribute of a package (its ``__init__`` exports it) or
+    of a module directly under ``monai_prompt``: no path into a module below a package, so modules can move freely."""
+    import importlib.util
+
+    names = {match for path in (REPO / "bundles").glob("*/configs/*.json")
+             for match in re.findall(r"monai_prompt(?:\.\w+)+", path.read_text())}
+    assert "monai_prompt.engine.ClassMeanDice" in names  # the segmentation bundles' metric
+    for name in sorted(names):
+        container, _, attribute = name.rpartition(".")
+        module = importlib.import_module(container)
+        assert hasattr(module, "__path__") or container.count(".") == 1, f"{name}: {container} is not a package"
+        assert hasattr(module, attribute) or importlib.util.find_spec(name), f"{name} is not exported"
+
+
 def test_generator_check_reports_drift(tmp_path):
     write_bundles(tmp_path, ["vpt_classification"])
     assert check_bundles(tmp_path, ["vpt_classification"]) == []
