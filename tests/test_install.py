@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_pyproject_lists_every_package():
     """``pyproject.toml`` lists the packages by name (one, the bundles, is not a folder of the package): every folder
     with an ``__init__.py`` is listed, and the bundles are mapped to the repository's ``bundles/``."""
-    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    setuptools = read_configuration(REPO / "pyproject.toml")["tool"]["setuptools"]
     folders = {".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "monai_prompt").rglob("__init__.py")}
     assert set(setuptools["packages"]) == folders | {"monai_prompt.bundles"}
     assert setuptools["package-dir"] == {"monai_prompt.bundles": "bundles"}
