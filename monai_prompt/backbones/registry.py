@@ -111,8 +111,10 @@ def register_family(family: BackboneFamily) -> BackboneFamily:
         ValueError: the name is taken, a task is unknown, or a second family would be ``"auto"``'s fallback.
     """
     if family.name in _FAMILIES:
-        raise ValueError(f"backbone family {family.name!r} is registered twice (by {_FAMILIES[family.name].module} "
-                         f"and {family.module}); rename one of them.")
+        raise ValueError(
+            f"backbone family {family.name!r} is registered twice (by {_FAMILIES[family.name].module} "
+            f"and {family.module}); rename one of them."
+        )
     unknown = sorted(set(family.tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"backbone family {family.name!r}: unknown tasks {unknown}; tasks are {list(TASKS)}.")

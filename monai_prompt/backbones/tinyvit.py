@@ -430,7 +430,9 @@ class TinyViT(nn.Module):
             TypeError: ``enable`` is not a bool (the ViT's modes ``"attn"``, ``"mlp"``, ... do not apply).
         """
         if not isinstance(enable, bool):
-            raise TypeError(f"grad_checkpointing {enable!r}: the TinyViT recomputes whole blocks only; pass True or False.")
+            raise TypeError(
+                f"grad_checkpointing {enable!r}: the TinyViT recomputes whole blocks only; pass True or False."
+            )
         for layer in self.layers[1:]:
             layer.grad_checkpointing = enable
 

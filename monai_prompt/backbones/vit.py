@@ -51,7 +51,8 @@ BACKBONE_KEY = re.compile(
     rf"|blocks\.\d+\.{_BLOCK_PARTS}\.(weight|bias)|blocks\.\d+\.ls[12]\.gamma|(norm|norm_pre)\.(weight|bias))$"
 )
 #: activation-checkpointing modes of :meth:`PromptableViT.set_grad_checkpointing`: block index -> what that block
-#: recomputes in backward (``"block"``, ``"attn"``, ``"mlp"`` or ``"none"``, see :meth:`PromptBlock.forward_recomputing`).
+#: recomputes in backward (``"block"``, ``"attn"``, ``"mlp"`` or ``"none"``, see
+#: :meth:`PromptBlock.forward_recomputing`).
 CHECKPOINT_MODES: dict[str, Callable[[int], str]] = {
     "none": lambda index: "none",
     "blocks": lambda index: "block",

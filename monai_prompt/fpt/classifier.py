@@ -12,7 +12,6 @@ import dataclasses
 from typing import Any, Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from monai_prompt.backbones.registry import build_backbone

@@ -20,7 +20,13 @@ import torch
 
 from monai_prompt.backbones.blocks import PromptBlock
 from monai_prompt.backbones.pretrained import load_pretrained
-from monai_prompt.backbones.registry import BackboneFamily, BackboneRequest, build_backbone, plain_request, register_family
+from monai_prompt.backbones.registry import (
+    BackboneFamily,
+    BackboneRequest,
+    build_backbone,
+    plain_request,
+    register_family,
+)
 from monai_prompt.backbones.vit import PromptableViT, TokenPrompter
 from monai_prompt.fpt.config import FPT_VARIANTS, TOKEN_IMPORTANCE, resolve_layers
 from monai_prompt.peft.delta import backbone_fingerprint
@@ -64,7 +70,11 @@ class LPMExtractor(PromptableViT):
     """
 
     def __init__(
-        self, vit_config: dict[str, Any], layers: str | list[int], token_ratio: float = 0.2, token_importance: str = "global"
+        self,
+        vit_config: dict[str, Any],
+        layers: str | list[int],
+        token_ratio: float = 0.2,
+        token_importance: str = "global",
     ) -> None:
         super().__init__(**vit_config)
         if token_importance not in TOKEN_IMPORTANCE:
