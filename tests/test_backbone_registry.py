@@ -73,6 +73,23 @@ def test_auto_recognises_a_tinyvit_checkpoint(tmp_path):
     torch.testing.assert_close(net.backbone.neck[0].weight, source.neck[0].weight)
 
 
+def test_fpt_lpm_takes_auto_through_the_vit_family(tmp_path):
+    vit = build_vit("vit_tiny", img_size=32, **TINY_VIT)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    fpt = FPTClassifier(
+        2,
+        "fpt",
+        {"side_img_size": 16},
+        "auto",
+        img_size=32,
+        pretrained=str(tmp_path / "vit.pth"),
+        backbone_overrides={"num_heads": 2},
+    )
+    assert fpt.lpm.config == {**vit.config, "layer_norm_eps": fpt.lpm.config["layer_norm_eps"]}
+    torch.testing.assert_close(fpt.lpm.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
+    assert not any(p.requires_grad for p in fpt.lpm.parameters())
+
+
 def test_find_backbone_reads_each_networks_backbone_name():
     vit = build_vit("vit_tiny", in_channels=1, img_size=32, **TINY_VIT)
     classifier = PromptClassifier(2, "linear", backbone=vit, in_channels=1, img_size=32)
