@@ -179,6 +179,35 @@ def test_prompt_slots_stripped_before_reshape(case, slots, dims):
     torch.testing.assert_close(net(x), stock(x), rtol=0, atol=1e-6)
 
 
+class _TapsAtMonaiIndices(torch.nn.Module):
+    """A ViT stand-in for MONAI's UNETR: the encoder's outputs after ``taps`` placed where MONAI's forward reads
+    them (hidden states 3, 6 and 9)."""
+
+    def __init__(self, vit: PromptableViT, taps: list[int]) -> None:
+        super().__init__()
+        self.tuned, self.taps = vit, taps
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tokens, hidden = self.tuned(x)
+        placed = [hidden[0]] * 10
+        for monai_index, tap in zip((3, 6, 9), self.taps):
+            placed[monai_index] = hidden[tap]
+        return tokens, placed
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_depth_scaled_taps_follow_monai_unetr_forward(dims):
+    """At another depth than MONAI's 12 blocks, the decoder path is still MONAI's own ``UNETR.forward``: same
+    weights, the encoder's tap outputs handed to it where it reads them, equal outputs."""
+    net = make_net("full", dims).eval()
+    stock = stock_unetr(dims).eval()
+    loaded = stock.load_state_dict(net.state_dict(), strict=False)
+    assert not loaded.unexpected_keys and all(k.startswith("vit.blocks.") for k in loaded.missing_keys)
+    stock.vit = _TapsAtMonaiIndices(net.vit, net.tap_layers)
+    x = images(dims)
+    torch.testing.assert_close(net(x), stock(x), rtol=0, atol=1e-6)
+
+
 def test_tap_layers_scale_monai_3_6_9_with_depth():
     assert unetr_tap_layers(12) == [3, 6, 9]
     assert unetr_tap_layers(24) == [6, 12, 18]
@@ -400,6 +429,11 @@ def test_torchscript_matches_eager(case):
 def test_fpt_is_refused(method):
     with pytest.raises(ValueError, match="classification method.*no per-patch features"):
         PromptUNETR(1, OUT, 32, method, spatial_dims=2, backbone="vit_tiny", backbone_overrides=TINY)
+
+
+def test_tinyvit_is_refused_by_the_family_task_check():
+    with pytest.raises(ValueError, match=r"'lite_medsam' is a TinyViT, which serves classification only.*vit_base"):
+        PromptUNETR(3, OUT, 32, spatial_dims=2, backbone="lite_medsam")
 
 
 def test_unsupported_backbones_are_refused():

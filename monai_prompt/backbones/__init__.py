@@ -1,9 +1,21 @@
-"""The promptable MONAI ViT, its blocks, and the import of pre-trained weights into it."""
+"""The promptable MONAI ViT, its blocks, the import of pre-trained weights into it, and the backbone families.
 
-from monai_prompt.backbones.auto import build_backbone, vit_from_pretrained
+Importing this package registers its families (:mod:`~monai_prompt.backbones.registry`): the ViT
+(:mod:`~monai_prompt.backbones.auto`) and LiteMedSAM's TinyViT (:mod:`~monai_prompt.backbones.tinyvit`).
+"""
+
+from monai_prompt.backbones.auto import vit_from_pretrained
 from monai_prompt.backbones.blocks import Attention, LayerScale, PromptBlock
 from monai_prompt.backbones.pos_embed import fit_pos_embed, resize_pos_embed
 from monai_prompt.backbones.pretrained import CheckpointError, LoadReport, load_pretrained
+from monai_prompt.backbones.registry import (
+    BackboneFamily,
+    BackboneRequest,
+    build_backbone,
+    family_names,
+    find_backbone,
+    register_family,
+)
 from monai_prompt.backbones.tinyvit import TinyViT, build_tinyvit, load_lite_medsam_encoder, load_tinyvit_weights
 from monai_prompt.backbones.vit import (
     BACKBONE_KEY,
@@ -11,7 +23,6 @@ from monai_prompt.backbones.vit import (
     PromptableViT,
     TokenPrompter,
     build_vit,
-    find_vit,
     vit_config,
 )
 
@@ -19,6 +30,8 @@ __all__ = [
     "BACKBONE_KEY",
     "VIT_PRESETS",
     "Attention",
+    "BackboneFamily",
+    "BackboneRequest",
     "CheckpointError",
     "LayerScale",
     "LoadReport",
@@ -29,11 +42,13 @@ __all__ = [
     "build_backbone",
     "build_tinyvit",
     "build_vit",
-    "find_vit",
+    "family_names",
+    "find_backbone",
     "fit_pos_embed",
     "load_lite_medsam_encoder",
     "load_pretrained",
     "load_tinyvit_weights",
+    "register_family",
     "resize_pos_embed",
     "vit_config",
     "vit_from_pretrained",

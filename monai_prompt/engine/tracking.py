@@ -28,7 +28,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler, ValidationHandler
 from torch import nn
 
-from monai_prompt.backbones.vit import find_vit
+from monai_prompt.backbones.registry import find_backbone
 from monai_prompt.engine.checkpoint import unwrap
 from monai_prompt.peft.report import trainable_report
 
@@ -58,7 +58,7 @@ def peft_params(network: nn.Module) -> dict[str, str]:
     """Run parameters describing a tuned network: method, its config, backbone and parameter counts."""
     model = unwrap(network)
     report = trainable_report(model)
-    vit = find_vit(model)
+    vit = find_backbone(model)
     vit_config = getattr(vit, "config", {})
     params = {
         "peft_method": str(report["method"]),

@@ -28,7 +28,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from monai_prompt.backbones.vit import find_vit
+from monai_prompt.backbones.registry import find_backbone
 from monai_prompt.fpt.lpm import LPMExtractor
 from monai_prompt.io import atomic_write
 
@@ -63,7 +63,7 @@ def cache_identity(model: nn.Module) -> dict[str, Any]:
         ``{"fingerprint", "lpm", "extraction", "feature_shape"}``: the fingerprint over the LPM weights and
         extraction config, and the readable parts used to explain a mismatch.
     """
-    lpm = find_vit(model)
+    lpm = find_backbone(model)
     if not isinstance(lpm, LPMExtractor):
         raise TypeError(f"{type(model).__name__} has no FPT LPM; pass an FPTClassifier or its .lpm.")
     return {

@@ -12,18 +12,14 @@ import dataclasses
 from typing import Any, Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_prompt.backbones.pretrained import load_pretrained
-from monai_prompt.backbones.tinyvit import TINYVIT_PRESETS, TinyViT
-from monai_prompt.backbones.vit import PromptableViT, build_vit
+from monai_prompt.backbones.registry import build_backbone
+from monai_prompt.backbones.vit import PromptableViT
 from monai_prompt.fpt.config import FPTConfig
 from monai_prompt.fpt.fusion import PromptFusion
-from monai_prompt.peft.delta import allow_delta_load
-from monai_prompt.peft.registry import PLAIN_TOKENS, check_family
-from monai_prompt.fpt.lpm import LPMExtractor
 from monai_prompt.fpt.side import SideViT
+from monai_prompt.nets.base import PromptNetwork
 
 __all__ = ["OFFICIAL_LPM_PARAMETERS", "FPTClassifier", "paper_learnable_percent"]
 
@@ -37,7 +33,7 @@ def paper_learnable_percent(learnable: int, frozen: int = OFFICIAL_LPM_PARAMETER
     return 100.0 * learnable / (frozen + learnable)
 
 
-class FPTClassifier(nn.Module):
+class FPTClassifier(PromptNetwork):
     """Fine-grained prompt tuning classifier (FPT or FPT+).
 
     Args:
@@ -45,7 +41,9 @@ class FPTClassifier(nn.Module):
         variant: ``"fptplus"`` (default) or ``"fpt"``.
         fpt_config: overrides of :class:`~monai_prompt.fpt.config.FPTConfig` (``side_img_size``, ``layers``,
             ``num_prompts``, ``token_ratio``, ...).
-        backbone: LPM preset (``vit_base``, ...) or a ready plain :class:`PromptableViT` (its weights are copied).
+        backbone: LPM preset (``vit_base``, ...), ``"auto"`` (the ViT ``pretrained`` needs, read off the checkpoint)
+            or a ready plain :class:`PromptableViT` (its weights are copied); built by
+            :func:`~monai_prompt.fpt.lpm.build_lpm` through :func:`~monai_prompt.backbones.build_backbone`.
         in_channels: image channels (LPM and side network).
         img_size: LPM input size, the size of the images ``forward`` receives online (512 in the papers).
         spatial_dims: 2 or 3.
@@ -67,6 +65,9 @@ class FPTClassifier(nn.Module):
         >>> logits = net(image_side, batch["fpt_kv"])  # training from the preload cache
     """
 
+    #: the frozen LPM is the backbone (``lpm.`` keys).
+    backbone_name = "lpm"
+
     def __init__(
         self,
         num_classes: int,
@@ -83,25 +84,25 @@ class FPTClassifier(nn.Module):
         sdpa: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(backbone, TinyViT) or backbone in TINYVIT_PRESETS:
-            check_family(variant, ("vit",), PLAIN_TOKENS, TinyViT.family)  # the LPM's K/V are ViT tokens
         config = FPTConfig.from_dict(variant, fpt_config)
-        if isinstance(backbone, str):
-            with torch.device("meta"):  # resolves the preset without allocating or initialising weights
-                vit_config = build_vit(
-                    backbone,
-                    in_channels=in_channels,
-                    img_size=img_size,
-                    spatial_dims=spatial_dims,
-                    layer_norm_eps=layer_norm_eps,
-                    **(backbone_overrides or {}),
-                ).config
-            lpm = LPMExtractor(vit_config, config.layers, config.token_ratio, config.token_importance)
-        else:
-            lpm = LPMExtractor.from_vit(backbone, config.layers, config.token_ratio, config.token_importance)
+        lpm = build_backbone(
+            backbone,
+            pretrained,
+            in_channels,
+            img_size,
+            spatial_dims,
+            layer_norm_eps,
+            overrides=backbone_overrides,
+            strict=pretrained_strict,
+            task="classification",
+            method=variant,
+            options={
+                "layers": config.layers,
+                "token_ratio": config.token_ratio,
+                "token_importance": config.token_importance,
+            },
+        )
         layers = lpm.layers
-        if pretrained:
-            load_pretrained(lpm, pretrained, pretrained_strict)
         width, heads = lpm.hidden_size, lpm.num_heads
         side_width = width // config.side_reduction
         if width % config.side_reduction or side_width % heads or width % config.prompt_reduction:
@@ -121,7 +122,7 @@ class FPTClassifier(nn.Module):
             spatial_dims=dims,
             layer_norm_eps=lpm.config["layer_norm_eps"],
         )
-        self.lpm = lpm
+        self.attach_backbone(lpm, None)  # frozen as built: no PEFT method, and its attention stays literal
         self.fusion = PromptFusion(
             num_layers=len(layers),
             num_prompts=config.num_prompts,
@@ -142,7 +143,6 @@ class FPTClassifier(nn.Module):
         self.lpm_img_size = list(lpm.img_size)
         self.side_img_size = list(side_vit.img_size)
         self.side_resize_mode = "bilinear" if dims == 2 else "area"
-        allow_delta_load(self)
 
     def learnable_parameters(self) -> int:
         """Parameters that train: side network and fusion module (the LPM is frozen)."""

@@ -13,16 +13,26 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from monai_prompt.backbones.blocks import PromptBlock
+from monai_prompt.backbones.pretrained import load_pretrained
+from monai_prompt.backbones.registry import (
+    BackboneFamily,
+    BackboneRequest,
+    build_backbone,
+    plain_request,
+    register_family,
+)
 from monai_prompt.backbones.vit import PromptableViT, TokenPrompter
 from monai_prompt.fpt.config import FPT_VARIANTS, TOKEN_IMPORTANCE, resolve_layers
 from monai_prompt.peft.delta import backbone_fingerprint
+from monai_prompt.peft.registry import PLAIN_TOKENS, check_family
 
-__all__ = ["LPMExtractor", "select_important_tokens"]
+__all__ = ["LPMExtractor", "build_lpm", "select_important_tokens"]
 
 
 def select_important_tokens(
@@ -60,7 +70,11 @@ class LPMExtractor(PromptableViT):
     """
 
     def __init__(
-        self, vit_config: dict[str, Any], layers: str | list[int], token_ratio: float = 0.2, token_importance: str = "global"
+        self,
+        vit_config: dict[str, Any],
+        layers: str | list[int],
+        token_ratio: float = 0.2,
+        token_importance: str = "global",
     ) -> None:
         super().__init__(**vit_config)
         if token_importance not in TOKEN_IMPORTANCE:
@@ -181,3 +195,50 @@ class LPMExtractor(PromptableViT):
                     x = x + blk.ls1(blk.attn.out_proj(blk.attn.out_rearrange(attended)))
                     x = x + blk.ls2(blk.mlp(blk.norm2(x)))
         return torch.stack((torch.stack(keys, dim=1), torch.stack(values, dim=1)), dim=1)
+
+
+def build_lpm(backbone: str | PromptableViT, pretrained: str | Path | None, request: BackboneRequest) -> LPMExtractor:
+    """The LPM family's builder (see :func:`~monai_prompt.backbones.build_backbone`): the ViT that ``backbone``
+    names, as a frozen :class:`LPMExtractor`, its weights loaded.
+
+    A preset's architecture is resolved on the meta device (no weights allocated or initialised twice); ``"auto"``
+    and a ready plain :class:`PromptableViT` are copied.
+
+    Args:
+        backbone: a ViT preset, ``"auto"`` or a ready plain :class:`PromptableViT`.
+        pretrained: LPM weights (:func:`~monai_prompt.backbones.load_pretrained`).
+        request: the network's input and settings; ``method`` the FPT variant, ``options`` the
+            :class:`LPMExtractor` arguments ``layers``, ``token_ratio``, ``token_importance``.
+
+    Raises:
+        ValueError: ``backbone`` is of another family (the LPM's keys and values are ViT tokens).
+    """
+    preset = isinstance(backbone, str) and backbone != "auto"
+    if preset:
+        with torch.device("meta"):
+            vit = build_backbone(backbone, None, **plain_request(request))
+    else:
+        vit = build_backbone(backbone, pretrained if backbone == "auto" else None, **plain_request(request))
+    check_family(request.method, (PromptableViT.family,), PLAIN_TOKENS, vit.family)
+    if preset:
+        lpm = LPMExtractor(vit.config, **request.options)
+    else:
+        lpm = LPMExtractor.from_vit(vit, **request.options)
+    if pretrained and backbone != "auto":
+        load_pretrained(lpm, pretrained, request.strict)
+    return lpm
+
+
+register_family(
+    BackboneFamily(
+        name="lpm",
+        build=build_lpm,
+        tasks=("classification",),
+        refusal=(
+            "method {method!r} is a classification method: the FPT side network reads out a CLS token from a few "
+            "selected tokens and gives no per-patch features for the UNETR decoder ({task}); use another method."
+        ),
+        methods=tuple(FPT_VARIANTS),
+        module=__name__,
+    )
+)

@@ -7,17 +7,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from monai_prompt.backbones.auto import build_backbone
-from monai_prompt.backbones.tinyvit import TINYVIT_PRESETS, TinyViT, build_tinyvit, load_tinyvit_weights
-from monai_prompt.backbones.vit import PromptableViT
-from monai_prompt.nets.autocast import AutocastForward, check_autocast_dtype
-from monai_prompt.peft.delta import allow_delta_load
-from monai_prompt.peft.registry import apply_method
+from monai_prompt.backbones.registry import build_backbone
+from monai_prompt.nets.base import PromptNetwork
 
 __all__ = ["PromptClassifier"]
 
 
-class PromptClassifier(AutocastForward):
+class PromptClassifier(PromptNetwork):
     """Image classifier: a (pre-trained) MONAI ViT tuned by a PEFT method, read out into a linear head.
 
     The forward returns a logits Tensor ``[B, num_classes]`` (softmax/CE for multi-class, sigmoid/BCE for
@@ -64,7 +60,7 @@ class PromptClassifier(AutocastForward):
         num_classes: int,
         method: str = "linear",
         method_config: dict[str, Any] | None = None,
-        backbone: str | PromptableViT | TinyViT = "vit_base",
+        backbone: str | nn.Module = "vit_base",
         in_channels: int = 3,
         img_size: int | tuple[int, ...] = 224,
         spatial_dims: int = 2,
@@ -78,35 +74,23 @@ class PromptClassifier(AutocastForward):
         pretrained_strict: bool = True,
     ) -> None:
         super().__init__()
-        check_autocast_dtype(autocast_dtype)
-        if isinstance(backbone, str) and backbone in TINYVIT_PRESETS:
-            backbone = build_tinyvit(backbone, in_channels, img_size, spatial_dims, **(backbone_overrides or {}))
-        if isinstance(backbone, TinyViT):
-            if not isinstance(grad_checkpointing, bool):
-                raise TypeError(f"grad_checkpointing {grad_checkpointing!r}: the TinyViT recomputes whole blocks only; "
-                                 f"pass True or False.")
-            if pretrained:
-                load_tinyvit_weights(backbone, pretrained)
-        else:
-            backbone = build_backbone(
-                backbone,
-                pretrained,
-                in_channels,
-                img_size,
-                spatial_dims,
-                layer_norm_eps,
-                overrides=backbone_overrides,
-                strict=pretrained_strict,
-            )
-        self.backbone = apply_method(backbone, method, method_config)
-        self.backbone.set_grad_checkpointing(grad_checkpointing)
-        self.backbone.set_sdpa(sdpa)
+        backbone = build_backbone(
+            backbone,
+            pretrained,
+            in_channels,
+            img_size,
+            spatial_dims,
+            layer_norm_eps,
+            overrides=backbone_overrides,
+            strict=pretrained_strict,
+            task="classification",
+            method=method,
+        )
+        self.attach_backbone(backbone, method, method_config, grad_checkpointing, sdpa, autocast_dtype)
         self.head_drop = nn.Dropout(head_dropout)
         self.head = nn.Linear(backbone.hidden_size, num_classes)
         nn.init.zeros_(self.head.bias)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
-        self.autocast_dtype = autocast_dtype
-        allow_delta_load(self)
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits without autocast handling."""

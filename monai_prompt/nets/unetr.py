@@ -8,12 +8,9 @@ from typing import Any
 import torch
 from monai.networks.nets import UNETR
 
-from monai_prompt.backbones.auto import build_backbone
+from monai_prompt.backbones.registry import build_backbone
 from monai_prompt.backbones.vit import PromptableViT
-from monai_prompt.fpt.config import FPT_VARIANTS
-from monai_prompt.nets.autocast import AutocastForward, check_autocast_dtype
-from monai_prompt.peft.delta import allow_delta_load
-from monai_prompt.peft.registry import apply_method
+from monai_prompt.nets.base import PromptNetwork
 from monai_prompt.peft.report import trainable_report
 
 __all__ = ["UNETR_PATCH_SIZE", "PromptUNETR", "unetr_tap_layers"]
@@ -35,7 +32,7 @@ def unetr_tap_layers(num_layers: int) -> list[int]:
     return [num_layers * k // 4 for k in (1, 2, 3)]
 
 
-class PromptUNETR(AutocastForward, UNETR):
+class PromptUNETR(PromptNetwork, UNETR):
     """UNETR segmentation network (Hatamizadeh et al., WACV 2022) with a PEFT-tuned, pre-trainable ViT encoder.
 
     It *is* a :class:`monai.networks.nets.UNETR` whose ``vit`` is a :class:`PromptableViT` without CLS token,
@@ -97,6 +94,9 @@ class PromptUNETR(AutocastForward, UNETR):
         >>> net = PromptUNETR(1, 14, (96, 96, 96), method="lora", backbone="vit_base", pretrained="vit_b16.pth")
     """
 
+    #: MONAI UNETR's name for its encoder (the ``vit.`` keys).
+    backbone_name = "vit"
+
     def __init__(
         self,
         in_channels: int,
@@ -119,12 +119,6 @@ class PromptUNETR(AutocastForward, UNETR):
         autocast_dtype: str | None = None,
         pretrained_strict: bool = True,
     ) -> None:
-        if method in FPT_VARIANTS:
-            raise ValueError(
-                f"method {method!r} is a classification method: the FPT side network reads out a CLS token from "
-                f"a few selected tokens and gives no per-patch features for the UNETR decoder; use another method."
-            )
-        check_autocast_dtype(autocast_dtype)
         sizes = [img_size] * spatial_dims if isinstance(img_size, int) else [int(s) for s in img_size]
         backbone = build_backbone(
             backbone,
@@ -137,6 +131,8 @@ class PromptUNETR(AutocastForward, UNETR):
             cls_token=False,
             overrides=backbone_overrides,
             strict=pretrained_strict,
+            task="segmentation",
+            method=method,
         )
         _check_backbone(backbone, in_channels, sizes, spatial_dims)
         cfg = backbone.config
@@ -156,16 +152,13 @@ class PromptUNETR(AutocastForward, UNETR):
             spatial_dims=spatial_dims,
             qkv_bias=cfg["qkv_bias"],
         )
-        self.vit = apply_method(backbone, method, method_config)
-        self.vit.set_grad_checkpointing(grad_checkpointing)
-        self.vit.set_sdpa(sdpa)
+        self.attach_backbone(backbone, method, method_config, grad_checkpointing, sdpa, autocast_dtype)
         self.num_layers = cfg["num_layers"]
         self.tap_layers = unetr_tap_layers(self.num_layers)
-        self.autocast_dtype = autocast_dtype
-        allow_delta_load(self)
 
     def forward_logits(self, x_in: torch.Tensor) -> torch.Tensor:
-        """Logits without autocast handling (MONAI UNETR's forward with depth-scaled taps)."""
+        """Logits without autocast handling: MONAI UNETR's forward with depth-scaled taps (tests/test_unetr.py pins
+        it to ``UNETR.forward``: same weights, equal outputs, at 12 blocks and at other depths)."""
         x, hidden_states_out = self.vit(x_in)
         enc1 = self.encoder1(x_in)
         enc2 = self.encoder2(self.proj_feat(hidden_states_out[self.tap_layers[0]]))
@@ -187,8 +180,6 @@ class PromptUNETR(AutocastForward, UNETR):
 
 def _check_backbone(vit: PromptableViT, in_channels: int, img_size: list[int], spatial_dims: int) -> None:
     """Raise a clear error if ``vit`` cannot be UNETR's encoder for this input."""
-    if not isinstance(vit, PromptableViT):
-        raise TypeError(f"PromptUNETR backbone must be a preset name or a PromptableViT, got {type(vit).__name__}.")
     cfg = vit.config
     if cfg["cls_token"]:
         raise ValueError("PromptUNETR needs a ViT without CLS token (UNETR's layout): build it with cls_token=False.")

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from monai_prompt.backbones.vit import backbone_key, find_vit
+from monai_prompt.backbones.registry import find_backbone
+from monai_prompt.backbones.vit import backbone_key
 from monai_prompt.io import atomic_write
 
 __all__ = [
@@ -75,11 +76,11 @@ def backbone_fingerprint(model: nn.Module, replace: Mapping[str, torch.Tensor] |
     """SHA-256 over the ViT architecture and its *frozen* backbone weights (what a delta depends on).
 
     Args:
-        model: a ViT or TinyViT, or a network holding one (:func:`~monai_prompt.backbones.find_vit`).
+        model: a ViT or TinyViT, or a network holding one (:func:`~monai_prompt.backbones.find_backbone`).
         replace: tensors to hash instead of some of the frozen weights, by their name in the ViT (those a state
             dict is about to load).
     """
-    vit = find_vit(model)
+    vit = find_backbone(model)
     recorded = getattr(vit, "recorded_fingerprint", None)
     if recorded is not None:  # a frozen backbone whose weights were released (FPT's LPM when training from a cache)
         return recorded
@@ -94,7 +95,7 @@ def backbone_fingerprint(model: nn.Module, replace: Mapping[str, torch.Tensor] |
 def backbone_source(model: nn.Module) -> str | None:
     """The pre-trained weights loaded into the backbone of ``model`` (recorded by
     :func:`~monai_prompt.backbones.load_pretrained`), or None: none were, so they are random."""
-    return getattr(find_vit(model), "pretrained_source", None)
+    return getattr(find_backbone(model), "pretrained_source", None)
 
 
 def _bytes_tensor(data: bytes) -> torch.Tensor:
@@ -127,7 +128,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def delta_meta(model: nn.Module) -> dict:
     """Method, config and backbone identity a delta of ``model`` depends on."""
-    vit = find_vit(model)
+    vit = find_backbone(model)
     method = getattr(vit, "peft_method", None)
     if method is None:
         raise ValueError("model has no PEFT method applied (see monai_prompt.peft.apply_method).")
@@ -187,7 +188,7 @@ def check_backbone_identity(
     Raises:
         DeltaMismatchError: the fingerprints differ, or ``state`` lacks frozen weights and has no fingerprint.
     """
-    vit = find_vit(model)
+    vit = find_backbone(model)
     frozen = _frozen_backbone(vit)
     if not frozen:
         return
@@ -225,7 +226,7 @@ def check_delta_meta(model: nn.Module, meta: dict, source: str = "delta") -> Non
     """Raise :class:`DeltaMismatchError` naming what differs between ``meta`` and ``model``."""
     if not isinstance(meta, dict) or meta.get("format") != DELTA_FORMAT:
         raise DeltaMismatchError(f"{source}: not a monai_prompt delta (format {DELTA_FORMAT!r} expected).")
-    vit = find_vit(model)
+    vit = find_backbone(model)
     method = getattr(vit, "peft_method", None)
     if meta["method"] != method:
         raise DeltaMismatchError(f"{source}: delta is for method {meta['method']!r}, the model uses {method!r}.")

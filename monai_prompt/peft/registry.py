@@ -9,9 +9,10 @@ The registry is the only list of methods: on the first :func:`method_names` or :
 themselves. A module is a method module because it registers a method; the core modules (this one, delta
 checkpoints, merging, reports) register none, so no list of either has to be kept.
 
-A method also declares the backbone families it works on (``families``: ``"vit"`` for PromptableViT,
-``"tinyvit"`` for LiteMedSAM's TinyViT); :func:`apply_method` refuses any other family at build time, saying what
-the method ``requires`` (token methods: :data:`PLAIN_TOKENS`).
+A method also declares the backbone families it works on (``families``: names of
+:func:`monai_prompt.backbones.registry.family_names`, ``"vit"`` for PromptableViT, ``"tinyvit"`` for LiteMedSAM's
+TinyViT); :func:`apply_method` refuses any other family at build time, saying what the method ``requires`` (token
+methods: :data:`PLAIN_TOKENS`).
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ def apply_method(vit: nn.Module, method: str, config: Any = None) -> nn.Module:
     family = getattr(vit, "family", None)
     if family is None:
         raise TypeError(
-            f"apply_method needs a PromptableViT (build_vit) or a TinyViT (build_tinyvit), got {type(vit).__name__}."
+            f"apply_method needs a backbone of a registered family (monai_prompt.backbones.build_backbone, e.g. a "
+            f"PromptableViT or a TinyViT), got {type(vit).__name__}."
         )
     if getattr(vit, "peft_method", None) is not None:
         raise ValueError(f"this ViT already has method {vit.peft_method!r}; build a fresh one for {method!r}.")

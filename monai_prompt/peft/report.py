@@ -6,7 +6,8 @@ import re
 
 import torch.nn as nn
 
-from monai_prompt.backbones.vit import backbone_key, find_vit
+from monai_prompt.backbones.registry import find_backbone
+from monai_prompt.backbones.vit import backbone_key
 from monai_prompt.peft.registry import NEVER_TRAINED
 
 __all__ = ["backbone_parameter_count", "format_report", "trainable_report"]
@@ -15,7 +16,7 @@ __all__ = ["backbone_parameter_count", "format_report", "trainable_report"]
 def backbone_parameter_count(model: nn.Module) -> int:
     """Parameters of the pre-trained backbone itself: its own keys only (MONAI ViT or TinyViT), without method
     additions, heads or the unused ``norm_cross_attn`` LayerNorms."""
-    vit = find_vit(model)
+    vit = find_backbone(model)
     keys = backbone_key(vit)
     return sum(p.numel() for name, p in vit.named_parameters() if keys.match(name))
 
@@ -44,7 +45,7 @@ def trainable_report(model: nn.Module) -> dict:
             modules[group] = modules.get(group, 0) + param.numel()
     backbone = backbone_parameter_count(model)
     return {
-        "method": getattr(find_vit(model), "peft_method", None),
+        "method": getattr(find_backbone(model), "peft_method", None),
         "trainable": trainable,
         "backbone": backbone,
         "total": total,

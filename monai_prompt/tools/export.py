@@ -24,7 +24,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.networks.utils import convert_to_torchscript
 
-from monai_prompt.backbones.vit import find_vit
+from monai_prompt.backbones.registry import find_backbone
 from monai_prompt.io import atomic_write
 from monai_prompt.peft.delta import load_delta
 from monai_prompt.peft.merge import merge_and_unload
@@ -97,7 +97,7 @@ def export_bundle(
     method = parser.get_parsed_content("method")
     network = parser.get_parsed_content("network_def").eval()
     load_delta(network, ckpt)
-    vit = find_vit(network)
+    vit = find_backbone(network)
     generator = torch.Generator().manual_seed(0)
     example = torch.rand(2, vit.config["in_channels"], *vit.img_size, generator=generator)
     with torch.no_grad():

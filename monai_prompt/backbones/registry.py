@@ -1,0 +1,287 @@
+"""Backbone families and :func:`build_backbone`, the one builder every network calls.
+
+A family is one kind of encoder (``"vit"``: :class:`~monai_prompt.backbones.PromptableViT`; ``"tinyvit"``:
+LiteMedSAM's TinyViT; ``"lpm"``: FPT's frozen LPM). Its module declares it once with :func:`register_family`: the
+names ``backbone=`` takes (presets), how it builds one and loads its weights, how ``backbone="auto"`` recognises
+its checkpoints, and the tasks it serves. A family's module registers it when imported: ``backbones/__init__.py``
+imports the families of this package, ``monai_prompt.fpt`` (imported by ``monai_prompt.nets``) the LPM.
+
+:func:`build_backbone` resolves the family (from the method, the ready module's ``family``, ``"auto"`` and the
+checkpoint, or the preset name), refuses a task the family cannot serve (saying why and what to use), then lets
+the family build. :func:`find_backbone` finds the backbone inside a network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.networks.nets import ViT
+
+__all__ = [
+    "TASKS",
+    "BackboneFamily",
+    "BackboneRequest",
+    "build_backbone",
+    "family_names",
+    "find_backbone",
+    "get_family",
+    "plain_request",
+    "register_family",
+]
+
+#: the tasks networks build backbones for (``PromptClassifier``/``FPTClassifier``, ``PromptUNETR``).
+TASKS = ("classification", "segmentation")
+
+_FAMILIES: dict[str, BackboneFamily] = {}
+
+
+@dataclass(frozen=True)
+class BackboneRequest:
+    """What a network asks of its backbone; each family reads the fields that apply to it.
+
+    Attributes:
+        in_channels: image channels of the network's input.
+        img_size: input size of the network (an int is repeated over ``spatial_dims``).
+        spatial_dims: 2 or 3.
+        layer_norm_eps: LayerNorm epsilon of a ViT preset (``"auto"`` reads it from the checkpoint).
+        dropout_rate: dropout inside the backbone.
+        cls_token: whether a ViT has a CLS token (classification: True, UNETR: False).
+        overrides: architecture overrides of the preset (or, for ``"auto"``, what the checkpoint does not hold).
+        strict: ``strict`` of the family's weight loading (networks: ``pretrained_strict``).
+        task: one of :data:`TASKS`.
+        method: the method the network applies (a family may be built for a method: FPT's LPM).
+        options: settings of a family that networks pass through (FPT's LPM: ``layers``, ``token_ratio``,
+            ``token_importance``).
+    """
+
+    in_channels: int = 3
+    img_size: int | Sequence[int] = 224
+    spatial_dims: int = 2
+    layer_norm_eps: float = 1e-6
+    dropout_rate: float = 0.0
+    cls_token: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)
+    strict: bool = True
+    task: str = "classification"
+    method: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """A registered backbone family.
+
+    Attributes:
+        name: the family's name, also the ``family`` attribute of its modules (what PEFT methods declare).
+        build: ``build(backbone, pretrained, request)``: the backbone for a preset name, ``"auto"`` (this family
+            recognised the checkpoint) or a ready module of the family, its weights loaded from ``pretrained``.
+        is_preset: whether a name is one of the family's presets (``None``: it has none).
+        presets: the preset names, as said in errors (e.g. ``"vit_base, vit_small_p8, ..."``).
+        tasks: the tasks of :data:`TASKS` it serves.
+        refusal: why another task cannot take it and what to use instead; formatted with ``task``, ``backbone``
+            and ``method``.
+        recognises: ``recognises(tensors)``: whether a checkpoint's tensors (stored names) are this family's, for
+            ``backbone="auto"``. ``None``: the family ``"auto"`` falls back to when no other recognises the
+            checkpoint (the ViT family, whose reader names what is wrong with anything else); at most one.
+        methods: methods that build this family whatever ``backbone`` names (FPT's LPM: ``fpt``, ``fptplus``).
+        module: the module that registered it.
+    """
+
+    name: str
+    build: Callable[[str | nn.Module, str | Path | None, BackboneRequest], nn.Module]
+    is_preset: Callable[[str], bool] | None = None
+    presets: str = ""
+    tasks: tuple[str, ...] = TASKS
+    refusal: str = ""
+    recognises: Callable[[Mapping[str, torch.Tensor]], bool] | None = None
+    methods: tuple[str, ...] = ()
+    module: str = ""
+
+
+def register_family(family: BackboneFamily) -> BackboneFamily:
+    """Register ``family`` (its module calls this once, at import).
+
+    Raises:
+        ValueError: the name is taken, a task is unknown, or a second family would be ``"auto"``'s fallback.
+    """
+    if family.name in _FAMILIES:
+        raise ValueError(
+            f"backbone family {family.name!r} is registered twice (by {_FAMILIES[family.name].module} "
+            f"and {family.module}); rename one of them."
+        )
+    unknown = sorted(set(family.tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"backbone family {family.name!r}: unknown tasks {unknown}; tasks are {list(TASKS)}.")
+    fallback = [f.name for f in _FAMILIES.values() if f.recognises is None and not f.methods]
+    if family.recognises is None and not family.methods and fallback:
+        raise ValueError(
+            f"backbone family {family.name!r} has no recognises(): {fallback[0]!r} is already what backbone='auto' "
+            f"falls back to; give {family.name!r} a recogniser of its checkpoints."
+        )
+    _FAMILIES[family.name] = family
+    return family
+
+
+def family_names() -> list[str]:
+    """The registered family names."""
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> BackboneFamily:
+    """The registered family ``name``."""
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown backbone family {name!r}; registered: {family_names()}.")
+    return _FAMILIES[name]
+
+
+def _presets_said() -> str:
+    return "; ".join(f"{f.name}: {f.presets}" for f in _FAMILIES.values() if f.presets)
+
+
+def _auto_family(pretrained: str | Path) -> BackboneFamily:
+    """The family whose checkpoints ``pretrained`` looks like (see :attr:`BackboneFamily.recognises`)."""
+    from monai_prompt.backbones.pretrained import CheckpointError, read_checkpoint  # it imports this module
+
+    candidates = [f for f in _FAMILIES.values() if f.recognises is not None]
+    fallback = [f for f in _FAMILIES.values() if f.recognises is None and not f.methods]
+    claims: list[BackboneFamily] = []
+    if candidates:
+        try:
+            tensors = read_checkpoint(pretrained)[0]
+        except CheckpointError:
+            if not fallback:
+                raise
+            return fallback[0]  # its reader says what is wrong with the file
+        claims = [f for f in candidates if f.recognises(tensors)]
+    if len(claims) > 1:
+        raise ValueError(
+            f"{pretrained}: backbone='auto' cannot tell the family: the checkpoint looks like "
+            f"{[f.name for f in claims]}; pass a preset name instead ({_presets_said()})."
+        )
+    if claims:
+        return claims[0]
+    if not fallback:
+        raise ValueError(f"{pretrained}: no backbone family recognises this checkpoint; pass a preset name.")
+    return fallback[0]
+
+
+def _resolve(backbone: str | nn.Module, pretrained: str | Path | None, request: BackboneRequest) -> BackboneFamily:
+    """The family that builds ``backbone`` for ``request``."""
+    by_method = [f for f in _FAMILIES.values() if request.method is not None and request.method in f.methods]
+    if by_method:
+        return by_method[0]
+    if isinstance(backbone, nn.Module):
+        name = getattr(backbone, "family", None)
+        if name not in _FAMILIES:
+            raise TypeError(
+                f"backbone must be 'auto', a preset name or a module of a registered family ({family_names()}, "
+                f"e.g. a PromptableViT from build_vit), got {type(backbone).__name__}."
+            )
+        return _FAMILIES[name]
+    if backbone == "auto":
+        if not pretrained:
+            raise ValueError("backbone='auto' builds the ViT from its checkpoint: pass pretrained=PATH as well.")
+        return _auto_family(pretrained)
+    found = [f for f in _FAMILIES.values() if f.is_preset is not None and f.is_preset(backbone)]
+    if not found:
+        raise ValueError(
+            f"unknown backbone {backbone!r}: use 'auto' (with pretrained=PATH), a ready module or a preset "
+            f"({_presets_said()})."
+        )
+    return found[0]
+
+
+def build_backbone(
+    backbone: str | nn.Module,
+    pretrained: str | Path | None = None,
+    in_channels: int = 3,
+    img_size: int | Sequence[int] = 224,
+    spatial_dims: int = 2,
+    layer_norm_eps: float = 1e-6,
+    dropout_rate: float = 0.0,
+    cls_token: bool = True,
+    overrides: dict[str, Any] | None = None,
+    strict: bool = True,
+    task: str = "classification",
+    method: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The backbone of a network, pre-trained weights loaded: what every network calls.
+
+    Args:
+        backbone: a preset name of a registered family (``vit_base``, ``vit_small_p8``, ``lite_medsam``, ...),
+            ``"auto"`` (the family and architecture read off ``pretrained``: for a ViT by
+            :func:`~monai_prompt.backbones.vit_from_pretrained`) or a ready module of a registered family.
+        pretrained: weights the family loads; required for ``"auto"``.
+        in_channels: image channels of the network's input.
+        img_size: input size of the network (an int is repeated over ``spatial_dims``).
+        spatial_dims: 2 or 3.
+        layer_norm_eps: LayerNorm epsilon of a ViT preset (``"auto"`` reads it from the checkpoint; force it with
+            ``overrides={"layer_norm_eps": ...}``).
+        dropout_rate: dropout inside the backbone.
+        cls_token: whether a ViT has a CLS token (classification: True, UNETR: False).
+        overrides: for a ViT preset, :func:`~monai_prompt.backbones.build_vit` overrides (``hidden_size``,
+            ``num_heads``, ..., ``qkv_bias``: False for MONAI's own ViT/ViTAutoEnc/UNETR checkpoints); for
+            ``"auto"``, :data:`~monai_prompt.backbones.auto.AUTO_OVERRIDES`; for a TinyViT, preset fields.
+        strict: as for :func:`~monai_prompt.backbones.load_pretrained` (networks: ``pretrained_strict``).
+        task: what the network does, one of :data:`TASKS`; a family that cannot serve it is refused.
+        method: the network's method (FPT's ``fpt``/``fptplus`` build the LPM family).
+        options: family settings networks pass through (see :class:`BackboneRequest`).
+
+    Raises:
+        ValueError: an unknown name, ``"auto"`` without ``pretrained``, or a family the task cannot take (the
+            message says why and what to use).
+        TypeError: a module of no registered family.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {list(TASKS)}.")
+    request = BackboneRequest(
+        in_channels=in_channels,
+        img_size=img_size,
+        spatial_dims=spatial_dims,
+        layer_norm_eps=layer_norm_eps,
+        dropout_rate=dropout_rate,
+        cls_token=cls_token,
+        overrides=dict(overrides or {}),
+        strict=strict,
+        task=task,
+        method=method,
+        options=dict(options or {}),
+    )
+    family = _resolve(backbone, pretrained, request)
+    if task not in family.tasks:
+        name = backbone if isinstance(backbone, str) else type(backbone).__name__
+        raise ValueError(family.refusal.format(task=task, backbone=name, method=method))
+    return family.build(backbone, pretrained, request)
+
+
+def plain_request(request: BackboneRequest) -> dict[str, Any]:
+    """The :func:`build_backbone` keyword arguments of ``request`` without its method and options (a family that
+    builds on another one, as FPT's LPM on a ViT, asks for that one with them)."""
+    settings = dataclasses.asdict(dataclasses.replace(request, method=None, options={}))
+    settings.pop("options")
+    settings.pop("method")
+    return settings
+
+
+def find_backbone(model: nn.Module) -> nn.Module:
+    """The backbone inside ``model``: ``model`` itself if it is one (a module of a registered family, or MONAI's own
+    ViT), else the submodule its ``backbone_name`` names (a :class:`~monai_prompt.nets.PromptNetwork`) or MONAI's
+    ``vit`` (UNETR, ViTAutoEnc).
+
+    Raises:
+        TypeError: no backbone found.
+    """
+    for candidate in (model, getattr(model, getattr(model, "backbone_name", "vit"), None), getattr(model, "vit", None)):
+        if isinstance(candidate, ViT) or getattr(candidate, "family", None) in _FAMILIES:
+            return candidate
+    raise TypeError(
+        f"{type(model).__name__} is no backbone ({family_names()} or a MONAI ViT) and holds none as its "
+        f"backbone_name or 'vit'."
+    )

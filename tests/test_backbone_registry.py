@@ -1,0 +1,180 @@
+"""The backbone-family registry: one builder for every family, the family/task check, ``"auto"``'s recognisers,
+:func:`find_backbone`, and a new family added by one registration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from monai_prompt.backbones import TinyViT, build_tinyvit, build_vit, registry
+from monai_prompt.backbones.registry import (
+    BackboneFamily,
+    BackboneRequest,
+    build_backbone,
+    family_names,
+    find_backbone,
+    register_family,
+)
+from monai_prompt.fpt import FPTClassifier, LPMExtractor
+from monai_prompt.nets import PromptClassifier, PromptUNETR
+
+TINY_VIT = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 64}
+TINY_TINYVIT = {
+    "embed_dims": (8, 16, 24, 32),
+    "depths": (1, 2, 1, 1),
+    "num_heads": (1, 2, 3, 4),
+    "window_sizes": (7, 7, 8, 5),
+    "neck_dim": 16,
+}
+
+
+def test_the_house_families_are_registered():
+    assert {"vit", "tinyvit", "lpm"} <= set(family_names())
+    assert registry.get_family("lpm").methods == ("fpt", "fptplus")
+    with pytest.raises(ValueError, match="unknown backbone family 'sam'"):
+        registry.get_family("sam")
+
+
+def test_every_network_builds_through_the_registry():
+    vit = build_backbone("vit_tiny", in_channels=1, img_size=32, overrides=TINY_VIT)
+    assert vit.family == "vit" and vit.config["cls_token"]
+    tinyvit = build_backbone("lite_medsam", img_size=32, overrides=TINY_TINYVIT)
+    assert isinstance(tinyvit, TinyViT)
+    lpm = build_backbone(
+        "vit_tiny", img_size=32, overrides=TINY_VIT, method="fpt", options={"layers": "all", "token_ratio": 0.5}
+    )
+    assert isinstance(lpm, LPMExtractor) and lpm.layers == [0, 1]
+
+
+def test_unknown_names_and_modules_name_every_family_and_the_fix():
+    with pytest.raises(ValueError, match=r"unknown backbone 'vit_huge'.*vit: vit_tiny.*tinyvit: lite_medsam"):
+        build_backbone("vit_huge")
+    with pytest.raises(TypeError, match=r"module of a registered family .* got Linear"):
+        build_backbone(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown task 'detection'"):
+        build_backbone("vit_tiny", task="detection")
+
+
+def test_family_task_check_refuses_what_a_task_cannot_take():
+    with pytest.raises(ValueError, match="classification method.*no per-patch features"):
+        build_backbone("vit_tiny", img_size=32, overrides=TINY_VIT, task="segmentation", method="fptplus")
+    with pytest.raises(ValueError, match="TinyViT, which serves classification only"):
+        build_backbone("lite_medsam", img_size=32, task="segmentation")
+
+
+def test_auto_recognises_a_tinyvit_checkpoint(tmp_path):
+    source = build_tinyvit("lite_medsam", img_size=32, **TINY_TINYVIT)
+    torch.save({f"image_encoder.{k}": v for k, v in source.state_dict().items()}, tmp_path / "lite.pth")
+    net = PromptClassifier(
+        3, "lora", backbone="auto", pretrained=str(tmp_path / "lite.pth"), img_size=32, backbone_overrides=TINY_TINYVIT
+    )
+    assert isinstance(net.backbone, TinyViT)
+    torch.testing.assert_close(net.backbone.neck[0].weight, source.neck[0].weight)
+
+
+def test_fpt_lpm_takes_auto_through_the_vit_family(tmp_path):
+    vit = build_vit("vit_tiny", img_size=32, **TINY_VIT)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    fpt = FPTClassifier(
+        2,
+        "fpt",
+        {"side_img_size": 16},
+        "auto",
+        img_size=32,
+        pretrained=str(tmp_path / "vit.pth"),
+        backbone_overrides={"num_heads": 2},
+    )
+    assert fpt.lpm.config == {**vit.config, "layer_norm_eps": fpt.lpm.config["layer_norm_eps"]}
+    torch.testing.assert_close(fpt.lpm.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
+    assert not any(p.requires_grad for p in fpt.lpm.parameters())
+
+
+def test_find_backbone_reads_each_networks_backbone_name():
+    vit = build_vit("vit_tiny", in_channels=1, img_size=32, **TINY_VIT)
+    classifier = PromptClassifier(2, "linear", backbone=vit, in_channels=1, img_size=32)
+    assert find_backbone(classifier) is classifier.backbone and find_backbone(vit) is vit
+    unetr = PromptUNETR(1, 2, 32, spatial_dims=2, backbone="vit_tiny", backbone_overrides=TINY_VIT)
+    assert find_backbone(unetr) is unetr.vit
+    fpt = FPTClassifier(2, "fpt", {"side_img_size": 16}, "vit_tiny", img_size=32, backbone_overrides=TINY_VIT)
+    assert find_backbone(fpt) is fpt.lpm
+    with pytest.raises(TypeError, match="Linear is no backbone"):
+        find_backbone(nn.Linear(2, 2))
+
+
+class _Toy(nn.Module):
+    """A stand-in for a new family's encoder: a patch convolution read out by a mean."""
+
+    family = "toy"
+
+    def __init__(self, in_channels: int, width: int = 8) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(in_channels, width, 4, stride=4)
+        self.hidden_size = width
+        self.config = {"in_channels": in_channels, "width": width}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        pass
+
+    def set_sdpa(self, enable: bool = True) -> None:
+        pass
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch(x).mean(dim=(2, 3))
+
+
+def _build_toy(backbone: str | nn.Module, pretrained: str | None, request: BackboneRequest) -> nn.Module:
+    model = _Toy(request.in_channels, **request.overrides) if isinstance(backbone, str) else backbone
+    if pretrained:
+        model.load_state_dict(torch.load(pretrained, weights_only=True))
+    return model
+
+
+@pytest.fixture
+def toy_family(monkeypatch):
+    """The toy family registered for one test only (the registry is module state)."""
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    return register_family(
+        BackboneFamily(
+            name="toy",
+            build=_build_toy,
+            is_preset=lambda name: name == "toy_small",
+            presets="toy_small",
+            tasks=("classification",),
+            refusal="backbone {backbone!r} serves classification only; use a ViT for {task}.",
+            recognises=lambda tensors: "patch.weight" in tensors,
+            module=__name__,
+        )
+    )
+
+
+def test_a_new_family_is_one_registration(toy_family, tmp_path, monkeypatch):
+    """Registered, a family is built by name and by ``"auto"``, refused for a task it lacks and found in networks;
+    a method takes it once its registration lists the family."""
+    from monai_prompt.peft import registry as methods
+
+    monkeypatch.setitem(
+        methods._REGISTRY,
+        "linear",
+        methods.dataclasses.replace(
+            methods.get_method("linear"), families=(*methods.get_method("linear").families, "toy")
+        ),
+    )
+    net = PromptClassifier(2, "linear", backbone="toy_small", in_channels=1, img_size=32)
+    assert isinstance(net.backbone, _Toy) and find_backbone(net) is net.backbone
+    assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 2)
+    torch.save(net.backbone.state_dict(), tmp_path / "toy.pth")
+    auto = build_backbone("auto", tmp_path / "toy.pth", in_channels=1)
+    torch.testing.assert_close(auto.patch.weight, net.backbone.patch.weight)
+    with pytest.raises(ValueError, match="'toy_small' serves classification only; use a ViT for segmentation"):
+        PromptUNETR(1, 2, 32, spatial_dims=2, backbone="toy_small")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_family(toy_family)
+
+
+def test_auto_refuses_a_checkpoint_two_families_claim(toy_family, tmp_path):
+    tinyvit = build_tinyvit("lite_medsam", img_size=32, **TINY_TINYVIT)
+    state = {**tinyvit.state_dict(), "patch.weight": torch.zeros(8, 1, 4, 4)}
+    torch.save(state, tmp_path / "both.pth")
+    with pytest.raises(ValueError, match=r"cannot tell the family: .*\['tinyvit', 'toy'\]"):
+        build_backbone("auto", tmp_path / "both.pth")
