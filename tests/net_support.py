@@ -46,3 +46,9 @@ def tiny_fpt(
         torch.manual_seed(seed)
     return FPTClassifier(num_classes, variant, {"side_img_size": 16, **config}, backbone="vit_tiny", img_size=32,
                          backbone_overrides=backbone_overrides or TINY_FPT_BACKBONE, pretrained=pretrained)
+
+
+def fpt_images(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``count`` random 3 x 32 x 32 images for :func:`tiny_fpt`, labelled ``i % 3``."""
+    generator = torch.Generator().manual_seed(seed)
+    return [{"image": torch.rand(3, 32, 32, generator=generator), "label": i % 3} for i in range(count)]

@@ -18,7 +18,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import PrepareBatchExtraInput
 from monai.transforms import Compose, Resized
 from net_support import TINY_FPT_BACKBONE as TINY
-from net_support import tiny_fpt
+from net_support import fpt_images, tiny_fpt
 
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
 from monai_prompt.engine.runner import run_bundle
@@ -26,17 +26,12 @@ from monai_prompt.fpt import FPTClassifier, LoadFPTFeaturesd, cache_identity, pr
 from monai_prompt.peft import delta_state_dict, load_delta, save_delta, trainable_report
 
 
-def images(count: int) -> list[dict]:
-    generator = torch.Generator().manual_seed(1)
-    return [{"image": torch.rand(3, 32, 32, generator=generator), "label": i % 3} for i in range(count)]
-
-
 @pytest.mark.parametrize("variant", ["fpt", "fptplus"])
 def test_train_from_cache_after_release_then_online_logits_of_a_fresh_network(tmp_path, variant):
     lpm_file = tmp_path / "lpm.pt"
     net = tiny_fpt(variant, seed=0)
     torch.save(net.lpm.state_dict(), lpm_file)
-    items = images(4)
+    items = fpt_images(4, seed=1)
     preload_features(net, items, tmp_path / "cache")
     identity, report, meta = cache_identity(net), trainable_report(net), delta_state_dict(net)["peft"]
 
