@@ -32,7 +32,7 @@ demo: setup
 	$(VENV)/bin/monai-prompt demo
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # MONAI Label (docs/monai-label.md): a separate venv, since monailabel 0.8.5 needs numpy<2 and pydicom<3. Its
 # packages are installed from scratch when label/constraints.txt changes (sam2, a monailabel dependency, is built

@@ -107,7 +107,6 @@ def run_demo(
         the results written to ``results.json``: test metrics per backbone, trainable counts, step timings.
     """
     warnings.filterwarnings("ignore", message="torch.meshgrid")  # MONAI's sin-cos position embedding
-    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")  # no GPU DICOM decoder: irrelevant here
     out_dir = Path(out_dir)
     steps = RunSteps(4 if compare_scratch else 3, print_fn)
     with steps.step("data_s", f"demo data (MNI152 T1 tissue patches) in {out_dir / 'data'}"):

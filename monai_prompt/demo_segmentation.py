@@ -120,7 +120,6 @@ def run_segmentation_demo(
         the results written to ``results.json``: test metrics and parameter counts per run, timings, the figure.
     """
     warnings.filterwarnings("ignore", message="torch.meshgrid")
-    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     out_dir = Path(out_dir)
     steps = RunSteps(5 if compare_scratch else 4, print_fn)
     with steps.step("data_s", f"demo segmentation data (MNI152 T1 slices, tissue labels) in {out_dir / 'data'}"):

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from peft_checks import assert_efficiency_paths_match
+from peft_checks import assert_efficiency_paths_match, perturb_trainable
 
 from monai_prompt.backbones.vit import BACKBONE_KEY, build_vit
 from monai_prompt.nets.classifier import PromptClassifier
@@ -56,15 +56,6 @@ def make_model(case: str, vit=None, dtype=torch.float32) -> PromptClassifier:
     method, config = CASES[case]
     model = PromptClassifier(CLASSES, method, config, backbone=vit if vit is not None else pretrained_vit())
     return model.to(dtype)
-
-
-def perturb_trainable(model: torch.nn.Module, seed: int = 1) -> None:
-    """Move trainable parameters off their (often zero) init so every inserted path is active."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
 
 
 def images(dtype=torch.float32, batch: int = 2, seed: int = 3) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip
+from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, rel_err
 
 from monai_prompt.backbones import build_vit
 from monai_prompt.nets import PromptClassifier
@@ -14,10 +14,6 @@ from monai_prompt.peft.dvpt import DVPTConfig, DVPTModule
 TINY = {"hidden_size": 32, "num_layers": 4, "num_heads": 4, "mlp_dim": 64, "patch_size": 8}
 CONFIG = {"num_prompts": 5, "bottleneck": 6, "share": 2}
 WIDTH, HEADS, PROMPTS = 32, 4, 5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def classifier(variant: str = "paper", **kwargs) -> PromptClassifier:

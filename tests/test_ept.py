@@ -3,7 +3,7 @@
 import pytest
 import torch
 from bundle_support import TINY_BACKBONE as TINY
-from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip
+from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, rel_err
 
 from monai_prompt.backbones import build_vit
 from monai_prompt.nets import PromptClassifier
@@ -11,10 +11,6 @@ from monai_prompt.peft import apply_method, trainable_report
 from monai_prompt.peft.ept import EPTAttention, EPTConfig, resize_ept_prompt
 
 HEADS, WIDTH, TOKENS = 4, 32, 17  # 32 px / patch 8 -> 16 patches + CLS
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def reference_ept(x: torch.Tensor, attn: EPTAttention, prompt: torch.Tensor, variant: str) -> torch.Tensor:

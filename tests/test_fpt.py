@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from net_support import TINY_FPT_BACKBONE as TINY
+from net_support import tiny_fpt
 
 from monai_prompt.backbones import build_vit
 from monai_prompt.fpt import (
@@ -21,14 +23,6 @@ from monai_prompt.fpt import (
 )
 from monai_prompt.peft import apply_method, delta_state_dict, load_delta, trainable_report
 from monai_prompt.peft.delta import IDENTITY_KEYS
-
-TINY = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "mlp_dim": 128, "patch_size": 8}
-
-
-def tiny_fpt(variant: str, num_classes: int = 3, **config) -> FPTClassifier:
-    config = {"side_img_size": 16, **config}
-    return FPTClassifier(num_classes, variant, config, backbone="vit_tiny", img_size=32, backbone_overrides=TINY)
-
 
 # ---------------------------------------------------------------- literal references (float64, loops/einsum)
 

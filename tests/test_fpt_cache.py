@@ -13,6 +13,7 @@ from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import PrepareBatchExtraInput
 from monai.transforms import Compose, RandFlipd, Resized
+from net_support import TINY_FPT_BACKBONE, fpt_images, tiny_fpt
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -29,18 +30,8 @@ from monai_prompt.fpt import (
     preload_features,
 )
 
-TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 128, "patch_size": 8}
-
-
-def tiny_fpt(seed: int = 0, variant: str = "fptplus", **config) -> FPTClassifier:
-    torch.manual_seed(seed)
-    config = {"side_img_size": 16, **config}
-    return FPTClassifier(3, variant, config, backbone="vit_tiny", img_size=32, backbone_overrides=TINY).eval()
-
-
-def images(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    return [{"image": torch.rand(3, 32, 32, generator=generator), "label": i % 3} for i in range(count)]
+#: a 2-block LPM: the cache needs no depth
+TINY = {**TINY_FPT_BACKBONE, "num_layers": 2}
 
 
 def cached_batch(items: list[dict], cache_dir, net: FPTClassifier) -> dict:
@@ -63,8 +54,8 @@ class Interrupted(Dataset):
 
 @pytest.mark.parametrize("variant", ["fpt", "fptplus"])
 def test_preloaded_logits_equal_online_logits(tmp_path, variant):
-    net = tiny_fpt(variant=variant)
-    items = images(4)
+    net = tiny_fpt(variant, seed=0, backbone_overrides=TINY).eval()
+    items = fpt_images(4)
     report = preload_features(net, items, tmp_path, batch_size=3)
     assert (report.images, report.computed, report.reused, report.entries) == (4, 4, 0, 4)
     batch = cached_batch(items, tmp_path, net)
@@ -76,8 +67,8 @@ def test_preloaded_logits_equal_online_logits(tmp_path, variant):
 
 
 def test_training_loop_reads_cache_and_never_runs_the_lpm(tmp_path, monkeypatch):
-    net = tiny_fpt().train()
-    items = images(4)
+    net = tiny_fpt(seed=0, backbone_overrides=TINY).train()
+    items = fpt_images(4)
     preload_features(net, items, tmp_path)
     chain = Compose(
         [
@@ -107,16 +98,16 @@ def test_training_loop_reads_cache_and_never_runs_the_lpm(tmp_path, monkeypatch)
 
 
 def test_miss_is_reported(tmp_path):
-    net = tiny_fpt()
-    preload_features(net, images(2), tmp_path)
+    net = tiny_fpt(seed=0, backbone_overrides=TINY).eval()
+    preload_features(net, fpt_images(2), tmp_path)
     transform = LoadFPTFeaturesd("image", tmp_path, network=net)
     with pytest.raises(FPTCacheError, match="is not in the FPT cache"):
-        transform(images(1, seed=9)[0])
+        transform(fpt_images(1, seed=9)[0])
 
 
 def test_interrupted_preload_resumes(tmp_path):
-    net = tiny_fpt()
-    items = images(5)
+    net = tiny_fpt(seed=0, backbone_overrides=TINY).eval()
+    items = fpt_images(5)
     with pytest.raises(KeyboardInterrupt):
         preload_features(net, Interrupted(items, stop=3), tmp_path, batch_size=1)
     assert len(FPTFeatureCache(tmp_path, cache_identity(net))) == 3
@@ -126,8 +117,8 @@ def test_interrupted_preload_resumes(tmp_path):
 
 
 def test_crash_while_writing_leaves_no_partial_entry(tmp_path, monkeypatch):
-    net = tiny_fpt()
-    items = images(1)
+    net = tiny_fpt(seed=0, backbone_overrides=TINY).eval()
+    items = fpt_images(1)
 
     def crash(tensors, filename, metadata=None):
         with open(filename, "wb") as handle:
@@ -144,25 +135,25 @@ def test_crash_while_writing_leaves_no_partial_entry(tmp_path, monkeypatch):
 
 
 def test_stale_cache_is_detected_with_the_reason(tmp_path):
-    net = tiny_fpt(seed=0)
-    preload_features(net, images(2), tmp_path)
-    other_weights = tiny_fpt(seed=1)
+    net = tiny_fpt(seed=0, backbone_overrides=TINY).eval()
+    preload_features(net, fpt_images(2), tmp_path)
+    other_weights = tiny_fpt(seed=1, backbone_overrides=TINY).eval()
     with pytest.raises(FPTCacheError, match="stale FPT cache .*the LPM weights differ"):
         LoadFPTFeaturesd("image", tmp_path, network=other_weights)
-    other_layers = tiny_fpt(seed=0, layers=[0, 1], variant="fpt")
+    other_layers = tiny_fpt("fpt", seed=0, backbone_overrides=TINY, layers=[0, 1]).eval()
     with pytest.raises(FPTCacheError, match=r"extraction layers: \[1\] in the cache vs \[0, 1\] here"):
         LoadFPTFeaturesd("image", tmp_path, network=other_layers)
     with pytest.raises(FPTCacheError, match="stale FPT cache"):
-        preload_features(other_weights, images(2), tmp_path)
-    report = preload_features(other_weights, images(1), tmp_path, overwrite=True)
+        preload_features(other_weights, fpt_images(2), tmp_path)
+    report = preload_features(other_weights, fpt_images(1), tmp_path, overwrite=True)
     assert report.entries == 1
     LoadFPTFeaturesd("image", tmp_path, network=other_weights)
 
 
 def test_entry_from_another_cache_is_refused(tmp_path):
-    item = images(1)[0]
+    item = fpt_images(1)[0]
     key = content_key(item["image"])
-    net, other = tiny_fpt(seed=0), tiny_fpt(seed=1)
+    net, other = tiny_fpt(seed=0, backbone_overrides=TINY).eval(), tiny_fpt(seed=1, backbone_overrides=TINY).eval()
     preload_features(net, [item], tmp_path / "mine")
     preload_features(other, [item], tmp_path / "other")
     mine = FPTFeatureCache(tmp_path / "mine", cache_identity(net))
@@ -174,13 +165,13 @@ def test_entry_from_another_cache_is_refused(tmp_path):
 def test_only_empty_or_cache_directories_are_written(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FPTCacheError, match="neither empty nor an FPT feature cache"):
-        preload_features(tiny_fpt(), images(1), tmp_path, overwrite=True)
+        preload_features(tiny_fpt(seed=0, backbone_overrides=TINY).eval(), fpt_images(1), tmp_path, overwrite=True)
     assert (tmp_path / "notes.txt").exists()
 
 
 def test_fp16_storage_halves_disk_and_stays_close(tmp_path):
-    net = tiny_fpt()
-    items = images(3)
+    net = tiny_fpt(seed=0, backbone_overrides=TINY).eval()
+    items = fpt_images(3)
     full = preload_features(net, items, tmp_path / "fp32")
     half = preload_features(net, items, tmp_path / "fp16", storage_dtype="float16")
     values = int(np.prod(net.feature_shape))
@@ -205,7 +196,7 @@ def test_cli_keys_by_content_not_file_stem(tmp_path):
     for folder, pixels in (("a", first), ("b", second), ("c", first)):
         (tmp_path / "data" / folder).mkdir(parents=True)
         Image.fromarray(pixels).save(tmp_path / "data" / folder / "img.png")
-    net = tiny_fpt()
+    net = tiny_fpt(seed=0, backbone_overrides=TINY).eval()
     weights = tmp_path / "lpm.safetensors"
     save_file({k: v.contiguous() for k, v in net.lpm.state_dict().items()}, str(weights))
     args = ["preload", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), "--backbone", "vit_tiny"]

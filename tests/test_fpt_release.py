@@ -17,32 +17,21 @@ from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import PrepareBatchExtraInput
 from monai.transforms import Compose, Resized
+from net_support import TINY_FPT_BACKBONE as TINY
+from net_support import fpt_images, tiny_fpt
 
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
 from monai_prompt.fpt import FPTClassifier, LoadFPTFeaturesd, cache_identity, preload_features
 from monai_prompt.peft import delta_state_dict, load_delta, save_delta, trainable_report
 from monai_prompt.runs.runner import run_bundle
 
-TINY = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "mlp_dim": 128, "patch_size": 8}
-
-
-def tiny_fpt(variant: str = "fptplus", pretrained: str | None = None, seed: int = 0) -> FPTClassifier:
-    torch.manual_seed(seed)
-    return FPTClassifier(3, variant, {"side_img_size": 16}, backbone="vit_tiny", img_size=32, backbone_overrides=TINY,
-                         pretrained=pretrained)
-
-
-def images(count: int) -> list[dict]:
-    generator = torch.Generator().manual_seed(1)
-    return [{"image": torch.rand(3, 32, 32, generator=generator), "label": i % 3} for i in range(count)]
-
 
 @pytest.mark.parametrize("variant", ["fpt", "fptplus"])
 def test_train_from_cache_after_release_then_online_logits_of_a_fresh_network(tmp_path, variant):
     lpm_file = tmp_path / "lpm.pt"
-    net = tiny_fpt(variant)
+    net = tiny_fpt(variant, seed=0)
     torch.save(net.lpm.state_dict(), lpm_file)
-    items = images(4)
+    items = fpt_images(4, seed=1)
     preload_features(net, items, tmp_path / "cache")
     identity, report, meta = cache_identity(net), trainable_report(net), delta_state_dict(net)["peft"]
 
@@ -85,7 +74,7 @@ def test_train_from_cache_after_release_then_online_logits_of_a_fresh_network(tm
 def test_ddp_skips_the_released_lpm(tmp_path):
     import torch.distributed as dist
 
-    net = tiny_fpt()
+    net = tiny_fpt(seed=0)
     kv = net.lpm_features(torch.rand(2, 3, 32, 32))
     net.release_lpm()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -120,8 +109,8 @@ def test_fptplus_bundle_trains_from_the_cache_after_release(tiny, tmp_path):
 def test_side_sdpa_gives_the_literal_logits_and_gradients():
     """``sdpa=True`` (the memory-lean setting for training from the cache) changes only how the side network's
     attention is computed: float64 logits and gradients equal the literal path."""
-    literal = tiny_fpt("fpt").double()
-    fused = tiny_fpt("fpt").double()
+    literal = tiny_fpt("fpt", seed=0).double()
+    fused = tiny_fpt("fpt", seed=0).double()
     fused.load_state_dict(literal.state_dict())
     fused.side.vit.set_sdpa(True)
     assert not literal.side.vit.blocks[0].attn.use_flash_attention

@@ -1,8 +1,11 @@
-"""Expected calibration error and the reliability diagram of ``monai_prompt.engine.metrics``."""
+"""The classification metrics of ``monai_prompt.engine.metrics``: quadratic-weighted kappa, class decisions and macro
+F1, expected calibration error and the reliability diagram, the per-class report and its collapse warning."""
 
 from __future__ import annotations
 
 import csv
+import itertools
+import logging
 import math
 
 import numpy as np
@@ -10,12 +13,18 @@ import pytest
 import torch
 from bundle_support import reference_ece
 from ignite.engine import Engine, Events
+from sklearn.metrics import confusion_matrix, multilabel_confusion_matrix, precision_recall_fscore_support
 
 from monai_prompt.engine.metrics import (
     ClassReportHandler,
+    QuadraticWeightedKappa,
     calibration_histogram,
+    class_decisions,
     confidence_and_correct,
     expected_calibration_error,
+    macro_f1,
+    per_class_scores,
+    quadratic_weighted_kappa,
 )
 
 #: four images, three classes: confidences 0.93 (right), 0.62 (wrong), 0.52 (right), 0.72 (right), in bins 13, 9,
@@ -85,3 +94,118 @@ def test_class_report_handler_puts_ece_in_the_metrics_before_epoch_end(tmp_path,
     assert header == ["lower", "upper", "count", "confidence", "accuracy"] and len(rows) == 15
     assert sum(int(row[2]) for row in rows) == (60 if multi_label else 20)
     assert (tmp_path / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def kappa_reference(truth: list[int], pred: list[int], classes: int) -> float:
+    """Quadratic-weighted kappa by its definition: double sums over class pairs."""
+    n = len(truth)
+    pairs = list(zip(truth, pred))
+    observed = [[pairs.count((i, j)) for j in range(classes)] for i in range(classes)]
+    rows = [sum(observed[i]) for i in range(classes)]
+    cols = [sum(observed[i][j] for i in range(classes)) for j in range(classes)]
+    num = den = 0.0
+    for i, j in itertools.product(range(classes), repeat=2):
+        weight = (i - j) ** 2 / (classes - 1) ** 2
+        num += weight * observed[i][j]
+        den += weight * rows[i] * cols[j] / n
+    return 1.0 - num / den
+
+
+def test_quadratic_weighted_kappa_matches_its_definition_and_the_ignite_metric():
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.randint(0, 5, (60,), generator=generator)
+    probs = torch.softmax(torch.randn(60, 5, generator=generator) + 3 * torch.nn.functional.one_hot(truth, 5), 1)
+    pred = probs.argmax(1)
+    expected = kappa_reference(truth.tolist(), pred.tolist(), 5)
+    confusion = torch.zeros(5, 5)
+    for t, p in zip(truth, pred):
+        confusion[t, p] += 1
+    assert quadratic_weighted_kappa(confusion) == pytest.approx(expected, abs=1e-12)
+    metric = QuadraticWeightedKappa(num_classes=5)
+    for start in range(0, 60, 16):  # batches accumulate into one confusion matrix
+        metric.update((probs[start : start + 16], truth[start : start + 16]))
+    assert metric.compute() == pytest.approx(expected, abs=1e-12)
+    assert quadratic_weighted_kappa(torch.eye(4) * 7) == 1.0
+    sklearn = pytest.importorskip("sklearn.metrics")
+    assert expected == pytest.approx(sklearn.cohen_kappa_score(truth, pred, weights="quadratic"), abs=1e-12)
+
+
+def test_class_decisions_and_macro_f1():
+    output = [
+        {"pred": torch.tensor([0.7, 0.2, 0.1]), "label": torch.tensor([1.0, 0.0, 0.0])},
+        {"pred": torch.tensor([0.1, 0.3, 0.6]), "label": torch.tensor([0.0, 1.0, 0.0])},
+        {"pred": torch.tensor([0.2, 0.5, 0.3]), "label": torch.tensor([0.0, 1.0, 0.0])},
+    ]
+    probs, index = class_decisions()(output)
+    assert probs.shape == (3, 3) and index.tolist() == [0, 1, 1]
+    hard, multi_hot = class_decisions(multi_label=True, threshold=0.4)(output)
+    assert hard.tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 0]]
+    assert multi_hot.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]
+
+    engine = Engine(lambda engine, batch: output)
+    macro_f1(output_transform=class_decisions()).attach(engine, "f1")
+    engine.run([0], max_epochs=1)
+    # predictions 0, 2, 1 vs truth 0, 1, 1: class 0 F1 1, class 1 F1 2/3 (P 1, R 1/2), class 2 F1 0
+    assert engine.state.metrics["f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+
+
+def _evaluate(handler: ClassReportHandler, preds: torch.Tensor, labels: torch.Tensor, batch: int = 4) -> None:
+    """An evaluator whose decollated output is ``[{"pred": probabilities, "label": one-hot}]``."""
+    batches = [range(i, min(i + batch, len(preds))) for i in range(0, len(preds), batch)]
+    evaluator = Engine(lambda engine, rows: [{"pred": preds[i], "label": labels[i]} for i in rows])
+    handler.attach(evaluator)
+    evaluator.run(batches, max_epochs=1)
+
+
+def test_class_report_matches_scikit_learn_and_writes_csv(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.randint(0, 3, (30,), generator=generator)
+    probs = torch.softmax(torch.randn(30, 3, generator=generator) + 1.5 * torch.nn.functional.one_hot(truth, 3), 1)
+    _evaluate(ClassReportHandler(3, ["a", "b", "c"], output_dir=tmp_path), probs, torch.nn.functional.one_hot(truth, 3))
+    pred = probs.argmax(1)
+    precision, recall, f1, support = precision_recall_fscore_support(truth, pred, zero_division=0)
+    rows = (tmp_path / "class_report.csv").read_text().splitlines()
+    assert rows[0] == "class,precision,recall,f1,support,predicted"
+    for i, name in enumerate("abc"):
+        assert rows[i + 1] == (f"{name},{precision[i]:.4f},{recall[i]:.4f},{f1[i]:.4f},{support[i]},"
+                               f"{int((pred == i).sum())}")
+    matrix = confusion_matrix(truth, pred)
+    assert (tmp_path / "confusion_matrix.csv").read_text().splitlines() == [
+        "truth \\ prediction,a,b,c", *[f"{name},{','.join(map(str, matrix[i]))}" for i, name in enumerate("abc")]]
+
+
+def test_per_class_scores_multi_label_matches_scikit_learn():
+    generator = torch.Generator().manual_seed(1)
+    truth = (torch.rand(25, 4, generator=generator) > 0.5).long()
+    pred = (torch.rand(25, 4, generator=generator) > 0.4).long()
+    pred[:, 3] = 0  # a class never predicted: precision 0, as scikit-learn's zero_division=0
+    confusion = torch.from_numpy(multilabel_confusion_matrix(truth, pred))  # per class [[tn, fp], [fn, tp]]
+    scores = per_class_scores(confusion)
+    precision, recall, f1, support = precision_recall_fscore_support(truth, pred, zero_division=0)
+    for key, expected in (("precision", precision), ("recall", recall), ("f1", f1), ("support", support)):
+        assert scores[key].numpy() == pytest.approx(expected), key
+    assert scores["predicted"].tolist() == pred.sum(0).tolist()
+
+
+def test_ignite_multi_label_matrix_has_scikit_learn_s_layout(tmp_path):
+    truth = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0], [1, 0]])
+    pred = torch.tensor([[1, 1], [0, 1], [0, 1], [1, 0], [1, 0]])
+    _evaluate(ClassReportHandler(2, multi_label=True, output_dir=tmp_path), pred.float(), truth.float(), batch=2)
+    expected = multilabel_confusion_matrix(truth, pred).reshape(2, 4)
+    assert (tmp_path / "confusion_matrix.csv").read_text().splitlines() == [
+        "class,tn,fp,fn,tp", *[f"{i},{','.join(map(str, expected[i]))}" for i in range(2)]]
+
+
+def test_class_report_warns_when_the_model_collapsed(caplog):
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1, 0, 2]), 3)
+    collapsed = torch.tensor([[0.2, 0.7, 0.1]]).repeat(6, 1)
+    with caplog.at_level(logging.WARNING, logger="monai_prompt"):
+        _evaluate(ClassReportHandler(3, ["a", "b", "c"]), collapsed, labels)
+        _evaluate(ClassReportHandler(3, ["a", "b", "c"]), labels.float(), labels)  # varied predictions: no warning
+        multi = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+        _evaluate(ClassReportHandler(2, ["x", "y"], multi_label=True), torch.tensor([[0.9, 0.2]]).repeat(3, 1), multi)
+    assert [r.getMessage().split(" although")[0] for r in caplog.records] == [
+        "epoch 1: all 6 predictions are class 'b'",
+        "epoch 1: all 3 predictions are the same labels ['x']",
+    ]
+    assert "collapsed to one answer. Lower the learning rate" in caplog.records[0].getMessage()

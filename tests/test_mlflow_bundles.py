@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from bundle_support import copy_bundle, tiny_overrides
+from io_support import free_port
 from mlflow import MlflowClient
 
 from monai_prompt.bundle_gen import BUNDLE_SPECS
@@ -31,16 +31,10 @@ def bundle(tiny, tmp_path, monkeypatch):
     return copy_bundle(SPEC.name, tmp_path), tiny_overrides(SPEC, tiny["data"], tiny["backbone"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """``mlflow server`` on a free local port with a SQLite backend in ``tmp_path``; always terminated."""
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from net_support import tiny_classifier
 
 import monai_prompt.peft
 from monai_prompt.backbones import build_vit
@@ -53,13 +54,6 @@ def registry_copy(monkeypatch):
 def norm_tune(registry_copy):
     """The test-only method ``test_norm_tune``, registered for one test."""
     register_method("test_norm_tune", NormTuneConfig, trainable=r"^blocks\.0\.norm[12]\.")(apply_norm_tune)
-
-
-def tiny_classifier(method="linear", config=None, seed=0):
-    torch.manual_seed(seed)
-    return PromptClassifier(
-        3, method=method, method_config=config, backbone="vit_tiny", img_size=32, backbone_overrides=TINY
-    )
 
 
 def test_registry_lists_exactly_the_method_modules_of_the_package():

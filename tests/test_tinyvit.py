@@ -22,7 +22,12 @@ import torch
 import torch.nn as nn
 from bundle_support import copy_bundle, tiny_overrides
 from monai.bundle import ConfigParser
-from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, assert_efficiency_paths_match
+from peft_checks import (
+    assert_adamw_trains_exactly,
+    assert_delta_round_trip,
+    assert_efficiency_paths_match,
+    perturb_trainable,
+)
 
 from monai_prompt.backbones.tinyvit import (
     TINYVIT_KEY,
@@ -142,15 +147,6 @@ def pretrained_tiny(seed: int = 0) -> nn.Module:
 def make_model(method: str, backbone: nn.Module | None = None) -> PromptClassifier:
     backbone = pretrained_tiny() if backbone is None else backbone
     return PromptClassifier(CLASSES, method, SUPPORTED.get(method), backbone=backbone)
-
-
-def perturb_trainable(model: nn.Module, seed: int = 1) -> None:
-    """Move trainable parameters off their zero inits (LoRA's B, the adapter's up-projection)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,190 @@
+"""Delta checkpoint objects, the atomic saver that never writes NaN/Inf or half a file, the best score kept across a
+resume, and the newest checkpoint of a run: ``monai_prompt.engine.checkpoint``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+from io_support import sha256
+from monai.data import DataLoader
+from monai.engines import SupervisedEvaluator
+from monai.handlers import CheckpointLoader, ValidationHandler
+from net_support import tiny_classifier
+
+from monai_prompt.engine import (
+    AtomicCheckpointSaver,
+    BestMetricState,
+    NonFiniteError,
+    PeftMeta,
+    TrainableState,
+    latest_checkpoint,
+    non_finite_entries,
+)
+from monai_prompt.peft import DeltaMismatchError
+from monai_prompt.peft.delta import IDENTITY_KEYS
+
+
+def test_delta_objects_round_trip_and_refuse_other_configs():
+    net = tiny_classifier("vpt", {"num_tokens": 2})
+    state, meta = TrainableState(net).state_dict(), PeftMeta(net).state_dict()
+    assert set(state) == {"backbone.prompter.prompts", "head.weight", "head.bias", *IDENTITY_KEYS}
+    assert meta["method"] == "vpt"
+    other = tiny_classifier("vpt", {"num_tokens": 2})
+    with torch.no_grad():
+        other.head.weight.zero_()
+    PeftMeta(other).load_state_dict(meta)
+    TrainableState(other).load_state_dict(state)
+    assert torch.equal(other.head.weight, net.head.weight)
+    with pytest.raises(DeltaMismatchError, match="ckpt.pt: method config differs: num_tokens: 2 in the delta vs 3"):
+        PeftMeta(tiny_classifier("vpt", {"num_tokens": 3}), source="ckpt.pt").load_state_dict(meta)
+    ddp_like = torch.nn.DataParallel(net)  # unwrapped like DistributedDataParallel
+    assert set(TrainableState(ddp_like).state_dict()) == set(state)
+
+
+def test_prompt_classifier_loads_a_delta_strictly_but_not_a_wrong_one():
+    net = tiny_classifier("lora", {"rank": 2})
+    delta = TrainableState(net).state_dict()
+    params = [key for key in delta if key not in IDENTITY_KEYS]
+    assert not any("lora" in key for key in params) or all(net.get_parameter(k).requires_grad for k in params)
+    fresh = tiny_classifier("lora", {"rank": 2})
+    assert fresh.load_state_dict(delta, strict=True).missing_keys == []  # frozen backbone keys are not required
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict({k: v for k, v in delta.items() if k != "head.bias"}, strict=True)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        fresh.load_state_dict({**delta, "extra.weight": torch.zeros(1)}, strict=True)
+
+
+class _Counter:
+    def __init__(self):
+        self.value = torch.zeros(2)
+
+    def state_dict(self):
+        return {"value": self.value.clone()}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+@pytest.mark.parametrize("kind", ["fixed_name", "interval"])
+def test_atomic_checkpoint_saver_keeps_the_last_good_file_when_a_save_fails(kind, tmp_path, monkeypatch):
+    engine = Engine(lambda engine, batch: None)
+    counter = _Counter()
+    options = {"save_final": True, "final_filename": "model.pt"} if kind == "fixed_name" else {
+        "save_interval": 1, "n_saved": 1}
+    AtomicCheckpointSaver(str(tmp_path), {"counter": counter}, **options).attach(engine)
+    engine.run([0], max_epochs=1)
+    counter.value = torch.ones(2)
+    engine.run([0], max_epochs=2)  # a good save supersedes the first file (n_saved=1 / fixed name)
+    (good,) = os.listdir(tmp_path)
+    saved = (tmp_path / good).read_bytes()
+    assert torch.load(tmp_path / good, weights_only=True)["value"].tolist() == [1.0, 1.0]
+
+    def crash(obj, f, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    counter.value = torch.full((2,), 2.0)
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        engine.run([0], max_epochs=3)
+    assert os.listdir(tmp_path) == [good] and (tmp_path / good).read_bytes() == saved
+
+
+def test_latest_checkpoint_picks_the_highest_epoch(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train once without --resume"):
+        latest_checkpoint(tmp_path)
+    for epoch in (2, 9, 10):
+        (tmp_path / f"checkpoint_epoch={epoch}.pt").write_bytes(b"")
+    (tmp_path / "model.pt").write_bytes(b"")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_epoch=10.pt")
+
+
+def test_non_finite_entries_names_nested_tensors():
+    state = {
+        "model": {"w": torch.tensor([1.0, float("nan")]), "steps": torch.tensor([3]), "ok": torch.ones(2)},
+        "optimizer": {"state": {0: {"exp_avg": torch.tensor([float("inf")])}}, "param_groups": [{"lr": 0.1}]},
+        "epoch": 3,
+    }
+    assert non_finite_entries(state) == ["model/w", "optimizer/state/0/exp_avg"]
+    assert non_finite_entries({"model": {"w": torch.ones(2)}}) == []
+
+
+def test_atomic_saver_never_writes_a_non_finite_model(tmp_path):
+    network = torch.nn.Linear(2, 1)
+    engine = Engine(lambda engine, batch: None)
+    resume = {"model": network, "optimizer": torch.optim.SGD(network.parameters(), lr=0.1)}
+    AtomicCheckpointSaver(str(tmp_path), resume, save_interval=1, n_saved=1).attach(engine)
+    AtomicCheckpointSaver(str(tmp_path), {"model": network}, save_final=True, final_filename="model.pt").attach(engine)
+    engine.run([0], max_epochs=1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_epoch=1.pt", "model.pt"]
+    before = {name: sha256(tmp_path / name) for name in os.listdir(tmp_path)}
+    with torch.no_grad():
+        network.weight[0, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"refusing to write .*model\.pt: weight hold NaN/Inf") as caught:
+        engine.run([0], max_epochs=2)  # the interval save fails, then the final save on the exception too
+    assert "checkpoint_epoch=2.pt: model/weight hold NaN/Inf" in str(caught.value.__context__)
+    assert {name: sha256(tmp_path / name) for name in os.listdir(tmp_path)} == before  # byte for byte, nothing new
+
+
+class _Scripted(Metric):
+    """Key metric whose value at each validation is the next of ``scores``."""
+
+    def __init__(self, scores):
+        self.scores = list(scores)
+        super().__init__()
+
+    def reset(self):
+        pass
+
+    def update(self, output):
+        pass
+
+    def compute(self):
+        return self.scores.pop(0)
+
+
+def _train(ckpt_dir: Path, scores, max_epochs: int, resume: bool, keep_best: bool = True) -> SupervisedEvaluator:
+    """A trainer whose 'model' is its epoch number, validated each epoch with scripted scores; model.pt is the best."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    evaluator = SupervisedEvaluator(
+        device="cpu", network=torch.nn.Identity(), key_val_metric={"acc": _Scripted(scores)},
+        val_data_loader=DataLoader([{"image": torch.zeros(1), "label": torch.zeros(1)}], batch_size=1),
+    )
+    model_saver = AtomicCheckpointSaver(str(ckpt_dir), {"model": model}, save_key_metric=True,
+                                        key_metric_filename="model.pt")
+    model_saver.attach(evaluator)
+    trainer = Engine(lambda engine, batch: None)
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: model.weight.data.fill_(engine.state.epoch))
+    ValidationHandler(1, evaluator).attach(trainer)
+    checkpoint = {"trainer": trainer, "model": model}
+    if keep_best:
+        checkpoint["best_metric"] = BestMetricState(evaluator, model_saver)
+    if resume:
+        CheckpointLoader(latest_checkpoint(ckpt_dir), checkpoint).attach(trainer)
+    AtomicCheckpointSaver(str(ckpt_dir), checkpoint, save_interval=1, n_saved=1).attach(trainer)
+    trainer.run([0], max_epochs=max_epochs)
+    return evaluator
+
+
+def _best_epoch_on_disk(ckpt_dir: Path) -> float:
+    return torch.load(ckpt_dir / "model.pt", weights_only=True)["weight"].item()
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_best_model_survives_a_resume(tmp_path, keep_best):
+    _train(tmp_path, [0.5, 0.8], max_epochs=2, resume=False, keep_best=keep_best)
+    assert _best_epoch_on_disk(tmp_path) == 2.0
+    evaluator = _train(tmp_path, [0.6], max_epochs=3, resume=True, keep_best=keep_best)  # worse than epoch 2's 0.8
+    if not keep_best:  # what MONAI alone does: the first validation after a resume replaces model.pt
+        assert _best_epoch_on_disk(tmp_path) == 3.0
+        return
+    assert _best_epoch_on_disk(tmp_path) == 2.0
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (0.8, 2)
+    evaluator = _train(tmp_path, [0.9], max_epochs=4, resume=True)  # better: replaces it
+    assert _best_epoch_on_disk(tmp_path) == 4.0
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (0.9, 4)

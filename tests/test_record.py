@@ -1,0 +1,29 @@
+"""The training record (``training_config.json``) and the run id: ``monai_prompt.runs.record``."""
+
+from __future__ import annotations
+
+import pytest
+
+from monai_prompt.runs import RunIdentity, read_training_config, run_id, write_training_config
+
+
+def test_training_record_round_trip_and_run_id(tmp_path, monkeypatch):
+    weights = tmp_path / "vit.pt"
+    weights.write_bytes(b"w")
+    assert read_training_config(tmp_path / "models") == {}
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint_epoch=<N>\.pt of a recorded training run in \S+ to "
+                                                r"resume from \(training_config\.json is missing\)"):
+        run_id(tmp_path / "models", resume=True)
+    first = run_id(tmp_path / "models", resume=False)
+    assert first != run_id(tmp_path / "models", resume=False) and len(first) == 32
+    monkeypatch.chdir(tmp_path)  # a relative pretrained path is stored absolute
+    write_training_config(tmp_path / "models", first, {"pretrained": "vit.pt", "img_size": 32})
+    record = read_training_config(tmp_path / "models" / "model.pt")  # a checkpoint file: its folder's record
+    assert (record["run_id"], record["pretrained"], record["img_size"]) == (first, str(weights), 32)
+    assert run_id(tmp_path / "models", resume=True) == first
+    RunIdentity(first).load_state_dict({"run_id": first})
+    with pytest.raises(ValueError, match="belongs to training run x, not to the run recorded"):
+        RunIdentity(first).load_state_dict({"run_id": "x"})
+    (tmp_path / "models" / "training_config.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"training_config\.json is not valid JSON"):
+        read_training_config(tmp_path / "models")

@@ -1,0 +1,103 @@
+"""MLflow extras: the reachability probe, a server that is down at start or goes away mid-run, unique run names:
+``monai_prompt.engine.tracking``."""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import os
+import threading
+import time
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from io_support import free_port
+from monai.data import DataLoader
+from monai.engines import SupervisedEvaluator
+from monai.handlers import MLFlowHandler, ValidationHandler
+from net_support import tiny_classifier
+
+from monai_prompt.engine import MLflowPeftLogger, check_tracking_uri, unique_run_name
+from monai_prompt.engine.tracking import MLFLOW_HTTP_LIMITS
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    status = 404
+
+    def do_GET(self):
+        self.send_response(self.status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("status", [404, 503])
+def test_check_tracking_uri(status):
+    handler = type("Answer", (_Answer,), {"status": status})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        if status == 404:  # a server answers: reachable (MLflow reports what it wants)
+            check_tracking_uri(uri)
+        else:
+            with pytest.raises(ConnectionError, match=rf"{uri} is unreachable \(HTTP 503"):
+                check_tracking_uri(uri)
+    finally:
+        server.shutdown()
+        server.server_close()
+    check_tracking_uri("sqlite:///nowhere/mlruns.db")  # not a server
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_uri(monkeypatch):
+    for name in MLFLOW_HTTP_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    uri = f"http://127.0.0.1:{free_port()}"
+    engine = Engine(lambda engine, batch: None)
+    MLflowPeftLogger(tiny_classifier()).attach(engine)
+    MLFlowHandler(tracking_uri=uri, experiment_name="x").attach(engine)
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf"MLflow tracking server {uri} is unreachable .*mlflow server --host "
+                                              rf"127\.0\.0\.1 --port \d+.*--tracking_uri"):
+        engine.run([0], max_epochs=1)
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.slow  # creates an MLflow SQLite store
+def test_tracking_that_fails_mid_run_does_not_stop_training(tmp_path, monkeypatch, caplog):
+    for name in MLFLOW_HTTP_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    trainer = Engine(lambda engine, batch: {"loss": torch.tensor(1.0)})
+    evaluator = SupervisedEvaluator(
+        device="cpu", network=torch.nn.Identity(),
+        val_data_loader=DataLoader([{"image": torch.zeros(1), "label": torch.zeros(1)}], batch_size=1),
+    )
+    MLflowPeftLogger(tiny_classifier()).attach(trainer)
+    ValidationHandler(1, evaluator).attach(trainer)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    handler = MLFlowHandler(tracking_uri=uri, experiment_name="x", run_name="r",
+                            output_transform=lambda out: out["loss"])
+    handler.attach(trainer)
+    validator_handler = MLFlowHandler(tracking_uri=uri, experiment_name="x", run_name="r")
+    validator_handler.attach(evaluator)
+    calls = []
+
+    def dead(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionError("server went away")
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: setattr(handler.client, "log_batch", dead))
+    with caplog.at_level(logging.WARNING, logger="monai_prompt"):
+        trainer.run([0, 1], max_epochs=3)
+    assert trainer.state.epoch == 3 and len(calls) == 1  # one failure, then the run's handlers are skipped
+    warnings = [r.getMessage() for r in caplog.records if "MLflow tracking failed" in r.getMessage()]
+    assert warnings == [("MLflow tracking failed (ConnectionError: server went away); training continues without "
+                         "tracking from here (epoch 2). Check the tracking server and --tracking_uri.")]
+    assert {name: os.environ[name] for name in MLFLOW_HTTP_LIMITS} == MLFLOW_HTTP_LIMITS
+
+
+def test_unique_run_names():
+    names = {unique_run_name("vpt_classification_train") for _ in range(50)}
+    assert len(names) == 50 and all(name.startswith("vpt_classification_train_2") for name in names)

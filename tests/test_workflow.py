@@ -1,0 +1,60 @@
+"""The small checks the bundle configs call: the task against the datalist, where the datalist is, where the bundle
+root is: ``monai_prompt.runs.workflow``."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from monai_prompt.data.datalist import ClassificationDatalist
+from monai_prompt.runs import bundle_root, check_task, find_datalist
+
+
+def test_check_task_names_the_fix():
+    datalist = SimpleNamespace(classes=["a", "b"], multi_label=False)
+    check_task(datalist, 2, False)
+    with pytest.raises(ValueError, match=r"num_classes=3; run with --num_classes 2"):
+        check_task(datalist, 3, False)
+    with pytest.raises(ValueError, match="run with --multi_label False"):
+        check_task(datalist, 2, True)
+
+
+def test_check_task_refuses_empty_splits_a_workflow_reads():
+    datalist = ClassificationDatalist(["a", "b"], {"training": [{"image": "x.png", "label": 0}],
+                                                    "test": [{"image": "y.png", "label": 1}]})
+    check_task(datalist, 2, False, ["training", "test"])
+    with pytest.raises(ValueError, match=r"no 'validation' images: .*model\.pt would never be written"):
+        check_task(datalist, 2, False, ["training", "validation"])
+    with pytest.raises(ValueError, match=r"no 'unlabeled' images: choose a split that has images .*'training', 'test'"):
+        check_task(datalist, 2, False, ["unlabeled"])
+
+
+def test_find_datalist_and_the_default_data_folder(tmp_path):
+    from monai_prompt.bundle_gen.configs import DEMO_DATASET_DIR
+    from monai_prompt.cli import DEMO_DATA
+    from monai_prompt.demo import run_demo
+
+    default_demo_out = inspect.signature(run_demo).parameters["out_dir"].default
+    assert DEMO_DATA == DEMO_DATASET_DIR == f"{default_demo_out}/data"  # make demo's data is the bundles' default
+    (tmp_path / "tree" / "a").mkdir(parents=True)
+    (tmp_path / "with_list").mkdir()
+    (tmp_path / "with_list" / "datalist.json").write_text("{}")
+    (tmp_path / "table.csv").write_text("image,label\n")
+    assert find_datalist(tmp_path / "with_list") == str(tmp_path / "with_list" / "datalist.json")
+    assert find_datalist(tmp_path / "tree") == str(tmp_path / "tree")
+    assert find_datalist(tmp_path / "table.csv") == str(tmp_path / "table.csv")
+    with pytest.raises(FileNotFoundError, match=r"dataset_dir \S+missing does not exist; build the demo data there"):
+        find_datalist(tmp_path / "missing")
+
+
+def test_bundle_root_from_the_repository_or_inside_the_bundle(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bundle_root("x_classification") == "."
+    (tmp_path / "bundles" / "x_classification" / "configs").mkdir(parents=True)
+    assert bundle_root("x_classification") == os.path.join("bundles", "x_classification")
+    monkeypatch.chdir(tmp_path / "bundles" / "x_classification")
+    (tmp_path / "bundles" / "x_classification" / "configs" / "metadata.json").write_text("{}")
+    assert bundle_root("x_classification") == "."
