@@ -87,11 +87,11 @@ def test_rendered_configs_import_what_their_expressions_use():
 
 
 def _write_samples(folder: Path) -> tuple[Path, Path]:
-    """A 20 x 30 RGB PNG and a 6 x 7 x 8 NIfTI volume."""
+    """A 20 x 30 RGB PNG and a 6 x 7 grey NIfTI image."""
     rng = np.random.default_rng(0)
-    png, nii = folder / "rgb.png", folder / "volume.nii.gz"
+    png, nii = folder / "rgb.png", folder / "grey.nii.gz"
     Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(png)
-    nib.save(nib.Nifti1Image(rng.random((6, 7, 8), dtype=np.float32), np.eye(4)), nii)
+    nib.save(nib.Nifti1Image(rng.random((6, 7), dtype=np.float32), np.eye(4)), nii)
     return png, nii
 
 
@@ -117,7 +117,7 @@ def test_rendered_transforms_are_classification_transforms(tmp_path):
     rgb_2d = {"img_size": 16, "spatial_dims": 2, "in_channels": 3}
     cases = [
         ({**rgb_2d, "multi_label": False}, {"image": str(png), "label": 2}),
-        ({"img_size": 8, "spatial_dims": 3, "in_channels": 1, "multi_label": True},
+        ({"img_size": 8, "spatial_dims": 2, "in_channels": 1, "multi_label": True},
          {"image": str(nii), "label": [1.0, 0.0, 1.0]}),
     ]
     for settings, item in cases:

@@ -36,7 +36,7 @@ from sklearn.metrics import confusion_matrix, multilabel_confusion_matrix, preci
 
 from monai_prompt.backbones.pretrained import CheckpointError
 from monai_prompt.bundle_gen import BUNDLE_SPECS
-from monai_prompt.data import DataCheckError, check_datalist, check_images, find_images
+from monai_prompt.data import DataCheckError, check_classification_datalist, check_images, find_images
 from monai_prompt.data.datalist import ClassificationDatalist
 from monai_prompt.engine import (
     AtomicCheckpointSaver,
@@ -420,14 +420,14 @@ def test_data_check_decodes_pixels_and_reports_every_bad_file(tmp_path):
     write_png(tmp_path / "good_val.png", seed=9)
     datalist = write_datalist(tmp_path / "datalist.json", splits)
     with pytest.raises(DataCheckError) as caught:
-        check_datalist(datalist)
+        check_classification_datalist(datalist)
     problems = caught.value.problems
     assert len(problems) == 3, problems
     assert problems[0].startswith(f"{truncated_png}: pixel data unreadable (OSError: image file is truncated")
     assert problems[1].startswith(f"{truncated_nii}: pixel data unreadable (OSError: Expected ")
     assert problems[2] == f"{nan_nii}: 2 NaN/Inf value(s) of 512; training would get a NaN loss: fix the image or " \
         "drop it."
-    summary = check_datalist(datalist, read_pixels=False)  # headers only: the three pass (very large sets)
+    summary = check_classification_datalist(datalist, read_pixels=False)  # headers only: the three pass (large sets)
     assert summary.counts == {"training": 6, "validation": 2} and summary.formats == {"pil": 6, "nifti": 2}
 
 
@@ -436,14 +436,14 @@ def test_labels_outside_num_classes_name_the_file(tmp_path):
     one_based = write_datalist(tmp_path / "one_based.json",
                                {"training": [(p, 1 + i % 3) for i, p in enumerate(images)]})
     with pytest.raises(DataCheckError) as caught:
-        check_datalist(one_based, read_pixels=False, num_classes=3)
+        check_classification_datalist(one_based, read_pixels=False, num_classes=3)
     assert caught.value.problems == [
         f"{images[i]}: label 3 is outside 0..2: without a class map, labels must be class indices 0..num_classes-1 "
         f"(num_classes=3) (no image has label 0: are the labels 1-based? subtract 1); renumber them, or name the "
         f"classes (decathlon 'labels' map, --classes)." for i in (2, 5)
     ]
     zero_based = write_datalist(tmp_path / "zero_based.json", {"training": [(p, i % 3) for i, p in enumerate(images)]})
-    assert check_datalist(zero_based, read_pixels=False, num_classes=3).classes == ["0", "1", "2"]
+    assert check_classification_datalist(zero_based, read_pixels=False, num_classes=3).classes == ["0", "1", "2"]
 
 
 def test_check_images_for_inference_inputs(tmp_path):
@@ -807,8 +807,8 @@ def _case_deeper_pretrained(tiny, tmp_path, bundle):
 BUNDLE_FAILURES = {
     "nan-pixels": (_case_nan_pixels, NonFiniteError,
                    r"loss is nan at epoch 2, iteration [123]/3 at learning rate \S+: these images of the batch hold "
-                   r"NaN/Inf values: \S+nan\.nii\.gz; fix or drop them \(monai_prompt\.data\.check_datalist lists "
-                   r"every such file\)\.$"),
+                   r"NaN/Inf values: \S+nan\.nii\.gz; fix or drop them "
+                   r"\(monai_prompt\.data\.check_classification_datalist lists every such file\)\.$"),
     "learning-rate": (_case_learning_rate, NonFiniteError,
                       r"loss is (nan|inf) at epoch 1, iteration [123]/3 at learning rate 1e\+37: the batch's images "
                       r"are finite \(batch: .*\), so the model diverged: the learning rate is likely too high; start a "
@@ -998,7 +998,7 @@ def test_dataset_dir_may_be_a_csv_and_num_classes_follows_the_datalist(tiny, tmp
 
 
 def test_find_datalist_and_the_default_data_folder(tmp_path):
-    from monai_prompt.bundle_gen.configs import DEMO_DATASET_DIR
+    from monai_prompt.bundle_gen.classification import DEMO_DATASET_DIR
     from monai_prompt.cli import DEMO_DATA
     from monai_prompt.demo import run_demo
 
@@ -1098,7 +1098,7 @@ def test_a_bundle_refusal_exits_non_zero_with_the_cause_last(trained, tiny, tmp_
     tail = result.stderr.rstrip()
     summary = tail[tail.rindex("\nRoot cause (") + 1:]  # what the user reads last
     assert summary.splitlines()[0] == (
-        'Root cause (Failed to evaluate ConfigExpression: "$monai_prompt.data.check_datalist(@datalist_file, '
+        'Root cause (Failed to evaluate ConfigExpression: "$monai_prompt.data.check_classification_datalist(@datalist_file, '
         'read_pixels=@check_pixels, **@datalist_options)"):'
     )
     assert re.match(message, summary.split("\n", 1)[1].removeprefix(f"{kind.__name__}: ")), summary

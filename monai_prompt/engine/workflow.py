@@ -37,7 +37,7 @@ DATALIST_NAME = "datalist.json"
 
 
 def find_datalist(dataset_dir: str | os.PathLike, name: str = DATALIST_NAME) -> str:
-    """What ``--dataset_dir`` names, as :func:`~monai_prompt.data.read_datalist` reads it: ``<folder>/<name>`` when
+    """What ``--dataset_dir`` names, as :func:`~monai_prompt.data.read_classification_datalist` reads it: ``<folder>/<name>`` when
     the folder holds one, else the folder itself (a class-per-folder tree), or the file itself (a ``.csv`` or
     ``.json`` datalist).
 
