@@ -15,6 +15,7 @@ from typing import Any
 
 from monai_prompt.bundle_gen import common
 from monai_prompt.bundle_gen.specs import BundleSpec
+from monai_prompt.data.demo import DEMO_CLASSES
 
 __all__ = ["evaluate_config", "inference_config", "multi_gpu_config", "train_config"]
 
@@ -28,6 +29,8 @@ _DATALIST_TASK = {
     "multi_label": "$@datalist.multi_label",
     "class_names": "$@datalist.classes",
 }
+#: the classes of the network an inference builds before any training (the demo's, as ``metadata.json`` names them).
+_UNTRAINED_TASK = {"num_classes": len(DEMO_CLASSES), "multi_label": False, "class_names": list(DEMO_CLASSES)}
 
 
 def _method_key(spec: BundleSpec) -> str:
@@ -60,10 +63,10 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
     }
 
 
-def _network_settings(spec: BundleSpec) -> dict[str, Any]:
-    """What defines the network and its outputs: the ``training_record`` of ``models/training_config.json``."""
-    return {**_DATALIST_TASK, "in_channels": 3, "spatial_dims": 2, "img_size": spec.img_size,
-            **common.backbone_settings(spec)}
+def _network_settings(spec: BundleSpec, task: dict[str, Any] = _DATALIST_TASK) -> dict[str, Any]:
+    """What defines the network and its outputs: the ``training_record`` of ``models/training_config.json``
+    (``task``: the classes, :data:`_DATALIST_TASK` or :data:`_UNTRAINED_TASK`)."""
+    return {**task, "in_channels": 3, "spatial_dims": 2, "img_size": spec.img_size, **common.backbone_settings(spec)}
 
 
 def _common(spec: BundleSpec, imports: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -288,7 +291,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
     ``postprocessing`` (:data:`_DROP_IMAGE`).
     """
     return {
-        **common.recorded(_network_settings(spec), {**_common(spec), "network_def": _network_def(spec, trained=True)}),
+        **common.recorded(_network_settings(spec), {**_common(spec), "network_def": _network_def(spec, trained=True)},
+                          untrained=_network_settings(spec, _UNTRAINED_TASK)),
         "load_path": "$@ckpt_dir + '/model.pt'",
         "input_dir": "$@dataset_dir + '/images/test'",
         "infer_images": "@input_dir",

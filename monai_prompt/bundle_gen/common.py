@@ -214,11 +214,12 @@ def delta_loader() -> dict[str, Any]:
     }
 
 
-def recorded(settings: Sequence[str], config: dict[str, Any] | None = None) -> dict[str, Any]:
+def recorded(
+    settings: Sequence[str], config: dict[str, Any] | None = None, untrained: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Settings an evaluation or inference takes from the bundle's training record, ``training_config``
-    (``models/training_config.json`` in ``@ckpt_dir``, :func:`monai_prompt.engine.read_training_config`): there are
-    no defaults, a missing record stops the workflow with what to run or give instead, and a missing setting is a
-    ``KeyError`` that names it.
+    (``models/training_config.json`` in ``@ckpt_dir``, :func:`monai_prompt.engine.read_training_config`): each
+    reads it with ``[...]``, no defaults; a missing record stops the workflow with what to run or give instead.
 
     A value given on the command line wins: a scalar entry is an expression reading the record, which the value
     replaces; a dict setting (:data:`DICT_SETTINGS`) holds *changes* to the recorded dict (so
@@ -227,9 +228,11 @@ def recorded(settings: Sequence[str], config: dict[str, Any] | None = None) -> d
 
     Args:
         settings: the record's keys (also the config ids).
-        config: a config holding the settings (inference: its own values, replaced here in place, with
-            ``training_config`` before the first of them); ``None``: the entries alone (evaluation, merged on
-            ``train.json``).
+        config: a config holding the settings (inference: its own values, replaced here in place, with the record
+            before the first of them); ``None``: the entries alone (evaluation, merged on ``train.json``).
+        untrained: the settings of the network the bundle builds before any training, as the entry
+            ``untrained_network``: what the record reads as while ``models/`` holds no delta either, so that MONAI's
+            property checks and ``verify_net_in_out`` build a network (inference); ``None``: always the record.
     """
     entries: dict[str, Any] = {}
     for key in settings:
@@ -238,7 +241,15 @@ def recorded(settings: Sequence[str], config: dict[str, Any] | None = None) -> d
             entries[f"trained_{key}"] = f"$dict(@training_config[{key!r}], **@{key})"
         else:
             entries[key] = f"$@training_config[{key!r}]"
-    record = {"training_config": "$monai_prompt.engine.read_training_config(@ckpt_dir, required=True)"}
+    if untrained is None:
+        record = {"training_config": "$monai_prompt.engine.read_training_config(@ckpt_dir, required=True)"}
+    else:
+        record = {
+            "untrained_network": untrained,
+            "training_config": (
+                "$monai_prompt.engine.read_training_config(@ckpt_dir, required=True, untrained=@untrained_network)"
+            ),
+        }
     if config is None:
         return {**record, **entries}
     merged: dict[str, Any] = {}
@@ -449,7 +460,8 @@ def multi_gpu_config() -> dict[str, Any]:
     gloo on CPUs. It fills ``train.json``'s ``distributed_setup`` (a step of its ``initialize`` before anything
     touches the run folder, empty there) with the process group and keeps the rest of that ``initialize``: the
     steps that differ under DDP (the run folder and record on rank 0, FPT's preload on rank 0 then a barrier) ask
-    the process group themselves. ``static_graph`` lets DDP skip the frozen backbone and tolerate parameters without gradients.
+    the process group themselves. ``static_graph`` lets DDP skip the frozen backbone and tolerate parameters without
+    gradients.
     """
     return {
         "+imports": ["$import os", "$import torch.distributed as dist"],

@@ -365,21 +365,23 @@ def _record(spec: BundleSpec) -> str:
 Evaluation (`evaluate.json`) and inference (`inference.json`) build the network the delta was trained with: each
 setting that defines it (`img_size`, `backbone`, `method_config`, the classes, ...) reads
 `models/training_config.json`, which `train.json` writes when a run starts, through one entry, `training_config`
-(e.g. `"img_size": "$@training_config['img_size']"`). Nothing falls back to a default: without a record the
-workflow stops and says what to do (train first, point `--ckpt_dir` at the trained run's `models/`, or give the
-settings as `--training_config "{{...}}"`). A value on the command line still wins (`--img_size 384`);
+(e.g. `"img_size": "$@training_config['img_size']"`). Nothing falls back to a default: a delta without its record
+stops the workflow with what to do (train first, point `--ckpt_dir` at the trained run's `models/`, or give the
+settings as `--training_config "{{...}}"`). Only while `models/` holds no delta at all does `inference.json` build
+`untrained_network`, the network the bundle declares before any training, so that MONAI's property checks and
+`verify_net_in_out` run on a fresh bundle. A value on the command line still wins (`--img_size 384`);
 `--method_config#<key>` and `--backbone_overrides#<key>` change one entry of the recorded dicts.
 
 Ship a trained bundle as its deployable copy, which MONAI Label and the model-zoo checks take as it is:
 
 ```bash
-monai-prompt package bundles/{spec.name} --out deploy/{spec.name} --pretrained ...
+monai-prompt package bundles/{spec.name} --out deploy/{spec.name}
 ```
 
-It copies the bundle with `models/model.pt`, its training record and the pre-trained backbone
-(`models/backbone.*`), writes the recorded settings into the copy's configs as plain values (its `inference.json`
-shows the network it builds and needs no `--pretrained`), names the trained classes in `metadata.json`, and
-checks the copy by loading the delta into its `network_def`."""
+It copies the bundle with `models/model.pt`, its training record and the pre-trained backbone it records
+(`--pretrained` names another copy of it) as `models/backbone.*`, writes the recorded settings into the copy's
+configs as plain values (its `inference.json` shows the network it builds and needs no `--pretrained`), names the
+trained classes in `metadata.json`, and checks the copy by loading the delta into its `network_def`."""
 
 
 def readme(spec: BundleSpec, measured: dict | None = None) -> str:

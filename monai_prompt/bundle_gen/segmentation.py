@@ -19,6 +19,7 @@ from typing import Any
 
 from monai_prompt.bundle_gen import common
 from monai_prompt.bundle_gen.specs import BundleSpec
+from monai_prompt.data.demo_segmentation import SEGMENTATION_CLASSES
 
 __all__ = [
     "DEMO_DATASET_DIR",
@@ -36,6 +37,8 @@ _KEYS = ["image", "label"]
 _BATCH = {2: (8, 2), 3: (1, 4)}
 #: training: the classes are the datalist's ``labels`` unless given on the command line.
 _DATALIST_TASK = {"class_names": "$@datalist.classes", "num_classes": "$len(@class_names)"}
+#: the classes of the network an inference builds before any training (the demo's, as ``metadata.json`` names them).
+_UNTRAINED_TASK = {"class_names": list(SEGMENTATION_CLASSES), "num_classes": len(SEGMENTATION_CLASSES)}
 
 
 def _network_def(trained: bool = False) -> dict[str, Any]:
@@ -58,11 +61,11 @@ def _network_def(trained: bool = False) -> dict[str, Any]:
     }
 
 
-def _network_settings(spec: BundleSpec) -> dict[str, Any]:
+def _network_settings(spec: BundleSpec, task: dict[str, Any] = _DATALIST_TASK) -> dict[str, Any]:
     """The classes, input, decoder width, encoder and method: what the training record keeps for evaluation and
-    inference."""
+    inference (``task``: the classes, :data:`_DATALIST_TASK` or :data:`_UNTRAINED_TASK`)."""
     return {
-        **_DATALIST_TASK,
+        **task,
         "in_channels": 1,
         "spatial_dims": spec.spatial_dims,
         "img_size": spec.img_size,
@@ -295,7 +298,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
     ``postprocessing`` (image-only loading, :data:`_MASK`).
     """
     return {
-        **common.recorded(_network_settings(spec), {**_common(spec), "network_def": _network_def(trained=True)}),
+        **common.recorded(_network_settings(spec), {**_common(spec), "network_def": _network_def(trained=True)},
+                          untrained=_network_settings(spec, _UNTRAINED_TASK)),
         "load_path": "$@ckpt_dir + '/model.pt'",
         "input_dir": f"$@dataset_dir + '/{spec.spatial_dims}d/images/test'",
         "infer_images": "@input_dir",
