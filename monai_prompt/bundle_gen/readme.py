@@ -369,8 +369,9 @@ setting that defines it (`img_size`, `backbone`, `method_config`, the classes, .
 stops the workflow with what to do (train first, point `--ckpt_dir` at the trained run's `models/`, or give the
 settings as `--training_config "{{...}}"`). Only while `models/` holds no delta at all does `inference.json` build
 `untrained_network`, the network the bundle declares before any training, so that MONAI's property checks and
-`verify_net_in_out` run on a fresh bundle. A value on the command line still wins (`--img_size 384`);
-`--method_config#<key>` and `--backbone_overrides#<key>` change one entry of the recorded dicts.
+`verify_net_in_out` run on a fresh bundle. A value on the command line still wins (`--img_size 384`); given
+`--method_config "{{...}}"` and `--backbone_overrides "{{...}}"` change only the entries they name of the recorded
+dicts.
 
 Ship a trained bundle as its deployable copy, which MONAI Label and the model-zoo checks take as it is:
 
