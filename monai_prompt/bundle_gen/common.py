@@ -380,7 +380,8 @@ def train_handlers() -> list[dict[str, Any]]:
 
 
 def trainer(spec: BundleSpec, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``train#trainer``: MONAI's ``SupervisedTrainer`` over ``train#dataloader`` (``extra``: e.g. ``prepare_batch``)."""
+    """``train#trainer``: MONAI's ``SupervisedTrainer`` over ``train#dataloader`` (``extra``: e.g.
+    ``prepare_batch``)."""
     return {
         "_target_": "SupervisedTrainer",
         "max_epochs": spec.epochs,
