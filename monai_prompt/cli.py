@@ -12,7 +12,7 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 #: where ``make demo`` (``monai-prompt demo``'s ``<out>/data``) and ``demo-data`` put the demo set, and where the
-#: bundles look by default (``monai_prompt.bundle_gen.configs.DEMO_DATASET_DIR``).
+#: bundles look by default (``monai_prompt.bundle_gen.classification.DEMO_DATASET_DIR``).
 DEMO_DATA = "runs/demo/data"
 #: each demo's output folder (its data in ``data/``, where that task's bundles look by default).
 DEMO_OUT = {"classification": "runs/demo", "segmentation": "runs/demo_segmentation"}
@@ -88,14 +88,15 @@ def _demo_data(args: argparse.Namespace) -> None:
 
 def _check_data(args: argparse.Namespace) -> None:
     """Check a datalist; exit with status 1 and every problem listed when it is not clean."""
-    from monai_prompt.data.check import check_datalist
+    from monai_prompt.data.check import check_classification_datalist
 
     options = {"classes": args.classes, "image_column": args.image_column, "label_columns": args.label_columns}
     options = {key: value for key, value in options.items() if value is not None}
     if args.dicom_series:
         options["dicom_series"] = True
     try:
-        print(check_datalist(args.datalist, channels=args.channels, read_pixels=not args.headers_only, **options))
+        print(check_classification_datalist(args.datalist, channels=args.channels, read_pixels=not args.headers_only,
+                                            **options))
     except (ValueError, OSError) as err:  # DataCheckError (a ValueError) lists every problem
         raise SystemExit(f"check-data: {err}") from None
 
@@ -109,7 +110,7 @@ def _preload(args: argparse.Namespace) -> None:
     from monai.data import Dataset
     from monai.transforms import Compose
 
-    from monai_prompt.data import read_datalist
+    from monai_prompt.data import read_classification_datalist
     from monai_prompt.data.transforms import classification_transforms
     from monai_prompt.fpt import FPTCacheError, FPTClassifier, preload_features
 
@@ -130,7 +131,7 @@ def _preload(args: argparse.Namespace) -> None:
             backbone_overrides=json.loads(args.backbone_overrides),
         )
         net.lpm.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        items = [item for _, item in read_datalist(args.datalist).all_items()]
+        items = [item for _, item in read_classification_datalist(args.datalist).all_items()]
         data = Dataset(items, Compose(classification_transforms(args.img_size, args.spatial_dims, args.in_channels)))
         dtype = "float16" if args.fp16 else "float32"
         report = preload_features(

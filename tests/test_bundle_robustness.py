@@ -226,8 +226,8 @@ def _case_deeper_pretrained(tiny, tmp_path, bundle):
 BUNDLE_FAILURES = {
     "nan-pixels": (_case_nan_pixels, NonFiniteError,
                    r"loss is nan at epoch 2, iteration [123]/3 at learning rate \S+: these images of the batch hold "
-                   r"NaN/Inf values: \S+nan\.nii\.gz; fix or drop them \(monai_prompt\.data\.check_datalist lists "
-                   r"every such file\)\.$"),
+                   r"NaN/Inf values: \S+nan\.nii\.gz; fix or drop them "
+                   r"\(monai_prompt\.data\.check_classification_datalist lists every such file\)\.$"),
     "learning-rate": (_case_learning_rate, NonFiniteError,
                       r"loss is (nan|inf) at epoch 1, iteration [123]/3 at learning rate 1e\+37: the batch's images "
                       r"are finite \(batch: .*\), so the model diverged: the learning rate is likely too high; start a "
@@ -442,7 +442,7 @@ def test_a_bundle_refusal_exits_non_zero_with_the_cause_last(trained, tiny, tmp_
     tail = result.stderr.rstrip()
     summary = tail[tail.rindex("\nRoot cause (") + 1:]  # what the user reads last
     assert summary.splitlines()[0] == (
-        'Root cause (Failed to evaluate ConfigExpression: "$monai_prompt.data.check_datalist(@datalist_file, '
+        'Root cause (Failed to evaluate ConfigExpression: "$monai_prompt.data.check_classification_datalist(@datalist_file, '
         'read_pixels=@check_pixels, **@datalist_options)"):'
     )
     assert re.match(message, summary.split("\n", 1)[1].removeprefix(f"{kind.__name__}: ")), summary

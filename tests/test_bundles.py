@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,12 +101,44 @@ def test_rendered_configs_import_what_their_expressions_use():
             assert module in imports, f"{name} {files}: expressions use {module} but do not import it"
 
 
+def _network_setting(bundle: Path, files: list[str], key: str):
+    """``key`` as the network of ``files`` (merged) reads it, ``bundle_root`` set as MONAI's tools set it."""
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / name) for name in files])
+    parser.update({"bundle_root": str(bundle)})
+    return parser.get_parsed_content(key)
+
+
+@pytest.mark.parametrize("name", ["vpt_classification", "vpt_segmentation"])
+def test_evaluation_and_inference_read_the_training_record_without_defaults(name, tmp_path):
+    """Before any training inference builds its ``untrained_network`` (MONAI's property checks, verify_net_in_out);
+    a delta without its record, or an evaluation without one, stops with the fix; a record gives every setting."""
+    bundle = copy_bundle(name, tmp_path)
+    infer, evaluate = ["inference.json"], ["train.json", "evaluate.json"]
+    assert _network_setting(bundle, infer, "img_size") == 224
+    for files in (evaluate, infer):
+        (bundle / "models").mkdir(exist_ok=True)
+        (bundle / "models" / "model.pt").write_bytes(b"")
+        with pytest.raises(RuntimeError) as info:
+            _network_setting(bundle, files, "img_size")
+        error = info.value.__cause__
+        assert isinstance(error, FileNotFoundError) and "training_config.json does not exist" in str(error)
+        assert "Train the bundle first" in str(error) and "--training_config" in str(error)
+    record = json.loads(json.dumps(_network_setting(bundle, infer, "untrained_network")))
+    (bundle / "models" / "model.pt").unlink()
+    record.update(img_size=32, method_config={**record["method_config"], "num_tokens": 7})
+    (bundle / "models" / "training_config.json").write_text(json.dumps(record))
+    for files in (evaluate, infer):
+        assert _network_setting(bundle, files, "img_size") == 32
+        assert _network_setting(bundle, files, "trained_method_config")["num_tokens"] == 7
+
+
 def _write_samples(folder: Path) -> tuple[Path, Path]:
-    """A 20 x 30 RGB PNG and a 6 x 7 x 8 NIfTI volume."""
+    """A 20 x 30 RGB PNG and a 6 x 7 grey NIfTI image."""
     rng = np.random.default_rng(0)
-    png, nii = folder / "rgb.png", folder / "volume.nii.gz"
+    png, nii = folder / "rgb.png", folder / "grey.nii.gz"
     Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(png)
-    nib.save(nib.Nifti1Image(rng.random((6, 7, 8), dtype=np.float32), np.eye(4)), nii)
+    nib.save(nib.Nifti1Image(rng.random((6, 7), dtype=np.float32), np.eye(4)), nii)
     return png, nii
 
 
@@ -131,7 +164,7 @@ def test_rendered_transforms_are_classification_transforms(tmp_path):
     rgb_2d = {"img_size": 16, "spatial_dims": 2, "in_channels": 3}
     cases = [
         ({**rgb_2d, "multi_label": False}, {"image": str(png), "label": 2}),
-        ({"img_size": 8, "spatial_dims": 3, "in_channels": 1, "multi_label": True},
+        ({"img_size": 8, "spatial_dims": 2, "in_channels": 1, "multi_label": True},
          {"image": str(nii), "label": [1.0, 0.0, 1.0]}),
     ]
     for settings, item in cases:

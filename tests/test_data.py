@@ -23,12 +23,12 @@ from monai_prompt.data import (
     DataCheckError,
     SplitOptions,
     build_demo_data,
-    check_datalist,
+    check_classification_datalist,
     classification_transforms,
     datalist_from_csv,
     datalist_from_folder,
     datalist_from_json,
-    read_datalist,
+    read_classification_datalist,
     read_header,
     split_items,
 )
@@ -155,7 +155,7 @@ def test_split_options_reject_bad_values_and_unknown_keys(tmp_path):
     with pytest.raises(TypeError, match="not float"):
         SplitOptions.of(0.2)
     with pytest.raises(ValueError, match=r"unknown split option\(s\) \['test'\]"):  # readers check before reading
-        read_datalist(tmp_path, split={"val_fraction": 0.2, "test": 0.0})
+        read_classification_datalist(tmp_path, split={"val_fraction": 0.2, "test": 0.0})
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -187,7 +187,7 @@ def test_folder_datalist_all_formats(tmp_path):
             write_png(split_root / split / "a" / f"{k}.png")
             write_dicom(split_root / split / "b" / f"{k}.dcm")
     write_png(split_root / "unlabeled" / "u0.png")
-    datalist = read_datalist(split_root, split={"test_fraction": 0.0})
+    datalist = read_classification_datalist(split_root, split={"test_fraction": 0.0})
     assert {split: len(items) for split, items in datalist.splits.items()} == {
         "training": 6, "validation": 4, "unlabeled": 1}
     assert "label" not in datalist["unlabeled"][0]
@@ -243,15 +243,15 @@ def test_decathlon_json_and_round_trips(tmp_path):
     groups = {i.get("group") for i in datalist["validation"]}
     assert not groups & {i.get("group") for i in datalist["training"]}
     # the decathlon JSON (and, with labels everywhere, the CSV) written by a datalist reads back to it
-    again = read_datalist(datalist.save_json(tmp_path / "out" / "copy.json"))
+    again = read_classification_datalist(datalist.save_json(tmp_path / "out" / "copy.json"))
     assert (again.classes, again.splits) == (datalist.classes, datalist.splits)
     datalist.splits["test"][0]["label"] = 1
-    again = read_datalist(datalist.save_csv(tmp_path / "copy.csv"), classes=datalist.classes)
+    again = read_classification_datalist(datalist.save_csv(tmp_path / "copy.csv"), classes=datalist.classes)
     assert (again.classes, again.splits) == (datalist.classes, datalist.splits)
     # multi-hot list labels make a multi-label datalist
     multi = {"training": [{"image": f"imgs/case{k}.nii.gz", "label": [k % 2, 1, 0]} for k in range(8)]}
     (tmp_path / "multi.json").write_text(json.dumps(multi))
-    datalist = read_datalist(tmp_path / "multi.json")
+    datalist = read_classification_datalist(tmp_path / "multi.json")
     assert datalist.multi_label and datalist.classes == ["0", "1", "2"]
 
 
@@ -274,7 +274,7 @@ def test_check_reports_every_problem_with_paths(tmp_path, capsys):
     ]
     source = write_csv(tmp_path / "bad.csv", ["image", "label", "split", "group"], rows)
     with pytest.raises(DataCheckError) as caught:
-        check_datalist(source, classes=["a", "b"])
+        check_classification_datalist(source, classes=["a", "b"])
     problems = caught.value.problems
     expected = [
         ("colour.png", "3 channel(s) where the other images have 1"),
@@ -297,7 +297,7 @@ def test_check_reports_every_problem_with_paths(tmp_path, capsys):
         main(["check-data", str(source), "--classes", "a", "b"])
     # a clean dataset: a summary, also from the CLI
     clean = write_csv(tmp_path / "clean.csv", ["image", "label"], [[f"good{k}.png", "ab"[k % 2]] for k in range(4)])
-    summary = check_datalist(clean, split={"test_fraction": 0.0, "val_fraction": 0.25})
+    summary = check_classification_datalist(clean, split={"test_fraction": 0.0, "val_fraction": 0.25})
     assert summary.counts == {"training": 2, "validation": 2} and summary.channels == 1  # 1 of 2 per class
     assert summary.class_counts["training"] == [1, 1] and summary.formats == {"pil": 4}
     assert main(["check-data", str(clean)]) == 0 and "2 classes, 1 channel(s)" in capsys.readouterr().out
@@ -361,7 +361,7 @@ def test_demo_data_is_deterministic_leak_free_and_correctly_labelled(tmp_path):
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     assert len(files) == 3 * (8 + 4 + 4) + 8 + 2  # images + datalist.json + datalist.csv
 
-    summary = check_datalist(tmp_path / "a" / "datalist.json")
+    summary = check_classification_datalist(tmp_path / "a" / "datalist.json")
     assert summary.counts == {"training": 24, "validation": 12, "test": 12, "unlabeled": 8}
     assert summary.class_counts == {"training": [8, 8, 8], "validation": [4, 4, 4], "test": [4, 4, 4]}
 

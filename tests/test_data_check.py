@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from io_support import write_datalist, write_nifti, write_png
 
-from monai_prompt.data import DataCheckError, check_datalist, check_images, find_images
+from monai_prompt.data import DataCheckError, check_classification_datalist, check_images, find_images
 
 
 def test_data_check_decodes_pixels_and_reports_every_bad_file(tmp_path):
@@ -24,14 +24,14 @@ def test_data_check_decodes_pixels_and_reports_every_bad_file(tmp_path):
     write_png(tmp_path / "good_val.png", seed=9)
     datalist = write_datalist(tmp_path / "datalist.json", splits)
     with pytest.raises(DataCheckError) as caught:
-        check_datalist(datalist)
+        check_classification_datalist(datalist)
     problems = caught.value.problems
     assert len(problems) == 3, problems
     assert problems[0].startswith(f"{truncated_png}: pixel data unreadable (OSError: image file is truncated")
     assert problems[1].startswith(f"{truncated_nii}: pixel data unreadable (OSError: Expected ")
     assert problems[2] == f"{nan_nii}: 2 NaN/Inf value(s) of 512; training would get a NaN loss: fix the image or " \
         "drop it."
-    summary = check_datalist(datalist, read_pixels=False)  # headers only: the three pass (very large sets)
+    summary = check_classification_datalist(datalist, read_pixels=False)  # headers only: the three pass (large sets)
     assert summary.counts == {"training": 6, "validation": 2} and summary.formats == {"pil": 6, "nifti": 2}
 
 
@@ -40,14 +40,14 @@ def test_labels_outside_num_classes_name_the_file(tmp_path):
     one_based = write_datalist(tmp_path / "one_based.json",
                                {"training": [(p, 1 + i % 3) for i, p in enumerate(images)]})
     with pytest.raises(DataCheckError) as caught:
-        check_datalist(one_based, read_pixels=False, num_classes=3)
+        check_classification_datalist(one_based, read_pixels=False, num_classes=3)
     assert caught.value.problems == [
         f"{images[i]}: label 3 is outside 0..2: without a class map, labels must be class indices 0..num_classes-1 "
         f"(num_classes=3) (no image has label 0: are the labels 1-based? subtract 1); renumber them, or name the "
         f"classes (decathlon 'labels' map, --classes)." for i in (2, 5)
     ]
     zero_based = write_datalist(tmp_path / "zero_based.json", {"training": [(p, i % 3) for i, p in enumerate(images)]})
-    assert check_datalist(zero_based, read_pixels=False, num_classes=3).classes == ["0", "1", "2"]
+    assert check_classification_datalist(zero_based, read_pixels=False, num_classes=3).classes == ["0", "1", "2"]
 
 
 def test_check_images_for_inference_inputs(tmp_path):

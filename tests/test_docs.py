@@ -122,13 +122,13 @@ _FPT_NET = """\
 import torch
 from monai.data import Dataset
 from monai.transforms import Compose
-from monai_prompt.data import classification_transforms, read_datalist
+from monai_prompt.data import classification_transforms, read_classification_datalist
 from monai_prompt.fpt import FPTClassifier, preload_features
 from monai_prompt.fpt.lpm import LPMExtractor
 
 net = FPTClassifier(num_classes=3, variant="fptplus", backbone="vit_tiny", backbone_overrides={tiny}, img_size={img},
                     fpt_config={"side_img_size": {img} // 2}, pretrained="vit-base-patch16-384", layer_norm_eps=1e-12)
-datalist = read_datalist("data/datalist.json")
+datalist = read_classification_datalist("data/datalist.json")
 preload_features(net, Dataset(datalist["training"], Compose(classification_transforms({img}, in_channels=3))),
                  "cache/fptplus", storage_dtype="float16")
 

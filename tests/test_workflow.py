@@ -33,7 +33,7 @@ def test_check_task_refuses_empty_splits_a_workflow_reads():
 
 
 def test_find_datalist_and_the_default_data_folder(tmp_path):
-    from monai_prompt.bundle_gen.configs import DEMO_DATASET_DIR
+    from monai_prompt.bundle_gen.classification import DEMO_DATASET_DIR
     from monai_prompt.cli import DEMO_DATA
     from monai_prompt.demo import run_demo
 

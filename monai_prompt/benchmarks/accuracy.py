@@ -218,9 +218,9 @@ def subset_datalist(
         eval_per_class: also keep only this many validation and test images per class (the same ones for every
             seed and regime: the first by image path); ``None`` keeps them whole.
     """
-    from monai_prompt.data import read_datalist
+    from monai_prompt.data import read_classification_datalist
 
-    datalist = read_datalist(datalist_file)
+    datalist = read_classification_datalist(datalist_file)
     splits = dict(datalist.splits)
     splits["training"] = training_subset(datalist["training"], regime, seed)
     splits.pop("unlabeled", None)

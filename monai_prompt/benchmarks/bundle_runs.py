@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from monai_prompt.bundle_gen.readme import MEASUREMENTS_FILE
+from monai_prompt.bundle_gen.readme import MEASUREMENTS_FILES
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS, BundleSpec
 from monai_prompt.runs.bundles import bundles_folder
 from monai_prompt.runs.demo_task import TINY_DEMO, DemoConfig, prepare_data, pretrain, pretrained_overrides
@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
 
     bundles, work = bundles_folder(args.bundles).absolute(), Path(args.work).absolute()
     config, epochs = (TINY_DEMO, 1) if args.quick else (DemoConfig(), args.epochs)
-    target = Path(args.output) if args.output else work / "measurements.json" if args.quick else MEASUREMENTS_FILE
+    committed = MEASUREMENTS_FILES["classification"]
+    target = Path(args.output) if args.output else work / "measurements.json" if args.quick else committed
     measured = json.loads(target.read_text()) if target.is_file() else {}
     names = args.names or list(BUNDLE_SPECS)
     unknown = sorted(set(names) - set(BUNDLE_SPECS))

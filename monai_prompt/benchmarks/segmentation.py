@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_prompt.benchmarks.bundle_runs import default_network, hardware, parameter_counts
-from monai_prompt.bundle_gen.segmentation_readme import SEGMENTATION_MEASUREMENTS_FILE
+from monai_prompt.bundle_gen.readme import MEASUREMENTS_FILES
 from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS, BundleSpec
 from monai_prompt.runs.bundles import bundles_folder
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bundles", help="the bundles folder (default: the package's)")
     parser.add_argument("--demo", help="results.json of a finished `monai-prompt demo --task segmentation` run")
     parser.add_argument("--no-counts", action="store_true", help="keep the recorded parameter counts")
-    parser.add_argument("--output", default=str(SEGMENTATION_MEASUREMENTS_FILE), help="where the numbers go")
+    parser.add_argument("--output", default=str(MEASUREMENTS_FILES["segmentation"]), help="where the numbers go")
     args = parser.parse_args(argv)
 
     target, today = Path(args.output), datetime.date.today().isoformat()

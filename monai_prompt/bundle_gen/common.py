@@ -1,4 +1,4 @@
-"""Config pieces every task template shares (:mod:`~monai_prompt.bundle_gen.configs` for classification,
+"""Config pieces every task template shares (:mod:`~monai_prompt.bundle_gen.classification` for classification,
 :mod:`~monai_prompt.bundle_gen.segmentation`): paths, device, backbone and method settings, data loading,
 delta checkpoints, the optimiser and schedule, resumable training state (run id, best score), the first steps of a
 training run (errors shown last, run-folder lock, the training record), engines, handlers (parameter report, peak
@@ -14,13 +14,15 @@ from typing import Any
 from monai_prompt.bundle_gen.specs import BundleSpec
 
 __all__ = [
+    "BARRIER",
+    "DICT_SETTINGS",
     "EVALUATOR",
+    "FROM_PRED_LABEL",
     "IMPORTS",
-    "RECORD_TRAINING",
     "SHOW_CAUSE_LAST",
     "TRAIN_RUN",
-    "TRAIN_START",
     "backbone_settings",
+    "compose",
     "dataset",
     "delta",
     "delta_loader",
@@ -28,16 +30,16 @@ __all__ = [
     "evaluate_handlers",
     "evaluator",
     "inference_steps",
+    "initialize",
     "loader",
+    "metrics",
     "multi_gpu_config",
     "optimization",
     "paths",
-    "record_training",
     "recorded",
     "train_checkpointing",
     "train_handlers",
     "train_settings",
-    "train_start",
     "trainer",
     "validate_handlers",
 ]
@@ -56,34 +58,14 @@ EVALUATOR = {
     "network": "@network",
     "amp": "@amp",
 }
+#: the prediction and label of an engine's output, as MONAI's metric handlers read them.
+FROM_PRED_LABEL = "$monai.handlers.from_engine(['pred', 'label'])"
 #: first step of every workflow's ``initialize``: the root cause of a failure is printed last.
 SHOW_CAUSE_LAST = "$monai_prompt.runs.show_cause_last()"
-
-
-def train_start(kept: str = "@resume") -> tuple[str, ...]:
-    """First steps of a training run: errors shown last, the checkpoint folder locked (a previous run is only
-    replaced with ``--overwrite true``, crash leftovers removed), the seed.
-
-    Args:
-        kept: the condition (config references) under which the run continues the folder's previous run, which
-            is then kept: ``@resume`` (segmentation: ``@resume or @continue_model``).
-    """
-    return (
-        SHOW_CAUSE_LAST,
-        f"$monai_prompt.runs.claim_run_folder(@ckpt_dir, resume={kept}, overwrite=@overwrite)",
-        "$monai.utils.set_determinism(seed=@seed)",
-    )
-
-
-def record_training(kept: str = "@resume") -> str:
-    """After the data checks: a new run writes ``models/training_config.json`` from ``training_record`` (the task's
-    settings that define the network and data), which evaluation and inference read; a run that continues the
-    folder's previous run (``kept``, as in :func:`train_start`) keeps its record."""
-    return f"$None if {kept} else monai_prompt.runs.write_training_config(@ckpt_dir, @run_id, @training_record)"
-
-
-TRAIN_START = train_start()
-RECORD_TRAINING = record_training()
+_SEED = "$monai.utils.set_determinism(seed=@seed)"
+_WARN_IF_NOT_PRETRAINED = "$monai_prompt.runs.warn_if_not_pretrained(@pretrained)"
+#: under DDP, the other ranks wait here for rank 0 (a step that only rank 0 runs comes before it).
+BARRIER = "$torch.distributed.barrier() if torch.distributed.is_initialized() else None"
 #: the trainer-state checkpoint handlers reference the trainer, so they are attached to it here rather than listed
 #: in ``train#handlers`` (which the trainer references: a cycle); they run after the listed handlers.
 TRAIN_RUN = (
@@ -91,6 +73,55 @@ TRAIN_RUN = (
     "$@train#checkpoint_saver.attach(@train#trainer)",
     "$@train#trainer.run()",
 )
+
+
+def initialize(checks: Sequence[str], train: bool = True, kept: str = "@resume") -> list[str]:
+    """``initialize`` of a training or evaluation: errors shown last; training: ``distributed_setup`` (empty;
+    ``multi_gpu_train.json`` fills it with the process group), the checkpoint folder locked (a previous run is only
+    replaced with ``--overwrite true``, crash leftovers removed); the seed; ``checks`` (the
+    task's data checks); training: the run recorded; a warning without pre-trained weights.
+
+    A new training run writes ``models/training_config.json`` from ``training_record`` (the task's settings that
+    define the network and data), which evaluation and inference read; a run that continues the folder's previous
+    run keeps its record.
+
+    Args:
+        checks: the task's expressions that check the data before anything trains or evaluates.
+        train: a training run (else an evaluation).
+        kept: the condition (config references) under which a training run continues the folder's previous run,
+            which is then kept: ``@resume`` (segmentation: ``@resume or @continue_model``).
+    """
+    if not train:
+        return [SHOW_CAUSE_LAST, _SEED, *checks, _WARN_IF_NOT_PRETRAINED]
+    return [
+        SHOW_CAUSE_LAST,
+        "@distributed_setup",
+        f"$monai_prompt.runs.claim_run_folder(@ckpt_dir, resume={kept}, overwrite=@overwrite)",
+        _SEED,
+        *checks,
+        f"$None if {kept} else monai_prompt.runs.write_training_config(@ckpt_dir, @run_id, @training_record)",
+        _WARN_IF_NOT_PRETRAINED,
+    ]
+
+
+def compose(transforms: str | list[dict[str, Any]]) -> dict[str, Any]:
+    """MONAI ``Compose`` of a list of transforms or of an expression (``"$@a + @b"``) that gives one."""
+    return {"_target_": "Compose", "transforms": transforms}
+
+
+def metrics(
+    prefix: str, key: tuple[str, dict[str, Any]], additional: dict[str, dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An evaluator's ``key_metric`` and ``additional_metrics``, named with ``prefix`` (``val_`` in validation,
+    none in evaluation: ``eval/metrics.csv`` columns).
+
+    Args:
+        prefix: prepended to every metric name.
+        key: the key metric's name and handler (it selects ``models/model.pt``).
+        additional: name -> handler of the other metrics.
+    """
+    name, handler = key
+    return {prefix + name: handler}, {prefix + other: metric for other, metric in additional.items()}
 
 
 def paths(spec: BundleSpec, dataset_dir: str, datalist_file: str) -> dict[str, Any]:
@@ -124,6 +155,10 @@ def device_settings() -> dict[str, Any]:
         "amp": "$torch.cuda.is_available()",
         "seed": 0,
     }
+
+
+#: the dict-valued network settings, which evaluation and inference change entry by entry (:func:`recorded`).
+DICT_SETTINGS = ("backbone_overrides", "method_config")
 
 
 def backbone_settings(spec: BundleSpec) -> dict[str, Any]:
@@ -180,46 +215,62 @@ def delta_loader() -> dict[str, Any]:
     }
 
 
-def recorded(defaults: dict[str, Any]) -> dict[str, Any]:
-    """Settings an evaluation or inference takes from the bundle's training record (``training_config.json`` in
-    ``@ckpt_dir``, :func:`monai_prompt.runs.read_training_config`), each falling back to its default when there
-    is no record.
+def recorded(
+    settings: Sequence[str], config: dict[str, Any] | None = None, untrained: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Settings an evaluation or inference takes from the bundle's training record, ``training_config``
+    (``models/training_config.json`` in ``@ckpt_dir``, :func:`monai_prompt.runs.read_training_config`): each
+    reads it with ``[...]``, no defaults; a missing record stops the workflow with what to run or give instead.
 
     A value given on the command line wins: a scalar entry is an expression reading the record, which the value
-    replaces; a dict entry (``method_config``, ``backbone_overrides``) holds *changes* to the recorded dict (so
-    ``--method_config#num_tokens 7`` works as in training), ``default_<key>`` the dict without a record, and
-    ``trained_<key>`` the recorded (or default) dict with the changes applied, which the network reads. (A default
-    dict is an entry of its own, not written into the expression: MONAI parses an expression that contains the
-    word "import", e.g. FPT's ``token_importance``, as Python before resolving its ``@`` references.)
+    replaces; a dict setting (:data:`DICT_SETTINGS`) holds *changes* to the recorded dict (so
+    ``--method_config#num_tokens 7`` works as in training) and ``trained_<key>`` the recorded dict with the changes
+    applied, which the network reads.
 
     Args:
-        defaults: config id (also the record's key) -> default: a JSON value, an expression ``"$..."`` or a
-            reference ``"@id"``.
+        settings: the record's keys (also the config ids).
+        config: a config holding the settings (inference: its own values, replaced here in place, with the record
+            before the first of them); ``None``: the entries alone (evaluation, merged on ``train.json``).
+        untrained: the settings of the network the bundle builds before any training, as the entry
+            ``untrained_network``: what the record reads as while ``models/`` holds no delta either, so that MONAI's
+            property checks and ``verify_net_in_out`` build a network (inference); ``None``: always the record.
     """
-
-    def source(value: Any) -> str:
-        if isinstance(value, str) and value.startswith("$"):
-            return value[1:]
-        return value if isinstance(value, str) and value.startswith("@") else repr(value)
-
-    settings: dict[str, Any] = {"training_config": "$monai_prompt.runs.read_training_config(@ckpt_dir)"}
-    for key, value in defaults.items():
-        if isinstance(value, dict):
-            settings[key] = {}
-            settings[f"default_{key}"] = value
-            settings[f"trained_{key}"] = f"$dict(@training_config.get({key!r}, @default_{key}), **@{key})"
+    entries: dict[str, Any] = {}
+    for key in settings:
+        if key in DICT_SETTINGS:
+            entries[key] = {}
+            entries[f"trained_{key}"] = f"$dict(@training_config[{key!r}], **@{key})"
         else:
-            settings[key] = f"$@training_config.get({key!r}, {source(value)})"
-    return settings
+            entries[key] = f"$@training_config[{key!r}]"
+    if untrained is None:
+        record = {"training_config": "$monai_prompt.runs.read_training_config(@ckpt_dir, required=True)"}
+    else:
+        record = {
+            "untrained_network": untrained,
+            "training_config": (
+                "$monai_prompt.runs.read_training_config(@ckpt_dir, required=True, untrained=@untrained_network)"
+            ),
+        }
+    if config is None:
+        return {**record, **entries}
+    merged: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in settings and not merged.keys() & record.keys():
+            merged.update(record)
+        merged[key] = entries.get(key, value)
+        if f"trained_{key}" in entries:
+            merged[f"trained_{key}"] = entries[f"trained_{key}"]
+    return merged
 
 
 def train_settings(spec: BundleSpec, kept: str = "@resume") -> dict[str, Any]:
     """Recipe numbers, validation interval, resume (the newest checkpoint of the recorded run) or overwrite, the run
-    id, the MLflow run name, rank and the delta objects.
+    id, the MLflow run name, ``distributed_setup`` (empty: ``multi_gpu_train.json`` fills it), rank and the delta
+    objects.
 
     Args:
         spec: the bundle's spec.
-        kept: the condition under which the run continues the folder's previous run (as in :func:`train_start`):
+        kept: the condition under which the run continues the folder's previous run (as in :func:`initialize`):
             it then keeps the recorded run id, so that a later ``--resume`` finds the checkpoints it writes.
     """
     return {
@@ -231,6 +282,7 @@ def train_settings(spec: BundleSpec, kept: str = "@resume") -> dict[str, Any]:
         "run_id": f"$monai_prompt.runs.run_id(@ckpt_dir, {kept})",
         "resume_file": "$monai_prompt.engine.latest_checkpoint(@ckpt_dir, run_id=@run_id) if @resume else None",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_train')",
+        "distributed_setup": [],
         "is_not_rank0": "$torch.distributed.is_available() and torch.distributed.is_initialized() "
         "and torch.distributed.get_rank() > 0",
         "delta": delta(),
@@ -329,7 +381,8 @@ def train_handlers() -> list[dict[str, Any]]:
 
 
 def trainer(spec: BundleSpec, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``train#trainer``: MONAI's ``SupervisedTrainer`` over ``train#dataloader`` (``extra``: e.g. ``prepare_batch``)."""
+    """``train#trainer``: MONAI's ``SupervisedTrainer`` over ``train#dataloader`` (``extra``: e.g.
+    ``prepare_batch``)."""
     return {
         "_target_": "SupervisedTrainer",
         "max_epochs": spec.epochs,
@@ -401,24 +454,19 @@ def inference_steps(check: str) -> dict[str, list[str]]:
     Args:
         check: the expression that checks the input images.
     """
-    return {
-        "initialize": [
-            SHOW_CAUSE_LAST,
-            "$monai.utils.set_determinism(seed=@seed)",
-            "$monai_prompt.runs.warn_if_not_pretrained(@pretrained)",
-        ],
-        "run": [check, "$@evaluator.run()"],
-    }
+    return {"initialize": initialize((), train=False), "run": [check, "$@evaluator.run()"]}
 
 
-def multi_gpu_config(initialize: list[str]) -> dict[str, Any]:
+def multi_gpu_config() -> dict[str, Any]:
     """``configs/multi_gpu_train.json`` (merged on ``train.json``, run with ``torchrun``): DDP, nccl on GPUs and
-    gloo on CPUs. ``static_graph`` lets DDP skip the frozen backbone and tolerate parameters without gradients.
-
-    Args:
-        initialize: the task's ``initialize`` steps for DDP (after the process group is up).
+    gloo on CPUs. It fills ``train.json``'s ``distributed_setup`` (a step of its ``initialize`` before anything
+    touches the run folder, empty there) with the process group and keeps the rest of that ``initialize``: the
+    steps that differ under DDP (the run folder and record on rank 0, FPT's preload on rank 0 then a barrier) ask
+    the process group themselves. ``static_graph`` lets DDP skip the frozen backbone and tolerate parameters without
+    gradients.
     """
     return {
+        "+imports": ["$import os", "$import torch.distributed as dist"],
         "device": "$torch.device('cuda:' + os.environ['LOCAL_RANK'] if torch.cuda.is_available() else 'cpu')",
         "network": {
             "_target_": "torch.nn.parallel.DistributedDataParallel",
@@ -441,16 +489,12 @@ def multi_gpu_config(initialize: list[str]) -> dict[str, Any]:
             "shuffle": False,
         },
         "validate#dataloader#sampler": "@validate#sampler",
-        "initialize": [
-            "$import os",
-            "$import torch.distributed as dist",
+        "distributed_setup": [
             (
                 "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() "
                 "else 'gloo')"
             ),
             "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
-            *initialize,
         ],
-        "run": list(TRAIN_RUN),
         "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
     }

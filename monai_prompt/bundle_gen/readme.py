@@ -1,24 +1,68 @@
-"""``docs/README.md`` of a classification bundle, in the model-zoo layout (overview, data, training,
-performance, commands, references, license)."""
+"""``docs/README.md`` of a bundle, in the model-zoo layout (overview, data, training, input and output,
+performance, commands, references, license): one page for both tasks, filled with each task's parts
+(:class:`TaskText`). Measured numbers come from :data:`MEASUREMENTS_FILES` (``python -m
+monai_prompt.benchmarks.bundle_runs`` for classification, ``python -m monai_prompt.benchmarks.segmentation`` for
+segmentation)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from monai_prompt.bundle_gen.configs import DEMO_DATASET_DIR
+from monai_prompt.bundle_gen import classification, segmentation
 from monai_prompt.bundle_gen.metadata import PINNED_VERSIONS
 from monai_prompt.bundle_gen.specs import BundleSpec
+from monai_prompt.data.demo_segmentation import SEGMENTATION_CLASSES
 
-__all__ = ["MEASUREMENTS_FILE", "load_measurements", "readme"]
+__all__ = ["MEASUREMENTS_FILES", "TaskText", "load_measurements", "readme"]
 
-#: measured numbers per bundle, written by ``python -m monai_prompt.benchmarks.bundle_runs``.
-MEASUREMENTS_FILE = Path(__file__).with_name("measurements.json")
+#: task -> measured numbers per bundle, written by the task's benchmark (see the module docstring).
+MEASUREMENTS_FILES = {
+    "classification": Path(__file__).with_name("measurements.json"),
+    "segmentation": Path(__file__).with_name("segmentation_measurements.json"),
+}
 
 
-def load_measurements() -> dict:
-    """The numbers of :data:`MEASUREMENTS_FILE`."""
-    return json.loads(MEASUREMENTS_FILE.read_text())
+def load_measurements(task: str) -> dict:
+    """The numbers of ``task``'s :data:`MEASUREMENTS_FILES` entry (empty when it was never written)."""
+    path = MEASUREMENTS_FILES[task]
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@dataclass(frozen=True)
+class TaskText:
+    """The parts of a README that differ between the tasks (Markdown; the page around them is shared).
+
+    Attributes:
+        title: the page title.
+        network: the overview paragraphs on the network and its delta.
+        data: the Data section.
+        training: the Training configuration bullets.
+        io: the Input and output bullets.
+        performance: the Performance section.
+        data_hint: where the commands' default data comes from.
+        train: what a training run validates and keeps.
+        resume: how an interrupted run continues.
+        evaluate: what an evaluation writes.
+        infer: what an inference writes, and its command's last line.
+        export: what ``ckpt_export`` loads the delta on, and any further export commands.
+        notes: the repository page with more notes.
+    """
+
+    title: str
+    network: str
+    data: str
+    training: str
+    io: str
+    performance: str
+    data_hint: str
+    train: str
+    resume: str
+    evaluate: str
+    infer: str
+    export: str
+    notes: str
 
 
 def _method_config(spec: BundleSpec) -> str:
@@ -28,10 +72,15 @@ def _method_config(spec: BundleSpec) -> str:
     return ", ".join(f"`{key}={json.dumps(value)}`" for key, value in config.items())
 
 
-def _network(spec: BundleSpec) -> str:
-    """The overview paragraph on the network."""
+def _shape(spec: BundleSpec) -> str:
+    return " x ".join([str(spec.img_size)] * spec.spatial_dims)
+
+
+# ------------------------------------------------------------------------------------------------ classification
+def _classification_network(spec: BundleSpec) -> str:
+    """The overview paragraphs on the network and its delta."""
     if spec.fpt:
-        return f"""\
+        network = f"""\
 `network_def` is `monai_prompt.fpt.FPTClassifier` with `variant="{spec.method}"` and FPT config
 {_method_config(spec)}. The frozen large pre-trained model (LPM, a MONAI `ViT` loaded from `pretrained`) sees
 the {spec.img_size} x {spec.img_size} image; its important keys and values per tapped layer feed fine-grained
@@ -40,15 +89,23 @@ prompts through a fusion module into a small side ViT that sees a downsampled co
 tied to the LPM weights, so a stale cache fails loudly; `--fpt_preload False` skips the pass, `monai-prompt
 preload` does the same from the command line), and the train/validation transforms read them back
 (`LoadFPTFeaturesd`) before the augmentations. Inference runs the LPM online on the image."""
-    return f"""\
+    else:
+        network = f"""\
 The backbone is MONAI's `ViT` (`monai_prompt.backbones.PromptableViT`, same
 state-dict keys), pre-trained weights are loaded by the network itself from `pretrained` (timm, HuggingFace
 or MONAI layouts; see the repository's `docs/pretrained-weights.md`), the method is applied on top and a linear
 head reads the CLS feature. `network_def` is `monai_prompt.nets.PromptClassifier` with `method="{spec.method}"`
 and method config {_method_config(spec)}."""
+    return f"""\
+{network}
+
+`models/model.pt` holds only what training changed (the delta: the trainable parameters, head included), laid out as
+an ignite checkpoint `{{"model": ..., "peft": ...}}`; `peft` records the method, its config and a fingerprint
+of the frozen backbone, so loading a delta of another method, config or backbone fails with a message that
+says what differs. No trained weights ship with the bundle: training produces them for your data and backbone."""
 
 
-def _demo_run(spec: BundleSpec, run: dict, pretraining: dict) -> str:
+def _classification_demo_run(spec: BundleSpec, run: dict, pretraining: dict) -> str:
     """The paragraph on how the demo run was made: the pre-trained backbone, the side size (FPT), the tuning."""
     shape = pretraining["shape"]
     encoder, size = shape["backbone_overrides"], shape["img_size"]
@@ -66,7 +123,7 @@ def _demo_run(spec: BundleSpec, run: dict, pretraining: dict) -> str:
     )
 
 
-def _performance(spec: BundleSpec, measured: dict) -> str:
+def _classification_performance(spec: BundleSpec, measured: dict) -> str:
     entry = measured.get("bundles", {}).get(spec.name)
     if not entry:
         return "Not measured yet for this bundle (`python -m monai_prompt.benchmarks.bundle_runs`).\n"
@@ -85,7 +142,7 @@ def _performance(spec: BundleSpec, measured: dict) -> str:
     run = entry.get("demo_run")
     if run:
         lines += [
-            _demo_run(spec, run, measured["pretraining"]),
+            _classification_demo_run(spec, run, measured["pretraining"]),
             "",
             "| s / epoch | peak RSS (MiB) | test accuracy | macro AUC | macro F1 | quadratic kappa |",
             "|---|---|---|---|---|---|",
@@ -96,12 +153,290 @@ def _performance(spec: BundleSpec, measured: dict) -> str:
     return "\n".join(lines)
 
 
-_COMMANDS = """\
-All commands run from the repository root (outputs go to `bundles/{name}/models` and `eval`) or from inside
-the bundle folder (drop `bundles/{name}/` from the paths). The default `dataset_dir` is `{data}/`: build
-it with `make demo` or alone with `monai-prompt demo-data`, or pass `--dataset_dir`.
+def _classification_text(spec: BundleSpec, measured: dict) -> TaskText:
+    recipe = f"{spec.optimizer}, learning rate {spec.learning_rate:g}, weight decay {spec.weight_decay:g}"
+    if spec.optimizer_args:
+        recipe += ", " + ", ".join(f"{key} {value}" for key, value in spec.optimizer_args.items())
+    data_dir = classification.DEMO_DATASET_DIR
+    return TaskText(
+        title=f"{spec.title} classification (MONAI ViT)",
+        network=_classification_network(spec),
+        data=f"""\
+The default `dataset_dir` is `{data_dir}/` below the repository root, the demo data that `make demo`
+builds (`monai-prompt demo-data` builds it alone): 32 x 32 axial patches of the MNI
+ICBM152 2009a T1 template (shipped inside the nilearn wheel), labelled by the tissue at their centre (`csf`,
+`gray_matter`, `white_matter`), split by axial slab so no two splits share a voxel. `datalist_file` may be any
+datalist `monai_prompt.data.read_classification_datalist` reads: a MONAI decathlon JSON, a CSV (one label column, or
+several 0/1 columns for multi-label) or a class-per-folder tree. Images are read
+with MONAI `LoadImaged` (PNG/JPEG, DICOM, NIfTI), matched to `in_channels` (grey repeated to RGB), scaled to
+[0, 1] and resized to `img_size`; training adds a flip, a small affine and contrast jitter.
+`initialize` checks that the datalist's classes match `num_classes` and `multi_label`.
 
-Train (validation every epoch, best delta to `models/model.pt`, resumable checkpoints
+For other data set `num_classes` (and `channel_def` in `metadata.json`); `--multi_label True` switches to
+sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.""",
+        training=f"""\
+- Network: `{spec.method}` on `backbone="vit_base"` (ViT-B/16), `img_size={spec.img_size}`, `in_channels=3`,
+  `layer_norm_eps=1e-6` (timm checkpoints; 1e-12 for HuggingFace ones).
+- Optimiser: {recipe}, cosine annealing to 0 over {spec.epochs} epochs, batch size 16; source:
+  {spec.recipe_source}.
+- Loss: cross-entropy (`BCEWithLogitsLoss` with `multi_label`).
+- Device: CUDA with AMP when available, else CPU, chosen at run time (`device`, `amp`).
+- Validation every `val_interval` epochs: accuracy (key metric, selects `models/model.pt`), macro ROC AUC,
+  macro F1 and quadratic-weighted kappa (not for multi-label).
+- At start the trainable-parameter report is printed; each epoch logs peak memory (CUDA max allocated on GPU,
+  peak RSS on CPU).
+- Overrides: any id, e.g. `--dataset_dir`, `--pretrained`, `--img_size`, `--batch_size`, `--num_workers`,
+  `--learning_rate`, `--train#trainer#max_epochs`, `--method_config "{{...}}"`, `--backbone vit_small`;
+  `--cache_rate 1.0` keeps the loaded, resized images in memory (fast for small sets; mind the RAM).""",
+        io=f"""\
+- Input: `image`, 3 x {spec.img_size} x {spec.img_size} float32 in [0, 1].
+- Output: `pred`, logits `[B, num_classes]`; after postprocessing, class probabilities. Inference writes
+  `eval/predictions.csv`: one row per image, `<image path>,<p_class0>,<p_class1>,...` (no header; MONAI's
+  `ClassificationSaver` format). Evaluation writes `eval/metrics.csv` (`accuracy`, `auc`, `f1`, `kappa`).""",
+        performance=_classification_performance(spec, measured),
+        data_hint=(f"The default `dataset_dir` is `{data_dir}/`: build\nit with `make demo` or alone with "
+                   "`monai-prompt demo-data`, or pass `--dataset_dir`."),
+        train="validation every epoch, best delta to `models/model.pt`",
+        resume=("Resume an interrupted run from the newest `checkpoint_epoch=<N>.pt` (raise "
+                "`--train#trainer#max_epochs` to\ntrain longer: the cosine schedule is rebuilt for the new length):"),
+        evaluate="metrics to `eval/metrics.csv`",
+        infer=("Infer (class probabilities per image to `eval/predictions.csv`; `--infer_images \"['a.png','b.png']\"`"
+               " for\nother images):\n\n```bash\npython -m monai.bundle run --config_file "
+               f"bundles/{spec.name}/configs/inference.json --pretrained ...\n```"),
+        export=f"""\
+backbone):
+
+```bash
+{{tools}}
+```
+
+`monai-prompt export bundles/{spec.name} --pretrained ...` writes one self-contained file instead: the full state
+dict `models/model_full.pt` (with LoRA/SSF merged into the weights where the method allows it) and its
+TorchScript `models/model_full.ts`.""",
+        notes="`docs/bundles.md` of the repository for MONAI Label notes and limits",
+    )
+
+
+# -------------------------------------------------------------------------------------------------- segmentation
+def _segmentation_counts(spec: BundleSpec, measured: dict) -> list[str]:
+    """The parameter table of the default network (ViT-B/16), if measured."""
+    counts = measured.get("parameters", {}).get(spec.name)
+    if not counts:
+        return ["Parameter counts: not measured yet (`python -m monai_prompt.benchmarks.segmentation`).", ""]
+    return [
+        (f"**Trainable parameters and delta size** of the default network (ViT-B/16 encoder at {_shape(spec)}, "
+        f"{len(SEGMENTATION_CLASSES)} classes, `feature_size=16`; built, not trained; measured {measured['date']}):"),
+        "",
+        "| encoder trainable | decoder (trains) | total trainable | % of the ViT-B/16 encoder | `models/model.pt` |",
+        "|---|---|---|---|---|",
+        (f"| {counts['encoder_trainable']:,} | {counts['decoder']:,} | {counts['trainable']:,} | "
+        f"{counts['percent_of_backbone']:.3f}% | {counts['delta_bytes'] / 2**20:.2f} MiB |"),
+        "",
+    ]
+
+
+def _segmentation_demo(spec: BundleSpec, measured: dict) -> list[str]:
+    """The demo run's numbers when this bundle is the one it tuned."""
+    demo = measured.get("demo")
+    if spec.spatial_dims == 3:
+        return [
+            ("Segmentation quality: not measured yet. The demo (`monai-prompt demo --task segmentation`) runs the "
+             "2D bundles; this bundle is tested on tiny generated volumes only."),
+            "",
+        ]
+    if not demo or demo.get("bundle") != spec.name:
+        tuned = f" (it tunes `{demo['bundle']}` by default)" if demo else ""
+        return [
+            ("Segmentation quality: not measured yet for this bundle on any data. `monai-prompt demo --task "
+             f"segmentation --method {spec.method}` measures it on the demo slices{tuned}."),
+            "",
+        ]
+    classes = SEGMENTATION_CLASSES[1:]
+    header = " | ".join(f"Dice {name}" for name in classes)
+    rows = []
+    for encoder, run in demo["runs"].items():
+        m = run["metrics"]
+        dice = " | ".join(f"{m[f'dice_{name}']:.3f}" for name in classes)
+        rows.append(f"| {encoder} | {run['trainable']:,} | {m['mean_dice']:.3f} | {dice} | {m['mean_hd95']:.2f} "
+                    f"| {run['seconds_per_epoch']:.1f} |")
+    encoder = demo["encoder"]
+    return [
+        (f"**Demo run** ({demo['date']}; {demo['hardware']}; `{demo['command']}`). No pre-trained ViT ships in an "
+         f"installable package, so the encoder is a small ViT (width {encoder['hidden_size']}, "
+         f"{encoder['num_layers']} blocks, patch 16) pre-trained here as a MONAI `MaskedAutoEncoderViT` "
+         f"({demo['pretrain_epochs']} epochs) on the demo's training slices; this bundle then tunes the UNETR for "
+         f"{demo['epochs']} epochs ({demo['roi']} ROI crops, feature size {demo['feature_size']}), evaluated on "
+         f"the {demo['test_images']} slices of the test slab, against a UNETR of the same shape trained from "
+         "scratch (`full_segmentation`, random initialisation). HD95 in pixels (2 mm); seconds per epoch with "
+         "validation, on a shared CPU. It shows the pipeline working on real images, not how the method does with "
+         "a real pre-trained ViT-B: here both reach the same Dice, as the convolutional decoder and its "
+         "full-resolution skip connection do most of the work on this local task (see the repository's "
+         "`docs/segmentation.md`)."),
+        "",
+        f"| encoder | trainable | mean Dice | {header} | mean HD95 | s / epoch |",
+        "|---" * (5 + len(classes)) + "|",
+        *rows,
+        "",
+    ]
+
+
+def _segmentation_text(spec: BundleSpec, measured: dict) -> TaskText:
+    dims = spec.spatial_dims
+    classes = ", ".join(f"`{i}` {name}" for i, name in enumerate(SEGMENTATION_CLASSES))
+    demo_data = (
+        "96 x 96 axial slices of the MNI ICBM152 2009a T1 template (every 1 mm slice, 2 mm pixels; "
+        "`datalist_2d.json` lists NIfTI files, `datalist_2d_png.json` the same slices as PNG)"
+        if dims == 2
+        else "64 x 64 x 32 crops of the 1 mm MNI ICBM152 2009a T1 template (`datalist_3d.json`)"
+    )
+    axes = ", ".join(["H", "W", "D"][:dims])
+    data_dir = segmentation.DEMO_DATASET_DIR
+    return TaskText(
+        title=f"{spec.title} {dims}D segmentation (MONAI UNETR)",
+        network=f"""\
+`network_def` is `monai_prompt.nets.PromptUNETR`: MONAI's `UNETR` (same state-dict keys, a MONAI UNETR
+checkpoint loads as-is) whose ViT encoder is a `monai_prompt.backbones.PromptableViT` without CLS token, loaded
+from `pretrained` (timm, HuggingFace or MONAI ViT weights, or a MONAI UNETR checkpoint's `vit.` keys; position
+embeddings are resized to the patch grid) with `method="{spec.method}"` and method config
+{_method_config(spec)} applied on top. The decoder reads the encoder after blocks 3, 6, 9 of 12 and its last
+tokens (prompt tokens removed) and always trains. Patch size 16 only: `img_size` must be a multiple of 16.
+
+`models/model.pt` holds only what training changed (the delta: the method's parameters and the decoder), laid
+out as an ignite checkpoint `{{"model": ..., "peft": ...}}`; `peft` records the method, its config and a
+fingerprint of the frozen encoder, so a delta of another method, config or encoder fails to load with a
+message that says what differs. No trained weights ship with the bundle.""",
+        data=f"""\
+Any MONAI decathlon datalist of image/label pairs (`training`, `validation`, `test`; a `labels` map names the
+classes) read by `monai.data.load_decathlon_datalist`. The default `dataset_dir` is `{data_dir}/` at the
+repository root, built by `monai-prompt demo-data --task segmentation`: {demo_data}, labelled {classes} (the
+most probable tissue of the template's probability maps inside its brain mask), split by axial slab with
+unused slices between the slabs so no two splits share a voxel. `initialize` checks every pair first
+(`monai_prompt.data.segmentation.check_segmentation_datalist`: readable, same shape and affine, label values in
+`0..num_classes-1`, class count, splits) and lists every problem at once.
+
+For other data set `class_names` (the datalist's `labels`; `num_classes` follows) and `channel_def` in
+`metadata.json` (MONAI Label reads the label names from it), `in_channels`, and `pixdim` to resample to a
+common spacing (default `None`: the data's own).""",
+        training=f"""\
+- Network: `{spec.method}` on `backbone="vit_base"` (ViT-B/16), `img_size={spec.img_size}` ({dims}D, the ROI),
+  `in_channels=1`, `feature_size=16`, `layer_norm_eps=1e-6` (timm checkpoints; 1e-12 HuggingFace, 1e-5 MONAI).
+- Optimiser: {spec.optimizer}, learning rate {spec.learning_rate:g}, weight decay {spec.weight_decay:g}, cosine
+  annealing to 0 over {spec.epochs} epochs; batches of `batch_size` images x `num_samples` ROI crops; source:
+  {spec.recipe_source}.
+- Loss: `DiceCELoss` (softmax, one-hot labels).
+- Preprocessing: load, channel first, RAS orientation, optional `Spacingd` (`pixdim`), intensity to [0, 1]; training
+  pads to the ROI and samples `num_samples` crops per image (`RandCropByPosNegLabeld`, half centred on
+  foreground), with flips and contrast/intensity jitter.
+- Validation every `val_interval` epochs with `SlidingWindowInferer` over whole images (ROI `img_size`,
+  `--sw_overlap` 0.25, Gaussian blending, `--sw_batch_size`): mean Dice of the foreground classes (key metric,
+  selects `models/model.pt`), Dice per class and HD95 (95th-percentile Hausdorff distance in voxels, mean and
+  per class; MONAI's metrics).
+- Device: CUDA with AMP when available, else CPU (`device`, `amp`). The trainable-parameter report is printed
+  at start; each epoch logs peak memory.""",
+        io=f"""\
+- Input: `image`, 1 x {_shape(spec)} float32 crops in [0, 1] (inference: whole images of any size, covered by
+  the sliding window).
+- Output: `pred`, logits `[B, {len(SEGMENTATION_CLASSES)}, {axes}]`; inference applies softmax, inverts the
+  preprocessing (`Invertd`: orientation, spacing) and writes the argmax mask per image to
+  `eval/masks/<image>_seg.nii.gz` with the input's affine and shape (`_seg.png` for PNG inputs).""",
+        performance="\n".join([*_segmentation_counts(spec, measured), *_segmentation_demo(spec, measured)]),
+        data_hint=("Build the demo data first with\n`monai-prompt demo-data --task segmentation` (it writes "
+                   f"`{data_dir}/`, the default `dataset_dir`) or pass\n`--dataset_dir` / `--datalist_file`."),
+        train="sliding-window validation every epoch, best mean-Dice delta to `models/model.pt`",
+        resume="Resume an interrupted run from the newest `checkpoint_epoch=<N>.pt`:",
+        evaluate=("`eval/metrics.csv`: `mean_dice`, `dice_<class>`, `mean_hd95`,\n`hd95_<class>`; per image in "
+                  "`eval/mean_dice_raw.csv` and `eval/hd95_raw.csv`"),
+        infer=("Infer on images without labels (default: the test split; `--infer_images` takes a folder, a glob or a "
+               "list):\n\n```bash\npython -m monai.bundle run --config_file "
+               f"bundles/{spec.name}/configs/inference.json --pretrained ... \\\n"
+               "    --infer_images \"/data/new_scans/*.nii.gz\"\n```"),
+        export="encoder):\n\n```bash\n{tools}\n```",
+        notes="`docs/segmentation.md` of the repository",
+    )
+
+
+_TEXTS = {"classification": _classification_text, "segmentation": _segmentation_text}
+
+
+# ----------------------------------------------------------------------------------------------------- the page
+def _record(spec: BundleSpec) -> str:
+    """The section on the network evaluation and inference build, and on shipping a trained bundle."""
+    return f"""\
+Evaluation (`evaluate.json`) and inference (`inference.json`) build the network the delta was trained with: each
+setting that defines it (`img_size`, `backbone`, `method_config`, the classes, ...) reads
+`models/training_config.json`, which `train.json` writes when a run starts, through one entry, `training_config`
+(e.g. `"img_size": "$@training_config['img_size']"`). Nothing falls back to a default: a delta without its record
+stops the workflow with what to do (train first, point `--ckpt_dir` at the trained run's `models/`, or give the
+settings as `--training_config "{{...}}"`). Only while `models/` holds no delta at all does `inference.json` build
+`untrained_network`, the network the bundle declares before any training, so that MONAI's property checks and
+`verify_net_in_out` run on a fresh bundle. A value on the command line still wins (`--img_size 384`); given
+`--method_config "{{...}}"` and `--backbone_overrides "{{...}}"` change only the entries they name of the recorded
+dicts.
+
+Ship a trained bundle as its deployable copy, which MONAI Label and the model-zoo checks take as it is:
+
+```bash
+monai-prompt package bundles/{spec.name} --out deploy/{spec.name}
+```
+
+It copies the bundle with `models/model.pt`, its training record and the pre-trained backbone it records
+(`--pretrained` names another copy of it) as `models/backbone.*`, writes the recorded settings into the copy's
+configs as plain values (its `inference.json` shows the network it builds and needs no `--pretrained`), names the
+trained classes in `metadata.json`, and checks the copy by loading the delta into its `network_def`."""
+
+
+def readme(spec: BundleSpec, measured: dict | None = None) -> str:
+    """The README text of ``spec``'s bundle.
+
+    Args:
+        spec: the bundle.
+        measured: the numbers of its task (default: :func:`load_measurements`).
+    """
+    measured = load_measurements(spec.task) if measured is None else measured
+    text = _TEXTS[spec.task](spec, measured)
+    name = spec.name
+    references = "\n".join(f"- {ref.citation}. {ref.url}" for ref in spec.references)
+    tools = f"""\
+SCHEMA=$(python -c "from monai_prompt.bundle_gen.metadata import schema_file; print(schema_file())")  # offline copy
+python -m monai.bundle verify_metadata --meta_file bundles/{name}/configs/metadata.json --filepath $SCHEMA
+python -m monai.bundle verify_net_in_out network_def --meta_file bundles/{name}/configs/metadata.json \\
+    --config_file bundles/{name}/configs/inference.json --pretrained ...
+python -m monai.bundle ckpt_export network_def --filepath bundles/{name}/models/model.ts \\
+    --ckpt_file bundles/{name}/models/model.pt --meta_file bundles/{name}/configs/metadata.json \\
+    --config_file bundles/{name}/configs/inference.json --key_in_ckpt model --pretrained ..."""
+    return f"""\
+# {text.title}
+
+## Model overview
+
+{spec.title}: {spec.summary}.
+
+{text.network}
+
+This bundle is generated by `monai_prompt.bundle_gen` (`monai-prompt render-bundles`); edit the generator,
+not the files.
+
+## Data
+
+{text.data}
+
+## Training configuration
+
+{text.training}
+
+## Input and output
+
+{text.io}
+
+## Performance
+
+{text.performance}
+## MONAI bundle commands
+
+All commands run from the repository root (outputs go to `bundles/{name}/models` and `eval`) or from inside
+the bundle folder (drop `bundles/{name}/` from the paths). {text.data_hint}
+
+Train ({text.train}, resumable checkpoints
 `models/checkpoint_epoch=<N>.pt`). Each training command below starts a new run in `models/` and stops when the
 folder holds a previous one: `--resume True` continues it, `--overwrite true` replaces it:
 
@@ -110,8 +445,7 @@ python -m monai.bundle run --config_file bundles/{name}/configs/train.json \\
     --pretrained /path/to/vit_base_patch16_224.safetensors
 ```
 
-Resume an interrupted run from the newest `checkpoint_epoch=<N>.pt` (raise `--train#trainer#max_epochs` to
-train longer: the cosine schedule is rebuilt for the new length):
+{text.resume}
 
 ```bash
 python -m monai.bundle run --config_file bundles/{name}/configs/train.json --pretrained ... --resume True
@@ -131,108 +465,23 @@ torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run \\
     --pretrained ...
 ```
 
-Evaluate `models/model.pt` on the test split (metrics to `eval/metrics.csv`):
+Evaluate `models/model.pt` on the test split ({text.evaluate}):
 
 ```bash
 python -m monai.bundle run \\
     --config_file "['bundles/{name}/configs/train.json','bundles/{name}/configs/evaluate.json']" --pretrained ...
 ```
 
-Infer (class probabilities per image to `eval/predictions.csv`; `--infer_images "['a.png','b.png']"` for
-other images):
+{text.infer}
 
-```bash
-python -m monai.bundle run --config_file bundles/{name}/configs/inference.json --pretrained ...
-```
+Check and export (TorchScript of the network with the delta loaded on the pre-trained {text.export.format(tools=tools)}
 
-Check and export (TorchScript of the network with the delta loaded on the pre-trained backbone):
+## Trained network and shipping
 
-```bash
-SCHEMA=$(python -c "from monai_prompt.bundle_gen.metadata import schema_file; print(schema_file())")  # offline copy
-python -m monai.bundle verify_metadata --meta_file bundles/{name}/configs/metadata.json --filepath $SCHEMA
-python -m monai.bundle verify_net_in_out network_def --meta_file bundles/{name}/configs/metadata.json \\
-    --config_file bundles/{name}/configs/inference.json --pretrained ...
-python -m monai.bundle ckpt_export network_def --filepath bundles/{name}/models/model.ts \\
-    --ckpt_file bundles/{name}/models/model.pt --meta_file bundles/{name}/configs/metadata.json \\
-    --config_file bundles/{name}/configs/inference.json --key_in_ckpt model --pretrained ...
-```
+{_record(spec)}
 
-`monai-prompt export bundles/{name} --pretrained ...` writes one self-contained file instead: the full state
-dict `models/model_full.pt` (with LoRA/SSF merged into the weights where the method allows it) and its
-TorchScript `models/model_full.ts`.
-"""
-
-
-def readme(spec: BundleSpec, measured: dict | None = None) -> str:
-    """The README text of ``spec``'s bundle."""
-    measured = load_measurements() if measured is None else measured
-    recipe = f"{spec.optimizer}, learning rate {spec.learning_rate:g}, weight decay {spec.weight_decay:g}"
-    if spec.optimizer_args:
-        recipe += ", " + ", ".join(f"{key} {value}" for key, value in spec.optimizer_args.items())
-    references = "\n".join(f"- {ref.citation}. {ref.url}" for ref in spec.references)
-    return f"""\
-# {spec.title} classification (MONAI ViT)
-
-## Model overview
-
-{spec.title}: {spec.summary}.
-
-{_network(spec)}
-
-`models/model.pt` holds only what training changed (the delta: the trainable parameters, head included), laid out as
-an ignite checkpoint `{{"model": ..., "peft": ...}}`; `peft` records the method, its config and a fingerprint
-of the frozen backbone, so loading a delta of another method, config or backbone fails with a message that
-says what differs. No trained weights ship with the bundle: training produces them for your data and backbone.
-
-This bundle is generated by `monai_prompt.bundle_gen` (`monai-prompt render-bundles`); edit the generator,
-not the files.
-
-## Data
-
-The default `dataset_dir` is `{DEMO_DATASET_DIR}/` below the repository root, the demo data that `make demo`
-builds (`monai-prompt demo-data` builds it alone): 32 x 32 axial patches of the MNI
-ICBM152 2009a T1 template (shipped inside the nilearn wheel), labelled by the tissue at their centre (`csf`,
-`gray_matter`, `white_matter`), split by axial slab so no two splits share a voxel. `datalist_file` may be any
-datalist `monai_prompt.data.read_datalist` reads: a MONAI decathlon JSON, a CSV (one label column, or several 0/1
-columns for multi-label) or a class-per-folder tree. Images are read
-with MONAI `LoadImaged` (PNG/JPEG, DICOM, NIfTI), matched to `in_channels` (grey repeated to RGB), scaled to
-[0, 1] and resized to `img_size`; training adds a flip, a small affine and contrast jitter.
-`initialize` checks that the datalist's classes match `num_classes` and `multi_label`.
-
-For other data set `num_classes` (and `channel_def` in `metadata.json`); `--multi_label True` switches to
-sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.
-
-## Training configuration
-
-- Network: `{spec.method}` on `backbone="vit_base"` (ViT-B/16), `img_size={spec.img_size}`, `in_channels=3`,
-  `layer_norm_eps=1e-6` (timm checkpoints; 1e-12 for HuggingFace ones).
-- Optimiser: {recipe}, cosine annealing to 0 over {spec.epochs} epochs, batch size 16; source:
-  {spec.recipe_source}.
-- Loss: cross-entropy (`BCEWithLogitsLoss` with `multi_label`).
-- Device: CUDA with AMP when available, else CPU, chosen at run time (`device`, `amp`).
-- Validation every `val_interval` epochs: accuracy (key metric, selects `models/model.pt`), macro ROC AUC,
-  macro F1 and quadratic-weighted kappa (not for multi-label).
-- At start the trainable-parameter report is printed; each epoch logs peak memory (CUDA max allocated on GPU,
-  peak RSS on CPU).
-- Overrides: any id, e.g. `--dataset_dir`, `--pretrained`, `--img_size`, `--batch_size`, `--num_workers`,
-  `--learning_rate`, `--train#trainer#max_epochs`, `--method_config "{{...}}"`, `--backbone vit_small`;
-  `--cache_rate 1.0` keeps the loaded, resized images in memory (fast for small sets; mind the RAM).
-
-## Input and output
-
-- Input: `image`, 3 x {spec.img_size} x {spec.img_size} float32 in [0, 1].
-- Output: `pred`, logits `[B, num_classes]`; after postprocessing, class probabilities. Inference writes
-  `eval/predictions.csv`: one row per image, `<image path>,<p_class0>,<p_class1>,...` (no header; MONAI's
-  `ClassificationSaver` format). Evaluation writes `eval/metrics.csv` (`accuracy`, `auc`, `f1`, `kappa`).
-
-## Performance
-
-{_performance(spec, measured)}
-## MONAI bundle commands
-
-{_COMMANDS.format(name=spec.name, data=DEMO_DATASET_DIR)}
 Tested with MONAI {PINNED_VERSIONS['monai_version']}, PyTorch {PINNED_VERSIONS['pytorch_version']}. See
-`docs/bundles.md` of the repository for MONAI Label notes and limits.
+{text.notes}.
 
 ## References
 

@@ -7,10 +7,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from monai_prompt.bundle_gen import configs, segmentation
+from monai_prompt.bundle_gen import classification, segmentation
 from monai_prompt.bundle_gen.metadata import metadata, segmentation_metadata
 from monai_prompt.bundle_gen.readme import readme
-from monai_prompt.bundle_gen.segmentation_readme import segmentation_readme
 from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS, TASKS, BundleSpec
 
 __all__ = ["check_bundles", "render_bundle", "write_bundles"]
@@ -19,10 +18,10 @@ __all__ = ["check_bundles", "render_bundle", "write_bundles"]
 #: cache); never rendered, never checked.
 OUTPUT_DIRS = ("models", "eval", "cache")
 #: task -> (the configs module: ``train_config``, ``evaluate_config``, ``inference_config``, ``multi_gpu_config``;
-#: metadata; README).
+#: metadata).
 _TEMPLATES = {
-    "classification": (configs, metadata, readme),
-    "segmentation": (segmentation, segmentation_metadata, segmentation_readme),
+    "classification": (classification, metadata),
+    "segmentation": (segmentation, segmentation_metadata),
 }
 
 
@@ -36,7 +35,7 @@ def _template(name: str) -> str:
 
 def render_bundle(spec: BundleSpec) -> dict[str, str]:
     """Every file of ``spec``'s bundle: relative path -> text."""
-    template, bundle_metadata, bundle_readme = _TEMPLATES[spec.task]
+    template, bundle_metadata = _TEMPLATES[spec.task]
     return {
         "LICENSE": _template("LICENSE"),
         ".gitignore": "".join(f"/{folder}/\n" for folder in OUTPUT_DIRS),
@@ -46,7 +45,7 @@ def render_bundle(spec: BundleSpec) -> dict[str, str]:
         "configs/inference.json": _json(template.inference_config(spec)),
         "configs/multi_gpu_train.json": _json(template.multi_gpu_config(spec)),
         "configs/logging.conf": _template("logging.conf"),
-        "docs/README.md": bundle_readme(spec),
+        "docs/README.md": readme(spec),
     }
 
 

@@ -9,8 +9,8 @@ on its input's grid (NIfTI with the input's affine for NIfTI/DICOM inputs, PNG f
 pieces (paths, delta checkpoints, optimiser, resume, the run-folder lock and training record, handlers, DDP) come
 from :mod:`~monai_prompt.bundle_gen.common`; splits are read with MONAI's ``load_decathlon_datalist``
 (:func:`monai_prompt.data.segmentation.read_segmentation_datalist`), the class names from the datalist's
-``labels``. As in :mod:`~monai_prompt.bundle_gen.configs`, evaluation and inference take the network and classes
-from the training record (``models/training_config.json``) and every file stands on its own.
+``labels``. As in :mod:`~monai_prompt.bundle_gen.classification`, evaluation and inference take the network and
+classes from the training record (``models/training_config.json``) and every file stands on its own.
 """
 
 from __future__ import annotations
@@ -35,11 +35,10 @@ DEMO_DATASET_DIR = "runs/demo_segmentation/data"
 _KEYS = ["image", "label"]
 #: images per batch and ROI crops sampled from each (UNETR's BTCV recipe in 3D: one volume, four crops).
 _BATCH = {2: (8, 2), 3: (1, 4)}
-_FROM_PRED_LABEL = "$monai.handlers.from_engine(['pred', 'label'])"
-#: training and evaluation: the classes are the datalist's ``labels`` unless given on the command line.
+#: training: the classes are the datalist's ``labels`` unless given on the command line.
 _DATALIST_TASK = {"class_names": "$@datalist.classes", "num_classes": "$len(@class_names)"}
-#: inference without a training record (a bundle that was not trained here): the demo's classes.
-_DEFAULT_TASK = {"class_names": list(SEGMENTATION_CLASSES), "num_classes": "$len(@class_names)"}
+#: the classes of the network an inference builds before any training (the demo's, as ``metadata.json`` names them).
+_UNTRAINED_TASK = {"class_names": list(SEGMENTATION_CLASSES), "num_classes": len(SEGMENTATION_CLASSES)}
 
 
 def _network_def(trained: bool = False) -> dict[str, Any]:
@@ -62,9 +61,9 @@ def _network_def(trained: bool = False) -> dict[str, Any]:
     }
 
 
-def _network_settings(spec: BundleSpec, task: dict[str, Any]) -> dict[str, Any]:
+def _network_settings(spec: BundleSpec, task: dict[str, Any] = _DATALIST_TASK) -> dict[str, Any]:
     """The classes, input, decoder width, encoder and method: what the training record keeps for evaluation and
-    inference (``task``: :data:`_DATALIST_TASK` or :data:`_DEFAULT_TASK`)."""
+    inference (``task``: the classes, :data:`_DATALIST_TASK` or :data:`_UNTRAINED_TASK`)."""
     return {
         **task,
         "in_channels": 1,
@@ -83,7 +82,7 @@ def _common(spec: BundleSpec) -> dict[str, Any]:
         **common.paths(spec, DEMO_DATASET_DIR, f"datalist_{spec.spatial_dims}d.json"),
         "datalist": "$monai_prompt.data.read_segmentation_datalist(@datalist_file)",
         **common.device_settings(),
-        **_network_settings(spec, _DATALIST_TASK),
+        **_network_settings(spec),
         "roi_size": "$monai.utils.ensure_tuple_rep(@img_size, @spatial_dims)",
         "pixdim": None,
         "network_def": _network_def(),
@@ -138,10 +137,6 @@ def _random_transforms() -> list[dict[str, Any]]:
     ]
 
 
-def _compose(transforms: str | list[dict[str, Any]]) -> dict[str, Any]:
-    return {"_target_": "Compose", "transforms": transforms}
-
-
 def _sliding_window() -> dict[str, Any]:
     return {
         "_target_": "SlidingWindowInferer",
@@ -155,21 +150,19 @@ def _sliding_window() -> dict[str, Any]:
 def _metrics(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Key metric (mean Dice over the foreground classes) and Dice per class, HD95 per class and its mean (NaN where
     undefined: :mod:`monai_prompt.engine.metrics.segmentation`)."""
-    foreground = "$@class_names[1:]"
-    key = {f"{prefix}mean_dice": {"_target_": "MeanDice", "include_background": False,
-                                  "output_transform": _FROM_PRED_LABEL}}
-    additional = {
-        f"{prefix}dice": {"_target_": "monai_prompt.engine.ClassMeanDice", "class_names": foreground,
-                          "include_background": False, "output_transform": _FROM_PRED_LABEL},
-        f"{prefix}hd95": {"_target_": "monai_prompt.engine.ClassHausdorffDistance",
-                          "class_names": foreground, "mean_name": f"{prefix}mean_hd95", "percentile": 95,
-                          "include_background": False, "output_transform": _FROM_PRED_LABEL},
-    }
-    return key, additional
+    foreground, pairs = "$@class_names[1:]", common.FROM_PRED_LABEL
+    key = ("mean_dice", {"_target_": "MeanDice", "include_background": False, "output_transform": pairs})
+    return common.metrics(prefix, key, {
+        "dice": {"_target_": "monai_prompt.engine.ClassMeanDice", "class_names": foreground,
+                 "include_background": False, "output_transform": pairs},
+        "hd95": {"_target_": "monai_prompt.engine.ClassHausdorffDistance", "class_names": foreground,
+                 "mean_name": f"{prefix}mean_hd95", "percentile": 95, "include_background": False,
+                 "output_transform": pairs},
+    })
 
 
 #: softmax, then one-hot prediction (argmax) and label for the metrics.
-_POSTPROCESSING = _compose([
+_POSTPROCESSING = common.compose([
     {"_target_": "Activationsd", "keys": "pred", "softmax": True},
     {"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False], "to_onehot": "@num_classes"},
 ])
@@ -200,7 +193,7 @@ def _continue_model(settings: dict[str, Any]) -> dict[str, Any]:
         "datalist": unless + settings["datalist"][1:],
         "class_names": "$@training_config['class_names'] if @continue_model else @datalist.classes",
         "continue_model": False,
-        "training_config": "$monai_prompt.runs.read_training_config(@ckpt_dir)",
+        "training_config": "$monai_prompt.runs.read_training_config(@ckpt_dir, required=@continue_model)",
     }
 
 
@@ -209,23 +202,17 @@ _KEPT = "@resume or @continue_model"
 
 
 def _initialize(train: bool = True) -> list[str]:
-    """Errors shown last; training: the run folder claimed; the seed; every image/label pair checked (geometry,
-    label values, the splits the workflow reads, the classes against the bundle's; training: not when it continues
-    the served model, :func:`_continue_model`); training: the run recorded; a warning without pre-trained weights."""
+    """:func:`~monai_prompt.bundle_gen.common.initialize` with every image/label pair checked (geometry, label values,
+    the splits the workflow reads, the classes against the bundle's; training: not when it continues the served
+    model, :func:`_continue_model`)."""
     splits = "['training', 'validation']" if train else "[@evaluate_split]"
     check = (
         f"monai_prompt.data.check_segmentation_datalist(@datalist_file, @class_names, "
         f"required_splits={splits})"
     )
     if not train:
-        return [common.SHOW_CAUSE_LAST, "$monai.utils.set_determinism(seed=@seed)", f"${check}",
-                "$monai_prompt.runs.warn_if_not_pretrained(@pretrained)"]
-    return [
-        *common.train_start(_KEPT),
-        f"$None if @continue_model else {check}",
-        common.record_training(_KEPT),
-        "$monai_prompt.runs.warn_if_not_pretrained(@pretrained)",
-    ]
+        return common.initialize([f"${check}"], train=False)
+    return common.initialize([f"$None if @continue_model else {check}"], kept=_KEPT)
 
 
 def train_config(spec: BundleSpec) -> dict[str, Any]:
@@ -237,14 +224,14 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
         **settings,
         **_continue_model(settings),
         **common.train_settings(spec, _KEPT),
-        "training_record": {key: f"@{key}" for key in _network_settings(spec, _DATALIST_TASK)},
+        "training_record": {key: f"@{key}" for key in _network_settings(spec)},
         "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
         **common.optimization(spec),
         "train": {
             **common.train_checkpointing(),
             "deterministic_transforms": _deterministic_transforms(),
             "random_transforms": _random_transforms(),
-            "preprocessing": _compose("$@train#deterministic_transforms + @train#random_transforms"),
+            "preprocessing": common.compose("$@train#deterministic_transforms + @train#random_transforms"),
             "dataset": common.dataset("$@datalist['training']", "@train#preprocessing"),
             "dataloader": common.loader("@train#dataset", shuffle=True),
             "inferer": {"_target_": "SimpleInferer"},
@@ -252,7 +239,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
             "trainer": common.trainer(spec),
         },
         "validate": {
-            "preprocessing": _compose("@train#deterministic_transforms"),
+            "preprocessing": common.compose("@train#deterministic_transforms"),
             "dataset": common.dataset("$@datalist['validation']", "@validate#preprocessing"),
             "dataloader": common.loader("@validate#dataset", shuffle=False, batch_size=1),
             "inferer": _sliding_window(),
@@ -283,7 +270,7 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
     return {
         "evaluate_split": "test",
         "load_path": "$@ckpt_dir + '/model.pt'",
-        **common.recorded(_network_settings(spec, _DATALIST_TASK)),
+        **common.recorded(_network_settings(spec)),
         "network_def#method_config": "@trained_method_config",
         "network_def#backbone_overrides": "@trained_backbone_overrides",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_evaluate')",
@@ -311,21 +298,20 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
     ``postprocessing`` (image-only loading, :data:`_MASK`).
     """
     return {
-        **_common(spec),
+        **common.recorded(_network_settings(spec), {**_common(spec), "network_def": _network_def(trained=True)},
+                          untrained=_network_settings(spec, _UNTRAINED_TASK)),
         "load_path": "$@ckpt_dir + '/model.pt'",
-        **common.recorded(_network_settings(spec, _DEFAULT_TASK)),
-        "network_def": _network_def(trained=True),
         "input_dir": f"$@dataset_dir + '/{spec.spatial_dims}d/images/test'",
         "infer_images": "@input_dir",
         "infer_files": "$monai_prompt.data.find_images(@infer_images)",
         "mask_dir": "$@output_dir + '/masks'",
         "mask_ext": "$monai_prompt.data.mask_suffix(@infer_files)",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_infer')",
-        "preprocessing": _compose(_deterministic_transforms(label=False)),
+        "preprocessing": common.compose(_deterministic_transforms(label=False)),
         "dataset": common.dataset("$[{'image': image} for image in @infer_files]", "@preprocessing"),
         "dataloader": common.loader("@dataset", shuffle=False, batch_size=1),
         "inferer": _sliding_window(),
-        "postprocessing": _compose([
+        "postprocessing": common.compose([
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
              "nearest_interp": False, "to_tensor": True},
@@ -342,6 +328,6 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
 
 
 def multi_gpu_config(spec: BundleSpec) -> dict[str, Any]:
-    """``configs/multi_gpu_train.json``: :func:`~monai_prompt.bundle_gen.common.multi_gpu_config` with the data check
-    on every rank."""
-    return common.multi_gpu_config(_initialize())
+    """``configs/multi_gpu_train.json``: :func:`~monai_prompt.bundle_gen.common.multi_gpu_config` (the data check
+    runs on every rank)."""
+    return common.multi_gpu_config()

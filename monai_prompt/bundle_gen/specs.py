@@ -1,9 +1,9 @@
 """What differs between the bundles: one :class:`BundleSpec` per method and task.
 
 Everything else (the workflow, transforms, metrics, checkpoints, tracking, docs layout) is shared: one template
-per task, :mod:`monai_prompt.bundle_gen.configs` (classification) and :mod:`~monai_prompt.bundle_gen.segmentation`
+per task, :mod:`monai_prompt.bundle_gen.classification` and :mod:`~monai_prompt.bundle_gen.segmentation`
 (2D and 3D segmentation), on the pieces of :mod:`~monai_prompt.bundle_gen.common`, with
-:mod:`~monai_prompt.bundle_gen.metadata` and the READMEs. :data:`BUNDLE_SPECS` holds the classification bundles,
+:mod:`~monai_prompt.bundle_gen.metadata` and :mod:`~monai_prompt.bundle_gen.readme`. :data:`BUNDLE_SPECS` holds the classification bundles,
 :data:`SEGMENTATION_SPECS` the segmentation ones (the classification specs of the nine PEFT methods with a
 segmentation recipe), :data:`ALL_BUNDLE_SPECS` both.
 """
@@ -68,6 +68,10 @@ class BundleSpec:
     recipe_source: str = "AdamW with cosine annealing, the common PEFT recipe (V-PETL Bench)"
     references: tuple[Reference, ...] = ()
     changelog: tuple[tuple[str, str], ...] = (
+        ("0.1.2", ("evaluation and inference build the network from the training record with no defaults (a missing "
+                   "models/training_config.json stops them with what to run or give); the transforms are 2D only; "
+                   "multi_gpu_train.json fills distributed_setup instead of restating initialize; the datalist "
+                   "reader and check are read_classification_datalist and check_classification_datalist")),
         ("0.1.1", ("inference: the image leaves the output after the softmax, so that MONAI Label's stock "
                    "monaibundle app serves the class probabilities; evaluation: expected calibration error and "
                    "reliability diagram (val_ece in validation); FPT/FPT+: training frees the LPM weights after "
@@ -307,6 +311,9 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
         "decoder start from scratch; not tuned",
         references=(_UNETR, *spec.references),
         changelog=(
+            ("0.1.2", ("evaluation and inference build the network from the training record with no defaults (a "
+                       "missing models/training_config.json stops them with what to run or give; continue_model "
+                       "too); multi_gpu_train.json fills distributed_setup instead of restating initialize")),
             ("0.1.1", ("served and trained by MONAI Label's stock monaibundle app: inference reads images only "
                        "and writes uint8 masks without channel axis; training with continue_model continues "
                        "models/model.pt on the datastore's pairs under the recorded run id")),

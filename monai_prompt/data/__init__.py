@@ -1,6 +1,12 @@
-"""Data layer: classification datalists (folders, CSV, decathlon JSON), splits, header checks, transforms, demo set."""
+"""Data layer: classification datalists (folders, CSV, decathlon JSON) and their check, splits, header checks,
+transforms, the demo set; segmentation datalists and their check are in :mod:`monai_prompt.data.segmentation`."""
 
-from monai_prompt.data.check import DataSummary, check_datalist, check_images, find_images
+from monai_prompt.data.check import (
+    ClassificationSummary,
+    check_classification_datalist,
+    check_images,
+    find_images,
+)
 from monai_prompt.data.datalist import (
     UNLABELED,
     ClassificationDatalist,
@@ -8,7 +14,7 @@ from monai_prompt.data.datalist import (
     datalist_from_csv,
     datalist_from_folder,
     datalist_from_json,
-    read_datalist,
+    read_classification_datalist,
 )
 from monai_prompt.data.demo import DEMO_CLASSES, build_demo_data
 from monai_prompt.data.headers import ImageHeader, read_header
@@ -29,19 +35,19 @@ __all__ = [
     "UNLABELED",
     "ClassificationDatalist",
     "DataCheckError",
-    "DataSummary",
+    "ClassificationSummary",
     "ImageHeader",
     "SegmentationDatalist",
     "SegmentationSummary",
     "SplitOptions",
     "build_demo_data",
-    "check_datalist",
+    "check_classification_datalist",
     "check_segmentation_datalist",
     "datalist_from_csv",
     "datalist_from_folder",
     "datalist_from_json",
     "mask_suffix",
-    "read_datalist",
+    "read_classification_datalist",
     "read_header",
     "read_segmentation_datalist",
     "split_items",

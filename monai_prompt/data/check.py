@@ -1,12 +1,13 @@
-"""Check a dataset before training: every problem at once, each with its path.
+"""Check a classification dataset before training: every problem at once, each with its path (segmentation
+datalists: :func:`monai_prompt.data.segmentation.check_segmentation_datalist`).
 
-:func:`check_datalist` reads the datalist leniently, then every image's header (:func:`read_header`) and, unless
-``read_pixels=False``, its pixels as training will read them (MONAI's ``LoadImage``), and collects: unreadable,
-truncated or missing files, images with NaN/Inf values, missing labels and labels outside the class list (or,
-without a class map, outside ``0..num_classes-1``), channel counts that differ from the rest (or from
+:func:`check_classification_datalist` reads the datalist leniently, then every image's header (:func:`read_header`)
+and, unless ``read_pixels=False``, its pixels as training will read them (MONAI's ``LoadImage``), and collects:
+unreadable, truncated or missing files, images with NaN/Inf values, missing labels and labels outside the class list
+(or, without a class map, outside ``0..num_classes-1``), channel counts that differ from the rest (or from
 ``channels``), images listed in two splits and groups split across training/validation/test. It raises one
-:class:`DataCheckError` listing them all, or returns a :class:`DataSummary`. :func:`check_images` does the image
-part for a list of paths (inference inputs, which :func:`find_images` collects from folders, globs and lists).
+:class:`DataCheckError` listing them all, or returns a :class:`ClassificationSummary`. :func:`check_images` does the
+image part for a list of paths (inference inputs, which :func:`find_images` collects from folders, globs and lists).
 ``monai-prompt check-data <datalist>`` runs it from the command line.
 """
 
@@ -22,14 +23,20 @@ from typing import Any
 
 import numpy as np
 
-from monai_prompt.data.datalist import SPLITS, ClassificationDatalist, DataCheckError, read_datalist
+from monai_prompt.data.datalist import SPLITS, ClassificationDatalist, DataCheckError, read_classification_datalist
 from monai_prompt.data.headers import ImageHeader, is_image_file, read_header
 
-__all__ = ["DataSummary", "check_datalist", "check_images", "find_images", "labels_out_of_range"]
+__all__ = [
+    "ClassificationSummary",
+    "check_classification_datalist",
+    "check_images",
+    "find_images",
+    "labels_out_of_range",
+]
 
 
 @dataclass
-class DataSummary:
+class ClassificationSummary:
     """What a clean dataset holds.
 
     Attributes:
@@ -63,17 +70,17 @@ class DataSummary:
         return "\n".join(lines)
 
 
-def check_datalist(
+def check_classification_datalist(
     source: str | os.PathLike,
     channels: int | None = None,
     read_pixels: bool = True,
     num_classes: int | None = None,
     **read_options: Any,
-) -> DataSummary:
+) -> ClassificationSummary:
     """Check every image and label of a datalist and report all problems at once.
 
     Args:
-        source: class-per-folder tree, CSV or decathlon JSON (see :func:`read_datalist`).
+        source: class-per-folder tree, CSV or decathlon JSON (see :func:`read_classification_datalist`).
         channels: expected channels per image (default: the most common count).
         read_pixels: also decode every image with MONAI's ``LoadImage``, as training reads it (truncated or
             corrupt pixel data, NaN/Inf values); ``False`` reads headers only, for very large datasets.
@@ -84,7 +91,7 @@ def check_datalist(
     Raises:
         DataCheckError: listing every problem with its path, and the fix where there is one.
     """
-    datalist = read_datalist(source, strict=False, **read_options)
+    datalist = read_classification_datalist(source, strict=False, **read_options)
     paths = list(dict.fromkeys(item["image"] for _, item in datalist.all_items()))
     headers, problems = _check_images(paths, channels, read_pixels)
     problems = list(datalist.problems) + problems + _leaks(datalist)
@@ -94,7 +101,7 @@ def check_datalist(
         problems.append(f"{source}: no training images.")
     if problems:
         raise DataCheckError(problems, source)
-    return DataSummary(
+    return ClassificationSummary(
         source=str(source),
         classes=datalist.classes,
         multi_label=datalist.multi_label,
@@ -137,12 +144,13 @@ def check_images(
     read_pixels: bool = True,
     source: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> dict[str, ImageHeader]:
-    """Check images without labels (e.g. inference inputs) as :func:`check_datalist` checks a datalist's images.
+    """Check images without labels (e.g. inference inputs) as :func:`check_classification_datalist` checks a
+    datalist's images.
 
     Args:
         paths: image files or DICOM series folders.
         channels: expected channels per image (default: the most common count).
-        read_pixels: decode every image (see :func:`check_datalist`).
+        read_pixels: decode every image (see :func:`check_classification_datalist`).
         source: where ``paths`` were looked for (e.g. the folder or glob given to :func:`find_images`), named in
             the errors.
 

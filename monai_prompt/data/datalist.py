@@ -11,8 +11,8 @@ Three sources give the same :class:`ClassificationDatalist`:
 Labels become a class index (``int``) or, for multi-label data, a multi-hot ``list[float]``. Splits the source
 lacks are carved out of the training images as every reader's ``split`` (:class:`SplitOptions`) says: a seeded,
 class-stratified split of *groups* (a ``group`` value, or a regex/function of the path), so the slices of one
-volume or patient never land in two splits. :func:`read_datalist` picks the source from the path; bundle configs
-use it as ``"$monai_prompt.data.read_datalist(@dataset_dir)['training']"``.
+volume or patient never land in two splits. :func:`read_classification_datalist` picks the source from the path;
+bundle configs use it as ``"$monai_prompt.data.read_classification_datalist(@dataset_dir)['training']"``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ __all__ = [
     "datalist_from_csv",
     "datalist_from_folder",
     "datalist_from_json",
-    "read_datalist",
+    "read_classification_datalist",
 ]
 
 #: images without labels (for self-supervised pre-training).
@@ -160,7 +160,7 @@ class _Record:
         return f"{self.image}{f' ({self.where})' if self.where else ''}: {message}"
 
 
-def read_datalist(source: str | os.PathLike, **options: Any) -> ClassificationDatalist:
+def read_classification_datalist(source: str | os.PathLike, **options: Any) -> ClassificationDatalist:
     """Read a datalist from a folder tree, a ``.csv`` table or a decathlon ``.json`` file.
 
     Args:

@@ -176,7 +176,7 @@ class NonFiniteGuard:
         if bad:
             cause = (
                 f"these images of the batch hold NaN/Inf values: {', '.join(bad)}; fix or drop them "
-                f"(monai_prompt.data.check_datalist lists every such file)."
+                f"(monai_prompt.data.check_classification_datalist lists every such file)."
             )
         else:
             amp = " or, with amp, an fp16 overflow (try --amp false)" if getattr(engine, "amp", False) else ""

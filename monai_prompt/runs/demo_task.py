@@ -101,7 +101,7 @@ def prepare_data(folder: str | Path, config: DemoConfig = DemoConfig()) -> tuple
     Returns:
         the datalist path and whether an existing build was reused.
     """
-    from monai_prompt.data import build_demo_data, read_datalist
+    from monai_prompt.data import build_demo_data, read_classification_datalist
 
     folder = Path(folder)
     settings = {
@@ -112,7 +112,7 @@ def prepare_data(folder: str | Path, config: DemoConfig = DemoConfig()) -> tuple
     stamp, datalist = folder / "build.json", folder / "datalist.json"
     if _read_json(stamp) == settings and datalist.is_file():
         try:
-            if all(Path(item["image"]).is_file() for _, item in read_datalist(datalist).all_items()):
+            if all(Path(item["image"]).is_file() for _, item in read_classification_datalist(datalist).all_items()):
                 return datalist, True
         except ValueError:  # a damaged datalist: rebuild
             pass

@@ -35,18 +35,37 @@ def _record_path(path: str | os.PathLike) -> Path:
     return folder / TRAINING_CONFIG
 
 
-def read_training_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The training record of a checkpoint folder or of the folder of a checkpoint file; ``{}`` when there is none.
+def read_training_config(
+    path: str | os.PathLike, required: bool = False, untrained: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The training record of a checkpoint folder or of the folder of a checkpoint file; ``{}`` when there is none
+    and it is not ``required``.
 
     Args:
         path: the checkpoint folder (``models/``) or a file in it (``models/model.pt``).
+        required: a missing record is an error naming what to run or give (evaluation and inference build the
+            trained network from it).
+        untrained: with ``required``, what a missing record reads as while the folder holds no delta
+            (``model.pt``) either: the settings of the network a bundle builds before any training, which MONAI's
+            property checks and ``verify_net_in_out`` instantiate. A delta without its record is an error.
 
     Raises:
+        FileNotFoundError: a ``required`` record is missing, naming what to run or give instead.
         ValueError: the record exists but is not a JSON object, naming the file and the fix.
     """
     record = _record_path(path)
     if not record.is_file():
-        return {}
+        if not required:
+            return {}
+        if untrained is not None and not (record.parent / "model.pt").exists():
+            return dict(untrained)
+        raise FileNotFoundError(
+            f"{record} does not exist: it records the network the delta was trained with (img_size, backbone, "
+            f"method_config, classes, ...), which evaluation and inference build. Train the bundle first "
+            f"(configs/train.json writes it beside models/model.pt), point --ckpt_dir at the trained run's models/ "
+            f"folder, or give the settings as --training_config \"{{...}}\"; `monai-prompt package <bundle> --out "
+            f"<folder>` makes a copy of a trained bundle whose configs hold them."
+        )
     try:
         content = json.loads(record.read_text())
     except ValueError as err:

@@ -37,9 +37,9 @@ DATALIST_NAME = "datalist.json"
 
 
 def find_datalist(dataset_dir: str | os.PathLike, name: str = DATALIST_NAME) -> str:
-    """What ``--dataset_dir`` names, as :func:`~monai_prompt.data.read_datalist` reads it: ``<folder>/<name>`` when
-    the folder holds one, else the folder itself (a class-per-folder tree), or the file itself (a ``.csv`` or
-    ``.json`` datalist).
+    """What ``--dataset_dir`` names, as :func:`~monai_prompt.data.read_classification_datalist` reads it:
+    ``<folder>/<name>`` when the folder holds one, else the folder itself (a class-per-folder tree), or the file
+    itself (a ``.csv`` or ``.json`` datalist).
 
     Args:
         dataset_dir: a dataset folder, a class-per-folder tree, or a CSV/JSON datalist.

@@ -1,11 +1,12 @@
-"""The bundle configs (``train``, ``evaluate``, ``inference``, ``multi_gpu_train``) as Python dicts.
+"""The classification bundle configs (``train``, ``evaluate``, ``inference``, ``multi_gpu_train``) as Python dicts.
 
 One template for every method: a :class:`~monai_prompt.bundle_gen.specs.BundleSpec` fills in the method, its
 config and its optimisation recipe. Ids follow the model-zoo layout (``train#...``/``validate#...``) so MONAI's
 property checks, ``--tracking mlflow`` and MONAI Label find what they expect; the transforms are MONAI components
 (``train#deterministic_transforms``, ``train#random_transforms``) that overrides reach by id. Repeated pieces
 (``network_def``, the data settings, metric definitions) are written into each file on purpose: ``%file#id`` macros
-resolve against the working directory, not the bundle, so every file has to stand on its own.
+resolve against the working directory, not the bundle, so every file has to stand on its own. The bundles are
+2D (:class:`~monai_prompt.bundle_gen.specs.BundleSpec` refuses 3D classification): the transforms take 2D only.
 """
 
 from __future__ import annotations
@@ -14,22 +15,22 @@ from typing import Any
 
 from monai_prompt.bundle_gen import common
 from monai_prompt.bundle_gen.specs import BundleSpec
+from monai_prompt.data.demo import DEMO_CLASSES
 
 __all__ = ["evaluate_config", "inference_config", "multi_gpu_config", "train_config"]
 
 _BATCH_SIZE = 16
 _NUM_WORKERS = 4
-_FROM_PRED_LABEL = "$monai.handlers.from_engine(['pred', 'label'])"
 #: where ``make demo`` (and ``monai-prompt demo-data``) write the demo data, below the repository root.
 DEMO_DATASET_DIR = "runs/demo/data"
-#: training and evaluation: the task follows the datalist unless given on the command line.
+#: training: the task follows the datalist unless given on the command line.
 _DATALIST_TASK = {
     "num_classes": "$@datalist.num_classes",
     "multi_label": "$@datalist.multi_label",
     "class_names": "$@datalist.classes",
 }
-#: inference without a training record (a bundle that was not trained here): the demo's task.
-_DEFAULT_TASK = {"num_classes": 3, "multi_label": False, "class_names": "$[str(i) for i in range(@num_classes)]"}
+#: the classes of the network an inference builds before any training (the demo's, as ``metadata.json`` names them).
+_UNTRAINED_TASK = {"num_classes": len(DEMO_CLASSES), "multi_label": False, "class_names": list(DEMO_CLASSES)}
 
 
 def _method_key(spec: BundleSpec) -> str:
@@ -43,7 +44,7 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
     prefix = "trained_" if trained else ""
     if spec.fpt:
         target = "monai_prompt.fpt.FPTClassifier"
-        # SDPA in the side network: the same attention without storing its matrices (training memory, issue 14)
+        # SDPA in the side network: the same attention without storing its matrices (training memory)
         method = {"variant": "@method", _method_key(spec): f"@{prefix}method_config", "sdpa": True}
     else:
         target = "monai_prompt.nets.PromptClassifier"
@@ -62,13 +63,9 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
     }
 
 
-def _network_settings(spec: BundleSpec, task: dict[str, Any]) -> dict[str, Any]:
-    """What defines the network and its outputs: the ``training_record`` of ``models/training_config.json``.
-
-    Args:
-        spec: the bundle.
-        task: ``num_classes``, ``multi_label`` and ``class_names`` (:data:`_DATALIST_TASK` or :data:`_DEFAULT_TASK`).
-    """
+def _network_settings(spec: BundleSpec, task: dict[str, Any] = _DATALIST_TASK) -> dict[str, Any]:
+    """What defines the network and its outputs: the ``training_record`` of ``models/training_config.json``
+    (``task``: the classes, :data:`_DATALIST_TASK` or :data:`_UNTRAINED_TASK`)."""
     return {**task, "in_channels": 3, "spatial_dims": 2, "img_size": spec.img_size, **common.backbone_settings(spec)}
 
 
@@ -82,10 +79,10 @@ def _common(spec: BundleSpec, imports: tuple[str, ...] = ()) -> dict[str, Any]:
         "imports": [*common.IMPORTS, *imports],
         **common.paths(spec, DEMO_DATASET_DIR, "datalist.json"),
         "datalist_options": {},
-        "datalist": "$monai_prompt.data.read_datalist(@datalist_file, **@datalist_options)",
+        "datalist": "$monai_prompt.data.read_classification_datalist(@datalist_file, **@datalist_options)",
         "check_pixels": True,
         **common.device_settings(),
-        **_network_settings(spec, _DATALIST_TASK),
+        **_network_settings(spec),
         "network_def": _network_def(spec),
         "network": "$@network_def.to(@device)",
         "batch_size": _BATCH_SIZE,
@@ -134,7 +131,7 @@ def _deterministic_transforms() -> list[dict[str, Any]]:
          "channels": "@in_channels"},
         {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
         {"_target_": "Resized", "keys": "image", "spatial_size": "$monai.utils.ensure_tuple_rep(@img_size, "
-         "@spatial_dims)", "mode": "$'bilinear' if @spatial_dims == 2 else 'trilinear'", "anti_aliasing": True},
+         "@spatial_dims)", "mode": "bilinear", "anti_aliasing": True},
         {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
         {"_target_": "ToTensord", "keys": "label", "dtype": "$torch.float32 if @multi_label else torch.long",
          "track_meta": False, "allow_missing_keys": True},
@@ -145,29 +142,24 @@ def _deterministic_transforms() -> list[dict[str, Any]]:
 _RANDOM_TRANSFORMS = [
     {"_target_": "RandFlipd", "keys": "image", "prob": 0.5, "spatial_axis": 0},
     {"_target_": "RandAffined", "keys": "image", "prob": 0.5,
-     "rotate_range": "$np.pi / 12 if @spatial_dims == 2 else [np.pi / 12] * 3", "scale_range": 0.1,
+     "rotate_range": "$np.pi / 12", "scale_range": 0.1,
      "padding_mode": "zeros"},
     {"_target_": "RandAdjustContrastd", "keys": "image", "prob": 0.3, "gamma": [0.7, 1.5]},
 ]
 
 
-def _compose(transforms: str | list[dict[str, Any]]) -> dict[str, Any]:
-    return {"_target_": "Compose", "transforms": transforms}
-
-
 def _metrics(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Key metric (accuracy) and additional metrics (macro AUC, macro F1, quadratic-weighted kappa)."""
     decisions = "@metric_decisions"
-    key = {f"{prefix}accuracy": {"_target_": "ignite.metrics.Accuracy", "is_multilabel": "@multi_label",
-                                 "output_transform": decisions}}
-    additional = {
-        f"{prefix}auc": {"_target_": "ROCAUC", "average": "macro", "output_transform": _FROM_PRED_LABEL},
-        f"{prefix}f1": {"_target_": "monai_prompt.engine.macro_f1", "multi_label": "@multi_label",
-                        "output_transform": decisions},
-        f"{prefix}kappa": {"_target_": "monai_prompt.engine.QuadraticWeightedKappa", "_disabled_": "@multi_label",
-                           "num_classes": "@num_classes", "output_transform": decisions},
-    }
-    return key, additional
+    key = ("accuracy", {"_target_": "ignite.metrics.Accuracy", "is_multilabel": "@multi_label",
+                        "output_transform": decisions})
+    return common.metrics(prefix, key, {
+        "auc": {"_target_": "ROCAUC", "average": "macro", "output_transform": common.FROM_PRED_LABEL},
+        "f1": {"_target_": "monai_prompt.engine.macro_f1", "multi_label": "@multi_label",
+               "output_transform": decisions},
+        "kappa": {"_target_": "monai_prompt.engine.QuadraticWeightedKappa", "_disabled_": "@multi_label",
+                  "num_classes": "@num_classes", "output_transform": decisions},
+    })
 
 
 #: probabilities: softmax, or sigmoid for multi-label.
@@ -186,32 +178,23 @@ _POSTPROCESSING = {
 
 
 #: every image decoded as training reads it, every label, with the reader's options.
-_CHECK_DATALIST = "$monai_prompt.data.check_datalist(@datalist_file, read_pixels=@check_pixels, **@datalist_options)"
+_CHECK_DATALIST = (
+    "$monai_prompt.data.check_classification_datalist(@datalist_file, read_pixels=@check_pixels, **@datalist_options)"
+)
 
 
-def _initialize(spec: BundleSpec, distributed: bool = False, train: bool = True) -> list[str]:
-    """Errors shown last; training: the run folder claimed and the seed; every image and label checked, the data
-    against the task (the splits the workflow reads not empty; evaluation: the training's classes); training: the
-    run recorded; (FPT) the LPM features preloaded, on rank 0 only under DDP, then (training) the LPM weights
-    freed."""
+def _initialize(spec: BundleSpec, train: bool = True) -> list[str]:
+    """:func:`~monai_prompt.bundle_gen.common.initialize` with every image and label checked and the data against
+    the task (the splits the workflow reads not empty; evaluation: the training's classes); (FPT) then the LPM
+    features preloaded, on rank 0 only under DDP (the other ranks wait), then (training) the LPM weights freed."""
     if train:
-        start = list(common.TRAIN_START)
         task = "$monai_prompt.runs.check_task(@datalist, @num_classes, @multi_label, ['training', 'validation'])"
     else:
-        start = [common.SHOW_CAUSE_LAST, "$monai.utils.set_determinism(seed=@seed)"]
         task = ("$monai_prompt.runs.check_task(@datalist, @num_classes, @multi_label, [@evaluate_split], "
                 "classes=@class_names)")
-    steps = [
-        *start,
-        _CHECK_DATALIST,
-        task,
-        *([common.RECORD_TRAINING] if train else []),
-        "$monai_prompt.runs.warn_if_not_pretrained(@pretrained)",
-    ]
-    if spec.fpt and distributed:
-        steps += [f"${_FPT_PRELOAD} if @fpt_preload and dist.get_rank() == 0 else None", "$dist.barrier()"]
-    elif spec.fpt:
-        steps.append(f"${_FPT_PRELOAD} if @fpt_preload else None")
+    steps = common.initialize([_CHECK_DATALIST, task], train=train)
+    if spec.fpt:
+        steps += [f"${_FPT_PRELOAD} if @fpt_preload and not @is_not_rank0 else None", common.BARRIER]
     if spec.fpt and train:  # training and validation read the cache: the LPM weights are not needed (every rank)
         steps.append(_FPT_RELEASE)
     return steps
@@ -237,7 +220,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
         **_common(spec, ("$import monai_prompt.fpt",) if spec.fpt else ()),
         **(_fpt_settings() if spec.fpt else {}),
         **common.train_settings(spec),
-        "training_record": {key: f"@{key}" for key in _network_settings(spec, _DATALIST_TASK)},
+        "training_record": {key: f"@{key}" for key in _network_settings(spec)},
         "loss": "$torch.nn.BCEWithLogitsLoss() if @multi_label else torch.nn.CrossEntropyLoss()",
         **common.optimization(spec),
         "metric_decisions": "$monai_prompt.engine.class_decisions(@multi_label)",
@@ -246,7 +229,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
             "deterministic_transforms": _deterministic_transforms(),
             "random_transforms": list(_RANDOM_TRANSFORMS),
             # FPT: the cache lookup sees the image exactly as the preload did, before the augmentations
-            "preprocessing": _compose("$@train#deterministic_transforms + "
+            "preprocessing": common.compose("$@train#deterministic_transforms + "
                                       f"{'[@fpt_features] + ' if spec.fpt else ''}@train#random_transforms"),
             "dataset": common.dataset("$@datalist['training']", "@train#preprocessing"),
             "dataloader": common.loader("@train#dataset", shuffle=True),
@@ -255,7 +238,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
             "trainer": common.trainer(spec, _fpt_batch(spec)),
         },
         "validate": {
-            "preprocessing": _compose("$@train#deterministic_transforms + [@fpt_features]" if spec.fpt
+            "preprocessing": common.compose("$@train#deterministic_transforms + [@fpt_features]" if spec.fpt
                                       else "@train#deterministic_transforms"),
             "dataset": common.dataset("$@datalist['validation']", "@validate#preprocessing"),
             "dataloader": common.loader("@validate#dataset", shuffle=False),
@@ -280,7 +263,7 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
     return {
         "evaluate_split": "test",
         "load_path": "$@ckpt_dir + '/model.pt'",
-        **common.recorded(_network_settings(spec, _DATALIST_TASK)),
+        **common.recorded(_network_settings(spec)),
         f"network_def#{_method_key(spec)}": "@trained_method_config",
         "network_def#backbone_overrides": "@trained_backbone_overrides",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_evaluate')",
@@ -308,19 +291,18 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
     ``postprocessing`` (:data:`_DROP_IMAGE`).
     """
     return {
-        **_common(spec),
+        **common.recorded(_network_settings(spec), {**_common(spec), "network_def": _network_def(spec, trained=True)},
+                          untrained=_network_settings(spec, _UNTRAINED_TASK)),
         "load_path": "$@ckpt_dir + '/model.pt'",
-        **common.recorded(_network_settings(spec, _DEFAULT_TASK)),
-        "network_def": _network_def(spec, trained=True),
         "input_dir": "$@dataset_dir + '/images/test'",
         "infer_images": "@input_dir",
         "infer_files": "$monai_prompt.data.find_images(@infer_images)",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_infer')",
-        "preprocessing": _compose(_deterministic_transforms()),
+        "preprocessing": common.compose(_deterministic_transforms()),
         "dataset": common.dataset("$[{'image': image} for image in @infer_files]", "@preprocessing"),
         "dataloader": common.loader("@dataset", shuffle=False),
         "inferer": {"_target_": "SimpleInferer"},
-        "postprocessing": _compose([_ACTIVATION, _DROP_IMAGE]),
+        "postprocessing": common.compose([_ACTIVATION, _DROP_IMAGE]),
         "handlers": [
             common.delta_loader(),
             {"_target_": "StatsHandler", "iteration_log": False},
@@ -332,11 +314,12 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
             },
         ],
         "evaluator": common.evaluator(metrics=False),
-        **common.inference_steps("$monai_prompt.data.check_images(@infer_files, read_pixels=@check_pixels, source=@infer_images)"),
+        **common.inference_steps(
+            "$monai_prompt.data.check_images(@infer_files, read_pixels=@check_pixels, source=@infer_images)"
+        ),
     }
 
 
 def multi_gpu_config(spec: BundleSpec) -> dict[str, Any]:
-    """``configs/multi_gpu_train.json``: :func:`~monai_prompt.bundle_gen.common.multi_gpu_config` with this
-    template's ``initialize`` (FPT: the preload on rank 0 only)."""
-    return common.multi_gpu_config(_initialize(spec, distributed=True))
+    """``configs/multi_gpu_train.json``: :func:`~monai_prompt.bundle_gen.common.multi_gpu_config`."""
+    return common.multi_gpu_config()
