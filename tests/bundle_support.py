@@ -8,6 +8,7 @@ make any classification bundle run in seconds, and scikit-learn's metrics of a r
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -97,6 +98,19 @@ def copy_bundle(name: str, root: Path) -> Path:
     target = root / "bundles" / name
     shutil.copytree(REPO / "bundles" / name, target)
     return target
+
+
+def write_training_record(bundle: Path, **settings: Any) -> Path:
+    """Write ``models/training_config.json`` for a delta saved outside a training run: the bundle's
+    ``untrained_network`` settings (``inference.json``) with ``settings`` on top, as a training run records them."""
+    from monai.bundle import ConfigParser
+
+    from monai_prompt.runs import write_training_config
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    record = {**parser.get_parsed_content("untrained_network"), **settings}
+    return write_training_config(bundle / "models", "test", json.loads(json.dumps(record)))
 
 
 def reference_ece(confidence: Sequence[float], correct: Sequence[bool], bins: int = 15) -> float:

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from bundle_support import copy_bundle
+from bundle_support import copy_bundle, write_training_record
 from monai.networks.nets import UNETR, ViTAutoEnc
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -499,6 +499,7 @@ def test_auto_bundle_network_exports_merged(dinov2, tmp_path):
     with torch.no_grad():
         network.backbone.blocks[0].attn.qkv.lora_B.normal_()
     save_delta(network, bundle / "models" / "model.pt")
+    write_training_record(bundle, **overrides)
     report = export_bundle(bundle, overrides=overrides)
     assert report.merged and report.max_abs_diff < 1e-5
     scripted = torch.jit.load(str(report.torchscript))
