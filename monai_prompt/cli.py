@@ -112,7 +112,8 @@ def _preload(args: argparse.Namespace) -> None:
 
     from monai_prompt.data import read_classification_datalist
     from monai_prompt.data.transforms import classification_transforms
-    from monai_prompt.fpt import FPTCacheError, FPTClassifier, preload_features
+    from monai_prompt.fpt import FPTCacheError, preload_features
+    from monai_prompt.nets import FPTClassifier
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.pretrained:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE
 
-from monai_prompt.fpt import FPTClassifier
-from monai_prompt.nets import PromptClassifier
+from monai_prompt.nets import FPTClassifier, PromptClassifier
 
 #: the frozen ViT of :func:`tiny_fpt`: 3 blocks of width 64 (patch 8 at 32 x 32: 16 patches).
 TINY_FPT_BACKBONE = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "mlp_dim": 128, "patch_size": 8}

@@ -16,8 +16,8 @@ from monai_prompt.backbones.registry import (
     find_backbone,
     register_family,
 )
-from monai_prompt.fpt import FPTClassifier, LPMExtractor
-from monai_prompt.nets import PromptClassifier, PromptUNETR
+from monai_prompt.fpt import LPMExtractor
+from monai_prompt.nets import FPTClassifier, PromptClassifier, PromptUNETR
 
 TINY_VIT = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 64}
 TINY_TINYVIT = {

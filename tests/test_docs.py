@@ -123,7 +123,8 @@ import torch
 from monai.data import Dataset
 from monai.transforms import Compose
 from monai_prompt.data import classification_transforms, read_classification_datalist
-from monai_prompt.fpt import FPTClassifier, preload_features
+from monai_prompt.fpt import preload_features
+from monai_prompt.nets import FPTClassifier
 from monai_prompt.fpt.lpm import LPMExtractor
 
 net = FPTClassifier(num_classes=3, variant="fptplus", backbone="vit_tiny", backbone_overrides={tiny}, img_size={img},

@@ -11,16 +11,8 @@ from net_support import TINY_FPT_BACKBONE as TINY
 from net_support import tiny_fpt
 
 from monai_prompt.backbones import build_vit
-from monai_prompt.fpt import (
-    OFFICIAL_LPM_PARAMETERS,
-    FPTClassifier,
-    FPTConfig,
-    LPMExtractor,
-    PromptFusion,
-    paper_learnable_percent,
-    resolve_layers,
-    select_important_tokens,
-)
+from monai_prompt.fpt import FPTConfig, LPMExtractor, PromptFusion, resolve_layers, select_important_tokens
+from monai_prompt.nets import OFFICIAL_LPM_PARAMETERS, FPTClassifier, paper_learnable_percent
 from monai_prompt.peft import apply_method, delta_state_dict, load_delta, trainable_report
 from monai_prompt.peft.delta import IDENTITY_KEYS
 

@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import PrepareBatchExtraInput
@@ -22,13 +21,13 @@ from monai_prompt.cli import main
 from monai_prompt.data.transforms import classification_transforms
 from monai_prompt.fpt import (
     FPTCacheError,
-    FPTClassifier,
     FPTFeatureCache,
     LoadFPTFeaturesd,
     cache_identity,
     content_key,
     preload_features,
 )
+from monai_prompt.nets import FPTClassifier
 
 #: a 2-block LPM: the cache needs no depth
 TINY = {**TINY_FPT_BACKBONE, "num_layers": 2}

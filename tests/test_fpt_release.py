@@ -21,7 +21,8 @@ from net_support import TINY_FPT_BACKBONE as TINY
 from net_support import fpt_images, tiny_fpt
 
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
-from monai_prompt.fpt import FPTClassifier, LoadFPTFeaturesd, cache_identity, preload_features
+from monai_prompt.fpt import LoadFPTFeaturesd, cache_identity, preload_features
+from monai_prompt.nets import FPTClassifier
 from monai_prompt.peft import delta_state_dict, load_delta, save_delta, trainable_report
 from monai_prompt.runs.runner import run_bundle
 

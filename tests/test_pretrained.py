@@ -11,8 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTModel
 
 from monai_prompt.backbones import CheckpointError, build_vit, load_pretrained, resize_pos_embed, vit_from_pretrained
-from monai_prompt.fpt import FPTClassifier
-from monai_prompt.nets import PromptClassifier
+from monai_prompt.nets import FPTClassifier, PromptClassifier
 
 ARCH = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 128, "patch_size": 8}
 

@@ -37,7 +37,7 @@ from monai_prompt.backbones.tinyvit import (
     load_tinyvit_weights,
 )
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
-from monai_prompt.fpt import FPTClassifier
+from monai_prompt.nets import FPTClassifier
 from monai_prompt.nets.classifier import PromptClassifier
 from monai_prompt.peft.delta import IDENTITY_KEYS
 from monai_prompt.peft.merge import MergeableLayer, merge_and_unload

@@ -18,7 +18,7 @@ the same round, under the same load. Per configuration:
 Variants of the in-backbone methods (``--checkpointing`` modes of
 :meth:`~monai_prompt.backbones.vit.PromptableViT.set_grad_checkpointing` and ``--variants`` such as
 ``blocks+sdpa+bf16``); FPT/FPT+ train online and from preloaded features (the LPM released,
-:meth:`~monai_prompt.fpt.FPTClassifier.release_lpm`) against full fine-tuning of the same ViT at the LPM's size.
+:meth:`~monai_prompt.nets.FPTClassifier.release_lpm`) against full fine-tuning of the same ViT at the LPM's size.
 Writes ``efficiency.csv``, ``efficiency.json``, ``memory_ratio.png`` / ``time_ratio.png`` and ``tradeoff.png`` (memory
 against time of the in-backbone variants) into ``--out``.
 """
@@ -235,8 +235,7 @@ def _return_freed_memory() -> None:
 
 def _network(config: BenchConfig, settings: BenchSettings, online: bool = False) -> torch.nn.Module:
     """The network of ``config`` (random weights: timings and memory do not depend on them)."""
-    from monai_prompt.fpt import FPTClassifier
-    from monai_prompt.nets import PromptClassifier
+    from monai_prompt.nets import FPTClassifier, PromptClassifier
 
     common = {"backbone": settings.backbone, "img_size": config.img_size,
               "backbone_overrides": settings.backbone_overrides or None}

@@ -43,7 +43,7 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
     (``trained``: with the recorded method config and backbone overrides, see :func:`~.common.recorded`)."""
     prefix = "trained_" if trained else ""
     if spec.fpt:
-        target = "monai_prompt.fpt.FPTClassifier"
+        target = "monai_prompt.nets.FPTClassifier"
         # SDPA in the side network: the same attention without storing its matrices (training memory)
         method = {"variant": "@method", _method_key(spec): f"@{prefix}method_config", "sdpa": True}
     else:

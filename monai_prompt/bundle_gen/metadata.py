@@ -93,7 +93,7 @@ def metadata(spec: BundleSpec) -> dict[str, Any]:
     """The metadata dict of ``spec``'s classification bundle."""
     num_classes = len(DEMO_CLASSES)
     channel_def = {str(i): name for i, name in enumerate(DEMO_CLASSES)}
-    network = "monai_prompt.fpt.FPTClassifier" if spec.fpt else "monai_prompt.nets.PromptClassifier"
+    network = "monai_prompt.nets.FPTClassifier" if spec.fpt else "monai_prompt.nets.PromptClassifier"
     rgb = {"0": "R", "1": "G", "2": "B"}
     return {
         **_release(spec),

@@ -81,7 +81,7 @@ def _classification_network(spec: BundleSpec) -> str:
     """The overview paragraphs on the network and its delta."""
     if spec.fpt:
         network = f"""\
-`network_def` is `monai_prompt.fpt.FPTClassifier` with `variant="{spec.method}"` and FPT config
+`network_def` is `monai_prompt.nets.FPTClassifier` with `variant="{spec.method}"` and FPT config
 {_method_config(spec)}. The frozen large pre-trained model (LPM, a MONAI `ViT` loaded from `pretrained`) sees
 the {spec.img_size} x {spec.img_size} image; its important keys and values per tapped layer feed fine-grained
 prompts through a fusion module into a small side ViT that sees a downsampled copy. Training never runs the LPM:

@@ -8,7 +8,6 @@ from monai_prompt.fpt.cache import (
     cache_identity,
     content_key,
 )
-from monai_prompt.fpt.classifier import OFFICIAL_LPM_PARAMETERS, FPTClassifier, paper_learnable_percent
 from monai_prompt.fpt.config import FPT_VARIANTS, FPTConfig, resolve_layers
 from monai_prompt.fpt.fusion import PromptFusion
 from monai_prompt.fpt.lpm import LPMExtractor, select_important_tokens

@@ -57,7 +57,7 @@ def content_key(image: torch.Tensor) -> str:
 
 
 def cache_identity(model: nn.Module) -> dict[str, Any]:
-    """What a cache must match for ``model`` (an :class:`~monai_prompt.fpt.FPTClassifier` or its LPM).
+    """What a cache must match for ``model`` (an :class:`~monai_prompt.nets.FPTClassifier` or its LPM).
 
     Returns:
         ``{"fingerprint", "lpm", "extraction", "feature_shape"}``: the fingerprint over the LPM weights and

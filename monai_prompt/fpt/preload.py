@@ -66,7 +66,7 @@ def preload_features(
     """Compute the LPM features of every image of ``data`` not yet in the cache, on the LPM's device.
 
     Args:
-        model: an :class:`~monai_prompt.fpt.FPTClassifier` (or its ``lpm``) with the LPM weights loaded.
+        model: an :class:`~monai_prompt.nets.FPTClassifier` (or its ``lpm``) with the LPM weights loaded.
         data: items (or a dataset of items) holding the preprocessed LPM-size image [C, *img_size] under
             ``image_key``, e.g. ``monai.data.Dataset(datalist, Compose(classification_transforms(512)))``.
         cache_dir: cache directory (created, or resumed when it was made for the same model and dtype).

@@ -31,7 +31,7 @@ class LoadFPTFeaturesd(MapTransform):
     Args:
         keys: key of the LPM-size image (exactly as the preload saw it).
         cache_dir: the preload cache.
-        network: the :class:`~monai_prompt.fpt.FPTClassifier` that will be trained (its LPM weights loaded).
+        network: the :class:`~monai_prompt.nets.FPTClassifier` that will be trained (its LPM weights loaded).
         output_key: key the features are stored under.
         drop_image: remove the image key afterwards (when it was a copy made only for the lookup, e.g. by
             ``CopyItemsd`` before side augmentations of the original).

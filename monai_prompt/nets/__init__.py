@@ -1,13 +1,12 @@
-"""Task networks for bundles: PromptClassifier and PromptUNETR (backbone + PEFT method), on one base, PromptNetwork.
-
-FPTClassifier, the third network on that base, lives with the rest of FPT in :mod:`monai_prompt.fpt`; importing
-this package imports that one too, so FPT's LPM backbone family is registered wherever a network is built (the
-registry then refuses FPT for segmentation, saying why).
+"""Task networks for bundles, on one base (PromptNetwork): PromptClassifier and PromptUNETR (backbone + PEFT
+method) and FPTClassifier (FPT's frozen LPM + side network; importing it registers the LPM backbone family, so the
+registry refuses FPT for segmentation wherever a network is built, saying why).
 """
 
-import monai_prompt.fpt  # noqa: F401  (registers FPT's LPM backbone family)
 from monai_prompt.nets.base import PromptNetwork
 from monai_prompt.nets.classifier import PromptClassifier
+from monai_prompt.nets.fpt_classifier import OFFICIAL_LPM_PARAMETERS, FPTClassifier, paper_learnable_percent
 from monai_prompt.nets.unetr import PromptUNETR
 
-__all__ = ["PromptClassifier", "PromptNetwork", "PromptUNETR"]
+__all__ = ["OFFICIAL_LPM_PARAMETERS", "FPTClassifier", "PromptClassifier", "PromptNetwork", "PromptUNETR",
+           "paper_learnable_percent"]
