@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # (a later make keeps the torch of the last TORCH_SPEC given; another TORCH_SPEC reinstalls torch)
 TORCH_SPEC ?= $(or $(shell cat $(VENV)/.torch-spec 2>/dev/null),torch==2.13.0)
 
-.PHONY: setup demo test label-env label-test FORCE
+.PHONY: setup demo test lint label-env label-test FORCE
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q --durations=20 tests
+
+# lint and import order (pyproject.toml, [tool.ruff]); `$(VENV)/bin/ruff check --fix` sorts imports
+lint: setup
+	$(VENV)/bin/ruff check monai_prompt tests
 
 # MONAI Label (docs/monai-label.md): a separate venv, since monailabel 0.8.5 needs numpy<2 and pydicom<3. Its
 # packages are installed from scratch when label/constraints.txt changes (sam2, a monailabel dependency, is built

@@ -257,7 +257,9 @@ def _benchmark_accuracy(args: argparse.Namespace) -> None:
 def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     from monai_prompt.benchmarks.accuracy import add_arguments
 
-    benchmark = sub.add_parser("benchmark", help="efficiency or accuracy of every method side by side (docs/benchmarks.md)")
+    benchmark = sub.add_parser(
+        "benchmark", help="efficiency or accuracy of every method side by side (docs/benchmarks.md)"
+    )
     kinds = benchmark.add_subparsers(dest="kind", required=True)
     # its own parser reads every option (prefix "+" here, so that "--quick" or "-h" stay in the remainder)
     efficiency = kinds.add_parser("efficiency", help="memory, time and delta size of every method", prefix_chars="+",

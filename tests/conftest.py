@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bundle_support import write_tiny_backbone, write_tiny_dataset
 
+from bundle_support import write_tiny_backbone, write_tiny_dataset
 from monai_prompt.bundle_gen.metadata import schema_file
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE
 
+from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE
 from monai_prompt.nets import FPTClassifier, PromptClassifier
 
 #: the frozen ViT of :func:`tiny_fpt`: 3 blocks of width 64 (patch 8 at 32 x 32: 16 patches).

@@ -12,7 +12,6 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from bundle_support import copy_bundle, write_training_record
 from monai.networks.nets import UNETR, ViTAutoEnc
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -26,6 +25,7 @@ from transformers import (
     Dinov2WithRegistersModel,
 )
 
+from bundle_support import copy_bundle, write_training_record
 from monai_prompt.backbones import (
     CheckpointError,
     PromptableViT,
@@ -335,7 +335,10 @@ def test_plain_model_refuses_dinov2_parts(dinov2):
     half-load."""
     path, _ = dinov2[2]
     vit = build_vit("vit_tiny", img_size=28, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=128, patch_size=7)
-    lacks = r"reg2: the checkpoint has 2 register tokens \(num_registers=2\), LayerScale \(layer_scale=True\) that the model"
+    lacks = (
+        r"reg2: the checkpoint has 2 register tokens \(num_registers=2\), LayerScale \(layer_scale=True\) "
+        r"that the model"
+    )
     with pytest.raises(CheckpointError, match=lacks):
         load_pretrained(vit, path)
 

@@ -60,7 +60,9 @@ def test_presets_match_published_sizes():
     # timm vit_base_patch16_224 has 86,567,656 parameters with its 1000-class head (768*1000 + 1000); MONAI
     # has no CLS position slot (768 values, folded into cls_token on import).
     assert backbone_parameter_count(build_vit("vit_base")) == 86_567_656 - 769_000 - 768
-    assert vit_config("vit_small_p8") == {"hidden_size": 384, "num_layers": 12, "num_heads": 6, "mlp_dim": 1536, "patch_size": 8}
+    assert vit_config("vit_small_p8") == {
+        "hidden_size": 384, "num_layers": 12, "num_heads": 6, "mlp_dim": 1536, "patch_size": 8
+    }
     assert vit_config("vit_large")["num_layers"] == 24
     with pytest.raises(ValueError, match="unknown ViT preset 'vit_huge'"):
         vit_config("vit_huge")

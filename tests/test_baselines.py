@@ -14,13 +14,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from peft_checks import assert_efficiency_paths_match, perturb_trainable
 
 from monai_prompt.backbones.vit import BACKBONE_KEY, build_vit
 from monai_prompt.nets.classifier import PromptClassifier
 from monai_prompt.peft.delta import load_delta, save_delta
 from monai_prompt.peft.merge import MergeableLayer, merge_and_unload
 from monai_prompt.peft.registry import apply_method
+from peft_checks import assert_efficiency_paths_match, perturb_trainable
 
 LAYERS, WIDTH, HEADS, MLP, PATCH, IMG, CLASSES = 3, 32, 2, 64, 8, 32, 3
 TINY = {"hidden_size": WIDTH, "num_layers": LAYERS, "num_heads": HEADS, "mlp_dim": MLP, "patch_size": PATCH}

@@ -10,9 +10,9 @@ from collections import Counter
 
 import mlflow
 import pytest
-from bundle_support import write_tiny_dataset
 from mlflow import MlflowClient
 
+from bundle_support import write_tiny_dataset
 from monai_prompt.benchmarks.accuracy import (
     METRICS,
     SEGMENTATION_METRICS,

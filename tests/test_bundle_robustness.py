@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundle_support import CLASSES, REPO, copy_bundle, tiny_overrides, write_tiny_backbone
-from bundle_support import TINY_BACKBONE as TINY
-from io_support import free_port, sha256, write_nifti
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
+from bundle_support import CLASSES, REPO, copy_bundle, tiny_overrides, write_tiny_backbone
+from bundle_support import TINY_BACKBONE as TINY
+from io_support import free_port, sha256, write_nifti
 from monai_prompt.backbones.pretrained import CheckpointError
 from monai_prompt.bundle_gen import BUNDLE_SPECS
 from monai_prompt.data import DataCheckError
@@ -442,7 +442,8 @@ def test_a_bundle_refusal_exits_non_zero_with_the_cause_last(trained, tiny, tmp_
     tail = result.stderr.rstrip()
     summary = tail[tail.rindex("\nRoot cause (") + 1:]  # what the user reads last
     assert summary.splitlines()[0] == (
-        'Root cause (Failed to evaluate ConfigExpression: "$monai_prompt.data.check_classification_datalist(@datalist_file, '
+        'Root cause (Failed to evaluate ConfigExpression: '
+        '"$monai_prompt.data.check_classification_datalist(@datalist_file, '
         'read_pixels=@check_pixels, **@datalist_options)"):'
     )
     assert re.match(message, summary.split("\n", 1)[1].removeprefix(f"{kind.__name__}: ")), summary

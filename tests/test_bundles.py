@@ -12,6 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
+from monai.transforms import Compose
+from PIL import Image
+
 from bundle_support import (
     REPO,
     copy_bundle,
@@ -20,10 +24,6 @@ from bundle_support import (
     write_tiny_backbone,
     write_tiny_dataset,
 )
-from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
-from monai.transforms import Compose
-from PIL import Image
-
 from monai_prompt.bundle_gen import BUNDLE_SPECS, check_bundles, write_bundles
 from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS
 from monai_prompt.data import classification_transforms

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from bundle_support import REPO, TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny_overrides, write_tiny_backbone
 
+from bundle_support import REPO, TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny_overrides, write_tiny_backbone
 from monai_prompt.bundle_gen import BUNDLE_SPECS
 from monai_prompt.cli import main
 from monai_prompt.nets import PromptClassifier

@@ -10,12 +10,11 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
-from io_support import sha256
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator
 from monai.handlers import CheckpointLoader, ValidationHandler
-from net_support import tiny_classifier
 
+from io_support import sha256
 from monai_prompt.engine import (
     AtomicCheckpointSaver,
     BestMetricState,
@@ -27,6 +26,7 @@ from monai_prompt.engine import (
 )
 from monai_prompt.peft import DeltaMismatchError
 from monai_prompt.peft.delta import IDENTITY_KEYS
+from net_support import tiny_classifier
 
 
 def test_delta_objects_round_trip_and_refuse_other_configs():

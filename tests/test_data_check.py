@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from io_support import write_datalist, write_nifti, write_png
 
+from io_support import write_datalist, write_nifti, write_png
 from monai_prompt.data import DataCheckError, check_classification_datalist, check_images, find_images
 
 

@@ -30,7 +30,8 @@ def _template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     folder = mni152_folder()
     t1, gm, wm = (nib.load(folder / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz")
                   for name in ("t1", "gm", "wm"))
-    grey, white = (np.asarray(image.dataobj, dtype=np.float32) / 255 for image in (gm, wm))  # float32 as the module: same near-ties
+    # float32 as the module: same near-ties
+    grey, white = (np.asarray(image.dataobj, dtype=np.float32) / 255 for image in (gm, wm))
     brain = np.asarray(t1.dataobj) > 0
     return np.stack([np.clip(1 - grey - white, 0, 1) * brain, grey, white]), brain, t1.affine
 
@@ -129,7 +130,8 @@ def test_demo_runs_end_to_end_and_reuses_data_and_pretraining(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
-    assert "[5/5] figure of 2 test slices" in printed and "MAE epoch 1/1" in printed and "dvpt-UNETR epoch 1/1" in printed
+    assert "[5/5] figure of 2 test slices" in printed
+    assert "MAE epoch 1/1" in printed and "dvpt-UNETR epoch 1/1" in printed
     assert "trainable parameter" in printed  # the bundle's parameter report
     results = json.loads((out / "results.json").read_text())
     assert set(results["runs"]) == {"pretrained", "scratch"}

@@ -159,6 +159,9 @@ MAPPING: tuple[Rule, ...] = (
     Rule("*", r"^make test\b", why=("the suite is not run from inside itself: `make -n` shows that the target runs "
                                     "pytest, and every `pip install` it would run must be satisfied here"),
          subs=(("make test", "make -n test"),), append=" | docs-check-pip --expect '-m pytest'", setup=_MAKE),
+    Rule("*", r"^make lint$", why="`make -n` shows that the target runs ruff over the package and tests, from this venv",
+         subs=(("make lint", "make -n lint"),), append=" | docs-check-pip --expect 'ruff check monai_prompt tests'",
+         setup=_MAKE),
     Rule("*", r"^make setup\b", why=("no installs in a test: `make -n` lists the steps and every `pip install` spec "
                                      "must parse and be satisfied by this venv"),
          subs=(("make setup", "make -n setup"),), append=" | docs-check-pip", setup=_MAKE),
@@ -721,15 +724,15 @@ def docs(fork_server, tiny, tmp_path_factory):
     """Everything a snippet runs with: the command environment, the tiny stand-ins, trained tiny bundles (seeded
     lazily) and one work copy per doc file."""
     import torch
-    from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny_overrides
     from safetensors.torch import save_file
-    from segmentation_support import tiny_segmentation_overrides, write_tiny_encoder, write_tiny_segmentation
     from transformers import ViTConfig, ViTModel
 
+    from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny_overrides
     from monai_prompt.bundle_gen import BUNDLE_SPECS
     from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS
     from monai_prompt.data import build_demo_data
     from monai_prompt.runs.runner import run_bundle
+    from segmentation_support import tiny_segmentation_overrides, write_tiny_encoder, write_tiny_segmentation
 
     root = tmp_path_factory.mktemp("docs")
     data = root / "data"

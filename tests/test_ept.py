@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from bundle_support import TINY_BACKBONE as TINY
-from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, rel_err
 
+from bundle_support import TINY_BACKBONE as TINY
 from monai_prompt.backbones import build_vit
 from monai_prompt.nets import PromptClassifier
 from monai_prompt.peft import apply_method, trainable_report
 from monai_prompt.peft.ept import EPTAttention, EPTConfig, resize_ept_prompt
+from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, rel_err
 
 HEADS, WIDTH, TOKENS = 4, 32, 17  # 32 px / patch 8 -> 16 patches + CLS
 

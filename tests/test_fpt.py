@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from net_support import TINY_FPT_BACKBONE as TINY
-from net_support import tiny_fpt
 
 from monai_prompt.backbones import build_vit
 from monai_prompt.fpt import FPTConfig, LPMExtractor, PromptFusion, resolve_layers, select_important_tokens
 from monai_prompt.nets import OFFICIAL_LPM_PARAMETERS, FPTClassifier, paper_learnable_percent
 from monai_prompt.peft import apply_method, delta_state_dict, load_delta, trainable_report
 from monai_prompt.peft.delta import IDENTITY_KEYS
+from net_support import TINY_FPT_BACKBONE as TINY
+from net_support import tiny_fpt
 
 # ---------------------------------------------------------------- literal references (float64, loops/einsum)
 

@@ -12,7 +12,6 @@ from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import PrepareBatchExtraInput
 from monai.transforms import Compose, RandFlipd, Resized
-from net_support import TINY_FPT_BACKBONE, fpt_images, tiny_fpt
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -28,6 +27,7 @@ from monai_prompt.fpt import (
     preload_features,
 )
 from monai_prompt.nets import FPTClassifier
+from net_support import TINY_FPT_BACKBONE, fpt_images, tiny_fpt
 
 #: a 2-block LPM: the cache needs no depth
 TINY = {**TINY_FPT_BACKBONE, "num_layers": 2}

@@ -11,20 +11,20 @@ import os
 
 import pytest
 import torch
-from bundle_support import copy_bundle, tiny_overrides
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import PrepareBatchExtraInput
 from monai.transforms import Compose, Resized
-from net_support import TINY_FPT_BACKBONE as TINY
-from net_support import fpt_images, tiny_fpt
 
+from bundle_support import copy_bundle, tiny_overrides
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
 from monai_prompt.fpt import LoadFPTFeaturesd, cache_identity, preload_features
 from monai_prompt.nets import FPTClassifier
 from monai_prompt.peft import delta_state_dict, load_delta, save_delta, trainable_report
 from monai_prompt.runs.runner import run_bundle
+from net_support import TINY_FPT_BACKBONE as TINY
+from net_support import fpt_images, tiny_fpt
 
 
 @pytest.mark.parametrize("variant", ["fpt", "fptplus"])

@@ -14,7 +14,6 @@ from ignite.engine import Engine, Events
 from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.handlers import CheckpointLoader, LrScheduleHandler
-from net_support import tiny_classifier
 
 from monai_prompt.engine import (
     AtomicCheckpointSaver,
@@ -25,6 +24,7 @@ from monai_prompt.engine import (
     TrainableReportHandler,
     latest_checkpoint,
 )
+from net_support import tiny_classifier
 
 
 def test_report_and_peak_memory_handlers(capsys):

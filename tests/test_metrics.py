@@ -11,10 +11,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from bundle_support import reference_ece
 from ignite.engine import Engine, Events
 from sklearn.metrics import confusion_matrix, multilabel_confusion_matrix, precision_recall_fscore_support
 
+from bundle_support import reference_ece
 from monai_prompt.engine.metrics import (
     ClassReportHandler,
     QuadraticWeightedKappa,

@@ -11,10 +11,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from bundle_support import copy_bundle, tiny_overrides
-from io_support import free_port
 from mlflow import MlflowClient
 
+from bundle_support import copy_bundle, tiny_overrides
+from io_support import free_port
 from monai_prompt.bundle_gen import BUNDLE_SPECS
 from monai_prompt.runs.runner import run_bundle
 

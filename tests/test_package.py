@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny_overrides, write_tiny_backbone
 from monai.bundle import ConfigParser
+
+from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny_overrides, write_tiny_backbone
+from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS, BUNDLE_SPECS
+from monai_prompt.cli import main
+from monai_prompt.engine import latest_checkpoint
+from monai_prompt.peft.delta import FINGERPRINT_KEY, IDENTITY_KEYS, SOURCE_KEY, DeltaMismatchError, backbone_source
+from monai_prompt.runs.runner import run_bundle
+from monai_prompt.tools.package import package_bundle
 from segmentation_support import (
     TINY_CLASSES,
     TINY_ENCODER,
@@ -18,13 +25,6 @@ from segmentation_support import (
     write_tiny_encoder,
     write_tiny_segmentation,
 )
-
-from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS, BUNDLE_SPECS
-from monai_prompt.cli import main
-from monai_prompt.engine import latest_checkpoint
-from monai_prompt.peft.delta import FINGERPRINT_KEY, IDENTITY_KEYS, SOURCE_KEY, DeltaMismatchError, backbone_source
-from monai_prompt.runs.runner import run_bundle
-from monai_prompt.tools.package import package_bundle
 
 SPEC = BUNDLE_SPECS["lora_classification"]
 #: what inference needs besides the training record: where the images are, and no worker processes.

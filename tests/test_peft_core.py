@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from net_support import tiny_classifier
 
 import monai_prompt.peft
 from monai_prompt.backbones import build_vit
@@ -27,6 +26,7 @@ from monai_prompt.peft import (
     trainable_report,
 )
 from monai_prompt.peft.delta import IDENTITY_KEYS
+from net_support import tiny_classifier
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64, "patch_size": 8}
 

@@ -289,7 +289,8 @@ def test_deeper_checkpoint_is_an_error_or_a_warning(hf_dir, tmp_path, caplog):
     assert not report.missing and any(k.startswith("encoder.layer.1.") for k in report.unexpected)
     shallow_state, reference_state = shallow.state_dict(), reference.state_dict()
     assert all(torch.equal(value, reference_state[key]) for key, value in shallow_state.items())
-    with pytest.raises(CheckpointError, match=r"\(MONAI 'blocks\.0\.mlp\.linear1\.bias'\) has shape \(128,\) but the model expects \(256,\)"):
+    shape = r"\(MONAI 'blocks\.0\.mlp\.linear1\.bias'\) has shape \(128,\) but the model expects \(256,\)"
+    with pytest.raises(CheckpointError, match=shape):
         load_pretrained(tiny_vit(mlp_dim=256), path)
 
     network = {

@@ -9,10 +9,10 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle
 from monai.bundle import verify_metadata
 from monai.networks.blocks import PatchEmbeddingBlock
 
+from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle
 from monai_prompt.backbones import build_vit
 from monai_prompt.backbones.pretrained import load_pretrained
 from monai_prompt.bundle_gen.metadata import schema_file

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from bundle_support import REPO
 
+from bundle_support import REPO
 from monai_prompt.engine import latest_checkpoint
 from monai_prompt.io import atomic_write
 from monai_prompt.runs import RunFolderError, RunLock, claim_run_folder

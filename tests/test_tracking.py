@@ -12,14 +12,14 @@ import time
 import pytest
 import torch
 from ignite.engine import Engine, Events
-from io_support import free_port
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator
 from monai.handlers import MLFlowHandler, ValidationHandler
-from net_support import tiny_classifier
 
+from io_support import free_port
 from monai_prompt.engine import MLflowPeftLogger, check_tracking_uri, unique_run_name
 from monai_prompt.engine.tracking import MLFLOW_HTTP_LIMITS
+from net_support import tiny_classifier
 
 
 class _Answer(http.server.BaseHTTPRequestHandler):

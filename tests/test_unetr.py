@@ -12,13 +12,13 @@ import re
 import pytest
 import torch
 from monai.networks.nets import UNETR, ViTAutoEnc
-from peft_checks import assert_efficiency_paths_match
 
 from monai_prompt.backbones import CheckpointError, vit_from_pretrained
 from monai_prompt.backbones.vit import BACKBONE_KEY, PromptableViT, build_vit
 from monai_prompt.nets import PromptUNETR
 from monai_prompt.nets.unetr import unetr_tap_layers
 from monai_prompt.peft.delta import IDENTITY_KEYS, delta_state_dict, load_delta, save_delta
+from peft_checks import assert_efficiency_paths_match
 
 WIDTH, HEADS, MLP, LAYERS, FEATURES, OUT = 32, 2, 64, 4, 8, 3
 TINY = {"hidden_size": WIDTH, "num_heads": HEADS, "mlp_dim": MLP}

@@ -293,7 +293,8 @@ def _table(summary: list[dict[str, Any]], metrics: Sequence[str]) -> str:
     for entry in summary:
         line = f"{entry['backbone']:<12}{entry['method']:<13}{entry['regime']:<8}"
         line += f"{entry['n_train']:>6}{entry['n_test']:>5}"
-        line += f"{entry['epochs']:>4}{entry['trainable']:>11,}" + (f"{entry['encoder_trainable']:>10,}" if encoder else "")
+        line += f"{entry['epochs']:>4}{entry['trainable']:>11,}"
+        line += f"{entry['encoder_trainable']:>10,}" if encoder else ""
         line += "".join(f"{entry[m]:>{w - 7}.3f} ±{entry[m + '_std']:.3f}" if m in entry else f"{'-':>{w}}"
                         for m, w in zip(metrics, widths))
         lines.append(line + f"{entry['wall_s']:>9.0f}")
@@ -542,9 +543,9 @@ def _probe_rows(
                 splits[split] = (torch.stack([cache[item["image"]][0] for item in items]),
                                  torch.stack([cache[item["image"]][1] for item in items]))
             metrics = feature_probe(net, splits, seed)
-            rows.append({"task": "classification", "backbone": name, "method": "linear_probe", "regime": regime.name, "seed": seed,
-                         "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": 100,
-                         "trainable": net.head.weight.numel() + net.head.bias.numel(), **metrics,
+            rows.append({"task": "classification", "backbone": name, "method": "linear_probe", "regime": regime.name,
+                         "seed": seed, "n_train": len(content["training"]), "n_test": len(content["test"]),
+                         "epochs": 100, "trainable": net.head.weight.numel() + net.head.bias.numel(), **metrics,
                          "wall_s": round(time.monotonic() - start, 1)})
             print_fn(f"  {name} linear probe (cached features) seed {seed}: " +
                      ", ".join(f"{k} {rows[-1][k]:.3f}" for k in METRICS))

@@ -6,8 +6,9 @@
    the backbone is the one ``make demo`` pre-trains (:func:`monai_prompt.runs.demo_task.pretrain`: the
    ``bundles/vit_pretraining`` MAE bundle on the training and unlabelled images, labels unused), then each bundle's
    own recipe tunes it. Data and pre-training are cached under ``--work`` as the demo caches them (``--work
-   runs/demo`` reuses a finished ``make demo``). Each bundle trains and evaluates through :func:`~monai_prompt.runs.runner.run_bundle` in a process
-   of its own, so its peak RSS is its own; train seconds per epoch, peak RSS and the test metrics are recorded.
+   runs/demo`` reuses a finished ``make demo``). Each bundle trains and evaluates through
+   :func:`~monai_prompt.runs.runner.run_bundle` in a process of its own, so its peak RSS is its own; train seconds
+   per epoch, peak RSS and the test metrics are recorded.
 
 The numbers go to ``monai_prompt/bundle_gen/measurements.json``; ``monai-prompt render-bundles`` then writes them into
 the READMEs. ``--quick`` runs the same path in minutes (the tiny demo: a handful of images, a 2-block ViT, one epoch

@@ -1,9 +1,9 @@
 """Cost of every method side by side: ``monai-prompt benchmark efficiency`` (docs/benchmarks.md, Efficiency).
 
 Every configuration (method x memory/speed variant) trains on random data in a fresh process of its own (a new child
-of a fork server that imported the networks once), so its memory is its own; the configurations are interleaved in rounds (full
-fine-tuning first, then every other one, repeated ``--rounds`` times), so each ratio to full fine-tuning comes from
-the same round, under the same load. Per configuration:
+of a fork server that imported the networks once), so its memory is its own; the configurations are interleaved in
+rounds (full fine-tuning first, then every other one, repeated ``--rounds`` times), so each ratio to full fine-tuning
+comes from the same round, under the same load. Per configuration:
 
 - trainable parameters (count and % of the backbone) and the delta size (bytes of the saved delta; its ratio to
   full fine-tuning's delta is the ratio to the full checkpoint);
@@ -374,10 +374,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['config']:<34} {r['trainable']:>11,} {r['percent_of_backbone']:>7.3f} {r['delta_bytes'] / 2**20:>9.2f} "
-            f"{r['peak_mib']:>9.1f} {r['memory_ratio']:>6.3f} {r['step_cpu_s']:>7.3f} {r['cpu_ratio']:>6.2f} "
-            f"{r['step_wall_s']:>7.3f} {r['wall_ratio']:>6.2f} {r['infer_ms_per_image']:>7.1f} {r['infer_ratio']:>6.2f} "
-            f"{r['delta_ratio']:>8.4f}"
+            f"{r['config']:<34} {r['trainable']:>11,} {r['percent_of_backbone']:>7.3f} "
+            f"{r['delta_bytes'] / 2**20:>9.2f} {r['peak_mib']:>9.1f} {r['memory_ratio']:>6.3f} "
+            f"{r['step_cpu_s']:>7.3f} {r['cpu_ratio']:>6.2f} {r['step_wall_s']:>7.3f} {r['wall_ratio']:>6.2f} "
+            f"{r['infer_ms_per_image']:>7.1f} {r['infer_ratio']:>6.2f} {r['delta_ratio']:>8.4f}"
         )
     return "\n".join(lines)
 

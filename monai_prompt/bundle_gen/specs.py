@@ -3,9 +3,9 @@
 Everything else (the workflow, transforms, metrics, checkpoints, tracking, docs layout) is shared: one template
 per task, :mod:`monai_prompt.bundle_gen.classification` and :mod:`~monai_prompt.bundle_gen.segmentation`
 (2D and 3D segmentation), on the pieces of :mod:`~monai_prompt.bundle_gen.common`, with
-:mod:`~monai_prompt.bundle_gen.metadata` and :mod:`~monai_prompt.bundle_gen.readme`. :data:`BUNDLE_SPECS` holds the classification bundles,
-:data:`SEGMENTATION_SPECS` the segmentation ones (the classification specs of the nine PEFT methods with a
-segmentation recipe), :data:`ALL_BUNDLE_SPECS` both.
+:mod:`~monai_prompt.bundle_gen.metadata` and :mod:`~monai_prompt.bundle_gen.readme`. :data:`BUNDLE_SPECS` holds
+the classification bundles, :data:`SEGMENTATION_SPECS` the segmentation ones (the classification specs of the nine
+PEFT methods with a segmentation recipe), :data:`ALL_BUNDLE_SPECS` both.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 ``monai.transforms.Compose``, the deterministic transforms first and the random ones last (the bundles'
 ``train#deterministic_transforms`` and ``train#random_transforms``): load with MONAI's readers, channel first,
 match the network's layout (:class:`MatchInputd`), scale intensities to [0, 1], resize to the model size, make the
-image float32 and the label a tensor, then optionally augment. Only :class:`MatchInputd` is written here: MONAI has no transform that both drops the singleton
-depth ITK gives a 2D DICOM and converts between grey and colour channels, with an error that names the file.
+image float32 and the label a tensor, then optionally augment. Only :class:`MatchInputd` is written here: MONAI has
+no transform that both drops the singleton depth ITK gives a 2D DICOM and converts between grey and colour
+channels, with an error that names the file.
 """
 
 from __future__ import annotations

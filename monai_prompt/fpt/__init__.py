@@ -14,3 +14,22 @@ from monai_prompt.fpt.lpm import LPMExtractor, select_important_tokens
 from monai_prompt.fpt.preload import PreloadReport, preload_features
 from monai_prompt.fpt.side import SideViT
 from monai_prompt.fpt.transforms import LoadFPTFeaturesd
+
+__all__ = [
+    "CACHE_FORMAT",
+    "FPT_VARIANTS",
+    "STORAGE_DTYPES",
+    "FPTCacheError",
+    "FPTConfig",
+    "FPTFeatureCache",
+    "LPMExtractor",
+    "LoadFPTFeaturesd",
+    "PreloadReport",
+    "PromptFusion",
+    "SideViT",
+    "cache_identity",
+    "content_key",
+    "preload_features",
+    "resolve_layers",
+    "select_important_tokens",
+]

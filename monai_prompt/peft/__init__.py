@@ -22,3 +22,27 @@ from monai_prompt.peft.registry import (
     register_method,
 )
 from monai_prompt.peft.report import backbone_parameter_count, format_report, trainable_report
+
+__all__ = [
+    "DeltaMismatchError",
+    "MergeableLayer",
+    "PEFTMethod",
+    "apply_method",
+    "backbone_fingerprint",
+    "backbone_parameter_count",
+    "check_delta_meta",
+    "delta_meta",
+    "delta_state_dict",
+    "format_report",
+    "freeze_for",
+    "get_method",
+    "import_package_modules",
+    "load_delta",
+    "load_trainable_state",
+    "merge_and_unload",
+    "method_names",
+    "register_method",
+    "save_delta",
+    "trainable_report",
+    "trainable_state",
+]

@@ -9,3 +9,30 @@ from monai_prompt.runs.record import TRAINING_CONFIG, RunIdentity, read_training
 from monai_prompt.runs.run_folder import RunFolderError, RunLock, claim_run_folder, remove_partial_writes
 from monai_prompt.runs.runner import read_metrics, run_bundle, train_and_evaluate
 from monai_prompt.runs.workflow import bundle_root, check_task, find_datalist, warn_if_not_pretrained
+
+__all__ = [
+    "TRAINING_CONFIG",
+    "EpochProgress",
+    "RunFolderError",
+    "RunIdentity",
+    "RunLock",
+    "RunSteps",
+    "attach_progress",
+    "bundle_root",
+    "bundles_folder",
+    "check_task",
+    "claim_run_folder",
+    "find_bundle",
+    "find_datalist",
+    "format_root_cause",
+    "read_metrics",
+    "read_training_config",
+    "remove_partial_writes",
+    "root_cause",
+    "run_bundle",
+    "run_id",
+    "show_cause_last",
+    "train_and_evaluate",
+    "warn_if_not_pretrained",
+    "write_training_config",
+]

@@ -3,3 +3,5 @@
 
 from monai_prompt.tools.export import ExportReport, export_bundle
 from monai_prompt.tools.package import BACKBONE_NAME, PackageReport, package_bundle
+
+__all__ = ["BACKBONE_NAME", "ExportReport", "PackageReport", "export_bundle", "package_bundle"]

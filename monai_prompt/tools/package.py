@@ -12,11 +12,11 @@ weights it was made from). MONAI Label passes a bundle no settings and reads its
 configs also state the network the delta was trained with (the record's settings, :data:`LABEL_KEYS` aside: those
 come from the record or, for classification training, from its datalist), a segmentation ``train.json`` sets
 ``continue_model`` (MONAI Label's ``/train`` continues the packaged delta), and ``metadata.json`` names the
-record's classes in ``channel_def`` with the trained input shape. The delta's ``model`` entry carries the backbone's fingerprint
-(:data:`~monai_prompt.peft.delta.FINGERPRINT_KEY`; added from its ``peft`` entry for a delta saved before it did), so
-a network built on any other backbone refuses it. The copy is made in a temporary folder beside ``out``, verified
-by building the network from the packaged ``inference.json`` and loading the delta into it, and only then renamed
-to ``out``: a failure leaves nothing behind.
+record's classes in ``channel_def`` with the trained input shape. The delta's ``model`` entry carries the
+backbone's fingerprint (:data:`~monai_prompt.peft.delta.FINGERPRINT_KEY`; added from its ``peft`` entry for a delta
+saved before it did), so a network built on any other backbone refuses it. The copy is made in a temporary folder
+beside ``out``, verified by building the network from the packaged ``inference.json`` and loading the delta into
+it, and only then renamed to ``out``: a failure leaves nothing behind.
 """
 
 from __future__ import annotations

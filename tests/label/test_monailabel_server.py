@@ -33,17 +33,17 @@ pytest.importorskip("monailabel", reason="MONAI Label runs in its own environmen
 
 import nibabel as nib
 import requests
-from bundle_support import copy_bundle, tiny_overrides
 from PIL import Image
+
+from bundle_support import copy_bundle, tiny_overrides
+from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS
+from monai_prompt.runs.runner import run_bundle
 from segmentation_support import (
     TINY_CLASSES,
     tiny_segmentation_overrides,
     write_tiny_encoder,
     write_tiny_segmentation,
 )
-
-from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS
-from monai_prompt.runs.runner import run_bundle
 
 #: a PromptClassifier and an FPTClassifier (frozen LPM + side network) bundle.
 CLASSIFICATIONS = ("vpt_classification", "fptplus_classification")

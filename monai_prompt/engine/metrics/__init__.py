@@ -15,3 +15,19 @@ from monai_prompt.engine.metrics.classification import (
     quadratic_weighted_kappa,
 )
 from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice
+
+__all__ = [
+    "ClassHausdorffDistance",
+    "ClassMeanDice",
+    "ClassReportHandler",
+    "QuadraticWeightedKappa",
+    "calibration_histogram",
+    "class_decisions",
+    "confidence_and_correct",
+    "ece_from_histogram",
+    "expected_calibration_error",
+    "macro_f1",
+    "per_class_scores",
+    "plot_reliability_diagram",
+    "quadratic_weighted_kappa",
+]
