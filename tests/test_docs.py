@@ -159,7 +159,7 @@ MAPPING: tuple[Rule, ...] = (
     Rule("*", r"^make test\b", why=("the suite is not run from inside itself: `make -n` shows that the target runs "
                                     "pytest, and every `pip install` it would run must be satisfied here"),
          subs=(("make test", "make -n test"),), append=" | docs-check-pip --expect '-m pytest'", setup=_MAKE),
-    Rule("*", r"^make lint$", why="`make -n` shows that the target runs ruff over the package and tests, from this venv",
+    Rule("*", r"^make lint$", why="`make -n` shows that the target runs ruff over the package and tests (this venv's)",
          subs=(("make lint", "make -n lint"),), append=" | docs-check-pip --expect 'ruff check monai_prompt tests'",
          setup=_MAKE),
     Rule("*", r"^make setup\b", why=("no installs in a test: `make -n` lists the steps and every `pip install` spec "
