@@ -90,7 +90,7 @@ def _nan_image(folder: Path) -> Path:
 
 
 def _case_nan_pixels(tiny, tmp_path, bundle):
-    """Item 1: a NaN image reaches training (pixel check off) in a resumed run: stop, nothing written."""
+    """A NaN image reaches training (pixel check off) in a resumed run: stop, nothing written."""
     items = json.loads(tiny_datalist(tiny, tmp_path / "d.json").read_text())["training"]
     items[0] = {"image": str(_nan_image(tmp_path)), "label": 0}
     datalist = tiny_datalist(tiny, tmp_path / "nan" / "datalist.json", training=items)
@@ -99,24 +99,24 @@ def _case_nan_pixels(tiny, tmp_path, bundle):
 
 
 def _case_learning_rate(tiny, tmp_path, bundle):
-    """Item 1: a diverging run (into a new folder: the bundle's models/ stays as it was)."""
+    """A diverging run (into a new folder: the bundle's models/ stays as it was)."""
     return ["train.json"], "train", {"learning_rate": 1e37, "ckpt_dir": str(tmp_path / "diverged")}
 
 
 def _case_previous_run(tiny, tmp_path, bundle):
-    """Item 4: a new run into a folder that holds one."""
+    """A new run into a folder that holds one."""
     return ["train.json"], "train", {}
 
 
 def _case_empty_validation(tiny, tmp_path, bundle):
-    """Item 6: no validation images (and none carved out of training)."""
+    """No validation images (and none carved out of training)."""
     datalist = tiny_datalist(tiny, tmp_path / "noval" / "datalist.json", validation=[])
     return ["train.json"], "train", {"dataset_dir": str(datalist), "datalist_options": {"split": {"val_fraction": 0}},
                                      "resume": True}
 
 
 def _case_bad_files(tiny, tmp_path, bundle):
-    """Item 8: truncated PNG and NIfTI, NaN pixels and a missing file, all in one error."""
+    """Truncated PNG and NIfTI, NaN pixels and a missing file, all in one error."""
     items = json.loads(tiny_datalist(tiny, tmp_path / "d.json").read_text())["training"]
     volume = write_nifti(tmp_path / "volume.nii.gz", np.random.default_rng(1).random((64, 64)))
     bad = [truncated(Path(items[0]["image"]), tmp_path / "truncated.png"), truncated(volume, tmp_path / "cut.nii.gz"),
@@ -127,7 +127,7 @@ def _case_bad_files(tiny, tmp_path, bundle):
 
 
 def _case_labels_one_based(tiny, tmp_path, bundle):
-    """Item 8: index labels 1..3 without a class map, for num_classes 3."""
+    """Index labels 1..3 without a class map, for num_classes 3."""
     content = json.loads(tiny_datalist(tiny, tmp_path / "d.json").read_text())
     shifted = {s: [{**item, "label": item["label"] + 1} for item in content[s]] for s in ("training", "validation")}
     datalist = tmp_path / "one_based" / "datalist.json"
@@ -137,7 +137,7 @@ def _case_labels_one_based(tiny, tmp_path, bundle):
 
 
 def _case_csv_columns(tiny, tmp_path, bundle):
-    """Item 8: a CSV whose label column is not called 'label' (the fix: --datalist_options#label_columns)."""
+    """A CSV whose label column is not called 'label' (the fix: --datalist_options#label_columns)."""
     return ["train.json"], "train", {"dataset_dir": str(_diagnosis_csv(tiny, tmp_path)), "resume": True}
 
 
@@ -151,25 +151,25 @@ def _diagnosis_csv(tiny: dict, tmp_path: Path) -> Path:
 
 
 def _case_mlflow_down(tiny, tmp_path, bundle):
-    """Item 10: --tracking mlflow with a server that is not there."""
+    """--tracking mlflow with a server that is not there."""
     return ["train.json"], "train", {"tracking_uri": f"http://127.0.0.1:{free_port()}", "resume": True,
                                      "train#trainer#max_epochs": 2}
 
 
 def _case_no_images(tiny, tmp_path, bundle):
-    """Item 11: inference on a folder without images."""
+    """Inference on a folder without images."""
     (tmp_path / "empty").mkdir()
     return ["inference.json"], "infer", {"input_dir": str(tmp_path / "empty")}
 
 
 def _case_bad_input(tiny, tmp_path, bundle):
-    """Item 8/11: inference checks its inputs."""
+    """Inference checks its inputs."""
     image = truncated(tiny["data"] / "images" / "test" / "dark_0.png", tmp_path / "new.png")
     return ["inference.json"], "infer", {"infer_images": [str(image)]}
 
 
 def _case_foreign_checkpoint(tiny, tmp_path, bundle):
-    """Item 12: --resume_file of another run."""
+    """--resume_file of another run."""
     other = torch.load(bundle / "models" / "checkpoint_epoch=1.pt", weights_only=True)
     other["run"] = {"run_id": "0" * 32}
     torch.save(other, tmp_path / "other_run.pt")
@@ -178,7 +178,7 @@ def _case_foreign_checkpoint(tiny, tmp_path, bundle):
 
 
 def _case_corrupt_dicom(tiny, tmp_path, bundle):
-    """Already behaving: a truncated DICOM file among the inputs."""
+    """A truncated DICOM file among the inputs."""
     from pydicom import examples
 
     dicom = truncated(Path(examples.get_path("ct")), tmp_path / "slice.dcm", keep=0.6)
@@ -186,39 +186,39 @@ def _case_corrupt_dicom(tiny, tmp_path, bundle):
 
 
 def _case_channels(tiny, tmp_path, bundle):
-    """Already behaving: images whose channels the network cannot take (grey + alpha into RGB)."""
+    """Images whose channels the network cannot take (grey + alpha into RGB)."""
     Image.fromarray(np.zeros((32, 32, 2), dtype=np.uint8), mode="LA").save(tmp_path / "two_channels.png")
     return ["inference.json"], "infer", {"infer_images": [str(tmp_path / "two_channels.png")]}
 
 
 def _case_image_size(tiny, tmp_path, bundle):
-    """Already behaving: an image size the delta was not trained for."""
+    """An image size the delta was not trained for."""
     return ["inference.json"], "infer", {"img_size": 64, "input_dir": str(tiny["data"] / "images" / "test")}
 
 
 def _case_other_method(tiny, tmp_path, bundle):
-    """Already behaving: the delta of another method (the command line's method wins over the record)."""
+    """The delta of another method (the command line's method wins over the record)."""
     return ["inference.json"], "infer", {"method": "vpt", "input_dir": str(tiny["data"] / "images" / "test")}
 
 
 def _case_other_backbone(tiny, tmp_path, bundle):
-    """Already behaving: other frozen backbone weights than the delta's."""
+    """Other frozen backbone weights than the delta's."""
     other = write_tiny_backbone(tmp_path / "other_vit.pt", seed=1)
     return ["inference.json"], "infer", {"pretrained": str(other), "input_dir": str(tiny["data"] / "images" / "test")}
 
 
 def _case_missing_pretrained(tiny, tmp_path, bundle):
-    """Already behaving: the pre-trained file is not there."""
+    """The pre-trained file is not there."""
     return ["inference.json"], "infer", {"pretrained": str(tmp_path / "vit.safetensors")}
 
 
 def _case_truncated_pretrained(tiny, tmp_path, bundle):
-    """Already behaving: a truncated pre-trained file."""
+    """A truncated pre-trained file."""
     return ["inference.json"], "infer", {"pretrained": str(truncated(tiny["backbone"], tmp_path / "vit.pt"))}
 
 
 def _case_deeper_pretrained(tiny, tmp_path, bundle):
-    """Item 9: a pre-trained file deeper than the model (2 blocks into 1)."""
+    """A pre-trained file deeper than the model (2 blocks into 1)."""
     return ["inference.json"], "infer", {"backbone_overrides": {"num_layers": 1}}
 
 

@@ -26,7 +26,7 @@ of the same delta with the encoder's outputs zeroed
 (:func:`~monai_prompt.runs.segmentation_demo_task.zero_encoder_outputs`: how much the encoder carries), trainable
 parameters (encoder and decoder) and wall time.
 
-``--lite-medsam`` adds the LiteMedSAM TinyViT encoder (issue 13 item 7) beside the demo ViT on the same images:
+``--lite-medsam`` adds the LiteMedSAM TinyViT encoder beside the demo ViT on the same images:
 a linear probe on features computed once per image (:func:`feature_probe`), and LoRA through the bundle. The
 TinyViT needs seconds per image on a CPU, so its runs use subsets of the validation and test splits
 (``--lite-eval-per-class``) and a smaller input (``--lite-img-size``); the demo ViT rows of that comparison use
@@ -94,7 +94,7 @@ METRICS = ("accuracy", "auc", "f1", "kappa", "ece")
 SEGMENTATION_METRICS = ("mean_dice", "mean_hd95", "mean_dice_zeroed_encoder")
 #: metrics where lower is better.
 LOWER_IS_BETTER = ("ece", "mean_hd95")
-#: the default grid (issue 14): label fractions and few-shot.
+#: the default grid: label fractions and few-shot.
 DEFAULT_REGIMES = ("100%", "40%", "10%", "1shot", "5shot", "10shot")
 #: columns of a run's row that say what ran (every other number is a metric).
 RUN_FIELDS = ("task", "backbone", "method", "regime", "seed", "n_train", "n_test", "epochs", "trainable",

@@ -412,7 +412,7 @@ def _charts(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
 def _tradeoff_chart(rows: list[dict[str, Any]], path: Path) -> Path:
     """``tradeoff.png``: memory ratio against step CPU-time ratio of the in-backbone methods, a colour per variant
-    and a marker per method, with issue 14's target region (<= 0.3 of the memory at <= 0.9 of the time)."""
+    and a marker per method, with the target region (<= 0.3 of full fine-tuning's memory at <= 0.9 of its time)."""
     import matplotlib.pyplot as plt
 
     variants = list(dict.fromkeys(r["variant"] for r in rows))
