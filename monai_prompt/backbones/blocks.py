@@ -21,7 +21,7 @@ from monai.networks.blocks import SABlock, TransformerBlock
 from monai.networks.layers import get_act_layer
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["MLP_ACTIVATIONS", "Attention", "LayerScale", "PromptBlock"]
+__all__ = ["MLP_ACTIVATIONS", "Attention", "LayerScale", "ParallelSeam", "PromptBlock"]
 
 #: MLP activations of pre-trained ViTs, as MONAI activation specs: exact GELU (ViT, DINOv2; MONAI's default),
 #: QuickGELU ``x * sigmoid(1.702 x)`` (OpenAI CLIP; MONAI's Swish with alpha 1.702) and tanh-approximated GELU.
@@ -79,7 +79,23 @@ class LayerScale(nn.Module):
         return x * self.gamma.to(x.dtype)
 
 
-class PromptBlock(TransformerBlock):
+class ParallelSeam(nn.Module):
+    """A block's ``parallel`` branch, added beside its MLP (AdaptFormer, DVPT) and off until :meth:`set_parallel`:
+    the seam :class:`PromptBlock` and TinyViT's block share. A subclass calls :meth:`init_parallel` in its
+    ``__init__`` and adds ``parallel(x)`` to its MLP branch when ``has_parallel``."""
+
+    def init_parallel(self) -> None:
+        """No branch: ``parallel`` is an identity the forward skips."""
+        self.has_parallel = False
+        self.parallel: nn.Module = nn.Identity()
+
+    def set_parallel(self, branch: nn.Module) -> None:
+        """Add ``branch(x)`` beside the MLP in every later forward, ``x`` being the stream the MLP reads."""
+        self.parallel = branch
+        self.has_parallel = True
+
+
+class PromptBlock(ParallelSeam, TransformerBlock):
     """Pre-norm ViT block, ``x + ls1(attn(norm1(x)))`` then ``x + ls2(mlp(norm2(x))) + parallel(x)``.
 
     ``parallel`` is off until a method sets it with :meth:`set_parallel`; ``norm_cross_attn`` (built by
@@ -121,13 +137,7 @@ class PromptBlock(TransformerBlock):
             self.mlp.fn = get_act_layer(MLP_ACTIVATIONS[act])
         self.ls1: nn.Module = LayerScale(hidden_size) if layer_scale else nn.Identity()
         self.ls2: nn.Module = LayerScale(hidden_size) if layer_scale else nn.Identity()
-        self.has_parallel = False
-        self.parallel: nn.Module = nn.Identity()
-
-    def set_parallel(self, branch: nn.Module) -> None:
-        """Add ``branch(x_after_attention)`` beside the MLP in every later forward."""
-        self.parallel = branch
-        self.has_parallel = True
+        self.init_parallel()
 
     def attention_branch(self, x: torch.Tensor) -> torch.Tensor:
         """The residual branch around attention, ``ls1(attn(norm1(x)))``."""

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from monai_prompt.backbones.blocks import ParallelSeam
 from monai_prompt.backbones.registry import BackboneFamily, BackboneRequest, register_family
 
 __all__ = [
@@ -214,12 +215,12 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
-class TinyViTBlock(nn.Module):
+class TinyViTBlock(ParallelSeam):
     """TinyViT block on a channels-last map ``[B, H, W, C]``.
 
     ``x + attn(x)`` inside non-overlapping windows (the map is zero-padded at the bottom/right to whole windows,
     as TinyViT does), a depthwise ``local_conv`` (no residual), then ``x + mlp(x) + parallel(x)``: ``parallel``
-    is the same seam as :meth:`~monai_prompt.backbones.PromptBlock.set_parallel` (AdaptFormer), off until set.
+    is the seam of :class:`~monai_prompt.backbones.blocks.ParallelSeam` (AdaptFormer), off until set.
 
     Args:
         dim: token width (``hidden_size``).
@@ -238,13 +239,7 @@ class TinyViTBlock(nn.Module):
         self.attn = WindowAttention(dim, num_heads, window_size)
         self.local_conv = Conv2dBN(dim, dim, kernel_size=local_conv_size, groups=dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.has_parallel = False
-        self.parallel: nn.Module = nn.Identity()
-
-    def set_parallel(self, branch: nn.Module) -> None:
-        """Add ``branch(x_after_attention_and_local_conv)`` beside the MLP in every later forward."""
-        self.parallel = branch
-        self.has_parallel = True
+        self.init_parallel()
 
     def windowed_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention output (without residual) of ``[B, H, W, C]``, computed window by window."""

@@ -90,22 +90,23 @@ class SSFLayerNorm(_ScaleShift, nn.LayerNorm):
         return self._scale_shift(F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps))
 
 
-class SSFConv2d(_ScaleShift, nn.Conv2d):
+class _ScaleShiftConv(_ScaleShift):
+    """The forward of both SSF convolutions: the host's ``_conv_forward``, then the scale and shift."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._scale_shift(self._conv_forward(x, self.weight, self.bias))
+
+
+class SSFConv2d(_ScaleShiftConv, nn.Conv2d):
     """``nn.Conv2d`` (the 2D patch embedding) followed by a per-channel scale and shift."""
 
     base_class = nn.Conv2d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._scale_shift(self._conv_forward(x, self.weight, self.bias))
 
-
-class SSFConv3d(_ScaleShift, nn.Conv3d):
+class SSFConv3d(_ScaleShiftConv, nn.Conv3d):
     """``nn.Conv3d`` (the 3D patch embedding) followed by a per-channel scale and shift."""
 
     base_class = nn.Conv3d
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._scale_shift(self._conv_forward(x, self.weight, self.bias))
 
 
 #: plain module class -> its SSF subclass.
