@@ -34,6 +34,7 @@ __all__ = [
     "UNLABELED",
     "ClassificationDatalist",
     "DataCheckError",
+    "Datalist",
     "datalist_from_csv",
     "datalist_from_folder",
     "datalist_from_json",
@@ -64,7 +65,26 @@ class DataCheckError(ValueError):
 
 
 @dataclass
-class ClassificationDatalist:
+class Datalist:
+    """Items per split and the class names: what both tasks' datalists share.
+
+    Attributes:
+        classes: class names.
+        splits: ``training``/``validation``/``test``/``unlabeled`` -> lists of item dicts with absolute paths.
+    """
+
+    classes: list[str]
+    splits: dict[str, list[dict[str, Any]]]
+
+    def all_items(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(split, item)`` for every item."""
+        for split, items in self.splits.items():
+            for item in items:
+                yield split, item
+
+
+@dataclass
+class ClassificationDatalist(Datalist):
     """Images per split and the class names.
 
     Attributes:
@@ -75,8 +95,6 @@ class ClassificationDatalist:
         problems: per-image problems found while reading with ``strict=False`` (missing/unknown labels, ...).
     """
 
-    classes: list[str]
-    splits: dict[str, list[dict[str, Any]]]
     multi_label: bool = False
     problems: list[str] = field(default_factory=list)
 
@@ -89,12 +107,6 @@ class ClassificationDatalist:
         if split not in (*SPLITS, UNLABELED):
             raise KeyError(f"unknown split {split!r}; use one of {(*SPLITS, UNLABELED)}.")
         return self.splits.get(split, [])
-
-    def all_items(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """``(split, item)`` for every item."""
-        for split, items in self.splits.items():
-            for item in items:
-                yield split, item
 
     def to_decathlon(self, base_dir: str | os.PathLike, **metadata: Any) -> dict[str, Any]:
         """MONAI decathlon dict with image paths relative to ``base_dir`` and ``metadata`` fields in front (an

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from monai_prompt.data.check import _leaks, _most_common
-from monai_prompt.data.datalist import DataCheckError
+from monai_prompt.data.datalist import DataCheckError, Datalist
 from monai_prompt.data.headers import PIL_SUFFIXES, image_suffix
 from monai_prompt.data.split import SPLITS
 
@@ -38,7 +38,7 @@ _AFFINE_TOLERANCE = 1e-3
 
 
 @dataclass
-class SegmentationDatalist:
+class SegmentationDatalist(Datalist):
     """Image/label pairs per split and the class names.
 
     Attributes:
@@ -47,17 +47,8 @@ class SegmentationDatalist:
             with absolute paths (no ``label`` in ``unlabeled``; MSD-style bare test paths become ``{"image"}``).
     """
 
-    classes: list[str]
-    splits: dict[str, list[dict[str, Any]]]
-
     def __getitem__(self, split: str) -> list[dict[str, Any]]:
         return self.splits.get(split, [])
-
-    def all_items(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """``(split, item)`` for every item."""
-        for split, items in self.splits.items():
-            for item in items:
-                yield split, item
 
 
 def read_segmentation_datalist(path: str | os.PathLike) -> SegmentationDatalist:
