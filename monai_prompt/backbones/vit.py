@@ -116,7 +116,8 @@ class PromptableViT(ViT):
         act: MLP activation, ``"gelu"``, ``"quick_gelu"`` (OpenAI CLIP) or ``"gelu_tanh"``.
 
     Token layout inside the blocks: ``[CLS, registers, patches]`` (CLS and registers are the prefix tokens,
-    ``num_prefix_tokens``); a method's prompter adds its slots (VPT after the prefix, DVPT before CLS).
+    ``num_prefix_tokens``); a method's prompter adds its slots (VPT after the prefix and after ``norm_pre``, DVPT
+    before CLS and before ``norm_pre``).
     :meth:`forward_tokens` returns that whole sequence; :meth:`forward` returns MONAI's layout ``[CLS, patches]``
     (``[patches]`` without CLS), prompt slots and registers removed, so UNETR-style consumers get the patch grid.
     """

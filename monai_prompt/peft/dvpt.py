@@ -3,8 +3,8 @@ official code github.com/NKUhealong/DVPT).
 
 ``M`` learnable prompt tokens (plus their own position embeddings) are placed *before* CLS,
 ``[prompts, cls, patches]`` (official ViT layout), before the ViT's pre-norm: on a CLIP tower ``norm_pre``
-(``ln_pre``) normalises them with the other tokens, as the official code does. In every block a bottleneck module reads the
-post-attention stream ``x`` and adds a zero-gated branch beside the frozen MLP:
+(``ln_pre``) normalises them with the other tokens, as the official code does. In every block a bottleneck
+module reads the post-attention stream ``x`` and adds a zero-gated branch beside the frozen MLP:
 
     h   = QuickGELU(Down(x))                             [B, M+N, r]
     P_o = softmax(h_P h_T^T / sqrt(r)) h_T               prompt slots h_P query CLS + patches h_T
