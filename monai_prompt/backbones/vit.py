@@ -241,9 +241,9 @@ class PromptableViT(ViT):
         return self.blocks[index].forward_recomputing(part, x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The tokens entering the first block: ``[CLS, registers, patches]`` (patches with their position
-        embeddings) with the slots the prompter inserts before the pre-norm (:meth:`TokenPrompter.insert_embedded`),
-        through ``norm_pre`` when the ViT has one."""
+        """The embedded tokens ``[CLS, registers, patches]`` (patches with their position embeddings) with the
+        slots the prompter inserts before the pre-norm (:meth:`TokenPrompter.insert_embedded`), through ``norm_pre``
+        when the ViT has one; :meth:`forward_tokens` then applies the prompter's ``insert``."""
         if list(x.shape[2:]) != self.img_size:
             raise ValueError(
                 f"input spatial size {list(x.shape[2:])} differs from the size this ViT was built for "
