@@ -493,6 +493,37 @@ def test_options_add_only_their_keys_and_script():
         PromptableViT(3, (28, 28), (7, 7), **arch, act="relu")
 
 
+@pytest.mark.parametrize("method", ["vpt", "dvpt", "ept"])
+def test_prompt_insertion_around_the_pre_norm(method):
+    """On a pre-norm (CLIP) ViT: DVPT's prompts go through ``norm_pre`` with CLS and patches (the official DVPT
+    code's ``ln_pre``); VPT's enter after it, where its deep prompts enter every later block; EPT adds no token, so
+    the first block sees exactly the unprompted ViT's tokens."""
+    arch = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64}
+    torch.manual_seed(0)
+    vit = PromptableViT(3, (28, 28), (7, 7), **arch, pre_norm=True).double()
+    with torch.no_grad():
+        vit.norm_pre.weight.normal_(1.0, 0.3)
+        vit.norm_pre.bias.normal_(0.0, 0.3)
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    unprompted = vit.embed(x)  # norm_pre([CLS, patches])
+    configs = {"vpt": {"num_tokens": 3}, "dvpt": {"num_prompts": 3}, "ept": {"prompt_length": 3}}
+    apply_method(vit, method, configs[method])
+    seen = []
+    vit.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    vit.forward_tokens(x)
+    tokens = seen[0]
+    if method == "ept":
+        torch.testing.assert_close(tokens, unprompted, rtol=0, atol=0)
+        return
+    embedded = torch.cat((vit.cls_token.expand(2, -1, -1), vit.patch_embedding(x)), dim=1)
+    if method == "vpt":  # [CLS, prompts, patches], the prompts as they are
+        expected = torch.cat((unprompted[:, :1], vit.prompter.prompts[0].expand(2, -1, -1), unprompted[:, 1:]), 1)
+    else:  # norm_pre([prompts + positions, CLS, patches])
+        prompts = (vit.prompter.prompts + vit.prompter.prompt_positions).expand(2, -1, -1)
+        expected = vit.norm_pre(torch.cat((prompts, embedded), dim=1))
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-12)
+
+
 def test_auto_bundle_network_exports_merged(dinov2, tmp_path):
     """The bundle's network_def with ``--backbone auto --pretrained DIR``: the delta of a LoRA network exports to a
     merged plain network and TorchScript (the plain network reads its architecture from the same weights)."""

@@ -1,7 +1,10 @@
-"""DVPT: the whole prompted network against a literal float64 reference, sharing, counts, training plumbing."""
+"""DVPT: the whole prompted network against a literal float64 reference and against the official modules on a CLIP
+tower, sharing, counts, training plumbing."""
 
+import dvpt_official
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from monai_prompt.backbones import build_vit
@@ -85,6 +88,93 @@ def test_forward_and_gradients_match_literal_reference(variant):
     assert len(params) == 2 + 2 * 5 + 2  # prompts, positions; 2 shared modules x (down, up, gate); head
     for grad, ref_grad in zip(grads, ref_grads):
         assert rel_err(grad, ref_grad) < 1e-6
+
+
+#: official DVPT parameter -> this package's (docs/methods.md); ``{i}``: a block that owns a Down/Up/gate module.
+OFFICIAL_NAMES = {
+    "prompt_token": "backbone.prompter.prompts",
+    "prompt_positional_embedding": "backbone.prompter.prompt_positions",
+    **{
+        f"transformer.resblocks.{{i}}.prompt_proj.{theirs}": f"backbone.blocks.{{i}}.parallel.{ours}"
+        for theirs, ours in (
+            ("prompt_key_proj_d.weight", "down.weight"),
+            ("prompt_key_proj_d.bias", "down.bias"),
+            ("prompt_key_proj_u.weight", "up.weight"),
+            ("prompt_key_proj_u.bias", "up.bias"),
+            ("prompt_gate", "gate"),
+        )
+    },
+}
+
+
+def official_clip_dvpt(tmp_path) -> tuple[nn.Module, nn.Linear, str]:
+    """The official DVPT CLIP tower (ViT-B layout shrunk: width 32, 4 blocks, 4 heads, 8 px patches, 32 px input;
+    the official 50 prompts, bottleneck 20, a module per 3 blocks), every weight random and the gates open, its
+    ``fc_head``, and its frozen CLIP weights saved as an open_clip ``visual.*`` file; in float64."""
+    torch.manual_seed(3)
+    official = dvpt_official.VisionTransformer(
+        input_resolution=32, patch_size=8, width=32, layers=4, heads=4, output_dim=16
+    )
+    with torch.no_grad():
+        for name, param in official.named_parameters():
+            if "ln_" in name:  # LayerNorms start at (1, 0): move them so a misplaced norm cannot hide
+                param.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+            elif name.endswith("prompt_gate"):
+                param.fill_(0.7)
+    head = nn.Linear(16, 3, bias=False)
+    official, head = official.double(), head.double()  # drawn in float32: the float32 file holds them exactly
+    frozen = {f"visual.{k}": v.float() for k, v in official.state_dict().items() if "prompt" not in k}
+    path = str(tmp_path / "clip_visual.pt")
+    torch.save(frozen, path)
+    return official, head, path
+
+
+def official_names(blocks: list[int]) -> dict[str, str]:
+    """:data:`OFFICIAL_NAMES` for the blocks that own a module."""
+    return {theirs.format(i=i): ours.format(i=i) for theirs, ours in OFFICIAL_NAMES.items() for i in blocks}
+
+
+def load_official_dvpt(model: PromptClassifier, official: nn.Module, head: nn.Linear) -> None:
+    """Copy the official trained DVPT parameters into ``model`` one to one (:data:`OFFICIAL_NAMES`); the official
+    ``fc_head`` after CLIP's frozen ``proj`` is one linear map, ``head.weight = fc_head.weight @ proj.T``."""
+    source = official.state_dict()
+    with torch.no_grad():
+        for theirs, ours in official_names([0, 3]).items():
+            target = model.get_parameter(ours)
+            target.copy_(source[theirs].reshape(target.shape))  # prompt_token [1, M, D] -> prompts [M, D]
+        model.head.weight.copy_(head.weight @ official.proj.T)
+        model.head.bias.zero_()
+
+
+@pytest.mark.parametrize("variant", ["code", "paper"])
+def test_code_variant_equals_the_official_modules_on_a_clip_tower(tmp_path, monkeypatch, variant):
+    """The official CLIP tower (its source in dvpt_official.py) and ``variant="code"`` on the same weights: equal
+    logits and gradients of every trainable tensor (float64); the prompts pass through CLIP's ``ln_pre`` with the
+    other tokens in both. ``"paper"`` on the same weights differs (its cross-attention is live)."""
+    # the official LayerNorm computes in float32 (for fp16 weights); here it computes in the input's float64
+    monkeypatch.setattr(dvpt_official.LayerNorm, "forward", nn.LayerNorm.forward)
+    official, head, path = official_clip_dvpt(tmp_path)
+    config = {"num_prompts": 50, "bottleneck": 20, "share": 3, "variant": variant}
+    model = PromptClassifier(
+        3, "dvpt", config, backbone="auto", pretrained=path, img_size=32, backbone_overrides={"num_heads": 4}
+    ).double()
+    load_official_dvpt(model, official, head)
+    with torch.no_grad():  # the loader folds CLS's position into cls_token in float32; fold it again in float64
+        model.backbone.cls_token.copy_(official.class_embedding + official.positional_embedding[0])
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    logits, expected = model(x), head(official(x))
+    if variant == "paper":
+        assert rel_err(logits, expected) > 1e-3
+        return
+    assert rel_err(logits, expected) < 1e-10
+    names = official_names([0, 3])
+    ours, theirs = dict(model.named_parameters()), dict(official.named_parameters())
+    assert {*names.values(), "head.weight", "head.bias"} == {n for n, p in ours.items() if p.requires_grad}
+    grads = torch.autograd.grad(logits.square().sum(), [ours[n] for n in names.values()] + [model.head.weight])
+    ref_grads = torch.autograd.grad(expected.square().sum(), [theirs[n] for n in names] + [head.weight])
+    grads = [*grads[:-1], grads[-1] @ official.proj]  # d/d fc_head = (d/d head.weight) proj
+    for name, grad, ref_grad in zip([*names, "fc_head.weight"], grads, ref_grads):
+        assert rel_err(grad.reshape(ref_grad.shape), ref_grad) < 1e-10, name
 
 
 def test_variants_differ_only_through_the_cross_attention():

@@ -68,10 +68,16 @@ _PLAIN_OPTIONS = {"layer_scale": False, "num_registers": 0, "pre_norm": False, "
 class TokenPrompter(nn.Module):
     """Seam for methods that add token slots; this base adds none.
 
-    ``insert`` runs once after the CLS token is prepended, ``before_block(i, x)`` before block ``i``,
-    ``strip`` removes the prompt slots (for consumers that expect only CLS + patches, e.g. UNETR) and
-    ``readout`` turns the final normed tokens into one feature vector (CLS by default).
+    ``insert_embedded`` runs once on the embedded tokens (CLS, registers and patches with their positions) before
+    the ViT's pre-norm ``norm_pre`` (CLIP's ``ln_pre``), which then normalises the inserted slots too (DVPT);
+    ``insert`` runs once on the tokens entering the first block, after ``norm_pre`` (VPT). Without ``norm_pre``
+    the two are the same point. ``before_block(i, x)`` runs before block ``i``, ``strip`` removes the prompt slots
+    (for consumers that expect only CLS + patches, e.g. UNETR) and ``readout`` turns the final normed tokens into
+    one feature vector (CLS by default).
     """
+
+    def insert_embedded(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def insert(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -110,7 +116,8 @@ class PromptableViT(ViT):
         act: MLP activation, ``"gelu"``, ``"quick_gelu"`` (OpenAI CLIP) or ``"gelu_tanh"``.
 
     Token layout inside the blocks: ``[CLS, registers, patches]`` (CLS and registers are the prefix tokens,
-    ``num_prefix_tokens``); a method's prompter adds its slots (VPT after the prefix, DVPT before CLS).
+    ``num_prefix_tokens``); a method's prompter adds its slots (VPT after the prefix and after ``norm_pre``, DVPT
+    before CLS and before ``norm_pre``).
     :meth:`forward_tokens` returns that whole sequence; :meth:`forward` returns MONAI's layout ``[CLS, patches]``
     (``[patches]`` without CLS), prompt slots and registers removed, so UNETR-style consumers get the patch grid.
     """
@@ -234,8 +241,9 @@ class PromptableViT(ViT):
         return self.blocks[index].forward_recomputing(part, x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The tokens entering the first block before any prompt: ``[CLS, registers, patches]`` (patches with
-        their position embeddings), through ``norm_pre`` when the ViT has one."""
+        """The embedded tokens ``[CLS, registers, patches]`` (patches with their position embeddings) with the
+        slots the prompter inserts before the pre-norm (:meth:`TokenPrompter.insert_embedded`), through ``norm_pre``
+        when the ViT has one; :meth:`forward_tokens` then applies the prompter's ``insert``."""
         if list(x.shape[2:]) != self.img_size:
             raise ValueError(
                 f"input spatial size {list(x.shape[2:])} differs from the size this ViT was built for "
@@ -246,6 +254,7 @@ class PromptableViT(ViT):
             x = torch.cat((self.register_tokens.expand(x.shape[0], -1, -1), x), dim=1)
         if hasattr(self, "cls_token"):
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.prompter.insert_embedded(x)
         if hasattr(self, "norm_pre"):
             x = self.norm_pre(x)
         return x

@@ -2,8 +2,9 @@
 official code github.com/NKUhealong/DVPT).
 
 ``M`` learnable prompt tokens (plus their own position embeddings) are placed *before* CLS,
-``[prompts, cls, patches]`` (official ViT layout). In every block a bottleneck module reads the
-post-attention stream ``x`` and adds a zero-gated branch beside the frozen MLP:
+``[prompts, cls, patches]`` (official ViT layout), before the ViT's pre-norm: on a CLIP tower ``norm_pre``
+(``ln_pre``) normalises them with the other tokens, as the official code does. In every block a bottleneck
+module reads the post-attention stream ``x`` and adds a zero-gated branch beside the frozen MLP:
 
     h   = QuickGELU(Down(x))                             [B, M+N, r]
     P_o = softmax(h_P h_T^T / sqrt(r)) h_T               prompt slots h_P query CLS + patches h_T
@@ -60,7 +61,7 @@ class DVPTConfig:
 
 
 class DVPTPrompter(TokenPrompter):
-    """Token slots of DVPT: ``M`` prompts with their own position embeddings, placed first.
+    """Token slots of DVPT: ``M`` prompts with their own position embeddings, placed first, before ``norm_pre``.
 
     Args:
         num_prompts: prompt tokens ``M``.
@@ -76,7 +77,7 @@ class DVPTPrompter(TokenPrompter):
         self.num_prompts = num_prompts
         self.num_readout = num_prompts + num_prefix_tokens
 
-    def insert(self, x: torch.Tensor) -> torch.Tensor:
+    def insert_embedded(self, x: torch.Tensor) -> torch.Tensor:
         prompts = (self.prompts + self.prompt_positions).to(x.dtype).expand(x.shape[0], -1, -1)
         return torch.cat((prompts, x), dim=1)
 

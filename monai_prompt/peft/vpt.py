@@ -5,7 +5,8 @@ inserts them once, before the first block. *Deep* VPT gives every block its own 
 after the first, the prompt slots coming out of the previous block are dropped and replaced with that
 block's fresh prompts. The features are read out at CLS, and the frozen ViT never changes. This follows
 KMnP/vpt ``src/models/vit_prompt/vit.py`` (``incorporate_prompt`` and ``forward_deep_prompt``) with
-``PROJECT=-1`` (no prompt projection).
+``PROJECT=-1`` (no prompt projection). On a ViT with a pre-norm (CLIP's ``ln_pre``, ``norm_pre``) the prompts
+enter after it, unnormalised, where the deep prompts of later blocks enter too (KMnP's ViTs have no pre-norm).
 """
 
 from __future__ import annotations
