@@ -1,12 +1,12 @@
 """DVPT: the whole prompted network against a literal float64 reference and against the official modules on a CLIP
 tower, sharing, counts, training plumbing."""
 
-import dvpt_official
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dvpt_official
 from monai_prompt.backbones import build_vit
 from monai_prompt.nets import PromptClassifier
 from monai_prompt.peft import apply_method, delta_state_dict, trainable_report
