@@ -20,6 +20,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from bundle_support import copy_bundle, tiny_overrides
+from monai.bundle import ConfigParser
 from peft_checks import (
     assert_adamw_trains_exactly,
     assert_delta_round_trip,
@@ -29,11 +31,16 @@ from peft_checks import (
 
 from monai_prompt.backbones import build_backbone
 from monai_prompt.backbones.sam import SAM_KEY, SAM_PRESETS, SAMImageEncoder, build_sam, sam_from_pretrained
+from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
 from monai_prompt.nets import FPTClassifier
 from monai_prompt.nets.classifier import PromptClassifier
 from monai_prompt.nets.unetr import PromptUNETR
+from monai_prompt.peft.delta import IDENTITY_KEYS
 from monai_prompt.peft.merge import MergeableLayer, merge_and_unload
+from monai_prompt.runs.runner import run_bundle
+from monai_prompt.tools.export import export_bundle
 
+REPO = Path(__file__).resolve().parents[1]
 DISTRIBUTION = "segment-anything"
 NO_PACKAGE = f"the {DISTRIBUTION} package is not installed (pip install --no-deps {DISTRIBUTION}==1.0)"
 #: a tiny official encoder: an 8 x 8 patch grid, windows of 3 (padded to 9), global attention in blocks 1 and 3.
@@ -261,7 +268,9 @@ def sam_weights(official, tmp_path_factory) -> Path:
 
 
 def make_model(method: str, weights: Path) -> PromptClassifier:
-    return PromptClassifier(CLASSES, method, SUPPORTED.get(method), backbone="auto", pretrained=str(weights), img_size=IMG)
+    return PromptClassifier(
+        CLASSES, method, SUPPORTED.get(method), backbone="auto", pretrained=str(weights), img_size=IMG
+    )
 
 
 def expected_trainable(method: str, model: PromptClassifier) -> set[str]:
@@ -340,3 +349,38 @@ def test_segmentation_refuses_the_family_saying_why(sam_weights):
 def test_presets_are_registered():
     assert set(SAM_PRESETS) == {"sam_vit_b", "sam_vit_l", "sam_vit_h"}
     assert build_backbone("sam_vit_b", img_size=64, overrides={"depth": 2, "global_attn_indexes": (1,)}).family == "sam"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bundles take it with --backbone auto --pretrained PATH.
+# --------------------------------------------------------------------------------------------------------
+
+
+def sam_bundle_overrides(dataset_dir: Path, weights: Path) -> dict:
+    """The tiny bundle overrides with ``backbone="auto"`` and a whole-SAM-style checkpoint as ``--pretrained``."""
+    overrides = tiny_overrides(BUNDLE_SPECS["lora_classification"], dataset_dir, weights)
+    return {**overrides, "backbone": "auto", "backbone_overrides": {}}
+
+
+def test_bundle_network_def_builds_sam_from_auto(official, sam_weights, tmp_path):
+    overrides = sam_bundle_overrides(tmp_path, sam_weights)
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "lora_classification" / "configs" / "train.json"))
+    parser.update({k: overrides[k] for k in ("backbone", "backbone_overrides", "img_size", "pretrained")})
+    parser.update({"num_classes": 3})  # else it follows the datalist, which this test does not write
+    network = parser.get_parsed_content("network_def")
+    assert network.backbone.family == "sam" and network.backbone.peft_method == "lora"
+    expected = official_encoder(official).state_dict()
+    assert torch.equal(network.backbone.state_dict()["blocks.0.attn.qkv.weight"], expected["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.slow
+def test_lora_bundle_trains_and_exports_on_sam(tiny, sam_weights, tmp_path):
+    bundle = copy_bundle("lora_classification", tmp_path)
+    overrides = sam_bundle_overrides(tiny["data"], sam_weights)
+    run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
+    delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert delta["peft"]["backbone"]["config"]["family"] == "sam"
+    assert all("lora_" in k or k.startswith("head.") for k in delta["model"] if k not in IDENTITY_KEYS)
+    report = export_bundle(bundle, overrides=overrides)
+    assert report.merged and report.max_abs_diff < 1e-4

@@ -52,8 +52,8 @@ __all__ = [
     "is_sam_state",
     "load_sam_weights",
     "resize_rel_pos",
-    "sam_from_pretrained",
     "sam_encoder_state",
+    "sam_from_pretrained",
 ]
 
 logger = logging.getLogger(__name__)
@@ -465,7 +465,6 @@ def infer_sam_config(
     grid = state["pos_embed"].shape[1]
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     head_dim = state["blocks.0.attn.rel_pos_h"].shape[1]
-    shapes = "the checkpoint's shapes"
     inferred: dict[str, tuple[Any, str]] = {
         "embed_dim": (embed_dim, "patch_embed.proj.weight"),
         "patch_size": (patch_size, "patch_embed.proj.weight"),
@@ -537,7 +536,9 @@ def load_sam_weights(model: SAMImageEncoder, source: str | Path, strict: bool = 
     target = model.state_dict()
     report = LoadReport(path=str(source), layout="segment_anything")
     if others:
-        report.ignored = {f"{len(others)} keys": f"not the image encoder ({', '.join(sorted({k.split('.')[0] for k in others}))})"}
+        report.ignored = {
+            f"{len(others)} keys": f"not the image encoder ({', '.join(sorted({k.split('.')[0] for k in others}))})"
+        }
     pos = state.get("pos_embed")
     if pos is not None and pos.dim() == 4 and pos.shape[1:3] != target["pos_embed"].shape[1:3]:
         resized = F.interpolate(pos.permute(0, 3, 1, 2).double(), size=model.grid_size, mode="bilinear")
@@ -554,8 +555,14 @@ def load_sam_weights(model: SAMImageEncoder, source: str | Path, strict: bool = 
         report.adapted.append(f"relative tables resized linearly: {', '.join(resized_tables)}")
     kernel = state.get("patch_embed.proj.weight")
     if kernel is not None and kernel.shape[1] != target["patch_embed.proj.weight"].shape[1]:
-        state["patch_embed.proj.weight"] = _adapt_patch_weight(kernel, target["patch_embed.proj.weight"], report.adapted)
-    wrong = {k: (list(v.shape), list(target[k].shape)) for k, v in state.items() if k in target and v.shape != target[k].shape}
+        state["patch_embed.proj.weight"] = _adapt_patch_weight(
+            kernel, target["patch_embed.proj.weight"], report.adapted
+        )
+    wrong = {
+        k: (list(v.shape), list(target[k].shape))
+        for k, v in state.items()
+        if k in target and v.shape != target[k].shape
+    }
     if wrong:
         raise ValueError(
             f"{source}: not a SAM image encoder of this architecture ({model.config}): shapes (checkpoint, model) "
