@@ -531,7 +531,13 @@ def load_sam_weights(model: SAMImageEncoder, source: str | Path, strict: bool = 
     Raises:
         ValueError: the encoder's keys or shapes do not fit ``model``'s architecture.
     """
-    tensors = read_checkpoint(source)[0]
+    return _load_tensors(model, read_checkpoint(source)[0], source, strict)
+
+
+def _load_tensors(
+    model: SAMImageEncoder, tensors: Mapping[str, torch.Tensor], source: str | Path, strict: bool
+) -> LoadReport:
+    """:func:`load_sam_weights` of the tensors already read from ``source``."""
     state, others = sam_encoder_state(tensors)
     target = model.state_dict()
     report = LoadReport(path=str(source), layout="segment_anything")
@@ -609,7 +615,7 @@ def sam_from_pretrained(
     in_channels = inferred["in_channels (checkpoint)"][0] if in_channels is None else in_channels
     size = inferred["img_size (checkpoint)"][0] if img_size is None else _square_2d(img_size, spatial_dims, "SAM")
     encoder = SAMImageEncoder(in_channels=in_channels, img_size=size, **kwargs)
-    report = load_sam_weights(encoder, path, strict)
+    report = _load_tensors(encoder, tensors, path, strict)
     report.inferred = inferred
     logger.info("built from %s: %s", path, ", ".join(f"{k}={v} ({o})" for k, (v, o) in inferred.items()))
     return encoder, report
