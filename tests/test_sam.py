@@ -255,6 +255,8 @@ def test_contradicting_overrides_and_wrong_architecture_are_named(official, tmp_
         build_backbone("sam_vit_b", weights, img_size=64)
     with pytest.raises(ValueError, match="square 2D images"):
         build_sam("sam_vit_b", img_size=(32, 32, 32), spatial_dims=3)
+    with pytest.raises(ValueError, match=r"resize the images to img_size \[64, 64\]"):
+        build_backbone("auto", weights, img_size=64)(torch.zeros(1, 3, 32, 32))
 
 
 # --------------------------------------------------------------------------------------------------------

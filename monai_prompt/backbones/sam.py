@@ -371,7 +371,13 @@ class SAMImageEncoder(nn.Module):
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The tokens before the neck, ``[B, H / p, W / p, embed_dim]``, of images ``[B, in_channels, H, W]``."""
-        x = self.patch_embed(x) + self.pos_embed
+        x = self.patch_embed(x)
+        if x.shape[1:3] != self.pos_embed.shape[1:3]:
+            raise ValueError(
+                f"SAM encoder input {list(x.shape[1:3])} patches a side, its position embedding "
+                f"{list(self.pos_embed.shape[1:3])}: resize the images to img_size {self.img_size}."
+            )
+        x = x + self.pos_embed
         for block in self.blocks:
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
                 x = self._checkpointed(block, x)
