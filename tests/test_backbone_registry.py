@@ -30,10 +30,10 @@ TINY_TINYVIT = {
 
 
 def test_the_house_families_are_registered():
-    assert {"vit", "tinyvit", "lpm"} <= set(family_names())
+    assert {"vit", "tinyvit", "sam", "lpm"} <= set(family_names())
     assert registry.get_family("lpm").methods == ("fpt", "fptplus")
-    with pytest.raises(ValueError, match="unknown backbone family 'sam'"):
-        registry.get_family("sam")
+    with pytest.raises(ValueError, match="unknown backbone family 'swin'"):
+        registry.get_family("swin")
 
 
 def test_every_network_builds_through_the_registry():

@@ -1,7 +1,8 @@
 """The promptable MONAI ViT, its blocks, the import of pre-trained weights into it, and the backbone families.
 
 Importing this package registers its families (:mod:`~monai_prompt.backbones.registry`): the ViT
-(:mod:`~monai_prompt.backbones.auto`) and LiteMedSAM's TinyViT (:mod:`~monai_prompt.backbones.tinyvit`).
+(:mod:`~monai_prompt.backbones.auto`), LiteMedSAM's TinyViT (:mod:`~monai_prompt.backbones.tinyvit`) and SAM's ViT
+image encoder (:mod:`~monai_prompt.backbones.sam`).
 """
 
 from monai_prompt.backbones.auto import vit_from_pretrained
@@ -16,6 +17,7 @@ from monai_prompt.backbones.registry import (
     find_backbone,
     register_family,
 )
+from monai_prompt.backbones.sam import SAMImageEncoder, build_sam, load_sam_weights, sam_from_pretrained
 from monai_prompt.backbones.tinyvit import TinyViT, build_tinyvit, load_lite_medsam_encoder, load_tinyvit_weights
 from monai_prompt.backbones.vit import (
     BACKBONE_KEY,
@@ -37,9 +39,11 @@ __all__ = [
     "LoadReport",
     "PromptBlock",
     "PromptableViT",
+    "SAMImageEncoder",
     "TinyViT",
     "TokenPrompter",
     "build_backbone",
+    "build_sam",
     "build_tinyvit",
     "build_vit",
     "family_names",
@@ -47,9 +51,11 @@ __all__ = [
     "fit_pos_embed",
     "load_lite_medsam_encoder",
     "load_pretrained",
+    "load_sam_weights",
     "load_tinyvit_weights",
     "register_family",
     "resize_pos_embed",
+    "sam_from_pretrained",
     "vit_config",
     "vit_from_pretrained",
 ]

@@ -1,10 +1,11 @@
 """Backbone families and :func:`build_backbone`, the one builder every network calls.
 
 A family is one kind of encoder (``"vit"``: :class:`~monai_prompt.backbones.PromptableViT`; ``"tinyvit"``:
-LiteMedSAM's TinyViT; ``"lpm"``: FPT's frozen LPM). Its module declares it once with :func:`register_family`: the
-names ``backbone=`` takes (presets), how it builds one and loads its weights, how ``backbone="auto"`` recognises
-its checkpoints, and the tasks it serves. A family's module registers it when imported: ``backbones/__init__.py``
-imports the families of this package, ``monai_prompt.fpt`` (imported by ``monai_prompt.nets``) the LPM.
+LiteMedSAM's TinyViT; ``"sam"``: SAM's ViT image encoder; ``"lpm"``: FPT's frozen LPM). Its module declares it
+once with :func:`register_family`: the names ``backbone=`` takes (presets), how it builds one and loads its
+weights, how ``backbone="auto"`` recognises its checkpoints, and the tasks it serves. A family's module registers
+it when imported: ``backbones/__init__.py`` imports the families of this package, ``monai_prompt.fpt`` (imported by
+``monai_prompt.nets``) the LPM.
 
 :func:`build_backbone` resolves the family (from the method, the ready module's ``family``, ``"auto"`` and the
 checkpoint, or the preset name), refuses a task the family cannot serve (saying why and what to use), then lets

@@ -24,6 +24,10 @@ class PromptClassifier(PromptNetwork):
     weights (or a path to ``lite_medsam.pth``). It takes the methods that need no plain token sequence (full,
     linear, lora, adapter, bitfit, ssf); the others raise naming why.
 
+    A SAM or MedSAM checkpoint with ``backbone="auto"`` builds SAM's ViT image encoder
+    (:class:`~monai_prompt.backbones.SAMImageEncoder`, presets ``sam_vit_b``/``_l``/``_h``; its neck features are
+    averaged over space), with full, linear, lora, adapter and bitfit.
+
     Args:
         num_classes: output logits.
         method: PEFT method name (see :func:`monai_prompt.peft.method_names`).

@@ -72,7 +72,7 @@ class AdaptMLP(nn.Module):
         return self.up_proj(self.dropout(self.act(self.down_proj(x)))) * self.scale
 
 
-@register_method("adapter", AdapterConfig, trainable=r"\.parallel\.", families=("vit", "tinyvit"))
+@register_method("adapter", AdapterConfig, trainable=r"\.parallel\.", families=("vit", "tinyvit", "sam"))
 def apply_adapter(vit: PromptableViT, config: AdapterConfig) -> None:
     """Give every block an :class:`AdaptMLP` of its width as its parallel branch (TinyViT widths differ by stage)."""
     for block in vit.blocks:

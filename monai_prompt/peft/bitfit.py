@@ -21,6 +21,6 @@ class BitFitConfig:
     """BitFit has no hyper-parameters of its own."""
 
 
-@register_method("bitfit", BitFitConfig, trainable=r"(^|\.)bias$", families=("vit", "tinyvit"))
+@register_method("bitfit", BitFitConfig, trainable=r"(^|\.)bias$", families=("vit", "tinyvit", "sam"))
 def apply_bitfit(vit: PromptableViT, config: BitFitConfig) -> None:
     """Nothing to insert; the trainable regex selects every ``bias``."""

@@ -15,6 +15,6 @@ class FullConfig:
     """Full fine-tuning has no hyper-parameters of its own."""
 
 
-@register_method("full", FullConfig, trainable=r".", families=("vit", "tinyvit"))
+@register_method("full", FullConfig, trainable=r".", families=("vit", "tinyvit", "sam"))
 def apply_full(vit: PromptableViT, config: FullConfig) -> None:
     """Nothing to insert; every parameter (except the unused ``norm_cross_attn``) trains."""

@@ -15,6 +15,6 @@ class LinearConfig:
     """Linear probing has no hyper-parameters of its own."""
 
 
-@register_method("linear", LinearConfig, trainable=r"(?!)", families=("vit", "tinyvit"))
+@register_method("linear", LinearConfig, trainable=r"(?!)", families=("vit", "tinyvit", "sam"))
 def apply_linear(vit: PromptableViT, config: LinearConfig) -> None:
     """Nothing to insert; no ViT parameter trains (the regex ``(?!)`` matches nothing)."""

@@ -125,7 +125,7 @@ class LoRALinear(MergeableLayer, nn.Linear):
         return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
 
-@register_method("lora", LoRAConfig, trainable=r"\.lora_[AB]$", families=("vit", "tinyvit"))
+@register_method("lora", LoRAConfig, trainable=r"\.lora_[AB]$", families=("vit", "tinyvit", "sam"))
 def apply_lora(vit: PromptableViT, config: LoRAConfig) -> None:
     """Convert the targeted linears of every block to :class:`LoRALinear` (a TinyViT's paths: its ``block_linears``)."""
     paths = getattr(vit, "block_linears", LORA_TARGETS)
