@@ -109,6 +109,45 @@ def _network_setting(bundle: Path, files: list[str], key: str):
     return parser.get_parsed_content(key)
 
 
+def _pure_references(content, target: str, at: str = "") -> Iterator[str]:
+    """The ids of ``content`` whose value is exactly ``target`` (a reference such as ``@flags#amp``)."""
+    items = content.items() if isinstance(content, dict) else enumerate(content) if isinstance(content, list) else ()
+    for key, value in items:
+        child = f"{at}#{key}" if at else str(key)
+        if value == target:
+            yield child
+        else:
+            yield from _pure_references(value, target, child)
+
+
+_FLAG_FILES = (["train.json"], ["train.json", "evaluate.json"], ["train.json", "multi_gpu_train.json"],
+               ["inference.json"])
+
+
+@pytest.mark.parametrize("name", sorted(ALL_BUNDLE_SPECS))
+def test_every_boolean_setting_reads_the_command_line_spellings(name):
+    """``python -m monai.bundle run ... --resume false`` passes the string ``'false'``: every boolean setting (each
+    top-level ``true``/``false``, and ``amp``) is read only through ``flags``, whose entries give real bools for
+    ``'false'``/``'true'``, as do the entries that pass a flag on to MONAI or ignite (``"amp": "@flags#amp"``)."""
+    configs = REPO / "bundles" / name / "configs"
+    for files in _FLAG_FILES:
+        parser = ConfigParser()
+        parser.read_config([str(configs / file) for file in files])
+        config = parser.get()
+        flags = config["flags"]
+        settings = {key for key, value in config.items() if isinstance(value, bool)} | {"amp"}
+        assert settings <= set(flags), (files, settings - set(flags))
+        text = json.dumps({key: value for key, value in config.items() if key != "flags"})
+        for setting in flags:
+            assert flags[setting] == f"$monai_prompt.runs.flag(@{setting}, '{setting}')"
+            assert not re.search(rf"@{setting}\b", text), (files, setting)  # every use reads @flags#<setting>
+            uses = [f"flags#{setting}", *_pure_references(config, f"@flags#{setting}")]
+            for value in ("false", "true"):
+                parser[setting] = value
+                for use in uses:
+                    assert parser.get_parsed_content(use) is (value == "true"), (files, use, value)
+
+
 @pytest.mark.parametrize("name", ["vpt_classification", "vpt_segmentation"])
 def test_evaluation_and_inference_read_the_training_record_without_defaults(name, tmp_path):
     """Before any training inference builds its ``untrained_network`` (MONAI's property checks, verify_net_in_out);

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from monai_prompt.data.datalist import ClassificationDatalist
-from monai_prompt.runs import bundle_root, check_task, find_datalist
+from monai_prompt.runs import bundle_root, check_task, find_datalist, flag
 
 
 def test_check_task_names_the_fix():
@@ -20,6 +20,17 @@ def test_check_task_names_the_fix():
         check_task(datalist, 3, False)
     with pytest.raises(ValueError, match="run with --multi_label False"):
         check_task(datalist, 2, True)
+
+
+def test_flag_reads_every_spelling_and_names_the_setting_it_refuses():
+    for value in (True, 1, "true", "True", "TRUE", "yes", "Yes", "1", " true "):
+        assert flag(value, "resume") is True
+    for value in (False, 0, "false", "False", "FALSE", "no", "NO", "0"):
+        assert flag(value, "resume") is False
+    for value in ("maybe", "", "2", 2, None, 0.5, "off"):
+        with pytest.raises(ValueError, match=r"--overwrite .* is not a boolean; pass --overwrite true or --overwrite "
+                           r"false \(accepted in any case: true, yes, 1, false, no, 0\)"):
+            flag(value, "overwrite")
 
 
 def test_check_task_refuses_empty_splits_a_workflow_reads():
