@@ -45,10 +45,11 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
     if spec.fpt:
         target = "monai_prompt.nets.FPTClassifier"
         # SDPA in the side network: the same attention without storing its matrices (training memory)
-        method = {"variant": "@method", _method_key(spec): f"@{prefix}method_config", "sdpa": True}
+        method = {"variant": "@method", _method_key(spec): common.method_config_ref(spec, f"@{prefix}method_config"),
+                  "sdpa": True}
     else:
         target = "monai_prompt.nets.PromptClassifier"
-        method = {"method": "@method", _method_key(spec): f"@{prefix}method_config"}
+        method = {"method": "@method", _method_key(spec): common.method_config_ref(spec, f"@{prefix}method_config")}
     return {
         "_target_": target,
         "num_classes": "@num_classes",
@@ -223,8 +224,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
         **(_fpt_settings() if spec.fpt else {}),
         **common.train_settings(spec),
         # multi_label is recorded as the flag reads it (a bool, whatever the command line wrote)
-        "training_record": {key: f"@flags#{key}" if key == "multi_label" else f"@{key}"
-                            for key in _network_settings(spec)},
+        "training_record": common.training_record(spec, _network_settings(spec)),
         "loss": "$torch.nn.BCEWithLogitsLoss() if @flags#multi_label else torch.nn.CrossEntropyLoss()",
         **common.optimization(spec),
         "metric_decisions": "$monai_prompt.engine.class_decisions(@flags#multi_label)",
@@ -268,7 +268,7 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
         "evaluate_split": "test",
         "load_path": "$@ckpt_dir + '/model.pt'",
         **common.recorded(_network_settings(spec)),
-        f"network_def#{_method_key(spec)}": "@trained_method_config",
+        f"network_def#{_method_key(spec)}": common.method_config_ref(spec, "@trained_method_config"),
         "network_def#backbone_overrides": "@trained_backbone_overrides",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_evaluate')",
         "preprocessing": "@validate#preprocessing",

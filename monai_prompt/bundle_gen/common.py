@@ -44,6 +44,8 @@ __all__ = [
     "train_settings",
     "trainer",
     "validate_handlers",
+    "method_config_ref",
+    "training_record",
     "with_flags",
 ]
 
@@ -101,6 +103,31 @@ def with_flags(config: dict[str, Any]) -> dict[str, Any]:
     flags = {name: f"$monai_prompt.runs.flag(@{name}, '{name}')" for name in names}
     items = list(config.items())
     return dict([*items[: last + 1], ("flags", flags), *items[last + 1 :]])
+
+
+def method_config_ref(spec: BundleSpec, ref: str = "@method_config") -> str:
+    """``ref`` (a method config) as the network and the training record read it: its boolean entries (VPT's
+    ``deep``, FPT's ``prompt_norm``, ...) through :func:`monai_prompt.runs.flag_entries`, so that
+    ``--method_config#deep false`` means False.
+
+    Args:
+        spec: the bundle's spec (its method config's boolean entries).
+        ref: the reference to the method config (``@method_config``, ``@trained_method_config``).
+    """
+    keys = sorted(key for key, value in spec.method_config().items() if isinstance(value, bool))
+    return f"$monai_prompt.runs.flag_entries({ref}, 'method_config', {keys})" if keys else ref
+
+
+def training_record(spec: BundleSpec, settings: dict[str, Any]) -> dict[str, Any]:
+    """``training_record``: each of the task's network ``settings`` as the run reads it (boolean settings and the
+    method config's boolean entries parsed, so the record holds bools whatever the command line wrote).
+
+    Args:
+        spec: the bundle's spec.
+        settings: the task's settings that define the network and data.
+    """
+    parsed = {"multi_label": "@flags#multi_label", "method_config": method_config_ref(spec)}
+    return {key: parsed.get(key, f"@{key}") for key in settings}
 
 
 def initialize(checks: Sequence[str], train: bool = True, kept: str = "@flags#resume") -> list[str]:

@@ -41,7 +41,7 @@ _DATALIST_TASK = {"class_names": "$@datalist.classes", "num_classes": "$len(@cla
 _UNTRAINED_TASK = {"class_names": list(SEGMENTATION_CLASSES), "num_classes": len(SEGMENTATION_CLASSES)}
 
 
-def _network_def(trained: bool = False) -> dict[str, Any]:
+def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
     """``PromptUNETR`` loading the pre-trained encoder itself from ``pretrained`` (``trained``: with the recorded
     method config and backbone overrides, see :func:`~monai_prompt.bundle_gen.common.recorded`)."""
     prefix = "trained_" if trained else ""
@@ -51,7 +51,7 @@ def _network_def(trained: bool = False) -> dict[str, Any]:
         "out_channels": "@num_classes",
         "img_size": "@img_size",
         "method": "@method",
-        "method_config": f"@{prefix}method_config",
+        "method_config": common.method_config_ref(spec, f"@{prefix}method_config"),
         "backbone": "@backbone",
         "spatial_dims": "@spatial_dims",
         "feature_size": "@feature_size",
@@ -85,7 +85,7 @@ def _common(spec: BundleSpec) -> dict[str, Any]:
         **_network_settings(spec),
         "roi_size": "$monai.utils.ensure_tuple_rep(@img_size, @spatial_dims)",
         "pixdim": None,
-        "network_def": _network_def(),
+        "network_def": _network_def(spec),
         "network": "$@network_def.to(@device)",
         "batch_size": batch_size,
         "num_samples": num_samples,
@@ -224,7 +224,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
         **settings,
         **_continue_model(settings),
         **common.train_settings(spec, _KEPT),
-        "training_record": {key: f"@{key}" for key in _network_settings(spec)},
+        "training_record": common.training_record(spec, _network_settings(spec)),
         "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
         **common.optimization(spec),
         "train": {
@@ -271,7 +271,7 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
         "evaluate_split": "test",
         "load_path": "$@ckpt_dir + '/model.pt'",
         **common.recorded(_network_settings(spec)),
-        "network_def#method_config": "@trained_method_config",
+        "network_def#method_config": common.method_config_ref(spec, "@trained_method_config"),
         "network_def#backbone_overrides": "@trained_backbone_overrides",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_evaluate')",
         "preprocessing": "@validate#preprocessing",
@@ -298,7 +298,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
     ``postprocessing`` (image-only loading, :data:`_MASK`).
     """
     return common.with_flags({
-        **common.recorded(_network_settings(spec), {**_common(spec), "network_def": _network_def(trained=True)},
+        **common.recorded(_network_settings(spec), {**_common(spec), "network_def": _network_def(spec, trained=True)},
                           untrained=_network_settings(spec, _UNTRAINED_TASK)),
         "load_path": "$@ckpt_dir + '/model.pt'",
         "input_dir": f"$@dataset_dir + '/{spec.spatial_dims}d/images/test'",

@@ -18,6 +18,7 @@ __all__ = [
     "check_task",
     "find_datalist",
     "flag",
+    "flag_entries",
     "warn_if_not_pretrained",
 ]
 
@@ -66,6 +67,18 @@ def flag(value: bool | int | str, name: str) -> bool:
         f"--{name} {value!r} is not a boolean; pass --{name} true or --{name} false "
         f"(accepted in any case: {', '.join(FLAG_SPELLINGS)})."
     )
+
+
+def flag_entries(config: dict, name: str, keys: Sequence[str]) -> dict:
+    """``config`` (a dict setting such as ``method_config``) with its boolean entries ``keys`` read by
+    :func:`flag` (those it holds), for ``--method_config#deep false``.
+
+    Args:
+        config: the dict setting.
+        name: the setting's config id, for the error (``method_config#deep``).
+        keys: the entries that are boolean.
+    """
+    return {key: flag(value, f"{name}#{key}") if key in keys else value for key, value in config.items()}
 
 
 #: the datalist file a dataset folder may hold (``monai-prompt demo-data`` writes one).
