@@ -124,16 +124,18 @@ _FLAG_FILES = (["train.json"], ["train.json", "evaluate.json"], ["train.json", "
                ["inference.json"])
 
 
-@pytest.mark.parametrize("name", sorted(ALL_BUNDLE_SPECS))
+@pytest.mark.parametrize("name", [*sorted(ALL_BUNDLE_SPECS), "vit_pretraining"])
 def test_every_boolean_setting_reads_the_command_line_spellings(name):
     """``python -m monai.bundle run ... --resume false`` passes the string ``'false'``: every boolean setting (each
     top-level ``true``/``false``, and ``amp``) is read only through ``flags``, whose entries give real bools for
     ``'false'``/``'true'``, as do the entries that pass a flag on to MONAI or ignite (``"amp": "@flags#amp"``);
     the method config's boolean entries (``--method_config#deep false``) reach the network and the record as bools."""
     configs = REPO / "bundles" / name / "configs"
-    method_config = ALL_BUNDLE_SPECS[name].method_config()
+    method_config = ALL_BUNDLE_SPECS[name].method_config() if name in ALL_BUNDLE_SPECS else {}
     method_flags = [key for key, value in method_config.items() if isinstance(value, bool)]
     for files in _FLAG_FILES:
+        if not all((configs / file).is_file() for file in files):  # vit_pretraining: train.json only
+            continue
         parser = ConfigParser()
         parser.read_config([str(configs / file) for file in files])
         config = parser.get()

@@ -1,5 +1,5 @@
-"""Small helpers bundle configs call: where the bundle and its datalist are, whether the data fits the task and the
-weights."""
+"""Small helpers bundle configs call: where the bundle and its datalist are, boolean settings as bools, whether the
+data fits the task and the weights."""
 
 from __future__ import annotations
 
