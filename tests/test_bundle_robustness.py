@@ -444,11 +444,31 @@ def test_a_bundle_refusal_exits_non_zero_with_the_cause_last(trained, tiny, tmp_
     assert summary.splitlines()[0] == (
         'Root cause (Failed to evaluate ConfigExpression: '
         '"$monai_prompt.data.check_classification_datalist(@datalist_file, '
-        'read_pixels=@check_pixels, **@datalist_options)"):'
+        'read_pixels=@flags#check_pixels, **@datalist_options)"):'
     )
     assert re.match(message, summary.split("\n", 1)[1].removeprefix(f"{kind.__name__}: ")), summary
     assert "RuntimeError: Failed to evaluate ConfigExpression" in result.stderr  # MONAI's traceback is kept above
     assert written(bundle) == before and "Epoch: 2/" not in result.stdout + result.stderr  # stopped before training
+
+
+@pytest.mark.slow
+def test_a_boolean_setting_reads_false_as_false_and_refuses_other_words(trained, tmp_path):
+    """``--overwrite false`` as typed (fire passes the string ``'false'``) keeps a finished run: refused, ``models/``
+    unchanged; ``--overwrite maybe`` stops before anything else, naming the setting and the accepted values last."""
+    bundle = copy_trained(trained, tmp_path)
+    before = written(bundle)
+    command = bundle_command(bundle, trained[1])
+    kept = run_command([*command, "--overwrite", "false"], cwd=tmp_path)
+    assert kept.returncode == 1, kept.stderr[-3000:]
+    assert kept.stderr.rstrip().splitlines()[-1].startswith("RunFolderError: ") and "--overwrite true" in kept.stderr
+    assert written(bundle) == before
+    refused = run_command([*command, "--overwrite", "maybe"], cwd=tmp_path)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert refused.stderr.rstrip().splitlines()[-1] == (
+        "ValueError: --overwrite 'maybe' is not a boolean; pass --overwrite true or --overwrite false (accepted in any "
+        "case: true, yes, 1, false, no, 0)."
+    )
+    assert written(bundle) == before
 
 
 def _kill_config(bundle: Path, path: Path, step: str) -> Path:
@@ -476,7 +496,7 @@ def test_killed_runs_resume_to_the_state_of_an_uninterrupted_run(tiny, tmp_path)
     schedule, delta, best score) equals an uninterrupted run's of the same seed. Data order and augmentation are
     fixed here (no shuffle, no random transforms): a resumed run re-seeds, so random draws after it differ."""
     overrides = {**tiny_overrides(LINEAR, tiny["data"], tiny["backbone"]), "train#trainer#max_epochs": 3,
-                 "train#dataloader#shuffle": False, "train#random_transforms": []}
+                 "shuffle": False, "train#random_transforms": []}
     reference = copy_bundle(LINEAR.name, tmp_path / "reference")
     assert run_command(bundle_command(reference, overrides), cwd=tmp_path).returncode == 0
 

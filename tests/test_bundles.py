@@ -109,6 +109,58 @@ def _network_setting(bundle: Path, files: list[str], key: str):
     return parser.get_parsed_content(key)
 
 
+def _ids_where(content, found, at: str = "") -> Iterator[str]:
+    """The ids of ``content`` whose value ``found`` accepts (e.g. a reference such as ``@flags#amp``)."""
+    items = content.items() if isinstance(content, dict) else enumerate(content) if isinstance(content, list) else ()
+    for key, value in items:
+        child = f"{at}#{key}" if at else str(key)
+        if found(value):
+            yield child
+        else:
+            yield from _ids_where(value, found, child)
+
+
+_FLAG_FILES = (["train.json"], ["train.json", "evaluate.json"], ["train.json", "multi_gpu_train.json"],
+               ["inference.json"])
+
+
+@pytest.mark.parametrize("name", [*sorted(ALL_BUNDLE_SPECS), "vit_pretraining"])
+def test_every_boolean_setting_reads_the_command_line_spellings(name):
+    """``python -m monai.bundle run ... --resume false`` passes the string ``'false'``: every boolean setting (each
+    top-level ``true``/``false``, and ``amp``) is read only through ``flags``, whose entries give real bools for
+    ``'false'``/``'true'``, as do the entries that pass a flag on to MONAI or ignite (``"amp": "@flags#amp"``);
+    the method config's boolean entries (``--method_config#deep false``) reach the network and the record as bools."""
+    configs = REPO / "bundles" / name / "configs"
+    method_config = ALL_BUNDLE_SPECS[name].method_config() if name in ALL_BUNDLE_SPECS else {}
+    method_flags = [key for key, value in method_config.items() if isinstance(value, bool)]
+    for files in _FLAG_FILES:
+        if not all((configs / file).is_file() for file in files):  # vit_pretraining: train.json only
+            continue
+        parser = ConfigParser()
+        parser.read_config([str(configs / file) for file in files])
+        config = parser.get()
+        flags = config["flags"]
+        settings = {key for key, value in config.items() if isinstance(value, bool)} | {"amp"}
+        assert settings <= set(flags), (files, settings - set(flags))
+        text = json.dumps({key: value for key, value in config.items() if key != "flags"})
+        for setting in flags:
+            assert flags[setting] == f"$monai_prompt.runs.flag(@{setting}, '{setting}')"
+            assert not re.search(rf"@{setting}\b", text), (files, setting)  # every use reads @flags#<setting>
+            uses = [f"flags#{setting}", *_ids_where(config, lambda value: value == f"@flags#{setting}")]
+            for value in ("false", "true"):
+                parser[setting] = value
+                for use in uses:
+                    assert parser.get_parsed_content(use) is (value == "true"), (files, use, value)
+        uses = list(_ids_where(config, lambda value: str(value).startswith("$monai_prompt.runs.flag_entries(")))
+        assert bool(uses) == bool(method_flags), files
+        for key in method_flags:
+            for value in ("false", "true"):
+                for setting in ("method_config", "trained_method_config"):
+                    parser[setting] = {**method_config, key: value}
+                for use in uses:
+                    assert parser.get_parsed_content(use)[key] is (value == "true"), (files, use, value)
+
+
 @pytest.mark.parametrize("name", ["vpt_classification", "vpt_segmentation"])
 def test_evaluation_and_inference_read_the_training_record_without_defaults(name, tmp_path):
     """Before any training inference builds its ``untrained_network`` (MONAI's property checks, verify_net_in_out);

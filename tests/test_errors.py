@@ -12,14 +12,15 @@ def test_format_root_cause_unwraps_monai_s_runtime_errors():
             try:
                 raise DataCheckError(["/data/a.png: file not found."], "/data/datalist.json")
             except DataCheckError as err:
-                wrapped = "Failed to evaluate ConfigExpression: \n\"$check(__local_refs['datalist_file'])\""
+                wrapped = ("Failed to evaluate ConfigExpression: \n"
+                           "\"$check(__local_refs['datalist_file'], __local_refs['flags::check_pixels'])\"")
                 raise RuntimeError(wrapped) from err
         except RuntimeError as err:
             raise RuntimeError('Failed to evaluate ConfigExpression: \n"$run(@x)"') from err
     except RuntimeError as err:
         summary = format_root_cause(err)
     assert summary.splitlines() == [
-        'Root cause (Failed to evaluate ConfigExpression: "$check(@datalist_file)"):',
+        'Root cause (Failed to evaluate ConfigExpression: "$check(@datalist_file, @flags#check_pixels)"):',
         "DataCheckError: 1 problem(s) in /data/datalist.json:",
         "  - /data/a.png: file not found.",
     ]

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from monai_prompt.data.datalist import ClassificationDatalist
-from monai_prompt.runs import bundle_root, check_task, find_datalist
+from monai_prompt.runs import bundle_root, check_task, find_datalist, flag, flag_entries
 
 
 def test_check_task_names_the_fix():
@@ -20,6 +20,24 @@ def test_check_task_names_the_fix():
         check_task(datalist, 3, False)
     with pytest.raises(ValueError, match="run with --multi_label False"):
         check_task(datalist, 2, True)
+
+
+def test_flag_reads_every_spelling_and_names_the_setting_it_refuses():
+    for value in (True, 1, "true", "True", "TRUE", "yes", "Yes", "1", " true "):
+        assert flag(value, "resume") is True
+    for value in (False, 0, "false", "False", "FALSE", "no", "NO", "0"):
+        assert flag(value, "resume") is False
+    for value in ("maybe", "", "2", 2, None, 0.5, "off"):
+        with pytest.raises(ValueError, match=r"--overwrite .* is not a boolean; pass --overwrite true or --overwrite "
+                           r"false \(accepted in any case: true, yes, 1, false, no, 0\)"):
+            flag(value, "overwrite")
+
+
+def test_flag_entries_reads_the_boolean_entries_of_a_dict_setting():
+    config = {"num_tokens": 10, "deep": "False", "dropout": 0.0}
+    assert flag_entries(config, "method_config", ["deep", "absent"]) == {**config, "deep": False}
+    with pytest.raises(ValueError, match=r"--method_config#deep 'on' is not a boolean"):
+        flag_entries({"deep": "on"}, "method_config", ["deep"])
 
 
 def test_check_task_refuses_empty_splits_a_workflow_reads():

@@ -45,10 +45,11 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
     if spec.fpt:
         target = "monai_prompt.nets.FPTClassifier"
         # SDPA in the side network: the same attention without storing its matrices (training memory)
-        method = {"variant": "@method", _method_key(spec): f"@{prefix}method_config", "sdpa": True}
+        method = {"variant": "@method", _method_key(spec): common.method_config_ref(spec, f"@{prefix}method_config"),
+                  "sdpa": True}
     else:
         target = "monai_prompt.nets.PromptClassifier"
-        method = {"method": "@method", _method_key(spec): f"@{prefix}method_config"}
+        method = {"method": "@method", _method_key(spec): common.method_config_ref(spec, f"@{prefix}method_config")}
     return {
         "_target_": target,
         "num_classes": "@num_classes",
@@ -133,7 +134,7 @@ def _deterministic_transforms() -> list[dict[str, Any]]:
         {"_target_": "Resized", "keys": "image", "spatial_size": "$monai.utils.ensure_tuple_rep(@img_size, "
          "@spatial_dims)", "mode": "bilinear", "anti_aliasing": True},
         {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
-        {"_target_": "ToTensord", "keys": "label", "dtype": "$torch.float32 if @multi_label else torch.long",
+        {"_target_": "ToTensord", "keys": "label", "dtype": "$torch.float32 if @flags#multi_label else torch.long",
          "track_meta": False, "allow_missing_keys": True},
     ]
 
@@ -151,19 +152,20 @@ _RANDOM_TRANSFORMS = [
 def _metrics(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Key metric (accuracy) and additional metrics (macro AUC, macro F1, quadratic-weighted kappa)."""
     decisions = "@metric_decisions"
-    key = ("accuracy", {"_target_": "ignite.metrics.Accuracy", "is_multilabel": "@multi_label",
+    key = ("accuracy", {"_target_": "ignite.metrics.Accuracy", "is_multilabel": "@flags#multi_label",
                         "output_transform": decisions})
     return common.metrics(prefix, key, {
         "auc": {"_target_": "ROCAUC", "average": "macro", "output_transform": common.FROM_PRED_LABEL},
-        "f1": {"_target_": "monai_prompt.engine.macro_f1", "multi_label": "@multi_label",
+        "f1": {"_target_": "monai_prompt.engine.macro_f1", "multi_label": "@flags#multi_label",
                "output_transform": decisions},
-        "kappa": {"_target_": "monai_prompt.engine.QuadraticWeightedKappa", "_disabled_": "@multi_label",
+        "kappa": {"_target_": "monai_prompt.engine.QuadraticWeightedKappa", "_disabled_": "@flags#multi_label",
                   "num_classes": "@num_classes", "output_transform": decisions},
     })
 
 
 #: probabilities: softmax, or sigmoid for multi-label.
-_ACTIVATION = {"_target_": "Activationsd", "keys": "pred", "softmax": "$not @multi_label", "sigmoid": "@multi_label"}
+_ACTIVATION = {"_target_": "Activationsd", "keys": "pred", "softmax": "$not @flags#multi_label",
+               "sigmoid": "@flags#multi_label"}
 #: inference: the image (and its meta dict, which MONAI Label's loader adds) leaves the output with the
 #: probabilities, so that the ``Restored(ref_image="image")`` MONAI Label's ``BundleInferTask`` appends to these
 #: transforms has no image to resize the class vector to and leaves it as it is.
@@ -172,14 +174,15 @@ _POSTPROCESSING = {
     "_target_": "Compose",
     "transforms": [
         _ACTIVATION,
-        {"_target_": "AsDiscreted", "keys": "label", "to_onehot": "$None if @multi_label else @num_classes"},
+        {"_target_": "AsDiscreted", "keys": "label", "to_onehot": "$None if @flags#multi_label else @num_classes"},
     ],
 }
 
 
 #: every image decoded as training reads it, every label, with the reader's options.
 _CHECK_DATALIST = (
-    "$monai_prompt.data.check_classification_datalist(@datalist_file, read_pixels=@check_pixels, **@datalist_options)"
+    "$monai_prompt.data.check_classification_datalist(@datalist_file, read_pixels=@flags#check_pixels, "
+    "**@datalist_options)"
 )
 
 
@@ -188,13 +191,13 @@ def _initialize(spec: BundleSpec, train: bool = True) -> list[str]:
     the task (the splits the workflow reads not empty; evaluation: the training's classes); (FPT) then the LPM
     features preloaded, on rank 0 only under DDP (the other ranks wait), then (training) the LPM weights freed."""
     if train:
-        task = "$monai_prompt.runs.check_task(@datalist, @num_classes, @multi_label, ['training', 'validation'])"
+        task = "$monai_prompt.runs.check_task(@datalist, @num_classes, @flags#multi_label, ['training', 'validation'])"
     else:
-        task = ("$monai_prompt.runs.check_task(@datalist, @num_classes, @multi_label, [@evaluate_split], "
+        task = ("$monai_prompt.runs.check_task(@datalist, @num_classes, @flags#multi_label, [@evaluate_split], "
                 "classes=@class_names)")
     steps = common.initialize([_CHECK_DATALIST, task], train=train)
     if spec.fpt:
-        steps += [f"${_FPT_PRELOAD} if @fpt_preload and not @is_not_rank0 else None", common.BARRIER]
+        steps += [f"${_FPT_PRELOAD} if @flags#fpt_preload and not @is_not_rank0 else None", common.BARRIER]
     if spec.fpt and train:  # training and validation read the cache: the LPM weights are not needed (every rank)
         steps.append(_FPT_RELEASE)
     return steps
@@ -204,7 +207,7 @@ def _class_report(output_dir: bool) -> dict[str, Any]:
     """Per-class precision/recall/F1 and the confusion matrix of each evaluation, a warning when every prediction is
     the same class (``output_dir``: also ``eval/class_report.csv`` and ``eval/confusion_matrix.csv``)."""
     report = {"_target_": "monai_prompt.engine.ClassReportHandler", "num_classes": "@num_classes",
-              "class_names": "@class_names", "multi_label": "@multi_label"}
+              "class_names": "@class_names", "multi_label": "@flags#multi_label"}
     return {**report, "output_dir": "@output_dir"} if output_dir else {**report, "ece_name": "val_ece"}
 
 
@@ -216,14 +219,15 @@ def _fpt_batch(spec: BundleSpec) -> dict[str, Any]:
 def train_config(spec: BundleSpec) -> dict[str, Any]:
     """``configs/train.json``: training with validation, best delta to ``models/model.pt``, resumable."""
     key_metric, additional_metrics = _metrics("val_")
-    return {
+    return common.with_flags({
         **_common(spec, ("$import monai_prompt.fpt",) if spec.fpt else ()),
         **(_fpt_settings() if spec.fpt else {}),
         **common.train_settings(spec),
-        "training_record": {key: f"@{key}" for key in _network_settings(spec)},
-        "loss": "$torch.nn.BCEWithLogitsLoss() if @multi_label else torch.nn.CrossEntropyLoss()",
+        # multi_label is recorded as the flag reads it (a bool, whatever the command line wrote)
+        "training_record": common.training_record(spec, _network_settings(spec)),
+        "loss": "$torch.nn.BCEWithLogitsLoss() if @flags#multi_label else torch.nn.CrossEntropyLoss()",
         **common.optimization(spec),
-        "metric_decisions": "$monai_prompt.engine.class_decisions(@multi_label)",
+        "metric_decisions": "$monai_prompt.engine.class_decisions(@flags#multi_label)",
         "train": {
             **common.train_checkpointing(),
             "deterministic_transforms": _deterministic_transforms(),
@@ -232,7 +236,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
             "preprocessing": common.compose("$@train#deterministic_transforms + "
                                       f"{'[@fpt_features] + ' if spec.fpt else ''}@train#random_transforms"),
             "dataset": common.dataset("$@datalist['training']", "@train#preprocessing"),
-            "dataloader": common.loader("@train#dataset", shuffle=True),
+            "dataloader": common.loader("@train#dataset", shuffle="@flags#shuffle"),
             "inferer": {"_target_": "SimpleInferer"},
             "handlers": common.train_handlers(),
             "trainer": common.trainer(spec, _fpt_batch(spec)),
@@ -251,7 +255,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
         },
         "initialize": _initialize(spec),
         "run": list(common.TRAIN_RUN),
-    }
+    })
 
 
 def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
@@ -264,7 +268,7 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
         "evaluate_split": "test",
         "load_path": "$@ckpt_dir + '/model.pt'",
         **common.recorded(_network_settings(spec)),
-        f"network_def#{_method_key(spec)}": "@trained_method_config",
+        f"network_def#{_method_key(spec)}": common.method_config_ref(spec, "@trained_method_config"),
         "network_def#backbone_overrides": "@trained_backbone_overrides",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_evaluate')",
         "preprocessing": "@validate#preprocessing",
@@ -290,7 +294,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
     bundle without data. MONAI Label's stock ``monaibundle`` app serves the same ``preprocessing``, ``inferer`` and
     ``postprocessing`` (:data:`_DROP_IMAGE`).
     """
-    return {
+    return common.with_flags({
         **common.recorded(_network_settings(spec), {**_common(spec), "network_def": _network_def(spec, trained=True)},
                           untrained=_network_settings(spec, _UNTRAINED_TASK)),
         "load_path": "$@ckpt_dir + '/model.pt'",
@@ -310,14 +314,14 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
                 "_target_": "monai_prompt.engine.PredictionSaver",
                 "output_dir": "@output_dir",
                 "class_names": "@class_names",
-                "multi_label": "@multi_label",
+                "multi_label": "@flags#multi_label",
             },
         ],
         "evaluator": common.evaluator(metrics=False),
         **common.inference_steps(
-            "$monai_prompt.data.check_images(@infer_files, read_pixels=@check_pixels, source=@infer_images)"
+            "$monai_prompt.data.check_images(@infer_files, read_pixels=@flags#check_pixels, source=@infer_images)"
         ),
-    }
+    })
 
 
 def multi_gpu_config(spec: BundleSpec) -> dict[str, Any]:

@@ -8,6 +8,8 @@ network, transforms, loss, metrics and the data checks.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +44,9 @@ __all__ = [
     "train_settings",
     "trainer",
     "validate_handlers",
+    "method_config_ref",
+    "training_record",
+    "with_flags",
 ]
 
 #: the modules the expressions use (``_target_`` components import their own).
@@ -56,7 +61,7 @@ EVALUATOR = {
     "_target_": "SupervisedEvaluator",
     "device": "@device",
     "network": "@network",
-    "amp": "@amp",
+    "amp": "@flags#amp",
 }
 #: the prediction and label of an engine's output, as MONAI's metric handlers read them.
 FROM_PRED_LABEL = "$monai.handlers.from_engine(['pred', 'label'])"
@@ -64,18 +69,68 @@ FROM_PRED_LABEL = "$monai.handlers.from_engine(['pred', 'label'])"
 SHOW_CAUSE_LAST = "$monai_prompt.runs.show_cause_last()"
 _SEED = "$monai.utils.set_determinism(seed=@seed)"
 _WARN_IF_NOT_PRETRAINED = "$monai_prompt.runs.warn_if_not_pretrained(@pretrained)"
+#: every boolean setting as its uses read it: ``@flags#<setting>``.
+_FLAG_USE = re.compile(r"@flags#(\w+)")
+#: second step of every workflow's ``initialize``: every boolean setting read once, a bad value refused early.
+FLAGS = "@flags"
 #: under DDP, the other ranks wait here for rank 0 (a step that only rank 0 runs comes before it).
 BARRIER = "$torch.distributed.barrier() if torch.distributed.is_initialized() else None"
 #: the trainer-state checkpoint handlers reference the trainer, so they are attached to it here rather than listed
 #: in ``train#handlers`` (which the trainer references: a cycle); they run after the listed handlers.
 TRAIN_RUN = (
-    "$@train#checkpoint_loader.attach(@train#trainer) if @resume else None",
+    "$@train#checkpoint_loader.attach(@train#trainer) if @flags#resume else None",
     "$@train#checkpoint_saver.attach(@train#trainer)",
     "$@train#trainer.run()",
 )
 
 
-def initialize(checks: Sequence[str], train: bool = True, kept: str = "@resume") -> list[str]:
+def with_flags(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``flags``: each boolean setting its entries read as ``@flags#<setting>``, parsed by
+    :func:`monai_prompt.runs.flag` (``python -m monai.bundle run ... --resume false`` passes the string
+    ``'false'``, which Python reads as true). ``flags`` follows the last of these settings.
+
+    Args:
+        config: a standalone config (``train.json``, ``inference.json``) whose boolean settings are top-level keys.
+
+    Raises:
+        ValueError: an entry reads a flag that is not a top-level setting of ``config``.
+    """
+    names = sorted(set(_FLAG_USE.findall(json.dumps(config))))
+    missing = [name for name in names if name not in config]
+    if missing:
+        raise ValueError(f"the config reads @flags#{missing[0]} but has no {missing[0]!r} setting.")
+    last = max(list(config).index(name) for name in names)
+    flags = {name: f"$monai_prompt.runs.flag(@{name}, '{name}')" for name in names}
+    items = list(config.items())
+    return dict([*items[: last + 1], ("flags", flags), *items[last + 1 :]])
+
+
+def method_config_ref(spec: BundleSpec, ref: str = "@method_config") -> str:
+    """``ref`` (a method config) as the network and the training record read it: its boolean entries (VPT's
+    ``deep``, FPT's ``prompt_norm``, ...) through :func:`monai_prompt.runs.flag_entries`, so that
+    ``--method_config#deep false`` means False.
+
+    Args:
+        spec: the bundle's spec (its method config's boolean entries).
+        ref: the reference to the method config (``@method_config``, ``@trained_method_config``).
+    """
+    keys = sorted(key for key, value in spec.method_config().items() if isinstance(value, bool))
+    return f"$monai_prompt.runs.flag_entries({ref}, 'method_config', {keys})" if keys else ref
+
+
+def training_record(spec: BundleSpec, settings: dict[str, Any]) -> dict[str, Any]:
+    """``training_record``: each of the task's network ``settings`` as the run reads it (boolean settings and the
+    method config's boolean entries parsed, so the record holds bools whatever the command line wrote).
+
+    Args:
+        spec: the bundle's spec.
+        settings: the task's settings that define the network and data.
+    """
+    parsed = {"multi_label": "@flags#multi_label", "method_config": method_config_ref(spec)}
+    return {key: parsed.get(key, f"@{key}") for key in settings}
+
+
+def initialize(checks: Sequence[str], train: bool = True, kept: str = "@flags#resume") -> list[str]:
     """``initialize`` of a training or evaluation: errors shown last; training: ``distributed_setup`` (empty;
     ``multi_gpu_train.json`` fills it with the process group), the checkpoint folder locked (a previous run is only
     replaced with ``--overwrite true``, crash leftovers removed); the seed; ``checks`` (the
@@ -89,14 +144,15 @@ def initialize(checks: Sequence[str], train: bool = True, kept: str = "@resume")
         checks: the task's expressions that check the data before anything trains or evaluates.
         train: a training run (else an evaluation).
         kept: the condition (config references) under which a training run continues the folder's previous run,
-            which is then kept: ``@resume`` (segmentation: ``@resume or @continue_model``).
+            which is then kept: ``@flags#resume`` (segmentation: ``@flags#resume or @flags#continue_model``).
     """
     if not train:
-        return [SHOW_CAUSE_LAST, _SEED, *checks, _WARN_IF_NOT_PRETRAINED]
+        return [SHOW_CAUSE_LAST, FLAGS, _SEED, *checks, _WARN_IF_NOT_PRETRAINED]
     return [
         SHOW_CAUSE_LAST,
+        FLAGS,
         "@distributed_setup",
-        f"$monai_prompt.runs.claim_run_folder(@ckpt_dir, resume={kept}, overwrite=@overwrite)",
+        f"$monai_prompt.runs.claim_run_folder(@ckpt_dir, resume={kept}, overwrite=@flags#overwrite)",
         _SEED,
         *checks,
         f"$None if {kept} else monai_prompt.runs.write_training_config(@ckpt_dir, @run_id, @training_record)",
@@ -185,7 +241,7 @@ def dataset(data: str, transform: str) -> dict[str, Any]:
     }
 
 
-def loader(data: str, shuffle: bool, batch_size: str | int = "@batch_size") -> dict[str, Any]:
+def loader(data: str, shuffle: bool | str, batch_size: str | int = "@batch_size") -> dict[str, Any]:
     """MONAI ``DataLoader`` of ``data`` (``list_data_collate``: crops sampled per image are flattened)."""
     return {
         "_target_": "DataLoader",
@@ -263,7 +319,7 @@ def recorded(
     return merged
 
 
-def train_settings(spec: BundleSpec, kept: str = "@resume") -> dict[str, Any]:
+def train_settings(spec: BundleSpec, kept: str = "@flags#resume") -> dict[str, Any]:
     """Recipe numbers, validation interval, resume (the newest checkpoint of the recorded run) or overwrite, the run
     id, the MLflow run name, ``distributed_setup`` (empty: ``multi_gpu_train.json`` fills it), rank and the delta
     objects.
@@ -279,8 +335,9 @@ def train_settings(spec: BundleSpec, kept: str = "@resume") -> dict[str, Any]:
         "val_interval": 1,
         "resume": False,
         "overwrite": False,
+        "shuffle": True,
         "run_id": f"$monai_prompt.runs.run_id(@ckpt_dir, {kept})",
-        "resume_file": "$monai_prompt.engine.latest_checkpoint(@ckpt_dir, run_id=@run_id) if @resume else None",
+        "resume_file": "$monai_prompt.engine.latest_checkpoint(@ckpt_dir, run_id=@run_id) if @flags#resume else None",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_train')",
         "distributed_setup": [],
         "is_not_rank0": "$torch.distributed.is_available() and torch.distributed.is_initialized() "
@@ -327,7 +384,7 @@ def train_checkpointing() -> dict[str, Any]:
         },
         "checkpoint_loader": {
             "_target_": "CheckpointLoader",
-            "_disabled_": "$not @resume",
+            "_disabled_": "$not @flags#resume",
             "load_path": "@resume_file",
             "load_dict": "@train#checkpoint",
             "map_location": "@device",
@@ -394,7 +451,7 @@ def trainer(spec: BundleSpec, extra: dict[str, Any] | None = None) -> dict[str, 
         "inferer": "@train#inferer",
         **(extra or {}),
         "train_handlers": "@train#handlers",
-        "amp": "@amp",
+        "amp": "@flags#amp",
     }
 
 
@@ -480,6 +537,7 @@ def multi_gpu_config() -> dict[str, Any]:
             "even_divisible": True,
             "shuffle": True,
         },
+        "train#sampler#shuffle": "@flags#shuffle",
         "train#dataloader#sampler": "@train#sampler",
         "train#dataloader#shuffle": False,
         "validate#sampler": {

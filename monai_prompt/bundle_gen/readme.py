@@ -438,7 +438,8 @@ the bundle folder (drop `bundles/{name}/` from the paths). {text.data_hint}
 
 Train ({text.train}, resumable checkpoints
 `models/checkpoint_epoch=<N>.pt`). Each training command below starts a new run in `models/` and stops when the
-folder holds a previous one: `--resume True` continues it, `--overwrite true` replaces it:
+folder holds a previous one: `--resume true` continues it, `--overwrite true` replaces it (every on/off setting
+takes `true`/`false`, `yes`/`no` or `1`/`0` in any case; another word is refused, naming the setting):
 
 ```bash
 python -m monai.bundle run --config_file bundles/{name}/configs/train.json \\

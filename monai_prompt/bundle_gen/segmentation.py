@@ -41,7 +41,7 @@ _DATALIST_TASK = {"class_names": "$@datalist.classes", "num_classes": "$len(@cla
 _UNTRAINED_TASK = {"class_names": list(SEGMENTATION_CLASSES), "num_classes": len(SEGMENTATION_CLASSES)}
 
 
-def _network_def(trained: bool = False) -> dict[str, Any]:
+def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
     """``PromptUNETR`` loading the pre-trained encoder itself from ``pretrained`` (``trained``: with the recorded
     method config and backbone overrides, see :func:`~monai_prompt.bundle_gen.common.recorded`)."""
     prefix = "trained_" if trained else ""
@@ -51,7 +51,7 @@ def _network_def(trained: bool = False) -> dict[str, Any]:
         "out_channels": "@num_classes",
         "img_size": "@img_size",
         "method": "@method",
-        "method_config": f"@{prefix}method_config",
+        "method_config": common.method_config_ref(spec, f"@{prefix}method_config"),
         "backbone": "@backbone",
         "spatial_dims": "@spatial_dims",
         "feature_size": "@feature_size",
@@ -85,7 +85,7 @@ def _common(spec: BundleSpec) -> dict[str, Any]:
         **_network_settings(spec),
         "roi_size": "$monai.utils.ensure_tuple_rep(@img_size, @spatial_dims)",
         "pixdim": None,
-        "network_def": _network_def(),
+        "network_def": _network_def(spec),
         "network": "$@network_def.to(@device)",
         "batch_size": batch_size,
         "num_samples": num_samples,
@@ -187,18 +187,18 @@ def _continue_model(settings: dict[str, Any]) -> dict[str, Any]:
     Args:
         settings: the ``datalist_file`` and ``datalist`` expressions of :func:`_common`.
     """
-    unless = "$None if @continue_model else "
+    unless = "$None if @flags#continue_model else "
     return {
         "datalist_file": unless + settings["datalist_file"][1:],
         "datalist": unless + settings["datalist"][1:],
-        "class_names": "$@training_config['class_names'] if @continue_model else @datalist.classes",
+        "class_names": "$@training_config['class_names'] if @flags#continue_model else @datalist.classes",
         "continue_model": False,
-        "training_config": "$monai_prompt.runs.read_training_config(@ckpt_dir, required=@continue_model)",
+        "training_config": "$monai_prompt.runs.read_training_config(@ckpt_dir, required=@flags#continue_model)",
     }
 
 
 #: a training run that keeps the folder's previous run: ``--resume`` or ``continue_model`` (:func:`_continue_model`).
-_KEPT = "@resume or @continue_model"
+_KEPT = "@flags#resume or @flags#continue_model"
 
 
 def _initialize(train: bool = True) -> list[str]:
@@ -212,7 +212,7 @@ def _initialize(train: bool = True) -> list[str]:
     )
     if not train:
         return common.initialize([f"${check}"], train=False)
-    return common.initialize([f"$None if @continue_model else {check}"], kept=_KEPT)
+    return common.initialize([f"$None if @flags#continue_model else {check}"], kept=_KEPT)
 
 
 def train_config(spec: BundleSpec) -> dict[str, Any]:
@@ -220,11 +220,11 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
     resumable."""
     key_metric, additional_metrics = _metrics("val_")
     settings = _common(spec)
-    return {
+    return common.with_flags({
         **settings,
         **_continue_model(settings),
         **common.train_settings(spec, _KEPT),
-        "training_record": {key: f"@{key}" for key in _network_settings(spec)},
+        "training_record": common.training_record(spec, _network_settings(spec)),
         "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
         **common.optimization(spec),
         "train": {
@@ -233,7 +233,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
             "random_transforms": _random_transforms(),
             "preprocessing": common.compose("$@train#deterministic_transforms + @train#random_transforms"),
             "dataset": common.dataset("$@datalist['training']", "@train#preprocessing"),
-            "dataloader": common.loader("@train#dataset", shuffle=True),
+            "dataloader": common.loader("@train#dataset", shuffle="@flags#shuffle"),
             "inferer": {"_target_": "SimpleInferer"},
             "handlers": common.train_handlers(),
             "trainer": common.trainer(spec),
@@ -251,7 +251,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
         },
         "initialize": _initialize(),
         "run": list(common.TRAIN_RUN),
-    }
+    })
 
 
 def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
@@ -271,7 +271,7 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
         "evaluate_split": "test",
         "load_path": "$@ckpt_dir + '/model.pt'",
         **common.recorded(_network_settings(spec)),
-        "network_def#method_config": "@trained_method_config",
+        "network_def#method_config": common.method_config_ref(spec, "@trained_method_config"),
         "network_def#backbone_overrides": "@trained_backbone_overrides",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_evaluate')",
         "preprocessing": "@validate#preprocessing",
@@ -297,8 +297,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
     inputs. MONAI Label's stock ``monaibundle`` app serves the same ``preprocessing``, ``inferer`` and
     ``postprocessing`` (image-only loading, :data:`_MASK`).
     """
-    return {
-        **common.recorded(_network_settings(spec), {**_common(spec), "network_def": _network_def(trained=True)},
+    return common.with_flags({
+        **common.recorded(_network_settings(spec), {**_common(spec), "network_def": _network_def(spec, trained=True)},
                           untrained=_network_settings(spec, _UNTRAINED_TASK)),
         "load_path": "$@ckpt_dir + '/model.pt'",
         "input_dir": f"$@dataset_dir + '/{spec.spatial_dims}d/images/test'",
@@ -324,7 +324,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "handlers": [common.delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}],
         "evaluator": common.evaluator(metrics=False),
         **common.inference_steps("$monai_prompt.data.check_images(@infer_files, source=@infer_images)"),
-    }
+    })
 
 
 def multi_gpu_config(spec: BundleSpec) -> dict[str, Any]:

@@ -68,6 +68,10 @@ class BundleSpec:
     recipe_source: str = "AdamW with cosine annealing, the common PEFT recipe (V-PETL Bench)"
     references: tuple[Reference, ...] = ()
     changelog: tuple[tuple[str, str], ...] = (
+        ("0.1.3", ("every boolean setting (amp, resume, overwrite, check_pixels, multi_label, shuffle, FPT: "
+                   "fpt_preload; the method config's deep, prompt_norm, prompt_proj) accepts true/false/yes/no/1/0 "
+                   "in any case on the command line and refuses any other value naming the setting (flags); "
+                   "shuffle is a setting of its own")),
         ("0.1.2", ("evaluation and inference build the network from the training record with no defaults (a missing "
                    "models/training_config.json stops them with what to run or give); the transforms are 2D only; "
                    "multi_gpu_train.json fills distributed_setup instead of restating initialize; the datalist "
@@ -311,6 +315,9 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
         "decoder start from scratch; not tuned",
         references=(_UNETR, *spec.references),
         changelog=(
+            ("0.1.3", ("every boolean setting (amp, resume, overwrite, continue_model, shuffle; VPT's "
+                       "method_config#deep) accepts true/false/yes/no/1/0 in any case on the command line and "
+                       "refuses any other value naming the setting (flags); shuffle is a setting of its own")),
             ("0.1.2", ("evaluation and inference build the network from the training record with no defaults (a "
                        "missing models/training_config.json stops them with what to run or give; continue_model "
                        "too); multi_gpu_train.json fills distributed_setup instead of restating initialize")),

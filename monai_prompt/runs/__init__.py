@@ -8,7 +8,14 @@ from monai_prompt.runs.progress import EpochProgress, RunSteps, attach_progress
 from monai_prompt.runs.record import TRAINING_CONFIG, RunIdentity, read_training_config, run_id, write_training_config
 from monai_prompt.runs.run_folder import RunFolderError, RunLock, claim_run_folder, remove_partial_writes
 from monai_prompt.runs.runner import read_metrics, run_bundle, train_and_evaluate
-from monai_prompt.runs.workflow import bundle_root, check_task, find_datalist, warn_if_not_pretrained
+from monai_prompt.runs.workflow import (
+    bundle_root,
+    check_task,
+    find_datalist,
+    flag,
+    flag_entries,
+    warn_if_not_pretrained,
+)
 
 __all__ = [
     "TRAINING_CONFIG",
@@ -24,6 +31,8 @@ __all__ = [
     "claim_run_folder",
     "find_bundle",
     "find_datalist",
+    "flag",
+    "flag_entries",
     "format_root_cause",
     "read_metrics",
     "read_training_config",

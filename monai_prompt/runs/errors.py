@@ -47,7 +47,8 @@ def format_root_cause(error: BaseException) -> str | None:
     if separator:  # MONAI pretty-prints the expression's string, a long one as ("..." "..."): show it as written
         with contextlib.suppress(ValueError, SyntaxError):
             context = f'{head}{separator}"{ast.literal_eval(expression)}"'
-    context = _LOCAL_REF.sub(r"@\1", context)  # the config text as written
+    # the config text as written (MONAI's resolver separates ids with "::", a config with "#")
+    context = _LOCAL_REF.sub(lambda ref: "@" + ref.group(1).replace("::", "#"), context)
     return f"Root cause ({context}):\n{type(cause).__name__}: {cause}"
 
 

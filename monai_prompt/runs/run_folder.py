@@ -2,7 +2,7 @@
 
 :func:`claim_run_folder` is the first step of a training bundle's ``initialize``::
 
-    "$monai_prompt.runs.claim_run_folder(@ckpt_dir, resume=@resume, overwrite=@overwrite)"
+    "$monai_prompt.runs.claim_run_folder(@ckpt_dir, resume=@flags#resume, overwrite=@flags#overwrite)"
 
 It locks ``<ckpt_dir>/.lock`` (a second run into the same folder fails at once, naming the first), removes the
 temporary files interrupted atomic writes left behind, and refuses to start a new run over a previous run's

@@ -1,5 +1,5 @@
-"""Small helpers bundle configs call: where the bundle and its datalist are, whether the data fits the task and the
-weights."""
+"""Small helpers bundle configs call: where the bundle and its datalist are, boolean settings as bools, whether the
+data fits the task and the weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ from pathlib import Path
 from monai_prompt.data.check import labels_out_of_range
 from monai_prompt.data.datalist import DataCheckError
 
-__all__ = ["DATALIST_NAME", "bundle_root", "check_task", "find_datalist", "warn_if_not_pretrained"]
+__all__ = [
+    "DATALIST_NAME",
+    "FLAG_SPELLINGS",
+    "bundle_root",
+    "check_task",
+    "find_datalist",
+    "flag",
+    "flag_entries",
+    "warn_if_not_pretrained",
+]
 
 logger = logging.getLogger("monai_prompt")
 
@@ -30,6 +39,46 @@ def bundle_root(name: str) -> str:
         return "."
     in_repo = Path("bundles", name)
     return str(in_repo) if (in_repo / "configs").is_dir() else "."
+
+
+#: how a boolean setting may be written on the command line (any case): ``python -m monai.bundle run`` passes
+#: ``--resume false`` as the string ``'false'``, which Python reads as true.
+FLAG_SPELLINGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def flag(value: bool | int | str, name: str) -> bool:
+    """A boolean setting as a bool: ``True``/``False`` (also 1/0) as they are, a string spelled as in
+    :data:`FLAG_SPELLINGS` in any case; anything else is refused.
+
+    Args:
+        value: the setting as the config holds it (a command-line override arrives as a string).
+        name: the setting's config id, for the error.
+
+    Raises:
+        ValueError: ``value`` is no boolean, naming the setting and the accepted values.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in FLAG_SPELLINGS:
+        return FLAG_SPELLINGS[value.strip().lower()]
+    raise ValueError(
+        f"--{name} {value!r} is not a boolean; pass --{name} true or --{name} false "
+        f"(accepted in any case: {', '.join(FLAG_SPELLINGS)})."
+    )
+
+
+def flag_entries(config: dict, name: str, keys: Sequence[str]) -> dict:
+    """``config`` (a dict setting such as ``method_config``) with its boolean entries ``keys`` read by
+    :func:`flag` (those it holds), for ``--method_config#deep false``.
+
+    Args:
+        config: the dict setting.
+        name: the setting's config id, for the error (``method_config#deep``).
+        keys: the entries that are boolean.
+    """
+    return {key: flag(value, f"{name}#{key}") if key in keys else value for key, value in config.items()}
 
 
 #: the datalist file a dataset folder may hold (``monai-prompt demo-data`` writes one).
@@ -114,7 +163,7 @@ def check_task(
         raise ValueError(
             f"the model was trained on the classes {list(classes)} but the datalist has {list(datalist.classes)}; "
             f"evaluate on data with the training's classes in the same order (e.g. --datalist_options#classes "
-            f"\"{list(classes)}\"), or give --class_names to override the training record."
+            f'"{list(classes)}"), or give --class_names to override the training record.'
         )
 
 
@@ -125,4 +174,3 @@ def warn_if_not_pretrained(pretrained: str | None) -> None:
             "pretrained is not set: the backbone is randomly initialised, and a PEFT method keeps it frozen; "
             "pass --pretrained /path/to/vit weights (timm, HuggingFace or MONAI layout)."
         )
-
