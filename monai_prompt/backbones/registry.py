@@ -34,6 +34,7 @@ __all__ = [
     "get_family",
     "plain_request",
     "register_family",
+    "square_2d_side",
 ]
 
 #: the tasks networks build backbones for (``PromptClassifier``/``FPTClassifier``, ``PromptUNETR``).
@@ -286,3 +287,20 @@ def find_backbone(model: nn.Module) -> nn.Module:
         f"{type(model).__name__} is no backbone ({family_names()} or a MONAI ViT) and holds none as its "
         f"backbone_name or 'vit'."
     )
+
+
+def square_2d_side(img_size: int | Sequence[int], spatial_dims: int, what: str) -> int:
+    """The side of a square 2D input, for families that take nothing else (TinyViT, SAM's encoder).
+
+    Args:
+        img_size: an int, or the sides (all equal).
+        spatial_dims: must be 2.
+        what: the backbone, for the error.
+
+    Raises:
+        ValueError: not 2D or not square, naming ``what`` and the values given.
+    """
+    sizes = [img_size] if isinstance(img_size, int) else list(img_size)
+    if spatial_dims != 2 or len(set(sizes)) != 1:
+        raise ValueError(f"{what} takes square 2D images: got spatial_dims={spatial_dims}, img_size={img_size}.")
+    return int(sizes[0])

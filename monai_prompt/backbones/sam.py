@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from monai_prompt.backbones.pretrained import LoadReport, _adapt_patch_weight, read_checkpoint
-from monai_prompt.backbones.registry import BackboneFamily, BackboneRequest, register_family
+from monai_prompt.backbones.registry import BackboneFamily, BackboneRequest, register_family, square_2d_side
 from monai_prompt.backbones.tinyvit import LayerNorm2d
 
 __all__ = [
@@ -394,13 +394,6 @@ class SAMImageEncoder(nn.Module):
         return self.forward(x).mean(dim=(2, 3))
 
 
-def _square_2d(img_size: int | Sequence[int], spatial_dims: int, what: str) -> int:
-    sizes = [img_size] if isinstance(img_size, int) else list(img_size)
-    if spatial_dims != 2 or len(set(sizes)) != 1:
-        raise ValueError(f"{what} takes square 2D images: got spatial_dims={spatial_dims}, img_size={img_size}.")
-    return int(sizes[0])
-
-
 def build_sam(
     name: str = "sam_vit_b",
     in_channels: int = 3,
@@ -423,7 +416,7 @@ def build_sam(
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise ValueError(f"unknown SAM encoder overrides {unknown}; allowed: {sorted(allowed)}.")
-    size = _square_2d(img_size, spatial_dims, f"the SAM encoder ({name!r})")
+    size = square_2d_side(img_size, spatial_dims, f"the SAM encoder ({name!r})")
     return SAMImageEncoder(in_channels=in_channels, img_size=size, **{**SAM_PRESETS[name], **overrides})
 
 
@@ -619,7 +612,7 @@ def sam_from_pretrained(
     tensors = read_checkpoint(path)[0]
     kwargs, inferred = infer_sam_config(tensors, **overrides)
     in_channels = inferred["in_channels (checkpoint)"][0] if in_channels is None else in_channels
-    size = inferred["img_size (checkpoint)"][0] if img_size is None else _square_2d(img_size, spatial_dims, "SAM")
+    size = inferred["img_size (checkpoint)"][0] if img_size is None else square_2d_side(img_size, spatial_dims, "SAM")
     encoder = SAMImageEncoder(in_channels=in_channels, img_size=size, **kwargs)
     report = _load_tensors(encoder, tensors, path, strict)
     report.inferred = inferred

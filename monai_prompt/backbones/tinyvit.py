@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from monai_prompt.backbones.blocks import ParallelSeam
-from monai_prompt.backbones.registry import BackboneFamily, BackboneRequest, register_family
+from monai_prompt.backbones.registry import BackboneFamily, BackboneRequest, register_family, square_2d_side
 
 __all__ = [
     "LITE_MEDSAM_WHEEL",
@@ -466,15 +466,11 @@ def build_tinyvit(
     """
     if name not in TINYVIT_PRESETS:
         raise ValueError(f"unknown TinyViT preset {name!r}; use one of {sorted(TINYVIT_PRESETS)}.")
-    sizes = [img_size] if isinstance(img_size, int) else list(img_size)
-    if spatial_dims != 2 or len(set(sizes)) != 1:
-        raise ValueError(
-            f"TinyViT ({name!r}) takes square 2D images: got spatial_dims={spatial_dims}, img_size={img_size}."
-        )
+    size = square_2d_side(img_size, spatial_dims, f"TinyViT ({name!r})")
     unknown = sorted(set(overrides) - set(TINYVIT_PRESETS[name]))
     if unknown:
         raise ValueError(f"unknown TinyViT overrides {unknown}; allowed: {sorted(TINYVIT_PRESETS[name])}.")
-    return TinyViT(in_channels=in_channels, img_size=int(sizes[0]), **{**TINYVIT_PRESETS[name], **overrides})
+    return TinyViT(in_channels=in_channels, img_size=size, **{**TINYVIT_PRESETS[name], **overrides})
 
 
 def lite_medsam_checkpoint() -> Path:
