@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # (a later make keeps the torch of the last TORCH_SPEC given; another TORCH_SPEC reinstalls torch)
 TORCH_SPEC ?= $(or $(shell cat $(VENV)/.torch-spec 2>/dev/null),torch==2.13.0)
 
-.PHONY: setup demo test lint label-env label-test FORCE
+.PHONY: setup demo test lint label-env label-test gpu-check FORCE
 
 setup: $(VENV)/.installed
 
@@ -63,3 +63,7 @@ $(LABEL_VENV)/.installed: $(LABEL_VENV)/.packages pyproject.toml
 # the MONAI Label test (tests/label/: a real server on 127.0.0.1); the main venv has no monailabel and skips it
 label-test: label-env
 	$(LABEL_PY) -m pytest -q tests/label
+
+# on a GPU machine (docs/benchmarks.md): every bundle on CUDA with AMP + the efficiency benchmark, one table
+gpu-check: setup
+	$(VENV)/bin/monai-prompt gpu-check

@@ -247,6 +247,15 @@ def _benchmark_efficiency(args: argparse.Namespace) -> None:
     main(args.options)
 
 
+def _gpu_check(args: argparse.Namespace) -> None:
+    """Every bundle on CUDA with AMP and the efficiency benchmark, one table (monai_prompt.benchmarks.gpu_check)."""
+    from monai_prompt.benchmarks.gpu_check import main
+
+    code = main(args.options)
+    if code:
+        raise SystemExit(code)
+
+
 def _benchmark_accuracy(args: argparse.Namespace) -> None:
     """Every method at fewer labels, over seeds (monai_prompt.benchmarks.accuracy)."""
     from monai_prompt.benchmarks.accuracy import run
@@ -269,6 +278,10 @@ def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     accuracy = kinds.add_parser("accuracy", help="every method at label fractions and few-shot, over seeds")
     add_arguments(accuracy)
     accuracy.set_defaults(func=_benchmark_accuracy)
+    gpu_check = sub.add_parser("gpu-check", help="every bundle on CUDA with AMP + the efficiency benchmark, one table",
+                               prefix_chars="+", add_help=False)
+    gpu_check.add_argument("options", nargs=argparse.REMAINDER, help="options of the check (see its --help)")
+    gpu_check.set_defaults(func=_gpu_check)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -145,7 +145,7 @@ _INFER = "python -m monai.bundle run --config_file $B/configs/inference.json --p
 
 MAPPING: tuple[Rule, ...] = (
     # --- names of programs in prose, not command lines
-    Rule("*", r"^(make|python -m monai\.bundle( run)?|monai-prompt (export|check-data|preload|demo|package|"
+    Rule("*", r"^(make|python -m monai\.bundle( run)?|monai-prompt (export|check-data|preload|demo|package|gpu-check|"
          r"benchmark( efficiency| accuracy)?)|"
          r"OMP_NUM_THREADS=1|huggingface-cli|hf|torchrun)$", "mention",
          why="the span names a program in a sentence; its command lines are the fenced blocks"),
@@ -169,6 +169,8 @@ MAPPING: tuple[Rule, ...] = (
                                               ".ci/run builds it and runs `make label-test` for real"),
          subs=(("make", "make -n"),), append=" | grep 'pip install -c label/constraints.txt monailabel'",
          setup=(*_MAKE, "repo:label/constraints.txt")),
+    Rule("*", r"^make gpu-check$", why="no GPU here: `make -n` shows that the target runs `monai-prompt gpu-check`",
+         subs=(("make", "make -n"),), append=" | docs-check-pip --expect 'monai-prompt gpu-check'", setup=_MAKE),
     Rule("*", r"^make demo TORCH_SPEC=", why="the demo runs under `make demo`; `make -n` shows TORCH_SPEC reaching pip",
          subs=(("make demo", "make -n demo"),), append=" | docs-check-pip --expect cu126", setup=_MAKE),
     Rule("*", r"^make demo\b", why="set-up checked with `make -n`, then `monai-prompt demo` at its --tiny size",
@@ -953,8 +955,10 @@ def _known_options(file: str) -> set[str]:
     for function in (scripts.run, scripts.ckpt_export, scripts.verify_metadata, scripts.verify_net_in_out):
         known |= set(inspect.signature(function).parameters)
     from monai_prompt.benchmarks.efficiency import build_parser as efficiency_parser
+    from monai_prompt.benchmarks.gpu_check import build_parser as gpu_check_parser
 
-    parsers = [build_parser(), efficiency_parser()]  # `benchmark efficiency` hands its options to its own parser
+    # `benchmark efficiency` and `gpu-check` hand their options to their own parsers
+    parsers = [build_parser(), efficiency_parser(), gpu_check_parser()]
     for parser in parsers:
         for action in parser._actions:
             known |= {option[2:] for option in action.option_strings if option.startswith("--")}

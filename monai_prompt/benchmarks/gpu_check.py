@@ -1,0 +1,220 @@
+"""The check to run the moment a GPU is lent: ``monai-prompt gpu-check`` (also ``make gpu-check``).
+
+One command, under 8 minutes on one H100, that
+
+1. runs every bundle (classification and 2D/3D segmentation) a few iterations on the tiny demo data with the
+   bundle's own device choice (CUDA with AMP when present): train one epoch, evaluate, infer, export TorchScript
+   (:func:`monai_prompt.tools.export.export_bundle`, on the CPU as MONAI's tools do) and run the TorchScript file on
+   the device;
+2. runs ``monai-prompt benchmark efficiency`` at ViT-B/16 224 px (batch 4; every in-backbone method, plain and
+   ``blocks+sdpa+fp16``) and at 512 px, batch 16 (full, LoRA, FPT, FPT+: the FPT paper's setting), with CUDA
+   memory, one round (one process per configuration);
+3. writes one Markdown table of both (``<out>/gpu_check.md``) and exits non-zero if any bundle failed.
+
+A failing bundle is reported in its row (the last line of its error) and the others still run. Without CUDA it
+refuses, unless ``--dry-run``: the same path on the CPU at the tiny sizes of ``--quick`` (what the tests run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_prompt.benchmarks.efficiency import IN_BACKBONE
+from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS, BundleSpec
+from monai_prompt.runs.bundles import bundles_folder
+
+__all__ = ["check_bundle", "format_bundle_table", "main"]
+
+#: the efficiency runs: (name, ``monai-prompt benchmark efficiency`` arguments) on a GPU.
+EFFICIENCY_RUNS = (
+    ("vit_b16_224", ["--img-size", "224", "--batch-size", "4", "--rounds", "1", "--methods", *IN_BACKBONE,
+                     "--checkpointing", "none", "--variants", "blocks+sdpa+fp16"]),
+    ("vit_b16_512_fpt_setting", ["--img-size", "512", "--fpt-img-size", "512", "--batch-size", "16", "--rounds", "1",
+                                 "--methods", "lora", "fpt", "fptplus", "--checkpointing", "none", "--variants"]),
+)
+
+
+def _task_data(work: Path, print_fn: Callable[[str], None]) -> dict[str, Any]:
+    """The tiny demo data and MAE encoders: classification, 2D segmentation (3D uses a random encoder)."""
+    from monai_prompt.runs.demo_task import TINY_DEMO, prepare_data, pretrain, pretrained_overrides
+    from monai_prompt.runs.segmentation_demo_task import (
+        TINY_SEGMENTATION_DEMO,
+        prepare_segmentation_data,
+        pretrain_encoder,
+    )
+
+    datalist, _ = prepare_data(work / "data", TINY_DEMO)
+    checkpoint, _ = pretrain(work / "vit_pretraining", datalist, TINY_DEMO, print_fn=print_fn)
+    seg_datalist, _ = prepare_segmentation_data(work / "segmentation_data", TINY_SEGMENTATION_DEMO)
+    encoder, _ = pretrain_encoder(work / "segmentation_pretraining", seg_datalist, TINY_SEGMENTATION_DEMO,
+                                  print_fn=print_fn)
+    return {"datalist": datalist, "backbone": pretrained_overrides(TINY_DEMO, checkpoint),
+            "segmentation_data": seg_datalist.parent, "encoder": encoder,
+            "encoder_3d": _random_encoder_3d(work / "encoder_3d.pt")}
+
+
+def _random_encoder_3d(path: Path) -> Path:
+    """A random 3D encoder of the tiny segmentation demo's shape, saved so that export rebuilds the same one."""
+    from monai_prompt.backbones.vit import build_vit
+    from monai_prompt.runs.segmentation_demo_task import TINY_SEGMENTATION_DEMO
+
+    torch.manual_seed(0)
+    vit = build_vit("vit_tiny", in_channels=1, img_size=TINY_SEGMENTATION_DEMO.roi, spatial_dims=3, cls_token=False,
+                    **TINY_SEGMENTATION_DEMO.encoder)
+    torch.save(vit.state_dict(), path)
+    return path
+
+
+def _run_classification(spec: BundleSpec, bundle: Path, out: Path, data: dict[str, Any]) -> tuple[float, dict]:
+    """Train one epoch, evaluate and infer; the overrides every later step needs and the test metric."""
+    from monai_prompt.benchmarks.bundle_runs import demo_overrides
+    from monai_prompt.runs.runner import run_bundle, train_and_evaluate
+
+    overrides = {**demo_overrides(spec, data["datalist"], data["backbone"]), "num_workers": 0}
+    _, metrics = train_and_evaluate(bundle, out, overrides, epochs=1)
+    run_bundle(bundle, ["inference.json"], "infer", quiet=True, bundle_root=str(out), **overrides)
+    return metrics["accuracy"], overrides
+
+
+def _run_segmentation(spec: BundleSpec, bundle: Path, out: Path, data: dict[str, Any]) -> tuple[float, dict]:
+    """Train one epoch, evaluate and infer (2D: the MAE encoder; 3D: a saved random one); the overrides and mean
+    Dice."""
+    from monai_prompt.runs.demo_task import MONAI_LAYER_NORM_EPS
+    from monai_prompt.runs.segmentation_demo_task import TINY_SEGMENTATION_DEMO, tune_segmentation
+
+    extra: dict[str, Any] = {}
+    encoder = data["encoder"]
+    if spec.spatial_dims == 3:
+        extra = {"spatial_dims": 3, "datalist_file": str(data["segmentation_data"] / "datalist_3d.json"),
+                 "_meta_#network_data_format#inputs#image#spatial_shape": [TINY_SEGMENTATION_DEMO.roi] * 3,
+                 "_meta_#network_data_format#outputs#pred#spatial_shape": [TINY_SEGMENTATION_DEMO.roi] * 3}
+        encoder = data["encoder_3d"]
+    result = tune_segmentation(spec.name, out, data["segmentation_data"], encoder, TINY_SEGMENTATION_DEMO,
+                               print_fn=lambda line: None, extra_overrides=extra)
+    config = TINY_SEGMENTATION_DEMO
+    overrides = {"backbone": "vit_tiny", "backbone_overrides": dict(config.encoder), "in_channels": 1,
+                 "spatial_dims": spec.spatial_dims, "img_size": config.roi, "feature_size": config.feature_size,
+                 "pretrained": str(encoder), "layer_norm_eps": MONAI_LAYER_NORM_EPS}
+    return result["metrics"]["mean_dice"], overrides
+
+
+def _scripted_runs_on(script: Path, device: torch.device, example: torch.Tensor) -> None:
+    """Load the TorchScript file onto ``device`` and check it gives finite outputs of the eager shape there."""
+    module = torch.jit.load(str(script), map_location=device)
+    with torch.no_grad():
+        out = module(example.to(device))
+    if not torch.isfinite(out).all():
+        raise RuntimeError(f"{script}: the TorchScript network gives non-finite outputs on {device}.")
+
+
+def check_bundle(spec: BundleSpec, bundles: Path, work: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Run ``spec``'s bundle through train, evaluate, inference and export; one table row (status and timings).
+
+    Args:
+        spec: the bundle.
+        bundles: the bundles folder.
+        work: scratch folder (the run goes to ``work/runs/<bundle>``).
+        data: :func:`_task_data`'s data and encoders.
+    """
+    from monai_prompt.tools.export import export_bundle
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    row: dict[str, Any] = {"bundle": spec.name, "device": device.type, "amp": device.type == "cuda"}
+    out = work / "runs" / spec.name
+    start = time.perf_counter()
+    try:
+        run = _run_segmentation if spec.task == "segmentation" else _run_classification
+        row["metric"], overrides = run(spec, bundles / spec.name, out, data)
+        row["train_eval_infer_s"] = round(time.perf_counter() - start, 1)
+        report = export_bundle(bundles / spec.name, ckpt=out / "models" / "model.pt", out_dir=out / "export",
+                               overrides={**overrides, "bundle_root": str(out)})
+        vit_size = [overrides["img_size"]] * (spec.spatial_dims or 2)
+        channels = overrides.get("in_channels", 1)
+        _scripted_runs_on(report.torchscript, device, torch.rand(1, channels, *vit_size))
+        row.update(export_max_diff=f"{report.max_abs_diff:.1e}", merged=report.merged, status="ok")
+    except Exception as err:  # the row says what failed; the other bundles still run
+        last = traceback.format_exception_only(err)[-1].strip()
+        row.update(status=f"FAILED: {last[:200]}")
+    return row
+
+
+def format_bundle_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The bundle rows as a Markdown table."""
+    header = ["bundle", "device", "amp", "train+eval+infer s", "metric", "export max diff", "merged", "status"]
+    keys = ["bundle", "device", "amp", "train_eval_infer_s", "metric", "export_max_diff", "merged", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.get(key, "") for key in keys]
+        cells[4] = f"{cells[4]:.3f}" if isinstance(cells[4], float) else cells[4]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def _efficiency(out: Path, dry_run: bool, print_fn: Callable[[str], None]) -> list[tuple[str, str]]:
+    """Run the efficiency benchmark (``--quick`` on a dry run); ``(name, table)`` of each run."""
+    from monai_prompt.benchmarks.efficiency import format_table
+    from monai_prompt.benchmarks.efficiency import main as efficiency_main
+
+    runs = [("quick", ["--quick"])] if dry_run else EFFICIENCY_RUNS
+    tables = []
+    for name, arguments in runs:
+        folder = out / f"efficiency_{name}"
+        print_fn(f"efficiency benchmark {name}: {' '.join(arguments)}")
+        efficiency_main(["--out", str(folder), *arguments])
+        rows = json.loads((folder / "efficiency.json").read_text())["summary"]
+        tables.append((name, format_table(rows)))
+    return tables
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monai-prompt gpu-check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="bundles (default: all)")
+    parser.add_argument("--out", default="runs/gpu_check", help="output folder (default: runs/gpu_check)")
+    parser.add_argument("--bundles", help="the bundles folder (default: the package's)")
+    parser.add_argument("--skip-efficiency", action="store_true", help="bundles only")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="without CUDA: the same path on the CPU, efficiency benchmark at --quick sizes")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``monai-prompt gpu-check [names] [options]``; 0 when every bundle passed."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and not args.dry_run:
+        parser.error("no CUDA device: run it on a GPU machine, or add --dry-run to check the path on the CPU.")
+    unknown = sorted(set(args.names) - set(ALL_BUNDLE_SPECS))
+    if unknown:
+        parser.error(f"unknown bundles {unknown}; known: {sorted(ALL_BUNDLE_SPECS)}")
+    out, bundles = Path(args.out).absolute(), bundles_folder(args.bundles).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    data = _task_data(out / "work", print_fn=print)
+    rows = []
+    for name in args.names or list(ALL_BUNDLE_SPECS):
+        rows.append(check_bundle(ALL_BUNDLE_SPECS[name], bundles, out / "work", data))
+        print(json.dumps(rows[-1]), flush=True)
+    tables = [] if args.skip_efficiency else _efficiency(out, args.dry_run, print)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
+    report = [f"# GPU check on {device}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s", "",
+              "## Bundles", "", format_bundle_table(rows)]
+    for name, table in tables:
+        report += ["", f"## Efficiency: {name}", "", table]
+    (out / "gpu_check.md").write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+    failed = [row["bundle"] for row in rows if row["status"] != "ok"]
+    print(f"written: {out / 'gpu_check.md'}" + (f"; FAILED: {failed}" if failed else "; every bundle passed"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

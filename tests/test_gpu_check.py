@@ -1,0 +1,55 @@
+"""``monai-prompt gpu-check``: its path run on the CPU (``--dry-run``), its refusal without CUDA, its benchmark runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from monai_prompt.benchmarks.efficiency import IN_BACKBONE, build_configs, build_parser
+from monai_prompt.benchmarks.gpu_check import EFFICIENCY_RUNS, format_bundle_table
+
+
+def test_refuses_without_cuda_unless_dry_run(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "monai_prompt.cli", "gpu-check", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "no CUDA device" in result.stderr.splitlines()[-1] and "--dry-run" in result.stderr
+
+
+@pytest.mark.parametrize(("name", "arguments"), EFFICIENCY_RUNS)
+def test_efficiency_runs_are_valid_benchmark_options(name, arguments):
+    """Each GPU efficiency run parses into known methods and variants."""
+    from monai_prompt.benchmarks.efficiency import BenchSettings
+
+    args = build_parser().parse_args(arguments)
+    settings = BenchSettings(args.backbone, {}, args.img_size, args.fpt_img_size, None, args.batch_size)
+    configs = build_configs(settings, args.methods, [*args.checkpointing, *args.variants])
+    methods = {config.method for config in configs}
+    if "512" in name:  # the FPT paper's memory table: ViT-B/16 at 512, batch 16
+        assert methods == {"full", "lora", "fpt", "fptplus"}
+        assert (args.img_size, args.fpt_img_size, args.batch_size) == (512, 512, 16)
+    else:
+        assert methods == {"full", *IN_BACKBONE} and "blocks+sdpa+fp16" in {c.variant for c in configs}
+
+
+def test_bundle_table_shows_failures():
+    rows = [{"bundle": "a", "metric": 0.5, "status": "ok"}, {"bundle": "b", "status": "FAILED: x"}]
+    table = format_bundle_table(rows)
+    assert "| a |" in table and "0.500" in table and "FAILED: x" in table.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_dry_run_trains_evaluates_infers_and_exports(tmp_path):
+    """The whole bundle path on the CPU: a classification and a 3D segmentation bundle, TorchScript run again."""
+    result = subprocess.run(
+        [sys.executable, "-m", "monai_prompt.cli", "gpu-check", "--dry-run", "--skip-efficiency", "--out",
+         str(tmp_path), "ept_classification", "lora_3d_segmentation"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (tmp_path / "gpu_check.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ept_") or line.startswith("| lora_")]
+    assert len(rows) == 2 and all(row.rstrip().endswith("| ok |") for row in rows)
+    assert (tmp_path / "work" / "runs" / "lora_3d_segmentation" / "export" / "model_full.ts").is_file()
