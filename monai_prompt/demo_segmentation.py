@@ -58,11 +58,10 @@ def _figure(data_dir: Path, runs: dict[str, dict[str, Any]], out_dir: Path, slic
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from monai_prompt.data.demo_segmentation import SEGMENTATION_CLASSES
-
-    test = json.loads((data_dir / "datalist_2d.json").read_text())["test"]
+    datalist = json.loads((data_dir / "datalist_2d.json").read_text())
+    test, classes = datalist["test"], list(datalist["labels"].values())
     chosen = [test[int(i)] for i in np.linspace(0, len(test) - 1, slices)]
-    colours = ["#00000000", "#2b83ba", "#fdae61", "#d7191c"]
+    colours = ["#00000000", *plt.get_cmap("tab10").colors[: len(classes) - 1]]
     cmap = ListedColormap(colours)
     method = next(run["bundle"] for run in runs.values()).removesuffix("_segmentation")
     columns = ["image", "ground truth", *(_run_label(label, method) for label in runs)]
@@ -85,9 +84,9 @@ def _figure(data_dir: Path, runs: dict[str, dict[str, Any]], out_dir: Path, slic
             if row == 0:
                 ax.set_title(title, fontsize=9)
         axes[row][0].set_ylabel(image_path.name.removesuffix(".nii.gz"), fontsize=8)
-    legend = [Patch(color=colours[i], label=name) for i, name in enumerate(SEGMENTATION_CLASSES) if i]
+    legend = [Patch(color=colours[i], label=name) for i, name in enumerate(classes) if i]
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
-    fig.suptitle("MNI152 test slab: tissue segmentation", fontsize=10)
+    fig.suptitle(f"Test slab: {datalist['name'].removeprefix('monai-prompt demo: ')}", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     path = out_dir / "segmentation_demo.png"
     fig.savefig(path, dpi=110)
@@ -122,7 +121,7 @@ def run_segmentation_demo(
     warnings.filterwarnings("ignore", message="torch.meshgrid")
     out_dir = Path(out_dir)
     steps = RunSteps(5 if compare_scratch else 4, print_fn)
-    with steps.step("data_s", f"demo segmentation data (MNI152 T1 slices, tissue labels) in {out_dir / 'data'}"):
+    with steps.step("data_s", f"demo segmentation data ({config.labels} task) in {out_dir / 'data'}"):
         datalist, reused = prepare_segmentation_data(out_dir / "data", config)
     steps.report("data_s", "reused" if reused else "built", datalist)
     with steps.step("pretraining_s", f"MAE pre-training of the patch-16 ViT encoder on the training slices "
@@ -142,12 +141,14 @@ def run_segmentation_demo(
         with steps.step(f"{label}_s", f"{what} (bundles/{bundle}, {config.tune_epochs} epochs), then evaluation on "
                                       "the test slab and inference"):
             runs[label] = {**tune_segmentation(bundle, run_dir, datalist.parent, pretrained, config, bundles,
-                                               verbose, print_fn), "out_dir": str(run_dir)}
+                                               verbose, print_fn, zeroed_encoder=label == "pretrained"),
+                           "out_dir": str(run_dir)}
 
     with steps.step("figure_s", f"figure of {config.figure_slices} test slices"):
         figure = _figure(datalist.parent, runs, out_dir, config.figure_slices)
+    content = json.loads(datalist.read_text())
     results = {"config": dataclasses.asdict(config), "runs": runs, "figure": str(figure),
-               "test_images": len(json.loads(datalist.read_text())["test"]),
+               "classes": list(content["labels"].values()), "test_images": len(content["test"]),
                "timings": steps.rounded()}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print_fn(_summary(results, out_dir))
@@ -159,18 +160,23 @@ def _run_label(label: str, method: str) -> str:
 
 
 def _summary(results: dict[str, Any], out_dir: Path) -> str:
-    """The closing table: test Dice per class and HD95 per run, trainable parameters, timings, the figure."""
-    from monai_prompt.data.demo_segmentation import SEGMENTATION_CLASSES
-
-    classes, method = SEGMENTATION_CLASSES[1:], results["config"]["method"]
-    columns = ["mean Dice", *(f"Dice {c}" for c in classes), "mean HD95", *(f"HD95 {c}" for c in classes)]
-    keys = ["mean_dice", *(f"dice_{c}" for c in classes), "mean_hd95", *(f"hd95_{c}" for c in classes)]
-    width = max(len(column) for column in columns) + 2
-    lines = ["", f"Test slab ({results['test_images']} slices, best-validation delta; HD95 in 2 mm pixels):",
-             f"  {'':<22}" + "".join(f"{column:>{width}}" for column in columns)]
+    """The closing table: test Dice / HD95 per class and run, the zeroed-encoder share, trainable parameters,
+    timings, the figure."""
+    classes, method = results["classes"][1:], results["config"]["method"]
+    labels = [_run_label(label, method) for label in results["runs"]]
+    width = max(22, *(len(label) + 2 for label in labels))
+    lines = ["", f"Test slab ({results['test_images']} slices, best-validation delta; Dice / HD95 in 2 mm pixels):",
+             f"  {'':<22}" + "".join(f"{label:>{width}}" for label in labels)]
+    for name, key in [("mean", "mean"), *((c, c) for c in classes)]:
+        dice, hd95 = ("mean_dice", "mean_hd95") if key == "mean" else (f"dice_{key}", f"hd95_{key}")
+        cells = [f"{run['metrics'][dice]:.3f} / {run['metrics'][hd95]:.1f}" for run in results["runs"].values()]
+        lines.append(f"  {name:<22}" + "".join(f"{cell:>{width}}" for cell in cells))
     for label, run in results["runs"].items():
-        values = "".join(f"{run['metrics'][key]:>{width}.3f}" for key in keys)
-        lines.append(f"  {_run_label(label, method):<22}{values}")
+        if "zeroed_encoder_metrics" in run:
+            dice, zeroed = run["metrics"]["mean_dice"], run["zeroed_encoder_metrics"]["mean_dice"]
+            share = (dice - zeroed) / dice if dice else 0.0
+            lines.append(f"  {_run_label(label, method)} with the encoder's outputs zeroed (same delta): mean Dice "
+                         f"{zeroed:.3f}: the encoder carries {100 * share:.0f}% of the Dice")
     for label, run in results["runs"].items():
         share = 100 * run["encoder_trainable"] / run["backbone"]
         lines.append(f"  {_run_label(label, method)}: {run['trainable']:,} trainable parameters: "

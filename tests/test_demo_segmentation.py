@@ -17,7 +17,12 @@ from PIL import Image
 
 from monai_prompt.cli import main
 from monai_prompt.data.demo import mni152_folder
-from monai_prompt.data.demo_segmentation import SEGMENTATION_CLASSES, SLAB_SPLITS_3D, build_segmentation_demo
+from monai_prompt.data.demo_segmentation import (
+    SEGMENTATION_CLASSES,
+    SLAB_SPLITS_3D,
+    build_segmentation_demo,
+    cat12_folder,
+)
 from monai_prompt.data.segmentation import check_segmentation_datalist
 from monai_prompt.runs.segmentation_demo_task import TINY_SEGMENTATION_DEMO, prepare_segmentation_data, pretrain_encoder
 
@@ -193,3 +198,65 @@ def test_zero_encoder_outputs_leaves_the_decoder_alone():
         handle.remove()
         restored = with_encoder_perturbed()
         assert (restored[0] - restored[1]).abs().max() > 1e-3  # the encoder matters again
+
+
+#: LPBA40 structure names (lpba40.csv) of each lobe class, read here from the names rather than the ID ranges.
+LOBE_WORDS = {
+    "frontal": ("Frontal", "Orbitofrontal", "Gyrus Rectus", "Precentral"),
+    "parietal": ("Postcentral", "Parietal", "Supramarginal", "Angular", "Precuneus"),
+    "occipital": ("Occipital", "Cuneus"),
+    "temporal": ("Temporal", "Parahippocampal", "Lingual", "Fusiform"),
+    "deep": ("Insula", "Cingulate", "Caudate", "Putamen", "Hippocampus"),
+    "cerebellum_brainstem": ("Cerebellar", "Brainstem"),
+}
+
+
+@pytest.fixture(scope="module")
+def lobe_sets(tmp_path_factory) -> Path:
+    return build_segmentation_demo(tmp_path_factory.mktemp("lobes"), task="lobes", **SMALL)["2d"].parent
+
+
+def test_lobe_labels_and_image_match_the_atlas_and_template(lobe_sets):
+    """3D crops: labels are the atlas's structures mapped by name to lobes; the image is the CAT12 template at the
+    atlas's voxels (resampled here with scipy, correlated through the intensity jitter)."""
+    from scipy.ndimage import map_coordinates
+
+    folder = cat12_folder()
+    atlas = nib.load(folder / "lpba40.nii.gz")
+    table = [line.split(";") for line in (folder / "lpba40.csv").read_text().splitlines()[1:]]
+    lookup = np.zeros(256, dtype=np.uint8)
+    for row in table:
+        (lobe,) = [i for i, words in enumerate(LOBE_WORDS.values(), 1) if any(w in row[2] for w in words)]
+        lookup[int(row[0])] = lobe
+    truth = lookup[np.asarray(atlas.dataobj)]
+    template = nib.load(folder / "Template_05mm_bet.nii.gz")
+    to_template = np.linalg.inv(template.affine) @ atlas.affine
+    content = json.loads((lobe_sets / "datalist_3d.json").read_text())
+    assert list(content["labels"].values()) == ["background", *LOBE_WORDS]
+    for item in content["training"][:2] + content["test"]:
+        label, image = nib.load(lobe_sets / item["label"]), nib.load(lobe_sets / item["image"])
+        x0, y0, z0 = np.round(np.linalg.inv(atlas.affine) @ label.affine @ [0, 0, 0, 1])[:3].astype(int)
+        sx, sy, sz = label.shape
+        np.testing.assert_array_equal(np.asarray(label.dataobj), truth[x0 : x0 + sx, y0 : y0 + sy, z0 : z0 + sz])
+        grid = np.stack(np.meshgrid(*(np.arange(n) for n in label.shape), indexing="ij"), -1).reshape(-1, 3)
+        voxels = (to_template @ np.c_[grid + [x0, y0, z0], np.ones(len(grid))].T)[:3]
+        expected = map_coordinates(np.asarray(template.dataobj, dtype=np.float32), voxels, order=1)
+        assert np.corrcoef(expected, np.asarray(image.dataobj, dtype=np.float32).ravel())[0, 1] > 0.9
+
+
+def test_lobe_slices_hold_every_lobe_and_pass_the_check(lobe_sets):
+    datalist = lobe_sets / "datalist_2d.json"
+    content = json.loads(datalist.read_text())
+    for split in ("training", "test"):
+        seen = set().union(*(np.unique(np.asarray(nib.load(lobe_sets / i["label"]).dataobj)) for i in content[split]))
+        assert seen == set(range(len(LOBE_WORDS) + 1)), split
+    check_segmentation_datalist(datalist, list(content["labels"].values()))
+
+
+def test_lobes_without_deepmriprep_name_the_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepmriprep" else real(name, *a))
+    with pytest.raises(ImportError, match=r"pip install --no-deps deepmriprep==0\.3\.0"):
+        build_segmentation_demo("unused", task="lobes")

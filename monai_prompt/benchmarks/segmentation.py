@@ -48,6 +48,8 @@ def demo_record(results: dict[str, Any], date: str) -> dict[str, Any]:
     }
     return {
         "bundle": results["runs"]["pretrained"]["bundle"],
+        "labels": config["labels"],
+        "classes": results["classes"],
         "date": date,
         "hardware": hardware(),
         "command": DEMO_COMMAND,

@@ -1,9 +1,17 @@
-"""Demo segmentation sets from real brain MRI that ships inside the nilearn wheel: 2D slices and 3D crops with masks.
+"""Demo segmentation sets from real brain MRI that ships inside pip wheels: 2D slices and 3D crops with masks.
 
-Source: the MNI ICBM152 2009a T1 template and its tissue probability maps (:func:`~monai_prompt.data.demo.
-mni152_volumes`, 197 x 233 x 189 voxels of 1 mm, skull-stripped). Classes (:data:`SEGMENTATION_CLASSES`):
-``background`` outside the brain mask (the template's non-zero voxels), else the tissue of highest probability,
-``csf``, ``gray_matter`` or ``white_matter``.
+Two tasks (``task``):
+
+- ``"tissues"``: the MNI ICBM152 2009a T1 template and its tissue probability maps from the nilearn wheel
+  (:func:`~monai_prompt.data.demo.mni152_volumes`, 197 x 233 x 189 voxels of 1 mm, skull-stripped). Classes
+  (:data:`SEGMENTATION_CLASSES`): ``background`` outside the brain mask (the template's non-zero voxels), else the
+  tissue of highest probability, ``csf``, ``gray_matter`` or ``white_matter``: a local intensity task.
+- ``"lobes"``: CAT12's T1 template (an average of 555 IXI subjects, 0.5 mm, skull-stripped) resampled to its
+  LPBA40 atlas's 1 mm grid (161 x 197 x 161), both from the deepmriprep wheel (its data files only), with the 56
+  LPBA40 structures grouped by the atlas's own ID ranges into :data:`LOBE_CLASSES`: frontal, parietal, occipital
+  and temporal lobes, the deep structures (insula, cingulate, caudate, putamen, hippocampus) and the cerebellum with
+  the brainstem; ``background`` elsewhere (CSF included). Grey and white matter look the same in every lobe, so a
+  pixel's class depends on where it lies in the brain: a task that needs global context.
 
 - **2D**: every 1 mm axial slice, resampled in-plane to ``slice_spacing`` mm (block means of the T1 and of the
   probabilities; a pixel is brain when at least half of its block is) and cropped/padded to ``slice_size`` x
@@ -33,9 +41,11 @@ decathlon datalists ``datalist_2d.json`` (NIfTI), ``datalist_2d_png.json`` (PNG)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +53,106 @@ import numpy as np
 
 from monai_prompt.data.demo import SLAB_SPLITS, jitter_intensity, mni152_folder, mni152_volumes, write_png
 
-__all__ = ["SEGMENTATION_CLASSES", "SLAB_SPLITS_3D", "build_segmentation_demo", "tissue_labels"]
+__all__ = ["LOBE_CLASSES", "SEGMENTATION_CLASSES", "SEGMENTATION_TASKS", "SLAB_SPLITS_3D", "SegmentationSource",
+           "build_segmentation_demo", "cat12_lobes", "mni152_tissues", "tissue_labels"]
 
 SEGMENTATION_CLASSES = ("background", "csf", "gray_matter", "white_matter")
+LOBE_CLASSES = ("background", "frontal", "parietal", "occipital", "temporal", "deep", "cerebellum_brainstem")
+#: LPBA40 label IDs of each :data:`LOBE_CLASSES` foreground class (the atlas numbers its structures by region:
+#: 21-34 frontal, 41-50 parietal, 61-68 occipital, 81-92 temporal, 101-122 insula and cingulate, 161-166
+#: caudate, putamen and hippocampus, 181-182 cerebellum and brainstem).
+LPBA40_LOBES = ((21, 34), (41, 50), (61, 68), (81, 92), (101, 166), (181, 182))
 #: split of 3D slab ``k`` is ``SLAB_SPLITS_3D[k % 4]`` (the brain fills four 36 mm slabs).
 SLAB_SPLITS_3D = ("training", "validation", "training", "test")
 _LABELLED = ("training", "validation", "test")
-_REFERENCE = "MNI ICBM152 2009a nonlinear symmetric template (Fonov et al. 2009, 2011), as bundled in nilearn"
-_LICENCE = (
-    "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill "
-    "University (permissive; keep this notice with copies). Read from nilearn (BSD-3-Clause)."
-)
+#: the deepmriprep release whose data files the ``lobes`` task reads (installed with ``pip install --no-deps``).
+DEEPMRIPREP = "deepmriprep==0.3.0"
+
+
+@dataclass(frozen=True)
+class SegmentationSource:
+    """A labelled volume to cut the demo sets from.
+
+    Attributes:
+        task: the task's name (a key of :data:`SEGMENTATION_TASKS`).
+        t1: the uint8 T1 volume ``[X, Y, Z]`` (1 mm).
+        brain: where a voxel counts as foreground, ``[X, Y, Z]`` (float 0/1).
+        probabilities: per foreground class, ``[C - 1, X, Y, Z]``; a foreground voxel gets the most probable.
+        affine: voxel to world (mm).
+        classes: class names, background first.
+        title: what the datalists call the task.
+        reference: where the volumes come from.
+        licence: their terms.
+    """
+
+    task: str
+    t1: np.ndarray
+    brain: np.ndarray
+    probabilities: np.ndarray
+    affine: np.ndarray
+    classes: tuple[str, ...]
+    title: str
+    reference: str
+    licence: str
+
+
+def mni152_tissues() -> SegmentationSource:
+    """The ``tissues`` task: nilearn's MNI152 template, csf / grey / white matter."""
+    t1, probabilities = mni152_volumes()
+    return SegmentationSource(
+        "tissues", t1, (t1 > 0).astype(np.float32), probabilities, _template_affine(), SEGMENTATION_CLASSES,
+        "MNI152 tissue segmentation",
+        "MNI ICBM152 2009a nonlinear symmetric template (Fonov et al. 2009, 2011), as bundled in nilearn",
+        "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, "
+        "McGill University (permissive; keep this notice with copies). Read from nilearn (BSD-3-Clause).",
+    )
+
+
+def cat12_folder() -> Path:
+    """deepmriprep's folder of CAT12 templates and atlases, found without importing deepmriprep."""
+    spec = importlib.util.find_spec("deepmriprep")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the 'lobes' demo task reads the CAT12 template and LPBA40 atlas inside the deepmriprep wheel (data "
+            f"files only): pip install --no-deps {DEEPMRIPREP}"
+        )
+    return Path(spec.submodule_search_locations[0]) / "data" / "templates"
+
+
+def cat12_lobes() -> SegmentationSource:
+    """The ``lobes`` task: CAT12's T1 template on the LPBA40 atlas grid, LPBA40 grouped into lobes."""
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    folder = cat12_folder()
+    atlas = nib.load(folder / "lpba40.nii.gz")
+    template = resample_from_to(nib.load(folder / "Template_05mm_bet.nii.gz"), atlas, order=1)
+    # the file stores uint8 with a 1/255 scale: intensities in [0, 1], back to 0..255 as the tissues task's T1
+    t1 = np.clip(np.round(255 * np.asanyarray(template.dataobj)), 0, 255).astype(np.uint8)
+    ids = np.asanyarray(atlas.dataobj)
+    lobes = np.stack([(ids >= low) & (ids <= high) for low, high in LPBA40_LOBES]).astype(np.float32)
+    return SegmentationSource(
+        "lobes", t1, lobes.max(0), lobes, atlas.affine, LOBE_CLASSES, "CAT12 template brain lobes",
+        "CAT12 T1 template (Gaser et al. 2024, an IXI average) and the LPBA40 atlas (Shattuck et al. 2008), as "
+        f"bundled in the deepmriprep wheel ({DEEPMRIPREP})",
+        "deepmriprep: MIT. The CAT12 template and the LPBA40 atlas carry their upstream terms (LPBA40: LONI, for "
+        "research use); read from the installed wheel, not redistributed here.",
+    )
+
+
+#: the demo segmentation tasks by name.
+SEGMENTATION_TASKS = {"tissues": mni152_tissues, "lobes": cat12_lobes}
 
 
 def tissue_labels(brain_fraction: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """Class index per voxel: 0 where less than half of the voxel is brain, else 1 + the most probable tissue.
+    """Class index per voxel: 0 where less than half of the voxel is brain, else 1 + the most probable class.
 
     Args:
         brain_fraction: fraction of each voxel inside the brain mask, ``[*spatial]``.
-        probabilities: csf, gray and white matter probabilities, ``[3, *spatial]``.
+        probabilities: foreground class probabilities, ``[C - 1, *spatial]`` (tissues: csf, gray and white matter).
 
     Returns:
-        uint8 labels in ``0..3`` (:data:`SEGMENTATION_CLASSES`).
+        uint8 labels in ``0..C - 1`` (e.g. :data:`SEGMENTATION_CLASSES`).
     """
     return np.where(brain_fraction >= 0.5, 1 + probabilities.argmax(0), 0).astype(np.uint8)
 
@@ -113,9 +201,7 @@ def _crop_2d(volume: np.ndarray, origin: tuple[int, int], size: int) -> np.ndarr
 
 def _build_2d(
     out: Path,
-    t1: np.ndarray,
-    probabilities: np.ndarray,
-    affine: np.ndarray,
+    source: SegmentationSource,
     rng: np.random.Generator,
     size: int,
     spacing: int,
@@ -126,9 +212,9 @@ def _build_2d(
     noise: float,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
     """Write the 2D slices; return the NIfTI and the PNG datalist splits."""
-    image = _in_plane_mean(t1.astype(np.float32), spacing)
-    brain = _in_plane_mean((t1 > 0).astype(np.float32), spacing)
-    labels = tissue_labels(brain, _in_plane_mean(probabilities, spacing))
+    image = _in_plane_mean(source.t1.astype(np.float32), spacing)
+    brain = _in_plane_mean(source.brain, spacing)
+    labels = tissue_labels(brain, _in_plane_mean(source.probabilities, spacing))
     inside = np.argwhere(labels.any(axis=2))
     (x_lo, y_lo), (x_hi, y_hi) = inside.min(0), inside.max(0) + 1
     origin = (_centred_crop(x_lo, x_hi - x_lo, size), _centred_crop(y_lo, y_hi - y_lo, size))
@@ -144,7 +230,7 @@ def _build_2d(
             continue
         split = SLAB_SPLITS[slab % len(SLAB_SPLITS)]
         grey = np.round(image[..., z]).astype(np.uint8)
-        slice_affine = affine @ grid @ _translation(0, 0, z)
+        slice_affine = source.affine @ grid @ _translation(0, 0, z)
         stems = [(split, f"z{z:03d}")]
         if split == "training":
             stems += [("unlabeled", f"z{z:03d}_{copy}") for copy in range(unlabeled_copies)]
@@ -169,9 +255,7 @@ def _translation(x: float, y: float, z: float) -> np.ndarray:
 
 def _build_3d(
     out: Path,
-    t1: np.ndarray,
-    probabilities: np.ndarray,
-    affine: np.ndarray,
+    source: SegmentationSource,
     rng: np.random.Generator,
     crop: tuple[int, int, int],
     gap: int,
@@ -180,7 +264,7 @@ def _build_3d(
     noise: float,
 ) -> dict[str, list[dict[str, Any]]]:
     """Write the 3D crops; return the datalist splits."""
-    labels = tissue_labels((t1 > 0).astype(np.float32), probabilities)
+    t1, labels = source.t1, tissue_labels(source.brain, source.probabilities)
     thickness = crop[2] + 2 * gap
     splits: dict[str, list[dict[str, Any]]] = {split: [] for split in _LABELLED}
     origins: dict[str, list[tuple[int, int, int, int]]] = {split: [] for split in _LABELLED}
@@ -199,7 +283,7 @@ def _build_3d(
             x0, y0, z0, slab = origins[split][index]
             window = (slice(x0, x0 + crop[0]), slice(y0, y0 + crop[1]), slice(z0, z0 + crop[2]))
             stem = f"x{x0:03d}_y{y0:03d}_z{z0:03d}"
-            crop_affine = affine @ _translation(x0, y0, z0)
+            crop_affine = source.affine @ _translation(x0, y0, z0)
             image_path, label_path = (Path("3d", kind, split, f"{stem}.nii.gz") for kind in ("images", "labels"))
             _save_nifti(out / image_path, jitter_intensity(t1[window], noise, rng), crop_affine)
             _save_nifti(out / label_path, labels[window], crop_affine)
@@ -207,15 +291,16 @@ def _build_3d(
     return splits
 
 
-def _save_datalist(path: Path, splits: dict[str, list[dict[str, Any]]], dims: str, description: str) -> Path:
+def _save_datalist(path: Path, splits: dict[str, list[dict[str, Any]]], dims: str, description: str,
+                   source: SegmentationSource) -> Path:
     content = {
-        "name": f"monai-prompt demo: MNI152 tissue segmentation ({dims})",
+        "name": f"monai-prompt demo: {source.title} ({dims})",
         "description": description,
-        "reference": _REFERENCE,
-        "licence": _LICENCE,
+        "reference": source.reference,
+        "licence": source.licence,
         "tensorImageSize": dims,
         "modality": {"0": "T1w MRI"},
-        "labels": {str(i): name for i, name in enumerate(SEGMENTATION_CLASSES)},
+        "labels": {str(i): name for i, name in enumerate(source.classes)},
         "numTraining": len(splits["training"]),
         **{split: items for split, items in splits.items() if items},
     }
@@ -238,6 +323,7 @@ def build_segmentation_demo(
     min_brain_3d: float = 0.3,
     noise: float = 0.03,
     seed: int = 0,
+    task: str = "tissues",
 ) -> dict[str, Path]:
     """Write the 2D and 3D demo segmentation sets under ``out_dir``.
 
@@ -255,33 +341,36 @@ def build_segmentation_demo(
         min_brain_3d: least fraction of brain in a 3D crop.
         noise: standard deviation of the Gaussian noise on the [0, 1] image.
         seed: random seed of crop positions and intensity changes.
+        task: ``"tissues"`` (MNI152 csf/grey/white matter) or ``"lobes"`` (CAT12 template, LPBA40 lobes).
 
     Returns:
         ``{"2d": datalist_2d.json, "2d_png": datalist_2d_png.json, "3d": datalist_3d.json}`` paths.
     """
+    if task not in SEGMENTATION_TASKS:
+        raise ValueError(f"unknown demo segmentation task {task!r}; use one of {sorted(SEGMENTATION_TASKS)}.")
     if not 0 <= 2 * slab_gap_2d < slab_thickness_2d:
         raise ValueError(f"slab_gap_2d={slab_gap_2d} leaves no slice of a {slab_thickness_2d}-slice slab.")
     if len(crop_size_3d) != 3 or len(crops_3d) != 3:
         raise ValueError(f"crop_size_3d {crop_size_3d} and crops_3d {crops_3d} need three values each.")
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    t1, probabilities = mni152_volumes()
-    affine = _template_affine()
+    source = SEGMENTATION_TASKS[task]()
     rng = np.random.default_rng(seed)
-    nifti, png = _build_2d(out, t1, probabilities, affine, rng, slice_size, slice_spacing, slab_thickness_2d,
-                           slab_gap_2d, min_brain_2d, unlabeled_copies, noise)
-    crops = _build_3d(out, t1, probabilities, affine, rng, tuple(crop_size_3d), slab_gap_3d, tuple(crops_3d),
-                      min_brain_3d, noise)
+    nifti, png = _build_2d(out, source, rng, slice_size, slice_spacing, slab_thickness_2d, slab_gap_2d, min_brain_2d,
+                           unlabeled_copies, noise)
+    crops = _build_3d(out, source, rng, tuple(crop_size_3d), slab_gap_3d, tuple(crops_3d), min_brain_3d, noise)
+    classes = "/".join(source.classes)
     split_2d = (f"{slice_size}x{slice_size} axial T1 slices (every 1 mm slice, {slice_spacing} mm pixels) labelled "
-                f"background/csf/gray/white matter; split by {slab_thickness_2d}-slice axial slab (group), "
-                f"{slab_gap_2d} slice(s) left out at each slab border")
+                f"{classes}; split by {slab_thickness_2d}-slice axial slab (group), {slab_gap_2d} slice(s) left out "
+                "at each slab border")
     return {
-        "2d": _save_datalist(out / "datalist_2d.json", nifti, "2D", split_2d + " (NIfTI)."),
-        "2d_png": _save_datalist(out / "datalist_2d_png.json", png, "2D", split_2d + " (PNG)."),
+        "2d": _save_datalist(out / "datalist_2d.json", nifti, "2D", split_2d + " (NIfTI).", source),
+        "2d_png": _save_datalist(out / "datalist_2d_png.json", png, "2D", split_2d + " (PNG).", source),
         "3d": _save_datalist(
             out / "datalist_3d.json", crops, "3D",
-            f"{'x'.join(map(str, crop_size_3d))} crops of the 1 mm T1 template labelled background/csf/gray/white "
-            f"matter; split by {crop_size_3d[2] + 2 * slab_gap_3d}-slice axial slab (group), {slab_gap_3d} slices "
-            "left out at each slab border.",
+            f"{'x'.join(map(str, crop_size_3d))} crops of the 1 mm T1 template labelled {classes}; split by "
+            f"{crop_size_3d[2] + 2 * slab_gap_3d}-slice axial slab (group), {slab_gap_3d} slices left out at each "
+            "slab border.",
+            source,
         ),
     }

@@ -46,6 +46,8 @@ class SegmentationDemoConfig:
     smoke run).
 
     Attributes:
+        labels: the demo task (:data:`~monai_prompt.data.demo_segmentation.SEGMENTATION_TASKS`): ``"lobes"``
+            (CAT12 template, LPBA40 lobes: needs context) or ``"tissues"`` (MNI152 csf/grey/white matter: local).
         method: the PEFT method: the ``<method>_segmentation`` bundle that tunes the encoder.
         method_config: its config (``None``: the bundle's; DVPT: :data:`monai_prompt.runs.demo_task.DEMO_DVPT`).
         encoder: the ViT shape (patch 16).
@@ -63,6 +65,7 @@ class SegmentationDemoConfig:
         figure_slices: test slices in the figure.
     """
 
+    labels: str = "lobes"
     method: str = "dvpt"
     method_config: Mapping[str, Any] | None = None
     encoder: Mapping[str, int] = field(default_factory=lambda: dict(DEMO_ENCODER))
@@ -113,8 +116,8 @@ def prepare_segmentation_data(folder: str | Path, config: SegmentationDemoConfig
     from monai_prompt.data.demo_segmentation import build_segmentation_demo
 
     folder = Path(folder)
-    settings = {"slice_size": config.slice_size, "unlabeled_copies": config.unlabeled_copies,
-                "crops_3d": list(config.crops_3d)}
+    settings = {"labels": config.labels, "slice_size": config.slice_size,
+                "unlabeled_copies": config.unlabeled_copies, "crops_3d": list(config.crops_3d)}
     stamp, datalist = folder / "build.json", folder / "datalist_2d.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == settings and datalist.is_file():
         content = json.loads(datalist.read_text())
@@ -123,7 +126,8 @@ def prepare_segmentation_data(folder: str | Path, config: SegmentationDemoConfig
         if all((folder / name).is_file() for name in files):
             return datalist, True
     shutil.rmtree(folder, ignore_errors=True)
-    paths = build_segmentation_demo(folder, slice_size=config.slice_size, unlabeled_copies=config.unlabeled_copies,
+    paths = build_segmentation_demo(folder, task=config.labels, slice_size=config.slice_size,
+                                    unlabeled_copies=config.unlabeled_copies,
                                     crops_3d=config.crops_3d)
     stamp.write_text(json.dumps(settings))
     return paths["2d"], False
