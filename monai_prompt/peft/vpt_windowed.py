@@ -51,7 +51,8 @@ __all__ = [
     "apply_windowed_vpt",
     "attend_with_prompts",
     "constant_map_conv",
-    ]
+    "first_token_size",
+]
 
 
 def attend_with_prompts(
@@ -79,9 +80,10 @@ def attend_with_prompts(
     Returns:
         The window tokens' output ``[n, heads, N, d]`` and the prompts' ``[batch, heads, p, d]``.
     """
-    n, heads, tokens, dim = q.shape
+    n, heads, _, dim = q.shape
     batch, length = prompt_qkv.shape[1], prompt_qkv.shape[3]
     windows = n // batch
+    # each image's prompts repeated for its windows (window_partition keeps the windows of an image adjacent)
     shared = prompt_qkv[:, :, None].expand(3, batch, windows, heads, length, dim).reshape(3, n, heads, length, dim)
     keys, values = torch.cat((shared[1], k), dim=2), torch.cat((shared[2], v), dim=2)
     mask = F.pad(bias, (length, 0)).to(q.dtype)
