@@ -25,6 +25,7 @@ from monai.bundle import ConfigParser
 from bundle_support import copy_bundle, tiny_overrides
 from monai_prompt.backbones import build_backbone
 from monai_prompt.backbones.sam import SAM_KEY, SAM_PRESETS, SAMImageEncoder, build_sam, sam_from_pretrained
+from monai_prompt.backbones.tinyvit import LayerNorm2d
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
 from monai_prompt.nets import FPTClassifier
 from monai_prompt.nets.classifier import PromptClassifier
@@ -61,6 +62,8 @@ SUPPORTED = {
     "lora": {"rank": 2, "alpha": 4.0, "targets": ("qkv", "out_proj", "linear1", "linear2")},
     "adapter": {"bottleneck": 4, "dropout": 0.0},
     "bitfit": None,
+    "ssf": None,
+    "vpt": {"num_tokens": 3, "deep": True},
 }
 
 
@@ -280,12 +283,16 @@ def expected_trainable(method: str, model: PromptClassifier) -> set[str]:
     blocks = [f"blocks.{i}" for i in range(TINY["depth"])]
     backbone = {n for n, _ in model.backbone.named_parameters() if SAM_KEY.match(n)}
     linears = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")
+    modules = dict(model.backbone.named_modules())
+    ssf_hosts = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d, LayerNorm2d))]
     names = {
         "full": backbone,
         "linear": set(),
         "lora": {f"{b}.{path}.lora_{m}" for b in blocks for path in linears for m in "AB"},
         "adapter": {f"{b}.parallel.{p}_proj.{w}" for b in blocks for p in ("down", "up") for w in ("weight", "bias")},
         "bitfit": {n for n in backbone if n.endswith(".bias")},  # patch embed, LayerNorms, linears, neck norms
+        "ssf": {f"{n}.ssf_{k}" for n in ssf_hosts for k in ("scale", "shift")},  # patch embed, blocks, neck
+        "vpt": {f"{b}.prompts" for b in blocks},  # deep: one prompt set per block, windowed and global
     }[method]
     return {f"backbone.{n}" for n in names} | {"head.weight", "head.bias"}
 
@@ -306,7 +313,7 @@ def test_delta_round_trip(method, sam_weights, tmp_path):
     assert_delta_round_trip(model.eval(), fresh.eval(), tmp_path / f"{method}.pt")
 
 
-@pytest.mark.parametrize("method", ["full", "adapter"])
+@pytest.mark.parametrize("method", ["full", "adapter", "vpt"])
 def test_checkpointing_and_sdpa_match_plain_path(method, sam_weights):
     model = make_model(method, sam_weights).double().train()
     perturb_trainable(model)
@@ -314,8 +321,9 @@ def test_checkpointing_and_sdpa_match_plain_path(method, sam_weights):
     assert_efficiency_paths_match(model, model.backbone, x)
 
 
-def test_lora_merge_equals_unmerged_and_torchscript_matches(sam_weights):
-    model = make_model("lora", sam_weights).eval()
+@pytest.mark.parametrize("method", ["lora", "ssf"])
+def test_merge_equals_unmerged_and_torchscript_matches(method, sam_weights):
+    model = make_model(method, sam_weights).eval()
     perturb_trainable(model)
     x = torch.randn(2, 3, IMG, IMG)
     tuned = model(x)
@@ -331,7 +339,7 @@ def test_lora_parameter_count_at_sam_vit_b_size():
     assert trained == 256 * CLASSES + CLASSES + 12 * 8 * (768 + 3 * 768)  # head + rank 8 on qkv of 12 blocks
 
 
-@pytest.mark.parametrize("method", ["vpt", "ept", "dvpt", "ssf"])
+@pytest.mark.parametrize("method", ["ept", "dvpt"])
 def test_other_methods_raise_at_build_time_naming_method_and_family(method, sam_weights):
     with pytest.raises(ValueError, match=rf"'{method}' does not support the 'sam' backbone family"):
         make_model(method, sam_weights)
@@ -364,14 +372,15 @@ def sam_bundle_overrides(dataset_dir: Path, weights: Path) -> dict:
     return {**overrides, "backbone": "auto", "backbone_overrides": {}}
 
 
-def test_bundle_network_def_builds_sam_from_auto(official, sam_weights, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "ssf", "vpt"])
+def test_bundle_network_def_builds_sam_from_auto(method, official, sam_weights, tmp_path):
     overrides = sam_bundle_overrides(tmp_path, sam_weights)
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / "lora_classification" / "configs" / "train.json"))
+    parser.read_config(str(REPO / "bundles" / f"{method}_classification" / "configs" / "train.json"))
     parser.update({k: overrides[k] for k in ("backbone", "backbone_overrides", "img_size", "pretrained")})
     parser.update({"num_classes": 3})  # else it follows the datalist, which this test does not write
     network = parser.get_parsed_content("network_def")
-    assert network.backbone.family == "sam" and network.backbone.peft_method == "lora"
+    assert network.backbone.family == "sam" and network.backbone.peft_method == method
     expected = official_encoder(official).state_dict()
     assert torch.equal(network.backbone.state_dict()["blocks.0.attn.qkv.weight"], expected["blocks.0.attn.qkv.weight"])
 

@@ -25,6 +25,7 @@ from monai.bundle import ConfigParser
 from bundle_support import copy_bundle, tiny_overrides
 from monai_prompt.backbones.tinyvit import (
     TINYVIT_KEY,
+    LayerNorm2d,
     build_tinyvit,
     lite_medsam_checkpoint,
     load_lite_medsam_encoder,
@@ -72,6 +73,7 @@ SUPPORTED = {
     "adapter": {"bottleneck": 4, "dropout": 0.0},
     "bitfit": None,
     "ssf": None,
+    "vpt": {"num_tokens": 3, "deep": True},
 }
 
 
@@ -249,7 +251,7 @@ def expected_trainable(method: str, model: PromptClassifier) -> set[str]:
     modules = dict(model.backbone.named_modules())
     blocks = [f"layers.{i}.blocks.{j}" for i in (1, 2, 3) for j in range(TINY["depths"][i])]
     backbone = {n for n, _ in model.backbone.named_parameters() if TINYVIT_KEY.match(n)}
-    ssf_hosts = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d))]
+    ssf_hosts = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d, LayerNorm2d))]
     linears = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
     names = {
         "full": backbone,
@@ -258,6 +260,7 @@ def expected_trainable(method: str, model: PromptClassifier) -> set[str]:
         "adapter": {f"{b}.parallel.{p}_proj.{w}" for b in blocks for p in ("down", "up") for w in ("weight", "bias")},
         "bitfit": {n for n in backbone if n.endswith(".bias")},  # BatchNorm, LayerNorm, linear and neck biases
         "ssf": {f"{n}.ssf_{k}" for n in ssf_hosts for k in ("scale", "shift")},
+        "vpt": {f"{b}.prompts" for b in blocks},  # deep: one prompt set per attention block
     }[method]
     return {f"backbone.{n}" for n in names} | {"head.weight", "head.bias"}
 
@@ -287,7 +290,7 @@ def test_delta_round_trip(method, tmp_path):
     assert_delta_round_trip(model.eval(), fresh.eval(), tmp_path / f"{method}.pt")
 
 
-@pytest.mark.parametrize("method", ["full", "adapter"])
+@pytest.mark.parametrize("method", ["full", "adapter", "vpt"])
 def test_checkpointing_and_sdpa_match_plain_path(method):
     model = make_model(method).double().train()
     perturb_trainable(model)
@@ -307,7 +310,7 @@ def test_merge_equals_unmerged_and_torchscript_matches(method):
     torch.testing.assert_close(model(x), tuned, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["vpt", "ept", "dvpt"])
+@pytest.mark.parametrize("method", ["ept", "dvpt"])
 def test_token_methods_raise_at_build_time_naming_method_family_and_reason(method):
     message = rf"'{method}' does not support the 'tinyvit' backbone family: it needs a plain token sequence"
     with pytest.raises(ValueError, match=message):
@@ -334,14 +337,17 @@ def tinyvit_overrides(tmp_path: Path, dataset_dir: Path) -> dict:
     return {**overrides, "backbone": "lite_medsam", "backbone_overrides": dict(TINY_NECK)}
 
 
-def test_bundle_network_def_builds_tinyvit_from_overrides(tmp_path):
-    overrides = tinyvit_overrides(tmp_path, tmp_path)
+@pytest.mark.parametrize(
+    "method, backbone", [("lora", "lite_medsam"), ("ssf", "auto"), ("vpt", "auto")]  # auto: the checkpoint's keys
+)
+def test_bundle_network_def_builds_tinyvit_from_overrides(method, backbone, tmp_path):
+    overrides = {**tinyvit_overrides(tmp_path, tmp_path), "backbone": backbone}
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / "lora_classification" / "configs" / "train.json"))
+    parser.read_config(str(REPO / "bundles" / f"{method}_classification" / "configs" / "train.json"))
     parser.update({k: overrides[k] for k in ("backbone", "backbone_overrides", "img_size", "pretrained")})
     parser.update({"num_classes": 3})  # else it follows the datalist, which this test does not write
     network = parser.get_parsed_content("network_def")
-    assert network.backbone.family == "tinyvit" and network.backbone.peft_method == "lora"
+    assert network.backbone.family == "tinyvit" and network.backbone.peft_method == method
     expected = pretrained_tiny().state_dict()
     assert all(torch.equal(network.backbone.state_dict()[k], v) for k, v in expected.items())
 

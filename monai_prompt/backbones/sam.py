@@ -369,15 +369,19 @@ class SAMImageEncoder(nn.Module):
     def _checkpointed(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return checkpoint(block, x, use_reentrant=False)
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The tokens before the neck, ``[B, H / p, W / p, embed_dim]``, of images ``[B, in_channels, H, W]``."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch grid with its absolute positions, ``[B, H / p, W / p, embed_dim]``: what block 0 takes."""
         x = self.patch_embed(x)
         if x.shape[1:3] != self.pos_embed.shape[1:3]:
             raise ValueError(
                 f"SAM encoder input {list(x.shape[1:3])} patches a side, its position embedding "
                 f"{list(self.pos_embed.shape[1:3])}: resize the images to img_size {self.img_size}."
             )
-        x = x + self.pos_embed
+        return x + self.pos_embed
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens before the neck, ``[B, H / p, W / p, embed_dim]``, of images ``[B, in_channels, H, W]``."""
+        x = self.embed(x)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
                 x = self._checkpointed(block, x)

@@ -3,11 +3,17 @@
 As in dongzelian/SSF ``models/vision_transformer.py`` (``tuning_mode="ssf"``), ``y -> y * scale + shift``
 follows the patch embedding, ``norm1``, ``qkv``, ``out_proj``, ``norm2``, ``linear1`` (before the GELU),
 ``linear2`` and the final ``norm``; scale starts at N(1, 0.02), shift at N(0, 0.02). Each such module becomes
-an SSF subclass of its own type (:class:`SSFLinear`, :class:`SSFLayerNorm`, :class:`SSFConv2d`,
-:class:`SSFConv3d`) that keeps its ``weight``/``bias`` keys and adds ``ssf_scale``/``ssf_shift``. Because
-each op is affine per output channel, each layer's ``merge`` (through
+an SSF subclass of its own type (:class:`SSFLinear`, :class:`SSFLayerNorm`, :class:`SSFLayerNorm2d`,
+:class:`SSFConv2d`, :class:`SSFConv3d`) that keeps its ``weight``/``bias`` keys and adds
+``ssf_scale``/``ssf_shift``. Because each op is affine per output channel, each layer's ``merge`` (through
 :func:`~monai_prompt.peft.merge.merge_and_unload`) folds scale and shift into its weight and bias and turns it
 back into the plain module (re-parameterisation: the merged model is a plain ViT).
+
+On the SAM-family encoders (``tinyvit``, ``sam``) the same rule covers their convolutions and the neck's channel
+LayerNorms (``LayerNorm2d``), as the official ConvNeXt variant (``models/convnext.py``) scales after every
+convolution and every channels-first LayerNorm. A TinyViT's BatchNorms are not scaled: each follows a scaled
+convolution and, frozen in eval mode, is a per-channel affine map itself, so a second scale and shift after it
+would span the same per-channel affine maps.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monai_prompt.backbones.tinyvit import LayerNorm2d
 from monai_prompt.backbones.vit import PromptableViT, backbone_key
 from monai_prompt.peft.merge import MergeableLayer
 from monai_prompt.peft.registry import register_method
 
-__all__ = ["SSFConfig", "SSFConv2d", "SSFConv3d", "SSFLayerNorm", "SSFLinear", "add_ssf"]
+__all__ = ["SSFConfig", "SSFConv2d", "SSFConv3d", "SSFLayerNorm", "SSFLayerNorm2d", "SSFLinear", "add_ssf"]
 
 
 @dataclass
@@ -45,8 +52,11 @@ class _ScaleShift(MergeableLayer):
     """Per-output-channel ``ssf_scale``/``ssf_shift`` after the host module's own op, foldable into it.
 
     ``spatial_dims`` is how many axes follow the channel axis of the op's output: 0 for linears and
-    LayerNorms (channels last), 2 or 3 for convolutions (``[B, C, *spatial]``).
+    LayerNorms (channels last), 2 or 3 for convolutions and channels-first norms (``[B, C, *spatial]``).
     """
+
+    #: axes after the channel axis of the output of a channels-first op that is no convolution.
+    channels_first_dims = 0
 
     added_attributes = ("ssf_scale", "ssf_shift", "spatial_dims")
 
@@ -56,7 +66,8 @@ class _ScaleShift(MergeableLayer):
         self.ssf_shift = nn.Parameter(torch.empty(self.weight.shape[0], **factory))
         nn.init.normal_(self.ssf_scale, mean=1.0, std=init_std)
         nn.init.normal_(self.ssf_shift, mean=0.0, std=init_std)
-        self.spatial_dims = self.weight.dim() - 2 if isinstance(self, nn.modules.conv._ConvNd) else 0
+        conv = isinstance(self, nn.modules.conv._ConvNd)
+        self.spatial_dims = self.weight.dim() - 2 if conv else self.channels_first_dims
 
     def _scale_shift(self, y: torch.Tensor) -> torch.Tensor:
         shape = [-1] + [1] * self.spatial_dims
@@ -90,6 +101,17 @@ class SSFLayerNorm(_ScaleShift, nn.LayerNorm):
         return self._scale_shift(F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps))
 
 
+class SSFLayerNorm2d(_ScaleShift, LayerNorm2d):
+    """The SAM-family neck's channel ``LayerNorm2d`` followed by a per-channel scale and shift (same keys)."""
+
+    base_class = LayerNorm2d
+    channels_first_dims = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
+        return self._scale_shift(y.permute(0, 3, 1, 2))
+
+
 class _ScaleShiftConv(_ScaleShift):
     """The forward of both SSF convolutions: the host's ``_conv_forward``, then the scale and shift."""
 
@@ -110,11 +132,13 @@ class SSFConv3d(_ScaleShiftConv, nn.Conv3d):
 
 
 #: plain module class -> its SSF subclass.
-_SSF_CLASSES: dict[type, type] = {cls.base_class: cls for cls in (SSFLinear, SSFLayerNorm, SSFConv2d, SSFConv3d)}
+_SSF_CLASSES: dict[type, type] = {
+    cls.base_class: cls for cls in (SSFLinear, SSFLayerNorm, SSFLayerNorm2d, SSFConv2d, SSFConv3d)
+}
 
 
 def add_ssf(module: nn.Module, init_std: float = 0.02) -> nn.Module:
-    """Turn a plain ``nn.Linear``/``nn.LayerNorm``/``nn.Conv2d``/``nn.Conv3d`` into its SSF subclass in place.
+    """Turn a plain ``nn.Linear``/``nn.LayerNorm``/``LayerNorm2d``/``nn.Conv2d``/``nn.Conv3d`` into its SSF subclass.
 
     Like ``torch.nn.utils.parametrize``, this swaps the module's class: its parameters, keys and every
     reference to it stay, and ``ssf_scale``/``ssf_shift`` are added.
@@ -133,12 +157,12 @@ def add_ssf(module: nn.Module, init_std: float = 0.02) -> nn.Module:
     return module
 
 
-@register_method("ssf", SSFConfig, trainable=r"\.ssf_(scale|shift)$", families=("vit", "tinyvit"))
+@register_method("ssf", SSFConfig, trainable=r"\.ssf_(scale|shift)$", families=("vit", "tinyvit", "sam"))
 def apply_ssf(vit: PromptableViT, config: SSFConfig) -> None:
-    """Add scale and shift after every frozen op with a weight: the backbone's own linears, LayerNorms and
-    convolutions (the modules with an SSF subclass whose ``<name>.weight`` is a pre-trained backbone key). On a
-    MONAI ViT that is every such key; on a TinyViT its BatchNorms (each follows a scaled convolution) and the
-    neck's LayerNorm2d are not scaled, and merging gives its bias-free convolutions a bias."""
+    """Add scale and shift after every frozen op with a weight: the backbone's own linears, LayerNorms, neck
+    LayerNorm2d and convolutions (the modules with an SSF subclass whose ``<name>.weight`` is a pre-trained backbone
+    key). On a MONAI ViT that is every such key; a TinyViT's BatchNorms are not scaled (each follows a scaled
+    convolution); merging gives the bias-free convolutions of the TinyViT and the SAM neck a bias."""
     keys = backbone_key(vit)
     for name, module in list(vit.named_modules()):
         if name and keys.match(f"{name}.weight") and type(module) in _SSF_CLASSES:

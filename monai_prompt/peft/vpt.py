@@ -7,6 +7,7 @@ block's fresh prompts. The features are read out at CLS, and the frozen ViT neve
 KMnP/vpt ``src/models/vit_prompt/vit.py`` (``incorporate_prompt`` and ``forward_deep_prompt``) with
 ``PROJECT=-1`` (no prompt projection). On a ViT with a pre-norm (CLIP's ``ln_pre``, ``norm_pre``) the prompts
 enter after it, unnormalised, where the deep prompts of later blocks enter too (KMnP's ViTs have no pre-norm).
+On the windowed SAM-family encoders VPT follows its Swin variant (:mod:`monai_prompt.peft.vpt_windowed`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn as nn
 
 from monai_prompt.backbones.vit import PromptableViT, TokenPrompter
 from monai_prompt.peft.registry import register_method
+from monai_prompt.peft.vpt_windowed import apply_windowed_vpt, first_token_size
 
 __all__ = ["VPTConfig", "VisualPrompter", "prompt_init_bound"]
 
@@ -108,9 +110,29 @@ class VisualPrompter(TokenPrompter):
         return torch.cat((x[:, : self.start], x[:, self.start + self.num_tokens :]), dim=1)
 
 
-@register_method("vpt", VPTConfig, trainable=r"^prompter\.prompts$")
+#: what the windowed families need from VPT, said when another family is refused.
+_REQUIRES = "a plain token sequence with a CLS/prefix slot, or a windowed SAM/TinyViT encoder"
+
+
+@register_method(
+    "vpt",
+    VPTConfig,
+    trainable=r"^prompter\.prompts$|^(layers\.\d+\.)?blocks\.\d+\.prompts$",
+    families=("vit", "tinyvit", "sam"),
+    requires=_REQUIRES,
+)
 def apply_vpt(vit: PromptableViT, config: VPTConfig) -> None:
-    """Attach a :class:`VisualPrompter`; only its prompts train (``L*p*D`` deep, ``p*D`` shallow)."""
+    """Attach a :class:`VisualPrompter`; only its prompts train (``L*p*D`` deep, ``p*D`` shallow).
+
+    On a SAM or TinyViT encoder the prompts are shared by the windows of each block's attention instead
+    (:mod:`monai_prompt.peft.vpt_windowed`): ``p`` times the first attention block's width shallow, the sum of the
+    attention blocks' widths times ``p`` deep.
+    """
+    if vit.family in ("sam", "tinyvit"):
+        side, width = first_token_size(vit)
+        bound = prompt_init_bound(vit.config["in_channels"], [side, side], width)
+        apply_windowed_vpt(vit, config.num_tokens, config.deep, config.dropout, bound)
+        return
     cfg = vit.config
     bound = prompt_init_bound(cfg["in_channels"], cfg["patch_size"], cfg["hidden_size"])
     prompter = VisualPrompter(
