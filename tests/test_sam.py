@@ -331,7 +331,7 @@ def test_lora_parameter_count_at_sam_vit_b_size():
     assert trained == 256 * CLASSES + CLASSES + 12 * 8 * (768 + 3 * 768)  # head + rank 8 on qkv of 12 blocks
 
 
-@pytest.mark.parametrize("method", ["vpt", "ept", "dvpt", "ssf"])
+@pytest.mark.parametrize("method", ["vpt", "ssf"])
 def test_other_methods_raise_at_build_time_naming_method_and_family(method, sam_weights):
     with pytest.raises(ValueError, match=rf"'{method}' does not support the 'sam' backbone family"):
         make_model(method, sam_weights)
@@ -364,14 +364,15 @@ def sam_bundle_overrides(dataset_dir: Path, weights: Path) -> dict:
     return {**overrides, "backbone": "auto", "backbone_overrides": {}}
 
 
-def test_bundle_network_def_builds_sam_from_auto(official, sam_weights, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "ept", "dvpt"])
+def test_bundle_network_def_builds_sam_from_auto(official, sam_weights, tmp_path, method):
     overrides = sam_bundle_overrides(tmp_path, sam_weights)
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / "lora_classification" / "configs" / "train.json"))
+    parser.read_config(str(REPO / "bundles" / f"{method}_classification" / "configs" / "train.json"))
     parser.update({k: overrides[k] for k in ("backbone", "backbone_overrides", "img_size", "pretrained")})
     parser.update({"num_classes": 3})  # else it follows the datalist, which this test does not write
     network = parser.get_parsed_content("network_def")
-    assert network.backbone.family == "sam" and network.backbone.peft_method == "lora"
+    assert network.backbone.family == "sam" and network.backbone.peft_method == method
     expected = official_encoder(official).state_dict()
     assert torch.equal(network.backbone.state_dict()["blocks.0.attn.qkv.weight"], expected["blocks.0.attn.qkv.weight"])
 
