@@ -20,7 +20,8 @@ the relative tables linearly, as ``get_rel_pos`` does) and the patch kernel to o
 
 For classification :meth:`SAMImageEncoder.forward_features` averages the neck's map over space. PEFT methods find
 the seams of the other families: ``blocks`` (each with ``set_parallel``), ``block_linears`` (LoRA targets by MONAI
-ViT name) and ``backbone_key`` (the pre-trained parameter names).
+ViT name), ``backbone_key`` (the pre-trained parameter names) and each block's ``attn.attend(q, k, v, bias)``
+(EPT's subclass overrides it).
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ package's code is never imported (it needs timm). The architecture, for a 256 x 
 
 For classification :meth:`TinyViT.forward_features` averages the neck output over space. PEFT methods find the
 same seams as on :class:`~monai_prompt.backbones.PromptableViT`: ``blocks`` (the attention blocks, each with
-``set_parallel``), ``block_linears`` (LoRA targets by MONAI ViT name) and ``backbone_key`` (the pre-trained
-parameter names). BatchNorm statistics stay those of the checkpoint (the layers are kept in eval mode): a PEFT
-delta stores parameters only, and classification batches are small.
+``set_parallel``), ``block_linears`` (LoRA targets by MONAI ViT name), ``backbone_key`` (the pre-trained
+parameter names) and each block's ``attn.attend(q, k, v, bias)`` (EPT's subclass overrides it). BatchNorm
+statistics stay those of the checkpoint (the layers are kept in eval mode): a PEFT delta stores parameters only,
+and classification batches are small.
 """
 
 from __future__ import annotations
