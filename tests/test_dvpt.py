@@ -390,9 +390,12 @@ def test_grid_parameter_counts_at_full_size():
             )
             for variant in ("paper", "code")
         }
-    assert counts == {
-        ("sam", "paper"): 4 * module(768) + 12 * 50 * 20 == 138_036,
-        ("sam", "code"): 4 * module(768) == 126_036,
-        ("tinyvit", "paper"): module(128) + 2 * module(160) + module(320) + 10 * 50 * 20 == 41_572,
-        ("tinyvit", "code"): module(128) + 2 * module(160) + module(320) == 31_572,
+    sam, tinyvit = 4 * module(768), module(128) + 2 * module(160) + module(320)
+    expected = {
+        ("sam", "paper"): sam + 12 * 50 * 20,  # a prompt [50, 20] per block
+        ("sam", "code"): sam,
+        ("tinyvit", "paper"): tinyvit + 10 * 50 * 20,
+        ("tinyvit", "code"): tinyvit,
     }
+    assert counts == expected
+    assert list(expected.values()) == [138_036, 126_036, 41_572, 31_572]  # docs/methods.md
