@@ -308,14 +308,13 @@ class TinyViTEPTAttention(WindowAttention):
 def _apply_grid_ept(encoder: nn.Module, config: EPTConfig) -> None:
     """EPT on a windowed family: a prompt per prompted block, its rows the positions of one window (shared by
     all windows) or, in a SAM global-attention block, of the whole grid."""
+    sam = isinstance(encoder, SAMImageEncoder)
+    attention = SAMEPTAttention if sam else TinyViTEPTAttention
     blocks = list(encoder.blocks) if config.deep else list(encoder.blocks)[:1]
     for block in blocks:
-        if isinstance(encoder, SAMImageEncoder):
-            side = block.window_size if block.window_size > 0 else None
-            rows = side * side if side else encoder.grid_size[0] * encoder.grid_size[1]
-            SAMEPTAttention.convert(block.attn, rows, config)
-        else:
-            TinyViTEPTAttention.convert(block.attn, block.window_size**2, config)
+        global_block = sam and block.window_size == 0
+        rows = encoder.grid_size[0] * encoder.grid_size[1] if global_block else block.window_size**2
+        attention.convert(block.attn, rows, config)
 
 
 @register_method("ept", EPTConfig, trainable=r"\.attn\.ept_prompt$", families=("vit", "tinyvit", "sam"))
