@@ -17,7 +17,7 @@ ALLOWED = {
             "nets", "peft", "runs", "tools"},
     "demo": {"runs", "data", "peft"},
     "demo_segmentation": {"runs", "data", "peft"},
-    "benchmarks": {"runs", "bundle_gen", "nets", "engine", "peft", "backbones", "data"},
+    "benchmarks": {"runs", "tools", "bundle_gen", "nets", "engine", "peft", "backbones", "data"},
     "tools": {"runs", "peft", "backbones"},
     "runs": {"engine", "data"},
     "bundle_gen": {"fpt", "peft", "data"},

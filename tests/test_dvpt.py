@@ -7,12 +7,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dvpt_official
+from grid_support import CHECK_SIZE, FAMILIES, attention_blocks, reference_features, tiny_encoder
 from monai_prompt.backbones import build_vit
+from monai_prompt.backbones.sam import build_sam
+from monai_prompt.backbones.tinyvit import build_tinyvit
 from monai_prompt.nets import PromptClassifier
 from monai_prompt.peft import apply_method, delta_state_dict, trainable_report
 from monai_prompt.peft.delta import IDENTITY_KEYS
 from monai_prompt.peft.dvpt import DVPTConfig, DVPTModule
-from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, rel_err
+from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, assert_efficiency_paths_match, rel_err
 
 TINY = {"hidden_size": 32, "num_layers": 4, "num_heads": 4, "mlp_dim": 64, "patch_size": 8}
 CONFIG = {"num_prompts": 5, "bottleneck": 6, "share": 2}
@@ -282,3 +285,117 @@ def test_grad_checkpointing_autocast_and_torchscript(variant):
 
     model.eval()
     torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Token-grid families: SAM's ViT image encoder and LiteMedSAM's TinyViT (per-block prompts, modules per stage).
+# --------------------------------------------------------------------------------------------------------
+
+#: where the tiny encoders' shared modules live (CONFIG's share=2; TinyViT's stages hold 2, 1 and 1 blocks).
+GRID_MODULE_OWNERS = {
+    "sam": ["blocks.0", "blocks.2"],
+    "tinyvit": ["layers.1.blocks.0", "layers.2.blocks.0", "layers.3.blocks.0"],
+}
+MODULE_PARAMS = ("gate", "down.weight", "down.bias", "up.weight", "up.bias")
+
+
+def grid_classifier(family: str, variant: str = "paper", open_gate: bool = True) -> PromptClassifier:
+    torch.manual_seed(0)
+    model = PromptClassifier(3, "dvpt", {**CONFIG, "variant": variant}, backbone=tiny_encoder(family))
+    if open_gate:
+        with torch.no_grad():
+            for index, owner in enumerate(GRID_MODULE_OWNERS[family]):
+                model.backbone.get_submodule(f"{owner}.parallel.bottleneck").gate.fill_(0.5 + index)
+    return model
+
+
+def literal_grid_branch(variant: str):
+    """The grid DVPT branch from its weights: a loop over the prompts (dynamic queries) and over the tokens (each
+    reading the dynamic prompts back)."""
+
+    def branch(block: nn.Module, grid: torch.Tensor) -> torch.Tensor:
+        module = block.parallel.bottleneck
+        batch, height, width, channels = grid.shape
+        h = grid.reshape(batch, height * width, channels) @ module.down.weight.t() + module.down.bias
+        h = h * torch.sigmoid(1.702 * h)
+        if variant == "paper":
+            scale = h.shape[-1] ** -0.5
+            rows = []
+            for b in range(batch):
+                dynamic = torch.stack([torch.softmax(h[b] @ p * scale, 0) @ h[b] for p in block.parallel.prompts])
+                rows.append(torch.stack([t + torch.softmax(dynamic @ t * scale, 0) @ dynamic for t in h[b]]))
+            h = torch.stack(rows)
+        out = module.gate * (h @ module.up.weight.t() + module.up.bias)
+        return out.reshape(batch, height, width, channels)
+
+    return branch
+
+
+@pytest.mark.parametrize("variant", ["paper", "code"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grid_families_match_literal_reference(family, variant):
+    model = grid_classifier(family, variant).double()
+    encoder = model.backbone
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    size = CHECK_SIZE[family]
+    x = torch.randn(1, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out, ref = encoder.forward_features(x), reference_features(encoder, x, branch=literal_grid_branch(variant))
+    assert rel_err(out, ref) < 1e-10
+    modules = len(GRID_MODULE_OWNERS[family])
+    assert len(params) == modules * 5 + (len(attention_blocks(encoder)) if variant == "paper" else 0)
+    grads = torch.autograd.grad(out.square().sum(), params)
+    for grad, ref_grad in zip(grads, torch.autograd.grad(ref.square().sum(), params)):
+        assert rel_err(grad, ref_grad) < 1e-10
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grid_what_trains_sharing_zero_init_and_delta_round_trip(family, tmp_path):
+    model = grid_classifier(family)
+    blocks = [name for name, _ in attention_blocks(model.backbone)]
+    expected = {f"backbone.{b}.parallel.prompts" for b in blocks} | {"head.weight", "head.bias"}
+    expected |= {f"backbone.{o}.parallel.bottleneck.{p}" for o in GRID_MODULE_OWNERS[family] for p in MODULE_PARAMS}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    shared = [model.backbone.get_submodule(f"{b}.parallel.bottleneck") for b in blocks[:2]]
+    assert shared[0] is shared[1]  # the first two blocks share one module (of one stage in both encoders)
+    assert_adamw_trains_exactly(model, expected)
+    assert_delta_round_trip(grid_classifier(family).eval(), grid_classifier(family).eval(), tmp_path / "dvpt.pt")
+    x = torch.randn(2, 3, 32, 32)
+    closed, plain = grid_classifier(family, open_gate=False).eval(), tiny_encoder(family).eval()
+    assert torch.equal(closed.backbone.forward_features(x), plain.forward_features(x))  # the branch is 0 at init
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grid_checkpointing_sdpa_and_torchscript_match(family):
+    model = grid_classifier(family).double().train()
+    size = CHECK_SIZE[family]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert_efficiency_paths_match(model, model.backbone, x)
+    model.eval()
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=1e-12)
+
+
+def test_grid_parameter_counts_at_full_size():
+    """SAM ViT-B at 1024 px: 12 blocks, 4 modules of width 768; LiteMedSAM's TinyViT at 256 px: stages of 2, 6
+    and 2 blocks (widths 128, 160, 320), modules never shared across a stage: 1 + 2 + 1 (docs/methods.md)."""
+
+    def module(width: int) -> int:
+        return 2 * width * 20 + 20 + width + 1
+
+    with torch.device("meta"):
+        counts = {
+            (name, variant): trainable_report(apply_method(build(), "dvpt", {"variant": variant}))["trainable"]
+            for name, build in (
+                ("sam", lambda: build_sam("sam_vit_b", img_size=1024)),
+                ("tinyvit", lambda: build_tinyvit("lite_medsam", img_size=256)),
+            )
+            for variant in ("paper", "code")
+        }
+    sam, tinyvit = 4 * module(768), module(128) + 2 * module(160) + module(320)
+    expected = {
+        ("sam", "paper"): sam + 12 * 50 * 20,  # a prompt [50, 20] per block
+        ("sam", "code"): sam,
+        ("tinyvit", "paper"): tinyvit + 10 * 50 * 20,
+        ("tinyvit", "code"): tinyvit,
+    }
+    assert counts == expected
+    assert list(expected.values()) == [138_036, 126_036, 41_572, 31_572]  # docs/methods.md

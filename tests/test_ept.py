@@ -4,11 +4,14 @@ import pytest
 import torch
 
 from bundle_support import TINY_BACKBONE as TINY
+from grid_support import CHECK_SIZE, FAMILIES, SAM_TINY, attention_blocks, reference_features, tiny_encoder
 from monai_prompt.backbones import build_vit
+from monai_prompt.backbones.sam import build_sam
+from monai_prompt.backbones.tinyvit import build_tinyvit
 from monai_prompt.nets import PromptClassifier
 from monai_prompt.peft import apply_method, trainable_report
 from monai_prompt.peft.ept import EPTAttention, EPTConfig, resize_ept_prompt
-from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, rel_err
+from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, assert_efficiency_paths_match, rel_err
 
 HEADS, WIDTH, TOKENS = 4, 32, 17  # 32 px / patch 8 -> 16 patches + CLS
 
@@ -175,3 +178,86 @@ def test_grad_checkpointing_autocast_and_torchscript(sdpa, variant):
 
     model.eval()
     torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Token-grid families: SAM's ViT image encoder and LiteMedSAM's TinyViT (prompts inside each window).
+# --------------------------------------------------------------------------------------------------------
+
+
+def grid_classifier(family: str, config: dict | None = None, sdpa: bool = False) -> PromptClassifier:
+    torch.manual_seed(0)
+    return PromptClassifier(3, "ept", {"prompt_length": 5, **(config or {})}, backbone=tiny_encoder(family), sdpa=sdpa)
+
+
+#: the prompted blocks of the tiny encoders and their prompt rows: window positions (SAM's windows of 3, TinyViT's
+#: 7, 8 and 5), or in SAM's global blocks 1 and 3 the 4 x 4 grid.
+GRID_PROMPT_ROWS = {
+    "sam": {"blocks.0": 9, "blocks.1": 16, "blocks.2": 9, "blocks.3": 16},
+    "tinyvit": {"layers.1.blocks.0": 49, "layers.1.blocks.1": 49, "layers.2.blocks.0": 64, "layers.3.blocks.0": 25},
+}
+
+
+@pytest.mark.parametrize("variant", ["pure_cat", "multi_cat"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grid_families_match_literal_reference_on_both_paths(family, variant):
+    """Features and prompt gradients of the whole encoder against the window-by-window reference (float64), with
+    the literal path and with SDPA (the sink-key fast path for ``pure_cat``)."""
+    model = grid_classifier(family, {"variant": variant}).double().eval()
+    encoder = model.backbone
+    with torch.no_grad():
+        for _, block in attention_blocks(encoder):
+            block.attn.ept_prompt.normal_(std=1.0)  # well away from the near-uniform init
+    prompts = [block.attn.ept_prompt for _, block in attention_blocks(encoder)]
+    size = CHECK_SIZE[family]
+    x = torch.randn(1, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = reference_features(encoder, x, lambda block: block.attn.ept_prompt, variant)
+    ref_grads = torch.autograd.grad(ref.square().sum(), prompts)
+    for sdpa in (False, True):
+        encoder.set_sdpa(sdpa)
+        out = encoder.forward_features(x)
+        assert rel_err(out, ref) < 1e-10
+        for grad, ref_grad in zip(torch.autograd.grad(out.square().sum(), prompts), ref_grads):
+            assert rel_err(grad, ref_grad) < 1e-10
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grid_only_prompts_and_head_train_and_delta_round_trips(family, tmp_path):
+    model = grid_classifier(family)
+    rows = {f"backbone.{n}.attn.ept_prompt": (r, 5) for n, r in GRID_PROMPT_ROWS[family].items()}
+    assert {n: tuple(p.shape) for n, p in model.named_parameters() if "ept_prompt" in n} == rows
+    assert_adamw_trains_exactly(model, set(rows) | {"head.weight", "head.bias"})
+    assert_delta_round_trip(grid_classifier(family).eval(), grid_classifier(family).eval(), tmp_path / "ept.pt")
+    shallow = grid_classifier(family, {"deep": False})
+    first = next(iter(GRID_PROMPT_ROWS[family]))
+    assert [n for n, p in shallow.named_parameters() if "ept_prompt" in n] == [f"backbone.{first}.attn.ept_prompt"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grid_checkpointing_sdpa_and_torchscript_match(family):
+    model = grid_classifier(family).double().train()
+    size = CHECK_SIZE[family]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert_efficiency_paths_match(model, model.backbone, x)
+    model.eval()
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=1e-12)
+
+
+def test_grid_parameter_counts_at_full_size():
+    """SAM ViT-B at 1024 px: 8 windowed blocks (14 x 14 windows) and 4 global blocks (the 64 x 64 grid);
+    LiteMedSAM's TinyViT at 256 px: 2 + 6 + 2 blocks with windows of 7, 14 and 7 (docs/methods.md)."""
+    with torch.device("meta"):
+        sam = apply_method(build_sam("sam_vit_b", img_size=1024), "ept")
+        tinyvit = apply_method(build_tinyvit("lite_medsam", img_size=256), "ept")
+    assert trainable_report(sam)["trainable"] == (8 * 14**2 + 4 * 64**2) * 100 == 1_795_200
+    assert trainable_report(tinyvit)["trainable"] == (2 * 7**2 + 6 * 14**2 + 2 * 7**2) * 100 == 137_200
+    assert {tuple(b.attn.ept_prompt.shape) for i, b in enumerate(sam.blocks) if i in (2, 5, 8, 11)} == {(4096, 100)}
+
+
+def test_grid_global_prompts_resize_with_the_grid():
+    small = grid_classifier("sam").backbone
+    large = apply_method(build_sam("sam_vit_b", img_size=48, **SAM_TINY), "ept", {"prompt_length": 5})
+    resized = resize_ept_prompt(small.blocks[1].attn.ept_prompt.detach(), (4, 4), (6, 6), num_prefix_tokens=0)
+    large.blocks[1].attn.ept_prompt.data.copy_(resized)  # windowed blocks' prompts keep their shape
+    assert large.blocks[0].attn.ept_prompt.shape == small.blocks[0].attn.ept_prompt.shape
+    assert large.forward_features(torch.randn(1, 3, 48, 48)).shape == (1, 16)

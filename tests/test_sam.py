@@ -339,7 +339,7 @@ def test_lora_parameter_count_at_sam_vit_b_size():
     assert trained == 256 * CLASSES + CLASSES + 12 * 8 * (768 + 3 * 768)  # head + rank 8 on qkv of 12 blocks
 
 
-@pytest.mark.parametrize("method", ["ept", "dvpt"])
+@pytest.mark.parametrize("method", ["fpt", "fptplus"])
 def test_other_methods_raise_at_build_time_naming_method_and_family(method, sam_weights):
     with pytest.raises(ValueError, match=rf"'{method}' does not support the 'sam' backbone family"):
         make_model(method, sam_weights)
@@ -372,7 +372,7 @@ def sam_bundle_overrides(dataset_dir: Path, weights: Path) -> dict:
     return {**overrides, "backbone": "auto", "backbone_overrides": {}}
 
 
-@pytest.mark.parametrize("method", ["lora", "ssf", "vpt"])
+@pytest.mark.parametrize("method", ["lora", "ssf", "vpt", "ept", "dvpt"])
 def test_bundle_network_def_builds_sam_from_auto(method, official, sam_weights, tmp_path):
     overrides = sam_bundle_overrides(tmp_path, sam_weights)
     parser = ConfigParser()

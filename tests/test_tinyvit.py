@@ -310,7 +310,7 @@ def test_merge_equals_unmerged_and_torchscript_matches(method):
     torch.testing.assert_close(model(x), tuned, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["ept", "dvpt"])
+@pytest.mark.parametrize("method", ["fpt", "fptplus"])
 def test_token_methods_raise_at_build_time_naming_method_family_and_reason(method):
     message = rf"'{method}' does not support the 'tinyvit' backbone family: it needs a plain token sequence"
     with pytest.raises(ValueError, match=message):

@@ -20,7 +20,8 @@ the relative tables linearly, as ``get_rel_pos`` does) and the patch kernel to o
 
 For classification :meth:`SAMImageEncoder.forward_features` averages the neck's map over space. PEFT methods find
 the seams of the other families: ``blocks`` (each with ``set_parallel``), ``block_linears`` (LoRA targets by MONAI
-ViT name) and ``backbone_key`` (the pre-trained parameter names).
+ViT name), ``backbone_key`` (the pre-trained parameter names) and each block's ``attn.attend(q, k, v, bias)``
+(EPT's subclass overrides it).
 """
 
 from __future__ import annotations
@@ -193,12 +194,15 @@ class RelPosAttention(nn.Module):
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        bias = self.rel_pos_bias(q, h, w)
-        if self.use_sdpa:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        else:
-            out = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
+        out = self.attend(q, k, v, self.rel_pos_bias(q, h, w))
         return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(d) + bias) v`` of ``[B, heads, N, head_dim]`` queries, keys and values (the seam
+        EPT's subclass overrides)."""
+        if self.use_sdpa:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
 
 
 class SAMBlock(nn.Module):

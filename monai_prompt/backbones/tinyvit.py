@@ -18,9 +18,10 @@ package's code is never imported (it needs timm). The architecture, for a 256 x 
 
 For classification :meth:`TinyViT.forward_features` averages the neck output over space. PEFT methods find the
 same seams as on :class:`~monai_prompt.backbones.PromptableViT`: ``blocks`` (the attention blocks, each with
-``set_parallel``), ``block_linears`` (LoRA targets by MONAI ViT name) and ``backbone_key`` (the pre-trained
-parameter names). BatchNorm statistics stay those of the checkpoint (the layers are kept in eval mode): a PEFT
-delta stores parameters only, and classification batches are small.
+``set_parallel``), ``block_linears`` (LoRA targets by MONAI ViT name), ``backbone_key`` (the pre-trained
+parameter names) and each block's ``attn.attend(q, k, v, bias)`` (EPT's subclass overrides it). BatchNorm
+statistics stay those of the checkpoint (the layers are kept in eval mode): a PEFT delta stores parameters only,
+and classification batches are small.
 """
 
 from __future__ import annotations
@@ -189,12 +190,15 @@ class WindowAttention(nn.Module):
         windows, tokens, dim = x.shape
         qkv = self.qkv(self.norm(x)).view(windows, tokens, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        bias = self.attention_biases[:, self.attention_bias_idxs]
-        if self.use_sdpa:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        else:
-            out = ((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1) @ v
+        out = self.attend(q, k, v, self.attention_biases[:, self.attention_bias_idxs])
         return self.proj(out.transpose(1, 2).reshape(windows, tokens, dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(d) + bias) v`` of ``[windows, heads, N, head_dim]`` queries, keys and values with
+        the ``[heads, N, N]`` bias (the seam EPT's subclass overrides)."""
+        if self.use_sdpa:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return ((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1) @ v
 
 
 class Mlp(nn.Module):

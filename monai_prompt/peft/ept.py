@@ -18,6 +18,14 @@ with one extra key of value zero whose logit for query ``i`` is the "sink" ``c_i
 or ``PromptClassifier(sdpa=True)``); otherwise it runs the literal concatenation. ``multi_cat`` has no such
 path: ``alpha_i`` needs the max and min of the full logit row, i.e. the ``[N, N]`` matrix a fused kernel
 never forms, so it always runs the literal path.
+
+Windowed families (SAM's ViT image encoder, LiteMedSAM's TinyViT; docs/methods.md): the prompt joins each
+attention's own logit rows. A windowed attention gets a prompt of ``window_size ** 2`` rows, one per position in
+the window, shared by every window (as VPT's Swin variant shares its prompts over windows); a global-attention
+block (SAM) gets one row per token of the whole grid. The logits ``U`` include the block's additive position bias
+(SAM's decomposed relative positions, TinyViT's per-head offset bias), i.e. they are the rows the softmax sees.
+:class:`SAMEPTAttention` and :class:`TinyViTEPTAttention` override the families' ``attend(q, k, v, bias)`` seam;
+their fast path is the same sink key, its logit a column in front of the bias mask.
 """
 
 from __future__ import annotations
@@ -30,10 +38,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from monai_prompt.backbones.blocks import Attention
-from monai_prompt.backbones.vit import PromptableViT
+from monai_prompt.backbones.sam import RelPosAttention, SAMImageEncoder
+from monai_prompt.backbones.tinyvit import WindowAttention
 from monai_prompt.peft.registry import register_method
 
-__all__ = ["EPTAttention", "EPTConfig", "resize_ept_prompt"]
+__all__ = [
+    "EPTAttention",
+    "EPTConfig",
+    "SAMEPTAttention",
+    "TinyViTEPTAttention",
+    "grid_ept_attend",
+    "resize_ept_prompt",
+]
 
 EPT_VARIANTS = ("pure_cat", "multi_cat")
 
@@ -200,10 +216,115 @@ def resize_ept_prompt(
     return torch.cat((prefix, resized.reshape(prompt.shape[1], -1).t()), dim=0)
 
 
-@register_method("ept", EPTConfig, trainable=r"\.attn\.ept_prompt$")
-def apply_ept(vit: PromptableViT, config: EPTConfig) -> None:
-    """Swap the attention of every prompted block (all for EPT-deep, the first for EPT-shallow) for
-    :class:`EPTAttention` sized to the ViT's token count."""
+def grid_ept_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    prompt: torch.Tensor,
+    scale: float,
+    variant: str,
+    sdpa: bool,
+) -> torch.Tensor:
+    """EPT attention with an additive position bias: ``softmax([P_i ; q_i K^T scale + bias_i])[L:] V``.
+
+    Args:
+        q: queries ``[B, heads, N, d]`` (``B``: windows times images in a windowed attention); ``k``, ``v`` alike.
+        bias: the attention's additive bias, broadcastable to ``[B, heads, N, N]``.
+        prompt: the prompt ``[N, L]``, one row per query position (shared over heads, samples and windows).
+        scale: logit scale ``1 / sqrt(d)``.
+        variant: ``"pure_cat"`` or ``"multi_cat"``.
+        sdpa: run ``pure_cat`` as SDPA with a zero-value sink key whose logit, ``logsumexp_k P_ik``, is a column in
+            front of the bias mask.
+    """
+    b, h, n, d = q.shape
+    if n != prompt.shape[0]:
+        raise ValueError(
+            f"EPT prompt was built for {prompt.shape[0]} tokens per attention but the layer got {n}; the prompt is "
+            f"tied to the window (or, in a global block, the grid) it was built for."
+        )
+    bias = bias.to(q.dtype).expand(b, h, n, k.shape[-2])
+    if sdpa and variant == "pure_cat":
+        sink = torch.logsumexp(prompt, dim=-1).to(q.dtype).view(1, 1, n, 1).expand(b, h, n, 1)
+        mask = torch.cat((sink, bias), dim=-1)
+        return F.scaled_dot_product_attention(q, F.pad(k, (0, 0, 1, 0)), F.pad(v, (0, 0, 1, 0)), mask, scale=scale)
+    logits = (q @ k.transpose(-2, -1)) * scale + bias
+    rows = prompt.to(logits.dtype)
+    if variant == "multi_cat":
+        rows = rows * (logits.amax(dim=-1, keepdim=True) - logits.amin(dim=-1, keepdim=True))
+    else:
+        rows = rows.expand(b, h, n, rows.shape[-1])
+    att = torch.cat((rows, logits), dim=-1).softmax(dim=-1)
+    return att[..., rows.shape[-1] :] @ v
+
+
+def _init_grid_prompt(attn: nn.Module, rows: int, config: EPTConfig) -> None:
+    """Give a (class-swapped) window attention its ``ept_prompt`` ``[rows, L]`` and ``variant``."""
+    factory = {"device": attn.qkv.weight.device, "dtype": attn.qkv.weight.dtype}
+    attn.ept_prompt = nn.Parameter(torch.empty(rows, config.prompt_length, **factory))
+    nn.init.normal_(attn.ept_prompt, std=config.init_std)
+    attn.variant = config.variant
+
+
+class SAMEPTAttention(RelPosAttention):
+    """SAM's relative-position attention with EPT's prompt in its softmax (see :func:`grid_ept_attend`).
+
+    Made from a pre-trained :class:`~monai_prompt.backbones.sam.RelPosAttention` in place by :meth:`convert`, so
+    its keys stay the encoder's and ``ept_prompt`` is the one key it adds.
+    """
+
+    @classmethod
+    def convert(cls, attn: RelPosAttention, rows: int, config: EPTConfig) -> SAMEPTAttention:
+        """Turn ``attn`` into this class in place, with a prompt of ``rows`` rows, and return it."""
+        if type(attn) is not RelPosAttention:
+            raise TypeError(f"EPT converts a plain SAM RelPosAttention, got {type(attn).__name__}.")
+        attn.__class__ = cls
+        _init_grid_prompt(attn, rows, config)
+        return attn
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return grid_ept_attend(q, k, v, bias, self.ept_prompt, self.scale, self.variant, self.use_sdpa)
+
+
+class TinyViTEPTAttention(WindowAttention):
+    """TinyViT's window attention with EPT's prompt in its softmax (see :func:`grid_ept_attend`).
+
+    Made from a pre-trained :class:`~monai_prompt.backbones.tinyvit.WindowAttention` in place by :meth:`convert`.
+    """
+
+    @classmethod
+    def convert(cls, attn: WindowAttention, rows: int, config: EPTConfig) -> TinyViTEPTAttention:
+        """Turn ``attn`` into this class in place, with a prompt of ``rows`` rows, and return it."""
+        if type(attn) is not WindowAttention:
+            raise TypeError(f"EPT converts a plain TinyViT WindowAttention, got {type(attn).__name__}.")
+        attn.__class__ = cls
+        _init_grid_prompt(attn, rows, config)
+        return attn
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return grid_ept_attend(q, k, v, bias, self.ept_prompt, self.scale, self.variant, self.use_sdpa)
+
+
+def _apply_grid_ept(encoder: nn.Module, config: EPTConfig) -> None:
+    """EPT on a windowed family: a prompt per prompted block, its rows the positions of one window (shared by
+    all windows) or, in a SAM global-attention block, of the whole grid."""
+    sam = isinstance(encoder, SAMImageEncoder)
+    attention = SAMEPTAttention if sam else TinyViTEPTAttention
+    blocks = list(encoder.blocks) if config.deep else list(encoder.blocks)[:1]
+    for block in blocks:
+        global_block = sam and block.window_size == 0
+        rows = encoder.grid_size[0] * encoder.grid_size[1] if global_block else block.window_size**2
+        attention.convert(block.attn, rows, config)
+
+
+@register_method("ept", EPTConfig, trainable=r"\.attn\.ept_prompt$", families=("vit", "tinyvit", "sam"))
+def apply_ept(vit: nn.Module, config: EPTConfig) -> None:
+    """Swap the attention of every prompted block (all for EPT-deep, the first for EPT-shallow) for an EPT
+    attention: :class:`EPTAttention` sized to a ViT's token count, or a window-sized prompt on the SAM encoder and
+    the TinyViT (global-attention blocks: grid-sized)."""
+    if vit.family != "vit":
+        _apply_grid_ept(vit, config)
+        return
     blocks = vit.blocks if config.deep else vit.blocks[:1]
     for block in blocks:
         block.attn = EPTAttention.from_attention(block.attn, vit.num_tokens, config)

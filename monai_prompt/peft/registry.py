@@ -43,7 +43,7 @@ __all__ = [
 
 #: parameters no method ever trains (MONAI builds them but a ViT without cross-attention never uses them).
 NEVER_TRAINED = re.compile(r"(^|\.)norm_cross_attn\.")
-#: what a method registered for the ``"vit"`` family only needs (prompts, EPT, DVPT, FPT), said when it is refused.
+#: what a method registered for the ``"vit"`` family only needs (VPT, FPT), said when it is refused.
 PLAIN_TOKENS = "a plain token sequence with a CLS/prefix slot (a MONAI ViT, PromptableViT)"
 
 _REGISTRY: dict[str, PEFTMethod] = {}
