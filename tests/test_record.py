@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from monai_prompt.runs import RunIdentity, read_training_config, run_id, write_training_config
@@ -21,6 +24,9 @@ def test_training_record_round_trip_and_run_id(tmp_path, monkeypatch):
     record = read_training_config(tmp_path / "models" / "model.pt")  # a checkpoint file: its folder's record
     assert (record["run_id"], record["pretrained"], record["img_size"]) == (first, str(weights), 32)
     assert run_id(tmp_path / "models", resume=True) == first
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "models" / "training_config.json").stat().st_mode) == 0o666 & ~umask
     RunIdentity(first).load_state_dict({"run_id": first})
     with pytest.raises(ValueError, match="belongs to training run x, not to the run recorded"):
         RunIdentity(first).load_state_dict({"run_id": "x"})
