@@ -16,7 +16,7 @@ from monai_prompt.engine import PredictionSaver
 
 
 def test_prediction_saver_writes_a_header_and_the_decision(tmp_path):
-    names = [f"/data/{i}.png" for i in range(3)]
+    names = ["/data/a/t1.png", "/data/b/t1.png", "/data/t2.png"]  # same-named images of two folders: a row each
     probs = torch.tensor([[0.1, 0.7, 0.2], [0.6, 0.3, 0.9], [0.2, 0.2, 0.6]])
     for multi_label, decisions in ((False, ["b", "c", "c"]), (True, ["b", "a;c", "c"])):
         saver = PredictionSaver(tmp_path, ["a", "b", "c"], multi_label=multi_label)

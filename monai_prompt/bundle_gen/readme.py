@@ -338,7 +338,9 @@ common spacing (default `None`: the data's own).""",
   the sliding window).
 - Output: `pred`, logits `[B, {len(SEGMENTATION_CLASSES)}, {axes}]`; inference applies softmax, inverts the
   preprocessing (`Invertd`: orientation, spacing) and writes the argmax mask per image to
-  `eval/masks/<image>_seg.nii.gz` with the input's affine and shape (`_seg.png` for PNG inputs).""",
+  `eval/masks/<image>_seg.nii.gz` with the input's affine and shape (`_seg.png` for PNG inputs), in the
+  image's folder below the inputs' common one (`a/t1.nii.gz`, `b/t1.nii.gz`: `masks/a/t1_seg.nii.gz`,
+  `masks/b/t1_seg.nii.gz`).""",
         performance="\n".join([*_segmentation_counts(spec, measured), *_segmentation_demo(spec, measured)]),
         data_hint=("Build the demo data first with\n`monai-prompt demo-data --task segmentation` (it writes "
                    f"`{data_dir}/`, the default `dataset_dir`) or pass\n`--dataset_dir` / `--datalist_file`."),

@@ -2,8 +2,9 @@
 
 The segmentation bundles read their splits with MONAI's own ``load_decathlon_datalist``; this module adds what
 MONAI has no function for: :func:`check_segmentation_datalist` (every pair readable, image and label of the
-same geometry, label values that are class indices, no image or group in two splits; all problems at once) and
-:func:`mask_suffix` (PNG masks for PNG inputs, NIfTI otherwise). Inference inputs are listed by
+same geometry, label values that are class indices, no image or group in two splits; all problems at once),
+:func:`mask_suffix` (PNG masks for PNG inputs, NIfTI otherwise) and :func:`mask_root` (masks keep their input's
+folder below the inputs' common parent, so same-named inputs never share a mask). Inference inputs are listed by
 :func:`monai_prompt.data.find_images`.
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "SegmentationDatalist",
     "SegmentationSummary",
     "check_segmentation_datalist",
+    "mask_root",
     "mask_suffix",
     "read_segmentation_datalist",
 ]
@@ -247,3 +249,40 @@ def mask_suffix(images: Sequence[str | os.PathLike]) -> str:
             "written as PNG and NIfTI respectively: run inference separately on each kind."
         )
     return ".png" if kinds[True] else ".nii.gz"
+
+
+def _mask_stem(path: str) -> str:
+    """The name ``SaveImage`` gives a mask, before the postfix: the file name without its extension (both of
+    ``.nii.gz``)."""
+    stem, ext = os.path.splitext(os.path.basename(path))
+    return os.path.splitext(stem)[0] if ext == ".gz" else stem
+
+
+def mask_root(images: Sequence[str | os.PathLike]) -> str:
+    """The folder the saved masks' sub-folders follow (``SaveImaged``'s ``data_root_dir``): the common parent of
+    the inputs' folders, so that ``patients/a/t1.nii.gz`` and ``patients/b/t1.nii.gz`` give ``masks/a/t1_seg.nii.gz``
+    and ``masks/b/t1_seg.nii.gz``, and inputs of one folder give masks side by side in ``masks/``.
+
+    Args:
+        images: the inference inputs (files or DICOM series folders).
+
+    Returns:
+        the common parent as an absolute path (``""``, no sub-folders, without inputs).
+
+    Raises:
+        ValueError: two inputs of one folder whose masks would have the same name (``t1.nii`` and ``t1.nii.gz``),
+            naming both.
+    """
+    paths = [os.path.abspath(path) for path in images]
+    if not paths:
+        return ""
+    seen: dict[tuple[str, str], str] = {}
+    for path in paths:
+        key = (os.path.dirname(path), _mask_stem(path))
+        if key in seen and seen[key] != path:
+            raise ValueError(
+                f"{seen[key]} and {path} would both be saved as the mask {_mask_stem(path)}_seg: one would overwrite "
+                "the other; rename one of them, or run inference on each separately, into another --output_dir."
+            )
+        seen[key] = path
+    return os.path.commonpath([os.path.dirname(path) for path in paths])
