@@ -373,7 +373,9 @@ settings as `--training_config "{{...}}"`). Only while `models/` holds no delta 
 `untrained_network`, the network the bundle declares before any training, so that MONAI's property checks and
 `verify_net_in_out` run on a fresh bundle. A value on the command line still wins (`--img_size 384`); given
 `--method_config "{{...}}"` and `--backbone_overrides "{{...}}"` change only the entries they name of the recorded
-dicts.
+dicts; `--method` other than the recorded one is refused (a delta holds one method's weights). `--pretrained None`
+changes nothing: MONAI's `run` drops every `None` on its command line, so the recorded weights load;
+`--pretrained '$None'` (an expression) builds a randomly initialised backbone, onto which a delta refuses to load.
 
 Ship a trained bundle as its deployable copy, which MONAI Label and the model-zoo checks take as it is:
 

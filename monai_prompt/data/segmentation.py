@@ -20,15 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from monai_prompt.data.check import _leaks, _most_common
+from monai_prompt.data.check import _duplicates, _leaks, _most_common
 from monai_prompt.data.datalist import DataCheckError, Datalist
-from monai_prompt.data.headers import PIL_SUFFIXES, image_suffix
+from monai_prompt.data.headers import IMAGE_SUFFIXES, PIL_SUFFIXES, image_suffix
 from monai_prompt.data.split import SPLITS
 
 __all__ = [
     "SegmentationDatalist",
     "SegmentationSummary",
     "check_segmentation_datalist",
+    "is_segmentation_datalist",
     "mask_root",
     "mask_suffix",
     "read_segmentation_datalist",
@@ -75,6 +76,22 @@ def read_segmentation_datalist(path: str | os.PathLike) -> SegmentationDatalist:
         if content.get(split)
     }
     return SegmentationDatalist(classes, splits)
+
+
+def is_segmentation_datalist(path: str | os.PathLike) -> bool:
+    """True for a decathlon JSON with a label that is an image file (a label map): ``monai-prompt check-data``
+    checks it as segmentation data (a classification datalist's labels are class indices, names or multi-hot
+    lists)."""
+    path = Path(path)
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return False
+    try:
+        content = json.loads(path.read_text())
+    except ValueError:
+        return False
+    items = [item for split in _ALL_SPLITS if isinstance(content, dict) and isinstance(content.get(split), list)
+             for item in content[split] if isinstance(item, dict) and "label" in item]
+    return any(isinstance(item["label"], str) and image_suffix(item["label"]) in IMAGE_SUFFIXES for item in items)
 
 
 @dataclass
@@ -169,11 +186,11 @@ def check_segmentation_datalist(
     """Check every image/label pair of a decathlon segmentation datalist and report all problems at once.
 
     Each image and label of the labelled splits is read as training reads it (MONAI ``LoadImage``, channel first;
-    ``unlabeled`` items are only checked for leaks). Reported: missing or
-    unreadable files, NaN/Inf in images, items of a labelled split without label, label maps with several
-    channels, another shape or affine than their image, non-integer values or values outside the classes,
-    channel counts that differ from the rest (or from ``channels``), images listed in two splits, groups split
-    across training/validation/test, empty ``required_splits`` and classes other than ``class_names``.
+    ``unlabeled`` items are only checked for leaks). Reported: missing or unreadable files, NaN/Inf in images, items
+    of a labelled split without label, label maps with several channels, another shape or affine than their image,
+    non-integer values or values outside the classes, channel counts that differ from the rest (or from
+    ``channels``), images listed twice in a split or in two splits, groups split across training/validation/test,
+    empty ``required_splits`` and classes other than ``class_names``.
 
     Args:
         source: the datalist JSON (its ``labels`` map names the classes).
@@ -223,7 +240,7 @@ def check_segmentation_datalist(
         for path, count in image_channels.items()
         if count != expected
     ]
-    problems += _leaks(datalist)
+    problems += _duplicates(datalist) + _leaks(datalist)
     if problems:
         raise DataCheckError(problems, source)
     return SegmentationSummary(
