@@ -138,9 +138,9 @@ def classification_transforms(
         in_channels: the network's input channels.
         augment: add the random training augmentations.
         multi_label: labels are multi-hot lists.
-        track_meta: keep MONAI metadata (file name, affine) on the image; False drops it (plain tensors, or with
-            ``augment`` MetaTensors with default metadata), so images of different formats batch (their metadata
-            differs in shape).
+        track_meta: keep MONAI metadata (file name, affine) on the image (images of different formats batch:
+            :class:`MatchInputd` brings their metadata to one shape); False drops it (plain tensors, or with
+            ``augment`` MetaTensors with default metadata).
         image_key: key of the image path.
         label_key: key of the label.
     """
