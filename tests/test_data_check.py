@@ -101,4 +101,9 @@ def test_images_of_another_dimensionality_size_or_listed_twice(tmp_path, caplog)
     note = (f"2 of 6 images differ in size from the other 16 x 16: {wide} (40 x 10), {flat} (16 x 12); the bundle "
             f"resizes every image to img_size (non-square ones are stretched).")
     assert summary.notes == [note] and str(summary).endswith(f"\nnote: {note}")
+    volumes = [write_nifti(tmp_path / f"v{i}.nii.gz", np.zeros((16, 16, 8 - 7 * (i == 0)))) for i in range(3)]
+    summary = check_classification_datalist(write_datalist(tmp_path / "3d.json", {"training": [
+        (v, i % 2) for i, v in enumerate(volumes)]}), read_pixels=False)  # one slice thick: a 3D image all the same
+    assert summary.notes == [f"1 of 3 images differ in size from the other 16 x 16 x 8: {volumes[0]} (16 x 16); the "
+                             f"bundle resizes every image to img_size (non-square ones are stretched)."]
     assert f"data check of {clean}: {note}" in caplog.text  # a bundle's log shows it too

@@ -222,11 +222,11 @@ def _check_images(
         if header.channels != expected
     ]
     dims = _most_common([len(_spatial_shape(header)) for header in headers.values()])
-    problems += [
+    problems += [  # X x Y x 1 is 2D among 2D images (the transforms squeeze it), 3D among 3D ones
         f"{path}: {len(_spatial_shape(header))}D image ({_size(header)}) where the other images are {dims}D; the "
         f"network takes one (spatial_dims), and this one would stop training: convert it or drop it."
         for path, header in headers.items()
-        if len(_spatial_shape(header)) != dims
+        if dims not in (len(_spatial_shape(header)), len(header.spatial_shape))
     ]
     return headers, problems
 
