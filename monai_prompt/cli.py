@@ -88,9 +88,17 @@ def _demo_data(args: argparse.Namespace) -> None:
 
 
 def _check_data(args: argparse.Namespace) -> None:
-    """Check a datalist; exit with status 1 and every problem listed when it is not clean."""
+    """Check a datalist (a decathlon JSON of image/label-map pairs as segmentation data); exit with status 1 and
+    every problem listed when it is not clean."""
     from monai_prompt.data.check import check_classification_datalist
+    from monai_prompt.data.segmentation import check_segmentation_datalist, is_segmentation_datalist
 
+    if is_segmentation_datalist(args.datalist):
+        try:
+            print(check_segmentation_datalist(args.datalist, args.classes, channels=args.channels))
+        except (ValueError, OSError) as err:
+            raise SystemExit(f"check-data: {err}") from None
+        return
     options = {"classes": args.classes, "image_column": args.image_column, "label_columns": args.label_columns}
     options = {key: value for key, value in options.items() if value is not None}
     if args.dicom_series:
@@ -325,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "bundles' default data) or lobes (CAT12 template, LPBA40 lobes: the demo's task)")
     demo_data.set_defaults(func=_demo_data)
     check_data = sub.add_parser("check-data", help="check every image and label of a datalist before training")
-    check_data.add_argument("datalist", help="class-per-folder tree, CSV or decathlon JSON")
+    check_data.add_argument("datalist", help="class-per-folder tree, CSV or decathlon JSON (a JSON whose labels are "
+                                             "label maps is checked as segmentation data)")
     check_data.add_argument("--channels", type=int, help="expected channels per image (default: the most common)")
     check_data.add_argument(
         "--headers-only", action="store_true", help="read headers only, no pixel decoding (very large sets)"

@@ -16,6 +16,9 @@ TMP_SUFFIX = ".tmp"
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write ``path`` through a temporary file in the same folder, flushed to disk, then renamed over it.
 
+    The file gets the permissions ``open`` gives a new file (``0o666`` less the umask: ``0644`` as a rule), not the
+    owner-only ones of :func:`tempfile.mkstemp`.
+
     Args:
         path: the file to (re)write; its folder is created when missing.
         write: ``write(tmp_path)`` writes the whole content to the temporary path it is given.
@@ -29,6 +32,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -36,3 +40,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask

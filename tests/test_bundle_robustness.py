@@ -197,7 +197,7 @@ def _case_image_size(tiny, tmp_path, bundle):
 
 
 def _case_other_method(tiny, tmp_path, bundle):
-    """The delta of another method (the command line's method wins over the record)."""
+    """The delta of another method (``--method`` other than the recorded one: refused before the network is built)."""
     return ["inference.json"], "infer", {"method": "vpt", "input_dir": str(tiny["data"] / "images" / "test")}
 
 
@@ -276,8 +276,10 @@ BUNDLE_FAILURES = {
     "image-size": (_case_image_size, DeltaMismatchError,
                    r"\S+models/model\.pt: backbone architecture differs: img_size: \[32, 32\] in the delta vs "
                    r"\[64, 64\] here\.$"),
-    "other-method": (_case_other_method, DeltaMismatchError,
-                     r"\S+models/model\.pt: delta is for method 'linear', the model uses 'vpt'\.$"),
+    "other-method": (_case_other_method, ValueError,
+                     r"--method 'vpt' is not the method the delta was trained with: \S+models/training_config\.json "
+                     r"records 'linear' \(method_config \{\}\), and a delta holds one method's weights\. Leave "
+                     r"--method out \(the recorded method is used\), or train a 'vpt' run into another --ckpt_dir\.$"),
     "other-backbone": (_case_other_backbone, DeltaMismatchError,
                        r"\S+models/model\.pt: the frozen backbone weights differ from those the delta was trained "
                        r"on: the backbone this network was built with \(fingerprint \w{12}, from pretrained='\S+"

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import itk
 import nibabel as nib
 import numpy as np
 import pytest
@@ -270,7 +271,7 @@ def test_check_reports_every_problem_with_paths(tmp_path, capsys):
         ["series", "b", "val", "g8"],
         ["good0.png", "", "test", "g9"],  # missing label; good0.png in two splits
         ["good1.png", "zebra", "test", "g1"],  # unknown class; good1.png and its group g1 in two splits
-        ["good2.png", "7", "nonsense", "g10"],
+        ["good2.png", "7", "nonsense", "g10"],  # an unknown split: read into training, where good2.png is twice
     ]
     source = write_csv(tmp_path / "bad.csv", ["image", "label", "split", "group"], rows)
     with pytest.raises(DataCheckError) as caught:
@@ -288,12 +289,13 @@ def test_check_reports_every_problem_with_paths(tmp_path, capsys):
         ("good0.png: listed in several splits", "['test', 'training']"),
         ("good1.png: listed in several splits", "['test', 'training']"),
         ("group 'g1'", "['test', 'training']"),
+        ("good2.png: listed 2 times in 'training'", "keep it once"),
     ]
     for where, message in expected:
         assert any(where in p and message in p for p in problems), (where, problems)
     assert len(problems) == len(expected), "\n".join(problems)
     assert all(str(tmp_path) in p for p in problems if not p.startswith("group")), problems
-    with pytest.raises(SystemExit, match="11 problem"):
+    with pytest.raises(SystemExit, match="12 problem"):
         main(["check-data", str(source), "--classes", "a", "b"])
     # a clean dataset: a summary, also from the CLI
     clean = write_csv(tmp_path / "clean.csv", ["image", "label"], [[f"good{k}.png", "ab"[k % 2]] for k in range(4)])
@@ -308,8 +310,9 @@ def test_transforms_give_network_input_2d(tmp_path):
     grey, rgb = write_png(tmp_path / "grey.png"), write_png(tmp_path / "rgb.png", channels=3)
     write_dicom(tmp_path / "single.dcm")
     write_nifti(tmp_path / "slice.nii.gz", (40, 10))
+    itk.imwrite(itk.image_from_array(np.ones((12, 14), np.float32)), str(tmp_path / "flat.mha"))  # a 3 x 3 affine
     items = [{"image": str(tmp_path / name), "label": k} for k, name in
-             enumerate(["grey.png", "rgb.png", "single.dcm", "slice.nii.gz"])]
+             enumerate(["grey.png", "rgb.png", "single.dcm", "slice.nii.gz", "flat.mha"])]
     for augment in (False, True):
         chain = Compose(classification_transforms(img_size=16, spatial_dims=2, in_channels=3, augment=augment))
         for item in items:
@@ -328,9 +331,12 @@ def test_transforms_give_network_input_2d(tmp_path):
     native = classification_transforms(img_size=(30, 20), spatial_dims=2, in_channels=1)
     expected = scaled(rgb.astype(np.float64).mean(-1).T)[None]
     assert torch.allclose(Compose(native)(items[1])["image"], torch.from_numpy(expected).float(), atol=1e-5)
-    mixed_formats = Compose(classification_transforms(16, 2, 1, track_meta=False))  # metadata differs per reader
-    batch = next(iter(DataLoader(Dataset(items, mixed_formats), batch_size=4)))
-    assert batch["image"].shape == (4, 1, 16, 16) and batch["label"].tolist() == [0, 1, 2, 3]
+    for track_meta in (True, False):  # the readers' metadata, brought to one shape, batches (the bundles keep it)
+        mixed_formats = Compose(classification_transforms(16, 2, 1, augment=True, track_meta=track_meta))
+        for order in (items, items[::-1]):
+            batch = next(iter(DataLoader(Dataset(order, mixed_formats), batch_size=5)))
+            assert batch["image"].shape == (5, 1, 16, 16) and batch["label"].tolist() == [i["label"] for i in order]
+            assert not track_meta or batch["image"].meta["filename_or_obj"] == [i["image"] for i in order]
 
 
 def test_transforms_give_network_input_3d_and_multilabel(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from monai_prompt.engine import PredictionSaver
 
 
 def test_prediction_saver_writes_a_header_and_the_decision(tmp_path):
-    names = [f"/data/{i}.png" for i in range(3)]
+    names = ["/data/a/t1.png", "/data/b/t1.png", "/data/t2.png"]  # same-named images of two folders: a row each
     probs = torch.tensor([[0.1, 0.7, 0.2], [0.6, 0.3, 0.9], [0.2, 0.2, 0.6]])
     for multi_label, decisions in ((False, ["b", "c", "c"]), (True, ["b", "a;c", "c"])):
         saver = PredictionSaver(tmp_path, ["a", "b", "c"], multi_label=multi_label)
@@ -30,8 +32,15 @@ def test_prediction_saver_writes_a_header_and_the_decision(tmp_path):
         assert rows[0] == ["image", "a", "b", "c", "predicted"]
         assert [row[0] for row in rows[1:]] == names and [row[-1] for row in rows[1:]] == decisions
         assert np.allclose([[float(v) for v in row[1:-1]] for row in rows[1:]], probs.numpy())
+        assert stat.S_IMODE((tmp_path / "predictions.csv").stat().st_mode) == 0o666 & ~_umask()
     with pytest.raises(ValueError, match=r"the network predicts 3 classes but 2 class names \['a', 'b'\]"):
         saver = PredictionSaver(tmp_path, ["a", "b"])
         engine = Engine(lambda engine, batch: [{"pred": p} for p in batch["pred"]])
         saver.attach(engine)
         engine.run([batches[0]])
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
-from monai_prompt.runs import RunIdentity, read_training_config, run_id, write_training_config
+from monai_prompt.runs import RunIdentity, read_training_config, recorded_method_config, run_id, write_training_config
 
 
 def test_training_record_round_trip_and_run_id(tmp_path, monkeypatch):
@@ -21,9 +24,24 @@ def test_training_record_round_trip_and_run_id(tmp_path, monkeypatch):
     record = read_training_config(tmp_path / "models" / "model.pt")  # a checkpoint file: its folder's record
     assert (record["run_id"], record["pretrained"], record["img_size"]) == (first, str(weights), 32)
     assert run_id(tmp_path / "models", resume=True) == first
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "models" / "training_config.json").stat().st_mode) == 0o666 & ~umask
     RunIdentity(first).load_state_dict({"run_id": first})
     with pytest.raises(ValueError, match="belongs to training run x, not to the run recorded"):
         RunIdentity(first).load_state_dict({"run_id": "x"})
     (tmp_path / "models" / "training_config.json").write_text("{broken")
     with pytest.raises(ValueError, match=r"training_config\.json is not valid JSON"):
         read_training_config(tmp_path / "models")
+
+
+def test_the_recorded_method_config_is_only_for_the_recorded_method(tmp_path):
+    record = {"method": "lora", "method_config": {"rank": 4, "alpha": 8.0}}
+    assert recorded_method_config(record, "lora", {"rank": 2}, tmp_path) == {"rank": 2, "alpha": 8.0}
+    with pytest.raises(ValueError) as caught:  # not VPT's "unknown config keys ['alpha', 'rank']"
+        recorded_method_config(record, "vpt", {}, tmp_path)
+    assert str(caught.value) == (
+        f"--method 'vpt' is not the method the delta was trained with: {tmp_path / 'training_config.json'} records "
+        f"'lora' (method_config {{'rank': 4, 'alpha': 8.0}}), and a delta holds one method's weights. Leave --method "
+        f"out (the recorded method is used), or train a 'vpt' run into another --ckpt_dir."
+    )

@@ -21,7 +21,7 @@ from monai_prompt.bundle_gen import check_bundles
 from monai_prompt.bundle_gen.metadata import schema_file
 from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS
 from monai_prompt.data import DataCheckError
-from monai_prompt.data.segmentation import check_segmentation_datalist, mask_suffix
+from monai_prompt.data.segmentation import check_segmentation_datalist, mask_root, mask_suffix
 from monai_prompt.engine import latest_checkpoint
 from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice
 from monai_prompt.runs.runner import read_metrics, run_bundle
@@ -134,6 +134,19 @@ def test_bundle_train_evaluate_infer_verify_export(name, tiny_data, tmp_path):
     eager.load_state_dict(delta["model"], strict=False)
     with torch.no_grad():
         torch.testing.assert_close(scripted(image), eager.eval()(image), atol=1e-5, rtol=1e-4)
+
+
+def test_masks_keep_the_input_folders_below_their_common_parent(tmp_path):
+    from monai.data.utils import create_file_basename
+
+    inputs = [tmp_path / "patients" / "a" / "t1.nii.gz", tmp_path / "patients" / "b" / "t1.nii.gz"]
+    root = mask_root(inputs)
+    assert root == str(tmp_path / "patients") and mask_root([inputs[0]]) == str(inputs[0].parent)
+    assert mask_root([]) == ""
+    saved = {create_file_basename("seg", str(p), "/out", root, separate_folder=False, makedirs=False) for p in inputs}
+    assert saved == {"/out/a/t1_seg", "/out/b/t1_seg"}
+    with pytest.raises(ValueError, match=r"\S+/a/t1\.nii\.gz and \S+/a/t1\.nii would both be saved as the mask t1_seg"):
+        mask_root([inputs[0], tmp_path / "patients" / "a" / "t1.nii"])
 
 
 def test_masks_are_png_for_png_inputs_and_nifti_otherwise():

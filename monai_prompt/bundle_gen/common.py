@@ -281,7 +281,8 @@ def recorded(
     A value given on the command line wins: a scalar entry is an expression reading the record, which the value
     replaces; a dict setting (:data:`DICT_SETTINGS`) holds *changes* to the recorded dict (so
     ``--method_config#num_tokens 7`` works as in training) and ``trained_<key>`` the recorded dict with the changes
-    applied, which the network reads.
+    applied, which the network reads (``trained_method_config``: only for the recorded method, else an error naming
+    both, :func:`monai_prompt.runs.recorded_method_config`).
 
     Args:
         settings: the record's keys (also the config ids).
@@ -295,7 +296,10 @@ def recorded(
     for key in settings:
         if key in DICT_SETTINGS:
             entries[key] = {}
-            entries[f"trained_{key}"] = f"$dict(@training_config[{key!r}], **@{key})"
+            entries[f"trained_{key}"] = (
+                "$monai_prompt.runs.recorded_method_config(@training_config, @method, @method_config, @ckpt_dir)"
+                if key == "method_config" else f"$dict(@training_config[{key!r}], **@{key})"
+            )
         else:
             entries[key] = f"$@training_config[{key!r}]"
     if untrained is None:

@@ -346,7 +346,9 @@ common spacing (default `None`: the data's own).""",
   the sliding window).
 - Output: `pred`, logits `[B, {len(SEGMENTATION_CLASSES)}, {axes}]`; inference applies softmax, inverts the
   preprocessing (`Invertd`: orientation, spacing) and writes the argmax mask per image to
-  `eval/masks/<image>_seg.nii.gz` with the input's affine and shape (`_seg.png` for PNG inputs).""",
+  `eval/masks/<image>_seg.nii.gz` with the input's affine and shape (`_seg.png` for PNG inputs), in the
+  image's folder below the inputs' common one (`a/t1.nii.gz`, `b/t1.nii.gz`: `masks/a/t1_seg.nii.gz`,
+  `masks/b/t1_seg.nii.gz`).""",
         performance="\n".join([*_segmentation_counts(spec, measured), *_segmentation_demo(spec, measured)]),
         data_hint=("Build the demo data first with\n`monai-prompt demo-data --task segmentation` (it writes "
                    f"`{data_dir}/`, the default `dataset_dir`) or pass\n`--dataset_dir` / `--datalist_file`."),
@@ -379,7 +381,9 @@ settings as `--training_config "{{...}}"`). Only while `models/` holds no delta 
 `untrained_network`, the network the bundle declares before any training, so that MONAI's property checks and
 `verify_net_in_out` run on a fresh bundle. A value on the command line still wins (`--img_size 384`); given
 `--method_config "{{...}}"` and `--backbone_overrides "{{...}}"` change only the entries they name of the recorded
-dicts.
+dicts; `--method` other than the recorded one is refused (a delta holds one method's weights). `--pretrained None`
+changes nothing: MONAI's `run` drops every `None` on its command line, so the recorded weights load;
+`--pretrained '$None'` (an expression) builds a randomly initialised backbone, onto which a delta refuses to load.
 
 Ship a trained bundle as its deployable copy, which MONAI Label and the model-zoo checks take as it is:
 

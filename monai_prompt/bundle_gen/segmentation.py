@@ -294,7 +294,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
 
     ``infer_images`` is a folder (``--input_dir``), a glob or a list of them (default: the demo's test images); no
     datalist is read. The masks are ``<image name>_seg.nii.gz`` with the input's affine, or ``_seg.png`` for PNG
-    inputs. MONAI Label's stock ``monaibundle`` app serves the same ``preprocessing``, ``inferer`` and
+    inputs, in the input's folder below the inputs' common parent (``mask_root``: same-named inputs of two folders
+    get a mask each). MONAI Label's stock ``monaibundle`` app serves the same ``preprocessing``, ``inferer`` and
     ``postprocessing`` (image-only loading, :data:`_MASK`).
     """
     return common.with_flags({
@@ -306,6 +307,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "infer_files": "$monai_prompt.data.find_images(@infer_images)",
         "mask_dir": "$@output_dir + '/masks'",
         "mask_ext": "$monai_prompt.data.mask_suffix(@infer_files)",
+        "mask_root": "$monai_prompt.data.mask_root(@infer_files)",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_infer')",
         "preprocessing": common.compose(_deterministic_transforms(label=False)),
         "dataset": common.dataset("$[{'image': image} for image in @infer_files]", "@preprocessing"),
@@ -319,7 +321,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
             *_MASK,
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@mask_dir", "output_postfix": "seg",
              "output_ext": "@mask_ext", "output_dtype": "$np.uint8", "resample": False, "separate_folder": False,
-             "print_log": False},
+             "data_root_dir": "@mask_root", "print_log": False},
         ]),
         "handlers": [common.delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}],
         "evaluator": common.evaluator(metrics=False),

@@ -23,6 +23,8 @@ from monai_prompt.data.segmentation import (
     SegmentationDatalist,
     SegmentationSummary,
     check_segmentation_datalist,
+    is_segmentation_datalist,
+    mask_root,
     mask_suffix,
     read_segmentation_datalist,
 )
@@ -50,6 +52,8 @@ __all__ = [
     "datalist_from_folder",
     "datalist_from_json",
     "find_images",
+    "is_segmentation_datalist",
+    "mask_root",
     "mask_suffix",
     "read_classification_datalist",
     "read_header",

@@ -1,29 +1,37 @@
-"""Check a classification dataset before training: every problem at once, each with its path (segmentation
-datalists: :func:`monai_prompt.data.segmentation.check_segmentation_datalist`).
+"""Check a classification dataset before training: every problem at once, each with its path (segmentation datalists:
+:func:`monai_prompt.data.segmentation.check_segmentation_datalist`).
 
 :func:`check_classification_datalist` reads the datalist leniently, then every image's header (:func:`read_header`)
 and, unless ``read_pixels=False``, its pixels as training will read them (MONAI's ``LoadImage``), and collects:
 unreadable, truncated or missing files, images with NaN/Inf values, missing labels and labels outside the class list
-(or, without a class map, outside ``0..num_classes-1``), channel counts that differ from the rest (or from
-``channels``), images listed in two splits and groups split across training/validation/test. It raises one
-:class:`DataCheckError` listing them all, or returns a :class:`ClassificationSummary`. :func:`check_images` does the
-image part for a list of paths (inference inputs, which :func:`find_images` collects from folders, globs and lists).
-``monai-prompt check-data <datalist>`` runs it from the command line.
+(or, without a class map, outside ``0..num_classes-1``), channel counts or spatial dimensions (2D/3D) that differ from
+the rest (or from ``channels``), images listed twice in one split or in two splits, and groups split across
+training/validation/test. It raises one :class:`DataCheckError` listing them all, or returns a
+:class:`ClassificationSummary`, whose notes name what the bundle changes (images of another size, resized).
+:func:`check_images` does the image part for a list of paths (inference inputs, which :func:`find_images` collects from
+folders, globs and lists). ``monai-prompt check-data <datalist>`` runs it from the command line.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from monai_prompt.data.datalist import SPLITS, ClassificationDatalist, DataCheckError, read_classification_datalist
+from monai_prompt.data.datalist import (
+    SPLITS,
+    ClassificationDatalist,
+    DataCheckError,
+    Datalist,
+    read_classification_datalist,
+)
 from monai_prompt.data.headers import ImageHeader, is_image_file, read_header
 
 __all__ = [
@@ -47,6 +55,7 @@ class ClassificationSummary:
         class_counts: per labelled split, images per class (positives per class when multi-label).
         channels: the channel count every image has.
         formats: images per format (``pil``, ``nifti``, ``dicom``, ``dicom-series``, ``itk``).
+        notes: what the bundle does with images that differ from the rest but train (another size: resized).
     """
 
     source: str
@@ -56,6 +65,7 @@ class ClassificationSummary:
     class_counts: dict[str, list[int]]
     channels: int
     formats: dict[str, int]
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         width = max(len(name) for name in [*self.classes, "images"]) + 2
@@ -67,7 +77,7 @@ class ClassificationSummary:
         for split, count in self.counts.items():
             per_class = self.class_counts.get(split, [])
             lines.append(f"{split:<12}{count:>{width}}" + "".join(f"{n:>{width}}" for n in per_class))
-        return "\n".join(lines)
+        return "\n".join(lines + [f"note: {note}" for note in self.notes])
 
 
 def check_classification_datalist(
@@ -88,19 +98,25 @@ def check_classification_datalist(
             every label must lie in ``0..num_classes-1``; each file whose label does not is reported.
         read_options: options of the datalist reader (``label_columns``, ``dicom_series``, ...).
 
+    Returns:
+        the summary; its notes (images of another size, which the bundle resizes) are also logged.
+
     Raises:
         DataCheckError: listing every problem with its path, and the fix where there is one.
     """
     datalist = read_classification_datalist(source, strict=False, **read_options)
     paths = list(dict.fromkeys(item["image"] for _, item in datalist.all_items()))
     headers, problems = _check_images(paths, channels, read_pixels)
-    problems = list(datalist.problems) + problems + _leaks(datalist)
+    problems = list(datalist.problems) + problems + _duplicates(datalist) + _leaks(datalist)
     if num_classes is not None:
         problems += labels_out_of_range(datalist, num_classes)
     if not datalist["training"]:
         problems.append(f"{source}: no training images.")
     if problems:
         raise DataCheckError(problems, source)
+    notes = _size_notes(headers)
+    for note in notes:  # in a bundle's log too, where the summary is not printed
+        logging.getLogger("monai_prompt").info(f"data check of {source}: {note}")
     return ClassificationSummary(
         source=str(source),
         classes=datalist.classes,
@@ -109,6 +125,7 @@ def check_classification_datalist(
         class_counts={split: _class_counts(datalist, split) for split in SPLITS if split in datalist.splits},
         channels=channels or _most_common([header.channels for header in headers.values()]),
         formats=dict(Counter(header.format for header in headers.values())),
+        notes=notes,
     )
 
 
@@ -204,7 +221,42 @@ def _check_images(
         for path, header in headers.items()
         if header.channels != expected
     ]
+    dims = _most_common([len(_spatial_shape(header)) for header in headers.values()])
+    problems += [  # X x Y x 1 is 2D among 2D images (the transforms squeeze it), 3D among 3D ones
+        f"{path}: {len(_spatial_shape(header))}D image ({_size(header)}) where the other images are {dims}D; the "
+        f"network takes one (spatial_dims), and this one would stop training: convert it or drop it."
+        for path, header in headers.items()
+        if dims not in (len(_spatial_shape(header)), len(header.spatial_shape))
+    ]
     return headers, problems
+
+
+def _spatial_shape(header: ImageHeader) -> tuple[int, ...]:
+    """The header's spatial shape without trailing singleton dims (ITK's 2D DICOM, a NIfTI slice ``X x Y x 1``),
+    as the transforms squeeze it."""
+    shape = tuple(header.spatial_shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _size(header: ImageHeader) -> str:
+    return " x ".join(str(side) for side in _spatial_shape(header))
+
+
+def _size_notes(headers: dict[str, ImageHeader], shown: int = 3) -> list[str]:
+    """A note when the images differ in size: how many have the most common one, and a few of the others."""
+    sizes = Counter(_spatial_shape(header) for header in headers.values())
+    if len(sizes) < 2:
+        return []
+    common, count = max(sizes.items(), key=lambda item: (item[1], item[0]))
+    others = [f"{path} ({_size(header)})" for path, header in headers.items() if _spatial_shape(header) != common]
+    more = f" and {len(others) - shown} more" if len(others) > shown else ""
+    return [
+        f"{len(headers) - count} of {len(headers)} images differ in size from the other "
+        f"{' x '.join(map(str, common))}: {', '.join(others[:shown])}{more}; the bundle resizes every image to "
+        f"img_size (non-square ones are stretched)."
+    ]
 
 
 def _pixel_problem(path: str, load: Callable[[str], Any]) -> str | None:
@@ -263,6 +315,17 @@ def _leaks(datalist: ClassificationDatalist) -> list[str]:
         f"group {group!r}: images in several splits {sorted(s)}; keep a volume/patient in one split."
         for group, s in splits_of_group.items()
         if len(s) > 1
+    ]
+
+
+def _duplicates(datalist: Datalist) -> list[str]:
+    """Images listed more than once in one split."""
+    return [
+        f"{path}: listed {count} times in {split!r}; keep it once (a repeated image weighs more in training and "
+        f"in the metrics)."
+        for split, items in datalist.splits.items()
+        for path, count in Counter(item["image"] for item in items).items()
+        if count > 1
     ]
 
 

@@ -2,8 +2,9 @@
 
 The segmentation bundles read their splits with MONAI's own ``load_decathlon_datalist``; this module adds what
 MONAI has no function for: :func:`check_segmentation_datalist` (every pair readable, image and label of the
-same geometry, label values that are class indices, no image or group in two splits; all problems at once) and
-:func:`mask_suffix` (PNG masks for PNG inputs, NIfTI otherwise). Inference inputs are listed by
+same geometry, label values that are class indices, no image or group in two splits; all problems at once),
+:func:`mask_suffix` (PNG masks for PNG inputs, NIfTI otherwise) and :func:`mask_root` (masks keep their input's
+folder below the inputs' common parent, so same-named inputs never share a mask). Inference inputs are listed by
 :func:`monai_prompt.data.find_images`.
 """
 
@@ -19,15 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from monai_prompt.data.check import _leaks, _most_common
+from monai_prompt.data.check import _duplicates, _leaks, _most_common
 from monai_prompt.data.datalist import DataCheckError, Datalist
-from monai_prompt.data.headers import PIL_SUFFIXES, image_suffix
+from monai_prompt.data.headers import IMAGE_SUFFIXES, PIL_SUFFIXES, image_suffix
 from monai_prompt.data.split import SPLITS
 
 __all__ = [
     "SegmentationDatalist",
     "SegmentationSummary",
     "check_segmentation_datalist",
+    "is_segmentation_datalist",
+    "mask_root",
     "mask_suffix",
     "read_segmentation_datalist",
 ]
@@ -73,6 +76,22 @@ def read_segmentation_datalist(path: str | os.PathLike) -> SegmentationDatalist:
         if content.get(split)
     }
     return SegmentationDatalist(classes, splits)
+
+
+def is_segmentation_datalist(path: str | os.PathLike) -> bool:
+    """True for a decathlon JSON with a label that is an image file (a label map): ``monai-prompt check-data``
+    checks it as segmentation data (a classification datalist's labels are class indices, names or multi-hot
+    lists)."""
+    path = Path(path)
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return False
+    try:
+        content = json.loads(path.read_text())
+    except ValueError:
+        return False
+    items = [item for split in _ALL_SPLITS if isinstance(content, dict) and isinstance(content.get(split), list)
+             for item in content[split] if isinstance(item, dict) and "label" in item]
+    return any(isinstance(item["label"], str) and image_suffix(item["label"]) in IMAGE_SUFFIXES for item in items)
 
 
 @dataclass
@@ -167,11 +186,11 @@ def check_segmentation_datalist(
     """Check every image/label pair of a decathlon segmentation datalist and report all problems at once.
 
     Each image and label of the labelled splits is read as training reads it (MONAI ``LoadImage``, channel first;
-    ``unlabeled`` items are only checked for leaks). Reported: missing or
-    unreadable files, NaN/Inf in images, items of a labelled split without label, label maps with several
-    channels, another shape or affine than their image, non-integer values or values outside the classes,
-    channel counts that differ from the rest (or from ``channels``), images listed in two splits, groups split
-    across training/validation/test, empty ``required_splits`` and classes other than ``class_names``.
+    ``unlabeled`` items are only checked for leaks). Reported: missing or unreadable files, NaN/Inf in images, items
+    of a labelled split without label, label maps with several channels, another shape or affine than their image,
+    non-integer values or values outside the classes, channel counts that differ from the rest (or from
+    ``channels``), images listed twice in a split or in two splits, groups split across training/validation/test,
+    empty ``required_splits`` and classes other than ``class_names``.
 
     Args:
         source: the datalist JSON (its ``labels`` map names the classes).
@@ -221,7 +240,7 @@ def check_segmentation_datalist(
         for path, count in image_channels.items()
         if count != expected
     ]
-    problems += _leaks(datalist)
+    problems += _duplicates(datalist) + _leaks(datalist)
     if problems:
         raise DataCheckError(problems, source)
     return SegmentationSummary(
@@ -247,3 +266,40 @@ def mask_suffix(images: Sequence[str | os.PathLike]) -> str:
             "written as PNG and NIfTI respectively: run inference separately on each kind."
         )
     return ".png" if kinds[True] else ".nii.gz"
+
+
+def _mask_stem(path: str) -> str:
+    """The name ``SaveImage`` gives a mask, before the postfix: the file name without its extension (both of
+    ``.nii.gz``)."""
+    stem, ext = os.path.splitext(os.path.basename(path))
+    return os.path.splitext(stem)[0] if ext == ".gz" else stem
+
+
+def mask_root(images: Sequence[str | os.PathLike]) -> str:
+    """The folder the saved masks' sub-folders follow (``SaveImaged``'s ``data_root_dir``): the common parent of
+    the inputs' folders, so that ``patients/a/t1.nii.gz`` and ``patients/b/t1.nii.gz`` give ``masks/a/t1_seg.nii.gz``
+    and ``masks/b/t1_seg.nii.gz``, and inputs of one folder give masks side by side in ``masks/``.
+
+    Args:
+        images: the inference inputs (files or DICOM series folders).
+
+    Returns:
+        the common parent as an absolute path (``""``, no sub-folders, without inputs).
+
+    Raises:
+        ValueError: two inputs of one folder whose masks would have the same name (``t1.nii`` and ``t1.nii.gz``),
+            naming both.
+    """
+    paths = [os.path.abspath(path) for path in images]
+    if not paths:
+        return ""
+    seen: dict[tuple[str, str], str] = {}
+    for path in paths:
+        key = (os.path.dirname(path), _mask_stem(path))
+        if key in seen and seen[key] != path:
+            raise ValueError(
+                f"{seen[key]} and {path} would both be saved as the mask {_mask_stem(path)}_seg: one would overwrite "
+                "the other; rename one of them, or run inference on each separately, into another --output_dir."
+            )
+        seen[key] = path
+    return os.path.commonpath([os.path.dirname(path) for path in paths])

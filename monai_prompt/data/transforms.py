@@ -15,8 +15,11 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.data.utils import to_affine_nd
 from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
@@ -31,7 +34,7 @@ from monai.transforms import (
     ToTensord,
     Transform,
 )
-from monai.utils import ensure_tuple_rep
+from monai.utils import MetaKeys, ensure_tuple_rep
 
 __all__ = ["MatchInputd", "classification_transforms", "match_input"]
 
@@ -39,8 +42,10 @@ __all__ = ["MatchInputd", "classification_transforms", "match_input"]
 def match_input(image: torch.Tensor, spatial_dims: int, channels: int) -> torch.Tensor:
     """Bring a channel-first image to ``channels`` channels and ``spatial_dims`` spatial dimensions.
 
-    Trailing singleton spatial dimensions are dropped (ITK reads a 2D DICOM as ``[C, W, H, 1]``); one channel is
-    repeated to ``channels``; three or four colour channels are averaged to one (alpha dropped) or cut to three.
+    Trailing singleton spatial dimensions are dropped (ITK reads a 2D DICOM as ``[C, W, H, 1]``); the metadata
+    that readers record in different shapes is brought to one (``spatial_shape`` and ``spacing`` per spatial dim,
+    4 x 4 affines), so that a DICOM or MetaImage batches with PNGs; one channel is repeated to ``channels``; three
+    or four colour channels are averaged to one (alpha dropped) or cut to three.
 
     Args:
         image: ``[C, *spatial]`` image (a MONAI ``MetaTensor`` keeps its metadata).
@@ -53,6 +58,8 @@ def match_input(image: torch.Tensor, spatial_dims: int, channels: int) -> torch.
     name = getattr(image, "meta", {}).get("filename_or_obj", "image")
     while image.ndim - 1 > spatial_dims and image.shape[-1] == 1:
         image = SqueezeDim(dim=-1, update_meta=False)(image)  # keep the 4 x 4 affine other 2D readers give
+    if isinstance(image, MetaTensor):
+        image.meta = _uniform_meta(image.meta, image.ndim - 1)
     if image.ndim - 1 != spatial_dims:
         raise ValueError(
             f"{name}: shape {tuple(image.shape)} (channel first) has {image.ndim - 1} spatial dims but the network is "
@@ -68,6 +75,21 @@ def match_input(image: torch.Tensor, spatial_dims: int, channels: int) -> torch.
     if found == 4 and channels == 3:
         return image[:3]
     raise ValueError(f"{name}: {found} channels cannot feed a {channels}-channel network; set in_channels={found}.")
+
+
+def _uniform_meta(meta: Mapping[str, Any], spatial_dims: int) -> dict[str, Any]:
+    """``meta`` with the entries every reader records recorded in one shape, so that images of different formats
+    batch (MONAI collates the metadata keys they share): ``spatial_shape`` and ``spacing`` with one value per spatial
+    dim (ITK's 2D DICOM has three), affines at least 4 x 4 (ITK's 2D MetaImage/NRRD/PNG: 3 x 3; PIL's and nibabel's
+    2D images: 4 x 4)."""
+    meta = dict(meta)
+    for key in ("spatial_shape", "spacing"):
+        if key in meta and np.ndim(meta[key]) == 1:
+            meta[key] = np.asarray(meta[key])[:spatial_dims]
+    for key in (MetaKeys.AFFINE, MetaKeys.ORIGINAL_AFFINE):
+        if key in meta and np.ndim(meta[key]) == 2 and len(meta[key]) < 4:
+            meta[key] = to_affine_nd(3, meta[key])
+    return meta
 
 
 class MatchInputd(MapTransform):
@@ -116,9 +138,9 @@ def classification_transforms(
         in_channels: the network's input channels.
         augment: add the random training augmentations.
         multi_label: labels are multi-hot lists.
-        track_meta: keep MONAI metadata (file name, affine) on the image; False drops it (plain tensors, or with
-            ``augment`` MetaTensors with default metadata), so images of different formats batch (their metadata
-            differs in shape).
+        track_meta: keep MONAI metadata (file name, affine) on the image (images of different formats batch:
+            :class:`MatchInputd` brings their metadata to one shape); False drops it (plain tensors, or with
+            ``augment`` MetaTensors with default metadata).
         image_key: key of the image path.
         label_key: key of the label.
     """

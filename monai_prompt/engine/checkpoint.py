@@ -16,9 +16,7 @@ write NaN/Inf values. :class:`BestMetricState` carries the best validation score
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -125,7 +123,7 @@ class PeftMeta(_DeltaPart):
 
 class _AtomicDiskSaver(DiskSaver):
     """ignite ``DiskSaver`` writing through :func:`~monai_prompt.io.atomic_write` (temporary ``.<name>.*.tmp``,
-    fsync, rename; group/others read access as ignite's atomic mode grants), with MONAI's optional fixed file name,
+    fsync, rename; the permissions of a file ``open`` creates), with MONAI's optional fixed file name,
     a refusal to write non-finite values, and deletions deferred until the next file is complete (ignite deletes
     the file a new one replaces *before* writing the new one)."""
 
@@ -149,7 +147,6 @@ class _AtomicDiskSaver(DiskSaver):
             def write(tmp: str) -> None:
                 with open(tmp, "wb") as handle:
                     torch.save(checkpoint, handle, **self.kwargs)
-                os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IRGRP | stat.S_IROTH)
 
             atomic_write(path, write)
         for old in self._superseded:

@@ -5,7 +5,14 @@ bundles are, and the two demo tasks that ``monai-prompt demo`` and the benchmark
 from monai_prompt.runs.bundles import bundles_folder, find_bundle
 from monai_prompt.runs.errors import format_root_cause, root_cause, show_cause_last
 from monai_prompt.runs.progress import EpochProgress, RunSteps, attach_progress
-from monai_prompt.runs.record import TRAINING_CONFIG, RunIdentity, read_training_config, run_id, write_training_config
+from monai_prompt.runs.record import (
+    TRAINING_CONFIG,
+    RunIdentity,
+    read_training_config,
+    recorded_method_config,
+    run_id,
+    write_training_config,
+)
 from monai_prompt.runs.run_folder import RunFolderError, RunLock, claim_run_folder, remove_partial_writes
 from monai_prompt.runs.runner import read_metrics, run_bundle, train_and_evaluate
 from monai_prompt.runs.workflow import (
@@ -36,6 +43,7 @@ __all__ = [
     "format_root_cause",
     "read_metrics",
     "read_training_config",
+    "recorded_method_config",
     "remove_partial_writes",
     "root_cause",
     "run_bundle",

@@ -22,7 +22,14 @@ from typing import Any
 
 from monai_prompt.io import atomic_write
 
-__all__ = ["TRAINING_CONFIG", "RunIdentity", "read_training_config", "run_id", "write_training_config"]
+__all__ = [
+    "TRAINING_CONFIG",
+    "RunIdentity",
+    "read_training_config",
+    "recorded_method_config",
+    "run_id",
+    "write_training_config",
+]
 
 #: the record's file name in the checkpoint folder.
 TRAINING_CONFIG = "training_config.json"
@@ -76,6 +83,31 @@ def read_training_config(
     if not isinstance(content, dict):
         raise ValueError(f"{record} holds {type(content).__name__}, not the JSON object a training run writes.")
     return content
+
+
+def recorded_method_config(
+    record: Mapping[str, Any], method: str, changes: Mapping[str, Any], ckpt_dir: str | os.PathLike
+) -> dict[str, Any]:
+    """The method config evaluation and inference build: the recorded one with the command line's ``changes``.
+
+    Args:
+        record: the training record (:func:`read_training_config`).
+        method: the method the workflow builds (the record's, or the command line's ``--method``).
+        changes: the command line's changes to the recorded config (``--method_config#num_tokens 7``).
+        ckpt_dir: the record's folder, named in the error.
+
+    Raises:
+        ValueError: ``method`` is not the recorded one (the recorded config holds another method's keys, and the
+            delta another method's weights), naming both and the fix.
+    """
+    recorded = record.get("method")
+    if recorded is not None and method != recorded:
+        raise ValueError(
+            f"--method {method!r} is not the method the delta was trained with: {_record_path(ckpt_dir)} records "
+            f"{recorded!r} (method_config {record.get('method_config')}), and a delta holds one method's weights. "
+            f"Leave --method out (the recorded method is used), or train a {method!r} run into another --ckpt_dir."
+        )
+    return dict(record["method_config"], **changes)
 
 
 def write_training_config(ckpt_dir: str | os.PathLike, run: str, settings: Mapping[str, Any]) -> Path | None:

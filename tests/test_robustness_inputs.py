@@ -1,0 +1,127 @@
+"""What the workflows do with awkward inputs, through the real command lines (docs/robustness.md, "Inputs and
+outputs"): same-named inference inputs of two folders, a DICOM among PNGs, segmentation datalists and repeated
+entries given to ``monai-prompt check-data``, the method of a delta overridden."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bundle_support import CLASSES, REPO, copy_bundle, tiny_overrides
+from io_support import sha256
+from monai_prompt.bundle_gen.specs import BUNDLE_SPECS, SEGMENTATION_SPECS
+from monai_prompt.cli import main
+from monai_prompt.data.datalist import ClassificationDatalist
+from monai_prompt.peft import DeltaMismatchError
+from monai_prompt.runs import root_cause
+from monai_prompt.runs.runner import run_bundle
+from segmentation_support import tiny_segmentation_overrides, write_tiny_encoder, write_tiny_segmentation
+
+LINEAR = BUNDLE_SPECS["linear_classification"]
+
+
+def run_command(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``command`` on one CPU thread, without a GPU or an MLflow server."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def bundle_run(bundle: Path, config: str, overrides: dict) -> list[str]:
+    """``python -m monai.bundle run`` of one of ``bundle``'s configs with ``overrides`` as Python literals."""
+    args = {k: v for k, v in overrides.items() if not k.startswith("_meta_")}
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / config),
+            "--bundle_root", str(bundle), *[item for key, value in args.items() for item in (f"--{key}", repr(value))]]
+
+
+@pytest.mark.slow
+def test_same_named_inference_inputs_of_two_folders_get_a_mask_each(tmp_path):
+    spec = SEGMENTATION_SPECS["linear_segmentation"]
+    datalist = write_tiny_segmentation(tmp_path / "data", 2, counts=(2, 1, 2))
+    bundle = tmp_path / "bundles" / spec.name
+    shutil.copytree(REPO / "bundles" / spec.name, bundle)
+    overrides = tiny_segmentation_overrides(spec, datalist, write_tiny_encoder(tmp_path / "vit.pt", 2, seed=1))
+    # (seed 1: the random backbone of --pretrained '$None' below, seeded 0 by the bundle, differs from it)
+    run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
+    inputs = []
+    for patient, case in (("a", "case0"), ("b", "case1")):  # two different images, both named t1.nii.gz
+        inputs.append(tmp_path / "patients" / patient / "t1.nii.gz")
+        inputs[-1].parent.mkdir(parents=True)
+        shutil.copy(datalist.parent / "images" / "test" / f"{case}.nii.gz", inputs[-1])
+    models = {p.name: sha256(p) for p in (bundle / "models").glob("*.*")}
+
+    # --pretrained None is dropped by MONAI's run (every None is), so the recorded weights load and the delta with them
+    infer = {**overrides, "infer_images": list(map(str, inputs)), "pretrained": None}
+    result = run_command(bundle_run(bundle, "inference.json", infer), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    masks = sorted(p.relative_to(bundle / "eval" / "masks").as_posix() for p in (bundle / "eval").rglob("*.nii.gz"))
+    assert masks == ["a/t1_seg.nii.gz", "b/t1_seg.nii.gz"]
+    for image in inputs:
+        mask = nib.load(bundle / "eval" / "masks" / image.parent.name / "t1_seg.nii.gz")
+        assert mask.shape == nib.load(image).shape and np.allclose(mask.affine, nib.load(image).affine, atol=1e-5)
+    assert {p.name: sha256(p) for p in (bundle / "models").glob("*.*")} == models
+    with pytest.raises(Exception) as caught:  # '$None' (an expression) builds a random backbone: the delta refuses
+        run_bundle(bundle, ["inference.json"], "infer", quiet=True, **{**infer, "pretrained": "$None"})
+    cause = root_cause(caught.value)[0]
+    assert isinstance(cause, DeltaMismatchError) and "from pretrained=None: random weights" in str(cause)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((bundle / "models" / "training_config.json").stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.slow
+def test_a_dicom_and_a_metaimage_among_pngs_are_checked_and_train(tiny, tmp_path, capsys):
+    from pydicom import examples
+
+    dicom = tmp_path / "ct.dcm"  # 128 x 128 int16, read by ITK as [1, 128, 128, 1] with DICOM metadata
+    shutil.copy(examples.get_path("ct"), dicom)
+    metaimage = tmp_path / "flat.mha"  # ITK's 2D image: a 3 x 3 affine where the PIL reader gives 4 x 4
+    itk.imwrite(itk.image_from_array(np.linspace(0, 1, 24 * 20, dtype=np.float32).reshape(24, 20)), str(metaimage))
+    items = json.loads((tiny["data"] / "datalist.json").read_text())
+    splits = {split: [(tiny["data"] / item["image"], item["label"]) for item in items[split]]
+              for split in ("training", "validation")}
+    splits["training"][1:1] = [(dicom, 2), (metaimage, 0)]  # in the first batch of 4, beside PNGs
+    datalist = ClassificationDatalist(list(CLASSES), {
+        split: [{"image": str(path), "label": label} for path, label in pairs] for split, pairs in splits.items()
+    }).save_json(tmp_path / "mixed" / "datalist.json")
+
+    assert main(["check-data", str(datalist)]) == 0
+    out = capsys.readouterr().out
+    assert "formats {'dicom': 1, 'itk': 1, 'pil': 18}" in out
+    assert out.rstrip().splitlines()[-1] == (
+        f"note: 2 of 20 images differ in size from the other 32 x 32: {dicom} (128 x 128), {metaimage} (20 x 24); the "
+        f"bundle resizes every image to img_size (non-square ones are stretched)."
+    )
+    bundle = copy_bundle(LINEAR.name, tmp_path)
+    overrides = {**tiny_overrides(LINEAR, datalist.parent, tiny["backbone"]), "shuffle": False,
+                 "train#trainer#max_epochs": 1}
+    result = run_command(bundle_run(bundle, "train.json", overrides), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]  # was: "Collate error on the key 'image'", no file named
+    assert f"data check of {datalist}: 2 of 20 images differ in size" in result.stdout
+    assert {"model.pt", "checkpoint_epoch=1.pt"} <= {p.name for p in (bundle / "models").iterdir()}
+
+
+def test_check_data_reads_a_segmentation_datalist_as_one(tmp_path, capsys):
+    datalist = write_tiny_segmentation(tmp_path, 2, counts=(2, 1, 0))
+    assert main(["check-data", str(datalist)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"segmentation datalist {datalist}: 4 classes, 1 channel(s)" and out[-1].startswith("(class")
+    content = json.loads(datalist.read_text())
+    content["training"].append(content["training"][0])  # listed twice: reported, and no label taken for a class
+    datalist.write_text(json.dumps(content))
+    with pytest.raises(SystemExit) as caught:
+        main(["check-data", str(datalist)])
+    assert str(caught.value) == (
+        f"check-data: 1 problem(s) in {datalist}:\n  - {tmp_path}/images/training/case0.nii.gz: listed 2 times in "
+        f"'training'; keep it once (a repeated image weighs more in training and in the metrics)."
+    )
