@@ -29,6 +29,7 @@ __all__ = [
     "DEMO_ENCODER",
     "TINY_SEGMENTATION_DEMO",
     "SegmentationDemoConfig",
+    "demo_overrides",
     "prepare_segmentation_data",
     "pretrain_encoder",
     "tune_segmentation",
@@ -167,6 +168,36 @@ def pretrain_encoder(
     return pretrain(out_dir, datalist, mae, bundles, verbose, print_fn, overrides=overrides)
 
 
+def demo_overrides(
+    config: SegmentationDemoConfig, data_dir: Path, pretrained: Path | None,
+    extra_overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The segmentation bundles' overrides of a demo run: the encoder, the data, the ROI and the training settings.
+
+    Args:
+        config: the demo's sizes.
+        data_dir: the demo data (:func:`prepare_segmentation_data`'s folder).
+        pretrained: the MAE checkpoint of the encoder; ``None``: random initialisation.
+        extra_overrides: more config overrides (e.g. ``datalist_file``, ``seed``, ``val_interval``).
+    """
+    return {
+        **_encoder_overrides(config),
+        "dataset_dir": str(data_dir),
+        "pretrained": None if pretrained is None else str(pretrained),
+        "layer_norm_eps": MONAI_LAYER_NORM_EPS,
+        "img_size": config.roi,
+        "feature_size": config.feature_size,
+        "learning_rate": config.learning_rate,
+        "batch_size": config.batch_size,
+        "num_samples": config.num_samples,
+        "num_workers": 0,
+        "cache_rate": 1.0,
+        "_meta_#network_data_format#inputs#image#spatial_shape": [config.roi] * 2,
+        "_meta_#network_data_format#outputs#pred#spatial_shape": [config.roi] * 2,
+        **(extra_overrides or {}),
+    }
+
+
 def tune_segmentation(
     name: str,
     out_dir: Path,
@@ -203,22 +234,7 @@ def tune_segmentation(
     """
     bundle = find_bundle(name, bundles)
     method = name.removesuffix("_segmentation")
-    overrides: dict[str, Any] = {
-        **_encoder_overrides(config),
-        "dataset_dir": str(data_dir),
-        "pretrained": None if pretrained is None else str(pretrained),
-        "layer_norm_eps": MONAI_LAYER_NORM_EPS,
-        "img_size": config.roi,
-        "feature_size": config.feature_size,
-        "learning_rate": config.learning_rate,
-        "batch_size": config.batch_size,
-        "num_samples": config.num_samples,
-        "num_workers": 0,
-        "cache_rate": 1.0,
-        "_meta_#network_data_format#inputs#image#spatial_shape": [config.roi] * 2,
-        "_meta_#network_data_format#outputs#pred#spatial_shape": [config.roi] * 2,
-        **(extra_overrides or {}),
-    }
+    overrides = demo_overrides(config, data_dir, pretrained, extra_overrides)
     method_config = config.resolved_method_config() if method == config.method else None
     if method_config is not None:
         overrides["method_config"] = method_config
