@@ -12,7 +12,7 @@ from monai_prompt.nets import PromptClassifier
 from monai_prompt.peft import apply_method, delta_state_dict, trainable_report
 from monai_prompt.peft.delta import IDENTITY_KEYS
 from monai_prompt.peft.dvpt import DVPTConfig, DVPTModule
-from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, rel_err
+from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, assert_efficiency_paths_match, rel_err
 
 TINY = {"hidden_size": 32, "num_layers": 4, "num_heads": 4, "mlp_dim": 64, "patch_size": 8}
 CONFIG = {"num_prompts": 5, "bottleneck": 6, "share": 2}
@@ -250,6 +250,14 @@ def test_forward_strips_prompts_for_segmentation(cls_token):
     assert tokens.shape == ref_tokens.shape and [h.shape for h in hidden] == [h.shape for h in ref_hidden]
     assert tuned.forward_tokens(x)[0].shape[1] == ref_tokens.shape[1] + PROMPTS
     assert tuned.forward_features(x).shape == (2, WIDTH)
+
+
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_sdpa_and_checkpointing_give_the_literal_logits_and_gradients(variant):
+    """The bundles build DVPT with ``sdpa=True``: the backbone's attention on SDPA changes no output or gradient."""
+    model = classifier(variant).double().train()
+    open_gates(model)
+    assert_efficiency_paths_match(model, model.backbone, torch.randn(2, 3, 32, 32, dtype=torch.float64))
 
 
 def test_bad_config_raises_clear_errors():

@@ -8,7 +8,7 @@ from monai_prompt.backbones import build_vit
 from monai_prompt.nets import PromptClassifier
 from monai_prompt.peft import apply_method, trainable_report
 from monai_prompt.peft.ept import EPTAttention, EPTConfig, resize_ept_prompt
-from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, rel_err
+from peft_checks import assert_adamw_trains_exactly, assert_delta_round_trip, assert_efficiency_paths_match, rel_err
 
 HEADS, WIDTH, TOKENS = 4, 32, 17  # 32 px / patch 8 -> 16 patches + CLS
 
@@ -142,6 +142,17 @@ def classifier(sdpa: bool = False, **kwargs) -> PromptClassifier:
         sdpa=sdpa,
         **kwargs,
     )
+
+
+@pytest.mark.parametrize("variant", ["pure_cat", "multi_cat"])
+def test_sdpa_and_checkpointing_give_the_literal_logits_and_gradients(variant):
+    """The bundles build EPT with ``sdpa=True`` (``pure_cat``: the sink path; ``multi_cat``: literal, as its prompt
+    scales with each row's logit span): the classifier's logits and gradients are those of the literal path."""
+    model = classifier(config={"variant": variant}).double().train()
+    with torch.no_grad():
+        for block in model.backbone.blocks:
+            block.attn.ept_prompt.normal_()
+    assert_efficiency_paths_match(model, model.backbone, torch.randn(2, 3, 32, 32, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("sdpa", [False, True])

@@ -44,9 +44,7 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
     prefix = "trained_" if trained else ""
     if spec.fpt:
         target = "monai_prompt.nets.FPTClassifier"
-        # SDPA in the side network: the same attention without storing its matrices (training memory)
-        method = {"variant": "@method", _method_key(spec): common.method_config_ref(spec, f"@{prefix}method_config"),
-                  "sdpa": True}
+        method = {"variant": "@method", _method_key(spec): common.method_config_ref(spec, f"@{prefix}method_config")}
     else:
         target = "monai_prompt.nets.PromptClassifier"
         method = {"method": "@method", _method_key(spec): common.method_config_ref(spec, f"@{prefix}method_config")}
@@ -61,6 +59,8 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
         "pretrained": "@pretrained",
         "layer_norm_eps": "@layer_norm_eps",
         "backbone_overrides": f"@{prefix}backbone_overrides",
+        # SDPA (FPT: in the side network): the same attention without storing its matrices
+        "sdpa": "@flags#sdpa",
     }
 
 
@@ -84,6 +84,7 @@ def _common(spec: BundleSpec, imports: tuple[str, ...] = ()) -> dict[str, Any]:
         "check_pixels": True,
         **common.device_settings(),
         **_network_settings(spec),
+        **common.SDPA_SETTING,
         "network_def": _network_def(spec),
         "network": "$@network_def.to(@device)",
         "batch_size": _BATCH_SIZE,
