@@ -114,11 +114,11 @@ def _fpt_settings() -> dict[str, Any]:
 #: training reads the features from the cache: free the frozen LPM's weights (its fingerprints stay for the delta).
 _FPT_RELEASE = "$@network_def.release_lpm()"
 #: preload the FPT cache through the deterministic transforms (entries already there are skipped, so a second run
-#: only checks).
+#: only checks), logging the images done and the time left.
 _FPT_PRELOAD = (
     "monai_prompt.fpt.preload_features(@network_def.to(@device), monai.data.Dataset(@fpt_preload_items, "
     "monai.transforms.Compose(@train#deterministic_transforms)), @fpt_cache_dir, batch_size=@batch_size, "
-    "storage_dtype=@fpt_cache_dtype)"
+    "storage_dtype=@fpt_cache_dtype, progress=monai_prompt.engine.ProgressLog('FPT preload', unit='image'))"
 )
 
 

@@ -413,7 +413,8 @@ def train_checkpointing() -> dict[str, Any]:
 
 def train_handlers() -> list[dict[str, Any]]:
     """Schedule (refitted when a resumed run is longer), validation every ``val_interval`` epochs, the parameter
-    report, peak memory, loss logs, a stop at the first NaN/Inf loss, MLflow."""
+    report, peak memory, loss logs, the time left (every epoch end, and every minute within an epoch; after the
+    validation, which it counts), a stop at the first NaN/Inf loss, MLflow."""
     return [
         {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
         {"_target_": "monai_prompt.engine.ResumeLrScheduleHandler", "lr_scheduler": "@lr_scheduler"},
@@ -432,6 +433,7 @@ def train_handlers() -> list[dict[str, Any]]:
             "tag_name": "train_loss",
             "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
         },
+        {"_target_": "monai_prompt.engine.EtaHandler"},
         {"_target_": "monai_prompt.engine.NonFiniteGuard"},
         {
             "_target_": "monai_prompt.engine.MLflowPeftLogger",
