@@ -140,9 +140,10 @@ def _deterministic_transforms() -> list[dict[str, Any]]:
     ]
 
 
-#: the training augmentations (``classification_transforms(augment=True)``).
+#: the training augmentations (``classification_transforms(augment=True)``): the mirror flips the patient's
+#: left-right axis of NIfTI/DICOM images (their affine) and ``spatial_axis`` of PNG/JPEG ones (0: horizontal).
 _RANDOM_TRANSFORMS = [
-    {"_target_": "RandFlipd", "keys": "image", "prob": 0.5, "spatial_axis": 0},
+    {"_target_": "monai_prompt.data.RandLeftRightFlipd", "keys": "image", "prob": 0.5, "spatial_axis": 0},
     {"_target_": "RandAffined", "keys": "image", "prob": 0.5,
      "rotate_range": "$np.pi / 12", "scale_range": 0.1,
      "padding_mode": "zeros"},
