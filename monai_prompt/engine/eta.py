@@ -135,10 +135,13 @@ class EtaHandler:
             self._log(engine)
 
     def _iteration(self, engine: Engine) -> None:
-        if engine.state.iteration % engine.state.epoch_length:  # the epoch's last one: the epoch end logs
+        length = engine.state.epoch_length
+        if length and engine.state.iteration % length:  # the epoch's last one: the epoch end logs
             self._log(engine)
 
     def _log(self, engine: Engine, force: bool = False) -> None:
         state = engine.state
+        if not state.epoch_length:  # a data loader of unknown length: no total to count down from
+            return
         total = state.max_epochs * state.epoch_length
         self.progress(state.iteration, total, f"epoch {state.epoch}/{state.max_epochs}", force)
