@@ -83,7 +83,8 @@ class BenchSettings:
         backbone_overrides: :func:`~monai_prompt.backbones.build_vit` overrides (``--quick``: a tiny ViT).
         img_size: input size of the in-backbone methods and their full fine-tuning row.
         fpt_img_size: the LPM's input size (FPT's setting), and that of the full fine-tuning row FPT is compared to.
-        fpt_side_img_size: side-network input size (None: the variant's default, 224 FPT, 128 FPT+).
+        fpt_side_img_size: side-network input size (None: the variant's default for the LPM size, 224 FPT and 128
+            FPT+ at 512).
         batch_size: images per step.
         num_classes: logits.
         steps: timed training steps (after ``warmup``).
