@@ -121,6 +121,7 @@ def _preload(args: argparse.Namespace) -> None:
 
     from monai_prompt.data import read_classification_datalist
     from monai_prompt.data.transforms import classification_transforms
+    from monai_prompt.engine import ProgressLog
     from monai_prompt.fpt import FPTCacheError, preload_features
     from monai_prompt.nets import FPTClassifier
 
@@ -146,7 +147,7 @@ def _preload(args: argparse.Namespace) -> None:
         dtype = "float16" if args.fp16 else "float32"
         report = preload_features(
             net, data, args.cache_dir, batch_size=args.batch_size, storage_dtype=dtype, num_workers=args.num_workers,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, progress=ProgressLog("FPT preload", unit="image"),
         )
         print(report)
     except (FPTCacheError, ValueError, OSError) as err:  # stale cache, bad datalist/checkpoint/config

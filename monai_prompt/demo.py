@@ -34,7 +34,7 @@ from typing import Any
 
 from monai_prompt.runs.bundles import find_bundle
 from monai_prompt.runs.demo_task import DemoConfig, prepare_data, pretrain, pretrained_overrides
-from monai_prompt.runs.progress import EpochProgress, RunSteps, attach_progress, clock
+from monai_prompt.runs.progress import EpochProgress, RunSteps, attach_progress, format_timings
 from monai_prompt.runs.runner import train_and_evaluate
 
 __all__ = ["run_demo", "tune"]
@@ -143,7 +143,6 @@ def _summary(results: dict[str, Any], out_dir: Path) -> str:
     run = next(iter(results["backbones"].values()))
     lines.append(f"  trainable: {run['trainable']:,} parameters = {run['percent_of_backbone']:.2f}% of the "
                  f"{run['backbone']:,}-parameter backbone (DVPT modules, prompts and head)")
-    t = results["timings"]
-    lines.append("  time: " + ", ".join(f"{k.removesuffix('_s')} {clock(v)}" for k, v in t.items()))
+    lines.append("  time: " + format_timings(results["timings"]))
     lines.append(f"  outputs and results.json in {out_dir}")
     return "\n".join(lines)

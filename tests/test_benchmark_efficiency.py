@@ -12,11 +12,13 @@ import torch
 
 from monai_prompt.benchmarks.efficiency import (
     COLUMNS,
+    DEFAULT_NOTE,
     FPT_METHODS,
     IN_BACKBONE,
     BenchSettings,
     PeakMemory,
     build_configs,
+    format_table,
     summarise,
 )
 from monai_prompt.cli import main
@@ -43,6 +45,8 @@ def test_configurations_and_variant_errors():
     assert configs[-1].cached and configs[-1].options()["sdpa"] and not configs[-3].cached
     assert configs[4].options() == {"checkpointing": "mlp", "sdpa": True, "autocast": "bf16"}
     assert configs[2].options() == {"checkpointing": "none", "sdpa": False, "autocast": None}
+    with_sdpa = [c.name for c in build_configs(settings, ["lora"], ["none", "sdpa"])]
+    assert with_sdpa == ["full none @224", "full sdpa @224", "lora none @224", "lora sdpa @224"]
     with pytest.raises(ValueError, match=r"variant 'blocks\+attn': join at most one checkpointing mode"):
         build_configs(settings, ["lora"], ["blocks+attn"])
     with pytest.raises(ValueError, match="method 'dora' is not one of"):
@@ -62,6 +66,12 @@ def test_ratios_come_from_the_same_round():
     lora = summarise(rounds)[1]
     assert lora["wall_ratio"] == pytest.approx(0.8) and lora["memory_ratio"] == pytest.approx(0.3)
     assert lora["step_wall_s"] == pytest.approx(1.6) and list(lora) == list(COLUMNS)
+
+    fused = {**row("full", 224, 50, 0.5), "config": "full sdpa @224", "variant": "sdpa"}
+    rows = summarise([[*rounds[0], fused]])  # full fine-tuning with SDPA is measured against the one without
+    assert rows[1]["memory_ratio"] == pytest.approx(0.3) and rows[2]["memory_ratio"] == pytest.approx(0.5)
+    table = format_table(rows)
+    assert "full sdpa @224 *" in table and "lora @224 *" not in table and table.endswith(DEFAULT_NOTE)
 
 
 @pytest.mark.slow

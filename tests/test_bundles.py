@@ -18,6 +18,8 @@ from PIL import Image
 
 from bundle_support import (
     REPO,
+    TINY_BACKBONE,
+    TINY_IMG_SIZE,
     copy_bundle,
     metrics_from_predictions,
     tiny_overrides,
@@ -26,7 +28,7 @@ from bundle_support import (
 )
 from monai_prompt.bundle_gen import BUNDLE_SPECS, check_bundles, write_bundles
 from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS
-from monai_prompt.data import classification_transforms
+from monai_prompt.data import RandLeftRightFlipd, classification_transforms
 from monai_prompt.engine import latest_checkpoint
 from monai_prompt.fpt.lpm import LPMExtractor
 from monai_prompt.peft import DeltaMismatchError
@@ -159,6 +161,32 @@ def test_every_boolean_setting_reads_the_command_line_spellings(name):
                     parser[setting] = {**method_config, key: value}
                 for use in uses:
                     assert parser.get_parsed_content(use)[key] is (value == "true"), (files, use, value)
+
+
+@pytest.mark.parametrize("name", ["fpt_classification", "fptplus_classification"])
+def test_fpt_side_input_follows_img_size_and_a_larger_one_is_refused(name):
+    """``--img_size 32`` gives the side network the papers' side size at 512 scaled to 32 px (one 8 px patch for
+    FPT+, two for FPT), not 224/128; a side input larger than the LPM's is refused, naming the setting."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / name / "configs" / "train.json"))
+    parser.update({"backbone": "vit_tiny", "backbone_overrides": dict(TINY_BACKBONE), "img_size": TINY_IMG_SIZE,
+                   "num_classes": 3})
+    assert parser.get_parsed_content("network_def").side_img_size == [16 if name.startswith("fpt_") else 8] * 2
+    parser["method_config#side_img_size"] = 64
+    with pytest.raises(RuntimeError) as caught:  # MONAI wraps the network's error
+        parser.get_parsed_content("network_def", lazy=False)
+    assert re.search(r"side_img_size 64 is larger than the LPM input img_size 32: .*--method_config#side_img_size",
+                     str(caught.value.__cause__))
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLE_SPECS))
+def test_the_random_mirror_reads_the_orientation_and_its_png_axis_is_the_readme_s_override(name):
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / name / "configs" / "train.json"))
+    assert "--train#random_transforms#0#spatial_axis 1" in (REPO / "bundles" / name / "docs" / "README.md").read_text()
+    parser["train#random_transforms#0#spatial_axis"] = 1
+    flip = parser.get_parsed_content("train#random_transforms#0")
+    assert isinstance(flip, RandLeftRightFlipd) and flip.spatial_axis == 1
 
 
 @pytest.mark.parametrize("name", ["vpt_classification", "vpt_segmentation"])

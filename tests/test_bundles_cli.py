@@ -43,12 +43,13 @@ def test_monai_bundle_cli_from_repository_root_and_from_inside_the_bundle(tiny, 
     spec = BUNDLE_SPECS["linear_classification"]
     bundle = copy_bundle(spec.name, root)
     args = cli_overrides(spec, tiny["data"], tiny["backbone"])
-    run([sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundles/{spec.name}/configs/train.json",
-         *args, "--train#trainer#max_epochs", "1"], cwd=root)
+    trained = run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                   f"bundles/{spec.name}/configs/train.json", *args, "--train#trainer#max_epochs", "1"], cwd=root)
     assert (bundle / "models" / "model.pt").is_file() and not (root / "models").exists()
+    assert "time left (epoch 1/1): 3/3 iterations, " in trained.stdout + trained.stderr
 
-    result = run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                  "['configs/train.json','configs/evaluate.json']", *args], cwd=bundle)
+    result = run([sys.executable, "-m", "monai.bundle", "run", "--config_file",  # the literal attention path
+                  "['configs/train.json','configs/evaluate.json']", *args, "--sdpa", "false"], cwd=bundle)
     assert "Restored all variables from ./models/model.pt" in result.stdout + result.stderr
     assert set(read_metrics(bundle / "eval" / "metrics.csv")) == {"accuracy", "auc", "f1", "kappa", "ece"}
 
@@ -66,6 +67,8 @@ def test_torchrun_ddp_on_cpu_with_gloo(name, tiny, tmp_path):
                  cwd=tmp_path)
     output = result.stdout + result.stderr
     assert output.count("Epoch: 1/1, Iter: 2/2") == 1  # 12 images on 2 ranks, batch 4; rank 1 does not log
+    assert output.count("time left (epoch 1/1): 2/2 iterations, ") == 1  # nor does it log the time left
+    assert output.count("FPT preload (") == (1 if spec.fpt else 0)  # rank 0 preloads, with the time left
     assert "Key metric: val_accuracy best value" in output
     delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert not any(key.startswith("module.") for key in delta["model"])  # saved unwrapped from DDP

@@ -22,6 +22,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from monai_prompt.cli import main
 from monai_prompt.data import (
     DataCheckError,
+    RandLeftRightFlipd,
     SplitOptions,
     build_demo_data,
     check_classification_datalist,
@@ -29,6 +30,7 @@ from monai_prompt.data import (
     datalist_from_csv,
     datalist_from_folder,
     datalist_from_json,
+    left_right_axis,
     read_classification_datalist,
     read_header,
     split_items,
@@ -55,8 +57,10 @@ def write_nifti(path: Path, shape: tuple[int, ...] = (20, 30)) -> np.ndarray:
     return array
 
 
-def write_dicom(path: Path, rows: int = 20, cols: int = 30, series_uid: str | None = None, index: int = 0) -> None:
-    """A minimal CT slice written with pydicom (16-bit, explicit VR little endian)."""
+def write_dicom(path: Path, rows: int = 20, cols: int = 30, series_uid: str | None = None, index: int = 0,
+                orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)) -> None:
+    """A minimal CT slice written with pydicom (16-bit, explicit VR little endian; ``orientation``: its
+    ImageOrientationPatient, row then column direction, axial by default)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -67,7 +71,7 @@ def write_dicom(path: Path, rows: int = 20, cols: int = 30, series_uid: str | No
     ds.Modality, ds.PatientID, ds.StudyInstanceUID = "CT", "anon", "1.2.3"
     ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.InstanceNumber = index + 1
-    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, float(index)], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, float(index)], list(orientation)
     ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 1.0
     ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -354,6 +358,37 @@ def test_transforms_give_network_input_3d_and_multilabel(tmp_path):
     with pytest.raises(RuntimeError) as caught:  # MONAI wraps the error of a transform in a RuntimeError
         Compose(classification_transforms(img_size=8, spatial_dims=2))({"image": str(tmp_path / "series")})
     assert re.search(r"series: .* 3 spatial dims but the network is 2D", str(caught.value.__cause__))
+
+
+def test_random_mirror_flips_the_patients_left_right_axis(tmp_path):
+    """NIfTI/DICOM: the axis along world x (the patient's left-right) per the affine, none for a sagittal slice;
+    PNG: ``spatial_axis`` (``--train#random_transforms#0#spatial_axis`` in the bundles)."""
+    array = RNG.random((20, 30), dtype=np.float32)
+    swapped = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])  # array axis 1 runs along x
+    sagittal = np.array([[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])  # along y and z only
+    for name, affine in (("axial", np.diag([-1.0, -1.0, 1.0, 1.0])), ("swapped", swapped), ("sagittal", sagittal)):
+        nib.save(nib.Nifti1Image(array[..., None], affine), tmp_path / f"{name}.nii.gz")
+    write_dicom(tmp_path / "rows_along_x.dcm")
+    write_dicom(tmp_path / "rows_along_y.dcm", orientation=(0.0, 1.0, 0.0, 1.0, 0.0, 0.0))
+    write_dicom(tmp_path / "sagittal.dcm", orientation=(0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    write_png(tmp_path / "photo.png")
+    load = Compose(classification_transforms(img_size=16, spatial_dims=2, in_channels=1))
+
+    def axis(name: str, spatial_axis: int = 0) -> int | None:
+        image = load({"image": str(tmp_path / name)})["image"]
+        found = left_right_axis(image, spatial_axis)
+        flipped = RandLeftRightFlipd("image", prob=1.0, spatial_axis=spatial_axis)({"image": image})["image"]
+        mirrored = image if found is None else torch.flip(image, (found + 1,))
+        assert torch.equal(flipped.as_tensor(), mirrored.as_tensor()), name
+        return found
+
+    assert [axis(name) for name in ("axial.nii.gz", "swapped.nii.gz", "sagittal.nii.gz")] == [0, 1, None]
+    along_x, along_y = axis("rows_along_x.dcm"), axis("rows_along_y.dcm")
+    assert {along_x, along_y} == {0, 1} and axis("sagittal.dcm") is None
+    assert axis("photo.png") == 0 and axis("photo.png", spatial_axis=1) == 1
+    assert left_right_axis(torch.zeros(1, 4, 4), spatial_axis=1) == 1  # a plain tensor has no orientation
+    augment = classification_transforms(img_size=16, spatial_dims=2, in_channels=1, augment=True)
+    assert isinstance(augment[-3], RandLeftRightFlipd) and augment[-3].spatial_axis == 0
 
 
 # ---------------------------------------------------------------------------------------------- demo set

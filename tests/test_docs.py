@@ -943,7 +943,7 @@ def _known_options(file: str) -> set[str]:
     from monai_prompt.cli import build_parser
 
     def ids(node: Any, prefix: str = "") -> set[str]:
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        items = list(node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ())
         return {f"{prefix}{key}" for key, _ in items} | {i for key, v in items for i in ids(v, f"{prefix}{key}#")}
 
     bundles = [file.split("/")[1]] if file.startswith("bundles/") else [p.name for p in (REPO / "bundles").iterdir()]

@@ -255,6 +255,14 @@ def test_forward_strips_prompts_for_segmentation(cls_token):
     assert tuned.forward_features(x).shape == (2, WIDTH)
 
 
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_sdpa_and_checkpointing_give_the_literal_logits_and_gradients(variant):
+    """The bundles build DVPT with ``sdpa=True``: the backbone's attention on SDPA changes no output or gradient."""
+    model = classifier(variant).double().train()
+    open_gates(model)
+    assert_efficiency_paths_match(model, model.backbone, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+
+
 def test_bad_config_raises_clear_errors():
     with pytest.raises(ValueError, match="'official'"):
         DVPTConfig(variant="official")

@@ -147,6 +147,17 @@ def classifier(sdpa: bool = False, **kwargs) -> PromptClassifier:
     )
 
 
+@pytest.mark.parametrize("variant", ["pure_cat", "multi_cat"])
+def test_sdpa_and_checkpointing_give_the_literal_logits_and_gradients(variant):
+    """The bundles build EPT with ``sdpa=True`` (``pure_cat``: the sink path; ``multi_cat``: literal, as its prompt
+    scales with each row's logit span): the classifier's logits and gradients are those of the literal path."""
+    model = classifier(config={"variant": variant}).double().train()
+    with torch.no_grad():
+        for block in model.backbone.blocks:
+            block.attn.ept_prompt.normal_()
+    assert_efficiency_paths_match(model, model.backbone, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("sdpa", [False, True])
 def test_only_prompts_and_head_train(sdpa):
     prompts = {"backbone.blocks.0.attn.ept_prompt", "backbone.blocks.1.attn.ept_prompt"}

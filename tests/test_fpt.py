@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from monai_prompt.backbones import build_vit
-from monai_prompt.fpt import FPTConfig, LPMExtractor, PromptFusion, resolve_layers, select_important_tokens
+from monai_prompt.fpt import (
+    FPTConfig,
+    LPMExtractor,
+    PromptFusion,
+    default_side_img_size,
+    resolve_layers,
+    select_important_tokens,
+)
 from monai_prompt.nets import OFFICIAL_LPM_PARAMETERS, FPTClassifier, paper_learnable_percent
 from monai_prompt.peft import apply_method, delta_state_dict, load_delta, trainable_report
 from monai_prompt.peft.delta import IDENTITY_KEYS
@@ -276,7 +283,21 @@ def test_layer_resolution():
     assert resolve_layers("all", 12) == list(range(12))
     assert resolve_layers("last_half", 12) == list(range(6, 12))
     assert resolve_layers("last_half", 24) == list(range(12, 24))
-    assert FPTConfig("fpt").prompt_reduction == 8 and FPTConfig("fptplus").side_img_size == 128
+    assert FPTConfig("fpt").prompt_reduction == 8 and FPTConfig("fptplus").side_img_size is None
+
+
+def test_side_input_follows_the_lpm_input_and_a_larger_one_is_refused():
+    # the papers' sizes at 512 px, scaled to whole patches elsewhere (at least one, at most the LPM input)
+    assert [default_side_img_size(v, 512, 16) for v in ("fpt", "fptplus")] == [224, 128]
+    assert [default_side_img_size(v, 224, 16) for v in ("fpt", "fptplus")] == [96, 64]
+    assert [default_side_img_size(v, 32, 16) for v in ("fpt", "fptplus")] == [16, 16]
+    tiny = {"backbone": "vit_tiny", "img_size": 32, "backbone_overrides": TINY}
+    net = FPTClassifier(2, "fpt", **tiny)
+    assert net.side_img_size == [16, 16] and net.fpt_config.side_img_size == 16
+    assert net.lpm.peft_config["side_img_size"] == 16
+    with pytest.raises(ValueError, match=r"side_img_size 64 is larger than the LPM input img_size 32: .*"
+                                         r"--method_config#side_img_size\) to at most 32, or leave it null for 8 "):
+        FPTClassifier(2, "fptplus", {"side_img_size": 64}, **tiny)
 
 
 def test_clear_errors():

@@ -43,7 +43,6 @@ def train_basic_unet(
     Returns:
         ``{"metrics": test metrics, "trainable": parameters, "best_epoch": ...}``.
     """
-    import torch
     from ignite.engine import Events
     from monai.bundle import ConfigParser
     from monai.data import DataLoader, Dataset

@@ -45,8 +45,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "BenchConfig", "BenchSettings", "PeakMemory", "build_configs", "build_parser", "measure", "run_benchmark",
-    "summarise",
+    "BenchConfig", "BenchSettings", "PeakMemory", "build_configs", "build_parser", "bundle_default", "measure",
+    "run_benchmark", "summarise",
 ]
 
 #: methods that change the backbone itself (the checkpointing/SDPA/autocast variants apply to them).
@@ -56,6 +56,8 @@ FPT_METHODS = ("fpt", "fptplus")
 #: how FPT gets its LPM features, and the FPT configurations measured (``sdpa``: the side network's attention).
 FPT_MODES = ("online", "cached")
 FPT_CONFIGS = ("online", "cached", "cached+sdpa")
+#: the in-backbone variants measured besides the checkpointing modes unless ``--variants`` names others.
+DEFAULT_VARIANTS = ("sdpa", "bf16", "mlp+sdpa", "blocks+sdpa+bf16")
 #: torch.autocast dtypes a variant may name.
 AUTOCAST = ("bf16", "fp16")
 #: the workers mmap every allocation above this many bytes, so freed memory goes back to the OS at once.
@@ -81,7 +83,8 @@ class BenchSettings:
         backbone_overrides: :func:`~monai_prompt.backbones.build_vit` overrides (``--quick``: a tiny ViT).
         img_size: input size of the in-backbone methods and their full fine-tuning row.
         fpt_img_size: the LPM's input size (FPT's setting), and that of the full fine-tuning row FPT is compared to.
-        fpt_side_img_size: side-network input size (None: the variant's default, 224 FPT, 128 FPT+).
+        fpt_side_img_size: side-network input size (None: the variant's default for the LPM size, 224 FPT and 128
+            FPT+ at 512).
         batch_size: images per step.
         num_classes: logits.
         steps: timed training steps (after ``warmup``).
@@ -155,8 +158,8 @@ def check_variant(variant: str) -> str:
 
 
 def build_configs(settings: BenchSettings, methods: Sequence[str], variants: Sequence[str]) -> list[BenchConfig]:
-    """Full fine-tuning at each size first, then each variant for every in-backbone method, then FPT
-    (:data:`FPT_CONFIGS`).
+    """Full fine-tuning at each size first (at ``img_size`` also with ``sdpa`` when that variant is measured), then
+    each variant for every in-backbone method, then FPT (:data:`FPT_CONFIGS`).
 
     Args:
         settings: the run's settings.
@@ -165,6 +168,8 @@ def build_configs(settings: BenchSettings, methods: Sequence[str], variants: Seq
     """
     fpt = [m for m in methods if m in FPT_METHODS]
     configs = [BenchConfig("full", "none", settings.img_size)]
+    if "sdpa" in variants:  # the full fine-tuning bundle's default, beside the reference without SDPA
+        configs.append(BenchConfig("full", "sdpa", settings.img_size))
     if fpt and settings.fpt_img_size != settings.img_size:
         configs.append(BenchConfig("full", "none", settings.fpt_img_size))
     unknown = [m for m in methods if m not in IN_BACKBONE + FPT_METHODS]
@@ -344,7 +349,7 @@ def _run_worker(config: BenchConfig, settings: BenchSettings, context: multiproc
 
 def summarise(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per configuration: medians over rounds of each value and of its ratio to the same round's full
-    fine-tuning at the same input size.
+    fine-tuning at the same input size (without SDPA: ``full none``).
 
     Args:
         rounds: per round, the measured rows (``config``, ``method``, ``variant``, ``img_size``, values).
@@ -353,7 +358,7 @@ def summarise(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     values: dict[str, dict[str, list[float]]] = {}
     rows: dict[str, dict[str, Any]] = {}
     for measured in rounds:
-        full = {row["img_size"]: row for row in measured if row["method"] == "full"}
+        full = {row["img_size"]: row for row in measured if (row["method"], row["variant"]) == ("full", "none")}
         for row in measured:
             rows.setdefault(row["config"], {k: row[k] for k in ("config", "method", "variant", "img_size",
                                                                 "batch_size", "trainable", "percent_of_backbone")})
@@ -367,18 +372,34 @@ def summarise(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return [{k: rows[name][k] for k in COLUMNS} for name in rows]
 
 
+def bundle_default(method: str, variant: str) -> bool:
+    """Whether ``variant`` is how the bundles run ``method`` by default: attention on SDPA (``sdpa``; FPT: from the
+    preload cache with the side network on SDPA, ``cached+sdpa``); ``--sdpa false`` gives the ``none`` row
+    (FPT: ``cached``)."""
+    return variant == ("cached+sdpa" if method in FPT_METHODS else "sdpa")
+
+
+#: the table's footnote on :func:`bundle_default`'s rows.
+DEFAULT_NOTE = ("* the bundles' default (attention on SDPA); the row without SDPA (`none`, FPT `cached`) is "
+                "`--sdpa false`")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A fixed-width text table of :func:`summarise`'s rows."""
+    """A fixed-width text table of :func:`summarise`'s rows, the bundles' defaults marked ``*``
+    (:func:`bundle_default`)."""
     header = (f"{'configuration':<34} {'trainable':>11} {'% bb':>7} {'delta MiB':>9} {'peak MiB':>9} {'mem x':>6} "
               f"{'cpu s':>7} {'cpu x':>6} {'wall s':>7} {'wall x':>6} {'inf ms':>7} {'inf x':>6} {'delta x':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
+        name = r["config"] + (" *" if bundle_default(r["method"], r["variant"]) else "")
         lines.append(
-            f"{r['config']:<34} {r['trainable']:>11,} {r['percent_of_backbone']:>7.3f} "
+            f"{name:<34} {r['trainable']:>11,} {r['percent_of_backbone']:>7.3f} "
             f"{r['delta_bytes'] / 2**20:>9.2f} {r['peak_mib']:>9.1f} {r['memory_ratio']:>6.3f} "
             f"{r['step_cpu_s']:>7.3f} {r['cpu_ratio']:>6.2f} {r['step_wall_s']:>7.3f} {r['wall_ratio']:>6.2f} "
             f"{r['infer_ms_per_image']:>7.1f} {r['infer_ratio']:>6.2f} {r['delta_ratio']:>8.4f}"
         )
+    if any(bundle_default(r["method"], r["variant"]) for r in rows):
+        lines.append(DEFAULT_NOTE)
     return "\n".join(lines)
 
 
@@ -498,9 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="methods besides full fine-tuning (default: all)")
     parser.add_argument("--checkpointing", nargs="+", default=list(CHECKPOINT_MODES), choices=list(CHECKPOINT_MODES),
                         help="checkpointing modes, one variant each (default: all)")
-    parser.add_argument("--variants", nargs="*", default=["sdpa", "bf16", "mlp+sdpa", "blocks+sdpa+bf16"],
-                        help="more in-backbone variants, '+'-joined options (default: sdpa bf16 mlp+sdpa "
-                             "blocks+sdpa+bf16; on CUDA use fp16/bf16)")
+    parser.add_argument("--variants", nargs="*",
+                        help="more in-backbone variants, '+'-joined options (default: "
+                             f"{' '.join(DEFAULT_VARIANTS)}; --quick: none; on CUDA use fp16/bf16); 'sdpa' is the "
+                             "bundles' default and adds full fine-tuning with SDPA")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first (default: 2)")
@@ -512,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: 1)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     parser.add_argument("--quick", action="store_true",
-                        help="CI smoke run: tiny ViT, 32 px (FPT 64), batch 2, 2 steps, 1 round, none/blocks")
+                        help="CI smoke run: tiny ViT, 32 px (FPT 64), batch 2, 2 steps, 1 round, none/blocks (and "
+                             "--variants when given)")
     return parser
 
 
@@ -523,12 +546,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quick:
         settings = BenchSettings("vit_tiny", QUICK_BACKBONE, 32, 64, 16, 2, steps=2, warmup=1, inference_steps=1,
                                  threads=args.threads, device=device)
-        checkpointing, variants, rounds = ["none", "blocks"], [], 1
+        checkpointing, variants, rounds = ["none", "blocks"], args.variants or [], 1
     else:
         settings = BenchSettings(args.backbone, {}, args.img_size, args.fpt_img_size, None, args.batch_size,
                                  steps=args.steps, warmup=args.warmup, inference_steps=args.inference_steps,
                                  threads=args.threads, device=device)
-        checkpointing, variants, rounds = args.checkpointing, args.variants, args.rounds
+        variants = DEFAULT_VARIANTS if args.variants is None else args.variants
+        checkpointing, rounds = args.checkpointing, args.rounds
     variants = list(dict.fromkeys([*checkpointing, *variants]))
     try:
         configs = build_configs(settings, args.methods, variants)

@@ -44,9 +44,7 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
     prefix = "trained_" if trained else ""
     if spec.fpt:
         target = "monai_prompt.nets.FPTClassifier"
-        # SDPA in the side network: the same attention without storing its matrices (training memory)
-        method = {"variant": "@method", _method_key(spec): common.method_config_ref(spec, f"@{prefix}method_config"),
-                  "sdpa": True}
+        method = {"variant": "@method", _method_key(spec): common.method_config_ref(spec, f"@{prefix}method_config")}
     else:
         target = "monai_prompt.nets.PromptClassifier"
         method = {"method": "@method", _method_key(spec): common.method_config_ref(spec, f"@{prefix}method_config")}
@@ -61,6 +59,8 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
         "pretrained": "@pretrained",
         "layer_norm_eps": "@layer_norm_eps",
         "backbone_overrides": f"@{prefix}backbone_overrides",
+        # SDPA (FPT: in the side network): the same attention without storing its matrices
+        "sdpa": "@flags#sdpa",
     }
 
 
@@ -84,6 +84,7 @@ def _common(spec: BundleSpec, imports: tuple[str, ...] = ()) -> dict[str, Any]:
         "check_pixels": True,
         **common.device_settings(),
         **_network_settings(spec),
+        **common.SDPA_SETTING,
         "network_def": _network_def(spec),
         "network": "$@network_def.to(@device)",
         "batch_size": _BATCH_SIZE,
@@ -113,11 +114,11 @@ def _fpt_settings() -> dict[str, Any]:
 #: training reads the features from the cache: free the frozen LPM's weights (its fingerprints stay for the delta).
 _FPT_RELEASE = "$@network_def.release_lpm()"
 #: preload the FPT cache through the deterministic transforms (entries already there are skipped, so a second run
-#: only checks).
+#: only checks), logging the images done and the time left.
 _FPT_PRELOAD = (
     "monai_prompt.fpt.preload_features(@network_def.to(@device), monai.data.Dataset(@fpt_preload_items, "
     "monai.transforms.Compose(@train#deterministic_transforms)), @fpt_cache_dir, batch_size=@batch_size, "
-    "storage_dtype=@fpt_cache_dtype)"
+    "storage_dtype=@fpt_cache_dtype, progress=monai_prompt.engine.ProgressLog('FPT preload', unit='image'))"
 )
 
 
@@ -139,9 +140,10 @@ def _deterministic_transforms() -> list[dict[str, Any]]:
     ]
 
 
-#: the training augmentations (``classification_transforms(augment=True)``).
+#: the training augmentations (``classification_transforms(augment=True)``): the mirror flips the patient's
+#: left-right axis of NIfTI/DICOM images (their affine) and ``spatial_axis`` of PNG/JPEG ones (0: horizontal).
 _RANDOM_TRANSFORMS = [
-    {"_target_": "RandFlipd", "keys": "image", "prob": 0.5, "spatial_axis": 0},
+    {"_target_": "monai_prompt.data.RandLeftRightFlipd", "keys": "image", "prob": 0.5, "spatial_axis": 0},
     {"_target_": "RandAffined", "keys": "image", "prob": 0.5,
      "rotate_range": "$np.pi / 12", "scale_range": 0.1,
      "padding_mode": "zeros"},

@@ -14,6 +14,7 @@ from monai_prompt.bundle_gen import classification, segmentation
 from monai_prompt.bundle_gen.metadata import PINNED_VERSIONS
 from monai_prompt.bundle_gen.specs import BundleSpec
 from monai_prompt.data.demo_segmentation import SEGMENTATION_CLASSES
+from monai_prompt.fpt.config import PAPER_LPM_IMG_SIZE, PAPER_SIDE_IMG_SIZE, default_side_img_size
 
 __all__ = ["MEASUREMENTS_FILES", "TaskText", "load_measurements", "readme"]
 
@@ -80,11 +81,15 @@ def _shape(spec: BundleSpec) -> str:
 def _classification_network(spec: BundleSpec) -> str:
     """The overview paragraphs on the network and its delta."""
     if spec.fpt:
+        paper = PAPER_SIDE_IMG_SIZE[spec.method]
         network = f"""\
 `network_def` is `monai_prompt.nets.FPTClassifier` with `variant="{spec.method}"` and FPT config
 {_method_config(spec)}. The frozen large pre-trained model (LPM, a MONAI `ViT` loaded from `pretrained`) sees
 the {spec.img_size} x {spec.img_size} image; its important keys and values per tapped layer feed fine-grained
-prompts through a fusion module into a small side ViT that sees a downsampled copy. Training never runs the LPM:
+prompts through a fusion module into a small side ViT that sees a downsampled copy (`side_img_size` `null`: the
+papers' {paper} x {paper} at a {PAPER_LPM_IMG_SIZE} px LPM input, scaled with `img_size` in whole patches, so
+`--img_size 256` gives a {default_side_img_size(spec.method, 256, 16)} px side input; a
+`--method_config#side_img_size` larger than `img_size` is refused). Training never runs the LPM:
 `initialize` preloads its features once into `cache/` (`fpt_cache_dir`; entries are keyed by image content and
 tied to the LPM weights, so a stale cache fails loudly; `--fpt_preload False` skips the pass, `monai-prompt
 preload` does the same from the command line), and the train/validation transforms read them back
@@ -169,7 +174,12 @@ ICBM152 2009a T1 template (shipped inside the nilearn wheel), labelled by the ti
 datalist `monai_prompt.data.read_classification_datalist` reads: a MONAI decathlon JSON, a CSV (one label column, or
 several 0/1 columns for multi-label) or a class-per-folder tree. Images are read
 with MONAI `LoadImaged` (PNG/JPEG, DICOM, NIfTI), matched to `in_channels` (grey repeated to RGB), scaled to
-[0, 1] and resized to `img_size`; training adds a flip, a small affine and contrast jitter.
+[0, 1] and resized to `img_size`; training adds a left-right mirror, a small affine and contrast jitter. The
+mirror (`monai_prompt.data.RandLeftRightFlipd`, `train#random_transforms#0`) flips the patient's left-right axis
+of NIfTI and DICOM images, read from their affine (none for a sagittal slice); PNG/JPEG images carry no
+orientation, so it flips their `spatial_axis`: 0, horizontal as MONAI reads them. Where left-right runs vertically
+in your PNGs set `--train#random_transforms#0#spatial_axis 1`; where a mirror changes the class (laterality) set
+`--train#random_transforms#0#prob 0`.
 `initialize` checks that the datalist's classes match `num_classes` and `multi_label`.
 
 For other data set `num_classes` (and `channel_def` in `metadata.json`); `--multi_label True` switches to
@@ -180,11 +190,14 @@ sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.""",
 - Optimiser: {recipe}, cosine annealing to 0 over {spec.epochs} epochs, batch size 16; source:
   {spec.recipe_source}.
 - Loss: cross-entropy (`BCEWithLogitsLoss` with `multi_label`).
-- Device: CUDA with AMP when available, else CPU, chosen at run time (`device`, `amp`).
+- Device: CUDA with AMP when available, else CPU, chosen at run time (`device`, `amp`). Attention runs
+  through PyTorch SDPA{" in the side network" if spec.fpt else ""} (`sdpa`: the same outputs, tested, with less
+  memory and time); `--sdpa false` computes it literally.
 - Validation every `val_interval` epochs: accuracy (key metric, selects `models/model.pt`), macro ROC AUC,
   macro F1 and quadratic-weighted kappa (not for multi-label).
 - At start the trainable-parameter report is printed; each epoch logs peak memory (CUDA max allocated on GPU,
-  peak RSS on CPU).
+  peak RSS on CPU) and the run's time left (`time left (epoch 3/20): ... left`, also every minute within an
+  epoch{"; the preload logs its own, `FPT preload`" if spec.fpt else ""}).
 - Overrides: any id, e.g. `--dataset_dir`, `--pretrained`, `--img_size`, `--batch_size`, `--num_workers`,
   `--learning_rate`, `--train#trainer#max_epochs`, `--method_config "{{...}}"`, `--backbone vit_small`;
   `--cache_rate 1.0` keeps the loaded, resized images in memory (fast for small sets; mind the RAM).""",
@@ -339,8 +352,10 @@ common spacing (default `None`: the data's own).""",
   `--sw_overlap` 0.25, Gaussian blending, `--sw_batch_size`): mean Dice of the foreground classes (key metric,
   selects `models/model.pt`), Dice per class and HD95 (95th-percentile Hausdorff distance in voxels, mean and
   per class; MONAI's metrics).
-- Device: CUDA with AMP when available, else CPU (`device`, `amp`). The trainable-parameter report is printed
-  at start; each epoch logs peak memory.""",
+- Device: CUDA with AMP when available, else CPU (`device`, `amp`). Attention runs through PyTorch SDPA
+  (`sdpa`: the same outputs, tested, with less memory and time); `--sdpa false` computes it literally.
+- The trainable-parameter report is printed at start; each epoch logs peak memory and the run's time left
+  (`time left (epoch 3/20): ... left`, also every minute within an epoch).""",
         io=f"""\
 - Input: `image`, 1 x {_shape(spec)} float32 crops in [0, 1] (inference: whole images of any size, covered by
   the sliding window).

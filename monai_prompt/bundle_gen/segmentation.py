@@ -58,6 +58,7 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
         "pretrained": "@pretrained",
         "layer_norm_eps": "@layer_norm_eps",
         "backbone_overrides": f"@{prefix}backbone_overrides",
+        "sdpa": "@flags#sdpa",
     }
 
 
@@ -85,6 +86,7 @@ def _common(spec: BundleSpec) -> dict[str, Any]:
         **_network_settings(spec),
         "roi_size": "$monai.utils.ensure_tuple_rep(@img_size, @spatial_dims)",
         "pixdim": None,
+        **common.SDPA_SETTING,
         "network_def": _network_def(spec),
         "network": "$@network_def.to(@device)",
         "batch_size": batch_size,

@@ -68,6 +68,11 @@ class BundleSpec:
     recipe_source: str = "AdamW with cosine annealing, the common PEFT recipe (V-PETL Bench)"
     references: tuple[Reference, ...] = ()
     changelog: tuple[tuple[str, str], ...] = (
+        ("0.1.4", ("attention runs through PyTorch SDPA by default (sdpa; --sdpa false for the literal path); the "
+                   "training log gives the run's time left (FPT: the preload too), on rank 0 only; the random "
+                   "flip mirrors the patient's left-right axis of NIfTI/DICOM images from their affine "
+                   "(RandLeftRightFlipd; PNG/JPEG: spatial_axis); FPT/FPT+: side_img_size null follows img_size "
+                   "(224/128 at 512), a side input larger than img_size is refused")),
         ("0.1.3", ("every boolean setting (amp, resume, overwrite, check_pixels, multi_label, shuffle, FPT: "
                    "fpt_preload; the method config's deep, prompt_norm, prompt_proj) accepts true/false/yes/no/1/0 "
                    "in any case on the command line and refuses any other value naming the setting (flags); "
@@ -266,7 +271,8 @@ _SPECS = (
     BundleSpec(
         method="fptplus",
         title="FPT+",
-        summary="FPT with the FPT+ defaults: a 128 x 128 side ViT, prompts at full width with LayerNorm and no "
+        summary="FPT with the FPT+ defaults: a side ViT on a quarter-size copy (128 x 128 at the 512 px LPM "
+        "input), prompts at full width with LayerNorm and no "
         "projection, only the last half of the frozen ViT's layers tapped (less memory, fewer parameters)",
         **_FPT_RECIPE,
     ),
@@ -315,6 +321,8 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
         "decoder start from scratch; not tuned",
         references=(_UNETR, *spec.references),
         changelog=(
+            ("0.1.4", ("attention runs through PyTorch SDPA by default (sdpa; --sdpa false for the literal path); "
+                       "the training log gives the run's time left, on rank 0 only")),
             ("0.1.3", ("every boolean setting (amp, resume, overwrite, continue_model, shuffle; VPT's "
                        "method_config#deep) accepts true/false/yes/no/1/0 in any case on the command line and "
                        "refuses any other value naming the setting (flags); shuffle is a setting of its own")),

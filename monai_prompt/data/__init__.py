@@ -30,7 +30,7 @@ from monai_prompt.data.segmentation import (
 )
 from monai_prompt.data.split import SPLITS, SplitOptions, split_items
 
-_TRANSFORMS = ("MatchInputd", "classification_transforms", "match_input")
+_TRANSFORMS = ("MatchInputd", "RandLeftRightFlipd", "classification_transforms", "left_right_axis", "match_input")
 
 __all__ = [
     "DEMO_CLASSES",

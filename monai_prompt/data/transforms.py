@@ -4,9 +4,10 @@
 ``monai.transforms.Compose``, the deterministic transforms first and the random ones last (the bundles'
 ``train#deterministic_transforms`` and ``train#random_transforms``): load with MONAI's readers, channel first,
 match the network's layout (:class:`MatchInputd`), scale intensities to [0, 1], resize to the model size, make the
-image float32 and the label a tensor, then optionally augment. Only :class:`MatchInputd` is written here: MONAI has
-no transform that both drops the singleton depth ITK gives a 2D DICOM and converts between grey and colour
-channels, with an error that names the file.
+image float32 and the label a tensor, then optionally augment. Two transforms are written here: :class:`MatchInputd`
+(MONAI has no transform that both drops the singleton depth ITK gives a 2D DICOM and converts between grey and
+colour channels, with an error that names the file) and :class:`RandLeftRightFlipd` (MONAI's ``RandFlipd`` flips a
+fixed array axis, which is the patient's left-right axis only in some orientations).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.data.meta_obj import get_track_meta
 from monai.data.utils import to_affine_nd
 from monai.transforms import (
     EnsureChannelFirstd,
@@ -34,9 +36,9 @@ from monai.transforms import (
     ToTensord,
     Transform,
 )
-from monai.utils import MetaKeys, ensure_tuple_rep
+from monai.utils import MetaKeys, TraceKeys, convert_to_tensor, ensure_tuple_rep
 
-__all__ = ["MatchInputd", "classification_transforms", "match_input"]
+__all__ = ["MatchInputd", "RandLeftRightFlipd", "classification_transforms", "left_right_axis", "match_input"]
 
 
 def match_input(image: torch.Tensor, spatial_dims: int, channels: int) -> torch.Tensor:
@@ -114,6 +116,72 @@ class MatchInputd(MapTransform):
         return d
 
 
+def left_right_axis(image: torch.Tensor, spatial_axis: int = 0) -> int | None:
+    """The spatial axis of ``image`` that a left-right mirror flips.
+
+    An image whose reader recorded its orientation (NIfTI, DICOM: MONAI keeps its ``original_affine``): the axis
+    whose direction in the image's affine runs mostly along the world x axis, the patient's left-right (in RAS and
+    LPS alike), or ``None`` when no axis of the image does (a sagittal slice has no left-right axis to mirror). An
+    image without one (PNG, JPEG, a plain tensor): ``spatial_axis``; MONAI reads PNG/JPEG width first, so 0 mirrors
+    them horizontally.
+
+    Args:
+        image: a channel-first image (a MONAI ``MetaTensor`` carries its affine).
+        spatial_axis: the axis for an image without a recorded orientation.
+    """
+    if not isinstance(image, MetaTensor) or MetaKeys.ORIGINAL_AFFINE not in image.meta:
+        return spatial_axis
+    affine = image.affine.double()
+    directions = affine[: affine.shape[0] - 1, : image.ndim - 1].abs()  # world axes x spatial axes
+    along_x = [axis for axis in range(directions.shape[1]) if int(directions[:, axis].argmax()) == 0]
+    if not along_x:
+        return None
+    return max(along_x, key=lambda axis: float(directions[0, axis] / directions[:, axis].norm()))
+
+
+class RandLeftRightFlipd(RandFlipd):
+    """MONAI ``RandFlipd`` along the patient's left-right axis: :func:`left_right_axis` of each image (from its
+    affine for NIfTI/DICOM, ``spatial_axis`` for PNG/JPEG; no flip where the image has no left-right axis).
+
+    Args:
+        keys: image keys.
+        prob: probability of the mirror.
+        spatial_axis: the axis for images without a recorded orientation (PNG, JPEG).
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, prob: float = 0.5, spatial_axis: int = 0, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, prob, spatial_axis, allow_missing_keys)
+        self.spatial_axis = spatial_axis
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        chosen, lazy_ = self._do_transform, self.lazy if lazy is None else lazy
+        for key in self.key_iterator(d):
+            axis = left_right_axis(d[key], self.spatial_axis)
+            self._do_transform = chosen and axis is not None  # what push_transform records
+            if self._do_transform:
+                self.flipper.spatial_axis = axis
+                d[key] = self.flipper(d[key], lazy=lazy_)
+            else:
+                d[key] = convert_to_tensor(d[key], track_meta=get_track_meta())
+            self.push_transform(d[key], replace=True, lazy=lazy_)
+        self._do_transform = chosen
+        return d
+
+    def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if self.pop_transform(d[key])[TraceKeys.DO_TRANSFORM]:
+                self.flipper.spatial_axis = left_right_axis(d[key], self.spatial_axis)  # a flip keeps the axis
+                with self.flipper.trace_transform(False):
+                    d[key] = self.flipper(d[key])
+        return d
+
+
 def classification_transforms(
     img_size: int | Sequence[int],
     spatial_dims: int = 2,
@@ -129,7 +197,8 @@ def classification_transforms(
     Load (MONAI ``LoadImaged``: PIL, ITK for DICOM files/series, nibabel), channel first, :class:`MatchInputd`,
     min-max scale to [0, 1], resize to ``img_size`` (anti-aliased when shrinking), a float32 image and the label as
     a tensor (``long`` index, or ``float32`` multi-hot; a missing label, unlabelled data, is allowed); then, with
-    ``augment``, a random flip of the first spatial axis, a small random rotation/scaling and random contrast. The
+    ``augment``, a random left-right mirror (:class:`RandLeftRightFlipd`), a small random rotation/scaling and
+    random contrast. The
     bundles spell out the same chain as ``train#deterministic_transforms`` and ``train#random_transforms``.
 
     Args:
@@ -140,7 +209,8 @@ def classification_transforms(
         multi_label: labels are multi-hot lists.
         track_meta: keep MONAI metadata (file name, affine) on the image (images of different formats batch:
             :class:`MatchInputd` brings their metadata to one shape); False drops it (plain tensors, or with
-            ``augment`` MetaTensors with default metadata).
+            ``augment`` MetaTensors with default metadata), and the random mirror then has no orientation to read
+            and flips axis 0.
         image_key: key of the image path.
         label_key: key of the label.
     """
@@ -161,7 +231,7 @@ def classification_transforms(
     if augment:
         angle = math.pi / 12
         chain += [
-            RandFlipd(keys=image_key, prob=0.5, spatial_axis=0),
+            RandLeftRightFlipd(keys=image_key, prob=0.5, spatial_axis=0),
             RandAffined(keys=image_key, prob=0.5, rotate_range=angle if spatial_dims == 2 else (angle,) * 3,
                         scale_range=0.1, padding_mode="zeros"),
             RandAdjustContrastd(keys=image_key, prob=0.3, gamma=(0.7, 1.5)),

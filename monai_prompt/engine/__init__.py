@@ -1,6 +1,7 @@
 """ignite/MONAI components that bundle configs reference: delta checkpoints, PEFT handlers, classification and
-segmentation metrics, the inference CSV and MLflow extras. What a run keeps beside them (the run-folder lock, the
-training record, errors shown last, the config checks, the in-process runner) is :mod:`monai_prompt.runs`."""
+segmentation metrics, the inference CSV, MLflow extras and the time-left lines. What a run keeps beside them (the
+run-folder lock, the training record, errors shown last, the config checks, the in-process runner) is
+:mod:`monai_prompt.runs`."""
 
 from monai_prompt.engine.checkpoint import (
     AtomicCheckpointSaver,
@@ -12,6 +13,7 @@ from monai_prompt.engine.checkpoint import (
     non_finite_entries,
     unwrap,
 )
+from monai_prompt.engine.eta import EtaHandler, ProgressLog, TimeLeft, clock, is_main_process
 from monai_prompt.engine.handlers import (
     NonFiniteGuard,
     PeakMemoryHandler,
@@ -47,21 +49,26 @@ __all__ = [
     "ClassHausdorffDistance",
     "ClassMeanDice",
     "ClassReportHandler",
+    "EtaHandler",
     "MLflowPeftLogger",
     "NonFiniteError",
     "NonFiniteGuard",
     "PeakMemoryHandler",
     "PeftMeta",
     "PredictionSaver",
+    "ProgressLog",
     "QuadraticWeightedKappa",
     "ResumeLrScheduleHandler",
+    "TimeLeft",
     "TrainableReportHandler",
     "TrainableState",
     "batch_images",
     "check_tracking_uri",
     "class_decisions",
+    "clock",
     "expected_calibration_error",
     "find_mlflow_handlers",
+    "is_main_process",
     "latest_checkpoint",
     "macro_f1",
     "non_finite_entries",

@@ -8,7 +8,14 @@ from monai_prompt.fpt.cache import (
     cache_identity,
     content_key,
 )
-from monai_prompt.fpt.config import FPT_VARIANTS, FPTConfig, resolve_layers
+from monai_prompt.fpt.config import (
+    FPT_VARIANTS,
+    PAPER_LPM_IMG_SIZE,
+    PAPER_SIDE_IMG_SIZE,
+    FPTConfig,
+    default_side_img_size,
+    resolve_layers,
+)
 from monai_prompt.fpt.fusion import PromptFusion
 from monai_prompt.fpt.lpm import LPMExtractor, select_important_tokens
 from monai_prompt.fpt.preload import PreloadReport, preload_features
@@ -18,6 +25,8 @@ from monai_prompt.fpt.transforms import LoadFPTFeaturesd
 __all__ = [
     "CACHE_FORMAT",
     "FPT_VARIANTS",
+    "PAPER_LPM_IMG_SIZE",
+    "PAPER_SIDE_IMG_SIZE",
     "STORAGE_DTYPES",
     "FPTCacheError",
     "FPTConfig",
@@ -29,6 +38,7 @@ __all__ = [
     "SideViT",
     "cache_identity",
     "content_key",
+    "default_side_img_size",
     "preload_features",
     "resolve_layers",
     "select_important_tokens",

@@ -5,31 +5,40 @@ The two variants differ only in defaults (official configs ``configs/network/FPT
 ========================  =========================  ==============================
 field                     ``fpt``                    ``fptplus``
 ========================  =========================  ==============================
-side_img_size             224                        128
+side_img_size             224 at a 512 px LPM input  128 at a 512 px LPM input
 layers                    ``"all"`` (0..depth-1)     ``"last_half"`` (6..11 of 12)
 prompt_reduction          8 (prompt dim D/8)         1 (prompt dim D)
 prompt_norm               False                      True
 prompt_proj               True (D/8 -> D)            False
 ========================  =========================  ==============================
+
+The side input follows the LPM's: left ``None``, it is the variant's size at the papers' 512 px scaled to the LPM
+input (:func:`default_side_img_size`), so a small LPM input never gets a larger side network.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-__all__ = ["FPT_VARIANTS", "TOKEN_IMPORTANCE", "FPTConfig", "resolve_layers"]
+__all__ = [
+    "FPT_VARIANTS", "PAPER_LPM_IMG_SIZE", "PAPER_SIDE_IMG_SIZE", "TOKEN_IMPORTANCE", "FPTConfig",
+    "default_side_img_size", "resolve_layers",
+]
 
-#: variant -> the defaults that distinguish it.
+#: variant -> the defaults that distinguish it (the side input size: :data:`PAPER_SIDE_IMG_SIZE`).
 FPT_VARIANTS: dict[str, dict] = {
-    "fpt": {"side_img_size": 224, "layers": "all", "prompt_reduction": 8, "prompt_norm": False, "prompt_proj": True},
+    "fpt": {"layers": "all", "prompt_reduction": 8, "prompt_norm": False, "prompt_proj": True},
     "fptplus": {
-        "side_img_size": 128,
         "layers": "last_half",
         "prompt_reduction": 1,
         "prompt_norm": True,
         "prompt_proj": False,
     },
 }
+#: the LPM input size of the papers' (official) configs.
+PAPER_LPM_IMG_SIZE = 512
+#: variant -> the side network's input size at :data:`PAPER_LPM_IMG_SIZE`.
+PAPER_SIDE_IMG_SIZE = {"fpt": 224, "fptplus": 128}
 #: ways to rank LPM tokens: mean attention received over all queries, or attention from the CLS query.
 TOKEN_IMPORTANCE = ("global", "class_token")
 
@@ -40,7 +49,8 @@ class FPTConfig:
 
     Args:
         variant: ``"fpt"`` or ``"fptplus"``.
-        side_img_size: input size of the side network (one int, repeated over spatial dims).
+        side_img_size: input size of the side network (one int, repeated over spatial dims), at most the LPM's;
+            ``None``: :func:`default_side_img_size` of the LPM input (224 for FPT, 128 for FPT+ at 512 px).
         layers: LPM layers to tap, one per side block: ``"all"``, ``"last_half"`` or a strictly increasing list
             of 0-based block indices.
         num_prompts: fine-grained prompts per tapped layer.
@@ -78,7 +88,7 @@ class FPTConfig:
         if not 0.0 <= self.fusion_dropout < 1.0:
             raise ValueError(f"fusion_dropout {self.fusion_dropout} must be in [0, 1).")
         for name in ("num_prompts", "side_reduction", "prompt_reduction", "side_img_size"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
 
     @classmethod
@@ -90,6 +100,20 @@ class FPTConfig:
         if unknown:
             raise ValueError(f"unknown FPT config keys {unknown}; valid keys: {sorted(valid)}.")
         return cls(variant=variant, **overrides)
+
+
+def default_side_img_size(variant: str, lpm_img_size: int, patch_size: int) -> int:
+    """The side network's input size for an LPM input of ``lpm_img_size``: the variant's size at the papers' 512 px
+    (:data:`PAPER_SIDE_IMG_SIZE`: 224 FPT, 128 FPT+) scaled by ``lpm_img_size / 512``, in whole patches (at least one,
+    at most the LPM input).
+
+    Args:
+        variant: ``"fpt"`` or ``"fptplus"``.
+        lpm_img_size: the LPM's input size (the smallest side of a non-square one).
+        patch_size: the LPM's (and the side network's) patch size.
+    """
+    patches = round(PAPER_SIDE_IMG_SIZE[variant] * lpm_img_size / PAPER_LPM_IMG_SIZE / patch_size)
+    return min(max(patches, 1) * patch_size, lpm_img_size)
 
 
 def resolve_layers(layers: str | list[int], depth: int) -> list[int]:

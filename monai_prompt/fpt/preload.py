@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,7 @@ def preload_features(
     storage_dtype: str = "float32",
     num_workers: int = 0,
     overwrite: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> PreloadReport:
     """Compute the LPM features of every image of ``data`` not yet in the cache, on the LPM's device.
 
@@ -76,11 +77,14 @@ def preload_features(
         storage_dtype: ``"float32"`` or ``"float16"`` (half the disk; see docs/methods.md#fpt).
         num_workers: data loader workers.
         overwrite: replace a cache in ``cache_dir`` made for another LPM, config or dtype.
+        progress: called with ``(images done, images in all, what was computed and reused)`` before the first batch
+            and after each, e.g. :class:`monai_prompt.engine.ProgressLog` (its lines give the time left).
 
     Example::
 
         >>> data = monai.data.Dataset(datalist, Compose(classification_transforms(512, in_channels=3)))
-        >>> print(preload_features(net, data, "cache/fptplus", storage_dtype="float16"))
+        >>> log = monai_prompt.engine.ProgressLog("FPT preload", unit="image")
+        >>> print(preload_features(net, data, "cache/fptplus", storage_dtype="float16", progress=log))
     """
     identity = cache_identity(model)
     cache = FPTFeatureCache.create(cache_dir, identity, storage_dtype, overwrite)
@@ -88,6 +92,9 @@ def preload_features(
     device = lpm.norm.weight.device
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     images = computed = reused = 0
+    total = len(loader.dataset)
+    if progress is not None:
+        progress(images, total, "")
     for batch in loader:
         batch_images = batch[image_key]
         keys = [content_key(image) for image in batch_images]
@@ -102,7 +109,8 @@ def preload_features(
         images += len(keys)
         computed += len(todo)
         reused += len(keys) - len(todo)
-        logger.info(f"preload: {images} images, {computed} computed, {reused} already cached")
+        if progress is not None:
+            progress(images, total, f"{computed} computed, {reused} already cached")
     entry = cache.path(keys[0]) if images else None
     report = PreloadReport(
         cache_dir=str(cache_dir),

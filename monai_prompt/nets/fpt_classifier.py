@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from monai_prompt.backbones.registry import build_backbone
 from monai_prompt.backbones.vit import PromptableViT
-from monai_prompt.fpt.config import FPTConfig
+from monai_prompt.fpt.config import FPTConfig, default_side_img_size
 from monai_prompt.fpt.fusion import PromptFusion
 from monai_prompt.fpt.side import SideViT
 from monai_prompt.nets.base import PromptNetwork
@@ -31,6 +31,27 @@ OFFICIAL_LPM_PARAMETERS = 86_859_496
 def paper_learnable_percent(learnable: int, frozen: int = OFFICIAL_LPM_PARAMETERS) -> float:
     """Learnable share in the FPT papers' convention: ``learnable / (frozen LPM + learnable)`` in percent."""
     return 100.0 * learnable / (frozen + learnable)
+
+
+def _side_img_size(config: FPTConfig, lpm: PromptableViT) -> int:
+    """``config.side_img_size``, or the variant's default for the LPM input
+    (:func:`~monai_prompt.fpt.config.default_side_img_size`).
+
+    Raises:
+        ValueError: a side input larger than the LPM's, naming the setting and the fix.
+    """
+    lpm_size = min(lpm.img_size)
+    default = default_side_img_size(config.variant, lpm_size, max(lpm.config["patch_size"]))
+    if config.side_img_size is None:
+        return default
+    side = int(config.side_img_size)
+    if side > lpm_size:
+        raise ValueError(
+            f"side_img_size {side} is larger than the LPM input img_size {lpm_size}: FPT's side network sees a "
+            f"downsampled copy of the LPM input; set side_img_size (bundles: --method_config#side_img_size) to at "
+            f"most {lpm_size}, or leave it null for {default} (the {config.variant} default at this img_size)."
+        )
+    return side
 
 
 class FPTClassifier(PromptNetwork):
@@ -110,10 +131,11 @@ class FPTClassifier(PromptNetwork):
                 f"LPM width {width} with {heads} heads: side_reduction {config.side_reduction} and prompt_reduction "
                 f"{config.prompt_reduction} must divide it, and the side width must be divisible by {heads} heads."
             )
+        config = dataclasses.replace(config, side_img_size=_side_img_size(config, lpm))
         dims = lpm.config["spatial_dims"]
         side_vit = PromptableViT(
             in_channels=lpm.config["in_channels"],
-            img_size=(int(config.side_img_size),) * dims,
+            img_size=(config.side_img_size,) * dims,
             patch_size=lpm.config["patch_size"],
             hidden_size=side_width,
             mlp_dim=4 * side_width,

@@ -1,23 +1,20 @@
 """Progress lines of an in-process bundle run: one line per epoch (:class:`EpochProgress`, attached by
-:func:`attach_progress`) and the numbered, timed steps of a longer job (:class:`RunSteps`)."""
+:func:`attach_progress`) and the numbered, timed steps of a longer job (:class:`RunSteps`), timed by
+:mod:`monai_prompt.engine.eta` as the bundles' own time-left lines are."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["EpochProgress", "RunSteps", "attach_progress", "clock"]
+from monai_prompt.engine.eta import TimeLeft, clock
+
+__all__ = ["EpochProgress", "RunSteps", "attach_progress", "format_timings"]
 
 _print = functools.partial(print, flush=True)
-
-
-def clock(seconds: float) -> str:
-    """``seconds`` as ``<minutes>m<seconds>s``, e.g. ``2m05s``."""
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes}m{seconds:02d}s"
 
 
 class EpochProgress:
@@ -33,8 +30,7 @@ class EpochProgress:
         self.label = label
         self.validator = validator
         self.print_fn = print_fn
-        self._start = 0.0
-        self._first_epoch = 0
+        self._time_left = TimeLeft()
         self._losses: list[float] = []
 
     def attach(self, engine) -> None:
@@ -45,7 +41,7 @@ class EpochProgress:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
 
     def _started(self, engine) -> None:
-        self._start, self._first_epoch = time.monotonic(), engine.state.epoch
+        self._time_left.start(engine.state.epoch)
 
     def _iteration(self, engine) -> None:
         output = engine.state.output
@@ -54,14 +50,14 @@ class EpochProgress:
 
     def _epoch(self, engine) -> None:
         done, total = engine.state.epoch, engine.state.max_epochs
-        per_epoch = (time.monotonic() - self._start) / max(done - self._first_epoch, 1)
+        _, per_epoch, left = self._time_left.update(done, total)
         mean_loss = sum(self._losses) / max(len(self._losses), 1)
         parts = [f"{self.label} epoch {done:>{len(str(total))}}/{total}", f"loss {mean_loss:.4f}"]
         self._losses.clear()
         if self.validator is not None:
             metrics = self.validator.state.metrics
             parts += ["val " + " ".join(f"{name.removeprefix('val_')} {value:.3f}" for name, value in metrics.items())]
-        self.print_fn(f"  {'  '.join(parts)}  | {per_epoch:.1f} s/epoch, {clock((total - done) * per_epoch)} left")
+        self.print_fn(f"  {'  '.join(parts)}  | {per_epoch:.1f} s/epoch, {clock(left)} left")
 
 
 def attach_progress(progress: EpochProgress, validator_id: str | None = None) -> Callable:
@@ -111,3 +107,8 @@ class RunSteps:
         """Every step's seconds and ``total_s`` since the start, to 0.1 s."""
         return {key: round(value, 1) for key, value in
                 {**self.timings, "total_s": time.monotonic() - self._start}.items()}
+
+
+def format_timings(timings: Mapping[str, float]) -> str:
+    """:meth:`RunSteps.rounded`'s seconds as ``<step> <m>m<s>s, ...`` (the ``_s`` of each key dropped)."""
+    return ", ".join(f"{key.removesuffix('_s')} {clock(seconds)}" for key, seconds in timings.items())
