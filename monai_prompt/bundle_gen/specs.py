@@ -72,7 +72,9 @@ class BundleSpec:
                    "training log gives the run's time left (FPT: the preload too), on rank 0 only; the random "
                    "flip mirrors the patient's left-right axis of NIfTI/DICOM images from their affine "
                    "(RandLeftRightFlipd; PNG/JPEG: spatial_axis); FPT/FPT+: side_img_size null follows img_size "
-                   "(224/128 at 512), a side input larger than img_size is refused")),
+                   "(224/128 at 512), a side input larger than img_size is refused; images of mixed formats (PNG, "
+                   "DICOM, MetaImage) batch; a --method other than the recorded one is refused before the network "
+                   "is built; the training record and predictions.csv are written 0644")),
         ("0.1.3", ("every boolean setting (amp, resume, overwrite, check_pixels, multi_label, shuffle, FPT: "
                    "fpt_preload; the method config's deep, prompt_norm, prompt_proj) accepts true/false/yes/no/1/0 "
                    "in any case on the command line and refuses any other value naming the setting (flags); "
@@ -322,7 +324,9 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
         references=(_UNETR, *spec.references),
         changelog=(
             ("0.1.4", ("attention runs through PyTorch SDPA by default (sdpa; --sdpa false for the literal path); "
-                       "the training log gives the run's time left, on rank 0 only")),
+                       "the training log gives the run's time left, on rank 0 only; inference masks keep their "
+                       "input's folder below the inputs' common parent (two inputs named alike get two masks); a "
+                       "--method other than the recorded one is refused before the network is built")),
             ("0.1.3", ("every boolean setting (amp, resume, overwrite, continue_model, shuffle; VPT's "
                        "method_config#deep) accepts true/false/yes/no/1/0 in any case on the command line and "
                        "refuses any other value naming the setting (flags); shuffle is a setting of its own")),
