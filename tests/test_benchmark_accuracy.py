@@ -11,11 +11,12 @@ from collections import Counter
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from monai.networks.nets import BasicUNet
 
 from bundle_support import write_tiny_dataset
 from monai_prompt.benchmarks.accuracy import (
     METRICS,
-    SEGMENTATION_METRICS,
+    SEGMENTATION_BASELINES,
     parse_regime,
     regime_epochs,
     segmentation_subset_datalist,
@@ -166,25 +167,33 @@ def test_quick_run_writes_finite_metrics_for_every_method_and_regime(tmp_path, c
     assert json.loads((tmp_path / "combined" / "results.json").read_text())["summary"] == summary
 
 
-@pytest.mark.slow  # tiny segmentation data and MAE pre-training, then 4 UNETR trainings and evaluations
+@pytest.mark.slow  # tiny segmentation data and MAE pre-training, 4 UNETR and 4 baseline trainings, evaluations
 def test_quick_segmentation_run_writes_dice_and_hd95(tmp_path, capsys):
     out = tmp_path / "out"
     cli_main(["benchmark", "accuracy", "--task", "segmentation", "--quick", "--methods", "linear", "dvpt",
               "--regimes", "100%", "1shot", "--work", str(tmp_path / "work"), "--out", str(out)])
     with open(out / "runs.csv") as f:
         rows = list(csv.DictReader(f))
+    methods = ("linear", "dvpt", *SEGMENTATION_BASELINES)
     assert {(row["task"], row["method"], row["regime"]) for row in rows} == {
-        ("segmentation", m, r) for m in ("linear", "dvpt") for r in ("100%", "1shot")}
+        ("segmentation", m, r) for m in methods for r in ("100%", "1shot")}
+    classes = 6  # the lobes; a class absent from the tiny test slices has no Dice (NaN)
     dice = [float(row[key]) for row in rows for key in row if key == "mean_dice" or key.startswith("dice_")]
-    assert len(dice) == 4 * 4 and all(0 <= value <= 1 for value in dice)  # mean and 3 tissue classes
+    assert len(dice) == 8 * (1 + classes) and all(0 <= value <= 1 for value in dice if not math.isnan(value))
+    assert all(0 <= float(row["mean_dice"]) <= 1 for row in rows)
     assert all(math.isfinite(float(row["mean_hd95"])) and float(row["mean_hd95"]) >= 0 for row in rows)
-    assert all(0 <= float(row["mean_dice_zeroed_encoder"]) <= 1 for row in rows)  # the decoder alone
+    peft = [row for row in rows if row["method"] not in ("basic_unet",)]
+    assert all(0 <= float(row["mean_dice_zeroed_encoder"]) <= 1 for row in peft)  # the decoder alone
     assert (out / "runs" / "dvpt_segmentation_1shot_seed0" / "eval_zeroed_encoder" / "metrics.csv").is_file()
-    assert [int(row["n_train"]) for row in rows if row["regime"] == "1shot"] == [1, 1]  # one labelled slice
+    assert [int(row["n_train"]) for row in rows if row["regime"] == "1shot"] == [1] * 4  # one labelled slice
     linear = next(row for row in rows if row["method"] == "linear")
     dvpt = next(row for row in rows if row["method"] == "dvpt")
     assert int(linear["encoder_trainable"]) == 0 < int(dvpt["encoder_trainable"])  # the decoder trains in both
     assert int(linear["trainable"]) == int(linear["decoder"]) == int(dvpt["decoder"])
+    scratch = next(row for row in rows if row["method"] == "unetr_scratch")
+    unet = next(row for row in rows if row["method"] == "basic_unet")
+    assert scratch["backbone"] == unet["backbone"] == "none" and int(scratch["encoder_trainable"]) > 0
+    assert int(unet["trainable"]) == sum(p.numel() for p in BasicUNet(2, 1, 1 + classes).parameters())
     assert (out / "dice_vs_labels.png").read_bytes()[:4] == b"\x89PNG"
-    assert "dvpt" in capsys.readouterr().out.splitlines()[-2]  # the table closes the output
-    assert_logged(out, 4, SEGMENTATION_METRICS, "metrics.csv")
+    assert "basic_unet" in capsys.readouterr().out  # beside the PEFT rows in the table
+    assert_logged(out, 8, ("mean_dice", "mean_hd95"), "metrics.csv")

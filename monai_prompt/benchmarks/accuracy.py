@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -72,10 +73,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METRICS",
+    "SEGMENTATION_BASELINES",
     "SEGMENTATION_METRICS",
     "TASKS",
     "Regime",
     "add_arguments",
+    "basic_unet_run",
     "feature_probe",
     "main",
     "parse_regime",
@@ -92,6 +95,9 @@ METRICS = ("accuracy", "auc", "f1", "kappa", "ece")
 #: the segmentation runs' metrics in the table and the plot (``runs.csv`` also has Dice and HD95 per class, and the
 #: HD95 with the encoder zeroed); ``*_zeroed_encoder``: the same delta evaluated with every ViT output zeroed.
 SEGMENTATION_METRICS = ("mean_dice", "mean_hd95", "mean_dice_zeroed_encoder")
+#: segmentation rows from scratch: MONAI's BasicUNet (the CNN a user would otherwise train) and the UNETR of the
+#: PEFT rows with a random encoder, every weight trained.
+SEGMENTATION_BASELINES = ("basic_unet", "unetr_scratch")
 #: metrics where lower is better.
 LOWER_IS_BETTER = ("ece", "mean_hd95")
 #: the default grid: label fractions and few-shot.
@@ -415,13 +421,14 @@ def bundle_run(
 
 
 def segmentation_run(
-    method: str, datalist: Path, data_dir: Path, checkpoint: Path, config: SegmentationDemoConfig, out_dir: Path,
-    regime: Regime, seed: int, epochs: int, bundles: Path, validations: int = 8,
+    method: str, datalist: Path, data_dir: Path, checkpoint: Path | None, config: SegmentationDemoConfig,
+    out_dir: Path, regime: Regime, seed: int, epochs: int, bundles: Path, validations: int = 8,
 ) -> dict[str, Any]:
     """Train and evaluate ``<method>_segmentation`` on ``datalist`` (a subset datalist of the demo data in
-    ``data_dir``) from the MAE encoder ``checkpoint`` with the segmentation demo's settings (``config``; DVPT: its
-    method config), validating every ``max(1, epochs // validations)`` epochs (the best validation is evaluated),
-    then evaluate the same delta with the encoder's outputs zeroed (the decoder alone).
+    ``data_dir``) from the MAE encoder ``checkpoint`` (``None``: a random one, the ``unetr_scratch`` baseline with
+    ``method="full"``) with the segmentation demo's settings (``config``; DVPT: its method config), validating
+    every ``max(1, epochs // validations)`` epochs (the best validation is evaluated), then evaluate the same delta
+    with the encoder's outputs zeroed (the decoder alone).
 
     Returns:
         the run's row: what ran, test Dice and HD95 (mean and per class; mean with the encoder zeroed), trainable
@@ -436,12 +443,41 @@ def segmentation_run(
                                extra_overrides={"datalist_file": str(datalist), "seed": seed,
                                                 "val_interval": max(1, epochs // validations)})
     content = json.loads(datalist.read_text())
-    return {"task": "segmentation", "backbone": "mae_vit_p16", "method": method, "regime": regime.name, "seed": seed,
+    backbone, name = ("mae_vit_p16", method) if checkpoint is not None else ("none", "unetr_scratch")
+    return {"task": "segmentation", "backbone": backbone, "method": name, "regime": regime.name, "seed": seed,
             "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": epochs,
             **{key: result[key] for key in ("trainable", "percent_of_backbone", "encoder_trainable", "decoder")},
             **result["metrics"],
             **{f"{key}_zeroed_encoder": result["zeroed_encoder_metrics"][key] for key in ("mean_dice", "mean_hd95")},
             "wall_s": round(time.monotonic() - start, 1)}
+
+
+def basic_unet_run(
+    datalist: Path, data_dir: Path, config: SegmentationDemoConfig, out_dir: Path, regime: Regime, seed: int,
+    epochs: int, bundles: Path, validations: int = 8,
+) -> dict[str, Any]:
+    """The CNN a user would otherwise train: MONAI's ``BasicUNet`` from scratch with ``full_segmentation``'s recipe
+    and the segmentation demo's settings (:func:`~monai_prompt.benchmarks.cnn_baseline.train_basic_unet`), the
+    same data, epochs, validation interval and seed as the PEFT rows.
+
+    Returns:
+        the run's row (no encoder: ``encoder_trainable`` 0); its test metrics also go to ``out_dir/eval/metrics.csv``.
+    """
+    from monai_prompt.benchmarks.cnn_baseline import train_basic_unet
+    from monai_prompt.runs.segmentation_demo_task import demo_overrides
+
+    start = time.monotonic()
+    extra = {"datalist_file": str(datalist), "seed": seed, "bundle_root": str(out_dir)}
+    overrides = {key: value for key, value in demo_overrides(config, data_dir, None, extra).items()
+                 if not key.startswith("_meta_")}
+    result = train_basic_unet(bundles / "full_segmentation", overrides, epochs, max(1, epochs // validations))
+    (out_dir / "eval").mkdir(parents=True, exist_ok=True)  # as the bundles' evaluation writes it (read_metrics)
+    (out_dir / "eval" / "metrics.csv").write_text("".join(f"{k},{v}\n" for k, v in result["metrics"].items()))
+    content = json.loads(datalist.read_text())
+    return {"task": "segmentation", "backbone": "none", "method": "basic_unet", "regime": regime.name, "seed": seed,
+            "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": epochs,
+            "trainable": result["trainable"], "percent_of_backbone": 0.0, "encoder_trainable": 0,
+            "decoder": result["trainable"], **result["metrics"], "wall_s": round(time.monotonic() - start, 1)}
 
 
 def _features(net: torch.nn.Module, items: Sequence[dict[str, Any]], img_size: int, in_channels: int,
@@ -561,6 +597,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "comparison)")
     parser.add_argument("--regimes", nargs="+", default=list(DEFAULT_REGIMES),
                         help="label fractions (100%%, 40%%, 0.1) and few-shot (5shot); default: %(default)s")
+    parser.add_argument("--baselines", nargs="*", choices=SEGMENTATION_BASELINES, default=list(SEGMENTATION_BASELINES),
+                        help="segmentation: networks from scratch beside the PEFT rows, same data, epochs and seeds "
+                             "(default: basic_unet unetr_scratch; none: --baselines)")
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds (subset draw and bundle seed)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+N-1 (to extend a grid)")
     parser.add_argument("--epochs", type=int,
@@ -625,7 +664,7 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
             if run_dir else []
         tracker.log(row, files)
         print_fn(f"  {row['backbone']} {row['method']} {row['regime']} seed {row['seed']}: " +
-                 ", ".join(f"{k} {row[k]:.3f}" for k in task.metrics) + f", {row['wall_s']:.0f} s")
+                 ", ".join(f"{k} {row[k]:.3f}" for k in task.metrics if k in row) + f", {row['wall_s']:.0f} s")
         _write_csv(out / "runs.csv", rows)
 
     if args.task == "segmentation":
@@ -639,11 +678,18 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
                 subset = segmentation_subset_datalist(
                     datalist, out / "datalists" / f"segmentation_{regime.name}_seed{seed}.json", regime, seed)
                 n_train = len(json.loads(subset.read_text())["training"])
+                run_epochs = regime_epochs(n_train, n_full, epochs)
                 for method in methods:
                     run_dir = out / "runs" / f"{method}_segmentation_{regime.name}_seed{seed}"
                     record(segmentation_run(method, subset, datalist.parent, checkpoint, config, run_dir, regime,
-                                            seed, regime_epochs(n_train, n_full, epochs), bundles, args.validations),
-                           run_dir)
+                                            seed, run_epochs, bundles, args.validations), run_dir)
+                for baseline in args.baselines:
+                    run_dir = out / "runs" / f"{baseline}_{regime.name}_seed{seed}"
+                    run = basic_unet_run if baseline == "basic_unet" else functools.partial(
+                        segmentation_run, "full", checkpoint=None)
+                    record(run(datalist=subset, data_dir=datalist.parent, config=config, out_dir=run_dir,
+                               regime=regime, seed=seed, epochs=run_epochs, bundles=bundles,
+                               validations=args.validations), run_dir)
         return _report(rows, [r.name for r in regimes], out, args, print_fn)
 
     config = TINY_DEMO if args.quick else DemoConfig()
