@@ -230,8 +230,9 @@ BUNDLE_FAILURES = {
                    r"\(monai_prompt\.data\.check_classification_datalist lists every such file\)\.$"),
     "learning-rate": (_case_learning_rate, NonFiniteError,
                       r"loss is (nan|inf) at epoch 1, iteration [123]/3 at learning rate 1e\+37: the batch's images "
-                      r"are finite \(batch: .*\), so the model diverged: the learning rate is likely too high; start a "
-                      r"new run with a lower --learning_rate \(e\.g\. 10x; a resume would restore the old one\)\.$"),
+                      r"are finite \(batch: .*\), so the model diverged: the learning rate is likely too high; "
+                      r"continue from the last checkpoint with --resume true and a lower --learning_rate \(e\.g\. "
+                      r"10x\), or start a new run with one\.$"),
     "previous-run": (_case_previous_run, RunFolderError,
                      r"\S+/models holds a previous training run \(checkpoint_epoch=1\.pt, model\.pt\); a new run "
                      r"would replace it\. Continue it with --resume true, train into another folder with --ckpt_dir "

@@ -5,6 +5,7 @@ training record, errors shown last, the config checks, the in-process runner) is
 from monai_prompt.engine.checkpoint import (
     AtomicCheckpointSaver,
     BestMetricState,
+    CheckedCheckpointLoader,
     NonFiniteError,
     PeftMeta,
     TrainableState,
@@ -44,6 +45,7 @@ from monai_prompt.engine.tracking import (
 __all__ = [
     "AtomicCheckpointSaver",
     "BestMetricState",
+    "CheckedCheckpointLoader",
     "ClassHausdorffDistance",
     "ClassMeanDice",
     "ClassReportHandler",
