@@ -319,8 +319,9 @@ def test_bundle_failures_name_the_fix_and_change_nothing(case, trained, tiny, tm
 def test_the_fix_a_csv_error_suggests_is_an_override(trained, tiny, tmp_path):
     bundle = copy_trained(trained, tmp_path)
     csv_file = _diagnosis_csv(tiny, tmp_path)
-    workflow = run_bundle(bundle, ["train.json"], "train", resume=True, **{**trained[1], "dataset_dir": str(csv_file)},
-                          **{"datalist_options#label_columns": "diagnosis"})  # resume of a finished run: checks only
+    workflow = run_bundle(bundle, ["train.json"], "train", **{**trained[1], "dataset_dir": str(csv_file)},
+                          ckpt_dir=str(tmp_path / "csv_run"), **{"datalist_options#label_columns": "diagnosis",
+                                                                 "train#trainer#max_epochs": 1})
     assert workflow.parser.get_parsed_content("datalist").classes == sorted(CLASSES)
 
 

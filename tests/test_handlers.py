@@ -90,7 +90,7 @@ def test_non_finite_guard_lets_finite_training_finish():
 
 def _schedule_run(
     ckpt_dir: Path, max_epochs: int, resume: bool, refit: bool, stop_after: int | None = None, lr: float = 1.0,
-    weight_decay: float = 0.0, optimizers: list | None = None,
+    weight_decay: float = 0.0, optimizers: list | None = None, data: tuple = (0,),
 ) -> list[float]:
     """Learning rate each epoch trains at, of a run with a cosine schedule over the config's max_epochs (the
     optimizer appended to ``optimizers``)."""
@@ -111,7 +111,7 @@ def _schedule_run(
     AtomicCheckpointSaver(str(ckpt_dir), checkpoint, save_interval=1, n_saved=1).attach(trainer)
     if stop_after is not None:  # interrupted
         trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda engine: engine.terminate())
-    trainer.run([0], max_epochs=max_epochs)
+    trainer.run(list(data), max_epochs=max_epochs)
     return lrs
 
 
@@ -147,6 +147,9 @@ def test_resume_applies_a_new_learning_rate_and_weight_decay_and_says_so(tmp_pat
     assert ("resume: learning_rate 0.1 applied in place of the run's 1 (the resumed optimizer state's); the cosine "
             "schedule continues from it at epoch 5 (learning rate 0.055).") in caplog.text
     assert "resume: weight_decay 0.5 applied in place of the run's 0 (the resumed optimizer state's)." in caplog.text
+    with pytest.raises(ValueError, match=r"^the resumed run's epochs are 1 iterations, this run's training data loader "
+                       r"gives 2 batches: --batch_size or the training data changed, which a resume cannot apply\."):
+        _schedule_run(tmp_path, max_epochs=12, resume=True, refit=refit, data=(0, 1))
 
 
 def test_resume_lr_handler_refuses_other_schedules():

@@ -205,7 +205,8 @@ class ResumeLrScheduleHandler:
     A resume also restores the optimizer's and the schedule's learning rate and weight decay, so ``--resume true
     --learning_rate <x>`` would keep the old ones without a word: when ``learning_rate`` differs from the restored
     schedule's base rate it becomes the base rate (the cosine continues from it at the current position), and a
-    different ``weight_decay`` replaces the restored one; each change is logged.
+    different ``weight_decay`` replaces the restored one; each change is logged. A resume also restores the epoch
+    length in iterations, so another ``--batch_size`` (or other training data) cannot apply: refused.
 
     Args:
         lr_scheduler: the trainer's cosine schedule, stepped once per epoch (MONAI ``LrScheduleHandler``).
@@ -232,6 +233,7 @@ class ResumeLrScheduleHandler:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
+        self._check_epoch_length(engine)
         scheduler, max_epochs = self.lr_scheduler, engine.state.max_epochs
         groups = scheduler.optimizer.param_groups
         self._apply_weight_decay(groups)
@@ -260,6 +262,22 @@ class ResumeLrScheduleHandler:
                 f"learning-rate schedule: cosine over {old_length} epochs rebuilt for max_epochs={max_epochs} at epoch "
                 f"{position} (learning rate {scheduler.get_last_lr()[0]:g}, down to {scheduler.eta_min:g} at epoch "
                 f"{max_epochs})."
+            )
+
+    @staticmethod
+    def _check_epoch_length(engine: Engine) -> None:
+        """Refuse a data loader whose length differs from the restored epoch length (ignite would go on counting
+        epochs in the recorded number of iterations, silently using part of the data or repeating it)."""
+        try:
+            batches = len(engine.state.dataloader)
+        except TypeError:  # an iterable without a length: nothing to compare
+            return
+        if engine.state.epoch_length is not None and batches != engine.state.epoch_length:
+            raise ValueError(
+                f"the resumed run's epochs are {engine.state.epoch_length} iterations, this run's training data "
+                f"loader gives {batches} batches: --batch_size or the training data changed, which a resume cannot "
+                f"apply. Resume with the run's batch size and data, or start a new run with --overwrite true (or "
+                f"into another --ckpt_dir)."
             )
 
     def _apply_weight_decay(self, groups: list[dict[str, Any]]) -> None:
