@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["TMP_SUFFIX", "DiskFullError", "atomic_write", "is_disk_full"]
+__all__ = ["TMP_SUFFIX", "DiskFullError", "atomic_write"]
 
 #: suffix of the temporary files :func:`atomic_write` creates (``.<name>.<random>.tmp`` beside the target).
 TMP_SUFFIX = ".tmp"
@@ -20,7 +20,7 @@ class DiskFullError(OSError):
     """No space left on the device (``errno.ENOSPC``) while writing a file; the message names the file and the fix."""
 
 
-def is_disk_full(error: BaseException) -> bool:
+def _is_disk_full(error: BaseException) -> bool:
     """``error`` or an error it was raised from or while handling is ENOSPC/EDQUOT (``torch.save`` reports a full
     disk as a ``RuntimeError`` raised while handling the ``OSError``)."""
     seen: set[int] = set()
@@ -72,7 +72,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], fix: str
 
 def _raise_if_full(error: BaseException, path: Path, fix: str | None) -> None:
     """Raise :class:`DiskFullError` for ``path`` when ``error`` is a full disk."""
-    if is_disk_full(error):
+    if _is_disk_full(error):
         fix = fix or (
             f"Free space on the disk that holds {path.parent}, or write to a folder on another disk (--ckpt_dir, "
             f"--output_dir), and run again."
