@@ -203,7 +203,7 @@ def _override(text: str) -> tuple[str, object]:
 
 def _export(args: argparse.Namespace) -> None:
     """Write a bundle's delta as one full state dict and TorchScript (LoRA/SSF merged)."""
-    from monai_prompt.peft import DeltaMismatchError
+    from monai_prompt.peft import DeltaMismatchError, UnreadableCheckpointError
     from monai_prompt.tools.export import export_bundle
 
     overrides = dict(args.set or [])
@@ -211,18 +211,18 @@ def _export(args: argparse.Namespace) -> None:
         overrides["pretrained"] = args.pretrained
     try:
         print(export_bundle(args.bundle, args.ckpt, args.out_dir, merge=not args.no_merge, overrides=overrides))
-    except (DeltaMismatchError, FileNotFoundError, RuntimeError) as err:
+    except (DeltaMismatchError, UnreadableCheckpointError, FileNotFoundError, RuntimeError) as err:
         raise SystemExit(f"export: {err}") from None
 
 
 def _package(args: argparse.Namespace) -> None:
     """Write a MONAI-Label-ready copy of a trained bundle with its pre-trained backbone inside."""
-    from monai_prompt.peft import DeltaMismatchError
+    from monai_prompt.peft import DeltaMismatchError, UnreadableCheckpointError
     from monai_prompt.tools.package import package_bundle
 
     try:
         print(package_bundle(args.bundle, args.out, args.pretrained, args.model))
-    except (DeltaMismatchError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (DeltaMismatchError, UnreadableCheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
         raise SystemExit(f"package: {err}") from None
 
 

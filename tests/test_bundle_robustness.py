@@ -230,8 +230,9 @@ BUNDLE_FAILURES = {
                    r"\(monai_prompt\.data\.check_classification_datalist lists every such file\)\.$"),
     "learning-rate": (_case_learning_rate, NonFiniteError,
                       r"loss is (nan|inf) at epoch 1, iteration [123]/3 at learning rate 1e\+37: the batch's images "
-                      r"are finite \(batch: .*\), so the model diverged: the learning rate is likely too high; start a "
-                      r"new run with a lower --learning_rate \(e\.g\. 10x; a resume would restore the old one\)\.$"),
+                      r"are finite \(batch: .*\), so the model diverged: the learning rate is likely too high; "
+                      r"continue from the last checkpoint with --resume true and a lower --learning_rate \(e\.g\. "
+                      r"10x\), or start a new run with one\.$"),
     "previous-run": (_case_previous_run, RunFolderError,
                      r"\S+/models holds a previous training run \(checkpoint_epoch=1\.pt, model\.pt\); a new run "
                      r"would replace it\. Continue it with --resume true, train into another folder with --ckpt_dir "
@@ -320,8 +321,9 @@ def test_bundle_failures_name_the_fix_and_change_nothing(case, trained, tiny, tm
 def test_the_fix_a_csv_error_suggests_is_an_override(trained, tiny, tmp_path):
     bundle = copy_trained(trained, tmp_path)
     csv_file = _diagnosis_csv(tiny, tmp_path)
-    workflow = run_bundle(bundle, ["train.json"], "train", resume=True, **{**trained[1], "dataset_dir": str(csv_file)},
-                          **{"datalist_options#label_columns": "diagnosis"})  # resume of a finished run: checks only
+    workflow = run_bundle(bundle, ["train.json"], "train", **{**trained[1], "dataset_dir": str(csv_file)},
+                          ckpt_dir=str(tmp_path / "csv_run"), **{"datalist_options#label_columns": "diagnosis",
+                                                                 "train#trainer#max_epochs": 1})
     assert workflow.parser.get_parsed_content("datalist").classes == sorted(CLASSES)
 
 

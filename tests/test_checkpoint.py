@@ -3,6 +3,7 @@ resume, and the newest checkpoint of a run: ``monai_prompt.engine.checkpoint``."
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -18,13 +19,15 @@ from io_support import sha256
 from monai_prompt.engine import (
     AtomicCheckpointSaver,
     BestMetricState,
+    CheckedCheckpointLoader,
     NonFiniteError,
     PeftMeta,
     TrainableState,
     latest_checkpoint,
     non_finite_entries,
 )
-from monai_prompt.peft import DeltaMismatchError
+from monai_prompt.io import DiskFullError
+from monai_prompt.peft import DeltaMismatchError, UnreadableCheckpointError
 from monai_prompt.peft.delta import IDENTITY_KEYS
 from net_support import tiny_classifier
 
@@ -99,9 +102,66 @@ def test_latest_checkpoint_picks_the_highest_epoch(tmp_path):
     with pytest.raises(FileNotFoundError, match="train once without --resume"):
         latest_checkpoint(tmp_path)
     for epoch in (2, 9, 10):
-        (tmp_path / f"checkpoint_epoch={epoch}.pt").write_bytes(b"")
-    (tmp_path / "model.pt").write_bytes(b"")
+        torch.save({"epoch": epoch}, tmp_path / f"checkpoint_epoch={epoch}.pt")
+    torch.save({}, tmp_path / "model.pt")
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_epoch=10.pt")
+
+
+def _truncate(path: Path, keep: float = 0.9) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_a_truncated_newest_checkpoint_is_named_and_the_previous_good_one_resumed(tmp_path, caplog):
+    for epoch in (1, 2):
+        torch.save({"run": {"run_id": "r"}, "epoch": torch.zeros(100)}, tmp_path / f"checkpoint_epoch={epoch}.pt")
+    _truncate(tmp_path / "checkpoint_epoch=2.pt")  # e.g. a copy that stopped short
+    assert latest_checkpoint(tmp_path, run_id="r") == str(tmp_path / "checkpoint_epoch=1.pt")
+    assert f"resume: {tmp_path / 'checkpoint_epoch=2.pt'} cannot be read (" in caplog.text
+    assert ("resume: continuing from checkpoint_epoch=1.pt, the newest readable checkpoint of this run, instead of "
+            "checkpoint_epoch=2.pt; the epochs after it are trained again.") in caplog.text
+    _truncate(tmp_path / "checkpoint_epoch=1.pt", keep=0.0)
+    with pytest.raises(FileNotFoundError, match=r"no readable checkpoint_epoch=<N>\.pt of training run r in \S+ to "
+                       r"resume from \(checkpoint_epoch=2\.pt: unreadable, \w+: .*; checkpoint_epoch=1\.pt: "
+                       r"unreadable, the file is empty\); Delete the damaged files, then train once without --resume"):
+        latest_checkpoint(tmp_path, run_id="r")
+
+
+def test_an_unreadable_checkpoint_is_named_with_the_fix(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    torch.save({"model": net.state_dict()}, tmp_path / "model.pt")
+    _truncate(tmp_path / "model.pt")
+    loader = CheckedCheckpointLoader(str(tmp_path / "model.pt"), {"model": net})
+    with pytest.raises(UnreadableCheckpointError, match=rf"^{tmp_path}/model\.pt cannot be read \(\d+ bytes; \w+: "
+                       r".*\): the file is truncated or damaged \(an interrupted copy or write, a full disk\), or "
+                       r"not a checkpoint\. Copy it again from where it came from, train again to rewrite it "
+                       r"\(configs/train\.json with --overwrite true\), or point --load_path at a good file\.$"):
+        loader(Engine(lambda engine, batch: None))
+    torch.save({"model": {"weight": torch.zeros(3, 3), "bias": torch.zeros(3)}}, tmp_path / "model.pt")
+    with pytest.raises(RuntimeError, match="size mismatch"):  # a readable file's own error is kept
+        loader(Engine(lambda engine, batch: None))
+
+
+def test_a_full_disk_names_the_checkpoint_and_the_fix(tmp_path, monkeypatch):
+    model = torch.nn.Linear(1, 1)
+    trainer = Engine(lambda engine, batch: None)
+    saver = AtomicCheckpointSaver(str(tmp_path), {"model": model, "trainer": trainer}, save_interval=1, n_saved=1)
+    saver.attach(trainer)
+    trainer.run([0], max_epochs=1)
+    saved = sha256(tmp_path / "checkpoint_epoch=1.pt")
+
+    def full(obj, handle, **kwargs):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskFullError, match=rf"^\[Errno 28\] No space left on device while writing {tmp_path}/"
+                       r"checkpoint_epoch=2\.pt \(it is unchanged; nothing half-written is left\)\. Free space on "
+                       rf"that disk \(the checkpoints already in {tmp_path} are kept\) and continue the run with "
+                       r"--resume true, or train into a folder on another disk with --ckpt_dir <folder>\.$"):
+        trainer.run([0], max_epochs=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_epoch=1.pt"]
+    assert sha256(tmp_path / "checkpoint_epoch=1.pt") == saved
 
 
 def test_non_finite_entries_names_nested_tensors():

@@ -1,9 +1,12 @@
-"""The root error printed last, below MONAI's wrapping errors: ``monai_prompt.runs.errors``."""
+"""The root error printed last, below MONAI's wrapping errors, and what must happen before it is printed:
+``monai_prompt.runs.errors``."""
 
 from __future__ import annotations
 
+import sys
+
 from monai_prompt.data import DataCheckError
-from monai_prompt.runs import format_root_cause
+from monai_prompt.runs import format_root_cause, on_error, show_cause_last
 
 
 def test_format_root_cause_unwraps_monai_s_runtime_errors():
@@ -26,3 +29,21 @@ def test_format_root_cause_unwraps_monai_s_runtime_errors():
     ]
     assert format_root_cause(ValueError("plain")) is None
     assert format_root_cause(RuntimeError("Failed to evaluate x")) is None  # nothing wrapped
+
+
+def test_what_on_error_registered_runs_before_the_error_is_printed(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    show_cause_last()
+    calls: list[str] = []
+    on_error(lambda: print("previous run put back", file=sys.stderr) or calls.append("put back"))
+    on_error(lambda: 1 / 0)  # a failing callback does not hide the error
+    try:
+        raise RuntimeError('Failed to evaluate ConfigExpression: "$run()"') from ValueError("the cause")
+    except RuntimeError as err:
+        sys.excepthook(type(err), err, err.__traceback__)
+    sys.excepthook(ValueError, ValueError("again"), None)  # each callback runs once
+    lines = capsys.readouterr().err.rstrip().splitlines()
+    assert calls == ["put back"] and lines[0] == "previous run put back"
+    assert lines[1] == "ZeroDivisionError while handling the error below: division by zero"
+    assert lines[-3:] == ['Root cause (Failed to evaluate ConfigExpression: "$run()"):', "ValueError: the cause",
+                          "ValueError: again"]

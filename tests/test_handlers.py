@@ -89,25 +89,29 @@ def test_non_finite_guard_lets_finite_training_finish():
 
 
 def _schedule_run(
-    ckpt_dir: Path, max_epochs: int, resume: bool, refit: bool, stop_after: int | None = None
+    ckpt_dir: Path, max_epochs: int, resume: bool, refit: bool, stop_after: int | None = None, lr: float = 1.0,
+    weight_decay: float = 0.0, optimizers: list | None = None, data: tuple = (0,),
 ) -> list[float]:
-    """Learning rate each epoch trains at, of a run with a cosine schedule over the config's max_epochs."""
+    """Learning rate each epoch trains at, of a run with a cosine schedule over the config's max_epochs (the
+    optimizer appended to ``optimizers``)."""
     parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    optimizer = torch.optim.SGD([parameter], lr=lr, weight_decay=weight_decay)
+    if optimizers is not None:
+        optimizers.append(optimizer)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs, eta_min=0.01)
     trainer = Engine(lambda engine, batch: optimizer.step())
     lrs: list[float] = []
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda engine: lrs.append(optimizer.param_groups[0]["lr"]))
     LrScheduleHandler(scheduler).attach(trainer)
     if refit:
-        ResumeLrScheduleHandler(scheduler).attach(trainer)
+        ResumeLrScheduleHandler(scheduler, learning_rate=lr, weight_decay=weight_decay).attach(trainer)
     checkpoint = {"trainer": trainer, "optimizer": optimizer, "lr_scheduler": scheduler}
     if resume:
         CheckpointLoader(latest_checkpoint(ckpt_dir), checkpoint).attach(trainer)
     AtomicCheckpointSaver(str(ckpt_dir), checkpoint, save_interval=1, n_saved=1).attach(trainer)
     if stop_after is not None:  # interrupted
         trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda engine: engine.terminate())
-    trainer.run([0], max_epochs=max_epochs)
+    trainer.run(list(data), max_epochs=max_epochs)
     return lrs
 
 
@@ -126,6 +130,26 @@ def test_resume_with_more_epochs_follows_the_cosine_of_the_new_length(tmp_path, 
     extended = _schedule_run(tmp_path, max_epochs=30, resume=True, refit=refit)  # a finished run, extended
     assert extended == pytest.approx([0.01 + 0.99 * (1 + math.cos(math.pi * k / 30)) / 2 for k in range(20, 30)])
     assert extended[0] > 25 * 0.01  # not stuck at eta_min
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_resume_applies_a_new_learning_rate_and_weight_decay_and_says_so(tmp_path, refit, caplog):
+    _schedule_run(tmp_path, max_epochs=10, resume=False, refit=refit, stop_after=5)
+    optimizers: list = []
+    resumed = _schedule_run(tmp_path, max_epochs=10, resume=True, refit=refit, lr=0.1, weight_decay=0.5,
+                            optimizers=optimizers)  # epochs 6..10
+    if not refit:  # what a resume alone does: the checkpoint's rate and weight decay, without a word
+        assert resumed[0] == pytest.approx(0.01 + 0.99 * (1 + math.cos(math.pi * 5 / 10)) / 2)
+        assert optimizers[0].param_groups[0]["weight_decay"] == 0.0 and "resume:" not in caplog.text
+        return
+    assert resumed == pytest.approx([0.01 + 0.09 * (1 + math.cos(math.pi * k / 10)) / 2 for k in range(5, 10)])
+    assert optimizers[0].param_groups[0]["weight_decay"] == 0.5
+    assert ("resume: learning_rate 0.1 applied in place of the run's 1 (the resumed optimizer state's); the cosine "
+            "schedule continues from it at epoch 5 (learning rate 0.055).") in caplog.text
+    assert "resume: weight_decay 0.5 applied in place of the run's 0 (the resumed optimizer state's)." in caplog.text
+    with pytest.raises(ValueError, match=r"^the resumed run's epochs are 1 iterations, this run's training data loader "
+                       r"gives 2 batches: --batch_size or the training data changed, which a resume cannot apply\."):
+        _schedule_run(tmp_path, max_epochs=12, resume=True, refit=refit, data=(0, 1))
 
 
 def test_resume_lr_handler_refuses_other_schedules():

@@ -4,6 +4,7 @@ whichever loader reads them (MONAI Label: ``network.load_state_dict(ckpt["model"
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,21 @@ def test_a_failed_package_leaves_nothing_and_names_the_cause(trained, tmp_path, 
     assert not out.exists() and list(out.parent.iterdir()) == []  # no partial copy, no temporary folder
     with pytest.raises(FileExistsError, match="choose another --out"):
         package_bundle(bundle, out.parent)
+
+
+def test_a_truncated_delta_is_named_with_the_fix(trained, tmp_path):
+    bundle = tmp_path / "bundles" / SPEC.name
+    shutil.copytree(trained[0], bundle, ignore=shutil.ignore_patterns(".lock", "checkpoint_*"))
+    delta = bundle / "models" / "model.pt"
+    delta.write_bytes(delta.read_bytes()[:-100])  # a copy that stopped short
+    out = tmp_path / "out" / SPEC.name
+    with pytest.raises(SystemExit, match=(
+        rf"^package: {delta} cannot be read \(\d+ bytes; OSError: \[Errno 22\] Invalid argument\): the file is "
+        r"truncated or damaged \(an interrupted copy or write, a full disk\), or not a checkpoint\. Copy it again "
+        r"from where it came from, or train the bundle again \(configs/train\.json with --overwrite true\), then "
+        r"package it; or pass --model <a good delta>\.$")):
+        main(["package", str(bundle), "--out", str(out)])
+    assert not out.exists()
 
 
 def test_a_delta_without_identity_keys_is_refused_and_packaged_with_them(trained, tiny, tmp_path):

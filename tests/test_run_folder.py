@@ -1,5 +1,6 @@
 """One training run per folder: the lock that names its holder and outlives no process, no silent replacement of a
-previous run, and crash leftovers removed: ``monai_prompt.runs.run_folder``."""
+previous run (and none deleted before its replacement has written a checkpoint), and crash leftovers removed:
+``monai_prompt.runs.run_folder``."""
 
 from __future__ import annotations
 
@@ -12,11 +13,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from ignite.engine import Engine, Events
 
 from bundle_support import REPO
 from monai_prompt.engine import latest_checkpoint
 from monai_prompt.io import atomic_write
-from monai_prompt.runs import RunFolderError, RunLock, claim_run_folder
+from monai_prompt.runs import (
+    PREVIOUS_RUN,
+    RunFolderError,
+    RunLock,
+    claim_run_folder,
+    delete_previous_run_after_checkpoint,
+    set_aside_previous_run,
+)
 
 
 @pytest.fixture
@@ -90,14 +100,65 @@ def test_a_new_run_never_silently_replaces_a_previous_one(tmp_path, release_lock
     release_locks.append(claim_run_folder(folder, resume=True))
     assert (folder / "model.pt").read_bytes() == b"model.pt"
     release_locks.pop().release()
+    release_locks.append(claim_run_folder(folder, overwrite=True))  # nothing deleted before the run can start
+    assert sorted(os.listdir(folder)) == [".lock", "checkpoint_epoch=3.pt", "model.pt", "vit_pretrained.pt"]
+
+
+def _previous_run(folder: Path) -> dict[str, bytes]:
+    """A finished run's files (and pre-trained weights kept beside them) in ``folder``; returns what it wrote."""
+    folder.mkdir()
+    files = {name: name.encode() for name in ("model.pt", "checkpoint_epoch=3.pt", "training_config.json")}
+    for name, content in {**files, "vit_pretrained.pt": b"weights"}.items():
+        (folder / name).write_bytes(content)
+    return files
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file() and path.name != ".lock"}
+
+
+def test_overwrite_sets_the_previous_run_aside_until_the_first_checkpoint(tmp_path, release_locks, caplog):
+    folder = tmp_path / "models"
+    previous = _previous_run(folder)
     release_locks.append(claim_run_folder(folder, overwrite=True))
-    assert sorted(os.listdir(folder)) == [".lock", "vit_pretrained.pt"]  # the old run's files only
+    backup = set_aside_previous_run(folder)  # the data, network and weights were checked
+    assert backup == folder.absolute() / PREVIOUS_RUN and _contents(backup) == previous
+    assert _contents(folder) == {"vit_pretrained.pt": b"weights"}
+    assert f"moved the previous run (checkpoint_epoch=3.pt, model.pt, training_config.json) to {backup}" in caplog.text
+    (folder / "training_config.json").write_text("{}")  # the new run's record, then a failure before any checkpoint
+    (folder / "model.pt").write_bytes(b"new")
+    release_locks.append(claim_run_folder(folder, overwrite=True))  # e.g. the next run after a SIGKILL
+    assert not backup.exists() and _contents(folder) == {**previous, "vit_pretrained.pt": b"weights"}
+    assert "stopped before writing its first checkpoint, so the previous run (checkpoint_epoch=3.pt, model.pt, " \
+           "training_config.json) is back in place, unchanged." in caplog.text
+
+    set_aside_previous_run(folder)
+    trainer = Engine(lambda engine, batch: None)
+    checkpoint = folder / "checkpoint_epoch=1.pt"
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: checkpoint.write_bytes(b"1"))
+    delete_previous_run_after_checkpoint(trainer, folder)
+    trainer.run([0], max_epochs=2)
+    assert not backup.exists() and _contents(folder) == {"checkpoint_epoch=1.pt": b"1", "vit_pretrained.pt": b"weights"}
+    assert f"this run wrote checkpoint_epoch=1.pt, so the previous run it replaces (checkpoint_epoch=3.pt, model.pt, " \
+           f"training_config.json) is deleted from {backup}." in caplog.text
+
+
+def test_a_previous_run_set_aside_by_a_killed_run_is_settled_by_the_next_claim(tmp_path, release_locks):
+    folder = tmp_path / "models"
+    _previous_run(folder)
+    release_locks.append(claim_run_folder(folder, overwrite=True))
+    set_aside_previous_run(folder)
+    (folder / "checkpoint_epoch=1.pt").write_bytes(b"new")  # the new run had written its first checkpoint
+    release_locks.append(claim_run_folder(folder, resume=True))
+    assert not (folder / PREVIOUS_RUN).exists() and _contents(folder) == {
+        "checkpoint_epoch=1.pt": b"new", "vit_pretrained.pt": b"weights"}
 
 
 def test_crash_leftovers_are_removed_and_never_resumed_from(tmp_path, release_locks, monkeypatch):
     folder = tmp_path / "models"
     folder.mkdir()
-    (folder / "checkpoint_epoch=2.pt").write_bytes(b"good")
+    torch.save({"good": True}, folder / "checkpoint_epoch=2.pt")
+    good = (folder / "checkpoint_epoch=2.pt").read_bytes()
     (folder / "checkpoint_epoch=8.pt").mkdir()  # not a file
     with monkeypatch.context() as patch:  # a crash inside atomic_write: the temporary file stays behind
         patch.setattr(os, "remove", lambda path: None)
@@ -107,7 +168,7 @@ def test_crash_leftovers_are_removed_and_never_resumed_from(tmp_path, release_lo
     assert leftover.name.startswith(".checkpoint_epoch=9.pt.")
     assert latest_checkpoint(folder) == str(folder / "checkpoint_epoch=2.pt")
     release_locks.append(claim_run_folder(folder, resume=True))
-    assert not leftover.exists() and (folder / "checkpoint_epoch=2.pt").read_bytes() == b"good"
+    assert not leftover.exists() and (folder / "checkpoint_epoch=2.pt").read_bytes() == good
 
 
 def _interrupt():

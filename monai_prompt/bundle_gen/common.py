@@ -81,6 +81,7 @@ BARRIER = "$torch.distributed.barrier() if torch.distributed.is_initialized() el
 TRAIN_RUN = (
     "$@train#checkpoint_loader.attach(@train#trainer) if @flags#resume else None",
     "$@train#checkpoint_saver.attach(@train#trainer)",
+    "$monai_prompt.runs.delete_previous_run_after_checkpoint(@train#trainer, @ckpt_dir)",
     "$@train#trainer.run()",
 )
 
@@ -135,11 +136,13 @@ def initialize(checks: Sequence[str], train: bool = True, kept: str = "@flags#re
     """``initialize`` of a training or evaluation: errors shown last; training: ``distributed_setup`` (empty;
     ``multi_gpu_train.json`` fills it with the process group), the checkpoint folder locked (a previous run is only
     replaced with ``--overwrite true``, crash leftovers removed); the seed; ``checks`` (the
-    task's data checks); training: the run recorded; a warning without pre-trained weights.
+    task's data checks); training: a resume's settings against its record, the network built (weights loaded), a
+    previous run that ``--overwrite true`` replaces set aside (deleted after the first checkpoint, see
+    :func:`monai_prompt.runs.set_aside_previous_run`), the run recorded; a warning without pre-trained weights.
 
     A new training run writes ``models/training_config.json`` from ``training_record`` (the task's settings that
     define the network and data), which evaluation and inference read; a run that continues the folder's previous
-    run keeps its record.
+    run keeps its record, and a resume refuses settings that differ from it.
 
     Args:
         checks: the task's expressions that check the data before anything trains or evaluates.
@@ -156,6 +159,9 @@ def initialize(checks: Sequence[str], train: bool = True, kept: str = "@flags#re
         f"$monai_prompt.runs.claim_run_folder(@ckpt_dir, resume={kept}, overwrite=@flags#overwrite)",
         _SEED,
         *checks,
+        "$monai_prompt.runs.check_resumed_settings(@ckpt_dir, @training_record) if @flags#resume else None",
+        "@network",
+        f"$None if {kept} else monai_prompt.runs.set_aside_previous_run(@ckpt_dir)",
         f"$None if {kept} else monai_prompt.runs.write_training_config(@ckpt_dir, @run_id, @training_record)",
         _WARN_IF_NOT_PRETRAINED,
     ]
@@ -269,7 +275,7 @@ def delta(network: str = "@network", source: str | None = None) -> dict[str, Any
 def delta_loader() -> dict[str, Any]:
     """Loads ``models/model.pt`` (or ``--load_path``) after checking its method, config and backbone."""
     return {
-        "_target_": "CheckpointLoader",
+        "_target_": "monai_prompt.engine.CheckedCheckpointLoader",
         "load_path": "@load_path",
         "load_dict": delta(source="@load_path"),
         "map_location": "@device",
@@ -392,7 +398,7 @@ def train_checkpointing() -> dict[str, Any]:
             },
         },
         "checkpoint_loader": {
-            "_target_": "CheckpointLoader",
+            "_target_": "monai_prompt.engine.CheckedCheckpointLoader",
             "_disabled_": "$not @flags#resume",
             "load_path": "@resume_file",
             "load_dict": "@train#checkpoint",
@@ -421,7 +427,12 @@ def train_handlers() -> list[dict[str, Any]]:
     validation, which it counts), a stop at the first NaN/Inf loss, MLflow."""
     return [
         {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
-        {"_target_": "monai_prompt.engine.ResumeLrScheduleHandler", "lr_scheduler": "@lr_scheduler"},
+        {
+            "_target_": "monai_prompt.engine.ResumeLrScheduleHandler",
+            "lr_scheduler": "@lr_scheduler",
+            "learning_rate": "@learning_rate",
+            "weight_decay": "@weight_decay",
+        },
         {
             "_target_": "ValidationHandler",
             "validator": "@validate#evaluator",

@@ -74,7 +74,10 @@ class BundleSpec:
                    "(RandLeftRightFlipd; PNG/JPEG: spatial_axis); FPT/FPT+: side_img_size null follows img_size "
                    "(224/128 at 512), a side input larger than img_size is refused; images of mixed formats (PNG, "
                    "DICOM, MetaImage) batch; a --method other than the recorded one is refused before the network "
-                   "is built; the training record and predictions.csv are written 0644")),
+                   "is built; the training record and predictions.csv are written 0644; --overwrite true sets the "
+                   "previous run aside until the first checkpoint (put back if the run stops before); unreadable "
+                   "checkpoints and full disks name the file and the fix; a resume applies a new learning rate and "
+                   "weight decay and refuses settings that define another network or batch size")),
         ("0.1.3", ("every boolean setting (amp, resume, overwrite, check_pixels, multi_label, shuffle, FPT: "
                    "fpt_preload; the method config's deep, prompt_norm, prompt_proj) accepts true/false/yes/no/1/0 "
                    "in any case on the command line and refuses any other value naming the setting (flags); "
@@ -326,7 +329,9 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
             ("0.1.4", ("attention runs through PyTorch SDPA by default (sdpa; --sdpa false for the literal path); "
                        "the training log gives the run's time left, on rank 0 only; inference masks keep their "
                        "input's folder below the inputs' common parent (two inputs named alike get two masks); a "
-                       "--method other than the recorded one is refused before the network is built")),
+                       "--method other than the recorded one is refused before the network is built; --overwrite true "
+                       "sets the previous run aside until the first checkpoint; unreadable checkpoints and full disks "
+                       "name the file; a resume applies a new learning rate and refuses another network")),
             ("0.1.3", ("every boolean setting (amp, resume, overwrite, continue_model, shuffle; VPT's "
                        "method_config#deep) accepts true/false/yes/no/1/0 in any case on the command line and "
                        "refuses any other value naming the setting (flags); shuffle is a setting of its own")),

@@ -6,6 +6,7 @@ run-folder lock, the training record, errors shown last, the config checks, the 
 from monai_prompt.engine.checkpoint import (
     AtomicCheckpointSaver,
     BestMetricState,
+    CheckedCheckpointLoader,
     NonFiniteError,
     PeftMeta,
     TrainableState,
@@ -46,6 +47,7 @@ from monai_prompt.engine.tracking import (
 __all__ = [
     "AtomicCheckpointSaver",
     "BestMetricState",
+    "CheckedCheckpointLoader",
     "ClassHausdorffDistance",
     "ClassMeanDice",
     "ClassReportHandler",

@@ -6,16 +6,18 @@ objects, so bundle configs save and load deltas with MONAI's own handlers::
 
     "delta": {"peft": {"_target_": "monai_prompt.engine.PeftMeta", "network": "@network"},
               "model": {"_target_": "monai_prompt.engine.TrainableState", "network": "@network"}}
-    {"_target_": "CheckpointLoader", "load_path": "...", "load_dict": "@delta"}
+    {"_target_": "monai_prompt.engine.CheckedCheckpointLoader", "load_path": "...", "load_dict": "@delta"}
 
 Loading checks the ``peft`` entry first, so a delta of another method, config or backbone fails with a message
-naming the difference. :class:`AtomicCheckpointSaver` is MONAI's ``CheckpointSaver`` writing every file through
+naming the difference; :class:`CheckedCheckpointLoader` names a file it cannot read. :class:`AtomicCheckpointSaver`
+is MONAI's ``CheckpointSaver`` writing every file through
 a temporary file and a rename, deleting a superseded file only once its successor is complete, and refusing to
 write NaN/Inf values. :class:`BestMetricState` carries the best validation score through a resume.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,15 +27,23 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
 from ignite.handlers import DiskSaver
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
 from monai_prompt.io import atomic_write
-from monai_prompt.peft.delta import check_delta_meta, delta_meta, delta_model_state, load_trainable_state
+from monai_prompt.peft.delta import (
+    UnreadableCheckpointError,
+    check_delta_meta,
+    delta_meta,
+    delta_model_state,
+    load_trainable_state,
+    read_checkpoint,
+)
 
 __all__ = [
     "AtomicCheckpointSaver",
     "BestMetricState",
+    "CheckedCheckpointLoader",
     "NonFiniteError",
     "PeftMeta",
     "TrainableState",
@@ -44,6 +54,8 @@ __all__ = [
 
 #: file names the interval saver of :class:`AtomicCheckpointSaver` writes (ignite: ``<prefix>_<name>_<score>.pt``).
 _INTERVAL_FILE = re.compile(r"checkpoint_epoch=(\d+)\.pt")
+
+logger = logging.getLogger("monai_prompt")
 
 
 class NonFiniteError(RuntimeError):
@@ -148,7 +160,10 @@ class _AtomicDiskSaver(DiskSaver):
                 with open(tmp, "wb") as handle:
                     torch.save(checkpoint, handle, **self.kwargs)
 
-            atomic_write(path, write)
+            atomic_write(path, write, fix=(
+                f"Free space on that disk (the checkpoints already in {self.dirname} are kept) and continue the "
+                f"run with --resume true, or train into a folder on another disk with --ckpt_dir <folder>."
+            ))
         for old in self._superseded:
             if old != filename:
                 super().remove(old)
@@ -194,6 +209,26 @@ class AtomicCheckpointSaver(CheckpointSaver):
         return {"_saved": [[float(score), str(name)] for score, name in ranking]}
 
 
+class CheckedCheckpointLoader(CheckpointLoader):
+    """MONAI ``CheckpointLoader`` whose unreadable file (truncated, damaged) ends the run with an error naming it and
+    the fix (:class:`~monai_prompt.peft.UnreadableCheckpointError`), where ``torch.load`` names no file. Arguments
+    are those of :class:`monai.handlers.CheckpointLoader`; the file is read once, and only checked again after a
+    failure."""
+
+    def __call__(self, engine: Engine) -> None:
+        try:
+            super().__call__(engine)
+        except Exception:
+            read_checkpoint(
+                self.load_path,
+                fix=(
+                    "copy it again from where it came from, train again to rewrite it (configs/train.json with "
+                    "--overwrite true), or point --load_path at a good file"
+                ),
+            )  # raises the error naming the file when it cannot be read
+            raise
+
+
 class BestMetricState:
     """The best validation score so far, as a checkpoint object for the trainer's resume checkpoint.
 
@@ -230,40 +265,56 @@ class BestMetricState:
 
 
 def latest_checkpoint(ckpt_dir: str | Path, run_id: str | None = None) -> str:
-    """The ``checkpoint_epoch=<N>.pt`` of the highest epoch in ``ckpt_dir``, to resume training from (never a
-    temporary file of an interrupted write: those are ``.checkpoint_epoch=<N>.pt.<random>.tmp``).
+    """The readable ``checkpoint_epoch=<N>.pt`` of the highest epoch in ``ckpt_dir``, to resume training from (never
+    a temporary file of an interrupted write: those are ``.checkpoint_epoch=<N>.pt.<random>.tmp``).
+
+    A newer checkpoint that cannot be read (truncated or damaged) is skipped with a warning naming it and the
+    checkpoint the run resumes from instead.
 
     Args:
         ckpt_dir: the checkpoint folder.
         run_id: only checkpoints of this training run (their ``run`` entry, :class:`~monai_prompt.runs.RunIdentity`).
 
     Raises:
-        FileNotFoundError: there is none (of that run), with the fix.
+        FileNotFoundError: there is no readable one (of that run), naming the files passed over and the fix.
     """
     found = sorted(
-        (int(match.group(1)), str(path))
-        for path in Path(ckpt_dir).glob("checkpoint_epoch=*.pt")
-        if (match := _INTERVAL_FILE.fullmatch(path.name)) and path.is_file()
+        ((int(match.group(1)), path) for path in Path(ckpt_dir).glob("checkpoint_epoch=*.pt")
+         if (match := _INTERVAL_FILE.fullmatch(path.name)) and path.is_file()),
+        reverse=True,
     )
-    others = []
-    if run_id is not None:
-        others = [Path(path).name for _, path in found if _run_of(path) != run_id]
-        found = [(epoch, path) for epoch, path in found if Path(path).name not in others]
-    if not found:
-        of_run = f" of training run {run_id}" if run_id is not None else ""
-        ignored = f" ({', '.join(others)}: of another run, ignored)" if others else ""
-        raise FileNotFoundError(
-            f"no checkpoint_epoch=<N>.pt{of_run} in {ckpt_dir} to resume from{ignored}; train once without --resume "
-            f"(or point --ckpt_dir at the folder that holds them)."
-        )
-    return found[-1][1]
+    unreadable: list[str] = []
+    others: list[str] = []
+    for _, path in found:
+        run, error = _run_of(path)
+        if error is not None:
+            unreadable.append(f"{path.name}: unreadable, {error}")
+            logger.warning(f"resume: {path} cannot be read ({error}): it is truncated or damaged; passed over.")
+        elif run_id is not None and run != run_id:
+            others.append(f"{path.name}: of another run, ignored")
+        else:
+            if unreadable:
+                logger.warning(
+                    f"resume: continuing from {path.name}, the newest readable checkpoint of this run, instead of "
+                    f"{unreadable[0].split(':')[0]}; the epochs after it are trained again."
+                )
+            return str(path)
+    of_run = f" of training run {run_id}" if run_id is not None else ""
+    passed = f" ({'; '.join(unreadable + others)})" if unreadable or others else ""
+    damaged = " Delete the damaged files, then" if unreadable else ""
+    raise FileNotFoundError(
+        f"no readable checkpoint_epoch=<N>.pt{of_run} in {ckpt_dir} to resume from{passed};{damaged} train once "
+        f"without --resume (--overwrite true replaces the folder's run), or point --ckpt_dir at the folder that holds "
+        f"the run's checkpoints."
+    )
 
 
-def _run_of(path: str) -> str | None:
-    """The run id a resumable checkpoint was saved with (None: none recorded, or the file is unreadable)."""
+def _run_of(path: Path) -> tuple[str | None, str | None]:
+    """The run id a resumable checkpoint was saved with (None: none recorded), and why the file cannot be read (None:
+    it can)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - a damaged file is not a checkpoint of this run
-        return None
+        checkpoint = read_checkpoint(path, mmap=True)
+    except UnreadableCheckpointError as err:
+        return None, err.reason
     run = checkpoint.get("run") if isinstance(checkpoint, Mapping) else None
-    return run.get("run_id") if isinstance(run, Mapping) else None
+    return (run.get("run_id") if isinstance(run, Mapping) else None), None

@@ -183,14 +183,15 @@ class NonFiniteGuard:
             files = f" (batch: {', '.join(name for name, _ in images)})" if images else ""
             cause = (
                 f"the batch's images are finite{files}, so the model diverged: the learning rate is likely too "
-                f"high{amp}; start a new run with a lower --learning_rate (e.g. 10x; a resume would restore the old "
-                f"one)."
+                f"high{amp}; continue from the last checkpoint with --resume true and a lower --learning_rate (e.g. "
+                f"10x), or start a new run with one."
             )
         raise NonFiniteError(f"loss is {loss.flatten()[0].item()} at {where}{lr}: {cause}")
 
 
 class ResumeLrScheduleHandler:
-    """Rebuild a restored ``CosineAnnealingLR`` for the run's ``max_epochs`` when a resumed run is longer (or shorter).
+    """Rebuild a restored ``CosineAnnealingLR`` for the run's ``max_epochs`` when a resumed run is longer (or
+    shorter), and apply the run's learning rate and weight decay where the resumed optimizer state holds others.
 
     A resume restores the schedule's ``T_max`` with the rest of its state, so raising ``max_epochs`` on resume
     would leave the cosine at its old length: the learning rate reaches ``eta_min`` at the old last epoch and
@@ -201,32 +202,94 @@ class ResumeLrScheduleHandler:
     cosine step then follows that curve down to ``eta_min`` at the new last epoch. A run that was not resumed has
     ``T_max == max_epochs`` and is left alone.
 
+    A resume also restores the optimizer's and the schedule's learning rate and weight decay, so ``--resume true
+    --learning_rate <x>`` would keep the old ones without a word: when ``learning_rate`` differs from the restored
+    schedule's base rate it becomes the base rate (the cosine continues from it at the current position), and a
+    different ``weight_decay`` replaces the restored one; each change is logged. A resume also restores the epoch
+    length in iterations, so another ``--batch_size`` (or other training data) cannot apply: refused.
+
     Args:
         lr_scheduler: the trainer's cosine schedule, stepped once per epoch (MONAI ``LrScheduleHandler``).
+        learning_rate: the run's configured (base) learning rate; None: keep what a resume restores.
+        weight_decay: the run's configured weight decay; None: keep what a resume restores.
         name: logger name.
     """
 
-    def __init__(self, lr_scheduler: CosineAnnealingLR, name: str = "monai_prompt") -> None:
+    def __init__(
+        self,
+        lr_scheduler: CosineAnnealingLR,
+        learning_rate: float | None = None,
+        weight_decay: float | None = None,
+        name: str = "monai_prompt",
+    ) -> None:
         if not isinstance(lr_scheduler, CosineAnnealingLR):
             raise TypeError(f"ResumeLrScheduleHandler refits a CosineAnnealingLR, got {type(lr_scheduler).__name__}.")
         self.lr_scheduler = lr_scheduler
+        self.learning_rate = None if learning_rate is None else float(learning_rate)
+        self.weight_decay = None if weight_decay is None else float(weight_decay)
         self.logger = logging.getLogger(name)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
+        self._check_epoch_length(engine)
         scheduler, max_epochs = self.lr_scheduler, engine.state.max_epochs
-        if scheduler.T_max == max_epochs:
+        groups = scheduler.optimizer.param_groups
+        self._apply_weight_decay(groups)
+        old_length, old_base = scheduler.T_max, scheduler.base_lrs[0]
+        new_rate = self.learning_rate is not None and any(base != self.learning_rate for base in scheduler.base_lrs)
+        if scheduler.T_max == max_epochs and not new_rate:
             return
-        position, old_length = scheduler.last_epoch, scheduler.T_max
+        position = scheduler.last_epoch
         scheduler.T_max = max_epochs
+        if new_rate:
+            scheduler.base_lrs = [self.learning_rate] * len(groups)
+            for group in groups:
+                group["initial_lr"] = self.learning_rate
         progress = (1 + math.cos(math.pi * position / max_epochs)) / 2
-        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        for group, base in zip(groups, scheduler.base_lrs):
             group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * progress
-        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
-        self.logger.info(
-            f"learning-rate schedule: cosine over {old_length} epochs rebuilt for max_epochs={max_epochs} at epoch "
-            f"{position} (learning rate {scheduler.get_last_lr()[0]:g}, down to {scheduler.eta_min:g} at epoch "
-            f"{max_epochs})."
+        scheduler._last_lr = [group["lr"] for group in groups]
+        if new_rate:
+            self.logger.warning(
+                f"resume: learning_rate {self.learning_rate:g} applied in place of the run's {old_base:g} (the "
+                f"resumed optimizer state's); the cosine schedule continues from it at epoch {position} (learning "
+                f"rate {scheduler.get_last_lr()[0]:g})."
+            )
+        if old_length != max_epochs:
+            self.logger.info(
+                f"learning-rate schedule: cosine over {old_length} epochs rebuilt for max_epochs={max_epochs} at epoch "
+                f"{position} (learning rate {scheduler.get_last_lr()[0]:g}, down to {scheduler.eta_min:g} at epoch "
+                f"{max_epochs})."
+            )
+
+    @staticmethod
+    def _check_epoch_length(engine: Engine) -> None:
+        """Refuse a data loader whose length differs from the restored epoch length (ignite would go on counting
+        epochs in the recorded number of iterations, silently using part of the data or repeating it)."""
+        try:
+            batches = len(engine.state.dataloader)
+        except TypeError:  # an iterable without a length: nothing to compare
+            return
+        if engine.state.epoch_length is not None and batches != engine.state.epoch_length:
+            raise ValueError(
+                f"the resumed run's epochs are {engine.state.epoch_length} iterations, this run's training data "
+                f"loader gives {batches} batches: --batch_size or the training data changed, which a resume cannot "
+                f"apply. Resume with the run's batch size and data, or start a new run with --overwrite true (or "
+                f"into another --ckpt_dir)."
+            )
+
+    def _apply_weight_decay(self, groups: list[dict[str, Any]]) -> None:
+        """Set the configured weight decay where a resume restored another, and say so."""
+        if self.weight_decay is None:
+            return
+        restored = sorted({group.get("weight_decay") for group in groups} - {self.weight_decay}, key=str)
+        if not restored:
+            return
+        for group in groups:
+            group["weight_decay"] = self.weight_decay
+        self.logger.warning(
+            f"resume: weight_decay {self.weight_decay:g} applied in place of the run's "
+            f"{', '.join(f'{value:g}' for value in restored)} (the resumed optimizer state's)."
         )

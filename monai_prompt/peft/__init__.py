@@ -2,12 +2,14 @@
 
 from monai_prompt.peft.delta import (
     DeltaMismatchError,
+    UnreadableCheckpointError,
     backbone_fingerprint,
     check_delta_meta,
     delta_meta,
     delta_state_dict,
     load_delta,
     load_trainable_state,
+    read_checkpoint,
     save_delta,
     trainable_state,
 )
@@ -27,6 +29,7 @@ __all__ = [
     "DeltaMismatchError",
     "MergeableLayer",
     "PEFTMethod",
+    "UnreadableCheckpointError",
     "apply_method",
     "backbone_fingerprint",
     "backbone_parameter_count",
@@ -41,6 +44,7 @@ __all__ = [
     "load_trainable_state",
     "merge_and_unload",
     "method_names",
+    "read_checkpoint",
     "register_method",
     "save_delta",
     "trainable_report",

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,6 +36,7 @@ __all__ = [
     "IDENTITY_KEYS",
     "SOURCE_KEY",
     "DeltaMismatchError",
+    "UnreadableCheckpointError",
     "allow_delta_load",
     "backbone_fingerprint",
     "backbone_identity",
@@ -45,6 +49,7 @@ __all__ = [
     "identity_state",
     "load_delta",
     "load_trainable_state",
+    "read_checkpoint",
     "save_delta",
     "trainable_state",
 ]
@@ -57,6 +62,57 @@ FINGERPRINT_KEY = "peft_backbone_fingerprint"
 SOURCE_KEY = "peft_backbone_source"
 #: the keys of a delta's ``model`` entry that are not trainable parameters.
 IDENTITY_KEYS = (FINGERPRINT_KEY, SOURCE_KEY)
+#: what to do about an unreadable delta or checkpoint, unless the caller knows better.
+REWRITE_FIX = "copy it again from where it came from, or train again to rewrite it"
+
+
+class UnreadableCheckpointError(OSError):
+    """A checkpoint or delta file that ``torch.load`` cannot read (truncated, damaged, not a checkpoint).
+
+    Args:
+        path: the file.
+        reason: what ``torch.load`` raised, in short.
+        fix: what the user can do.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, fix: str = REWRITE_FIX) -> None:
+        self.path, self.reason = str(path), reason
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        super().__init__(
+            f"{path} cannot be read ({size} bytes; {reason}): the file is truncated or damaged (an interrupted copy "
+            f"or write, a full disk), or not a checkpoint. {fix[0].upper()}{fix[1:]}."
+        )
+
+
+def read_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", fix: str = REWRITE_FIX, mmap: bool = False
+) -> Any:
+    """``torch.load(path, weights_only=True)``, a file it cannot read reported with its path, size and ``fix``.
+
+    A truncated file (an interrupted copy, a full disk) makes ``torch.load`` fail with a bare ``RuntimeError``
+    from its zip reader or ``OSError: [Errno 22] Invalid argument``, naming no file.
+
+    Args:
+        path: the checkpoint (``models/model.pt``, ``checkpoint_epoch=<N>.pt``).
+        map_location: as ``torch.load``'s.
+        fix: what the user can do, completing the message.
+        mmap: as ``torch.load``'s (tensors read when used).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnreadableCheckpointError: it exists but cannot be read.
+    """
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise UnreadableCheckpointError(path, "the file is empty", fix)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch reports damaged files as RuntimeError/OSError/EOFError/...
+        # torch's messages go on for lines: the first sentence says what failed
+        reason = re.split(r"(?<=\.)\s", str(err).strip(), maxsplit=1)[0][:120].rstrip(".")
+        kind = type(err).__name__
+        raise UnreadableCheckpointError(path, f"{kind}: {reason}" if reason else kind, fix) from err
 
 
 class DeltaMismatchError(ValueError):
@@ -319,7 +375,7 @@ def load_delta(model: nn.Module, delta: dict | str | Path) -> None:
     """
     source = str(delta) if isinstance(delta, (str, Path)) else "delta"
     if isinstance(delta, (str, Path)):
-        delta = torch.load(delta, map_location="cpu", weights_only=True)
+        delta = read_checkpoint(delta)
     if not isinstance(delta, dict) or "peft" not in delta or "model" not in delta:
         raise DeltaMismatchError(f"{source}: not a monai_prompt delta (keys 'model' and 'peft' expected).")
     check_delta_meta(model, delta["peft"], source)

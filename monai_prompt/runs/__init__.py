@@ -3,17 +3,26 @@ claim, the training record, the data and weight checks), the in-process runner w
 bundles are, and the two demo tasks that ``monai-prompt demo`` and the benchmarks share."""
 
 from monai_prompt.runs.bundles import bundles_folder, find_bundle
-from monai_prompt.runs.errors import format_root_cause, root_cause, show_cause_last
+from monai_prompt.runs.errors import format_root_cause, on_error, root_cause, show_cause_last
 from monai_prompt.runs.progress import EpochProgress, RunSteps, attach_progress
 from monai_prompt.runs.record import (
     TRAINING_CONFIG,
     RunIdentity,
+    check_resumed_settings,
     read_training_config,
     recorded_method_config,
     run_id,
     write_training_config,
 )
-from monai_prompt.runs.run_folder import RunFolderError, RunLock, claim_run_folder, remove_partial_writes
+from monai_prompt.runs.run_folder import (
+    PREVIOUS_RUN,
+    RunFolderError,
+    RunLock,
+    claim_run_folder,
+    delete_previous_run_after_checkpoint,
+    remove_partial_writes,
+    set_aside_previous_run,
+)
 from monai_prompt.runs.runner import read_metrics, run_bundle, train_and_evaluate
 from monai_prompt.runs.workflow import (
     bundle_root,
@@ -25,6 +34,7 @@ from monai_prompt.runs.workflow import (
 )
 
 __all__ = [
+    "PREVIOUS_RUN",
     "TRAINING_CONFIG",
     "EpochProgress",
     "RunFolderError",
@@ -34,13 +44,16 @@ __all__ = [
     "attach_progress",
     "bundle_root",
     "bundles_folder",
+    "check_resumed_settings",
     "check_task",
     "claim_run_folder",
+    "delete_previous_run_after_checkpoint",
     "find_bundle",
     "find_datalist",
     "flag",
     "flag_entries",
     "format_root_cause",
+    "on_error",
     "read_metrics",
     "read_training_config",
     "recorded_method_config",
@@ -48,6 +61,7 @@ __all__ = [
     "root_cause",
     "run_bundle",
     "run_id",
+    "set_aside_previous_run",
     "show_cause_last",
     "train_and_evaluate",
     "warn_if_not_pretrained",

@@ -7,6 +7,9 @@ generic line while the message naming the file and the fix sits screens above. :
 first step of a bundle's ``initialize``, installs a ``sys.excepthook`` that prints the usual traceback and then
 the innermost error of such a chain, after the config text it came from.
 
+Steps that must undo something when a run fails (a previous run set aside by ``--overwrite true`` is put back)
+register with :func:`on_error`; the hook runs them before it prints, so the error stays the last thing shown.
+
 Python callers are unaffected: exceptions keep their types (``DataCheckError``, ``ValueError``, ...), and only an
 uncaught exception wrapped by MONAI changes what is printed.
 """
@@ -17,9 +20,10 @@ import ast
 import contextlib
 import re
 import sys
+from collections.abc import Callable
 from types import TracebackType
 
-__all__ = ["format_root_cause", "root_cause", "show_cause_last"]
+__all__ = ["format_root_cause", "on_error", "root_cause", "show_cause_last"]
 
 #: how MONAI's wrapping ``RuntimeError``s begin (config_item.py, utils/module.py, transforms/transform.py).
 MONAI_WRAPPERS = ("Failed to evaluate ", "Failed to instantiate ", "applying transform ")
@@ -53,9 +57,28 @@ def format_root_cause(error: BaseException) -> str | None:
 
 
 _previous_hook = sys.excepthook
+#: what :func:`on_error` registered, run once by the hook before it prints.
+_ON_ERROR: list[Callable[[], object]] = []
+
+
+def on_error(callback: Callable[[], object]) -> None:
+    """Run ``callback`` when an uncaught error reaches :func:`show_cause_last`'s hook, before the hook prints it (so
+    that what the callback logs comes before the error, which stays last). It runs once; an error it raises is
+    printed and the others still run.
+
+    Args:
+        callback: takes no argument.
+    """
+    _ON_ERROR.append(callback)
 
 
 def _excepthook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+    while _ON_ERROR:
+        callback = _ON_ERROR.pop(0)
+        try:
+            callback()
+        except Exception as failure:  # noqa: BLE001 - the run's own error matters more
+            print(f"{type(failure).__name__} while handling the error below: {failure}", file=sys.stderr)
     _previous_hook(kind, error, traceback)
     summary = format_root_cause(error)
     if summary is not None:

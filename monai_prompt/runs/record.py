@@ -7,7 +7,8 @@ and config, classes). ``evaluate.json`` and ``inference.json`` read the record o
 (:func:`read_training_config`), so ``model.pt`` is rebuilt as it was trained; a value given on the command line
 replaces the config entry that reads the record, so it wins. Every resumable checkpoint holds the run id
 (:class:`RunIdentity`); a resume picks the newest ``checkpoint_epoch=<N>.pt`` of the recorded run
-(:func:`~monai_prompt.engine.latest_checkpoint` with ``run_id``) and refuses a checkpoint of another run.
+(:func:`~monai_prompt.engine.latest_checkpoint` with ``run_id``) and refuses a checkpoint of another run, and
+settings that define the network and data set otherwise than recorded (:func:`check_resumed_settings`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from monai_prompt.io import atomic_write
 __all__ = [
     "TRAINING_CONFIG",
     "RunIdentity",
+    "check_resumed_settings",
     "read_training_config",
     "recorded_method_config",
     "run_id",
@@ -154,6 +156,43 @@ def run_id(ckpt_dir: str | os.PathLike, resume: bool) -> str:
             f"({TRAINING_CONFIG} is missing); train once without --resume (or point --ckpt_dir at the run's folder)."
         )
     return str(recorded)
+
+
+#: recorded settings a resume does not compare: the weights' path may move; the delta's backbone fingerprint
+#: refuses other weights when the checkpoint loads.
+_NOT_COMPARED = ("pretrained",)
+
+
+def check_resumed_settings(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any]) -> None:
+    """Refuse a resume whose settings that define the network and data (``training_record``: backbone, method and
+    config, image size, classes, ...) differ from those the run recorded: a resumed run keeps the network its
+    checkpoints were trained with. (The recipe a resume can change, learning rate, weight decay and epochs, is
+    applied by :class:`~monai_prompt.engine.ResumeLrScheduleHandler`, which logs it.)
+
+    Args:
+        ckpt_dir: the run's checkpoint folder.
+        settings: this run's ``training_record``.
+
+    Raises:
+        ValueError: a setting differs, naming each with its recorded and its new value, and the fix.
+    """
+    record = read_training_config(ckpt_dir)
+    changed = [
+        f"--{key} {_as_json(value)} (recorded: {_as_json(record[key])})"
+        for key, value in settings.items()
+        if key in record and key not in _NOT_COMPARED and _as_json(value) != _as_json(record[key])
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume true continues training run {record.get('run_id')} of {_record_path(ckpt_dir)}, whose network "
+            f"and data were built with other settings: {'; '.join(changed)}. A resumed run keeps them: drop these "
+            f"overrides, or start a new run with --overwrite true (or into another --ckpt_dir)."
+        )
+
+
+def _as_json(value: Any) -> str:
+    """``value`` as the record writes it (tuples as lists, keys sorted), for comparison and messages."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 class RunIdentity:

@@ -1,4 +1,5 @@
-"""One training run per checkpoint folder: an exclusive lock, crash leftovers removed, no silent replacement.
+"""One training run per checkpoint folder: an exclusive lock, crash leftovers removed, no silent replacement, and
+nothing deleted before the run that replaces it has written its first checkpoint.
 
 :func:`claim_run_folder` is the first step of a training bundle's ``initialize``::
 
@@ -9,6 +10,13 @@ temporary files interrupted atomic writes left behind, and refuses to start a ne
 ``model.pt``/``checkpoint_*.pt`` unless the run resumes it or ``overwrite`` is set. The lock is an advisory
 ``flock`` (POSIX) that the operating system drops when its process ends, however it ends, so the lock of a dead
 run is simply taken over; the file's text (PID, host, start time) is what the error shows.
+
+With ``overwrite`` the previous run stays in place while the data, network and weights are checked; then
+:func:`set_aside_previous_run` moves its files into ``<ckpt_dir>/.previous_run/``, and
+:func:`delete_previous_run_after_checkpoint` deletes them once the new run has written its first
+``checkpoint_epoch=<N>.pt``. A run that stops before then (an error, Ctrl-C) puts them back on its way out; one
+killed outright leaves the folder to the next claim, which puts them back (or deletes them, when the new run had
+written a checkpoint).
 """
 
 from __future__ import annotations
@@ -18,12 +26,27 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import socket
 from pathlib import Path
 
-from monai_prompt.io import TMP_SUFFIX
+from ignite.engine import Engine, Events
 
-__all__ = ["LOCK_NAME", "RUN_FILES", "RunFolderError", "RunLock", "claim_run_folder", "remove_partial_writes"]
+from monai_prompt.io import TMP_SUFFIX
+from monai_prompt.runs.errors import on_error
+from monai_prompt.runs.record import TRAINING_CONFIG
+
+__all__ = [
+    "LOCK_NAME",
+    "PREVIOUS_RUN",
+    "RUN_FILES",
+    "RunFolderError",
+    "RunLock",
+    "claim_run_folder",
+    "delete_previous_run_after_checkpoint",
+    "remove_partial_writes",
+    "set_aside_previous_run",
+]
 
 logger = logging.getLogger("monai_prompt")
 
@@ -31,6 +54,11 @@ logger = logging.getLogger("monai_prompt")
 LOCK_NAME = ".lock"
 #: what a previous training run leaves in its checkpoint folder (best model, interval/final checkpoints).
 RUN_FILES = ("model.pt", "checkpoint_*.pt")
+#: where ``--overwrite true`` keeps the previous run (its :data:`RUN_FILES` and record) until the new run has written
+#: its first checkpoint.
+PREVIOUS_RUN = ".previous_run"
+#: the first checkpoint of a run, after which the previous run it replaces is deleted.
+_CHECKPOINTS = "checkpoint_epoch=*.pt"
 
 #: locks this process holds, by folder, so that a second claim of the same folder in-process re-uses its lock.
 _HELD: dict[Path, RunLock] = {}
@@ -132,10 +160,13 @@ def claim_run_folder(ckpt_dir: str | os.PathLike, resume: bool = False, overwrit
     """Make ``ckpt_dir`` this training run's: lock it, remove crash leftovers, and refuse to replace a previous run.
 
     A new run (``resume=False``) into a folder that holds a previous run's files (:data:`RUN_FILES`) stops with
-    an error naming the ways on; ``overwrite=True`` is the explicit choice to replace it, and then deletes those files
-    first (each is logged), so that a later ``--resume`` cannot pick up a checkpoint of the old run. Other files
-    (e.g. pre-trained weights kept in the folder) are never touched. The lock is released when the process
-    exits (``atexit``; the OS drops it on a crash). Under ``torch.distributed`` only rank 0 claims the folder.
+    an error naming the ways on; ``overwrite=True`` is the explicit choice to replace it: nothing is deleted here,
+    :func:`set_aside_previous_run` moves those files aside once the data, network and weights are checked (so that a
+    later ``--resume`` cannot pick up a checkpoint of the old run), and they are deleted once this run has written
+    its first checkpoint. Other files (e.g. pre-trained weights kept in the folder) are never touched. A previous run
+    left in :data:`PREVIOUS_RUN` by a run killed outright is put back first (deleted, when that run had written a
+    checkpoint). The lock is released when the process exits (``atexit``; the OS drops it on a crash). Under
+    ``torch.distributed`` only rank 0 claims the folder.
 
     Args:
         ckpt_dir: the checkpoint folder (``models/``), created when missing.
@@ -161,20 +192,123 @@ def claim_run_folder(ckpt_dir: str | os.PathLike, resume: bool = False, overwrit
         _HELD[folder] = lock
         atexit.register(lock.release)
     remove_partial_writes(folder)
-    previous = sorted({path for pattern in RUN_FILES for path in folder.glob(pattern) if path.is_file()})
+    _settle_previous_run(folder)
+    previous = _run_files(folder)
     if previous and not resume:
+        names = ", ".join(path.name for path in previous)
         if not overwrite:
             lock.release()
-            names = ", ".join(path.name for path in previous)
             raise RunFolderError(
                 f"{folder} holds a previous training run ({names}); a new run would replace it. Continue it with "
                 f"--resume true, train into another folder with --ckpt_dir <folder>, or replace it with "
                 f"--overwrite true."
             )
-        for path in previous:
-            path.unlink()
-            logger.warning(f"overwrite: removed {path} of the previous run.")
+        logger.warning(
+            f"overwrite: the previous run in {folder} ({names}) is kept until the data, network and weights are "
+            f"checked, then set aside in {PREVIOUS_RUN}/ and deleted once this run has written its first checkpoint."
+        )
     return lock
+
+
+def set_aside_previous_run(ckpt_dir: str | os.PathLike) -> Path | None:
+    """Move the previous run's files (:data:`RUN_FILES` and its ``training_config.json``) of a claimed folder into
+    ``<ckpt_dir>/.previous_run/`` (renames in the same folder: nothing is copied or lost), for a new run that
+    ``--overwrite true`` lets replace it; a no-op when there are none, and on ranks other than 0.
+
+    Call it once the data, network and weights are checked, and attach
+    :func:`delete_previous_run_after_checkpoint` to the trainer. Until that deletes them, the files are put back
+    when the process ends (or when :func:`~monai_prompt.runs.show_cause_last`'s hook reports an error), and by
+    the next :func:`claim_run_folder` after a crash.
+
+    Args:
+        ckpt_dir: the checkpoint folder :func:`claim_run_folder` claimed.
+
+    Returns:
+        the folder holding the previous run, or None when nothing was set aside.
+    """
+    if _rank() > 0:
+        return None
+    folder = Path(ckpt_dir).absolute()
+    previous = _run_files(folder)
+    if not previous:
+        return None
+    if (folder / TRAINING_CONFIG).is_file():
+        previous.append(folder / TRAINING_CONFIG)
+    backup = folder / PREVIOUS_RUN
+    backup.mkdir()
+    for path in previous:
+        os.replace(path, backup / path.name)
+    if folder not in _SET_ASIDE:
+        atexit.register(_settle_previous_run, folder)
+        on_error(lambda: _settle_previous_run(folder))
+    _SET_ASIDE.add(folder)
+    logger.warning(
+        f"overwrite: moved the previous run ({', '.join(path.name for path in previous)}) to {backup}; it is deleted "
+        f"once this run has written its first checkpoint, and put back if the run stops before then."
+    )
+    return backup
+
+
+def delete_previous_run_after_checkpoint(engine: Engine, ckpt_dir: str | os.PathLike) -> None:
+    """Attach to the trainer (after its checkpoint saver): at the end of each epoch, once ``ckpt_dir`` holds a
+    ``checkpoint_epoch=<N>.pt`` of this run, delete the previous run :func:`set_aside_previous_run` kept.
+
+    Args:
+        engine: the trainer.
+        ckpt_dir: its checkpoint folder.
+    """
+    folder = Path(ckpt_dir).absolute()
+
+    def delete(_: Engine) -> None:
+        if _settle_previous_run(folder, put_back=False) is not None:
+            engine.remove_event_handler(delete, Events.EPOCH_COMPLETED)
+
+    engine.add_event_handler(Events.EPOCH_COMPLETED, delete)
+
+
+#: folders whose previous run this process set aside (and will put back if it stops before its first checkpoint).
+_SET_ASIDE: set[Path] = set()
+
+
+def _run_files(folder: Path) -> list[Path]:
+    """The previous run's :data:`RUN_FILES` in ``folder``."""
+    return sorted({path for pattern in RUN_FILES for path in folder.glob(pattern) if path.is_file()})
+
+
+def _settle_previous_run(folder: Path, put_back: bool = True) -> bool | None:
+    """Settle a previous run set aside in ``folder``: delete it when the run that replaces it has written a
+    checkpoint, else put it back (replacing what the new run wrote) when ``put_back``.
+
+    Returns:
+        True: deleted; False: put back; None: nothing set aside, or nothing done.
+    """
+    backup = folder / PREVIOUS_RUN
+    if _rank() > 0 or not backup.is_dir():
+        return None
+    names = sorted(path.name for path in backup.iterdir())
+    written = sorted(path.name for path in folder.glob(_CHECKPOINTS) if path.is_file())
+    if written:
+        shutil.rmtree(backup)
+        logger.warning(
+            f"overwrite: this run wrote {written[-1]}, so the previous run it replaces ({', '.join(names)}) is "
+            f"deleted from {backup}."
+        )
+        _SET_ASIDE.discard(folder)
+        return True
+    if not put_back:
+        return None
+    for name in names:
+        target = folder / name
+        if target.is_file():  # the new run's record or model.pt: it has no checkpoint to go with them
+            target.unlink()
+        os.replace(backup / name, target)
+    backup.rmdir()
+    logger.warning(
+        f"overwrite: the run that was to replace the previous run in {folder} stopped before writing its first "
+        f"checkpoint, so the previous run ({', '.join(names)}) is back in place, unchanged."
+    )
+    _SET_ASIDE.discard(folder)
+    return False
 
 
 def _rank() -> int:

@@ -34,7 +34,13 @@ from monai.bundle import ConfigParser
 
 from monai_prompt.backbones.tinyvit import LITE_MEDSAM_WHEEL, lite_medsam_checkpoint
 from monai_prompt.io import TMP_SUFFIX
-from monai_prompt.peft.delta import FINGERPRINT_KEY, DeltaMismatchError, check_delta_meta, identity_state
+from monai_prompt.peft.delta import (
+    FINGERPRINT_KEY,
+    DeltaMismatchError,
+    check_delta_meta,
+    identity_state,
+    read_checkpoint,
+)
 from monai_prompt.runs.record import TRAINING_CONFIG, read_training_config
 
 __all__ = ["BACKBONE_NAME", "PackageReport", "package_bundle"]
@@ -87,7 +93,10 @@ def _weights(pretrained: str | os.PathLike) -> Path:
 def _read_delta(model: Path, weights: Path) -> dict:
     """The delta at ``model``, its ``model`` entry carrying the backbone identity (for a delta that predates it: the
     ``peft`` entry's fingerprint, and its source or else ``weights``, which the packaged copy is verified against)."""
-    delta = torch.load(model, map_location="cpu", weights_only=True)
+    delta = read_checkpoint(
+        model, fix="copy it again from where it came from, or train the bundle again (configs/train.json with "
+        "--overwrite true), then package it; or pass --model <a good delta>"
+    )
     if not isinstance(delta, dict) or "peft" not in delta or "model" not in delta:
         raise DeltaMismatchError(f"{model}: not a monai_prompt delta (keys 'model' and 'peft' expected).")
     backbone = delta["peft"]["backbone"]
