@@ -15,13 +15,17 @@ from monai_prompt.benchmarks.efficiency import (
     DEFAULT_NOTE,
     FPT_METHODS,
     IN_BACKBONE,
+    PEER_VARIANTS,
     BenchSettings,
     PeakMemory,
     build_configs,
+    format_peer_table,
     format_table,
     summarise,
 )
+from monai_prompt.benchmarks.peer import PEER_METHODS, PeerViT
 from monai_prompt.cli import main
+from monai_prompt.nets import PromptClassifier
 
 
 def test_peak_memory_sees_a_known_allocation_and_forgets_earlier_peaks():
@@ -74,13 +78,58 @@ def test_ratios_come_from_the_same_round():
     assert "full sdpa @224 *" in table and "lora @224 *" not in table and table.endswith(DEFAULT_NOTE)
 
 
+def test_the_peer_lora_trains_what_the_project_lora_trains():
+    """transformers ViT + peft LoRA (query/value, rank 8) at the project LoRA's shape: the same trainable count."""
+    shape = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 8}
+    options = {"checkpointing": "blocks", "sdpa": True, "autocast": "bf16"}
+    peer = PeerViT("peft_lora", shape, 32, 3, options)
+    ours = PromptClassifier(3, "lora", backbone="vit_tiny", img_size=32, backbone_overrides=shape)
+    assert peer.trainable_report()["trainable"] == sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    lora = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name, p in peer.named_parameters() if "lora_" in name}
+    assert lora <= {"query", "value", "q_proj", "v_proj"} and len(lora) == 2
+    logits = peer(torch.rand(2, 3, 32, 32))
+    assert logits.shape == (2, 3) and logits.dtype == torch.float32
+    logits.sum().backward()
+    assert all(p.grad is not None for p in peer.parameters() if p.requires_grad)
+
+
+def test_peer_table_compares_with_the_peer_s_own_best():
+    def row(method, variant, peak, wall):
+        return {"config": f"{method} {variant} @224", "method": method, "variant": variant, "img_size": 224,
+                "peak_mib": peak, "step_wall_s": wall}
+
+    rows = [row("full", "none", 100, 1.0), row("lora", "blocks+sdpa+bf16", 30, 0.9),
+            row("hf_full", "none", 110, 1.0), row("peft_lora", "none", 60, 1.0),
+            row("peft_lora", "blocks+sdpa+bf16", 40, 1.2)]
+    lines = format_peer_table(rows).splitlines()
+    lora = next(line for line in lines if line.startswith("lora blocks+sdpa+bf16"))
+    assert lora.split()[3:8] == ["peft_lora", "blocks+sdpa+bf16", "@224", "0.750", "0.75"]  # its lowest memory
+    assert lora.split()[-2:] == ["0.750", "0.75"]  # the same variant
+    full = next(line for line in lines if line.startswith("full none"))
+    assert full.split()[-2:] == ["0.909", "1.00"]
+
+
+def test_peer_rows_without_the_peer_libraries_name_the_install(monkeypatch):
+    import monai_prompt.benchmarks.peer as peer
+
+    def missing() -> None:
+        raise ImportError("the peer rows need transformers and peft: " + peer.PEER_INSTALL)
+
+    monkeypatch.setattr(peer, "require_peer", missing)
+    with pytest.raises(SystemExit, match=r"monai-prompt\[benchmark\]"):
+        main(["benchmark", "efficiency", "--quick", "--peer", "none"])
+
+
 @pytest.mark.slow
 def test_quick_run_writes_every_method(tmp_path, capsys):
     main(["benchmark", "efficiency", "--quick", "--out", str(tmp_path)])
     table = capsys.readouterr().out
     with open(tmp_path / "efficiency.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert {r["method"] for r in rows} == {"full", *IN_BACKBONE, *FPT_METHODS}
+    assert {r["method"] for r in rows} == {"full", *IN_BACKBONE, *FPT_METHODS, *PEER_METHODS}
+    assert {(r["method"], r["variant"]) for r in rows if r["method"] in PEER_METHODS} == {
+        (m, v) for m in PEER_METHODS for v in PEER_VARIANTS}
+    assert "peft_lora" in table.split("project configuration")[1]  # the peer table closes the output
     assert {(r["method"], r["variant"]) for r in rows if r["method"] in FPT_METHODS} == {
         (m, v) for m in FPT_METHODS for v in ("online", "cached", "cached+sdpa")}
     assert all(r["config"] in table for r in rows)

@@ -45,8 +45,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "BenchConfig", "BenchSettings", "PeakMemory", "build_configs", "build_parser", "bundle_default", "measure",
-    "run_benchmark", "summarise",
+    "BenchConfig", "BenchSettings", "PeakMemory", "build_configs", "build_parser", "bundle_default",
+    "format_peer_table", "measure", "run_benchmark", "summarise",
 ]
 
 #: methods that change the backbone itself (the checkpointing/SDPA/autocast variants apply to them).
@@ -58,6 +58,8 @@ FPT_MODES = ("online", "cached")
 FPT_CONFIGS = ("online", "cached", "cached+sdpa")
 #: the in-backbone variants measured besides the checkpointing modes unless ``--variants`` names others.
 DEFAULT_VARIANTS = ("sdpa", "bf16", "mlp+sdpa", "blocks+sdpa+bf16")
+#: the peer's variants by default: its defaults, and its own best (gradient checkpointing, SDPA, bf16).
+PEER_VARIANTS = ("none", "blocks+sdpa+bf16")
 #: torch.autocast dtypes a variant may name.
 AUTOCAST = ("bf16", "fp16")
 #: the workers mmap every allocation above this many bytes, so freed memory goes back to the OS at once.
@@ -157,15 +159,20 @@ def check_variant(variant: str) -> str:
     return variant
 
 
-def build_configs(settings: BenchSettings, methods: Sequence[str], variants: Sequence[str]) -> list[BenchConfig]:
+def build_configs(settings: BenchSettings, methods: Sequence[str], variants: Sequence[str],
+                  peer_variants: Sequence[str] = ()) -> list[BenchConfig]:
     """Full fine-tuning at each size first (at ``img_size`` also with ``sdpa`` when that variant is measured), then
-    each variant for every in-backbone method, then FPT (:data:`FPT_CONFIGS`).
+    each variant for every in-backbone method, then FPT (:data:`FPT_CONFIGS`), then the peer
+    (:data:`~monai_prompt.benchmarks.peer.PEER_METHODS`) in each of ``peer_variants``.
 
     Args:
         settings: the run's settings.
         methods: in-backbone methods and FPT variants to measure.
         variants: in-backbone variants (see :class:`BenchConfig`).
+        peer_variants: the peer's variants (the same options: checkpointing, ``sdpa``, autocast).
     """
+    from monai_prompt.benchmarks.peer import PEER_METHODS
+
     fpt = [m for m in methods if m in FPT_METHODS]
     configs = [BenchConfig("full", "none", settings.img_size)]
     if "sdpa" in variants:  # the full fine-tuning bundle's default, beside the reference without SDPA
@@ -178,7 +185,9 @@ def build_configs(settings: BenchSettings, methods: Sequence[str], variants: Seq
     # variant by variant, so that a run stopped early has every method in its first variants
     in_backbone = [m for m in methods if m in IN_BACKBONE]
     configs += [BenchConfig(m, check_variant(v), settings.img_size) for v in variants for m in in_backbone]
-    return configs + [BenchConfig(m, mode, settings.fpt_img_size) for m in fpt for mode in FPT_CONFIGS]
+    configs += [BenchConfig(m, mode, settings.fpt_img_size) for m in fpt for mode in FPT_CONFIGS]
+    return configs + [BenchConfig(m, check_variant(v), settings.img_size) for v in peer_variants
+                      for m in PEER_METHODS]
 
 
 class PeakMemory:
@@ -240,8 +249,13 @@ def _return_freed_memory() -> None:
 
 def _network(config: BenchConfig, settings: BenchSettings, online: bool = False) -> torch.nn.Module:
     """The network of ``config`` (random weights: timings and memory do not depend on them)."""
+    from monai_prompt.backbones.vit import vit_config
+    from monai_prompt.benchmarks.peer import PEER_METHODS, PeerViT
     from monai_prompt.nets import FPTClassifier, PromptClassifier
 
+    if config.method in PEER_METHODS:
+        shape = {**vit_config(settings.backbone), **settings.backbone_overrides}
+        return PeerViT(config.method, shape, config.img_size, settings.num_classes, config.options())
     common = {"backbone": settings.backbone, "img_size": config.img_size,
               "backbone_overrides": settings.backbone_overrides or None}
     if config.method in FPT_METHODS:
@@ -282,6 +296,7 @@ def measure(config: BenchConfig, settings: BenchSettings) -> dict[str, Any]:
         ``trainable``, ``percent_of_backbone``, ``delta_bytes``, ``peak_mib``, ``step_cpu_s``, ``step_wall_s``,
         ``infer_ms_per_image``.
     """
+    from monai_prompt.benchmarks.peer import PeerViT, peer_delta_bytes
     from monai_prompt.peft import delta_state_dict, trainable_report
 
     torch.set_num_threads(settings.threads)
@@ -311,8 +326,10 @@ def measure(config: BenchConfig, settings: BenchSettings) -> dict[str, Any]:
     memory.reset()
     step_cpu, step_wall = _timed(train_step, settings.steps, settings.warmup, device)
     peak = memory.peak()
-    report = trainable_report(net)
-    delta_bytes = _serialized_bytes(delta_state_dict(net))
+    if isinstance(net, PeerViT):
+        report, delta_bytes = net.trainable_report(), peer_delta_bytes(net)
+    else:
+        report, delta_bytes = trainable_report(net), _serialized_bytes(delta_state_dict(net))
     optimizer.zero_grad(set_to_none=True)
     if config.cached:  # inference runs online, with the LPM
         del net, optimizer
@@ -508,6 +525,47 @@ def run_benchmark(settings: BenchSettings, configs: list[BenchConfig], rounds: i
     return rows
 
 
+def _peer_variants(requested: Sequence[str] | None) -> list[str]:
+    """The peer's variants: those asked for (the peer libraries must be installed), else :data:`PEER_VARIANTS` when
+    they are installed and none when not (said on stdout)."""
+    from monai_prompt.benchmarks.peer import require_peer
+
+    if requested is not None:
+        if requested:
+            require_peer()
+        return list(requested)
+    try:
+        require_peer()
+    except ImportError as err:
+        print(f"no peer rows: {err}", flush=True)
+        return []
+    return list(PEER_VARIANTS)
+
+
+def format_peer_table(rows: list[dict[str, Any]]) -> str:
+    """Each LoRA and full fine-tuning row of the project against the peer's same method at the peer's lowest-memory
+    variant (its own best) and at the same variant: memory and step-time ratios (< 1: the project uses less)."""
+    from monai_prompt.benchmarks.peer import PEER_METHODS
+
+    peers = dict(zip(("lora", "full"), PEER_METHODS))
+    lines = [f"{'project configuration':<34} {'peer (own best)':<30} {'mem x':>6} {'wall x':>7}   "
+             f"{'peer (same variant)':<30} {'mem x':>6} {'wall x':>7}"]
+    lines.append("-" * len(lines[0]))
+    for row in rows:
+        peer_rows = [r for r in rows if r["method"] == peers.get(row["method"]) and r["img_size"] == row["img_size"]]
+        if not peer_rows:
+            continue
+        best = min(peer_rows, key=lambda r: r["peak_mib"])
+        same = next((r for r in peer_rows if r["variant"] == row["variant"]), None)
+        cells = f"{row['config']:<34} {best['config']:<30} {row['peak_mib'] / best['peak_mib']:>6.3f} " \
+                f"{row['step_wall_s'] / best['step_wall_s']:>7.2f}   "
+        if same is not None:
+            cells += f"{same['config']:<30} {row['peak_mib'] / same['peak_mib']:>6.3f} " \
+                     f"{row['step_wall_s'] / same['step_wall_s']:>7.2f}"
+        lines.append(cells.rstrip())
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``monai-prompt benchmark efficiency``."""
     from monai_prompt.backbones.vit import CHECKPOINT_MODES
@@ -532,6 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fpt-img-size", type=int, default=512, help="FPT's LPM input size (default: 512)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per step (default: 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: 1)")
+    parser.add_argument("--peer", nargs="*", default=None,
+                        help="variants of the peer rows, transformers ViT + peft LoRA and its full fine-tuning "
+                             "(default when transformers and peft are installed: none blocks+sdpa+bf16, their "
+                             "defaults and their own best; none: --peer)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     parser.add_argument("--quick", action="store_true",
                         help="CI smoke run: tiny ViT, 32 px (FPT 64), batch 2, 2 steps, 1 round, none/blocks (and "
@@ -555,12 +617,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpointing, rounds = args.checkpointing, args.rounds
     variants = list(dict.fromkeys([*checkpointing, *variants]))
     try:
-        configs = build_configs(settings, args.methods, variants)
-    except ValueError as err:
+        peer = _peer_variants(args.peer)
+        configs = build_configs(settings, args.methods, variants, peer)
+    except (ValueError, ImportError) as err:
         raise SystemExit(f"benchmark efficiency: {err}") from None
     print(f"{len(configs)} configurations x {rounds} round(s) on {machine(settings)}", flush=True)
     rows = run_benchmark(settings, configs, rounds, Path(args.out), log=lambda line: print(line, flush=True))
     print(format_table(rows))
+    if peer:
+        print(format_peer_table(rows))
     print(f"written: {args.out}/efficiency.csv, efficiency.json, memory_ratio.png, time_ratio.png, tradeoff.png")
 
 
