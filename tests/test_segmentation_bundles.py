@@ -24,6 +24,7 @@ from monai_prompt.data import DataCheckError
 from monai_prompt.data.segmentation import check_segmentation_datalist, mask_root, mask_suffix
 from monai_prompt.engine import latest_checkpoint
 from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice
+from monai_prompt.runs.bundles import find_bundle
 from monai_prompt.runs.runner import read_metrics, run_bundle
 from segmentation_support import (
     TINY_CLASSES,
@@ -253,3 +254,33 @@ def test_resume_continues_from_the_last_checkpoint(tiny_data, tmp_path):
     assert second["run"] == first["run"]  # the same run, continued
     assert set(second["model"]) == set(first["model"])  # the delta's tensors (prompts, decoder), trained on
     assert any(not torch.equal(first["model"][key], second["model"][key]) for key in first["model"])
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_training_img_size_takes_whole_training_images_unless_set(spatial_dims, tmp_path, caplog):
+    """The tiny images are 40 x 36 (3D 36 x 40 x 34): the ROI is 48, their largest side rounded up to 16; an
+    --img_size on the command line replaces the choice."""
+    datalist = write_tiny_segmentation(tmp_path / "data", spatial_dims)
+    name = "lora_segmentation" if spatial_dims == 2 else "lora_3d_segmentation"
+    parser = ConfigParser()
+    parser.read_config(str(find_bundle(name) / "configs" / "train.json"))
+    parser.update({"datalist_file": str(datalist), "bundle_root": str(tmp_path)})
+    with caplog.at_level("INFO", logger="monai_prompt"):
+        assert parser.get_parsed_content("roi_size") == (48,) * spatial_dims
+    assert f"img_size 48: the ROI and sliding window take whole training images (the largest, {tmp_path}" in caplog.text
+    parser.update({"img_size": 32})
+    assert parser.get_parsed_content("roi_size", lazy=False) == (32,) * spatial_dims
+
+
+def test_whole_image_roi_keeps_to_the_memory_budget(tmp_path, caplog):
+    from monai_prompt.data import whole_image_roi
+
+    for name, size in (("small.png", (20, 30)), ("wide.png", (300, 40))):
+        Image.fromarray(np.zeros(size[::-1], dtype=np.uint8)).save(tmp_path / name)
+    items = [{"image": str(tmp_path / "small.png")}]
+    assert whole_image_roi(items, 2) == 32
+    with caplog.at_level("INFO", logger="monai_prompt"):
+        assert whole_image_roi([*items, {"image": str(tmp_path / "wide.png")}], 2) == 256
+    assert "is 300 wide; a multiple of 16, cut to 256, the memory budget" in caplog.text
+    with pytest.raises(ValueError, match="there are none; add 'training' items or set --img_size"):
+        whole_image_roi([], 3)

@@ -33,6 +33,8 @@ from monai_prompt.runs.bundles import bundles_folder
 
 __all__ = ["check_bundle", "format_bundle_table", "main"]
 
+#: the 3D bundles' ROI on the tiny 64 x 64 x 32 crops (2D: the bundles' own choice, whole slices).
+ROI_3D = 32
 #: the efficiency runs: (name, ``monai-prompt benchmark efficiency`` arguments) on a GPU.
 EFFICIENCY_RUNS = (
     ("vit_b16_224", ["--img-size", "224", "--batch-size", "4", "--rounds", "1", "--methods", *IN_BACKBONE,
@@ -67,7 +69,7 @@ def _random_encoder_3d(path: Path) -> Path:
     from monai_prompt.runs.segmentation_demo_task import TINY_SEGMENTATION_DEMO
 
     torch.manual_seed(0)
-    vit = build_vit("vit_tiny", in_channels=1, img_size=TINY_SEGMENTATION_DEMO.roi, spatial_dims=3, cls_token=False,
+    vit = build_vit("vit_tiny", in_channels=1, img_size=ROI_3D, spatial_dims=3, cls_token=False,
                     **TINY_SEGMENTATION_DEMO.encoder)
     torch.save(vit.state_dict(), path)
     return path
@@ -94,15 +96,16 @@ def _run_segmentation(spec: BundleSpec, bundle: Path, out: Path, data: dict[str,
     encoder = data["encoder"]
     if spec.spatial_dims == 3:
         extra = {"spatial_dims": 3, "datalist_file": str(data["segmentation_data"] / "datalist_3d.json"),
-                 "_meta_#network_data_format#inputs#image#spatial_shape": [TINY_SEGMENTATION_DEMO.roi] * 3,
-                 "_meta_#network_data_format#outputs#pred#spatial_shape": [TINY_SEGMENTATION_DEMO.roi] * 3}
+                 "img_size": ROI_3D, "_meta_#network_data_format#inputs#image#spatial_shape": [ROI_3D] * 3,
+                 "_meta_#network_data_format#outputs#pred#spatial_shape": [ROI_3D] * 3}
         encoder = data["encoder_3d"]
     result = tune_segmentation(spec.name, out, data["segmentation_data"], encoder, TINY_SEGMENTATION_DEMO,
                                print_fn=lambda line: None, extra_overrides=extra)
     config = TINY_SEGMENTATION_DEMO
     overrides = {"backbone": "vit_tiny", "backbone_overrides": dict(config.encoder), "in_channels": 1,
-                 "spatial_dims": spec.spatial_dims, "img_size": config.roi, "feature_size": config.feature_size,
-                 "pretrained": str(encoder), "layer_norm_eps": MONAI_LAYER_NORM_EPS}
+                 "spatial_dims": spec.spatial_dims, "img_size": result["img_size"],
+                 "feature_size": config.feature_size, "pretrained": str(encoder),
+                 "layer_norm_eps": MONAI_LAYER_NORM_EPS}
     return result["metrics"]["mean_dice"], overrides
 
 

@@ -56,7 +56,7 @@ def demo_record(results: dict[str, Any], date: str) -> dict[str, Any]:
         "encoder": config["encoder"],
         "pretrain_epochs": config["pretrain_epochs"],
         "epochs": config["tune_epochs"],
-        "roi": f"{config['roi']} x {config['roi']}",
+        "roi": " x ".join([str(results["runs"]["pretrained"]["img_size"])] * 2),
         "feature_size": config["feature_size"],
         "test_images": results["test_images"],
         "runs": runs,

@@ -14,6 +14,7 @@ from monai_prompt.bundle_gen import classification, segmentation
 from monai_prompt.bundle_gen.metadata import PINNED_VERSIONS
 from monai_prompt.bundle_gen.specs import BundleSpec
 from monai_prompt.data.demo_segmentation import SEGMENTATION_CLASSES
+from monai_prompt.data.segmentation import ROI_BUDGET
 from monai_prompt.fpt.config import PAPER_LPM_IMG_SIZE, PAPER_SIDE_IMG_SIZE, default_side_img_size
 
 __all__ = ["MEASUREMENTS_FILES", "TaskText", "load_measurements", "readme"]
@@ -339,8 +340,11 @@ For other data set `class_names` (the datalist's `labels`; `num_classes` follows
 `metadata.json` (MONAI Label reads the label names from it), `in_channels`, and `pixdim` to resample to a
 common spacing (default `None`: the data's own).""",
         training=f"""\
-- Network: `{spec.method}` on `backbone="vit_base"` (ViT-B/16), `img_size={spec.img_size}` ({dims}D, the ROI),
-  `in_channels=1`, `feature_size=16`, `layer_norm_eps=1e-6` (timm checkpoints; 1e-12 HuggingFace, 1e-5 MONAI).
+- Network: `{spec.method}` on `backbone="vit_base"` (ViT-B/16), `img_size` the ROI ({dims}D): training takes
+  whole training images, their largest side rounded up to a multiple of 16, at most {ROI_BUDGET[spec.spatial_dims]}
+  (the memory budget; logged; `--img_size` chooses another, evaluation and inference read the recorded one;
+  before any training {spec.img_size}), `in_channels=1`, `feature_size=16`, `layer_norm_eps=1e-6` (timm
+  checkpoints; 1e-12 HuggingFace, 1e-5 MONAI).
 - Optimiser: {spec.optimizer}, learning rate {spec.learning_rate:g}, weight decay {spec.weight_decay:g}, cosine
   annealing to 0 over {spec.epochs} epochs; batches of `batch_size` images x `num_samples` ROI crops; source:
   {spec.recipe_source}.

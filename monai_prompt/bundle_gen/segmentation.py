@@ -199,6 +199,12 @@ def _continue_model(settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: training's ``img_size`` (the ROI and sliding window): whole training images, at most a memory budget
+#: (:func:`monai_prompt.data.whole_image_roi`, logged); continuing the served model: its recorded size; a command-line
+#: ``--img_size`` replaces the expression.
+_TRAINING_IMG_SIZE = ("$@training_config['img_size'] if @flags#continue_model else "
+                      "monai_prompt.data.whole_image_roi(@datalist['training'], @spatial_dims)")
+
 #: a training run that keeps the folder's previous run: ``--resume`` or ``continue_model`` (:func:`_continue_model`).
 _KEPT = "@flags#resume or @flags#continue_model"
 
@@ -221,7 +227,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
     """``configs/train.json``: training with sliding-window validation, best delta to ``models/model.pt``,
     resumable."""
     key_metric, additional_metrics = _metrics("val_")
-    settings = _common(spec)
+    settings = {**_common(spec), "img_size": _TRAINING_IMG_SIZE}
     return common.with_flags({
         **settings,
         **_continue_model(settings),

@@ -27,6 +27,7 @@ from monai_prompt.data.segmentation import (
     mask_root,
     mask_suffix,
     read_segmentation_datalist,
+    whole_image_roi,
 )
 from monai_prompt.data.split import SPLITS, SplitOptions, split_items
 
@@ -58,6 +59,7 @@ __all__ = [
     "read_classification_datalist",
     "read_header",
     "read_segmentation_datalist",
+    "whole_image_roi",
     "split_items",
     *_TRANSFORMS,
 ]

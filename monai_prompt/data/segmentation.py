@@ -11,6 +11,8 @@ folder below the inputs' common parent, so same-named inputs never share a mask)
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -33,7 +35,12 @@ __all__ = [
     "mask_root",
     "mask_suffix",
     "read_segmentation_datalist",
+    "whole_image_roi",
 ]
+
+#: the largest ROI side :func:`whole_image_roi` picks: 256 px in 2D (256 tokens of 16 x 16 patches), 96 voxels in
+#: 3D (216 tokens: UNETR's own 96^3 ROI), so that a ViT-B UNETR trains at batch 2-4 on one 16-24 GB GPU.
+ROI_BUDGET = {2: 256, 3: 96}
 
 _ALL_SPLITS = (*SPLITS, "unlabeled")
 #: relative tolerance of the affine comparison (image vs label), in units of the largest voxel size.
@@ -250,6 +257,35 @@ def check_segmentation_datalist(
         voxel_fractions={split: (v / max(v.sum(), 1)).tolist() for split, v in voxels.items()},
         channels=expected,
     )
+
+
+def whole_image_roi(items: Sequence[dict[str, Any]], spatial_dims: int, patch_size: int = 16) -> int:
+    """The ROI and sliding-window side that takes the largest training image whole: its largest side (as stored)
+    rounded up to a multiple of ``patch_size``, at most :data:`ROI_BUDGET`; logged on ``monai_prompt``.
+
+    Larger images are cropped to the budget in training and covered by the sliding window in validation and
+    inference. A resampling ``pixdim`` changes the sizes after this choice: set ``img_size`` then.
+
+    Args:
+        items: the training items (``image`` paths).
+        spatial_dims: 2 or 3.
+        patch_size: the ViT's patch size (the side is a multiple of it).
+    """
+    from monai_prompt.data.headers import read_header
+
+    if not items:
+        raise ValueError("img_size is chosen from the training images, and there are none; add 'training' items "
+                         "or set --img_size.")
+    sides = {item["image"]: max(read_header(item["image"]).spatial_shape[:spatial_dims]) for item in items}
+    largest = max(sides, key=sides.get)
+    whole = patch_size * math.ceil(sides[largest] / patch_size)
+    side = min(whole, ROI_BUDGET[spatial_dims])
+    cut = "" if side == whole else (f", cut to {side}, the memory budget (ROI_BUDGET): training takes {side}-wide "
+                                   "crops and the sliding window covers the rest")
+    logging.getLogger("monai_prompt").info(
+        f"img_size {side}: the ROI and sliding window take whole training images (the largest, {largest}, is "
+        f"{sides[largest]} wide; a multiple of {patch_size}{cut}); set --img_size to choose another.")
+    return side
 
 
 def mask_suffix(images: Sequence[str | os.PathLike]) -> str:

@@ -53,7 +53,8 @@ class SegmentationDemoConfig:
         method_config: its config (``None``: the bundle's; DVPT: :data:`monai_prompt.runs.demo_task.DEMO_DVPT`).
         encoder: the ViT shape (patch 16).
         slice_size: side of the demo slices (the MAE input).
-        roi: the UNETR input (the sliding-window ROI), a multiple of 16.
+        roi: the UNETR input (the sliding-window ROI), a multiple of 16; ``None``: the bundle's choice, whole
+            training images (:func:`monai_prompt.data.whole_image_roi`: the 2D slices whole).
         feature_size: UNETR decoder width.
         unlabeled_copies: re-jittered copies of each training slice for pre-training.
         crops_3d: training, validation and test 3D crops of the data build.
@@ -71,7 +72,7 @@ class SegmentationDemoConfig:
     method_config: Mapping[str, Any] | None = None
     encoder: Mapping[str, int] = field(default_factory=lambda: dict(DEMO_ENCODER))
     slice_size: int = 96
-    roi: int = 64
+    roi: int | None = None
     feature_size: int = 16
     unlabeled_copies: int = 4
     crops_3d: tuple[int, int, int] = (24, 6, 6)
@@ -79,7 +80,7 @@ class SegmentationDemoConfig:
     pretrain_batch_size: int = 32
     tune_epochs: int = 30
     batch_size: int = 8
-    num_samples: int = 2
+    num_samples: int = 1
     learning_rate: float = 1e-3
     figure_slices: int = 4
 
@@ -95,7 +96,6 @@ TINY_SEGMENTATION_DEMO = SegmentationDemoConfig(
     method_config=None,
     encoder={"hidden_size": 32, "num_layers": 4, "num_heads": 2, "mlp_dim": 64, "patch_size": 16},
     slice_size=32,
-    roi=32,
     feature_size=8,
     unlabeled_copies=1,
     crops_3d=(2, 1, 1),
@@ -103,7 +103,6 @@ TINY_SEGMENTATION_DEMO = SegmentationDemoConfig(
     pretrain_batch_size=8,
     tune_epochs=1,
     batch_size=4,
-    num_samples=1,
     figure_slices=2,
 )
 
@@ -185,15 +184,17 @@ def demo_overrides(
         "dataset_dir": str(data_dir),
         "pretrained": None if pretrained is None else str(pretrained),
         "layer_norm_eps": MONAI_LAYER_NORM_EPS,
-        "img_size": config.roi,
         "feature_size": config.feature_size,
         "learning_rate": config.learning_rate,
         "batch_size": config.batch_size,
         "num_samples": config.num_samples,
         "num_workers": 0,
         "cache_rate": 1.0,
-        "_meta_#network_data_format#inputs#image#spatial_shape": [config.roi] * 2,
-        "_meta_#network_data_format#outputs#pred#spatial_shape": [config.roi] * 2,
+        **({} if config.roi is None else {
+            "img_size": config.roi,
+            "_meta_#network_data_format#inputs#image#spatial_shape": [config.roi] * 2,
+            "_meta_#network_data_format#outputs#pred#spatial_shape": [config.roi] * 2,
+        }),
         **(extra_overrides or {}),
     }
 
@@ -256,7 +257,7 @@ def tune_segmentation(
     report = train.parser.get_parsed_content("network").parameter_report()
     keys = ("trainable", "backbone", "percent_of_backbone", "encoder_trainable", "decoder")
     return {"bundle": name, "metrics": metrics, **ablation, "seconds_per_epoch": round(seconds_per_epoch, 2),
-            **{key: report[key] for key in keys}}
+            "img_size": train.parser.get_parsed_content("img_size"), **{key: report[key] for key in keys}}
 
 
 def zero_encoder_outputs(network: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
