@@ -18,6 +18,7 @@ from PIL import Image
 from monai_prompt.cli import main
 from monai_prompt.data.demo import mni152_folder
 from monai_prompt.data.demo_segmentation import (
+    LOBE_CLASSES,
     SEGMENTATION_CLASSES,
     SLAB_SPLITS_3D,
     build_segmentation_demo,
@@ -140,9 +141,13 @@ def test_demo_runs_end_to_end_and_reuses_data_and_pretraining(tmp_path, capsys):
     assert "trainable parameter" in printed  # the bundle's parameter report
     results = json.loads((out / "results.json").read_text())
     assert set(results["runs"]) == {"pretrained", "scratch"}
+    assert results["classes"] == list(LOBE_CLASSES)  # the demo's task: the lobes
+    assert "with the encoder's outputs zeroed (same delta): mean Dice" in printed
+    assert 0 <= results["runs"]["pretrained"]["zeroed_encoder_metrics"]["mean_dice"] <= 1
     for run in results["runs"].values():
         metrics = run["metrics"]
-        assert {"mean_dice", "mean_hd95", *(f"dice_{c}" for c in SEGMENTATION_CLASSES[1:])} <= set(metrics)
+        assert run["img_size"] == 32  # the bundle's choice: the whole 32 x 32 slices
+        assert {"mean_dice", "mean_hd95", *(f"dice_{c}" for c in LOBE_CLASSES[1:])} <= set(metrics)
         assert 0 <= metrics["mean_dice"] <= 1 and f"{metrics['mean_dice']:.3f}" in printed
         assert run["trainable"] == run["encoder_trainable"] + run["decoder"]
         masks = sorted((Path(run["out_dir"]) / "eval" / "masks").iterdir())
