@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from monai_prompt.backbones.sam import build_sam
 from monai_prompt.backbones.tinyvit import build_tinyvit
+from peft_checks import assert_efficiency_paths_match
 
 IMG = 32
 #: a 4 x 4 patch grid; windows of 3 (padded to 6 x 6: four windows), global attention in blocks 1 and 3.
@@ -46,23 +47,36 @@ Prompt = Callable[[nn.Module], "torch.Tensor | None"]
 Branch = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
-def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Every float tensor of the state off its trivial init (BatchNorm variances positive)."""
+def randomise(module: nn.Module, seed: int = 0, spread: float = 0.3) -> nn.Module:
+    """Every float tensor of the state (relative tables, attention biases, BatchNorm statistics) off its trivial
+    init: normal with standard deviation ``spread``, BatchNorm variances positive."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
             if name.endswith("running_var"):
                 tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
             elif tensor.is_floating_point():
-                tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
+                tensor.copy_(spread * torch.randn(tensor.shape, generator=generator))
     return module
 
 
-def tiny_encoder(family: str, seed: int = 0) -> nn.Module:
-    """A tiny encoder of ``family`` standing in for pre-trained weights (all of its state random)."""
+def tiny_encoder(family: str, seed: int = 0, spread: float = 0.3) -> nn.Module:
+    """A tiny encoder of ``family`` standing in for pre-trained weights (all of its state random, see
+    :func:`randomise`)."""
     if family == "sam":
-        return randomise(build_sam("sam_vit_b", img_size=IMG, **SAM_TINY), seed)
-    return randomise(build_tinyvit("lite_medsam", img_size=IMG, **TINYVIT_TINY), seed)
+        return randomise(build_sam("sam_vit_b", img_size=IMG, **SAM_TINY), seed, spread)
+    return randomise(build_tinyvit("lite_medsam", img_size=IMG, **TINYVIT_TINY), seed, spread)
+
+
+def assert_efficiency_paths_and_torchscript_match(model: nn.Module, family: str) -> None:
+    """A classifier on a tiny ``family`` encoder: checkpointing and SDPA give its plain outputs and gradients
+    (:func:`peft_checks.assert_efficiency_paths_match`, float64), and so does its TorchScript."""
+    model = model.double().train()
+    size = CHECK_SIZE[family]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert_efficiency_paths_match(model, model.backbone, x)
+    model.eval()
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=1e-12)
 
 
 def attention_blocks(encoder: nn.Module) -> list[tuple[str, nn.Module]]:

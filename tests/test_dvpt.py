@@ -7,7 +7,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dvpt_official
-from grid_support import CHECK_SIZE, FAMILIES, attention_blocks, reference_features, tiny_encoder
+from grid_support import (
+    CHECK_SIZE,
+    FAMILIES,
+    assert_efficiency_paths_and_torchscript_match,
+    attention_blocks,
+    reference_features,
+    tiny_encoder,
+)
 from monai_prompt.backbones import build_vit
 from monai_prompt.backbones.sam import build_sam
 from monai_prompt.backbones.tinyvit import build_tinyvit
@@ -374,12 +381,7 @@ def test_grid_what_trains_sharing_zero_init_and_delta_round_trip(family, tmp_pat
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_grid_checkpointing_sdpa_and_torchscript_match(family):
-    model = grid_classifier(family).double().train()
-    size = CHECK_SIZE[family]
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    assert_efficiency_paths_match(model, model.backbone, x)
-    model.eval()
-    torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=1e-12)
+    assert_efficiency_paths_and_torchscript_match(grid_classifier(family), family)
 
 
 def test_grid_parameter_counts_at_full_size():

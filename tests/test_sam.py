@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from monai.bundle import ConfigParser
 
 from bundle_support import copy_bundle, tiny_overrides
+from grid_support import SAM_TINY
 from monai_prompt.backbones import build_backbone
 from monai_prompt.backbones.sam import SAM_KEY, SAM_PRESETS, SAMImageEncoder, build_sam, sam_from_pretrained
 from monai_prompt.backbones.tinyvit import LayerNorm2d
@@ -45,16 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 DISTRIBUTION = "segment-anything"
 NO_PACKAGE = f"the {DISTRIBUTION} package is not installed (pip install --no-deps {DISTRIBUTION}==1.0)"
 #: a tiny official encoder: an 8 x 8 patch grid, windows of 3 (padded to 9), global attention in blocks 1 and 3.
-TINY = {
-    "img_size": 64,
-    "patch_size": 8,
-    "embed_dim": 32,
-    "depth": 4,
-    "num_heads": 2,
-    "out_chans": 16,
-    "window_size": 3,
-    "global_attn_indexes": (1, 3),
-}
+TINY = {"img_size": 64, **SAM_TINY}
 IMG, CLASSES = 32, 3
 SUPPORTED = {
     "full": None,

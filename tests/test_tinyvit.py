@@ -23,6 +23,7 @@ import torch.nn as nn
 from monai.bundle import ConfigParser
 
 from bundle_support import copy_bundle, tiny_overrides
+from grid_support import randomise
 from monai_prompt.backbones.tinyvit import (
     TINYVIT_KEY,
     LayerNorm2d,
@@ -126,17 +127,6 @@ def lite_medsam_pair(vendored, lite_medsam_state) -> tuple[nn.Module, nn.Module]
     encoder = {k[len("image_encoder.") :]: v for k, v in lite_medsam_state.items() if k.startswith("image_encoder.")}
     reference.load_state_dict(encoder, strict=True)
     return reference.eval(), load_lite_medsam_encoder()
-
-
-def randomise(module: nn.Module, seed: int = 0) -> None:
-    """Every float tensor of the state (weights, attention biases, BatchNorm statistics) off its trivial init."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
-            elif tensor.is_floating_point():
-                tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
 
 
 def pretrained_tiny(seed: int = 0) -> nn.Module:

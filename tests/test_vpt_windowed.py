@@ -17,51 +17,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from monai_prompt.backbones.sam import build_sam
-from monai_prompt.backbones.tinyvit import build_tinyvit
+from grid_support import IMG, tiny_encoder
 from monai_prompt.nets.classifier import PromptClassifier
 from monai_prompt.peft import apply_method
 from peft_checks import assert_adamw_trains_exactly, assert_efficiency_paths_match
 
-IMG, CLASSES, TOKENS = 32, 3, 3
-#: a 4 x 4 patch grid: windows of 3 (padded to 6, 4 windows) in blocks 0 and 2, global attention in 1 and 3.
-SAM_TINY = {
-    "patch_size": 8,
-    "embed_dim": 32,
-    "depth": 4,
-    "num_heads": 2,
-    "out_chans": 16,
-    "window_size": 3,
-    "global_attn_indexes": (1, 3),
-}
-#: attention stages at 16 (window 7: padded, 9 windows), 8 (one window of 8) and 8 (window 5: padded, 4 windows).
-TINYVIT_TINY = {
-    "embed_dims": (8, 16, 24, 32),
-    "depths": (1, 2, 1, 1),
-    "num_heads": (1, 2, 3, 4),
-    "window_sizes": (7, 7, 8, 5),
-    "neck_dim": 16,
-}
-
-
-def randomise(module: nn.Module, seed: int = 0) -> None:
-    """Every float tensor of the state (relative tables, attention biases, BatchNorm statistics) off its init, at
-    a spread (0.5) where the first block's prompts still move the tiny TinyViT's output (at 0.3 its convolutions
-    damp them to about 1e-8)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
-            elif tensor.is_floating_point():
-                tensor.copy_(0.5 * torch.randn(tensor.shape, generator=generator))
+CLASSES, TOKENS = 3, 3
 
 
 def encoder(family: str) -> nn.Module:
-    """A tiny random encoder of ``family`` standing in for pre-trained weights."""
-    model = build_sam(img_size=IMG, **SAM_TINY) if family == "sam" else build_tinyvit(img_size=IMG, **TINYVIT_TINY)
-    randomise(model)
-    return model
+    """A tiny random encoder of ``family`` standing in for pre-trained weights, at a spread (0.5) where the first
+    block's prompts still move the tiny TinyViT's output (at 0.3 its convolutions damp them to about 1e-8)."""
+    return tiny_encoder(family, spread=0.5)
 
 
 def images(dtype: torch.dtype = torch.float64) -> torch.Tensor:

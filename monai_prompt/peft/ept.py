@@ -266,18 +266,18 @@ def _init_grid_prompt(attn: nn.Module, rows: int, config: EPTConfig) -> None:
     attn.variant = config.variant
 
 
-class SAMEPTAttention(RelPosAttention):
-    """SAM's relative-position attention with EPT's prompt in its softmax (see :func:`grid_ept_attend`).
+class _GridEPTAttention:
+    """What EPT adds to a token-grid family's attention: a conversion in place from the family's plain attention
+    (``plain``), so its keys stay the encoder's and ``ept_prompt`` is the one key it adds, and EPT's prompt in its
+    softmax (:func:`grid_ept_attend`)."""
 
-    Made from a pre-trained :class:`~monai_prompt.backbones.sam.RelPosAttention` in place by :meth:`convert`, so
-    its keys stay the encoder's and ``ept_prompt`` is the one key it adds.
-    """
+    plain: type[nn.Module]
 
     @classmethod
-    def convert(cls, attn: RelPosAttention, rows: int, config: EPTConfig) -> SAMEPTAttention:
+    def convert(cls, attn: nn.Module, rows: int, config: EPTConfig) -> nn.Module:
         """Turn ``attn`` into this class in place, with a prompt of ``rows`` rows, and return it."""
-        if type(attn) is not RelPosAttention:
-            raise TypeError(f"EPT converts a plain SAM RelPosAttention, got {type(attn).__name__}.")
+        if type(attn) is not cls.plain:
+            raise TypeError(f"EPT converts a plain {cls.plain.__name__}, got {type(attn).__name__}.")
         attn.__class__ = cls
         _init_grid_prompt(attn, rows, config)
         return attn
@@ -286,23 +286,16 @@ class SAMEPTAttention(RelPosAttention):
         return grid_ept_attend(q, k, v, bias, self.ept_prompt, self.scale, self.variant, self.use_sdpa)
 
 
-class TinyViTEPTAttention(WindowAttention):
-    """TinyViT's window attention with EPT's prompt in its softmax (see :func:`grid_ept_attend`).
+class SAMEPTAttention(_GridEPTAttention, RelPosAttention):
+    """SAM's relative-position attention (:class:`~monai_prompt.backbones.sam.RelPosAttention`) with EPT's prompt."""
 
-    Made from a pre-trained :class:`~monai_prompt.backbones.tinyvit.WindowAttention` in place by :meth:`convert`.
-    """
+    plain = RelPosAttention
 
-    @classmethod
-    def convert(cls, attn: WindowAttention, rows: int, config: EPTConfig) -> TinyViTEPTAttention:
-        """Turn ``attn`` into this class in place, with a prompt of ``rows`` rows, and return it."""
-        if type(attn) is not WindowAttention:
-            raise TypeError(f"EPT converts a plain TinyViT WindowAttention, got {type(attn).__name__}.")
-        attn.__class__ = cls
-        _init_grid_prompt(attn, rows, config)
-        return attn
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return grid_ept_attend(q, k, v, bias, self.ept_prompt, self.scale, self.variant, self.use_sdpa)
+class TinyViTEPTAttention(_GridEPTAttention, WindowAttention):
+    """TinyViT's window attention (:class:`~monai_prompt.backbones.tinyvit.WindowAttention`) with EPT's prompt."""
+
+    plain = WindowAttention
 
 
 def _apply_grid_ept(encoder: nn.Module, config: EPTConfig) -> None:
