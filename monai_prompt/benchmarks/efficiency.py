@@ -548,8 +548,8 @@ def format_peer_table(rows: list[dict[str, Any]]) -> str:
     from monai_prompt.benchmarks.peer import PEER_METHODS
 
     peers = dict(zip(("lora", "full"), PEER_METHODS))
-    lines = [f"{'project configuration':<34} {'peer (own best)':<30} {'mem x':>6} {'wall x':>7}   "
-             f"{'peer (same variant)':<30} {'mem x':>6} {'wall x':>7}"]
+    lines = [f"{'project configuration':<34} {'peer (own best)':<32} {'mem x':>6} {'wall x':>7}   "
+             f"{'peer (same variant)':<32} {'mem x':>6} {'wall x':>7}"]
     lines.append("-" * len(lines[0]))
     for row in rows:
         peer_rows = [r for r in rows if r["method"] == peers.get(row["method"]) and r["img_size"] == row["img_size"]]
@@ -557,10 +557,10 @@ def format_peer_table(rows: list[dict[str, Any]]) -> str:
             continue
         best = min(peer_rows, key=lambda r: r["peak_mib"])
         same = next((r for r in peer_rows if r["variant"] == row["variant"]), None)
-        cells = f"{row['config']:<34} {best['config']:<30} {row['peak_mib'] / best['peak_mib']:>6.3f} " \
+        cells = f"{row['config']:<34} {best['config']:<32} {row['peak_mib'] / best['peak_mib']:>6.3f} " \
                 f"{row['step_wall_s'] / best['step_wall_s']:>7.2f}   "
         if same is not None:
-            cells += f"{same['config']:<30} {row['peak_mib'] / same['peak_mib']:>6.3f} " \
+            cells += f"{same['config']:<32} {row['peak_mib'] / same['peak_mib']:>6.3f} " \
                      f"{row['step_wall_s'] / same['step_wall_s']:>7.2f}"
         lines.append(cells.rstrip())
     return "\n".join(lines)
