@@ -289,6 +289,31 @@ def find_backbone(model: nn.Module) -> nn.Module:
     )
 
 
+def preset_fields(
+    name: str, presets: Mapping[str, Mapping[str, Any]], overrides: Mapping[str, Any], what: str,
+    extra: Sequence[str] = (),
+) -> dict[str, Any]:
+    """A preset's fields with ``overrides`` applied, for the families built from named presets (TinyViT, SAM).
+
+    Args:
+        name: a key of ``presets``.
+        presets: the family's presets.
+        overrides: fields to replace (each a field of the preset, or one of ``extra``).
+        what: the family, for the errors (e.g. ``"TinyViT"``).
+        extra: fields the family takes beside the preset's.
+
+    Raises:
+        ValueError: an unknown preset or override, naming what is allowed.
+    """
+    if name not in presets:
+        raise ValueError(f"unknown {what} preset {name!r}; use one of {sorted(presets)}.")
+    allowed = set(presets[name]) | set(extra)
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {what} overrides {unknown}; allowed: {sorted(allowed)}.")
+    return {**presets[name], **overrides}
+
+
 def square_2d_side(img_size: int | Sequence[int], spatial_dims: int, what: str) -> int:
     """The side of a square 2D input, for families that take nothing else (TinyViT, SAM's encoder).
 

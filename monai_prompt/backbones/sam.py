@@ -38,7 +38,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from monai_prompt.backbones.pretrained import LoadReport, _adapt_patch_weight, read_checkpoint
-from monai_prompt.backbones.registry import BackboneFamily, BackboneRequest, register_family, square_2d_side
+from monai_prompt.backbones.registry import (
+    BackboneFamily,
+    BackboneRequest,
+    preset_fields,
+    register_family,
+    square_2d_side,
+)
 from monai_prompt.backbones.tinyvit import LayerNorm2d
 
 __all__ = [
@@ -418,14 +424,9 @@ def build_sam(
         spatial_dims: must be 2.
         overrides: replace preset fields (``embed_dim``, ``depth``, ``window_size``, ...), e.g. for tiny models.
     """
-    if name not in SAM_PRESETS:
-        raise ValueError(f"unknown SAM encoder preset {name!r}; use one of {sorted(SAM_PRESETS)}.")
-    allowed = set(SAM_PRESETS[name]) | {"layer_norm_eps"}
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise ValueError(f"unknown SAM encoder overrides {unknown}; allowed: {sorted(allowed)}.")
+    fields = preset_fields(name, SAM_PRESETS, overrides, "SAM encoder", extra=("layer_norm_eps",))
     size = square_2d_side(img_size, spatial_dims, f"the SAM encoder ({name!r})")
-    return SAMImageEncoder(in_channels=in_channels, img_size=size, **{**SAM_PRESETS[name], **overrides})
+    return SAMImageEncoder(in_channels=in_channels, img_size=size, **fields)
 
 
 def sam_encoder_state(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:

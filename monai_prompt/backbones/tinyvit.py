@@ -37,7 +37,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from monai_prompt.backbones.blocks import ParallelSeam
-from monai_prompt.backbones.registry import BackboneFamily, BackboneRequest, register_family, square_2d_side
+from monai_prompt.backbones.registry import (
+    BackboneFamily,
+    BackboneRequest,
+    preset_fields,
+    register_family,
+    square_2d_side,
+)
 
 __all__ = [
     "LITE_MEDSAM_WHEEL",
@@ -468,13 +474,9 @@ def build_tinyvit(
         spatial_dims: must be 2 (TinyViT is a 2D network).
         overrides: replace preset fields (``embed_dims``, ``depths``, ...), e.g. for tiny test models.
     """
-    if name not in TINYVIT_PRESETS:
-        raise ValueError(f"unknown TinyViT preset {name!r}; use one of {sorted(TINYVIT_PRESETS)}.")
+    fields = preset_fields(name, TINYVIT_PRESETS, overrides, "TinyViT")
     size = square_2d_side(img_size, spatial_dims, f"TinyViT ({name!r})")
-    unknown = sorted(set(overrides) - set(TINYVIT_PRESETS[name]))
-    if unknown:
-        raise ValueError(f"unknown TinyViT overrides {unknown}; allowed: {sorted(TINYVIT_PRESETS[name])}.")
-    return TinyViT(in_channels=in_channels, img_size=size, **{**TINYVIT_PRESETS[name], **overrides})
+    return TinyViT(in_channels=in_channels, img_size=size, **fields)
 
 
 def lite_medsam_checkpoint() -> Path:
