@@ -89,8 +89,7 @@ def _run_classification(spec: BundleSpec, bundle: Path, out: Path, data: dict[st
 def _run_segmentation(spec: BundleSpec, bundle: Path, out: Path, data: dict[str, Any]) -> tuple[float, dict]:
     """Train one epoch, evaluate and infer (2D: the MAE encoder; 3D: a saved random one); the overrides and mean
     Dice."""
-    from monai_prompt.runs.demo_task import MONAI_LAYER_NORM_EPS
-    from monai_prompt.runs.segmentation_demo_task import TINY_SEGMENTATION_DEMO, tune_segmentation
+    from monai_prompt.runs.segmentation_demo_task import TINY_SEGMENTATION_DEMO, demo_overrides, tune_segmentation
 
     extra: dict[str, Any] = {}
     encoder = data["encoder"]
@@ -101,16 +100,13 @@ def _run_segmentation(spec: BundleSpec, bundle: Path, out: Path, data: dict[str,
         encoder = data["encoder_3d"]
     result = tune_segmentation(spec.name, out, data["segmentation_data"], encoder, TINY_SEGMENTATION_DEMO,
                                print_fn=lambda line: None, extra_overrides=extra)
-    config = TINY_SEGMENTATION_DEMO
-    overrides = {"backbone": "vit_tiny", "backbone_overrides": dict(config.encoder), "in_channels": 1,
-                 "spatial_dims": spec.spatial_dims, "img_size": result["img_size"],
-                 "feature_size": config.feature_size, "pretrained": str(encoder),
-                 "layer_norm_eps": MONAI_LAYER_NORM_EPS}
-    return result["metrics"]["mean_dice"], overrides
+    overrides = demo_overrides(TINY_SEGMENTATION_DEMO, data["segmentation_data"], encoder, extra)
+    return result["metrics"]["mean_dice"], {**{k: v for k, v in overrides.items() if not k.startswith("_meta_")},
+                                            "img_size": result["img_size"]}
 
 
 def _scripted_runs_on(script: Path, device: torch.device, example: torch.Tensor) -> None:
-    """Load the TorchScript file onto ``device`` and check it gives finite outputs of the eager shape there."""
+    """Load the TorchScript file onto ``device`` and check it gives finite outputs there."""
     module = torch.jit.load(str(script), map_location=device)
     with torch.no_grad():
         out = module(example.to(device))
