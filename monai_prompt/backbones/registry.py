@@ -34,10 +34,12 @@ __all__ = [
     "get_family",
     "plain_request",
     "register_family",
+    "resolve_family",
     "square_2d_side",
 ]
 
-#: the tasks networks build backbones for (``PromptClassifier``/``FPTClassifier``, ``PromptUNETR``).
+#: the tasks networks build backbones for (``PromptClassifier``/``FPTClassifier``; segmentation: ``PromptUNETR``,
+#: ``PromptSAMUNETR``, ``PromptTinyViTUNETR``).
 TASKS = ("classification", "segmentation")
 
 _FAMILIES: dict[str, BackboneFamily] = {}
@@ -197,6 +199,16 @@ def _resolve(backbone: str | nn.Module, pretrained: str | Path | None, request: 
             f"({_presets_said()})."
         )
     return found[0]
+
+
+def resolve_family(backbone: str | nn.Module, pretrained: str | Path | None = None, method: str | None = None) -> str:
+    """The name of the family :func:`build_backbone` would build ``backbone`` with (``"auto"`` reads
+    ``pretrained``), for a caller that picks its network by family before building (segmentation).
+
+    Raises:
+        ValueError: as :func:`build_backbone` for an unknown name or ``"auto"`` without ``pretrained``.
+    """
+    return _resolve(backbone, pretrained, BackboneRequest(method=method)).name
 
 
 def build_backbone(

@@ -273,7 +273,8 @@ class SAMImageEncoder(nn.Module):
 
     :meth:`forward` returns the neck's image embedding ``[B, out_chans, H / p, W / p]``, :meth:`forward_tokens` the
     tokens before the neck ``[B, H / p, W / p, embed_dim]`` and :meth:`forward_features` the embedding averaged over
-    space ``[B, out_chans]`` (what a classifier reads; ``hidden_size`` is ``out_chans``). The input must be
+    space ``[B, out_chans]`` (what a classifier reads; ``hidden_size`` is ``out_chans``); :meth:`forward_hidden_states`
+    the grid after every block (what a UNETR decoder taps). The input must be
     ``img_size`` square (the absolute position embedding has one entry per patch).
 
     Args:
@@ -389,15 +390,22 @@ class SAMImageEncoder(nn.Module):
             )
         return x + self.pos_embed
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The tokens before the neck, ``[B, H / p, W / p, embed_dim]``, of images ``[B, in_channels, H, W]``."""
+    def forward_hidden_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The grid after every block, ``[B, H / p, W / p, embed_dim]`` each, of images ``[B, in_channels, H, W]``
+        (what a UNETR decoder taps)."""
         x = self.embed(x)
+        hidden_states: list[torch.Tensor] = []
         for block in self.blocks:
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
                 x = self._checkpointed(block, x)
             else:
                 x = block(x)
-        return x
+            hidden_states.append(x)
+        return hidden_states
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens before the neck, ``[B, H / p, W / p, embed_dim]``, of images ``[B, in_channels, H, W]``."""
+        return self.forward_hidden_states(x)[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The image embedding ``[B, out_chans, H / p, W / p]`` (the neck's map)."""
@@ -660,12 +668,6 @@ register_family(
         build=build_sam_backbone,
         is_preset=SAM_PRESETS.__contains__,
         presets=", ".join(SAM_PRESETS),
-        tasks=("classification",),
-        refusal=(
-            "backbone {backbone!r} is a SAM ViT image encoder, which serves classification only for now: the {task} "
-            "network (UNETR) decodes a plain ViT's hidden states, and no decoder of the SAM encoder's windowed "
-            "token grid and neck map is built yet; use a ViT preset (e.g. vit_base) or 'auto' with ViT weights."
-        ),
         recognises=is_sam_state,
         module=__name__,
     )

@@ -457,6 +457,18 @@ class TinyViT(nn.Module):
         """One feature vector per image, ``[B, neck_dim]``: the image embedding averaged over space."""
         return self.forward(x).mean(dim=(2, 3))
 
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each stage's output ``[B, embed_dims[i + 1], H / s_i, W / s_i]`` (after its ``PatchMerging``, as Swin
+        stages feed SwinUNETR; the last stage's at ``embed_dims[-1]``), then the image embedding (the neck's map):
+        the multi-scale maps a segmentation decoder reads."""
+        x = self.patch_embed(x)
+        maps: list[torch.Tensor] = []
+        for layer in self.layers:
+            x = layer(x)
+            maps.append(x)
+        maps.append(self.neck(x))
+        return maps
+
 
 def build_tinyvit(
     name: str = "lite_medsam",
@@ -569,11 +581,6 @@ register_family(
         build=build_tinyvit_backbone,
         is_preset=TINYVIT_PRESETS.__contains__,
         presets=", ".join(TINYVIT_PRESETS),
-        tasks=("classification",),
-        refusal=(
-            "backbone {backbone!r} is a TinyViT, which serves classification only: the {task} decoder (UNETR) needs "
-            "a ViT's patch-token grid at patch size 16; use a ViT preset (e.g. vit_base) or 'auto' with ViT weights."
-        ),
         recognises=is_tinyvit_state,
         module=__name__,
     )

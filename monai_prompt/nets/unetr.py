@@ -134,6 +134,12 @@ class PromptUNETR(PromptNetwork, UNETR):
             task="segmentation",
             method=method,
         )
+        if backbone.family != "vit":
+            raise ValueError(
+                f"PromptUNETR decodes a plain ViT's hidden states; backbone {type(backbone).__name__} is of the "
+                f"{backbone.family!r} family: use monai_prompt.nets.segmentation_network, which picks its network "
+                "(PromptSAMUNETR, PromptTinyViTUNETR)."
+            )
         _check_backbone(backbone, in_channels, sizes, spatial_dims)
         cfg = backbone.config
         # the parent builds the decoder and MONAI's own 12-block ViT (about a second at ViT-B), replaced right after

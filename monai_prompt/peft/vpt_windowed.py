@@ -215,16 +215,18 @@ class PromptedSAMImageEncoder(SAMImageEncoder):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return checkpoint(block.forward_prompted, x, prompts, use_reentrant=False)
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The tokens before the neck ``[B, H / p, W / p, embed_dim]``; the prompts are dropped at the end."""
+    def forward_hidden_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The grid after every block ``[B, H / p, W / p, embed_dim]``; the prompts ride beside it, never in it."""
         x = self.embed(x)
         prompts = x.new_zeros(x.shape[0], 0, x.shape[-1])
+        hidden_states: list[torch.Tensor] = []
         for block in self.blocks:
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
                 x, prompts = self._checkpointed_prompted(block, x, prompts)
             else:
                 x, prompts = block.forward_prompted(x, prompts)
-        return x
+            hidden_states.append(x)
+        return hidden_states
 
 
 class PromptedTinyViTBlock(_PromptSlot, TinyViTBlock):
@@ -294,6 +296,17 @@ class PromptedTinyViT(TinyViT):
         for layer in self.layers[1:]:
             x, prompts = layer.forward_prompted(x, prompts)
         return self.neck(x)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`TinyViT.forward_stages` with the prompts carried through the attention stages, dropped at the end."""
+        x = self.layers[0](self.patch_embed(x))
+        maps = [x]
+        prompts = x.new_zeros(x.shape[0], 0, x.shape[1])
+        for layer in self.layers[1:]:
+            x, prompts = layer.forward_prompted(x, prompts)
+            maps.append(x)
+        maps.append(self.neck(x))
+        return maps
 
 
 def first_token_size(encoder: nn.Module) -> tuple[int, int]:
