@@ -343,9 +343,9 @@ def test_fpt_raises_naming_variant_and_family(variant, sam_weights):
         FPTClassifier(CLASSES, variant, backbone="auto", pretrained=str(sam_weights), img_size=IMG)
 
 
-def test_segmentation_refuses_the_family_saying_why(sam_weights):
-    with pytest.raises(ValueError, match=r"is a SAM ViT image encoder, which serves classification only"):
-        PromptUNETR(2, "lora", backbone="auto", pretrained=str(sam_weights), img_size=IMG, spatial_dims=2)
+def test_promptunetr_sends_the_family_to_its_network(sam_weights):
+    with pytest.raises(ValueError, match=r"decodes a plain ViT.*'sam' family.*PromptSAMUNETR"):
+        PromptUNETR(3, 2, IMG, "lora", backbone="auto", pretrained=str(sam_weights), spatial_dims=2)
 
 
 def test_presets_are_registered():

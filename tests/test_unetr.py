@@ -431,8 +431,8 @@ def test_fpt_is_refused(method):
         PromptUNETR(1, OUT, 32, method, spatial_dims=2, backbone="vit_tiny", backbone_overrides=TINY)
 
 
-def test_tinyvit_is_refused_by_the_family_task_check():
-    with pytest.raises(ValueError, match=r"'lite_medsam' is a TinyViT, which serves classification only.*vit_base"):
+def test_other_families_are_sent_to_their_network():
+    with pytest.raises(ValueError, match=r"decodes a plain ViT.*'tinyvit' family.*segmentation_network"):
         PromptUNETR(3, OUT, 32, spatial_dims=2, backbone="lite_medsam")
 
 
