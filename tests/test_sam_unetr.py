@@ -21,7 +21,9 @@ from peft_checks import assert_adamw_trains_exactly, perturb_trainable
 
 IMG, OUT = 32, 3
 #: patch 16 (UNETR's): a 2 x 2 grid at 32 px, one padded window of 3, global attention in blocks 1 and 3.
-SAM_SEG = {"embed_dim": 32, "depth": 4, "num_heads": 2, "out_chans": 16, "window_size": 3, "global_attn_indexes": (1, 3)}
+SAM_SEG = {
+    "embed_dim": 32, "depth": 4, "num_heads": 2, "out_chans": 16, "window_size": 3, "global_attn_indexes": (1, 3)
+}
 PRESETS = {"sam": ("sam_vit_b", SAM_SEG), "tinyvit": ("lite_medsam", TINYVIT_TINY)}
 NETWORKS = {"sam": PromptSAMUNETR, "tinyvit": PromptTinyViTUNETR}
 #: every method of the families but FPT's (classification only), VPT shallow and deep.

@@ -137,8 +137,9 @@ def segmentation_metadata(spec: BundleSpec) -> dict[str, Any]:
         "name": f"{spec.title} {dims}D segmentation (MONAI UNETR)",
         "task": f"{dims}D semantic segmentation with a UNETR whose pre-trained ViT encoder is tuned by {spec.title}",
         "description": (
-            f"{spec.title}: {spec.summary}. The network (monai_prompt.nets.PromptUNETR, a MONAI UNETR) loads its "
-            "pre-trained MONAI ViT encoder itself (config 'pretrained'); the decoder always trains. "
+            f"{spec.title}: {spec.summary}. The network (monai_prompt.nets.segmentation_network: a MONAI UNETR on a "
+            "ViT; in 2D also SAM's ViT or LiteMedSAM's TinyViT with UNETR-style decoders) loads its pre-trained "
+            "encoder itself (config 'pretrained'); the decoder always trains. "
             + _DELTA.format(trained="decoder")
         ),
         **_AUTHORS,

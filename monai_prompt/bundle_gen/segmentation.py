@@ -1,8 +1,9 @@
 """The segmentation bundle configs (``train``, ``evaluate``, ``inference``, ``multi_gpu_train``) as Python dicts.
 
-One template for the nine PEFT methods in 2D and 3D: ``monai_prompt.nets.PromptUNETR`` (MONAI's UNETR with the
-method on its ViT encoder) trained in the model-zoo way: DiceCE loss on random ROI crops (half centred on
-foreground), sliding-window inference over whole images (ROI = the network's ``img_size``, ``sw_overlap``
+One template for the nine PEFT methods in 2D and 3D: ``monai_prompt.nets.segmentation_network``, the network of
+the backbone's family (``PromptUNETR``, MONAI's UNETR with the method on its ViT encoder; in 2D also SAM's ViT
+image encoder and LiteMedSAM's TinyViT with UNETR-style decoders) trained in the model-zoo way: DiceCE loss on
+random ROI crops (half centred on foreground), sliding-window inference over whole images (ROI = the network's ``img_size``, ``sw_overlap``
 configurable), mean Dice (key metric), Dice per class and HD95 (mean and per class, in voxels) on validation and
 evaluation, and inference that inverts the preprocessing (``Invertd``) before ``SaveImaged`` writes each mask
 on its input's grid (NIfTI with the input's affine for NIfTI/DICOM inputs, PNG for PNG inputs). The task-free
@@ -42,11 +43,12 @@ _UNTRAINED_TASK = {"class_names": list(SEGMENTATION_CLASSES), "num_classes": len
 
 
 def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
-    """``PromptUNETR`` loading the pre-trained encoder itself from ``pretrained`` (``trained``: with the recorded
-    method config and backbone overrides, see :func:`~monai_prompt.bundle_gen.common.recorded`)."""
+    """The backbone family's segmentation network (``segmentation_network``) loading the pre-trained encoder itself
+    from ``pretrained`` (``trained``: with the recorded method config and backbone overrides, see
+    :func:`~monai_prompt.bundle_gen.common.recorded`)."""
     prefix = "trained_" if trained else ""
     return {
-        "_target_": "monai_prompt.nets.PromptUNETR",
+        "_target_": "monai_prompt.nets.segmentation_network",
         "in_channels": "@in_channels",
         "out_channels": "@num_classes",
         "img_size": "@img_size",

@@ -326,6 +326,9 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
         "decoder start from scratch; not tuned",
         references=(_UNETR, *spec.references),
         changelog=(
+            ("0.1.5", ("network_def is monai_prompt.nets.segmentation_network: the network follows the backbone's "
+                       "family; in 2D --backbone lite_medsam (TinyViT, SwinUNETR-style decoder) and --backbone auto "
+                       "with a SAM/MedSAM checkpoint (UNETR's decoder on SAM's ViT) segment; 3D refuses them")),
             ("0.1.4", ("attention runs through PyTorch SDPA by default (sdpa; --sdpa false for the literal path); "
                        "the training log gives the run's time left, on rank 0 only; inference masks keep their "
                        "input's folder below the inputs' common parent (two inputs named alike get two masks); a "
