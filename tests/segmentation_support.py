@@ -108,6 +108,36 @@ def write_tiny_encoder(path: str | os.PathLike, spatial_dims: int, seed: int = 0
     return path
 
 
+#: 2D bundles that the bundle test runs on a SAM-family encoder (their methods keep a ViT run in 3D): windowed VPT on
+#: SAM's ViT (``backbone="auto"`` from a whole-SAM checkpoint at another size and channel count), EPT on the TinyViT.
+SAM_FAMILY_BUNDLES = {"vpt_segmentation": "sam", "ept_segmentation": "tinyvit"}
+#: a tiny SAM ViT with UNETR's patch 16 (a 4 x 4 grid at 64 px; windows of 3, global blocks 1 and 3).
+TINY_SAM = {
+    "embed_dim": 32, "depth": 4, "num_heads": 2, "out_chans": 16, "window_size": 3, "global_attn_indexes": (1, 3)
+}
+
+
+def write_sam_family_encoder(path: str | os.PathLike, family: str, seed: int = 0) -> dict[str, Any]:
+    """A random tiny encoder of ``family`` saved at ``path`` as its checkpoints are (SAM: a whole SAM's
+    ``image_encoder.*`` keys at 64 px, RGB; TinyViT: the encoder's state dict, one channel), and the bundle overrides
+    that build it."""
+    import torch
+
+    from grid_support import TINYVIT_TINY
+    from monai_prompt.backbones.sam import build_sam
+    from monai_prompt.backbones.tinyvit import build_tinyvit
+
+    torch.manual_seed(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if family == "sam":
+        state = build_sam("sam_vit_b", in_channels=3, img_size=64, **TINY_SAM).state_dict()
+        torch.save({f"image_encoder.{key}": value for key, value in state.items()}, path)
+        return {"backbone": "auto", "backbone_overrides": {}, "pretrained": str(path)}
+    torch.save(build_tinyvit("lite_medsam", in_channels=1, img_size=TINY_ROI, **TINYVIT_TINY).state_dict(), path)
+    return {"backbone": "lite_medsam", "backbone_overrides": dict(TINYVIT_TINY), "pretrained": str(path)}
+
+
 def reference_scores(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> dict[str, list[float]]:
     """Dice and HD95 (voxels) per foreground class of one integer mask pair, computed with numpy/scipy: Dice is
     NaN when the truth lacks the class, HD95 when either mask does; surfaces are the masks minus their erosion,

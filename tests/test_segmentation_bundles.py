@@ -27,9 +27,11 @@ from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, Cla
 from monai_prompt.runs.bundles import find_bundle
 from monai_prompt.runs.runner import read_metrics, run_bundle
 from segmentation_support import (
+    SAM_FAMILY_BUNDLES,
     TINY_CLASSES,
     reference_scores,
     tiny_segmentation_overrides,
+    write_sam_family_encoder,
     write_tiny_encoder,
     write_tiny_segmentation,
 )
@@ -56,6 +58,7 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
         "3d": write_tiny_segmentation(root / "nifti3d", 3),
         "encoder2": write_tiny_encoder(root / "vit2.pt", 2),
         "encoder3": write_tiny_encoder(root / "vit3.pt", 3),
+        **{family: root / f"{family}.pt" for family in SAM_FAMILY_BUNDLES.values()},
     }
 
 
@@ -107,11 +110,16 @@ def test_bundle_train_evaluate_infer_verify_export(name, tiny_data, tmp_path):
     png = spec.spatial_dims == 2 and spec.method in ("linear", "lora", "bitfit", "dvpt")  # both 2D formats covered
     datalist = tiny_data["2d_png" if png else f"{spec.spatial_dims}d"]
     bundle, overrides = _copy(name, datalist, tiny_data[f"encoder{spec.spatial_dims}"], tmp_path)
+    family = SAM_FAMILY_BUNDLES.get(name)
+    if family:  # the network follows the encoder's family (segmentation_network)
+        overrides.update(write_sam_family_encoder(tiny_data[family], family))
     run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
 
     delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert list(delta) == ["peft", "model"] and delta["peft"]["method"] == spec.method
-    assert "out.conv.conv.weight" in delta["model"] and "decoder2.transp_conv.conv.weight" in delta["model"]
+    assert delta["peft"]["backbone"]["config"].get("family", "vit") == (family or "vit")
+    last_up = "decoder1" if family == "tinyvit" else "decoder2"  # the TinyViT decoder's full-resolution stage
+    assert "out.conv.conv.weight" in delta["model"] and f"{last_up}.transp_conv.conv.weight" in delta["model"]
     assert ("vit.patch_embedding.patch_embeddings.weight" in delta["model"]) == (spec.method == "full")
     resume = torch.load(bundle / "models" / "checkpoint_epoch=1.pt", weights_only=True)
     assert resume["trainer"]["iteration"] == 2  # 4 training images, batch 2

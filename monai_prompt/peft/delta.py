@@ -324,9 +324,14 @@ def _drop_frozen_missing(module: nn.Module, incompatible_keys) -> None:
     for name, param in params.items():
         aliases.setdefault(id(param), []).append(name)
     missing = set(incompatible_keys.missing_keys)
+    # the backbone's buffers (the TinyViT's BatchNorm statistics, kept in eval mode) come from it, as frozen weights do
+    backbone = f"{getattr(module, 'backbone_name', 'vit')}."
+    buffers = [name for name, _ in module.named_buffers() if name.startswith(backbone)]
 
     def satisfied(key: str) -> bool:
         """Frozen (from the backbone), or a shared parameter loaded under another of its names."""
+        if any(key == name or key.endswith("." + name) for name in buffers):
+            return True
         for name, param in params.items():
             if key == name or key.endswith("." + name):
                 prefix = key[: len(key) - len(name)]
@@ -346,8 +351,8 @@ def _check_on_load(module: nn.Module, state_dict: dict, prefix: str, *args) -> N
 def allow_delta_load(module: nn.Module) -> None:
     """Make ``module.load_state_dict`` take a delta's ``model`` entry, and only on the backbone it was trained on.
 
-    - ``strict=True`` passes: missing keys that name *frozen* parameters (they come from the pre-trained
-      backbone) or other names of a shared parameter that was loaded (DVPT's shared modules) are not errors, so
+    - ``strict=True`` passes: missing keys that name *frozen* parameters or the backbone's buffers (they come from
+      the pre-trained backbone) or other names of a shared parameter that was loaded (DVPT's shared modules) are not errors, so
       MONAI tools that load strictly (``ckpt_export --key_in_ckpt model``, ignite ``Checkpoint.load_objects``)
       accept a delta. Unexpected keys, missing trainable keys and shape mismatches still fail.
     - whatever ``strict`` (MONAI Label loads ``ckpt["model"]`` with ``strict=False``), a state dict whose
