@@ -351,10 +351,11 @@ def _check_on_load(module: nn.Module, state_dict: dict, prefix: str, *args) -> N
 def allow_delta_load(module: nn.Module) -> None:
     """Make ``module.load_state_dict`` take a delta's ``model`` entry, and only on the backbone it was trained on.
 
-    - ``strict=True`` passes: missing keys that name *frozen* parameters or the backbone's buffers (they come from
-      the pre-trained backbone) or other names of a shared parameter that was loaded (DVPT's shared modules) are not errors, so
-      MONAI tools that load strictly (``ckpt_export --key_in_ckpt model``, ignite ``Checkpoint.load_objects``)
-      accept a delta. Unexpected keys, missing trainable keys and shape mismatches still fail.
+    - ``strict=True`` passes: missing keys that name *frozen* parameters or the backbone's buffers (they come
+      from the pre-trained backbone) or other names of a shared parameter that was loaded (DVPT's shared modules)
+      are not errors, so MONAI tools that load strictly (``ckpt_export --key_in_ckpt model``, ignite
+      ``Checkpoint.load_objects``) accept a delta. Unexpected keys, missing trainable keys and shape mismatches
+      still fail.
     - whatever ``strict`` (MONAI Label loads ``ckpt["model"]`` with ``strict=False``), a state dict whose
       :data:`FINGERPRINT_KEY` differs from the backbone's raises :class:`DeltaMismatchError` before anything is
       loaded, as does one without it that lacks frozen weights (:func:`check_backbone_identity`).
