@@ -277,10 +277,17 @@ def build_lpm(backbone: str | nn.Module, pretrained: str | Path | None, request:
             ``layers``, ``token_ratio``, ``token_importance``.
 
     Raises:
-        ValueError: ``backbone`` is of another family, or carries a PEFT method.
+        ValueError: ``backbone`` is of another family or carries a PEFT method, or the request is not
+            :class:`~monai_prompt.nets.FPTClassifier`'s (no ``layers`` option).
     """
     from monai_prompt.fpt.grid_lpm import GRID_LPMS, grid_lpm_from  # it builds on this module
 
+    if "layers" not in request.options:
+        raise ValueError(
+            f"method {request.method!r} is FPT, not a method inside a backbone: build it with "
+            "monai_prompt.nets.FPTClassifier (a frozen LPM beside a small side network; bundles: fpt_classification, "
+            "fptplus_classification)."
+        )
     preset = isinstance(backbone, str) and backbone != "auto" and get_family("vit").is_preset(backbone)
     if preset:
         with torch.device("meta"):
