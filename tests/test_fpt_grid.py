@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.bundle import ConfigParser
 
+from bundle_support import REPO
 from grid_support import (
     CHECK_SIZE,
     IMG,
@@ -198,3 +200,15 @@ def test_parameter_counts_at_full_size(backbone, size, variant, taps, side, lear
     assert net.learnable_parameters() == side_vit + fusion == learnable
     report = trainable_report(net)
     assert report["trainable"] == learnable and round(report["percent_of_backbone"], 3) == percent
+
+
+@pytest.mark.parametrize("name", ["fpt_classification", "fptplus_classification"])
+def test_fpt_bundles_build_the_tinyvit_lpm(name):
+    """``--backbone lite_medsam`` (tiny shape) gives the bundle's network a TinyViT LPM and its side input."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / name / "configs" / "train.json"))
+    parser.update({"backbone": "lite_medsam", "backbone_overrides": dict(TINYVIT_TINY), "img_size": 64,
+                   "pretrained": None, "num_classes": 3})
+    net = parser.get_parsed_content("network_def")
+    assert isinstance(net.lpm, TinyViTLPM) and net.lpm.taps == [3]
+    assert net.side_img_size == ([32, 32] if name.startswith("fpt_") else [16, 16])  # 224 / 128 at 512, in patches
