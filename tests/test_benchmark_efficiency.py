@@ -150,4 +150,5 @@ def test_sam_family_backbones_refuse_partial_checkpointing_and_peer_rows():
     with pytest.raises(SystemExit, match=r"'lite_medsam' recomputes whole blocks or nothing \(variants \['attn', 'mlp"):
         main(["benchmark", "efficiency", "--backbone", "lite_medsam", "--checkpointing", "attn", "--methods", "fpt"])
     with pytest.raises(SystemExit, match="the peer rows .* are ViT-only"):
-        main(["benchmark", "efficiency", "--backbone", "sam_vit_b", "--checkpointing", "none", "--peer", "none"])
+        main(["benchmark", "efficiency", "--backbone", "sam_vit_b", "--checkpointing", "none", "--variants", "--peer",
+              "none"])
