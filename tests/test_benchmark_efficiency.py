@@ -144,3 +144,11 @@ def test_quick_run_writes_every_method(tmp_path, capsys):
     assert [r["config"] for r in record["summary"]] == [r["config"] for r in rows]
     for chart in ("memory_ratio.png", "time_ratio.png", "tradeoff.png"):
         assert (tmp_path / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sam_family_backbones_refuse_partial_checkpointing_and_peer_rows():
+    with pytest.raises(SystemExit, match=r"'lite_medsam' recomputes whole blocks or nothing \(variants \['attn', 'mlp"):
+        main(["benchmark", "efficiency", "--backbone", "lite_medsam", "--checkpointing", "attn", "--methods", "fpt"])
+    with pytest.raises(SystemExit, match="the peer rows .* are ViT-only"):
+        main(["benchmark", "efficiency", "--backbone", "sam_vit_b", "--checkpointing", "none", "--variants", "--peer",
+              "none"])

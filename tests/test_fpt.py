@@ -78,7 +78,7 @@ def ref_lpm_features(lpm: LPMExtractor, image: torch.Tensor) -> torch.Tensor:
     x = ref_embed(lpm, image, lpm.cls_token)
     keys, values = [], []
     for index, blk in enumerate(lpm.blocks):
-        if index in lpm.layers:
+        if index in lpm.taps:
             q, k, v = ref_qkv(blk, x, lpm.num_heads)
             probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
             keys.append(ref_select(probs, k, lpm.num_keep, lpm.token_importance))
@@ -147,7 +147,7 @@ def test_lpm_features_match_reference(variant, importance):
     features = net.lpm_features(image)
     # 17 tokens (16 patches + CLS), int(17 * 0.2) = 3 kept per head, head dim 16.
     expected_layers = [0, 1, 2] if variant == "fpt" else [2]
-    assert net.lpm.layers == expected_layers
+    assert net.lpm.taps == expected_layers
     assert list(features.shape) == [2, 2, len(expected_layers), 4, 3, 16]
     torch.testing.assert_close(features, ref_lpm_features(net.lpm, image), rtol=0, atol=1e-12)
     assert not features.requires_grad
@@ -162,7 +162,7 @@ def test_fusion_matches_reference(variant):
         fusion.prompts.normal_()  # the 1e-6 init would hide the prompt path
     kv = torch.randn(2, *net.feature_shape, dtype=torch.float64)
     expected_dim = 64 if variant == "fptplus" else 8
-    assert fusion.prompts.shape == (len(net.lpm.layers), 1, 16, expected_dim)
+    assert fusion.prompts.shape == (len(net.lpm.taps), 1, 16, expected_dim)
     torch.testing.assert_close(fusion(kv), ref_fusion(fusion, kv, heads=4), rtol=0, atol=1e-12)
 
 

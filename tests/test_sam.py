@@ -332,15 +332,22 @@ def test_lora_parameter_count_at_sam_vit_b_size():
 
 
 @pytest.mark.parametrize("method", ["fpt", "fptplus"])
-def test_other_methods_raise_at_build_time_naming_method_and_family(method, sam_weights):
-    with pytest.raises(ValueError, match=rf"'{method}' does not support the 'sam' backbone family"):
+def test_fpt_in_a_prompt_classifier_names_the_fpt_network(method, sam_weights):
+    with pytest.raises(ValueError, match=rf"method '{method}' is FPT, not a method inside a backbone: build it with"):
         make_model(method, sam_weights)
 
 
 @pytest.mark.parametrize("variant", ["fpt", "fptplus"])
-def test_fpt_raises_naming_variant_and_family(variant, sam_weights):
-    with pytest.raises(ValueError, match=rf"'{variant}' does not support the 'sam' backbone family"):
-        FPTClassifier(CLASSES, variant, backbone="auto", pretrained=str(sam_weights), img_size=IMG)
+def test_fpt_lpm_from_a_sam_checkpoint_through_auto(variant, sam_weights):
+    """``backbone="auto"`` reads the SAM encoder off a whole SAM checkpoint; the LPM holds its weights, frozen, and
+    taps its global-attention blocks (all for FPT, the last half for FPT+)."""
+    net = FPTClassifier(CLASSES, variant, {"side_img_size": 16}, backbone="auto", pretrained=str(sam_weights),
+                        img_size=IMG)
+    reference = sam_from_pretrained(sam_weights, img_size=IMG)[0]
+    assert net.lpm.family == "sam" and net.lpm.taps == ([1, 3] if variant == "fpt" else [3])
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in net.lpm.state_dict().items())
+    assert not any(p.requires_grad for p in net.lpm.parameters())
+    assert net(torch.rand(2, 3, IMG, IMG)).shape == (2, CLASSES)
 
 
 def test_promptunetr_sends_the_family_to_its_network(sam_weights):

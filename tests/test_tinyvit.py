@@ -301,17 +301,18 @@ def test_merge_equals_unmerged_and_torchscript_matches(method):
 
 
 @pytest.mark.parametrize("method", ["fpt", "fptplus"])
-def test_token_methods_raise_at_build_time_naming_method_family_and_reason(method):
-    message = rf"'{method}' does not support the 'tinyvit' backbone family: it needs a plain token sequence"
+def test_fpt_in_a_prompt_classifier_names_the_fpt_network(method):
+    message = rf"method '{method}' is FPT, not a method inside a backbone: build it with"
     with pytest.raises(ValueError, match=message):
         PromptClassifier(CLASSES, method, backbone="lite_medsam", img_size=IMG, backbone_overrides=TINY_NECK)
 
 
 @pytest.mark.parametrize("variant", ["fpt", "fptplus"])
-def test_fpt_raises_at_build_time_naming_variant_family_and_reason(variant):
-    message = rf"'{variant}' does not support the 'tinyvit' backbone family: it needs a plain token sequence"
-    with pytest.raises(ValueError, match=message):
-        FPTClassifier(CLASSES, variant, backbone="lite_medsam", img_size=IMG)
+def test_fpt_lpm_is_the_frozen_tinyvit_tapping_its_last_stage(variant):
+    net = FPTClassifier(CLASSES, variant, {"side_img_size": 16}, backbone="lite_medsam", img_size=IMG,
+                        backbone_overrides=TINY_NECK)
+    assert net.lpm.family == "tinyvit" and net.lpm.taps == [3]  # the last stage: one block here
+    assert not any(p.requires_grad for p in net.lpm.parameters())
 
 
 # --------------------------------------------------------------------------------------------------------

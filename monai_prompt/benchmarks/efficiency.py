@@ -18,7 +18,10 @@ comes from the same round, under the same load. Per configuration:
 Variants of the in-backbone methods (``--checkpointing`` modes of
 :meth:`~monai_prompt.backbones.vit.PromptableViT.set_grad_checkpointing` and ``--variants`` such as
 ``blocks+sdpa+bf16``); FPT/FPT+ train online and from preloaded features (the LPM released,
-:meth:`~monai_prompt.nets.FPTClassifier.release_lpm`) against full fine-tuning of the same ViT at the LPM's size.
+:meth:`~monai_prompt.nets.FPTClassifier.release_lpm`) against full fine-tuning of the same encoder at the LPM's size.
+``--backbone`` takes any family's preset: a SAM-family encoder (``lite_medsam``, ``sam_vit_b``) measures FPT/FPT+
+from the cache against full fine-tuning of that encoder (``--quick`` then uses a tiny one of the family,
+:data:`QUICK_GRID_BACKBONES`; peer rows are ViT-only).
 Writes ``efficiency.csv``, ``efficiency.json``, ``memory_ratio.png`` / ``time_ratio.png`` and ``tradeoff.png`` (memory
 against time of the in-backbone variants) into ``--out``.
 """
@@ -74,6 +77,15 @@ COLUMNS = (
 RATIOS = {"peak_mib": "memory_ratio", "step_cpu_s": "cpu_ratio", "step_wall_s": "wall_ratio",
           "infer_ms_per_image": "infer_ratio", "delta_bytes": "delta_ratio"}
 QUICK_BACKBONE = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "mlp_dim": 128, "patch_size": 8}
+#: ``--quick`` shapes of the SAM-family presets (checkpointing: whole blocks or none).
+QUICK_GRID_BACKBONES = {
+    "lite_medsam": {"embed_dims": (8, 16, 24, 32), "depths": (1, 2, 1, 2), "num_heads": (1, 2, 3, 4),
+                    "window_sizes": (7, 7, 8, 5), "neck_dim": 16},
+    "sam_vit_b": {"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "out_chans": 16, "window_size": 3,
+                  "global_attn_indexes": (1, 3)},
+}
+#: the checkpointing modes of the SAM-family encoders (whole blocks or nothing).
+GRID_CHECKPOINTING = ("none", "blocks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +261,7 @@ def _return_freed_memory() -> None:
 
 def _network(config: BenchConfig, settings: BenchSettings, online: bool = False) -> torch.nn.Module:
     """The network of ``config`` (random weights: timings and memory do not depend on them)."""
-    from monai_prompt.backbones.vit import vit_config
+    from monai_prompt.backbones.vit import is_vit_preset, vit_config
     from monai_prompt.benchmarks.peer import PEER_METHODS, PeerViT
     from monai_prompt.nets import FPTClassifier, PromptClassifier
 
@@ -265,7 +277,10 @@ def _network(config: BenchConfig, settings: BenchSettings, online: bool = False)
             net.release_lpm()
         return net
     options = config.options()
-    return PromptClassifier(settings.num_classes, config.method, grad_checkpointing=options["checkpointing"],
+    checkpointing = options["checkpointing"]
+    if not is_vit_preset(settings.backbone):  # the SAM-family encoders take a bool
+        checkpointing = checkpointing != "none"
+    return PromptClassifier(settings.num_classes, config.method, grad_checkpointing=checkpointing,
                             sdpa=options["sdpa"], autocast_dtype=options["autocast"], **common)
 
 
@@ -585,7 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first (default: 2)")
     parser.add_argument("--inference-steps", type=int, default=3, help="timed inference batches (default: 3)")
-    parser.add_argument("--backbone", default="vit_base", help="ViT preset (default: vit_base, patch 16)")
+    parser.add_argument("--backbone", default="vit_base",
+                        help="preset of any family (default: vit_base, patch 16); a SAM-family encoder (lite_medsam, "
+                             "sam_vit_b, ...) measures FPT/FPT+ from the cache against full fine-tuning of it")
     parser.add_argument("--img-size", type=int, default=224, help="input size (default: 224)")
     parser.add_argument("--fpt-img-size", type=int, default=512, help="FPT's LPM input size (default: 512)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per step (default: 4)")
@@ -603,10 +620,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``monai-prompt benchmark efficiency [options]`` (also ``python -m monai_prompt.benchmarks.efficiency``)."""
+    from monai_prompt.backbones.vit import CHECKPOINT_MODES, is_vit_preset
+
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    grid = not is_vit_preset(args.backbone)
     if args.quick:
-        settings = BenchSettings("vit_tiny", QUICK_BACKBONE, 32, 64, 16, 2, steps=2, warmup=1, inference_steps=1,
+        backbone, shape = (args.backbone, QUICK_GRID_BACKBONES[args.backbone]) if grid else ("vit_tiny", QUICK_BACKBONE)
+        settings = BenchSettings(backbone, shape, 32, 64, 16, 2, steps=2, warmup=1, inference_steps=1,
                                  threads=args.threads, device=device)
         checkpointing, variants, rounds = ["none", "blocks"], args.variants or [], 1
     else:
@@ -617,7 +638,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpointing, rounds = args.checkpointing, args.rounds
     variants = list(dict.fromkeys([*checkpointing, *variants]))
     try:
-        peer = _peer_variants(args.peer)
+        if grid:
+            other = [v for v in variants for p in v.split("+") if p in CHECKPOINT_MODES and p not in GRID_CHECKPOINTING]
+            if other or (args.quick and args.backbone not in QUICK_GRID_BACKBONES):
+                raise ValueError(
+                    f"backbone {args.backbone!r} recomputes whole blocks or nothing (variants {other} need a ViT; "
+                    f"pass --checkpointing {' '.join(GRID_CHECKPOINTING)}); --quick knows {list(QUICK_GRID_BACKBONES)}."
+                )
+            if args.peer:
+                raise ValueError("the peer rows (transformers ViT + peft) are ViT-only; drop --peer.")
+        peer = [] if grid else _peer_variants(args.peer)
         configs = build_configs(settings, args.methods, variants, peer)
     except (ValueError, ImportError) as err:
         raise SystemExit(f"benchmark efficiency: {err}") from None

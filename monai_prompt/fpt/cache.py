@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from monai_prompt.backbones.registry import find_backbone
-from monai_prompt.fpt.lpm import LPMExtractor
+from monai_prompt.fpt.lpm import FrozenLPM
 from monai_prompt.io import atomic_write
 
 __all__ = ["CACHE_FORMAT", "STORAGE_DTYPES", "FPTCacheError", "FPTFeatureCache", "cache_identity", "content_key"]
@@ -64,7 +64,7 @@ def cache_identity(model: nn.Module) -> dict[str, Any]:
         extraction config, and the readable parts used to explain a mismatch.
     """
     lpm = find_backbone(model)
-    if not isinstance(lpm, LPMExtractor):
+    if not isinstance(lpm, FrozenLPM):
         raise TypeError(f"{type(model).__name__} has no FPT LPM; pass an FPTClassifier or its .lpm.")
     return {
         "fingerprint": lpm.fingerprint(),

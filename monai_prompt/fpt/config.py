@@ -116,18 +116,21 @@ def default_side_img_size(variant: str, lpm_img_size: int, patch_size: int) -> i
     return min(max(patches, 1) * patch_size, lpm_img_size)
 
 
-def resolve_layers(layers: str | list[int], depth: int) -> list[int]:
+def resolve_layers(layers: str | list[int], depth: int, candidates: list[int] | None = None) -> list[int]:
     """Tapped LPM block indices for an LPM of ``depth`` blocks.
 
     Args:
-        layers: ``"all"``, ``"last_half"`` (the last ``depth // 2`` blocks, 6..11 for ViT-B, 12..23 for ViT-L) or
-            a strictly increasing list of indices.
+        layers: ``"all"`` (every candidate), ``"last_half"`` (the last ``len(candidates) // 2`` candidates, at least
+            one: 6..11 for ViT-B, 12..23 for ViT-L) or a strictly increasing list of block indices.
         depth: number of LPM blocks.
+        candidates: the blocks the keywords choose from (default: all ``depth``; the SAM encoder's global-attention
+            blocks, the TinyViT's last stage).
     """
+    candidates = list(range(depth)) if candidates is None else list(candidates)
     if layers == "all":
-        return list(range(depth))
+        return candidates
     if layers == "last_half":
-        return list(range(depth - depth // 2, depth))
+        return candidates[len(candidates) - max(len(candidates) // 2, 1) :]
     if isinstance(layers, str):
         raise ValueError(f"layers {layers!r} is not 'all', 'last_half' or a list of block indices.")
     resolved = [int(i) for i in layers]

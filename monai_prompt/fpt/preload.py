@@ -89,7 +89,7 @@ def preload_features(
     identity = cache_identity(model)
     cache = FPTFeatureCache.create(cache_dir, identity, storage_dtype, overwrite)
     lpm = model.lpm if hasattr(model, "lpm") else model
-    device = lpm.norm.weight.device
+    device = lpm.weight_device()
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     images = computed = reused = 0
     total = len(loader.dataset)

@@ -12,12 +12,14 @@ import dataclasses
 from typing import Any, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from monai_prompt.backbones.registry import build_backbone
 from monai_prompt.backbones.vit import PromptableViT
 from monai_prompt.fpt.config import FPTConfig, default_side_img_size
 from monai_prompt.fpt.fusion import PromptFusion
+from monai_prompt.fpt.lpm import FrozenLPM
 from monai_prompt.fpt.side import SideViT
 from monai_prompt.nets.base import PromptNetwork
 
@@ -33,7 +35,7 @@ def paper_learnable_percent(learnable: int, frozen: int = OFFICIAL_LPM_PARAMETER
     return 100.0 * learnable / (frozen + learnable)
 
 
-def _side_img_size(config: FPTConfig, lpm: PromptableViT) -> int:
+def _side_img_size(config: FPTConfig, lpm: FrozenLPM) -> int:
     """``config.side_img_size``, or the variant's default for the LPM input
     (:func:`~monai_prompt.fpt.config.default_side_img_size`).
 
@@ -41,7 +43,8 @@ def _side_img_size(config: FPTConfig, lpm: PromptableViT) -> int:
         ValueError: a side input larger than the LPM's, naming the setting and the fix.
     """
     lpm_size = min(lpm.img_size)
-    default = default_side_img_size(config.variant, lpm_size, max(lpm.config["patch_size"]))
+    patch = lpm.side_settings()["patch_size"]
+    default = default_side_img_size(config.variant, lpm_size, patch if isinstance(patch, int) else max(patch))
     if config.side_img_size is None:
         return default
     side = int(config.side_img_size)
@@ -62,8 +65,9 @@ class FPTClassifier(PromptNetwork):
         variant: ``"fptplus"`` (default) or ``"fpt"``.
         fpt_config: overrides of :class:`~monai_prompt.fpt.config.FPTConfig` (``side_img_size``, ``layers``,
             ``num_prompts``, ``token_ratio``, ...).
-        backbone: LPM preset (``vit_base``, ...), ``"auto"`` (the ViT ``pretrained`` needs, read off the checkpoint)
-            or a ready plain :class:`PromptableViT` (its weights are copied); built by
+        backbone: LPM preset of the ViT (``vit_base``, ...), SAM (``sam_vit_b``, ...) or TinyViT (``lite_medsam``)
+            family, ``"auto"`` (the encoder ``pretrained`` needs, read off the checkpoint: a ViT, a SAM/MedSAM
+            checkpoint, LiteMedSAM's) or a ready plain encoder of one (its weights are copied); built by
             :func:`~monai_prompt.fpt.lpm.build_lpm` through :func:`~monai_prompt.backbones.build_backbone`.
         in_channels: image channels (LPM and side network).
         img_size: LPM input size, the size of the images ``forward`` receives online (512 in the papers).
@@ -71,7 +75,7 @@ class FPTClassifier(PromptNetwork):
         pretrained: LPM weight file/directory for :func:`~monai_prompt.backbones.load_pretrained`.
         layer_norm_eps: LayerNorm epsilon of the LPM checkpoint (1e-6 timm, 1e-12 HuggingFace); the side network
             uses the same value, as the official code does.
-        backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``patch_size``/``qkv_bias``
+        backbone_overrides: ViT ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``patch_size``/``qkv_bias``
             overrides.
         pretrained_strict: ``strict`` of :func:`~monai_prompt.backbones.load_pretrained`: False loads a checkpoint
             with more blocks than the LPM (its first ``num_layers``, with a warning) or lacking some weights.
@@ -94,7 +98,7 @@ class FPTClassifier(PromptNetwork):
         num_classes: int,
         variant: str = "fptplus",
         fpt_config: dict[str, Any] | None = None,
-        backbone: str | PromptableViT = "vit_base",
+        backbone: str | nn.Module = "vit_base",
         in_channels: int = 3,
         img_size: int | tuple[int, ...] = 512,
         spatial_dims: int = 2,
@@ -123,8 +127,8 @@ class FPTClassifier(PromptNetwork):
                 "token_importance": config.token_importance,
             },
         )
-        layers = lpm.layers
-        width, heads = lpm.hidden_size, lpm.num_heads
+        layers = lpm.taps
+        width, heads = lpm.kv_width, lpm.kv_heads
         side_width = width // config.side_reduction
         if width % config.side_reduction or side_width % heads or width % config.prompt_reduction:
             raise ValueError(
@@ -132,17 +136,18 @@ class FPTClassifier(PromptNetwork):
                 f"{config.prompt_reduction} must divide it, and the side width must be divisible by {heads} heads."
             )
         config = dataclasses.replace(config, side_img_size=_side_img_size(config, lpm))
-        dims = lpm.config["spatial_dims"]
+        side = lpm.side_settings()
+        dims = side["spatial_dims"]
         side_vit = PromptableViT(
-            in_channels=lpm.config["in_channels"],
+            in_channels=side["in_channels"],
             img_size=(config.side_img_size,) * dims,
-            patch_size=lpm.config["patch_size"],
+            patch_size=side["patch_size"],
             hidden_size=side_width,
             mlp_dim=4 * side_width,
             num_layers=len(layers),
             num_heads=heads,
             spatial_dims=dims,
-            layer_norm_eps=lpm.config["layer_norm_eps"],
+            layer_norm_eps=side["layer_norm_eps"],
         )
         self.attach_backbone(lpm, None)  # frozen as built: no PEFT method, and its attention stays literal
         self.fusion = PromptFusion(
@@ -192,7 +197,7 @@ class FPTClassifier(PromptNetwork):
 
     def lpm_features(self, image: torch.Tensor) -> torch.Tensor:
         """Selected LPM keys/values ``[B, 2, L, H, n, d_h]`` of LPM-size images, computed on the LPM's device."""
-        device = self.lpm.norm.weight.device
+        device = self.lpm.weight_device()
         return self.lpm.extract(image.to(device)).to(image.device)
 
     def side_input(self, image: torch.Tensor) -> torch.Tensor:
