@@ -146,7 +146,7 @@ _INFER = "python -m monai.bundle run --config_file $B/configs/inference.json --p
 MAPPING: tuple[Rule, ...] = (
     # --- names of programs in prose, not command lines
     Rule("*", r"^(make|python -m monai\.bundle( run)?|monai-prompt (export|check-data|preload|demo|package|gpu-check|"
-         r"benchmark( efficiency| accuracy)?)|"
+         r"benchmark( efficiency| accuracy| tinyvit)?)|"
          r"OMP_NUM_THREADS=1|huggingface-cli|hf|torchrun)$", "mention",
          why="the span names a program in a sentence; its command lines are the fenced blocks"),
     Rule("docs/methods.md", r"^--ffn_num\b", "mention", why="a flag of the official AdaptFormer code, quoted"),

