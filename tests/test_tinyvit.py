@@ -30,7 +30,7 @@ from monai_prompt.backbones.tinyvit import (
     load_lite_medsam_encoder,
     load_tinyvit_weights,
 )
-from monai_prompt.benchmarks.tinyvit_speed import REFERENCE_ARGS, load_reference_module
+from monai_prompt.benchmarks.tinyvit_speed import REFERENCE_ARGS, format_table, load_reference_module, measure
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
 from monai_prompt.nets import FPTClassifier
 from monai_prompt.nets.classifier import PromptClassifier
@@ -225,6 +225,16 @@ def test_conv_batchnorm_folds_only_eval_batchnorm_and_autocast_runs():
     low.float().square().mean().backward()
     assert low.dtype == torch.bfloat16 and all(p.grad is not None for p in model.parameters())
     assert ((low.float() - full).norm() / full.norm()) < 0.1
+
+
+def test_speed_benchmark_times_each_encoder_per_task_and_tabulates_ratios():
+    encoders = {"reference": pretrained_tiny(), "ours": pretrained_tiny()}
+    times = measure(encoders, batch=1, img_size=IMG, rounds=2, warmup=0)
+    assert set(times) == {(task, name) for task in ("forward", "train_step") for name in encoders}
+    assert all(len(seconds) == 2 and min(seconds) > 0 for seconds in times.values())
+    lines = format_table(times).splitlines()
+    assert lines[0] == "| task | reference (s) | ours (s) | reference / ours |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| forward", "| train_step"]
 
 
 # --------------------------------------------------------------------------------------------------------

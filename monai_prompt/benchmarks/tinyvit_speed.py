@@ -186,7 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> str:
-    """Measure and print one table per batch size; returns the printed text."""
+    """Measure and print one table per batch size (each as soon as it is measured); returns the printed text."""
     torch.set_num_threads(args.threads)
     encoders = build_encoders()
     parts = []
@@ -194,9 +194,8 @@ def run(args: argparse.Namespace) -> str:
         times = measure(encoders, batch, args.img_size, args.rounds, args.warmup)
         parts.append(f"TinyViT at {args.img_size} px, batch {batch}, {args.threads} thread(s), "
                      f"median of {args.rounds} interleaved rounds:\n\n{format_table(times)}\n")
-    text = "\n".join(parts)
-    print(text)
-    return text
+        print(parts[-1], flush=True)
+    return "\n".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
