@@ -199,6 +199,8 @@ MAPPING: tuple[Rule, ...] = (
     Rule("*", r"^python -m monai_prompt\.benchmarks\.bundle_runs\b", append=" --help",
          why=("it trains every bundle for an hour and rewrites the package's measurements.json: only its command line "
               "is run (--help)")),
+    Rule("docs/benchmarks.md", r"^monai-prompt benchmark tinyvit\b", append=" --help",
+         why="it times the full-size LiteMedSAM encoder for minutes: only its command line is run (--help)"),
     Rule("*", r"^monai-prompt demo-data --task segmentation$",
          why="runs as written: the segmentation set is small (715 files, 9 MB, seconds)"),
     Rule("*", r"^monai-prompt demo-data", append="".join(f" --{key} {value}" for key, value in DEMO_TINY.items()),

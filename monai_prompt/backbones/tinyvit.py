@@ -22,6 +22,14 @@ same seams as on :class:`~monai_prompt.backbones.PromptableViT`: ``blocks`` (the
 parameter names) and each block's ``attn.attend(q, k, v, bias)`` (EPT's subclass overrides it). BatchNorm
 statistics stay those of the checkpoint (the layers are kept in eval mode): a PEFT delta stores parameters only,
 and classification batches are small.
+
+Speed (the same maths as the reference, ``monai-prompt benchmark tinyvit`` measures both; docs/benchmarks.md):
+the maps are channels last from the patch embedding on (oneDNN's depthwise convolutions are several times faster
+so, and the attention stages' ``[B, H, W, C]`` views need no copy); each eval-mode BatchNorm is folded into its
+convolution on the fly (:class:`Conv2dBN`, differentiable, so training is unchanged) and 1x1 convolutions run
+as one matrix product over the pixels; the window attention (:meth:`WindowAttention.forward_map`) runs ``norm``,
+``qkv`` and ``proj`` on the map's own tokens only (not on the padding to whole windows) and cuts the windows
+out of ``qkv`` in the one copy that lays out the heads. Everything runs under CPU/CUDA autocast.
 """
 
 from __future__ import annotations
