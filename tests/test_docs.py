@@ -146,7 +146,7 @@ _INFER = "python -m monai.bundle run --config_file $B/configs/inference.json --p
 MAPPING: tuple[Rule, ...] = (
     # --- names of programs in prose, not command lines
     Rule("*", r"^(make|python -m monai\.bundle( run)?|monai-prompt (export|check-data|preload|demo|package|gpu-check|"
-         r"benchmark( efficiency| accuracy)?)|"
+         r"benchmark( efficiency| accuracy| tinyvit)?)|"
          r"OMP_NUM_THREADS=1|huggingface-cli|hf|torchrun)$", "mention",
          why="the span names a program in a sentence; its command lines are the fenced blocks"),
     Rule("docs/methods.md", r"^--ffn_num\b", "mention", why="a flag of the official AdaptFormer code, quoted"),
@@ -199,6 +199,8 @@ MAPPING: tuple[Rule, ...] = (
     Rule("*", r"^python -m monai_prompt\.benchmarks\.bundle_runs\b", append=" --help",
          why=("it trains every bundle for an hour and rewrites the package's measurements.json: only its command line "
               "is run (--help)")),
+    Rule("docs/benchmarks.md", r"^monai-prompt benchmark tinyvit\b", append=" --help",
+         why="it times the full-size LiteMedSAM encoder for minutes: only its command line is run (--help)"),
     Rule("*", r"^monai-prompt demo-data --task segmentation$",
          why="runs as written: the segmentation set is small (715 files, 9 MB, seconds)"),
     Rule("*", r"^monai-prompt demo-data", append="".join(f" --{key} {value}" for key, value in DEMO_TINY.items()),

