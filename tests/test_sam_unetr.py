@@ -64,7 +64,8 @@ def test_windowed_vpt_scripts_and_its_prompts_stay_out_of_the_maps(family):
     """Deep VPT (prompts beside the grid in every block) scripts for ckpt_export; the decoder's maps are the grid's."""
     net = make_net(family, "vpt", {"deep": True}).eval()
     x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(torch.jit.script(net)(x), net(x))
+    # TorchScript takes the TinyViT's unfolded BatchNorm path: equal to float32 rounding
+    torch.testing.assert_close(torch.jit.script(net)(x), net(x), rtol=1e-4, atol=1e-4)
     encoder = getattr(net, net.backbone_name)
     if family == "sam":  # channels-last grids, one per block
         assert [tuple(m.shape) for m in encoder.forward_hidden_states(x)] == [(2, 2, 2, SAM_SEG["embed_dim"])] * 4

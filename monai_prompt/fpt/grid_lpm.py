@@ -27,10 +27,11 @@ projections over the layers, as in the official code). See docs/methods.md.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from monai_prompt.backbones.sam import RelPosAttention, SAMImageEncoder, window_partition
 from monai_prompt.backbones.tinyvit import TinyViT, WindowAttention
@@ -46,8 +47,7 @@ TINYVIT_SIDE_PATCH = 16
 class _CapturingAttention:
     """What the LPM adds to a family's attention: ``attend`` also keeps ``(keys, values, received)`` in
     ``captured``, ``received`` [windows, heads, N_w] being the attention each key receives from the queries that
-    ``query_mask`` ([windows, 1, N_w, 1], 1 for a real token; None: all) marks. In probe mode the attention returns
-    its input windows untouched and keeps them (``probed``): the encoder's own window layout."""
+    ``query_mask`` ([windows, 1, N_w, 1], 1 for a real token; None: all) marks."""
 
     plain: type[nn.Module]
 
@@ -62,15 +62,7 @@ class _CapturingAttention:
         attn.__class__ = cls
         attn.query_mask = None
         attn.captured = None
-        attn.probing = False
-        attn.probed = None
         return attn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.probing:
-            self.probed = x
-            return x
-        return super().forward(x)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         probs = ((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1)
@@ -240,17 +232,13 @@ class TinyViTLPM(_GridLPM, TinyViT):
         return self.stage_grids()[self.block_stages()[index]]
 
     def window_slots(self, block: nn.Module, batch: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-        tokens = grid[0] * grid[1]
-        tags = torch.arange(1, batch * tokens + 1, device=device, dtype=torch.float64).view(batch, *grid, 1)
-        attn = block.attn
-        attn.probing = True
-        try:
-            block.windowed_attention(tags)
-            windows: Optional[torch.Tensor] = attn.probed
-        finally:
-            attn.probing = False
-            attn.probed = None
-        return windows.reshape(windows.shape[0], -1).long() - 1
+        """TinyViT's layout (:meth:`~monai_prompt.backbones.tinyvit.WindowAttention.forward_map`): the map zero-padded
+        at the bottom/right to whole windows, windows and their tokens in row-major order."""
+        size = block.window_size
+        rows, cols = math.ceil(grid[0] / size), math.ceil(grid[1] / size)
+        tags = torch.arange(1, batch * grid[0] * grid[1] + 1, device=device).view(batch, *grid)
+        tags = F.pad(tags, (0, cols * size - grid[1], 0, rows * size - grid[0]))
+        return tags.view(batch, rows, size, cols, size).permute(0, 1, 3, 2, 4).reshape(-1, size * size) - 1
 
     def side_settings(self) -> dict[str, Any]:
         """The side ViT takes the TinyViT's channels, patch 16 and LayerNorm epsilon (2D)."""
