@@ -201,6 +201,7 @@ class PromptableViT(ViT):
         self.prompter: TokenPrompter = TokenPrompter()
         self.grad_checkpointing = False
         self.recompute = ["none"] * num_layers
+        self.recompute_start = False  # the first block recomputed whole, with the embedding
 
     @property
     def num_tokens(self) -> int:
@@ -217,7 +218,8 @@ class PromptableViT(ViT):
         Args:
             enable: ``True`` / ``"blocks"``: every whole block; ``False`` / ``"none"``: nothing; ``"attn"``: only
                 each block's attention branch ``ls1(attn(norm1(x)))``; ``"mlp"``: only each block's MLP branch (and
-                its parallel branch); ``"alternate"``: every other whole block (blocks 0, 2, 4, ...). See
+                its parallel branch); ``"alternate"``: every other whole block (blocks 0, 2, 4, ...). A whole first
+                block is recomputed with the patch embedding, so the embedded tokens are not kept either. See
                 :data:`CHECKPOINT_MODES` and docs/benchmarks.md for the memory/time trade-off.
         """
         mode = ("blocks" if enable else "none") if isinstance(enable, bool) else enable
@@ -225,6 +227,7 @@ class PromptableViT(ViT):
             raise ValueError(f"grad checkpointing {enable!r} is not a bool or one of {list(CHECKPOINT_MODES)}.")
         self.grad_checkpointing = mode != "none"
         self.recompute = [CHECKPOINT_MODES[mode](index) for index in range(len(self.blocks))]
+        self.recompute_start = self.recompute[:1] == ["block"]
 
     def set_sdpa(self, enable: bool = True) -> None:
         """Run attention through ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels)."""
@@ -267,16 +270,31 @@ class PromptableViT(ViT):
             x = torch.cat((x[:, :start], x[:, self.num_prefix_tokens :]), dim=1)
         return x
 
+    def _start(self, x: torch.Tensor) -> torch.Tensor:
+        """The first block's output from the image: embedding, the prompter's slots, block 0."""
+        return self.blocks[0](self.prompter.before_block(0, self.prompter.insert(self.embed(x))))
+
+    @torch.jit.unused
+    def _checkpointed_start(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_start` recomputed in backward: what is kept is the image (held by the caller anyway), not the
+        embedded tokens."""
+        return checkpoint(self._start, x, use_reentrant=False)
+
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """All tokens after the final norm (prompt slots and registers included) and each block's output."""
-        x = self.prompter.insert(self.embed(x))
+        with_start = self.grad_checkpointing and self.training and self.recompute_start and not torch.jit.is_scripting()
+        if not with_start:
+            x = self.prompter.insert(self.embed(x))
         hidden_states_out: list[torch.Tensor] = []
         for index, blk in enumerate(self.blocks):
-            x = self.prompter.before_block(index, x)
-            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = self._checkpointed_block(index, x)
+            if not torch.jit.is_scripting() and with_start and index == 0:
+                x = self._checkpointed_start(x)
             else:
-                x = blk(x)
+                x = self.prompter.before_block(index, x)
+                if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                    x = self._checkpointed_block(index, x)
+                else:
+                    x = blk(x)
             hidden_states_out.append(x)
         return self.norm(x), hidden_states_out
 
