@@ -201,7 +201,6 @@ class PromptableViT(ViT):
         self.prompter: TokenPrompter = TokenPrompter()
         self.grad_checkpointing = False
         self.recompute = ["none"] * num_layers
-        self.recompute_start = False  # the first block recomputed whole, with the embedding
 
     @property
     def num_tokens(self) -> int:
@@ -219,7 +218,9 @@ class PromptableViT(ViT):
             enable: ``True`` / ``"blocks"``: every whole block; ``False`` / ``"none"``: nothing; ``"attn"``: only
                 each block's attention branch ``ls1(attn(norm1(x)))``; ``"mlp"``: only each block's MLP branch (and
                 its parallel branch); ``"alternate"``: every other whole block (blocks 0, 2, 4, ...). A whole first
-                block is recomputed with the patch embedding, so the embedded tokens are not kept either. See
+                block is recomputed with the patch embedding, so the embedded tokens are not kept either; under a
+                readout (:meth:`forward_features`) the last block's whole-block or MLP recomputation is left out
+                (:meth:`recompute_plan`). See
                 :data:`CHECKPOINT_MODES` and docs/benchmarks.md for the memory/time trade-off.
         """
         mode = ("blocks" if enable else "none") if isinstance(enable, bool) else enable
@@ -227,7 +228,6 @@ class PromptableViT(ViT):
             raise ValueError(f"grad checkpointing {enable!r} is not a bool or one of {list(CHECKPOINT_MODES)}.")
         self.grad_checkpointing = mode != "none"
         self.recompute = [CHECKPOINT_MODES[mode](index) for index in range(len(self.blocks))]
-        self.recompute_start = self.recompute[:1] == ["block"]
 
     def set_sdpa(self, enable: bool = True) -> None:
         """Run attention through ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels)."""
@@ -235,10 +235,23 @@ class PromptableViT(ViT):
             if isinstance(module, Attention):
                 module.use_flash_attention = enable
 
+    def recompute_plan(self, readout: bool = False) -> list[str]:
+        """What each block recomputes in backward in this training forward (see :meth:`set_grad_checkpointing`).
+
+        Args:
+            readout: only the readout and a small head follow the blocks (:meth:`forward_features`): the last
+                block's whole-block or MLP recomputation is then left out, since it would start as soon as the
+                backward reaches the block and so hold the same activations at the same time, one block's forward
+                later.
+        """
+        plan = list(self.recompute)
+        if readout and plan and plan[-1] in ("block", "mlp"):
+            plan[-1] = "none"
+        return plan
+
     @torch.jit.unused
-    def _checkpointed_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Block ``index`` with what :meth:`set_grad_checkpointing` chose to recompute in backward."""
-        part = self.recompute[index]
+    def _checkpointed_block(self, index: int, part: str, x: torch.Tensor) -> torch.Tensor:
+        """Block ``index`` recomputing ``part`` in backward (a :meth:`recompute_plan` entry)."""
         if part == "block":
             return checkpoint(self.blocks[index], x, use_reentrant=False)
         return self.blocks[index].forward_recomputing(part, x)
@@ -280,9 +293,17 @@ class PromptableViT(ViT):
         embedded tokens."""
         return checkpoint(self._start, x, use_reentrant=False)
 
-    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """All tokens after the final norm (prompt slots and registers included) and each block's output."""
-        with_start = self.grad_checkpointing and self.training and self.recompute_start and not torch.jit.is_scripting()
+    def forward_tokens(self, x: torch.Tensor, readout: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All tokens after the final norm (prompt slots and registers included) and each block's output.
+
+        Args:
+            x: images.
+            readout: only the readout and a small head follow (see :meth:`recompute_plan`).
+        """
+        plan: list[str] = []
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            plan = self.recompute_plan(readout)
+        with_start = len(plan) > 0 and plan[0] == "block"
         if not with_start:
             x = self.prompter.insert(self.embed(x))
         hidden_states_out: list[torch.Tensor] = []
@@ -291,8 +312,8 @@ class PromptableViT(ViT):
                 x = self._checkpointed_start(x)
             else:
                 x = self.prompter.before_block(index, x)
-                if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                    x = self._checkpointed_block(index, x)
+                if not torch.jit.is_scripting() and len(plan) > 0:
+                    x = self._checkpointed_block(index, plan[index], x)
                 else:
                     x = blk(x)
             hidden_states_out.append(x)
@@ -300,7 +321,7 @@ class PromptableViT(ViT):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """One feature vector per image, [B, D], read out as the attached method prescribes."""
-        return self.prompter.readout(self.forward_tokens(x)[0])
+        return self.prompter.readout(self.forward_tokens(x, readout=True)[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """MONAI ViT contract: ``(normed tokens, hidden states)`` in MONAI's layout ``[CLS, patches]`` (see
