@@ -47,7 +47,8 @@ class _RecastLinearFunction(torch.autograd.Function):
 def _linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
     device = x.device.type
-    if frozen and x.requires_grad and torch.is_grad_enabled() and torch.is_autocast_enabled(device):
+    if (frozen and x.requires_grad and torch.is_grad_enabled() and torch.amp.is_autocast_available(device)
+            and torch.is_autocast_enabled(device)):
         dtype = torch.get_autocast_dtype(device)
         if x.dtype == torch.float32 or x.dtype == dtype:  # what autocast would cast (or has cast) to ``dtype``
             return _RecastLinearFunction.apply(x, weight, bias, dtype)
