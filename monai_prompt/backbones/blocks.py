@@ -8,6 +8,9 @@ checkpoints load unchanged. What they add are the two seams PEFT methods plug in
 * :class:`PromptBlock` has a ``parallel`` branch whose output is added beside the frozen MLP, fed by the
   post-attention stream (AdaptFormer, DVPT).
 
+Their linears are :class:`~monai_prompt.backbones.recast.RecastLinear` (plain ``nn.Linear`` keys): frozen under
+autocast, they keep no low-precision copy of their weights for backward.
+
 For the pre-trained families that need them, a block optionally has LayerScale (DINOv2: ``ls1``/``ls2``, one
 ``gamma`` per channel) and another MLP activation (CLIP's QuickGELU); a plain block keeps MONAI's keys exactly.
 """
@@ -20,6 +23,8 @@ import torch.nn.functional as F
 from monai.networks.blocks import SABlock, TransformerBlock
 from monai.networks.layers import get_act_layer
 from torch.utils.checkpoint import checkpoint
+
+from monai_prompt.backbones.recast import RecastLinear
 
 __all__ = ["MLP_ACTIVATIONS", "Attention", "LayerScale", "ParallelSeam", "PromptBlock"]
 
@@ -46,9 +51,12 @@ class Attention(SABlock):
         super().__init__(hidden_size, num_heads, dropout_rate, qkv_bias=qkv_bias)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values of ``x`` [B, N, D], each [B, H, N, D/H]."""
-        qkv = self.input_rearrange(self.qkv(x))
-        return qkv[0], qkv[1], qkv[2]
+        """Queries, keys and values of ``x`` [B, N, D], each [B, H, N, D/H] (views of the ``qkv`` output, as
+        ``input_rearrange`` gives them; unbound along their own axis, so backward stacks their gradients into the
+        ``qkv`` layout once)."""
+        qkv = self.qkv(x)
+        parts = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, self.num_heads, -1).unbind(2)
+        return parts[0].transpose(1, 2), parts[1].transpose(1, 2), parts[2].transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Softmax attention of [B, H, N, d] queries over keys/values, [B, H, N, d] out."""
@@ -133,6 +141,8 @@ class PromptBlock(ParallelSeam, TransformerBlock):
         self.norm1 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.norm2 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.norm_cross_attn.requires_grad_(False)
+        for layer in (self.attn.qkv, self.attn.out_proj, self.mlp.linear1, self.mlp.linear2):
+            RecastLinear.from_linear(layer)
         if act != "gelu":
             self.mlp.fn = get_act_layer(MLP_ACTIVATIONS[act])
         self.ls1: nn.Module = LayerScale(hidden_size) if layer_scale else nn.Identity()

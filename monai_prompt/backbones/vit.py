@@ -217,7 +217,10 @@ class PromptableViT(ViT):
         Args:
             enable: ``True`` / ``"blocks"``: every whole block; ``False`` / ``"none"``: nothing; ``"attn"``: only
                 each block's attention branch ``ls1(attn(norm1(x)))``; ``"mlp"``: only each block's MLP branch (and
-                its parallel branch); ``"alternate"``: every other whole block (blocks 0, 2, 4, ...). See
+                its parallel branch); ``"alternate"``: every other whole block (blocks 0, 2, 4, ...). A whole first
+                block is recomputed with the patch embedding, so the embedded tokens are not kept either; under a
+                readout (:meth:`forward_features`) the last block's whole-block or MLP recomputation is left out
+                (:meth:`recompute_plan`). See
                 :data:`CHECKPOINT_MODES` and docs/benchmarks.md for the memory/time trade-off.
         """
         mode = ("blocks" if enable else "none") if isinstance(enable, bool) else enable
@@ -232,10 +235,23 @@ class PromptableViT(ViT):
             if isinstance(module, Attention):
                 module.use_flash_attention = enable
 
+    def recompute_plan(self, readout: bool = False) -> list[str]:
+        """What each block recomputes in backward in this training forward (see :meth:`set_grad_checkpointing`).
+
+        Args:
+            readout: only the readout and a small head follow the blocks (:meth:`forward_features`): the last
+                block's whole-block or MLP recomputation is then left out, since it would start as soon as the
+                backward reaches the block and so hold the same activations at the same time, one block's forward
+                later.
+        """
+        plan = list(self.recompute)
+        if readout and plan and plan[-1] in ("block", "mlp"):
+            plan[-1] = "none"
+        return plan
+
     @torch.jit.unused
-    def _checkpointed_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Block ``index`` with what :meth:`set_grad_checkpointing` chose to recompute in backward."""
-        part = self.recompute[index]
+    def _checkpointed_block(self, index: int, part: str, x: torch.Tensor) -> torch.Tensor:
+        """Block ``index`` recomputing ``part`` in backward (a :meth:`recompute_plan` entry)."""
         if part == "block":
             return checkpoint(self.blocks[index], x, use_reentrant=False)
         return self.blocks[index].forward_recomputing(part, x)
@@ -267,22 +283,45 @@ class PromptableViT(ViT):
             x = torch.cat((x[:, :start], x[:, self.num_prefix_tokens :]), dim=1)
         return x
 
-    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """All tokens after the final norm (prompt slots and registers included) and each block's output."""
-        x = self.prompter.insert(self.embed(x))
+    def _start(self, x: torch.Tensor) -> torch.Tensor:
+        """The first block's output from the image: embedding, the prompter's slots, block 0."""
+        return self.blocks[0](self.prompter.before_block(0, self.prompter.insert(self.embed(x))))
+
+    @torch.jit.unused
+    def _checkpointed_start(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_start` recomputed in backward: what is kept is the image (held by the caller anyway), not the
+        embedded tokens."""
+        return checkpoint(self._start, x, use_reentrant=False)
+
+    def forward_tokens(self, x: torch.Tensor, readout: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All tokens after the final norm (prompt slots and registers included) and each block's output.
+
+        Args:
+            x: images.
+            readout: only the readout and a small head follow (see :meth:`recompute_plan`).
+        """
+        plan: list[str] = []
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            plan = self.recompute_plan(readout)
+        with_start = len(plan) > 0 and plan[0] == "block"
+        if not with_start:
+            x = self.prompter.insert(self.embed(x))
         hidden_states_out: list[torch.Tensor] = []
         for index, blk in enumerate(self.blocks):
-            x = self.prompter.before_block(index, x)
-            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = self._checkpointed_block(index, x)
+            if not torch.jit.is_scripting() and with_start and index == 0:
+                x = self._checkpointed_start(x)
             else:
-                x = blk(x)
+                x = self.prompter.before_block(index, x)
+                if not torch.jit.is_scripting() and len(plan) > 0:
+                    x = self._checkpointed_block(index, plan[index], x)
+                else:
+                    x = blk(x)
             hidden_states_out.append(x)
         return self.norm(x), hidden_states_out
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """One feature vector per image, [B, D], read out as the attached method prescribes."""
-        return self.prompter.readout(self.forward_tokens(x)[0])
+        return self.prompter.readout(self.forward_tokens(x, readout=True)[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """MONAI ViT contract: ``(normed tokens, hidden states)`` in MONAI's layout ``[CLS, patches]`` (see

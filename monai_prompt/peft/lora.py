@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monai_prompt.backbones.recast import RecastLinear, linear
 from monai_prompt.backbones.vit import PromptableViT
 from monai_prompt.peft.merge import MergeableLayer
 from monai_prompt.peft.registry import register_method
@@ -100,17 +101,18 @@ class LoRALinear(MergeableLayer, nn.Linear):
         self.scaling = alpha / rank
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
-        """Turn ``linear`` into a :class:`LoRALinear` in place (its parameters and keys stay) and return it.
+    def from_linear(cls, layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
+        """Turn ``layer`` (a plain ``nn.Linear`` or a block's :class:`~monai_prompt.backbones.recast.RecastLinear`)
+        into a :class:`LoRALinear` in place (its parameters and keys stay) and return it.
 
         Like ``torch.nn.utils.parametrize``, this swaps the module's class, so every reference to the
         module (and its parent's slot) sees the new forward.
         """
-        if type(linear) is not nn.Linear:
-            raise TypeError(f"LoRA adapts plain nn.Linear modules, got {type(linear).__name__}.")
-        linear.__class__ = cls
-        linear._init_lora(rank, alpha, dropout)
-        return linear
+        if type(layer) not in (nn.Linear, RecastLinear):
+            raise TypeError(f"LoRA adapts plain nn.Linear modules, got {type(layer).__name__}.")
+        layer.__class__ = cls
+        layer._init_lora(rank, alpha, dropout)
+        return layer
 
     def delta_weight(self) -> torch.Tensor:
         """The update ``(alpha / r) * B @ A`` in the shape of ``weight``."""
@@ -121,8 +123,13 @@ class LoRALinear(MergeableLayer, nn.Linear):
         self.weight += self.delta_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        # the frozen product keeps no cast copy of its weight under autocast (see ``recast.linear``); the update is
+        # added and scaled inside its last matmul (one pass over the output instead of three)
+        out = linear(x, self.weight, self.bias)
+        low_rank = F.linear(self.lora_dropout(x), self.lora_A)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]), self.lora_B.t(),
+                           alpha=self.scaling)
+        return flat.view(out.shape)
 
 
 @register_method("lora", LoRAConfig, trainable=r"\.lora_[AB]$", families=("vit", "tinyvit", "sam"))

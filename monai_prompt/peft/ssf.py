@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monai_prompt.backbones.recast import RecastLinear, linear
 from monai_prompt.backbones.tinyvit import LayerNorm2d
 from monai_prompt.backbones.vit import PromptableViT, backbone_key
 from monai_prompt.peft.merge import MergeableLayer
@@ -89,7 +90,7 @@ class SSFLinear(_ScaleShift, nn.Linear):
     base_class = nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._scale_shift(F.linear(x, self.weight, self.bias))
+        return self._scale_shift(linear(x, self.weight, self.bias))
 
 
 class SSFLayerNorm(_ScaleShift, nn.LayerNorm):
@@ -131,9 +132,10 @@ class SSFConv3d(_ScaleShiftConv, nn.Conv3d):
     base_class = nn.Conv3d
 
 
-#: plain module class -> its SSF subclass.
+#: plain module class -> its SSF subclass (a ViT block's linears are :class:`RecastLinear`).
 _SSF_CLASSES: dict[type, type] = {
-    cls.base_class: cls for cls in (SSFLinear, SSFLayerNorm, SSFLayerNorm2d, SSFConv2d, SSFConv3d)
+    **{cls.base_class: cls for cls in (SSFLinear, SSFLayerNorm, SSFLayerNorm2d, SSFConv2d, SSFConv3d)},
+    RecastLinear: SSFLinear,
 }
 
 
