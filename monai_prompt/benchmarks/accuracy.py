@@ -657,6 +657,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lite-methods", nargs="*", default=list(TASKS["classification"].methods),
                         help="bundle methods of the LiteMedSAM comparison, each on both backbones (default: every "
                              "classification method; none: only the probe)")
+    parser.add_argument("--lite-probe", action=argparse.BooleanOptionalAction, default=True,
+                        help="the linear-probe rows of the LiteMedSAM comparison (--no-lite-probe: a part of a grid "
+                             "that has them elsewhere)")
     parser.add_argument("--lite-regime", default="10shot", help="training labels of the LiteMedSAM comparison")
     parser.add_argument("--lite-eval-per-class", type=int, default=25, help="its validation and test images/class")
     parser.add_argument("--lite-img-size", type=int, default=96, help="its TinyViT input (trained at 256)")
@@ -761,7 +764,7 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
         backbones = {"mae_vit": mae, "lite_medsam": lite}
         lists = {seed: subset_datalist(datalist, out / "datalists" / f"lite_{regime.name}_seed{seed}.json", regime,
                                        seed, per_class) for seed in seeds}
-        for row in _probe_rows(backbones, lists, regime, list(seeds), print_fn):
+        for row in _probe_rows(backbones, lists, regime, list(seeds), print_fn) if args.lite_probe else ():
             record(row, None)
         lite_epochs, checks = 1 if args.quick else args.lite_epochs, {}
         for seed in list(seeds)[: args.lite_seeds]:
