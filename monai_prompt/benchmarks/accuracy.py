@@ -662,9 +662,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "that has them elsewhere)")
     parser.add_argument("--lite-regime", default="10shot", help="training labels of the LiteMedSAM comparison")
     parser.add_argument("--lite-eval-per-class", type=int, default=25, help="its validation and test images/class")
-    parser.add_argument("--lite-img-size", type=int, default=96, help="its TinyViT input (trained at 256)")
-    parser.add_argument("--lite-epochs", type=int, default=12, help="its bundle runs' epochs")
-    parser.add_argument("--lite-validations", type=int, default=3, help="its bundle runs' validations")
+    parser.add_argument("--lite-img-size", type=int, default=64, help="its TinyViT input (trained at 256)")
+    parser.add_argument("--lite-epochs", type=int, default=8, help="its bundle runs' epochs")
+    parser.add_argument("--lite-validations", type=int, default=2, help="its bundle runs' validations")
     parser.add_argument("--lite-seeds", type=int, default=3, help="its bundle runs' seeds (the probe uses --seeds)")
     parser.add_argument("--lite-batch-size", type=int, default=8,
                         help="its bundle runs' batch (a 10-shot set is 30 images: one step per epoch at the "
