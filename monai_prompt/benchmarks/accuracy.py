@@ -26,11 +26,13 @@ of the same delta with the encoder's outputs zeroed
 (:func:`~monai_prompt.runs.segmentation_demo_task.zero_encoder_outputs`: how much the encoder carries), trainable
 parameters (encoder and decoder) and wall time.
 
-``--lite-medsam`` adds the LiteMedSAM TinyViT encoder beside the demo ViT on the same images:
-a linear probe on features computed once per image (:func:`feature_probe`), and LoRA through the bundle. The
-TinyViT needs seconds per image on a CPU, so its runs use subsets of the validation and test splits
-(``--lite-eval-per-class``) and a smaller input (``--lite-img-size``); the demo ViT rows of that comparison use
-the very same subsets.
+``--lite-medsam`` adds the LiteMedSAM TinyViT encoder beside the demo ViT on the same images: a linear probe on
+features computed once per image (:func:`feature_probe`), and each method of ``--lite-methods`` (default: every
+classification method) through its bundle on both backbones, with the same settings. A method whose network refuses
+the TinyViT (:func:`refusal`) gets a ``refused`` row that says why instead of metrics, and the grid goes on. The
+TinyViT needs about a second per image on a CPU core, so these runs use subsets of the validation and test splits
+(``--lite-eval-per-class``), a smaller input (``--lite-img-size``), fewer epochs and validations; the demo ViT rows of
+that comparison use the very same subsets and settings.
 
 Outputs under ``--out``: ``runs.csv`` (one row per run), ``summary.csv``, ``summary.md`` (the table in Markdown) and
 ``results.json``, a table on stdout, ``accuracy_vs_labels.png`` (segmentation: ``dice_vs_labels.png``; each metric
@@ -82,6 +84,7 @@ __all__ = [
     "feature_probe",
     "main",
     "parse_regime",
+    "refusal",
     "regime_epochs",
     "run",
     "segmentation_run",
@@ -104,7 +107,7 @@ LOWER_IS_BETTER = ("ece", "mean_hd95")
 DEFAULT_REGIMES = ("100%", "40%", "10%", "1shot", "5shot", "10shot")
 #: columns of a run's row that say what ran (every other number is a metric).
 RUN_FIELDS = ("task", "backbone", "method", "regime", "seed", "n_train", "n_test", "epochs", "trainable",
-              "percent_of_backbone", "encoder_trainable", "decoder")
+              "percent_of_backbone", "encoder_trainable", "decoder", "refused")
 
 
 @dataclass(frozen=True)
@@ -276,7 +279,7 @@ def _summarise(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str
         groups.setdefault(tuple(row[key] for key in keys), []).append(row)
     summary = []
     for group, members in groups.items():
-        counts = ("n_train", "epochs", "trainable", "encoder_trainable", "decoder")
+        counts = ("n_train", "epochs", "trainable", "encoder_trainable", "decoder", "refused")
         entry = {**dict(zip(keys, group)), "seeds": len(members),
                  **{key: members[0][key] for key in counts if key in members[0]}}
         for metric in _metric_names(members[0]):
@@ -298,8 +301,11 @@ def _table(summary: list[dict[str, Any]], metrics: Sequence[str]) -> str:
     lines = [header]
     for entry in summary:
         line = f"{entry['backbone']:<12}{entry['method']:<13}{entry['regime']:<8}"
-        line += f"{entry['n_train']:>6}{entry['n_test']:>5}"
-        line += f"{entry['epochs']:>4}{entry['trainable']:>11,}"
+        line += f"{entry['n_train']:>6}{entry['n_test']:>5}{entry['epochs']:>4}"
+        if "refused" in entry:
+            lines.append(line + f"{'refused':>11}: {entry['refused']}")
+            continue
+        line += f"{entry['trainable']:>11,}"
         line += f"{entry['encoder_trainable']:>10,}" if encoder else ""
         line += "".join(f"{entry[m]:>{w - 7}.3f} ±{entry[m + '_std']:.3f}" if m in entry else f"{'-':>{w}}"
                         for m, w in zip(metrics, widths))
@@ -315,12 +321,16 @@ def _markdown(summary: list[dict[str, Any]], metrics: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for entry in summary:
         cells = [entry["backbone"], entry["method"], entry["regime"].replace("%", " %").replace("shot", "-shot"),
-                 str(entry["n_train"]), str(entry["epochs"]), str(entry["seeds"]), f"{entry['trainable']:,}",
-                 *([f"{entry['encoder_trainable']:,}"] if encoder else []),
-                 *(f"{entry[m]:.3f} ± {entry[m + '_std']:.3f}" if m in entry else "-" for m in metrics),
-                 f"{entry['wall_s']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+                 str(entry["n_train"]), str(entry["epochs"]), str(entry["seeds"])]
+        if "refused" in entry:  # no run: "refused" for the trainable count, the reason goes below the table
+            cells += ["refused", *["-"] * (len(columns) - len(cells) - 2)]
+        else:
+            cells += [f"{entry['trainable']:,}", *([f"{entry['encoder_trainable']:,}"] if encoder else []),
+                      *(f"{entry[m]:.3f} ± {entry[m + '_std']:.3f}" if m in entry else "-" for m in metrics)]
+        lines.append("| " + " | ".join([*cells, f"{entry['wall_s']:.0f}"]) + " |")
+    reasons = dict.fromkeys(f"{entry['backbone']} {entry['method']}: {entry['refused']}" for entry in summary
+                            if "refused" in entry)
+    return "\n".join(lines) + "\n" + "".join(f"\nRefused: {reason}\n" for reason in reasons)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -418,6 +428,38 @@ def bundle_run(
             "seed": seed, "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": epochs,
             "trainable": report["trainable"], "percent_of_backbone": report["percent_of_backbone"],
             **metrics, "wall_s": round(time.monotonic() - start, 1)}
+
+
+def refusal(method: str, backbone: dict[str, Any], datalist: Path, bundles: Path) -> str | None:
+    """Why ``<method>_classification`` refuses ``backbone``: the ``ValueError`` its network raises when built with
+    the overrides of :func:`bundle_run` (e.g. a method that does not support the backbone's family), or ``None``
+    when it builds. Any other error is raised.
+
+    Args:
+        method: a classification bundle's method.
+        backbone: the backbone's overrides (:data:`LITE_MEDSAM` and ``img_size``, or the demo ViT's).
+        datalist: the run's datalist (the bundle's config reads it).
+        bundles: the bundles folder.
+    """
+    from monai.bundle import ConfigParser
+
+    from monai_prompt.benchmarks.bundle_runs import demo_overrides
+    from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
+
+    spec = BUNDLE_SPECS[f"{method}_classification"]
+    parser = ConfigParser()
+    parser.read_config(str(bundles / spec.name / "configs" / "train.json"))
+    parser.update(demo_overrides(spec, datalist, backbone))
+    try:
+        parser.get_parsed_content("network_def")
+    except RuntimeError as error:  # the config parser wraps what the network's constructor raised
+        cause: BaseException = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, ValueError):
+            return str(cause)
+        raise
+    return None
 
 
 def segmentation_run(
@@ -611,14 +653,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/benchmark_accuracy", help="output folder")
     parser.add_argument("--bundles", help="the bundles folder (default: the package's)")
     parser.add_argument("--lite-medsam", action="store_true",
-                        help="also LiteMedSAM vs the demo ViT: linear probe (cached features) and LoRA")
+                        help="also LiteMedSAM vs the demo ViT: linear probe (cached features) and --lite-methods")
+    parser.add_argument("--lite-methods", nargs="*", default=list(TASKS["classification"].methods),
+                        help="bundle methods of the LiteMedSAM comparison, each on both backbones (default: every "
+                             "classification method; none: only the probe)")
+    parser.add_argument("--lite-probe", action=argparse.BooleanOptionalAction, default=True,
+                        help="the linear-probe rows of the LiteMedSAM comparison (--no-lite-probe: a part of a grid "
+                             "that has them elsewhere)")
     parser.add_argument("--lite-regime", default="10shot", help="training labels of the LiteMedSAM comparison")
     parser.add_argument("--lite-eval-per-class", type=int, default=25, help="its validation and test images/class")
-    parser.add_argument("--lite-img-size", type=int, default=128, help="its TinyViT input (trained at 256)")
-    parser.add_argument("--lite-epochs", type=int, default=4, help="its LoRA epochs")
-    parser.add_argument("--lite-seeds", type=int, default=1, help="its LoRA seeds (the probe uses --seeds)")
+    parser.add_argument("--lite-img-size", type=int, default=64, help="its TinyViT input (trained at 256)")
+    parser.add_argument("--lite-epochs", type=int, default=8, help="its bundle runs' epochs")
+    parser.add_argument("--lite-validations", type=int, default=2, help="its bundle runs' validations")
+    parser.add_argument("--lite-seeds", type=int, default=3, help="its bundle runs' seeds (the probe uses --seeds)")
     parser.add_argument("--lite-batch-size", type=int, default=8,
-                        help="its LoRA batch (a 10-shot set is 30 images: one step per epoch at the bundle's 32)")
+                        help="its bundle runs' batch (a 10-shot set is 30 images: one step per epoch at the "
+                             "bundles' 32)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: the tiny demo, one epoch, 1 seed")
     parser.add_argument("--combine", nargs="+", metavar="DIR",
                         help="train nothing: summarise the runs.csv of these earlier --out folders (e.g. parts of a "
@@ -664,7 +714,8 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
             if run_dir else []
         tracker.log(row, files)
         print_fn(f"  {row['backbone']} {row['method']} {row['regime']} seed {row['seed']}: " +
-                 ", ".join(f"{k} {row[k]:.3f}" for k in task.metrics if k in row) + f", {row['wall_s']:.0f} s")
+                 (f"refused: {row['refused']}" if "refused" in row else
+                  ", ".join(f"{k} {row[k]:.3f}" for k in task.metrics if k in row) + f", {row['wall_s']:.0f} s"))
         _write_csv(out / "runs.csv", rows)
 
     if args.task == "segmentation":
@@ -713,14 +764,26 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
         backbones = {"mae_vit": mae, "lite_medsam": lite}
         lists = {seed: subset_datalist(datalist, out / "datalists" / f"lite_{regime.name}_seed{seed}.json", regime,
                                        seed, per_class) for seed in seeds}
-        for row in _probe_rows(backbones, lists, regime, list(seeds), print_fn):
+        for row in _probe_rows(backbones, lists, regime, list(seeds), print_fn) if args.lite_probe else ():
             record(row, None)
+        lite_epochs, checks = 1 if args.quick else args.lite_epochs, {}
         for seed in list(seeds)[: args.lite_seeds]:
-            for name, backbone in backbones.items():
-                run_dir = out / "runs" / f"lora_{name}_lite_{regime.name}_seed{seed}"
-                record(bundle_run("lora", name, backbone, lists[seed], run_dir, regime, seed,
-                                  1 if args.quick else args.lite_epochs, bundles, args.validations,
-                                  args.lite_batch_size), run_dir)
+            for method in args.lite_methods:
+                for name, backbone in backbones.items():
+                    run_dir = out / "runs" / f"{method}_{name}_lite_{regime.name}_seed{seed}"
+                    if (method, name) not in checks:  # once per method and backbone
+                        start = time.monotonic()
+                        checks[method, name] = refusal(method, backbone, lists[seed], bundles), \
+                            round(time.monotonic() - start, 1)
+                    reason, check_s = checks[method, name]
+                    if reason is None:
+                        record(bundle_run(method, name, backbone, lists[seed], run_dir, regime, seed, lite_epochs,
+                                          bundles, args.lite_validations, args.lite_batch_size), run_dir)
+                        continue
+                    content = json.loads(lists[seed].read_text())
+                    record({"task": "classification", "backbone": name, "method": method, "regime": regime.name,
+                            "seed": seed, "n_train": len(content["training"]), "n_test": len(content["test"]),
+                            "epochs": lite_epochs, "refused": reason, "wall_s": check_s}, None)
 
     return _report(rows, [r.name for r in regimes], out, args, print_fn)
 
