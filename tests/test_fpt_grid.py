@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 
 from bundle_support import REPO
 from grid_support import (
@@ -140,6 +141,7 @@ def test_grid_lpm_features_match_the_literal_reference(family, variant, layers, 
     features = lpm.extract(image)
     assert list(features.shape[1:]) == net.feature_shape
     torch.testing.assert_close(features, ref_grid_features(lpm, image, family), rtol=0, atol=1e-10)
+    assert torch.equal(lpm.extract(MetaTensor(image)).as_tensor(), features)  # what a bundle's preload hands in
     # the LPM keeps its encoder's outputs and keys
     plain = (tiny_encoder(family) if size == IMG else randomise(build_tinyvit(img_size=size, **TINYVIT_TINY))).double()
     assert lpm.state_dict().keys() == plain.state_dict().keys()

@@ -95,7 +95,7 @@ def _grid_features(
     def to_grid(tensor: torch.Tensor) -> torch.Tensor:
         heads = tensor.shape[1]
         flat = tensor.transpose(1, 2).reshape(index.shape[0], heads, *tensor.shape[3:])[real]
-        out = flat.new_empty(batch * tokens, *flat.shape[1:])
+        out = flat.new_empty((batch * tokens, *flat.shape[1:]))  # a tuple: MetaTensor takes no varargs here
         out[index[real]] = flat
         return out.view(batch, tokens, *flat.shape[1:]).transpose(1, 2)
 
