@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
-from bundle_support import REPO
+from bundle_support import REPO, copy_bundle, write_training_record
 from grid_support import (
     CHECK_SIZE,
     IMG,
@@ -28,7 +28,8 @@ from monai_prompt.backbones.tinyvit import build_tinyvit
 from monai_prompt.fpt import FPTFeatureCache, cache_identity, content_key, preload_features
 from monai_prompt.fpt.grid_lpm import SAMLPM, TinyViTLPM
 from monai_prompt.nets import FPTClassifier
-from monai_prompt.peft import delta_state_dict, trainable_report
+from monai_prompt.peft import delta_state_dict, save_delta, trainable_report
+from monai_prompt.tools.export import export_bundle
 
 PRESET = {"sam": ("sam_vit_b", SAM_TINY), "tinyvit": ("lite_medsam", TINYVIT_TINY)}
 
@@ -214,3 +215,22 @@ def test_fpt_bundles_build_the_tinyvit_lpm(name):
     net = parser.get_parsed_content("network_def")
     assert isinstance(net.lpm, TinyViTLPM) and net.lpm.taps == [3]
     assert net.side_img_size == ([32, 32] if name.startswith("fpt_") else [16, 16])  # 224 / 128 at 512, in patches
+
+
+def test_export_writes_the_state_dict_and_says_why_there_is_no_torchscript(tmp_path):
+    """FPT on a TinyViT LPM has no TorchScript form: ``monai-prompt export`` writes the state dict and says so."""
+    bundle = copy_bundle("fpt_classification", tmp_path)
+    weights = tmp_path / "tinyvit.pt"
+    torch.save(randomise(build_tinyvit(img_size=64, **TINYVIT_TINY)).state_dict(), weights)
+    overrides = {"backbone": "lite_medsam", "backbone_overrides": dict(TINYVIT_TINY), "img_size": 64,
+                 "pretrained": str(weights), "num_classes": 3, "method_config": {"side_img_size": 16}}
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.update(overrides)
+    save_delta(parser.get_parsed_content("network_def"), bundle / "models" / "model.pt")
+    write_training_record(bundle, **overrides)
+    with pytest.raises(RuntimeError, match=r"fpt on the 'tinyvit' backbone cannot be written as TorchScript .*"
+                                           r"model_full\.pt was written"):
+        export_bundle(bundle, overrides=overrides)
+    state = torch.load(bundle / "models" / "model_full.pt", weights_only=True)
+    assert any(key.startswith("lpm.") for key in state) and not (bundle / "models" / "model_full.ts").exists()
