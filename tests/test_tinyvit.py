@@ -30,7 +30,13 @@ from monai_prompt.backbones.tinyvit import (
     load_lite_medsam_encoder,
     load_tinyvit_weights,
 )
-from monai_prompt.benchmarks.tinyvit_speed import REFERENCE_ARGS, format_table, load_reference_module, measure
+from monai_prompt.benchmarks.tinyvit_speed import (
+    REFERENCE_ARGS,
+    format_table,
+    keep_batchnorm_eval,
+    load_reference_module,
+    measure,
+)
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
 from monai_prompt.nets import FPTClassifier
 from monai_prompt.nets.classifier import PromptClassifier
@@ -166,15 +172,6 @@ def reference_embedding(reference: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return reference.neck(tokens.view(x.shape[0], side, side, -1).permute(0, 3, 1, 2))
 
 
-def batchnorm_eval(model: nn.Module, training: bool) -> nn.Module:
-    """``model.train(training)`` with its BatchNorms in eval mode (as a TinyViT trains them)."""
-    model.train(training)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.eval()
-    return model
-
-
 def assert_relative_close(got: torch.Tensor, expected: torch.Tensor, tolerance: float, name: str = "") -> None:
     error = ((got - expected).norm() / expected.norm()).item()
     assert error < tolerance, f"{name}: relative error {error:.2e} >= {tolerance:.0e}"
@@ -191,7 +188,7 @@ def test_fast_paths_match_vendored_outputs_and_gradients_in_train_mode(vendored)
     ours = build_tinyvit("lite_medsam", img_size=IMG, window_sizes=VENDORED_TINY_WINDOWS, **VENDORED_TINY)
     ours.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
-    batchnorm_eval(reference, True)  # eval mode: test_tiny_random_config_matches_vendored_in_float64
+    keep_batchnorm_eval(reference, True)  # eval mode: test_tiny_random_config_matches_vendored_in_float64
     expected = reference_embedding(reference, x)
     expected.square().mean().backward()
     grads = {n: p.grad for n, p in reference.named_parameters()}

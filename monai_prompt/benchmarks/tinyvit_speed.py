@@ -40,6 +40,7 @@ __all__ = [
     "add_arguments",
     "build_encoders",
     "format_table",
+    "keep_batchnorm_eval",
     "load_reference_module",
     "measure",
     "run",
@@ -101,7 +102,7 @@ def load_reference_module() -> types.ModuleType:
     return module
 
 
-def _keep_batchnorm_eval(model: nn.Module, training: bool) -> nn.Module:
+def keep_batchnorm_eval(model: nn.Module, training: bool) -> nn.Module:
     """``model.train(training)`` with every BatchNorm in eval mode (the checkpoint's statistics)."""
     model.train(training)
     for module in model.modules():
@@ -127,7 +128,7 @@ def _autocast(name: str) -> torch.autocast:
 
 def _forward(model: nn.Module, x: torch.Tensor, name: str) -> Callable[[], None]:
     def step() -> None:
-        _keep_batchnorm_eval(model, False)
+        keep_batchnorm_eval(model, False)
         with torch.no_grad(), _autocast(name):
             model(x)
 
@@ -136,7 +137,7 @@ def _forward(model: nn.Module, x: torch.Tensor, name: str) -> Callable[[], None]
 
 def _train_step(model: nn.Module, x: torch.Tensor, name: str) -> Callable[[], None]:
     def step() -> None:
-        _keep_batchnorm_eval(model, True)
+        keep_batchnorm_eval(model, True)
         model.zero_grad(set_to_none=True)
         with _autocast(name):
             loss = model(x).float().square().mean()
