@@ -30,8 +30,12 @@ NETWORKS = {"sam": PromptSAMUNETR, "tinyvit": PromptTinyViTUNETR}
 CASES = [(m, None) for m in method_names() if not m.startswith("fpt")] + [("vpt", {"deep": True})]
 
 
+#: with a plain ViT (PromptUNETR) for what every segmentation network shares.
+ALL_PRESETS = {**PRESETS, "vit": ("vit_tiny", {"hidden_size": 32, "num_layers": 4, "num_heads": 2, "mlp_dim": 64})}
+
+
 def make_net(family: str, method: str, config: dict | None = None, **kwargs) -> torch.nn.Module:
-    name, overrides = PRESETS[family]
+    name, overrides = ALL_PRESETS[family]
     net = segmentation_network(3, OUT, IMG, method, config, name, 2, 4, backbone_overrides=overrides, **kwargs)
     torch.manual_seed(0)
     randomise(getattr(net, net.backbone_name))  # a stand-in for pre-trained weights (the method's tensors too)
@@ -116,3 +120,29 @@ def test_refusals_say_why():
 def make_net_at(family: str, size: int) -> torch.nn.Module:
     name, overrides = PRESETS[family]
     return segmentation_network(3, OUT, size, "linear", backbone=name, spatial_dims=2, backbone_overrides=overrides)
+
+
+@pytest.mark.parametrize(("family", "method", "config"),
+                         [("vit", "lora", None), ("sam", "vpt", {"deep": True}), ("tinyvit", "vpt", {"deep": True})])
+def test_zeroed_encoder_leaves_the_decoder_alone(family, method, config):
+    """The zeroed-encoder ablation (the segmentation benchmark's): zeroed, the logits no longer depend on the encoder
+    (perturbed, they stay equal), without it they do, and undoing it restores the network."""
+    from monai_prompt.runs.segmentation_demo_task import zero_encoder_outputs
+
+    net = make_net(family, method, config).eval()
+    encoder, image = getattr(net, net.backbone_name), torch.rand(2, 3, IMG, IMG)
+
+    def perturbed() -> tuple[torch.Tensor, torch.Tensor]:
+        before = net(image)
+        for parameter in encoder.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+        return before, net(image)
+
+    with torch.no_grad():
+        before, after = perturbed()
+        assert (before - after).abs().max() > 1e-3
+        undo = zero_encoder_outputs(net)
+        before, after = perturbed()
+        torch.testing.assert_close(before, after, rtol=0, atol=0)
+        undo()
+        assert (net(image) - after).abs().max() > 1e-3

@@ -163,15 +163,21 @@ class PromptSAMUNETR(PromptNetwork, UNETR):
 
     def forward_logits(self, x_in: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, out_channels, H, W]`` without autocast handling: UNETR's forward on the encoder's grids."""
-        hidden_states = self.vit.forward_hidden_states(x_in)
+        hidden_states = self.encoder_features(x_in)
         enc1 = self.encoder1(x_in)
         enc2 = self.encoder2(hidden_states[self.tap_layers[0]].permute(0, 3, 1, 2))
         enc3 = self.encoder3(hidden_states[self.tap_layers[1]].permute(0, 3, 1, 2))
         enc4 = self.encoder4(hidden_states[self.tap_layers[2]].permute(0, 3, 1, 2))
-        dec3 = self.decoder5(self.vit.neck(hidden_states[-1].permute(0, 3, 1, 2)), enc4)
+        dec3 = self.decoder5(hidden_states[-1], enc4)
         dec2 = self.decoder4(dec3, enc3)
         dec1 = self.decoder3(dec2, enc2)
         return self.out(self.decoder2(dec1, enc1))
+
+    def encoder_features(self, x_in: torch.Tensor) -> list[torch.Tensor]:
+        """What the decoder reads of the encoder: the grid after every block, then the neck's map."""
+        hidden_states = self.vit.forward_hidden_states(x_in)
+        hidden_states.append(self.vit.neck(hidden_states[-1].permute(0, 3, 1, 2)))
+        return hidden_states
 
     def parameter_report(self) -> dict:
         """:func:`~monai_prompt.peft.trainable_report` plus ``encoder_trainable`` and ``decoder``."""
@@ -293,11 +299,15 @@ class PromptTinyViTUNETR(PromptNetwork):
 
     def forward_logits(self, x_in: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, out_channels, H, W]`` without autocast handling."""
-        maps = self.backbone.forward_stages(x_in)
+        maps = self.encoder_features(x_in)
         x = maps[-1]
         for level in self.decoder:
             x = level(x, maps)
         return self.out(self.decoder1(x, self.encoder1(x_in)))
+
+    def encoder_features(self, x_in: torch.Tensor) -> list[torch.Tensor]:
+        """What the decoder reads of the encoder: every stage's map, then the neck's."""
+        return self.backbone.forward_stages(x_in)
 
     def parameter_report(self) -> dict:
         """:func:`~monai_prompt.peft.trainable_report` plus ``encoder_trainable`` and ``decoder``."""

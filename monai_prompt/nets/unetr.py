@@ -165,7 +165,7 @@ class PromptUNETR(PromptNetwork, UNETR):
     def forward_logits(self, x_in: torch.Tensor) -> torch.Tensor:
         """Logits without autocast handling: MONAI UNETR's forward with depth-scaled taps (tests/test_unetr.py pins
         it to ``UNETR.forward``: same weights, equal outputs, at 12 blocks and at other depths)."""
-        x, hidden_states_out = self.vit(x_in)
+        x, hidden_states_out = self.encoder_features(x_in)
         enc1 = self.encoder1(x_in)
         enc2 = self.encoder2(self.proj_feat(hidden_states_out[self.tap_layers[0]]))
         enc3 = self.encoder3(self.proj_feat(hidden_states_out[self.tap_layers[1]]))
@@ -174,6 +174,10 @@ class PromptUNETR(PromptNetwork, UNETR):
         dec2 = self.decoder4(dec3, enc3)
         dec1 = self.decoder3(dec2, enc2)
         return self.out(self.decoder2(dec1, enc1))
+
+    def encoder_features(self, x_in: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """What the decoder reads of the encoder: the ViT's final tokens and its hidden states."""
+        return self.vit(x_in)
 
     def parameter_report(self) -> dict:
         """:func:`~monai_prompt.peft.trainable_report` plus ``encoder_trainable`` (what the method trains in

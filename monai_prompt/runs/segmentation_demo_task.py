@@ -226,7 +226,7 @@ def tune_segmentation(
         print_fn: where progress lines go.
         extra_overrides: more config overrides (e.g. ``datalist_file``, ``seed``, ``val_interval``).
         infer: also run ``inference.json``.
-        zeroed_encoder: also evaluate the best delta with every ViT output zeroed (:func:`zero_encoder_outputs`;
+        zeroed_encoder: also evaluate the best delta with every encoder output zeroed (:func:`zero_encoder_outputs`;
             into ``out_dir/eval_zeroed_encoder``): how much of the result the encoder carries.
 
     Returns:
@@ -260,20 +260,24 @@ def tune_segmentation(
             "img_size": train.parser.get_parsed_content("img_size"), **{key: report[key] for key in keys}}
 
 
-def zero_encoder_outputs(network: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Make ``network.vit`` (a ``PromptUNETR``'s encoder) output zeros: its final tokens and every hidden state
-    UNETR taps, so only the decoder's convolutional path on the raw image is left (an ablation: how much of the
-    segmentation the encoder carries).
+def zero_encoder_outputs(network: torch.nn.Module) -> Callable[[], None]:
+    """Make every encoder output a segmentation network's decoder reads zeros (its ``encoder_features``: a
+    ``PromptUNETR``'s final tokens and hidden states; a SAM-family network's grids or stage maps and its neck's map),
+    so only the decoder's convolutional path on the raw image is left (an ablation: how much of the segmentation the
+    encoder carries).
 
     Returns:
-        the forward hook's handle (``.remove()`` undoes it).
+        a function that undoes it.
     """
     import torch
 
-    def zeros(module: torch.nn.Module, args: tuple, output: tuple) -> tuple:
-        tokens, hidden_states = output
-        return torch.zeros_like(tokens), [torch.zeros_like(hidden) for hidden in hidden_states]
+    def zeros(output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return torch.zeros_like(output)
+        return type(output)(zeros(item) for item in output)
 
-    return network.vit.register_forward_hook(zeros)
+    features = network.encoder_features
+    network.encoder_features = lambda x_in: zeros(features(x_in))  # shadows the method on this instance only
+    return functools.partial(delattr, network, "encoder_features")
 
 
