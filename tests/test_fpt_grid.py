@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ckpt_export
 from monai.data import MetaTensor
 
 from bundle_support import REPO, copy_bundle, write_training_record
@@ -217,20 +217,50 @@ def test_fpt_bundles_build_the_tinyvit_lpm(name):
     assert net.side_img_size == ([32, 32] if name.startswith("fpt_") else [16, 16])  # 224 / 128 at 512, in patches
 
 
-def test_export_writes_the_state_dict_and_says_why_there_is_no_torchscript(tmp_path):
-    """FPT on a TinyViT LPM has no TorchScript form: ``monai-prompt export`` writes the state dict and says so."""
-    bundle = copy_bundle("fpt_classification", tmp_path)
-    weights = tmp_path / "tinyvit.pt"
-    torch.save(randomise(build_tinyvit(img_size=64, **TINYVIT_TINY)).state_dict(), weights)
-    overrides = {"backbone": "lite_medsam", "backbone_overrides": dict(TINYVIT_TINY), "img_size": 64,
-                 "pretrained": str(weights), "num_classes": 3, "method_config": {"side_img_size": 16}}
+@pytest.mark.parametrize("family", ["sam", "tinyvit"])
+def test_torchscript_matches_eager(family):
+    """FPT (default taps) and FPT+ on padded windowed taps script; online and cached logits equal eager ones (the
+    TinyViT's scripted convolutions keep their BatchNorm unfolded: float32 rounding)."""
+    padded = {"sam": [0, 2], "tinyvit": [0, 1]}[family]
+    image = torch.rand(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(2))
+    for variant, config in (("fpt", {}), ("fptplus", {"layers": padded})):
+        net = tiny_grid_fpt(family, variant, **config).eval()
+        scripted = torch.jit.script(net)
+        with torch.no_grad():
+            eager = net(image)
+            torch.testing.assert_close(scripted(image), eager, rtol=0, atol=1e-5)
+            features = net.lpm_features(image)
+            torch.testing.assert_close(scripted.lpm.extract(image), features, rtol=0, atol=1e-4)
+            side = image[:, :, ::2, ::2]
+            torch.testing.assert_close(scripted(side, features), net(side, features), rtol=0, atol=0)
+            assert torch.equal(net(image), eager)  # the scripted copy left the eager LPM's capture alone
+
+
+@pytest.mark.parametrize(("name", "family"), [("fpt_classification", "tinyvit"), ("fptplus_classification", "sam")])
+def test_export_and_ckpt_export_write_torchscript(name, family, tmp_path):
+    """``monai-prompt export`` and MONAI's ``ckpt_export`` of its state dict script an FPT bundle's network on a
+    SAM-family LPM; both files give the eager logits."""
+    bundle = copy_bundle(name, tmp_path)
+    weights = tmp_path / f"{family}.pt"
+    torch.save(tiny_encoder(family).state_dict(), weights)
+    backbone, shape = PRESET[family]
+    overrides = {"backbone": backbone, "backbone_overrides": {k: list(v) if isinstance(v, tuple) else v
+                                                              for k, v in shape.items()},
+                 "img_size": IMG, "pretrained": str(weights), "num_classes": 3,
+                 "method_config": {"side_img_size": 16}}
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     parser.update(overrides)
-    save_delta(parser.get_parsed_content("network_def"), bundle / "models" / "model.pt")
+    net = parser.get_parsed_content("network_def").eval()
+    save_delta(net, bundle / "models" / "model.pt")
     write_training_record(bundle, **overrides)
-    with pytest.raises(RuntimeError, match=r"fpt on the 'tinyvit' backbone cannot be written as TorchScript .*"
-                                           r"model_full\.pt was written"):
-        export_bundle(bundle, overrides=overrides)
-    state = torch.load(bundle / "models" / "model_full.pt", weights_only=True)
-    assert any(key.startswith("lpm.") for key in state) and not (bundle / "models" / "model_full.ts").exists()
+    report = export_bundle(bundle, overrides=overrides)
+    ts_file = bundle / "models" / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts_file), ckpt_file=str(report.state_dict),
+                meta_file=str(bundle / "configs" / "metadata.json"),
+                config_file=str(bundle / "configs" / "inference.json"), **overrides)
+    image = torch.rand(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        eager = net(image)
+        for path in (report.torchscript, ts_file):
+            torch.testing.assert_close(torch.jit.load(str(path))(image), eager, rtol=0, atol=1e-5)

@@ -22,12 +22,15 @@ Tapped blocks (``layers``): the keywords ``"all"`` (FPT) and ``"last_half"`` (FP
 global-attention blocks (every block when it has none) and the TinyViT's last stage; explicit block indices
 (into the encoder's ``blocks``) may name any blocks of one width, head count and grid (the fusion shares its
 projections over the layers, as in the official code). See docs/methods.md.
+
+The extraction scripts with ``torch.jit.script`` (``monai-prompt export``, MONAI's ``ckpt_export``): the capture
+is a typed attribute of the attention, and a block is tapped where its attention has one (``hasattr``, which
+TorchScript resolves when it compiles each block of the unrolled loop). The module has no ``from __future__ import
+annotations``: TorchScript reads the capture's class annotations as types, not strings.
 """
 
-from __future__ import annotations
-
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -50,6 +53,8 @@ class _CapturingAttention:
     ``query_mask`` ([windows, 1, N_w, 1], 1 for a real token; None: all) marks."""
 
     plain: type[nn.Module]
+    captured: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # noqa: UP045
+    query_mask: Optional[torch.Tensor]  # noqa: UP045
 
     @classmethod
     def convert(cls, attn: nn.Module) -> nn.Module:
@@ -66,7 +71,8 @@ class _CapturingAttention:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         probs = ((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1)
-        weighted = probs if self.query_mask is None else probs * self.query_mask
+        mask = self.query_mask
+        weighted = probs if mask is None else probs * mask
         self.captured = (k, v, weighted.sum(dim=-2))
         return probs @ v
 
@@ -83,24 +89,34 @@ class TinyViTLPMAttention(_CapturingAttention, WindowAttention):
     plain = WindowAttention
 
 
+def _to_grid(tensor: torch.Tensor, index: torch.Tensor, real: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
+    """Windows' ``[windows, H, N_w, ...]`` back on the grid, ``[B, H, N, ...]`` (see :func:`_grid_features`)."""
+    flat = tensor.transpose(1, 2).flatten(0, 1)[real]
+    trailing = list(flat.shape[1:])
+    out = flat.new_empty([batch * tokens] + trailing)  # one size list: a MetaTensor takes no varargs here
+    out[index[real]] = flat
+    return out.view([batch, tokens] + trailing).transpose(1, 2)
+
+
 def _grid_features(
-    captured: tuple[torch.Tensor, torch.Tensor, torch.Tensor], slots: torch.Tensor, batch: int, tokens: int
+    captured: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],  # noqa: UP045
+    slots: torch.Tensor,
+    batch: int,
+    tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Windows' keys, values ([windows, H, N_w, d_h]) and received attention ([windows, H, N_w]) back on the
     grid, [B, H, N, ...] in row-major token order; ``slots`` [windows, N_w] holds each slot's ``b * N + token``
     (-1: padding)."""
+    if captured is None:
+        raise RuntimeError("the tapped attention captured nothing: it did not run.")
     index = slots.reshape(-1)
     real = index >= 0
-
-    def to_grid(tensor: torch.Tensor) -> torch.Tensor:
-        heads = tensor.shape[1]
-        flat = tensor.transpose(1, 2).reshape(index.shape[0], heads, *tensor.shape[3:])[real]
-        out = flat.new_empty((batch * tokens, *flat.shape[1:]))  # a tuple: MetaTensor takes no varargs here
-        out[index[real]] = flat
-        return out.view(batch, tokens, *flat.shape[1:]).transpose(1, 2)
-
     keys, values, received = captured
-    return to_grid(keys), to_grid(values), to_grid(received)
+    return (
+        _to_grid(keys, index, real, batch, tokens),
+        _to_grid(values, index, real, batch, tokens),
+        _to_grid(received, index, real, batch, tokens),
+    )
 
 
 class _GridLPM(FrozenLPM):
@@ -131,10 +147,8 @@ class _GridLPM(FrozenLPM):
         width, heads, grid = shapes[tapped[0]]
         for i in tapped:
             self.attention.convert(blocks[i].attn)
-        self.tapped = [i in tapped for i in range(len(blocks))]
         self.init_lpm(tapped, token_ratio, token_importance, grid[0] * grid[1], width, heads)
 
-    @torch.jit.unused
     def weight_device(self) -> torch.device:
         """The device of the weights (where :meth:`extract` runs)."""
         return self.neck[0].weight.device
@@ -143,31 +157,30 @@ class _GridLPM(FrozenLPM):
         """The token grid ``(H, W)`` block ``index`` attends over at the LPM's input size."""
         raise NotImplementedError
 
-    def window_slots(self, block: nn.Module, batch: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """Each attention slot's ``b * N + token`` (-1: padding), [windows, N_w], as the block partitions."""
+    def window_slots(self, window_size: int, x: torch.Tensor) -> torch.Tensor:
+        """Each attention slot's ``b * N + token`` (-1: padding), [windows, N_w], as a block with windows of
+        ``window_size`` (0: global) partitions ``x`` ([B, H, W, C])."""
         raise NotImplementedError
 
-    def tap(self, block: nn.Module, x: torch.Tensor, features: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Run ``block`` on ``x`` ([B, H, W, C]) and append its selected keys and values to ``features``."""
-        batch, height, width = x.shape[0], x.shape[1], x.shape[2]
-        tokens = height * width
-        slots = self.window_slots(block, batch, (height, width), x.device)
-        attn = block.attn
-        padded = bool((slots < 0).any())
-        attn.query_mask = (slots >= 0).to(x.dtype)[:, None, :, None] if padded else None
-        x = block(x)
-        keys, values, received = _grid_features(attn.captured, slots, batch, tokens)
-        attn.captured = None
-        attn.query_mask = None
-        features.append(keep_top_tokens(received / tokens, keys, values, self.num_keep))
-        return x
+    def tap_layout(self, window_size: int, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # noqa: UP045
+        """The window slots (:meth:`window_slots`) of a tapped block's input ``x`` and its attention's
+        ``query_mask`` (None when the windows tile the grid: no padding)."""
+        slots = self.window_slots(window_size, x)
+        height, width = x.shape[1], x.shape[2]
+        if window_size > 0 and (height % window_size > 0 or width % window_size > 0):
+            return slots, (slots >= 0).to(x.dtype)[:, None, :, None]
+        return slots, None
 
-    @staticmethod
-    def stack(features: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """``[B, 2, L, H, n, d_h]`` of the tapped blocks' ``(keys, values)``."""
-        keys = torch.stack([k for k, _ in features], dim=1)
-        values = torch.stack([v for _, v in features], dim=1)
-        return torch.stack((keys, values), dim=1)
+    def select(
+        self,
+        captured: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],  # noqa: UP045
+        slots: torch.Tensor,
+        batch: int,
+        tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept keys and values ``[B, H, n, d_h]`` of a tapped attention's ``captured`` windows."""
+        keys, values, received = _grid_features(captured, slots, batch, tokens)
+        return keep_top_tokens(received / tokens, keys, values, self.num_keep)
 
 
 class SAMLPM(_GridLPM, SAMImageEncoder):
@@ -182,11 +195,12 @@ class SAMLPM(_GridLPM, SAMImageEncoder):
     def block_grid(self, index: int) -> tuple[int, int]:
         return tuple(self.grid_size)
 
-    def window_slots(self, block: nn.Module, batch: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-        tokens = grid[0] * grid[1]
-        tags = torch.arange(1, batch * tokens + 1, device=device, dtype=torch.float64).view(batch, *grid, 1)
-        if block.window_size > 0:
-            tags = window_partition(tags, block.window_size)[0]
+    def window_slots(self, window_size: int, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width = x.shape[0], x.shape[1], x.shape[2]
+        tags = torch.arange(1, batch * height * width + 1, device=x.device, dtype=torch.float64)
+        tags = tags.view(batch, height, width, 1)
+        if window_size > 0:
+            tags = window_partition(tags, window_size)[0]
         return tags.reshape(tags.shape[0], -1).long() - 1
 
     def side_settings(self) -> dict[str, Any]:
@@ -196,13 +210,25 @@ class SAMLPM(_GridLPM, SAMImageEncoder):
                 "spatial_dims": 2,
                 "layer_norm_eps": config["layer_norm_eps"]}
 
-    @torch.jit.unused
     def _extract(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
-        features: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for index, block in enumerate(self.blocks[: self.last_layer + 1]):
-            x = self.tap(block, x, features) if self.tapped[index] else block(x)
-        return self.stack(features)
+        batch, tokens = x.shape[0], x.shape[1] * x.shape[2]
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        for index, block in enumerate(self.blocks):
+            if index <= self.last_layer:
+                if hasattr(block.attn, "captured"):  # tapped (TorchScript decides this per block when compiling)
+                    slots, mask = self.tap_layout(block.window_size, x)
+                    block.attn.query_mask = mask
+                    x = block(x)
+                    k, v = self.select(block.attn.captured, slots, batch, tokens)
+                    block.attn.captured = None
+                    block.attn.query_mask = None
+                    keys.append(k)
+                    values.append(v)
+                else:
+                    x = block(x)
+        return torch.stack((torch.stack(keys, dim=1), torch.stack(values, dim=1)), dim=1)
 
 
 class TinyViTLPM(_GridLPM, TinyViT):
@@ -231,13 +257,14 @@ class TinyViTLPM(_GridLPM, TinyViT):
     def block_grid(self, index: int) -> tuple[int, int]:
         return self.stage_grids()[self.block_stages()[index]]
 
-    def window_slots(self, block: nn.Module, batch: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+    def window_slots(self, window_size: int, x: torch.Tensor) -> torch.Tensor:
         """TinyViT's layout (:meth:`~monai_prompt.backbones.tinyvit.WindowAttention.forward_map`): the map zero-padded
         at the bottom/right to whole windows, windows and their tokens in row-major order."""
-        size = block.window_size
-        rows, cols = math.ceil(grid[0] / size), math.ceil(grid[1] / size)
-        tags = torch.arange(1, batch * grid[0] * grid[1] + 1, device=device).view(batch, *grid)
-        tags = F.pad(tags, (0, cols * size - grid[1], 0, rows * size - grid[0]))
+        batch, height, width = x.shape[0], x.shape[1], x.shape[2]
+        size = window_size
+        rows, cols = math.ceil(height / size), math.ceil(width / size)
+        tags = torch.arange(1, batch * height * width + 1, device=x.device).view(batch, height, width)
+        tags = F.pad(tags, (0, cols * size - width, 0, rows * size - height))
         return tags.view(batch, rows, size, cols, size).permute(0, 1, 3, 2, 4).reshape(-1, size * size) - 1
 
     def side_settings(self) -> dict[str, Any]:
@@ -247,21 +274,38 @@ class TinyViTLPM(_GridLPM, TinyViT):
                 "spatial_dims": 2,
                 "layer_norm_eps": eps}
 
-    @torch.jit.unused
     def _extract(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers[0](self.patch_embed(x))
-        features: list[tuple[torch.Tensor, torch.Tensor]] = []
-        index = 0
-        for layer in self.layers[1:]:
-            x = x.permute(0, 2, 3, 1)
-            for block in layer.blocks:
-                x = self.tap(block, x, features) if self.tapped[index] else block(x)
-                if index == self.last_layer:
-                    return self.stack(features)
-                index += 1
-            x = x.permute(0, 3, 1, 2)
-            x = x if layer.downsample is None else layer.downsample(x)
-        return self.stack(features)
+        # the stages' own steps, block by block (TorchScript iterates no slice of ``layers``): the MBConv blocks on
+        # the [B, C, H, W] map, the attention blocks on its [B, H, W, C] view, each stage's merge; nothing after the
+        # last tapped block runs
+        x = self.patch_embed(x)
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        index = 0  # of the next attention block
+        for layer in self.layers:
+            if index <= self.last_layer:
+                for block in layer.blocks:
+                    if not hasattr(block, "attn"):
+                        x = block(x)
+                    elif index <= self.last_layer:
+                        grid = x.permute(0, 2, 3, 1)
+                        if hasattr(block.attn, "captured"):  # tapped (TorchScript decides this per block)
+                            batch, tokens = grid.shape[0], grid.shape[1] * grid.shape[2]
+                            slots, mask = self.tap_layout(block.window_size, grid)
+                            block.attn.query_mask = mask
+                            grid = block(grid)
+                            k, v = self.select(block.attn.captured, slots, batch, tokens)
+                            block.attn.captured = None
+                            block.attn.query_mask = None
+                            keys.append(k)
+                            values.append(v)
+                        else:
+                            grid = block(grid)
+                        x = grid.permute(0, 3, 1, 2)
+                        index += 1
+                if layer.downsample is not None and index <= self.last_layer:
+                    x = layer.downsample(x)
+        return torch.stack((torch.stack(keys, dim=1), torch.stack(values, dim=1)), dim=1)
 
 
 #: family -> its LPM class.

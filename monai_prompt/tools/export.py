@@ -86,8 +86,7 @@ def export_bundle(
 
     Raises:
         DeltaMismatchError: the delta belongs to another method, config or backbone.
-        RuntimeError: the exported network's logits differ from the tuned network's by more than ``atol``, or it
-            has no TorchScript form (its state dict is written all the same).
+        RuntimeError: the exported network's logits differ from the tuned network's by more than ``atol``.
     """
     bundle = Path(bundle)
     overrides = dict(overrides or {})
@@ -125,18 +124,10 @@ def export_bundle(
     state_path, script_path = out / "model_full.pt", out / "model_full.ts"
     atomic_write(state_path, lambda tmp: torch.save(exported.state_dict(), tmp))
     meta = json.dumps(parser.get("_meta_", {})).encode()
-    try:
-        atomic_write(
-            script_path,
-            lambda tmp: convert_to_torchscript(
-                exported, filename_or_obj=tmp, extra_files={"metadata.json": meta}, verify=True, inputs=[example]
-            ),
-        )
-    except (torch.jit.frontend.FrontendError, RuntimeError) as error:  # what torch.jit.script raises
-        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise RuntimeError(
-            f"{method} on the {vit.family!r} backbone cannot be written as TorchScript ({reason}); {state_path} "
-            f"was written (the exported network's state dict: load it into the bundle's network_def) and the "
-            f"bundle's inference.json runs the network as it is. FPT on a SAM or TinyViT LPM has no TorchScript form."
-        ) from error
+    atomic_write(
+        script_path,
+        lambda tmp: convert_to_torchscript(
+            exported, filename_or_obj=tmp, extra_files={"metadata.json": meta}, verify=True, inputs=[example]
+        ),
+    )
     return ExportReport(method, merged, state_path, script_path, difference)
