@@ -65,6 +65,8 @@ DEFAULT_VARIANTS = ("sdpa", "bf16", "mlp+sdpa", "blocks+sdpa+bf16")
 PEER_VARIANTS = ("none", "blocks+sdpa+bf16")
 #: torch.autocast dtypes a variant may name.
 AUTOCAST = ("bf16", "fp16")
+#: the variant option that steps the optimiser inside backward (:func:`monai_prompt.engine.in_backward`).
+IN_BACKWARD = "inbackward"
 #: the workers mmap every allocation above this many bytes, so freed memory goes back to the OS at once.
 MMAP_THRESHOLD = 131072
 #: the columns of the table, the CSV and the JSON summary rows.
@@ -129,8 +131,9 @@ class BenchConfig:
     Args:
         method: ``"full"``, an in-backbone method (:data:`IN_BACKBONE`) or an FPT variant.
         variant: ``"+"``-joined options: a checkpointing mode (``none``, ``blocks``, ``attn``, ``mlp``,
-            ``alternate``), ``sdpa``, an autocast dtype (``bf16``, ``fp16``); FPT: ``online`` or ``cached``, with
-            ``+sdpa`` for the side network's attention.
+            ``alternate``), ``sdpa``, an autocast dtype (``bf16``, ``fp16``), ``inbackward`` (the optimiser step
+            in backward, which frees each gradient at once); FPT: ``online`` or ``cached``, with ``+sdpa`` for the
+            side network's attention.
         img_size: input size (FPT and its full row: the LPM's).
     """
 
@@ -148,25 +151,26 @@ class BenchConfig:
         return "cached" in self.variant.split("+")
 
     def options(self) -> dict[str, Any]:
-        """``{"checkpointing", "sdpa", "autocast"}`` of an in-backbone variant."""
+        """``{"checkpointing", "sdpa", "autocast", "in_backward"}`` of a variant."""
         parts = self.variant.split("+")
-        modes = [p for p in parts if p not in ("sdpa", *AUTOCAST, *FPT_MODES)]
+        modes = [p for p in parts if p not in ("sdpa", IN_BACKWARD, *AUTOCAST, *FPT_MODES)]
         autocast = [p for p in parts if p in AUTOCAST]
         return {"checkpointing": modes[0] if modes else "none", "sdpa": "sdpa" in parts,
-                "autocast": autocast[0] if autocast else None}
+                "autocast": autocast[0] if autocast else None, "in_backward": IN_BACKWARD in parts}
 
 
 def check_variant(variant: str) -> str:
-    """``variant`` if it names at most one checkpointing mode, ``sdpa`` and one autocast dtype; else a clear error."""
+    """``variant`` if it names at most one checkpointing mode, ``sdpa``, one autocast dtype and ``inbackward``; else
+    a clear error."""
     from monai_prompt.backbones.vit import CHECKPOINT_MODES
 
     parts = variant.split("+")
     modes = [p for p in parts if p in CHECKPOINT_MODES]
-    unknown = [p for p in parts if p not in (*CHECKPOINT_MODES, "sdpa", *AUTOCAST)]
+    unknown = [p for p in parts if p not in (*CHECKPOINT_MODES, "sdpa", IN_BACKWARD, *AUTOCAST)]
     if unknown or len(modes) > 1 or sum(p in AUTOCAST for p in parts) > 1 or len(set(parts)) < len(parts):
         raise ValueError(
-            f"variant {variant!r}: join at most one checkpointing mode of {list(CHECKPOINT_MODES)}, 'sdpa' and one "
-            f"autocast dtype of {list(AUTOCAST)} with '+', e.g. 'blocks+sdpa+bf16'."
+            f"variant {variant!r}: join at most one checkpointing mode of {list(CHECKPOINT_MODES)}, 'sdpa', one "
+            f"autocast dtype of {list(AUTOCAST)} and {IN_BACKWARD!r} with '+', e.g. 'blocks+sdpa+bf16'."
         )
     return variant
 
@@ -174,12 +178,13 @@ def check_variant(variant: str) -> str:
 def build_configs(settings: BenchSettings, methods: Sequence[str], variants: Sequence[str],
                   peer_variants: Sequence[str] = ()) -> list[BenchConfig]:
     """Full fine-tuning at each size first (at ``img_size`` also with ``sdpa`` when that variant is measured), then
-    each variant for every in-backbone method, then FPT (:data:`FPT_CONFIGS`), then the peer
-    (:data:`~monai_prompt.benchmarks.peer.PEER_METHODS`) in each of ``peer_variants``.
+    each variant for every in-backbone method (and for full fine-tuning when ``methods`` names ``"full"``), then FPT
+    (:data:`FPT_CONFIGS`), then the peer (:data:`~monai_prompt.benchmarks.peer.PEER_METHODS`) in each of
+    ``peer_variants``.
 
     Args:
         settings: the run's settings.
-        methods: in-backbone methods and FPT variants to measure.
+        methods: in-backbone methods, ``"full"`` and FPT variants to measure.
         variants: in-backbone variants (see :class:`BenchConfig`).
         peer_variants: the peer's variants (the same options: checkpointing, ``sdpa``, autocast).
     """
@@ -191,12 +196,13 @@ def build_configs(settings: BenchSettings, methods: Sequence[str], variants: Seq
         configs.append(BenchConfig("full", "sdpa", settings.img_size))
     if fpt and settings.fpt_img_size != settings.img_size:
         configs.append(BenchConfig("full", "none", settings.fpt_img_size))
-    unknown = [m for m in methods if m not in IN_BACKBONE + FPT_METHODS]
+    unknown = [m for m in methods if m not in ("full", *IN_BACKBONE, *FPT_METHODS)]
     if unknown:
-        raise ValueError(f"method {unknown[0]!r} is not one of {list(IN_BACKBONE + FPT_METHODS)}.")
+        raise ValueError(f"method {unknown[0]!r} is not one of {['full', *IN_BACKBONE, *FPT_METHODS]}.")
     # variant by variant, so that a run stopped early has every method in its first variants
-    in_backbone = [m for m in methods if m in IN_BACKBONE]
-    configs += [BenchConfig(m, check_variant(v), settings.img_size) for v in variants for m in in_backbone]
+    in_backbone = [m for m in methods if m in ("full", *IN_BACKBONE)]
+    configs += [c for c in (BenchConfig(m, check_variant(v), settings.img_size) for v in variants for m in in_backbone)
+                if c not in configs]
     configs += [BenchConfig(m, mode, settings.fpt_img_size) for m in fpt for mode in FPT_CONFIGS]
     return configs + [BenchConfig(m, check_variant(v), settings.img_size) for v in peer_variants
                       for m in PEER_METHODS]
@@ -312,6 +318,7 @@ def measure(config: BenchConfig, settings: BenchSettings) -> dict[str, Any]:
         ``infer_ms_per_image``.
     """
     from monai_prompt.benchmarks.peer import PeerViT, peer_delta_bytes
+    from monai_prompt.engine import in_backward
     from monai_prompt.peft import delta_state_dict, trainable_report
 
     torch.set_num_threads(settings.threads)
@@ -334,9 +341,12 @@ def measure(config: BenchConfig, settings: BenchSettings) -> dict[str, Any]:
         optimizer.step()
 
     # one forward/backward first, its gradients dropped: the kernels' code and lazily built state are loaded before
-    # the reset, while the optimiser's state and the gradients are still created inside the measured window
+    # the reset, while the optimiser's state and the gradients are still created inside the measured window (the
+    # step in backward is hooked after it, so that it does not step yet)
     torch.nn.functional.cross_entropy(net(*inputs), labels).backward()
     optimizer.zero_grad(set_to_none=True)
+    if config.options()["in_backward"]:
+        optimizer = in_backward(optimizer)
     memory = PeakMemory(device)
     memory.reset()
     step_cpu, step_wall = _timed(train_step, settings.steps, settings.warmup, device)
@@ -589,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/benchmark_efficiency", help="output folder")
     parser.add_argument("--methods", nargs="+", default=[*IN_BACKBONE, *FPT_METHODS],
-                        help="methods besides full fine-tuning (default: all)")
+                        help="methods besides full fine-tuning (default: all); 'full' measures full fine-tuning "
+                             "in every variant too")
     parser.add_argument("--checkpointing", nargs="+", default=list(CHECKPOINT_MODES), choices=list(CHECKPOINT_MODES),
                         help="checkpointing modes, one variant each (default: all)")
     parser.add_argument("--variants", nargs="*",

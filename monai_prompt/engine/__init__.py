@@ -24,6 +24,7 @@ from monai_prompt.engine.handlers import (
     peak_memory_mb,
     process_status_mib,
 )
+from monai_prompt.engine.in_backward import OptimizerInBackward, in_backward
 from monai_prompt.engine.metrics import (
     ClassHausdorffDistance,
     ClassMeanDice,
@@ -55,6 +56,7 @@ __all__ = [
     "MLflowPeftLogger",
     "NonFiniteError",
     "NonFiniteGuard",
+    "OptimizerInBackward",
     "PeakMemoryHandler",
     "PeftMeta",
     "PredictionSaver",
@@ -70,6 +72,7 @@ __all__ = [
     "clock",
     "expected_calibration_error",
     "find_mlflow_handlers",
+    "in_backward",
     "is_main_process",
     "latest_checkpoint",
     "macro_f1",
