@@ -5,14 +5,18 @@ load into either; refusals."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from torch import nn
 
-from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE
+from bundle_support import REPO, TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny_overrides
+from monai_prompt.bundle_gen import BUNDLE_SPECS
 from monai_prompt.engine import OptimizerInBackward, in_backward
 from monai_prompt.nets import PromptClassifier
+from monai_prompt.runs.runner import run_bundle
 
 
 def _classifier(checkpointing: bool | str) -> PromptClassifier:
@@ -132,3 +136,39 @@ def test_refusals(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     with pytest.raises(RuntimeError, match="--step_in_backward false"):
         in_backward(torch.optim.AdamW(net.parameters(), lr=1e-3))
+
+
+@pytest.mark.parametrize("name", ["full_classification", "lora_segmentation", "full_3d_segmentation"])
+def test_bundles_hand_amp_to_bf16_autocast_with_the_step_in_backward(name):
+    """A GradScaler needs every gradient at once: with ``step_in_backward`` the trainer's fp16 AMP is off and the
+    training network autocasts to bf16 itself (CUDA with ``amp``); without it, nothing changes."""
+    for amp, step_in_backward, trainer_amp, autocast in (("true", "false", True, None), ("true", "true", False, "bf16"),
+                                                          ("false", "true", False, None)):
+        parser = ConfigParser()
+        parser.read_config(str(REPO / "bundles" / name / "configs" / "train.json"))
+        parser.update({"amp": amp, "step_in_backward": step_in_backward})
+        assert parser.get_parsed_content("train#trainer#amp") is trainer_amp
+        assert parser.get_parsed_content("network_def#autocast_dtype") == autocast
+    assert "step_in_backward" not in json.loads((REPO / "bundles" / "fpt_classification" / "configs" /
+                                                 "train.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_full_bundle_trains_the_same_with_the_step_in_backward(tiny, tmp_path):
+    """Two epochs of the full fine-tuning bundle on the tiny data (fixed order, no augmentation): the weights and
+    the optimiser state of the last checkpoint are those of the usual step."""
+    spec = BUNDLE_SPECS["full_classification"]
+    overrides = {**tiny_overrides(spec, tiny["data"], tiny["backbone"]), "shuffle": False,
+                 "train#random_transforms": [], "train#trainer#max_epochs": 2}
+    checkpoints = {}
+    for setting in ("false", "true"):
+        bundle = copy_bundle(spec.name, tmp_path / setting)
+        workflow = run_bundle(bundle, ["train.json"], "train", step_in_backward=setting, **overrides)
+        assert isinstance(workflow.parser.get_parsed_content("optimizer"), OptimizerInBackward) is (setting == "true")
+        checkpoints[setting] = torch.load(bundle / "models" / "checkpoint_epoch=2.pt", weights_only=True)
+    usual, fused = checkpoints["false"], checkpoints["true"]
+    assert usual["model"].keys() == fused["model"].keys() and len(usual["model"]) > 10
+    assert all(torch.equal(usual["model"][key], fused["model"][key]) for key in usual["model"])
+    assert fused["optimizer"]["param_groups"] == usual["optimizer"]["param_groups"]
+    for index, state in usual["optimizer"]["state"].items():
+        assert all(torch.equal(fused["optimizer"]["state"][index][k], v) for k, v in state.items())

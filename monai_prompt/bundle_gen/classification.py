@@ -221,8 +221,11 @@ def _fpt_batch(spec: BundleSpec) -> dict[str, Any]:
 def train_config(spec: BundleSpec) -> dict[str, Any]:
     """``configs/train.json``: training with validation, best delta to ``models/model.pt``, resumable."""
     key_metric, additional_metrics = _metrics("val_")
+    settings = _common(spec, ("$import monai_prompt.fpt",) if spec.fpt else ())
+    if not spec.fpt:
+        settings["network_def"] = {**settings["network_def"], **common.IN_BACKWARD_AUTOCAST}
     return common.with_flags({
-        **_common(spec, ("$import monai_prompt.fpt",) if spec.fpt else ()),
+        **settings,
         **(_fpt_settings() if spec.fpt else {}),
         **common.train_settings(spec),
         # multi_label is recorded as the flag reads it (a bool, whatever the command line wrote)

@@ -21,6 +21,8 @@ __all__ = [
     "EVALUATOR",
     "FROM_PRED_LABEL",
     "IMPORTS",
+    "IN_BACKWARD_AUTOCAST",
+    "IN_BACKWARD_SETTING",
     "SDPA_SETTING",
     "SHOW_CAUSE_LAST",
     "TRAIN_RUN",
@@ -351,6 +353,7 @@ def train_settings(spec: BundleSpec, kept: str = "@flags#resume") -> dict[str, A
         "resume": False,
         "overwrite": False,
         "shuffle": True,
+        **({} if spec.fpt else IN_BACKWARD_SETTING),
         "run_id": f"$monai_prompt.runs.run_id(@ckpt_dir, {kept})",
         "resume_file": "$monai_prompt.engine.latest_checkpoint(@ckpt_dir, run_id=@run_id) if @flags#resume else None",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_train')",
@@ -361,16 +364,35 @@ def train_settings(spec: BundleSpec, kept: str = "@flags#resume") -> dict[str, A
     }
 
 
+#: ``--step_in_backward true`` (not FPT): the optimiser steps each parameter inside backward and frees its gradient
+#: at once (:func:`monai_prompt.engine.in_backward`; the same updates). No step then sees every gradient, so the
+#: trainer's fp16 AMP, whose GradScaler needs them all, gives way to bf16 autocast inside the network
+#: (:data:`IN_BACKWARD_AUTOCAST`); torchrun with several processes is refused.
+IN_BACKWARD_SETTING = {"step_in_backward": False}
+#: the training network's autocast: bf16 when AMP is on and the step is in backward, else the trainer's AMP.
+IN_BACKWARD_AUTOCAST = {"autocast_dtype": "$'bf16' if @flags#amp and @flags#step_in_backward else None"}
+
+
 def optimization(spec: BundleSpec) -> dict[str, Any]:
-    """The spec's optimiser over the trainable parameters and a cosine annealing to 0 over ``max_epochs``."""
+    """The spec's optimiser over the trainable parameters (stepped in backward with ``step_in_backward``, not FPT)
+    and a cosine annealing to 0 over ``max_epochs``."""
+    optimizer = {
+        "_target_": f"torch.optim.{spec.optimizer}",
+        "params": "$[p for p in @network.parameters() if p.requires_grad]",
+        "lr": "@learning_rate",
+        "weight_decay": "@weight_decay",
+        **spec.optimizer_args,
+    }
+    if spec.fpt:
+        optimizers = {"optimizer": optimizer}
+    else:
+        optimizers = {
+            "optimizer_def": optimizer,
+            "optimizer": "$monai_prompt.engine.in_backward(@optimizer_def) if @flags#step_in_backward "
+            "else @optimizer_def",
+        }
     return {
-        "optimizer": {
-            "_target_": f"torch.optim.{spec.optimizer}",
-            "params": "$[p for p in @network.parameters() if p.requires_grad]",
-            "lr": "@learning_rate",
-            "weight_decay": "@weight_decay",
-            **spec.optimizer_args,
-        },
+        **optimizers,
         "lr_scheduler": {
             "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
             "optimizer": "@optimizer",
@@ -473,7 +495,7 @@ def trainer(spec: BundleSpec, extra: dict[str, Any] | None = None) -> dict[str, 
         "inferer": "@train#inferer",
         **(extra or {}),
         "train_handlers": "@train#handlers",
-        "amp": "@flags#amp",
+        "amp": "@flags#amp" if spec.fpt else "$@flags#amp and not @flags#step_in_backward",
     }
 
 

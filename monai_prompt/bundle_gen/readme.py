@@ -67,6 +67,15 @@ class TaskText:
     notes: str
 
 
+#: the training line on the optimiser step in backward (the bundles that train inside the backbone: not FPT).
+_IN_BACKWARD = """
+  `--step_in_backward true` steps the optimiser inside backward, each parameter as soon as its gradient is
+  accumulated, and frees that gradient at once: the same updates (tested) with one gradient held at a time, for
+  full fine-tuning the size of the model less at the peak (docs/benchmarks.md, "Against the peer"). On CUDA
+  with `amp` the network then runs under bf16 autocast (a GradScaler needs every gradient at once); refused under
+  torchrun with several processes."""
+
+
 def _sam_family(dims: int) -> str:
     """What the segmentation README says of the SAM-family backbones."""
     if dims == 3:
@@ -208,7 +217,7 @@ sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.""",
 - Loss: cross-entropy (`BCEWithLogitsLoss` with `multi_label`).
 - Device: CUDA with AMP when available, else CPU, chosen at run time (`device`, `amp`). Attention runs
   through PyTorch SDPA{" in the side network" if spec.fpt else ""} (`sdpa`: the same outputs, tested, with less
-  memory and time); `--sdpa false` computes it literally.
+  memory and time); `--sdpa false` computes it literally.{"" if spec.fpt else _IN_BACKWARD}
 - Validation every `val_interval` epochs: accuracy (key metric, selects `models/model.pt`), macro ROC AUC,
   macro F1 and quadratic-weighted kappa (not for multi-label).
 - At start the trainable-parameter report is printed; each epoch logs peak memory (CUDA max allocated on GPU,
@@ -377,7 +386,7 @@ common spacing (default `None`: the data's own).""",
   selects `models/model.pt`), Dice per class and HD95 (95th-percentile Hausdorff distance in voxels, mean and
   per class; MONAI's metrics).
 - Device: CUDA with AMP when available, else CPU (`device`, `amp`). Attention runs through PyTorch SDPA
-  (`sdpa`: the same outputs, tested, with less memory and time); `--sdpa false` computes it literally.
+  (`sdpa`: the same outputs, tested, with less memory and time); `--sdpa false` computes it literally.{_IN_BACKWARD}
 - The trainable-parameter report is printed at start; each epoch logs peak memory and the run's time left
   (`time left (epoch 3/20): ... left`, also every minute within an epoch).""",
         io=f"""\

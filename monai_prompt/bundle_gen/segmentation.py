@@ -230,6 +230,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
     resumable."""
     key_metric, additional_metrics = _metrics("val_")
     settings = {**_common(spec), "img_size": _TRAINING_IMG_SIZE}
+    settings["network_def"] = {**settings["network_def"], **common.IN_BACKWARD_AUTOCAST}
     return common.with_flags({
         **settings,
         **_continue_model(settings),
