@@ -30,6 +30,8 @@ def test_efficiency_runs_are_valid_benchmark_options(name, arguments):
     if "512" in name:  # the FPT paper's memory table: ViT-B/16 at 512, batch 16
         assert methods == {"full", "lora", "fpt", "fptplus"}
         assert (args.img_size, args.fpt_img_size, args.batch_size) == (512, 512, 16)
+    elif "step_in_backward" in name:
+        assert methods == {"full"} and "blocks+sdpa+bf16+inbackward" in {c.variant for c in configs}
     else:
         assert methods == {"full", *IN_BACKBONE} and "blocks+sdpa+fp16" in {c.variant for c in configs}
 
@@ -42,14 +44,16 @@ def test_bundle_table_shows_failures():
 
 @pytest.mark.slow
 def test_dry_run_trains_evaluates_infers_and_exports(tmp_path):
-    """The whole bundle path on the CPU: a classification and a 3D segmentation bundle, TorchScript run again."""
+    """The whole bundle path on the CPU: a classification and a 3D segmentation bundle, TorchScript run again; the
+    classification bundle once more with the optimiser step in backward."""
     result = subprocess.run(
         [sys.executable, "-m", "monai_prompt.cli", "gpu-check", "--dry-run", "--skip-efficiency", "--out",
-         str(tmp_path), "ept_classification", "lora_3d_segmentation"],
+         str(tmp_path), "ept_classification", "lora_3d_segmentation", "--in-backward", "ept_classification"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ept_") or line.startswith("| lora_")]
-    assert len(rows) == 2 and all(row.rstrip().endswith("| ok |") for row in rows)
+    assert len(rows) == 3 and all(row.rstrip().endswith("| ok |") for row in rows)
+    assert rows[-1].startswith("| ept_classification_step_in_backward |")
     assert (tmp_path / "work" / "runs" / "lora_3d_segmentation" / "export" / "model_full.ts").is_file()

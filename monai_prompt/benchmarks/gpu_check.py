@@ -5,10 +5,12 @@ One command, under 8 minutes on one H100, that
 1. runs every bundle (classification and 2D/3D segmentation) a few iterations on the tiny demo data with the
    bundle's own device choice (CUDA with AMP when present): train one epoch, evaluate, infer, export TorchScript
    (:func:`monai_prompt.tools.export.export_bundle`, on the CPU as MONAI's tools do) and run the TorchScript file on
-   the device;
+   the device; ``--in-backward`` bundles (by default full fine-tuning, classification and 2D segmentation) once
+   more with ``step_in_backward`` (on CUDA the network's own bf16 autocast instead of the trainer's fp16 AMP);
 2. runs ``monai-prompt benchmark efficiency`` at ViT-B/16 224 px (batch 4; every in-backbone method, plain and
    ``blocks+sdpa+fp16``) and at 512 px, batch 16 (full, LoRA, FPT, FPT+: the FPT paper's setting), with CUDA
-   memory, one round (one process per configuration);
+   memory, one round (one process per configuration), and full fine-tuning at 224 px with the optimiser step in
+   backward (``blocks+sdpa+bf16+inbackward``);
 3. writes one Markdown table of both (``<out>/gpu_check.md``) and exits non-zero if any bundle failed.
 
 A failing bundle is reported in its row (the last line of its error) and the others still run. Without CUDA it
@@ -41,7 +43,12 @@ EFFICIENCY_RUNS = (
                      "--checkpointing", "none", "--variants", "blocks+sdpa+fp16"]),
     ("vit_b16_512_fpt_setting", ["--img-size", "512", "--fpt-img-size", "512", "--batch-size", "16", "--rounds", "1",
                                  "--methods", "lora", "fpt", "fptplus", "--checkpointing", "none", "--variants"]),
+    ("vit_b16_224_step_in_backward", ["--img-size", "224", "--batch-size", "4", "--rounds", "1", "--methods", "full",
+                                      "--checkpointing", "none", "--variants", "blocks+sdpa+bf16",
+                                      "blocks+sdpa+bf16+inbackward"]),
 )
+#: the bundles checked once more with ``step_in_backward`` when no bundle is named.
+IN_BACKWARD_BUNDLES = ("full_classification", "full_segmentation")
 
 
 def _task_data(work: Path, print_fn: Callable[[str], None]) -> dict[str, Any]:
@@ -75,26 +82,28 @@ def _random_encoder_3d(path: Path) -> Path:
     return path
 
 
-def _run_classification(spec: BundleSpec, bundle: Path, out: Path, data: dict[str, Any]) -> tuple[float, dict]:
-    """Train one epoch, evaluate and infer; the overrides every later step needs and the test metric."""
+def _run_classification(spec: BundleSpec, bundle: Path, out: Path, data: dict[str, Any], extra: dict[str, Any]
+                        ) -> tuple[float, dict]:
+    """Train one epoch, evaluate and infer (``extra``: more overrides); the overrides every later step needs and the
+    test metric."""
     from monai_prompt.benchmarks.bundle_runs import demo_overrides
     from monai_prompt.runs.runner import run_bundle, train_and_evaluate
 
-    overrides = {**demo_overrides(spec, data["datalist"], data["backbone"]), "num_workers": 0}
+    overrides = {**demo_overrides(spec, data["datalist"], data["backbone"]), "num_workers": 0, **extra}
     _, metrics = train_and_evaluate(bundle, out, overrides, epochs=1)
     run_bundle(bundle, ["inference.json"], "infer", quiet=True, bundle_root=str(out), **overrides)
     return metrics["accuracy"], overrides
 
 
-def _run_segmentation(spec: BundleSpec, bundle: Path, out: Path, data: dict[str, Any]) -> tuple[float, dict]:
-    """Train one epoch, evaluate and infer (2D: the MAE encoder; 3D: a saved random one); the overrides and mean
-    Dice."""
+def _run_segmentation(spec: BundleSpec, bundle: Path, out: Path, data: dict[str, Any], extra: dict[str, Any]
+                      ) -> tuple[float, dict]:
+    """Train one epoch, evaluate and infer (2D: the MAE encoder; 3D: a saved random one; ``extra``: more
+    overrides); the overrides and mean Dice."""
     from monai_prompt.runs.segmentation_demo_task import TINY_SEGMENTATION_DEMO, demo_overrides, tune_segmentation
 
-    extra: dict[str, Any] = {}
     encoder = data["encoder"]
     if spec.spatial_dims == 3:
-        extra = {"spatial_dims": 3, "datalist_file": str(data["segmentation_data"] / "datalist_3d.json"),
+        extra = {**extra, "spatial_dims": 3, "datalist_file": str(data["segmentation_data"] / "datalist_3d.json"),
                  "img_size": ROI_3D, "_meta_#network_data_format#inputs#image#spatial_shape": [ROI_3D] * 3,
                  "_meta_#network_data_format#outputs#pred#spatial_shape": [ROI_3D] * 3}
         encoder = data["encoder_3d"]
@@ -114,24 +123,28 @@ def _scripted_runs_on(script: Path, device: torch.device, example: torch.Tensor)
         raise RuntimeError(f"{script}: the TorchScript network gives non-finite outputs on {device}.")
 
 
-def check_bundle(spec: BundleSpec, bundles: Path, work: Path, data: dict[str, Any]) -> dict[str, Any]:
+def check_bundle(spec: BundleSpec, bundles: Path, work: Path, data: dict[str, Any], step_in_backward: bool = False
+                 ) -> dict[str, Any]:
     """Run ``spec``'s bundle through train, evaluate, inference and export; one table row (status and timings).
 
     Args:
         spec: the bundle.
         bundles: the bundles folder.
-        work: scratch folder (the run goes to ``work/runs/<bundle>``).
+        work: scratch folder (the run goes to ``work/runs/<bundle>``, ``<bundle>_step_in_backward``).
         data: :func:`_task_data`'s data and encoders.
+        step_in_backward: train with the optimiser step in backward (the bundle's ``step_in_backward``).
     """
     from monai_prompt.tools.export import export_bundle
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    row: dict[str, Any] = {"bundle": spec.name, "device": device.type, "amp": device.type == "cuda"}
-    out = work / "runs" / spec.name
+    name = f"{spec.name}_step_in_backward" if step_in_backward else spec.name
+    row: dict[str, Any] = {"bundle": name, "device": device.type, "amp": device.type == "cuda"}
+    out = work / "runs" / name
     start = time.perf_counter()
     try:
         run = _run_segmentation if spec.task == "segmentation" else _run_classification
-        row["metric"], overrides = run(spec, bundles / spec.name, out, data)
+        extra = {"step_in_backward": True} if step_in_backward else {}
+        row["metric"], overrides = run(spec, bundles / spec.name, out, data, extra)
         row["train_eval_infer_s"] = round(time.perf_counter() - start, 1)
         report = export_bundle(bundles / spec.name, ckpt=out / "models" / "model.pt", out_dir=out / "export",
                                overrides={**overrides, "bundle_root": str(out)})
@@ -179,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("names", nargs="*", help="bundles (default: all)")
     parser.add_argument("--out", default="runs/gpu_check", help="output folder (default: runs/gpu_check)")
     parser.add_argument("--bundles", help="the bundles folder (default: the package's)")
+    parser.add_argument("--in-backward", nargs="*", default=None,
+                        help="bundles checked once more with step_in_backward (default: "
+                             f"{' '.join(IN_BACKWARD_BUNDLES)} when no bundle is named, else none)")
     parser.add_argument("--skip-efficiency", action="store_true", help="bundles only")
     parser.add_argument("--dry-run", action="store_true",
                         help="without CUDA: the same path on the CPU, efficiency benchmark at --quick sizes")
@@ -191,9 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not args.dry_run:
         parser.error("no CUDA device: run it on a GPU machine, or add --dry-run to check the path on the CPU.")
-    unknown = sorted(set(args.names) - set(ALL_BUNDLE_SPECS))
+    in_backward = (list(IN_BACKWARD_BUNDLES) if not args.names else []) if args.in_backward is None \
+        else args.in_backward
+    unknown = sorted(set(args.names + in_backward) - set(ALL_BUNDLE_SPECS))
     if unknown:
         parser.error(f"unknown bundles {unknown}; known: {sorted(ALL_BUNDLE_SPECS)}")
+    fpt = [name for name in in_backward if ALL_BUNDLE_SPECS[name].fpt]
+    if fpt:
+        parser.error(f"--in-backward {fpt}: FPT bundles have no step_in_backward setting.")
     out, bundles = Path(args.out).absolute(), bundles_folder(args.bundles).absolute()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -201,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for name in args.names or list(ALL_BUNDLE_SPECS):
         rows.append(check_bundle(ALL_BUNDLE_SPECS[name], bundles, out / "work", data))
+        print(json.dumps(rows[-1]), flush=True)
+    for name in in_backward:
+        rows.append(check_bundle(ALL_BUNDLE_SPECS[name], bundles, out / "work", data, step_in_backward=True))
         print(json.dumps(rows[-1]), flush=True)
     tables = [] if args.skip_efficiency else _efficiency(out, args.dry_run, print)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
