@@ -95,15 +95,18 @@ def test_unknown_mode_is_a_clear_error_and_classifier_passes_modes():
     torch.jit.script(net.eval())  # the recompute choice stays out of TorchScript
 
 
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_frozen_linears_under_autocast_keep_no_weight_copy_and_give_the_autocast_gradients(monkeypatch, dtype):
+def test_frozen_linears_under_autocast_keep_no_weight_copy_and_give_the_autocast_gradients(monkeypatch, dtype,
+                                                                                           method):
     """Under autocast a frozen linear casts its weight again in backward instead of keeping the cast copy: the
-    saved tensors hold no copy of a frozen weight, and the loss and gradients are exactly those of ``F.linear``."""
+    saved tensors hold no copy of a frozen weight, and the loss and gradients (BitFit: of the trained biases) are
+    exactly those of ``F.linear``."""
     from monai_prompt.backbones import recast
 
     torch.manual_seed(0)
-    vit = apply_method(build_vit("vit_tiny", img_size=16, **TINY), "lora").train()
-    for block in vit.blocks:  # B starts at zero: make the update matter
+    vit = apply_method(build_vit("vit_tiny", img_size=16, **TINY), method).train()
+    for block in vit.blocks if method == "lora" else ():  # B starts at zero: make the update matter
         torch.nn.init.normal_(block.attn.qkv.lora_B, std=0.1)
     x = torch.randn(2, 3, 16, 16)
     frozen = {(dtype, tuple(m.weight.shape)) for m in vit.modules() if isinstance(m, torch.nn.Linear)}
