@@ -78,8 +78,8 @@ def test_the_step_in_backward_lowers_full_fine_tuning_s_peak_by_the_gradients():
 
 def test_ratios_come_from_the_same_round():
     def row(method, size, peak, wall):
-        values = {"trainable": 1, "percent_of_backbone": 1.0, "delta_bytes": 10, "peak_mib": peak, "step_cpu_s": wall,
-                  "step_wall_s": wall, "infer_ms_per_image": 1.0}
+        values = {"trainable": 1, "percent_of_backbone": 1.0, "delta_bytes": 10, "base_mib": 5.0, "peak_mib": peak,
+                  "step_cpu_s": wall, "step_wall_s": wall, "infer_ms_per_image": 1.0}
         return {"config": f"{method} @{size}", "method": method, "variant": "none", "img_size": size,
                 "batch_size": 4, **values}
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from monai_prompt.benchmarks.efficiency import IN_BACKBONE, build_configs, build_parser
-from monai_prompt.benchmarks.gpu_check import EFFICIENCY_RUNS, format_bundle_table
+from monai_prompt.benchmarks.gpu_check import EFFICIENCY_RUNS, FPT_PAPER_MB, format_bundle_table, format_paper_table
 
 
 def test_refuses_without_cuda_unless_dry_run(tmp_path):
@@ -34,6 +34,21 @@ def test_efficiency_runs_are_valid_benchmark_options(name, arguments):
         assert methods == {"full"} and "blocks+sdpa+bf16+inbackward" in {c.variant for c in configs}
     else:
         assert methods == {"full", *IN_BACKBONE} and "blocks+sdpa+fp16" in {c.variant for c in configs}
+
+
+def test_paper_table_sets_the_whole_allocation_against_the_fpt_paper():
+    def row(method, variant, base, peak):
+        return {"config": f"{method} {variant} @512", "method": method, "variant": variant, "img_size": 512,
+                "base_mib": base, "peak_mib": peak}
+
+    rows = [row("full", "none", 1000.0, 22000.0), row("full", "sdpa", 1000.0, 20000.0),
+            row("lora", "none", 400.0, 20000.0), row("ept", "none", 400.0, 9000.0),
+            row("fptplus", "cached+sdpa", 90.0, 370.0)]
+    lines = format_paper_table(rows).splitlines()
+    assert len(lines) == 2 + 3  # full (without SDPA), LoRA, FPT+; EPT has no figure in the paper
+    assert lines[2] == "| full none @512 | 23,000 | 1.000 | 23,128 | 1.000 | 0.99 |"
+    assert lines[4] == f"| fptplus cached+sdpa @512 | 460 | 0.020 | 736 | {736 / 23128:.3f} | 0.62 |"
+    assert FPT_PAPER_MB == {"full": 23128, "lora": 20970, "fpt": 1824, "fptplus": 736}
 
 
 def test_bundle_table_shows_failures():

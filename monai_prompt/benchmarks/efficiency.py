@@ -8,7 +8,9 @@ comes from the same round, under the same load. Per configuration:
 - trainable parameters (count and % of the backbone) and the delta size (bytes of the saved delta; its ratio to
   full fine-tuning's delta is the ratio to the full checkpoint);
 - peak training memory above the process's level once the network and the optimiser are built (and one
-  forward/backward has loaded the kernels; its gradients are dropped, the optimiser's state is not yet created): CPU,
+  forward/backward has loaded the kernels; its gradients are dropped, the optimiser's state is not yet created), and
+  that level itself (``base_mib``; CUDA: the network's weights and the batch, so ``base_mib + peak_mib`` is the
+  step's whole allocation, what papers report): CPU,
   the resident peak (``VmHWM``) reset through ``/proc/self/clear_refs`` (glibc is told to mmap every allocation
   above 128 KiB, so freed memory does not hide later peaks); CUDA, ``torch.cuda.max_memory_allocated`` after a
   reset;
@@ -72,12 +74,14 @@ MMAP_THRESHOLD = 131072
 #: the columns of the table, the CSV and the JSON summary rows.
 COLUMNS = (
     "config", "method", "variant", "img_size", "batch_size", "trainable", "percent_of_backbone", "delta_bytes",
-    "peak_mib", "step_cpu_s", "step_wall_s", "infer_ms_per_image", "memory_ratio", "cpu_ratio", "wall_ratio",
-    "infer_ratio", "delta_ratio",
+    "base_mib", "peak_mib", "step_cpu_s", "step_wall_s", "infer_ms_per_image", "memory_ratio", "cpu_ratio",
+    "wall_ratio", "infer_ratio", "delta_ratio",
 )
 #: measured value -> its ratio column.
 RATIOS = {"peak_mib": "memory_ratio", "step_cpu_s": "cpu_ratio", "step_wall_s": "wall_ratio",
           "infer_ms_per_image": "infer_ratio", "delta_bytes": "delta_ratio"}
+#: measured values reported without a ratio.
+UNRATIOED = ("base_mib",)
 QUICK_BACKBONE = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "mlp_dim": 128, "patch_size": 8}
 #: ``--quick`` shapes of the SAM-family presets (checkpointing: whole blocks or none).
 QUICK_GRID_BACKBONES = {
@@ -314,8 +318,8 @@ def measure(config: BenchConfig, settings: BenchSettings) -> dict[str, Any]:
     """Build, train and time one configuration in this process (run it in a fresh one: see :func:`run_benchmark`).
 
     Returns:
-        ``trainable``, ``percent_of_backbone``, ``delta_bytes``, ``peak_mib``, ``step_cpu_s``, ``step_wall_s``,
-        ``infer_ms_per_image``.
+        ``trainable``, ``percent_of_backbone``, ``delta_bytes``, ``base_mib``, ``peak_mib``, ``step_cpu_s``,
+        ``step_wall_s``, ``infer_ms_per_image``.
     """
     from monai_prompt.benchmarks.peer import PeerViT, peer_delta_bytes
     from monai_prompt.engine import in_backward
@@ -367,6 +371,7 @@ def measure(config: BenchConfig, settings: BenchSettings) -> dict[str, Any]:
         "trainable": report["trainable"],
         "percent_of_backbone": report["percent_of_backbone"],
         "delta_bytes": delta_bytes,
+        "base_mib": memory.baseline,
         "peak_mib": peak,
         "step_cpu_s": step_cpu,
         "step_wall_s": step_wall,
@@ -404,8 +409,9 @@ def summarise(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         for row in measured:
             rows.setdefault(row["config"], {k: row[k] for k in ("config", "method", "variant", "img_size",
                                                                 "batch_size", "trainable", "percent_of_backbone")})
-            for value, ratio in RATIOS.items():
+            for value in (*RATIOS, *UNRATIOED):
                 values.setdefault(row["config"], {}).setdefault(value, []).append(row[value])
+            for value, ratio in RATIOS.items():
                 ratios.setdefault(row["config"], {}).setdefault(ratio, []).append(
                     row[value] / full[row["img_size"]][value])
     for name, row in rows.items():

@@ -11,7 +11,8 @@ One command, under 8 minutes on one H100, that
    ``blocks+sdpa+fp16``) and at 512 px, batch 16 (full, LoRA, FPT, FPT+: the FPT paper's setting), with CUDA
    memory, one round (one process per configuration), and full fine-tuning at 224 px with the optimiser step in
    backward (``blocks+sdpa+bf16+inbackward``);
-3. writes one Markdown table of both (``<out>/gpu_check.md``) and exits non-zero if any bundle failed.
+3. writes one Markdown report of both (``<out>/gpu_check.md``), with the 512 px rows set against the FPT paper's GPU
+   memory (:data:`FPT_PAPER_MB`), and exits non-zero if any bundle failed.
 
 A failing bundle is reported in its row (the last line of its error) and the others still run. Without CUDA it
 refuses, unless ``--dry-run``: the same path on the CPU at the tiny sizes of ``--quick`` (what the tests run).
@@ -29,11 +30,11 @@ from typing import Any
 
 import torch
 
-from monai_prompt.benchmarks.efficiency import IN_BACKBONE
+from monai_prompt.benchmarks.efficiency import FPT_METHODS, IN_BACKBONE
 from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS, BundleSpec
 from monai_prompt.runs.bundles import bundles_folder
 
-__all__ = ["check_bundle", "format_bundle_table", "main"]
+__all__ = ["FPT_PAPER_MB", "check_bundle", "format_bundle_table", "format_paper_table", "main"]
 
 #: the 3D bundles' ROI on the tiny 64 x 64 x 32 crops (2D: the bundles' own choice, whole slices).
 ROI_3D = 32
@@ -47,6 +48,8 @@ EFFICIENCY_RUNS = (
                                       "--checkpointing", "none", "--variants", "blocks+sdpa+bf16",
                                       "blocks+sdpa+bf16+inbackward"]),
 )
+#: the FPT paper's training memory on a GPU at ViT-B/16, 512 px, batch 16 (MB), per method.
+FPT_PAPER_MB = {"full": 23128, "lora": 20970, "fpt": 1824, "fptplus": 736}
 #: the bundles checked once more with ``step_in_backward`` when no bundle is named.
 IN_BACKWARD_BUNDLES = ("full_classification", "full_segmentation")
 
@@ -170,8 +173,32 @@ def format_bundle_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_paper_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of full fine-tuning, LoRA, FPT and FPT+ against :data:`FPT_PAPER_MB`, as a Markdown table: each row's
+    whole allocation in a training step (``base_mib + peak_mib``; CUDA: the network, the batch and the step; CPU:
+    the process's resident memory) and its share of full fine-tuning's at the same input size, beside the paper's
+    figure and share.
+
+    Args:
+        rows: :func:`~monai_prompt.benchmarks.efficiency.summarise`'s rows of one run.
+    """
+    full = {r["img_size"]: r["base_mib"] + r["peak_mib"] for r in rows
+            if (r["method"], r["variant"]) == ("full", "none")}
+    lines = ["| configuration | network + step MiB | / full | FPT paper MB | paper / full | this / paper |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        paper = FPT_PAPER_MB.get(row["method"])
+        if paper is None or (row["method"] == "full" and row["variant"] != "none"):
+            continue
+        total = row["base_mib"] + row["peak_mib"]
+        lines.append(f"| {row['config']} | {total:,.0f} | {total / full[row['img_size']]:.3f} | {paper:,} | "
+                     f"{paper / FPT_PAPER_MB['full']:.3f} | {total / paper:.2f} |")
+    return "\n".join(lines)
+
+
 def _efficiency(out: Path, dry_run: bool, print_fn: Callable[[str], None]) -> list[tuple[str, str]]:
-    """Run the efficiency benchmark (``--quick`` on a dry run); ``(name, table)`` of each run."""
+    """Run the efficiency benchmark (``--quick`` on a dry run); ``(name, table)`` of each run, the FPT runs' (512 px;
+    the dry run's quick one) followed by their comparison with the FPT paper."""
     from monai_prompt.benchmarks.efficiency import format_table
     from monai_prompt.benchmarks.efficiency import main as efficiency_main
 
@@ -183,6 +210,8 @@ def _efficiency(out: Path, dry_run: bool, print_fn: Callable[[str], None]) -> li
         efficiency_main(["--out", str(folder), *arguments])
         rows = json.loads((folder / "efficiency.json").read_text())["summary"]
         tables.append((name, format_table(rows)))
+        if any(row["method"] in FPT_METHODS for row in rows):
+            tables.append((f"{name} against the FPT paper (ViT-B/16, 512 px, batch 16)", format_paper_table(rows)))
     return tables
 
 
