@@ -37,13 +37,10 @@ def test_efficiency_runs_are_valid_benchmark_options(name, arguments):
 
 
 def test_paper_table_sets_the_whole_allocation_against_the_fpt_paper():
-    def row(method, variant, base, peak):
-        return {"config": f"{method} {variant} @512", "method": method, "variant": variant, "img_size": 512,
-                "base_mib": base, "peak_mib": peak}
-
-    rows = [row("full", "none", 1000.0, 22000.0), row("full", "sdpa", 1000.0, 20000.0),
-            row("lora", "none", 400.0, 20000.0), row("ept", "none", 400.0, 9000.0),
-            row("fptplus", "cached+sdpa", 90.0, 370.0)]
+    measured = [("full", "none", 1000.0, 22000.0), ("full", "sdpa", 1000.0, 20000.0), ("lora", "none", 400.0, 20000.0),
+                ("ept", "none", 400.0, 9000.0), ("fptplus", "cached+sdpa", 90.0, 370.0)]
+    rows = [dict(zip(("method", "variant", "base_mib", "peak_mib"), values), config=f"{values[0]} {values[1]} @512",
+                 img_size=512) for values in measured]
     lines = format_paper_table(rows).splitlines()
     assert len(lines) == 2 + 3  # full (without SDPA), LoRA, FPT+; EPT has no figure in the paper
     assert lines[2] == "| full none @512 | 23,000 | 1.000 | 23,128 | 1.000 | 0.99 |"

@@ -54,7 +54,6 @@ class OptimizerInBackward(Optimizer):
                 "--step_in_backward false for a multi-process (torchrun) run.")
         self.optimizer_class = optimizer_class
         self._per_parameter: dict[torch.Tensor, Optimizer] = {}
-        self._hooks: list[Any] = []
         # every argument of optimizer_class, its defaults filled in (read from an instance over a placeholder), so
         # that the groups, and the state_dict, are those optimizer_class itself keeps
         placeholder = torch.zeros(1, requires_grad=True)
@@ -68,7 +67,10 @@ class OptimizerInBackward(Optimizer):
             optimizer = self.optimizer_class([{**_hyperparameters(group), "params": [param]}])
             optimizer.state = self.state
             self._per_parameter[param] = optimizer
-            self._hooks.append(param.register_post_accumulate_grad_hook(self._step_parameter))
+            param.register_post_accumulate_grad_hook(self._step_parameter)
+        self._map_groups()
+
+    def _map_groups(self) -> None:
         self._group_of = {param: group for group in self.param_groups for param in group["params"]}
 
     def _step_parameter(self, param: torch.Tensor) -> None:
@@ -83,7 +85,7 @@ class OptimizerInBackward(Optimizer):
         super().load_state_dict(state_dict)
         for optimizer in self._per_parameter.values():
             optimizer.state = self.state
-        self._group_of = {param: group for group in self.param_groups for param in group["params"]}
+        self._map_groups()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -92,12 +94,6 @@ class OptimizerInBackward(Optimizer):
             return None
         with torch.enable_grad():
             return closure()
-
-    def remove_hooks(self) -> None:
-        """Stop stepping in backward (the parameters' gradients then accumulate as usual)."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
 
 
 def in_backward(optimizer: Optimizer) -> OptimizerInBackward:
