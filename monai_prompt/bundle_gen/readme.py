@@ -71,7 +71,7 @@ class TaskText:
 _IN_BACKWARD = """
   `--step_in_backward true` steps the optimiser inside backward, each parameter as soon as its gradient is
   accumulated, and frees that gradient at once: the same updates (tested) with one gradient held at a time, for
-  full fine-tuning the size of the model less at the peak (docs/benchmarks.md, "Against the peer"). On CUDA
+  full fine-tuning up to the model's size less at the peak (docs/benchmarks.md, "Against the peer"). On CUDA
   with `amp` the network then runs under bf16 autocast (a GradScaler needs every gradient at once); refused under
   torchrun with several processes."""
 
