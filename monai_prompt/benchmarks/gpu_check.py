@@ -38,15 +38,17 @@ __all__ = ["FPT_PAPER_MB", "check_bundle", "format_bundle_table", "format_paper_
 
 #: the 3D bundles' ROI on the tiny 64 x 64 x 32 crops (2D: the bundles' own choice, whole slices).
 ROI_3D = 32
-#: the efficiency runs: (name, ``monai-prompt benchmark efficiency`` arguments) on a GPU.
+#: the efficiency runs: (name, ``monai-prompt benchmark efficiency`` arguments) on a GPU; the peer rows (when
+#: transformers and peft are installed) in the first only.
 EFFICIENCY_RUNS = (
     ("vit_b16_224", ["--img-size", "224", "--batch-size", "4", "--rounds", "1", "--methods", *IN_BACKBONE,
                      "--checkpointing", "none", "--variants", "blocks+sdpa+fp16"]),
     ("vit_b16_512_fpt_setting", ["--img-size", "512", "--fpt-img-size", "512", "--batch-size", "16", "--rounds", "1",
-                                 "--methods", "lora", "fpt", "fptplus", "--checkpointing", "none", "--variants"]),
+                                 "--methods", "lora", "fpt", "fptplus", "--checkpointing", "none", "--variants",
+                                 "--peer"]),
     ("vit_b16_224_step_in_backward", ["--img-size", "224", "--batch-size", "4", "--rounds", "1", "--methods", "full",
                                       "--checkpointing", "none", "--variants", "blocks+sdpa+bf16",
-                                      "blocks+sdpa+bf16+inbackward"]),
+                                      "blocks+sdpa+bf16+inbackward", "--peer"]),
 )
 #: the FPT paper's training memory on a GPU at ViT-B/16, 512 px, batch 16 (MB), per method.
 FPT_PAPER_MB = {"full": 23128, "lora": 20970, "fpt": 1824, "fptplus": 736}
