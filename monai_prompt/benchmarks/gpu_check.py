@@ -251,11 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     data = _task_data(out / "work", print_fn=print)
     rows = []
-    for name in args.names or list(ALL_BUNDLE_SPECS):
-        rows.append(check_bundle(ALL_BUNDLE_SPECS[name], bundles, out / "work", data))
-        print(json.dumps(rows[-1]), flush=True)
-    for name in in_backward:
-        rows.append(check_bundle(ALL_BUNDLE_SPECS[name], bundles, out / "work", data, step_in_backward=True))
+    checks = [(name, False) for name in args.names or list(ALL_BUNDLE_SPECS)] + [(name, True) for name in in_backward]
+    for name, step_in_backward in checks:
+        rows.append(check_bundle(ALL_BUNDLE_SPECS[name], bundles, out / "work", data, step_in_backward))
         print(json.dumps(rows[-1]), flush=True)
     tables = [] if args.skip_efficiency else _efficiency(out, args.dry_run, print)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
