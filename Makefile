@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # (a later make keeps the torch of the last TORCH_SPEC given; another TORCH_SPEC reinstalls torch)
 TORCH_SPEC ?= $(or $(shell cat $(VENV)/.torch-spec 2>/dev/null),torch==2.13.0)
 
-.PHONY: setup demo test lint label-env label-test gpu-check FORCE
+.PHONY: setup demo test lint label-env label-test gpu-check gpu-kit FORCE
 
 setup: $(VENV)/.installed
 
@@ -70,3 +70,10 @@ label-test: label-env
 # on a GPU machine (docs/benchmarks.md): every bundle on CUDA with AMP + the efficiency benchmark, one table
 gpu-check: setup
 	$(VENV)/bin/monai-prompt gpu-check
+
+# an offline GPU machine (docs/benchmarks.md, GPU check): the wheels that `gpu/offline_check.sh` installs there, the
+# packages gpu/kit.txt lists, downloaded to .whl/ here (pure Python; GPU_KIT_PYTHON: the Python version there)
+GPU_KIT_PYTHON ?= 3.12
+gpu-kit:
+	rm -rf .whl
+	python3 -m pip download --no-deps --only-binary=:all: --python-version $(GPU_KIT_PYTHON) -d .whl -r gpu/kit.txt

@@ -171,6 +171,12 @@ MAPPING: tuple[Rule, ...] = (
          setup=(*_MAKE, "repo:label/constraints.txt")),
     Rule("*", r"^make gpu-check$", why="no GPU here: `make -n` shows that the target runs `monai-prompt gpu-check`",
          subs=(("make", "make -n"),), append=" | docs-check-pip --expect 'monai-prompt gpu-check'", setup=_MAKE),
+    Rule("*", r"^make gpu-kit$", why="no downloads in a test: `make -n` shows the target downloading gpu/kit.txt",
+         subs=(("make", "make -n"),), append=" | grep -- '-d .whl -r gpu/kit.txt'", setup=(*_MAKE, "repo:gpu/kit.txt")),
+    Rule("*", r"^bash gpu/offline_check\.sh$", slow=True,
+         why="no GPU here: its dry run of one bundle, no benchmark, from the work copy's gpu/ (no .whl/ in it)",
+         append=" --dry-run --skip-efficiency linear_classification",
+         setup=("repo:gpu/offline_check.sh", "repo:gpu/kit.txt", "repo:gpu/image.txt")),
     Rule("*", r"^make demo TORCH_SPEC=", why="the demo runs under `make demo`; `make -n` shows TORCH_SPEC reaching pip",
          subs=(("make demo", "make -n demo"),), append=" | docs-check-pip --expect cu126", setup=_MAKE),
     Rule("*", r"^make demo\b", why="set-up checked with `make -n`, then `monai-prompt demo` at its --tiny size",
@@ -582,8 +588,8 @@ def _run(argv: list[str]) -> int:
             sys.argv = list(args)
             sys.path.insert(0, str(Path(args[0]).resolve().parent))
             runpy.run_path(args[0], run_name="__main__")
-        else:
-            os.execv(os.environ["DOCS_REAL_PYTHON"], [os.environ["DOCS_REAL_PYTHON"], *args])
+        else:  # a child, not exec: an exec'd program could not report its exit status to the shim
+            return subprocess.call([os.environ["DOCS_REAL_PYTHON"], *args])
         return 0
     if prog.startswith("docs-check-"):
         return {"pip": check_pip, "hf": check_hf, "mlflow": check_mlflow}[prog[len("docs-check-"):]](args)

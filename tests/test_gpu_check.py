@@ -1,14 +1,26 @@
-"""``monai-prompt gpu-check``: its path run on the CPU (``--dry-run``), its refusal without CUDA, its benchmark runs."""
+"""``monai-prompt gpu-check``: its path run on the CPU (``--dry-run``) as an offline GPU machine runs it
+(``gpu/offline_check.sh``), its refusals, its report, its benchmark runs."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from bundle_support import REPO
+from monai_prompt.benchmarks import gpu_check
 from monai_prompt.benchmarks.efficiency import IN_BACKBONE, build_configs, build_parser
-from monai_prompt.benchmarks.gpu_check import EFFICIENCY_RUNS, FPT_PAPER_MB, format_bundle_table, format_paper_table
+from monai_prompt.benchmarks.gpu_check import (
+    EFFICIENCY_RUNS,
+    FPT_PAPER_MB,
+    format_bundle_table,
+    format_paper_table,
+    root_cause,
+)
 
 
 def test_refuses_without_cuda_unless_dry_run(tmp_path):
@@ -54,18 +66,108 @@ def test_bundle_table_shows_failures():
     assert "| a |" in table and "0.500" in table and "FAILED: x" in table.splitlines()[-1]
 
 
+def test_failed_row_names_the_innermost_error():
+    """MONAI wraps an error inside a config expression in a RuntimeError; the row gives the error under it."""
+    from monai.bundle import ConfigParser
+
+    with pytest.raises(RuntimeError) as raised:
+        ConfigParser({"x": "$__import__('no_such_module_xyz')"}).get_parsed_content("x")
+    assert "Failed to evaluate" in str(raised.value)
+    assert root_cause(raised.value) == "ModuleNotFoundError: No module named 'no_such_module_xyz'"
+
+
+def test_report_is_rewritten_after_each_bundle(tmp_path, monkeypatch):
+    """Each finished bundle reaches the report at once (a check stopped by a time limit keeps what it finished)."""
+    calls = []
+    monkeypatch.setattr(gpu_check, "check_bundle", lambda spec, *args: calls.append(spec.name) or
+                        {"bundle": spec.name, "status": "ok" if spec.name.startswith("lora") else "FAILED: x"})
+    seen = []
+    rows = gpu_check.check_bundles([("lora_classification", False), ("ssf_segmentation", False)], tmp_path, tmp_path,
+                                   {}, jobs=1, on_row=lambda done: seen.append([row["bundle"] for row in done]))
+    assert calls == ["lora_classification", "ssf_segmentation"]
+    assert seen == [["lora_classification"], ["lora_classification", "ssf_segmentation"]]
+    assert [row["status"] for row in rows] == ["ok", "FAILED: x"]
+
+
+def test_refuses_jobs_below_one(capsys):
+    with pytest.raises(SystemExit) as exited:
+        gpu_check.main(["--dry-run", "--jobs", "0", "--out", "unused"])
+    assert exited.value.code == 2 and "--jobs 0" in capsys.readouterr().err.splitlines()[-1]
+
+
+def _requirement_names(path: Path) -> list[str]:
+    """The distribution names of a requirements file (comments dropped)."""
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return [re.split(r"[=<>!~ \[]", line)[0] for line in lines if line]
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _hidden_modules() -> set[str]:
+    """The top-level modules of every installed distribution that neither gpu/image.txt nor gpu/kit.txt lists."""
+    from importlib.metadata import packages_distributions
+
+    allowed = {_normal(name) for file in ("image.txt", "kit.txt") for name in _requirement_names(REPO / "gpu" / file)}
+    allowed.add("monai-prompt")
+    return {module for module, dists in packages_distributions().items()
+            if not any(_normal(dist) in allowed for dist in dists)}
+
+
+#: a sitecustomize that hides modules from every finder, as if they were not installed (import fails with
+#: ModuleNotFoundError, importlib.util.find_spec gives None), in the check and every process it starts
+_HIDE = """
+import sys
+
+HIDDEN = frozenset({hidden!r})
+
+
+class _Hide:
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN or not hasattr(self.finder, "find_spec"):
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def __getattr__(self, name):
+        return getattr(self.finder, name)
+
+
+sys.meta_path[:] = [_Hide(finder) for finder in sys.meta_path]
+"""
+
+
 @pytest.mark.slow
-def test_dry_run_trains_evaluates_infers_and_exports(tmp_path):
-    """The whole bundle path on the CPU: a classification and a 3D segmentation bundle, TorchScript run again; the
-    classification bundle once more with the optimiser step in backward."""
+def test_offline_check_runs_on_the_image_and_the_kit_alone(tmp_path):
+    """gpu/offline_check.sh as on an offline GPU machine: every installed package that is neither on the assumed image
+    (gpu/image.txt) nor in the kit (gpu/kit.txt) hidden, on the CPU (--dry-run), two bundles at once: a
+    classification and a 3D segmentation bundle train, evaluate, infer and export (TorchScript run again), the
+    classification bundle once more with the optimiser step in backward, then the quick efficiency benchmark; the
+    report, the log and the benchmark's table reach $OUT."""
+    hidden = _hidden_modules()
+    assert {"mlflow", "itk", "pydicom", "fire"} <= hidden  # what the full install has and the check must not need
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_HIDE.format(hidden=sorted(hidden)))
+    env = {**os.environ, "PYTHONPATH": str(site), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "OUT": str(tmp_path / "out"), "GPU_KIT_DIR": str(tmp_path / "no_kit")}
+    hides = subprocess.run(["python3", "-c", "import mlflow"], env=env, capture_output=True, text=True)
+    assert "No module named 'mlflow'" in hides.stderr
+
     result = subprocess.run(
-        [sys.executable, "-m", "monai_prompt.cli", "gpu-check", "--dry-run", "--skip-efficiency", "--out",
-         str(tmp_path), "ept_classification", "lora_3d_segmentation", "--in-backward", "ept_classification"],
-        capture_output=True, text=True, timeout=600,
+        ["bash", str(REPO / "gpu" / "offline_check.sh"), "--dry-run", "--jobs", "2", "ept_classification",
+         "lora_3d_segmentation", "--in-backward", "ept_classification"],
+        env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = (tmp_path / "gpu_check.md").read_text()
+    out = tmp_path / "out"
+    assert sorted(path.name for path in out.iterdir()) == ["efficiency_quick.json", "gpu_check.log", "gpu_check.md"]
+    report = (out / "gpu_check.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ept_") or line.startswith("| lora_")]
     assert len(rows) == 3 and all(row.rstrip().endswith("| ok |") for row in rows)
     assert rows[-1].startswith("| ept_classification_step_in_backward |")
-    assert (tmp_path / "work" / "runs" / "lora_3d_segmentation" / "export" / "model_full.ts").is_file()
+    assert "## Efficiency: quick against the FPT paper" in report
+    assert "every bundle passed" in (out / "gpu_check.log").read_text()

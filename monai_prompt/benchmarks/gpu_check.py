@@ -14,17 +14,23 @@ One command, under 8 minutes on one H100, that
 3. writes one Markdown report of both (``<out>/gpu_check.md``), with the 512 px rows set against the FPT paper's GPU
    memory (:data:`FPT_PAPER_MB`), and exits non-zero if any bundle failed.
 
-A failing bundle is reported in its row (the last line of its error) and the others still run. Without CUDA it
-refuses, unless ``--dry-run``: the same path on the CPU at the tiny sizes of ``--quick`` (what the tests run).
+The bundles run ``--jobs`` at a time, each in its own process (on CUDA by default half the CPU cores, at most 8: tiny
+runs, bound by Python rather than the GPU); the benchmark runs alone. The report is rewritten after every bundle and
+every benchmark run, so a check stopped by a time limit leaves what it finished. A failing bundle is reported in its
+row (the innermost error of the chain: MONAI wraps a config expression's error) and the others still run. Without
+CUDA it refuses, unless ``--dry-run``: the same path on the CPU at the tiny sizes of ``--quick`` (what the tests run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +38,11 @@ import torch
 
 from monai_prompt.benchmarks.efficiency import FPT_METHODS, IN_BACKBONE
 from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS, BundleSpec
+from monai_prompt.io import atomic_write
 from monai_prompt.runs.bundles import bundles_folder
 
-__all__ = ["FPT_PAPER_MB", "check_bundle", "format_bundle_table", "format_paper_table", "main"]
+__all__ = ["FPT_PAPER_MB", "check_bundle", "check_bundles", "format_bundle_table", "format_paper_table", "main",
+           "root_cause"]
 
 #: the 3D bundles' ROI on the tiny 64 x 64 x 32 crops (2D: the bundles' own choice, whole slices).
 ROI_3D = 32
@@ -128,6 +136,18 @@ def _scripted_runs_on(script: Path, device: torch.device, example: torch.Tensor)
         raise RuntimeError(f"{script}: the TorchScript network gives non-finite outputs on {device}.")
 
 
+def _row_name(bundle: str, step_in_backward: bool) -> str:
+    """A check's name in the report (and its run folder)."""
+    return f"{bundle}_step_in_backward" if step_in_backward else bundle
+
+
+def root_cause(err: BaseException) -> str:
+    """The last line of the innermost exception in ``err``'s chain (``raise ... from``, or raised while handling)."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    return traceback.format_exception_only(err)[-1].strip()
+
+
 def check_bundle(spec: BundleSpec, bundles: Path, work: Path, data: dict[str, Any], step_in_backward: bool = False
                  ) -> dict[str, Any]:
     """Run ``spec``'s bundle through train, evaluate, inference and export; one table row (status and timings).
@@ -142,7 +162,7 @@ def check_bundle(spec: BundleSpec, bundles: Path, work: Path, data: dict[str, An
     from monai_prompt.tools.export import export_bundle
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = f"{spec.name}_step_in_backward" if step_in_backward else spec.name
+    name = _row_name(spec.name, step_in_backward)
     row: dict[str, Any] = {"bundle": name, "device": device.type, "amp": device.type == "cuda"}
     out = work / "runs" / name
     start = time.perf_counter()
@@ -158,9 +178,51 @@ def check_bundle(spec: BundleSpec, bundles: Path, work: Path, data: dict[str, An
         _scripted_runs_on(report.torchscript, device, torch.rand(1, channels, *vit_size))
         row.update(export_max_diff=f"{report.max_abs_diff:.1e}", merged=report.merged, status="ok")
     except Exception as err:  # the row says what failed; the other bundles still run
-        last = traceback.format_exception_only(err)[-1].strip()
-        row.update(status=f"FAILED: {last[:200]}")
+        row.update(status=f"FAILED: {root_cause(err)[:200]}")
     return row
+
+
+def _worker_threads(jobs: int) -> None:
+    """A bundle worker's share of the CPU cores."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+
+
+def check_bundles(checks: Sequence[tuple[str, bool]], bundles: Path, work: Path, data: dict[str, Any], jobs: int,
+                  on_row: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    """:func:`check_bundle` of each ``(bundle name, step in backward)``, ``jobs`` at a time in their own processes
+    (one: in this process, in order); the rows in the order of ``checks``.
+
+    Args:
+        checks: the bundles and whether each trains with the optimiser step in backward.
+        bundles: the bundles folder.
+        work: scratch folder.
+        data: :func:`_task_data`'s data and encoders.
+        jobs: bundles run at once.
+        on_row: called with the rows finished so far (in the order of ``checks``) after each one.
+    """
+    finished: dict[int, dict[str, Any]] = {}
+
+    def done(index: int, row: dict[str, Any]) -> None:
+        finished[index] = row
+        print(json.dumps(row), flush=True)
+        on_row([finished[i] for i in sorted(finished)])
+
+    arguments = [(ALL_BUNDLE_SPECS[name], bundles, work, data, in_backward) for name, in_backward in checks]
+    if jobs == 1:
+        for index, args in enumerate(arguments):
+            done(index, check_bundle(*args))
+    else:  # spawn: CUDA cannot be used in a forked child
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_threads,
+                                 initargs=(jobs,)) as pool:
+            futures = {pool.submit(check_bundle, *args): index for index, args in enumerate(arguments)}
+            for future in as_completed(futures):
+                index = futures[future]
+                try:
+                    row = future.result()
+                except Exception as err:  # the worker died (e.g. killed): its row says so, the others still run
+                    row = {"bundle": _row_name(*checks[index]), "status": f"FAILED: {root_cause(err)[:200]}"}
+                done(index, row)
+    return [finished[i] for i in range(len(checks))]
 
 
 def format_bundle_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -198,9 +260,11 @@ def format_paper_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _efficiency(out: Path, dry_run: bool, print_fn: Callable[[str], None]) -> list[tuple[str, str]]:
-    """Run the efficiency benchmark (``--quick`` on a dry run); ``(name, table)`` of each run, the FPT runs' (512 px;
-    the dry run's quick one) followed by their comparison with the FPT paper."""
+def _efficiency(out: Path, dry_run: bool, print_fn: Callable[[str], None],
+                on_tables: Callable[[list[tuple[str, str]]], None]) -> None:
+    """Run the efficiency benchmark (``--quick`` on a dry run); after each run, ``on_tables`` gets ``(name, table)``
+    of the runs so far, the FPT runs' (512 px; the dry run's quick one) followed by their comparison with the FPT
+    paper."""
     from monai_prompt.benchmarks.efficiency import format_table
     from monai_prompt.benchmarks.efficiency import main as efficiency_main
 
@@ -214,7 +278,17 @@ def _efficiency(out: Path, dry_run: bool, print_fn: Callable[[str], None]) -> li
         tables.append((name, format_table(rows)))
         if any(row["method"] in FPT_METHODS for row in rows):
             tables.append((f"{name} against the FPT paper (ViT-B/16, 512 px, batch 16)", format_paper_table(rows)))
-    return tables
+        on_tables(tables)
+
+
+def _report(start: float, rows: Sequence[dict[str, Any]], tables: Sequence[tuple[str, str]]) -> str:
+    """The Markdown report: the device, the time so far, the bundle table and each benchmark table."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
+    report = [f"# GPU check on {device}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s", "",
+              "## Bundles", "", format_bundle_table(rows)]
+    for name, table in tables:
+        report += ["", f"## Efficiency: {name}", "", table]
+    return "\n".join(report) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--in-backward", nargs="*", default=None,
                         help="bundles checked once more with step_in_backward (default: "
                              f"{' '.join(IN_BACKWARD_BUNDLES)} when no bundle is named, else none)")
+    parser.add_argument("--jobs", type=int,
+                        help="bundles run at once, each in its own process (default: on CUDA half the CPU cores, at "
+                             "most 8; else 1, in this process)")
     parser.add_argument("--skip-efficiency", action="store_true", help="bundles only")
     parser.add_argument("--dry-run", action="store_true",
                         help="without CUDA: the same path on the CPU, efficiency benchmark at --quick sizes")
@@ -246,23 +323,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     fpt = [name for name in in_backward if ALL_BUNDLE_SPECS[name].fpt]
     if fpt:
         parser.error(f"--in-backward {fpt}: FPT bundles have no step_in_backward setting.")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give 1 or more bundles at once.")
+    jobs = args.jobs or (min(8, max(1, (os.cpu_count() or 1) // 2)) if torch.cuda.is_available() else 1)
     out, bundles = Path(args.out).absolute(), bundles_folder(args.bundles).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, path = time.perf_counter(), out / "gpu_check.md"
+
+    def write(rows: Sequence[dict[str, Any]], tables: Sequence[tuple[str, str]] = ()) -> None:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(_report(start, rows, tables)))
+
     data = _task_data(out / "work", print_fn=print)
-    rows = []
     checks = [(name, False) for name in args.names or list(ALL_BUNDLE_SPECS)] + [(name, True) for name in in_backward]
-    for name, step_in_backward in checks:
-        rows.append(check_bundle(ALL_BUNDLE_SPECS[name], bundles, out / "work", data, step_in_backward))
-        print(json.dumps(rows[-1]), flush=True)
-    tables = [] if args.skip_efficiency else _efficiency(out, args.dry_run, print)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
-    report = [f"# GPU check on {device}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s", "",
-              "## Bundles", "", format_bundle_table(rows)]
-    for name, table in tables:
-        report += ["", f"## Efficiency: {name}", "", table]
-    (out / "gpu_check.md").write_text("\n".join(report) + "\n")
-    print("\n".join(report))
+    rows = check_bundles(checks, bundles, out / "work", data, jobs, on_row=write)
+    if not args.skip_efficiency:
+        _efficiency(out, args.dry_run, print, on_tables=lambda tables: write(rows, tables))
+    print(path.read_text())
     failed = [row["bundle"] for row in rows if row["status"] != "ok"]
     print(f"written: {out / 'gpu_check.md'}" + (f"; FAILED: {failed}" if failed else "; every bundle passed"))
     return 1 if failed else 0
