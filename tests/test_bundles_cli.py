@@ -76,6 +76,27 @@ def test_torchrun_ddp_on_cpu_with_gloo(name, tiny, tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_refuses_the_step_in_backward_and_says_why_last(tiny, tmp_path):
+    """Under DDP each rank would step on its own gradient before the average: the bundle refuses once the process
+    group exists, and torchrun's failure summary, the last lines it prints, gives the reason (not "To enable
+    traceback see ...")."""
+    spec = BUNDLE_SPECS["lora_classification"]
+    copy_bundle(spec.name, tmp_path)
+    configs = f"['bundles/{spec.name}/configs/train.json','bundles/{spec.name}/configs/multi_gpu_train.json']"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2", "-m",
+         "monai.bundle", "run", "--config_file", configs, *cli_overrides(spec, tiny["data"], tiny["backbone"]),
+         "--train#trainer#max_epochs", "1", "--step_in_backward", "true"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode != 0
+    summary = "\n".join(result.stderr.splitlines()[-12:])
+    assert "Root Cause (first observed failure)" in summary, result.stderr[-3000:]
+    assert "set --step_in_backward false for a multi-process (torchrun) run" in summary, result.stderr[-3000:]
+    assert "To enable traceback" not in summary
+
+
+@pytest.mark.slow
 def test_export_merges_lora_into_a_plain_network(tiny, tmp_path, capsys):
     spec = BUNDLE_SPECS["lora_classification"]
     bundle = copy_bundle(spec.name, tmp_path)

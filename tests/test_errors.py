@@ -47,3 +47,25 @@ def test_what_on_error_registered_runs_before_the_error_is_printed(monkeypatch, 
     assert lines[1] == "ZeroDivisionError while handling the error below: division by zero"
     assert lines[-3:] == ['Root cause (Failed to evaluate ConfigExpression: "$run()"):', "ValueError: the cause",
                           "ValueError: again"]
+
+
+def test_under_torchrun_the_error_file_holds_the_root_cause(monkeypatch, tmp_path, capsys):
+    """torchrun's failure summary shows a worker's error file (its ``py_callstack``) in place of "To enable traceback
+    see ...": the hook writes the root cause there, in torch elastic's format, and the message of an unwrapped error."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    show_cause_last()
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    try:
+        raise RuntimeError('Failed to evaluate ConfigExpression: "$run()"') from ValueError("the cause")
+    except RuntimeError as err:
+        sys.excepthook(type(err), err, err.__traceback__)
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(error_file))  # what torchrun reads
+    assert failure.message["extraInfo"]["py_callstack"] == (
+        'Root cause (Failed to evaluate ConfigExpression: "$run()"):\nValueError: the cause')
+    sys.excepthook(ValueError, ValueError("plain"), None)
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(error_file))
+    assert failure.message["extraInfo"]["py_callstack"] == "ValueError: plain"
+    capsys.readouterr()

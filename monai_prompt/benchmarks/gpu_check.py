@@ -17,7 +17,7 @@ One command, under 8 minutes on one H100, that
 The bundles run ``--jobs`` at a time, each in its own process (on CUDA by default half the CPU cores, at most 8: tiny
 runs, bound by Python rather than the GPU); the benchmark runs alone. The report is rewritten after every bundle and
 every benchmark run, so a check stopped by a time limit leaves what it finished. A failing bundle is reported in its
-row (the innermost error of the chain: MONAI wraps a config expression's error) and the others still run. Without
+row (the error under MONAI's wrapping ``RuntimeError``, ``Failed to evaluate ...``) and the others still run. Without
 CUDA it refuses, unless ``--dry-run``: the same path on the CPU at the tiny sizes of ``--quick`` (what the tests run).
 """
 
@@ -40,9 +40,9 @@ from monai_prompt.benchmarks.efficiency import FPT_METHODS, IN_BACKBONE
 from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS, BundleSpec
 from monai_prompt.io import atomic_write
 from monai_prompt.runs.bundles import bundles_folder
+from monai_prompt.runs.errors import root_cause
 
-__all__ = ["FPT_PAPER_MB", "check_bundle", "check_bundles", "format_bundle_table", "format_paper_table", "main",
-           "root_cause"]
+__all__ = ["FPT_PAPER_MB", "check_bundle", "check_bundles", "format_bundle_table", "format_paper_table", "main"]
 
 #: the 3D bundles' ROI on the tiny 64 x 64 x 32 crops (2D: the bundles' own choice, whole slices).
 ROI_3D = 32
@@ -136,16 +136,14 @@ def _scripted_runs_on(script: Path, device: torch.device, example: torch.Tensor)
         raise RuntimeError(f"{script}: the TorchScript network gives non-finite outputs on {device}.")
 
 
+def _last_line(error: BaseException) -> str:
+    """The last line of ``error`` below MONAI's wrapping ``RuntimeError``s (``Failed to evaluate ...``)."""
+    return traceback.format_exception_only(root_cause(error)[0])[-1].strip()
+
+
 def _row_name(bundle: str, step_in_backward: bool) -> str:
     """A check's name in the report (and its run folder)."""
     return f"{bundle}_step_in_backward" if step_in_backward else bundle
-
-
-def root_cause(err: BaseException) -> str:
-    """The last line of the innermost exception in ``err``'s chain (``raise ... from``, or raised while handling)."""
-    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
-        err = err.__cause__ or err.__context__
-    return traceback.format_exception_only(err)[-1].strip()
 
 
 def check_bundle(spec: BundleSpec, bundles: Path, work: Path, data: dict[str, Any], step_in_backward: bool = False
@@ -178,7 +176,7 @@ def check_bundle(spec: BundleSpec, bundles: Path, work: Path, data: dict[str, An
         _scripted_runs_on(report.torchscript, device, torch.rand(1, channels, *vit_size))
         row.update(export_max_diff=f"{report.max_abs_diff:.1e}", merged=report.merged, status="ok")
     except Exception as err:  # the row says what failed; the other bundles still run
-        row.update(status=f"FAILED: {root_cause(err)[:200]}")
+        row.update(status=f"FAILED: {_last_line(err)[:200]}")
     return row
 
 
@@ -220,7 +218,7 @@ def check_bundles(checks: Sequence[tuple[str, bool]], bundles: Path, work: Path,
                 try:
                     row = future.result()
                 except Exception as err:  # the worker died (e.g. killed): its row says so, the others still run
-                    row = {"bundle": _row_name(*checks[index]), "status": f"FAILED: {root_cause(err)[:200]}"}
+                    row = {"bundle": _row_name(*checks[index]), "status": f"FAILED: {_last_line(err)[:200]}"}
                 done(index, row)
     return [finished[i] for i in range(len(checks))]
 

@@ -7,6 +7,9 @@ generic line while the message naming the file and the fix sits screens above. :
 first step of a bundle's ``initialize``, installs a ``sys.excepthook`` that prints the usual traceback and then
 the innermost error of such a chain, after the config text it came from.
 
+Under ``torchrun`` the hook also writes the root cause to the worker's error file, so that torchrun's failure
+summary, the last thing it prints, shows it instead of "To enable traceback see ...".
+
 Steps that must undo something when a run fails (a previous run set aside by ``--overwrite true`` is put back)
 register with :func:`on_error`; the hook runs them before it prints, so the error stays the last thing shown.
 
@@ -18,9 +21,14 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import json
+import os
 import re
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
+from traceback import format_exception_only
 from types import TracebackType
 
 __all__ = ["format_root_cause", "on_error", "root_cause", "show_cause_last"]
@@ -83,6 +91,21 @@ def _excepthook(kind: type[BaseException], error: BaseException, traceback: Trac
     summary = format_root_cause(error)
     if summary is not None:
         print(f"\n{summary}", file=sys.stderr)
+    _record_for_torchrun(error, summary)
+
+
+def _record_for_torchrun(error: BaseException, summary: str | None) -> None:
+    """Under ``torchrun``, write the error where its failure summary (printed last) reads it: the worker's
+    ``TORCHELASTIC_ERROR_FILE``, in torch elastic's error-file format, with the root cause instead of the traceback
+    (each rank's traceback is already above)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    message = "".join(format_exception_only(type(error), error)).strip()
+    data = {"message": {"message": message,
+                        "extraInfo": {"py_callstack": summary or message, "timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps(data))
 
 
 def show_cause_last() -> None:
