@@ -173,3 +173,43 @@ def test_sam_family_backbones_refuse_partial_checkpointing_and_peer_rows():
     with pytest.raises(SystemExit, match="the peer rows .* are ViT-only"):
         main(["benchmark", "efficiency", "--backbone", "sam_vit_b", "--checkpointing", "none", "--variants", "--peer",
               "none"])
+
+
+def test_segmentation_configurations_refuse_fpt_and_the_peer():
+    settings = BenchSettings(task="segmentation", spatial_dims=3, img_size=64)
+    configs = build_configs(settings, ["linear", "lora"], ["none", "blocks+sdpa+bf16"])
+    assert [c.name for c in configs] == ["full none @64", "linear none @64", "lora none @64",
+                                         "linear blocks+sdpa+bf16 @64", "lora blocks+sdpa+bf16 @64"]
+    assert settings.channels == 1 and settings.shape(64) == (64, 64, 64)
+    assert BenchSettings().channels == 3 and BenchSettings().shape(224) == (224, 224)
+    with pytest.raises(ValueError, match="FPT: classification only"):
+        build_configs(settings, ["lora", "fpt"], ["none"])
+    with pytest.raises(ValueError, match="the peer rows: classification only"):
+        build_configs(settings, ["lora"], ["none"], peer_variants=["none"])
+    with pytest.raises(SystemExit, match="'lite_medsam' segments 2D images only"):
+        main(["benchmark", "efficiency", "--backbone", "lite_medsam", "--task", "segmentation", "--spatial-dims", "3",
+              "--checkpointing", "none", "--variants", "--methods", "lora"])
+
+
+@pytest.mark.slow
+def test_quick_segmentation_run_measures_the_bundles_network(tmp_path, capsys):
+    """The 3D UNETR of the segmentation bundles on a label map: the trainable counts are those of
+    segmentation_network built directly (decoder included), and every value is finite."""
+    from monai_prompt.benchmarks.efficiency import QUICK_BACKBONE
+    from monai_prompt.nets import segmentation_network
+    from monai_prompt.peft import trainable_report
+
+    main(["benchmark", "efficiency", "--quick", "--task", "segmentation", "--spatial-dims", "3", "--methods",
+          "linear", "lora", "--variants", "blocks+sdpa+bf16", "--out", str(tmp_path)])
+    assert "3D segmentation network" in capsys.readouterr().out
+    rows = {r["config"]: r for r in json.loads((tmp_path / "efficiency.json").read_text())["summary"]}
+    assert set(rows) == {"full none @32"} | {f"{m} {v} @32" for m in ("linear", "lora")
+                                             for v in ("none", "blocks", "blocks+sdpa+bf16")}
+    shape = {**QUICK_BACKBONE, "patch_size": 16}
+    for method in ("full", "linear", "lora"):
+        net = segmentation_network(1, 5, 32, method, backbone="vit_tiny", spatial_dims=3, backbone_overrides=shape)
+        assert rows[f"{method} none @32"]["trainable"] == trainable_report(net)["trainable"]
+    trainable = [rows[f"{method} none @32"]["trainable"] for method in ("linear", "lora", "full")]
+    assert trainable == sorted(set(trainable))
+    for row in rows.values():
+        assert all(math.isfinite(row[c]) and row[c] > 0 for c in ("peak_mib", "step_wall_s", "infer_ms_per_image"))

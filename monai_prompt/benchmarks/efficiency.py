@@ -23,7 +23,10 @@ Variants of the in-backbone methods (``--checkpointing`` modes of
 :meth:`~monai_prompt.nets.FPTClassifier.release_lpm`) against full fine-tuning of the same encoder at the LPM's size.
 ``--backbone`` takes any family's preset: a SAM-family encoder (``lite_medsam``, ``sam_vit_b``) measures FPT/FPT+
 from the cache against full fine-tuning of that encoder (``--quick`` then uses a tiny one of the family,
-:data:`QUICK_GRID_BACKBONES`; peer rows are ViT-only).
+:data:`QUICK_GRID_BACKBONES`; peer rows are ViT-only). ``--task segmentation`` measures the segmentation bundles'
+network instead (:func:`~monai_prompt.nets.segmentation_network`: a UNETR on a ViT, ``--spatial-dims`` 2 or 3) on
+one-channel images and a random label map, the decoder always trained; ``linear`` (the frozen encoder) is its
+floor.
 Writes ``efficiency.csv``, ``efficiency.json``, ``memory_ratio.png`` / ``time_ratio.png`` and ``tradeoff.png`` (memory
 against time of the in-backbone variants) into ``--out``.
 """
@@ -56,6 +59,8 @@ __all__ = [
 
 #: methods that change the backbone itself (the checkpointing/SDPA/autocast variants apply to them).
 IN_BACKBONE = ("vpt", "lora", "adapter", "bitfit", "ssf", "dvpt", "ept")
+#: the tasks: the bundles' classifiers, or their segmentation network (a UNETR on a ViT).
+TASKS = ("classification", "segmentation")
 #: FPT variants: a frozen LPM at high resolution beside a small side network.
 FPT_METHODS = ("fpt", "fptplus")
 #: how FPT gets its LPM features, and the FPT configurations measured (``sdpa``: the side network's attention).
@@ -112,6 +117,9 @@ class BenchSettings:
         inference_steps: timed inference batches (after one untimed).
         threads: torch threads of each worker.
         device: ``"cpu"`` or ``"cuda"``.
+        task: ``"classification"`` (3-channel images, a class each) or ``"segmentation"`` (1-channel images, a
+            label map; ``num_classes`` classes).
+        spatial_dims: the segmentation images' dimensions (2 or 3; ``img_size`` is each side).
     """
 
     backbone: str = "vit_base"
@@ -126,6 +134,17 @@ class BenchSettings:
     inference_steps: int = 3
     threads: int = 1
     device: str = "cpu"
+    task: str = "classification"
+    spatial_dims: int = 2
+
+    @property
+    def channels(self) -> int:
+        """Image channels: RGB for classification, one for segmentation (an MRI or CT)."""
+        return 1 if self.task == "segmentation" else 3
+
+    def shape(self, img_size: int) -> tuple[int, ...]:
+        """The spatial shape of an image of side ``img_size``."""
+        return (img_size,) * (self.spatial_dims if self.task == "segmentation" else 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +152,7 @@ class BenchConfig:
     """One measured configuration.
 
     Args:
-        method: ``"full"``, an in-backbone method (:data:`IN_BACKBONE`) or an FPT variant.
+        method: ``"full"``, ``"linear"``, an in-backbone method (:data:`IN_BACKBONE`) or an FPT variant.
         variant: ``"+"``-joined options: a checkpointing mode (``none``, ``blocks``, ``attn``, ``mlp``,
             ``alternate``), ``sdpa``, an autocast dtype (``bf16``, ``fp16``), ``inbackward`` (the optimiser step
             in backward, which frees each gradient at once); FPT: ``online`` or ``cached``, with ``+sdpa`` for the
@@ -188,23 +207,29 @@ def build_configs(settings: BenchSettings, methods: Sequence[str], variants: Seq
 
     Args:
         settings: the run's settings.
-        methods: in-backbone methods, ``"full"`` and FPT variants to measure.
+        methods: in-backbone methods, ``"full"``, ``"linear"`` and FPT variants to measure.
         variants: in-backbone variants (see :class:`BenchConfig`).
         peer_variants: the peer's variants (the same options: checkpointing, ``sdpa``, autocast).
+
+    Raises:
+        ValueError: an unknown method or variant; FPT or the peer with ``task="segmentation"`` (classifiers only).
     """
     from monai_prompt.benchmarks.peer import PEER_METHODS
 
     fpt = [m for m in methods if m in FPT_METHODS]
+    if settings.task == "segmentation" and (fpt or peer_variants):
+        raise ValueError(f"{'FPT' if fpt else 'the peer rows'}: classification only; with --task segmentation "
+                         f"measure {['full', 'linear', *IN_BACKBONE]}.")
     configs = [BenchConfig("full", "none", settings.img_size)]
     if "sdpa" in variants:  # the full fine-tuning bundle's default, beside the reference without SDPA
         configs.append(BenchConfig("full", "sdpa", settings.img_size))
     if fpt and settings.fpt_img_size != settings.img_size:
         configs.append(BenchConfig("full", "none", settings.fpt_img_size))
-    unknown = [m for m in methods if m not in ("full", *IN_BACKBONE, *FPT_METHODS)]
+    unknown = [m for m in methods if m not in ("full", "linear", *IN_BACKBONE, *FPT_METHODS)]
     if unknown:
-        raise ValueError(f"method {unknown[0]!r} is not one of {['full', *IN_BACKBONE, *FPT_METHODS]}.")
+        raise ValueError(f"method {unknown[0]!r} is not one of {['full', 'linear', *IN_BACKBONE, *FPT_METHODS]}.")
     # variant by variant, so that a run stopped early has every method in its first variants
-    in_backbone = [m for m in methods if m in ("full", *IN_BACKBONE)]
+    in_backbone = [m for m in methods if m in ("full", "linear", *IN_BACKBONE)]
     configs += [c for c in (BenchConfig(m, check_variant(v), settings.img_size) for v in variants for m in in_backbone)
                 if c not in configs]
     configs += [BenchConfig(m, mode, settings.fpt_img_size) for m in fpt for mode in FPT_CONFIGS]
@@ -273,7 +298,7 @@ def _network(config: BenchConfig, settings: BenchSettings, online: bool = False)
     """The network of ``config`` (random weights: timings and memory do not depend on them)."""
     from monai_prompt.backbones.vit import is_vit_preset, vit_config
     from monai_prompt.benchmarks.peer import PEER_METHODS, PeerViT
-    from monai_prompt.nets import FPTClassifier, PromptClassifier
+    from monai_prompt.nets import FPTClassifier, PromptClassifier, segmentation_network
 
     if config.method in PEER_METHODS:
         shape = {**vit_config(settings.backbone), **settings.backbone_overrides}
@@ -290,8 +315,11 @@ def _network(config: BenchConfig, settings: BenchSettings, online: bool = False)
     checkpointing = options["checkpointing"]
     if not is_vit_preset(settings.backbone):  # the SAM-family encoders take a bool
         checkpointing = checkpointing != "none"
-    return PromptClassifier(settings.num_classes, config.method, grad_checkpointing=checkpointing,
-                            sdpa=options["sdpa"], autocast_dtype=options["autocast"], **common)
+    variant = {"grad_checkpointing": checkpointing, "sdpa": options["sdpa"], "autocast_dtype": options["autocast"]}
+    if settings.task == "segmentation":
+        return segmentation_network(settings.channels, settings.num_classes, method=config.method,
+                                    spatial_dims=settings.spatial_dims, **variant, **common)
+    return PromptClassifier(settings.num_classes, config.method, **variant, **common)
 
 
 def _serialized_bytes(state: dict) -> int:
@@ -330,13 +358,14 @@ def measure(config: BenchConfig, settings: BenchSettings) -> dict[str, Any]:
     torch.manual_seed(0)
     device = torch.device(settings.device)
     net = _network(config, settings).to(device).train()
-    batch, channels = settings.batch_size, 3
-    labels = torch.randint(0, settings.num_classes, (batch,), device=device)
+    batch, channels, shape = settings.batch_size, settings.channels, settings.shape(config.img_size)
+    label_shape = (batch, *shape) if settings.task == "segmentation" else (batch,)  # a label map, or a class
+    labels = torch.randint(0, settings.num_classes, label_shape, device=device)
     if config.cached:  # what the loader hands over: the side-size image and the cached K/V
         inputs = (torch.rand(batch, channels, *net.side_img_size, device=device),
                   torch.randn(batch, *net.feature_shape, device=device))
     else:
-        inputs = (torch.rand(batch, channels, config.img_size, config.img_size, device=device),)
+        inputs = (torch.rand(batch, channels, *shape, device=device),)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
 
     def train_step() -> None:
@@ -364,7 +393,7 @@ def measure(config: BenchConfig, settings: BenchSettings) -> dict[str, Any]:
         del net, optimizer
         net = _network(config, settings, online=True).to(device)
     net.eval()
-    image = torch.rand(batch, channels, config.img_size, config.img_size, device=device)
+    image = torch.rand(batch, channels, *shape, device=device)
     with torch.no_grad():
         _, infer_wall = _timed(lambda: net(image), settings.inference_steps, 1, device)
     return {
@@ -435,13 +464,15 @@ DEFAULT_NOTE = ("* the bundles' default (attention on SDPA); the row without SDP
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width text table of :func:`summarise`'s rows, the bundles' defaults marked ``*``
     (:func:`bundle_default`)."""
-    header = (f"{'configuration':<34} {'trainable':>11} {'% bb':>7} {'delta MiB':>9} {'peak MiB':>9} {'mem x':>6} "
-              f"{'cpu s':>7} {'cpu x':>6} {'wall s':>7} {'wall x':>6} {'inf ms':>7} {'inf x':>6} {'delta x':>8}")
+    names = [r["config"] + (" *" if bundle_default(r["method"], r["variant"]) else "") for r in rows]
+    width = max([34, *map(len, names)])
+    header = (f"{'configuration':<{width}} {'trainable':>11} {'% bb':>7} {'delta MiB':>9} {'peak MiB':>9} "
+              f"{'mem x':>6} {'cpu s':>7} {'cpu x':>6} {'wall s':>7} {'wall x':>6} {'inf ms':>7} {'inf x':>6} "
+              f"{'delta x':>8}")
     lines = [header, "-" * len(header)]
-    for r in rows:
-        name = r["config"] + (" *" if bundle_default(r["method"], r["variant"]) else "")
+    for name, r in zip(names, rows):
         lines.append(
-            f"{name:<34} {r['trainable']:>11,} {r['percent_of_backbone']:>7.3f} "
+            f"{name:<{width}} {r['trainable']:>11,} {r['percent_of_backbone']:>7.3f} "
             f"{r['delta_bytes'] / 2**20:>9.2f} {r['peak_mib']:>9.1f} {r['memory_ratio']:>6.3f} "
             f"{r['step_cpu_s']:>7.3f} {r['cpu_ratio']:>6.2f} {r['step_wall_s']:>7.3f} {r['wall_ratio']:>6.2f} "
             f"{r['infer_ms_per_image']:>7.1f} {r['infer_ratio']:>6.2f} {r['delta_ratio']:>8.4f}"
@@ -511,8 +542,9 @@ def machine(settings: BenchSettings) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     device = torch.cuda.get_device_name() if settings.device == "cuda" else "CPU"
+    network = f", {settings.spatial_dims}D segmentation network" if settings.task == "segmentation" else ""
     return (f"{cpu} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, device {device}, "
-            f"{settings.threads} torch thread(s)")
+            f"{settings.threads} torch thread(s){network}")
 
 
 def _write(out: Path, settings: BenchSettings, configs: list[BenchConfig], measured: list[list[dict[str, Any]]]
@@ -604,9 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-prompt benchmark efficiency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/benchmark_efficiency", help="output folder")
-    parser.add_argument("--methods", nargs="+", default=[*IN_BACKBONE, *FPT_METHODS],
-                        help="methods besides full fine-tuning (default: all); 'full' measures full fine-tuning "
-                             "in every variant too")
+    parser.add_argument("--methods", nargs="+",
+                        help="methods besides full fine-tuning (default: every in-backbone method, and FPT and FPT+ "
+                             "for classification); 'full' measures full fine-tuning in every variant too, 'linear' "
+                             "the frozen encoder")
     parser.add_argument("--checkpointing", nargs="+", default=list(CHECKPOINT_MODES), choices=list(CHECKPOINT_MODES),
                         help="checkpointing modes, one variant each (default: all)")
     parser.add_argument("--variants", nargs="*",
@@ -622,6 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "sam_vit_b, ...) measures FPT/FPT+ from the cache against full fine-tuning of it")
     parser.add_argument("--img-size", type=int, default=224, help="input size (default: 224)")
     parser.add_argument("--fpt-img-size", type=int, default=512, help="FPT's LPM input size (default: 512)")
+    parser.add_argument("--task", choices=TASKS, default="classification",
+                        help="the classifiers (default), or the segmentation bundles' network (a UNETR on a ViT; "
+                             "1-channel images, a label map, the decoder trained; no FPT or peer rows)")
+    parser.add_argument("--spatial-dims", type=int, choices=[2, 3], default=2,
+                        help="--task segmentation: 2D slices or 3D volumes of side --img-size (default: 2)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per step (default: 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: 1)")
     parser.add_argument("--peer", nargs="*", default=None,
@@ -642,15 +680,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     grid = not is_vit_preset(args.backbone)
+    segmentation = args.task == "segmentation"
+    task = {"task": args.task, "spatial_dims": args.spatial_dims}
+    methods = args.methods or [*IN_BACKBONE, *(() if segmentation else FPT_METHODS)]
     if args.quick:
         backbone, shape = (args.backbone, QUICK_GRID_BACKBONES[args.backbone]) if grid else ("vit_tiny", QUICK_BACKBONE)
+        if segmentation and not grid:  # UNETR's decoder up-samples a patch grid of 16
+            shape = {**shape, "patch_size": 16}
         settings = BenchSettings(backbone, shape, 32, 64, 16, 2, steps=2, warmup=1, inference_steps=1,
-                                 threads=args.threads, device=device)
+                                 threads=args.threads, device=device, **task)
         checkpointing, variants, rounds = ["none", "blocks"], args.variants or [], 1
     else:
         settings = BenchSettings(args.backbone, {}, args.img_size, args.fpt_img_size, None, args.batch_size,
                                  steps=args.steps, warmup=args.warmup, inference_steps=args.inference_steps,
-                                 threads=args.threads, device=device)
+                                 threads=args.threads, device=device, **task)
         variants = DEFAULT_VARIANTS if args.variants is None else args.variants
         checkpointing, rounds = args.checkpointing, args.rounds
     variants = list(dict.fromkeys([*checkpointing, *variants]))
@@ -664,8 +707,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 )
             if args.peer:
                 raise ValueError("the peer rows (transformers ViT + peft) are ViT-only; drop --peer.")
-        peer = [] if grid else _peer_variants(args.peer)
-        configs = build_configs(settings, args.methods, variants, peer)
+            if segmentation and args.spatial_dims == 3:
+                raise ValueError(f"backbone {args.backbone!r} segments 2D images only; pass --spatial-dims 2.")
+        # the peer rows are classifiers: with --task segmentation only when asked for (build_configs refuses them)
+        peer = [] if grid or (segmentation and args.peer is None) else _peer_variants(args.peer)
+        configs = build_configs(settings, methods, variants, peer)
     except (ValueError, ImportError) as err:
         raise SystemExit(f"benchmark efficiency: {err}") from None
     print(f"{len(configs)} configurations x {rounds} round(s) on {machine(settings)}", flush=True)
