@@ -35,10 +35,14 @@ def test_efficiency_runs_are_valid_benchmark_options(name, arguments):
     from monai_prompt.benchmarks.efficiency import BenchSettings
 
     args = build_parser().parse_args(arguments)
-    settings = BenchSettings(args.backbone, {}, args.img_size, args.fpt_img_size, None, args.batch_size)
+    settings = BenchSettings(args.backbone, {}, args.img_size, args.fpt_img_size, None, args.batch_size,
+                             task=args.task, spatial_dims=args.spatial_dims)
     configs = build_configs(settings, args.methods, [*args.checkpointing, *args.variants])
     methods = {config.method for config in configs}
-    if "512" in name:  # the FPT paper's memory table: ViT-B/16 at 512, batch 16
+    if "unetr" in name:  # the segmentation bundles' 3D network, with and without the lean settings
+        assert methods == {"full", "lora"} and (settings.task, settings.spatial_dims) == ("segmentation", 3)
+        assert {c.variant for c in configs} == {"none", "blocks+sdpa+bf16+inbackward"}
+    elif "512" in name:  # the FPT paper's memory table: ViT-B/16 at 512, batch 16
         assert methods == {"full", "lora", "fpt", "fptplus"}
         assert (args.img_size, args.fpt_img_size, args.batch_size) == (512, 512, 16)
     elif "step_in_backward" in name:
@@ -144,8 +148,8 @@ def test_offline_check_runs_on_the_image_and_the_kit_alone(tmp_path):
     """gpu/offline_check.sh as on an offline GPU machine: every installed package that is neither on the assumed image
     (gpu/image.txt) nor in the kit (gpu/kit.txt) hidden, on the CPU (--dry-run), two bundles at once: a
     classification and a 3D segmentation bundle train, evaluate, infer and export (TorchScript run again), the
-    classification bundle once more with the optimiser step in backward, then the quick efficiency benchmark; the
-    report, the log and the benchmark's table reach $OUT."""
+    classification bundle once more with the optimiser step in backward, then the quick efficiency benchmarks
+    (classifiers, 3D UNETR); the report, the log and the benchmarks' tables reach $OUT."""
     hidden = _hidden_modules()
     assert {"mlflow", "itk", "pydicom", "fire"} <= hidden  # what the full install has and the check must not need
     site = tmp_path / "site"
@@ -163,10 +167,11 @@ def test_offline_check_runs_on_the_image_and_the_kit_alone(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "out"
-    assert sorted(path.name for path in out.iterdir()) == ["efficiency_quick.json", "gpu_check.log", "gpu_check.md"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "efficiency_quick.json", "efficiency_quick_unetr_3d.json", "gpu_check.log", "gpu_check.md"]
     report = (out / "gpu_check.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ept_") or line.startswith("| lora_")]
     assert len(rows) == 3 and all(row.rstrip().endswith("| ok |") for row in rows)
     assert rows[-1].startswith("| ept_classification_step_in_backward |")
-    assert "## Efficiency: quick against the FPT paper" in report
+    assert "## Efficiency: quick against the FPT paper" in report and "## Efficiency: quick_unetr_3d" in report
     assert "every bundle passed" in (out / "gpu_check.log").read_text()

@@ -9,8 +9,9 @@ One command, under 8 minutes on one H100, that
    more with ``step_in_backward`` (on CUDA the network's own bf16 autocast instead of the trainer's fp16 AMP);
 2. runs ``monai-prompt benchmark efficiency`` at ViT-B/16 224 px (batch 4; every in-backbone method, plain and
    ``blocks+sdpa+fp16``) and at 512 px, batch 16 (full, LoRA, FPT, FPT+: the FPT paper's setting), with CUDA
-   memory, one round (one process per configuration), and full fine-tuning at 224 px with the optimiser step in
-   backward (``blocks+sdpa+bf16+inbackward``);
+   memory, one round (one process per configuration), full fine-tuning at 224 px with the optimiser step in
+   backward (``blocks+sdpa+bf16+inbackward``), and last the 3D UNETR of the segmentation bundles (64^3, batch 2;
+   full fine-tuning and LoRA, plain and ``blocks+sdpa+bf16+inbackward``);
 3. writes one Markdown report of both (``<out>/gpu_check.md``), with the 512 px rows set against the FPT paper's GPU
    memory (:data:`FPT_PAPER_MB`), and exits non-zero if any bundle failed.
 
@@ -57,6 +58,15 @@ EFFICIENCY_RUNS = (
     ("vit_b16_224_step_in_backward", ["--img-size", "224", "--batch-size", "4", "--rounds", "1", "--methods", "full",
                                       "--checkpointing", "none", "--variants", "blocks+sdpa+bf16",
                                       "blocks+sdpa+bf16+inbackward", "--peer"]),
+    ("unetr_3d_64", ["--task", "segmentation", "--spatial-dims", "3", "--img-size", "64", "--batch-size", "2",
+                     "--rounds", "1", "--methods", "full", "lora", "--checkpointing", "none", "--variants",
+                     "blocks+sdpa+bf16+inbackward"]),
+)
+#: the dry run's efficiency runs: the classifiers and the 3D segmentation network at ``--quick`` sizes.
+DRY_RUN_EFFICIENCY = (
+    ("quick", ["--quick"]),
+    ("quick_unetr_3d", ["--quick", "--task", "segmentation", "--spatial-dims", "3", "--methods", "lora",
+                        "--variants", "blocks+sdpa+bf16+inbackward"]),
 )
 #: the FPT paper's training memory on a GPU at ViT-B/16, 512 px, batch 16 (MB), per method.
 FPT_PAPER_MB = {"full": 23128, "lora": 20970, "fpt": 1824, "fptplus": 736}
@@ -260,13 +270,13 @@ def format_paper_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def _efficiency(out: Path, dry_run: bool, print_fn: Callable[[str], None],
                 on_tables: Callable[[list[tuple[str, str]]], None]) -> None:
-    """Run the efficiency benchmark (``--quick`` on a dry run); after each run, ``on_tables`` gets ``(name, table)``
-    of the runs so far, the FPT runs' (512 px; the dry run's quick one) followed by their comparison with the FPT
-    paper."""
+    """Run the efficiency benchmark (:data:`DRY_RUN_EFFICIENCY` on a dry run); after each run, ``on_tables`` gets
+    ``(name, table)`` of the runs so far, the FPT runs' (512 px; the dry run's quick one) followed by their
+    comparison with the FPT paper."""
     from monai_prompt.benchmarks.efficiency import format_table
     from monai_prompt.benchmarks.efficiency import main as efficiency_main
 
-    runs = [("quick", ["--quick"])] if dry_run else EFFICIENCY_RUNS
+    runs = DRY_RUN_EFFICIENCY if dry_run else EFFICIENCY_RUNS
     tables = []
     for name, arguments in runs:
         folder = out / f"efficiency_{name}"
