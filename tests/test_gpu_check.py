@@ -48,7 +48,7 @@ def test_efficiency_runs_are_valid_benchmark_options(name, arguments):
     elif "step_in_backward" in name:
         assert methods == {"full"} and "blocks+sdpa+bf16+inbackward" in {c.variant for c in configs}
     else:
-        assert methods == {"full", *IN_BACKBONE} and "blocks+sdpa+fp16" in {c.variant for c in configs}
+        assert methods == {"full", *IN_BACKBONE} and "blocks+sdpa+bf16" in {c.variant for c in configs}
 
 
 def test_paper_table_sets_the_whole_allocation_against_the_fpt_paper():
@@ -174,4 +174,5 @@ def test_offline_check_runs_on_the_image_and_the_kit_alone(tmp_path):
     assert len(rows) == 3 and all(row.rstrip().endswith("| ok |") for row in rows)
     assert rows[-1].startswith("| ept_classification_step_in_backward |")
     assert "## Efficiency: quick against the FPT paper" in report and "## Efficiency: quick_unetr_3d" in report
+    assert "## Efficiency: quick against the peer (transformers + peft)" in report
     assert "every bundle passed" in (out / "gpu_check.log").read_text()

@@ -8,8 +8,9 @@ One command, under 8 minutes on one H100, that
    the device; ``--in-backward`` bundles (by default full fine-tuning, classification and 2D segmentation) once
    more with ``step_in_backward`` (on CUDA the network's own bf16 autocast instead of the trainer's fp16 AMP);
 2. runs ``monai-prompt benchmark efficiency`` at ViT-B/16 224 px (batch 4; every in-backbone method, plain and
-   ``blocks+sdpa+fp16``) and at 512 px, batch 16 (full, LoRA, FPT, FPT+: the FPT paper's setting), with CUDA
-   memory, one round (one process per configuration), full fine-tuning at 224 px with the optimiser step in
+   ``blocks+sdpa+bf16``, the peer at its defaults and its own best, and both compared) and at 512 px, batch 16
+   (full, LoRA, FPT, FPT+: the FPT paper's setting), with CUDA memory, one round (one process per configuration),
+   full fine-tuning at 224 px with the optimiser step in
    backward (``blocks+sdpa+bf16+inbackward``), and last the 3D UNETR of the segmentation bundles (64^3, batch 2;
    full fine-tuning and LoRA, plain and ``blocks+sdpa+bf16+inbackward``);
 3. writes one Markdown report of both (``<out>/gpu_check.md``), with the 512 px rows set against the FPT paper's GPU
@@ -51,7 +52,7 @@ ROI_3D = 32
 #: transformers and peft are installed) in the first only.
 EFFICIENCY_RUNS = (
     ("vit_b16_224", ["--img-size", "224", "--batch-size", "4", "--rounds", "1", "--methods", *IN_BACKBONE,
-                     "--checkpointing", "none", "--variants", "blocks+sdpa+fp16"]),
+                     "--checkpointing", "none", "--variants", "blocks+sdpa+bf16"]),
     ("vit_b16_512_fpt_setting", ["--img-size", "512", "--fpt-img-size", "512", "--batch-size", "16", "--rounds", "1",
                                  "--methods", "lora", "fpt", "fptplus", "--checkpointing", "none", "--variants",
                                  "--peer"]),
@@ -273,8 +274,9 @@ def _efficiency(out: Path, dry_run: bool, print_fn: Callable[[str], None],
     """Run the efficiency benchmark (:data:`DRY_RUN_EFFICIENCY` on a dry run); after each run, ``on_tables`` gets
     ``(name, table)`` of the runs so far, the FPT runs' (512 px; the dry run's quick one) followed by their
     comparison with the FPT paper."""
-    from monai_prompt.benchmarks.efficiency import format_table
+    from monai_prompt.benchmarks.efficiency import format_peer_table, format_table
     from monai_prompt.benchmarks.efficiency import main as efficiency_main
+    from monai_prompt.benchmarks.peer import PEER_METHODS
 
     runs = DRY_RUN_EFFICIENCY if dry_run else EFFICIENCY_RUNS
     tables = []
@@ -284,6 +286,8 @@ def _efficiency(out: Path, dry_run: bool, print_fn: Callable[[str], None],
         efficiency_main(["--out", str(folder), *arguments])
         rows = json.loads((folder / "efficiency.json").read_text())["summary"]
         tables.append((name, format_table(rows)))
+        if any(row["method"] in PEER_METHODS for row in rows):
+            tables.append((f"{name} against the peer (transformers + peft)", format_peer_table(rows)))
         if any(row["method"] in FPT_METHODS for row in rows):
             tables.append((f"{name} against the FPT paper (ViT-B/16, 512 px, batch 16)", format_paper_table(rows)))
         on_tables(tables)
