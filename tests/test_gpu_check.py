@@ -108,12 +108,36 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _with_dependencies(names: set[str]) -> set[str]:
+    """``names`` and, as installed here, every distribution they require (extras left out), normalised."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    found, todo = set(), [_normal(name) for name in names]
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        try:
+            requires = distribution(name).requires or []
+        except PackageNotFoundError:  # on the image, not installed here
+            continue
+        for text in requires:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(_normal(requirement.name))
+    return found
+
+
 def _hidden_modules() -> set[str]:
-    """The top-level modules of every installed distribution that neither gpu/image.txt nor gpu/kit.txt lists."""
+    """The top-level modules of every installed distribution that is neither on the image (gpu/image.txt; with the
+    dependencies its packages have at the versions installed here) nor in the kit (gpu/kit.txt)."""
     from importlib.metadata import packages_distributions
 
-    allowed = {_normal(name) for file in ("image.txt", "kit.txt") for name in _requirement_names(REPO / "gpu" / file)}
-    allowed.add("monai-prompt")
+    image = _with_dependencies(set(_requirement_names(REPO / "gpu" / "image.txt")))
+    allowed = image | {_normal(name) for name in _requirement_names(REPO / "gpu" / "kit.txt")} | {"monai-prompt"}
     return {module for module, dists in packages_distributions().items()
             if not any(_normal(dist) in allowed for dist in dists)}
 
