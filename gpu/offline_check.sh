@@ -20,7 +20,7 @@ collect() {
     for table in "$work"/efficiency_*/efficiency.json; do
         [ -f "$table" ] && cp "$table" "$out/$(basename "$(dirname "$table")").json"
     done
-    echo "gpu/offline_check.sh: results in $out"
+    echo "gpu/offline_check.sh: results in $out (the check's runs in $work)"
 }
 trap collect EXIT
 

@@ -180,7 +180,7 @@ def test_offline_check_runs_on_the_image_and_the_kit_alone(tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text(_HIDE.format(hidden=sorted(hidden)))
     env = {**os.environ, "PYTHONPATH": str(site), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "OUT": str(tmp_path / "out"), "GPU_KIT_DIR": str(tmp_path / "no_kit")}
+           "OUT": str(tmp_path / "out"), "GPU_KIT_DIR": str(tmp_path / "no_kit"), "TMPDIR": str(tmp_path)}
     hides = subprocess.run(["python3", "-c", "import mlflow"], env=env, capture_output=True, text=True)
     assert "No module named 'mlflow'" in hides.stderr
 

@@ -24,9 +24,9 @@ Variants of the in-backbone methods (``--checkpointing`` modes of
 ``--backbone`` takes any family's preset: a SAM-family encoder (``lite_medsam``, ``sam_vit_b``) measures FPT/FPT+
 from the cache against full fine-tuning of that encoder (``--quick`` then uses a tiny one of the family,
 :data:`QUICK_GRID_BACKBONES`; peer rows are ViT-only). ``--task segmentation`` measures the segmentation bundles'
-network instead (:func:`~monai_prompt.nets.segmentation_network`: a UNETR on a ViT, ``--spatial-dims`` 2 or 3) on
-one-channel images and a random label map, the decoder always trained; ``linear`` (the frozen encoder) is its
-floor.
+network instead (:func:`~monai_prompt.nets.segmentation_network`: a UNETR on a ViT, ``--spatial-dims`` 2 or 3; the
+SAM family's own decoders, 2D) on one-channel images and a random label map, the decoder always trained; ``linear``
+(the frozen encoder) is its floor.
 Writes ``efficiency.csv``, ``efficiency.json``, ``memory_ratio.png`` / ``time_ratio.png`` and ``tradeoff.png`` (memory
 against time of the in-backbone variants) into ``--out``.
 """
@@ -59,7 +59,7 @@ __all__ = [
 
 #: methods that change the backbone itself (the checkpointing/SDPA/autocast variants apply to them).
 IN_BACKBONE = ("vpt", "lora", "adapter", "bitfit", "ssf", "dvpt", "ept")
-#: the tasks: the bundles' classifiers, or their segmentation network (a UNETR on a ViT).
+#: the tasks: the bundles' classifiers, or their segmentation network (a UNETR on a ViT; SAM family: 2D).
 TASKS = ("classification", "segmentation")
 #: FPT variants: a frozen LPM at high resolution beside a small side network.
 FPT_METHODS = ("fpt", "fptplus")
@@ -656,8 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=int, default=224, help="input size (default: 224)")
     parser.add_argument("--fpt-img-size", type=int, default=512, help="FPT's LPM input size (default: 512)")
     parser.add_argument("--task", choices=TASKS, default="classification",
-                        help="the classifiers (default), or the segmentation bundles' network (a UNETR on a ViT; "
-                             "1-channel images, a label map, the decoder trained; no FPT or peer rows)")
+                        help="the classifiers (default), or the segmentation bundles' network (a UNETR on a ViT, "
+                             "the SAM family's in 2D; 1-channel images, a label map, the decoder trained; no FPT or "
+                             "peer rows)")
     parser.add_argument("--spatial-dims", type=int, choices=[2, 3], default=2,
                         help="--task segmentation: 2D slices or 3D volumes of side --img-size (default: 2)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per step (default: 4)")
