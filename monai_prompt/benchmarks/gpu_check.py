@@ -298,8 +298,8 @@ def _report(start: float, rows: Sequence[dict[str, Any]], tables: Sequence[tuple
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
     report = [f"# GPU check on {device}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s", "",
               "## Bundles", "", format_bundle_table(rows)]
-    for name, table in tables:
-        report += ["", f"## Efficiency: {name}", "", table]
+    for name, table in tables:  # the benchmark's fixed-width tables in a text block, the Markdown ones as they are
+        report += ["", f"## Efficiency: {name}", "", table if table.startswith("|") else f"```text\n{table}\n```"]
     return "\n".join(report) + "\n"
 
 
