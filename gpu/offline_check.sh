@@ -12,11 +12,12 @@ cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu_check_offline}
 kit=${GPU_KIT_DIR:-.whl}
 limit=${GPU_CHECK_LIMIT_S:-540}
-work=$(mktemp -d)  # the check's runs, checkpoints and exports stay here; $out gets the report and the tables
+work=""  # the check's runs, checkpoints and exports (a new temporary folder); $out gets the report and the tables
 mkdir -p "$out"
 
-collect() {
-    [ -f "$work/gpu_check.md" ] && cp "$work/gpu_check.md" "$out/"
+collect() {  # quiet when the check wrote nothing, so that an early error stays the last line
+    [ -f "$work/gpu_check.md" ] || return
+    cp "$work/gpu_check.md" "$out/"
     for table in "$work"/efficiency_*/efficiency.json; do
         [ -f "$table" ] && cp "$table" "$out/$(basename "$(dirname "$table")").json"
     done
@@ -26,7 +27,8 @@ trap collect EXIT
 
 if compgen -G "$kit/*.whl" >/dev/null; then
     site=${GPU_KIT_SITE:-/tmp/monai_prompt_kit}
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$kit"/*.whl || exit
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --upgrade \
+        --target "$site" "$kit"/*.whl || exit
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,20 +37,31 @@ python3 - "$kit" <<'PY' || exit
 import importlib
 import sys
 
-missing = []
-for module in ("torch", "numpy", "PIL", "matplotlib", "einops", "safetensors", "yaml", "monai", "ignite", "nibabel"):
-    try:
-        importlib.import_module(module)
-    except ImportError as err:
-        missing.append(f"{module} ({err})")
-if missing:
-    sys.exit(f"gpu/offline_check.sh: python3 cannot import {', '.join(missing)}. Add the missing packages' wheels to "
-             f"gpu/kit.txt, run `make gpu-kit` on a machine with a package index and bring its {sys.argv[1]}/ here.")
+
+def missing(modules):
+    found = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            found.append(f"{module} ({err})")
+    return ", ".join(found)
+
+
+image = missing(("torch", "numpy", "PIL", "matplotlib", "einops", "safetensors", "yaml"))
+if image:
+    sys.exit(f"gpu/offline_check.sh: python3 ({sys.executable}) cannot import {image}, which the GPU machine's Python "
+             "is expected to have (gpu/image.txt): put the Python that holds its CUDA build of torch first on PATH.")
+kit = missing(("monai", "ignite", "nibabel"))
+if kit:
+    sys.exit(f"gpu/offline_check.sh: python3 cannot import {kit}: run `make gpu-kit` on a machine with a package "
+             f"index and bring its {sys.argv[1]}/ here (add a missing package's wheel to gpu/kit.txt).")
 import torch
 
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.cuda.is_available()}", flush=True)
 PY
 
+work=$(mktemp -d)
 timeout "$limit" python3 -m monai_prompt.cli gpu-check --out "$work" "$@" 2>&1 | tee "$out/gpu_check.log"
 status=$?
 if [ "$status" -eq 124 ]; then

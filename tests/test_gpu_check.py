@@ -167,6 +167,17 @@ sys.meta_path[:] = [_Hide(finder) for finder in sys.meta_path]
 """
 
 
+def test_offline_check_says_last_that_it_ran_out_of_time(tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "GPU_KIT_DIR": str(tmp_path / "no_kit"), "GPU_CHECK_LIMIT_S": "1", "TMPDIR": str(tmp_path)}
+    result = subprocess.run(["bash", str(REPO / "gpu" / "offline_check.sh"), "--dry-run"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 124
+    assert result.stdout.splitlines()[-1] == ("gpu/offline_check.sh: the check ran past GPU_CHECK_LIMIT_S=1 s and was "
+                                              "stopped; gpu_check.md holds what it had finished")
+    assert "ran past" in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
 @pytest.mark.slow
 def test_offline_check_runs_on_the_image_and_the_kit_alone(tmp_path):
     """gpu/offline_check.sh as on an offline GPU machine: every installed package that is neither on the assumed image
