@@ -10,9 +10,9 @@ One command, under 8 minutes on one H100, that
 2. runs ``monai-prompt benchmark efficiency`` at ViT-B/16 224 px (batch 4; every in-backbone method, plain and
    ``blocks+sdpa+bf16``, the peer at its defaults and its own best, and both compared) and at 512 px, batch 16
    (full, LoRA, FPT, FPT+: the FPT paper's setting), with CUDA memory, one round (one process per configuration),
-   full fine-tuning at 224 px with the optimiser step in
-   backward (``blocks+sdpa+bf16+inbackward``), and last the 3D UNETR of the segmentation bundles (64^3, batch 2;
-   full fine-tuning and LoRA, plain and ``blocks+sdpa+bf16+inbackward``);
+   full fine-tuning at 224 px with the optimiser step in backward (``blocks+sdpa+bf16+inbackward``), and last the
+   3D UNETR of the segmentation bundles (64^3, batch 2; full fine-tuning and LoRA, plain and
+   ``blocks+sdpa+bf16+inbackward``);
 3. writes one Markdown report of both (``<out>/gpu_check.md``), with the 512 px rows set against the FPT paper's GPU
    memory (:data:`FPT_PAPER_MB`), and exits non-zero if any bundle failed.
 
