@@ -63,9 +63,10 @@ EFFICIENCY_RUNS = (
                      "--rounds", "1", "--methods", "full", "lora", "--checkpointing", "none", "--variants",
                      "blocks+sdpa+bf16+inbackward"]),
 )
-#: the dry run's efficiency runs: the classifiers and the 3D segmentation network at ``--quick`` sizes.
+#: the dry run's efficiency runs at ``--quick`` sizes: every kind of row (an in-backbone method, FPT+, the peer)
+#: and the 3D segmentation network (``benchmark efficiency --quick`` itself, every method, is tested on its own).
 DRY_RUN_EFFICIENCY = (
-    ("quick", ["--quick"]),
+    ("quick", ["--quick", "--methods", "lora", "fptplus"]),
     ("quick_unetr_3d", ["--quick", "--task", "segmentation", "--spatial-dims", "3", "--methods", "lora",
                         "--variants", "blocks+sdpa+bf16+inbackward"]),
 )
