@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from bundle_support import REPO
 from monai_prompt.benchmarks import gpu_check
@@ -98,23 +99,17 @@ def test_refuses_jobs_below_one(capsys):
     assert exited.value.code == 2 and "--jobs 0" in capsys.readouterr().err.splitlines()[-1]
 
 
-def _requirement_names(path: Path) -> list[str]:
-    """The distribution names of a requirements file (comments dropped)."""
+def _requirement_names(path: Path) -> set[str]:
+    """The canonical distribution names of a requirements file."""
     lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
-    return [re.split(r"[=<>!~ \[]", line)[0] for line in lines if line]
-
-
-def _normal(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+    return {canonicalize_name(Requirement(line).name) for line in lines if line}
 
 
 def _with_dependencies(names: set[str]) -> set[str]:
-    """``names`` and, as installed here, every distribution they require (extras left out), normalised."""
+    """``names`` and, as installed here, every distribution they require (extras left out), canonical."""
     from importlib.metadata import PackageNotFoundError, distribution
 
-    from packaging.requirements import Requirement
-
-    found, todo = set(), [_normal(name) for name in names]
+    found, todo = set(), list(names)
     while todo:
         name = todo.pop()
         if name in found:
@@ -127,7 +122,7 @@ def _with_dependencies(names: set[str]) -> set[str]:
         for text in requires:
             requirement = Requirement(text)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                todo.append(_normal(requirement.name))
+                todo.append(canonicalize_name(requirement.name))
     return found
 
 
@@ -136,10 +131,10 @@ def _hidden_modules() -> set[str]:
     dependencies its packages have at the versions installed here) nor in the kit (gpu/kit.txt)."""
     from importlib.metadata import packages_distributions
 
-    image = _with_dependencies(set(_requirement_names(REPO / "gpu" / "image.txt")))
-    allowed = image | {_normal(name) for name in _requirement_names(REPO / "gpu" / "kit.txt")} | {"monai-prompt"}
+    image = _with_dependencies(_requirement_names(REPO / "gpu" / "image.txt"))
+    allowed = image | _requirement_names(REPO / "gpu" / "kit.txt") | {"monai-prompt"}
     return {module for module, dists in packages_distributions().items()
-            if not any(_normal(dist) in allowed for dist in dists)}
+            if not any(canonicalize_name(dist) in allowed for dist in dists)}
 
 
 #: a sitecustomize that hides modules from every finder, as if they were not installed (import fails with
