@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +29,8 @@ from monai_prompt.benchmarks.efficiency import (
 from monai_prompt.benchmarks.peer import PEER_METHODS, PeerViT
 from monai_prompt.cli import main
 from monai_prompt.nets import PromptClassifier
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_peak_memory_sees_a_known_allocation_and_forgets_earlier_peaks():
@@ -141,9 +145,16 @@ def test_peer_rows_without_the_peer_libraries_name_the_install(monkeypatch):
         main(["benchmark", "efficiency", "--quick", "--peer", "none"])
 
 
+#: the CI smoke run as docs/benchmarks.md gives it (run here rather than by tests/test_docs.py).
+DOCUMENTED_QUICK_RUN = "monai-prompt benchmark efficiency --quick --out runs/benchmark_efficiency_quick"
+
+
 @pytest.mark.slow
 def test_quick_run_writes_every_method(tmp_path, capsys):
-    main(["benchmark", "efficiency", "--quick", "--out", str(tmp_path)])
+    assert f"\n{DOCUMENTED_QUICK_RUN}\n" in (REPO / "docs" / "benchmarks.md").read_text()
+    argv = shlex.split(DOCUMENTED_QUICK_RUN)[1:]
+    assert argv[-2] == "--out"
+    main([*argv[:-1], str(tmp_path)])
     table = capsys.readouterr().out
     with open(tmp_path / "efficiency.csv") as handle:
         rows = list(csv.DictReader(handle))

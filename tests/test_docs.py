@@ -35,11 +35,12 @@ How they run (the conventions; every exception is a row of :data:`MAPPING`, the 
   override from ``bundle_support.tiny_overrides`` that the command does not set itself is appended, placeholder
   values (``...``, ``/path/to/...``) become the tiny stand-ins, and a training run gets one epoch.
 
-A snippet without a row runs as written (with the tiny argv) and must pass. Snippets that run bundle workflows of
-bundles other than the representative ``lora``, ``fptplus`` and ``vit_pretraining`` ones (the classification
-READMEs are rendered from one template) and whole demo runs are marked ``slow``. Of the segmentation READMEs (two
-templates, 2D and 3D), those of :data:`SEGMENTATION_RUN` run; every other one must hold only commands its template
-runs, with its own bundle name (static check), and its flags must exist in its own configs.
+A snippet without a row runs as written (with the tiny argv) and must pass. The bundle READMEs are rendered from four
+templates (classification with ``PromptClassifier``, with FPT; segmentation in 2D, in 3D): of each, the README of
+:data:`TEMPLATE_RUN` runs; every other one must hold only commands its template runs, with its own bundle name (static
+check), and its flags must exist in its own configs (each bundle's workflows run in ``tests/test_bundles.py`` and
+``tests/test_segmentation_bundles.py``). Snippets that run bundle workflows of bundles other than the representative
+``lora``, ``fptplus`` and ``vit_pretraining`` ones, and whole demo runs, are marked ``slow``.
 """
 
 from __future__ import annotations
@@ -70,9 +71,12 @@ COMMAND_WORDS = ("monai-prompt", "python", "python3", "make", "pip", "hf", "hugg
                  "OMP_NUM_THREADS=")
 #: bundles whose READMEs run in the fast loop (one PromptClassifier bundle, one FPT bundle, the pre-training bundle).
 FAST_BUNDLES = ("lora_classification", "fptplus_classification", "vit_pretraining")
-#: the segmentation READMEs that run, one per template (2D, 3D); every other segmentation README must hold the same
-#: commands with its own bundle name (checked statically, :func:`test_segmentation_readmes_share_their_template`).
+#: the segmentation READMEs that run, one per template (2D, 3D).
 SEGMENTATION_RUN = {2: "dvpt_segmentation", 3: "dvpt_3d_segmentation"}
+#: the bundle READMEs that run, one per template; every other bundle README must hold the same commands with its own
+#: bundle name (checked statically, :func:`test_bundle_readmes_share_their_template`).
+TEMPLATE_RUN = {"classification": "lora_classification", "fpt_classification": "fptplus_classification",
+                "segmentation": SEGMENTATION_RUN[2], "3d_segmentation": SEGMENTATION_RUN[3]}
 #: the tiny data set of every work copy: ``monai-prompt demo-data`` at these sizes (MNI152 patches, 3 classes).
 DEMO_TINY = {"train-per-class": 4, "eval-per-class": 2, "unlabeled": 0}
 SHIMS = ("python", "python3", "monai-prompt", "torchrun", "docs-check-pip", "docs-check-hf", "docs-check-mlflow")
@@ -205,6 +209,9 @@ MAPPING: tuple[Rule, ...] = (
     Rule("*", r"^python -m monai_prompt\.benchmarks\.bundle_runs\b", append=" --help",
          why=("it trains every bundle for an hour and rewrites the package's measurements.json: only its command line "
               "is run (--help)")),
+    Rule("docs/benchmarks.md", r"^monai-prompt benchmark efficiency --quick --out runs/benchmark_efficiency_quick$",
+         how="skip", why=("run, with the same argv, by tests/test_benchmark_efficiency.py::"
+                          "test_quick_run_writes_every_method, which checks what it writes")),
     Rule("docs/benchmarks.md", r"^monai-prompt benchmark tinyvit\b", append=" --help",
          why="it times the full-size LiteMedSAM encoder for minutes: only its command line is run (--help)"),
     Rule("*", r"^monai-prompt demo-data --task segmentation$",
@@ -397,16 +404,18 @@ COLLECTED = [snippet for path in DOC_FILES for snippet in collect(path)]
 
 
 def template_readme(file: str) -> str | None:
-    """The segmentation README of :data:`SEGMENTATION_RUN` whose commands ``file``'s must repeat (``None``: ``file``
-    is not a segmentation README, or it is that one)."""
+    """The README of :data:`TEMPLATE_RUN` whose commands ``file``'s must repeat (``None``: ``file`` is not a bundle
+    README rendered from a template, or it is that one)."""
     parts = file.split("/")
-    if parts[0] != "bundles" or not parts[1].endswith("segmentation"):
+    if parts[0] != "bundles" or parts[1] == "vit_pretraining":
         return None
-    run = SEGMENTATION_RUN[3 if parts[1].endswith("_3d_segmentation") else 2]
-    return None if parts[1] == run else f"bundles/{run}/docs/README.md"
+    name = parts[1]
+    template = next(key for key in ("3d_segmentation", "segmentation", "classification") if name.endswith(key))
+    run = TEMPLATE_RUN["fpt_classification" if name.startswith("fpt") else template]
+    return None if name == run else f"bundles/{run}/docs/README.md"
 
 
-#: what runs: every snippet but prose mentions and the commands of segmentation READMEs that repeat their template's
+#: what runs: every snippet but prose mentions and the commands of bundle READMEs that repeat their template's
 #: (their flags are still checked against their own bundle's configs).
 SNIPPETS = [snippet for snippet in COLLECTED if snippet.kind != "mention"
             and (snippet.kind == "flags" or template_readme(snippet.file) is None)]
@@ -419,8 +428,7 @@ def _bundles_named(snippet: Snippet, text: str | None = None) -> list[str]:
 
 
 def _is_slow(snippet: Snippet) -> bool:
-    """Slow: the row says so, or a snippet of a bundle README other than :data:`FAST_BUNDLES`' (the classification
-    READMEs are rendered from one template, so their commands differ only in the bundle's name)."""
+    """Slow: the row says so, or a snippet of a bundle README other than :data:`FAST_BUNDLES`'."""
     rule = rule_for(snippet.file, snippet.text)
     if rule is not None and rule.slow:
         return True
@@ -1038,14 +1046,18 @@ OWN_DEMO = "monai-prompt demo --task segmentation --method {method}"
 
 
 @pytest.mark.parametrize("file", sorted({s.file for s in COLLECTED if template_readme(s.file)}))
-def test_segmentation_readmes_share_their_template(file):
-    """A segmentation README that does not run holds only commands its template runs (with its own bundle name),
-    and at most the demo of its own method, which the demo's command line must accept."""
-    from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS
+def test_bundle_readmes_share_their_template(file):
+    """A bundle README that does not run holds only commands its template runs (with its own bundle name), and at
+    most the segmentation demo of its own method, which the demo's command line must accept."""
+    from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS
     from monai_prompt.cli import build_parser
 
-    method = SEGMENTATION_SPECS[file.split("/")[1]].method
-    extra = _commands(file) - _commands(template_readme(file)) - {("shell", OWN_DEMO.format(method=method))}
+    method = ALL_BUNDLE_SPECS[file.split("/")[1]].method
+    own_demo = ("shell", OWN_DEMO.format(method=method))
+    commands = _commands(file)
+    extra = commands - _commands(template_readme(file)) - {own_demo}
     assert not extra, f"{file}: commands its template {template_readme(file)} does not run: {sorted(extra)}"
-    args = build_parser().parse_args(shlex.split(OWN_DEMO.format(method=method))[1:])
-    assert (args.task, args.method) == ("segmentation", method)
+    assert commands, f"{file}: no commands collected"
+    if own_demo in commands:
+        args = build_parser().parse_args(shlex.split(own_demo[1])[1:])
+        assert (args.task, args.method) == ("segmentation", method)
