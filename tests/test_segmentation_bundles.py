@@ -21,7 +21,12 @@ from monai_prompt.bundle_gen import check_bundles
 from monai_prompt.bundle_gen.metadata import schema_file
 from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS
 from monai_prompt.data import DataCheckError
-from monai_prompt.data.segmentation import check_segmentation_datalist, mask_root, mask_suffix
+from monai_prompt.data.segmentation import (
+    check_segmentation_datalist,
+    mask_root,
+    mask_suffix,
+    read_segmentation_datalist,
+)
 from monai_prompt.engine import latest_checkpoint
 from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice
 from monai_prompt.runs.bundles import find_bundle
@@ -182,12 +187,12 @@ def test_data_check_reports_every_bad_pair(tmp_path):
     content["test"].append({"image": content["training"][0]["image"]})  # in two splits, without label
     datalist.write_text(json.dumps(content))
     with pytest.raises(DataCheckError) as info:
-        check_segmentation_datalist(datalist, [*TINY_CLASSES, "tumour"])
+        check_segmentation_datalist(datalist, [*TINY_CLASSES, "tumour"], required_splits=["training", "test"])
     problems = info.value.problems
     expected = [
         "'labels' names the classes ['background', 'csf', 'gray_matter', 'white_matter'] but the bundle's are",
         f"{first}: shape (35, 40, 34) differs",
-        f"{second}: affine differs",
+        f"{second}: its voxels are not where its image's are",
         f"{third}: non-integer values (e.g. [0.5])",
         f"{third}: values [7.0] are outside the classes 0..4",  # the bundle's 5 classes
         "missing.nii.gz: file not found",
@@ -197,6 +202,45 @@ def test_data_check_reports_every_bad_pair(tmp_path):
     for text in expected:
         assert sum(text in problem for problem in problems) == 1, (text, problems)
     assert len(problems) == len(expected)
+
+
+def test_an_msd_task_folder_reads_as_msd_writes_it_and_unsafe_datalists_are_refused(tmp_path, caplog):
+    """An MSD ``dataset.json`` (``training`` and bare ``test`` paths, no ``validation``) read from its folder: a
+    validation split carved from training; a label stored in another axis order than its image (one grid) passes;
+    ``labels`` keys that are not 0..K-1, an image of several files and a ``num_classes`` other than the classes'
+    are refused with the fix."""
+    datalist = write_tiny_segmentation(tmp_path, 3, counts=(8, 0, 2))
+    content = json.loads(datalist.read_text())
+    content["test"] = [item["image"] for item in content["test"]]  # MSD: bare test images
+    first = tmp_path / content["training"][0]["label"]
+    label = nib.load(first)
+    flipped = label.affine.copy()  # the same voxels on the same grid, stored the other way along x
+    flipped[:3, 3] += flipped[:3, 0] * (label.shape[0] - 1)
+    flipped[:3, 0] *= -1
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[::-1], flipped), first)
+    (tmp_path / "dataset.json").write_text(json.dumps(content))
+    with caplog.at_level("INFO", logger="monai_prompt"):
+        read = read_segmentation_datalist(tmp_path)
+    assert [len(read[split]) for split in ("training", "validation", "test")] == [7, 1, 2]
+    assert "has no 'validation' list: 1 of the training items" in caplog.text
+    assert read["test"][0] == {"image": str(tmp_path / content["test"][0])}
+    summary = check_segmentation_datalist(tmp_path, TINY_CLASSES, required_splits=["training", "validation"])
+    assert summary.counts == {"training": 7, "validation": 1, "test": 2}
+    with pytest.raises(DataCheckError, match="no label; a test item needs both"):
+        check_segmentation_datalist(tmp_path, TINY_CLASSES, required_splits=["test"])  # evaluating on it
+    with pytest.raises(DataCheckError, match=r"num_classes 5 differs from the 4 classes .* drop --num_classes"):
+        check_segmentation_datalist(tmp_path, TINY_CLASSES, num_classes=5)
+    with pytest.raises(FileNotFoundError, match="is a folder without a segmentation datalist"):
+        read_segmentation_datalist(tmp_path / "images")
+
+    for labels in ({"0": "background", "2": "liver", "5": "tumour"}, {"0": "background", "one": "liver"}):
+        datalist.write_text(json.dumps({**content, "labels": labels}))
+        with pytest.raises(ValueError, match=r"the keys must be 0\.\.[12]\. Renumber the label maps"):
+            read_segmentation_datalist(datalist)
+    content["training"][1]["image"] = [content["training"][1]["image"], content["training"][2]["image"]]
+    datalist.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match="stack the modalities of an image into one multi-channel file"):
+        read_segmentation_datalist(datalist)
 
 
 def test_class_metrics_equal_numpy_and_scipy_with_undefined_classes_as_nan():

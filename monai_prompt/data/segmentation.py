@@ -25,7 +25,7 @@ import numpy as np
 from monai_prompt.data.check import _duplicates, _leaks, _most_common
 from monai_prompt.data.datalist import DataCheckError, Datalist
 from monai_prompt.data.headers import IMAGE_SUFFIXES, PIL_SUFFIXES, image_suffix
-from monai_prompt.data.split import SPLITS
+from monai_prompt.data.split import SPLITS, SplitOptions, split_items
 
 __all__ = [
     "SegmentationDatalist",
@@ -43,6 +43,13 @@ __all__ = [
 ROI_BUDGET = {2: 256, 3: 96}
 
 _ALL_SPLITS = (*SPLITS, "unlabeled")
+#: the datalist file of a Medical Segmentation Decathlon task folder.
+MSD_DATALIST = "dataset.json"
+#: the fraction of training groups carved for validation when a datalist has no validation split (MSD's have none).
+VAL_FRACTION = 0.1
+#: how a missing validation split can be given.
+_CARVE = ("; add a 'validation' list, or at least 2 training items (a datalist without validation has "
+          f"{VAL_FRACTION:.0%} of them carved for it)")
 #: relative tolerance of the affine comparison (image vs label), in units of the largest voxel size.
 _AFFINE_TOLERANCE = 1e-3
 
@@ -64,25 +71,60 @@ class SegmentationDatalist(Datalist):
 def read_segmentation_datalist(path: str | os.PathLike) -> SegmentationDatalist:
     """Read a decathlon JSON segmentation datalist (paths relative to its folder) with MONAI's reader.
 
+    A folder stands for the MSD ``dataset.json`` in it. Without a ``validation`` list, :data:`VAL_FRACTION` of the
+    training items (at least one; by ``group``, seeded) become the validation split, as MSD task files list only
+    ``training`` and ``test``; logged on ``monai_prompt``.
+
     Raises:
-        ValueError: the file has no ``labels`` map naming the classes.
+        FileNotFoundError: a folder without ``dataset.json``.
+        ValueError: no ``labels`` map naming the classes, ``labels`` keys other than ``0..K-1`` (a label value's
+            name would be another's), or an item whose image or label lists several files.
     """
     from monai.data import load_decathlon_datalist
 
-    content = json.loads(Path(path).read_text())
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MSD_DATALIST).is_file():
+            raise FileNotFoundError(
+                f"{path} is a folder without a segmentation datalist ({MSD_DATALIST}, or datalist_2d.json / "
+                "datalist_3d.json from `monai-prompt demo-data --task segmentation`); pass --datalist_file "
+                "<decathlon JSON> or --dataset_dir <the folder holding it>."
+            )
+        path = path / MSD_DATALIST
+    content = json.loads(path.read_text())
     labels = content.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise ValueError(
             f"{path}: a segmentation datalist names its classes in 'labels', e.g. "
             '{"0": "background", "1": "liver"}; add it (MONAI Label and metadata.json channel_def use the same names).'
         )
-    classes = [labels[key] for key in sorted(labels, key=int)]
+    keys = sorted(labels, key=lambda key: int(key) if str(key).strip().lstrip("-").isdigit() else math.inf)
+    if keys != [str(value) for value in range(len(labels))]:
+        raise ValueError(
+            f"{path}: 'labels' has the keys {keys}; the bundles name class k after the label value k, so the keys "
+            f"must be 0..{len(labels) - 1}. Renumber the label maps and the keys to consecutive values (BraTS' "
+            "0/1/2/4 to 0/1/2/3, e.g. with monai.transforms.MapLabelValue), then train on the renumbered copy."
+        )
     splits = {
         split: load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=split)
         for split in _ALL_SPLITS
         if content.get(split)
     }
-    return SegmentationDatalist(classes, splits)
+    several = [f"{split} item {i}: {key} {item[key]}" for split, items in splits.items()
+               for i, item in enumerate(items) for key in ("image", "label") if isinstance(item.get(key), list)]
+    if several:
+        raise ValueError(
+            f"{path}: an image or label is one file in the bundles, but these list several: {several[:3]}; stack "
+            "the modalities of an image into one multi-channel file (e.g. a 4D NIfTI, channels last) and set "
+            "--in_channels to their number."
+        )
+    if len(splits.get("training", [])) > 1 and not splits.get("validation"):
+        carved = split_items(splits["training"], SplitOptions(max(VAL_FRACTION, 1 / len(splits["training"])), 0))
+        splits["training"], splits["validation"] = carved["training"], carved["validation"]
+        logging.getLogger("monai_prompt").info(
+            f"{path} has no 'validation' list: {len(carved['validation'])} of the training items (by group, seed 0) "
+            "validate; add a 'validation' list to choose them.")
+    return SegmentationDatalist([labels[key] for key in keys], splits)
 
 
 def is_segmentation_datalist(path: str | os.PathLike) -> bool:
@@ -151,6 +193,18 @@ def _load(path: str, load, problems: list[str]):
         return None
 
 
+def _ras_affine(array) -> np.ndarray:
+    """The affine of a channel-first ``MetaTensor`` once its axes are turned to RAS (``Orientationd``, which the
+    bundles apply to image and label alike): two files of one grid stored in other axis orders compare equal."""
+    import nibabel as nib
+
+    affine = np.asarray(array.affine, dtype=float)
+    shape = array.shape[1:]
+    if len(shape) != affine.shape[0] - 1:
+        return affine
+    return affine @ nib.orientations.inv_ornt_aff(nib.orientations.io_orientation(affine), shape)
+
+
 def _pair_problems(image, label, image_path: str, label_path: str, num_classes: int) -> list[str]:
     """What is wrong with one loaded image/label pair: non-finite image, geometry, label values."""
     problems = []
@@ -164,14 +218,15 @@ def _pair_problems(image, label, image_path: str, label_path: str, num_classes: 
         problems.append(f"{label_path}: shape {_spatial_shape(label)} differs from its image's {_spatial_shape(image)} "
                         f"({image_path}); the label must be on the image's grid (resample it with nearest neighbour).")
     else:
-        image_affine, label_affine = np.asarray(image.affine), np.asarray(label.affine)
+        image_affine, label_affine = _ras_affine(image), _ras_affine(label)
         scale = max(float(np.abs(image_affine[:-1, :-1]).max()), 1.0)
         if image_affine.shape != label_affine.shape or not np.allclose(
             image_affine, label_affine, atol=_AFFINE_TOLERANCE * scale
         ):
-            problems.append(f"{label_path}: affine differs from its image's ({image_path}): the label is not in the "
-                            f"image's space; re-save it with the image's header.\n    image {image_affine.tolist()}\n"
-                            f"    label {label_affine.tolist()}")
+            problems.append(f"{label_path}: its voxels are not where its image's are ({image_path}; affines after "
+                            "both are turned to RAS, as training does): resample the label onto the image's grid "
+                            "(nearest neighbour), or, if its voxels do match the image's, give it the image's header."
+                            f"\n    image {image_affine.tolist()}\n    label {label_affine.tolist()}")
     values = np.unique(np.asarray(label))
     if not np.all(np.equal(np.mod(values, 1), 0)):
         problems.append(f"{label_path}: non-integer values (e.g. {values[np.mod(values, 1) != 0][:3].tolist()}); a "
@@ -179,7 +234,7 @@ def _pair_problems(image, label, image_path: str, label_path: str, num_classes: 
     outside = values[(values < 0) | (values >= num_classes)]
     if outside.size:
         problems.append(f"{label_path}: values {outside[:5].tolist()} are outside the classes 0..{num_classes - 1}; "
-                        f"renumber them, or set num_classes (and the datalist's 'labels').")
+                        "renumber them, or name more classes in the datalist's 'labels'.")
     return problems
 
 
@@ -189,6 +244,7 @@ def check_segmentation_datalist(
     *,
     channels: int | None = None,
     required_splits: Sequence[str] = ("training",),
+    num_classes: int | None = None,
 ) -> SegmentationSummary:
     """Check every image/label pair of a decathlon segmentation datalist and report all problems at once.
 
@@ -204,7 +260,9 @@ def check_segmentation_datalist(
         class_names: the bundle's classes (evaluation: those the network was trained for; default: the
             datalist's).
         channels: expected channels per image (default: the most common count).
-        required_splits: splits that must hold items (training: training and validation).
+        required_splits: splits that must hold items (training: training and validation); their items, and
+            those of training and validation, need a label (an MSD ``test`` list of bare images may lack them).
+        num_classes: the bundle's ``num_classes``, which must equal the number of classes.
 
     Raises:
         DataCheckError: listing every problem with its path and the fix.
@@ -218,12 +276,16 @@ def check_segmentation_datalist(
                         f"{list(class_names)} (a trained network's come from models/training_config.json); "
                         "relabel the data to the bundle's classes, or train on these (and update channel_def in "
                         "metadata.json).")
-    num_classes = len(datalist.classes if class_names is None else class_names)
-    problems += [f"{source}: no {split!r} items; the workflow needs them." for split in required_splits
-                 if not datalist[split]]
+    classes = datalist.classes if class_names is None else list(class_names)
+    problems += [f"{source}: no {split!r} items; the workflow needs them{_CARVE if split == 'validation' else ''}."
+                 for split in required_splits if not datalist[split]]
+    if num_classes is not None and num_classes != len(classes):
+        problems.append(f"num_classes {num_classes} differs from the {len(classes)} classes {classes}: the network "
+                        "has one output per class; drop --num_classes (it follows the classes), or name "
+                        f"{num_classes} classes in the datalist's 'labels'.")
     load = LoadImage(image_only=True, ensure_channel_first=True)
     image_channels: dict[str, int] = {}
-    voxels = {split: np.zeros(num_classes) for split in SPLITS if datalist[split]}
+    voxels = {split: np.zeros(len(classes)) for split in SPLITS if datalist[split]}
     for split, item in datalist.all_items():
         if split not in SPLITS:  # unlabelled images: the segmentation workflows do not read them
             continue
@@ -231,15 +293,16 @@ def check_segmentation_datalist(
         if image is not None:
             image_channels[item["image"]] = int(image.shape[0])
         if "label" not in item:
-            problems.append(f"{item['image']}: no label; a {split} item needs both 'image' and 'label'.")
+            if split in ("training", "validation", *required_splits):
+                problems.append(f"{item['image']}: no label; a {split} item needs both 'image' and 'label'.")
             continue
         label = _load(item["label"], load, problems)
         if image is None or label is None:
             continue
-        problems += _pair_problems(image, label, item["image"], item["label"], num_classes)
+        problems += _pair_problems(image, label, item["image"], item["label"], len(classes))
         values, counts = np.unique(np.asarray(label), return_counts=True)
         for value, count in zip(values, counts):
-            if 0 <= value < num_classes and value % 1 == 0:
+            if 0 <= value < len(classes) and value % 1 == 0:
                 voxels[split][int(value)] += count
     expected = channels or _most_common(list(image_channels.values()))
     problems += [
