@@ -140,6 +140,10 @@ def test_an_unreadable_checkpoint_is_named_with_the_fix(tmp_path):
     torch.save({"model": {"weight": torch.zeros(3, 3), "bias": torch.zeros(3)}}, tmp_path / "model.pt")
     with pytest.raises(RuntimeError, match="size mismatch"):  # a readable file's own error is kept
         loader(Engine(lambda engine, batch: None))
+    (tmp_path / "model.pt").unlink()  # inference before any training
+    with pytest.raises(FileNotFoundError, match=rf"^{tmp_path}/model\.pt does not exist: there is no trained model to "
+                       r"load\. Train the bundle first \(configs/train\.json writes models/model\.pt\)"):
+        loader(Engine(lambda engine, batch: None))
 
 
 def test_a_full_disk_names_the_checkpoint_and_the_fix(tmp_path, monkeypatch):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.server
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -101,3 +103,47 @@ def test_tracking_that_fails_mid_run_does_not_stop_training(tmp_path, monkeypatc
 def test_unique_run_names():
     names = {unique_run_name("vpt_classification_train") for _ in range(50)}
     assert len(names) == 50 and all(name.startswith("vpt_classification_train_2") for name in names)
+
+
+_FAILING_RUN = """
+import sys
+import torch
+from ignite.engine import Engine
+from monai.handlers import MLFlowHandler
+from monai_prompt.engine import MLflowPeftLogger
+from monai_prompt.runs import show_cause_last
+from net_support import tiny_classifier
+
+show_cause_last()
+error = {{"error": ValueError("a bad batch"), "interrupt": KeyboardInterrupt()}}[sys.argv[1]]
+
+
+def step(engine, batch):
+    if engine.state.iteration == 2:
+        raise error
+    return {{"loss": torch.tensor(1.0)}}
+
+
+trainer = Engine(step)
+MLflowPeftLogger(tiny_classifier()).attach(trainer)
+MLFlowHandler(tracking_uri="{uri}", experiment_name="x", run_name=sys.argv[1], iteration_log=False).attach(trainer)
+trainer.run([0, 1, 2], max_epochs=1)
+"""
+
+
+@pytest.mark.slow  # two processes that create an MLflow SQLite store
+def test_a_failed_or_interrupted_run_ends_its_mlflow_run_failed_or_killed(tmp_path):
+    """MONAI's handler ends its run only when the engine completes: a crash or Ctrl-C left it RUNNING forever."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    script = tmp_path / "run.py"
+    script.write_text(_FAILING_RUN.format(uri=uri))
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "OMP_NUM_THREADS": "1"}
+    for kind in ("error", "interrupt"):
+        result = subprocess.run([sys.executable, str(script), kind], env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode != 0 and ("a bad batch" if kind == "error" else "KeyboardInterrupt") in result.stderr
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs(client.get_experiment_by_name("x").experiment_id)
+    assert {run.info.run_name: run.info.status for run in runs} == {"error": "FAILED", "interrupt": "KILLED"}

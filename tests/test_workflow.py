@@ -46,8 +46,24 @@ def test_check_task_refuses_empty_splits_a_workflow_reads():
     check_task(datalist, 2, False, ["training", "test"])
     with pytest.raises(ValueError, match=r"no 'validation' images: .*model\.pt would never be written"):
         check_task(datalist, 2, False, ["training", "validation"])
-    with pytest.raises(ValueError, match=r"no 'unlabeled' images: choose a split that has images .*'training', 'test'"):
+    with pytest.raises(ValueError, match=r"no 'unlabeled' images: choose a split that has images with "
+                       r"--evaluate_split .*'training', 'test'"):
         check_task(datalist, 2, False, ["unlabeled"])
+
+
+def test_check_task_refuses_unlabelled_images_one_class_and_names_trained_classes_first():
+    datalist = ClassificationDatalist(["a", "b"], {"training": [{"image": "x.png", "label": 0}],
+                                                    "test": [{"image": "y.png", "label": 1}, {"image": "z.png"}]})
+    with pytest.raises(ValueError, match=r"1 of the 2 'test' images have no label \(e\.g\. z\.png\): .* evaluate a "
+                       r"labelled split with --evaluate_split .* or predict these with configs/inference\.json"):
+        check_task(datalist, 2, False, ["test"])  # an MSD-style test list of bare images
+    one = ClassificationDatalist(["imgs"], {"training": [{"image": "x.png", "label": 0}]})
+    with pytest.raises(ValueError, match=r"has 1 class \['imgs'\]; a classifier needs at least 2.*--dataset_dir "
+                       r"<folder>/<file>\.csv"):
+        check_task(one, 1, False)
+    with pytest.raises(ValueError, match=r"trained on the classes \['a', 'b', 'c'\] but the datalist has \['a', "
+                       r"'b'\]; evaluate on data with the training's classes"):  # not "run with --num_classes 2"
+        check_task(datalist, 3, False, ["training"], classes=["a", "b", "c"])
 
 
 def test_find_datalist_and_the_default_data_folder(tmp_path):

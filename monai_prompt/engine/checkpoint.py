@@ -216,6 +216,12 @@ class CheckedCheckpointLoader(CheckpointLoader):
     failure."""
 
     def __call__(self, engine: Engine) -> None:
+        if not Path(self.load_path).is_file():
+            raise FileNotFoundError(
+                f"{self.load_path} does not exist: there is no trained model to load. Train the bundle first "
+                "(configs/train.json writes models/model.pt), point --ckpt_dir at a trained run's models/ folder, or "
+                "give --load_path <a model.pt>."
+            )
         try:
             super().__call__(engine)
         except Exception:

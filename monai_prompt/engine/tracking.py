@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -31,6 +32,7 @@ from torch import nn
 from monai_prompt.backbones.registry import find_backbone
 from monai_prompt.engine.checkpoint import unwrap
 from monai_prompt.peft.report import trainable_report
+from monai_prompt.runs.errors import on_error
 
 __all__ = [
     "MLFLOW_HTTP_LIMITS",
@@ -159,6 +161,23 @@ def _tolerate_failures(engine: Engine, handlers: Sequence[MLFlowHandler], failed
                 entries[index] = (tolerant(callback), args, kwargs)
 
 
+def _end_open_runs(handlers: Sequence[MLFlowHandler], failed: list[str]) -> None:
+    """End the MLflow runs a failed workflow leaves open (MONAI's handler ends its run only when its engine
+    completes): ``KILLED`` after Ctrl-C, else ``FAILED``; nothing when the tracking server has gone (``failed``).
+
+    Args:
+        handlers: the workflow's ``MLFlowHandler``s.
+        failed: the tracking failures of the run so far.
+    """
+    if failed:
+        return
+    status = "KILLED" if issubclass(getattr(sys, "last_type", type(None)), KeyboardInterrupt) else "FAILED"
+    for handler in handlers:
+        if handler.cur_run is not None:
+            handler.run_finish_status = status
+            handler.close()
+
+
 class MLflowPeftLogger:
     """Add PEFT parameters and artifact files to the ``MLFlowHandler`` that ``--tracking mlflow`` attaches, and
     keep tracking from stopping or stalling training.
@@ -201,6 +220,7 @@ class MLflowPeftLogger:
         failed: list[str] = []  # shared: one dead server stops all of this run's handlers
         for tracked_engine, handlers in tracked.items():
             _tolerate_failures(tracked_engine, handlers, failed)
+        on_error(functools.partial(_end_open_runs, [h for handlers in tracked.values() for h in handlers], failed))
         params = {**peft_params(self.network), **self.extra_params}
         for handler in tracked.get(engine, []):
             handler.experiment_param = {**(handler.experiment_param or {}), **params}

@@ -114,7 +114,8 @@ _SPLIT_NEEDS = {
     "validation": (
         "training validates every val_interval epochs to choose models/model.pt, and MONAI skips an empty "
         "validation silently, so model.pt would never be written; add a 'validation' list (JSON), split column "
-        "(CSV) or folder, or more training images per class for the reader to carve a validation split from"
+        "(CSV) or folder, or more training images per class for the reader to carve a validation split from "
+        "(or a larger share: --datalist_options \"{'split': {'val_fraction': 0.3}}\")"
     ),
 }
 
@@ -126,8 +127,9 @@ def check_task(
     required_splits: Sequence[str] = (),
     classes: Sequence[str] | None = None,
 ) -> None:
-    """Raise a ``ValueError`` naming the fix when the datalist's classes or label kind differ from the config, or a
-    split the workflow reads is empty (a :class:`~monai_prompt.data.DataCheckError` naming each file whose index
+    """Raise a ``ValueError`` naming the fix when the datalist's classes or label kind differ from the config (or
+    from ``classes``), it has fewer than 2 classes, or a split the workflow reads is empty or has images without
+    labels (a :class:`~monai_prompt.data.DataCheckError` naming each file whose index
     label is not below ``num_classes``, for a datalist without class names).
 
     Args:
@@ -140,14 +142,35 @@ def check_task(
             must be the same, in the same order.
     """
     for split in required_splits:
+        present = [name for name, items in datalist.splits.items() if items]
         if not datalist[split]:
-            present = [name for name, items in datalist.splits.items() if items]
-            need = _SPLIT_NEEDS.get(split, f"choose a split that has images (the datalist has {present})")
+            need = _SPLIT_NEEDS.get(split, f"choose a split that has images with --evaluate_split (the datalist has "
+                                           f"{present})")
             raise ValueError(f"the datalist has no {split!r} images: {need}.")
+        unlabelled = [item["image"] for item in datalist[split] if item.get("label") is None]
+        if unlabelled:
+            raise ValueError(
+                f"{len(unlabelled)} of the {len(datalist[split])} {split!r} images have no label (e.g. "
+                f"{unlabelled[0]}): training and evaluation compare predictions with labels; label them, evaluate "
+                f"a labelled split with --evaluate_split (the datalist has {present}), or predict these with "
+                "configs/inference.json."
+            )
+    if classes is not None and list(classes) != list(datalist.classes):
+        raise ValueError(
+            f"the model was trained on the classes {list(classes)} but the datalist has {list(datalist.classes)}; "
+            f"evaluate on data with the training's classes in the same order (e.g. --datalist_options#classes "
+            f'"{list(classes)}"), or give --class_names to override the training record.'
+        )
     out_of_range = labels_out_of_range(datalist, num_classes)
     if out_of_range:
         raise DataCheckError(out_of_range, f"the datalist (num_classes={num_classes})")
     found = len(datalist.classes)
+    if found < 2:
+        raise ValueError(
+            f"the datalist has {found} class {list(datalist.classes)}; a classifier needs at least 2. A class-per-"
+            "folder tree needs a sub-folder per class; a CSV or JSON datalist named other than "
+            f"{DATALIST_NAME} is given by its own path (--dataset_dir <folder>/<file>.csv)."
+        )
     if found != num_classes:
         raise ValueError(
             f"the datalist has {found} classes {list(datalist.classes)} but the bundle is configured for "
@@ -158,12 +181,6 @@ def check_task(
         raise ValueError(
             f"the datalist's labels are {kind} but the bundle has multi_label={multi_label}; "
             f"run with --multi_label {bool(datalist.multi_label)}."
-        )
-    if classes is not None and list(classes) != list(datalist.classes):
-        raise ValueError(
-            f"the model was trained on the classes {list(classes)} but the datalist has {list(datalist.classes)}; "
-            f"evaluate on data with the training's classes in the same order (e.g. --datalist_options#classes "
-            f'"{list(classes)}"), or give --class_names to override the training record.'
         )
 
 
