@@ -230,6 +230,10 @@ def test_an_msd_task_folder_reads_as_msd_writes_it_and_unsafe_datalists_are_refu
         check_segmentation_datalist(tmp_path, TINY_CLASSES, required_splits=["test"])  # evaluating on it
     with pytest.raises(DataCheckError, match=r"num_classes 5 differs from the 4 classes .* drop --num_classes"):
         check_segmentation_datalist(tmp_path, TINY_CLASSES, num_classes=5)
+    empty = tmp_path / read["validation"][0]["label"]
+    nib.save(nib.Nifti1Image(np.zeros(nib.load(empty).shape, np.uint8), nib.load(empty).affine), empty)
+    with pytest.raises(DataCheckError, match=r"the 'validation' labels hold only background \(0\): Dice is undefined"):
+        check_segmentation_datalist(tmp_path, TINY_CLASSES, required_splits=["training", "validation"])
     with pytest.raises(FileNotFoundError, match="is a folder without a segmentation datalist"):
         read_segmentation_datalist(tmp_path / "images")
 

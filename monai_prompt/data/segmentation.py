@@ -253,7 +253,7 @@ def check_segmentation_datalist(
     of a labelled split without label, label maps with several channels, another shape or affine than their image,
     non-integer values or values outside the classes, channel counts that differ from the rest (or from
     ``channels``), images listed twice in a split or in two splits, groups split across training/validation/test,
-    empty ``required_splits`` and classes other than ``class_names``.
+    empty ``required_splits`` or ones whose labels hold only background, and classes other than ``class_names``.
 
     Args:
         source: the datalist JSON (its ``labels`` map names the classes).
@@ -309,6 +309,11 @@ def check_segmentation_datalist(
         f"{path}: {count} channel(s) where the other images have {expected}; convert it or drop it."
         for path, count in image_channels.items()
         if count != expected
+    ]
+    problems += [
+        f"{source}: the {split!r} labels hold only background (0): Dice is undefined on them, so no epoch can be "
+        "chosen as best (validation) nor scored (evaluation); give this split images with foreground."
+        for split in required_splits if split in voxels and voxels[split][0] > 0 and not voxels[split][1:].any()
     ]
     problems += _duplicates(datalist) + _leaks(datalist)
     if problems:
