@@ -13,6 +13,7 @@ a server that goes away mid-run costs one warning, after which the run's MLflow 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import functools
 import json
@@ -32,7 +33,6 @@ from torch import nn
 from monai_prompt.backbones.registry import find_backbone
 from monai_prompt.engine.checkpoint import unwrap
 from monai_prompt.peft.report import trainable_report
-from monai_prompt.runs.errors import on_error
 
 __all__ = [
     "MLFLOW_HTTP_LIMITS",
@@ -162,16 +162,18 @@ def _tolerate_failures(engine: Engine, handlers: Sequence[MLFlowHandler], failed
 
 
 def _end_open_runs(handlers: Sequence[MLFlowHandler], failed: list[str]) -> None:
-    """End the MLflow runs a failed workflow leaves open (MONAI's handler ends its run only when its engine
-    completes): ``KILLED`` after Ctrl-C, else ``FAILED``; nothing when the tracking server has gone (``failed``).
+    """At exit after an uncaught error, end the MLflow runs the workflow left open (MONAI's handler ends its run
+    only when its engine completes): ``KILLED`` after Ctrl-C, else ``FAILED``; nothing after a clean run or when
+    the tracking server has gone (``failed``).
 
     Args:
         handlers: the workflow's ``MLFlowHandler``s.
         failed: the tracking failures of the run so far.
     """
-    if failed:
+    error = getattr(sys, "last_type", None)  # set by the interpreter for the error that ended the program
+    if error is None or failed:
         return
-    status = "KILLED" if issubclass(getattr(sys, "last_type", type(None)), KeyboardInterrupt) else "FAILED"
+    status = "KILLED" if issubclass(error, KeyboardInterrupt) else "FAILED"
     for handler in handlers:
         if handler.cur_run is not None:
             handler.run_finish_status = status
@@ -220,7 +222,7 @@ class MLflowPeftLogger:
         failed: list[str] = []  # shared: one dead server stops all of this run's handlers
         for tracked_engine, handlers in tracked.items():
             _tolerate_failures(tracked_engine, handlers, failed)
-        on_error(functools.partial(_end_open_runs, [h for handlers in tracked.values() for h in handlers], failed))
+        atexit.register(_end_open_runs, [h for handlers in tracked.values() for h in handlers], failed)
         params = {**peft_params(self.network), **self.extra_params}
         for handler in tracked.get(engine, []):
             handler.experiment_param = {**(handler.experiment_param or {}), **params}
