@@ -79,6 +79,8 @@ TEMPLATE_RUN = {"classification": "lora_classification", "fpt_classification": "
                 "segmentation": SEGMENTATION_RUN[2], "3d_segmentation": SEGMENTATION_RUN[3]}
 #: the tiny data set of every work copy: ``monai-prompt demo-data`` at these sizes (MNI152 patches, 3 classes).
 DEMO_TINY = {"train-per-class": 4, "eval-per-class": 2, "unlabeled": 0}
+#: where the bundle READMEs' ``monai-prompt package`` writes the deployable copies their checks run on.
+DEPLOY = "deploy"
 SHIMS = ("python", "python3", "monai-prompt", "torchrun", "docs-check-pip", "docs-check-hf", "docs-check-mlflow")
 TIMEOUT_S = 300
 
@@ -101,8 +103,10 @@ class Rule:
         setup: stand-ins written into the work copy first: ``data:<dir>`` (the tiny data set), ``hf:<dir>`` (a tiny
             HuggingFace ``ViTModel`` directory), ``timm:<file>`` (a tiny timm-layout ``.safetensors``),
             ``repo:<file>`` (a copy of a repository file), ``images:<dir>`` (two test images as ``<dir>/a.png``
-            and ``<dir>/b.png``), ``seed:`` (the named bundles copied again from their tiny trained seed and the
-            tiny data put back where they read it, replacing what earlier snippets made of them).
+            and ``<dir>/b.png``), ``deploy:<bundle>`` (the bundle's deployable copy under :data:`DEPLOY`, made by
+            ``monai-prompt package`` unless it exists; ``{bundle}``: the README's), ``seed:`` (the named bundles
+            copied again from their tiny trained seed and the tiny data put back where they read it, replacing
+            what earlier snippets made of them).
         prelude: Python run before a Python snippet (what the doc's text assumes exists).
         check: Python run after a Python snippet (what the doc's text says of the result).
         slow: mark the snippet ``slow``.
@@ -247,6 +251,9 @@ MAPPING: tuple[Rule, ...] = (
     Rule("bundles/*segmentation/*", r"--infer_images \"/data/new_scans/", setup=("scans:new_scans",),
          why="the tiny test images of the README's bundle (2D or 3D NIfTI), copied to new_scans/",
          subs=(("/data/new_scans/", "new_scans/"),)),
+    Rule("bundles/*segmentation/*", r"\$D/configs/", setup=("deploy:{bundle}",),
+         why=("the checks and export of the README's deployable copy, as its package command writes it (packaged "
+              "here when that command has not run); they run as written, without the tiny overrides")),
     # --- Python blocks
     Rule("docs/getting-started.md", r"PromptClassifier\(", setup=("hf:weights/vit-b16-in21k",),
          why="a tiny HuggingFace ViT at weights/vit-b16-in21k, in place of ViT-B/16 at 224",
@@ -456,8 +463,9 @@ def tiny_argv(prog: str, args: list[str], tiny: dict[str, dict[str, Any]]) -> li
     the current folder inside a bundle): each of the bundle's tiny overrides the command does not set is appended
     (``_meta_#...spatial_shape`` only for the two checks, which compare it with the network), a placeholder value
     (``...``, ``/path/to/...``) becomes the tiny one, and a ``run`` of ``train.json`` gets
-    ``--train#trainer#max_epochs 1``. ``monai-prompt export <bundle>``: the placeholder ``--pretrained`` and
-    ``--set key=value`` of the tiny network shape. Anything else is returned unchanged.
+    ``--train#trainer#max_epochs 1``; a command on a packaged copy (under :data:`DEPLOY`) runs as written.
+    ``monai-prompt export <bundle>``: the placeholder ``--pretrained`` and ``--set key=value`` of the tiny network
+    shape. Anything else is returned unchanged.
 
     Args:
         prog: ``monai.bundle`` (the module of ``python -m``) or ``monai-prompt``.
@@ -480,6 +488,8 @@ def tiny_argv(prog: str, args: list[str], tiny: dict[str, dict[str, Any]]) -> li
     for i, arg in enumerate(args[:-1]):
         if arg == "--config_file":
             configs = args[i + 1]
+    if configs.startswith(f"{DEPLOY}/"):  # a packaged copy holds its trained settings and metadata: run as it is
+        return args
     names = re.findall(r"([\w.-]+)/configs/[\w.]+\.json", configs) or [Path.cwd().name]
     overrides = dict(tiny.get(names[0], {}))
     if args[0] == "run":
@@ -909,6 +919,11 @@ def _setup(work: Path, items: tuple[str, ...], bundles: list[str], docs: dict) -
             for name in bundles:
                 for image in (docs["data_of"](name) / "images" / "test").iterdir():
                     shutil.copy(image, dest / image.name)
+        elif kind == "deploy":
+            from monai_prompt.tools import package_bundle
+
+            if not (work / DEPLOY / target).exists():
+                package_bundle(work / "bundles" / target, work / DEPLOY / target)
         elif kind == "seed":
             for name in bundles:
                 shutil.rmtree(work / "bundles" / name)
@@ -1003,7 +1018,8 @@ def test_snippet(snippet: Snippet, docs):
         return
     work = docs["work"](snippet.file)
     text = _mapped(snippet, docs["values"])
-    _setup(work, rule.setup if rule else (), _bundles_named(snippet, text), docs)
+    own = {"{bundle}": snippet.file.split("/")[1]} if snippet.file.startswith("bundles/") else {}
+    _setup(work, tuple(_fill(item, own) for item in rule.setup) if rule else (), _bundles_named(snippet, text), docs)
     if snippet.kind == "python":
         code = _fill((rule.prelude if rule else ""), docs["values"]) + text + (rule.check if rule else "")
         script_file = work / f"snippet_{snippet.line}.py"

@@ -29,8 +29,10 @@ from monai_prompt.data.segmentation import (
 )
 from monai_prompt.engine import latest_checkpoint
 from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice
+from monai_prompt.runs import root_cause
 from monai_prompt.runs.bundles import find_bundle
 from monai_prompt.runs.runner import read_metrics, run_bundle
+from monai_prompt.tools import package_bundle
 from segmentation_support import (
     SAM_FAMILY_BUNDLES,
     TINY_CLASSES,
@@ -310,6 +312,59 @@ def test_resume_continues_from_the_last_checkpoint(tiny_data, tmp_path):
     assert second["run"] == first["run"]  # the same run, continued
     assert set(second["model"]) == set(first["model"])  # the delta's tensors (prompts, decoder), trained on
     assert any(not torch.equal(first["model"][key], second["model"][key]) for key in first["model"])
+
+
+@pytest.mark.slow
+def test_pixdim_is_recorded_resampled_to_packaged_and_checked_on_resume(tiny_data, tmp_path):
+    """A 3D bundle trained with --pixdim and img_size chosen from the data (48, not the declared 96): the record keeps
+    both; evaluation and inference resample to the recorded spacing without being told; a resume with another
+    spacing is refused; the packaged copy states them in its configs and metadata, so the README's checks and export
+    run on it as it is."""
+    name, pixdim = "lora_3d_segmentation", [2.4, 2.0, 2.0]  # the tiny volumes are 1.2 x 1.0 x 2.0 mm
+    bundle, overrides = _copy(name, tiny_data["3d"], tiny_data["encoder3"], tmp_path)
+    overrides = {key: value for key, value in overrides.items() if key != "img_size" and not key.startswith("_meta_")}
+    run_bundle(bundle, ["train.json"], "train", quiet=True, pixdim=pixdim, **overrides,
+               **{"train#trainer#max_epochs": 1})
+    record = json.loads((bundle / "models" / "training_config.json").read_text())
+    assert record["pixdim"] == pixdim and record["img_size"] == 48
+    continued = ConfigParser()  # MONAI Label's training of the served bundle continues at the recorded spacing
+    continued.read_config(str(bundle / "configs" / "train.json"))
+    continued.update({"bundle_root": str(bundle), "continue_model": True})
+    assert continued.get_parsed_content("pixdim") == pixdim
+
+    image = sorted((tiny_data["3d"].parent / "images" / "test").iterdir())[0]
+    resampled = (19, 20, 34)  # 36 x 40 x 34 voxels of 1.2 x 1.0 x 2.0 mm at 2.4 x 2.0 x 2.0 mm, as Spacingd rounds
+    evaluation = run_bundle(bundle, ["train.json", "evaluate.json"], "infer", quiet=True, **overrides)
+    inference = run_bundle(bundle, ["inference.json"], "infer", quiet=True, infer_images=str(image), **overrides)
+    for workflow in (evaluation, inference):
+        assert workflow.parser.get_parsed_content("pixdim") == pixdim
+        assert workflow.parser.get_parsed_content("img_size") == 48
+        preprocessing = workflow.parser.get_parsed_content("preprocessing")
+        assert preprocessing({"image": str(image)})["image"].shape[1:] == resampled
+    mask = bundle / "eval" / "masks" / image.name.replace(".nii.gz", "_seg.nii.gz")
+    assert nib.load(mask).shape == nib.load(image).shape  # inverted to the input's grid
+
+    with pytest.raises(Exception) as info:
+        run_bundle(bundle, ["train.json"], "train", quiet=True, resume=True, pixdim=[1.2, 1.0, 2.0], **overrides,
+                   **{"train#trainer#max_epochs": 2})
+    assert "--pixdim [1.2, 1.0, 2.0] (recorded: [2.4, 2.0, 2.0])" in str(root_cause(info.value)[0])
+
+    deploy = tmp_path / "deploy" / name
+    package_bundle(bundle, deploy)
+    for config in ("train.json", "evaluate.json", "inference.json"):
+        assert json.loads((deploy / "configs" / config).read_text())["pixdim"] == pixdim, config
+    meta, infer = deploy / "configs" / "metadata.json", deploy / "configs" / "inference.json"
+    assert json.loads(meta.read_text())["network_data_format"]["inputs"]["image"]["spatial_shape"] == [48] * 3
+    verify_metadata(meta_file=str(meta), filepath=str(schema_file()))
+    verify_net_in_out(net_id="network_def", meta_file=str(meta), config_file=str(infer), bundle_root=str(deploy))
+    ts_file = deploy / "models" / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts_file), meta_file=str(meta), config_file=str(infer),
+                ckpt_file=str(deploy / "models" / "model.pt"), key_in_ckpt="model", bundle_root=str(deploy))
+    extra = {"metadata.json": ""}
+    torch.jit.load(str(ts_file), _extra_files=extra)
+    exported = json.loads(extra["metadata.json"])["network_data_format"]
+    assert exported["inputs"]["image"]["spatial_shape"] == [48] * 3
+    assert exported["outputs"]["pred"]["channel_def"] == {str(i): name for i, name in enumerate(TINY_CLASSES)}
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

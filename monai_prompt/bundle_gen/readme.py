@@ -48,7 +48,7 @@ class TaskText:
         resume: how an interrupted run continues.
         evaluate: what an evaluation writes.
         infer: what an inference writes, and its command's last line.
-        export: what ``ckpt_export`` loads the delta on, and any further export commands.
+        export: the check and export paragraph and commands (``{tools}``: those of the bundle itself).
         notes: the repository page with more notes.
     """
 
@@ -242,7 +242,7 @@ sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.""",
                " for\nother images):\n\n```bash\npython -m monai.bundle run --config_file "
                f"bundles/{spec.name}/configs/inference.json --pretrained ...\n```"),
         export=f"""\
-backbone):
+Check and export (TorchScript of the network with the delta loaded on the pre-trained backbone):
 
 ```bash
 {{tools}}
@@ -367,7 +367,9 @@ unused slices between the slabs so no two splits share a voxel. `initialize` che
 
 For other data set `class_names` (the datalist's `labels`; `num_classes` follows) and `channel_def` in
 `metadata.json` (MONAI Label reads the label names from it), `in_channels`, and `pixdim` to resample to a
-common spacing (default `None`: the data's own).""",
+common spacing (default `None`: the data's own; e.g. `--pixdim "[1.5,1.5,2.0]"`). Training records `pixdim` with
+the network's settings, so evaluation, inference and the packaged copy resample to the spacing the delta was
+trained at.""",
         training=f"""\
 - Network: `{spec.method}` on `backbone="vit_base"` (ViT-B/16), `img_size` the ROI ({dims}D): training takes
   whole training images, their largest side rounded up to a multiple of 16, at most {ROI_BUDGET[spec.spatial_dims]}
@@ -404,16 +406,56 @@ common spacing (default `None`: the data's own).""",
         resume="Resume an interrupted run from the newest `checkpoint_epoch=<N>.pt`:",
         evaluate=("`eval/metrics.csv`: `mean_dice`, `dice_<class>`, `mean_hd95`,\n`hd95_<class>`; per image in "
                   "`eval/mean_dice_raw.csv` and `eval/hd95_raw.csv`"),
-        infer=("Infer on images without labels (default: the test split; `--infer_images` takes a folder, a glob or a "
-               "list):\n\n```bash\npython -m monai.bundle run --config_file "
+        infer=("Infer on images without labels (default: the images in the folder "
+               f"`<dataset_dir>/{dims}d/images/test`,\n`input_dir`, where the demo data keeps its test images; no "
+               "datalist is read. `--infer_images` takes a folder,\na glob or a list):\n\n```bash\n"
+               "python -m monai.bundle run --config_file "
                f"bundles/{spec.name}/configs/inference.json --pretrained ... \\\n"
                "    --infer_images \"/data/new_scans/*.nii.gz\"\n```"),
-        export="encoder):\n\n```bash\n{tools}\n```",
+        export=f"""\
+Check and export the trained bundle's deployable copy, which `monai-prompt package` writes (see "Trained network
+and shipping"): its `metadata.json` states the trained input size and classes, which `verify_net_in_out` checks
+and `ckpt_export` stores in `model.ts` (TorchScript of the network with the delta loaded on the pre-trained
+encoder), and its configs hold the recorded settings, so no `--pretrained` is needed. The bundle's own
+`metadata.json` describes the network before any training ({_shape(spec)}, the demo's classes), which
+`verify_net_in_out` checks on a fresh bundle only.
+
+```bash
+{_checks(f"bundles/{spec.name}", f"deploy/{spec.name}")}
+```""",
         notes="`docs/segmentation.md` of the repository",
     )
 
 
 _TEXTS = {"classification": _classification_text, "segmentation": _segmentation_text}
+
+
+def _checks(bundle: str, deploy: str | None = None) -> str:
+    """The model-zoo checks and ``ckpt_export`` of ``bundle`` (``bundles/<name>``, with the ``--pretrained`` it was
+    trained with), or with ``deploy``, of the deployable copy that ``monai-prompt package`` writes there first: it
+    needs no ``--pretrained``, and ``--bundle_root`` points its configs at it (from the repository root,
+    :func:`monai_prompt.runs.bundle_root` would find ``bundles/<name>``)."""
+    schema = ('SCHEMA=$(python -c "from monai_prompt.bundle_gen.metadata import schema_file; print(schema_file())")'
+              "  # offline copy")
+    if deploy is None:
+        return f"""\
+{schema}
+python -m monai.bundle verify_metadata --meta_file {bundle}/configs/metadata.json --filepath $SCHEMA
+python -m monai.bundle verify_net_in_out network_def --meta_file {bundle}/configs/metadata.json \\
+    --config_file {bundle}/configs/inference.json --pretrained ...
+python -m monai.bundle ckpt_export network_def --filepath {bundle}/models/model.ts \\
+    --ckpt_file {bundle}/models/model.pt --meta_file {bundle}/configs/metadata.json \\
+    --config_file {bundle}/configs/inference.json --key_in_ckpt model --pretrained ..."""
+    return f"""\
+monai-prompt package {bundle} --out {deploy}
+D={deploy}
+{schema}
+python -m monai.bundle verify_metadata --meta_file $D/configs/metadata.json --filepath $SCHEMA
+python -m monai.bundle verify_net_in_out network_def --bundle_root $D --meta_file $D/configs/metadata.json \\
+    --config_file $D/configs/inference.json
+python -m monai.bundle ckpt_export network_def --bundle_root $D --filepath $D/models/model.ts \\
+    --ckpt_file $D/models/model.pt --meta_file $D/configs/metadata.json --config_file $D/configs/inference.json \\
+    --key_in_ckpt model"""
 
 
 # ----------------------------------------------------------------------------------------------------- the page
@@ -456,14 +498,7 @@ def readme(spec: BundleSpec, measured: dict | None = None) -> str:
     text = _TEXTS[spec.task](spec, measured)
     name = spec.name
     references = "\n".join(f"- {ref.citation}. {ref.url}" for ref in spec.references)
-    tools = f"""\
-SCHEMA=$(python -c "from monai_prompt.bundle_gen.metadata import schema_file; print(schema_file())")  # offline copy
-python -m monai.bundle verify_metadata --meta_file bundles/{name}/configs/metadata.json --filepath $SCHEMA
-python -m monai.bundle verify_net_in_out network_def --meta_file bundles/{name}/configs/metadata.json \\
-    --config_file bundles/{name}/configs/inference.json --pretrained ...
-python -m monai.bundle ckpt_export network_def --filepath bundles/{name}/models/model.ts \\
-    --ckpt_file bundles/{name}/models/model.pt --meta_file bundles/{name}/configs/metadata.json \\
-    --config_file bundles/{name}/configs/inference.json --key_in_ckpt model --pretrained ..."""
+    tools = _checks(f"bundles/{name}")
     return f"""\
 # {text.title}
 
@@ -535,7 +570,7 @@ python -m monai.bundle run \\
 
 {text.infer}
 
-Check and export (TorchScript of the network with the delta loaded on the pre-trained {text.export.format(tools=tools)}
+{text.export.format(tools=tools)}
 
 ## Trained network and shipping
 

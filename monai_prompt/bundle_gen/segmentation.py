@@ -65,13 +65,15 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
 
 
 def _network_settings(spec: BundleSpec, task: dict[str, Any] = _DATALIST_TASK) -> dict[str, Any]:
-    """The classes, input, decoder width, encoder and method: what the training record keeps for evaluation and
-    inference (``task``: the classes, :data:`_DATALIST_TASK` or :data:`_UNTRAINED_TASK`)."""
+    """The classes, input (its size and the spacing ``pixdim`` the images are resampled to, default ``None``: the
+    data's own), decoder width, encoder and method: what the training record keeps for evaluation, inference, the
+    packaged copy and a resume's check (``task``: the classes, :data:`_DATALIST_TASK` or :data:`_UNTRAINED_TASK`)."""
     return {
         **task,
         "in_channels": 1,
         "spatial_dims": spec.spatial_dims,
         "img_size": spec.img_size,
+        "pixdim": None,
         "feature_size": 16,
         **common.backbone_settings(spec),
     }
@@ -87,7 +89,6 @@ def _common(spec: BundleSpec) -> dict[str, Any]:
         **common.device_settings(),
         **_network_settings(spec),
         "roi_size": "$monai.utils.ensure_tuple_rep(@img_size, @spatial_dims)",
-        "pixdim": None,
         **common.SDPA_SETTING,
         "network_def": _network_def(spec),
         "network": "$@network_def.to(@device)",
@@ -207,6 +208,10 @@ def _continue_model(settings: dict[str, Any]) -> dict[str, Any]:
 _TRAINING_IMG_SIZE = ("$@training_config['img_size'] if @flags#continue_model else "
                       "monai_prompt.data.whole_image_roi(@datalist['training'], @spatial_dims)")
 
+#: training's ``pixdim`` (default ``None``: the data's own spacing); continuing the served model: its recorded
+#: spacing; a command-line ``--pixdim`` replaces the expression.
+_TRAINING_PIXDIM = "$@training_config['pixdim'] if @flags#continue_model else None"
+
 #: a training run that keeps the folder's previous run: ``--resume`` or ``continue_model`` (:func:`_continue_model`).
 _KEPT = "@flags#resume or @flags#continue_model"
 
@@ -229,7 +234,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
     """``configs/train.json``: training with sliding-window validation, best delta to ``models/model.pt``,
     resumable."""
     key_metric, additional_metrics = _metrics("val_")
-    settings = {**_common(spec), "img_size": _TRAINING_IMG_SIZE}
+    settings = {**_common(spec), "img_size": _TRAINING_IMG_SIZE, "pixdim": _TRAINING_PIXDIM}
     settings["network_def"] = {**settings["network_def"], **common.IN_BACKWARD_AUTOCAST}
     return common.with_flags({
         **settings,

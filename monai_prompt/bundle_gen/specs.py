@@ -338,6 +338,12 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
         "decoder start from scratch; not tuned",
         references=(_UNETR, *spec.references),
         changelog=(
+            ("0.1.7", ("the training record keeps pixdim: evaluation, inference, the packaged copy (MONAI Label) and "
+                       "continue_model resample to the spacing the delta was trained at, and a resume refuses "
+                       "another one (a record of an earlier version has no pixdim: add \"pixdim\": null, or the "
+                       "spacing it was trained at, to models/training_config.json); the README checks and exports "
+                       "the packaged copy, whose metadata.json states the trained input size and classes, and says "
+                       "where inference's default images come from")),
             ("0.1.6", _IN_BACKWARD_CHANGE),
             ("0.1.5", ("network_def is monai_prompt.nets.segmentation_network: the network follows the backbone's "
                        "family; in 2D --backbone lite_medsam (TinyViT, SwinUNETR-style decoder) and --backbone auto "
