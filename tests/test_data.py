@@ -264,7 +264,8 @@ def test_decathlon_json_and_round_trips(tmp_path):
 def test_check_reports_every_problem_with_paths(tmp_path, capsys):
     for k in range(4):
         write_png(tmp_path / f"good{k}.png")
-    write_png(tmp_path / "colour.png", channels=3)
+    write_png(tmp_path / "colour.png", channels=3)  # grey and RGB mix: the transforms repeat or average channels
+    write_nifti(tmp_path / "two.nii.gz", (20, 30, 1, 2))  # 2 channels: neither 1 nor 3 feeds a 2-channel network
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG but not really")
     write_series(tmp_path / "series")
     (tmp_path / "series" / "slice1.dcm").write_bytes(b"garbage")
@@ -276,13 +277,14 @@ def test_check_reports_every_problem_with_paths(tmp_path, capsys):
         ["good0.png", "", "test", "g9"],  # missing label; good0.png in two splits
         ["good1.png", "zebra", "test", "g1"],  # unknown class; good1.png and its group g1 in two splits
         ["good2.png", "7", "nonsense", "g10"],  # an unknown split: read into training, where good2.png is twice
+        ["two.nii.gz", "b", "train", "g11"],
     ]
     source = write_csv(tmp_path / "bad.csv", ["image", "label", "split", "group"], rows)
     with pytest.raises(DataCheckError) as caught:
         check_classification_datalist(source, classes=["a", "b"])
     problems = caught.value.problems
     expected = [
-        ("colour.png", "3 channel(s) where the other images have 1"),
+        ("two.nii.gz", "2 channel(s) where the other images have 1, and the transforms cannot bring both to one"),
         ("corrupt.png", "unreadable"),
         ("missing.png", "file not found"),
         ("series", "unreadable slices: slice1.dcm"),
