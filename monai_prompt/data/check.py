@@ -116,7 +116,7 @@ def check_classification_datalist(
         problems.append(f"{source}: no training images.")
     if problems:
         raise DataCheckError(problems, source)
-    notes = _size_notes(headers)
+    notes = _size_notes(headers) + _empty_class_notes(datalist)
     for note in notes:  # in a bundle's log too, where the summary is not printed
         logging.getLogger("monai_prompt").info(f"data check of {source}: {note}")
     return ClassificationSummary(
@@ -289,6 +289,22 @@ def _size_notes(headers: dict[str, ImageHeader], shown: int = 3) -> list[str]:
         f"{len(headers) - count} of {len(headers)} images differ in size from the other "
         f"{' x '.join(map(str, common))}: {', '.join(others[:shown])}{more}; the bundle resizes every image to "
         f"img_size (non-square ones are stretched)."
+    ]
+
+
+def _empty_class_notes(datalist: ClassificationDatalist) -> list[str]:
+    """A note naming the classes no labelled image has (index classes ``0..max`` with gaps, e.g. class folders
+    ``0 1 2 10``)."""
+    if datalist.multi_label:
+        return []
+    labels = {item.get("label") for split, item in datalist.all_items() if split in SPLITS}
+    empty = [name for index, name in enumerate(datalist.classes) if index not in labels]
+    if not empty:
+        return []
+    return [
+        f"classes {empty} have no images (class indices run 0..{len(datalist.classes) - 1} when every label or class "
+        f"folder name is an integer); the network still has an output for each (num_classes="
+        f"{len(datalist.classes)}); name the classes (--classes) to drop them."
     ]
 
 
