@@ -5,9 +5,10 @@
 ``train#deterministic_transforms`` and ``train#random_transforms``): load with MONAI's readers, channel first,
 match the network's layout (:class:`MatchInputd`), scale intensities to [0, 1], resize to the model size, make the
 image float32 and the label a tensor, then optionally augment. Two transforms are written here: :class:`MatchInputd`
-(MONAI has no transform that both drops the singleton depth ITK gives a 2D DICOM and converts between grey and
-colour channels, with an error that names the file) and :class:`RandLeftRightFlipd` (MONAI's ``RandFlipd`` flips a
-fixed array axis, which is the patient's left-right axis only in some orientations).
+(MONAI has no transform that drops the singleton axis of a 2D DICOM or NIfTI slice, reads PIL palette/CMYK/grey+alpha
+images as their colours and converts between grey and colour channels, with an error that names the file) and
+:class:`RandLeftRightFlipd` (MONAI's ``RandFlipd`` flips a fixed array axis, which is the patient's left-right axis
+only in some orientations).
 """
 
 from __future__ import annotations
