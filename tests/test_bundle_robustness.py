@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sklearn.metrics import confusion_matrix
 
 from bundle_support import CLASSES, REPO, copy_bundle, tiny_overrides, write_tiny_backbone
@@ -186,9 +185,9 @@ def _case_corrupt_dicom(tiny, tmp_path, bundle):
 
 
 def _case_channels(tiny, tmp_path, bundle):
-    """Images whose channels the network cannot take (grey + alpha into RGB)."""
-    Image.fromarray(np.zeros((32, 32, 2), dtype=np.uint8), mode="LA").save(tmp_path / "two_channels.png")
-    return ["inference.json"], "infer", {"infer_images": [str(tmp_path / "two_channels.png")]}
+    """Images whose channels the network cannot take (2 channels into RGB; a grey + alpha PNG is read as grey)."""
+    two_channels = write_nifti(tmp_path / "two_channels.nii.gz", np.zeros((32, 32, 1, 2)))
+    return ["inference.json"], "infer", {"infer_images": [str(two_channels)]}
 
 
 def _case_image_size(tiny, tmp_path, bundle):
@@ -273,7 +272,7 @@ BUNDLE_FAILURES = {
                       r"1 problem\(s\) in images of \['\S+slice\.dcm'\]:\n  - \S+slice\.dcm: "
                       r"(unreadable|pixel data unreadable) \("),
     "channels": (_case_channels, ValueError,
-                 r"\S+two_channels\.png: 2 channels cannot feed a 3-channel network; set in_channels=2\.$"),
+                 r"\S+two_channels\.nii\.gz: 2 channels cannot feed a 3-channel network; set in_channels=2\.$"),
     "image-size": (_case_image_size, DeltaMismatchError,
                    r"\S+models/model\.pt: backbone architecture differs: img_size: \[32, 32\] in the delta vs "
                    r"\[64, 64\] here\.$"),

@@ -264,7 +264,8 @@ def test_decathlon_json_and_round_trips(tmp_path):
 def test_check_reports_every_problem_with_paths(tmp_path, capsys):
     for k in range(4):
         write_png(tmp_path / f"good{k}.png")
-    write_png(tmp_path / "colour.png", channels=3)
+    write_png(tmp_path / "colour.png", channels=3)  # grey and RGB mix: the transforms repeat or average channels
+    write_nifti(tmp_path / "two.nii.gz", (20, 30, 1, 2))  # 2 channels: neither 1 nor 3 feeds a 2-channel network
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG but not really")
     write_series(tmp_path / "series")
     (tmp_path / "series" / "slice1.dcm").write_bytes(b"garbage")
@@ -276,13 +277,14 @@ def test_check_reports_every_problem_with_paths(tmp_path, capsys):
         ["good0.png", "", "test", "g9"],  # missing label; good0.png in two splits
         ["good1.png", "zebra", "test", "g1"],  # unknown class; good1.png and its group g1 in two splits
         ["good2.png", "7", "nonsense", "g10"],  # an unknown split: read into training, where good2.png is twice
+        ["two.nii.gz", "b", "train", "g11"],
     ]
     source = write_csv(tmp_path / "bad.csv", ["image", "label", "split", "group"], rows)
     with pytest.raises(DataCheckError) as caught:
         check_classification_datalist(source, classes=["a", "b"])
     problems = caught.value.problems
     expected = [
-        ("colour.png", "3 channel(s) where the other images have 1"),
+        ("two.nii.gz", "2 channel(s) where the other images have 1, and the transforms cannot bring both to one"),
         ("corrupt.png", "unreadable"),
         ("missing.png", "file not found"),
         ("series", "unreadable slices: slice1.dcm"),
@@ -438,3 +440,88 @@ def test_demo_data_is_deterministic_leak_free_and_correctly_labelled(tmp_path):
         patch = t1[x - 12 : x + 12, y - 12 : y + 12, z].ravel()
         png = np.asarray(load(item["image"])).ravel()[np.argsort(patch, kind="stable")]
         assert png.shape == patch.shape and np.all(np.diff(png) >= 0) and png[-1] > png[0], item
+
+
+# ---------------------------------------------------------------------------------------------- user-data pitfalls
+def test_folder_groups_a_patients_slices_into_one_split(tmp_path):
+    """``root/<class>/<patient>/<slice>.png``: the first sub-folder names the group (in any class), so a patient's
+    slices never land in two splits; ``group_by`` replaces it; a pattern that does not match is one problem."""
+    root = tmp_path / "tree"
+    for patient in range(10):
+        for k in range(4):
+            write_png(root / ("normal" if patient % 2 else "tumour") / f"pt{patient}" / f"slice{k}.png", size=(8, 8))
+    write_png(root / "normal" / "pt0" / "slice9.png", size=(8, 8))  # pt0 has slices of both classes
+    write_png(root / "normal" / "loose.png", size=(8, 8))  # directly in its class folder: a group of its own
+    datalist = datalist_from_folder(root, split={"val_fraction": 0.2, "test_fraction": 0.2})
+    split_of: dict[str, set[str]] = {}
+    for split, item in datalist.all_items():
+        if item["image"].endswith("loose.png"):
+            assert "group" not in item
+            continue
+        assert item["group"] == Path(item["image"]).parent.name
+        split_of.setdefault(item["group"], set()).add(split)
+    assert len(split_of) == 10 and all(len(splits) == 1 for splits in split_of.values()), split_of
+    assert all(datalist[split] for split in ("training", "validation", "test"))
+    check_classification_datalist(root, read_pixels=False)  # no group in two splits
+    by_slice = datalist_from_folder(root, split={"group_by": r"slice\d|loose"})
+    assert {item["group"] for _, item in by_slice.all_items()} == {"loose", *(f"slice{k}" for k in (0, 1, 2, 3, 9))}
+    with pytest.raises(DataCheckError) as caught:
+        datalist_from_folder(root, split={"group_by": r"pt\d"})
+    assert caught.value.problems == [
+        f"{root.absolute()}: group_by pattern 'pt\\\\d' does not match 1 of 42 image paths (it is tried on each path "
+        f"relative to {root.absolute()}, e.g. 'normal/loose.png'); fix the pattern."
+    ]
+    csv_path = write_csv(tmp_path / "list.csv", ["image", "label"], [["tree/normal/loose.png", "a"]] * 2)
+    with pytest.raises(DataCheckError, match=r"does not match 2 of 2 image paths \(it is tried on each path as the "
+                                             r"datalist file writes it, e\.g\. 'tree/normal/loose\.png', "):
+        datalist_from_csv(csv_path, split={"group_by": "pt"})
+    with pytest.raises(ValueError, match="group_by pattern 'pt' does not match the path '/d/x.png'; fix the pattern"):
+        split_items([{"image": "/d/x.png", "label": 0}], {"group_by": "pt"})
+
+
+def test_datalists_with_a_byte_order_mark_read(tmp_path):
+    """Excel's "CSV UTF-8" and some editors' JSON start with a UTF-8 BOM; non-UTF-8 or broken JSON names the file."""
+    for k in range(4):
+        write_png(tmp_path / f"bild_ä{k}.png", size=(8, 8))
+    rows = "".join(f"bild_ä{k}.png,{'ab'[k % 2]}\n" for k in range(4))
+    (tmp_path / "excel.csv").write_text("image,label\n" + rows, encoding="utf-8-sig")
+    datalist = datalist_from_csv(tmp_path / "excel.csv")
+    assert datalist.classes == ["a", "b"] and len(list(datalist.all_items())) == 4
+    content = {"training": [{"image": f"bild_ä{k}.png", "label": k % 2} for k in range(4)]}
+    (tmp_path / "bom.json").write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8-sig")
+    assert read_classification_datalist(tmp_path / "bom.json").splits == datalist.splits
+    again = read_classification_datalist(datalist.save_csv(tmp_path / "copy.csv"))  # written as UTF-8, read back
+    assert again.splits == datalist.splits and (tmp_path / "copy.csv").read_bytes().decode("utf-8")
+    (tmp_path / "broken.json").write_text('{"training": [', encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'broken.json'}: not valid JSON"):
+        read_classification_datalist(tmp_path / "broken.json")
+    (tmp_path / "latin1.csv").write_bytes("image,label\nbild_ä0.png,a\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'latin1.csv'}: not UTF-8 text"):
+        datalist_from_csv(tmp_path / "latin1.csv")
+
+
+def test_integer_class_folders_are_class_indices(tmp_path):
+    """Class folders 0 1 2 10 are classes 0..10 (as the same data as CSV index labels), not text-sorted 0 1 10 2;
+    integers written otherwise (01, 02, 10) are in numeric order; the check notes the classes without images."""
+    for name in ("0", "1", "2", "10"):
+        for k in range(2):
+            write_png(tmp_path / "plain" / name / f"{k}.png", size=(8, 8))
+    folder = datalist_from_folder(tmp_path / "plain", split={"val_fraction": 0.0, "test_fraction": 0.0})
+    assert folder.classes == [str(i) for i in range(11)]
+    assert {Path(i["image"]).parent.name: i["label"] for i in folder["training"]} == {"0": 0, "1": 1, "2": 2, "10": 10}
+    rows = [[str(Path(i["image"]).relative_to(tmp_path)), Path(i["image"]).parent.name] for i in folder["training"]]
+    table = datalist_from_csv(write_csv(tmp_path / "same.csv", ["image", "label"], rows),
+                              split={"val_fraction": 0.0, "test_fraction": 0.0})
+    assert (table.classes, table.splits) == (folder.classes, folder.splits)
+    summary = check_classification_datalist(tmp_path / "plain", read_pixels=False)
+    assert summary.notes == [
+        "classes ['3', '4', '5', '6', '7', '8', '9'] have no images (class indices run 0..10 when every label or "
+        "class folder name is an integer); the network still has an output for each (num_classes=11); name the "
+        "classes (--classes) to drop them."
+    ]
+    for name in ("01", "02", "10"):
+        write_png(tmp_path / "padded" / name / "0.png", size=(8, 8))
+    assert datalist_from_folder(tmp_path / "padded").classes == ["01", "02", "10"]
+    for name in ("2", "10", "low"):
+        write_png(tmp_path / "named" / name / "0.png", size=(8, 8))
+    assert datalist_from_folder(tmp_path / "named").classes == ["10", "2", "low"]

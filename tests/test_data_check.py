@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
 from io_support import write_datalist, write_nifti, write_png
-from monai_prompt.data import DataCheckError, check_classification_datalist, check_images, find_images
+from monai_prompt.data import (
+    DataCheckError,
+    MatchInputd,
+    check_classification_datalist,
+    check_images,
+    classification_transforms,
+    find_images,
+    left_right_axis,
+    read_header,
+)
 
 
 def test_data_check_decodes_pixels_and_reports_every_bad_file(tmp_path):
@@ -107,3 +118,84 @@ def test_images_of_another_dimensionality_size_or_listed_twice(tmp_path, caplog)
     assert summary.notes == [f"1 of 3 images differ in size from the other 16 x 16 x 8: {volumes[0]} (16 x 16); the "
                              f"bundle resizes every image to img_size (non-square ones are stretched)."]
     assert f"data check of {clean}: {note}" in caplog.text  # a bundle's log shows it too
+
+
+def test_grey_and_colour_images_mix_as_the_transforms_map_them(tmp_path):
+    """1 channel is repeated to any in_channels and RGB(A) averaged to 1: a grey + RGB set passes, training and
+    inference checks alike; a count the transforms cannot bring to ``channels`` is reported with the rule."""
+    rng = np.random.default_rng(0)
+    grey = [write_png(tmp_path / f"grey{i}.png", seed=i) for i in range(3)]
+    rgb = tmp_path / "rgb.png"
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(rgb)
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)).save(rgba)
+    datalist = write_datalist(tmp_path / "mixed.json", {"training": [(p, i % 2) for i, p in enumerate([*grey, rgb])]})
+    assert check_classification_datalist(datalist).channels == 1
+    assert check_classification_datalist(datalist, channels=3).channels == 3
+    assert set(check_images([*grey, rgb, rgba])) == {str(p) for p in [*grey, rgb, rgba]}
+    assert len(check_images([rgb, rgba, grey[0]], channels=3)) == 3
+    two = write_nifti(tmp_path / "two.nii.gz", rng.random((16, 16, 1, 2)))  # 2 channels: only in_channels=2 takes it
+    with pytest.raises(DataCheckError) as caught:
+        check_images([*grey, rgb, two], channels=3)
+    assert caught.value.problems == [
+        f"{two}: 2 channel(s) cannot feed the network's in_channels=3 (the transforms repeat 1 channel to any count, "
+        f"average 3 or 4 (RGB, RGBA) to 1 and cut 4 to 3); convert it, drop it, or set in_channels to what every "
+        f"image can feed."
+    ]
+    assert len(check_images([*grey, two])) == 4  # in_channels=2 takes both
+    with pytest.raises(DataCheckError, match=f"{two}: 2 channel\\(s\\) where the other images have 1, and the"):
+        check_images([*grey, rgb, two])
+
+
+def test_pil_modes_are_read_as_their_colours(tmp_path):
+    """A palette PNG, a CMYK JPEG and a grey+alpha PNG are read as PIL converts them (RGB, RGB, grey), for training
+    and inference alike; the headers count those channels; a palette label map keeps its indices."""
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(colours).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(colours).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    Image.fromarray(colours[..., :2], "LA").save(tmp_path / "grey_alpha.png")
+    expected_modes = {"palette.png": ("RGB", 3), "cmyk.jpg": ("RGB", 3), "grey_alpha.png": ("L", 1)}
+    chain = Compose(classification_transforms(img_size=(30, 20), spatial_dims=2, in_channels=3))
+    for name, (mode, channels) in expected_modes.items():
+        assert read_header(tmp_path / name).channels == channels, name
+        pixels = np.asarray(Image.open(tmp_path / name).convert(mode), np.float64)
+        pixels = pixels.T if pixels.ndim == 2 else pixels.transpose(2, 1, 0)  # MONAI: channel, column, row
+        pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min())
+        image = chain({"image": str(tmp_path / name)})["image"]
+        expected = torch.from_numpy(pixels).float().expand(3, 30, 20) if channels == 1 else torch.from_numpy(pixels)
+        assert torch.allclose(image.as_tensor(), expected.float(), atol=1e-5), name
+    paths = [tmp_path / name for name in expected_modes]
+    assert len(check_images(paths, channels=1)) == 3  # LA is 1 channel, not 2 (which would ask for in_channels=2)
+    label = {"label": str(tmp_path / "palette.png")}
+    label = Compose([LoadImaged("label", image_only=True), EnsureChannelFirstd("label")])(label)
+    kept = MatchInputd("label", spatial_dims=2, channels=1)(dict(label))["label"]
+    assert torch.equal(kept, label["label"]) and kept.shape == (1, 30, 20)  # indices (classes), not colours
+
+
+def test_slices_with_a_singleton_axis_anywhere_are_2d(tmp_path):
+    """Coronal and sagittal NIfTI slices (``X x 1 x Z``, ``1 x Y x Z``) are 2D as ``X x Y x 1`` is: the check and the
+    transforms squeeze the singleton axis, and the affine follows (a sagittal slice has no left-right axis)."""
+    volume = np.random.default_rng(0).random((16, 12, 10))
+    slices = {
+        "axial": write_nifti(tmp_path / "axial.nii.gz", volume[:, :, 4:5]),
+        "coronal": write_nifti(tmp_path / "coronal.nii.gz", volume[:, 4:5, :]),
+        "sagittal": write_nifti(tmp_path / "sagittal.nii.gz", volume[4:5, :, :]),
+    }
+    pngs = [write_png(tmp_path / f"img{i}.png", seed=i) for i in range(4)]
+    datalist = write_datalist(tmp_path / "slices.json",
+                              {"training": [(p, i % 2) for i, p in enumerate([*pngs, *slices.values()])]})
+    summary = check_classification_datalist(datalist)
+    assert summary.notes[0].startswith("3 of 7 images differ in size from the other 16 x 16: ")
+    assert f"{slices['coronal']} (16 x 10), {slices['sagittal']} (12 x 10)" in summary.notes[0]
+    load = Compose(classification_transforms(img_size=(16, 16), spatial_dims=2, in_channels=1))
+    native = {name: Compose(classification_transforms(img_size=size, spatial_dims=2, in_channels=1))
+              for name, size in (("axial", (16, 12)), ("coronal", (16, 10)), ("sagittal", (12, 10)))}
+    for name, path in slices.items():
+        image = native[name]({"image": str(path)})["image"]
+        plane = np.squeeze(volume[{"axial": np.s_[:, :, 4], "coronal": np.s_[:, 4, :], "sagittal": np.s_[4]}[name]])
+        plane = (plane - plane.min()) / (plane.max() - plane.min())
+        assert torch.allclose(image.as_tensor(), torch.from_numpy(plane[None]).float(), atol=1e-5), name
+        assert load({"image": str(path)})["image"].shape == (1, 16, 16)
+    axes = {name: left_right_axis(native[name]({"image": str(path)})["image"]) for name, path in slices.items()}
+    assert axes == {"axial": 0, "coronal": 0, "sagittal": None}

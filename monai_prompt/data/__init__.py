@@ -18,7 +18,7 @@ from monai_prompt.data.datalist import (
     read_classification_datalist,
 )
 from monai_prompt.data.demo import DEMO_CLASSES, build_demo_data
-from monai_prompt.data.headers import ImageHeader, read_header
+from monai_prompt.data.headers import PIL_CONVERSIONS, ImageHeader, channels_feed, read_header
 from monai_prompt.data.segmentation import (
     SegmentationDatalist,
     SegmentationSummary,
@@ -42,6 +42,7 @@ __all__ = [
     "DataCheckError",
     "Datalist",
     "ImageHeader",
+    "PIL_CONVERSIONS",
     "SegmentationDatalist",
     "SegmentationSummary",
     "SplitOptions",
@@ -49,6 +50,7 @@ __all__ = [
     "check_classification_datalist",
     "check_images",
     "check_segmentation_datalist",
+    "channels_feed",
     "datalist_from_csv",
     "datalist_from_folder",
     "datalist_from_json",

@@ -4,10 +4,11 @@
 :func:`check_classification_datalist` reads the datalist leniently, then every image's header (:func:`read_header`)
 and, unless ``read_pixels=False``, its pixels as training will read them (MONAI's ``LoadImage``), and collects:
 unreadable, truncated or missing files, images with NaN/Inf values, missing labels and labels outside the class list
-(or, without a class map, outside ``0..num_classes-1``), channel counts or spatial dimensions (2D/3D) that differ from
-the rest (or from ``channels``), images listed twice in one split or in two splits, and groups split across
-training/validation/test. It raises one :class:`DataCheckError` listing them all, or returns a
-:class:`ClassificationSummary`, whose notes name what the bundle changes (images of another size, resized).
+(or, without a class map, outside ``0..num_classes-1``), channel counts the transforms cannot bring to ``channels``
+(or, without it, to one count with the rest: grey and RGB images mix), spatial dimensions (2D/3D) that differ from
+the rest, images listed twice in one split or in two splits, and groups split across training/validation/test. It
+raises one :class:`DataCheckError` listing them all, or returns a :class:`ClassificationSummary`, whose notes name
+what the bundle changes (images of another size, resized) and classes without images.
 :func:`check_images` does the image part for a list of paths (inference inputs, which :func:`find_images` collects from
 folders, globs and lists). ``monai-prompt check-data <datalist>`` runs it from the command line.
 """
@@ -32,7 +33,7 @@ from monai_prompt.data.datalist import (
     Datalist,
     read_classification_datalist,
 )
-from monai_prompt.data.headers import ImageHeader, is_image_file, read_header
+from monai_prompt.data.headers import ImageHeader, channels_feed, is_image_file, read_header
 
 __all__ = [
     "ClassificationSummary",
@@ -53,7 +54,7 @@ class ClassificationSummary:
         multi_label: multi-hot labels.
         counts: images per split.
         class_counts: per labelled split, images per class (positives per class when multi-label).
-        channels: the channel count every image has.
+        channels: the network input channels every image can be brought to (``channels`` when given).
         formats: images per format (``pil``, ``nifti``, ``dicom``, ``dicom-series``, ``itk``).
         notes: what the bundle does with images that differ from the rest but train (another size: resized).
     """
@@ -91,7 +92,8 @@ def check_classification_datalist(
 
     Args:
         source: class-per-folder tree, CSV or decathlon JSON (see :func:`read_classification_datalist`).
-        channels: expected channels per image (default: the most common count).
+        channels: the network's ``in_channels``: each image must have a channel count the transforms bring to it
+            (the same, 1, or 3/4 for 1, 4 for 3); default: the most common count every image can be brought to.
         read_pixels: also decode every image with MONAI's ``LoadImage``, as training reads it (truncated or
             corrupt pixel data, NaN/Inf values); ``False`` reads headers only, for very large datasets.
         num_classes: the bundle's ``num_classes``: without a class map (class names inferred from index labels),
@@ -114,7 +116,7 @@ def check_classification_datalist(
         problems.append(f"{source}: no training images.")
     if problems:
         raise DataCheckError(problems, source)
-    notes = _size_notes(headers)
+    notes = _size_notes(headers) + _empty_class_notes(datalist)
     for note in notes:  # in a bundle's log too, where the summary is not printed
         logging.getLogger("monai_prompt").info(f"data check of {source}: {note}")
     return ClassificationSummary(
@@ -123,7 +125,7 @@ def check_classification_datalist(
         multi_label=datalist.multi_label,
         counts={split: len(items) for split, items in datalist.splits.items()},
         class_counts={split: _class_counts(datalist, split) for split in SPLITS if split in datalist.splits},
-        channels=channels or _most_common([header.channels for header in headers.values()]),
+        channels=_input_channels(headers, channels),
         formats=dict(Counter(header.format for header in headers.values())),
         notes=notes,
     )
@@ -166,7 +168,7 @@ def check_images(
 
     Args:
         paths: image files or DICOM series folders.
-        channels: expected channels per image (default: the most common count).
+        channels: the network's ``in_channels`` (see :func:`check_classification_datalist`).
         read_pixels: decode every image (see :func:`check_classification_datalist`).
         source: where ``paths`` were looked for (e.g. the folder or glob given to :func:`find_images`), named in
             the errors.
@@ -215,14 +217,9 @@ def _check_images(
         problem = _pixel_problem(path, load) if load is not None else None
         if problem:
             problems.append(f"{path}: {problem}")
-    expected = channels or _most_common([header.channels for header in headers.values()])
-    problems += [
-        f"{path}: {header.channels} channel(s) where the other images have {expected}; convert it or drop it."
-        for path, header in headers.items()
-        if header.channels != expected
-    ]
+    problems += _channel_problems(headers, channels)
     dims = _most_common([len(_spatial_shape(header)) for header in headers.values()])
-    problems += [  # X x Y x 1 is 2D among 2D images (the transforms squeeze it), 3D among 3D ones
+    problems += [  # X x Y x 1 (or 1 x Y x Z) is 2D among 2D images (the transforms squeeze it), 3D among 3D ones
         f"{path}: {len(_spatial_shape(header))}D image ({_size(header)}) where the other images are {dims}D; the "
         f"network takes one (spatial_dims), and this one would stop training: convert it or drop it."
         for path, header in headers.items()
@@ -231,13 +228,49 @@ def _check_images(
     return headers, problems
 
 
+def _input_channels(headers: dict[str, ImageHeader], channels: int | None = None) -> int:
+    """The network input channels the images are checked against: ``channels`` when given, else the most common
+    count that every image can be brought to (:func:`channels_feed`), else the most common count.
+
+    Args:
+        headers: image headers by path.
+        channels: the network's ``in_channels``, if known.
+    """
+    if channels:
+        return channels
+    counts = Counter(header.channels for header in headers.values())
+    candidates = sorted(counts, key=lambda count: (-counts[count], count))
+    fed_all = [c for c in candidates if all(channels_feed(found, c) for found in counts)]
+    return (fed_all or candidates or [0])[0]
+
+
+def _channel_problems(headers: dict[str, ImageHeader], channels: int | None) -> list[str]:
+    """One problem per image whose channels the transforms cannot bring to ``channels`` (when given) or to the
+    count the others share (:func:`_input_channels`)."""
+    expected = _input_channels(headers, channels)
+    rule = "the transforms repeat 1 channel to any count, average 3 or 4 (RGB, RGBA) to 1 and cut 4 to 3"
+    if channels:
+        return [
+            f"{path}: {header.channels} channel(s) cannot feed the network's in_channels={channels} ({rule}); "
+            f"convert it, drop it, or set in_channels to what every image can feed."
+            for path, header in headers.items()
+            if not channels_feed(header.channels, channels)
+        ]
+    return [
+        f"{path}: {header.channels} channel(s) where the other images have {expected}, and the transforms cannot "
+        f"bring both to one in_channels ({rule}); convert it or drop it."
+        for path, header in headers.items()
+        if not channels_feed(header.channels, expected)
+    ]
+
+
 def _spatial_shape(header: ImageHeader) -> tuple[int, ...]:
-    """The header's spatial shape without trailing singleton dims (ITK's 2D DICOM, a NIfTI slice ``X x Y x 1``),
-    as the transforms squeeze it."""
-    shape = tuple(header.spatial_shape)
-    while len(shape) > 2 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
+    """The header's spatial shape without singleton dims, the last first, while it has more than 2 (ITK's 2D DICOM, a
+    NIfTI slice ``X x Y x 1``, ``1 x Y x Z`` or ``X x 1 x Z``), as the transforms squeeze it for a 2D network."""
+    shape = list(header.spatial_shape)
+    while len(shape) > 2 and 1 in shape:
+        del shape[len(shape) - 1 - shape[::-1].index(1)]
+    return tuple(shape)
 
 
 def _size(header: ImageHeader) -> str:
@@ -256,6 +289,22 @@ def _size_notes(headers: dict[str, ImageHeader], shown: int = 3) -> list[str]:
         f"{len(headers) - count} of {len(headers)} images differ in size from the other "
         f"{' x '.join(map(str, common))}: {', '.join(others[:shown])}{more}; the bundle resizes every image to "
         f"img_size (non-square ones are stretched)."
+    ]
+
+
+def _empty_class_notes(datalist: ClassificationDatalist) -> list[str]:
+    """A note naming the classes no labelled image has (index classes ``0..max`` with gaps, e.g. class folders
+    ``0 1 2 10``)."""
+    if datalist.multi_label:
+        return []
+    labels = {item.get("label") for split, item in datalist.all_items() if split in SPLITS}
+    empty = [name for index, name in enumerate(datalist.classes) if index not in labels]
+    if not empty:
+        return []
+    return [
+        f"classes {empty} have no images (class indices run 0..{len(datalist.classes) - 1} when every label or class "
+        f"folder name is an integer); the network still has an output for each (num_classes="
+        f"{len(datalist.classes)}); name the classes (--classes) to drop them."
     ]
 
 

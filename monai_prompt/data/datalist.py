@@ -132,7 +132,7 @@ class ClassificationDatalist(Datalist):
         """Write a decathlon JSON file (paths relative to its folder); read it back with :func:`datalist_from_json`."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_decathlon(path.parent, **metadata), indent=1) + "\n")
+        path.write_text(json.dumps(self.to_decathlon(path.parent, **metadata), indent=1) + "\n", encoding="utf-8")
         return path
 
     def save_csv(self, path: str | os.PathLike) -> Path:
@@ -141,7 +141,7 @@ class ClassificationDatalist(Datalist):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         label_columns = self.classes if self.multi_label else ["label"]
-        with open(path, "w", newline="") as f:
+        with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["image", *label_columns, "split", "group"])
             for split, item in self.all_items():
@@ -202,9 +202,15 @@ def datalist_from_folder(
     """Datalist from ``root/<class>/**/<image>``, or ``root/<split>/<class>/**/<image>`` with split folders
     named ``train``/``val``/``test`` (or ``training``/``validation``/``testing``).
 
+    An image in a sub-folder of its class folder (``root/<class>/<patient>/<slice>.png``) belongs to the group named
+    by that first sub-folder (``<patient>``; in any class and split), unless ``split`` has a ``group_by``: the images
+    of a group land in one split, and the data check reports a group found in two.
+
     Args:
         root: the tree's root folder.
-        classes: class order (default: sorted class folder names); images of a folder not listed are problems.
+        classes: class order (default: the class folder names, numerically ``0..max`` when every name is an integer
+            ``0``, ``1``, ... (as index labels of a CSV), in numeric order when every name is an integer with leading
+            zeros or a sign, else sorted); images of a folder not listed are problems.
         dicom_series: each folder that directly holds DICOM files is one (3D) image, instead of each file.
         split: how the splits without a folder are carved out of training (:class:`SplitOptions` or a dict of its
             fields; default 10% validation, 10% test, seed 0); its ``group_by`` sees paths relative to ``root``.
@@ -223,17 +229,20 @@ def datalist_from_folder(
     records, problems, found = [], [], []
     for split_name, tree in trees:
         if split_name == UNLABELED:
-            class_images = [(None, _folder_images(tree, dicom_series))]
+            class_images = [(None, tree, _folder_images(tree, dicom_series))]
         else:
-            class_images = [(folder.name, _folder_images(folder, dicom_series)) for folder in _subfolders(tree)]
-        for label, images in class_images:
+            class_images = [(f.name, f, _folder_images(f, dicom_series)) for f in _subfolders(tree)]
+        for label, folder, images in class_images:
             if label is not None:
                 found.append(label)
                 if not images:
-                    problems.append(f"{tree / label}: class folder holds no images.")
-            records += [_Record(str(image), str(image.relative_to(root)), label, split_name) for image in images]
-    classes = list(classes) if classes is not None else sorted(set(found))
-    return _assemble(records, classes, False, options, problems, strict, root)
+                    problems.append(f"{folder}: class folder holds no images.")
+            for image in images:
+                parts = image.relative_to(folder).parts
+                group = parts[0] if len(parts) > 1 and options.group_by is None else None
+                records.append(_Record(str(image), str(image.relative_to(root)), label, split_name, group))
+    classes = list(classes) if classes is not None else _folder_classes(found)
+    return _assemble(records, classes, False, options, problems, strict, root, f"relative to {root}")
 
 
 def datalist_from_csv(
@@ -267,9 +276,12 @@ def datalist_from_csv(
     multi_label = len(label_columns) > 1
     if multi_label and classes is not None:
         raise ValueError(f"classes={list(classes)} given with several label_columns; the columns are the classes.")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows, columns = list(reader), reader.fieldnames or []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
+            reader = csv.DictReader(f)
+            rows, columns = list(reader), reader.fieldnames or []
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err}); save it as UTF-8 (Excel: \"CSV UTF-8\").") from None
     missing = [c for c in (image_column, *label_columns) if c not in columns]
     if missing:
         raise ValueError(
@@ -316,7 +328,12 @@ def datalist_from_json(
     """
     options = SplitOptions.of(split)
     path = Path(path)
-    content = json.loads(Path(path).read_text())
+    try:
+        content = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM (Windows editors) is skipped
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err}); save the datalist as UTF-8.") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); fix the file (a decathlon datalist).") from None
     if not isinstance(content, dict) or not any(key in content for key in (*SPLITS, UNLABELED)):
         raise ValueError(f"{path} is not a decathlon datalist: it needs a 'training' (or other split) list.")
     base = Path(base_dir if base_dir is not None else path.parent).absolute()
@@ -338,6 +355,27 @@ def datalist_from_json(
         classes = [name for _, name in sorted(content["labels"].items(), key=lambda kv: int(kv[0]))]
     multi_label = any(isinstance(r.label, list) for r in records if r.split != UNLABELED and r.labelled)
     return _assemble(records, classes, multi_label, options, problems, strict, path)
+
+
+def _folder_classes(names: list[str]) -> list[str]:
+    """Class names from class folder names: ``0..max`` when every name is an integer written plainly (as index labels
+    give them: an index never changes meaning), numeric order when every name is an integer otherwise written
+    (``01``, ``-1``), else sorted."""
+    names = sorted(set(names))
+    numbers = [_as_integer(name) for name in names]
+    if not names or any(number is None for number in numbers):
+        return names
+    if all(number >= 0 and str(number) == name for name, number in zip(names, numbers)):
+        return [str(i) for i in range(max(numbers) + 1)]
+    return [name for _, name in sorted(zip(numbers, names))]
+
+
+def _as_integer(name: str) -> int | None:
+    """``name`` as an int if it spells one (``3``, ``03``, ``-3``), else None."""
+    try:
+        return int(name)
+    except ValueError:
+        return None
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -423,17 +461,27 @@ def _assemble(
     problems: list[str],
     strict: bool,
     source: str | os.PathLike,
+    names_are: str = "as the datalist file writes it",
 ) -> ClassificationDatalist:
-    """Encode labels and groups, carve the splits the source lacks out of training, raise or keep the problems."""
+    """Encode labels and groups, carve the splits the source lacks out of training, raise or keep the problems
+    (``names_are``: how the paths ``group_by`` is tried on are written, for its error)."""
     labelled = [r for r in records if r.split != UNLABELED and r.labelled]
     classes = list(classes) if classes is not None else _infer_classes([r.label for r in labelled], multi_label)
     splits: dict[str, list[dict[str, Any]]] = {split: [] for split in (*SPLITS, UNLABELED)}
+    unmatched = []
     for record in records:
         if record.group is None:
             try:
                 record.group = options.group_of(record.name)
-            except ValueError as err:
-                problems.append(record.problem(str(err)))
+            except ValueError:
+                unmatched.append(record.name)
+    if unmatched:
+        examples = ", ".join(repr(name) for name in unmatched[:3]) + (" ..." if len(unmatched) > 3 else "")
+        problems.append(
+            f"{source}: group_by pattern {options.group_by!r} does not match {len(unmatched)} of {len(records)} image "
+            f"paths (it is tried on each path {names_are}, e.g. {examples}); fix the pattern."
+        )
+    for record in records:
         item: dict[str, Any] = {"image": record.image}
         if record.split != UNLABELED and record.labelled:
             try:

@@ -4,8 +4,10 @@ The training pipeline reads images with MONAI's ``LoadImage`` (ITK, pydicom, nib
 a whole dataset that way decodes every pixel, so :func:`read_header` reads only what each format keeps in its
 header, with the libraries those readers use: PIL for PNG/JPEG/TIFF/BMP, nibabel for NIfTI, pydicom for DICOM
 files and series folders, ITK ``ImageIO`` for anything else ITK knows (MetaImage, NRRD, ...). The channel
-count follows MONAI's reading of the same file (a NIfTI's 4th/5th dimensions are channels; a DICOM's
-``SamplesPerPixel``; a PIL image's bands).
+count follows the transforms' reading of the same file (a NIfTI's 4th/5th dimensions are channels; a DICOM's
+``SamplesPerPixel``; a PIL image's bands once :data:`PIL_CONVERSIONS` converted its mode, as
+:class:`~monai_prompt.data.MatchInputd` does). :func:`channels_feed` is the rule by which the transforms bring an
+image's channels to the network's ``in_channels``; the data check applies the same rule.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["IMAGE_SUFFIXES", "ImageHeader", "image_suffix", "is_dicom_file", "is_image_file", "read_header"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "PIL_CONVERSIONS",
+    "ImageHeader",
+    "channels_feed",
+    "image_suffix",
+    "is_dicom_file",
+    "is_image_file",
+    "read_header",
+]
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -23,6 +34,20 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 #: file suffixes taken as images when a folder is listed (extension-less DICOM files are found by their magic).
 IMAGE_SUFFIXES = PIL_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES + ITK_SUFFIXES
+#: PIL modes whose bands MONAI's PIL reader would hand over as other pixels than the image shows (a palette PNG's
+#: indices, a CMYK JPEG's ink bands taken as RGBA, a grey+alpha PNG's alpha as a second channel), and the mode
+#: :class:`~monai_prompt.data.MatchInputd` converts each to (with PIL's ``Image.convert``) for training and inference.
+PIL_CONVERSIONS = {
+    "P": "RGB",
+    "PA": "RGBA",
+    "LA": "L",
+    "CMYK": "RGB",
+    "YCbCr": "RGB",
+    "LAB": "RGB",
+    "HSV": "RGB",
+    "RGBX": "RGB",
+    "RGBa": "RGBA",
+}
 
 
 @dataclass(frozen=True)
@@ -31,7 +56,8 @@ class ImageHeader:
 
     Attributes:
         format: ``pil``, ``nifti``, ``dicom``, ``dicom-series`` or ``itk``.
-        channels: channels MONAI's ``EnsureChannelFirst`` will produce.
+        channels: channels MONAI's ``EnsureChannelFirst`` will produce (PIL images: after their mode is converted
+            by :data:`PIL_CONVERSIONS`).
         spatial_shape: spatial size (a single-frame DICOM counts as 2D).
     """
 
@@ -44,6 +70,18 @@ def image_suffix(path: str | os.PathLike) -> str:
     """Lower-case suffix of ``path``, with ``.nii.gz`` kept whole."""
     name = Path(path).name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def channels_feed(found: int, channels: int) -> bool:
+    """Whether the transforms (:func:`~monai_prompt.data.match_input`) bring an image of ``found`` channels to a
+    ``channels``-channel network: the same count, one channel repeated, three or four (RGB, RGBA) averaged to one
+    (alpha dropped), or four cut to three (alpha dropped).
+
+    Args:
+        found: the image's channels.
+        channels: the network's ``in_channels``.
+    """
+    return found == channels or found == 1 or (found in (3, 4) and channels == 1) or (found == 4 and channels == 3)
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
@@ -94,7 +132,8 @@ def _pil_header(path: Path) -> ImageHeader:
     from PIL import Image
 
     with Image.open(path) as image:
-        return ImageHeader("pil", len(image.getbands()), tuple(image.size))
+        bands = Image.getmodebands(PIL_CONVERSIONS.get(image.mode, image.mode))
+        return ImageHeader("pil", bands, tuple(image.size))
 
 
 def _nifti_header(path: Path) -> ImageHeader:

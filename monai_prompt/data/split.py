@@ -95,7 +95,7 @@ class SplitOptions:
             return str(self.group_by(path))
         match = re.search(self.group_by, path)
         if match is None:
-            raise ValueError(f"group_by pattern {self.group_by!r} does not match the path; fix the pattern.")
+            raise ValueError(f"group_by pattern {self.group_by!r} does not match the path {path!r}; fix the pattern.")
         return match.group(1) if match.groups() else match.group(0)
 
 

@@ -5,9 +5,10 @@
 ``train#deterministic_transforms`` and ``train#random_transforms``): load with MONAI's readers, channel first,
 match the network's layout (:class:`MatchInputd`), scale intensities to [0, 1], resize to the model size, make the
 image float32 and the label a tensor, then optionally augment. Two transforms are written here: :class:`MatchInputd`
-(MONAI has no transform that both drops the singleton depth ITK gives a 2D DICOM and converts between grey and
-colour channels, with an error that names the file) and :class:`RandLeftRightFlipd` (MONAI's ``RandFlipd`` flips a
-fixed array axis, which is the patient's left-right axis only in some orientations).
+(MONAI has no transform that drops the singleton axis of a 2D DICOM or NIfTI slice, reads PIL palette/CMYK/grey+alpha
+images as their colours and converts between grey and colour channels, with an error that names the file) and
+:class:`RandLeftRightFlipd` (MONAI's ``RandFlipd`` flips a fixed array axis, which is the patient's left-right axis
+only in some orientations).
 """
 
 from __future__ import annotations
@@ -38,28 +39,37 @@ from monai.transforms import (
 )
 from monai.utils import MetaKeys, TraceKeys, convert_to_tensor, ensure_tuple_rep
 
+from monai_prompt.data.headers import PIL_CONVERSIONS, channels_feed
+
 __all__ = ["MatchInputd", "RandLeftRightFlipd", "classification_transforms", "left_right_axis", "match_input"]
 
 
-def match_input(image: torch.Tensor, spatial_dims: int, channels: int) -> torch.Tensor:
+def match_input(image: torch.Tensor, spatial_dims: int, channels: int, convert_modes: bool = True) -> torch.Tensor:
     """Bring a channel-first image to ``channels`` channels and ``spatial_dims`` spatial dimensions.
 
-    Trailing singleton spatial dimensions are dropped (ITK reads a 2D DICOM as ``[C, W, H, 1]``); the metadata
-    that readers record in different shapes is brought to one (``spatial_shape`` and ``spacing`` per spatial dim,
-    4 x 4 affines), so that a DICOM or MetaImage batches with PNGs; one channel is repeated to ``channels``; three
-    or four colour channels are averaged to one (alpha dropped) or cut to three.
+    With ``convert_modes``, an image MONAI's PIL reader read in a mode of :data:`PIL_CONVERSIONS` (a palette PNG, whose
+    indices it reads; a CMYK JPEG; grey+alpha) is read again as PIL converts it (RGB, RGBA or grey). Singleton spatial
+    dimensions are dropped while there are more than ``spatial_dims``, the last first (ITK reads a 2D DICOM as
+    ``[C, W, H, 1]``; a coronal or sagittal NIfTI slice is ``1 x Y x Z`` or ``X x 1 x Z``; the affine's columns follow
+    the axes). The metadata that readers record in different shapes is brought to one (``spatial_shape`` and
+    ``spacing`` per spatial dim, 4 x 4 affines), so that a DICOM or MetaImage batches with PNGs. One channel is repeated
+    to ``channels``; three or four colour channels are averaged to one (alpha dropped) or cut to three
+    (:func:`channels_feed`).
 
     Args:
         image: ``[C, *spatial]`` image (a MONAI ``MetaTensor`` keeps its metadata).
         spatial_dims: 2 or 3.
         channels: the network's input channels.
+        convert_modes: convert the PIL modes above (``False`` for a label map: a palette PNG's indices are its
+            classes).
 
     Raises:
         ValueError: naming the file when the image has other dimensions or channels the rules above cannot map.
     """
     name = getattr(image, "meta", {}).get("filename_or_obj", "image")
-    while image.ndim - 1 > spatial_dims and image.shape[-1] == 1:
-        image = SqueezeDim(dim=-1, update_meta=False)(image)  # keep the 4 x 4 affine other 2D readers give
+    if convert_modes and isinstance(image, MetaTensor) and image.meta.get("mode") in PIL_CONVERSIONS:
+        image = _convert_mode(image)
+    image = _squeeze_singletons(image, spatial_dims)
     if isinstance(image, MetaTensor):
         image.meta = _uniform_meta(image.meta, image.ndim - 1)
     if image.ndim - 1 != spatial_dims:
@@ -68,15 +78,70 @@ def match_input(image: torch.Tensor, spatial_dims: int, channels: int) -> torch.
             f"{spatial_dims}D; set spatial_dims={image.ndim - 1} or give {spatial_dims}D images."
         )
     found = image.shape[0]
+    if not channels_feed(found, channels):
+        raise ValueError(
+            f"{name}: {found} channels cannot feed a {channels}-channel network; set in_channels={found}."
+        )
     if found == channels:
         return image
     if found == 1:
         return image.repeat(channels, *[1] * spatial_dims)
-    if found in (3, 4) and channels == 1:
+    if channels == 1:
         return image[:3].mean(dim=0, keepdim=True)
-    if found == 4 and channels == 3:
-        return image[:3]
-    raise ValueError(f"{name}: {found} channels cannot feed a {channels}-channel network; set in_channels={found}.")
+    return image[:3]
+
+
+def _convert_mode(image: MetaTensor) -> MetaTensor:
+    """``image``, read by MONAI's PIL reader in a mode of :data:`PIL_CONVERSIONS`, read again from its file as PIL
+    converts it, in the reader's layout (``[C, W, H]``) and dtype, with its metadata."""
+    from PIL import Image
+
+    mode, path = image.meta["mode"], image.meta.get("filename_or_obj")
+    target = PIL_CONVERSIONS[mode]
+    try:
+        with Image.open(path) as pil:
+            array = np.asarray(pil.convert(target))
+    except (OSError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{path}: a PIL {mode!r} image, which is read as {target} from its file, could not be read again "
+            f"({type(err).__name__}: {err}); convert it to {target} (PIL: Image.open(f).convert({target!r}))."
+        ) from None
+    array = np.moveaxis(array, 0, 1)  # MONAI's PIL reader: columns first
+    array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+    if array.shape[1:] != tuple(image.shape[1:]):
+        raise ValueError(
+            f"{path}: a PIL {mode!r} image of shape {tuple(image.shape)} (channel first) where its file gives "
+            f"{array.shape[1:]}; convert modes (MatchInputd) before any transform that changes the shape."
+        )
+    converted = MetaTensor(torch.as_tensor(np.array(array), dtype=image.dtype), meta={**image.meta, "mode": target})
+    converted.applied_operations = image.applied_operations
+    return converted
+
+
+def _squeeze_singletons(image: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """``image`` without singleton spatial dims, the last first, while it has more than ``spatial_dims``; a
+    MetaTensor's affine keeps its 4 x 4 shape, the column of a dropped axis moved last."""
+    while image.ndim - 1 > spatial_dims:
+        singletons = [axis for axis in range(1, image.ndim) if image.shape[axis] == 1]
+        if not singletons:
+            break
+        axis = singletons[-1]
+        if axis != image.ndim - 1:  # move it last, with its affine column and spatial_shape entry
+            order = [0, *[a for a in range(1, image.ndim) if a != axis], axis]
+            moved = image.permute(order)
+            if isinstance(image, MetaTensor):
+                spatial = [a - 1 for a in order[1:]]
+                meta = dict(image.meta)
+                affine = image.affine.clone()
+                if affine.ndim == 2 and affine.shape[1] > len(spatial):
+                    affine[:, : len(spatial)] = affine[:, spatial]
+                    meta[MetaKeys.AFFINE] = affine
+                if np.ndim(meta.get("spatial_shape")) == 1 and len(meta["spatial_shape"]) == len(spatial):
+                    meta["spatial_shape"] = np.asarray(meta["spatial_shape"])[spatial]
+                moved = MetaTensor(moved.as_tensor(), meta=meta, applied_operations=image.applied_operations)
+            image = moved
+        image = SqueezeDim(dim=-1, update_meta=False)(image)  # keep the 4 x 4 affine other 2D readers give
+    return image
 
 
 def _uniform_meta(meta: Mapping[str, Any], spatial_dims: int) -> dict[str, Any]:
@@ -102,17 +167,28 @@ class MatchInputd(MapTransform):
         spatial_dims: the network's spatial dims.
         channels: the network's input channels.
         allow_missing_keys: skip absent keys.
+        convert_modes: convert PIL palette/CMYK/grey+alpha images (:func:`match_input`); ``None``: for every key but
+            ``label`` (a palette PNG label map holds class indices).
     """
 
-    def __init__(self, keys: KeysCollection, spatial_dims: int, channels: int, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_dims: int,
+        channels: int,
+        allow_missing_keys: bool = False,
+        convert_modes: bool | None = None,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.spatial_dims = spatial_dims
         self.channels = channels
+        self.convert_modes = convert_modes
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = match_input(d[key], self.spatial_dims, self.channels)
+            convert = key != "label" if self.convert_modes is None else self.convert_modes
+            d[key] = match_input(d[key], self.spatial_dims, self.channels, convert_modes=convert)
         return d
 
 
