@@ -163,6 +163,25 @@ def test_every_boolean_setting_reads_the_command_line_spellings(name):
                     assert parser.get_parsed_content(use)[key] is (value == "true"), (files, use, value)
 
 
+@pytest.mark.parametrize("name", ["lora_classification", "fptplus_classification", "lora_3d_segmentation"])
+def test_a_validation_interval_longer_than_the_run_is_refused_first(name):
+    """``--val_interval 3`` with 2 epochs would end without ``models/model.pt``; ``initialize`` refuses it before the
+    run folder is touched (``--val_interval 2`` passes), the values as the command line gives them."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / name / "configs" / "train.json"))
+    steps = parser["initialize"]
+    step = next(i for i, text in enumerate(steps) if "check_validation_interval" in text)
+    assert step < next(i for i, text in enumerate(steps) if "claim_run_folder" in text)
+    parser["train#trainer#max_epochs"] = 2
+    parser["val_interval"] = 2
+    parser.get_parsed_content(f"initialize#{step}")
+    parser["val_interval"] = 3
+    with pytest.raises(RuntimeError) as caught:  # MONAI wraps the error
+        parser.get_parsed_content(f"initialize#{step}")
+    assert re.search(r"--val_interval 3 with --train#trainer#max_epochs 2: .* would never write one",
+                     str(caught.value.__cause__))
+
+
 @pytest.mark.parametrize("name", ["fpt_classification", "fptplus_classification"])
 def test_fpt_side_input_follows_img_size_and_a_larger_one_is_refused(name):
     """``--img_size 32`` gives the side network the papers' side size at 512 scaled to 32 px (one 8 px patch for

@@ -10,7 +10,14 @@ from types import SimpleNamespace
 import pytest
 
 from monai_prompt.data.datalist import ClassificationDatalist
-from monai_prompt.runs import bundle_root, check_task, find_datalist, flag, flag_entries
+from monai_prompt.runs import (
+    bundle_root,
+    check_task,
+    check_validation_interval,
+    find_datalist,
+    flag,
+    flag_entries,
+)
 
 
 def test_check_task_names_the_fix():
@@ -92,3 +99,12 @@ def test_bundle_root_from_the_repository_or_inside_the_bundle(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path / "bundles" / "x_classification")
     (tmp_path / "bundles" / "x_classification" / "configs" / "metadata.json").write_text("{}")
     assert bundle_root("x_classification") == "."
+
+
+def test_a_validation_interval_longer_than_the_run_is_refused():
+    check_validation_interval(1, 1)
+    check_validation_interval("5", "10")  # as the command line may pass them
+    for interval, epochs in ((2, 1), (0, 3)):
+        with pytest.raises(ValueError, match=rf"--val_interval {interval} with --train#trainer#max_epochs {epochs}: "
+                           r"training validates every val_interval epochs to choose models/model\.pt"):
+            check_validation_interval(interval, epochs)

@@ -136,7 +136,8 @@ def training_record(spec: BundleSpec, settings: dict[str, Any]) -> dict[str, Any
 
 def initialize(checks: Sequence[str], train: bool = True, kept: str = "@flags#resume") -> list[str]:
     """``initialize`` of a training or evaluation: errors shown last; training: ``distributed_setup`` (empty;
-    ``multi_gpu_train.json`` fills it with the process group), the checkpoint folder locked (a previous run is only
+    ``multi_gpu_train.json`` fills it with the process group; before it, a ``val_interval`` longer than the run is
+    refused), the checkpoint folder locked (a previous run is only
     replaced with ``--overwrite true``, crash leftovers removed); the seed; ``checks`` (the
     task's data checks); training: a resume's settings against its record, the network built (weights loaded), a
     previous run that ``--overwrite true`` replaces set aside (deleted after the first checkpoint, see
@@ -157,6 +158,7 @@ def initialize(checks: Sequence[str], train: bool = True, kept: str = "@flags#re
     return [
         SHOW_CAUSE_LAST,
         FLAGS,
+        "$monai_prompt.runs.check_validation_interval(@val_interval, @train#trainer#max_epochs)",
         "@distributed_setup",
         f"$monai_prompt.runs.claim_run_folder(@ckpt_dir, resume={kept}, overwrite=@flags#overwrite)",
         _SEED,
@@ -284,6 +286,11 @@ def delta_loader() -> dict[str, Any]:
     }
 
 
+#: record keys that runs of earlier bundle versions did not write, read as ``None`` when absent: ``pixdim``
+#: (segmentation 0.1.7; earlier runs resampled in evaluation and inference only when ``--pixdim`` was given again).
+LATER_RECORD_KEYS = ("pixdim",)
+
+
 def recorded(
     settings: Sequence[str], config: dict[str, Any] | None = None, untrained: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -314,7 +321,8 @@ def recorded(
                 if key == "method_config" else f"$dict(@training_config[{key!r}], **@{key})"
             )
         else:
-            entries[key] = f"$@training_config[{key!r}]"
+            read = f".get({key!r})" if key in LATER_RECORD_KEYS else f"[{key!r}]"
+            entries[key] = f"$@training_config{read}"
     if untrained is None:
         record = {"training_config": "$monai_prompt.runs.read_training_config(@ckpt_dir, required=True)"}
     else:

@@ -229,8 +229,9 @@ sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.""",
         io=f"""\
 - Input: `image`, 3 x {spec.img_size} x {spec.img_size} float32 in [0, 1].
 - Output: `pred`, logits `[B, num_classes]`; after postprocessing, class probabilities. Inference writes
-  `eval/predictions.csv`: one row per image, `<image path>,<p_class0>,<p_class1>,...` (no header; MONAI's
-  `ClassificationSaver` format). Evaluation writes `eval/metrics.csv` (`accuracy`, `auc`, `f1`, `kappa`).""",
+  `eval/predictions.csv`: a header `image,<class names>,predicted`, then one row per image: its path, the
+  class probabilities and the predicted class's name. Evaluation writes `eval/metrics.csv` (`accuracy`, `auc`,
+  `f1`, `kappa`).""",
         performance=_classification_performance(spec, measured),
         data_hint=(f"The default `dataset_dir` is `{data_dir}/`: build\nit with `make demo` or alone with "
                    "`monai-prompt demo-data`, or pass `--dataset_dir`."),

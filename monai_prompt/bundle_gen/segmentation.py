@@ -210,7 +210,7 @@ _TRAINING_IMG_SIZE = ("$@training_config['img_size'] if @flags#continue_model el
 
 #: training's ``pixdim`` (default ``None``: the data's own spacing); continuing the served model: its recorded
 #: spacing; a command-line ``--pixdim`` replaces the expression.
-_TRAINING_PIXDIM = "$@training_config['pixdim'] if @flags#continue_model else None"
+_TRAINING_PIXDIM = "$@training_config.get('pixdim') if @flags#continue_model else None"
 
 #: a training run that keeps the folder's previous run: ``--resume`` or ``continue_model`` (:func:`_continue_model`).
 _KEPT = "@flags#resume or @flags#continue_model"
@@ -223,7 +223,7 @@ def _initialize(train: bool = True) -> list[str]:
     splits = "['training', 'validation']" if train else "[@evaluate_split]"
     check = (
         f"monai_prompt.data.check_segmentation_datalist(@datalist_file, @class_names, "
-        f"required_splits={splits})"
+        f"required_splits={splits}, num_classes=@num_classes)"
     )
     if not train:
         return common.initialize([f"${check}"], train=False)

@@ -291,10 +291,22 @@ _IN_BACKWARD_CHANGE = (
     "of the trainer's fp16 AMP; refused under torchrun with several processes"
 )
 
+#: the release that refuses, at start, a validation interval that would leave no model.
+_VAL_INTERVAL_CHANGE = (
+    "a val_interval longer than train#trainer#max_epochs is refused at start (the run ended without "
+    "models/model.pt, and without a word)"
+)
+
+
+def _released(spec: BundleSpec, change: str) -> BundleSpec:
+    """``spec`` with ``change`` as its next patch release."""
+    major, minor, patch = spec.version.split(".")
+    return dataclasses.replace(spec, changelog=((f"{major}.{minor}.{int(patch) + 1}", change), *spec.changelog))
+
+
 #: bundle name -> spec, in the order of the docs.
 BUNDLE_SPECS: dict[str, BundleSpec] = {
-    spec.name: spec if spec.fpt else dataclasses.replace(spec, changelog=(("0.1.5", _IN_BACKWARD_CHANGE),
-                                                                          *spec.changelog))
+    spec.name: _released(spec if spec.fpt else _released(spec, _IN_BACKWARD_CHANGE), _VAL_INTERVAL_CHANGE)
     for spec in _SPECS
 }
 
@@ -340,10 +352,11 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
         changelog=(
             ("0.1.7", ("the training record keeps pixdim: evaluation, inference, the packaged copy (MONAI Label) and "
                        "continue_model resample to the spacing the delta was trained at, and a resume refuses "
-                       "another one (a record of an earlier version has no pixdim: add \"pixdim\": null, or the "
-                       "spacing it was trained at, to models/training_config.json); the README checks and exports "
-                       "the packaged copy, whose metadata.json states the trained input size and classes, and says "
-                       "where inference's default images come from")),
+                       "another one (a record of an earlier version, which has none, reads as null: give --pixdim "
+                       "as at training); a val_interval longer than the run and a num_classes other than the "
+                       "classes' are refused at start; the README checks and exports the packaged copy, whose "
+                       "metadata.json states the trained input size and classes, and says where inference's "
+                       "default images come from")),
             ("0.1.6", _IN_BACKWARD_CHANGE),
             ("0.1.5", ("network_def is monai_prompt.nets.segmentation_network: the network follows the backbone's "
                        "family; in 2D --backbone lite_medsam (TinyViT, SwinUNETR-style decoder) and --backbone auto "

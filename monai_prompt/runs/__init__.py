@@ -27,6 +27,7 @@ from monai_prompt.runs.runner import read_metrics, run_bundle, train_and_evaluat
 from monai_prompt.runs.workflow import (
     bundle_root,
     check_task,
+    check_validation_interval,
     find_datalist,
     flag,
     flag_entries,
@@ -46,6 +47,7 @@ __all__ = [
     "bundles_folder",
     "check_resumed_settings",
     "check_task",
+    "check_validation_interval",
     "claim_run_folder",
     "delete_previous_run_after_checkpoint",
     "find_bundle",

@@ -16,6 +16,7 @@ __all__ = [
     "FLAG_SPELLINGS",
     "bundle_root",
     "check_task",
+    "check_validation_interval",
     "find_datalist",
     "flag",
     "flag_entries",
@@ -181,6 +182,25 @@ def check_task(
         raise ValueError(
             f"the datalist's labels are {kind} but the bundle has multi_label={multi_label}; "
             f"run with --multi_label {bool(datalist.multi_label)}."
+        )
+
+
+def check_validation_interval(val_interval: int, max_epochs: int) -> None:
+    """Refuse a ``val_interval`` longer than the run: training validates every ``val_interval`` epochs to choose
+    ``models/model.pt``, so the run would end without one (and without a word).
+
+    Args:
+        val_interval: the bundle's ``val_interval``.
+        max_epochs: the trainer's ``max_epochs`` (``train#trainer#max_epochs``).
+
+    Raises:
+        ValueError: naming both settings and the fix.
+    """
+    if not 1 <= int(val_interval) <= int(max_epochs):
+        raise ValueError(
+            f"--val_interval {val_interval} with --train#trainer#max_epochs {max_epochs}: training validates every "
+            "val_interval epochs to choose models/model.pt, so this run would never write one; give a val_interval "
+            "from 1 to max_epochs."
         )
 
 
