@@ -500,25 +500,29 @@ def test_datalists_with_a_byte_order_mark_read(tmp_path):
         datalist_from_csv(tmp_path / "latin1.csv")
 
 
-def test_integer_class_folders_are_class_indices(tmp_path):
-    """Class folders 0 1 2 10 are classes 0..10 (as the same data as CSV index labels), not text-sorted 0 1 10 2;
-    integers written otherwise (01, 02, 10) are in numeric order; the check notes the classes without images."""
+def test_integer_class_folders_are_in_numeric_order(tmp_path):
+    """Class folders 0 1 2 10 (grades) are the classes in that order, not text-sorted 0 1 10 2, and only the folders
+    found (1 2 3: three classes, no empty class 0); integers written otherwise (01, 02, 10) too. CSV integer labels
+    are class indices instead (0..max), and the check notes the indices without images."""
     for name in ("0", "1", "2", "10"):
         for k in range(2):
             write_png(tmp_path / "plain" / name / f"{k}.png", size=(8, 8))
     folder = datalist_from_folder(tmp_path / "plain", split={"val_fraction": 0.0, "test_fraction": 0.0})
-    assert folder.classes == [str(i) for i in range(11)]
-    assert {Path(i["image"]).parent.name: i["label"] for i in folder["training"]} == {"0": 0, "1": 1, "2": 2, "10": 10}
+    assert folder.classes == ["0", "1", "2", "10"]
+    assert {Path(i["image"]).parent.name: i["label"] for i in folder["training"]} == {"0": 0, "1": 1, "2": 2, "10": 3}
     rows = [[str(Path(i["image"]).relative_to(tmp_path)), Path(i["image"]).parent.name] for i in folder["training"]]
     table = datalist_from_csv(write_csv(tmp_path / "same.csv", ["image", "label"], rows),
                               split={"val_fraction": 0.0, "test_fraction": 0.0})
-    assert (table.classes, table.splits) == (folder.classes, folder.splits)
-    summary = check_classification_datalist(tmp_path / "plain", read_pixels=False)
+    assert table.classes == [str(i) for i in range(11)]
+    summary = check_classification_datalist(tmp_path / "same.csv", read_pixels=False)
     assert summary.notes == [
-        "classes ['3', '4', '5', '6', '7', '8', '9'] have no images (class indices run 0..10 when every label or "
-        "class folder name is an integer); the network still has an output for each (num_classes=11); name the "
+        "classes ['3', '4', '5', '6', '7', '8', '9'] have no images (class indices run 0..10 when every label is an "
+        "integer); the network still has an output for each (num_classes=11); name the "
         "classes (--classes) to drop them."
     ]
+    for name in ("1", "2", "3"):
+        write_png(tmp_path / "one_based" / name / "0.png", size=(8, 8))
+    assert datalist_from_folder(tmp_path / "one_based").classes == ["1", "2", "3"]
     for name in ("01", "02", "10"):
         write_png(tmp_path / "padded" / name / "0.png", size=(8, 8))
     assert datalist_from_folder(tmp_path / "padded").classes == ["01", "02", "10"]

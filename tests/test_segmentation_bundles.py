@@ -249,6 +249,17 @@ def test_an_msd_task_folder_reads_as_msd_writes_it_and_unsafe_datalists_are_refu
         read_segmentation_datalist(datalist)
 
 
+def test_the_segmentation_check_takes_the_channels_the_transforms_can_match(tmp_path):
+    """An RGB PNG among grey ones is averaged to grey by the transforms (MatchInputd), a grey + alpha PNG (MONAI
+    reads 2 channels) read as grey: no problem (both were refused)."""
+    datalist = write_tiny_segmentation(tmp_path, 2, png=True, counts=(3, 1, 1))
+    content = json.loads(datalist.read_text())
+    for item, mode in zip(content["training"], ("RGB", "LA")):
+        path = tmp_path / item["image"]
+        Image.open(path).convert(mode).save(path)
+    assert check_segmentation_datalist(datalist, TINY_CLASSES).channels == 1
+
+
 def test_class_metrics_equal_numpy_and_scipy_with_undefined_classes_as_nan():
     rng = np.random.default_rng(0)
     truths = [rng.integers(0, 3, (24, 20)) for _ in range(3)]  # class 3 in no image

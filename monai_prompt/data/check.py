@@ -19,7 +19,7 @@ import glob
 import logging
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,7 +125,7 @@ def check_classification_datalist(
         multi_label=datalist.multi_label,
         counts={split: len(items) for split, items in datalist.splits.items()},
         class_counts={split: _class_counts(datalist, split) for split in SPLITS if split in datalist.splits},
-        channels=_input_channels(headers, channels),
+        channels=_input_channels((header.channels for header in headers.values()), channels),
         formats=dict(Counter(header.format for header in headers.values())),
         notes=notes,
     )
@@ -228,17 +228,17 @@ def _check_images(
     return headers, problems
 
 
-def _input_channels(headers: dict[str, ImageHeader], channels: int | None = None) -> int:
+def _input_channels(found: Iterable[int], channels: int | None = None) -> int:
     """The network input channels the images are checked against: ``channels`` when given, else the most common
     count that every image can be brought to (:func:`channels_feed`), else the most common count.
 
     Args:
-        headers: image headers by path.
+        found: each image's channels.
         channels: the network's ``in_channels``, if known.
     """
     if channels:
         return channels
-    counts = Counter(header.channels for header in headers.values())
+    counts = Counter(found)
     candidates = sorted(counts, key=lambda count: (-counts[count], count))
     fed_all = [c for c in candidates if all(channels_feed(found, c) for found in counts)]
     return (fed_all or candidates or [0])[0]
@@ -247,7 +247,7 @@ def _input_channels(headers: dict[str, ImageHeader], channels: int | None = None
 def _channel_problems(headers: dict[str, ImageHeader], channels: int | None) -> list[str]:
     """One problem per image whose channels the transforms cannot bring to ``channels`` (when given) or to the
     count the others share (:func:`_input_channels`)."""
-    expected = _input_channels(headers, channels)
+    expected = _input_channels((header.channels for header in headers.values()), channels)
     rule = "the transforms repeat 1 channel to any count, average 3 or 4 (RGB, RGBA) to 1 and cut 4 to 3"
     if channels:
         return [
@@ -293,8 +293,8 @@ def _size_notes(headers: dict[str, ImageHeader], shown: int = 3) -> list[str]:
 
 
 def _empty_class_notes(datalist: ClassificationDatalist) -> list[str]:
-    """A note naming the classes no labelled image has (index classes ``0..max`` with gaps, e.g. class folders
-    ``0 1 2 10``)."""
+    """A note naming the classes no labelled image has (e.g. index labels ``0..max`` with gaps, as a CSV's integer
+    labels ``0 1 2 10`` give)."""
     if datalist.multi_label:
         return []
     labels = {item.get("label") for split, item in datalist.all_items() if split in SPLITS}
@@ -302,8 +302,8 @@ def _empty_class_notes(datalist: ClassificationDatalist) -> list[str]:
     if not empty:
         return []
     return [
-        f"classes {empty} have no images (class indices run 0..{len(datalist.classes) - 1} when every label or class "
-        f"folder name is an integer); the network still has an output for each (num_classes="
+        f"classes {empty} have no images (class indices run 0..{len(datalist.classes) - 1} when every label is an "
+        f"integer); the network still has an output for each (num_classes="
         f"{len(datalist.classes)}); name the classes (--classes) to drop them."
     ]
 

@@ -208,9 +208,8 @@ def datalist_from_folder(
 
     Args:
         root: the tree's root folder.
-        classes: class order (default: the class folder names, numerically ``0..max`` when every name is an integer
-            ``0``, ``1``, ... (as index labels of a CSV), in numeric order when every name is an integer with leading
-            zeros or a sign, else sorted); images of a folder not listed are problems.
+        classes: class order (default: the class folder names, in numeric order when every name is an integer,
+            else sorted); images of a folder not listed are problems.
         dicom_series: each folder that directly holds DICOM files is one (3D) image, instead of each file.
         split: how the splits without a folder are carved out of training (:class:`SplitOptions` or a dict of its
             fields; default 10% validation, 10% test, seed 0); its ``group_by`` sees paths relative to ``root``.
@@ -358,15 +357,12 @@ def datalist_from_json(
 
 
 def _folder_classes(names: list[str]) -> list[str]:
-    """Class names from class folder names: ``0..max`` when every name is an integer written plainly (as index labels
-    give them: an index never changes meaning), numeric order when every name is an integer otherwise written
-    (``01``, ``-1``), else sorted."""
+    """Class names from class folder names: in numeric order when every name is an integer (``0 1 2 10``, grades:
+    not ``0 1 10 2``; only the folders found, so ``1 2 3`` are 3 classes), else sorted."""
     names = sorted(set(names))
     numbers = [_as_integer(name) for name in names]
     if not names or any(number is None for number in numbers):
         return names
-    if all(number >= 0 and str(number) == name for name, number in zip(names, numbers)):
-        return [str(i) for i in range(max(numbers) + 1)]
     return [name for _, name in sorted(zip(numbers, names))]
 
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from monai_prompt.data.check import _duplicates, _leaks, _most_common
+from monai_prompt.data.check import _duplicates, _input_channels, _leaks
 from monai_prompt.data.datalist import DataCheckError, Datalist
-from monai_prompt.data.headers import IMAGE_SUFFIXES, PIL_SUFFIXES, image_suffix
+from monai_prompt.data.headers import IMAGE_SUFFIXES, PIL_CONVERSIONS, PIL_SUFFIXES, channels_feed, image_suffix
 from monai_prompt.data.split import SPLITS, SplitOptions, split_items
 
 __all__ = [
@@ -205,6 +205,15 @@ def _ras_affine(array) -> np.ndarray:
     return affine @ nib.orientations.inv_ornt_aff(nib.orientations.io_orientation(affine), shape)
 
 
+def _channels(image) -> int:
+    """The channels of a loaded image as the transforms see them: a PIL image in a mode of
+    :data:`~monai_prompt.data.headers.PIL_CONVERSIONS` (palette, CMYK, grey + alpha) after its conversion."""
+    from PIL import Image
+
+    mode = getattr(image, "meta", {}).get("mode")
+    return Image.getmodebands(PIL_CONVERSIONS[mode]) if mode in PIL_CONVERSIONS else int(image.shape[0])
+
+
 def _pair_problems(image, label, image_path: str, label_path: str, num_classes: int) -> list[str]:
     """What is wrong with one loaded image/label pair: non-finite image, geometry, label values."""
     problems = []
@@ -291,7 +300,7 @@ def check_segmentation_datalist(
             continue
         image = _load(item["image"], load, problems)
         if image is not None:
-            image_channels[item["image"]] = int(image.shape[0])
+            image_channels[item["image"]] = _channels(image)
         if "label" not in item:
             if split in ("training", "validation", *required_splits):
                 problems.append(f"{item['image']}: no label; a {split} item needs both 'image' and 'label'.")
@@ -304,11 +313,13 @@ def check_segmentation_datalist(
         for value, count in zip(values, counts):
             if 0 <= value < len(classes) and value % 1 == 0:
                 voxels[split][int(value)] += count
-    expected = channels or _most_common(list(image_channels.values()))
+    expected = _input_channels(image_channels.values(), channels)
     problems += [
-        f"{path}: {count} channel(s) where the other images have {expected}; convert it or drop it."
+        f"{path}: {count} channel(s) where the other images have {expected}, and the transforms cannot bring both "
+        "to one in_channels (they repeat 1 channel to any count, average 3 or 4 to 1 and cut 4 to 3); convert it "
+        "or drop it."
         for path, count in image_channels.items()
-        if count != expected
+        if not channels_feed(count, expected)
     ]
     problems += [
         f"{source}: the {split!r} labels hold only background (0): Dice is undefined on them, so no epoch can be "

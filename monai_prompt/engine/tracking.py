@@ -8,7 +8,9 @@ artifacts). Without ``--tracking`` there is no ``MLFlowHandler`` and it does not
 
 Tracking never holds training up: before the run, :func:`check_tracking_uri` fails within seconds when the
 tracking server is unreachable (naming the URI and the fix), MLflow's HTTP retries are cut to a few seconds, and
-a server that goes away mid-run costs one warning, after which the run's MLflow handlers are skipped.
+a server that goes away mid-run costs one warning, after which the run's MLflow handlers are skipped. A workflow
+that ends with an uncaught error ends its open MLflow runs ``FAILED`` (``KILLED`` after Ctrl-C) at exit, where
+MONAI's handler would leave them ``RUNNING``.
 """
 
 from __future__ import annotations
