@@ -38,7 +38,7 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_monai_bundle_cli_from_repository_root_and_from_inside_the_bundle(tiny, tmp_path):
+def test_monai_bundle_cli_from_repository_root_inside_the_bundle_and_elsewhere(tiny, tmp_path):
     root = tmp_path  # a stand-in repository root
     spec = BUNDLE_SPECS["linear_classification"]
     bundle = copy_bundle(spec.name, root)
@@ -52,6 +52,12 @@ def test_monai_bundle_cli_from_repository_root_and_from_inside_the_bundle(tiny, 
                   "['configs/train.json','configs/evaluate.json']", *args, "--sdpa", "false"], cwd=bundle)
     assert "Restored all variables from ./models/model.pt" in result.stdout + result.stderr
     assert set(read_metrics(bundle / "eval" / "metrics.csv")) == {"accuracy", "auc", "f1", "kappa", "ece"}
+
+    elsewhere = tmp_path / "elsewhere"  # any other folder: the bundle is the one of the config file
+    elsewhere.mkdir()
+    run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+         *args], cwd=elsewhere)
+    assert (bundle / "eval" / "predictions.csv").is_file() and not any(elsewhere.iterdir())
 
 
 @pytest.mark.slow

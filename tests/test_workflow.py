@@ -99,6 +99,18 @@ def test_bundle_root_from_the_repository_or_inside_the_bundle(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path / "bundles" / "x_classification")
     (tmp_path / "bundles" / "x_classification" / "configs" / "metadata.json").write_text("{}")
     assert bundle_root("x_classification") == "."
+    # the folder of the --config_file wins: run from elsewhere, or from inside another bundle
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bundles" / "y_classification" / "configs").mkdir(parents=True)
+    (tmp_path / "bundles" / "y_classification" / "configs" / "metadata.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "bundles" / "y_classification")
+    config = str(tmp_path / "bundles" / "x_classification" / "configs" / "train.json")
+    for argv in (["run", "--config_file", config], ["run", f"--config_file={config}"],
+                 ["run", "--config_file", f"['{config}','{config.replace('train', 'evaluate')}']"]):
+        monkeypatch.setattr("sys.argv", ["monai.bundle", *argv])
+        assert bundle_root("x_classification") == str(tmp_path / "bundles" / "x_classification")
+    monkeypatch.setattr("sys.argv", ["monai.bundle", "run", "--config_file", str(tmp_path / "loose.json")])
+    assert bundle_root("x_classification") == "."  # not a bundle's configs/: as before
 
 
 def test_a_validation_interval_longer_than_the_run_is_refused():

@@ -3,8 +3,10 @@ data fits the task and the weights."""
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,19 +29,48 @@ logger = logging.getLogger("monai_prompt")
 
 
 def bundle_root(name: str) -> str:
-    """The bundle's folder, so outputs land in it whether a workflow is run from inside it or from the repository.
+    """The bundle's folder, so outputs land in it whether a workflow is run from inside it, from the repository or
+    from anywhere else.
 
-    The current directory when it holds ``configs/metadata.json`` (run inside the bundle), else
-    ``bundles/<name>`` under the current directory when it exists (run from the repository root), else the
-    current directory. ``--bundle_root`` overrides it.
+    The bundle folder of the first ``--config_file`` on the command line (``<bundle>/configs/<file>`` beside a
+    ``configs/metadata.json``), else the current directory when it holds ``configs/metadata.json`` (run inside the
+    bundle), else ``bundles/<name>`` under the current directory when it exists (run from the repository root),
+    else the current directory. ``--bundle_root`` overrides it.
 
     Args:
         name: the bundle's folder name.
     """
+    from_config = _config_file_bundle(sys.argv)
+    if from_config is not None:
+        return str(from_config)
     if Path("configs", "metadata.json").is_file():
         return "."
     in_repo = Path("bundles", name)
     return str(in_repo) if (in_repo / "configs").is_dir() else "."
+
+
+def _config_file_bundle(argv: Sequence[str]) -> Path | None:
+    """The bundle folder of the first config file ``argv`` names with ``--config_file`` (a path, or a list of them
+    as MONAI's ``run`` takes it), when that file is ``<bundle>/configs/<file>`` of a bundle; else None.
+
+    Args:
+        argv: a command line (``python -m monai.bundle run ...`` as ``sys.argv`` holds it, also under torchrun).
+    """
+    for index, arg in enumerate(argv):
+        if arg.startswith("--config_file="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--config_file" and index + 1 < len(argv):
+            value = argv[index + 1]
+        else:
+            continue
+        try:
+            files = ast.literal_eval(value) if value.lstrip().startswith("[") else [value]
+        except (ValueError, SyntaxError):
+            files = [value]
+        first = Path(str(files[0])) if files else Path()
+        bundle = first.parent.parent
+        return bundle if first.parent.name == "configs" and (bundle / "configs" / "metadata.json").is_file() else None
+    return None
 
 
 #: how a boolean setting may be written on the command line (any case): ``python -m monai.bundle run`` passes
