@@ -324,6 +324,15 @@ def test_resume_continues_from_the_last_checkpoint(tiny_data, tmp_path):
     assert set(second["model"]) == set(first["model"])  # the delta's tensors (prompts, decoder), trained on
     assert any(not torch.equal(first["model"][key], second["model"][key]) for key in first["model"])
 
+    # continue_model (MONAI Label's training of a served bundle) on a datalist given with --datalist_file: read,
+    # checked and trained on (it ended with "TypeError: 'NoneType' object is not subscriptable")
+    served = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    continued = run_bundle(bundle, ["train.json"], "train", continue_model=True, quiet=True, **overrides,
+                           **{"train#trainer#max_epochs": 1})
+    assert len(continued.parser.get_parsed_content("datalist")["training"]) > 0
+    tuned = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert any(not torch.equal(served["model"][key], tuned["model"][key]) for key in served["model"])
+
 
 @pytest.mark.slow
 def test_pixdim_is_recorded_resampled_to_packaged_and_checked_on_resume(tiny_data, tmp_path):

@@ -186,8 +186,9 @@ def _continue_model(settings: dict[str, Any]) -> dict[str, Any]:
     """``continue_model`` (default false): the training run continues ``models/model.pt`` in place, as MONAI Label's
     ``BundleTrainTask`` trains a served bundle (its ``CheckpointLoader`` loads the delta, the data come from its
     datastore as ``train#dataset#data`` and ``validate#dataset#data``): the folder's previous run and training
-    record are kept, the classes are the record's, and no datalist is looked up, read or checked. MONAI resolves
-    every reference of an expression before evaluating it, so the datalist expressions themselves test the flag.
+    record are kept, the classes are the record's, and no datalist is looked up; one given with ``--datalist_file``
+    is read and checked against the record's classes, and trained on. MONAI resolves every reference of an
+    expression before evaluating it, so the datalist expressions themselves test the flag.
 
     Args:
         settings: the ``datalist_file`` and ``datalist`` expressions of :func:`_common`.
@@ -195,7 +196,7 @@ def _continue_model(settings: dict[str, Any]) -> dict[str, Any]:
     unless = "$None if @flags#continue_model else "
     return {
         "datalist_file": unless + settings["datalist_file"][1:],
-        "datalist": unless + settings["datalist"][1:],
+        "datalist": "$None if @datalist_file is None else " + settings["datalist"][1:],
         "class_names": "$@training_config['class_names'] if @flags#continue_model else @datalist.classes",
         "continue_model": False,
         "training_config": "$monai_prompt.runs.read_training_config(@ckpt_dir, required=@flags#continue_model)",
@@ -219,7 +220,7 @@ _KEPT = "@flags#resume or @flags#continue_model"
 def _initialize(train: bool = True) -> list[str]:
     """:func:`~monai_prompt.bundle_gen.common.initialize` with every image/label pair checked (geometry, label values,
     the splits the workflow reads, the classes against the bundle's; training: not when it continues the served
-    model, :func:`_continue_model`)."""
+    model without a datalist, :func:`_continue_model`)."""
     splits = "['training', 'validation']" if train else "[@evaluate_split]"
     check = (
         f"monai_prompt.data.check_segmentation_datalist(@datalist_file, @class_names, "
@@ -227,7 +228,7 @@ def _initialize(train: bool = True) -> list[str]:
     )
     if not train:
         return common.initialize([f"${check}"], train=False)
-    return common.initialize([f"$None if @flags#continue_model else {check}"], kept=_KEPT)
+    return common.initialize([f"$None if @datalist_file is None else {check}"], kept=_KEPT)
 
 
 def train_config(spec: BundleSpec) -> dict[str, Any]:
