@@ -354,9 +354,10 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
                        "continue_model resample to the spacing the delta was trained at, and a resume refuses "
                        "another one (a record of an earlier version, which has none, reads as null: give --pixdim "
                        "as at training); a val_interval longer than the run and a num_classes other than the "
-                       "classes' are refused at start; the README checks and exports the packaged copy, whose "
-                       "metadata.json states the trained input size and classes, and says where inference's "
-                       "default images come from")),
+                       "classes' are refused at start; continue_model reads, checks and trains on a "
+                       "--datalist_file; the README checks and exports the packaged copy, whose metadata.json "
+                       "states the trained input size and classes, and says where inference's default images come "
+                       "from")),
             ("0.1.6", _IN_BACKWARD_CHANGE),
             ("0.1.5", ("network_def is monai_prompt.nets.segmentation_network: the network follows the backbone's "
                        "family; in 2D --backbone lite_medsam (TinyViT, SwinUNETR-style decoder) and --backbone auto "
