@@ -183,7 +183,8 @@ _POSTPROCESSING = {
 
 #: every image decoded as training reads it, every label, with the reader's options.
 _CHECK_DATALIST = (
-    "$monai_prompt.data.check_classification_datalist(@datalist_file, read_pixels=@flags#check_pixels, "
+    "$monai_prompt.data.check_classification_datalist(@datalist_file, channels=@in_channels, "
+    "read_pixels=@flags#check_pixels, "
     "**@datalist_options)"
 )
 
@@ -324,7 +325,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         ],
         "evaluator": common.evaluator(metrics=False),
         **common.inference_steps(
-            "$monai_prompt.data.check_images(@infer_files, read_pixels=@flags#check_pixels, source=@infer_images)"
+            "$monai_prompt.data.check_images(@infer_files, channels=@in_channels, read_pixels=@flags#check_pixels, "
+            "source=@infer_images)"
         ),
     })
 

@@ -223,7 +223,7 @@ def _initialize(train: bool = True) -> list[str]:
     model without a datalist, :func:`_continue_model`)."""
     splits = "['training', 'validation']" if train else "[@evaluate_split]"
     check = (
-        f"monai_prompt.data.check_segmentation_datalist(@datalist_file, @class_names, "
+        f"monai_prompt.data.check_segmentation_datalist(@datalist_file, @class_names, channels=@in_channels, "
         f"required_splits={splits}, num_classes=@num_classes)"
     )
     if not train:
@@ -342,7 +342,9 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         ]),
         "handlers": [common.delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}],
         "evaluator": common.evaluator(metrics=False),
-        **common.inference_steps("$monai_prompt.data.check_images(@infer_files, source=@infer_images)"),
+        **common.inference_steps(
+            "$monai_prompt.data.check_images(@infer_files, channels=@in_channels, source=@infer_images)"
+        ),
     })
 
 

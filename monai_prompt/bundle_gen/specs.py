@@ -291,10 +291,11 @@ _IN_BACKWARD_CHANGE = (
     "of the trainer's fp16 AMP; refused under torchrun with several processes"
 )
 
-#: the release that refuses, at start, a validation interval that would leave no model.
-_VAL_INTERVAL_CHANGE = (
+#: the release that checks, at start, what a run would otherwise find out late or never.
+_START_CHECKS_CHANGE = (
     "a val_interval longer than train#trainer#max_epochs is refused at start (the run ended without "
-    "models/model.pt, and without a word)"
+    "models/model.pt, and without a word); the data check and the inference input check take each image against "
+    "in_channels by the transforms' channel rule (grey and RGB images mix)"
 )
 
 
@@ -306,7 +307,7 @@ def _released(spec: BundleSpec, change: str) -> BundleSpec:
 
 #: bundle name -> spec, in the order of the docs.
 BUNDLE_SPECS: dict[str, BundleSpec] = {
-    spec.name: _released(spec if spec.fpt else _released(spec, _IN_BACKWARD_CHANGE), _VAL_INTERVAL_CHANGE)
+    spec.name: _released(spec if spec.fpt else _released(spec, _IN_BACKWARD_CHANGE), _START_CHECKS_CHANGE)
     for spec in _SPECS
 }
 
@@ -354,10 +355,10 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
                        "continue_model resample to the spacing the delta was trained at, and a resume refuses "
                        "another one (a record of an earlier version, which has none, reads as null: give --pixdim "
                        "as at training); a val_interval longer than the run and a num_classes other than the "
-                       "classes' are refused at start; continue_model reads, checks and trains on a "
-                       "--datalist_file; the README checks and exports the packaged copy, whose metadata.json "
-                       "states the trained input size and classes, and says where inference's default images come "
-                       "from")),
+                       "classes' are refused at start, the data and inference checks take images against "
+                       "in_channels; continue_model reads, checks and trains on a --datalist_file; the README "
+                       "checks and exports the packaged copy, whose metadata.json states the trained input size and "
+                       "classes, and says where inference's default images come from")),
             ("0.1.6", _IN_BACKWARD_CHANGE),
             ("0.1.5", ("network_def is monai_prompt.nets.segmentation_network: the network follows the backbone's "
                        "family; in 2D --backbone lite_medsam (TinyViT, SwinUNETR-style decoder) and --backbone auto "

@@ -217,7 +217,7 @@ def _check_images(
         problem = _pixel_problem(path, load) if load is not None else None
         if problem:
             problems.append(f"{path}: {problem}")
-    problems += _channel_problems(headers, channels)
+    problems += _channel_problems({path: header.channels for path, header in headers.items()}, channels)
     dims = _most_common([len(_spatial_shape(header)) for header in headers.values()])
     problems += [  # X x Y x 1 (or 1 x Y x Z) is 2D among 2D images (the transforms squeeze it), 3D among 3D ones
         f"{path}: {len(_spatial_shape(header))}D image ({_size(header)}) where the other images are {dims}D; the "
@@ -244,23 +244,23 @@ def _input_channels(found: Iterable[int], channels: int | None = None) -> int:
     return (fed_all or candidates or [0])[0]
 
 
-def _channel_problems(headers: dict[str, ImageHeader], channels: int | None) -> list[str]:
-    """One problem per image whose channels the transforms cannot bring to ``channels`` (when given) or to the
-    count the others share (:func:`_input_channels`)."""
-    expected = _input_channels((header.channels for header in headers.values()), channels)
+def _channel_problems(found: dict[str, int], channels: int | None) -> list[str]:
+    """One problem per image whose channels (``found``, by path) the transforms cannot bring to ``channels`` (when
+    given) or to the count the others share (:func:`_input_channels`)."""
+    expected = _input_channels(found.values(), channels)
     rule = "the transforms repeat 1 channel to any count, average 3 or 4 (RGB, RGBA) to 1 and cut 4 to 3"
     if channels:
         return [
-            f"{path}: {header.channels} channel(s) cannot feed the network's in_channels={channels} ({rule}); "
+            f"{path}: {count} channel(s) cannot feed the network's in_channels={channels} ({rule}); "
             f"convert it, drop it, or set in_channels to what every image can feed."
-            for path, header in headers.items()
-            if not channels_feed(header.channels, channels)
+            for path, count in found.items()
+            if not channels_feed(count, channels)
         ]
     return [
-        f"{path}: {header.channels} channel(s) where the other images have {expected}, and the transforms cannot "
+        f"{path}: {count} channel(s) where the other images have {expected}, and the transforms cannot "
         f"bring both to one in_channels ({rule}); convert it or drop it."
-        for path, header in headers.items()
-        if not channels_feed(header.channels, expected)
+        for path, count in found.items()
+        if not channels_feed(count, expected)
     ]
 
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from monai_prompt.data.check import _duplicates, _input_channels, _leaks
+from monai_prompt.data.check import _channel_problems, _duplicates, _input_channels, _leaks
 from monai_prompt.data.datalist import DataCheckError, Datalist
-from monai_prompt.data.headers import IMAGE_SUFFIXES, PIL_CONVERSIONS, PIL_SUFFIXES, channels_feed, image_suffix
+from monai_prompt.data.headers import IMAGE_SUFFIXES, PIL_CONVERSIONS, PIL_SUFFIXES, image_suffix
 from monai_prompt.data.split import SPLITS, SplitOptions, split_items
 
 __all__ = [
@@ -268,7 +268,8 @@ def check_segmentation_datalist(
         source: the datalist JSON (its ``labels`` map names the classes).
         class_names: the bundle's classes (evaluation: those the network was trained for; default: the
             datalist's).
-        channels: expected channels per image (default: the most common count).
+        channels: the network's in_channels, which every image must feed (default: the count every image can be
+            brought to, as the transforms match channels).
         required_splits: splits that must hold items (training: training and validation); their items, and
             those of training and validation, need a label (an MSD ``test`` list of bare images may lack them).
         num_classes: the bundle's ``num_classes``, which must equal the number of classes.
@@ -314,13 +315,7 @@ def check_segmentation_datalist(
             if 0 <= value < len(classes) and value % 1 == 0:
                 voxels[split][int(value)] += count
     expected = _input_channels(image_channels.values(), channels)
-    problems += [
-        f"{path}: {count} channel(s) where the other images have {expected}, and the transforms cannot bring both "
-        "to one in_channels (they repeat 1 channel to any count, average 3 or 4 to 1 and cut 4 to 3); convert it "
-        "or drop it."
-        for path, count in image_channels.items()
-        if not channels_feed(count, expected)
-    ]
+    problems += _channel_problems(image_channels, channels)
     problems += [
         f"{source}: the {split!r} labels hold only background (0): Dice is undefined on them, so no epoch can be "
         "chosen as best (validation) nor scored (evaluation); give this split images with foreground."
