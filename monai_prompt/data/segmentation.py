@@ -303,8 +303,12 @@ def check_segmentation_datalist(
         if image is not None:
             image_channels[item["image"]] = _channels(image)
         if "label" not in item:
-            if split in ("training", "validation", *required_splits):
+            if split in ("training", "validation"):
                 problems.append(f"{item['image']}: no label; a {split} item needs both 'image' and 'label'.")
+            elif split in required_splits:
+                problems.append(f"{item['image']}: no label; a {split} item needs both 'image' and 'label' to be "
+                                "evaluated: evaluate a labelled split (--evaluate_split validation), or predict it "
+                                "with configs/inference.json.")
             continue
         label = _load(item["label"], load, problems)
         if image is None or label is None:
