@@ -185,7 +185,8 @@ def _case_corrupt_dicom(tiny, tmp_path, bundle):
 
 
 def _case_channels(tiny, tmp_path, bundle):
-    """Images whose channels the network cannot take (2 channels into RGB; a grey + alpha PNG is read as grey)."""
+    """Images whose channels the network cannot take (2 channels into RGB; a grey + alpha PNG is read as grey):
+    refused by the inference input check, before the network runs."""
     two_channels = write_nifti(tmp_path / "two_channels.nii.gz", np.zeros((32, 32, 1, 2)))
     return ["inference.json"], "infer", {"infer_images": [str(two_channels)]}
 
@@ -271,8 +272,11 @@ BUNDLE_FAILURES = {
     "corrupt-dicom": (_case_corrupt_dicom, DataCheckError,
                       r"1 problem\(s\) in images of \['\S+slice\.dcm'\]:\n  - \S+slice\.dcm: "
                       r"(unreadable|pixel data unreadable) \("),
-    "channels": (_case_channels, ValueError,
-                 r"\S+two_channels\.nii\.gz: 2 channels cannot feed a 3-channel network; set in_channels=2\.$"),
+    "channels": (_case_channels, DataCheckError,
+                 r"1 problem\(s\) in images of \['\S+two_channels\.nii\.gz'\]:\n  - \S+two_channels\.nii\.gz: 2 "
+                 r"channel\(s\) cannot feed the network's in_channels=3 \(the transforms repeat 1 channel to any "
+                 r"count, average 3 or 4 \(RGB, RGBA\) to 1 and cut 4 to 3\); convert it, drop it, or set in_channels "
+                 r"to what every image can feed\.$"),
     "image-size": (_case_image_size, DeltaMismatchError,
                    r"\S+models/model\.pt: backbone architecture differs: img_size: \[32, 32\] in the delta vs "
                    r"\[64, 64\] here\.$"),
@@ -446,7 +450,7 @@ def test_a_bundle_refusal_exits_non_zero_with_the_cause_last(trained, tiny, tmp_
     summary = tail[tail.rindex("\nRoot cause (") + 1:]  # what the user reads last
     assert summary.splitlines()[0] == (
         'Root cause (Failed to evaluate ConfigExpression: '
-        '"$monai_prompt.data.check_classification_datalist(@datalist_file, '
+        '"$monai_prompt.data.check_classification_datalist(@datalist_file, channels=@in_channels, '
         'read_pixels=@flags#check_pixels, **@datalist_options)"):'
     )
     assert re.match(message, summary.split("\n", 1)[1].removeprefix(f"{kind.__name__}: ")), summary
