@@ -240,7 +240,7 @@ def _input_channels(found: Iterable[int], channels: int | None = None) -> int:
         return channels
     counts = Counter(found)
     candidates = sorted(counts, key=lambda count: (-counts[count], count))
-    fed_all = [c for c in candidates if all(channels_feed(found, c) for found in counts)]
+    fed_all = [c for c in candidates if all(channels_feed(count, c) for count in counts)]
     return (fed_all or candidates or [0])[0]
 
 

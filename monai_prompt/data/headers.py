@@ -25,6 +25,7 @@ __all__ = [
     "image_suffix",
     "is_dicom_file",
     "is_image_file",
+    "pil_channels",
     "read_header",
 ]
 
@@ -84,6 +85,18 @@ def channels_feed(found: int, channels: int) -> bool:
     return found == channels or found == 1 or (found in (3, 4) and channels == 1) or (found == 4 and channels == 3)
 
 
+def pil_channels(mode: str) -> int:
+    """The channels the transforms read from a PIL image of ``mode``: its bands once :data:`PIL_CONVERSIONS`
+    converted it.
+
+    Args:
+        mode: the PIL mode (``"L"``, ``"P"``, ``"RGBA"``, ...).
+    """
+    from PIL import Image
+
+    return Image.getmodebands(PIL_CONVERSIONS.get(mode, mode))
+
+
 def is_dicom_file(path: str | os.PathLike) -> bool:
     """True for a ``.dcm``/``.dicom`` file or any file with the ``DICM`` magic at byte 128."""
     if image_suffix(path) in DICOM_SUFFIXES:
@@ -132,8 +145,7 @@ def _pil_header(path: Path) -> ImageHeader:
     from PIL import Image
 
     with Image.open(path) as image:
-        bands = Image.getmodebands(PIL_CONVERSIONS.get(image.mode, image.mode))
-        return ImageHeader("pil", bands, tuple(image.size))
+        return ImageHeader("pil", pil_channels(image.mode), tuple(image.size))
 
 
 def _nifti_header(path: Path) -> ImageHeader:

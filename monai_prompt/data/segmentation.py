@@ -24,7 +24,7 @@ import numpy as np
 
 from monai_prompt.data.check import _channel_problems, _duplicates, _input_channels, _leaks
 from monai_prompt.data.datalist import DataCheckError, Datalist
-from monai_prompt.data.headers import IMAGE_SUFFIXES, PIL_CONVERSIONS, PIL_SUFFIXES, image_suffix
+from monai_prompt.data.headers import IMAGE_SUFFIXES, PIL_CONVERSIONS, PIL_SUFFIXES, image_suffix, pil_channels
 from monai_prompt.data.split import SPLITS, SplitOptions, split_items
 
 __all__ = [
@@ -208,10 +208,8 @@ def _ras_affine(array) -> np.ndarray:
 def _channels(image) -> int:
     """The channels of a loaded image as the transforms see them: a PIL image in a mode of
     :data:`~monai_prompt.data.headers.PIL_CONVERSIONS` (palette, CMYK, grey + alpha) after its conversion."""
-    from PIL import Image
-
     mode = getattr(image, "meta", {}).get("mode")
-    return Image.getmodebands(PIL_CONVERSIONS[mode]) if mode in PIL_CONVERSIONS else int(image.shape[0])
+    return pil_channels(mode) if mode in PIL_CONVERSIONS else int(image.shape[0])
 
 
 def _pair_problems(image, label, image_path: str, label_path: str, num_classes: int) -> list[str]:
