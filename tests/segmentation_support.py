@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,11 @@ def _pair(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray,
 
 def write_tiny_segmentation(
     root: str | os.PathLike, spatial_dims: int, png: bool = False, counts: tuple[int, int, int] = (4, 2, 2),
-    seed: int = 0,
+    seed: int = 0, label_values: Sequence[int] | None = None,
 ) -> Path:
     """Image/label pairs ``{images,labels}/<split>/case<i>.<ext>`` and ``datalist.json`` (decathlon, with
-    ``labels``) under ``root``; 2D as NIfTI (``TINY_AFFINES[2]``) or PNG, 3D as NIfTI.
+    ``labels``) under ``root``; 2D as NIfTI (``TINY_AFFINES[2]``) or PNG, 3D as NIfTI; class ``k`` stored as
+    ``label_values[k]`` (default ``k``; uint16 label maps when a value exceeds 255).
 
     Returns:
         the datalist path.
@@ -53,11 +55,14 @@ def write_tiny_segmentation(
     root = Path(root)
     rng = np.random.default_rng(seed)
     suffix = ".png" if png else ".nii.gz"
+    values = np.arange(len(TINY_CLASSES)) if label_values is None else np.asarray(label_values)
+    dtype = np.uint8 if values.max() <= 255 else np.uint16
     splits: dict[str, list[dict[str, Any]]] = {}
     for split, count in zip(("training", "validation", "test"), counts):
         splits[split] = []
         for index in range(count):
             image, label = _pair(TINY_SHAPES[spatial_dims], rng)
+            label = values[label].astype(dtype)
             item = {}
             for kind, array in (("image", image), ("label", label)):
                 path = root / f"{kind}s" / split / f"case{index}{suffix}"
@@ -69,7 +74,7 @@ def write_tiny_segmentation(
                 item[kind] = str(path.relative_to(root))
             splits[split].append(item)
     datalist = root / "datalist.json"
-    labels = {str(i): name for i, name in enumerate(TINY_CLASSES)}
+    labels = {str(value): name for value, name in zip(values.tolist(), TINY_CLASSES)}
     datalist.write_text(json.dumps({"labels": labels, **splits}, indent=1))
     return datalist
 
@@ -138,14 +143,15 @@ def write_sam_family_encoder(path: str | os.PathLike, family: str, seed: int = 0
     return {"backbone": "lite_medsam", "backbone_overrides": dict(TINYVIT_TINY), "pretrained": str(path)}
 
 
-def reference_scores(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> dict[str, list[float]]:
-    """Dice and HD95 (voxels) per foreground class of one integer mask pair, computed with numpy/scipy: Dice is
+def reference_scores(prediction: np.ndarray, truth: np.ndarray, label_values: Sequence[int]) -> dict[str, list[float]]:
+    """Dice and HD95 (voxels) per foreground class (``label_values[1:]``, the value of each class in the masks) of one
+    integer mask pair, computed with numpy/scipy: Dice is
     NaN when the truth lacks the class, HD95 when either mask does; surfaces are the masks minus their erosion,
     HD95 the larger of the two directed 95th percentiles of Euclidean surface distances."""
     from scipy.ndimage import binary_erosion, distance_transform_edt
 
     dice, hd95 = [], []
-    for c in range(1, num_classes):
+    for c in label_values[1:]:
         p, t = prediction == c, truth == c
         dice.append(2 * (p & t).sum() / (p.sum() + t.sum()) if t.any() else float("nan"))
         if not (p.any() and t.any()):

@@ -23,6 +23,7 @@ from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS
 from monai_prompt.data import DataCheckError
 from monai_prompt.data.segmentation import (
     check_segmentation_datalist,
+    mask_dtype,
     mask_root,
     mask_suffix,
     read_segmentation_datalist,
@@ -45,6 +46,8 @@ from segmentation_support import (
 
 REPO = Path(__file__).resolve().parents[1]
 FOREGROUND = TINY_CLASSES[1:]
+#: the label values of the tiny 3D data's classes: not consecutive and above a byte, as an atlas' region codes.
+ATLAS_VALUES = (0, 2, 5, 300)
 
 
 def test_bundle_names_end_in_segmentation_and_the_generator_covers_them(tmp_path):
@@ -62,7 +65,7 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
     return {
         "2d": write_tiny_segmentation(root / "nifti2d", 2),
         "2d_png": write_tiny_segmentation(root / "png2d", 2, png=True),
-        "3d": write_tiny_segmentation(root / "nifti3d", 3),
+        "3d": write_tiny_segmentation(root / "nifti3d", 3, label_values=ATLAS_VALUES),
         "encoder2": write_tiny_encoder(root / "vit2.pt", 2),
         "encoder3": write_tiny_encoder(root / "vit3.pt", 3),
         **{family: root / f"{family}.pt" for family in SAM_FAMILY_BUNDLES.values()},
@@ -78,23 +81,27 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _assert_masks_match_labels_and_metrics(bundle: Path, datalist: Path, png: bool) -> None:
-    """Each saved mask has its input's shape (and affine); the evaluation's metrics equal numpy/scipy's on the masks
-    (the network and the test images are the same in both runs)."""
+    """Each saved mask has its input's shape (and affine) and holds the datalist's label values (uint16 above 255); the
+    evaluation's metrics equal numpy/scipy's on the masks (the network and the test images are the same in both
+    runs)."""
     metrics = read_metrics(bundle / "eval" / "metrics.csv")
     expected_names = {"mean_dice", "mean_hd95"} | {f"{m}_{c}" for m in ("dice", "hd95") for c in FOREGROUND}
     assert set(metrics) == expected_names
     scores: dict[str, list[list[float]]] = {"dice": [], "hd95": []}
-    for item in json.loads(datalist.read_text())["test"]:
+    content = json.loads(datalist.read_text())
+    values = sorted(int(key) for key in content["labels"])
+    for item in content["test"]:
         image_path, label_path = datalist.parent / item["image"], datalist.parent / item["label"]
         suffix = ".png" if png else ".nii.gz"
         mask_path = bundle / "eval" / "masks" / image_path.name.replace(suffix, f"_seg{suffix}")
         mask, mask_affine = _read(mask_path)
         label, _ = _read(label_path)
-        assert mask.shape == label.shape and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1, 2, 3}
+        assert mask.shape == label.shape and set(np.unique(mask)) <= set(values)
+        assert mask.dtype == (np.uint8 if max(values) <= 255 else np.uint16)
         if not png:
             np.testing.assert_allclose(mask_affine, nib.load(image_path).affine, atol=1e-5)
-        for key, values in reference_scores(mask, label, len(TINY_CLASSES)).items():
-            scores[key].append(values)
+        for key, class_scores in reference_scores(mask, label, values).items():
+            scores[key].append(class_scores)
     for key in ("dice", "hd95"):
         table = np.array(scores[key])
         for index, name in enumerate(FOREGROUND):
@@ -166,9 +173,41 @@ def test_masks_keep_the_input_folders_below_their_common_parent(tmp_path):
 
 
 def test_masks_are_png_for_png_inputs_and_nifti_otherwise():
+    """PNG masks for PNG inputs unless a label value exceeds a byte; the smallest unsigned type of the values."""
     assert mask_suffix(["a.png", "b.PNG"]) == ".png" and mask_suffix(["a.nii.gz", "b.dcm"]) == ".nii.gz"
+    assert mask_suffix(["a.png"], [0, 4, 255]) == ".png" and mask_suffix(["a.png"], [0, 256]) == ".nii.gz"
     with pytest.raises(ValueError, match="run inference separately"):
         mask_suffix(["a.png", "b.nii.gz"])
+    assert [mask_dtype(values) for values in ([0, 1, 255], [0, 256], [0, 65535], [0, 65536])] == [
+        np.uint8, np.uint16, np.uint16, np.uint32]
+
+
+def test_label_values_other_than_0_to_k_name_their_classes(tmp_path):
+    """A datalist whose label maps store the classes as 0, 4, 2, 300 (keys of 'labels' in any order): the classes in
+    the order of their values, each voxel counted for its class; a value no key names and a bundle of other values
+    are refused."""
+    datalist = write_tiny_segmentation(tmp_path, 2, counts=(2, 1, 0), label_values=(0, 4, 2, 300))
+    read = read_segmentation_datalist(datalist)
+    assert read.label_values == [0, 2, 4, 300]
+    assert read.classes == ["background", "gray_matter", "csf", "white_matter"]
+    label = tmp_path / json.loads(datalist.read_text())["training"][0]["label"]
+    stored = np.asarray(nib.load(label).dataobj)
+    summary = check_segmentation_datalist(datalist, required_splits=["training", "validation"])
+    fractions = [np.mean(stored == value) for value in read.label_values]  # of the one image checked alone below
+    single = json.loads(datalist.read_text())
+    (tmp_path / "single.json").write_text(json.dumps({**single, "training": single["training"][:1], "validation": []}))
+    alone = check_segmentation_datalist(tmp_path / "single.json").voxel_fractions["training"]
+    np.testing.assert_allclose(alone, fractions)
+    assert summary.classes == read.classes and all(summary.voxel_fractions["training"])
+
+    with pytest.raises(DataCheckError) as info:
+        check_segmentation_datalist(datalist, TINY_CLASSES, label_values=[0, 1, 2, 3])
+    assert "names the classes {0: 'background', 2: 'gray_matter', 4: 'csf', 300: 'white_matter'} but the bundle's " \
+           "are ['background', 'csf', 'gray_matter', 'white_matter']" in str(info.value)
+    stored[0, 0] = 1
+    nib.save(nib.Nifti1Image(stored, nib.load(label).affine), label)
+    with pytest.raises(DataCheckError, match=r"values \[1\.0\] are no class's \(0, 2, 4, 300, the 'labels' keys\)"):
+        check_segmentation_datalist(datalist)
 
 
 def test_data_check_reports_every_bad_pair(tmp_path):
@@ -196,7 +235,7 @@ def test_data_check_reports_every_bad_pair(tmp_path):
         f"{first}: shape (35, 40, 34) differs",
         f"{second}: its voxels are not where its image's are",
         f"{third}: non-integer values (e.g. [0.5])",
-        f"{third}: values [7.0] are outside the classes 0..4",  # the bundle's 5 classes
+        f"{third}: values [7.0] are no class's (0..4,",  # the bundle's 5 classes
         "missing.nii.gz: file not found",
         "case0.nii.gz: no label; a test item needs both",
         "case0.nii.gz: listed in several splits ['test', 'training']",
@@ -209,8 +248,8 @@ def test_data_check_reports_every_bad_pair(tmp_path):
 def test_an_msd_task_folder_reads_as_msd_writes_it_and_unsafe_datalists_are_refused(tmp_path, caplog):
     """An MSD ``dataset.json`` (``training`` and bare ``test`` paths, no ``validation``) read from its folder: a
     validation split carved from training; a label stored in another axis order than its image (one grid) passes;
-    ``labels`` keys that are not 0..K-1, an image of several files and a ``num_classes`` other than the classes'
-    are refused with the fix."""
+    ``labels`` keys that are not distinct non-negative integers with 0, an image of several files and a
+    ``num_classes`` other than the classes' are refused with the fix."""
     datalist = write_tiny_segmentation(tmp_path, 3, counts=(8, 0, 2))
     content = json.loads(datalist.read_text())
     content["test"] = [item["image"] for item in content["test"]]  # MSD: bare test images
@@ -226,8 +265,11 @@ def test_an_msd_task_folder_reads_as_msd_writes_it_and_unsafe_datalists_are_refu
     assert [len(read[split]) for split in ("training", "validation", "test")] == [7, 1, 2]
     assert "has no 'validation' list: 1 of the training items" in caplog.text
     assert read["test"][0] == {"image": str(tmp_path / content["test"][0])}
-    summary = check_segmentation_datalist(tmp_path, TINY_CLASSES, required_splits=["training", "validation"])
-    assert summary.counts == {"training": 7, "validation": 1, "test": 2}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="monai_prompt"):  # the workflow's datalist, carved and logged once
+        summary = check_segmentation_datalist(tmp_path, TINY_CLASSES, required_splits=["training", "validation"],
+                                              datalist=read)
+    assert summary.counts == {"training": 7, "validation": 1, "test": 2} and "no 'validation' list" not in caplog.text
     with pytest.raises(DataCheckError, match="no label; a test item needs both"):
         check_segmentation_datalist(tmp_path, TINY_CLASSES, required_splits=["test"])  # evaluating on it
     with pytest.raises(DataCheckError, match=r"num_classes 5 differs from the 4 classes .* drop --num_classes"):
@@ -239,9 +281,9 @@ def test_an_msd_task_folder_reads_as_msd_writes_it_and_unsafe_datalists_are_refu
     with pytest.raises(FileNotFoundError, match="is a folder without a segmentation datalist"):
         read_segmentation_datalist(tmp_path / "images")
 
-    for labels in ({"0": "background", "2": "liver", "5": "tumour"}, {"0": "background", "one": "liver"}):
+    for labels in ({"0": "background", "one": "liver"}, {"1": "liver", "2": "tumour"}, {"0": "a", "00": "b"}):
         datalist.write_text(json.dumps({**content, "labels": labels}))
-        with pytest.raises(ValueError, match=r"the keys must be 0\.\.[12]\. Renumber the label maps"):
+        with pytest.raises(ValueError, match=r"each key is the value of its class in the label maps: distinct non-"):
             read_segmentation_datalist(datalist)
     content["training"][1]["image"] = [content["training"][1]["image"], content["training"][2]["image"]]
     datalist.write_text(json.dumps(content))
@@ -275,7 +317,7 @@ def test_class_metrics_equal_numpy_and_scipy_with_undefined_classes_as_nan():
         engine, "hd95"
     )
     engine.run([0])
-    reference = [reference_scores(p, t, 4) for p, t in zip(predictions, truths)]
+    reference = [reference_scores(p, t, range(4)) for p, t in zip(predictions, truths)]
     dice, hd95 = (np.array([r[key] for r in reference]) for key in ("dice", "hd95"))
     assert np.isnan(dice[1, 1]) and np.isnan(hd95[1, 1]) and np.isnan(hd95[2, 0]) and np.isnan(hd95[:, 2]).all()
     for index, name in enumerate(names[:2]):
@@ -337,20 +379,22 @@ def test_resume_continues_from_the_last_checkpoint(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_pixdim_is_recorded_resampled_to_packaged_and_checked_on_resume(tiny_data, tmp_path):
     """A 3D bundle trained with --pixdim and img_size chosen from the data (48, not the declared 96): the record keeps
-    both; evaluation and inference resample to the recorded spacing without being told; a resume with another
-    spacing is refused; the packaged copy states them in its configs and metadata, so the README's checks and export
-    run on it as it is."""
+    both, and the label values; evaluation and inference resample to the recorded spacing without being told; a
+    resume with another spacing is refused; the packaged copy states them in its configs and metadata (the classes
+    under their label values), so the README's checks and export run on it as it is; a record of an earlier version,
+    without them, reads as no resampling and consecutive label values."""
     name, pixdim = "lora_3d_segmentation", [2.4, 2.0, 2.0]  # the tiny volumes are 1.2 x 1.0 x 2.0 mm
     bundle, overrides = _copy(name, tiny_data["3d"], tiny_data["encoder3"], tmp_path)
     overrides = {key: value for key, value in overrides.items() if key != "img_size" and not key.startswith("_meta_")}
     run_bundle(bundle, ["train.json"], "train", quiet=True, pixdim=pixdim, **overrides,
                **{"train#trainer#max_epochs": 1})
     record = json.loads((bundle / "models" / "training_config.json").read_text())
-    assert record["pixdim"] == pixdim and record["img_size"] == 48
+    assert record["pixdim"] == pixdim and record["img_size"] == 48 and record["label_values"] == list(ATLAS_VALUES)
     continued = ConfigParser()  # MONAI Label's training of the served bundle continues at the recorded spacing
     continued.read_config(str(bundle / "configs" / "train.json"))
     continued.update({"bundle_root": str(bundle), "continue_model": True})
     assert continued.get_parsed_content("pixdim") == pixdim
+    assert continued.get_parsed_content("label_values") == list(ATLAS_VALUES)
 
     image = sorted((tiny_data["3d"].parent / "images" / "test").iterdir())[0]
     resampled = (19, 20, 34)  # 36 x 40 x 34 voxels of 1.2 x 1.0 x 2.0 mm at 2.4 x 2.0 x 2.0 mm, as Spacingd rounds
@@ -384,7 +428,15 @@ def test_pixdim_is_recorded_resampled_to_packaged_and_checked_on_resume(tiny_dat
     torch.jit.load(str(ts_file), _extra_files=extra)
     exported = json.loads(extra["metadata.json"])["network_data_format"]
     assert exported["inputs"]["image"]["spatial_shape"] == [48] * 3
-    assert exported["outputs"]["pred"]["channel_def"] == {str(i): name for i, name in enumerate(TINY_CLASSES)}
+    assert exported["outputs"]["pred"]["channel_def"] == {str(v): name for v, name in zip(ATLAS_VALUES, TINY_CLASSES)}
+
+    earlier = {key: value for key, value in record.items() if key not in ("pixdim", "label_values")}
+    (bundle / "models" / "training_config.json").write_text(json.dumps(earlier))  # a record of version 0.1.6
+    inference = ConfigParser()
+    inference.read_config(str(bundle / "configs" / "inference.json"))
+    inference.update({"bundle_root": str(bundle)})
+    assert inference.get_parsed_content("pixdim") is None
+    assert inference.get_parsed_content("label_values") == list(range(len(TINY_CLASSES)))
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

@@ -286,9 +286,19 @@ def delta_loader() -> dict[str, Any]:
     }
 
 
-#: record keys that runs of earlier bundle versions did not write, read as ``None`` when absent: ``pixdim``
-#: (segmentation 0.1.7; earlier runs resampled in evaluation and inference only when ``--pixdim`` was given again).
-LATER_RECORD_KEYS = ("pixdim",)
+#: record keys that runs of earlier bundle versions did not write, and what they read as when absent: ``pixdim``
+#: (segmentation 0.1.7; earlier runs resampled in evaluation and inference only when ``--pixdim`` was given again)
+#: as ``None``; ``label_values`` (segmentation 0.1.8; earlier runs took consecutive label values only) as ``0..K-1``.
+LATER_RECORD_KEYS = {"pixdim": None, "label_values": "list(range(len(@training_config['class_names'])))"}
+
+
+def record_read(key: str) -> str:
+    """The expression (without ``$``) that reads ``key`` from the training record, ``@training_config``; keys of
+    :data:`LATER_RECORD_KEYS` with their value for a record that lacks them."""
+    if key not in LATER_RECORD_KEYS:
+        return f"@training_config[{key!r}]"
+    fallback = LATER_RECORD_KEYS[key]
+    return f"@training_config.get({key!r})" if fallback is None else f"(@training_config.get({key!r}) or {fallback})"
 
 
 def recorded(
@@ -321,8 +331,7 @@ def recorded(
                 if key == "method_config" else f"$dict(@training_config[{key!r}], **@{key})"
             )
         else:
-            read = f".get({key!r})" if key in LATER_RECORD_KEYS else f"[{key!r}]"
-            entries[key] = f"$@training_config{read}"
+            entries[key] = f"${record_read(key)}"
     if untrained is None:
         record = {"training_config": "$monai_prompt.runs.read_training_config(@ckpt_dir, required=True)"}
     else:

@@ -363,14 +363,16 @@ classes) read by `monai.data.load_decathlon_datalist`. The default `dataset_dir`
 repository root, built by `monai-prompt demo-data --task segmentation`: {demo_data}, labelled {classes} (the
 most probable tissue of the template's probability maps inside its brain mask), split by axial slab with
 unused slices between the slabs so no two splits share a voxel. `initialize` checks every pair first
-(`monai_prompt.data.segmentation.check_segmentation_datalist`: readable, same shape and affine, label values in
-`0..num_classes-1`, class count, splits) and lists every problem at once.
+(`monai_prompt.data.segmentation.check_segmentation_datalist`: readable, same shape and affine, label values
+that the `labels` keys name, class count, splits) and lists every problem at once.
 
-For other data set `class_names` (the datalist's `labels`; `num_classes` follows) and `channel_def` in
-`metadata.json` (MONAI Label reads the label names from it), `in_channels`, and `pixdim` to resample to a
-common spacing (default `None`: the data's own; e.g. `--pixdim "[1.5,1.5,2.0]"`). Training records `pixdim` with
-the network's settings, so evaluation, inference and the packaged copy resample to the spacing the delta was
-trained at.""",
+For other data the datalist's `labels` name the classes (`num_classes` follows) by the value each has in the label
+maps: any distinct non-negative integers with `0` for background (BraTS' `0 1 2 4`, an atlas' region codes), mapped
+to class indices for training and written back into the masks (`uint16` above 255). Set `in_channels`, and
+`pixdim` to resample to a common spacing (default `None`: the data's own; e.g. `--pixdim "[1.5,1.5,2.0]"`).
+Training records the label values and `pixdim` with the network's settings, so evaluation, inference and the
+packaged copy (whose `metadata.json` `channel_def`, read by MONAI Label, names its classes) read the labels and
+resample as the delta was trained.""",
         training=f"""\
 - Network: `{spec.method}` on `backbone="vit_base"` (ViT-B/16), `img_size` the ROI ({dims}D): training takes
   whole training images, their largest side rounded up to a multiple of 16, at most {ROI_BUDGET[spec.spatial_dims]}

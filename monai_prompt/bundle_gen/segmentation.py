@@ -36,10 +36,18 @@ DEMO_DATASET_DIR = "runs/demo_segmentation/data"
 _KEYS = ["image", "label"]
 #: images per batch and ROI crops sampled from each (UNETR's BTCV recipe in 3D: one volume, four crops).
 _BATCH = {2: (8, 2), 3: (1, 4)}
-#: training: the classes are the datalist's ``labels`` unless given on the command line.
-_DATALIST_TASK = {"class_names": "$@datalist.classes", "num_classes": "$len(@class_names)"}
+#: training: the classes and their label values are the datalist's ``labels`` unless given on the command line.
+_DATALIST_TASK = {
+    "class_names": "$@datalist.classes",
+    "label_values": "$@datalist.label_values",
+    "num_classes": "$len(@class_names)",
+}
 #: the classes of the network an inference builds before any training (the demo's, as ``metadata.json`` names them).
-_UNTRAINED_TASK = {"class_names": list(SEGMENTATION_CLASSES), "num_classes": len(SEGMENTATION_CLASSES)}
+_UNTRAINED_TASK = {
+    "class_names": list(SEGMENTATION_CLASSES),
+    "label_values": list(range(len(SEGMENTATION_CLASSES))),
+    "num_classes": len(SEGMENTATION_CLASSES),
+}
 
 
 def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
@@ -104,7 +112,8 @@ def _common(spec: BundleSpec) -> dict[str, Any]:
 
 def _deterministic_transforms(label: bool = True) -> list[dict[str, Any]]:
     """Datalist item to network input and target: load image and label, channel first, match
-    ``in_channels``/``spatial_dims``, RAS orientation, resampling to ``pixdim`` when it is set (default: keep the
+    ``in_channels``/``spatial_dims``, the label values to class indices (``label_values`` -> ``0..K-1``), RAS
+    orientation, resampling to ``pixdim`` when it is set (default: keep the
     data's spacing), image scaled to [0, 1], float32. No resizing: the sliding window covers whole images of any size.
 
     Args:
@@ -113,14 +122,18 @@ def _deterministic_transforms(label: bool = True) -> list[dict[str, Any]]:
     """
     keys = _KEYS if label else "image"
     optional = {"allow_missing_keys": True} if label else {}
-    match_label = {"_target_": "monai_prompt.data.MatchInputd", "keys": "label", "spatial_dims": "@spatial_dims",
-                   "channels": 1, **optional}
+    match_label = [
+        {"_target_": "monai_prompt.data.MatchInputd", "keys": "label", "spatial_dims": "@spatial_dims",
+         "channels": 1, **optional},
+        {"_target_": "MapLabelValued", "keys": "label", "orig_labels": "@label_values",
+         "target_labels": "$list(range(len(@label_values)))", **optional},
+    ]
     return [
         {"_target_": "LoadImaged", "keys": keys, "image_only": True, **optional},
         {"_target_": "EnsureChannelFirstd", "keys": keys, **optional},
         {"_target_": "monai_prompt.data.MatchInputd", "keys": "image", "spatial_dims": "@spatial_dims",
          "channels": "@in_channels"},
-        *([match_label] if label else []),
+        *(match_label if label else []),
         {"_target_": "Orientationd", "keys": keys, "axcodes": "$'RAS'[:@spatial_dims]", "labels": None, **optional},
         {"_target_": "Spacingd", "_disabled_": "$@pixdim is None", "keys": keys, "pixdim": "@pixdim",
          "mode": ["bilinear", "nearest"] if label else "bilinear", **optional},
@@ -173,12 +186,14 @@ _POSTPROCESSING = common.compose([
 ])
 
 
-#: inference: the mask without its channel axis (``SaveImaged`` sees that from the spatial shape), as uint8. MONAI
-#: Label's ``BundleInferTask`` drops ``SaveImaged`` and writes the mask itself through ITK, which needs both (a 2D
-#: mask with a channel axis is a 3D image, and PNG holds no float).
+#: inference: the mask without its channel axis (``SaveImaged`` sees that from the spatial shape), the class indices
+#: back to the label values, as the smallest unsigned integer type that holds them (uint8 for up to 256 values).
+#: MONAI Label's ``BundleInferTask`` drops ``SaveImaged`` and writes the mask itself through ITK, which needs both (a
+#: 2D mask with a channel axis is a 3D image, and PNG holds no float).
 _MASK = (
     {"_target_": "SqueezeDimd", "keys": "pred", "dim": 0},
-    {"_target_": "CastToTyped", "keys": "pred", "dtype": "$np.uint8"},
+    {"_target_": "MapLabelValued", "keys": "pred", "orig_labels": "$list(range(len(@label_values)))",
+     "target_labels": "@label_values", "dtype": "$monai_prompt.data.mask_dtype(@label_values)"},
 )
 
 
@@ -198,6 +213,7 @@ def _continue_model(settings: dict[str, Any]) -> dict[str, Any]:
         "datalist_file": unless + settings["datalist_file"][1:],
         "datalist": "$None if @datalist_file is None else " + settings["datalist"][1:],
         "class_names": "$@training_config['class_names'] if @flags#continue_model else @datalist.classes",
+        "label_values": f"${common.record_read('label_values')} if @flags#continue_model else @datalist.label_values",
         "continue_model": False,
         "training_config": "$monai_prompt.runs.read_training_config(@ckpt_dir, required=@flags#continue_model)",
     }
@@ -211,7 +227,7 @@ _TRAINING_IMG_SIZE = ("$@training_config['img_size'] if @flags#continue_model el
 
 #: training's ``pixdim`` (default ``None``: the data's own spacing); continuing the served model: its recorded
 #: spacing; a command-line ``--pixdim`` replaces the expression.
-_TRAINING_PIXDIM = "$@training_config.get('pixdim') if @flags#continue_model else None"
+_TRAINING_PIXDIM = f"${common.record_read('pixdim')} if @flags#continue_model else None"
 
 #: a training run that keeps the folder's previous run: ``--resume`` or ``continue_model`` (:func:`_continue_model`).
 _KEPT = "@flags#resume or @flags#continue_model"
@@ -224,7 +240,7 @@ def _initialize(train: bool = True) -> list[str]:
     splits = "['training', 'validation']" if train else "[@evaluate_split]"
     check = (
         f"monai_prompt.data.check_segmentation_datalist(@datalist_file, @class_names, channels=@in_channels, "
-        f"required_splits={splits}, num_classes=@num_classes)"
+        f"required_splits={splits}, num_classes=@num_classes, label_values=@label_values, datalist=@datalist)"
     )
     if not train:
         return common.initialize([f"${check}"], train=False)
@@ -323,7 +339,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "infer_images": "@input_dir",
         "infer_files": "$monai_prompt.data.find_images(@infer_images)",
         "mask_dir": "$@output_dir + '/masks'",
-        "mask_ext": "$monai_prompt.data.mask_suffix(@infer_files)",
+        "mask_ext": "$monai_prompt.data.mask_suffix(@infer_files, @label_values)",
         "mask_root": "$monai_prompt.data.mask_root(@infer_files)",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_infer')",
         "preprocessing": common.compose(_deterministic_transforms(label=False)),
@@ -337,7 +353,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
             *_MASK,
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@mask_dir", "output_postfix": "seg",
-             "output_ext": "@mask_ext", "output_dtype": "$np.uint8", "resample": False, "separate_folder": False,
+             "output_ext": "@mask_ext", "output_dtype": "$monai_prompt.data.mask_dtype(@label_values)",
+             "resample": False, "separate_folder": False,
              "data_root_dir": "@mask_root", "print_log": False},
         ]),
         "handlers": [common.delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}],

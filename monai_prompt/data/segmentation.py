@@ -32,6 +32,7 @@ __all__ = [
     "SegmentationSummary",
     "check_segmentation_datalist",
     "is_segmentation_datalist",
+    "mask_dtype",
     "mask_root",
     "mask_suffix",
     "read_segmentation_datalist",
@@ -56,13 +57,18 @@ _AFFINE_TOLERANCE = 1e-3
 
 @dataclass
 class SegmentationDatalist(Datalist):
-    """Image/label pairs per split and the class names.
+    """Image/label pairs per split, the class names and the label value of each class.
 
     Attributes:
-        classes: class names, index = label value (``labels`` of the decathlon file).
+        classes: class names, in the order of the network's outputs (``labels`` of the decathlon file, by value).
         splits: ``training``/``validation``/``test``/``unlabeled`` -> ``{"image", "label"[, "group"]}`` dicts
             with absolute paths (no ``label`` in ``unlabeled``; MSD-style bare test paths become ``{"image"}``).
+        label_values: the value class ``k`` has in the label maps (the ``labels`` keys, ascending): ``0..K-1``
+            for consecutive labels, else e.g. BraTS' ``0, 1, 2, 4`` or an atlas' region codes. The bundles map
+            them to ``0..K-1`` for training and back in the masks they write.
     """
+
+    label_values: list[int]
 
     def __getitem__(self, split: str) -> list[dict[str, Any]]:
         return self.splits.get(split, [])
@@ -77,8 +83,8 @@ def read_segmentation_datalist(path: str | os.PathLike) -> SegmentationDatalist:
 
     Raises:
         FileNotFoundError: a folder without ``dataset.json``.
-        ValueError: no ``labels`` map naming the classes, ``labels`` keys other than ``0..K-1`` (a label value's
-            name would be another's), or an item whose image or label lists several files.
+        ValueError: no ``labels`` map naming the classes, ``labels`` keys that are not distinct non-negative
+            integers with ``0`` (background) among them, or an item whose image or label lists several files.
     """
     from monai.data import load_decathlon_datalist
 
@@ -98,13 +104,14 @@ def read_segmentation_datalist(path: str | os.PathLike) -> SegmentationDatalist:
             f"{path}: a segmentation datalist names its classes in 'labels', e.g. "
             '{"0": "background", "1": "liver"}; add it (MONAI Label and metadata.json channel_def use the same names).'
         )
-    keys = sorted(labels, key=lambda key: int(key) if str(key).strip().lstrip("-").isdigit() else math.inf)
-    if keys != [str(value) for value in range(len(labels))]:
+    values = {key: _label_value(key) for key in labels}
+    if None in values.values() or 0 not in values.values() or len(set(values.values())) != len(values):
         raise ValueError(
-            f"{path}: 'labels' has the keys {keys}; the bundles name class k after the label value k, so the keys "
-            f"must be 0..{len(labels) - 1}. Renumber the label maps and the keys to consecutive values (BraTS' "
-            "0/1/2/4 to 0/1/2/3, e.g. with monai.transforms.MapLabelValue), then train on the renumbered copy."
+            f"{path}: 'labels' has the keys {list(labels)}; each key is the value of its class in the label maps: "
+            'distinct non-negative integers, 0 (background) among them, e.g. {"0": "background", "1": "edema", '
+            '"2": "non-enhancing", "4": "enhancing"}.'
         )
+    keys = sorted(labels, key=values.get)
     splits = {
         split: load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=split)
         for split in _ALL_SPLITS
@@ -124,7 +131,14 @@ def read_segmentation_datalist(path: str | os.PathLike) -> SegmentationDatalist:
         logging.getLogger("monai_prompt").info(
             f"{path} has no 'validation' list: {len(carved['validation'])} of the training items (by group, seed 0) "
             "validate; add a 'validation' list to choose them.")
-    return SegmentationDatalist([labels[key] for key in keys], splits)
+    return SegmentationDatalist([labels[key] for key in keys], splits, [values[key] for key in keys])
+
+
+def _label_value(key: str) -> int | None:
+    """The label value a ``labels`` key names (``"4"``, ``" 4 "``), or ``None`` if it is not a non-negative
+    integer."""
+    key = str(key).strip()
+    return int(key) if key.isascii() and key.isdigit() else None
 
 
 def is_segmentation_datalist(path: str | os.PathLike) -> bool:
@@ -173,6 +187,19 @@ class SegmentationSummary:
         return "\n".join(lines) + "\n(class columns: fraction of label voxels)"
 
 
+def _classes_text(label_values: Sequence[int], classes: Sequence[str]) -> str:
+    """``{0: 'background', 4: 'tumour'}``, or the bare names for consecutive label values."""
+    if list(label_values) == list(range(len(classes))):
+        return str(list(classes))
+    return str(dict(zip(label_values, classes)))
+
+
+def _values_text(label_values: Sequence[int]) -> str:
+    """``0..3`` for consecutive label values, else the values."""
+    consecutive = list(label_values) == list(range(len(label_values)))
+    return f"0..{len(label_values) - 1}" if consecutive else ", ".join(map(str, label_values))
+
+
 def _spatial_shape(array) -> tuple[int, ...]:
     """Spatial shape of a channel-first array with trailing singleton dims dropped (ITK reads 2D DICOM as 3D)."""
     shape = tuple(int(s) for s in array.shape[1:])
@@ -212,8 +239,9 @@ def _channels(image) -> int:
     return pil_channels(mode) if mode in PIL_CONVERSIONS else int(image.shape[0])
 
 
-def _pair_problems(image, label, image_path: str, label_path: str, num_classes: int) -> list[str]:
-    """What is wrong with one loaded image/label pair: non-finite image, geometry, label values."""
+def _pair_problems(image, label, image_path: str, label_path: str, label_values: Sequence[int]) -> list[str]:
+    """What is wrong with one loaded image/label pair: non-finite image, geometry, label values other than the
+    classes' ``label_values``."""
     problems = []
     pixels = np.asarray(image)
     if np.issubdtype(pixels.dtype, np.inexact) and not np.isfinite(pixels).all():
@@ -238,10 +266,11 @@ def _pair_problems(image, label, image_path: str, label_path: str, num_classes: 
     if not np.all(np.equal(np.mod(values, 1), 0)):
         problems.append(f"{label_path}: non-integer values (e.g. {values[np.mod(values, 1) != 0][:3].tolist()}); a "
                         "label map holds class indices (was it resampled with linear interpolation?).")
-    outside = values[(values < 0) | (values >= num_classes)]
+    outside = values[~np.isin(values, label_values) & (np.mod(values, 1) == 0)]  # fractions: reported above
     if outside.size:
-        problems.append(f"{label_path}: values {outside[:5].tolist()} are outside the classes 0..{num_classes - 1}; "
-                        "renumber them, or name more classes in the datalist's 'labels'.")
+        problems.append(f"{label_path}: values {outside[:5].tolist()} are no class's ({_values_text(label_values)}, "
+                        "the 'labels' keys); name their classes in the datalist's 'labels', or set them to 0 "
+                        "(background) in a copy of the label maps.")
     return problems
 
 
@@ -252,6 +281,8 @@ def check_segmentation_datalist(
     channels: int | None = None,
     required_splits: Sequence[str] = ("training",),
     num_classes: int | None = None,
+    label_values: Sequence[int] | None = None,
+    datalist: SegmentationDatalist | None = None,
 ) -> SegmentationSummary:
     """Check every image/label pair of a decathlon segmentation datalist and report all problems at once.
 
@@ -260,7 +291,8 @@ def check_segmentation_datalist(
     of a labelled split without label, label maps with several channels, another shape or affine than their image,
     non-integer values or values outside the classes, channel counts that differ from the rest (or from
     ``channels``), images listed twice in a split or in two splits, groups split across training/validation/test,
-    empty ``required_splits`` or ones whose labels hold only background, and classes other than ``class_names``.
+    empty ``required_splits`` or ones whose labels hold only background, and classes (names and label values) other
+    than the bundle's.
 
     Args:
         source: the datalist JSON (its ``labels`` map names the classes).
@@ -271,20 +303,28 @@ def check_segmentation_datalist(
         required_splits: splits that must hold items (training: training and validation); their items, and
             those of training and validation, need a label (an MSD ``test`` list of bare images may lack them).
         num_classes: the bundle's ``num_classes``, which must equal the number of classes.
+        label_values: the label value of each of ``class_names`` (default: the datalist's when ``class_names`` is
+            not given, else ``0..K-1``).
+        datalist: ``source`` as the workflow has read it (default: read here), so that a carved validation split
+            is carved and logged once.
 
     Raises:
         DataCheckError: listing every problem with its path and the fix.
     """
     from monai.transforms import LoadImage
 
-    datalist = read_segmentation_datalist(source)
+    datalist = read_segmentation_datalist(source) if datalist is None else datalist
     problems: list[str] = []
-    if class_names is not None and list(class_names) != datalist.classes:
-        problems.append(f"{source}: 'labels' names the classes {datalist.classes} but the bundle's are "
-                        f"{list(class_names)} (a trained network's come from models/training_config.json); "
-                        "relabel the data to the bundle's classes, or train on these (and update channel_def in "
-                        "metadata.json).")
-    classes = datalist.classes if class_names is None else list(class_names)
+    classes, values = datalist.classes, datalist.label_values
+    if class_names is not None:
+        classes = list(class_names)
+        values = list(range(len(classes))) if label_values is None else [int(value) for value in label_values]
+        if dict(zip(values, classes)) != dict(zip(datalist.label_values, datalist.classes)):
+            problems.append(
+                f"{source}: 'labels' names the classes {_classes_text(datalist.label_values, datalist.classes)} but "
+                f"the bundle's are {_classes_text(values, classes)} (a trained network's come from "
+                "models/training_config.json); relabel the data to the bundle's classes, or train on these (and "
+                "update channel_def in metadata.json).")
     problems += [f"{source}: no {split!r} items; the workflow needs them{_CARVE if split == 'validation' else ''}."
                  for split in required_splits if not datalist[split]]
     if num_classes is not None and num_classes != len(classes):
@@ -311,11 +351,11 @@ def check_segmentation_datalist(
         label = _load(item["label"], load, problems)
         if image is None or label is None:
             continue
-        problems += _pair_problems(image, label, item["image"], item["label"], len(classes))
-        values, counts = np.unique(np.asarray(label), return_counts=True)
-        for value, count in zip(values, counts):
-            if 0 <= value < len(classes) and value % 1 == 0:
-                voxels[split][int(value)] += count
+        problems += _pair_problems(image, label, item["image"], item["label"], values)
+        found, counts = np.unique(np.asarray(label), return_counts=True)
+        for value, count in zip(found, counts):
+            if value in values:
+                voxels[split][values.index(value)] += count
     expected = _input_channels(image_channels.values(), channels)
     problems += _channel_problems(image_channels, channels)
     problems += [
@@ -364,9 +404,13 @@ def whole_image_roi(items: Sequence[dict[str, Any]], spatial_dims: int, patch_si
     return side
 
 
-def mask_suffix(images: Sequence[str | os.PathLike]) -> str:
-    """Suffix of the saved masks: ``.png`` when every input is a PIL format (PNG/JPEG/TIFF/BMP), else ``.nii.gz``
-    (NIfTI keeps the input's affine, also for DICOM and other ITK inputs).
+def mask_suffix(images: Sequence[str | os.PathLike], label_values: Sequence[int] = ()) -> str:
+    """Suffix of the saved masks: ``.png`` when every input is a PIL format (PNG/JPEG/TIFF/BMP) and every label
+    value fits a byte, else ``.nii.gz`` (NIfTI keeps the input's affine, also for DICOM and other ITK inputs).
+
+    Args:
+        images: the inference inputs.
+        label_values: the values the masks hold (the classes' label values).
 
     Raises:
         ValueError: the inputs mix PIL formats with others (their masks need different writers).
@@ -377,7 +421,13 @@ def mask_suffix(images: Sequence[str | os.PathLike]) -> str:
             f"{kinds[True]} PNG/JPEG-type and {kinds[False]} other images in one inference run; their masks are "
             "written as PNG and NIfTI respectively: run inference separately on each kind."
         )
-    return ".png" if kinds[True] else ".nii.gz"
+    return ".png" if kinds[True] and max(label_values, default=0) <= np.iinfo(np.uint8).max else ".nii.gz"
+
+
+def mask_dtype(label_values: Sequence[int]) -> type[np.integer]:
+    """The smallest unsigned type of ``uint8``/``uint16``/``uint32`` that holds every label value of a mask."""
+    largest = max(label_values, default=0)
+    return next(dtype for dtype in (np.uint8, np.uint16, np.uint32) if largest <= np.iinfo(dtype).max)
 
 
 def _mask_stem(path: str) -> str:

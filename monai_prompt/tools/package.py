@@ -49,9 +49,10 @@ __all__ = ["BACKBONE_NAME", "PackageReport", "package_bundle"]
 BACKBONE_NAME = "backbone"
 #: folders of a bundle that a packaged copy keeps (with its top-level files, e.g. LICENSE); run outputs are left out.
 KEPT_FOLDERS = ("configs", "docs", "scripts")
-#: record entries not written into the packaged configs: the classes (the record's, read by evaluation, inference
-#: and ``continue_model`` training; a classification ``train.json`` takes them from its datalist).
-LABEL_KEYS = ("class_names", "num_classes", "multi_label")
+#: record entries not written into the packaged configs: the classes and their label values (the record's, read by
+#: evaluation, inference and ``continue_model`` training; a classification ``train.json`` takes them from its
+#: datalist).
+LABEL_KEYS = ("class_names", "label_values", "num_classes", "multi_label")
 #: the configs whose network a packaged bundle is verified with: MONAI Label's inference, and its training
 #: (``train.json``) where that continues the delta (``continue_model``).
 VERIFIED_CONFIGS = ("inference.json", "train.json")
@@ -123,7 +124,8 @@ def _write_configs(configs: Path, settings: dict[str, Any]) -> None:
 
 def _write_metadata(path: Path, record: dict[str, Any]) -> None:
     """``network_data_format`` of ``metadata.json`` for the trained network: the record's classes as every ``pred``
-    output's ``channel_def`` (MONAI Label's labels), and its input shape."""
+    output's ``channel_def`` (MONAI Label's labels: each class's label value in the masks, ``label_values`` for
+    segmentation, else its index), and its input shape."""
     meta = json.loads(path.read_text())
     data_format = meta["network_data_format"]
     shape = None
@@ -132,7 +134,8 @@ def _write_metadata(path: Path, record: dict[str, Any]) -> None:
         shape = list(size) if isinstance(size, list) else [size] * record["spatial_dims"]
         data_format["inputs"]["image"]["spatial_shape"] = shape
     if "class_names" in record:
-        classes = {str(i): name for i, name in enumerate(record["class_names"])}
+        values = record.get("label_values") or range(len(record["class_names"]))
+        classes = {str(value): name for value, name in zip(values, record["class_names"])}
         for outputs in ("outputs", "post_processed_outputs"):
             pred = data_format.get(outputs, {}).get("pred")
             if pred is None:
