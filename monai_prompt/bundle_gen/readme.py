@@ -48,7 +48,7 @@ class TaskText:
         resume: how an interrupted run continues.
         evaluate: what an evaluation writes.
         infer: what an inference writes, and its command's last line.
-        export: the check and export paragraph and commands (``{tools}``: those of the bundle itself).
+        export: the check and export paragraph and commands.
         notes: the repository page with more notes.
     """
 
@@ -243,11 +243,7 @@ sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.""",
                " for\nother images):\n\n```bash\npython -m monai.bundle run --config_file "
                f"bundles/{spec.name}/configs/inference.json --pretrained ...\n```"),
         export=f"""\
-Check and export (TorchScript of the network with the delta loaded on the pre-trained backbone):
-
-```bash
-{{tools}}
-```
+{_export(spec, "the demo's classes")}
 
 `monai-prompt export bundles/{spec.name} --pretrained ...` writes one self-contained file instead: the full state
 dict `models/model_full.pt` (with LoRA/SSF merged into the weights where the method allows it) and its
@@ -415,17 +411,7 @@ resample as the delta was trained.""",
                "python -m monai.bundle run --config_file "
                f"bundles/{spec.name}/configs/inference.json --pretrained ... \\\n"
                "    --infer_images \"/data/new_scans/*.nii.gz\"\n```"),
-        export=f"""\
-Check and export the trained bundle's deployable copy, which `monai-prompt package` writes (see "Trained network
-and shipping"): its `metadata.json` states the trained input size and classes, which `verify_net_in_out` checks
-and `ckpt_export` stores in `model.ts` (TorchScript of the network with the delta loaded on the pre-trained
-encoder), and its configs hold the recorded settings, so no `--pretrained` is needed. The bundle's own
-`metadata.json` describes the network before any training ({_shape(spec)}, the demo's classes), which
-`verify_net_in_out` checks on a fresh bundle only.
-
-```bash
-{_checks(f"bundles/{spec.name}", f"deploy/{spec.name}")}
-```""",
+        export=_export(spec, f"{_shape(spec)}, the demo's classes"),
         notes="`docs/segmentation.md` of the repository",
     )
 
@@ -433,32 +419,37 @@ encoder), and its configs hold the recorded settings, so no `--pretrained` is ne
 _TEXTS = {"classification": _classification_text, "segmentation": _segmentation_text}
 
 
-def _checks(bundle: str, deploy: str | None = None) -> str:
-    """The model-zoo checks and ``ckpt_export`` of ``bundle`` (``bundles/<name>``, with the ``--pretrained`` it was
-    trained with), or with ``deploy``, of the deployable copy that ``monai-prompt package`` writes there first: it
-    needs no ``--pretrained``, and ``--bundle_root`` points its configs at it (from the repository root,
-    :func:`monai_prompt.runs.bundle_root` would find ``bundles/<name>``)."""
+def _export(spec: BundleSpec, untrained: str) -> str:
+    """The check and export paragraph and commands: the model-zoo checks and ``ckpt_export`` of the deployable copy
+    that ``monai-prompt package`` writes to ``deploy/<name>`` first. It needs no ``--pretrained``, and
+    ``--bundle_root`` points its configs at it (from the repository root, :func:`monai_prompt.runs.bundle_root` would
+    find ``bundles/<name>``).
+
+    Args:
+        spec: the bundle.
+        untrained: what the bundle's own ``metadata.json`` describes before any training.
+    """
     schema = ('SCHEMA=$(python -c "from monai_prompt.bundle_gen.metadata import schema_file; print(schema_file())")'
               "  # offline copy")
-    if deploy is None:
-        return f"""\
-{schema}
-python -m monai.bundle verify_metadata --meta_file {bundle}/configs/metadata.json --filepath $SCHEMA
-python -m monai.bundle verify_net_in_out network_def --meta_file {bundle}/configs/metadata.json \\
-    --config_file {bundle}/configs/inference.json --pretrained ...
-python -m monai.bundle ckpt_export network_def --filepath {bundle}/models/model.ts \\
-    --ckpt_file {bundle}/models/model.pt --meta_file {bundle}/configs/metadata.json \\
-    --config_file {bundle}/configs/inference.json --key_in_ckpt model --pretrained ..."""
     return f"""\
-monai-prompt package {bundle} --out {deploy}
-D={deploy}
+Check and export the trained bundle's deployable copy, which `monai-prompt package` writes (see "Trained network
+and shipping"): its `metadata.json` states the trained input size and classes, which `verify_net_in_out` checks
+and `ckpt_export` stores in `model.ts` (TorchScript of the network with the delta loaded on the pre-trained
+backbone), and its configs hold the recorded settings, so no `--pretrained` is needed. The bundle's own
+`metadata.json` describes the network before any training
+({untrained}), which `verify_net_in_out` checks on a fresh bundle only.
+
+```bash
+monai-prompt package bundles/{spec.name} --out deploy/{spec.name}
+D=deploy/{spec.name}
 {schema}
 python -m monai.bundle verify_metadata --meta_file $D/configs/metadata.json --filepath $SCHEMA
 python -m monai.bundle verify_net_in_out network_def --bundle_root $D --meta_file $D/configs/metadata.json \\
     --config_file $D/configs/inference.json
 python -m monai.bundle ckpt_export network_def --bundle_root $D --filepath $D/models/model.ts \\
     --ckpt_file $D/models/model.pt --meta_file $D/configs/metadata.json --config_file $D/configs/inference.json \\
-    --key_in_ckpt model"""
+    --key_in_ckpt model
+```"""
 
 
 # ----------------------------------------------------------------------------------------------------- the page
@@ -501,7 +492,6 @@ def readme(spec: BundleSpec, measured: dict | None = None) -> str:
     text = _TEXTS[spec.task](spec, measured)
     name = spec.name
     references = "\n".join(f"- {ref.citation}. {ref.url}" for ref in spec.references)
-    tools = _checks(f"bundles/{name}")
     return f"""\
 # {text.title}
 
@@ -573,7 +563,7 @@ python -m monai.bundle run \\
 
 {text.infer}
 
-{text.export.format(tools=tools)}
+{text.export}
 
 ## Trained network and shipping
 
