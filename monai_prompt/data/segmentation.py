@@ -269,8 +269,9 @@ def _pair_problems(image, label, image_path: str, label_path: str, label_values:
     outside = values[~np.isin(values, label_values) & (np.mod(values, 1) == 0)]  # fractions: reported above
     if outside.size:
         problems.append(f"{label_path}: values {outside[:5].tolist()} are no class's ({_values_text(label_values)}, "
-                        "the 'labels' keys); name their classes in the datalist's 'labels', or set them to 0 "
-                        "(background) in a copy of the label maps.")
+                        "the 'labels' keys); name their classes in the datalist's 'labels' (e.g. "
+                        f'"{int(outside[0])}": "<class name>"), or set them to 0 (background) in a copy of the label '
+                        "maps.")
     return problems
 
 
