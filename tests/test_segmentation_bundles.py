@@ -4,6 +4,7 @@ scipy on the saved masks, which keep the input's geometry; the data check, per-c
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from monai_prompt.data.segmentation import (
     mask_root,
     mask_suffix,
     read_segmentation_datalist,
+    resampled_shape,
 )
 from monai_prompt.engine import latest_checkpoint
 from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice
@@ -453,6 +455,25 @@ def test_training_img_size_takes_whole_training_images_unless_set(spatial_dims, 
     assert f"img_size 48: the ROI and sliding window take whole training images (the largest, {tmp_path}" in caplog.text
     parser.update({"img_size": 32})
     assert parser.get_parsed_content("roi_size", lazy=False) == (32,) * spatial_dims
+
+
+@pytest.mark.parametrize(("png", "spatial_dims", "pixdim"), [
+    (False, 3, [2.4, 2.0, 2.0]), (False, 3, 1.0), (False, 2, [0.7, 0.9]), (True, 2, [0.5, 2.0])])
+def test_whole_image_roi_measures_images_after_the_resampling(png, spatial_dims, pixdim, tmp_path, caplog):
+    """With --pixdim the ROI takes the images as the bundle's preprocessing gives them (read from the headers,
+    checked against the validation preprocessing of train.json on the image itself)."""
+    datalist = write_tiny_segmentation(tmp_path / "data", spatial_dims, png=png, counts=(1, 0, 0))
+    items = read_segmentation_datalist(datalist)["training"]
+    parser = ConfigParser()
+    parser.read_config(str(find_bundle("lora_segmentation" if spatial_dims == 2 else "lora_3d_segmentation")
+                           / "configs" / "train.json"))
+    parser.update({"datalist_file": str(datalist), "bundle_root": str(tmp_path), "pixdim": pixdim})
+    preprocessed = parser.get_parsed_content("validate#preprocessing")(dict(items[0]))["image"].shape[1:]
+    assert resampled_shape(items[0]["image"], spatial_dims, pixdim) == tuple(preprocessed)
+    with caplog.at_level("INFO", logger="monai_prompt"):
+        side = parser.get_parsed_content("img_size")
+    assert side == min(16 * math.ceil(max(preprocessed) / 16), 256 if spatial_dims == 2 else 96)
+    assert f"is {max(preprocessed)} wide at pixdim {pixdim}" in caplog.text
 
 
 def test_whole_image_roi_keeps_to_the_memory_budget(tmp_path, caplog):

@@ -223,7 +223,7 @@ def _continue_model(settings: dict[str, Any]) -> dict[str, Any]:
 #: (:func:`monai_prompt.data.whole_image_roi`, logged); continuing the served model: its recorded size; a command-line
 #: ``--img_size`` replaces the expression.
 _TRAINING_IMG_SIZE = ("$@training_config['img_size'] if @flags#continue_model else "
-                      "monai_prompt.data.whole_image_roi(@datalist['training'], @spatial_dims)")
+                      "monai_prompt.data.whole_image_roi(@datalist['training'], @spatial_dims, pixdim=@pixdim)")
 
 #: training's ``pixdim`` (default ``None``: the data's own spacing); continuing the served model: its recorded
 #: spacing; a command-line ``--pixdim`` replaces the expression.

@@ -354,7 +354,8 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
             ("0.1.8", ("label maps may hold any label values the datalist's 'labels' keys name (BraTS' 0/1/2/4, an "
                        "atlas' region codes): training maps them to class indices, the masks inference writes hold "
                        "them again (uint16 above 255, NIfTI for PNG inputs then), and the training record keeps "
-                       "them as label_values (a record of an earlier version reads as 0..K-1)")),
+                       "them as label_values (a record of an earlier version reads as 0..K-1); with --pixdim the "
+                       "img_size chosen from the data measures the images after resampling")),
             ("0.1.7", ("the training record keeps pixdim: evaluation, inference, the packaged copy (MONAI Label) and "
                        "continue_model resample to the spacing the delta was trained at, and a resume refuses "
                        "another one (a record of an earlier version, which has none, reads as null: give --pixdim "

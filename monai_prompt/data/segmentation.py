@@ -36,6 +36,7 @@ __all__ = [
     "mask_root",
     "mask_suffix",
     "read_segmentation_datalist",
+    "resampled_shape",
     "whole_image_roi",
 ]
 
@@ -376,33 +377,80 @@ def check_segmentation_datalist(
     )
 
 
-def whole_image_roi(items: Sequence[dict[str, Any]], spatial_dims: int, patch_size: int = 16) -> int:
-    """The ROI and sliding-window side that takes the largest training image whole: its largest side (as stored)
-    rounded up to a multiple of ``patch_size``, at most :data:`ROI_BUDGET`; logged on ``monai_prompt``.
+def whole_image_roi(
+    items: Sequence[dict[str, Any]],
+    spatial_dims: int,
+    patch_size: int = 16,
+    pixdim: float | Sequence[float] | None = None,
+) -> int:
+    """The ROI and sliding-window side that takes the largest training image whole: its largest side, as the
+    network sees it, rounded up to a multiple of ``patch_size``, at most :data:`ROI_BUDGET`; logged on
+    ``monai_prompt``.
 
     Larger images are cropped to the budget in training and covered by the sliding window in validation and
-    inference. A resampling ``pixdim`` changes the sizes after this choice: set ``img_size`` then.
+    inference. With ``pixdim``, NIfTI and PNG-type images are measured after the bundles' RAS orientation and
+    resampling (:func:`resampled_shape`, from their headers); other formats as stored.
 
     Args:
         items: the training items (``image`` paths).
         spatial_dims: 2 or 3.
         patch_size: the ViT's patch size (the side is a multiple of it).
+        pixdim: the spacing the bundle resamples to (``Spacingd``'s ``pixdim``); ``None``: none.
     """
     from monai_prompt.data.headers import read_header
 
     if not items:
         raise ValueError("img_size is chosen from the training images, and there are none; add 'training' items "
                          "or set --img_size.")
-    sides = {item["image"]: max(read_header(item["image"]).spatial_shape[:spatial_dims]) for item in items}
+    sides = {}
+    for item in items:
+        shape = None if pixdim is None else resampled_shape(item["image"], spatial_dims, pixdim)
+        sides[item["image"]] = max(shape or read_header(item["image"]).spatial_shape[:spatial_dims])
     largest = max(sides, key=sides.get)
     whole = patch_size * math.ceil(sides[largest] / patch_size)
     side = min(whole, ROI_BUDGET[spatial_dims])
     cut = "" if side == whole else (f", cut to {side}, the memory budget (ROI_BUDGET): training takes {side}-wide "
                                    "crops and the sliding window covers the rest")
+    spacing = "" if pixdim is None else f" at pixdim {pixdim}"
     logging.getLogger("monai_prompt").info(
         f"img_size {side}: the ROI and sliding window take whole training images (the largest, {largest}, is "
-        f"{sides[largest]} wide; a multiple of {patch_size}{cut}); set --img_size to choose another.")
+        f"{sides[largest]} wide{spacing}; a multiple of {patch_size}{cut}); set --img_size to choose another.")
     return side
+
+
+def resampled_shape(
+    path: str | os.PathLike, spatial_dims: int, pixdim: float | Sequence[float]
+) -> tuple[int, ...] | None:
+    """The spatial shape of an image once the bundles' transforms have turned it to RAS and resampled it to
+    ``pixdim`` (``Orientation`` and ``Spacing``, run lazily on a header-sized placeholder: no voxel is read).
+
+    Args:
+        path: a NIfTI or PNG-type image (others give ``None``: their headers are not read for a grid here).
+        spatial_dims: 2 or 3 (a NIfTI's trailing singleton axes are dropped down to it, as ``MatchInputd`` does).
+        pixdim: ``Spacing``'s ``pixdim``.
+    """
+    import nibabel as nib
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, Orientation, Spacing
+
+    from monai_prompt.data.headers import read_header
+
+    suffix = image_suffix(path)
+    if suffix in (".nii", ".nii.gz"):
+        header = nib.load(str(path))
+        shape, affine = list(header.shape[:3]), header.affine
+    elif suffix in PIL_SUFFIXES:
+        shape, affine = list(read_header(path).spatial_shape), np.eye(4)
+    else:
+        return None
+    while len(shape) > spatial_dims and shape[-1] == 1:
+        shape.pop()
+    if len(shape) != spatial_dims:
+        return None
+    placeholder = MetaTensor(torch.zeros(1).expand(1, *shape), affine=torch.as_tensor(affine, dtype=torch.float64))
+    transforms = Compose([Orientation("RAS"[:spatial_dims], labels=None), Spacing(pixdim)], lazy=True)
+    return tuple(int(size) for size in transforms(placeholder).peek_pending_shape())
 
 
 def mask_suffix(images: Sequence[str | os.PathLike], label_values: Sequence[int] = ()) -> str:
