@@ -78,7 +78,13 @@ def _layout_defaults(checkpoint: Checkpoint) -> tuple[float, str, str]:
 def _num_blocks(checkpoint: Checkpoint) -> int:
     """Number of transformer blocks (each with attention and a two-layer MLP)."""
     found = {int(m.group(1)) for k in checkpoint.state if (m := re.match(r"^blocks\.(\d+)\.attn\.qkv\.weight$", k))}
-    if not found or sorted(found) != list(range(len(found))):
+    if not found:
+        raise CheckpointError(
+            f"{checkpoint.path}: no transformer blocks of a plain ViT (attention weights blocks.<i>.attn.qkv after "
+            f"renaming the {checkpoint.layout} layout): a hierarchical network (Swin, ConvNeXt, ...) is not supported; "
+            f"first keys: {sorted(checkpoint.tensors)[:8]}."
+        )
+    if sorted(found) != list(range(len(found))):
         raise CheckpointError(
             f"{checkpoint.path}: cannot tell the transformer blocks: attention weights for blocks {sorted(found)}."
         )
@@ -178,6 +184,11 @@ def infer_vit_config(
         grid_origin = "src_grid"
     inferred["source_grid"] = (tuple(src_grid), grid_origin)
     dims = choose("spatial_dims", src_dims, "weights")
+    if dims < src_dims:
+        raise CheckpointError(
+            f"{checkpoint.path}: {src_dims}D weights (patch {src_patch}) cannot make a {dims}D model (only 2D weights "
+            f"are inflated to 3D): build it with spatial_dims={src_dims}."
+        )
     if "img_size" not in overrides and dims != src_dims:
         raise CheckpointError(
             f"{checkpoint.path}: a {dims}D model from {src_dims}D weights needs img_size=... (the volume size)."
@@ -188,6 +199,11 @@ def infer_vit_config(
             f"{checkpoint.path}: the number of attention heads is not in the weights and no config file beside them "
             f"names it; pass num_heads=... (in a network: backbone_overrides={{'num_heads': ...}}); ViTs with "
             f"64-wide heads have hidden_size // 64 = {hidden // 64}."
+        )
+    if hidden % int(heads):
+        raise CheckpointError(
+            f"{checkpoint.path}: num_heads={heads} ({'override' if 'num_heads' in overrides else config_name}) does "
+            f"not divide the width {hidden} of the weights; ViTs with 64-wide heads have {hidden // 64}."
         )
     eps, act, why = _layout_defaults(checkpoint)
     config_act = config_activation(checkpoint)

@@ -600,13 +600,14 @@ def _load_tensors(
     report.unexpected = sorted(set(state) - set(target))
     if strict and (report.missing or report.unexpected):
         fix = (
-            "build it with backbone='auto' to read the architecture off the checkpoint, or pass strict=False"
+            "build it with backbone='auto' to read the architecture off the checkpoint"
             if report.missing
-            else "to load the encoder without the layers it lacks (e.g. SAM-Med2D's adapters), pass strict=False"
+            else "to load the encoder without the layers it lacks (e.g. SAM-Med2D's adapters), pass strict=False "
+            "(in a network: pretrained_strict=False)"
         )
         raise CheckpointError(
             f"{source}: not a SAM image encoder of this architecture ({model.config}): {state_mismatch(state, target)}"
-            f"; {fix} (in a network: pretrained_strict=False)."
+            f"; {fix}."
         )
     model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
     report.loaded = sorted(k for k in state if k in target)
