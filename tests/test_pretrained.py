@@ -1,5 +1,6 @@
 """Pre-trained weight import: HuggingFace parity, timm and MONAI layouts, resizing, adaption, bad files."""
 
+import argparse
 import logging
 import re
 
@@ -266,6 +267,19 @@ def test_bad_files_raise_clear_errors(hf_dir, tmp_path):
     assert len(report.missing) == 12 and all(k.startswith("blocks.2.") for k in report.missing)
     with pytest.raises(CheckpointError, match="no such file"):
         load_pretrained(tiny_vit(), tmp_path / "missing.pth")
+
+
+def test_training_checkpoint_with_python_objects_names_the_one_line_fix(hf_dir, tmp_path):
+    """DINO's and MAE's training checkpoints store their argparse arguments beside the weights: weights_only loading
+    refuses them, naming the object and a command that saves the tensors alone, which then load."""
+    path, _ = hf_dir
+    state = load_file(path / "model.safetensors")
+    torch.save({"teacher": state, "epoch": 3, "args": argparse.Namespace(arch="vit_tiny")}, tmp_path / "full.pth")
+    objects = r"full\.pth: holds Python objects besides tensors \(argparse\.Namespace"
+    with pytest.raises(CheckpointError, match=objects) as error:
+        load_pretrained(tiny_vit(), tmp_path / "full.pth")
+    exec(re.search(r'python -c "(.*)"$', str(error.value)).group(1), {})
+    assert len(load_pretrained(tiny_vit(), tmp_path / "full.weights.pth").missing) == 0
 
 
 def test_deeper_checkpoint_is_an_error_or_a_warning(hf_dir, tmp_path, caplog):

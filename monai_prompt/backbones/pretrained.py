@@ -277,6 +277,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors, zipfile and pickle raise many types for a damaged file
+        objects = sorted(set(re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))))
+        if objects:
+            out = path.with_name(f"{path.stem}.weights.pth")
+            raise CheckpointError(
+                f"{path}: holds Python objects besides tensors ({', '.join(objects)}: a training script's arguments "
+                f"or values), which torch.load(weights_only=True) does not unpickle so that no code in a file runs. If "
+                f"you trust the file, save its tensors alone once and pass that file instead: python -c \"import "
+                f"torch; c = torch.load({str(path)!r}, weights_only=False); "
+                f"torch.save({{k: v for k, v in c.items() if torch.is_tensor(v) or isinstance(v, dict) and "
+                f"all(map(torch.is_tensor, v.values()))}}, {str(out)!r})\""
+            ) from None
         raise CheckpointError(
             f"{path}: cannot be read as a weight file (truncated or not a checkpoint?): {err}"
         ) from err
