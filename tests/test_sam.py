@@ -254,7 +254,7 @@ def test_contradicting_overrides_and_wrong_architecture_are_named(official, tmp_
         build_backbone("auto", weights, img_size=64)(torch.zeros(1, 3, 32, 32))
 
 
-def test_wrapped_checkpoints_load_and_extra_layers_or_foreign_files_name_the_fix(tmp_path):
+def test_wrapped_checkpoints_load_and_bad_sizes_extra_layers_or_foreign_files_name_the_fix(tmp_path):
     source = build_sam("sam_vit_b", img_size=64, **SAM_TINY)
     state = {f"module.image_encoder.{k}": v for k, v in source.state_dict().items()}
     torch.save({"model": {**state, "module.mask_decoder.x": torch.zeros(2)}}, tmp_path / "dp.pth")
@@ -268,6 +268,8 @@ def test_wrapped_checkpoints_load_and_extra_layers_or_foreign_files_name_the_fix
     assert torch.equal(loose.pos_embed, source.pos_embed)
     with pytest.raises(CheckpointError, match=r"\d+ tensors differ in shape .* and \d+ more; .* backbone='auto'"):
         build_backbone("sam_vit_b", tmp_path / "dp.pth", img_size=64)
+    with pytest.raises(ValueError, match=r"input 60 is not a multiple of its patch 8 .* use img_size 56 or 64\.$"):
+        build_backbone("auto", tmp_path / "dp.pth", img_size=60)
     vit_like = {"patch_embed.proj.weight": torch.zeros(8, 3, 4, 4), "pos_embed": torch.zeros(1, 5, 8)}
     torch.save(vit_like, tmp_path / "v.pth")
     with pytest.raises(CheckpointError, match=r"v\.pth: not a SAM image encoder: no prefix holds all of"):

@@ -326,8 +326,12 @@ class SAMImageEncoder(nn.Module):
         if outside:
             raise ValueError(f"SAM encoder global_attn_indexes {outside} are not blocks of a depth-{depth} encoder.")
         grid = img_size // patch_size
-        if grid < 1:
-            raise ValueError(f"SAM encoder input {img_size} is smaller than its patch {patch_size}.")
+        if grid < 1 or img_size % patch_size:
+            raise ValueError(
+                f"SAM encoder input {img_size} is not a multiple of its patch {patch_size} (its last "
+                f"{img_size % patch_size} rows and columns would be cut off): use img_size "
+                f"{max(grid, 1) * patch_size} or {(grid + 1) * patch_size}."
+            )
         self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
         self.blocks = nn.ModuleList(
