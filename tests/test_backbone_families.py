@@ -364,6 +364,10 @@ def test_foreign_networks_and_impossible_settings_name_the_fix(tmp_path):
         vit_from_pretrained(tmp_path / "3d.pt", spatial_dims=2, img_size=16)
     with pytest.raises(CheckpointError, match=r"3d\.pt: num_heads=3 \(override\) does not divide the width 32"):
         vit_from_pretrained(tmp_path / "3d.pt", num_heads=3)
+    with pytest.raises(CheckpointError, match=r"3d\.pt: patch_size=16 but the weights' patch is \(8, 8, 8\)"):
+        vit_from_pretrained(tmp_path / "3d.pt", patch_size=16, img_size=32)
+    with pytest.raises(CheckpointError, match=r"another width.*: build the model from the checkpoint with backbone="):
+        load_pretrained(build_vit("vit_tiny", spatial_dims=3, img_size=16, patch_size=8), tmp_path / "3d.pt")
 
 
 MONAI_TINY = {"hidden_size": 32, "mlp_dim": 64, "num_heads": 4}

@@ -112,16 +112,19 @@ def _patch_shape(checkpoint: Checkpoint, overrides: dict[str, Any]) -> tuple[int
     return weight.shape[0], weight.shape[1] // math.prod(patch), patch
 
 
+def _per_dim(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    """A size setting (``img_size``, ``patch_size``) as one int per spatial dim."""
+    return tuple(int(v) for v in value) if isinstance(value, Sequence) else (int(value),) * dims
+
+
 def _target_grid(overrides: dict[str, Any], src_patch: tuple[int, ...]) -> tuple[int, ...] | None:
     """The patch grid of the model ``overrides`` describe (``img_size`` over the patch size), or None without
     ``img_size`` or for other spatial dims than the checkpoint's."""
     dims = len(src_patch)
     if "img_size" not in overrides or overrides.get("spatial_dims", dims) != dims:
         return None
-    size, patch = overrides["img_size"], overrides.get("patch_size", src_patch)
-    size = tuple(size) if isinstance(size, Sequence) else (size,) * dims
-    patch = tuple(patch) if isinstance(patch, Sequence) else (patch,) * dims
-    return tuple(int(s) // int(p) for s, p in zip(size, patch))
+    size, patch = _per_dim(overrides["img_size"], dims), _per_dim(overrides.get("patch_size", src_patch), dims)
+    return tuple(s // p for s, p in zip(size, patch))
 
 
 def infer_vit_config(
@@ -156,7 +159,7 @@ def infer_vit_config(
         """``overrides[name]`` if given, else ``found`` (from ``origin``); recorded in ``inferred``."""
         value, origin = (overrides[name], "override") if name in overrides else (found, origin)
         if name in ("img_size", "patch_size"):
-            value = tuple(int(v) for v in value) if isinstance(value, Sequence) else (int(value),) * dims
+            value = _per_dim(value, dims)
         inferred[name] = (value, origin)
         return value
 
@@ -184,6 +187,11 @@ def infer_vit_config(
         grid_origin = "src_grid"
     inferred["source_grid"] = (tuple(src_grid), grid_origin)
     dims = choose("spatial_dims", src_dims, "weights")
+    if "patch_size" in overrides and dims == src_dims and _per_dim(overrides["patch_size"], dims) != src_patch:
+        raise CheckpointError(
+            f"{checkpoint.path}: patch_size={overrides['patch_size']} but the weights' patch is {src_patch}: a patch "
+            f"kernel is not resampled; patch_size sets only the depth of a 3D model's patch from 2D weights."
+        )
     if dims < src_dims:
         raise CheckpointError(
             f"{checkpoint.path}: {src_dims}D weights (patch {src_patch}) cannot make a {dims}D model (only 2D weights "

@@ -589,7 +589,8 @@ def load_pretrained(
             raise CheckpointError(
                 f"{path}: key {source.get(key, [key])[0]!r} (MONAI {key!r}) has shape {tuple(value.shape)} but the "
                 f"model expects {tuple(target[key].shape)}; the checkpoint is for another width/depth/patch size"
-                f"{' or number of register tokens' if key == 'register_tokens' else ''}."
+                f"{' or number of register tokens' if key == 'register_tokens' else ''}: build the model from the "
+                f"checkpoint with backbone='auto' (monai_prompt.backbones.vit_from_pretrained)."
             )
         state[key] = value.to(target[key].dtype)
     vit.load_state_dict(state, strict=False)
