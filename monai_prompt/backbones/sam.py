@@ -367,6 +367,7 @@ class SAMImageEncoder(nn.Module):
             "global_attn_indexes": sorted(int(i) for i in global_attn_indexes),
             "layer_norm_eps": layer_norm_eps,
         }
+        self.in_channels = in_channels
         self.img_size = [img_size, img_size]
         self.grid_size = [grid, grid]
         self.hidden_size = out_chans
@@ -393,6 +394,11 @@ class SAMImageEncoder(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The patch grid with its absolute positions, ``[B, H / p, W / p, embed_dim]``: what block 0 takes."""
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"SAM encoder input has {x.shape[1]} channels, the encoder was built for in_channels="
+                f"{self.in_channels}; convert the input or rebuild the model."
+            )
         x = self.patch_embed(x)
         if x.shape[1:3] != self.pos_embed.shape[1:3]:
             raise ValueError(
