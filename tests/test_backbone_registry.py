@@ -78,6 +78,10 @@ def test_a_preset_of_another_family_than_the_file_names_the_family_and_auto(tmp_
     hint = r"lite\.pth: .* the 'tinyvit' family and backbone 'vit_tiny' is of the 'vit' family: pass backbone='auto'"
     with pytest.raises(CheckpointError, match=hint):
         build_backbone("vit_tiny", str(tmp_path / "lite.pth"), img_size=32, overrides=TINY_VIT)
+    with pytest.raises(CheckpointError, match=hint) as error:  # FPT's LPM loads the preset's weights itself
+        FPTClassifier(2, "fpt", {"side_img_size": 16}, "vit_tiny", img_size=32, pretrained=str(tmp_path / "lite.pth"),
+                      backbone_overrides=TINY_VIT)
+    assert str(error.value).count("The file is a checkpoint") == 1
 
 
 def test_fpt_lpm_takes_auto_through_the_vit_family(tmp_path):

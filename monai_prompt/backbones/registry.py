@@ -277,14 +277,18 @@ def build_backbone(
     try:
         return family.build(backbone, pretrained, request)
     except CheckpointError as err:
-        owner = _owner_family(pretrained) if pretrained and backbone != "auto" else None
-        if owner is None or owner.name == family.name or family.methods:
+        if not pretrained or not isinstance(backbone, str) or backbone == "auto" or hasattr(err, "owner_family"):
             raise
-        raise CheckpointError(
+        named, owner = _resolve(backbone, None, BackboneRequest()), _owner_family(pretrained)  # the preset's own family
+        if owner is None or owner.name == named.name:
+            raise
+        hinted = CheckpointError(
             f"{err} The file is a checkpoint of the {owner.name!r} family and backbone {backbone!r} is of the "
-            f"{family.name!r} family: pass backbone='auto' (family and architecture read off the file) or a preset of "
+            f"{named.name!r} family: pass backbone='auto' (family and architecture read off the file) or a preset of "
             f"{owner.name!r} ({owner.presets})."
-        ) from err
+        )
+        hinted.owner_family = owner.name  # said once, by the innermost build (FPT's LPM builds its family's backbone)
+        raise hinted from err
 
 
 def _owner_family(pretrained: str | Path) -> BackboneFamily | None:
