@@ -222,6 +222,24 @@ def test_non_square_source_grid_needs_src_grid(hf_dir, tmp_path):
     torch.testing.assert_close(vit.cls_token.detach(), state["cls_token"] + state["pos_embed"][:, :1])
 
 
+def test_ambiguous_grid_is_flagged_and_networks_take_src_grid(hf_dir, tmp_path, caplog):
+    """25 slots are a 5 x 5 grid without CLS slot or CLS + 4 x 6: the square reading is reported as assumed, and a
+    network takes the true grid as backbone_overrides={'src_grid': ...}, for a preset and for "auto"."""
+    path, _ = hf_dir
+    state = hf_to_timm(load_file(path / "model.safetensors"))
+    state["pos_embed"] = torch.randn(1, 25, 64)
+    save_file(state, tmp_path / "wide.safetensors")
+    with caplog.at_level(logging.WARNING):
+        report = load_pretrained(tiny_vit(), tmp_path / "wide.safetensors")
+    assumed = r"25 tokens read as a 5 x 5 grid without the CLS slot .* backbone_overrides=\{'src_grid': \(h, w\)\}"
+    assert re.search(assumed, report.adapted[0]) and re.search(assumed, caplog.text)
+    folded = state["cls_token"] + state["pos_embed"][:, :1]
+    for backbone, overrides in (("vit_tiny", ARCH), ("auto", {"num_heads": 4})):
+        net = PromptClassifier(2, "lora", backbone=backbone, pretrained=str(tmp_path / "wide.safetensors"),
+                               img_size=(64, 96), backbone_overrides={**overrides, "src_grid": (4, 6)})
+        torch.testing.assert_close(net.backbone.cls_token.detach(), folded)
+
+
 def test_resize_pos_embed_identity_shapes_and_bicubic():
     pos2d = torch.randn(1, 16, 8)
     assert torch.equal(resize_pos_embed(pos2d, (4, 4), (4, 4)), pos2d)

@@ -303,12 +303,15 @@ def build_vit_backbone(
         backbone: ``"auto"``, a preset name or a ready :class:`PromptableViT`.
         pretrained: weights; required for ``"auto"``.
         request: the network's input and settings (``overrides``: :func:`build_vit` overrides for a preset,
-            :data:`AUTO_OVERRIDES` for ``"auto"``).
+            :data:`AUTO_OVERRIDES` for ``"auto"``; for both, ``src_grid``: the patch grid of a checkpoint's non-square
+            position embeddings, see :func:`~monai_prompt.backbones.load_pretrained`).
     """
     target = {"in_channels": request.in_channels, "img_size": request.img_size, "spatial_dims": request.spatial_dims}
+    overrides = dict(request.overrides)
+    src_grid = overrides.pop("src_grid", None)
     if isinstance(backbone, str) and backbone == "auto":
         target.update(cls_token=request.cls_token, dropout_rate=request.dropout_rate)
-        vit, _ = vit_from_pretrained(pretrained, request.strict, **{**target, **request.overrides})
+        vit, _ = vit_from_pretrained(pretrained, request.strict, src_grid, **{**target, **overrides})
         return vit
     if isinstance(backbone, str):
         backbone = build_vit(
@@ -317,10 +320,10 @@ def build_vit_backbone(
             layer_norm_eps=request.layer_norm_eps,
             dropout_rate=request.dropout_rate,
             cls_token=request.cls_token,
-            **request.overrides,
+            **overrides,
         )
     if pretrained:
-        load_pretrained(backbone, pretrained, request.strict)
+        load_pretrained(backbone, pretrained, request.strict, src_grid)
     return backbone
 
 
