@@ -238,6 +238,9 @@ def test_ambiguous_grid_is_flagged_and_networks_take_src_grid(hf_dir, tmp_path, 
         net = PromptClassifier(2, "lora", backbone=backbone, pretrained=str(tmp_path / "wide.safetensors"),
                                img_size=(64, 96), backbone_overrides={**overrides, "src_grid": (4, 6)})
         torch.testing.assert_close(net.backbone.cls_token.detach(), folded)
+    fpt = FPTClassifier(2, "fpt", {"side_img_size": 32}, "vit_tiny", img_size=(64, 96),
+                        pretrained=str(tmp_path / "wide.safetensors"), backbone_overrides={**ARCH, "src_grid": (4, 6)})
+    torch.testing.assert_close(fpt.lpm.cls_token.detach(), folded)
 
 
 def test_resize_pos_embed_identity_shapes_and_bicubic():
