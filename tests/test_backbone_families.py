@@ -351,6 +351,25 @@ def test_gated_mlp_is_refused(dinov2, tmp_path):
         vit_from_pretrained(tmp_path / "giant.pth", num_heads=4)
 
 
+def test_foreign_networks_and_impossible_settings_name_the_fix(tmp_path):
+    """A hierarchical network, 3D weights for a 2D model and heads that do not divide the width are refused with the
+    file and the fix, not with a deep shape error."""
+    swin = {"patch_embed.proj.weight": torch.zeros(8, 3, 4, 4), "layers.0.blocks.0.attn.qkv.weight": torch.zeros(24, 8)}
+    torch.save(swin, tmp_path / "swin.pth")
+    with pytest.raises(CheckpointError, match=r"swin\.pth: no transformer blocks of a plain ViT .*\(Swin, ConvNeXt"):
+        vit_from_pretrained(tmp_path / "swin.pth", num_heads=2)
+    volume = build_vit("vit_tiny", spatial_dims=3, img_size=16, patch_size=8, **MONAI_TINY)
+    torch.save(volume.state_dict(), tmp_path / "3d.pt")
+    with pytest.raises(CheckpointError, match=r"3d\.pt: 3D weights .* cannot make a 2D model .* spatial_dims=3\.$"):
+        vit_from_pretrained(tmp_path / "3d.pt", spatial_dims=2, img_size=16)
+    with pytest.raises(CheckpointError, match=r"3d\.pt: num_heads=3 \(override\) does not divide the width 32"):
+        vit_from_pretrained(tmp_path / "3d.pt", num_heads=3)
+    with pytest.raises(CheckpointError, match=r"3d\.pt: patch_size=16 but the weights' patch is \(8, 8, 8\)"):
+        vit_from_pretrained(tmp_path / "3d.pt", patch_size=16, img_size=32)
+    with pytest.raises(CheckpointError, match=r"another width.*: build the model from the checkpoint with backbone="):
+        load_pretrained(build_vit("vit_tiny", spatial_dims=3, img_size=16, patch_size=8), tmp_path / "3d.pt")
+
+
 MONAI_TINY = {"hidden_size": 32, "mlp_dim": 64, "num_heads": 4}
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from monai_prompt.backbones import TinyViT, build_tinyvit, build_vit, registry
+from monai_prompt.backbones import CheckpointError, TinyViT, build_tinyvit, build_vit, registry
 from monai_prompt.backbones.registry import (
     BackboneFamily,
     BackboneRequest,
@@ -70,6 +70,18 @@ def test_auto_recognises_a_tinyvit_checkpoint(tmp_path):
     )
     assert isinstance(net.backbone, TinyViT)
     torch.testing.assert_close(net.backbone.neck[0].weight, source.neck[0].weight)
+
+
+def test_a_preset_of_another_family_than_the_file_names_the_family_and_auto(tmp_path):
+    source = build_tinyvit("lite_medsam", img_size=32, **TINY_TINYVIT)
+    torch.save({f"image_encoder.{k}": v for k, v in source.state_dict().items()}, tmp_path / "lite.pth")
+    hint = r"lite\.pth: .* the 'tinyvit' family and backbone 'vit_tiny' is of the 'vit' family: pass backbone='auto'"
+    with pytest.raises(CheckpointError, match=hint):
+        build_backbone("vit_tiny", str(tmp_path / "lite.pth"), img_size=32, overrides=TINY_VIT)
+    with pytest.raises(CheckpointError, match=hint) as error:  # FPT's LPM loads the preset's weights itself
+        FPTClassifier(2, "fpt", {"side_img_size": 16}, "vit_tiny", img_size=32, pretrained=str(tmp_path / "lite.pth"),
+                      backbone_overrides=TINY_VIT)
+    assert str(error.value).count("The file is a checkpoint") == 1
 
 
 def test_fpt_lpm_takes_auto_through_the_vit_family(tmp_path):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from monai.networks.nets import ViT
 
-from monai_prompt.backbones import build_vit, vit_config
+from grid_support import SAM_TINY
+from monai_prompt.backbones import build_sam, build_vit, vit_config
 from monai_prompt.peft import backbone_parameter_count
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64, "patch_size": 8}
@@ -96,9 +97,13 @@ def test_sdpa_matches_literal_attention():
     torch.testing.assert_close(vit(x)[0], literal, rtol=1e-10, atol=1e-10)
 
 
-def test_wrong_input_size_is_a_clear_error():
+def test_wrong_input_size_or_channels_is_a_clear_error():
     vit = build_vit("vit_tiny", img_size=32, **TINY)
     with pytest.raises(ValueError, match=r"input spatial size \[48, 48\] differs .* \[32, 32\]"):
         vit(torch.randn(1, 3, 48, 48))
+    with pytest.raises(ValueError, match=r"input has 1 channels, .* in_channels=3; .*RepeatChannel"):
+        vit(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"SAM encoder input has 1 channels, .* in_channels=3"):
+        build_sam("sam_vit_b", img_size=64, **SAM_TINY)(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match="not divisible"):
         build_vit("vit_tiny", img_size=30, **TINY)

@@ -1,5 +1,6 @@
 """Pre-trained weight import: HuggingFace parity, timm and MONAI layouts, resizing, adaption, bad files."""
 
+import argparse
 import logging
 import re
 
@@ -221,6 +222,27 @@ def test_non_square_source_grid_needs_src_grid(hf_dir, tmp_path):
     torch.testing.assert_close(vit.cls_token.detach(), state["cls_token"] + state["pos_embed"][:, :1])
 
 
+def test_ambiguous_grid_is_flagged_and_networks_take_src_grid(hf_dir, tmp_path, caplog):
+    """25 slots are a 5 x 5 grid without CLS slot or CLS + 4 x 6: the square reading is reported as assumed, and a
+    network takes the true grid as backbone_overrides={'src_grid': ...}, for a preset and for "auto"."""
+    path, _ = hf_dir
+    state = hf_to_timm(load_file(path / "model.safetensors"))
+    state["pos_embed"] = torch.randn(1, 25, 64)
+    save_file(state, tmp_path / "wide.safetensors")
+    with caplog.at_level(logging.WARNING):
+        report = load_pretrained(tiny_vit(), tmp_path / "wide.safetensors")
+    assumed = r"25 tokens read as a 5 x 5 grid without the CLS slot .* backbone_overrides=\{'src_grid': \(h, w\)\}"
+    assert re.search(assumed, report.adapted[0]) and re.search(assumed, caplog.text)
+    folded = state["cls_token"] + state["pos_embed"][:, :1]
+    for backbone, overrides in (("vit_tiny", ARCH), ("auto", {"num_heads": 4})):
+        net = PromptClassifier(2, "lora", backbone=backbone, pretrained=str(tmp_path / "wide.safetensors"),
+                               img_size=(64, 96), backbone_overrides={**overrides, "src_grid": (4, 6)})
+        torch.testing.assert_close(net.backbone.cls_token.detach(), folded)
+    fpt = FPTClassifier(2, "fpt", {"side_img_size": 32}, "vit_tiny", img_size=(64, 96),
+                        pretrained=str(tmp_path / "wide.safetensors"), backbone_overrides={**ARCH, "src_grid": (4, 6)})
+    torch.testing.assert_close(fpt.lpm.cls_token.detach(), folded)
+
+
 def test_resize_pos_embed_identity_shapes_and_bicubic():
     pos2d = torch.randn(1, 16, 8)
     assert torch.equal(resize_pos_embed(pos2d, (4, 4), (4, 4)), pos2d)
@@ -266,6 +288,19 @@ def test_bad_files_raise_clear_errors(hf_dir, tmp_path):
     assert len(report.missing) == 12 and all(k.startswith("blocks.2.") for k in report.missing)
     with pytest.raises(CheckpointError, match="no such file"):
         load_pretrained(tiny_vit(), tmp_path / "missing.pth")
+
+
+def test_training_checkpoint_with_python_objects_names_the_one_line_fix(hf_dir, tmp_path):
+    """DINO's and MAE's training checkpoints store their argparse arguments beside the weights: weights_only loading
+    refuses them, naming the object and a command that saves the tensors alone, which then load."""
+    path, _ = hf_dir
+    state = load_file(path / "model.safetensors")
+    torch.save({"teacher": state, "epoch": 3, "args": argparse.Namespace(arch="vit_tiny")}, tmp_path / "full.pth")
+    objects = r"full\.pth: holds Python objects besides tensors \(argparse\.Namespace"
+    with pytest.raises(CheckpointError, match=objects) as error:
+        load_pretrained(tiny_vit(), tmp_path / "full.pth")
+    exec(re.search(r'python -c "(.*)"$', str(error.value)).group(1), {})
+    assert len(load_pretrained(tiny_vit(), tmp_path / "full.weights.pth").missing) == 0
 
 
 def test_deeper_checkpoint_is_an_error_or_a_warning(hf_dir, tmp_path, caplog):

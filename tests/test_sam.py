@@ -24,7 +24,7 @@ from monai.bundle import ConfigParser
 
 from bundle_support import copy_bundle, tiny_overrides
 from grid_support import SAM_TINY
-from monai_prompt.backbones import build_backbone
+from monai_prompt.backbones import CheckpointError, build_backbone
 from monai_prompt.backbones.sam import SAM_KEY, SAM_PRESETS, SAMImageEncoder, build_sam, sam_from_pretrained
 from monai_prompt.backbones.tinyvit import LayerNorm2d
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS
@@ -252,6 +252,28 @@ def test_contradicting_overrides_and_wrong_architecture_are_named(official, tmp_
         build_sam("sam_vit_b", img_size=(32, 32, 32), spatial_dims=3)
     with pytest.raises(ValueError, match=r"resize the images to img_size \[64, 64\]"):
         build_backbone("auto", weights, img_size=64)(torch.zeros(1, 3, 32, 32))
+
+
+def test_wrapped_checkpoints_load_and_bad_sizes_extra_layers_or_foreign_files_name_the_fix(tmp_path):
+    source = build_sam("sam_vit_b", img_size=64, **SAM_TINY)
+    state = {f"module.image_encoder.{k}": v for k, v in source.state_dict().items()}
+    torch.save({"model": {**state, "module.mask_decoder.x": torch.zeros(2)}}, tmp_path / "dp.pth")
+    encoder = build_backbone("auto", tmp_path / "dp.pth", img_size=64)
+    assert isinstance(encoder, SAMImageEncoder) and torch.equal(encoder.pos_embed, source.pos_embed)
+    torch.save({**state, "module.image_encoder.blocks.0.Adapter.spatial.0.weight": torch.zeros(2)}, tmp_path / "a.pth")
+    with pytest.raises(CheckpointError, match=r"1 checkpoint keys the model lacks: blocks\.0\.Adapter.*SAM-Med2D.*"
+                       r"pretrained_strict=False\)\.$"):
+        build_backbone("auto", tmp_path / "a.pth", img_size=64)
+    loose = build_backbone("auto", tmp_path / "a.pth", img_size=64, strict=False)
+    assert torch.equal(loose.pos_embed, source.pos_embed)
+    with pytest.raises(CheckpointError, match=r"\d+ tensors differ in shape .* and \d+ more; .* backbone='auto'"):
+        build_backbone("sam_vit_b", tmp_path / "dp.pth", img_size=64)
+    with pytest.raises(ValueError, match=r"input 60 is not a multiple of its patch 8 .* use img_size 56 or 64\.$"):
+        build_backbone("auto", tmp_path / "dp.pth", img_size=60)
+    vit_like = {"patch_embed.proj.weight": torch.zeros(8, 3, 4, 4), "pos_embed": torch.zeros(1, 5, 8)}
+    torch.save(vit_like, tmp_path / "v.pth")
+    with pytest.raises(CheckpointError, match=r"v\.pth: not a SAM image encoder: no prefix holds all of"):
+        sam_from_pretrained(tmp_path / "v.pth")
 
 
 # --------------------------------------------------------------------------------------------------------

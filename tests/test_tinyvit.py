@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import re
 import types
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from monai.bundle import ConfigParser
 
 from bundle_support import copy_bundle, tiny_overrides
 from grid_support import randomise
+from monai_prompt.backbones.pretrained import CheckpointError
 from monai_prompt.backbones.tinyvit import (
     TINYVIT_KEY,
     LayerNorm2d,
@@ -260,6 +262,23 @@ def test_weights_load_from_full_model_or_nested_layouts_and_wrong_architecture_i
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(ValueError, match=r"full\.pth: not a TinyViT encoder of this architecture"):
         load_tinyvit_weights(build_tinyvit("lite_medsam"), tmp_path / "full.pth")
+
+
+def test_wrapped_damaged_or_foreign_files_load_or_are_named_in_one_line(tmp_path):
+    state = pretrained_tiny().state_dict()
+    wrapped = {"state_dict": {f"module.image_encoder.{k}": v for k, v in state.items()}, "epoch": 3}
+    torch.save(wrapped, tmp_path / "dp.pth")
+    net = PromptClassifier(CLASSES, "lora", backbone="auto", pretrained=str(tmp_path / "dp.pth"), img_size=IMG,
+                           backbone_overrides=TINY_NECK)
+    assert all(torch.equal(net.backbone.state_dict()[k], v) for k, v in state.items())
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "dp.pth").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"cut\.pth: cannot be read as a weight file \(truncated"):
+        load_tinyvit_weights(build_tinyvit("lite_medsam", img_size=IMG, **TINY_NECK), tmp_path / "cut.pth")
+    with pytest.raises(CheckpointError) as error:
+        load_tinyvit_weights(build_tinyvit("lite_medsam"), tmp_path / "dp.pth")
+    message = str(error.value)
+    assert re.search(r"dp\.pth: not a TinyViT .* tensors differ in shape \(checkpoint vs model\): .* \d+ more", message)
+    assert message.endswith("backbone='lite_medsam' without backbone_overrides).") and len(message) < 1500
 
 
 def test_rgb_weights_load_into_one_channel_as_a_grey_image_seen_as_rgb(tmp_path):

@@ -78,7 +78,13 @@ def _layout_defaults(checkpoint: Checkpoint) -> tuple[float, str, str]:
 def _num_blocks(checkpoint: Checkpoint) -> int:
     """Number of transformer blocks (each with attention and a two-layer MLP)."""
     found = {int(m.group(1)) for k in checkpoint.state if (m := re.match(r"^blocks\.(\d+)\.attn\.qkv\.weight$", k))}
-    if not found or sorted(found) != list(range(len(found))):
+    if not found:
+        raise CheckpointError(
+            f"{checkpoint.path}: no transformer blocks of a plain ViT (attention weights blocks.<i>.attn.qkv after "
+            f"renaming the {checkpoint.layout} layout): a hierarchical network (Swin, ConvNeXt, ...) is not supported; "
+            f"first keys: {sorted(checkpoint.tensors)[:8]}."
+        )
+    if sorted(found) != list(range(len(found))):
         raise CheckpointError(
             f"{checkpoint.path}: cannot tell the transformer blocks: attention weights for blocks {sorted(found)}."
         )
@@ -106,16 +112,19 @@ def _patch_shape(checkpoint: Checkpoint, overrides: dict[str, Any]) -> tuple[int
     return weight.shape[0], weight.shape[1] // math.prod(patch), patch
 
 
+def _per_dim(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    """A size setting (``img_size``, ``patch_size``) as one int per spatial dim."""
+    return tuple(int(v) for v in value) if isinstance(value, Sequence) else (int(value),) * dims
+
+
 def _target_grid(overrides: dict[str, Any], src_patch: tuple[int, ...]) -> tuple[int, ...] | None:
     """The patch grid of the model ``overrides`` describe (``img_size`` over the patch size), or None without
     ``img_size`` or for other spatial dims than the checkpoint's."""
     dims = len(src_patch)
     if "img_size" not in overrides or overrides.get("spatial_dims", dims) != dims:
         return None
-    size, patch = overrides["img_size"], overrides.get("patch_size", src_patch)
-    size = tuple(size) if isinstance(size, Sequence) else (size,) * dims
-    patch = tuple(patch) if isinstance(patch, Sequence) else (patch,) * dims
-    return tuple(int(s) // int(p) for s, p in zip(size, patch))
+    size, patch = _per_dim(overrides["img_size"], dims), _per_dim(overrides.get("patch_size", src_patch), dims)
+    return tuple(s // p for s, p in zip(size, patch))
 
 
 def infer_vit_config(
@@ -150,7 +159,7 @@ def infer_vit_config(
         """``overrides[name]`` if given, else ``found`` (from ``origin``); recorded in ``inferred``."""
         value, origin = (overrides[name], "override") if name in overrides else (found, origin)
         if name in ("img_size", "patch_size"):
-            value = tuple(int(v) for v in value) if isinstance(value, Sequence) else (int(value),) * dims
+            value = _per_dim(value, dims)
         inferred[name] = (value, origin)
         return value
 
@@ -178,6 +187,16 @@ def infer_vit_config(
         grid_origin = "src_grid"
     inferred["source_grid"] = (tuple(src_grid), grid_origin)
     dims = choose("spatial_dims", src_dims, "weights")
+    if "patch_size" in overrides and dims == src_dims and _per_dim(overrides["patch_size"], dims) != src_patch:
+        raise CheckpointError(
+            f"{checkpoint.path}: patch_size={overrides['patch_size']} but the weights' patch is {src_patch}: a patch "
+            f"kernel is not resampled; patch_size sets only the depth of a 3D model's patch from 2D weights."
+        )
+    if dims < src_dims:
+        raise CheckpointError(
+            f"{checkpoint.path}: {src_dims}D weights (patch {src_patch}) cannot make a {dims}D model (only 2D weights "
+            f"are inflated to 3D): build it with spatial_dims={src_dims}."
+        )
     if "img_size" not in overrides and dims != src_dims:
         raise CheckpointError(
             f"{checkpoint.path}: a {dims}D model from {src_dims}D weights needs img_size=... (the volume size)."
@@ -188,6 +207,11 @@ def infer_vit_config(
             f"{checkpoint.path}: the number of attention heads is not in the weights and no config file beside them "
             f"names it; pass num_heads=... (in a network: backbone_overrides={{'num_heads': ...}}); ViTs with "
             f"64-wide heads have hidden_size // 64 = {hidden // 64}."
+        )
+    if hidden % int(heads):
+        raise CheckpointError(
+            f"{checkpoint.path}: num_heads={heads} ({'override' if 'num_heads' in overrides else config_name}) does "
+            f"not divide the width {hidden} of the weights; ViTs with 64-wide heads have {hidden // 64}."
         )
     eps, act, why = _layout_defaults(checkpoint)
     config_act = config_activation(checkpoint)
@@ -279,12 +303,15 @@ def build_vit_backbone(
         backbone: ``"auto"``, a preset name or a ready :class:`PromptableViT`.
         pretrained: weights; required for ``"auto"``.
         request: the network's input and settings (``overrides``: :func:`build_vit` overrides for a preset,
-            :data:`AUTO_OVERRIDES` for ``"auto"``).
+            :data:`AUTO_OVERRIDES` for ``"auto"``; for both, ``src_grid``: the patch grid of a checkpoint's non-square
+            position embeddings, see :func:`~monai_prompt.backbones.load_pretrained`).
     """
     target = {"in_channels": request.in_channels, "img_size": request.img_size, "spatial_dims": request.spatial_dims}
+    overrides = dict(request.overrides)
+    src_grid = overrides.pop("src_grid", None)
     if isinstance(backbone, str) and backbone == "auto":
         target.update(cls_token=request.cls_token, dropout_rate=request.dropout_rate)
-        vit, _ = vit_from_pretrained(pretrained, request.strict, **{**target, **request.overrides})
+        vit, _ = vit_from_pretrained(pretrained, request.strict, src_grid, **{**target, **overrides})
         return vit
     if isinstance(backbone, str):
         backbone = build_vit(
@@ -293,10 +320,10 @@ def build_vit_backbone(
             layer_norm_eps=request.layer_norm_eps,
             dropout_rate=request.dropout_rate,
             cls_token=request.cls_token,
-            **request.overrides,
+            **overrides,
         )
     if pretrained:
-        load_pretrained(backbone, pretrained, request.strict)
+        load_pretrained(backbone, pretrained, request.strict, src_grid)
     return backbone
 
 

