@@ -286,6 +286,7 @@ def _override(text: str) -> tuple[str, object]:
 def _export(args: argparse.Namespace) -> None:
     """Write a bundle's delta as one full state dict and TorchScript (LoRA/SSF merged)."""
     from monai_prompt.peft import DeltaMismatchError, UnreadableCheckpointError
+    from monai_prompt.runs.errors import root_cause
     from monai_prompt.tools.export import export_bundle
 
     overrides = dict(args.set or [])
@@ -294,7 +295,7 @@ def _export(args: argparse.Namespace) -> None:
     try:
         print(export_bundle(args.bundle, args.ckpt, args.out_dir, merge=not args.no_merge, overrides=overrides))
     except (DeltaMismatchError, UnreadableCheckpointError, FileNotFoundError, RuntimeError) as err:
-        raise SystemExit(f"export: {err}") from None
+        raise SystemExit(f"export: {root_cause(err)[0]}") from None  # not MONAI's "Failed to instantiate ..."
 
 
 def _package(args: argparse.Namespace) -> None:

@@ -78,7 +78,8 @@ def export_bundle(
 
     Args:
         bundle: the bundle folder.
-        ckpt: the delta (default ``<bundle>/models/model.pt``).
+        ckpt: the delta (default ``<bundle>/models/model.pt``); the network is built from the training record
+            beside it (``training_config.json``), unless ``overrides`` give another ``ckpt_dir``.
         out_dir: output folder (default ``<bundle>/models``).
         merge: fold mergeable layers into the weights and export a plain network where the result is one.
         overrides: config overrides, e.g. ``{"pretrained": "vit.safetensors"}`` (as on the bundle command line).
@@ -91,6 +92,7 @@ def export_bundle(
     bundle = Path(bundle)
     overrides = dict(overrides or {})
     ckpt = Path(ckpt) if ckpt is not None else bundle / "models" / "model.pt"
+    overrides.setdefault("ckpt_dir", str(ckpt.parent))  # where inference.json reads the training record
     out = Path(out_dir) if out_dir is not None else bundle / "models"
     out.mkdir(parents=True, exist_ok=True)
     parser = _parser(bundle, overrides)
