@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["main"]
 
@@ -36,6 +36,21 @@ def _mapping(text: str) -> dict:
             f"\"{{'num_layers': 6}}\" (quoted, so that the shell passes it as one argument)."
         )
     return value
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def read(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer of at least {minimum}.")
+        return value
+
+    return read
 
 
 class _ListOption(argparse.Action):
@@ -419,10 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help=f"output folder (default: {DEMO_DATA}: make demo's, the bundles' default; segmentation: "
         f"{DEMO_OUT['segmentation']}/data)"
     )
-    demo_data.add_argument("--patch-size", type=int, default=32, help="patch side in pixels (default: 32)")
-    demo_data.add_argument("--train-per-class", type=int, default=300, help="training patches per class")
-    demo_data.add_argument("--eval-per-class", type=int, default=75, help="validation and test patches per class")
-    demo_data.add_argument("--unlabeled", type=int, default=3000, help="unlabelled patches for pre-training")
+    demo_data.add_argument("--patch-size", type=_at_least(1), default=32, help="patch side in pixels (default: 32)")
+    demo_data.add_argument("--train-per-class", type=_at_least(1), default=300, help="training patches per class")
+    demo_data.add_argument("--eval-per-class", type=_at_least(1), default=75,
+                           help="validation and test patches per class")
+    demo_data.add_argument("--unlabeled", type=_at_least(0), default=3000, help="unlabelled patches for pre-training")
     demo_data.add_argument("--seed", type=int, default=0, help="random seed")
     demo_data.add_argument("--labels", choices=list(SEGMENTATION_TASKS), default="tissues",
                            help="segmentation: tissues (MNI152 csf/grey/white matter; default, the segmentation "
