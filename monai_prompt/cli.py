@@ -134,13 +134,18 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    """List PEFT methods and ViT presets."""
+    """List PEFT methods, ViT presets and the other backbone families' presets."""
+    import monai_prompt.nets  # noqa: F401 - registers every backbone family
     from monai_prompt.backbones import VIT_PRESETS
+    from monai_prompt.backbones.registry import family_names, get_family
     from monai_prompt.peft import method_names
 
     print("methods:", ", ".join(method_names()))
     for name, preset in VIT_PRESETS.items():
         print(f"{name}: {preset} (patch 16; add _p<N> for another patch size)")
+    for name in family_names():
+        if name != "vit" and get_family(name).presets:
+            print(f"{name} backbones: {get_family(name).presets}")
 
 
 def _demo_data(args: argparse.Namespace) -> None:

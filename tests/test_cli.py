@@ -34,6 +34,9 @@ def test_check_data_takes_the_datalist_after_a_list_option_and_flags_with_values
 
 
 def test_dict_options_take_json_or_python_and_unknown_bundles_are_named(capsys):
+    assert main(["info"]) == 0  # every family's presets, not only the ViT's
+    assert {"sam backbones: sam_vit_b, sam_vit_l, sam_vit_h", "tinyvit backbones: lite_medsam"} <= set(
+        capsys.readouterr().out.splitlines())
     args = build_parser().parse_args(["preload", "d", "--cache-dir", "c", "--backbone-overrides",
                                       "{'num_layers': 2}", "--fpt-config", '{"layers": [1]}'])
     assert (args.backbone_overrides, args.fpt_config) == ({"num_layers": 2}, {"layers": [1]})
