@@ -188,6 +188,11 @@ def _check_data(args: argparse.Namespace) -> None:
 
     args.datalist = _positional_after_list(args, "datalist", "check-data")
     if is_segmentation_datalist(args.datalist):
+        given = {"--headers-only": args.headers_only, "--image-column": args.image_column,
+                 "--label-columns": args.label_columns, "--dicom-series": args.dicom_series}
+        if any(given.values()):
+            raise SystemExit(f"check-data: {args.datalist} is a segmentation datalist, whose check takes --classes and "
+                             f"--channels, not {', '.join(option for option, value in given.items() if value)}.")
         try:
             print(check_segmentation_datalist(args.datalist, args.classes, channels=args.channels))
         except (ValueError, OSError) as err:

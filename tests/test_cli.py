@@ -7,6 +7,7 @@ import pytest
 
 from bundle_support import write_tiny_dataset
 from monai_prompt.cli import build_parser, main
+from segmentation_support import write_tiny_segmentation
 
 
 def test_check_data_takes_the_datalist_after_a_list_option_and_flags_with_values(tmp_path, capsys):
@@ -19,6 +20,10 @@ def test_check_data_takes_the_datalist_after_a_list_option_and_flags_with_values
         main(["check-data", "--label-columns", "label", str(datalist)])  # a CSV's option: no TypeError traceback
     with pytest.raises(SystemExit, match=r"^check-data: no datalist given"):
         main(["check-data", "--classes", "a"])
+    segmentation = write_tiny_segmentation(tmp_path / "segmentation", 2, counts=(1, 1, 0))
+    with pytest.raises(SystemExit, match=r"is a segmentation datalist, whose check takes --classes and --channels, "
+                                         r"not --headers-only, --dicom-series\.$"):  # not silently ignored
+        main(["check-data", str(segmentation), "--headers-only", "--dicom-series"])
 
     def parse(*argv: str):
         from monai_prompt.cli import _flag_values
