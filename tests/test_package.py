@@ -129,6 +129,9 @@ def test_a_failed_package_leaves_nothing_and_names_the_cause(trained, tmp_path, 
     with pytest.raises(ValueError, match=r"folder name, which must end in _classification for this classification "
                                          r"delta \(e\.g\. --out .*/out/lora_classification\)\.$"):
         package_bundle(bundle, out.parent / "my_model")  # MONAI Label would not know the task
+    with pytest.raises(FileNotFoundError, match=r"--model .*models is a folder; pass the delta in it \(e\.g\. --model "
+                                                r".*models/model\.pt\)\.$"):  # not "does not exist"
+        package_bundle(bundle, out, model=bundle / "models")
     assert list(out.parent.iterdir()) == []
 
 

@@ -187,6 +187,9 @@ def package_bundle(
     model = Path(model) if model is not None else bundle / "models" / "model.pt"
     if not (bundle / "configs" / "inference.json").is_file():
         raise FileNotFoundError(f"{bundle} is not a bundle folder: it has no configs/inference.json.")
+    if model.is_dir():
+        raise FileNotFoundError(f"--model {model} is a folder; pass the delta in it (e.g. --model {model / 'model.pt'})"
+                                f".")
     if not model.is_file():
         raise FileNotFoundError(
             f"delta {model} does not exist; train the bundle first (train.json writes models/model.pt), or pass "
