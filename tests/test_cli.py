@@ -38,7 +38,10 @@ def test_check_data_takes_the_datalist_after_a_list_option_and_flags_with_values
     assert not parse("benchmark", "accuracy", "--lite-probe", "false").lite_probe  # an --x/--no-x pair
 
 
-def test_dict_options_take_json_or_python_and_unknown_bundles_are_named(capsys):
+def test_dict_options_take_json_or_python_and_unknown_bundles_are_named(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"^export: .*typo is not a bundle folder: it has no configs/inference\.json"):
+        main(["export", str(tmp_path / "typo")])
+    assert not (tmp_path / "typo").exists()  # no models/ folder made for it
     assert main(["info"]) == 0  # every family's presets, not only the ViT's
     assert {"sam backbones: sam_vit_b, sam_vit_l, sam_vit_h", "tinyvit backbones: lite_medsam"} <= set(
         capsys.readouterr().out.splitlines())
