@@ -222,8 +222,12 @@ def _preload(args: argparse.Namespace) -> None:
     from monai_prompt.engine import ProgressLog
     from monai_prompt.fpt import FPTCacheError, preload_features
     from monai_prompt.nets import FPTClassifier
+    from monai_prompt.runs.errors import root_cause
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"preload: --device {args.device}, but torch finds no CUDA device here; leave --device out "
+                         f"(the CPU), or run it where torch.cuda.is_available() is True.")
     if not args.pretrained:
         print("preload: no --pretrained weights given; the LPM is randomly initialised")
     try:
@@ -248,8 +252,8 @@ def _preload(args: argparse.Namespace) -> None:
             overwrite=args.overwrite, progress=ProgressLog("FPT preload", unit="image"),
         )
         print(report)
-    except (FPTCacheError, ValueError, OSError) as err:  # stale cache, bad datalist/checkpoint/config
-        raise SystemExit(f"preload: {err}") from None
+    except (FPTCacheError, ValueError, OSError, RuntimeError) as err:  # stale cache, bad datalist/checkpoint/config
+        raise SystemExit(f"preload: {root_cause(err)[0]}") from None  # not MONAI's "applying transform ..."
 
 
 def _add_preload_parser(sub: argparse._SubParsersAction) -> None:

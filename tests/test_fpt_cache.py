@@ -214,3 +214,9 @@ def test_cli_keys_by_content_not_file_stem(tmp_path):
     # another LPM: the CLI refuses the stale cache and names the fix
     with pytest.raises(SystemExit, match="stale FPT cache"):
         main(args)
+    with pytest.raises(SystemExit, match=r"^preload: .*img\.png: shape \(3, 40, 40\) \(channel first\) has 2 spatial "
+                                         r"dims but the network is 3D"):  # the root cause, not MONAI's wrapper
+        main([*args, "--spatial-dims", "3", "--cache-dir", str(tmp_path / "cache3d")])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"^preload: --device cuda, but torch finds no CUDA device here"):
+            main([*args, "--device", "cuda"])
