@@ -52,6 +52,9 @@ def test_dict_options_take_json_or_python_and_unknown_bundles_are_named(tmp_path
         build_parser().parse_args(["preload", "d", "--cache-dir", "c", "--backbone-overrides", "num_layers=2"])
     assert "'num_layers=2' is not a dict: write JSON, e.g. '{\"num_layers\": 6}', or a Python dict" in \
         capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the reference TinyViT takes 256 px only: not an AssertionError inside it
+        build_parser().parse_args(["benchmark", "tinyvit", "--img-size", "64"])
+    assert "argument --img-size: invalid choice: 64 (choose from 256)" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # not a traceback from deep inside the demo-data build
         build_parser().parse_args(["demo-data", "--patch-size", "0"])
     assert "argument --patch-size: '0' is not an integer of at least 1." in capsys.readouterr().err
