@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["main"]
 
@@ -16,6 +16,94 @@ __all__ = ["main"]
 DEMO_DATA = "runs/demo/data"
 #: each demo's output folder (its data in ``data/``, where that task's bundles look by default).
 DEMO_OUT = {"classification": "runs/demo", "segmentation": "runs/demo_segmentation"}
+
+
+def _mapping(text: str) -> dict:
+    """An option's dict value, as JSON (``'{"num_layers": 6}'``) or as the Python literal a bundle override takes
+    (``"{'num_layers': 6}"``)."""
+    import ast
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a dict: write JSON, e.g. '{{\"num_layers\": 6}}', or a Python dict, e.g. "
+            f"\"{{'num_layers': 6}}\" (quoted, so that the shell passes it as one argument)."
+        )
+    return value
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def read(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer of at least {minimum}.")
+        return value
+
+    return read
+
+
+class _ListOption(argparse.Action):
+    """A ``nargs="+"`` option that notes it came last, so that a command can take back the positional argument that
+    argparse gives to it (``check-data --classes a b DIR``: ``DIR`` ends the list)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: list[str],
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.last_list_option = self.dest
+
+
+def _positional_after_list(args: argparse.Namespace, name: str, command: str) -> str:
+    """``args.<name>``, or the last value of the list option that came last, where argparse put it."""
+    value = getattr(args, name)
+    if value is not None:
+        return value
+    listed = getattr(args, getattr(args, "last_list_option", ""), None) or []
+    if len(listed) < 2:
+        raise SystemExit(f"{command}: no {name} given: monai-prompt {command} {name.upper()} [options].")
+    return listed.pop()
+
+
+def _flag_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``argv`` with the values of on/off options read as the bundles read their boolean settings: ``--tiny false``
+    (or ``--tiny=no``, any spelling of :data:`monai_prompt.runs.FLAG_SPELLINGS`) is the option left out (``--no-x``
+    for an ``--x/--no-x`` pair), ``--tiny true`` the option alone; a sub-command's options by its own parser's."""
+    from monai_prompt.runs.workflow import FLAG_SPELLINGS
+
+    forms: dict[str, tuple[str, str | None]] = {}  # option -> what true and false stand for
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreTrueAction):
+            forms.update({option: (option, None) for option in action.option_strings})
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            yes, no = action.option_strings
+            forms[yes] = (yes, no)
+    commands = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    read: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token in commands:
+            return read + [token] + _flag_values(commands[token], argv[index + 1:])
+        option, equals, value = token.partition("=")
+        if option in forms and not equals and index + 1 < len(argv) and argv[index + 1].lower() in FLAG_SPELLINGS:
+            equals, value, index = "=", argv[index + 1], index + 1
+        if option in forms and equals and value.lower() in FLAG_SPELLINGS:
+            chosen = forms[option][0 if FLAG_SPELLINGS[value.lower()] else 1]
+            read += [chosen] if chosen else []
+        else:
+            read.append(token)
+        index += 1
+    return read
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -46,13 +134,18 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    """List PEFT methods and ViT presets."""
+    """List PEFT methods, ViT presets and the other backbone families' presets."""
+    import monai_prompt.nets  # noqa: F401 - registers every backbone family
     from monai_prompt.backbones import VIT_PRESETS
+    from monai_prompt.backbones.registry import family_names, get_family
     from monai_prompt.peft import method_names
 
     print("methods:", ", ".join(method_names()))
     for name, preset in VIT_PRESETS.items():
         print(f"{name}: {preset} (patch 16; add _p<N> for another patch size)")
+    for name in family_names():
+        if name != "vit" and get_family(name).presets:
+            print(f"{name} backbones: {get_family(name).presets}")
 
 
 def _demo_data(args: argparse.Namespace) -> None:
@@ -93,7 +186,13 @@ def _check_data(args: argparse.Namespace) -> None:
     from monai_prompt.data.check import check_classification_datalist
     from monai_prompt.data.segmentation import check_segmentation_datalist, is_segmentation_datalist
 
+    args.datalist = _positional_after_list(args, "datalist", "check-data")
     if is_segmentation_datalist(args.datalist):
+        given = {"--headers-only": args.headers_only, "--image-column": args.image_column,
+                 "--label-columns": args.label_columns, "--dicom-series": args.dicom_series}
+        if any(given.values()):
+            raise SystemExit(f"check-data: {args.datalist} is a segmentation datalist, whose check takes --classes and "
+                             f"--channels, not {', '.join(option for option, value in given.items() if value)}.")
         try:
             print(check_segmentation_datalist(args.datalist, args.classes, channels=args.channels))
         except (ValueError, OSError) as err:
@@ -112,7 +211,6 @@ def _check_data(args: argparse.Namespace) -> None:
 
 def _preload(args: argparse.Namespace) -> None:
     """FPT/FPT+: run the frozen LPM once per image of a datalist into a content-keyed feature cache."""
-    import json
     import logging
 
     import torch
@@ -124,22 +222,26 @@ def _preload(args: argparse.Namespace) -> None:
     from monai_prompt.engine import ProgressLog
     from monai_prompt.fpt import FPTCacheError, preload_features
     from monai_prompt.nets import FPTClassifier
+    from monai_prompt.runs.errors import root_cause
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"preload: --device {args.device}, but torch finds no CUDA device here; leave --device out "
+                         f"(the CPU), or run it where torch.cuda.is_available() is True.")
     if not args.pretrained:
         print("preload: no --pretrained weights given; the LPM is randomly initialised")
     try:
         net = FPTClassifier(
             num_classes=2,  # the head does not touch the LPM features
             variant=args.variant,
-            fpt_config=json.loads(args.fpt_config),
+            fpt_config=args.fpt_config,
             backbone=args.backbone,
             in_channels=args.in_channels,
             img_size=args.img_size,
             spatial_dims=args.spatial_dims,
             pretrained=args.pretrained,
             layer_norm_eps=args.layer_norm_eps,
-            backbone_overrides=json.loads(args.backbone_overrides),
+            backbone_overrides=args.backbone_overrides,
         )
         net.lpm.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         items = [item for _, item in read_classification_datalist(args.datalist).all_items()]
@@ -150,8 +252,8 @@ def _preload(args: argparse.Namespace) -> None:
             overwrite=args.overwrite, progress=ProgressLog("FPT preload", unit="image"),
         )
         print(report)
-    except (FPTCacheError, ValueError, OSError) as err:  # stale cache, bad datalist/checkpoint/config
-        raise SystemExit(f"preload: {err}") from None
+    except (FPTCacheError, ValueError, OSError, RuntimeError) as err:  # stale cache, bad datalist/checkpoint/config
+        raise SystemExit(f"preload: {root_cause(err)[0]}") from None  # not MONAI's "applying transform ..."
 
 
 def _add_preload_parser(sub: argparse._SubParsersAction) -> None:
@@ -167,8 +269,10 @@ def _add_preload_parser(sub: argparse._SubParsersAction) -> None:
     preload.add_argument("--in-channels", type=int, default=3, help="image channels (default: 3)")
     preload.add_argument("--spatial-dims", type=int, default=2, help="2 or 3 (default: 2)")
     preload.add_argument("--layer-norm-eps", type=float, default=1e-6, help="1e-6 timm, 1e-12 HuggingFace")
-    preload.add_argument("--backbone-overrides", default="{}", help='JSON, e.g. \'{"num_layers": 6}\'')
-    preload.add_argument("--fpt-config", default="{}", help='FPTConfig overrides as JSON, e.g. \'{"layers": [8]}\'')
+    preload.add_argument("--backbone-overrides", type=_mapping, default={},
+                         help='JSON or a Python dict, e.g. \'{"num_layers": 6}\' (the bundle\'s backbone_overrides)')
+    preload.add_argument("--fpt-config", type=_mapping, default={},
+                         help='FPTConfig overrides as JSON or a Python dict, e.g. \'{"layers": [8]}\'')
     preload.add_argument("--batch-size", type=int, default=8, help="images per LPM forward (default: 8)")
     preload.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     preload.add_argument("--fp16", action="store_true", help="store float16 (half the disk)")
@@ -181,15 +285,20 @@ def _render_bundles(args: argparse.Namespace) -> None:
     """Render the classification bundles from their one template, or check the committed ones against it."""
     from monai_prompt.bundle_gen import check_bundles, write_bundles
 
-    if args.check:
-        problems = check_bundles(args.root, args.names or None)
-        if problems:
-            listing = "\n  ".join(problems)
-            raise SystemExit(f"bundles differ from the generator (run monai-prompt render-bundles):\n  {listing}")
+    try:
+        if args.check:
+            problems = check_bundles(args.root, args.names or None)
+        else:
+            changed = write_bundles(args.root, args.names or None)
+    except ValueError as err:  # unknown bundle names
+        raise SystemExit(f"render-bundles: {err}") from None
+    if not args.check:
+        print(f"{len(changed)} file(s) written under {args.root}")
+    elif problems:
+        listing = "\n  ".join(problems)
+        raise SystemExit(f"bundles differ from the generator (run monai-prompt render-bundles):\n  {listing}")
+    else:
         print(f"bundles under {args.root} match the generator")
-        return
-    changed = write_bundles(args.root, args.names or None)
-    print(f"{len(changed)} file(s) written under {args.root}")
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -206,6 +315,7 @@ def _override(text: str) -> tuple[str, object]:
 def _export(args: argparse.Namespace) -> None:
     """Write a bundle's delta as one full state dict and TorchScript (LoRA/SSF merged)."""
     from monai_prompt.peft import DeltaMismatchError, UnreadableCheckpointError
+    from monai_prompt.runs.errors import root_cause
     from monai_prompt.tools.export import export_bundle
 
     overrides = dict(args.set or [])
@@ -214,7 +324,7 @@ def _export(args: argparse.Namespace) -> None:
     try:
         print(export_bundle(args.bundle, args.ckpt, args.out_dir, merge=not args.no_merge, overrides=overrides))
     except (DeltaMismatchError, UnreadableCheckpointError, FileNotFoundError, RuntimeError) as err:
-        raise SystemExit(f"export: {err}") from None
+        raise SystemExit(f"export: {root_cause(err)[0]}") from None  # not MONAI's "Failed to instantiate ..."
 
 
 def _package(args: argparse.Namespace) -> None:
@@ -254,16 +364,16 @@ def _add_bundle_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _benchmark_efficiency(args: argparse.Namespace) -> None:
     """Cost of every method side by side (monai_prompt.benchmarks.efficiency) with the remaining options."""
-    from monai_prompt.benchmarks.efficiency import main
+    from monai_prompt.benchmarks.efficiency import build_parser, main
 
-    main(args.options)
+    main(_flag_values(build_parser(), args.options))
 
 
 def _gpu_check(args: argparse.Namespace) -> None:
     """Every bundle on CUDA with AMP and the efficiency benchmark, one table (monai_prompt.benchmarks.gpu_check)."""
-    from monai_prompt.benchmarks.gpu_check import main
+    from monai_prompt.benchmarks.gpu_check import build_parser, main
 
-    code = main(args.options)
+    code = main(_flag_values(build_parser(), args.options))
     if code:
         raise SystemExit(code)
 
@@ -338,25 +448,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help=f"output folder (default: {DEMO_DATA}: make demo's, the bundles' default; segmentation: "
         f"{DEMO_OUT['segmentation']}/data)"
     )
-    demo_data.add_argument("--patch-size", type=int, default=32, help="patch side in pixels (default: 32)")
-    demo_data.add_argument("--train-per-class", type=int, default=300, help="training patches per class")
-    demo_data.add_argument("--eval-per-class", type=int, default=75, help="validation and test patches per class")
-    demo_data.add_argument("--unlabeled", type=int, default=3000, help="unlabelled patches for pre-training")
+    demo_data.add_argument("--patch-size", type=_at_least(1), default=32, help="patch side in pixels (default: 32)")
+    demo_data.add_argument("--train-per-class", type=_at_least(1), default=300, help="training patches per class")
+    demo_data.add_argument("--eval-per-class", type=_at_least(1), default=75,
+                           help="validation and test patches per class")
+    demo_data.add_argument("--unlabeled", type=_at_least(0), default=3000, help="unlabelled patches for pre-training")
     demo_data.add_argument("--seed", type=int, default=0, help="random seed")
     demo_data.add_argument("--labels", choices=list(SEGMENTATION_TASKS), default="tissues",
                            help="segmentation: tissues (MNI152 csf/grey/white matter; default, the segmentation "
                                 "bundles' default data) or lobes (CAT12 template, LPBA40 lobes: the demo's task)")
     demo_data.set_defaults(func=_demo_data)
     check_data = sub.add_parser("check-data", help="check every image and label of a datalist before training")
-    check_data.add_argument("datalist", help="class-per-folder tree, CSV or decathlon JSON (a JSON whose labels are "
-                                             "label maps is checked as segmentation data)")
+    check_data.add_argument("datalist", nargs="?", help="class-per-folder tree, CSV or decathlon JSON (a JSON whose "
+                            "labels are label maps is checked as segmentation data)")
     check_data.add_argument("--channels", type=int, help="expected channels per image (default: the most common)")
     check_data.add_argument(
         "--headers-only", action="store_true", help="read headers only, no pixel decoding (very large sets)"
     )
-    check_data.add_argument("--classes", nargs="+", help="class names in label order (default: from the labels)")
+    check_data.add_argument("--classes", nargs="+", action=_ListOption,
+                            help="class names in label order (default: from the labels)")
     check_data.add_argument("--image-column", help="CSV column of image paths (default: image)")
-    check_data.add_argument("--label-columns", nargs="+", help="CSV label column, or several for multi-label")
+    check_data.add_argument("--label-columns", nargs="+", action=_ListOption,
+                            help="CSV label column, or several for multi-label")
     check_data.add_argument("--dicom-series", action="store_true", help="folders: a DICOM folder is one image")
     check_data.set_defaults(func=_check_data)
     _add_preload_parser(sub)
@@ -366,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_flag_values(parser, sys.argv[1:] if argv is None else argv))
     args.func(args)
     return 0
 

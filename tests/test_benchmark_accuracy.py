@@ -18,6 +18,7 @@ from monai_prompt.benchmarks.accuracy import (
     LITE_MEDSAM,
     METRICS,
     SEGMENTATION_BASELINES,
+    _subsets,
     parse_regime,
     refusal,
     regime_epochs,
@@ -86,6 +87,25 @@ def test_subset_datalist_keeps_evaluation_splits_apart(tmp_path):
              for seed, regime in ((0, "1shot"), (1, "50%"))]
     assert images(small[0], "test") == images(small[1], "test") and len(images(small[0], "test")) == 3
     assert images(small[0], "test") <= images(source, "test")
+
+
+def test_every_regime_is_drawn_before_the_first_run(tmp_path):
+    """A regime the data cannot hold stops the benchmark before anything trains (not after the regimes before it);
+    --quick leaves it out, saying so (the tiny demo has 4 training images per class: no 5shot)."""
+    source = write_tiny_dataset(tmp_path / "data", per_class=(4, 1, 1))
+    regimes = [parse_regime(text) for text in ("100%", "5shot", "1shot")]
+
+    def make(regime, seed):
+        return subset_datalist(source, tmp_path / "sub" / f"{regime.name}_{seed}.json", regime, seed)
+
+    with pytest.raises(ValueError, match=r"regime 5shot: .* fewer than 5; use fewer shots\. Choose the regimes with "
+                                         r"--regimes\.$"):
+        _subsets(make, regimes, [0], quick=False, print_fn=print)
+    lines: list[str] = []
+    assert {name: list(seeds) for name, seeds in _subsets(make, regimes, [0, 1], True, lines.append).items()} == {
+        "100%": [0, 1], "1shot": [0, 1]}
+    assert lines == ["--quick: regime 5shot left out: regime 5shot: class 0 has 4 training images, fewer than 5; use "
+                     "fewer shots."]
 
 
 def test_segmentation_subset_is_a_share_of_all_slices(tmp_path):

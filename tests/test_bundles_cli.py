@@ -126,7 +126,8 @@ def test_export_merges_lora_into_a_plain_network(tiny, tmp_path, capsys):
 
     unmerged = tmp_path / "unmerged"  # --no-merge keeps LoRA's modules: the tuned network's full state dict
     no_merge = ["--no-merge", "--out-dir", str(unmerged)]
-    assert main(["export", str(bundle), "--pretrained", str(backbone), *no_merge, *sets]) == 0
+    untrained = copy_bundle(spec.name, tmp_path / "untrained")  # a delta of another folder: its record builds the net
+    assert main(["export", str(untrained), "--ckpt", str(bundle / "models" / "model.pt"), *no_merge]) == 0
     assert "lora: full state dict with the method's modules" in capsys.readouterr().out
     state = torch.load(unmerged / "model_full.pt", weights_only=True)
     assert state.keys() == tuned.state_dict().keys() and any(key.endswith(".lora_A") for key in state)

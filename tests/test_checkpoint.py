@@ -252,3 +252,25 @@ def test_best_model_survives_a_resume(tmp_path, keep_best):
     evaluator = _train(tmp_path, [0.9], max_epochs=4, resume=True)  # better: replaces it
     assert _best_epoch_on_disk(tmp_path) == 4.0
     assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (0.9, 4)
+
+
+def test_a_resume_with_no_epochs_left_names_the_setting(tmp_path, caplog):
+    """A checkpoint of more epochs than the run's max_epochs is refused naming --train#trainer#max_epochs (MONAI's
+    error names an engine attribute); one of as many epochs trains nothing and says so."""
+    model = torch.nn.Linear(1, 1)
+    trainer = Engine(lambda engine, batch: None)
+    saved = {"trainer": trainer, "model": model}
+    AtomicCheckpointSaver(str(tmp_path), saved, save_interval=1, n_saved=1).attach(trainer)
+    trainer.run([0], max_epochs=3)
+    for max_epochs in (2, 3):
+        trainer = Engine(lambda engine, batch: None)
+        CheckedCheckpointLoader(latest_checkpoint(tmp_path), {"trainer": trainer, "model": model}).attach(trainer)
+        if max_epochs == 2:
+            with pytest.raises(ValueError, match=r"checkpoint_epoch=3\.pt has trained 3 epochs, more than this "
+                                                 r"run's --train#trainer#max_epochs 2; .* above 3 \(nothing was "
+                                                 r"changed\)\.$"):
+                trainer.run([0], max_epochs=max_epochs)
+        else:
+            trainer.run([0], max_epochs=max_epochs)
+            assert "has trained all 3 epochs of --train#trainer#max_epochs 3: nothing left to train" in caplog.text
+    assert os.listdir(tmp_path) == ["checkpoint_epoch=3.pt"]

@@ -69,3 +69,29 @@ def test_under_torchrun_the_error_file_holds_the_root_cause(monkeypatch, tmp_pat
     failure = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(error_file))
     assert failure.message["extraInfo"]["py_callstack"] == "ValueError: plain"
     capsys.readouterr()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(monkeypatch, tmp_path, capsys):
+    """A job scheduler's or torchrun's SIGTERM raises Ctrl-C's exception (so MLflow runs end KILLED and what
+    on_error registered runs), and is no root cause for torchrun's summary (it stops the ranks that did not fail)."""
+    import os
+    import signal
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        show_cause_last()
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # else the signal would end this process
+        calls: list[str] = []
+        on_error(lambda: calls.append("put back"))
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 1)  # the handler raises here at the latest
+        except KeyboardInterrupt as err:
+            assert str(err) == "stopped by signal SIGTERM"
+            sys.excepthook(type(err), err, err.__traceback__)
+        assert calls == ["put back"] and not (tmp_path / "error.json").exists()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    capsys.readouterr()

@@ -142,7 +142,9 @@ def test_stale_cache_is_detected_with_the_reason(tmp_path):
     other_layers = tiny_fpt("fpt", seed=0, backbone_overrides=TINY, layers=[0, 1]).eval()
     with pytest.raises(FPTCacheError, match=r"extraction layers: \[1\] in the cache vs \[0, 1\] here"):
         LoadFPTFeaturesd("image", tmp_path, network=other_layers)
-    with pytest.raises(FPTCacheError, match="stale FPT cache"):
+    with pytest.raises(FPTCacheError, match=r"stale FPT cache .*into a new cache directory \(a bundle's "
+                                            r"--fpt_cache_dir, .*\), or replace it \(monai-prompt preload --overwrite; "
+                                            r"a bundle: delete it\)\.$"):  # a bundle's --overwrite is its models/'
         preload_features(other_weights, fpt_images(2), tmp_path)
     report = preload_features(other_weights, fpt_images(1), tmp_path, overwrite=True)
     assert report.entries == 1
@@ -212,3 +214,9 @@ def test_cli_keys_by_content_not_file_stem(tmp_path):
     # another LPM: the CLI refuses the stale cache and names the fix
     with pytest.raises(SystemExit, match="stale FPT cache"):
         main(args)
+    with pytest.raises(SystemExit, match=r"^preload: .*img\.png: shape \(3, 40, 40\) \(channel first\) has 2 spatial "
+                                         r"dims but the network is 3D"):  # the root cause, not MONAI's wrapper
+        main([*args, "--spatial-dims", "3", "--cache-dir", str(tmp_path / "cache3d")])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"^preload: --device cuda, but torch finds no CUDA device here"):
+            main([*args, "--device", "cuda"])

@@ -126,6 +126,13 @@ def test_a_failed_package_leaves_nothing_and_names_the_cause(trained, tmp_path, 
     assert not out.exists() and list(out.parent.iterdir()) == []  # no partial copy, no temporary folder
     with pytest.raises(FileExistsError, match="choose another --out"):
         package_bundle(bundle, out.parent)
+    with pytest.raises(ValueError, match=r"folder name, which must end in _classification for this classification "
+                                         r"delta \(e\.g\. --out .*/out/lora_classification\)\.$"):
+        package_bundle(bundle, out.parent / "my_model")  # MONAI Label would not know the task
+    with pytest.raises(FileNotFoundError, match=r"--model .*models is a folder; pass the delta in it \(e\.g\. --model "
+                                                r".*models/model\.pt\)\.$"):  # not "does not exist"
+        package_bundle(bundle, out, model=bundle / "models")
+    assert list(out.parent.iterdir()) == []
 
 
 def test_a_truncated_delta_is_named_with_the_fix(trained, tmp_path):

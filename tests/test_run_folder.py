@@ -102,6 +102,11 @@ def test_a_new_run_never_silently_replaces_a_previous_one(tmp_path, release_lock
     release_locks.pop().release()
     release_locks.append(claim_run_folder(folder, overwrite=True))  # nothing deleted before the run can start
     assert sorted(os.listdir(folder)) == [".lock", "checkpoint_epoch=3.pt", "model.pt", "vit_pretrained.pt"]
+    release_locks.pop().release()
+    with pytest.raises(RunFolderError, match=r"--overwrite true replaces the previous run in .*, which this run is set "
+                                             r"to continue .* --overwrite false, or .* --resume false"):
+        claim_run_folder(folder, resume=True, overwrite=True)  # resume and overwrite: refused, not one of them ignored
+    assert sorted(os.listdir(folder)) == ["checkpoint_epoch=3.pt", "model.pt", "vit_pretrained.pt"]
 
 
 def _previous_run(folder: Path) -> dict[str, bytes]:

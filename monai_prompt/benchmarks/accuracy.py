@@ -699,6 +699,30 @@ def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = pr
     return run(parser.parse_args(argv), print_fn)
 
 
+def _subsets(
+    make: Callable[[Regime, int], Path], regimes: Sequence[Regime], seeds: Sequence[int], quick: bool,
+    print_fn: Callable[[str], None],
+) -> dict[str, dict[int, Path]]:
+    """Every regime's training subset per seed (``make(regime, seed)``), all written before the first run: a regime
+    the data cannot hold stops the benchmark before anything trains, naming ``--regimes``; with ``quick`` (the tiny
+    demo) it is left out, with a line saying so.
+
+    Returns:
+        regime name -> seed -> subset datalist, for the regimes kept.
+    """
+    subsets: dict[str, dict[int, Path]] = {}
+    for regime in regimes:
+        try:
+            subsets[regime.name] = {seed: make(regime, seed) for seed in seeds}
+        except ValueError as err:
+            if not quick:
+                raise ValueError(f"{err} Choose the regimes with --regimes.") from None
+            print_fn(f"--quick: regime {regime.name} left out: {err}")
+    if not subsets:
+        raise ValueError("no regime fits the data; choose the regimes with --regimes.")
+    return subsets
+
+
 def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run the benchmark with :func:`add_arguments`' options (or summarise with ``--combine``); returns the summary
     rows."""
@@ -740,10 +764,13 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
         checkpoint, status = pretrain_encoder(work / "vit_pretraining", datalist, config, bundles, print_fn=print_fn)
         print_fn(f"demo segmentation data {datalist}; MAE-pre-trained encoder {status}: {checkpoint}")
         n_full = len(json.loads(datalist.read_text())["training"])
+        subsets = _subsets(lambda regime, seed: segmentation_subset_datalist(
+            datalist, out / "datalists" / f"segmentation_{regime.name}_seed{seed}.json", regime, seed),
+            regimes, seeds, args.quick, print_fn)
+        regimes = [regime for regime in regimes if regime.name in subsets]
         for regime in regimes:
             for seed in seeds:
-                subset = segmentation_subset_datalist(
-                    datalist, out / "datalists" / f"segmentation_{regime.name}_seed{seed}.json", regime, seed)
+                subset = subsets[regime.name][seed]
                 n_train = len(json.loads(subset.read_text())["training"])
                 run_epochs = regime_epochs(n_train, n_full, epochs)
                 for backbone in args.backbones:
@@ -767,9 +794,13 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> li
     print_fn(f"demo data {datalist}; MAE-pre-trained ViT {status}: {checkpoint}")
     mae = pretrained_overrides(config, checkpoint, bundles)
     n_full = len(json.loads(datalist.read_text())["training"])
+    subsets = _subsets(lambda regime, seed: subset_datalist(
+        datalist, out / "datalists" / f"{regime.name}_seed{seed}.json", regime, seed), regimes, seeds, args.quick,
+        print_fn)
+    regimes = [regime for regime in regimes if regime.name in subsets]
     for regime in regimes:
         for seed in seeds:
-            subset = subset_datalist(datalist, out / "datalists" / f"{regime.name}_seed{seed}.json", regime, seed)
+            subset = subsets[regime.name][seed]
             n_train = len(json.loads(subset.read_text())["training"])
             for method in methods:
                 run_dir = out / "runs" / f"{method}_{regime.name}_seed{seed}"

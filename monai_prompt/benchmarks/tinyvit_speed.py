@@ -179,7 +179,8 @@ def format_table(times: dict[tuple[str, str], list[float]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``monai-prompt benchmark tinyvit``."""
-    parser.add_argument("--img-size", type=int, default=256, help="square input side (default: 256)")
+    parser.add_argument("--img-size", type=int, default=256, choices=[REFERENCE_ARGS["img_size"]],
+                        help="square input side: 256, the one the reference takes (its neck reshapes to 64 x 64)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 2], help="batch sizes (default: 1 2)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (default: 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import json
 import os
 from collections import Counter
@@ -181,14 +182,23 @@ def read_classification_datalist(source: str | os.PathLike, **options: Any) -> C
             :func:`datalist_from_json`.
     """
     path = Path(source)
-    if path.is_dir():
-        return datalist_from_folder(path, **options)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist; give a class-per-folder tree, a .csv or a .json.")
     readers = {".csv": datalist_from_csv, ".json": datalist_from_json}
-    if path.suffix.lower() not in readers:
+    if path.is_dir():
+        reader = datalist_from_folder
+    elif not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist; give a class-per-folder tree, a .csv or a .json.")
+    elif path.suffix.lower() not in readers:
         raise ValueError(f"datalist {path} is neither a folder, a .csv nor a .json file.")
-    return readers[path.suffix.lower()](path, **options)
+    else:
+        reader = readers[path.suffix.lower()]
+    takes = list(inspect.signature(reader).parameters)[1:]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        kind = {datalist_from_folder: "folder", datalist_from_csv: "CSV", datalist_from_json: "JSON"}[reader]
+        raise ValueError(
+            f"datalist {path}: a {kind} datalist takes no {', '.join(unknown)} (its options: {', '.join(takes)})."
+        )
+    return reader(path, **options)
 
 
 def datalist_from_folder(

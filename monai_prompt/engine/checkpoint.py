@@ -222,9 +222,16 @@ class CheckedCheckpointLoader(CheckpointLoader):
                 "(configs/train.json writes models/model.pt), point --ckpt_dir at a trained run's models/ folder, or "
                 "give --load_path <a model.pt>."
             )
+        max_epochs = engine.state.max_epochs
         try:
             super().__call__(engine)
         except Exception:
+            if max_epochs is not None and engine.state.epoch > max_epochs:  # MONAI's check after loading a trainer
+                raise ValueError(
+                    f"resume: {self.load_path} has trained {engine.state.epoch} epochs, more than this run's "
+                    f"--train#trainer#max_epochs {max_epochs}; to train longer, resume with --train#trainer#max_epochs "
+                    f"above {engine.state.epoch} (nothing was changed)."
+                ) from None
             read_checkpoint(
                 self.load_path,
                 fix=(
@@ -233,6 +240,12 @@ class CheckedCheckpointLoader(CheckpointLoader):
                 ),
             )  # raises the error naming the file when it cannot be read
             raise
+        if max_epochs is not None and engine.state.epoch == max_epochs:
+            logger.warning(
+                f"resume: {self.load_path} has trained all {max_epochs} epochs of --train#trainer#max_epochs "
+                f"{max_epochs}: nothing left to train. To train longer, resume with --train#trainer#max_epochs above "
+                f"{max_epochs}."
+            )
 
 
 class BestMetricState:

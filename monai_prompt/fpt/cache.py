@@ -112,7 +112,8 @@ class FPTFeatureCache:
         reason = "; ".join(diffs) or "the LPM weights differ (same architecture and extraction config)"
         raise FPTCacheError(
             f"stale FPT cache {self.root}: it was made for another LPM or FPT config ({reason}). Its features "
-            f"would not match this model; preload again into a new cache directory (or pass --overwrite)."
+            f"would not match this model; preload again into a new cache directory (a bundle's --fpt_cache_dir, "
+            f"monai-prompt preload --cache-dir), or replace it (monai-prompt preload --overwrite; a bundle: delete it)."
         )
 
     @classmethod
@@ -138,7 +139,8 @@ class FPTFeatureCache:
                 if cache.manifest["storage_dtype"] != dtype_name:
                     raise FPTCacheError(
                         f"FPT cache {root} stores {cache.manifest['storage_dtype']}, not {dtype_name}; use another "
-                        f"directory (or pass --overwrite)."
+                        f"directory (a bundle's --fpt_cache_dir, monai-prompt preload --cache-dir), or replace it "
+                        f"(monai-prompt preload --overwrite; a bundle: delete it)."
                     )
                 return cache
             except FPTCacheError:

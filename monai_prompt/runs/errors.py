@@ -24,7 +24,9 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,7 +93,8 @@ def _excepthook(kind: type[BaseException], error: BaseException, traceback: Trac
     summary = format_root_cause(error)
     if summary is not None:
         print(f"\n{summary}", file=sys.stderr)
-    _record_for_torchrun(error, summary)
+    if not isinstance(error, _Terminated):  # torchrun stops the other ranks when one fails: not a root cause
+        _record_for_torchrun(error, summary)
 
 
 def _record_for_torchrun(error: BaseException, summary: str | None) -> None:
@@ -108,8 +111,19 @@ def _record_for_torchrun(error: BaseException, summary: str | None) -> None:
         Path(path).write_text(json.dumps(data))
 
 
+class _Terminated(KeyboardInterrupt):
+    """``SIGTERM``, raised as Ctrl-C's exception."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def show_cause_last() -> None:
-    """Install (once) the ``sys.excepthook`` that repeats the root error of a MONAI-wrapped exception last.
+    """Install (once) the ``sys.excepthook`` that repeats the root error of a MONAI-wrapped exception last, and
+    make ``SIGTERM`` (what a job scheduler, ``kill`` or ``torchrun`` sends) stop the run as Ctrl-C does, so that
+    what :func:`on_error` registered runs and an MLflow run ends ``KILLED`` instead of staying ``RUNNING`` (only where
+    ``SIGTERM`` still has Python's default action, in the main thread).
 
     Put ``"$monai_prompt.runs.show_cause_last()"`` first in a bundle's ``initialize`` list.
     """
@@ -117,3 +131,5 @@ def show_cause_last() -> None:
     if sys.excepthook is not _excepthook:
         _previous_hook = sys.excepthook
         sys.excepthook = _excepthook
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)

@@ -177,12 +177,18 @@ def claim_run_folder(ckpt_dir: str | os.PathLike, resume: bool = False, overwrit
         the held lock (None on ranks other than 0).
 
     Raises:
-        RunFolderError: another run holds the folder, or it holds a previous run and neither ``resume`` nor
-            ``overwrite`` is set.
+        RunFolderError: another run holds the folder, it holds a previous run and neither ``resume`` nor
+            ``overwrite`` is set, or both are (the run would continue what it is told to replace).
     """
     if _rank() > 0:
         return None
     folder = Path(ckpt_dir).absolute()
+    if resume and overwrite:
+        raise RunFolderError(
+            f"--overwrite true replaces the previous run in {folder}, which this run is set to continue (--resume "
+            f"true; a packaged segmentation bundle: --continue_model true); nothing was changed. Continue it with "
+            f"--overwrite false, or replace it with --resume false (--continue_model false)."
+        )
     lock = _HELD.get(folder)
     if lock is None or not lock.held:
         if lock is not None:  # its lock file went away (e.g. the folder was deleted): drop it, lock anew

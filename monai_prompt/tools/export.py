@@ -78,21 +78,25 @@ def export_bundle(
 
     Args:
         bundle: the bundle folder.
-        ckpt: the delta (default ``<bundle>/models/model.pt``).
+        ckpt: the delta (default ``<bundle>/models/model.pt``); the network is built from the training record
+            beside it (``training_config.json``), unless ``overrides`` give another ``ckpt_dir``.
         out_dir: output folder (default ``<bundle>/models``).
         merge: fold mergeable layers into the weights and export a plain network where the result is one.
         overrides: config overrides, e.g. ``{"pretrained": "vit.safetensors"}`` (as on the bundle command line).
         atol: largest logit difference accepted between the exported and the tuned network.
 
     Raises:
+        FileNotFoundError: ``bundle`` is no bundle folder, or the delta is missing.
         DeltaMismatchError: the delta belongs to another method, config or backbone.
         RuntimeError: the exported network's logits differ from the tuned network's by more than ``atol``.
     """
     bundle = Path(bundle)
     overrides = dict(overrides or {})
     ckpt = Path(ckpt) if ckpt is not None else bundle / "models" / "model.pt"
+    overrides.setdefault("ckpt_dir", str(ckpt.parent))  # where inference.json reads the training record
     out = Path(out_dir) if out_dir is not None else bundle / "models"
-    out.mkdir(parents=True, exist_ok=True)
+    if not (bundle / "configs" / "inference.json").is_file():
+        raise FileNotFoundError(f"{bundle} is not a bundle folder: it has no configs/inference.json.")
     parser = _parser(bundle, overrides)
     method = parser.get_parsed_content("method")
     network = parser.get_parsed_content("network_def").eval()
@@ -121,6 +125,7 @@ def export_bundle(
         difference = float((exported(example) - reference).abs().max())
     if difference > atol:
         raise RuntimeError(f"exported {method} network differs from the tuned one by {difference:.2e} > {atol}.")
+    out.mkdir(parents=True, exist_ok=True)
     state_path, script_path = out / "model_full.pt", out / "model_full.ts"
     atomic_write(state_path, lambda tmp: torch.save(exported.state_dict(), tmp))
     meta = json.dumps(parser.get("_meta_", {})).encode()

@@ -182,7 +182,7 @@ def package_bundle(
     Raises:
         FileNotFoundError: the bundle, delta, training record or weights are missing.
         FileExistsError: ``out`` exists.
-        ValueError: no ``pretrained`` given or recorded.
+        ValueError: no ``pretrained`` given or recorded, or the name of ``out`` does not end in the delta's task.
         DeltaMismatchError: the weights are not the delta's backbone, or the delta is not one of this bundle.
     """
     bundle = Path(bundle)
@@ -190,6 +190,9 @@ def package_bundle(
     model = Path(model) if model is not None else bundle / "models" / "model.pt"
     if not (bundle / "configs" / "inference.json").is_file():
         raise FileNotFoundError(f"{bundle} is not a bundle folder: it has no configs/inference.json.")
+    if model.is_dir():
+        raise FileNotFoundError(f"--model {model} is a folder; pass the delta in it (e.g. --model {model / 'model.pt'})"
+                                f".")
     if not model.is_file():
         raise FileNotFoundError(
             f"delta {model} does not exist; train the bundle first (train.json writes models/model.pt), or pass "
@@ -209,6 +212,13 @@ def package_bundle(
     weights = _weights(pretrained if pretrained is not None else record["pretrained"])
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another --out or remove it.")
+    task = "classification" if "multi_label" in record else "segmentation"  # what the record says it trained
+    if not out.name.endswith(f"_{task}"):
+        name = bundle.name if bundle.name.endswith(f"_{task}") else f"{record.get('method', 'my')}_{task}"
+        raise ValueError(
+            f"--out {out}: MONAI Label reads a bundle's task from its folder name, which must end in _{task} for this "
+            f"{task} delta (e.g. --out {out.parent / name})."
+        )
     delta = _read_delta(model, weights)
     backbone = f"models/{BACKBONE_NAME}{'' if weights.is_dir() else weights.suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
