@@ -204,8 +204,8 @@ def test_label_values_other_than_0_to_k_name_their_classes(tmp_path):
 
     with pytest.raises(DataCheckError) as info:
         check_segmentation_datalist(datalist, TINY_CLASSES, label_values=[0, 1, 2, 3])
-    assert "names the classes {0: 'background', 2: 'gray_matter', 4: 'csf', 300: 'white_matter'} but the bundle's " \
-           "are ['background', 'csf', 'gray_matter', 'white_matter']" in str(info.value)
+    assert "names the classes {0: 'background', 2: 'gray_matter', 4: 'csf', 300: 'white_matter'} but those " \
+           "expected are ['background', 'csf', 'gray_matter', 'white_matter']" in str(info.value)
     stored[0, 0] = 1
     nib.save(nib.Nifti1Image(stored, nib.load(label).affine), label)
     with pytest.raises(DataCheckError, match=r"values \[1\.0\] are no class's \(0, 2, 4, 300, the 'labels' keys\)"):
@@ -233,7 +233,7 @@ def test_data_check_reports_every_bad_pair(tmp_path):
         check_segmentation_datalist(datalist, [*TINY_CLASSES, "tumour"], required_splits=["training", "test"])
     problems = info.value.problems
     expected = [
-        "'labels' names the classes ['background', 'csf', 'gray_matter', 'white_matter'] but the bundle's are",
+        "'labels' names the classes ['background', 'csf', 'gray_matter', 'white_matter'] but those expected are",
         f"{first}: shape (35, 40, 34) differs",
         f"{second}: its voxels are not where its image's are",
         f"{third}: non-integer values (e.g. [0.5])",

@@ -324,9 +324,9 @@ def check_segmentation_datalist(
         if dict(zip(values, classes)) != dict(zip(datalist.label_values, datalist.classes)):
             problems.append(
                 f"{source}: 'labels' names the classes {_classes_text(datalist.label_values, datalist.classes)} but "
-                f"the bundle's are {_classes_text(values, classes)} (a trained network's come from "
-                "models/training_config.json); relabel the data to the bundle's classes, or train on these (and "
-                "update channel_def in metadata.json).")
+                f"those expected are {_classes_text(values, classes)} (a bundle's trained network's come from its "
+                "models/training_config.json; check-data's from --classes); relabel the data to the expected "
+                "classes, or train on these.")
     problems += [f"{source}: no {split!r} items; the workflow needs them{_CARVE if split == 'validation' else ''}."
                  for split in required_splits if not datalist[split]]
     if num_classes is not None and num_classes != len(classes):

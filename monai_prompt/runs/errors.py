@@ -33,7 +33,7 @@ from pathlib import Path
 from traceback import format_exception_only
 from types import TracebackType
 
-__all__ = ["format_root_cause", "on_error", "root_cause", "show_cause_last"]
+__all__ = ["StoppedBySignal", "format_root_cause", "on_error", "root_cause", "show_cause_last"]
 
 #: how MONAI's wrapping ``RuntimeError``s begin (config_item.py, utils/module.py, transforms/transform.py).
 MONAI_WRAPPERS = ("Failed to evaluate ", "Failed to instantiate ", "applying transform ")
@@ -93,7 +93,7 @@ def _excepthook(kind: type[BaseException], error: BaseException, traceback: Trac
     summary = format_root_cause(error)
     if summary is not None:
         print(f"\n{summary}", file=sys.stderr)
-    if not isinstance(error, _Terminated):  # torchrun stops the other ranks when one fails: not a root cause
+    if not isinstance(error, StoppedBySignal):  # torchrun stops the other ranks when one fails: not a root cause
         _record_for_torchrun(error, summary)
 
 
@@ -111,12 +111,12 @@ def _record_for_torchrun(error: BaseException, summary: str | None) -> None:
         Path(path).write_text(json.dumps(data))
 
 
-class _Terminated(KeyboardInterrupt):
-    """``SIGTERM``, raised as Ctrl-C's exception."""
+class StoppedBySignal(KeyboardInterrupt):
+    """A run stopped by ``SIGTERM`` (a job scheduler, ``kill``, ``torchrun``), raised as Ctrl-C's exception is."""
 
 
 def _terminated(signum: int, frame: object) -> None:
-    raise _Terminated(f"stopped by signal {signal.Signals(signum).name}")
+    raise StoppedBySignal(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def show_cause_last() -> None:
