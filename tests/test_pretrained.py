@@ -290,6 +290,22 @@ def test_bad_files_raise_clear_errors(hf_dir, tmp_path):
         load_pretrained(tiny_vit(), tmp_path / "missing.pth")
 
 
+def test_a_delta_given_as_pretrained_weights_names_what_to_pass(hf_dir, tmp_path):
+    """A bundle's models/model.pt of a frozen-backbone method holds no backbone: refused, naming the weights it was
+    trained on; a full fine-tuning delta holds the whole network and loads."""
+    from monai_prompt.peft.delta import delta_state_dict
+
+    path, _ = hf_dir
+    for method in ("lora", "full"):
+        net = PromptClassifier(2, method, backbone="vit_tiny", pretrained=str(path), img_size=64,
+                               backbone_overrides=ARCH)
+        torch.save(delta_state_dict(net), tmp_path / f"{method}.pt")
+    with pytest.raises(CheckpointError, match=rf"lora\.pt: a monai_prompt delta \(the lora weights .* pass the weights "
+                       rf"it was trained on as pretrained \({re.escape(str(path))}"):
+        load_pretrained(tiny_vit(), tmp_path / "lora.pt")
+    assert not load_pretrained(tiny_vit(), tmp_path / "full.pt").missing
+
+
 def test_training_checkpoint_with_python_objects_names_the_one_line_fix(hf_dir, tmp_path):
     """DINO's and MAE's training checkpoints store their argparse arguments beside the weights: weights_only loading
     refuses them, naming the object and a command that saves the tensors alone, which then load."""

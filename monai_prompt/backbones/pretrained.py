@@ -291,7 +291,24 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(
             f"{path}: cannot be read as a weight file (truncated or not a checkpoint?): {err}"
         ) from err
+    _refuse_delta(raw, path)
     return _flatten(raw, path), config, config_name
+
+
+def _refuse_delta(raw: object, path: Path) -> None:
+    """Refuse a monai_prompt delta (``{"peft": {"method", "backbone", ...}, "model": ...}``, a bundle's
+    ``models/model.pt``) given as pre-trained weights: it holds the method's weights, not a backbone (a ``full``
+    delta holds the whole network and loads)."""
+    peft = raw.get("peft") if isinstance(raw, dict) else None
+    if not isinstance(peft, dict) or peft.get("method") in (None, "full"):
+        return
+    source = (peft.get("backbone") or {}).get("source") or "the weights its models/training_config.json records"
+    raise CheckpointError(
+        f"{path}: a monai_prompt delta (the {peft['method']} weights a bundle trains, models/model.pt), not "
+        f"pre-trained backbone weights: pass the weights it was trained on as pretrained ({source}), and load the "
+        "delta with the bundle's evaluate.json or inference.json (--load_path), or package it with the backbone "
+        "(monai-prompt package)."
+    )
 
 
 def _timm_name_settings(name: str) -> dict[str, Any]:
