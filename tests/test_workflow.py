@@ -69,6 +69,9 @@ def test_pretraining_images_drop_labels_and_name_the_settings_when_too_few():
     with pytest.raises(ValueError, match=r"1 images to pre-train on but --batch_size 64: .* give --batch_size 1 or "
                        r"less, or more images\.$"):
         pretraining_images(datalist, ["unlabeled"], 64)
+    assert pretraining_images(datalist, "unlabeled", 1) == [{"image": "u.png"}]  # --pretrain_splits unlabeled
+    with pytest.raises(ValueError, match=r"--pretrain_splits \['training', 'val'\]: unknown split\(s\) \['val'\]; "):
+        pretraining_images(datalist, ["training", "val"], 1)
 
 
 def test_check_task_refuses_unlabelled_images_one_class_and_names_trained_classes_first():

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from monai_prompt.data.check import labels_out_of_range
-from monai_prompt.data.datalist import DataCheckError
+from monai_prompt.data.datalist import UNLABELED, DataCheckError
+from monai_prompt.data.split import SPLITS
 
 __all__ = [
     "DATALIST_NAME",
@@ -217,18 +218,22 @@ def check_task(
         )
 
 
-def pretraining_images(datalist, splits: Sequence[str], batch_size: int) -> list[dict[str, str]]:
+def pretraining_images(datalist, splits: Sequence[str] | str, batch_size: int) -> list[dict[str, str]]:
     """The ``{"image": path}`` items of ``splits`` that self-supervised pre-training reads (labels dropped).
 
     Args:
         datalist: a :class:`~monai_prompt.data.ClassificationDatalist`.
-        splits: the splits to read (the bundle's ``pretrain_splits``).
+        splits: the splits to read (the bundle's ``pretrain_splits``; a string is one split).
         batch_size: the bundle's ``batch_size``; the loader drops the last incomplete batch, so fewer images
             than this would leave no training step.
 
     Raises:
-        ValueError: too few images, naming the settings to change.
+        ValueError: an unknown split or too few images, naming the settings to change.
     """
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    unknown = [split for split in splits if split not in (*SPLITS, UNLABELED)]
+    if unknown:
+        raise ValueError(f"--pretrain_splits {splits}: unknown split(s) {unknown}; use {[*SPLITS, UNLABELED]}.")
     items = [{"image": item["image"]} for split in splits for item in datalist[split]]
     if not items:
         present = {name: len(images) for name, images in datalist.splits.items() if images}
