@@ -274,3 +274,25 @@ def test_a_resume_with_no_epochs_left_names_the_setting(tmp_path, caplog):
             trainer.run([0], max_epochs=max_epochs)
             assert "has trained all 3 epochs of --train#trainer#max_epochs 3: nothing left to train" in caplog.text
     assert os.listdir(tmp_path) == ["checkpoint_epoch=3.pt"]
+
+
+def test_a_resume_with_another_one_cycle_length_names_the_settings(tmp_path):
+    """A one-cycle schedule's length is saved with it: resuming with another max_epochs would stop with torch's
+    "Tried to step" error at the old schedule's end; the loader refuses it at once, naming the settings."""
+    model = torch.nn.Linear(1, 1)
+
+    def run(max_epochs: int, resume: bool) -> None:
+        trainer = Engine(lambda engine, batch: (optimizer.step(), scheduler.step()))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=2 * max_epochs)
+        saved = {"trainer": trainer, "lr_scheduler": scheduler}
+        if resume:
+            CheckedCheckpointLoader(latest_checkpoint(tmp_path), saved).attach(trainer)
+        else:
+            AtomicCheckpointSaver(str(tmp_path), saved, save_interval=1, n_saved=1).attach(trainer)
+        trainer.run([0, 1], max_epochs=max_epochs)
+
+    run(1, resume=False)
+    with pytest.raises(ValueError, match=r"checkpoint_epoch=1\.pt holds a lr_scheduler schedule of 2 steps but this "
+                       r"run's has 4 .*--train#trainer#max_epochs.*--overwrite true\.$"):
+        run(2, resume=True)

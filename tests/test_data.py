@@ -443,6 +443,16 @@ def test_demo_data_is_deterministic_leak_free_and_correctly_labelled(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- user-data pitfalls
+def test_plain_folder_of_images_is_unlabeled(tmp_path):
+    """A folder without sub-folders is no class tree: its images are the ``unlabeled`` split that pre-training
+    reads, where they used to be left out without a word."""
+    write_png(tmp_path / "a.png")
+    write_nifti(tmp_path / "b.nii.gz")
+    datalist = read_classification_datalist(tmp_path)
+    assert {split: len(items) for split, items in datalist.splits.items()} == {"unlabeled": 2}
+    assert datalist.classes == [] and "label" not in datalist["unlabeled"][0]
+
+
 def test_folder_groups_a_patients_slices_into_one_split(tmp_path):
     """``root/<class>/<patient>/<slice>.png``: the first sub-folder names the group (in any class), so a patient's
     slices never land in two splits; ``group_by`` replaces it; a pattern that does not match is one problem."""

@@ -280,9 +280,12 @@ def test_bad_files_raise_clear_errors(hf_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"resnet.pth: not a ViT checkpoint .*conv1.weight"):
         load_pretrained(tiny_vit(), resnet)
     shapes = r"'embeddings.cls_token' \(MONAI 'cls_token'\) has shape \(1, 1, 64\) .* expects \(1, 1, 32\)"
-    with pytest.raises(CheckpointError, match=shapes):
+    with pytest.raises(CheckpointError, match=shapes + r".*\(bundles: --backbone_overrides .*--backbone auto"):
         load_pretrained(tiny_vit(hidden_size=32), path)
     with pytest.raises(CheckpointError, match="lacks 12 backbone weights .*blocks.2"):
+        load_pretrained(tiny_vit(num_layers=3), path)
+    with pytest.raises(CheckpointError, match=r"checkpoint has 2 blocks, model has 3: build with num_layers=2; "
+                       r"bundles: --backbone_overrides with 'num_layers': 2\); pass strict=False"):
         load_pretrained(tiny_vit(num_layers=3), path)
     report = load_pretrained(tiny_vit(num_layers=3), path, strict=False)
     assert len(report.missing) == 12 and all(k.startswith("blocks.2.") for k in report.missing)

@@ -140,3 +140,37 @@ def test_pretraining_bundle_output_loads_into_prompt_classifier(tmp_path):
         tokens = mae.patch_embedding(image)
         encoded = mae.blocks(torch.cat([mae.cls_token.expand(2, -1, -1), tokens], dim=1))
         torch.testing.assert_close(vit(image)[0], encoded, rtol=1e-5, atol=1e-5)
+
+
+def test_pretraining_bundle_checks_a_plain_image_folder_before_training(tmp_path):
+    """A plain folder of the user's images is the data; an unreadable one among them is named before training (the
+    loader's error would come screens into caching), and too few images for a batch name --batch_size."""
+    from monai.bundle import ConfigParser
+    from PIL import Image
+
+    from monai_prompt.data import DataCheckError
+    from monai_prompt.runs import root_cause
+
+    data = tmp_path / "images"
+    data.mkdir()
+    Image.fromarray(np.zeros((20, 24), dtype=np.uint8)).save(data / "grey.png")
+    Image.fromarray(np.zeros((30, 30, 3), dtype=np.uint8)).save(data / "rgb.png")
+    parser = ConfigParser()
+    parser.read_config(str(copy_bundle("vit_pretraining", tmp_path) / "configs" / "train.json"))
+    parser.update({"dataset_dir": str(data), "batch_size": 2})
+    check = next(i for i, step in enumerate(parser["initialize"]) if "check_images" in step)
+    assert [Path(item["image"]).name for item in parser.get_parsed_content("train#dataset#data")] == [
+        "grey.png", "rgb.png"]
+    parser.get_parsed_content(f"initialize#{check}")
+    (data / "broken.png").write_bytes(b"not a png")
+    parser.update({"batch_size": 4})
+    parser.parse()
+    with pytest.raises(RuntimeError) as error:  # MONAI wraps what a config expression raises
+        parser.get_parsed_content("train#dataset#data")
+    assert "3 images to pre-train on but --batch_size 4" in str(root_cause(error.value)[0])
+    parser.update({"batch_size": 2})
+    parser.parse()
+    with pytest.raises(RuntimeError) as error:
+        parser.get_parsed_content(f"initialize#{check}")
+    cause = root_cause(error.value)[0]
+    assert isinstance(cause, DataCheckError) and "broken.png: unreadable" in str(cause)

@@ -437,7 +437,8 @@ def test_other_families_are_sent_to_their_network():
 
 
 def test_unsupported_backbones_are_refused():
-    with pytest.raises(ValueError, match=r"needs patch size 16, got \[8, 8\].*_p16"):
+    with pytest.raises(ValueError, match=r"needs patch size 16, got \[8, 8\].*_p16 backbone \(bundles: "
+                       r"--backbone_overrides with 'patch_size': 16; .*pre-train with patch_size 16\)\.$"):
         PromptUNETR(1, OUT, 32, spatial_dims=2, backbone="vit_tiny_p8", backbone_overrides=TINY)
     with_cls = build_vit("vit_tiny", in_channels=1, img_size=32, cls_token=True, **TINY)
     with pytest.raises(ValueError, match="without CLS token"):

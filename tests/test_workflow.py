@@ -17,6 +17,7 @@ from monai_prompt.runs import (
     find_datalist,
     flag,
     flag_entries,
+    pretraining_images,
 )
 
 
@@ -56,6 +57,21 @@ def test_check_task_refuses_empty_splits_a_workflow_reads():
     with pytest.raises(ValueError, match=r"no 'unlabeled' images: choose a split that has images with "
                        r"--evaluate_split .*'training', 'test'"):
         check_task(datalist, 2, False, ["unlabeled"])
+
+
+def test_pretraining_images_drop_labels_and_name_the_settings_when_too_few():
+    datalist = ClassificationDatalist([], {"unlabeled": [{"image": "u.png"}], "test": [{"image": "t.png", "label": 0}]})
+    assert pretraining_images(datalist, ["training", "unlabeled", "test"], 2) == [{"image": "u.png"},
+                                                                                 {"image": "t.png"}]
+    with pytest.raises(ValueError, match=r"no images to pre-train on in the splits \['training'\] \(the datalist has "
+                       r"\{'unlabeled': 1, 'test': 1\}\); .*--pretrain_splits\.$"):
+        pretraining_images(datalist, ["training"], 1)
+    with pytest.raises(ValueError, match=r"1 images to pre-train on but --batch_size 64: .* give --batch_size 1 or "
+                       r"less, or more images\.$"):
+        pretraining_images(datalist, ["unlabeled"], 64)
+    assert pretraining_images(datalist, "unlabeled", 1) == [{"image": "u.png"}]  # --pretrain_splits unlabeled
+    with pytest.raises(ValueError, match=r"--pretrain_splits \['training', 'val'\]: unknown split\(s\) \['val'\]; "):
+        pretraining_images(datalist, ["training", "val"], 1)
 
 
 def test_check_task_refuses_unlabelled_images_one_class_and_names_trained_classes_first():

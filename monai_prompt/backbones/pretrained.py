@@ -606,8 +606,10 @@ def load_pretrained(
             raise CheckpointError(
                 f"{path}: key {source.get(key, [key])[0]!r} (MONAI {key!r}) has shape {tuple(value.shape)} but the "
                 f"model expects {tuple(target[key].shape)}; the checkpoint is for another width/depth/patch size"
-                f"{' or number of register tokens' if key == 'register_tokens' else ''}: build the model from the "
-                f"checkpoint with backbone='auto' (monai_prompt.backbones.vit_from_pretrained)."
+                f"{' or number of register tokens' if key == 'register_tokens' else ''} (bundles: --backbone_overrides "
+                f"with the checkpoint's hidden_size, patch_size, mlp_dim): build the model from the checkpoint with "
+                f"backbone='auto' (bundles: --backbone auto; monai_prompt.backbones.vit_from_pretrained), or with its "
+                f"settings."
             )
         state[key] = value.to(target[key].dtype)
     vit.load_state_dict(state, strict=False)
@@ -632,12 +634,29 @@ def load_pretrained(
     if strict and report.missing:
         no_bias = _QKV_BIAS in target and _QKV_BIAS not in converted and "blocks.0.attn.qkv.weight" in converted
         hint = " (its attention has no qkv bias: build the model with qkv_bias=False)" if no_bias else ""
+        src_depth, dst_depth = _depth(converted), _depth(target)
+        if 0 < src_depth < dst_depth:
+            hint += (
+                f" (checkpoint has {src_depth} blocks, model has {dst_depth}: build with num_layers={src_depth}; "
+                f"bundles: --backbone_overrides with 'num_layers': {src_depth})"
+            )
         raise CheckpointError(
             f"{path}: the checkpoint lacks {len(report.missing)} backbone weights of the model: {report.missing[:10]}"
-            f"{hint}; pass strict=False to load the rest."
+            f"{hint}; pass strict=False (a network's pretrained_strict=False) to load the rest."
         )
     vit.pretrained_source = str(path)  # what a delta's backbone identity names (monai_prompt.peft.delta)
     return report
+
+
+def _block(key: str) -> int:
+    """Index of the transformer block a MONAI-layout backbone key belongs to, -1 for other keys."""
+    match = _BLOCK_INDEX.match(key)
+    return int(match.group(1)) if match and BACKBONE_KEY.match(key) else -1
+
+
+def _depth(state: dict[str, torch.Tensor]) -> int:
+    """Number of transformer blocks in a MONAI-layout state dict."""
+    return 1 + max(map(_block, state), default=-1)
 
 
 def _check_depth(
@@ -650,14 +669,10 @@ def _check_depth(
     """Raise (``strict``) or warn when the checkpoint has more transformer blocks than the model, whose keys would
     otherwise not be loaded without a word."""
 
-    def block(key: str) -> int:
-        match = _BLOCK_INDEX.match(key)
-        return int(match.group(1)) if match and BACKBONE_KEY.match(key) else -1
-
-    src_depth, dst_depth = 1 + max(map(block, converted), default=-1), 1 + max(map(block, target), default=-1)
+    src_depth, dst_depth = _depth(converted), _depth(target)
     if src_depth <= dst_depth:
         return
-    extra = [name for key in converted if block(key) >= dst_depth for name in source.get(key, [key])]
+    extra = [name for key in converted if _block(key) >= dst_depth for name in source.get(key, [key])]
     shown = f"{extra[:3]}{f' and {len(extra) - 3} more' if len(extra) > 3 else ''}"
     if strict:
         raise CheckpointError(

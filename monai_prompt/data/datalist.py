@@ -214,7 +214,8 @@ def datalist_from_folder(
 
     An image in a sub-folder of its class folder (``root/<class>/<patient>/<slice>.png``) belongs to the group named
     by that first sub-folder (``<patient>``; in any class and split), unless ``split`` has a ``group_by``: the images
-    of a group land in one split, and the data check reports a group found in two.
+    of a group land in one split, and the data check reports a group found in two. A folder without sub-folders
+    is a plain folder of images: all of them are ``unlabeled`` (what self-supervised pre-training reads).
 
     Args:
         root: the tree's root folder.
@@ -233,6 +234,8 @@ def datalist_from_folder(
     split_names = {folder.name: _SPLIT_ALIASES.get(folder.name.lower()) for folder in folders}
     if folders and all(split_names.values()):
         trees = [(split_names[folder.name], folder) for folder in folders]
+    elif not folders:  # a plain folder of images: no class folders, so unlabelled (self-supervised pre-training)
+        trees = [(UNLABELED, root)]
     else:
         trees = [(None, root)]
     records, problems, found = [], [], []

@@ -223,6 +223,7 @@ class CheckedCheckpointLoader(CheckpointLoader):
                 "give --load_path <a model.pt>."
             )
         max_epochs = engine.state.max_epochs
+        schedule_steps = {name: obj.total_steps for name, obj in self.load_dict.items() if hasattr(obj, "total_steps")}
         try:
             super().__call__(engine)
         except Exception:
@@ -240,6 +241,14 @@ class CheckedCheckpointLoader(CheckpointLoader):
                 ),
             )  # raises the error naming the file when it cannot be read
             raise
+        for name, steps in schedule_steps.items():
+            saved = self.load_dict[name].total_steps
+            if saved != steps:  # a one-cycle schedule's length is saved with it: the run would stop at its end
+                raise ValueError(
+                    f"resume: {self.load_path} holds a {name} schedule of {saved} steps but this run's has {steps} "
+                    "(--train#trainer#max_epochs times the iterations per epoch); resume with the interrupted run's "
+                    "--train#trainer#max_epochs, --batch_size and data, or start a new run with --overwrite true."
+                )
         if max_epochs is not None and engine.state.epoch == max_epochs:
             logger.warning(
                 f"resume: {self.load_path} has trained all {max_epochs} epochs of --train#trainer#max_epochs "

@@ -196,7 +196,10 @@ def _check_backbone(vit: PromptableViT, in_channels: int, img_size: list[int], s
     if any(p != UNETR_PATCH_SIZE for p in cfg["patch_size"]):
         raise ValueError(
             f"PromptUNETR needs patch size {UNETR_PATCH_SIZE}, got {cfg['patch_size']}: MONAI's UNETR decoder "
-            f"up-samples the patch grid 16x to meet the full-resolution skip connection; use a _p16 backbone."
+            f"up-samples the patch grid 16x to meet the full-resolution skip connection; use a _p16 backbone "
+            f"(bundles: --backbone_overrides with 'patch_size': {UNETR_PATCH_SIZE}; weights pre-trained with another "
+            f"patch size, such as bundles/vit_pretraining's default 4, do not fit: pre-train with patch_size "
+            f"{UNETR_PATCH_SIZE})."
         )
     wanted = {"in_channels": in_channels, "img_size": img_size, "spatial_dims": spatial_dims}
     differ = {k: (v, cfg[k]) for k, v in wanted.items() if cfg[k] != v}

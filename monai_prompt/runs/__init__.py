@@ -31,6 +31,7 @@ from monai_prompt.runs.workflow import (
     find_datalist,
     flag,
     flag_entries,
+    pretraining_images,
     warn_if_not_pretrained,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "flag_entries",
     "format_root_cause",
     "on_error",
+    "pretraining_images",
     "read_metrics",
     "read_training_config",
     "recorded_method_config",

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from monai_prompt.data.check import labels_out_of_range
-from monai_prompt.data.datalist import DataCheckError
+from monai_prompt.data.datalist import UNLABELED, DataCheckError
+from monai_prompt.data.split import SPLITS
 
 __all__ = [
     "DATALIST_NAME",
@@ -20,6 +21,7 @@ __all__ = [
     "check_task",
     "check_validation_interval",
     "find_datalist",
+    "pretraining_images",
     "flag",
     "flag_entries",
     "warn_if_not_pretrained",
@@ -214,6 +216,38 @@ def check_task(
             f"the datalist's labels are {kind} but the bundle has multi_label={multi_label}; "
             f"run with --multi_label {bool(datalist.multi_label)}."
         )
+
+
+def pretraining_images(datalist, splits: Sequence[str] | str, batch_size: int) -> list[dict[str, str]]:
+    """The ``{"image": path}`` items of ``splits`` that self-supervised pre-training reads (labels dropped).
+
+    Args:
+        datalist: a :class:`~monai_prompt.data.ClassificationDatalist`.
+        splits: the splits to read (the bundle's ``pretrain_splits``; a string is one split).
+        batch_size: the bundle's ``batch_size``; the loader drops the last incomplete batch, so fewer images
+            than this would leave no training step.
+
+    Raises:
+        ValueError: an unknown split or too few images, naming the settings to change.
+    """
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    unknown = [split for split in splits if split not in (*SPLITS, UNLABELED)]
+    if unknown:
+        raise ValueError(f"--pretrain_splits {splits}: unknown split(s) {unknown}; use {[*SPLITS, UNLABELED]}.")
+    items = [{"image": item["image"]} for split in splits for item in datalist[split]]
+    if not items:
+        present = {name: len(images) for name, images in datalist.splits.items() if images}
+        raise ValueError(
+            f"no images to pre-train on in the splits {list(splits)} (the datalist has {present or 'no images'}); "
+            "give --dataset_dir a folder of images (or of class folders), or choose splits that hold images with "
+            "--pretrain_splits."
+        )
+    if len(items) < int(batch_size):
+        raise ValueError(
+            f"{len(items)} images to pre-train on but --batch_size {batch_size}: the loader drops the last "
+            f"incomplete batch, so no step would run; give --batch_size {len(items)} or less, or more images."
+        )
+    return items
 
 
 def check_validation_interval(val_interval: int, max_epochs: int) -> None:
