@@ -78,6 +78,24 @@ def test_check_images_for_inference_inputs(tmp_path):
         check_images([])
 
 
+def test_inference_inputs_of_another_dimensionality_than_the_network_are_refused_up_front(tmp_path):
+    """A lone 3D volume given to a 2D network (and a slice to a 3D one) is named before anything runs; a slice stored
+    as X x Y x 1 is 2D."""
+    volume = write_nifti(tmp_path / "volume.nii.gz", np.zeros((16, 16, 8)))
+    flat = write_nifti(tmp_path / "flat.nii.gz", np.zeros((16, 12, 1)))
+    png = write_png(tmp_path / "slice.png")
+    assert set(check_images([png, flat], spatial_dims=2)) == {str(png), str(flat)}
+    assert set(check_images([volume], spatial_dims=3)) == {str(volume)}
+    with pytest.raises(DataCheckError) as caught:
+        check_images([volume], spatial_dims=2)
+    assert caught.value.problems == [
+        f"{volume}: 3D image (16 x 16 x 8) where the network takes 2D images (spatial_dims=2), and this one would "
+        f"stop the run: convert it or drop it."]
+    with pytest.raises(DataCheckError) as caught:
+        check_images([volume, png], spatial_dims=3)
+    assert [problem.split(":")[0] for problem in caught.value.problems] == [str(png)]
+
+
 def test_find_images_folders_globs_and_lists(tmp_path):
     images = [write_png(tmp_path / name) for name in ("b/2.png", "a/1.png", "a/.hidden.png", ".cache/3.png")]
     (tmp_path / "notes.txt").write_text("not an image")
@@ -101,7 +119,7 @@ def test_images_of_another_dimensionality_size_or_listed_twice(tmp_path, caplog)
         check_classification_datalist(mixed)
     assert caught.value.problems == [
         f"{volume}: 3D image (16 x 16 x 8) where the other images are 2D; the network takes one (spatial_dims), and "
-        f"this one would stop training: convert it or drop it.",
+        f"this one would stop the run: convert it or drop it.",
         f"{pngs[0]}: listed 2 times in 'training'; keep it once (a repeated image weighs more in training and in the "
         f"metrics).",
         f"{pngs[1]}: listed in several splits ['training', 'validation'].",

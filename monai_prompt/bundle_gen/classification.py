@@ -326,7 +326,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "evaluator": common.evaluator(metrics=False),
         **common.inference_steps(
             "$monai_prompt.data.check_images(@infer_files, channels=@in_channels, read_pixels=@flags#check_pixels, "
-            "source=@infer_images)"
+            "source=@infer_images, spatial_dims=@spatial_dims)"
         ),
     })
 

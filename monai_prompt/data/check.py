@@ -162,6 +162,7 @@ def check_images(
     channels: int | None = None,
     read_pixels: bool = True,
     source: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    spatial_dims: int | None = None,
 ) -> dict[str, ImageHeader]:
     """Check images without labels (e.g. inference inputs) as :func:`check_classification_datalist` checks a
     datalist's images.
@@ -172,6 +173,7 @@ def check_images(
         read_pixels: decode every image (see :func:`check_classification_datalist`).
         source: where ``paths`` were looked for (e.g. the folder or glob given to :func:`find_images`), named in
             the errors.
+        spatial_dims: the network's ``spatial_dims``: every image must have as many (else they must agree).
 
     Returns:
         each image's header, by path.
@@ -188,16 +190,17 @@ def check_images(
             f"list (--infer_images \"['a.png','b.png']\")."
         )
         raise DataCheckError([fix], where)
-    headers, problems = _check_images(list(dict.fromkeys(paths)), channels, read_pixels)
+    headers, problems = _check_images(list(dict.fromkeys(paths)), channels, read_pixels, spatial_dims)
     if problems:
         raise DataCheckError(problems, where)
     return headers
 
 
 def _check_images(
-    paths: list[str], channels: int | None, read_pixels: bool
+    paths: list[str], channels: int | None, read_pixels: bool, spatial_dims: int | None = None
 ) -> tuple[dict[str, ImageHeader], list[str]]:
-    """Headers of the readable images and one problem per bad image, then per channel mismatch."""
+    """Headers of the readable images and one problem per bad image, then per channel mismatch, then per image of
+    another dimensionality than ``spatial_dims`` (when given) or than the others."""
     load = None
     if read_pixels:  # MONAI is imported only to decode
         from monai.transforms import LoadImage
@@ -218,10 +221,12 @@ def _check_images(
         if problem:
             problems.append(f"{path}: {problem}")
     problems += _channel_problems({path: header.channels for path, header in headers.items()}, channels)
-    dims = _most_common([len(_spatial_shape(header)) for header in headers.values()])
+    dims = spatial_dims or _most_common([len(_spatial_shape(header)) for header in headers.values()])
+    expected = (f"the network takes {dims}D images (spatial_dims={dims})" if spatial_dims else
+                f"the other images are {dims}D; the network takes one (spatial_dims)")
     problems += [  # X x Y x 1 (or 1 x Y x Z) is 2D among 2D images (the transforms squeeze it), 3D among 3D ones
-        f"{path}: {len(_spatial_shape(header))}D image ({_size(header)}) where the other images are {dims}D; the "
-        f"network takes one (spatial_dims), and this one would stop training: convert it or drop it."
+        f"{path}: {len(_spatial_shape(header))}D image ({_size(header)}) where {expected}, and this one would stop "
+        f"the run: convert it or drop it."
         for path, header in headers.items()
         if dims not in (len(_spatial_shape(header)), len(header.spatial_shape))
     ]
