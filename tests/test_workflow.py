@@ -57,6 +57,10 @@ def test_check_task_refuses_empty_splits_a_workflow_reads():
     with pytest.raises(ValueError, match=r"no 'unlabeled' images: choose a split that has images with "
                        r"--evaluate_split .*'training', 'test'"):
         check_task(datalist, 2, False, ["unlabeled"])
+    plain = ClassificationDatalist([], {"unlabeled": [{"image": "u.png"}]})  # a plain folder of images
+    with pytest.raises(ValueError, match=r"^the datalist has only unlabelled images \(1; a plain folder of images, "
+                       r"without class sub-folders, reads so\): .*sub-folder per class .* bundles/vit_pretraining\.$"):
+        check_task(plain, 2, False, ["training", "validation"])
 
 
 def test_pretraining_images_drop_labels_and_name_the_settings_when_too_few():

@@ -175,6 +175,13 @@ def check_task(
         classes: the class names the model was trained on (evaluation: from the training record); the datalist's
             must be the same, in the same order.
     """
+    if required_splits and not any(datalist[split] for split in SPLITS) and datalist[UNLABELED]:
+        raise ValueError(
+            f"the datalist has only unlabelled images ({len(datalist[UNLABELED])}; a plain folder of images, without "
+            "class sub-folders, reads so): classification trains and evaluates on labelled images; put them in a "
+            "sub-folder per class (<dataset_dir>/<class>/<image>) or label them in a CSV/JSON datalist, or pre-train "
+            "on them with bundles/vit_pretraining."
+        )
     for split in required_splits:
         present = [name for name, items in datalist.splits.items() if items]
         if not datalist[split]:
