@@ -208,7 +208,8 @@ def test_cli_keys_by_content_not_file_stem(tmp_path, capsys, caplog):
     assert main([*args, "--pretrained", str(weights), "--batch-size", "2"]) == 0
     shown = capsys.readouterr().out.splitlines() + [record.getMessage() for record in caplog.records]
     assert [line for line in shown if line.startswith("FPT cache ")] == [
-        f"FPT cache {tmp_path / 'cache'}: 3 images read, 2 computed, 1 already cached; 2 entries of 0.00 MiB (0.00 GiB)"]
+        f"FPT cache {tmp_path / 'cache'}: 3 images read, 2 computed, 1 already cached; 2 entries of 0.00 MiB "
+        "(0.00 GiB)"]
     identity = cache_identity(net)
     cache = FPTFeatureCache(tmp_path / "cache", identity)
     assert len(cache) == 2
