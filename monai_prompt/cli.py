@@ -247,11 +247,10 @@ def _preload(args: argparse.Namespace) -> None:
         items = [item for _, item in read_classification_datalist(args.datalist).all_items()]
         data = Dataset(items, Compose(classification_transforms(args.img_size, args.spatial_dims, args.in_channels)))
         dtype = "float16" if args.fp16 else "float32"
-        report = preload_features(
+        preload_features(
             net, data, args.cache_dir, batch_size=args.batch_size, storage_dtype=dtype, num_workers=args.num_workers,
             overwrite=args.overwrite, progress=ProgressLog("FPT preload", unit="image"),
-        )
-        print(report)
+        )  # it logs its report, the command's summary (printing it too showed it twice)
     except (FPTCacheError, ValueError, OSError, RuntimeError) as err:  # stale cache, bad datalist/checkpoint/config
         raise SystemExit(f"preload: {root_cause(err)[0]}") from None  # not MONAI's "applying transform ..."
 

@@ -182,6 +182,24 @@ def test_a_validation_interval_longer_than_the_run_is_refused_first(name):
                      str(caught.value.__cause__))
 
 
+@pytest.mark.parametrize("name", [*sorted(ALL_BUNDLE_SPECS), "vit_pretraining"])
+def test_a_learning_rate_no_optimiser_step_can_use_is_refused_first(name):
+    """``--learning_rate 1e38`` stopped the first step with a float overflow naming nothing; ``initialize`` refuses
+    it (and a negative weight decay) before the run folder is touched, the values as the command line gives them."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / name / "configs" / "train.json"))
+    steps = parser["initialize"]
+    step = next(i for i, text in enumerate(steps) if "check_optimizer_settings" in text)
+    assert step < next(i for i, text in enumerate(steps) if "claim_run_folder" in text)
+    parser.get_parsed_content(f"initialize#{step}")
+    for key, value in (("learning_rate", 1e38), ("learning_rate", "inf"), ("weight_decay", -0.1)):
+        default, parser[key] = parser[key], value
+        with pytest.raises(RuntimeError) as caught:  # MONAI wraps the error
+            parser.get_parsed_content(f"initialize#{step}")
+        assert str(caught.value.__cause__).startswith(f"--{key} {value!r}: "), caught.value.__cause__
+        parser[key] = default
+
+
 @pytest.mark.parametrize("name", ["fpt_classification", "fptplus_classification"])
 def test_fpt_side_input_follows_img_size_and_a_larger_one_is_refused(name):
     """``--img_size 32`` gives the side network the papers' side size at 512 scaled to 32 px (one 8 px patch for

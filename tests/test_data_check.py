@@ -47,6 +47,33 @@ def test_data_check_decodes_pixels_and_reports_every_bad_file(tmp_path):
     assert summary.counts == {"training": 6, "validation": 2} and summary.formats == {"pil": 6, "nifti": 2}
 
 
+def test_a_plain_folder_of_images_is_unlabelled_data_not_a_failure(tmp_path, capsys):
+    """No class sub-folders: the images are the unlabelled data pre-training reads, which check-data says (exit 0);
+    an unreadable one is still a problem (exit 1), and a folder without images is one."""
+    from monai_prompt.cli import main
+
+    folder = tmp_path / "images"
+    for index in range(3):
+        write_png(folder / f"{index}.png", seed=index)
+    summary = check_classification_datalist(folder)
+    assert summary.counts == {"unlabeled": 3} and summary.classes == []
+    assert main(["check-data", str(folder)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"datalist {folder}: unlabelled images only, 1 channel(s), formats {{'pil': 3}}",
+        "split         images",
+        "unlabeled          3",
+        f"note: 3 unlabelled images (a plain folder: no class sub-folders): data for self-supervised pre-training "
+        f"(bundles/vit_pretraining, --dataset_dir {folder}); classification needs a sub-folder per class "
+        f"({folder}/<class>/<image>).",
+    ]
+    (folder / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=r"^check-data: 1 problem\(s\) in .*images:\n  - .*broken\.png: unreadable"):
+        main(["check-data", str(folder)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataCheckError, match=r"empty: no images\.$"):
+        check_classification_datalist(tmp_path / "empty")
+
+
 def test_labels_outside_num_classes_name_the_file(tmp_path):
     images = [write_png(tmp_path / f"img{i}.png", seed=i) for i in range(6)]
     one_based = write_datalist(tmp_path / "one_based.json",

@@ -73,11 +73,17 @@ def test_under_torchrun_the_error_file_holds_the_root_cause(monkeypatch, tmp_pat
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(monkeypatch, tmp_path, capsys):
     """A job scheduler's or torchrun's SIGTERM raises Ctrl-C's exception (so MLflow runs end KILLED and what
-    on_error registered runs), and is no root cause for torchrun's summary (it stops the ranks that did not fail)."""
+    on_error registered runs), is no root cause for torchrun's summary (it stops the ranks that did not fail), and
+    ends the process as one killed by SIGTERM (a shell's 143; Python would exit with 1)."""
     import os
     import signal
+    import subprocess
+
+    from monai_prompt.runs import errors
 
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    ended: list[int] = []
+    monkeypatch.setattr(errors, "_end_as_killed", ended.append)  # not this test process
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         show_cause_last()
@@ -92,6 +98,24 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(monkeypatch, tmp_path, capsys):
             assert str(err) == "stopped by signal SIGTERM"
             sys.excepthook(type(err), err, err.__traceback__)
         assert calls == ["put back"] and not (tmp_path / "error.json").exists()
+        assert ended == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
     capsys.readouterr()
+
+    # the real end, in a process of its own: the atexit steps run (MLflow runs ended KILLED, the lock released),
+    # then the signal ends it (errors.py needs only the standard library: loaded alone, it starts in a blink)
+    script = f"""
+import atexit, importlib.util, os, signal, sys
+spec = importlib.util.spec_from_file_location("errors", {errors.__file__!r})
+errors = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(errors)
+errors.show_cause_last()
+atexit.register(print, "atexit ran")
+os.kill(os.getpid(), signal.SIGTERM)
+signal.sigtimedwait([], 10)
+"""
+    result = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "$0"; echo "status $?"', script],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines() == ["atexit ran", "status 143"], result
+    assert "StoppedBySignal: stopped by signal SIGTERM" in result.stderr  # bash then says "Terminated"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -190,8 +191,9 @@ def test_fp16_storage_halves_disk_and_stays_close(tmp_path):
         cache.save("0" * 64, torch.full(net.feature_shape, 1e5))
 
 
-def test_cli_keys_by_content_not_file_stem(tmp_path):
-    """a/img.png and b/img.png differ (two entries); c/img.png is a copy of a/img.png (one shared entry)."""
+def test_cli_keys_by_content_not_file_stem(tmp_path, capsys, caplog):
+    """a/img.png and b/img.png differ (two entries); c/img.png is a copy of a/img.png (one shared entry); the
+    summary comes once."""
     rng = np.random.default_rng(0)
     first, second = (rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(2))
     for folder, pixels in (("a", first), ("b", second), ("c", first)):
@@ -202,7 +204,12 @@ def test_cli_keys_by_content_not_file_stem(tmp_path):
     save_file({k: v.contiguous() for k, v in net.lpm.state_dict().items()}, str(weights))
     args = ["preload", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), "--backbone", "vit_tiny"]
     args += ["--img-size", "32", "--backbone-overrides", json.dumps(TINY), "--fpt-config", '{"side_img_size": 16}']
+    caplog.set_level(logging.INFO)  # as the command configures logging (pytest's handler takes the place of its own)
     assert main([*args, "--pretrained", str(weights), "--batch-size", "2"]) == 0
+    shown = capsys.readouterr().out.splitlines() + [record.getMessage() for record in caplog.records]
+    assert [line for line in shown if line.startswith("FPT cache ")] == [
+        f"FPT cache {tmp_path / 'cache'}: 3 images read, 2 computed, 1 already cached; 2 entries of 0.00 MiB "
+        "(0.00 GiB)"]
     identity = cache_identity(net)
     cache = FPTFeatureCache(tmp_path / "cache", identity)
     assert len(cache) == 2

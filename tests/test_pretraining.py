@@ -12,8 +12,8 @@ import torch
 from monai.bundle import verify_metadata
 from monai.networks.blocks import PatchEmbeddingBlock
 
-from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle
-from monai_prompt.backbones import build_vit
+from bundle_support import REPO, TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle
+from monai_prompt.backbones import build_vit, check_sincos_width
 from monai_prompt.backbones.pretrained import load_pretrained
 from monai_prompt.bundle_gen.metadata import schema_file
 from monai_prompt.data import ClassificationDatalist
@@ -174,3 +174,43 @@ def test_pretraining_bundle_checks_a_plain_image_folder_before_training(tmp_path
         parser.get_parsed_content(f"initialize#{check}")
     cause = root_cause(error.value)[0]
     assert isinstance(cause, DataCheckError) and "broken.png: unreadable" in str(cause)
+
+
+@pytest.mark.filterwarnings("ignore:torch.meshgrid")  # inside MONAI's sin-cos embedding
+def test_pretraining_refuses_a_width_its_sin_cos_position_embeddings_cannot_take():
+    """MONAI's fixed sin-cos position embedding needs widths that are multiples of 4 in 2D and of 6 in 3D (3D
+    pre-training with the default decoder's 64 ended in MONAI's AssertionError): refused before the run folder is
+    touched, naming the setting and the nearest widths that work (and that the heads divide), which build."""
+    from monai.bundle import ConfigParser
+    from monai.networks.nets import MaskedAutoEncoderViT
+
+    from monai_prompt.runs import root_cause
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "vit_pretraining" / "configs" / "train.json"))
+    steps = parser["initialize"]
+    encoder, decoder = (i for i, text in enumerate(steps) if "check_sincos_width" in text)
+    assert decoder < next(i for i, text in enumerate(steps) if "claim_run_folder" in text)
+    for step in (encoder, decoder):
+        parser.get_parsed_content(f"initialize#{step}")  # 2D: 96 and 64 are multiples of 4
+    parser["spatial_dims"] = 3
+    parser.get_parsed_content(f"initialize#{encoder}")  # 96: a multiple of 6
+    with pytest.raises(RuntimeError) as error:  # MONAI wraps what a config expression raises
+        parser.get_parsed_content(f"initialize#{decoder}")
+    assert str(root_cause(error.value)[0]) == (
+        "--decoder#hidden_size 64: a 3D sin-cos position embedding needs a width that is a multiple of 6 (and of "
+        "num_heads 4); give --decoder#hidden_size 60 or 72.")
+    parser["backbone_overrides"] = {**parser["backbone_overrides"], "hidden_size": 100}
+    with pytest.raises(RuntimeError) as error:
+        parser.get_parsed_content(f"initialize#{encoder}")
+    assert str(root_cause(error.value)[0]).endswith("give --backbone_overrides#hidden_size 96 or 108.")
+    with pytest.raises(ValueError, match=r"^--hidden_size 90: a 2D sin-cos .* multiple of 4; give --hidden_size 88 or "
+                       r"92\.$"):
+        check_sincos_width(90, 2)
+
+    shape = {"in_channels": 1, "img_size": 8, "patch_size": 4, "num_layers": 1, "decoder_num_layers": 1,
+             "num_heads": 4, "decoder_num_heads": 4, "mlp_dim": 8, "decoder_mlp_dim": 8, "spatial_dims": 3}
+    with pytest.raises(AssertionError, match="divisible by 6"):  # what the refusal spares the user
+        MaskedAutoEncoderViT(hidden_size=96, decoder_hidden_size=64, **shape)
+    MaskedAutoEncoderViT(hidden_size=96, decoder_hidden_size=60, **shape)
+    MaskedAutoEncoderViT(hidden_size=108, decoder_hidden_size=72, **shape)

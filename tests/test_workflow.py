@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from monai_prompt.data.datalist import ClassificationDatalist
 from monai_prompt.runs import (
     bundle_root,
+    check_optimizer_settings,
     check_task,
     check_validation_interval,
     find_datalist,
@@ -57,6 +59,10 @@ def test_check_task_refuses_empty_splits_a_workflow_reads():
     with pytest.raises(ValueError, match=r"no 'unlabeled' images: choose a split that has images with "
                        r"--evaluate_split .*'training', 'test'"):
         check_task(datalist, 2, False, ["unlabeled"])
+    plain = ClassificationDatalist([], {"unlabeled": [{"image": "u.png"}]})  # a plain folder of images
+    with pytest.raises(ValueError, match=r"^the datalist has only unlabelled images \(1; a plain folder of images, "
+                       r"without class sub-folders, reads so\): .*sub-folder per class .* bundles/vit_pretraining\.$"):
+        check_task(plain, 2, False, ["training", "validation"])
 
 
 def test_pretraining_images_drop_labels_and_name_the_settings_when_too_few():
@@ -136,3 +142,21 @@ def test_a_validation_interval_longer_than_the_run_is_refused():
         with pytest.raises(ValueError, match=rf"--val_interval {interval} with --train#trainer#max_epochs {epochs}: "
                            r"training validates every val_interval epochs to choose models/model\.pt"):
             check_validation_interval(interval, epochs)
+
+
+def test_a_learning_rate_or_weight_decay_no_optimiser_step_can_use_is_refused(caplog):
+    """1e38 stopped AdamW's first step with a float overflow naming no setting; inf, nan, 0 and negative rates, words
+    and a negative weight decay are refused as well, naming the setting; a rate far above the usual is a warning."""
+    check_optimizer_settings(1e-3, 0.05)
+    check_optimizer_settings("5e-4", "0")  # as the command line may pass them
+    for value in (1e38, "inf", float("nan"), 0, -1e-3, "abc", True):
+        with pytest.raises(ValueError, match=rf"^--learning_rate {re.escape(repr(value))}: a learning rate must be a "
+                           r"positive number small enough for the optimiser's step to stay finite \(at most "
+                           r"3\.4e\+37\); .* give e\.g\. --learning_rate 1e-3\.$"):
+            check_optimizer_settings(value, 0.05)
+    for value in (-0.1, "inf"):
+        with pytest.raises(ValueError, match=rf"^--weight_decay {re.escape(repr(value))}: a weight decay must be a "
+                           r"finite number >= 0 .* give e\.g\. --weight_decay 1e-4\.$"):
+            check_optimizer_settings(1e-3, value)
+    check_optimizer_settings(1e37, 0.05)  # diverges, and the non-finite guard names the rate (docs/robustness.md)
+    assert "--learning_rate 1e+37 is far above what these optimisers train with" in caplog.text

@@ -7,7 +7,7 @@ image encoder (:mod:`~monai_prompt.backbones.sam`).
 
 from monai_prompt.backbones.auto import vit_from_pretrained
 from monai_prompt.backbones.blocks import Attention, LayerScale, PromptBlock
-from monai_prompt.backbones.pos_embed import fit_pos_embed, resize_pos_embed
+from monai_prompt.backbones.pos_embed import check_sincos_width, fit_pos_embed, resize_pos_embed
 from monai_prompt.backbones.pretrained import CheckpointError, LoadReport, load_pretrained
 from monai_prompt.backbones.registry import (
     BackboneFamily,
@@ -46,6 +46,7 @@ __all__ = [
     "build_sam",
     "build_tinyvit",
     "build_vit",
+    "check_sincos_width",
     "family_names",
     "find_backbone",
     "fit_pos_embed",

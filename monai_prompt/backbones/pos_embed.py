@@ -7,6 +7,8 @@ one bicubic interpolation in 2D (as transformers' ViT, DINOv2 and CLIP ``interpo
 cubic kernel axis by axis in 3D, and a 2D grid repeated along depth for a 3D model. ``antialias=True`` selects
 PyTorch's antialiased bicubic (cubic coefficient -0.5 instead of -0.75, and a widened kernel when shrinking), which
 transformers' ``Dinov2WithRegisters`` and timm's ``resample_abs_pos_embed`` use.
+
+:func:`check_sincos_width` refuses, naming the setting, a width MONAI's fixed sin-cos position embedding cannot take.
 """
 
 from __future__ import annotations
@@ -20,9 +22,38 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import ViT
 
-__all__ = ["fit_pos_embed", "patch_grid", "resize_pos_embed", "source_grid"]
+__all__ = ["check_sincos_width", "fit_pos_embed", "patch_grid", "resize_pos_embed", "source_grid"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_sincos_width(hidden_size: int, spatial_dims: int, within: str | None = None, num_heads: int = 1) -> None:
+    """Refuse a token width that MONAI's fixed sin-cos position embedding (``pos_embed_type="sincos"``, e.g. both of
+    ``MaskedAutoEncoderViT``'s) cannot take, before the network is built: it gives each spatial axis a sine and a
+    cosine half, so the width must be a multiple of 4 in 2D and of 6 in 3D (MONAI's own ``AssertionError`` names
+    neither the setting nor a width that works).
+
+    Args:
+        hidden_size: the width.
+        spatial_dims: 2 or 3.
+        within: the dict setting that holds the width as ``hidden_size``, for the error (``backbone_overrides``:
+            ``--backbone_overrides#hidden_size``); None: ``--hidden_size``.
+        num_heads: the attention heads, which must divide the width too (the widths suggested do).
+
+    Raises:
+        ValueError: naming the setting, its value and the nearest widths that work.
+    """
+    multiple = 2 * int(spatial_dims)
+    if int(hidden_size) % multiple == 0:
+        return
+    setting = f"{within}#hidden_size" if within else "hidden_size"
+    step = math.lcm(multiple, int(num_heads))
+    lower = int(hidden_size) // step * step
+    widths = " or ".join(str(width) for width in (lower, lower + step) if width > 0)
+    raise ValueError(
+        f"--{setting} {hidden_size}: a {spatial_dims}D sin-cos position embedding needs a width that is a multiple "
+        f"of {multiple}{f' (and of num_heads {num_heads})' if step != multiple else ''}; give --{setting} {widths}."
+    )
 
 
 def _perfect_power(n: int, dims: int) -> int | None:

@@ -136,9 +136,9 @@ def training_record(spec: BundleSpec, settings: dict[str, Any]) -> dict[str, Any
 
 def initialize(checks: Sequence[str], train: bool = True, kept: str = "@flags#resume") -> list[str]:
     """``initialize`` of a training or evaluation: errors shown last; training: ``distributed_setup`` (empty;
-    ``multi_gpu_train.json`` fills it with the process group; before it, a ``val_interval`` longer than the run is
-    refused), the checkpoint folder locked (a previous run is only
-    replaced with ``--overwrite true``, crash leftovers removed); the seed; ``checks`` (the
+    ``multi_gpu_train.json`` fills it with the process group; before it, a ``val_interval`` longer than the run and
+    a learning rate or weight decay no optimiser step can use are refused), the checkpoint folder locked (a
+    previous run is only replaced with ``--overwrite true``, crash leftovers removed); the seed; ``checks`` (the
     task's data checks); training: a resume's settings against its record, the network built (weights loaded), a
     previous run that ``--overwrite true`` replaces set aside (deleted after the first checkpoint, see
     :func:`monai_prompt.runs.set_aside_previous_run`), the run recorded; a warning without pre-trained weights.
@@ -159,6 +159,7 @@ def initialize(checks: Sequence[str], train: bool = True, kept: str = "@flags#re
         SHOW_CAUSE_LAST,
         FLAGS,
         "$monai_prompt.runs.check_validation_interval(@val_interval, @train#trainer#max_epochs)",
+        "$monai_prompt.runs.check_optimizer_settings(@learning_rate, @weight_decay)",
         "@distributed_setup",
         f"$monai_prompt.runs.claim_run_folder(@ckpt_dir, resume={kept}, overwrite=@flags#overwrite)",
         _SEED,

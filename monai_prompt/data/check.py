@@ -28,6 +28,7 @@ import numpy as np
 
 from monai_prompt.data.datalist import (
     SPLITS,
+    UNLABELED,
     ClassificationDatalist,
     DataCheckError,
     Datalist,
@@ -70,8 +71,9 @@ class ClassificationSummary:
 
     def __str__(self) -> str:
         width = max(len(name) for name in [*self.classes, "images"]) + 2
+        kind = f"{len(self.classes)} classes{' (multi-label)' if self.multi_label else ''}"
         lines = [
-            f"datalist {self.source}: {len(self.classes)} classes{' (multi-label)' if self.multi_label else ''}, "
+            f"datalist {self.source}: {kind if self.classes else 'unlabelled images only'}, "
             f"{self.channels} channel(s), formats {dict(sorted(self.formats.items()))}",
             f"{'split':<12}{'images':>{width}}" + "".join(f"{name:>{width}}" for name in self.classes),
         ]
@@ -101,7 +103,9 @@ def check_classification_datalist(
         read_options: options of the datalist reader (``label_columns``, ``dicom_series``, ...).
 
     Returns:
-        the summary; its notes (images of another size, which the bundle resizes) are also logged.
+        the summary; its notes (images of another size, which the bundle resizes) are also logged. Unlabelled
+        images only (a plain folder of images, without class sub-folders) are no problem: the summary names them
+        as data for self-supervised pre-training.
 
     Raises:
         DataCheckError: listing every problem with its path, and the fix where there is one.
@@ -112,11 +116,14 @@ def check_classification_datalist(
     problems = list(datalist.problems) + problems + _duplicates(datalist) + _leaks(datalist)
     if num_classes is not None:
         problems += labels_out_of_range(datalist, num_classes)
-    if not datalist["training"]:
-        problems.append(f"{source}: no training images.")
+    unlabelled_only = not any(datalist[split] for split in SPLITS) and bool(datalist[UNLABELED])
+    if not datalist["training"] and not unlabelled_only:
+        problems.append(f"{source}: no {'training ' if paths else ''}images.")
     if problems:
         raise DataCheckError(problems, source)
     notes = _size_notes(headers) + _empty_class_notes(datalist)
+    if unlabelled_only:
+        notes.append(_unlabelled_note(source, len(datalist[UNLABELED])))
     for note in notes:  # in a bundle's log too, where the summary is not printed
         logging.getLogger("monai_prompt").info(f"data check of {source}: {note}")
     return ClassificationSummary(
@@ -128,6 +135,20 @@ def check_classification_datalist(
         channels=_input_channels((header.channels for header in headers.values()), channels),
         formats=dict(Counter(header.format for header in headers.values())),
         notes=notes,
+    )
+
+
+def _unlabelled_note(source: str | os.PathLike, count: int) -> str:
+    """What a datalist of unlabelled images only (a plain folder of images, without class sub-folders) serves."""
+    labels = (
+        f"a sub-folder per class ({os.path.join(source, '<class>', '<image>')})"
+        if os.path.isdir(source)
+        else "labelled 'training' images"
+    )
+    return (
+        f"{count} unlabelled images{' (a plain folder: no class sub-folders)' if os.path.isdir(source) else ''}: "
+        f"data for self-supervised pre-training (bundles/vit_pretraining, --dataset_dir {source}); classification "
+        f"needs {labels}."
     )
 
 

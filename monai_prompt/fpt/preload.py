@@ -80,11 +80,14 @@ def preload_features(
         progress: called with ``(images done, images in all, what was computed and reused)`` before the first batch
             and after each, e.g. :class:`monai_prompt.engine.ProgressLog` (its lines give the time left).
 
+    Returns:
+        what was done, also logged (INFO) as one line.
+
     Example::
 
         >>> data = monai.data.Dataset(datalist, Compose(classification_transforms(512, in_channels=3)))
         >>> log = monai_prompt.engine.ProgressLog("FPT preload", unit="image")
-        >>> print(preload_features(net, data, "cache/fptplus", storage_dtype="float16", progress=log))
+        >>> report = preload_features(net, data, "cache/fptplus", storage_dtype="float16", progress=log)
     """
     identity = cache_identity(model)
     cache = FPTFeatureCache.create(cache_dir, identity, storage_dtype, overwrite)

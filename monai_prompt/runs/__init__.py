@@ -26,6 +26,7 @@ from monai_prompt.runs.run_folder import (
 from monai_prompt.runs.runner import read_metrics, run_bundle, train_and_evaluate
 from monai_prompt.runs.workflow import (
     bundle_root,
+    check_optimizer_settings,
     check_task,
     check_validation_interval,
     find_datalist,
@@ -46,6 +47,7 @@ __all__ = [
     "attach_progress",
     "bundle_root",
     "bundles_folder",
+    "check_optimizer_settings",
     "check_resumed_settings",
     "check_task",
     "check_validation_interval",

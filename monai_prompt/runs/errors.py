@@ -13,6 +13,9 @@ summary, the last thing it prints, shows it instead of "To enable traceback see 
 Steps that must undo something when a run fails (a previous run set aside by ``--overwrite true`` is put back)
 register with :func:`on_error`; the hook runs them before it prints, so the error stays the last thing shown.
 
+``SIGTERM`` stops a run as Ctrl-C does (:class:`StoppedBySignal`), and the process then ends as one killed by it
+(status 143 in a shell, not Python's 1 for an uncaught exception), after the interpreter's exit steps.
+
 Python callers are unaffected: exceptions keep their types (``DataCheckError``, ``ValueError``, ...), and only an
 uncaught exception wrapped by MONAI changes what is printed.
 """
@@ -20,6 +23,7 @@ uncaught exception wrapped by MONAI changes what is printed.
 from __future__ import annotations
 
 import ast
+import atexit
 import contextlib
 import json
 import os
@@ -93,7 +97,9 @@ def _excepthook(kind: type[BaseException], error: BaseException, traceback: Trac
     summary = format_root_cause(error)
     if summary is not None:
         print(f"\n{summary}", file=sys.stderr)
-    if not isinstance(error, StoppedBySignal):  # torchrun stops the other ranks when one fails: not a root cause
+    if isinstance(error, StoppedBySignal):  # torchrun stops the other ranks when one fails: not a root cause
+        _end_as_killed(error.signum)
+    else:
         _record_for_torchrun(error, summary)
 
 
@@ -112,11 +118,37 @@ def _record_for_torchrun(error: BaseException, summary: str | None) -> None:
 
 
 class StoppedBySignal(KeyboardInterrupt):
-    """A run stopped by ``SIGTERM`` (a job scheduler, ``kill``, ``torchrun``), raised as Ctrl-C's exception is."""
+    """A run stopped by ``SIGTERM`` (a job scheduler, ``kill``, ``torchrun``), raised as Ctrl-C's exception is.
+
+    Args:
+        signum: the signal's number.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 def _terminated(signum: int, frame: object) -> None:
-    raise StoppedBySignal(f"stopped by signal {signal.Signals(signum).name}")
+    raise StoppedBySignal(signum)
+
+
+def _end_as_killed(signum: int) -> None:
+    """End the process as signal ``signum`` ends it by default (a shell's status ``128 + signum``; a parent's
+    ``waitpid`` sees the signal), as Python itself ends after an uncaught ``KeyboardInterrupt`` (never reached for a
+    subclass, which would exit with status 1): the ``atexit`` steps run first (MLflow runs ended ``KILLED``, the run
+    folder's lock released, ...), then the streams are flushed.
+
+    Args:
+        signum: the signal that stopped the run.
+    """
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken stream: the status matters more
+            stream.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # the same status, should the signal not end the process at once (another thread's)
 
 
 def show_cause_last() -> None:

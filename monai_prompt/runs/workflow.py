@@ -1,10 +1,11 @@
 """Small helpers bundle configs call: where the bundle and its datalist are, boolean settings as bools, whether the
-data fits the task and the weights."""
+data fits the task and the weights, whether the optimiser's settings can train."""
 
 from __future__ import annotations
 
 import ast
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ __all__ = [
     "DATALIST_NAME",
     "FLAG_SPELLINGS",
     "bundle_root",
+    "check_optimizer_settings",
     "check_task",
     "check_validation_interval",
     "find_datalist",
@@ -175,6 +177,13 @@ def check_task(
         classes: the class names the model was trained on (evaluation: from the training record); the datalist's
             must be the same, in the same order.
     """
+    if required_splits and not any(datalist[split] for split in SPLITS) and datalist[UNLABELED]:
+        raise ValueError(
+            f"the datalist has only unlabelled images ({len(datalist[UNLABELED])}; a plain folder of images, without "
+            "class sub-folders, reads so): classification trains and evaluates on labelled images; put them in a "
+            "sub-folder per class (<dataset_dir>/<class>/<image>) or label them in a CSV/JSON datalist, or pre-train "
+            "on them with bundles/vit_pretraining."
+        )
     for split in required_splits:
         present = [name for name, items in datalist.splits.items() if items]
         if not datalist[split]:
@@ -267,6 +276,55 @@ def check_validation_interval(val_interval: int, max_epochs: int) -> None:
             "val_interval epochs to choose models/model.pt, so this run would never write one; give a val_interval "
             "from 1 to max_epochs."
         )
+
+
+#: the largest learning rate whose optimiser step float32 holds: AdamW's first step is 10 x the learning rate (its
+#: bias correction divides by 1 - beta1), and float32 ends at 3.4e38 (a larger rate stops that step with a float
+#: overflow that names no setting).
+MAX_LEARNING_RATE = 3.4e37
+
+
+def check_optimizer_settings(learning_rate: float | str, weight_decay: float | str) -> None:
+    """Refuse a learning rate or weight decay no optimiser step can use, naming the setting and a value that works,
+    before anything runs; warn about a learning rate far above what the bundles' optimisers train with.
+
+    Args:
+        learning_rate: the bundle's ``learning_rate`` (a command-line override may arrive as a string: ``inf``).
+        weight_decay: the bundle's ``weight_decay``.
+
+    Raises:
+        ValueError: a learning rate that is not a number in ``(0, MAX_LEARNING_RATE]``, or a weight decay that is not
+            a finite number ``>= 0``.
+    """
+    rate = _number(learning_rate)
+    if rate is None or not 0 < rate <= MAX_LEARNING_RATE:
+        raise ValueError(
+            f"--learning_rate {learning_rate!r}: a learning rate must be a positive number small enough for the "
+            f"optimiser's step to stay finite (at most {MAX_LEARNING_RATE:g}); these optimisers train with 1e-5 to "
+            "1e-1: give e.g. --learning_rate 1e-3."
+        )
+    if rate > 1:
+        logger.warning(
+            f"--learning_rate {rate:g} is far above what these optimisers train with (1e-5 to 1e-1): expect the loss "
+            "to diverge (training stops at the first NaN/Inf loss)."
+        )
+    decay = _number(weight_decay)
+    if decay is None or not 0 <= decay < math.inf:
+        raise ValueError(
+            f"--weight_decay {weight_decay!r}: a weight decay must be a finite number >= 0 (0: none; a negative one "
+            "grows the weights); give e.g. --weight_decay 1e-4."
+        )
+
+
+def _number(value: float | str) -> float | None:
+    """``value`` as a float (a number, or a string that spells one: ``"1e-3"``, ``"inf"``), else None (booleans
+    too: ``--learning_rate true`` is no rate)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def warn_if_not_pretrained(pretrained: str | None) -> None:
