@@ -276,6 +276,18 @@ def test_wrapped_checkpoints_load_and_bad_sizes_extra_layers_or_foreign_files_na
         sam_from_pretrained(tmp_path / "v.pth")
 
 
+def test_half_precision_checkpoint_is_resized_in_the_models_precision(tmp_path):
+    """A float16 SAM file loads at another input size as the same values stored in float32: the position embedding
+    and the global blocks' relative tables are resized in the model's float32, not rounded back to float16."""
+    from grid_support import randomise
+
+    state = {k: v.half() for k, v in randomise(build_sam("sam_vit_b", img_size=64, **SAM_TINY)).state_dict().items()}
+    torch.save(state, tmp_path / "half.pth")
+    torch.save({k: v.float() for k, v in state.items()}, tmp_path / "float.pth")
+    expected, got = (build_backbone("auto", tmp_path / name, img_size=48) for name in ("float.pth", "half.pth"))
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in expected.state_dict().items())
+
+
 # --------------------------------------------------------------------------------------------------------
 # PEFT methods on the SAM family, in a classifier built with backbone="auto".
 # --------------------------------------------------------------------------------------------------------

