@@ -492,3 +492,26 @@ def test_vit_from_pretrained_builds_the_huggingface_vit(hf_dir, size):
         expected = hf(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
         got = vit.eval()(x)[0]
     assert (got - expected).abs().max() < 1e-5
+
+
+def test_unreadable_configs_indexes_and_jax_weights_are_named(hf_dir, tmp_path):
+    """A damaged config.json or shard index beside good weights, and the original JAX ViT releases (.npz), are named
+    as such, not with a JSON or torch traceback."""
+    path, _ = hf_dir
+    folder = tmp_path / "hf"
+    shutil.copytree(path, folder)
+    (folder / "config.json").write_text('{"hidden_size": 64,')
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot be read as a model config \(a JSON object\)"):
+        vit_from_pretrained(folder)
+    (folder / "config.json").write_text("[64]")
+    with pytest.raises(CheckpointError, match=r"config\.json: holds a JSON list, not a model config"):
+        load_pretrained(tiny_vit(), folder)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(CheckpointError, match=r"index\.json: cannot be read as a shard index"):
+        load_pretrained(tiny_vit(), tmp_path / "model.safetensors.index.json")
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match=r"index\.json: a shard index without its 'weight_map'"):
+        load_pretrained(tiny_vit(), tmp_path / "model.safetensors.index.json")
+    (tmp_path / "ViT-B_16.npz").write_bytes(b"PK\x03\x04")
+    with pytest.raises(CheckpointError, match=r"ViT-B_16\.npz: JAX/Flax weights .* from timm"):
+        vit_from_pretrained(tmp_path / "ViT-B_16.npz")

@@ -38,6 +38,7 @@ from monai_prompt.backbones.vit import BACKBONE_KEY, VIT_PRESETS
 
 __all__ = [
     "HF_ACTIVATIONS",
+    "SHARD_INDEX_SUFFIX",
     "Checkpoint",
     "CheckpointError",
     "LoadReport",
@@ -56,7 +57,7 @@ logger = logging.getLogger(__name__)
 #: nesting keys of training checkpoints (MONAI bundles, DINO, MAE, Lightning, ...).
 _NESTING_KEYS = ("state_dict", "model", "network", "teacher", "module", "model_state_dict", "net")
 #: suffix of a HuggingFace shard index (``model.safetensors.index.json``: its ``weight_map`` names each tensor's shard).
-_INDEX_SUFFIX = ".index.json"
+SHARD_INDEX_SUFFIX = ".index.json"
 #: weight files looked for in a directory, in this order (HuggingFace, open_clip, plain torch), each also as the
 #: index of a sharded checkpoint (``save_pretrained(max_shard_size=...)``, a large model on the Hub).
 _WEIGHT_FILES = tuple(
@@ -69,7 +70,7 @@ _WEIGHT_FILES = tuple(
         "model.pt",
         "model.pth",
     )
-    for name, suffix in ((base, ""), (base, _INDEX_SUFFIX))
+    for name, suffix in ((base, ""), (base, SHARD_INDEX_SUFFIX))
 )
 #: configuration files read beside the weights (HuggingFace/timm hub, open_clip).
 _CONFIG_FILES = ("config.json", "open_clip_config.json")
@@ -279,14 +280,30 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     config, config_name = {}, ""
     configs = [folder / n for n in _CONFIG_FILES if folder is not None and (folder / n).is_file()]
     if configs:
-        config, config_name = _vision_config(json.loads(configs[0].read_text())), configs[0].name
-    raw = _read_shards(path) if path.name.endswith(_INDEX_SUFFIX) else _read_file(path)
+        config, config_name = _vision_config(_read_json(configs[0], "a model config")), configs[0].name
+    raw = _read_shards(path) if path.name.endswith(SHARD_INDEX_SUFFIX) else _read_file(path)
     _refuse_delta(raw, path)
     return _flatten(raw, path), config, config_name
 
 
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (``what`` it should be, for the error)."""
+    try:
+        content = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path}: cannot be read as {what} (a JSON object): {err}") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(content).__name__}, not {what} (a JSON object).")
+    return content
+
+
 def _read_file(path: Path) -> object:
     """What one weight file holds, read with ``safetensors`` or ``torch.load(weights_only=True)``."""
+    if path.suffix == ".npz":
+        raise CheckpointError(
+            f"{path}: JAX/Flax weights (.npz, e.g. the original google-research ViT releases) are not read: pass the "
+            f"same weights in PyTorch form, from timm (hf download timm/<model> model.safetensors) or HuggingFace."
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -315,10 +332,7 @@ def _read_file(path: Path) -> object:
 def _read_shards(index: Path) -> dict[str, torch.Tensor]:
     """The tensors of a sharded HuggingFace checkpoint: every shard its index's ``weight_map`` names (tensor name ->
     shard file beside the index), each read as one weight file."""
-    try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
-    except (ValueError, AttributeError) as err:
-        raise CheckpointError(f"{index}: cannot be read as a shard index (JSON with a 'weight_map'): {err}") from None
+    weight_map = _read_json(index, "a shard index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: a shard index without its 'weight_map' (tensor name -> shard file).")
     shards = sorted(set(weight_map.values()))
