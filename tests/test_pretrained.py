@@ -515,3 +515,17 @@ def test_unreadable_configs_indexes_and_jax_weights_are_named(hf_dir, tmp_path):
     (tmp_path / "ViT-B_16.npz").write_bytes(b"PK\x03\x04")
     with pytest.raises(CheckpointError, match=r"ViT-B_16\.npz: JAX/Flax weights .* from timm"):
         vit_from_pretrained(tmp_path / "ViT-B_16.npz")
+
+
+def test_a_hugging_face_cache_folder_names_its_snapshot(hf_dir, tmp_path):
+    """``~/.cache/huggingface/hub/models--org--name`` holds the weights under ``snapshots/<revision>/``: the error names
+    the snapshot ``refs/main`` points to."""
+    path, _ = hf_dir
+    cache = tmp_path / "models--google--vit"
+    for revision in ("0a1b", "9f8e"):
+        shutil.copytree(path, cache / "snapshots" / revision)
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("9f8e\n")
+    with pytest.raises(CheckpointError, match=r"it is a Hugging Face cache folder: pass its snapshot folder, "
+                       rf"{re.escape(str(cache / 'snapshots' / '9f8e'))}\.$"):
+        load_pretrained(tiny_vit(), cache)

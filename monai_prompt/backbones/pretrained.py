@@ -271,7 +271,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if path.is_dir():
         found = [path / n for n in _WEIGHT_FILES if (path / n).is_file()]
         if not found:
-            raise CheckpointError(f"{path}: directory holds none of {list(_WEIGHT_FILES)}.")
+            raise CheckpointError(f"{path}: directory holds none of {list(_WEIGHT_FILES)}{_hub_cache_hint(path)}.")
         path = found[0]
     elif not path.is_file():
         raise CheckpointError(f"{path}: no such file or directory.")
@@ -284,6 +284,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     raw = _read_shards(path) if path.name.endswith(SHARD_INDEX_SUFFIX) else _read_file(path)
     _refuse_delta(raw, path)
     return _flatten(raw, path), config, config_name
+
+
+def _hub_cache_hint(folder: Path) -> str:
+    """For a Hugging Face cache folder (``models--<org>--<name>``: ``refs/``, ``snapshots/<revision>/``), the
+    snapshot to pass instead (``refs/main``'s, else the first); ``""`` for another folder."""
+    snapshots = sorted(p for p in (folder / "snapshots").glob("*") if p.is_dir())
+    if not snapshots:
+        return ""
+    main = folder / "refs" / "main"
+    pinned = folder / "snapshots" / main.read_text().strip() if main.is_file() else None
+    snapshot = pinned if pinned in snapshots else snapshots[0]
+    return f"; it is a Hugging Face cache folder: pass its snapshot folder, {snapshot}"
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
