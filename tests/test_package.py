@@ -168,24 +168,32 @@ def test_a_delta_without_identity_keys_is_refused_and_packaged_with_them(trained
     network(out).load_state_dict(packaged, strict=False)
 
 
-def test_a_huggingface_folder_travels_as_a_folder(tiny, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_huggingface_folder_travels_as_a_folder(tiny, tmp_path, sharded):
     """backbone='auto' from a HuggingFace ViT folder: the copy is models/backbone/ (hidden entries such as hf's
-    .cache/ left out), and the packaged network builds the ViT from it and takes the delta."""
+    .cache/ left out), and the packaged network builds the ViT from it and takes the delta. A sharded checkpoint
+    trained from its index file (model.safetensors.index.json) travels with its folder, the index named in it."""
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
     shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     hf = tmp_path / "hf_vit"
-    ViTModel(ViTConfig(**shape, image_size=TINY_IMG_SIZE, patch_size=TINY_BACKBONE["patch_size"])).save_pretrained(hf)
+    ViTModel(ViTConfig(**shape, image_size=TINY_IMG_SIZE, patch_size=TINY_BACKBONE["patch_size"])).save_pretrained(
+        hf, max_shard_size="20KB" if sharded else "5GB"
+    )
     (hf / ".cache").mkdir()
+    files = sorted(p.name for p in hf.iterdir() if not p.name.startswith("."))
+    weights = hf / "model.safetensors.index.json" if sharded else hf
+    assert sharded == (len(files) > 3)
     bundle = copy_bundle(SPEC.name, tmp_path)
-    overrides = {**tiny_overrides(SPEC, tiny["data"], hf), "backbone": "auto", "backbone_overrides": {}}
+    overrides = {**tiny_overrides(SPEC, tiny["data"], weights), "backbone": "auto", "backbone_overrides": {}}
     run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
 
     out = package_bundle(bundle, tmp_path / "packaged" / SPEC.name).out
-    assert sorted(p.name for p in (out / "models" / "backbone").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (out / "models" / "backbone").iterdir()) == files
     net = network(out)
-    assert backbone_source(net) == str(out / "models" / "backbone")
+    packaged = out / "models" / "backbone"
+    assert backbone_source(net) == str(packaged / "model.safetensors.index.json" if sharded else packaged)
     net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True)["model"], strict=False)
 
 

@@ -1,8 +1,10 @@
 """Pre-trained weight import: HuggingFace parity, timm and MONAI layouts, resizing, adaption, bad files."""
 
 import argparse
+import json
 import logging
 import re
+import shutil
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from monai.bundle import ConfigParser
 from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTModel
 
+from bundle_support import REPO
 from monai_prompt.backbones import CheckpointError, build_vit, load_pretrained, resize_pos_embed, vit_from_pretrained
 from monai_prompt.nets import FPTClassifier, PromptClassifier
 
@@ -310,16 +313,120 @@ def test_a_delta_given_as_pretrained_weights_names_what_to_pass(hf_dir, tmp_path
 
 
 def test_training_checkpoint_with_python_objects_names_the_one_line_fix(hf_dir, tmp_path):
-    """DINO's and MAE's training checkpoints store their argparse arguments beside the weights: weights_only loading
-    refuses them, naming the object and a command that saves the tensors alone, which then load."""
+    """DINO's and MAE's training checkpoints store their argparse arguments beside the weights, and some scripts save
+    the whole model (``torch.save(model)``): weights_only loading refuses them, naming the object and a command that
+    saves the tensors alone, which then load."""
     path, _ = hf_dir
     state = load_file(path / "model.safetensors")
     torch.save({"teacher": state, "epoch": 3, "args": argparse.Namespace(arch="vit_tiny")}, tmp_path / "full.pth")
-    objects = r"full\.pth: holds Python objects besides tensors \(argparse\.Namespace"
-    with pytest.raises(CheckpointError, match=objects) as error:
-        load_pretrained(tiny_vit(), tmp_path / "full.pth")
-    exec(re.search(r'python -c "(.*)"$', str(error.value)).group(1), {})
-    assert len(load_pretrained(tiny_vit(), tmp_path / "full.weights.pth").missing) == 0
+    source = tiny_vit()
+    load_pretrained(source, path)
+    torch.save(source, tmp_path / "whole.pth")
+    for name, what in (("full", r"argparse\.Namespace"), ("whole", r"monai_prompt\.backbones\.vit\.PromptableViT")):
+        objects = rf"{name}\.pth: holds Python objects besides tensors \({what}"
+        with pytest.raises(CheckpointError, match=objects) as error:
+            load_pretrained(tiny_vit(), tmp_path / f"{name}.pth")
+        exec(re.search(r'python -c "(.*)"$', str(error.value)).group(1), {})
+        assert len(load_pretrained(tiny_vit(), tmp_path / f"{name}.weights.pth").missing) == 0
+
+
+def test_training_checkpoints_nest_the_weights_beside_scalar_tensors(hf_dir, tmp_path):
+    """timm's, torchvision's and Lightning's training scripts keep the weights under ``model``/``state_dict``/
+    ``module`` (``module.`` after DataParallel) beside metrics that may be tensors: the nesting is unwrapped."""
+    path, _ = hf_dir
+    reference = tiny_vit()
+    load_pretrained(reference, path)
+    timm_state = hf_to_timm(load_file(path / "model.safetensors"))
+    layouts = {
+        "timm_train": {"model": timm_state, "epoch": 3, "metric": torch.tensor(81.2)},
+        "torchvision": {"state_dict": {f"module.{k}": v for k, v in timm_state.items()}, "acc1": torch.tensor(76.)},
+        "module": {"module": timm_state},
+    }
+    x = torch.randn(2, 3, 32, 32)
+    for name, content in layouts.items():
+        torch.save(content, tmp_path / f"{name}.pth")
+        vit = tiny_vit()
+        assert load_pretrained(vit, tmp_path / f"{name}.pth").layout == "timm"
+        torch.testing.assert_close(vit(x)[0], reference(x)[0], rtol=0, atol=0)
+
+
+def test_half_precision_files_are_adapted_in_the_models_precision(hf_dir, tmp_path):
+    """A float16/bfloat16 file (or tensors saved as non-contiguous views) loads as the same values stored in float32:
+    position embeddings are resized in the model's float32, not rounded back to the file's precision."""
+    path, _ = hf_dir
+    state = load_file(path / "model.safetensors")
+    for dtype in (torch.float16, torch.bfloat16):
+        low = {k: v.to(dtype) for k, v in state.items()}
+        save_file(low, tmp_path / "low.safetensors")
+        save_file({k: v.float() for k, v in low.items()}, tmp_path / "up.safetensors")
+        expected, got = tiny_vit(img_size=48), tiny_vit(img_size=48)
+        load_pretrained(expected, tmp_path / "up.safetensors")
+        load_pretrained(got, tmp_path / "low.safetensors")
+        for key, value in expected.state_dict().items():
+            assert torch.equal(got.state_dict()[key], value), (dtype, key)
+    torch.save({k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in state.items()}, tmp_path / "views.pth")
+    expected, got = tiny_vit(), tiny_vit()
+    load_pretrained(expected, path)
+    load_pretrained(got, tmp_path / "views.pth")
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in expected.state_dict().items())
+
+
+def write_bin_shards(state: dict, folder, parts: int) -> None:
+    """``state`` as the ``.bin`` shards and ``pytorch_model.bin.index.json`` of a sharded transformers 4 checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(state)
+    weight_map = {}
+    for i in range(parts):
+        shard = f"pytorch_model-{i + 1:05d}-of-{parts:05d}.bin"
+        torch.save({k: state[k] for k in names[i::parts]}, folder / shard)
+        weight_map.update(dict.fromkeys(names[i::parts], shard))
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+             "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+def test_sharded_huggingface_checkpoints_load_wherever_a_folder_is_taken(hf_dir, tmp_path):
+    """``save_pretrained(max_shard_size=...)`` (a large model on the Hub) writes ``model.safetensors.index.json`` and
+    shards; transformers 4 also ``pytorch_model.bin.index.json`` and ``.bin`` shards. Both load as the single file, with
+    the config beside the index: load_pretrained, vit_from_pretrained, networks with backbone="auto" and a bundle's
+    --backbone auto --pretrained DIR. A missing shard is named with its index."""
+    path, hf = hf_dir
+    hf.save_pretrained(tmp_path / "st", max_shard_size="20KB")
+    assert len(list((tmp_path / "st").glob("model-*-of-*.safetensors"))) > 1
+    write_bin_shards(load_file(path / "model.safetensors"), tmp_path / "bin", parts=3)
+    shutil.copy(path / "config.json", tmp_path / "bin")
+    reference = tiny_vit()
+    load_pretrained(reference, path)
+    x = torch.randn(2, 3, 32, 32)
+    for source in (tmp_path / "st", tmp_path / "bin", tmp_path / "st" / "model.safetensors.index.json"):
+        vit = tiny_vit()
+        report = load_pretrained(vit, source)
+        assert report.layout == "hf" and not report.missing and not report.unexpected
+        torch.testing.assert_close(vit(x)[0], reference(x)[0], rtol=0, atol=0)
+        vit, report = vit_from_pretrained(source)
+        assert report.inferred["num_heads"] == (4, "config.json num_attention_heads")
+        torch.testing.assert_close(vit.eval()(x)[0], reference(x)[0], rtol=0, atol=0)
+    net = PromptClassifier(2, "lora", backbone="auto", pretrained=str(tmp_path / "st"), img_size=32)
+    torch.testing.assert_close(net.backbone.blocks[1].mlp.linear2.weight, reference.blocks[1].mlp.linear2.weight)
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "lora_classification" / "configs" / "train.json"))
+    parser.update({"backbone": "auto", "pretrained": str(tmp_path / "bin"), "img_size": 32, "num_classes": 3})
+    bundle_net = parser.get_parsed_content("network_def")
+    torch.testing.assert_close(bundle_net.backbone.blocks[0].attn.qkv.bias, reference.blocks[0].attn.qkv.bias)
+
+    shards = sorted((tmp_path / "st").glob("model-*-of-*.safetensors"))
+    shards[1].unlink()
+    missing = rf"model\.safetensors\.index\.json: 1 of its {len(shards)} shards are missing from .*: {shards[1].name}"
+    with pytest.raises(CheckpointError, match=missing):
+        load_pretrained(tiny_vit(), tmp_path / "st")
+    with pytest.raises(CheckpointError, match=missing):
+        PromptClassifier(2, "lora", backbone="auto", pretrained=str(tmp_path / "st"), img_size=32)
+    (tmp_path / "bin" / "pytorch_model-00002-of-00003.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"pytorch_model-00002-of-00003\.bin: cannot be read as a weight file"):
+        load_pretrained(tiny_vit(), tmp_path / "bin")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty: directory holds none of .*'model\.safetensors\.index\.json'"):
+        load_pretrained(tiny_vit(), tmp_path / "empty")
 
 
 def test_deeper_checkpoint_is_an_error_or_a_warning(hf_dir, tmp_path, caplog):
@@ -385,3 +492,40 @@ def test_vit_from_pretrained_builds_the_huggingface_vit(hf_dir, size):
         expected = hf(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
         got = vit.eval()(x)[0]
     assert (got - expected).abs().max() < 1e-5
+
+
+def test_unreadable_configs_indexes_and_jax_weights_are_named(hf_dir, tmp_path):
+    """A damaged config.json or shard index beside good weights, and the original JAX ViT releases (.npz), are named
+    as such, not with a JSON or torch traceback."""
+    path, _ = hf_dir
+    folder = tmp_path / "hf"
+    shutil.copytree(path, folder)
+    (folder / "config.json").write_text('{"hidden_size": 64,')
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot be read as a model config \(a JSON object\)"):
+        vit_from_pretrained(folder)
+    (folder / "config.json").write_text("[64]")
+    with pytest.raises(CheckpointError, match=r"config\.json: holds a JSON list, not a model config"):
+        load_pretrained(tiny_vit(), folder)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(CheckpointError, match=r"index\.json: cannot be read as a shard index"):
+        load_pretrained(tiny_vit(), tmp_path / "model.safetensors.index.json")
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match=r"index\.json: a shard index without its 'weight_map'"):
+        load_pretrained(tiny_vit(), tmp_path / "model.safetensors.index.json")
+    (tmp_path / "ViT-B_16.npz").write_bytes(b"PK\x03\x04")
+    with pytest.raises(CheckpointError, match=r"ViT-B_16\.npz: JAX/Flax weights .* from timm"):
+        vit_from_pretrained(tmp_path / "ViT-B_16.npz")
+
+
+def test_a_hugging_face_cache_folder_names_its_snapshot(hf_dir, tmp_path):
+    """``~/.cache/huggingface/hub/models--org--name`` holds the weights under ``snapshots/<revision>/``: the error names
+    the snapshot ``refs/main`` points to."""
+    path, _ = hf_dir
+    cache = tmp_path / "models--google--vit"
+    for revision in ("0a1b", "9f8e"):
+        shutil.copytree(path, cache / "snapshots" / revision)
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("9f8e\n")
+    with pytest.raises(CheckpointError, match=r"it is a Hugging Face cache folder: pass its snapshot folder, "
+                       rf"{re.escape(str(cache / 'snapshots' / '9f8e'))}\.$"):
+        load_pretrained(tiny_vit(), cache)

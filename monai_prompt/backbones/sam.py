@@ -12,7 +12,8 @@ plain ViT on a 2D patch grid with no CLS token, and:
 * a convolutional neck (1x1 then 3x3 convolutions, each followed by a channel LayerNorm) to ``out_chans``.
 
 This module re-implements it with the official module's state-dict keys, so the ``image_encoder.*`` keys of a SAM
-or MedSAM checkpoint load after their prefix is stripped, and ``tests/test_sam.py`` checks the forward against the
+or MedSAM checkpoint load after their prefix is stripped (a transformers ``SamModel``'s ``vision_encoder.*`` after
+they are renamed to them), and ``tests/test_sam.py`` checks the forward against the
 ``segment-anything`` 1.0 package. ``backbone="auto"`` recognises such a checkpoint (:func:`is_sam_state`) and
 :func:`infer_sam_config` reads the architecture off its shapes; :func:`load_sam_weights` fits the position tables
 to another input size (the absolute embedding bilinearly, as SAMed's and SAM-Med2D's ``interpolate_state_dict``;
@@ -41,6 +42,7 @@ from monai_prompt.backbones.pretrained import (
     CheckpointError,
     LoadReport,
     _adapt_patch_weight,
+    cast_like,
     encoder_prefix,
     read_checkpoint,
     state_mismatch,
@@ -84,6 +86,18 @@ SAM_PRESETS: dict[str, dict[str, Any]] = {
 SAM_AUTO_OVERRIDES = ("num_heads", "window_size", "global_attn_indexes")
 #: keys every SAM image encoder has (under a prefix: ``image_encoder.`` in a whole SAM/MedSAM, ``module.`` ...).
 _MARKERS = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.rel_pos_h", "neck.0.weight")
+#: transformers' ``SamModel``/``SamVisionModel`` (the Hub's ``facebook/sam-vit-base``, ``wanglab/medsam-vit-base``):
+#: its ``vision_encoder.*`` names -> segment_anything's ``image_encoder.*`` (the first rule that matches).
+_HF_ENCODER, _HF_MARKERS = "vision_encoder.", ("patch_embed.projection.weight", "pos_embed", "neck.conv1.weight")
+_HF_RENAMES = (
+    (re.compile(r"^patch_embed\.projection\."), "patch_embed.proj."),
+    (re.compile(r"^layers\.(\d+)\.layer_norm([12])\."), r"blocks.\1.norm\2."),
+    (re.compile(r"^layers\.(\d+)\."), r"blocks.\1."),
+    (re.compile(r"^neck\.conv1\."), "neck.0."),
+    (re.compile(r"^neck\.layer_norm1\."), "neck.1."),
+    (re.compile(r"^neck\.conv2\."), "neck.2."),
+    (re.compile(r"^neck\.layer_norm2\."), "neck.3."),
+)
 
 #: the pre-trained parameter names of a :class:`SAMImageEncoder` (what a method adds, e.g. ``lora_A``, matches none).
 SAM_KEY = re.compile(
@@ -454,21 +468,43 @@ def build_sam(
     return SAMImageEncoder(in_channels=in_channels, img_size=size, **fields)
 
 
+def _segment_anything_names(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``tensors`` with a transformers SAM's ``vision_encoder.*`` keys renamed to segment_anything's
+    ``image_encoder.*`` (anything before them kept); a checkpoint of another layout as it is."""
+    prefix = encoder_prefix(tensors, tuple(_HF_ENCODER + m for m in _HF_MARKERS))
+    if prefix is None:
+        return tensors
+    renamed = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + _HF_ENCODER):
+            rest = key[len(prefix + _HF_ENCODER) :]
+            for pattern, new in _HF_RENAMES:
+                rest, count = pattern.subn(new, rest, count=1)
+                if count:
+                    break
+            key = f"{prefix}image_encoder.{rest}"
+        renamed[key] = value
+    return renamed
+
+
 def sam_encoder_state(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The encoder's tensors of a checkpoint under :class:`SAMImageEncoder` keys, and the keys left out.
 
     A whole SAM/MedSAM checkpoint holds ``image_encoder.*``, ``prompt_encoder.*`` and ``mask_decoder.*``: the
     first lose their prefix, the others are left out. An encoder alone is taken as it is; a prefix before either
-    (``module.`` of ``DataParallel``) is stripped too.
+    (``module.`` of ``DataParallel``) is stripped too. A transformers ``SamModel``'s ``vision_encoder.*`` is renamed
+    to segment_anything's keys first.
     """
+    tensors = _segment_anything_names(tensors)
     prefix = encoder_prefix(tensors, _MARKERS) or ""
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     return state, sorted(k for k in tensors if not k.startswith(prefix))
 
 
 def is_sam_state(tensors: Mapping[str, torch.Tensor]) -> bool:
-    """Whether a checkpoint's tensors are a SAM image encoder's (alone, or a whole SAM's ``image_encoder.*``)."""
-    return encoder_prefix(tensors, _MARKERS) is not None
+    """Whether a checkpoint's tensors are a SAM image encoder's (alone, a whole SAM's ``image_encoder.*``, or a
+    transformers ``SamModel``'s ``vision_encoder.*``)."""
+    return encoder_prefix(_segment_anything_names(tensors), _MARKERS) is not None
 
 
 def infer_sam_config(
@@ -577,6 +613,7 @@ def _load_tensors(
     """:func:`load_sam_weights` of the tensors already read from ``source``."""
     state, others = sam_encoder_state(tensors)
     target = model.state_dict()
+    state = cast_like(state, target)
     report = LoadReport(path=str(source), layout="segment_anything")
     if others:
         report.ignored = {

@@ -49,6 +49,7 @@ from monai_prompt.backbones.blocks import ParallelSeam
 from monai_prompt.backbones.pretrained import (
     CheckpointError,
     _adapt_patch_weight,
+    cast_like,
     encoder_prefix,
     read_checkpoint,
     state_mismatch,
@@ -59,6 +60,7 @@ from monai_prompt.backbones.registry import (
     preset_fields,
     register_family,
     square_2d_side,
+    weights_path,
 )
 
 __all__ = [
@@ -595,11 +597,11 @@ def load_tinyvit_weights(model: TinyViT, source: str | Path) -> TinyViT:
         CheckpointError: the file cannot be read, or its keys or shapes do not match ``model``'s architecture (the
             message counts them and names the first few).
     """
-    path = lite_medsam_checkpoint() if str(source) == LITE_MEDSAM_WHEEL else Path(source)
+    path = weights_path(source)
     tensors = read_checkpoint(path)[0]
     prefix = encoder_prefix(tensors, (_FIRST_CONV,)) or ""
-    state = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
     target = model.state_dict()
+    state = cast_like({key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}, target)
     kernel, first = state.get(_FIRST_CONV), target[_FIRST_CONV]
     if kernel is not None and kernel.dim() == first.dim() and kernel.shape[1] != first.shape[1]:
         notes: list[str] = []
@@ -663,6 +665,7 @@ register_family(
         is_preset=TINYVIT_PRESETS.__contains__,
         presets=", ".join(TINYVIT_PRESETS),
         recognises=is_tinyvit_state,
+        named_weights={LITE_MEDSAM_WHEEL: lite_medsam_checkpoint},
         module=__name__,
     )
 )

