@@ -360,7 +360,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "handlers": [common.delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}],
         "evaluator": common.evaluator(metrics=False),
         **common.inference_steps(
-            "$monai_prompt.data.check_images(@infer_files, channels=@in_channels, source=@infer_images, spatial_dims=@spatial_dims)"
+            "$monai_prompt.data.check_images(@infer_files, channels=@in_channels, source=@infer_images, "
+            "spatial_dims=@spatial_dims)"
         ),
     })
 
