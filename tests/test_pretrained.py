@@ -529,3 +529,12 @@ def test_a_hugging_face_cache_folder_names_its_snapshot(hf_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"it is a Hugging Face cache folder: pass its snapshot folder, "
                        rf"{re.escape(str(cache / 'snapshots' / '9f8e'))}\.$"):
         load_pretrained(tiny_vit(), cache)
+
+
+@pytest.mark.parametrize(("name", "argument"), [("tf_model.h5", "from_tf"), ("flax_model.msgpack", "from_flax")])
+def test_a_hugging_face_folder_of_another_framework_says_where_pytorch_weights_come_from(tmp_path, name, argument):
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+    (tmp_path / name).write_bytes(b"\x89HDF")
+    with pytest.raises(CheckpointError, match=rf"it holds {re.escape(name)}, another framework's weights: .*"
+                       rf"model\.safetensors.* {argument}=True"):
+        load_pretrained(tiny_vit(), tmp_path)

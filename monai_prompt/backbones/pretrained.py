@@ -271,7 +271,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if path.is_dir():
         found = [path / n for n in _WEIGHT_FILES if (path / n).is_file()]
         if not found:
-            raise CheckpointError(f"{path}: directory holds none of {list(_WEIGHT_FILES)}{_hub_cache_hint(path)}.")
+            hint = _hub_cache_hint(path) or _other_framework_hint(path)
+            raise CheckpointError(f"{path}: directory holds none of {list(_WEIGHT_FILES)}{hint}.")
         path = found[0]
     elif not path.is_file():
         raise CheckpointError(f"{path}: no such file or directory.")
@@ -296,6 +297,24 @@ def _hub_cache_hint(folder: Path) -> str:
     pinned = folder / "snapshots" / main.read_text().strip() if main.is_file() else None
     snapshot = pinned if pinned in snapshots else snapshots[0]
     return f"; it is a Hugging Face cache folder: pass its snapshot folder, {snapshot}"
+
+
+#: HuggingFace weight files of other frameworks -> the ``from_pretrained`` argument of transformers 4 that converts
+#: them (transformers 5 reads PyTorch weights only).
+_OTHER_FRAMEWORK_FILES = {"tf_model.h5": "from_tf", "flax_model.msgpack": "from_flax"}
+
+
+def _other_framework_hint(folder: Path) -> str:
+    """For a HuggingFace folder with TensorFlow or Flax weights only, where to get PyTorch ones; ``""`` for another
+    folder."""
+    for name, argument in _OTHER_FRAMEWORK_FILES.items():
+        if (folder / name).is_file():
+            return (
+                f"; it holds {name}, another framework's weights: download the model's model.safetensors (most Hub "
+                f"models have one), or convert once with transformers 4 (from_pretrained(..., {argument}=True), "
+                f"then save_pretrained)"
+            )
+    return ""
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
