@@ -211,7 +211,8 @@ def test_class_report_warns_when_the_model_collapsed(caplog):
         "epoch 1: all 6 predictions are class 'b'",
         "epoch 1: all 3 predictions are the same labels ['x']",
     ]
-    assert "collapsed to one answer. Lower the learning rate" in caplog.records[0].getMessage()
+    assert "collapsed to one answer. Try another --learning_rate (lower if the training loss jumped, higher or more " \
+        "epochs (--train#trainer#max_epochs) if it barely fell)" in caplog.records[0].getMessage()
 
 
 def _decisions(truth: list[int], predicted: list[int], classes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -266,7 +266,7 @@ class ClassReportHandler:
 
     Each epoch it accumulates ignite's ``ConfusionMatrix`` (``MultiLabelConfusionMatrix`` for multi-label;
     summed over processes under DDP) and, when every image gets the same prediction although the labels differ,
-    logs a warning (the model collapsed to one class: lower the learning rate, check the class balance). Otherwise,
+    logs a warning (the model collapsed to one class: another learning rate, the class balance). Otherwise,
     on a split of at least ``min_images`` images, it warns when the model does no better than the trivial answer:
     single-label, when its accuracy is not above the share of the most frequent class and its balanced accuracy
     (mean recall over the classes present) not above chance (1 / their number), so that always answering that
@@ -374,8 +374,9 @@ class ClassReportHandler:
         if collapsed and idist.get_rank() == 0:
             self.logger.warning(
                 f"epoch {engine.state.epoch}: all {total} predictions are {what} although the labels differ: the "
-                f"model has collapsed to one answer. Lower the learning rate, check the class balance of the "
-                f"training data, and check that the pre-trained weights loaded."
+                f"model has collapsed to one answer. Try another --learning_rate (lower if the training loss jumped, "
+                f"higher or more epochs (--train#trainer#max_epochs) if it barely fell), check the class balance of "
+                f"the training data, and check that the pre-trained weights loaded (--pretrained)."
             )
         return collapsed
 
