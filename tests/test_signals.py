@@ -1,12 +1,14 @@
 """The warnings that a model learned nothing useful (``monai_prompt.engine.metrics.signals``): a segmentation model
 collapsed to background, images predicted as background only, classes never predicted; each logged when it starts
-and once when it clears, on rank 0 only, with advice whose settings are the bundles' config ids."""
+and once when it clears, on rank 0 only, summed over DDP processes, with advice whose settings are the bundles'
+config ids; and what a segmentation bundle's evaluation logs."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+import shutil
 
 import ignite.distributed as idist
 import pytest
@@ -14,9 +16,12 @@ import torch
 from ignite.engine import Engine
 
 from bundle_support import REPO
+from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS
 from monai_prompt.engine import SegmentationCollapseHandler
 from monai_prompt.engine.metrics.classification import TRIVIAL_ADVICE
 from monai_prompt.engine.metrics.signals import SEGMENTATION_ADVICE
+from monai_prompt.runs.runner import run_bundle
+from segmentation_support import tiny_segmentation_overrides, write_tiny_encoder, write_tiny_segmentation
 
 CLASSES = ["background", "csf", "gray_matter"]
 #: three 4 x 4 label maps: csf in the first two (4 and 2 voxels), gray matter in the second (8 voxels), the third
@@ -130,4 +135,28 @@ def test_the_counts_of_every_rank_add_up_under_ddp(tmp_path):
     assert (tmp_path / "log.0").read_text().splitlines() == [
         "epoch 1: class(es) 'gray_matter' (in 1 image(s), 50 % of their voxels) of the ground truth are never "
         "predicted: their Dice is 0. " + SEGMENTATION_ADVICE
+    ]
+
+
+@pytest.mark.slow
+def test_a_segmentation_bundle_whose_model_predicts_only_background_says_so(tmp_path, capfd):
+    """The linear 2D bundle trained one epoch, its output layer then set to answer background everywhere: the
+    evaluation's log says the model collapsed (about 10 s)."""
+    spec = SEGMENTATION_SPECS["linear_segmentation"]
+    bundle = tmp_path / "bundles" / spec.name
+    shutil.copytree(REPO / "bundles" / spec.name, bundle)
+    overrides = tiny_segmentation_overrides(spec, write_tiny_segmentation(tmp_path / "data", 2),
+                                            write_tiny_encoder(tmp_path / "vit.pt", 2))
+    run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
+    delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    delta["model"]["out.conv.conv.weight"].zero_()
+    delta["model"]["out.conv.conv.bias"].copy_(torch.tensor([10.0, -10.0, -10.0, -10.0]))
+    torch.save(delta, bundle / "models" / "model.pt")
+    capfd.readouterr()
+    run_bundle(bundle, ["train.json", "evaluate.json"], "infer", quiet=True, **overrides)
+    logged = capfd.readouterr()  # the bundle's logging.conf writes the monai_prompt logger to the console
+    lines = (logged.out + logged.err).splitlines()
+    assert [line.split(" - ", 3)[-1] for line in lines if " - monai_prompt - " in line] == [
+        "epoch 1: every prediction is background, although the ground truth of 2 image(s) holds foreground: the "
+        "model has collapsed to background (Dice 0 for every class). " + SEGMENTATION_ADVICE
     ]
