@@ -65,7 +65,7 @@ def _present(mask: Any, num_classes: int) -> torch.Tensor:
     mask = torch.as_tensor(mask).detach()
     if mask.shape[0] == num_classes:
         return (mask != 0).flatten(1).sum(1).double().cpu()
-    return torch.bincount(mask.flatten().long().cpu(), minlength=num_classes)[:num_classes].double()
+    return torch.bincount(mask.flatten().long(), minlength=num_classes)[:num_classes].double().cpu()
 
 
 class SegmentationCollapseHandler:
@@ -97,6 +97,7 @@ class SegmentationCollapseHandler:
         self.reset()
 
     def reset(self) -> None:
+        """Empty counts, at the start of each epoch."""
         #: per class: images whose ground truth has it, images whose prediction has it, its ground-truth voxels,
         #: the voxels of the images whose ground truth has it
         self.per_class = torch.zeros(4, len(self.class_names), dtype=torch.float64)
