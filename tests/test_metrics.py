@@ -1,5 +1,6 @@
 """The classification metrics of ``monai_prompt.engine.metrics``: quadratic-weighted kappa, class decisions and macro
-F1, expected calibration error and the reliability diagram, the per-class report and its collapse warning."""
+F1, expected calibration error and the reliability diagram, the per-class report, its collapse warning and its
+warning when the model does no better than the trivial answer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import itertools
 import logging
 import math
 
+import ignite.distributed as idist
 import numpy as np
 import pytest
 import torch
@@ -26,6 +28,7 @@ from monai_prompt.engine.metrics import (
     per_class_scores,
     quadratic_weighted_kappa,
 )
+from monai_prompt.engine.metrics.classification import TRIVIAL_ADVICE
 
 #: four images, three classes: confidences 0.93 (right), 0.62 (wrong), 0.52 (right), 0.72 (right), in bins 13, 9,
 #: 7 and 10 of 15, so ECE = (0.07 + 0.62 + 0.48 + 0.28) / 4 = 0.3625.
@@ -208,4 +211,81 @@ def test_class_report_warns_when_the_model_collapsed(caplog):
         "epoch 1: all 6 predictions are class 'b'",
         "epoch 1: all 3 predictions are the same labels ['x']",
     ]
-    assert "collapsed to one answer. Lower the learning rate" in caplog.records[0].getMessage()
+    assert "collapsed to one answer. Try another --learning_rate (lower if the training loss jumped, higher or more " \
+        "epochs (--train#trainer#max_epochs) if it barely fell)" in caplog.records[0].getMessage()
+
+
+def _decisions(truth: list[int], predicted: list[int], classes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot probabilities of ``predicted`` and one-hot labels of ``truth``."""
+    eye = torch.eye(classes, dtype=torch.float64)
+    return eye[torch.tensor(predicted)], eye[torch.tensor(truth)]
+
+
+def _evaluate_epochs(handler: ClassReportHandler, epochs: list[tuple[torch.Tensor, torch.Tensor]],
+                     auc: float | None = None) -> None:
+    """An evaluator whose epoch ``e`` sees ``epochs[e - 1]`` (probabilities, labels) in one batch, with ``auc`` as
+    its ``val_auc`` metric (set before the handler runs, as the evaluator's metrics are)."""
+    engine = Engine(lambda e, _: [{"pred": p, "label": y} for p, y in zip(*epochs[e.state.epoch - 1])])
+    if auc is not None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_auc=auc))
+    handler.attach(engine)
+    engine.run([0], max_epochs=len(epochs))
+
+
+# 40 images, 26 'a' and 14 'b': 18 'a' and 4 'b' right, accuracy 0.55 <= 0.65, balanced accuracy 0.49 <= 1/2
+TRIVIAL = _decisions([0] * 26 + [1] * 14, [0] * 18 + [1] * 8 + [1] * 4 + [0] * 10)
+# 40 images, 30 'a' and 10 'b': 22 'a' and 8 'b' right, accuracy 0.75 = the share of 'a', balanced accuracy 0.77
+USEFUL = _decisions([0] * 30 + [1] * 10, [0] * 22 + [1] * 8 + [1] * 8 + [0] * 2)
+
+
+def test_class_report_warns_once_when_the_model_does_no_better_than_the_majority_class(caplog):
+    with caplog.at_level(logging.INFO, logger="monai_prompt"):
+        # trivial twice, then better: one warning, one line when it clears
+        _evaluate_epochs(ClassReportHandler(2, ["a", "b"], auc_name="val_auc"), [TRIVIAL, TRIVIAL, USEFUL], auc=0.48)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "epoch 1: accuracy 0.55 (22 of 40 images) is not above the share of the most frequent class 'a' "
+                    "(0.65), nor the balanced accuracy 0.49 above chance (1/2), macro AUC 0.48: the model does no "
+                    "better than always answering 'a'. Try more epochs (--train#trainer#max_epochs) or another "
+                    "--learning_rate, check that the labels belong to the images (monai-prompt check-data) and that "
+                    "the pre-trained weights loaded (--pretrained)."),
+        ("INFO", "epoch 3: the model does better than the trivial answer again."),
+    ]
+
+
+def test_the_trivial_answer_rule_needs_both_numbers_and_enough_images(caplog):
+    with caplog.at_level(logging.INFO, logger="monai_prompt"):
+        # accuracy at the majority share but a balanced accuracy of 0.77: the minority class is found, no warning
+        _evaluate_epochs(ClassReportHandler(2, ["a", "b"]), [USEFUL])
+        _evaluate_epochs(ClassReportHandler(2, ["a", "b"], min_images=41), [TRIVIAL])  # 40 images: too few
+        small = tuple(t[[*range(18), *range(26, 37)]] for t in TRIVIAL)  # 29 images, default min_images=30
+        _evaluate_epochs(ClassReportHandler(2, ["a", "b"]), [small])
+        assert not caplog.records
+        # a balanced split: the most frequent classes tie
+        _evaluate_epochs(ClassReportHandler(2, ["a", "b"]), [_decisions([0, 1] * 15, [0] * 8 + [1] * 22)])
+        assert caplog.records.pop().getMessage().startswith(
+            "epoch 1: accuracy 0.50 (15 of 30 images) is not above the share of the most frequent classes 'a', 'b' "
+            "(0.50 each), nor the balanced accuracy 0.50 above chance (1/2): the model does no better than always "
+            "answering one of them.")
+        # a collapsed model gets the collapse warning only
+        _evaluate_epochs(ClassReportHandler(2, ["a", "b"]), [_decisions([0] * 26 + [1] * 14, [0] * 40)])
+        assert [r.getMessage()[:40] for r in caplog.records] == ["epoch 1: all 40 predictions are class 'a"]
+
+
+def test_multi_label_trivial_answer_is_a_macro_auc_at_chance(caplog):
+    truth = (torch.arange(40)[:, None] % torch.tensor([2, 3]) == 0).double()
+    with caplog.at_level(logging.WARNING, logger="monai_prompt"):
+        for auc in (0.45, 0.7, float("nan")):
+            _evaluate_epochs(ClassReportHandler(2, ["x", "y"], multi_label=True, auc_name="val_auc"),
+                             [(truth.flip(0), truth)], auc=auc)
+    assert [r.getMessage() for r in caplog.records] == [
+        "epoch 1: macro AUC 0.45 over 40 images is not above chance (0.5): the probabilities rank the images no "
+        "better than random. " + TRIVIAL_ADVICE
+    ]
+
+
+def test_class_report_warns_on_rank_0_only(caplog, monkeypatch):
+    monkeypatch.setattr(idist, "get_rank", lambda: 1)
+    with caplog.at_level(logging.INFO, logger="monai_prompt"):
+        _evaluate_epochs(ClassReportHandler(2, ["a", "b"]), [TRIVIAL, USEFUL])
+        _evaluate_epochs(ClassReportHandler(2, ["a", "b"]), [_decisions([0] * 26 + [1] * 14, [0] * 40)])
+    assert not caplog.records

@@ -208,10 +208,13 @@ def _initialize(spec: BundleSpec, train: bool = True) -> list[str]:
 
 def _class_report(output_dir: bool) -> dict[str, Any]:
     """Per-class precision/recall/F1 and the confusion matrix of each evaluation, a warning when every prediction is
-    the same class (``output_dir``: also ``eval/class_report.csv`` and ``eval/confusion_matrix.csv``)."""
+    the same class or none is better than the trivial answer (``output_dir``: also ``eval/class_report.csv`` and
+    ``eval/confusion_matrix.csv``)."""
     report = {"_target_": "monai_prompt.engine.ClassReportHandler", "num_classes": "@num_classes",
               "class_names": "@class_names", "multi_label": "@flags#multi_label"}
-    return {**report, "output_dir": "@output_dir"} if output_dir else {**report, "ece_name": "val_ece"}
+    if output_dir:
+        return {**report, "output_dir": "@output_dir", "auc_name": "auc"}
+    return {**report, "ece_name": "val_ece", "auc_name": "val_auc"}
 
 
 def _fpt_batch(spec: BundleSpec) -> dict[str, Any]:

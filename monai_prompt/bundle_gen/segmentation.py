@@ -233,6 +233,10 @@ _TRAINING_PIXDIM = f"${common.record_read('pixdim')} if @flags#continue_model el
 _KEPT = "@flags#resume or @flags#continue_model"
 
 
+#: validation and evaluation warn when the predictions miss the ground truth's foreground or classes.
+_COLLAPSE_CHECK = {"_target_": "monai_prompt.engine.SegmentationCollapseHandler", "class_names": "@class_names"}
+
+
 def _initialize(train: bool = True) -> list[str]:
     """:func:`~monai_prompt.bundle_gen.common.initialize` with every image/label pair checked (geometry, label values,
     the splits the workflow reads, the classes against the bundle's; training: not when it continues the served
@@ -279,7 +283,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
             "postprocessing": _POSTPROCESSING,
             "key_metric": key_metric,
             "additional_metrics": additional_metrics,
-            "handlers": common.validate_handlers(),
+            "handlers": [*common.validate_handlers(), _COLLAPSE_CHECK],
             "evaluator": common.evaluator("validate#"),
         },
         "initialize": _initialize(),
@@ -314,7 +318,8 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
         "postprocessing": "@validate#postprocessing",
         "key_metric": key_metric,
         "additional_metrics": additional_metrics,
-        "handlers": common.evaluate_handlers(metrics_saver, files=("metrics.csv", "mean_dice_raw.csv", "hd95_raw.csv")),
+        "handlers": common.evaluate_handlers(metrics_saver, _COLLAPSE_CHECK,
+                                             files=("metrics.csv", "mean_dice_raw.csv", "hd95_raw.csv")),
         "evaluator": common.evaluator(""),
         "initialize": _initialize(train=False),
         "run": ["$@evaluator.run()"],

@@ -1,5 +1,6 @@
 """Metrics for MONAI evaluators: classification (decisions, macro F1, quadratic-weighted kappa, calibration, the
-per-class report) and segmentation (Dice and HD95 as one scalar per class)."""
+per-class report) and segmentation (Dice and HD95 as one scalar per class), and the warnings that a model learned
+nothing useful (:mod:`~monai_prompt.engine.metrics.signals`)."""
 
 from monai_prompt.engine.metrics.classification import (
     ClassReportHandler,
@@ -15,12 +16,15 @@ from monai_prompt.engine.metrics.classification import (
     quadratic_weighted_kappa,
 )
 from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice
+from monai_prompt.engine.metrics.signals import SegmentationCollapseHandler, SignalLog
 
 __all__ = [
     "ClassHausdorffDistance",
     "ClassMeanDice",
     "ClassReportHandler",
     "QuadraticWeightedKappa",
+    "SegmentationCollapseHandler",
+    "SignalLog",
     "calibration_histogram",
     "class_decisions",
     "confidence_and_correct",

@@ -7,15 +7,16 @@ expect: ``(probabilities, class index)`` for multi-class, ``(0/1 predictions, 0/
 Everything else is ignite's or MONAI's own; only the kappa is written here (ignite's ``CohenKappa`` needs
 scikit-learn and hard labels). :class:`ClassReportHandler` accumulates ignite's confusion matrix over an
 evaluator's epoch, writes per-class precision/recall/F1 and the matrix as CSV files, and warns when every
-prediction is the same (a collapsed model). It also measures the expected calibration error
-(:func:`expected_calibration_error`, Guo et al. 2017) into the engine's metrics (``ece``) and draws the
-reliability diagram (:func:`plot_reliability_diagram`).
+prediction is the same (a collapsed model) or the model does no better than the trivial answer. It also measures
+the expected calibration error (:func:`expected_calibration_error`, Guo et al. 2017) into the engine's metrics
+(``ece``) and draws the reliability diagram (:func:`plot_reliability_diagram`).
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import ConfusionMatrix, Fbeta, MultiLabelConfusionMatrix, Precision, Recall
+
+from monai_prompt.engine.metrics.signals import SignalLog
 
 __all__ = [
     "ClassReportHandler",
@@ -42,6 +45,11 @@ __all__ = [
 
 #: confidence bins of the expected calibration error (Guo et al. 2017 use 15 equal-width bins).
 ECE_BINS = 15
+#: what to try when a classification bundle's model does no better than the trivial answer.
+TRIVIAL_ADVICE = (
+    "Try more epochs (--train#trainer#max_epochs) or another --learning_rate, check that the labels belong to the "
+    "images (monai-prompt check-data) and that the pre-trained weights loaded (--pretrained)."
+)
 
 
 def _stacked(output: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,7 +266,13 @@ class ClassReportHandler:
 
     Each epoch it accumulates ignite's ``ConfusionMatrix`` (``MultiLabelConfusionMatrix`` for multi-label;
     summed over processes under DDP) and, when every image gets the same prediction although the labels differ,
-    logs a warning (the model collapsed to one class: lower the learning rate, check the class balance). With
+    logs a warning (the model collapsed to one class: another learning rate, the class balance). Otherwise,
+    on a split of at least ``min_images`` images, it warns when the model does no better than the trivial answer:
+    single-label, when its accuracy is not above the share of the most frequent class and its balanced accuracy
+    (mean recall over the classes present) not above chance (1 / their number), so that always answering that
+    class scores as well by both; multi-label, when the macro AUC (``auc_name``) is not above 0.5. That warning is
+    logged as :class:`~monai_prompt.engine.metrics.signals.SignalLog` does: once while it holds, a line when it
+    clears. Warnings are logged on rank 0 only. With
     ``output_dir`` it also writes ``<prefix>class_report.csv`` (class, precision, recall, f1, support, predicted)
     and ``<prefix>confusion_matrix.csv`` (multi-class: rows truth, columns prediction; multi-label: tn, fp, fn,
     tp per class) beside MONAI's ``metrics.csv``, on rank 0.
@@ -281,6 +295,9 @@ class ClassReportHandler:
         name: logger name.
         num_bins: confidence bins of the calibration error.
         ece_name: the metric name of the calibration error (``engine.state.metrics``).
+        auc_name: the engine's macro AUC metric (``engine.state.metrics``; None: none), shown in the trivial-answer
+            warning and the multi-label rule.
+        min_images: the fewest images of a split that the trivial-answer rule judges (fewer: no such warning).
     """
 
     def __init__(
@@ -294,6 +311,8 @@ class ClassReportHandler:
         name: str = "monai_prompt",
         num_bins: int = ECE_BINS,
         ece_name: str = "ece",
+        auc_name: str | None = None,
+        min_images: int = 30,
     ) -> None:
         self.class_names = (
             [str(c) for c in class_names] if class_names is not None else [str(c) for c in range(num_classes)]
@@ -308,6 +327,8 @@ class ClassReportHandler:
         self.logger = logging.getLogger(name)
         self.num_bins, self.ece_name = num_bins, ece_name
         self.calibration = torch.zeros(3, num_bins, dtype=torch.float64)
+        self.auc_name, self.min_images = auc_name, min_images
+        self.signals = SignalLog(self.logger)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
@@ -326,7 +347,8 @@ class ClassReportHandler:
 
     def epoch_completed(self, engine: Engine) -> None:
         confusion = self.confusion.compute().cpu()
-        self._warn_if_collapsed(engine, confusion)
+        if not self._warn_if_collapsed(engine, confusion):
+            self._warn_if_trivial(engine, confusion)
         if idist.get_world_size() > 1:
             self.calibration = idist.all_reduce(self.calibration.to(idist.device())).cpu()
             engine.state.metrics[self.ece_name] = ece_from_histogram(self.calibration)
@@ -334,7 +356,8 @@ class ClassReportHandler:
             self._write(confusion)
             self._write_calibration()
 
-    def _warn_if_collapsed(self, engine: Engine, confusion: torch.Tensor) -> None:
+    def _warn_if_collapsed(self, engine: Engine, confusion: torch.Tensor) -> bool:
+        """Warn (rank 0) when every prediction is the same although the labels differ; whether they are."""
         scores = per_class_scores(confusion)
         total = int(confusion[0].sum()) if self.multi_label else int(confusion.sum())
         predicted, support = scores["predicted"], scores["support"]
@@ -347,12 +370,45 @@ class ClassReportHandler:
             same = int((predicted > 0).sum()) == 1
             varied = int((support > 0).sum()) > 1
             what = f"class {self.class_names[int(predicted.argmax())]!r}"
-        if total > 1 and same and varied:
+        collapsed = total > 1 and same and varied
+        if collapsed and idist.get_rank() == 0:
             self.logger.warning(
                 f"epoch {engine.state.epoch}: all {total} predictions are {what} although the labels differ: the "
-                f"model has collapsed to one answer. Lower the learning rate, check the class balance of the "
-                f"training data, and check that the pre-trained weights loaded."
+                f"model has collapsed to one answer. Try another --learning_rate (lower if the training loss jumped, "
+                f"higher or more epochs (--train#trainer#max_epochs) if it barely fell), check the class balance of "
+                f"the training data, and check that the pre-trained weights loaded (--pretrained)."
             )
+        return collapsed
+
+    def _warn_if_trivial(self, engine: Engine, confusion: torch.Tensor) -> None:
+        """Warn when the model does no better than the trivial answer (the rule of the class docstring)."""
+        total = int(confusion[0].sum()) if self.multi_label else int(confusion.sum())
+        if total < self.min_images:
+            return
+        auc = engine.state.metrics.get(self.auc_name) if self.auc_name else None
+        auc = float(auc) if auc is not None and math.isfinite(float(auc)) else None
+        warning = None
+        if self.multi_label:
+            if auc is not None and auc <= 0.5:
+                warning = (f"macro AUC {auc:.2f} over {total} images is not above chance (0.5): the probabilities "
+                           f"rank the images no better than random.")
+        else:
+            support, hits = confusion.sum(1), confusion.diagonal()
+            present = support > 0
+            classes, most, correct = int(present.sum()), int(support.max()), int(hits.sum())
+            balanced = float((hits[present].double() / support[present]).mean())
+            if classes > 1 and correct <= most and balanced * classes <= 1 + 1e-9:
+                tops = [repr(name) for name, n in zip(self.class_names, support.tolist()) if n == most]
+                which = (f"class {tops[0]} ({most / total:.2f})" if len(tops) == 1
+                         else f"classes {', '.join(tops)} ({most / total:.2f} each)")
+                warning = (
+                    f"accuracy {correct / total:.2f} ({correct} of {total} images) is not above the share of the "
+                    f"most frequent {which}, nor the balanced accuracy {balanced:.2f} above "
+                    f"chance (1/{classes}){'' if auc is None else f', macro AUC {auc:.2f}'}: the model does no "
+                    f"better than always answering {tops[0] if len(tops) == 1 else 'one of them'}."
+                )
+        self.signals.report(engine.state.epoch, "trivial", None if warning is None else f"{warning} {TRIVIAL_ADVICE}",
+                            "the model does better than the trivial answer again.")
 
     def _write(self, confusion: torch.Tensor) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
