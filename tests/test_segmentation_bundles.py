@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -14,8 +15,9 @@ import pytest
 import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
-from monai.handlers import from_engine
+from monai.handlers import MeanDice, from_engine
 from monai.networks.utils import one_hot
+from monai.transforms import Activationsd, AsDiscreted, Compose
 from PIL import Image
 
 from monai_prompt.bundle_gen import check_bundles
@@ -329,6 +331,63 @@ def test_class_metrics_equal_numpy_and_scipy_with_undefined_classes_as_nan():
     # a class no image holds: MONAI's reductions would say 0 (a perfect HD95), the per-class metrics say NaN
     assert np.isnan(engine.state.metrics["dice_three"]) and np.isnan(engine.state.metrics["hd95_three"])
     assert "hd95" not in engine.state.metrics and "dice" not in engine.state.metrics  # only scalars are stored
+
+
+def _metric_values(outputs: list[dict[str, torch.Tensor]], metrics: dict[str, Any]) -> tuple[dict, dict]:
+    """The ``state.metrics`` and per-image ``state.metric_details`` of ``metrics`` run on the postprocessed
+    ``outputs`` (each image's ``pred`` and ``label``)."""
+    engine = Engine(lambda e, b: {key: [output[key] for output in outputs] for key in ("pred", "label")})
+    for name, metric in metrics.items():
+        metric.attach(engine, name)
+    engine.run([0])
+    return engine.state.metrics, {name: value.tolist() for name, value in engine.state.metric_details.items()}
+
+
+def test_class_index_maps_give_the_one_hot_metrics_of_many_classes():
+    """The bundles' validation (softmax and argmax, metrics on class-index maps) gives the values of one-hot
+    prediction and label, to the last bit, with 40 classes: absent from a truth (no Dice, no HD95), from a prediction
+    (no HD95), or from every image; where two logits tie after the softmax, its argmax (the first) is scored."""
+    classes = 40
+    generator = torch.Generator().manual_seed(0)
+    images = []
+    for index in range(2):
+        label = torch.randint(0, classes - 1, (1, 4, 5, 3), generator=generator)  # class 39 in no image
+        label = label.repeat_interleave(4, 1).repeat_interleave(3, 2).repeat_interleave(5, 3).float()  # blocks
+        logits = torch.randn(classes, *label.shape[1:], generator=generator) + 2.5 * one_hot(label, classes, dim=0)
+        logits[5 + index] -= 50.0  # class 5 (6) in no prediction of image 0 (1)
+        images.append({"pred": logits, "label": label})
+    images[1]["label"][images[1]["label"] == 7] = 0  # class 7 absent from image 1's truth
+    tied = images[0]["label"][0] == 3  # logits of classes 2 < 3 one float apart: equal after the softmax
+    images[0]["pred"][:, tied] = 0.0
+    low = torch.tensor(0.01)
+    images[0]["pred"][2, tied], images[0]["pred"][3, tied] = low, torch.nextafter(low, torch.tensor(1.0))
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "lora_3d_segmentation" / "configs" / "train.json"))
+    parser["class_names"] = ["background"] + [f"region{c}" for c in range(1, classes)]
+    parser["num_classes"] = classes
+    postprocessing = parser.get_parsed_content("validate#postprocessing")
+    maps = _metric_values([postprocessing(dict(image)) for image in images], {
+        **parser.get_parsed_content("validate#key_metric"), **parser.get_parsed_content("validate#additional_metrics")
+    })
+    one_hot_postprocessing = Compose([
+        Activationsd("pred", softmax=True), AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=classes)
+    ])
+    pairs, foreground = from_engine(["pred", "label"]), parser["class_names"][1:]
+    one_hots = _metric_values([one_hot_postprocessing(dict(image)) for image in images], {
+        "val_mean_dice": MeanDice(include_background=False, output_transform=pairs),
+        "val_dice": ClassMeanDice(foreground, include_background=False, output_transform=pairs),
+        "val_hd95": ClassHausdorffDistance(foreground, mean_name="val_mean_hd95", percentile=95,
+                                           include_background=False, output_transform=pairs),
+    })
+    assert postprocessing(dict(images[0]))["pred"].shape[0] == 1  # no one-hot
+    details = maps[1]  # [image][class - 1]
+    assert np.isnan(maps[0]["val_dice_region39"]) and np.isnan(maps[0]["val_hd95_region39"])
+    assert np.isnan(details["val_mean_dice"][1][6]) and np.isnan(details["val_hd95"][1][6])
+    assert not np.isnan(details["val_mean_dice"][0][4]) and np.isnan(details["val_hd95"][0][4])
+    assert len(maps[0]) == 2 * len(foreground) + 2
+    assert (images[0]["pred"].argmax(0)[tied] == 3).all()  # the logits' argmax would be right
+    assert details["val_mean_dice"][0][2] == 0.0  # the softmax's predicts class 3 as 2, as it always did
+    np.testing.assert_equal(maps, one_hots)  # NaN equals NaN, floats exactly
 
 
 @pytest.mark.slow

@@ -168,22 +168,29 @@ def _sliding_window() -> dict[str, Any]:
 def _metrics(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Key metric (mean Dice over the foreground classes) and Dice per class, HD95 per class and its mean (NaN where
     undefined: :mod:`monai_prompt.engine.metrics.segmentation`)."""
-    foreground, pairs = "$@class_names[1:]", common.FROM_PRED_LABEL
-    key = ("mean_dice", {"_target_": "MeanDice", "include_background": False, "output_transform": pairs})
+    foreground = "$@class_names[1:]"
+    maps = {"include_background": False, "num_classes": "@num_classes", "output_transform": common.FROM_PRED_LABEL}
+    key = ("mean_dice", {"_target_": "MeanDice", **maps})
     return common.metrics(prefix, key, {
-        "dice": {"_target_": "monai_prompt.engine.ClassMeanDice", "class_names": foreground,
-                 "include_background": False, "output_transform": pairs},
+        "dice": {"_target_": "monai_prompt.engine.ClassMeanDice", "class_names": foreground, **maps},
         "hd95": {"_target_": "monai_prompt.engine.ClassHausdorffDistance", "class_names": foreground,
-                 "mean_name": f"{prefix}mean_hd95", "percentile": 95, "include_background": False,
-                 "output_transform": pairs},
+                 "mean_name": f"{prefix}mean_hd95", "percentile": 95, **maps},
     })
 
 
-#: softmax, then one-hot prediction (argmax) and label for the metrics.
-_POSTPROCESSING = common.compose([
-    {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-    {"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False], "to_onehot": "@num_classes"},
-])
+#: the prediction as class indices (argmax of the softmax) for the metrics, which take class-index maps
+#: (``num_classes``) as the labels are: no one-hot tensors of the classes x the volume (3.3 GB each for 117 classes at
+#: 181 x 217 x 181 voxels). The softmax stays: logits within float rounding of each other tie after it, and its
+#: argmax (the first of them) is the one the metrics have always scored.
+_SOFTMAX = {"_target_": "Activationsd", "keys": "pred", "softmax": True}
+_POSTPROCESSING = common.compose([_SOFTMAX, {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}])
+
+
+def _argmax(resampled: bool) -> dict[str, Any]:
+    """Inference's argmax: after ``Invertd`` where it resamples (``pixdim`` set: the probabilities are interpolated
+    back to the input's grid, ``resampled=True``), before it otherwise (it only reorients: one channel to move)."""
+    return {"_target_": "AsDiscreted", "_disabled_": f"$@pixdim is {'' if resampled else 'not '}None", "keys": "pred",
+            "argmax": True}
 
 
 #: inference: the mask without its channel axis (``SaveImaged`` sees that from the spatial shape), the class indices
@@ -352,10 +359,11 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "dataloader": common.loader("@dataset", shuffle=False, batch_size=1),
         "inferer": _sliding_window(),
         "postprocessing": common.compose([
-            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            _SOFTMAX,
+            _argmax(resampled=False),
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
              "nearest_interp": False, "to_tensor": True},
-            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            _argmax(resampled=True),
             *_MASK,
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@mask_dir", "output_postfix": "seg",
              "output_ext": "@mask_ext", "output_dtype": "$monai_prompt.data.mask_dtype(@label_values)",

@@ -8,6 +8,9 @@ and MLflow cannot log as numbers. These subclasses keep MONAI's per-image comput
 defined: MONAI gives NaN for Dice when the ground truth lacks the class and for HD95 when the prediction or the
 ground truth lacks it. A class without any defined value reports NaN (MONAI's reductions report 0 there, which
 would read as a perfect HD95). ``mean_name`` also stores the mean over all defined (image, class) values.
+
+With ``num_classes`` both take class-index maps (``B1HW[D]``, e.g. an argmax and a label) instead of one-hot
+channels, one class at a time: the values are the one-hot ones, without the classes x volume one-hot tensors.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from typing import Any
 
 import torch
 from monai.handlers import HausdorffDistance, MeanDice
+from monai.metrics import HausdorffDistanceMetric
+from monai.metrics.hausdorff_distance import compute_hausdorff_distance
 
-__all__ = ["ClassHausdorffDistance", "ClassMeanDice"]
+__all__ = ["ClassHausdorffDistance", "ClassMeanDice", "LabelMapHausdorffDistanceMetric"]
 
 
 class _PerClass:
@@ -52,7 +57,8 @@ class ClassMeanDice(_PerClass, MeanDice):
     """Dice per class (MONAI ``MeanDice`` per image), averaged over the images whose ground truth has the class.
 
     Args: ``class_names``, ``mean_name`` (:class:`_PerClass`) and ``MeanDice``'s (``include_background``,
-    ``output_transform``, ``save_details``: each image's values for ``MetricsSaver``).
+    ``num_classes``: class-index maps, ``output_transform``, ``save_details``: each image's values for
+    ``MetricsSaver``).
     """
 
 
@@ -60,6 +66,43 @@ class ClassHausdorffDistance(_PerClass, HausdorffDistance):
     """Hausdorff distance per class (``percentile=95``: HD95) in voxels (MONAI ``HausdorffDistance`` per image),
     averaged over the images where both prediction and ground truth have the class.
 
-    Args: ``class_names``, ``mean_name`` (:class:`_PerClass`) and ``HausdorffDistance``'s (``percentile``,
-    ``include_background``, ``output_transform``, ``save_details``).
+    Args: ``class_names``, ``mean_name`` (:class:`_PerClass`), ``num_classes`` (class-index maps with this many
+    classes, background included, instead of one-hot channels: :class:`LabelMapHausdorffDistanceMetric`) and
+    ``HausdorffDistance``'s (``percentile``, ``include_background``, ``output_transform``, ``save_details``).
     """
+
+    def __init__(
+        self, class_names: Sequence[str], mean_name: str | None = None, num_classes: int | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(class_names, mean_name, **kwargs)
+        if num_classes is not None:
+            one_hot = self.metric_fn
+            self.metric_fn = LabelMapHausdorffDistanceMetric(
+                num_classes, include_background=one_hot.include_background, distance_metric=one_hot.distance_metric,
+                percentile=one_hot.percentile, directed=one_hot.directed, reduction=one_hot.reduction,
+            )
+
+
+class LabelMapHausdorffDistanceMetric(HausdorffDistanceMetric):
+    """MONAI's ``HausdorffDistanceMetric`` on class-index maps (``B1HW[D]``): MONAI's computation on each class's
+    masks in turn, the values of the one-hot channels without their classes x volume tensors.
+
+    Args:
+        num_classes: the classes, background included (class ``c`` is the voxels of value ``c``).
+        kwargs: ``HausdorffDistanceMetric``'s (``include_background``, ``percentile``, ``directed``, ...).
+    """
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        """The ``B x classes`` distances of ``y_pred`` and ``y`` (``B1HW[D]`` class indices; ``kwargs``:
+        ``spacing``)."""
+        settings = {"distance_metric": self.distance_metric, "percentile": self.percentile, "directed": self.directed}
+        first = 0 if self.include_background else 1
+        return torch.cat([
+            compute_hausdorff_distance(y_pred == c, y == c, include_background=True, spacing=kwargs.get("spacing"),
+                                       **settings)
+            for c in range(first, self.num_classes)
+        ], dim=1)
