@@ -179,7 +179,8 @@ def test_pretraining_bundle_checks_a_plain_image_folder_before_training(tmp_path
 @pytest.mark.filterwarnings("ignore:torch.meshgrid")  # inside MONAI's sin-cos embedding
 def test_pretraining_refuses_a_width_its_sin_cos_position_embeddings_cannot_take():
     """MONAI's fixed sin-cos position embedding needs widths that are multiples of 4 in 2D and of 6 in 3D (3D
-    pre-training with the default decoder's 64 ended in MONAI's AssertionError): refused before the run folder is
+    pre-training with the decoder's 64 ended in MONAI's AssertionError; 3D's default is now 72): refused before the
+    run folder is
     touched, naming the setting and the nearest widths that work (and that the heads divide), which build."""
     from monai.bundle import ConfigParser
     from monai.networks.nets import MaskedAutoEncoderViT
@@ -194,7 +195,9 @@ def test_pretraining_refuses_a_width_its_sin_cos_position_embeddings_cannot_take
     for step in (encoder, decoder):
         parser.get_parsed_content(f"initialize#{step}")  # 2D: 96 and 64 are multiples of 4
     parser["spatial_dims"] = 3
-    parser.get_parsed_content(f"initialize#{encoder}")  # 96: a multiple of 6
+    for step in (encoder, decoder):  # 96 and the 3D default decoder's 72: multiples of 6
+        parser.get_parsed_content(f"initialize#{step}")
+    parser["decoder#hidden_size"] = 64  # the 2D width
     with pytest.raises(RuntimeError) as error:  # MONAI wraps what a config expression raises
         parser.get_parsed_content(f"initialize#{decoder}")
     assert str(root_cause(error.value)[0]) == (
