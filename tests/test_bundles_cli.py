@@ -74,6 +74,7 @@ def test_torchrun_ddp_on_cpu_with_gloo(name, tiny, tmp_path):
     output = result.stdout + result.stderr
     assert output.count("Epoch: 1/1, Iter: 2/2") == 1  # 12 images on 2 ranks, batch 4; rank 1 does not log
     assert output.count("time left (epoch 1/1): 2/2 iterations, ") == 1  # nor does it log the time left
+    assert output.count("epoch 1: peak_rss_mb ") == output.count("(the highest of 2 processes)") == 1  # nor memory
     assert output.count("FPT preload (") == (1 if spec.fpt else 0)  # rank 0 preloads, with the time left
     assert "Key metric: val_accuracy best value" in output
     delta = torch.load(bundle / "models" / "model.pt", weights_only=True)

@@ -42,6 +42,22 @@ def test_report_and_peak_memory_handlers(capsys):
     assert seen_mib - 1 <= engine.state.metrics["peak_rss_mb"] <= max_rss_mib + 1
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_peak_memory_under_ddp_is_the_highest_of_the_processes_logged_once(rank, monkeypatch, caplog):
+    import ignite.distributed as idist
+
+    monkeypatch.setattr(idist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(idist, "get_rank", lambda: rank)
+    monkeypatch.setattr(idist, "all_reduce", lambda value, op: max(value, 1e6) if op == "MAX" else None)
+    engine = Engine(lambda engine, batch: None)
+    PeakMemoryHandler("cpu").attach(engine)
+    with caplog.at_level("INFO", logger="monai_prompt"):
+        engine.run([0], max_epochs=1)
+    assert engine.state.metrics["peak_rss_mb"] == 1e6  # the other process's
+    lines = [r.getMessage() for r in caplog.records if r.name == "monai_prompt"]
+    assert lines == (["epoch 1: peak_rss_mb 1000000.0 (the highest of 2 processes)"] if rank == 0 else [])
+
+
 def _items(nan_at: int | None = None) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     items = []

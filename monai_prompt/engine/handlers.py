@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
@@ -96,8 +97,9 @@ class PeakMemoryHandler:
 
     On CUDA the allocator's peak is reset when an epoch starts, so the value is that epoch's
     ``torch.cuda.max_memory_allocated`` (metric ``peak_gpu_memory_mb``). On CPU it is the process's peak resident
-    set size so far (``peak_rss_mb``; the OS keeps no per-epoch peak). Attach it before ``StatsHandler`` and
-    ``MLFlowHandler`` so they report it with the epoch's other metrics.
+    set size so far (``peak_rss_mb``; the OS keeps no per-epoch peak). Under DDP it is the highest of the
+    processes', logged by rank 0 only. Attach it before ``StatsHandler`` and ``MLFlowHandler`` so they report it with
+    the epoch's other metrics.
 
     Args:
         device: the training device.
@@ -119,8 +121,13 @@ class PeakMemoryHandler:
 
     def epoch_completed(self, engine: Engine) -> None:
         value = peak_memory_mb(self.device)
+        processes = idist.get_world_size()
+        if processes > 1:
+            value = float(idist.all_reduce(value, op="MAX"))
         engine.state.metrics[self.metric_name] = value
-        self.logger.info(f"epoch {engine.state.epoch}: {self.metric_name} {value:.1f}")
+        if idist.get_rank() == 0:
+            of = f" (the highest of {processes} processes)" if processes > 1 else ""
+            self.logger.info(f"epoch {engine.state.epoch}: {self.metric_name} {value:.1f}{of}")
 
 
 def batch_images(batch: Any, image_key: str = "image") -> list[tuple[str, torch.Tensor]]:
