@@ -344,9 +344,10 @@ def _metric_values(outputs: list[dict[str, torch.Tensor]], metrics: dict[str, An
 
 
 def test_class_index_maps_give_the_one_hot_metrics_of_many_classes():
-    """The bundles' validation (softmax and argmax, metrics on class-index maps) gives the values of one-hot
+    """The bundles' validation (the logits' argmax, metrics on class-index maps) gives the values of one-hot
     prediction and label, to the last bit, with 40 classes: absent from a truth (no Dice, no HD95), from a prediction
-    (no HD95), or from every image; where two logits tie after the softmax, its argmax (the first) is scored."""
+    (no HD95), or from every image; logits one float apart, which a softmax would round to a tie (and its argmax to
+    the first class), are told apart."""
     classes = 40
     generator = torch.Generator().manual_seed(0)
     images = []
@@ -357,7 +358,7 @@ def test_class_index_maps_give_the_one_hot_metrics_of_many_classes():
         logits[5 + index] -= 50.0  # class 5 (6) in no prediction of image 0 (1)
         images.append({"pred": logits, "label": label})
     images[1]["label"][images[1]["label"] == 7] = 0  # class 7 absent from image 1's truth
-    tied = images[0]["label"][0] == 3  # logits of classes 2 < 3 one float apart: equal after the softmax
+    tied = images[0]["label"][0] == 3  # logits of classes 2 < 3 one float apart: equal after a softmax
     images[0]["pred"][:, tied] = 0.0
     low = torch.tensor(0.01)
     images[0]["pred"][2, tied], images[0]["pred"][3, tied] = low, torch.nextafter(low, torch.tensor(1.0))
@@ -370,8 +371,7 @@ def test_class_index_maps_give_the_one_hot_metrics_of_many_classes():
         **parser.get_parsed_content("validate#key_metric"), **parser.get_parsed_content("validate#additional_metrics")
     })
     one_hot_postprocessing = Compose([
-        Activationsd("pred", softmax=True), AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=classes)
-    ])
+AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=classes)])
     pairs, foreground = from_engine(["pred", "label"]), parser["class_names"][1:]
     one_hots = _metric_values([one_hot_postprocessing(dict(image)) for image in images], {
         "val_mean_dice": MeanDice(include_background=False, output_transform=pairs),
@@ -385,8 +385,8 @@ def test_class_index_maps_give_the_one_hot_metrics_of_many_classes():
     assert np.isnan(details["val_mean_dice"][1][6]) and np.isnan(details["val_hd95"][1][6])
     assert not np.isnan(details["val_mean_dice"][0][4]) and np.isnan(details["val_hd95"][0][4])
     assert len(maps[0]) == 2 * len(foreground) + 2
-    assert (images[0]["pred"].argmax(0)[tied] == 3).all()  # the logits' argmax would be right
-    assert details["val_mean_dice"][0][2] == 0.0  # the softmax's predicts class 3 as 2, as it always did
+    assert (Activationsd("pred", softmax=True)(dict(images[0]))["pred"].argmax(0)[tied] == 2).all()  # a softmax's
+    assert (postprocessing(dict(images[0]))["pred"][0][tied] == 3).all()  # the logits' argmax is right
     np.testing.assert_equal(maps, one_hots)  # NaN equals NaN, floats exactly
 
 

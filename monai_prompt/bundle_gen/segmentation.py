@@ -178,19 +178,23 @@ def _metrics(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
     })
 
 
-#: the prediction as class indices (argmax of the softmax) for the metrics, which take class-index maps
-#: (``num_classes``) as the labels are: no one-hot tensors of the classes x the volume (3.3 GB each for 117 classes at
-#: 181 x 217 x 181 voxels). The softmax stays: logits within float rounding of each other tie after it, and its
-#: argmax (the first of them) is the one the metrics have always scored.
-_SOFTMAX = {"_target_": "Activationsd", "keys": "pred", "softmax": True}
-_POSTPROCESSING = common.compose([_SOFTMAX, {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}])
+#: the prediction as class indices (the logits' argmax) for the metrics, which take class-index maps (``num_classes``)
+#: as the labels are: no one-hot tensors and no softmax of the classes x the volume (3.3 GB each for 117 classes at
+#: 181 x 217 x 181 voxels). The softmax's argmax is the logits' but where it rounds logits one float apart (or, under
+#: AMP, a few) to a tie and takes the first class.
+_POSTPROCESSING = common.compose([{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}])
+
+
+def _resampled_only(resampled: bool) -> str:
+    """``_disabled_`` of an inference step that runs only where ``Invertd`` resamples (``pixdim`` set: the
+    probabilities are interpolated back to the input's grid, ``resampled=True``), or only where it does not (it then
+    only reorients: one channel to move)."""
+    return f"$@pixdim is {'' if resampled else 'not '}None"
 
 
 def _argmax(resampled: bool) -> dict[str, Any]:
-    """Inference's argmax: after ``Invertd`` where it resamples (``pixdim`` set: the probabilities are interpolated
-    back to the input's grid, ``resampled=True``), before it otherwise (it only reorients: one channel to move)."""
-    return {"_target_": "AsDiscreted", "_disabled_": f"$@pixdim is {'' if resampled else 'not '}None", "keys": "pred",
-            "argmax": True}
+    """Inference's argmax: after ``Invertd`` where it resamples, before it otherwise (:func:`_resampled_only`)."""
+    return {"_target_": "AsDiscreted", "_disabled_": _resampled_only(resampled), "keys": "pred", "argmax": True}
 
 
 #: inference: the mask without its channel axis (``SaveImaged`` sees that from the spatial shape), the class indices
@@ -359,7 +363,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "dataloader": common.loader("@dataset", shuffle=False, batch_size=1),
         "inferer": _sliding_window(),
         "postprocessing": common.compose([
-            _SOFTMAX,
+            {"_target_": "Activationsd", "_disabled_": _resampled_only(True), "keys": "pred", "softmax": True},
             _argmax(resampled=False),
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
              "nearest_interp": False, "to_tensor": True},
