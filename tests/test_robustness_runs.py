@@ -36,15 +36,15 @@ def test_overwrite_keeps_the_previous_run_until_the_new_one_has_a_checkpoint(tra
     assert sorted(before) == ["checkpoint_epoch=1.pt", "model.pt", "training_config.json"]
     overwrite = {**trained[1], "overwrite": True, "train#trainer#max_epochs": 1}
 
-    # a failure after the previous run was set aside (the optimizer refuses its settings), through the real CLI:
-    # put back, and the error stays last
-    result = run_command(bundle_command(bundle, {**overwrite, "weight_decay": -1.0}), cwd=tmp_path)
+    # a failure after the previous run was set aside (the optimizer refuses its settings, which the start-up checks
+    # do not look at), through the real CLI: put back, and the error stays last
+    result = run_command(bundle_command(bundle, {**overwrite, "optimizer_def#betas": (1.5, 0.999)}), cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     output = result.stdout + result.stderr
     moved = output.index("overwrite: moved the previous run (checkpoint_epoch=1.pt, model.pt, training_config.json)")
     back = output.index("so the previous run (checkpoint_epoch=1.pt, model.pt, training_config.json) is back in place")
     assert moved < back
-    assert result.stderr.rstrip().splitlines()[-1] == "ValueError: Invalid weight_decay value: -1.0"
+    assert result.stderr.rstrip().splitlines()[-1] == "ValueError: Invalid beta parameter at index 0: 1.5"
     assert written(bundle) == before and not (models / ".previous_run").exists()
 
     # bad data: refused before anything is moved
