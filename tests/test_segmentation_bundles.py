@@ -214,6 +214,32 @@ def test_label_values_other_than_0_to_k_name_their_classes(tmp_path):
         check_segmentation_datalist(datalist)
 
 
+def test_class_values_stored_as_floats_a_rounding_off_read_as_their_classes(tmp_path):
+    """A label map of float32 class values a rounding off (2.0000002, 4.9999995, 300.00003, as a float label
+    written by another tool holds): the check counts each voxel for its class (it refused the values as non-integer),
+    and the bundles' transforms give the class indices of the integer label map (MapLabelValued left the values
+    unmapped)."""
+    datalist = write_tiny_segmentation(tmp_path, 3, counts=(1, 1, 0), label_values=ATLAS_VALUES)
+    expected = check_segmentation_datalist(datalist).voxel_fractions
+    item = json.loads(datalist.read_text())["training"][0]
+    label = nib.load(tmp_path / item["label"])
+    integer = np.asarray(label.dataobj)
+    stored = integer.astype(np.float32) * np.float32(1.0000001)
+    stored[integer == 5] = np.nextafter(np.float32(5), np.float32(0))
+    assert not np.array_equal(np.unique(stored), ATLAS_VALUES)
+    nib.save(nib.Nifti1Image(integer, label.affine), tmp_path / "integer.nii.gz")
+    nib.save(nib.Nifti1Image(stored, label.affine), tmp_path / item["label"])
+    assert check_segmentation_datalist(datalist).voxel_fractions == expected
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "lora_3d_segmentation" / "configs" / "train.json"))
+    parser.update({"label_values": list(ATLAS_VALUES), "pixdim": None})
+    transforms = Compose(parser.get_parsed_content("train#deterministic_transforms"))
+    classes = [transforms({"image": str(tmp_path / item["image"]), "label": str(path)})["label"]
+               for path in (tmp_path / item["label"], tmp_path / "integer.nii.gz")]
+    assert torch.equal(classes[0], classes[1]) and set(classes[0].unique().tolist()) == {0, 1, 2, 3}
+
+
 def test_data_check_reports_every_bad_pair(tmp_path):
     datalist = write_tiny_segmentation(tmp_path, 3, counts=(3, 1, 1))
     summary = check_segmentation_datalist(datalist, TINY_CLASSES, required_splits=["training", "validation"])

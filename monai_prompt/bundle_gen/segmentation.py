@@ -112,8 +112,8 @@ def _common(spec: BundleSpec) -> dict[str, Any]:
 
 def _deterministic_transforms(label: bool = True) -> list[dict[str, Any]]:
     """Datalist item to network input and target: load image and label, channel first, match
-    ``in_channels``/``spatial_dims``, the label values to class indices (``label_values`` -> ``0..K-1``), RAS
-    orientation, resampling to ``pixdim`` when it is set (default: keep the
+    ``in_channels``/``spatial_dims``, the label values, rounded (a float label map's 1.0000001 is 1), to class indices
+    (``label_values`` -> ``0..K-1``), RAS orientation, resampling to ``pixdim`` when it is set (default: keep the
     data's spacing), image scaled to [0, 1], float32. No resizing: the sliding window covers whole images of any size.
 
     Args:
@@ -125,6 +125,7 @@ def _deterministic_transforms(label: bool = True) -> list[dict[str, Any]]:
     match_label = [
         {"_target_": "monai_prompt.data.MatchInputd", "keys": "label", "spatial_dims": "@spatial_dims",
          "channels": 1, **optional},
+        {"_target_": "AsDiscreted", "keys": "label", "rounding": "torchrounding", **optional},
         {"_target_": "MapLabelValued", "keys": "label", "orig_labels": "@label_values",
          "target_labels": "$list(range(len(@label_values)))", **optional},
     ]

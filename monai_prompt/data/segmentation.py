@@ -54,6 +54,9 @@ _CARVE = ("; add a 'validation' list, or at least 2 training items (a datalist w
           f"{VAL_FRACTION:.0%} of them carved for it)")
 #: relative tolerance of the affine comparison (image vs label), in units of the largest voxel size.
 _AFFINE_TOLERANCE = 1e-3
+#: how far a label value may be from an integer to be read as that class value (float rounding, e.g. 1.0000001):
+#: the bundles' transforms round label maps (``AsDiscreted`` with ``rounding``).
+_LABEL_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -240,9 +243,21 @@ def _channels(image) -> int:
     return pil_channels(mode) if mode in PIL_CONVERSIONS else int(image.shape[0])
 
 
-def _pair_problems(image, label, image_path: str, label_path: str, label_values: Sequence[int]) -> list[str]:
-    """What is wrong with one loaded image/label pair: non-finite image, geometry, label values other than the
-    classes' ``label_values``."""
+def _label_counts(label) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of a label map and their voxel counts, a value within :data:`_LABEL_TOLERANCE` of an
+    integer counted as that integer (a class value stored as a float, e.g. 1.0000001, which the transforms round)."""
+    values, counts = np.unique(np.asarray(label), return_counts=True)
+    rounded = np.rint(values)
+    values, merged = np.unique(np.where(np.abs(values - rounded) <= _LABEL_TOLERANCE, rounded, values),
+                               return_inverse=True)
+    return values, np.bincount(merged.ravel(), weights=counts).astype(np.int64)
+
+
+def _pair_problems(
+    image, label, image_path: str, label_path: str, label_values: Sequence[int], values: np.ndarray
+) -> list[str]:
+    """What is wrong with one loaded image/label pair: non-finite image, geometry, label ``values`` (its distinct
+    values, :func:`_label_counts`) other than the classes' ``label_values``."""
     problems = []
     pixels = np.asarray(image)
     if np.issubdtype(pixels.dtype, np.inexact) and not np.isfinite(pixels).all():
@@ -263,7 +278,6 @@ def _pair_problems(image, label, image_path: str, label_path: str, label_values:
                             "both are turned to RAS, as training does): resample the label onto the image's grid "
                             "(nearest neighbour), or, if its voxels do match the image's, give it the image's header."
                             f"\n    image {image_affine.tolist()}\n    label {label_affine.tolist()}")
-    values = np.unique(np.asarray(label))
     if not np.all(np.equal(np.mod(values, 1), 0)):
         problems.append(f"{label_path}: non-integer values (e.g. {values[np.mod(values, 1) != 0][:3].tolist()}); a "
                         "label map holds class indices (was it resampled with linear interpolation?).")
@@ -353,8 +367,8 @@ def check_segmentation_datalist(
         label = _load(item["label"], load, problems)
         if image is None or label is None:
             continue
-        problems += _pair_problems(image, label, item["image"], item["label"], values)
-        found, counts = np.unique(np.asarray(label), return_counts=True)
+        found, counts = _label_counts(label)
+        problems += _pair_problems(image, label, item["image"], item["label"], values, found)
         for value, count in zip(found, counts):
             if value in values:
                 voxels[split][values.index(value)] += count
