@@ -371,7 +371,8 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
                        "when images with foreground get background only, and name the classes never predicted; a "
                        "learning rate that is not a finite positive number and a negative weight decay are refused "
                        "at start; inference refuses images of another dimensionality than spatial_dims before "
-                       "anything runs")),
+                       "anything runs; label maps stored as floats a rounding off their values (1.0000001) read as "
+                       "their classes (rounded before MapLabelValued)")),
             ("0.1.8", ("label maps may hold any label values the datalist's 'labels' keys name (BraTS' 0/1/2/4, an "
                        "atlas' region codes): training maps them to class indices, the masks inference writes hold "
                        "them again (uint16 above 255, NIfTI for PNG inputs then), and the training record keeps "
