@@ -350,6 +350,41 @@ def test_training_checkpoints_nest_the_weights_beside_scalar_tensors(hf_dir, tmp
         torch.testing.assert_close(vit(x)[0], reference(x)[0], rtol=0, atol=0)
 
 
+def test_an_ema_copy_is_loaded_only_where_it_is_the_only_weights(tmp_path):
+    """timm's (``state_dict_ema``), DeiT's/ConvNeXt's (``model_ema``) and other training scripts (``ema``) save an EMA
+    copy of the model beside the plain weights, or alone: the plain weights are taken when both are there, the EMA
+    copy when it is the only one, and the report says which."""
+    plain, ema = tiny_vit(), tiny_vit()
+    with torch.no_grad():
+        for param in ema.parameters():
+            param.add_(torch.randn_like(param))
+    plain_state, ema_state = plain.state_dict(), ema.state_dict()
+    both = "checkpoint[{!r}] (the plain weights; the EMA copy under {!r} is not loaded)"
+    alone = "checkpoint[{!r}] (the EMA copy of the weights: the checkpoint holds no plain ones)"
+    files = {
+        "timm": (
+            {"state_dict": plain_state, "state_dict_ema": ema_state}, plain, both.format("state_dict", "state_dict_ema")
+        ),
+        "deit": ({"model": plain_state, "model_ema": ema_state, "epoch": 3}, plain, both.format("model", "model_ema")),
+        "timm_ema": ({"state_dict_ema": ema_state, "epoch": 3}, ema, alone.format("state_dict_ema")),
+        "deit_ema": ({"model_ema": ema_state, "metric": torch.tensor(81.2)}, ema, alone.format("model_ema")),
+        "ema": ({"ema": {f"module.{k}": v for k, v in ema_state.items()}}, ema, alone.format("ema")),
+    }
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(plain(x)[0], ema(x)[0])
+    for name, (content, expected, entry) in files.items():
+        torch.save(content, tmp_path / f"{name}.pth")
+        vit = tiny_vit()
+        report = load_pretrained(vit, tmp_path / f"{name}.pth")
+        assert report.entry == entry and f"weights: {entry}" in str(report) and not report.missing, name
+        torch.testing.assert_close(vit(x)[0], expected(x)[0], rtol=0, atol=0, msg=name)
+    torch.save({"model": plain_state}, tmp_path / "plain.pth")
+    assert load_pretrained(tiny_vit(), tmp_path / "plain.pth").entry == "checkpoint['model']"
+    torch.save(plain_state, tmp_path / "flat.pth")
+    report = load_pretrained(tiny_vit(), tmp_path / "flat.pth")
+    assert report.entry == "" and "weights:" not in str(report)
+
+
 def test_half_precision_files_are_adapted_in_the_models_precision(hf_dir, tmp_path):
     """A float16/bfloat16 file (or tensors saved as non-contiguous views) loads as the same values stored in float32:
     position embeddings are resized in the model's float32, not rounded back to the file's precision."""

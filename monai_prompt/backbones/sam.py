@@ -604,17 +604,19 @@ def load_sam_weights(model: SAMImageEncoder, source: str | Path, strict: bool = 
     Raises:
         ValueError: the encoder's keys or shapes do not fit ``model``'s architecture.
     """
-    return _load_tensors(model, read_checkpoint(source)[0], source, strict)
+    checkpoint = read_checkpoint(source)
+    return _load_tensors(model, checkpoint.tensors, source, strict, checkpoint.entry)
 
 
 def _load_tensors(
-    model: SAMImageEncoder, tensors: Mapping[str, torch.Tensor], source: str | Path, strict: bool
+    model: SAMImageEncoder, tensors: Mapping[str, torch.Tensor], source: str | Path, strict: bool, entry: str
 ) -> LoadReport:
-    """:func:`load_sam_weights` of the tensors already read from ``source``."""
+    """:func:`load_sam_weights` of the tensors already read from ``source`` (``entry``: where they were in it, see
+    :attr:`~monai_prompt.backbones.pretrained.WeightFile.entry`)."""
     state, others = sam_encoder_state(tensors)
     target = model.state_dict()
     state = cast_like(state, target)
-    report = LoadReport(path=str(source), layout="segment_anything")
+    report = LoadReport(path=str(source), layout="segment_anything", entry=entry)
     if others:
         report.ignored = {
             f"{len(others)} keys": f"not the image encoder ({', '.join(sorted({k.split('.')[0] for k in others}))})"
@@ -685,7 +687,8 @@ def sam_from_pretrained(
         >>> encoder, report = sam_from_pretrained("medsam_vit_b.pth", in_channels=1, img_size=256)
         >>> print(report)
     """
-    tensors = read_checkpoint(path)[0]
+    checkpoint = read_checkpoint(path)
+    tensors = checkpoint.tensors
     try:
         kwargs, inferred = infer_sam_config(tensors, **overrides)
     except CheckpointError as err:
@@ -693,7 +696,7 @@ def sam_from_pretrained(
     in_channels = inferred["in_channels (checkpoint)"][0] if in_channels is None else in_channels
     size = inferred["img_size (checkpoint)"][0] if img_size is None else square_2d_side(img_size, spatial_dims, "SAM")
     encoder = SAMImageEncoder(in_channels=in_channels, img_size=size, **kwargs)
-    report = _load_tensors(encoder, tensors, path, strict)
+    report = _load_tensors(encoder, tensors, path, strict, checkpoint.entry)
     report.inferred = inferred
     logger.info("built from %s: %s", path, ", ".join(f"{k}={v} ({o})" for k, (v, o) in inferred.items()))
     return encoder, report

@@ -598,7 +598,10 @@ def load_tinyvit_weights(model: TinyViT, source: str | Path) -> TinyViT:
             message counts them and names the first few).
     """
     path = weights_path(source)
-    tensors = read_checkpoint(path)[0]
+    checkpoint = read_checkpoint(source)
+    tensors = checkpoint.tensors
+    if checkpoint.entry:
+        logger.info("%s: weights %s", path, checkpoint.entry)
     prefix = encoder_prefix(tensors, (_FIRST_CONV,)) or ""
     target = model.state_dict()
     state = cast_like({key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}, target)
