@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from monai_prompt.backbones import CheckpointError, TinyViT, build_tinyvit, build_vit, registry
+from grid_support import SAM_TINY
+from monai_prompt.backbones import CheckpointError, TinyViT, build_sam, build_tinyvit, build_vit, pretrained, registry
 from monai_prompt.backbones.registry import (
     BackboneFamily,
     BackboneRequest,
@@ -72,6 +73,33 @@ def test_auto_recognises_a_tinyvit_checkpoint(tmp_path):
     )
     assert isinstance(net.backbone, TinyViT)
     torch.testing.assert_close(net.backbone.neck[0].weight, source.neck[0].weight)
+
+
+@pytest.mark.parametrize("family", ["vit", "tinyvit", "sam", "lpm"])
+def test_auto_reads_the_checkpoint_once(family, tmp_path, monkeypatch):
+    """``backbone="auto"`` reads the file once: the family is picked off the tensors read, and its builder loads them
+    (FPT's LPM through the ViT family); the backbone still names the file it came from and holds its weights."""
+    sources = {
+        "vit": lambda: build_vit("vit_tiny", img_size=32, **TINY_VIT),
+        "tinyvit": lambda: build_tinyvit("lite_medsam", img_size=32, **TINY_TINYVIT),
+        "sam": lambda: build_sam("sam_vit_b", img_size=32, **SAM_TINY),
+    }
+    source = sources["vit" if family == "lpm" else family]()
+    path = str(tmp_path / "weights.pth")
+    torch.save(source.state_dict(), path)
+    reads = []
+    read_file = pretrained._read_file
+    monkeypatch.setattr(pretrained, "_read_file", lambda file: reads.append(file) or read_file(file))
+    settings = {"overrides": TINY_TINYVIT} if family == "tinyvit" else {"overrides": {"num_heads": 2}}
+    if family == "lpm":
+        settings.update(method="fpt", options={"layers": "all", "token_ratio": 0.5})
+    backbone = build_backbone("auto", path, img_size=32, **(settings if family != "sam" else {}))
+    assert len(reads) == 1, reads
+    assert family == "lpm" or backbone.pretrained_source == path  # an LPM copies the ViT's weights, not its source
+    loaded = backbone.state_dict()
+    for key, value in source.state_dict().items():
+        if key in loaded and value.shape == loaded[key].shape:
+            torch.testing.assert_close(loaded[key], value, msg=key)
 
 
 def test_a_preset_of_another_family_than_the_file_names_the_family_and_auto(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from grid_support import TINYVIT_TINY, randomise
+from monai_prompt.backbones import pretrained
 from monai_prompt.backbones.sam import build_sam
 from monai_prompt.nets import (
     PromptClassifier,
@@ -90,14 +91,18 @@ def test_the_decoders_read_what_they_say():
     assert [level.index for level in tiny.decoder] == [1, 0]  # coarse to fine
 
 
-def test_auto_builds_the_sam_network_from_a_checkpoint_of_another_size(tmp_path):
+def test_auto_builds_the_sam_network_from_a_checkpoint_of_another_size(tmp_path, monkeypatch):
     """A whole-SAM checkpoint at 64 px (its position embedding resized to 32 px), one input channel (the kernel
-    summed): backbone='auto' picks PromptSAMUNETR."""
+    summed): backbone='auto' picks PromptSAMUNETR, reading the file once for the choice and the weights."""
     encoder = randomise(build_sam("sam_vit_b", img_size=64, **SAM_SEG))
     path = tmp_path / "sam.pth"
     torch.save({f"image_encoder.{k}": v for k, v in encoder.state_dict().items()}, path)
+    reads = []
+    read_file = pretrained._read_file
+    monkeypatch.setattr(pretrained, "_read_file", lambda file: reads.append(file) or read_file(file))
     net = segmentation_network(1, OUT, IMG, "lora", backbone="auto", pretrained=str(path), spatial_dims=2)
     assert isinstance(net, PromptSAMUNETR) and net.vit.grid_size == [2, 2]
+    assert reads == [path] and net.vit.pretrained_source == str(path)
     assert net(torch.zeros(1, 1, IMG, IMG)).shape == (1, OUT, IMG, IMG)
 
 

@@ -18,11 +18,14 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 from monai.networks.nets import ViT
+
+if TYPE_CHECKING:
+    from monai_prompt.backbones.pretrained import WeightFile  # it imports this module
 
 __all__ = [
     "TASKS",
@@ -85,7 +88,10 @@ class BackboneFamily:
     Attributes:
         name: the family's name, also the ``family`` attribute of its modules (what PEFT methods declare).
         build: ``build(backbone, pretrained, request)``: the backbone for a preset name, ``"auto"`` (this family
-            recognised the checkpoint) or a ready module of the family, its weights loaded from ``pretrained``.
+            recognised the checkpoint) or a ready module of the family, its weights loaded from ``pretrained``
+            (for ``"auto"``, the checkpoint already read: a :class:`~monai_prompt.backbones.pretrained.WeightFile`,
+            which :func:`~monai_prompt.backbones.pretrained.read_checkpoint` returns as it is and which is a path
+            for ``str``/``os.fspath``).
         is_preset: whether a name is one of the family's presets (``None``: it has none).
         presets: the preset names, as said in errors (e.g. ``"vit_base, vit_small_p8, ..."``).
         tasks: the tasks of :data:`TASKS` it serves.
@@ -173,38 +179,44 @@ def _presets_said() -> str:
     return "; ".join(f"{f.name}: {f.presets}" for f in _FAMILIES.values() if f.presets)
 
 
-def _auto_family(pretrained: str | Path) -> BackboneFamily:
-    """The family whose checkpoints ``pretrained`` looks like (see :attr:`BackboneFamily.recognises`)."""
+def _auto_family(pretrained: str | Path) -> tuple[BackboneFamily, str | Path | WeightFile]:
+    """The family whose checkpoints ``pretrained`` looks like (see :attr:`BackboneFamily.recognises`), and the
+    checkpoint as read (a :class:`~monai_prompt.backbones.pretrained.WeightFile`: the family's builder takes it for
+    ``pretrained`` and loads it without reading the file again), or ``pretrained`` where it was not read."""
     from monai_prompt.backbones.pretrained import CheckpointError, read_checkpoint  # it imports this module
 
     candidates = [f for f in _FAMILIES.values() if f.recognises is not None]
     fallback = [f for f in _FAMILIES.values() if f.recognises is None and not f.methods]
     claims: list[BackboneFamily] = []
+    checkpoint: str | Path | WeightFile = pretrained
     if candidates:
         try:
-            tensors = read_checkpoint(pretrained).tensors
+            checkpoint = read_checkpoint(pretrained)
         except CheckpointError:
             if not fallback:
                 raise
-            return fallback[0]  # its reader says what is wrong with the file
-        claims = [f for f in candidates if f.recognises(tensors)]
+            return fallback[0], pretrained  # its reader says what is wrong with the file
+        claims = [f for f in candidates if f.recognises(checkpoint.tensors)]
     if len(claims) > 1:
         raise ValueError(
             f"{pretrained}: backbone='auto' cannot tell the family: the checkpoint looks like "
             f"{[f.name for f in claims]}; pass a preset name instead ({_presets_said()})."
         )
     if claims:
-        return claims[0]
+        return claims[0], checkpoint
     if not fallback:
         raise ValueError(f"{pretrained}: no backbone family recognises this checkpoint; pass a preset name.")
-    return fallback[0]
+    return fallback[0], checkpoint
 
 
-def _resolve(backbone: str | nn.Module, pretrained: str | Path | None, request: BackboneRequest) -> BackboneFamily:
-    """The family that builds ``backbone`` for ``request``."""
+def _resolve(
+    backbone: str | nn.Module, pretrained: str | Path | None, request: BackboneRequest
+) -> tuple[BackboneFamily, str | Path | WeightFile | None]:
+    """The family that builds ``backbone`` for ``request``, and ``pretrained`` for its builder (for ``"auto"`` the
+    checkpoint already read, see :func:`_auto_family`)."""
     by_method = [f for f in _FAMILIES.values() if request.method is not None and request.method in f.methods]
     if by_method:
-        return by_method[0]
+        return by_method[0], pretrained
     if isinstance(backbone, nn.Module):
         name = getattr(backbone, "family", None)
         if name not in _FAMILIES:
@@ -212,7 +224,7 @@ def _resolve(backbone: str | nn.Module, pretrained: str | Path | None, request: 
                 f"backbone must be 'auto', a preset name or a module of a registered family ({family_names()}, "
                 f"e.g. a PromptableViT from build_vit), got {type(backbone).__name__}."
             )
-        return _FAMILIES[name]
+        return _FAMILIES[name], pretrained
     if backbone == "auto":
         if not pretrained:
             raise ValueError("backbone='auto' builds the ViT from its checkpoint: pass pretrained=PATH as well.")
@@ -223,7 +235,7 @@ def _resolve(backbone: str | nn.Module, pretrained: str | Path | None, request: 
             f"unknown backbone {backbone!r}: use 'auto' (with pretrained=PATH), a ready module or a preset "
             f"({_presets_said()})."
         )
-    return found[0]
+    return found[0], pretrained
 
 
 def resolve_family(backbone: str | nn.Module, pretrained: str | Path | None = None, method: str | None = None) -> str:
@@ -233,7 +245,7 @@ def resolve_family(backbone: str | nn.Module, pretrained: str | Path | None = No
     Raises:
         ValueError: as :func:`build_backbone` for an unknown name or ``"auto"`` without ``pretrained``.
     """
-    return _resolve(backbone, pretrained, BackboneRequest(method=method)).name
+    return _resolve(backbone, pretrained, BackboneRequest(method=method))[0].name
 
 
 def build_backbone(
@@ -293,18 +305,18 @@ def build_backbone(
         method=method,
         options=dict(options or {}),
     )
-    family = _resolve(backbone, pretrained, request)
+    family, checkpoint = _resolve(backbone, pretrained, request)
     if task not in family.tasks:
         name = backbone if isinstance(backbone, str) else type(backbone).__name__
         raise ValueError(family.refusal.format(task=task, backbone=name, method=method))
     from monai_prompt.backbones.pretrained import CheckpointError  # it imports this module
 
     try:
-        return family.build(backbone, pretrained, request)
+        return family.build(backbone, checkpoint, request)
     except CheckpointError as err:
         if not pretrained or not isinstance(backbone, str) or backbone == "auto" or hasattr(err, "owner_family"):
             raise
-        named, owner = _resolve(backbone, None, BackboneRequest()), _owner_family(pretrained)  # the preset's own family
+        named, owner = _resolve(backbone, None, BackboneRequest())[0], _owner_family(pretrained)  # the preset's family
         if owner is None or owner.name == named.name:
             raise
         hinted = CheckpointError(

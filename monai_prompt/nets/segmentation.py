@@ -7,6 +7,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from monai_prompt.backbones.pretrained import read_checkpoint
 from monai_prompt.backbones.registry import resolve_family
 from monai_prompt.nets.sam_unetr import PromptSAMUNETR, PromptTinyViTUNETR
 from monai_prompt.nets.unetr import PromptUNETR
@@ -56,6 +57,8 @@ def segmentation_network(
         sdpa: fused attention where the method's maths allows it.
         options: further arguments of the family's network (``grad_checkpointing``, ``autocast_dtype``, ...).
     """
+    if isinstance(backbone, str) and backbone == "auto" and pretrained:
+        pretrained = read_checkpoint(pretrained)  # read once: the family is picked off it and the network loads it
     family = resolve_family(backbone, pretrained, method)
     if family == "vit":
         options["layer_norm_eps"] = layer_norm_eps
