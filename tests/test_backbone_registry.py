@@ -10,7 +10,16 @@ import torch
 import torch.nn as nn
 
 from grid_support import SAM_TINY
-from monai_prompt.backbones import CheckpointError, TinyViT, build_sam, build_tinyvit, build_vit, pretrained, registry
+from monai_prompt.backbones import (
+    CheckpointError,
+    TinyViT,
+    build_sam,
+    build_tinyvit,
+    build_vit,
+    pretrained,
+    registry,
+    sam_from_pretrained,
+)
 from monai_prompt.backbones.registry import (
     BackboneFamily,
     BackboneRequest,
@@ -100,6 +109,23 @@ def test_auto_reads_the_checkpoint_once(family, tmp_path, monkeypatch):
     for key, value in source.state_dict().items():
         if key in loaded and value.shape == loaded[key].shape:
             torch.testing.assert_close(loaded[key], value, msg=key)
+
+
+def test_the_sam_families_load_an_ema_only_checkpoint_and_say_so(tmp_path, caplog):
+    """An EMA copy alone (``{"model_ema": ...}``) is unwrapped for every family: SAM's report and the TinyViT's log
+    say the EMA copy was loaded."""
+    tinyvit = build_tinyvit("lite_medsam", img_size=32, **TINY_TINYVIT)
+    sam = build_sam("sam_vit_b", img_size=32, **SAM_TINY)
+    entry = "checkpoint['model_ema'] (the EMA copy of the weights: the checkpoint holds no plain ones)"
+    for name, source, overrides in (("tinyvit", tinyvit, TINY_TINYVIT), ("sam", sam, {})):
+        torch.save({"model_ema": source.state_dict(), "epoch": 3}, tmp_path / f"{name}.pth")
+        with caplog.at_level("INFO", logger="monai_prompt.backbones"):
+            backbone = build_backbone("auto", tmp_path / f"{name}.pth", img_size=32, overrides=overrides)
+        assert backbone.family == name
+        for key, value in source.state_dict().items():
+            torch.testing.assert_close(backbone.state_dict()[key], value, msg=key)
+    assert f"tinyvit.pth: weights {entry}" in caplog.text
+    assert sam_from_pretrained(tmp_path / "sam.pth")[1].entry == entry
 
 
 def test_a_preset_of_another_family_than_the_file_names_the_family_and_auto(tmp_path):

@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from monai_prompt.backbones.pretrained import (
     CheckpointError,
     LoadReport,
+    WeightFile,
     _adapt_patch_weight,
     cast_like,
     encoder_prefix,
@@ -588,7 +589,7 @@ def infer_sam_config(
     return kwargs, inferred
 
 
-def load_sam_weights(model: SAMImageEncoder, source: str | Path, strict: bool = True) -> LoadReport:
+def load_sam_weights(model: SAMImageEncoder, source: str | Path | WeightFile, strict: bool = True) -> LoadReport:
     """Load SAM image-encoder weights into ``model`` and report what was fitted.
 
     The absolute position embedding is resized bilinearly to ``model``'s grid (``align_corners`` False, as SAMed
@@ -598,25 +599,18 @@ def load_sam_weights(model: SAMImageEncoder, source: str | Path, strict: bool = 
     Args:
         model: a plain :class:`SAMImageEncoder` (load before applying a PEFT method).
         source: a whole SAM/MedSAM checkpoint (``image_encoder.*`` keys; the prompt encoder and mask decoder are
-            left out) or an encoder's state_dict, as a torch file (read with ``weights_only=True``) or safetensors.
+            left out) or an encoder's state_dict, as a torch file (read with ``weights_only=True``) or safetensors,
+            or such a file already read (:class:`~monai_prompt.backbones.pretrained.WeightFile`).
         strict: every key of ``model`` must be loaded and no encoder key left over.
 
     Raises:
         ValueError: the encoder's keys or shapes do not fit ``model``'s architecture.
     """
-    checkpoint = read_checkpoint(source)
-    return _load_tensors(model, checkpoint.tensors, source, strict, checkpoint.entry)
-
-
-def _load_tensors(
-    model: SAMImageEncoder, tensors: Mapping[str, torch.Tensor], source: str | Path, strict: bool, entry: str
-) -> LoadReport:
-    """:func:`load_sam_weights` of the tensors already read from ``source`` (``entry``: where they were in it, see
-    :attr:`~monai_prompt.backbones.pretrained.WeightFile.entry`)."""
-    state, others = sam_encoder_state(tensors)
+    weights = read_checkpoint(source)
+    state, others = sam_encoder_state(weights.tensors)
     target = model.state_dict()
     state = cast_like(state, target)
-    report = LoadReport(path=str(source), layout="segment_anything", entry=entry)
+    report = LoadReport(path=weights.path, layout="segment_anything", entry=weights.entry)
     if others:
         report.ignored = {
             f"{len(others)} keys": f"not the image encoder ({', '.join(sorted({k.split('.')[0] for k in others}))})"
@@ -687,16 +681,15 @@ def sam_from_pretrained(
         >>> encoder, report = sam_from_pretrained("medsam_vit_b.pth", in_channels=1, img_size=256)
         >>> print(report)
     """
-    checkpoint = read_checkpoint(path)
-    tensors = checkpoint.tensors
+    weights = read_checkpoint(path)
     try:
-        kwargs, inferred = infer_sam_config(tensors, **overrides)
+        kwargs, inferred = infer_sam_config(weights.tensors, **overrides)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
     in_channels = inferred["in_channels (checkpoint)"][0] if in_channels is None else in_channels
     size = inferred["img_size (checkpoint)"][0] if img_size is None else square_2d_side(img_size, spatial_dims, "SAM")
     encoder = SAMImageEncoder(in_channels=in_channels, img_size=size, **kwargs)
-    report = _load_tensors(encoder, tensors, path, strict, checkpoint.entry)
+    report = load_sam_weights(encoder, weights, strict)
     report.inferred = inferred
     logger.info("built from %s: %s", path, ", ".join(f"{k}={v} ({o})" for k, (v, o) in inferred.items()))
     return encoder, report

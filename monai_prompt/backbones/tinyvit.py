@@ -598,10 +598,10 @@ def load_tinyvit_weights(model: TinyViT, source: str | Path) -> TinyViT:
             message counts them and names the first few).
     """
     path = weights_path(source)
-    checkpoint = read_checkpoint(source)
-    tensors = checkpoint.tensors
-    if checkpoint.entry:
-        logger.info("%s: weights %s", path, checkpoint.entry)
+    weights = read_checkpoint(source)
+    tensors = weights.tensors
+    if weights.entry:
+        logger.info("%s: weights %s", path, weights.entry)
     prefix = encoder_prefix(tensors, (_FIRST_CONV,)) or ""
     target = model.state_dict()
     state = cast_like({key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}, target)
