@@ -41,11 +41,12 @@ def _pair(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray,
 
 def write_tiny_segmentation(
     root: str | os.PathLike, spatial_dims: int, png: bool = False, counts: tuple[int, int, int] = (4, 2, 2),
-    seed: int = 0, label_values: Sequence[int] | None = None,
+    seed: int = 0, label_values: Sequence[int] | None = None, affine: np.ndarray | None = None,
 ) -> Path:
     """Image/label pairs ``{images,labels}/<split>/case<i>.<ext>`` and ``datalist.json`` (decathlon, with
-    ``labels``) under ``root``; 2D as NIfTI (``TINY_AFFINES[2]``) or PNG, 3D as NIfTI; class ``k`` stored as
-    ``label_values[k]`` (default ``k``; uint16 label maps when a value exceeds 255).
+    ``labels``) under ``root``; 2D as NIfTI (``TINY_AFFINES[2]``, or ``affine``) or PNG, 3D as NIfTI
+    (``TINY_AFFINES[3]``, or ``affine``); class ``k`` stored as ``label_values[k]`` (default ``k``; uint16 label maps
+    when a value exceeds 255).
 
     Returns:
         the datalist path.
@@ -70,7 +71,7 @@ def write_tiny_segmentation(
                 if png:  # MONAI's PIL reader gives [X, Y] for an [Y, X] file
                     Image.fromarray(np.ascontiguousarray(array.T)).save(path)
                 else:
-                    nib.save(nib.Nifti1Image(array, TINY_AFFINES[spatial_dims]), path)
+                    nib.save(nib.Nifti1Image(array, TINY_AFFINES[spatial_dims] if affine is None else affine), path)
                 item[kind] = str(path.relative_to(root))
             splits[split].append(item)
     datalist = root / "datalist.json"

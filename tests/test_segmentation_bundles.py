@@ -466,10 +466,11 @@ def test_resume_continues_from_the_last_checkpoint(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_pixdim_is_recorded_resampled_to_packaged_and_checked_on_resume(tiny_data, tmp_path):
     """A 3D bundle trained with --pixdim and img_size chosen from the data (48, not the declared 96): the record keeps
-    both, and the label values; evaluation and inference resample to the recorded spacing without being told; a
-    resume with another spacing is refused; the packaged copy states them in its configs and metadata (the classes
-    under their label values), so the README's checks and export run on it as it is; a record of an earlier version,
-    without them, reads as no resampling and consecutive label values."""
+    both, and the label values; evaluation and inference resample to the recorded spacing without being told, and
+    evaluation scores the masks inference writes against the label files; a resume with another spacing is refused;
+    the packaged copy states them in its configs and metadata (the classes under their label values), so the
+    README's checks and export run on it as it is; a record of an earlier version, without them, reads as no
+    resampling and consecutive label values."""
     name, pixdim = "lora_3d_segmentation", [2.4, 2.0, 2.0]  # the tiny volumes are 1.2 x 1.0 x 2.0 mm
     bundle, overrides = _copy(name, tiny_data["3d"], tiny_data["encoder3"], tmp_path)
     overrides = {key: value for key, value in overrides.items() if key != "img_size" and not key.startswith("_meta_")}
@@ -486,7 +487,8 @@ def test_pixdim_is_recorded_resampled_to_packaged_and_checked_on_resume(tiny_dat
     image = sorted((tiny_data["3d"].parent / "images" / "test").iterdir())[0]
     resampled = (19, 20, 34)  # 36 x 40 x 34 voxels of 1.2 x 1.0 x 2.0 mm at 2.4 x 2.0 x 2.0 mm, as Spacingd rounds
     evaluation = run_bundle(bundle, ["train.json", "evaluate.json"], "infer", quiet=True, **overrides)
-    inference = run_bundle(bundle, ["inference.json"], "infer", quiet=True, infer_images=str(image), **overrides)
+    inference = run_bundle(bundle, ["inference.json"], "infer", quiet=True, infer_images=str(image.parent),
+                           **overrides)
     for workflow in (evaluation, inference):
         assert workflow.parser.get_parsed_content("pixdim") == pixdim
         assert workflow.parser.get_parsed_content("img_size") == 48
@@ -494,6 +496,7 @@ def test_pixdim_is_recorded_resampled_to_packaged_and_checked_on_resume(tiny_dat
         assert preprocessing({"image": str(image)})["image"].shape[1:] == resampled
     mask = bundle / "eval" / "masks" / image.name.replace(".nii.gz", "_seg.nii.gz")
     assert nib.load(mask).shape == nib.load(image).shape  # inverted to the input's grid
+    _assert_masks_match_labels_and_metrics(bundle, tiny_data["3d"], png=False)  # evaluated on the labels' grid
 
     with pytest.raises(Exception) as info:
         run_bundle(bundle, ["train.json"], "train", quiet=True, resume=True, pixdim=[1.2, 1.0, 2.0], **overrides,
@@ -524,6 +527,81 @@ def test_pixdim_is_recorded_resampled_to_packaged_and_checked_on_resume(tiny_dat
     inference.update({"bundle_root": str(bundle)})
     assert inference.get_parsed_content("pixdim") is None
     assert inference.get_parsed_content("label_values") == list(range(len(TINY_CLASSES)))
+
+
+class _IntensityClasses(torch.nn.Module):
+    """A network without weights for the tiny data (class ``k`` is about ``60 k`` of an image whose brightest voxels
+    are about 220): logits that peak where the image, in [0, 1], is at its class's brightness."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        centres = torch.arange(len(TINY_CLASSES), dtype=image.dtype, device=image.device) * 0.27
+        return -(((image - centres.view(1, -1, *[1] * (image.ndim - 2))) / 0.1) ** 2)
+
+
+#: handlers that a workflow of :func:`_recorded_workflow` runs without: the delta (there is none) and MLflow.
+_NO_DELTA = ("monai_prompt.engine.CheckedCheckpointLoader", "monai_prompt.engine.MLflowPeftLogger")
+
+
+def _recorded_workflow(configs: list[str], root: Path, record: dict[str, Any], **overrides: Any) -> Any:
+    """The evaluator of ``lora_3d_segmentation``'s ``configs`` with the training record ``record``, outputs under
+    ``root`` and :class:`_IntensityClasses` as the network (no delta, no MLflow), run."""
+    parser = ConfigParser()
+    parser.read_config([str(find_bundle("lora_3d_segmentation") / "configs" / config) for config in configs])
+    parser.update({"bundle_root": str(root), "training_config": record, "num_workers": 0, **overrides})
+    parser["network"] = _IntensityClasses()
+    parser["handlers"] = [handler for handler in parser["handlers"] if handler["_target_"] not in _NO_DELTA]
+    evaluator = parser.get_parsed_content("evaluator")
+    evaluator.run()
+    return evaluator
+
+
+def test_evaluation_with_pixdim_scores_each_label_on_its_own_grid(tmp_path):
+    """On 1 x 1 x 3 mm volumes evaluated at pixdim 2 mm (one label stored in another axis order than its image),
+    evaluation's Dice and HD95 (voxels) per class and per image are numpy/scipy's of the masks inference writes
+    against the label files, on the labels' own grid (they were the scores of the label resampled to pixdim);
+    without pixdim, evaluation's postprocessing is validation's argmax alone."""
+    affine = np.array([[-1.0, 0, 0, 20.0], [0, 1.0, 0, -10.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]])
+    datalist = write_tiny_segmentation(tmp_path / "data", 3, counts=(0, 0, 2), affine=affine)
+    items = json.loads(datalist.read_text())["test"]
+    flipped = tmp_path / "data" / items[1]["label"]  # the same voxels stored the other way along x
+    label = nib.load(flipped)
+    moved = label.affine.copy()
+    moved[:3, 3] += moved[:3, 0] * (label.shape[0] - 1)
+    moved[:3, 0] *= -1
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[::-1], moved), flipped)
+    record = {"class_names": list(TINY_CLASSES), "label_values": list(range(len(TINY_CLASSES))),
+              "num_classes": len(TINY_CLASSES), "in_channels": 1, "spatial_dims": 3, "img_size": 32, "pixdim": 2.0}
+    evaluation = _recorded_workflow(["train.json", "evaluate.json"], tmp_path / "bundle", record,
+                                    datalist_file=str(datalist))
+    _recorded_workflow(["inference.json"], tmp_path / "bundle", record,
+                       infer_images=str(tmp_path / "data" / "images" / "test"))
+
+    canonical = {}  # mask and label of each image turned to RAS (Dice and voxel distances do not change)
+    for item in items:
+        name = Path(item["image"]).name.replace(".nii.gz", "_seg.nii.gz")
+        canonical[item["image"]] = [np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj) for path in
+                                    (tmp_path / "bundle" / "eval" / "masks" / name, tmp_path / "data" / item["label"])]
+    scores = [reference_scores(mask, label, range(len(TINY_CLASSES))) for mask, label in canonical.values()]
+    dice, hd95 = (np.array([image[key] for image in scores]) for key in ("dice", "hd95"))
+    metrics = read_metrics(tmp_path / "bundle" / "eval" / "metrics.csv")
+    assert metrics == pytest.approx(evaluation.state.metrics, abs=1e-4)
+    assert metrics["mean_dice"] == pytest.approx(np.nanmean(dice), abs=1e-4)
+    assert metrics["mean_hd95"] == pytest.approx(np.nanmean(hd95), abs=1e-4)
+    for index, name in enumerate(FOREGROUND):
+        assert metrics[f"dice_{name}"] == pytest.approx(np.nanmean(dice[:, index]), abs=1e-4), name
+        assert metrics[f"hd95_{name}"] == pytest.approx(np.nanmean(hd95[:, index]), abs=1e-4), name
+    for raw, table in (("mean_dice_raw.csv", dice), ("hd95_raw.csv", hd95)):  # per image: the classes, their mean
+        rows = [line.split(",") for line in (tmp_path / "bundle" / "eval" / raw).read_text().splitlines()[1:]]
+        assert [Path(row[0]).name for row in rows] == [Path(item["image"]).name for item in items]
+        np.testing.assert_allclose(np.array([row[1:-1] for row in rows], dtype=float), table, atol=1e-4)
+    assert 0.5 < metrics["mean_dice"] < 0.999
+
+    parser = ConfigParser()
+    parser.read_config([str(find_bundle("lora_3d_segmentation") / "configs" / config)
+                        for config in ("train.json", "evaluate.json")])
+    parser.update({"training_config": {**record, "pixdim": None}})
+    transforms = parser.get_parsed_content("postprocessing").transforms
+    assert [type(transform).__name__ for transform in transforms] == ["AsDiscreted"]
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

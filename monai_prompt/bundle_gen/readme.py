@@ -404,7 +404,9 @@ resample as the delta was trained.""",
         train="sliding-window validation every epoch, best mean-Dice delta to `models/model.pt`",
         resume="Resume an interrupted run from the newest `checkpoint_epoch=<N>.pt`:",
         evaluate=("`eval/metrics.csv`: `mean_dice`, `dice_<class>`, `mean_hd95`,\n`hd95_<class>`; per image in "
-                  "`eval/mean_dice_raw.csv` and `eval/hd95_raw.csv`"),
+                  "`eval/mean_dice_raw.csv` and `eval/hd95_raw.csv`; with `pixdim`\nset, on each label's own grid: "
+                  "the softmax is resampled onto it, as inference does for its masks,\nwhere validation scores the "
+                  "`pixdim` grid"),
         infer=("Infer on images without labels (default: the images in the folder "
                f"`<dataset_dir>/{dims}d/images/test`,\n`input_dir`, where the demo data keeps its test images; no "
                "datalist is read. `--infer_images` takes a folder,\na glob or a list):\n\n```bash\n"

@@ -5,11 +5,12 @@ backbone's family (``PromptUNETR``, MONAI's UNETR with the method on its ViT enc
 encoder and LiteMedSAM's TinyViT with UNETR-style decoders) trained in the model-zoo way: DiceCE loss on random ROI
 crops (half centred on foreground), sliding-window inference over whole images (ROI = the network's ``img_size``,
 ``sw_overlap`` configurable), mean Dice (key metric), Dice per class and HD95 (mean and per class, in voxels) on
-validation and evaluation, and inference that inverts the preprocessing (``Invertd``) before ``SaveImaged`` writes
-each mask on its input's grid (NIfTI with the input's affine for NIfTI/DICOM inputs, PNG for PNG inputs). The task-
-free pieces (paths, delta checkpoints, optimiser, resume, the run-folder lock and training record, handlers, DDP)
-come from :mod:`~monai_prompt.bundle_gen.common`; splits are read with MONAI's ``load_decathlon_datalist``
-(:func:`monai_prompt.data.segmentation.read_segmentation_datalist`), the class names from the datalist's ``labels``.
+validation (on the ``pixdim`` grid) and evaluation (on each label's own grid), and inference that inverts the
+preprocessing (``Invertd``) before ``SaveImaged`` writes each mask on its input's grid (NIfTI with the input's affine
+for NIfTI/DICOM inputs, PNG for PNG inputs). The task-free pieces (paths, delta checkpoints, optimiser, resume, the
+run-folder lock and training record, handlers, DDP) come from :mod:`~monai_prompt.bundle_gen.common`; splits are
+read with MONAI's ``load_decathlon_datalist`` (:func:`monai_prompt.data.segmentation.read_segmentation_datalist`), the
+class names from the datalist's ``labels``.
 As in :mod:`~monai_prompt.bundle_gen.classification`, evaluation and inference take the network and classes from the
 training record (``models/training_config.json``) and every file stands on its own.
 """
@@ -110,7 +111,7 @@ def _common(spec: BundleSpec) -> dict[str, Any]:
     }
 
 
-def _deterministic_transforms(label: bool = True) -> list[dict[str, Any]]:
+def _deterministic_transforms(label: bool = True, resample_label: bool = True) -> list[dict[str, Any]]:
     """Datalist item to network input and target: load image and label, channel first, match
     ``in_channels``/``spatial_dims``, the label values, rounded (a float label map's 1.0000001 is 1), to class indices
     (``label_values`` -> ``0..K-1``), RAS orientation, resampling to ``pixdim`` when it is set (default: keep the
@@ -119,9 +120,12 @@ def _deterministic_transforms(label: bool = True) -> list[dict[str, Any]]:
     Args:
         label: also the label (training, validation, evaluation; allowed to be missing); inference reads images
             only, as MONAI Label's loader needs every key it is given.
+        resample_label: the label too is resampled to ``pixdim``; evaluation keeps it on its own grid (turned to RAS
+            only, which moves no voxel) and resamples the prediction to it (:func:`_to_input_grid`).
     """
     keys = _KEYS if label else "image"
     optional = {"allow_missing_keys": True} if label else {}
+    resampled = keys if resample_label else "image"
     match_label = [
         {"_target_": "monai_prompt.data.MatchInputd", "keys": "label", "spatial_dims": "@spatial_dims",
          "channels": 1, **optional},
@@ -136,8 +140,8 @@ def _deterministic_transforms(label: bool = True) -> list[dict[str, Any]]:
          "channels": "@in_channels"},
         *(match_label if label else []),
         {"_target_": "Orientationd", "keys": keys, "axcodes": "$'RAS'[:@spatial_dims]", "labels": None, **optional},
-        {"_target_": "Spacingd", "_disabled_": "$@pixdim is None", "keys": keys, "pixdim": "@pixdim",
-         "mode": ["bilinear", "nearest"] if label else "bilinear", **optional},
+        {"_target_": "Spacingd", "_disabled_": "$@pixdim is None", "keys": resampled, "pixdim": "@pixdim",
+         "mode": ["bilinear", "nearest"] if resampled == _KEYS else "bilinear", **optional},
         {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
         {"_target_": "EnsureTyped", "keys": keys, "dtype": "$torch.float32", **optional},
     ]
@@ -187,15 +191,29 @@ _POSTPROCESSING = common.compose([{"_target_": "AsDiscreted", "keys": "pred", "a
 
 
 def _resampled_only(resampled: bool) -> str:
-    """``_disabled_`` of an inference step that runs only where ``Invertd`` resamples (``pixdim`` set: the
-    probabilities are interpolated back to the input's grid, ``resampled=True``), or only where it does not (it then
-    only reorients: one channel to move)."""
+    """``_disabled_`` of a postprocessing step that runs only where the prediction is resampled back to the input's
+    grid (``pixdim`` set: the probabilities are interpolated, ``resampled=True``), or only where it is not."""
     return f"$@pixdim is {'' if resampled else 'not '}None"
 
 
 def _argmax(resampled: bool) -> dict[str, Any]:
-    """Inference's argmax: after ``Invertd`` where it resamples, before it otherwise (:func:`_resampled_only`)."""
+    """The argmax: after the prediction is resampled back to the input's grid where it is, before that otherwise
+    (:func:`_resampled_only`)."""
     return {"_target_": "AsDiscreted", "_disabled_": _resampled_only(resampled), "keys": "pred", "argmax": True}
+
+
+def _to_input_grid(step: dict[str, Any]) -> list[dict[str, Any]]:
+    """The prediction as class indices on the input's own grid: with ``pixdim`` set, the softmax is taken back to it
+    by ``step`` and its argmax follows (the probabilities, not the class indices, are interpolated); without, the
+    argmax comes first (``step`` then moves one channel, or is disabled). The softmax of the classes x the volume
+    lives only until that argmax.
+
+    Args:
+        step: inference's ``Invertd`` through the preprocessing; evaluation's ``ResampleToMatchd`` onto the label's
+            grid (disabled without ``pixdim``, where prediction and label share the grid).
+    """
+    softmax = {"_target_": "Activationsd", "_disabled_": _resampled_only(True), "keys": "pred", "softmax": True}
+    return [softmax, _argmax(resampled=False), step, _argmax(resampled=True)]
 
 
 #: inference: the mask without its channel axis (``SaveImaged`` sees that from the spatial shape), the class indices
@@ -306,7 +324,10 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
 def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
     """``configs/evaluate.json`` (merged on ``train.json``): Dice and HD95 of ``models/model.pt`` on the test split,
     to ``eval/metrics.csv`` (and per image to ``eval/mean_dice_raw.csv``, ``eval/hd95_raw.csv``), with the network
-    and classes of its training record."""
+    and classes of its training record. With ``pixdim`` set, each label stays on its own grid (not resampled) and
+    the softmax is resampled onto it (in float32; inference's ``Invertd``: float64) before the argmax, as inference
+    takes it back to the input's grid: the scores of the masks inference writes against the label files
+    (validation scores the ``pixdim`` grid)."""
     key_metric, additional_metrics = _metrics("")
     metrics_saver = {
         "_target_": "MetricsSaver",
@@ -323,11 +344,14 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
         "network_def#method_config": common.method_config_ref(spec, "@trained_method_config"),
         "network_def#backbone_overrides": "@trained_backbone_overrides",
         "run_name": f"$monai_prompt.engine.unique_run_name('{spec.name}_evaluate')",
-        "preprocessing": "@validate#preprocessing",
+        "preprocessing": common.compose(_deterministic_transforms(resample_label=False)),
         "dataset": common.dataset("$@datalist[@evaluate_split]", "@preprocessing"),
         "dataloader": common.loader("@dataset", shuffle=False, batch_size=1),
         "inferer": "@validate#inferer",
-        "postprocessing": "@validate#postprocessing",
+        "postprocessing": common.compose(_to_input_grid(
+            {"_target_": "ResampleToMatchd", "_disabled_": _resampled_only(True), "keys": "pred", "key_dst": "label",
+             "dtype": "$torch.float32"}
+        )),
         "key_metric": key_metric,
         "additional_metrics": additional_metrics,
         "handlers": common.evaluate_handlers(metrics_saver, _COLLAPSE_CHECK,
@@ -364,11 +388,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "dataloader": common.loader("@dataset", shuffle=False, batch_size=1),
         "inferer": _sliding_window(),
         "postprocessing": common.compose([
-            {"_target_": "Activationsd", "_disabled_": _resampled_only(True), "keys": "pred", "softmax": True},
-            _argmax(resampled=False),
-            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-             "nearest_interp": False, "to_tensor": True},
-            _argmax(resampled=True),
+            *_to_input_grid({"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing",
+                             "orig_keys": "image", "nearest_interp": False, "to_tensor": True}),
             *_MASK,
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@mask_dir", "output_postfix": "seg",
              "output_ext": "@mask_ext", "output_dtype": "$monai_prompt.data.mask_dtype(@label_values)",
