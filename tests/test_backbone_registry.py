@@ -104,7 +104,7 @@ def test_auto_reads_the_checkpoint_once(family, tmp_path, monkeypatch):
         settings.update(method="fpt", options={"layers": "all", "token_ratio": 0.5})
     backbone = build_backbone("auto", path, img_size=32, **(settings if family != "sam" else {}))
     assert len(reads) == 1, reads
-    assert family == "lpm" or backbone.pretrained_source == path  # an LPM copies the ViT's weights, not its source
+    assert backbone.pretrained_source == path  # an LPM copies the ViT's weights and their source
     loaded = backbone.state_dict()
     for key, value in source.state_dict().items():
         if key in loaded and value.shape == loaded[key].shape:

@@ -226,7 +226,8 @@ class LPMExtractor(FrozenLPM, PromptableViT):
     def from_vit(
         cls, vit: PromptableViT, layers: str | list[int], token_ratio: float = 0.2, token_importance: str = "global"
     ) -> LPMExtractor:
-        """An extractor holding a copy of ``vit``'s weights (``vit`` must be a plain ViT, no PEFT method)."""
+        """An extractor holding a copy of ``vit``'s weights and the file they came from (``vit`` must be a plain ViT,
+        no PEFT method)."""
         if not isinstance(vit, PromptableViT):
             raise TypeError(f"the FPT LPM must be a PromptableViT (see build_vit), got {type(vit).__name__}.")
         method = getattr(vit, "peft_method", None)
@@ -238,6 +239,8 @@ class LPMExtractor(FrozenLPM, PromptableViT):
             )
         lpm = cls(vit.config, layers, token_ratio, token_importance)
         lpm.load_state_dict(vit.state_dict())
+        if hasattr(vit, "pretrained_source"):  # what a delta's backbone identity names (monai_prompt.peft.delta)
+            lpm.pretrained_source = vit.pretrained_source
         return lpm
 
     def _extract(self, x: torch.Tensor) -> torch.Tensor:
