@@ -34,8 +34,11 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch-installed
 demo: setup
 	$(VENV)/bin/monai-prompt demo
 
+# TEST_WORKERS processes (pytest-xdist), each taking whole test files (their module fixtures are built once), with
+# the CPU threads shared among them (tests/conftest.py); TEST_WORKERS=0 runs the suite in this process
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests
 
 # lint and import order (pyproject.toml, [tool.ruff]); `$(VENV)/bin/ruff check --fix` sorts imports
 lint: setup
