@@ -3,6 +3,7 @@ scipy on the saved masks, which keep the input's geometry; the data check, per-c
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -15,7 +16,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
-from monai.handlers import MeanDice, from_engine
+from monai.handlers import MeanDice, MetricsSaver, from_engine
 from monai.networks.utils import one_hot
 from monai.transforms import Activationsd, AsDiscreted, Compose
 from PIL import Image
@@ -33,7 +34,7 @@ from monai_prompt.data.segmentation import (
     resampled_shape,
 )
 from monai_prompt.engine import latest_checkpoint
-from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice
+from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice, ClassMetricsSaver
 from monai_prompt.runs import root_cause
 from monai_prompt.runs.bundles import find_bundle
 from monai_prompt.runs.runner import read_metrics, run_bundle
@@ -359,6 +360,27 @@ def test_class_metrics_equal_numpy_and_scipy_with_undefined_classes_as_nan():
     assert "hd95" not in engine.state.metrics and "dice" not in engine.state.metrics  # only scalars are stored
 
 
+def test_the_per_image_files_head_their_columns_with_the_class_names(tmp_path):
+    """MONAI's ``MetricsSaver`` heads the classes ``class0, class1``; the bundles' saver writes their names (quoted
+    where a name holds the delimiter) and leaves MONAI's values and summary as they are."""
+    engine = Engine(lambda e, b: None)
+    engine.run([0])
+    engine.state.metrics = {"mean_dice": 0.5}
+    engine.state.metric_details = {"mean_dice": torch.tensor([[0.25, 1.0], [0.5, float("nan")]])}
+    files = {}
+    for saver in (MetricsSaver(str(tmp_path / "monai"), metric_details=["mean_dice"]),
+                  ClassMetricsSaver(["left, lobe", "right"], save_dir=str(tmp_path / "ours"),
+                                    metric_details=["mean_dice"])):
+        saver._filenames = ["a.nii.gz", "b.nii.gz"]
+        saver(engine)
+        files[type(saver)] = [(Path(saver.save_dir) / f).read_text() for f in ("metrics.csv", "mean_dice_raw.csv")]
+    (monai_metrics, monai_raw), (metrics, raw) = files[MetricsSaver], files[ClassMetricsSaver]
+    assert monai_raw.splitlines()[0] == "filename,class0,class1,mean"
+    assert next(csv.reader(raw.splitlines())) == ["filename", "left, lobe", "right", "mean"]
+    assert metrics == monai_metrics and raw.splitlines()[1:] == monai_raw.splitlines()[1:]
+    assert [row[0] for row in csv.reader(raw.splitlines()[1:])] == ["a.nii.gz", "b.nii.gz"]
+
+
 def _metric_values(outputs: list[dict[str, torch.Tensor]], metrics: dict[str, Any]) -> tuple[dict, dict]:
     """The ``state.metrics`` and per-image ``state.metric_details`` of ``metrics`` run on the postprocessed
     ``outputs`` (each image's ``pred`` and ``label``)."""
@@ -591,7 +613,9 @@ def test_evaluation_with_pixdim_scores_each_label_on_its_own_grid(tmp_path):
         assert metrics[f"dice_{name}"] == pytest.approx(np.nanmean(dice[:, index]), abs=1e-4), name
         assert metrics[f"hd95_{name}"] == pytest.approx(np.nanmean(hd95[:, index]), abs=1e-4), name
     for raw, table in (("mean_dice_raw.csv", dice), ("hd95_raw.csv", hd95)):  # per image: the classes, their mean
-        rows = [line.split(",") for line in (tmp_path / "bundle" / "eval" / raw).read_text().splitlines()[1:]]
+        header, *lines = (tmp_path / "bundle" / "eval" / raw).read_text().splitlines()
+        assert header.split(",") == ["filename", *FOREGROUND, "mean"]
+        rows = [line.split(",") for line in lines]
         assert [Path(row[0]).name for row in rows] == [Path(item["image"]).name for item in items]
         np.testing.assert_allclose(np.array([row[1:-1] for row in rows], dtype=float), table, atol=1e-4)
     assert 0.5 < metrics["mean_dice"] < 0.999

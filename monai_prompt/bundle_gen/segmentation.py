@@ -330,7 +330,8 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
     (validation scores the ``pixdim`` grid)."""
     key_metric, additional_metrics = _metrics("")
     metrics_saver = {
-        "_target_": "MetricsSaver",
+        "_target_": "monai_prompt.engine.ClassMetricsSaver",
+        "class_names": "$@class_names[1:]",
         "save_dir": "@output_dir",
         "metrics": "*",
         "metric_details": ["mean_dice", "hd95"],

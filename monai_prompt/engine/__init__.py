@@ -28,6 +28,7 @@ from monai_prompt.engine.in_backward import OptimizerInBackward, in_backward
 from monai_prompt.engine.metrics import (
     ClassHausdorffDistance,
     ClassMeanDice,
+    ClassMetricsSaver,
     ClassReportHandler,
     QuadraticWeightedKappa,
     SegmentationCollapseHandler,
@@ -52,6 +53,7 @@ __all__ = [
     "CheckedCheckpointLoader",
     "ClassHausdorffDistance",
     "ClassMeanDice",
+    "ClassMetricsSaver",
     "ClassReportHandler",
     "EtaHandler",
     "MLflowPeftLogger",

@@ -15,12 +15,13 @@ from monai_prompt.engine.metrics.classification import (
     plot_reliability_diagram,
     quadratic_weighted_kappa,
 )
-from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice
+from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice, ClassMetricsSaver
 from monai_prompt.engine.metrics.signals import SegmentationCollapseHandler, SignalLog
 
 __all__ = [
     "ClassHausdorffDistance",
     "ClassMeanDice",
+    "ClassMetricsSaver",
     "ClassReportHandler",
     "QuadraticWeightedKappa",
     "SegmentationCollapseHandler",

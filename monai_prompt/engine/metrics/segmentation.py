@@ -11,19 +11,27 @@ would read as a perfect HD95). ``mean_name`` also stores the mean over all defin
 
 With ``num_classes`` both take class-index maps (``B1HW[D]``, e.g. an argmax and a label) instead of one-hot
 channels, one class at a time: the values are the one-hot ones, without the classes x volume one-hot tensors.
+:class:`ClassMetricsSaver` writes their per-image values with the classes' names for column heads.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
-from monai.handlers import HausdorffDistance, MeanDice
+from ignite.engine import Engine
+from monai.handlers import HausdorffDistance, MeanDice, MetricsSaver
 from monai.metrics import HausdorffDistanceMetric
 from monai.metrics.hausdorff_distance import compute_hausdorff_distance
 
-__all__ = ["ClassHausdorffDistance", "ClassMeanDice", "LabelMapHausdorffDistanceMetric"]
+from monai_prompt.io import atomic_write
+
+__all__ = ["ClassHausdorffDistance", "ClassMeanDice", "ClassMetricsSaver", "LabelMapHausdorffDistanceMetric"]
 
 
 class _PerClass:
@@ -106,3 +114,33 @@ class LabelMapHausdorffDistanceMetric(HausdorffDistanceMetric):
                                        **settings)
             for c in range(first, self.num_classes)
         ], dim=1)
+
+
+class ClassMetricsSaver(MetricsSaver):
+    """MONAI's ``MetricsSaver`` whose per-image files (``<metric>_raw.csv`` of ``metric_details``) head the class
+    columns with the classes' names where MONAI writes ``class0``, ``class1``, ...
+
+    Args:
+        class_names: the names of the scored classes, in the order of the details' columns (the foreground
+            classes: ``class_names[1:]`` of a bundle).
+        kwargs: ``MetricsSaver``'s (``save_dir``, ``metrics``, ``metric_details``, ``batch_transform``, ...).
+    """
+
+    def __init__(self, class_names: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.class_names = [str(name) for name in class_names]
+
+    def __call__(self, engine: Engine) -> None:
+        """MONAI's files, then each per-image file's header: ``filename``, the class names, ``mean``."""
+        super().__call__(engine)
+        if idist.get_rank() != self.save_rank:
+            return
+        header = io.StringIO()
+        csv.writer(header, delimiter=self.deli, lineterminator="\n").writerow(["filename", *self.class_names, "mean"])
+        for name in self.metric_details or ():
+            path = Path(self.save_dir) / f"{name}_raw.csv"
+            if not path.is_file():
+                continue
+            monai_header, _, rows = path.read_text().partition("\n")
+            if monai_header.count(self.deli) == len(self.class_names) + 1:  # filename, the classes, mean
+                atomic_write(path, lambda tmp, rows=rows: Path(tmp).write_text(header.getvalue() + rows))
