@@ -13,7 +13,7 @@ Every output goes under ``out_dir`` (``runs/demo_segmentation``, git-ignored):
    the MAE checkpoint (its 6 x 6 position embeddings resized to the ROI's 4 x 4 grid by the importer), frozen
    but for the method; the decoder trains. The best validation delta is kept.
 4. **evaluation and inference**: ``train.json`` + ``evaluate.json`` on the test slab (Dice per class, HD95 in
-   pixels), then ``inference.json`` on the test images (masks on their grid) and a figure of a few test slices
+   mm), then ``inference.json`` on the test images (masks on their grid) and a figure of a few test slices
    (image, ground truth, prediction) in ``segmentation_demo.png``.
 
 With ``compare_scratch``, a UNETR trained from scratch (``full_segmentation``, random initialisation, every
@@ -148,7 +148,7 @@ def run_segmentation_demo(
         figure = _figure(datalist.parent, runs, out_dir, config.figure_slices)
     content = json.loads(datalist.read_text())
     results = {"config": dataclasses.asdict(config), "runs": runs, "figure": str(figure),
-               "classes": list(content["labels"].values()), "test_images": len(content["test"]),
+               "classes": list(content["labels"].values()), "test_images": len(content["test"]), "hd95_unit": "mm",
                "timings": steps.rounded()}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print_fn(_summary(results, out_dir))
@@ -165,7 +165,7 @@ def _summary(results: dict[str, Any], out_dir: Path) -> str:
     classes, method = results["classes"][1:], results["config"]["method"]
     labels = [_run_label(label, method) for label in results["runs"]]
     width = max(22, *(len(label) + 2 for label in labels))
-    lines = ["", f"Test slab ({results['test_images']} slices, best-validation delta; Dice / HD95 in 2 mm pixels):",
+    lines = ["", f"Test slab ({results['test_images']} slices, best-validation delta; Dice / HD95 in mm):",
              f"  {'':<22}" + "".join(f"{label:>{width}}" for label in labels)]
     for name, key in [("mean", "mean"), *((c, c) for c in classes)]:
         dice, hd95 = ("mean_dice", "mean_hd95") if key == "mean" else (f"dice_{key}", f"hd95_{key}")

@@ -144,11 +144,14 @@ def write_sam_family_encoder(path: str | os.PathLike, family: str, seed: int = 0
     return {"backbone": "lite_medsam", "backbone_overrides": dict(TINYVIT_TINY), "pretrained": str(path)}
 
 
-def reference_scores(prediction: np.ndarray, truth: np.ndarray, label_values: Sequence[int]) -> dict[str, list[float]]:
-    """Dice and HD95 (voxels) per foreground class (``label_values[1:]``, the value of each class in the masks) of one
+def reference_scores(
+    prediction: np.ndarray, truth: np.ndarray, label_values: Sequence[int], spacing: Sequence[float] | None = None
+) -> dict[str, list[float]]:
+    """Dice and HD95 per foreground class (``label_values[1:]``, the value of each class in the masks) of one
     integer mask pair, computed with numpy/scipy: Dice is
     NaN when the truth lacks the class, HD95 when either mask does; surfaces are the masks minus their erosion,
-    HD95 the larger of the two directed 95th percentiles of Euclidean surface distances."""
+    HD95 the larger of the two directed 95th percentiles of Euclidean surface distances, in the units of
+    ``spacing`` (the voxel size per axis; default voxels)."""
     from scipy.ndimage import binary_erosion, distance_transform_edt
 
     dice, hd95 = [], []
@@ -159,6 +162,7 @@ def reference_scores(prediction: np.ndarray, truth: np.ndarray, label_values: Se
             hd95.append(float("nan"))
             continue
         edges_p, edges_t = p ^ binary_erosion(p), t ^ binary_erosion(t)
-        to_t, to_p = distance_transform_edt(~edges_t)[edges_p], distance_transform_edt(~edges_p)[edges_t]
+        to_t = distance_transform_edt(~edges_t, sampling=spacing)[edges_p]
+        to_p = distance_transform_edt(~edges_p, sampling=spacing)[edges_t]
         hd95.append(max(np.percentile(to_t, 95), np.percentile(to_p, 95)))
     return {"dice": dice, "hd95": hd95}

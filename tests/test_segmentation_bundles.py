@@ -16,7 +16,9 @@ import pytest
 import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
+from monai.data import MetaTensor, list_data_collate
 from monai.handlers import MeanDice, MetricsSaver, from_engine
+from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from monai.transforms import Activationsd, AsDiscreted, Compose
 from PIL import Image
@@ -34,7 +36,12 @@ from monai_prompt.data.segmentation import (
     resampled_shape,
 )
 from monai_prompt.engine import latest_checkpoint
-from monai_prompt.engine.metrics.segmentation import ClassHausdorffDistance, ClassMeanDice, ClassMetricsSaver
+from monai_prompt.engine.metrics.segmentation import (
+    ClassHausdorffDistance,
+    ClassMeanDice,
+    ClassMetricsSaver,
+    grid_spacing,
+)
 from monai_prompt.runs import root_cause
 from monai_prompt.runs.bundles import find_bundle
 from monai_prompt.runs.runner import read_metrics, run_bundle
@@ -88,7 +95,7 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 def _assert_masks_match_labels_and_metrics(bundle: Path, datalist: Path, png: bool) -> None:
     """Each saved mask has its input's shape (and affine) and holds the datalist's label values (uint16 above 255); the
     evaluation's metrics equal numpy/scipy's on the masks (the network and the test images are the same in both
-    runs)."""
+    runs), HD95 in mm of the labels' anisotropic grids (pixels for PNG)."""
     metrics = read_metrics(bundle / "eval" / "metrics.csv")
     expected_names = {"mean_dice", "mean_hd95"} | {f"{m}_{c}" for m in ("dice", "hd95") for c in FOREGROUND}
     assert set(metrics) == expected_names
@@ -100,12 +107,13 @@ def _assert_masks_match_labels_and_metrics(bundle: Path, datalist: Path, png: bo
         suffix = ".png" if png else ".nii.gz"
         mask_path = bundle / "eval" / "masks" / image_path.name.replace(suffix, f"_seg{suffix}")
         mask, mask_affine = _read(mask_path)
-        label, _ = _read(label_path)
+        label, label_affine = _read(label_path)
         assert mask.shape == label.shape and set(np.unique(mask)) <= set(values)
         assert mask.dtype == (np.uint8 if max(values) <= 255 else np.uint16)
         if not png:
             np.testing.assert_allclose(mask_affine, nib.load(image_path).affine, atol=1e-5)
-        for key, class_scores in reference_scores(mask, label, values).items():
+        spacing = None if png else np.linalg.norm(label_affine[:3, :3], axis=0)[:label.ndim]
+        for key, class_scores in reference_scores(mask, label, values, spacing).items():
             scores[key].append(class_scores)
     for key in ("dice", "hd95"):
         table = np.array(scores[key])
@@ -360,6 +368,36 @@ def test_class_metrics_equal_numpy_and_scipy_with_undefined_classes_as_nan():
     assert "hd95" not in engine.state.metrics and "dice" not in engine.state.metrics  # only scalars are stored
 
 
+def test_hd95_is_in_the_units_of_each_images_grid():
+    """HD95 per image takes the spacing of the label's affine (mm; axes permuted and anisotropic), or of the
+    prediction's where the label has no meta, for class-index maps and one-hot channels, lists and batches; scipy's
+    distance transform with ``sampling`` agrees (the values were in voxels)."""
+    rng = np.random.default_rng(0)
+    truths = [np.repeat(rng.integers(0, 3, (5, 4, 4)), 4, axis=0) for _ in range(2)]
+    predictions = [np.where(rng.random(t.shape) < 0.9, t, rng.integers(0, 3, t.shape)) for t in truths]
+    permuted = np.array([[0, 1.2, 0, 5.0], [0.8, 0, 0, -3.0], [0, 0, 3.0, 1.0], [0, 0, 0, 1]])
+    affines, spacings = [permuted, np.diag([2.0, 0.5, 1.5, 1.0])], [(0.8, 1.2, 3.0), (2.0, 0.5, 1.5)]
+    reference = [reference_scores(p, t, range(3), spacing)["hd95"] for p, t, spacing in
+                 zip(predictions, truths, spacings)]
+    assert not np.allclose(reference, [reference_scores(p, t, range(3))["hd95"] for p, t in zip(predictions, truths)])
+    label_maps = {  # image 0: the label has the meta; image 1: the prediction
+        "pred": [torch.as_tensor(predictions[0])[None], MetaTensor(predictions[1][None], affine=affines[1])],
+        "label": [MetaTensor(truths[0][None], affine=affines[0]), torch.as_tensor(truths[1])[None]],
+    }
+    one_hots = {key: [one_hot(image, 3, dim=0) for image in images] for key, images in label_maps.items()}
+    batch = {key: list_data_collate([MetaTensor(array[None], affine=affine) for array, affine in zip(arrays, affines)])
+             for key, arrays in (("pred", predictions), ("label", truths))}  # batch-first, as a DataLoader gives
+    for outputs, num_classes in ((label_maps, 3), (one_hots, None), (batch, 3)):
+        engine = Engine(lambda e, b, outputs=outputs: outputs)
+        ClassHausdorffDistance(["one", "two"], num_classes=num_classes, percentile=95,
+                               output_transform=from_engine(["pred", "label"], first=False)).attach(engine, "hd95")
+        engine.run([0])
+        np.testing.assert_allclose(engine.state.metric_details["hd95"], reference, rtol=1e-5)
+    sagittal = np.array([[0, 0, 1.0, 0], [0, 1.5, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]])  # a 2D slice's x along z
+    assert grid_spacing(MetaTensor(torch.zeros(1, 4, 4), affine=sagittal), 2) == [2.5, 1.5]
+    assert grid_spacing(torch.zeros(1, 4, 4), 2) == [1.0, 1.0]  # no meta: pixels
+
+
 def test_the_per_image_files_head_their_columns_with_the_class_names(tmp_path):
     """MONAI's ``MetricsSaver`` heads the classes ``class0, class1``; the bundles' saver writes their names (quoted
     where a name holds the delimiter) and leaves MONAI's values and summary as they are."""
@@ -392,10 +430,11 @@ def _metric_values(outputs: list[dict[str, torch.Tensor]], metrics: dict[str, An
 
 
 def test_class_index_maps_give_the_one_hot_metrics_of_many_classes():
-    """The bundles' validation (the logits' argmax, metrics on class-index maps) gives the values of one-hot
-    prediction and label, to the last bit, with 40 classes: absent from a truth (no Dice, no HD95), from a prediction
-    (no HD95), or from every image; logits one float apart, which a softmax would round to a tie (and its argmax to
-    the first class), are told apart."""
+    """The bundles' validation (the logits' argmax, metrics on class-index maps, one Dice handler for the key metric
+    and the classes) gives the values of one-hot prediction and label with MONAI's ``MeanDice`` and a separate
+    ``ClassMeanDice`` (as before 0.1.11), to the last bit, with 40 classes: absent from a truth (no Dice, no HD95),
+    from a prediction (no HD95), or from every image; logits one float apart, which a softmax would round to a tie
+    (and its argmax to the first class), are told apart."""
     classes = 40
     generator = torch.Generator().manual_seed(0)
     images = []
@@ -435,7 +474,33 @@ AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=classes)])
     assert len(maps[0]) == 2 * len(foreground) + 2
     assert (Activationsd("pred", softmax=True)(dict(images[0]))["pred"].argmax(0)[tied] == 2).all()  # a softmax's
     assert (postprocessing(dict(images[0]))["pred"][0][tied] == 3).all()  # the logits' argmax is right
-    np.testing.assert_equal(maps, one_hots)  # NaN equals NaN, floats exactly
+    np.testing.assert_equal(maps[0], one_hots[0])  # NaN equals NaN, floats exactly
+    np.testing.assert_equal(maps[1], {name: one_hots[1][name] for name in ("val_mean_dice", "val_hd95")})
+    np.testing.assert_equal(one_hots[1]["val_dice"], one_hots[1]["val_mean_dice"])  # the one Dice handler's details
+
+
+@pytest.mark.parametrize("config", ["train.json", "evaluate.json"])
+def test_validation_and_evaluation_compute_dice_once_per_image(config, monkeypatch):
+    """The key metric ``mean_dice`` and ``dice_<class>`` come from one computation of each image's Dice (there were
+    two: MONAI's ``MeanDice`` and ``ClassMeanDice``, about 10 s each per 1 mm volume at 135 classes)."""
+    calls = []
+    compute = DiceMetric._compute_tensor
+    monkeypatch.setattr(DiceMetric, "_compute_tensor", lambda self, *a, **k: calls.append(1) or compute(self, *a, **k))
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / "lora_3d_segmentation" / "configs" / name)
+                        for name in dict.fromkeys(["train.json", config])])
+    parser.update({"class_names": list(TINY_CLASSES), "num_classes": len(TINY_CLASSES)})
+    prefix, scope = ("val_", "validate#") if config == "train.json" else ("", "")
+    metrics = {**parser.get_parsed_content(f"{scope}key_metric"),
+               **parser.get_parsed_content(f"{scope}additional_metrics")}
+    generator = torch.Generator().manual_seed(0)
+    outputs = [{key: torch.randint(0, len(TINY_CLASSES), (1, 6, 5, 4), generator=generator).float()
+                for key in ("pred", "label")} for _ in range(3)]
+    scalars, details = _metric_values(outputs, metrics)
+    assert len(calls) == len(outputs)
+    assert set(scalars) == {f"{prefix}mean_dice", f"{prefix}mean_hd95"} | {
+        f"{prefix}{metric}_{name}" for metric in ("dice", "hd95") for name in FOREGROUND}
+    assert np.array(details[f"{prefix}mean_dice"]).shape == (len(outputs), len(FOREGROUND))  # mean_dice_raw.csv
 
 
 @pytest.mark.slow
@@ -578,11 +643,12 @@ def _recorded_workflow(configs: list[str], root: Path, record: dict[str, Any], *
 
 
 def test_evaluation_with_pixdim_scores_each_label_on_its_own_grid(tmp_path):
-    """On 1 x 1 x 3 mm volumes evaluated at pixdim 2 mm (one label stored in another axis order than its image),
-    evaluation's Dice and HD95 (voxels) per class and per image are numpy/scipy's of the masks inference writes
-    against the label files, on the labels' own grid (they were the scores of the label resampled to pixdim);
+    """On 0.8 x 1 x 3 mm volumes evaluated at pixdim 2 mm (one label stored in another axis order than its image),
+    evaluation's Dice and HD95 (mm: 0.8 per voxel along x; they were in voxels) per class and per image are
+    numpy/scipy's of the masks inference writes against the label files, on the labels' own grid (they were the
+    scores of the label resampled to pixdim);
     without pixdim, evaluation's postprocessing is validation's argmax alone."""
-    affine = np.array([[-1.0, 0, 0, 20.0], [0, 1.0, 0, -10.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]])
+    affine = np.array([[-0.8, 0, 0, 20.0], [0, 1.0, 0, -10.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]])
     datalist = write_tiny_segmentation(tmp_path / "data", 3, counts=(0, 0, 2), affine=affine)
     items = json.loads(datalist.read_text())["test"]
     flipped = tmp_path / "data" / items[1]["label"]  # the same voxels stored the other way along x
@@ -598,12 +664,13 @@ def test_evaluation_with_pixdim_scores_each_label_on_its_own_grid(tmp_path):
     _recorded_workflow(["inference.json"], tmp_path / "bundle", record,
                        infer_images=str(tmp_path / "data" / "images" / "test"))
 
-    canonical = {}  # mask and label of each image turned to RAS (Dice and voxel distances do not change)
+    canonical = {}  # mask and label of each image turned to RAS (Dice and distances do not change)
     for item in items:
         name = Path(item["image"]).name.replace(".nii.gz", "_seg.nii.gz")
         canonical[item["image"]] = [np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj) for path in
                                     (tmp_path / "bundle" / "eval" / "masks" / name, tmp_path / "data" / item["label"])]
-    scores = [reference_scores(mask, label, range(len(TINY_CLASSES))) for mask, label in canonical.values()]
+    scores = [reference_scores(mask, label, range(len(TINY_CLASSES)), spacing=(0.8, 1.0, 3.0))
+              for mask, label in canonical.values()]
     dice, hd95 = (np.array([image[key] for image in scores]) for key in ("dice", "hd95"))
     metrics = read_metrics(tmp_path / "bundle" / "eval" / "metrics.csv")
     assert metrics == pytest.approx(evaluation.state.metrics, abs=1e-4)

@@ -21,7 +21,7 @@ and wall time; summaries give mean and standard deviation over seeds.
 :mod:`monai_prompt.runs.segmentation_demo_task` caches them): each method's ``<method>_segmentation`` bundle (a UNETR
 whose decoder always trains) through :func:`~monai_prompt.runs.segmentation_demo_task.tune_segmentation`, with the
 demo's settings. A label fraction takes that share of the training slices, few-shot that many labelled slices (one
-stratum: a slice holds every class). Per run: test mean Dice and HD95 (pixels) and per class, the mean Dice and HD95
+stratum: a slice holds every class). Per run: test mean Dice and HD95 (mm) and per class, the mean Dice and HD95
 of the same delta with the encoder's outputs zeroed
 (:func:`~monai_prompt.runs.segmentation_demo_task.zero_encoder_outputs`: how much the encoder carries), trainable
 parameters (encoder and decoder) and wall time.

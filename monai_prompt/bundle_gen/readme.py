@@ -316,7 +316,7 @@ def _segmentation_demo(spec: BundleSpec, measured: dict) -> list[str]:
          f"({demo['pretrain_epochs']} epochs) on the demo's training slices; this bundle then tunes the UNETR for "
          f"{demo['epochs']} epochs ({demo['roi']} ROI crops, feature size {demo['feature_size']}), evaluated on "
          f"the {demo['test_images']} slices of the test slab, against a UNETR of the same shape trained from "
-         "scratch (`full_segmentation`, random initialisation). HD95 in pixels (2 mm); seconds per epoch with "
+         f"scratch (`full_segmentation`, random initialisation). HD95 in {demo['hd95_unit']}; seconds per epoch with "
          f"validation, on a shared CPU. {_DEMO_TASK_NOTES[demo['labels']]}"),
         "",
         f"| encoder | trainable | mean Dice | {header} | mean HD95 | s / epoch |",
@@ -384,8 +384,8 @@ resample as the delta was trained.""",
   foreground), with flips and contrast/intensity jitter.
 - Validation every `val_interval` epochs with `SlidingWindowInferer` over whole images (ROI `img_size`,
   `--sw_overlap` 0.25, Gaussian blending, `--sw_batch_size`): mean Dice of the foreground classes (key metric,
-  selects `models/model.pt`), Dice per class and HD95 (95th-percentile Hausdorff distance in voxels, mean and
-  per class; MONAI's metrics).
+  selects `models/model.pt`), Dice per class and HD95 (95th-percentile Hausdorff distance in mm, the units of the
+  label grid's affine: pixels for PNG; mean and per class; MONAI's metrics).
 - Device: CUDA with AMP when available, else CPU (`device`, `amp`). Attention runs through PyTorch SDPA
   (`sdpa`: the same outputs, tested, with less memory and time); `--sdpa false` computes it literally.{_IN_BACKWARD}
 - The trainable-parameter report is printed at start; each epoch logs peak memory and the run's time left

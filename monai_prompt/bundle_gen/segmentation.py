@@ -4,13 +4,13 @@ One template for the nine PEFT methods in 2D and 3D: ``monai_prompt.nets.segment
 backbone's family (``PromptUNETR``, MONAI's UNETR with the method on its ViT encoder; in 2D also SAM's ViT image
 encoder and LiteMedSAM's TinyViT with UNETR-style decoders) trained in the model-zoo way: DiceCE loss on random ROI
 crops (half centred on foreground), sliding-window inference over whole images (ROI = the network's ``img_size``,
-``sw_overlap`` configurable), mean Dice (key metric), Dice per class and HD95 (mean and per class, in voxels) on
-validation (on the ``pixdim`` grid) and evaluation (on each label's own grid), and inference that inverts the
-preprocessing (``Invertd``) before ``SaveImaged`` writes each mask on its input's grid (NIfTI with the input's affine
-for NIfTI/DICOM inputs, PNG for PNG inputs). The task-free pieces (paths, delta checkpoints, optimiser, resume, the
-run-folder lock and training record, handlers, DDP) come from :mod:`~monai_prompt.bundle_gen.common`; splits are
-read with MONAI's ``load_decathlon_datalist`` (:func:`monai_prompt.data.segmentation.read_segmentation_datalist`), the
-class names from the datalist's ``labels``.
+``sw_overlap`` configurable), mean Dice (key metric), Dice per class and HD95 (mean and per class, in mm: the
+units of the label's grid, pixels for PNG) on validation (on the ``pixdim`` grid) and evaluation (on each label's
+own grid), and inference that inverts the preprocessing (``Invertd``) before ``SaveImaged`` writes each mask on its
+input's grid (NIfTI with the input's affine for NIfTI/DICOM inputs, PNG for PNG inputs). The task-free pieces
+(paths, delta checkpoints, optimiser, resume, the run-folder lock and training record, handlers, DDP) come from
+:mod:`~monai_prompt.bundle_gen.common`; splits are read with MONAI's ``load_decathlon_datalist``
+(:func:`monai_prompt.data.segmentation.read_segmentation_datalist`), the class names from the datalist's ``labels``.
 As in :mod:`~monai_prompt.bundle_gen.classification`, evaluation and inference take the network and classes from the
 training record (``models/training_config.json``) and every file stands on its own.
 """
@@ -171,13 +171,14 @@ def _sliding_window() -> dict[str, Any]:
 
 
 def _metrics(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Key metric (mean Dice over the foreground classes) and Dice per class, HD95 per class and its mean (NaN where
-    undefined: :mod:`monai_prompt.engine.metrics.segmentation`)."""
+    """Key metric (mean Dice over the foreground classes, MONAI's ``MeanDice`` value) with the Dice per class
+    (``dice_<class>``) from the same handler, so Dice is computed once; HD95 per class and its mean, in the units of
+    each label's grid (mm; pixels for PNG). NaN where undefined: :mod:`monai_prompt.engine.metrics.segmentation`."""
     foreground = "$@class_names[1:]"
     maps = {"include_background": False, "num_classes": "@num_classes", "output_transform": common.FROM_PRED_LABEL}
-    key = ("mean_dice", {"_target_": "MeanDice", **maps})
+    key = ("mean_dice", {"_target_": "monai_prompt.engine.ClassMeanDice", "class_names": foreground,
+                         "class_prefix": f"{prefix}dice", **maps})
     return common.metrics(prefix, key, {
-        "dice": {"_target_": "monai_prompt.engine.ClassMeanDice", "class_names": foreground, **maps},
         "hd95": {"_target_": "monai_prompt.engine.ClassHausdorffDistance", "class_names": foreground,
                  "mean_name": f"{prefix}mean_hd95", "percentile": 95, **maps},
     })

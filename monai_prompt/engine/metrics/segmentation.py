@@ -7,8 +7,11 @@ and MLflow cannot log as numbers. These subclasses keep MONAI's per-image comput
 ``<name>_<class>`` scalars instead (e.g. ``val_dice_csf``), each the mean over the images where MONAI's value is
 defined: MONAI gives NaN for Dice when the ground truth lacks the class and for HD95 when the prediction or the
 ground truth lacks it. A class without any defined value reports NaN (MONAI's reductions report 0 there, which
-would read as a perfect HD95). ``mean_name`` also stores the mean over all defined (image, class) values.
+would read as a perfect HD95). ``mean_name`` also stores the mean over all defined (image, class) values;
+``class_prefix`` names the per-class scalars and keeps MONAI's reduction under the handler's own name, so that one
+``ClassMeanDice`` is both the key metric (``val_mean_dice``) and the Dice per class, computed once.
 
+HD95 is in the units of each image's grid (:func:`grid_spacing`: mm for NIfTI/DICOM, pixels for PNG).
 With ``num_classes`` both take class-index maps (``B1HW[D]``, e.g. an argmax and a label) instead of one-hot
 channels, one class at a time: the values are the one-hot ones, without the classes x volume one-hot tensors.
 :class:`ClassMetricsSaver` writes their per-image values with the classes' names for column heads.
@@ -25,13 +28,38 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
+from ignite.metrics.metric import reinit__is_reduced
+from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
 from monai.handlers import HausdorffDistance, MeanDice, MetricsSaver
 from monai.metrics import HausdorffDistanceMetric
 from monai.metrics.hausdorff_distance import compute_hausdorff_distance
 
 from monai_prompt.io import atomic_write
 
-__all__ = ["ClassHausdorffDistance", "ClassMeanDice", "ClassMetricsSaver", "LabelMapHausdorffDistanceMetric"]
+__all__ = [
+    "ClassHausdorffDistance",
+    "ClassMeanDice",
+    "ClassMetricsSaver",
+    "LabelMapHausdorffDistanceMetric",
+    "grid_spacing",
+]
+
+
+def grid_spacing(image: torch.Tensor, spatial_dims: int) -> list[float]:
+    """The size of a voxel of ``image`` along each spatial axis: the lengths of its MetaTensor affine's columns
+    (whole columns: a 2D slice's axes may point along z), in the affine's units (mm for NIfTI and DICOM; 1 for PNG,
+    whose reader gives no spacing: pixels). A tensor without meta (no affine, e.g. a plain tensor in a test) gets 1
+    per axis: voxels.
+
+    Args:
+        image: one channel-first image (``CHW[D]``), not a batch.
+        spatial_dims: its spatial axes (2 or 3).
+    """
+    if not isinstance(image, MetaTensor):
+        return [1.0] * spatial_dims
+    affine = image.affine
+    return [float(size) for size in affine_to_spacing(affine, r=affine.shape[-1] - 1)[:spatial_dims]]
 
 
 class _PerClass:
@@ -42,41 +70,55 @@ class _PerClass:
         class_names: names of the scored classes, in channel order (without background unless
             ``include_background``).
         mean_name: also store the mean over all defined (image, class) values under this name.
+        class_prefix: name the per-class scalars ``<class_prefix>_<class>`` and store MONAI's reduction (the
+            handler's ``reduction``: ``MeanDice``'s value) under the handler's own name, which can then be an
+            evaluator's key metric; default: the per-class scalars are ``<name>_<class>`` and nothing is stored
+            under ``name``.
         kwargs: the MONAI handler's arguments (``include_background``, ``output_transform``, ...).
     """
 
-    def __init__(self, class_names: Sequence[str], mean_name: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, class_names: Sequence[str], mean_name: str | None = None, class_prefix: str | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.class_names = list(class_names)
         self.mean_name = mean_name
+        self.class_prefix = class_prefix
 
     def completed(self, engine, name: str) -> None:
-        """Store ``<name>_<class>`` for each class name, and ``mean_name`` if set (ignite calls this at the end of
-        the run)."""
-        self.compute()  # MONAI's aggregation: gathers the values of every rank, keeps the per-image details
+        """Store ``<class_prefix or name>_<class>`` for each class name, MONAI's reduction under ``name`` with
+        ``class_prefix``, and ``mean_name`` if set (ignite calls this at the end of the run)."""
+        reduced = self.compute()  # MONAI's aggregation: gathers every rank's values, keeps the per-image details
+        if self.class_prefix:
+            engine.state.metrics[name] = reduced
         scores = torch.as_tensor(self.metric_fn.get_buffer(), dtype=torch.float64).reshape(-1, len(self.class_names))
         for class_name, value in zip(self.class_names, scores.nanmean(0).tolist()):
-            engine.state.metrics[f"{name}_{class_name}"] = value
+            engine.state.metrics[f"{self.class_prefix or name}_{class_name}"] = value
         if self.mean_name:
             engine.state.metrics[self.mean_name] = scores.nanmean().item()
 
 
 class ClassMeanDice(_PerClass, MeanDice):
-    """Dice per class (MONAI ``MeanDice`` per image), averaged over the images whose ground truth has the class.
+    """Dice per class (MONAI ``MeanDice`` per image), averaged over the images whose ground truth has the class;
+    with ``class_prefix``, also ``MeanDice``'s own value under the handler's name (the bundles' key metric
+    ``mean_dice``, from the same per-image values: Dice is computed once).
 
-    Args: ``class_names``, ``mean_name`` (:class:`_PerClass`) and ``MeanDice``'s (``include_background``,
-    ``num_classes``: class-index maps, ``output_transform``, ``save_details``: each image's values for
-    ``MetricsSaver``).
+    Args: ``class_names``, ``mean_name``, ``class_prefix`` (:class:`_PerClass`) and ``MeanDice``'s
+    (``include_background``, ``num_classes``: class-index maps, ``output_transform``, ``save_details``: each image's
+    values for ``MetricsSaver``).
     """
 
 
 class ClassHausdorffDistance(_PerClass, HausdorffDistance):
-    """Hausdorff distance per class (``percentile=95``: HD95) in voxels (MONAI ``HausdorffDistance`` per image),
-    averaged over the images where both prediction and ground truth have the class.
+    """Hausdorff distance per class (``percentile=95``: HD95; MONAI ``HausdorffDistance`` per image), averaged over
+    the images where both prediction and ground truth have the class, in the units of each image's grid: MONAI's
+    ``spacing`` is the voxel size of the label's affine (the prediction's where the label has no meta;
+    :func:`grid_spacing`): mm on NIfTI and DICOM grids, pixels for PNG and for plain tensors.
 
-    Args: ``class_names``, ``mean_name`` (:class:`_PerClass`), ``num_classes`` (class-index maps with this many
-    classes, background included, instead of one-hot channels: :class:`LabelMapHausdorffDistanceMetric`) and
-    ``HausdorffDistance``'s (``percentile``, ``include_background``, ``output_transform``, ``save_details``).
+    Args: ``class_names``, ``mean_name``, ``class_prefix`` (:class:`_PerClass`), ``num_classes`` (class-index maps
+    with this many classes, background included, instead of one-hot channels:
+    :class:`LabelMapHausdorffDistanceMetric`) and ``HausdorffDistance``'s (``percentile``, ``include_background``,
+    ``output_transform``, ``save_details``).
     """
 
     def __init__(
@@ -89,6 +131,19 @@ class ClassHausdorffDistance(_PerClass, HausdorffDistance):
                 num_classes, include_background=one_hot.include_background, distance_metric=one_hot.distance_metric,
                 percentile=one_hot.percentile, directed=one_hot.directed, reduction=one_hot.reduction,
             )
+
+    @reinit__is_reduced
+    def update(self, output: Sequence[Any]) -> None:
+        """MONAI's per-image distances with each image's ``spacing`` (:func:`grid_spacing` of its label, or of its
+        prediction where the label is a plain tensor).
+
+        Args:
+            output: ``(y_pred, y)``: lists of channel-first images or batch-first tensors.
+        """
+        y_pred, y = output
+        for prediction, truth in zip(y_pred, y):
+            grid = truth if isinstance(truth, MetaTensor) else prediction
+            self.metric_fn([prediction], [truth], spacing=grid_spacing(grid, truth.ndim - 1))
 
 
 class LabelMapHausdorffDistanceMetric(HausdorffDistanceMetric):
