@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import nibabel as nib
 import numpy as np
 import pytest
@@ -366,6 +367,48 @@ def test_class_metrics_equal_numpy_and_scipy_with_undefined_classes_as_nan():
     # a class no image holds: MONAI's reductions would say 0 (a perfect HD95), the per-class metrics say NaN
     assert np.isnan(engine.state.metrics["dice_three"]) and np.isnan(engine.state.metrics["hd95_three"])
     assert "hd95" not in engine.state.metrics and "dice" not in engine.state.metrics  # only scalars are stored
+
+
+def _validation_metrics_of_images(images: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """``lora_3d_segmentation``'s validation metrics (key metric and additional) of postprocessed ``images``."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "lora_3d_segmentation" / "configs" / "train.json"))
+    parser.update({"class_names": list(TINY_CLASSES), "num_classes": len(TINY_CLASSES)})
+    return _metric_values(images, {**parser.get_parsed_content("validate#key_metric"),
+                                   **parser.get_parsed_content("validate#additional_metrics")})[0]
+
+
+def _anisotropic_images() -> list[dict[str, torch.Tensor]]:
+    """Two class-index map pairs on 1 x 1 x 3 mm and 2 x 0.5 x 1 mm grids (labels and predictions as MetaTensors)."""
+    generator = torch.Generator().manual_seed(0)
+    images = []
+    for spacing in ((1.0, 1.0, 3.0), (2.0, 0.5, 1.0)):
+        label = torch.randint(0, len(TINY_CLASSES), (1, 4, 4, 3), generator=generator)
+        label = label.repeat_interleave(3, 1).repeat_interleave(3, 2).repeat_interleave(2, 3).float()
+        prediction = torch.where(torch.rand(label.shape, generator=generator) < 0.8, label, 0.0)
+        affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+        images.append({"pred": MetaTensor(prediction, affine=affine), "label": MetaTensor(label, affine=affine)})
+    return images
+
+
+def _rank_scores_its_image(local_rank: int, out_file: str) -> None:
+    """A DDP rank: the validation metrics of its own image of :func:`_anisotropic_images`; rank 0 writes them."""
+    metrics = _validation_metrics_of_images([_anisotropic_images()[idist.get_rank()]])
+    if idist.get_rank() == 0:
+        Path(out_file).write_text(json.dumps(metrics))
+
+
+@pytest.mark.slow
+def test_dice_and_hd95_in_mm_of_every_rank_add_up_under_ddp(tmp_path):
+    """Two gloo processes, one image each (other spacings): the key metric, Dice and HD95 (mm) per class are those
+    of one process scoring both images (about 20 s)."""
+    out_file = tmp_path / "metrics.json"
+    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
+        parallel.run(_rank_scores_its_image, str(out_file))
+    expected = _validation_metrics_of_images(_anisotropic_images())
+    assert json.loads(out_file.read_text()) == pytest.approx(expected, rel=1e-6, nan_ok=True)
+    assert set(expected) == {"val_mean_dice", "val_mean_hd95"} | {
+        f"val_{metric}_{name}" for metric in ("dice", "hd95") for name in FOREGROUND}
 
 
 def test_hd95_is_in_the_units_of_each_images_grid():
