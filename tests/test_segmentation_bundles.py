@@ -475,7 +475,7 @@ def _metric_values(outputs: list[dict[str, torch.Tensor]], metrics: dict[str, An
 def test_class_index_maps_give_the_one_hot_metrics_of_many_classes():
     """The bundles' validation (the logits' argmax, metrics on class-index maps, one Dice handler for the key metric
     and the classes) gives the values of one-hot prediction and label with MONAI's ``MeanDice`` and a separate
-    ``ClassMeanDice`` (as before 0.1.11), to the last bit, with 40 classes: absent from a truth (no Dice, no HD95),
+    ``ClassMeanDice`` (as before 0.1.10), to the last bit, with 40 classes: absent from a truth (no Dice, no HD95),
     from a prediction (no HD95), or from every image; logits one float apart, which a softmax would round to a tie
     (and its argmax to the first class), are told apart."""
     classes = 40

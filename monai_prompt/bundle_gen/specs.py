@@ -365,7 +365,9 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
         changelog=(
             ("0.1.10", ("with pixdim set, evaluation scores each label on its own grid (the softmax resampled onto "
                         "it, as inference writes its masks; validation still scores the pixdim grid); the per-image "
-                        "CSVs head their columns with the class names (ClassMetricsSaver) instead of class0, ...")),
+                        "CSVs head their columns with the class names (ClassMetricsSaver) instead of class0, ...; HD95 is in mm "
+                        "(the spacing of each label's grid; pixels for PNG) where it was in voxels; Dice is computed "
+                        "once per validation (one ClassMeanDice gives the key metric and the classes)")),
             ("0.1.9", ("validation and evaluation score the logits' argmax as class-index maps, without one-hot "
                        "tensors or a softmax (the same values but where a softmax rounded logits one float apart to "
                        "a tie): 117 classes at 181 x 217 x 181 need about 4.2 GB instead of 13.5; inference without "
