@@ -59,7 +59,7 @@ def demo_record(results: dict[str, Any], date: str) -> dict[str, Any]:
         "roi": " x ".join([str(results["runs"]["pretrained"]["img_size"])] * 2),
         "feature_size": config["feature_size"],
         "test_images": results["test_images"],
-        "hd95_unit": results.get("hd95_unit", "pixels (2 mm)"),  # a demo before segmentation 0.1.11: pixels
+        "hd95_unit": results.get("hd95_unit", "pixels (2 mm)"),  # a demo before segmentation 0.1.10: pixels
         "runs": runs,
         "timings": results["timings"],
     }
