@@ -175,12 +175,17 @@ def test_masks_keep_the_input_folders_below_their_common_parent(tmp_path):
     assert mask_root([]) == ""
     saved = {create_file_basename("seg", str(p), "/out", root, separate_folder=False, makedirs=False) for p in inputs}
     assert saved == {"/out/a/t1_seg", "/out/b/t1_seg"}
-    names = {name: mask_name_formatter({"filename_or_obj": f"/in/{name}"}, None)["subject"]
-             for name in ("A.NII.GZ", "b.Nii.gz", "c.nii.GZ", "d.NII", "e.nii.gz", "f.png")}
-    assert {name: create_file_basename("seg", subject, "/out", "/in", separate_folder=False, makedirs=False)
-            for name, subject in names.items()} == {
+    series = [tmp_path / "dicom" / uid for uid in ("1.2.840.5", "1.2.840.6")]  # DICOM series folders
+    for folder in series:
+        folder.mkdir(parents=True)
+    names = {Path(name).name: mask_name_formatter({"filename_or_obj": str(tmp_path / name)}, None)["subject"]
+             for name in ("A.NII.GZ", "b.Nii.gz", "c.nii.GZ", "d.NII", "e.nii.gz", "f.png", *map(str, series))}
+    assert {name: create_file_basename("seg", subject, "/out", str(tmp_path), separate_folder=False,
+                                       makedirs=False) for name, subject in names.items()} == {
         "A.NII.GZ": "/out/A_seg", "b.Nii.gz": "/out/b_seg", "c.nii.GZ": "/out/c_seg", "d.NII": "/out/d_seg",
-        "e.nii.gz": "/out/e_seg", "f.png": "/out/f_seg"}
+        "e.nii.gz": "/out/e_seg", "f.png": "/out/f_seg", "1.2.840.5": "/out/dicom/1.2.840.5_seg",
+        "1.2.840.6": "/out/dicom/1.2.840.6_seg"}
+    assert mask_root(series) == str(tmp_path / "dicom")
     with pytest.raises(ValueError, match=r"\S+/a/t1\.nii\.gz and \S+/a/t1\.nii would both be saved as the mask t1_seg"):
         mask_root([inputs[0], tmp_path / "patients" / "a" / "t1.nii"])
     with pytest.raises(ValueError, match=r"\S+/a/t1\.nii\.gz and \S+/a/t1\.NII\.GZ would both be saved"):

@@ -494,8 +494,12 @@ def mask_dtype(label_values: Sequence[int]) -> type[np.integer]:
 
 
 def _mask_subject(path: str) -> str:
-    """``path`` with a ``.gz`` extension of any case written ``.gz``: MONAI strips the extensions of a file name
-    case-sensitively (``SCAN.NII.GZ`` became the mask ``SCAN.NII_seg``), ``.nii``/``.NII`` either way."""
+    """``path`` as ``SaveImage`` is to name its mask after it: a ``.gz`` extension of any case written ``.gz``
+    (MONAI strips the extensions of a file name case-sensitively: ``SCAN.NII.GZ`` became the mask ``SCAN.NII_seg``;
+    ``.nii``/``.NII`` either way), a DICOM series folder with a ``.`` after its name, the extension MONAI strips
+    (its whole name is the mask's: ``1.2.840.5`` became ``1.2.840_seg``)."""
+    if os.path.isdir(path):
+        return path.rstrip(os.sep) + "."
     return path[:-3] + ".gz" if path.lower().endswith(".gz") else path
 
 
@@ -509,7 +513,7 @@ def _mask_stem(path: str) -> str:
 def mask_name_formatter(meta: Mapping[str, Any] | None, saver: Any) -> dict[str, Any]:
     """``SaveImaged``'s ``output_name_formatter``: MONAI's ``default_name_formatter`` with the input's ``.gz``
     written lower-case, so that the mask of ``SCAN.NII.GZ`` is ``SCAN_seg.nii.gz`` as that of ``scan.nii.gz`` is
-    ``scan_seg.nii.gz`` (:func:`_mask_subject`).
+    ``scan_seg.nii.gz``, and a DICOM series folder's whole name (:func:`_mask_subject`).
 
     Args:
         meta: the prediction's metadata (``filename_or_obj``: the input).
