@@ -12,8 +12,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import DataLoader, Dataset
-from monai.transforms import Compose, LoadImage
+from monai.data import DataLoader, Dataset, MetaTensor
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    EnsureChannelFirstd,
+    Invertd,
+    LoadImage,
+    LoadImaged,
+    Orientationd,
+    ResampleToMatchd,
+    Spacingd,
+)
 from PIL import Image
 from pydicom.dataset import Dataset as DicomDataset
 from pydicom.dataset import FileMetaDataset
@@ -23,6 +33,7 @@ from monai_prompt.cli import main
 from monai_prompt.data import (
     DataCheckError,
     RandLeftRightFlipd,
+    ResampledArgmaxd,
     SplitOptions,
     build_demo_data,
     check_classification_datalist,
@@ -392,6 +403,31 @@ def test_random_mirror_flips_the_patients_left_right_axis(tmp_path):
     augment = classification_transforms(img_size=16, spatial_dims=2, in_channels=1, augment=True)
     assert isinstance(augment[-3], RandLeftRightFlipd) and augment[-3].spatial_axis == 0
 
+
+
+def test_resampled_argmax_is_the_argmax_of_the_whole_resampled_softmax(tmp_path):
+    """``ResampledArgmaxd`` three classes at a time gives the class map, dtype and affine of ``AsDiscreted(argmax)``
+    after ``Invertd`` (orientation, spacing) or ``ResampleToMatchd`` of all twenty: each class is resampled as it is
+    among all, equal probabilities (classes 2 = 3 across a chunk boundary, 6 = 7 within one) go to the first."""
+    affine = np.array([[-1.0, 0, 0, 20.0], [0, 0, 1.2, -10.0], [0, 3.0, 0, 5.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(RNG.random((17, 13, 19), dtype=np.float32), affine), tmp_path / "image.nii.gz")
+    preprocessing = Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image"),
+                             Orientationd("image", "RAS", labels=None), Spacingd("image", pixdim=2.0)])
+    data = preprocessing({"image": str(tmp_path / "image.nii.gz")})
+    logits = torch.randn(20, *data["image"].shape[1:], generator=torch.Generator().manual_seed(0))
+    logits[3], logits[7] = logits[2], logits[6]
+    data["pred"] = MetaTensor(torch.softmax(logits, 0), meta=data["image"].meta)
+    data["label"] = MetaTensor(torch.zeros(1, 17, 13, 19), affine=torch.as_tensor(affine))
+    invert = Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False)
+    for step in (invert, ResampleToMatchd("pred", key_dst="label", dtype=torch.float32)):
+        expected = AsDiscreted("pred", argmax=True)(step(dict(data)))["pred"]
+        chunks = []
+        found = ResampledArgmaxd("pred", transform=lambda d, step=step: chunks.append(len(d["pred"])) or step(d),
+                                 channels=3)(data)["pred"]
+        assert chunks == [3] * 6 + [2], step
+        assert found.dtype == expected.dtype and torch.equal(found.as_tensor(), expected.as_tensor()), step
+        assert torch.equal(found.affine, expected.affine) and found.shape == (1, 17, 13, 19)
+        assert (expected == 2).any() and not (expected == 3).any() and not (expected == 7).any()
 
 # ---------------------------------------------------------------------------------------------- demo set
 def test_demo_data_is_deterministic_leak_free_and_correctly_labelled(tmp_path):

@@ -21,7 +21,7 @@ from monai.data import MetaTensor, list_data_collate
 from monai.handlers import MeanDice, MetricsSaver, from_engine
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
-from monai.transforms import Activationsd, AsDiscreted, Compose
+from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, ResampleToMatchd, SpatialResample
 from PIL import Image
 
 from monai_prompt.bundle_gen import check_bundles
@@ -31,6 +31,7 @@ from monai_prompt.data import DataCheckError
 from monai_prompt.data.segmentation import (
     check_segmentation_datalist,
     mask_dtype,
+    mask_name_formatter,
     mask_root,
     mask_suffix,
     read_segmentation_datalist,
@@ -182,8 +183,21 @@ def test_masks_keep_the_input_folders_below_their_common_parent(tmp_path):
     assert mask_root([]) == ""
     saved = {create_file_basename("seg", str(p), "/out", root, separate_folder=False, makedirs=False) for p in inputs}
     assert saved == {"/out/a/t1_seg", "/out/b/t1_seg"}
+    series = [tmp_path / "dicom" / uid for uid in ("1.2.840.5", "1.2.840.6")]  # DICOM series folders
+    for folder in series:
+        folder.mkdir(parents=True)
+    names = {Path(name).name: mask_name_formatter({"filename_or_obj": str(tmp_path / name)}, None)["subject"]
+             for name in ("A.NII.GZ", "b.Nii.gz", "c.nii.GZ", "d.NII", "e.nii.gz", "f.png", *map(str, series))}
+    assert {name: create_file_basename("seg", subject, "/out", str(tmp_path), separate_folder=False,
+                                       makedirs=False) for name, subject in names.items()} == {
+        "A.NII.GZ": "/out/A_seg", "b.Nii.gz": "/out/b_seg", "c.nii.GZ": "/out/c_seg", "d.NII": "/out/d_seg",
+        "e.nii.gz": "/out/e_seg", "f.png": "/out/f_seg", "1.2.840.5": "/out/dicom/1.2.840.5_seg",
+        "1.2.840.6": "/out/dicom/1.2.840.6_seg"}
+    assert mask_root(series) == str(tmp_path / "dicom")
     with pytest.raises(ValueError, match=r"\S+/a/t1\.nii\.gz and \S+/a/t1\.nii would both be saved as the mask t1_seg"):
         mask_root([inputs[0], tmp_path / "patients" / "a" / "t1.nii"])
+    with pytest.raises(ValueError, match=r"\S+/a/t1\.nii\.gz and \S+/a/t1\.NII\.GZ would both be saved"):
+        mask_root([inputs[0], tmp_path / "patients" / "a" / "t1.NII.GZ"])
 
 
 def test_masks_are_png_for_png_inputs_and_nifti_otherwise():
@@ -736,6 +750,66 @@ def test_evaluation_with_pixdim_scores_each_label_on_its_own_grid(tmp_path):
     parser.update({"training_config": {**record, "pixdim": None}})
     transforms = parser.get_parsed_content("postprocessing").transforms
     assert [type(transform).__name__ for transform in transforms] == ["AsDiscreted"]
+
+
+
+def test_masks_are_named_as_the_input_in_any_case_and_keep_its_nifti_codes(tmp_path):
+    """The mask of ``SCAN.NII.GZ`` is ``SCAN_seg.nii.gz`` (MONAI's own naming gave ``SCAN.NII_seg.nii.gz``), as is
+    that of a ``.NII`` input (nibabel reads no ``.Nii.gz``); each keeps its input's sform and qform codes (MONAI
+    writes 1 and 1), both 1 where the input had none."""
+    datalist = write_tiny_segmentation(tmp_path / "data", 3, counts=(0, 0, 1))
+    source = nib.load(tmp_path / "data" / json.loads(datalist.read_text())["test"][0]["image"])
+    inputs = {"SCAN.NII.GZ": (4, 2), "b.NII": (2, 0), "c.nii.gz": (0, 1), "d.nii.gz": (0, 0)}
+    (tmp_path / "inputs").mkdir()
+    for name, (sform, qform) in inputs.items():
+        image = nib.Nifti1Image(np.asarray(source.dataobj), source.affine)
+        image.set_sform(source.affine, code=sform)
+        image.set_qform(source.affine, code=qform)
+        nib.save(image, tmp_path / "inputs" / name.lower())  # nibabel writes the extension in lower case
+        (tmp_path / "inputs" / name.lower()).rename(tmp_path / "inputs" / name)
+    record = {"class_names": list(TINY_CLASSES), "label_values": list(range(len(TINY_CLASSES))),
+              "num_classes": len(TINY_CLASSES), "in_channels": 1, "spatial_dims": 3, "img_size": 32, "pixdim": None}
+    _recorded_workflow(["inference.json"], tmp_path / "bundle", record, infer_images=str(tmp_path / "inputs"))
+    masks = tmp_path / "bundle" / "eval" / "masks"
+    assert sorted(path.name for path in masks.iterdir()) == [
+        "SCAN_seg.nii.gz", "b_seg.nii.gz", "c_seg.nii.gz", "d_seg.nii.gz"]
+    for name, codes in inputs.items():
+        mask = nib.load(masks / f"{name.split('.')[0]}_seg.nii.gz")
+        written = (int(mask.header["sform_code"]), int(mask.header["qform_code"]))
+        assert written == (codes if any(codes) else (1, 1)), name
+        np.testing.assert_allclose(mask.affine, nib.load(tmp_path / "inputs" / name).affine, atol=1e-5)
+
+
+def test_the_softmax_goes_back_to_the_input_grid_a_few_classes_at_a_time(tmp_path, monkeypatch):
+    """With pixdim, evaluation and inference resample the softmax of 20 classes 8 at a time onto the label's and the
+    input's grid (not the 20 x that volume at once; inference's ``Invertd`` resamples in float64), to the class map
+    of the whole softmax resampled."""
+    datalist = write_tiny_segmentation(tmp_path / "data", 3, counts=(0, 0, 1))
+    item = {key: str(tmp_path / "data" / path) for key, path in json.loads(datalist.read_text())["test"][0].items()}
+    record = {"class_names": [f"class{k}" for k in range(20)], "label_values": list(range(20)), "num_classes": 20,
+              "in_channels": 1, "spatial_dims": 3, "img_size": 32, "pixdim": 2.0}
+    channels, resample = [], SpatialResample.__call__
+
+    def counted(self, img, *args, **kwargs):
+        channels.append(len(img))
+        return resample(self, img, *args, **kwargs)
+
+    monkeypatch.setattr(SpatialResample, "__call__", counted)
+    for configs, keys in ((["train.json", "evaluate.json"], ("image", "label")), (["inference.json"], ("image",))):
+        parser = ConfigParser()
+        parser.read_config([str(find_bundle("lora_3d_segmentation") / "configs" / config) for config in configs])
+        parser.update({"bundle_root": str(tmp_path / "bundle"), "training_config": record})
+        preprocessing = parser.get_parsed_content("preprocessing")
+        data = preprocessing({key: item[key] for key in keys})
+        logits = torch.randn(20, *data["image"].shape[1:], generator=torch.Generator().manual_seed(0))
+        data["pred"] = MetaTensor(logits, meta=data["image"].meta)
+        step = (ResampleToMatchd("pred", key_dst="label", dtype=torch.float32) if "label" in keys
+                else Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False))
+        expected = torch.argmax(step({**data, "pred": torch.softmax(data["pred"], 0)})["pred"], 0)
+        channels.clear()
+        found = parser.get_parsed_content("postprocessing")(data)["pred"]
+        assert [count for count in channels if count > 1] == [8, 8, 4], configs  # the mask writer's: 1
+        assert np.array_equal(np.asarray(found).squeeze(), np.asarray(expected)), configs
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

@@ -394,8 +394,9 @@ resample as the delta was trained.""",
 - Input: `image`, 1 x {_shape(spec)} float32 crops in [0, 1] (inference: whole images of any size, covered by
   the sliding window).
 - Output: `pred`, logits `[B, {len(SEGMENTATION_CLASSES)}, {axes}]`; inference applies softmax, inverts the
-  preprocessing (`Invertd`: orientation, spacing) and writes the argmax mask per image to
-  `eval/masks/<image>_seg.nii.gz` with the input's affine and shape (`_seg.png` for PNG inputs), in the
+  preprocessing (`Invertd`: orientation, spacing; a few classes at a time with `pixdim`) and writes the argmax
+  mask per image to `eval/masks/<image>_seg.nii.gz` with the input's affine, shape and NIfTI sform/qform codes
+  (`_seg.png` for PNG inputs), in the
   image's folder below the inputs' common one (`a/t1.nii.gz`, `b/t1.nii.gz`: `masks/a/t1_seg.nii.gz`,
   `masks/b/t1_seg.nii.gz`).""",
         performance="\n".join([*_segmentation_counts(spec, measured), *_segmentation_demo(spec, measured)]),

@@ -197,24 +197,25 @@ def _resampled_only(resampled: bool) -> str:
     return f"$@pixdim is {'' if resampled else 'not '}None"
 
 
-def _argmax(resampled: bool) -> dict[str, Any]:
-    """The argmax: after the prediction is resampled back to the input's grid where it is, before that otherwise
-    (:func:`_resampled_only`)."""
-    return {"_target_": "AsDiscreted", "_disabled_": _resampled_only(resampled), "keys": "pred", "argmax": True}
-
-
-def _to_input_grid(step: dict[str, Any]) -> list[dict[str, Any]]:
+def _to_input_grid(step: dict[str, Any], argmax_step: bool) -> list[dict[str, Any]]:
     """The prediction as class indices on the input's own grid: with ``pixdim`` set, the softmax is taken back to it
-    by ``step`` and its argmax follows (the probabilities, not the class indices, are interpolated); without, the
-    argmax comes first (``step`` then moves one channel, or is disabled). The softmax of the classes x the volume
-    lives only until that argmax.
+    by ``step`` a few classes at a time, keeping the running argmax (``ResampledArgmaxd``: the probabilities, not
+    the class indices, are interpolated, and the classes x the input's volume are never in memory at once); without,
+    the argmax comes first (and ``step`` moves that one channel where ``argmax_step``). The softmax of the classes x
+    the ``pixdim`` grid lives only until then.
 
     Args:
         step: inference's ``Invertd`` through the preprocessing; evaluation's ``ResampleToMatchd`` onto the label's
-            grid (disabled without ``pixdim``, where prediction and label share the grid).
+            grid.
+        argmax_step: ``step`` also runs without ``pixdim`` (inference: ``Invertd`` undoes the orientation; evaluation:
+            prediction and label share the grid).
     """
     softmax = {"_target_": "Activationsd", "_disabled_": _resampled_only(True), "keys": "pred", "softmax": True}
-    return [softmax, _argmax(resampled=False), step, _argmax(resampled=True)]
+    argmax = {"_target_": "AsDiscreted", "_disabled_": _resampled_only(False), "keys": "pred", "argmax": True}
+    resampled = {"_target_": "monai_prompt.data.ResampledArgmaxd", "_disabled_": _resampled_only(True),
+                 "keys": "pred", "transform": step}
+    moved = [{"_target_": step["_target_"], "_disabled_": _resampled_only(False), **step}] if argmax_step else []
+    return [softmax, argmax, *moved, resampled]
 
 
 #: inference: the mask without its channel axis (``SaveImaged`` sees that from the spatial shape), the class indices
@@ -326,7 +327,8 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
     """``configs/evaluate.json`` (merged on ``train.json``): Dice and HD95 of ``models/model.pt`` on the test split,
     to ``eval/metrics.csv`` (and per image to ``eval/mean_dice_raw.csv``, ``eval/hd95_raw.csv``), with the network
     and classes of its training record. With ``pixdim`` set, each label stays on its own grid (not resampled) and
-    the softmax is resampled onto it (in float32; inference's ``Invertd``: float64) before the argmax, as inference
+    the softmax is resampled onto it (in float32, a few classes at a time: :func:`_to_input_grid`; inference's
+    ``Invertd``: float64) before the argmax, as inference
     takes it back to the input's grid: the scores of the masks inference writes against the label files
     (validation scores the ``pixdim`` grid)."""
     key_metric, additional_metrics = _metrics("")
@@ -351,8 +353,8 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
         "dataloader": common.loader("@dataset", shuffle=False, batch_size=1),
         "inferer": "@validate#inferer",
         "postprocessing": common.compose(_to_input_grid(
-            {"_target_": "ResampleToMatchd", "_disabled_": _resampled_only(True), "keys": "pred", "key_dst": "label",
-             "dtype": "$torch.float32"}
+            {"_target_": "ResampleToMatchd", "keys": "pred", "key_dst": "label", "dtype": "$torch.float32"},
+            argmax_step=False,
         )),
         "key_metric": key_metric,
         "additional_metrics": additional_metrics,
@@ -369,7 +371,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
     the network and classes of the training record.
 
     ``infer_images`` is a folder (``--input_dir``), a glob or a list of them (default: the demo's test images); no
-    datalist is read. The masks are ``<image name>_seg.nii.gz`` with the input's affine, or ``_seg.png`` for PNG
+    datalist is read. The masks are ``<image name>_seg.nii.gz`` (the extension dropped in any case:
+    ``mask_name_formatter``) with the input's affine and NIfTI codes (``NiftiMaskWriter``), or ``_seg.png`` for PNG
     inputs, in the input's folder below the inputs' common parent (``mask_root``: same-named inputs of two folders
     get a mask each). MONAI Label's stock ``monaibundle`` app serves the same ``preprocessing``, ``inferer`` and
     ``postprocessing`` (image-only loading, :data:`_MASK`).
@@ -391,12 +394,13 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "inferer": _sliding_window(),
         "postprocessing": common.compose([
             *_to_input_grid({"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing",
-                             "orig_keys": "image", "nearest_interp": False, "to_tensor": True}),
+                             "orig_keys": "image", "nearest_interp": False, "to_tensor": True}, argmax_step=True),
             *_MASK,
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@mask_dir", "output_postfix": "seg",
              "output_ext": "@mask_ext", "output_dtype": "$monai_prompt.data.mask_dtype(@label_values)",
-             "resample": False, "separate_folder": False,
-             "data_root_dir": "@mask_root", "print_log": False},
+             "resample": False, "separate_folder": False, "data_root_dir": "@mask_root",
+             "output_name_formatter": "$monai_prompt.data.mask_name_formatter",
+             "writer": "$monai_prompt.data.NiftiMaskWriter if @mask_ext == '.nii.gz' else None", "print_log": False},
         ]),
         "handlers": [common.delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}],
         "evaluator": common.evaluator(metrics=False),

@@ -25,6 +25,7 @@ from monai_prompt.data.segmentation import (
     check_segmentation_datalist,
     is_segmentation_datalist,
     mask_dtype,
+    mask_name_formatter,
     mask_root,
     mask_suffix,
     read_segmentation_datalist,
@@ -32,7 +33,8 @@ from monai_prompt.data.segmentation import (
 )
 from monai_prompt.data.split import SPLITS, SplitOptions, split_items
 
-_TRANSFORMS = ("MatchInputd", "RandLeftRightFlipd", "classification_transforms", "left_right_axis", "match_input")
+_TRANSFORMS = ("MatchInputd", "NiftiMaskWriter", "RandLeftRightFlipd", "ResampledArgmaxd", "classification_transforms",
+               "left_right_axis", "match_input")
 
 __all__ = [
     "DEMO_CLASSES",
@@ -58,6 +60,7 @@ __all__ = [
     "find_images",
     "is_segmentation_datalist",
     "mask_dtype",
+    "mask_name_formatter",
     "mask_root",
     "mask_suffix",
     "read_classification_datalist",

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -493,11 +493,36 @@ def mask_dtype(label_values: Sequence[int]) -> type[np.integer]:
     return next(dtype for dtype in (np.uint8, np.uint16, np.uint32) if largest <= np.iinfo(dtype).max)
 
 
+def _mask_subject(path: str) -> str:
+    """``path`` as ``SaveImage`` is to name its mask after it: a ``.gz`` extension of any case written ``.gz``
+    (MONAI strips the extensions of a file name case-sensitively: ``SCAN.NII.GZ`` became the mask ``SCAN.NII_seg``;
+    ``.nii``/``.NII`` either way), a DICOM series folder with a ``.`` after its name, the extension MONAI strips
+    (its whole name is the mask's: ``1.2.840.5`` became ``1.2.840_seg``)."""
+    if os.path.isdir(path):
+        return path.rstrip(os.sep) + "."
+    return path[:-3] + ".gz" if path.lower().endswith(".gz") else path
+
+
 def _mask_stem(path: str) -> str:
     """The name ``SaveImage`` gives a mask, before the postfix: the file name without its extension (both of
-    ``.nii.gz``)."""
-    stem, ext = os.path.splitext(os.path.basename(path))
+    ``.nii.gz``, in any case: :func:`mask_name_formatter`)."""
+    stem, ext = os.path.splitext(os.path.basename(_mask_subject(path)))
     return os.path.splitext(stem)[0] if ext == ".gz" else stem
+
+
+def mask_name_formatter(meta: Mapping[str, Any] | None, saver: Any) -> dict[str, Any]:
+    """``SaveImaged``'s ``output_name_formatter``: MONAI's ``default_name_formatter`` with the input's ``.gz``
+    written lower-case, so that the mask of ``SCAN.NII.GZ`` is ``SCAN_seg.nii.gz`` as that of ``scan.nii.gz`` is
+    ``scan_seg.nii.gz``, and a DICOM series folder's whole name (:func:`_mask_subject`).
+
+    Args:
+        meta: the prediction's metadata (``filename_or_obj``: the input).
+        saver: the ``SaveImage`` transform.
+    """
+    from monai.data.folder_layout import default_name_formatter
+
+    names = default_name_formatter(meta, saver)
+    return {**names, "subject": _mask_subject(names["subject"])}
 
 
 def mask_root(images: Sequence[str | os.PathLike]) -> str:
