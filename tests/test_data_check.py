@@ -105,6 +105,20 @@ def test_check_images_for_inference_inputs(tmp_path):
         check_images([])
 
 
+def test_a_nifti_extension_in_mixed_case_is_named_with_the_fix(tmp_path):
+    """nibabel opens ``scan.NII.GZ`` but looks for ``scan.nii.gz`` when given ``scan.Nii.gz`` (and says "no such
+    file" for a file that exists): the check names the extension and the name to rename it to."""
+    upper = write_nifti(tmp_path / "upper.NII.GZ", np.ones((8, 8, 4)))
+    mixed = write_nifti(tmp_path / "mixed.nii.gz", np.ones((8, 8, 4))).rename(tmp_path / "mixed.Nii.gz")
+    assert set(check_images([upper])) == {str(upper)}
+    with pytest.raises(DataCheckError) as caught:
+        check_images([upper, mixed])
+    assert caught.value.problems == [
+        f"{mixed}: unreadable (ValueError: nibabel reads NIfTI files named .nii/.nii.gz in lower or upper case, not "
+        f".Nii.gz: rename mixed.Nii.gz to mixed.nii.gz)."
+    ]
+
+
 def test_inference_inputs_of_another_dimensionality_than_the_network_are_refused_up_front(tmp_path):
     """A lone 3D volume given to a 2D network (and a slice to a 3D one) is named before anything runs; a slice stored
     as X x Y x 1 is 2D."""

@@ -151,6 +151,13 @@ def _pil_header(path: Path) -> ImageHeader:
 def _nifti_header(path: Path) -> ImageHeader:
     import nibabel as nib
 
+    at = path.name.lower().rindex(".nii")
+    if path.name[at:at + 4] not in (".nii", ".NII"):  # nibabel looks for the lower-case name: "file not found"
+        fixed = path.name[:at] + path.name[at:].lower()
+        raise ValueError(
+            f"nibabel reads NIfTI files named .nii/.nii.gz in lower or upper case, not {path.name[at:]}: rename "
+            f"{path.name} to {fixed}"
+        )
     shape = tuple(int(s) for s in nib.load(path).header.get_data_shape())
     return ImageHeader("nifti", math.prod(shape[3:]), shape[:3])
 
