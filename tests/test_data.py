@@ -25,10 +25,8 @@ from monai.transforms import (
     Spacingd,
 )
 from PIL import Image
-from pydicom.dataset import Dataset as DicomDataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from io_support import write_dicom, write_series
 from monai_prompt.cli import main
 from monai_prompt.data import (
     DataCheckError,
@@ -66,35 +64,6 @@ def write_nifti(path: Path, shape: tuple[int, ...] = (20, 30)) -> np.ndarray:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(array, np.eye(4)), path)
     return array
-
-
-def write_dicom(path: Path, rows: int = 20, cols: int = 30, series_uid: str | None = None, index: int = 0,
-                orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)) -> None:
-    """A minimal CT slice written with pydicom (16-bit, explicit VR little endian; ``orientation``: its
-    ImageOrientationPatient, row then column direction, axial by default)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = DicomDataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID, ds.StudyInstanceUID = "CT", "anon", "1.2.3"
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.InstanceNumber = index + 1
-    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, float(index)], list(orientation)
-    ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 1.0
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = RNG.integers(0, 4096, (rows, cols), dtype=np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-
-
-def write_series(folder: Path, slices: int = 4) -> None:
-    uid = generate_uid()
-    for k in range(slices):
-        write_dicom(folder / f"slice{k}.dcm", series_uid=uid, index=k)
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:

@@ -9,7 +9,7 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
-from io_support import write_datalist, write_nifti, write_png
+from io_support import write_datalist, write_nifti, write_png, write_series
 from monai_prompt.data import (
     DataCheckError,
     MatchInputd,
@@ -145,6 +145,19 @@ def test_find_images_folders_globs_and_lists(tmp_path):
     assert find_images([images[0], str(tmp_path / "a" / "*.png"), images[0]]) == [str(images[0]), str(images[1])]
     assert find_images([tmp_path / "gone.png"]) == [str(tmp_path / "gone.png")]  # kept for check_images to report
     assert find_images(tmp_path / "no_such_folder") == [] and find_images(str(tmp_path / "*.jpg")) == []
+
+
+def test_find_images_dicom_series_folders(tmp_path):
+    """With ``dicom_series`` (the 3D bundles' inference) a folder of DICOM slices is one image, the folder, whether
+    given itself, as its parent or in a list; without, each slice is one."""
+    series = [tmp_path / "dicom" / uid for uid in ("1.2.840.5", "1.2.840.6")]
+    for folder in series:
+        write_series(folder, slices=3)
+    volume = write_nifti(tmp_path / "dicom" / "ct.nii.gz", np.zeros((4, 4, 4)))
+    assert find_images(tmp_path / "dicom", dicom_series=True) == [str(series[0]), str(series[1]), str(volume)]
+    assert find_images(series[0], dicom_series=True) == [str(series[0])]
+    assert find_images([series[1], volume, series[1]], dicom_series=True) == [str(series[1]), str(volume)]
+    assert len(find_images(series[0])) == 3
 
 
 def test_images_of_another_dimensionality_size_or_listed_twice(tmp_path, caplog):

@@ -200,6 +200,23 @@ def test_masks_keep_the_input_folders_below_their_common_parent(tmp_path):
         mask_root([inputs[0], tmp_path / "patients" / "a" / "t1.NII.GZ"])
 
 
+def test_3d_inference_takes_a_dicom_series_folder_as_one_image(tmp_path):
+    """``--infer_images`` of a folder of DICOM series: the 3D bundles infer each series (the folder, one volume;
+    its mask ``<series>_seg.nii.gz``), the 2D bundles each slice."""
+    from io_support import write_series
+
+    series = tmp_path / "dicom" / "1.2.840.5"
+    write_series(series, slices=3)
+    files = {}
+    for name in ("lora_3d_segmentation", "lora_segmentation"):
+        parser = ConfigParser()
+        parser.read_config(str(REPO / "bundles" / name / "configs" / "inference.json"))
+        parser["infer_images"] = str(tmp_path / "dicom")
+        files[name] = parser.get_parsed_content("infer_files")
+    assert files["lora_3d_segmentation"] == [str(series)]
+    assert files["lora_segmentation"] == [str(series / f"slice{k}.dcm") for k in range(3)]
+
+
 def test_masks_are_png_for_png_inputs_and_nifti_otherwise():
     """PNG masks for PNG inputs unless a label value exceeds a byte; the smallest unsigned type of the values."""
     assert mask_suffix(["a.png", "b.PNG"]) == ".png" and mask_suffix(["a.nii.gz", "b.dcm"]) == ".nii.gz"

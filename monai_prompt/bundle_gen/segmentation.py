@@ -383,7 +383,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "load_path": "$@ckpt_dir + '/model.pt'",
         "input_dir": f"$@dataset_dir + '/{spec.spatial_dims}d/images/test'",
         "infer_images": "@input_dir",
-        "infer_files": "$monai_prompt.data.find_images(@infer_images)",
+        "infer_files": f"$monai_prompt.data.find_images(@infer_images, dicom_series={spec.spatial_dims == 3})",
         "mask_dir": "$@output_dir + '/masks'",
         "mask_ext": "$monai_prompt.data.mask_suffix(@infer_files, @label_values)",
         "mask_root": "$monai_prompt.data.mask_root(@infer_files)",

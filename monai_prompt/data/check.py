@@ -32,6 +32,7 @@ from monai_prompt.data.datalist import (
     ClassificationDatalist,
     DataCheckError,
     Datalist,
+    folder_images,
     read_classification_datalist,
 )
 from monai_prompt.data.headers import ImageHeader, channels_feed, is_image_file, read_header
@@ -152,7 +153,9 @@ def _unlabelled_note(source: str | os.PathLike, count: int) -> str:
     )
 
 
-def find_images(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+def find_images(
+    source: str | os.PathLike | Sequence[str | os.PathLike], dicom_series: bool = False
+) -> list[str]:
     """Inference inputs: the image files of a folder (recursively, sorted, hidden ones skipped), the matches of a
     glob pattern (sorted; ``**`` recurses), a file, or a list of any of these (in order, each image once).
 
@@ -162,17 +165,18 @@ def find_images(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
     Args:
         source: a folder, a glob pattern, an image file, or a list of them.
+        dicom_series: each folder that directly holds DICOM files is one (3D) image, its series, instead of each
+            file a (2D) image: the 3D bundles' inputs.
     """
     if not isinstance(source, (str, os.PathLike)):
-        found = (find_images(entry) or ([] if glob.has_magic(str(entry)) else [str(entry)]) for entry in source)
+        found = (
+            find_images(entry, dicom_series) or ([] if glob.has_magic(str(entry)) else [str(entry)])
+            for entry in source
+        )
         return list(dict.fromkeys(path for paths in found for path in paths))
     path = Path(source)
     if path.is_dir():
-        return [
-            str(image)
-            for image in sorted(path.rglob("*"))
-            if is_image_file(image) and not any(part.startswith(".") for part in image.relative_to(path).parts)
-        ]
+        return [str(image) for image in folder_images(path, dicom_series)]
     if glob.has_magic(str(source)):
         return [match for match in sorted(glob.glob(str(source), recursive=True)) if is_image_file(match)]
     return [str(source)] if path.is_file() else []

@@ -39,6 +39,7 @@ __all__ = [
     "datalist_from_csv",
     "datalist_from_folder",
     "datalist_from_json",
+    "folder_images",
     "read_classification_datalist",
 ]
 
@@ -241,9 +242,9 @@ def datalist_from_folder(
     records, problems, found = [], [], []
     for split_name, tree in trees:
         if split_name == UNLABELED:
-            class_images = [(None, tree, _folder_images(tree, dicom_series))]
+            class_images = [(None, tree, folder_images(tree, dicom_series))]
         else:
-            class_images = [(f.name, f, _folder_images(f, dicom_series)) for f in _subfolders(tree)]
+            class_images = [(f.name, f, folder_images(f, dicom_series)) for f in _subfolders(tree)]
         for label, folder, images in class_images:
             if label is not None:
                 found.append(label)
@@ -391,8 +392,14 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _folder_images(folder: Path, dicom_series: bool) -> list[Path]:
-    """Image files under ``folder`` (recursively, sorted); with ``dicom_series`` a folder's DICOM files are one."""
+def folder_images(folder: Path, dicom_series: bool) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted, hidden ones skipped); with ``dicom_series`` each folder's
+    DICOM files are one image, the folder.
+
+    Args:
+        folder: the folder to search.
+        dicom_series: a folder directly holding DICOM files stands for them (a series).
+    """
     images = [
         path
         for path in sorted(folder.rglob("*"))
