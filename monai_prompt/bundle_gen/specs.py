@@ -372,7 +372,8 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
                         "a time (135 classes at 181 x 217 x 181: inference 12.4 -> 2.7 GB, evaluation 5.3 -> 2.6 GB, "
                         "the same masks and scores); masks of SCAN.NII.GZ and of DICOM series folders named "
                         "1.2.840.5 are SCAN_seg.nii.gz and 1.2.840.5_seg.nii.gz; NIfTI masks keep their input's "
-                        "sform/qform codes")),
+                        "sform/qform codes; 3D inference takes a folder of DICOM files as one image, its series "
+                        "(it split it into 2D slices, each refused)")),
             ("0.1.9", ("validation and evaluation score the logits' argmax as class-index maps, without one-hot "
                        "tensors or a softmax (the same values but where a softmax rounded logits one float apart to "
                        "a tie): 117 classes at 181 x 217 x 181 need about 4.2 GB instead of 13.5; inference without "
