@@ -7,6 +7,9 @@ import csv
 import json
 import math
 import shlex
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,28 @@ def test_peak_memory_sees_a_known_allocation_and_forgets_earlier_peaks():
     block = torch.ones(200 * 2**20 // 4)  # 200 MiB, every page written
     assert memory.peak() >= 190
     del block
+
+
+def test_memory_freed_before_the_reset_and_kept_by_the_heap_does_not_hide_a_later_peak():
+    """A long-lived process (a test worker) keeps freed memory resident in glibc's heap; an allocation served from it
+    raised no resident peak (read 0 MiB for 200 MiB written). The reset hands those pages back first. In a process of
+    its own: glibc is told to serve everything from the heap and never trim it."""
+    script = textwrap.dedent("""
+        import ctypes, torch
+        from monai_prompt.benchmarks.efficiency import PeakMemory
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no allocation by mmap
+        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap resident
+        memory = PeakMemory("cpu")
+        big = torch.ones(300 * 2**20 // 4)
+        del big
+        memory.reset()
+        block = torch.ones(200 * 2**20 // 4)
+        print(memory.peak())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[-1]) >= 190
 
 
 def test_configurations_and_variant_errors():

@@ -241,7 +241,9 @@ class PeakMemory:
     """Peak memory above the level at :meth:`reset`, in MiB.
 
     CPU (Linux): the resident set's high-water mark ``VmHWM``, reset to the current resident size by writing
-    ``5`` to ``/proc/self/clear_refs``. CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+    ``5`` to ``/proc/self/clear_refs``. Before that, glibc hands the heap's free pages back (``malloc_trim``): memory
+    freed earlier but kept resident would otherwise serve later allocations without raising the resident set, hiding
+    their peak. CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
 
     Args:
         device: the training device.
@@ -269,6 +271,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
             return
+        libc = _glibc()
+        if libc is not None:
+            libc.malloc_trim(0)
         try:
             with open("/proc/self/clear_refs", "w") as clear:
                 clear.write("5")
@@ -284,14 +289,20 @@ class PeakMemory:
         return self._status_mib("VmHWM") - self.baseline
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (``mallopt``, ``malloc_trim``), else ``None``."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def _return_freed_memory() -> None:
     """glibc: serve every allocation above :data:`MMAP_THRESHOLD` bytes by mmap, so that memory freed earlier is
     returned to the OS instead of hiding later peaks from the resident-set reading (no-op elsewhere)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also stops glibc raising it dynamically)
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also stops glibc raising it dynamically)
 
 
 def _network(config: BenchConfig, settings: BenchSettings, online: bool = False) -> torch.nn.Module:
