@@ -1,7 +1,7 @@
 """The warnings that a model learned nothing useful (``monai_prompt.engine.metrics.signals``): a segmentation model
-collapsed to background, images predicted as background only, classes never predicted; each logged when it starts
-and once when it clears, on rank 0 only, summed over DDP processes, with advice whose settings are the bundles'
-config ids; and what a segmentation bundle's evaluation logs."""
+collapsed to background, images predicted as background only, classes never predicted, classes predicted only
+where they are not; each logged when it starts and once when it clears, on rank 0 only, summed over DDP processes,
+with advice whose settings are the bundles' config ids; and what a segmentation bundle's evaluation logs."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from bundle_support import REPO
 from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS
 from monai_prompt.engine import SegmentationCollapseHandler
 from monai_prompt.engine.metrics.classification import TRIVIAL_ADVICE
-from monai_prompt.engine.metrics.signals import SEGMENTATION_ADVICE
+from monai_prompt.engine.metrics.signals import MISPLACED_ADVICE, SEGMENTATION_ADVICE
 from monai_prompt.runs.runner import run_bundle
 from segmentation_support import tiny_segmentation_overrides, write_tiny_encoder, write_tiny_segmentation
 
@@ -29,6 +29,10 @@ CLASSES = ["background", "csf", "gray_matter"]
 LABELS = torch.zeros(3, 4, 4, dtype=torch.long)
 LABELS[0, 0] = 1
 LABELS[1, 0, :2], LABELS[1, 2:] = 1, 2
+#: :data:`LABELS` with gray matter predicted only where it is not: on the background row of the second image (whose
+#: gray matter is predicted as background) and on the third image
+MISPLACED = torch.where(LABELS == 2, 0, LABELS)
+MISPLACED[1, 1], MISPLACED[2, 3] = 2, 2
 
 
 def _one_hot(masks: torch.Tensor) -> torch.Tensor:
@@ -55,7 +59,10 @@ def _ours(caplog) -> list[logging.LogRecord]:
 
 
 def _messages(caplog) -> list[tuple[str, str]]:
-    return [(r.levelname, r.getMessage().removesuffix(" " + SEGMENTATION_ADVICE)) for r in _ours(caplog)]
+    """Level and message of each record, less the advice it ends with (:data:`MISPLACED_ADVICE` as ``<misplaced>``)."""
+    return [(r.levelname, r.getMessage().removesuffix(" " + SEGMENTATION_ADVICE).replace(MISPLACED_ADVICE,
+                                                                                           "<misplaced>"))
+            for r in _ours(caplog)]
 
 
 def test_a_model_collapsed_to_background_is_named_once_and_its_recovery_too(caplog):
@@ -88,6 +95,38 @@ def test_classes_never_predicted_and_images_predicted_as_background_only(caplog)
     assert _messages(caplog) == expected * 2
 
 
+def test_classes_predicted_only_where_they_are_not_are_named(caplog):
+    """Gray matter predicted, but never on a voxel of its own (its Dice 0, its HD95 finite): named with the images
+    that have it and that get it, until a prediction overlaps it; one that overlaps in part is no such class."""
+    overlapping = LABELS.clone()
+    overlapping[1, 1:3] = 2  # gray matter on a background row and on half its own
+    with caplog.at_level(logging.INFO, logger="monai_prompt"):
+        for one_hot in (True, False):
+            _evaluate([MISPLACED, MISPLACED, overlapping], one_hot=one_hot)
+    expected = [
+        ("WARNING", "epoch 1: class(es) 'gray_matter' (in 1 image(s), predicted in 2) of the ground truth are "
+                    "predicted only where the ground truth does not have them: their Dice is 0 although they are "
+                    "predicted. <misplaced>"),
+        ("INFO", "epoch 3: no class is predicted only where the ground truth does not have it any more."),
+    ]
+    assert _messages(caplog) == expected * 2
+    assert "two classes swapped?" in MISPLACED_ADVICE and "check-data" in MISPLACED_ADVICE
+
+
+def test_a_collapse_stands_for_the_other_warnings_without_saying_they_cleared(caplog):
+    """Missed classes, then a collapse to background: no line says every class is predicted again; after the
+    collapse the classes still missed are named again."""
+    csf_only = torch.where(LABELS == 2, 0, LABELS)
+    with caplog.at_level(logging.INFO, logger="monai_prompt"):
+        _evaluate([csf_only, torch.zeros_like(LABELS), csf_only])
+    assert [(level, message[:40]) for level, message in _messages(caplog)] == [
+        ("WARNING", "epoch 1: class(es) 'gray_matter' (in 1 i"),
+        ("WARNING", "epoch 2: every prediction is background,"),
+        ("INFO", "epoch 3: the predictions hold foreground"),
+        ("WARNING", "epoch 3: class(es) 'gray_matter' (in 1 i"),
+    ]
+
+
 def test_a_perfect_model_gets_no_line_and_other_ranks_none(caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="monai_prompt"):
         _evaluate([LABELS])
@@ -118,16 +157,18 @@ def test_the_advice_names_settings_the_bundles_have():
 
 
 def _ranks_see_half(local_rank: int, log_file: str) -> None:
-    """Rank 0 validates images 0 and 2, rank 1 image 1: gray matter (image 1) is never predicted, csf only by rank 0,
-    so only the sums over both ranks tell the classes apart."""
+    """Rank 0 validates images 0 and 2, rank 1 image 1. Epoch 1: gray matter (image 1) is never predicted, csf only
+    by rank 0, so only the sums over both ranks tell the classes apart. Epoch 2: gray matter is predicted on image
+    2 only (:data:`MISPLACED`), so rank 0 alone sees no ground truth of it, and rank 1 alone no prediction."""
     logger = logging.getLogger("monai_prompt.ddp_test")
     logger.addHandler(logging.FileHandler(f"{log_file}.{local_rank}"))
     logger.setLevel(logging.INFO)
-    prediction = torch.where(LABELS == 2, 0, LABELS)
+    second_image = torch.arange(len(LABELS))[:, None, None] == 1
+    epochs = [torch.where(LABELS == 2, 0, LABELS), torch.where(second_image & (MISPLACED == 2), 0, MISPLACED)]
     images = [0, 2] if local_rank == 0 else [1]
-    engine = Engine(lambda e, i: [{"pred": _one_hot(prediction)[i], "label": _one_hot(LABELS)[i]}])
+    engine = Engine(lambda e, i: [{"pred": _one_hot(epochs[e.state.epoch - 1])[i], "label": _one_hot(LABELS)[i]}])
     SegmentationCollapseHandler(CLASSES, name="monai_prompt.ddp_test").attach(engine)
-    engine.run(images, max_epochs=1)
+    engine.run(images, max_epochs=2)
 
 
 @pytest.mark.slow
@@ -139,7 +180,11 @@ def test_the_counts_of_every_rank_add_up_under_ddp(tmp_path):
     assert (tmp_path / "log.1").read_text() == ""  # rank 1 logs nothing
     assert (tmp_path / "log.0").read_text().splitlines() == [
         "epoch 1: class(es) 'gray_matter' (in 1 image(s), 50 % of their voxels) of the ground truth are never "
-        "predicted: their Dice is 0. " + SEGMENTATION_ADVICE
+        "predicted: their Dice is 0. " + SEGMENTATION_ADVICE,
+        "epoch 2: every class of the ground truth is predicted again.",
+        "epoch 2: class(es) 'gray_matter' (in 1 image(s), predicted in 1) of the ground truth are predicted only "
+        f"where the ground truth does not have them: their Dice is 0 although they are predicted. {MISPLACED_ADVICE} "
+        + SEGMENTATION_ADVICE,
     ]
 
 
