@@ -14,16 +14,19 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from scipy.stats import fisher_exact
 from sklearn.metrics import confusion_matrix, multilabel_confusion_matrix, precision_recall_fscore_support
 
 from bundle_support import reference_ece
 from monai_prompt.engine.metrics import (
     ClassReportHandler,
     QuadraticWeightedKappa,
+    balanced_accuracy_chance,
     calibration_histogram,
     class_decisions,
     confidence_and_correct,
     expected_calibration_error,
+    macro_auc_chance_error,
     macro_f1,
     per_class_scores,
     quadratic_weighted_kappa,
@@ -249,16 +252,17 @@ def test_class_report_warns_once_when_the_model_does_no_better_than_the_majority
         # trivial twice, then better: one warning, one line when it clears
         _evaluate_epochs(ClassReportHandler(2, ["a", "b"], auc_name="val_auc"), [TRIVIAL, TRIVIAL, USEFUL], auc=0.48)
     assert [(r.levelname, r.getMessage()) for r in _ours(caplog)] == [
-        ("WARNING", "epoch 1: accuracy 0.55 (22 of 40 images) is not above the share of the most frequent class 'a' "
-                    "(0.65), nor the balanced accuracy 0.49 above chance (1/2), macro AUC 0.48: the model does no "
-                    "better than always answering 'a'. Try more epochs (--train#trainer#max_epochs) or another "
+        ("WARNING", "epoch 1: balanced accuracy 0.49 (mean recall of the 2 classes; chance 1/2) is within what "
+                    "guessing reaches on these 40 images (random pairings of the predictions with the labels reach "
+                    "0.60 one time in 20; p = 0.67), accuracy 0.55 (always answering 'a': 0.65), macro AUC 0.48: the "
+                    "model does no better than guessing. Try more epochs (--train#trainer#max_epochs) or another "
                     "--learning_rate, check that the labels belong to the images (monai-prompt check-data) and that "
                     "the pre-trained weights loaded (--pretrained)."),
-        ("INFO", "epoch 3: the model does better than the trivial answer again."),
+        ("INFO", "epoch 3: the model does better than chance again."),
     ]
 
 
-def test_the_trivial_answer_rule_needs_both_numbers_and_enough_images(caplog):
+def test_the_trivial_answer_rule_needs_a_balanced_accuracy_at_chance_and_enough_images(caplog):
     with caplog.at_level(logging.INFO, logger="monai_prompt"):
         # accuracy at the majority share but a balanced accuracy of 0.77: the minority class is found, no warning
         _evaluate_epochs(ClassReportHandler(2, ["a", "b"]), [USEFUL])
@@ -269,24 +273,80 @@ def test_the_trivial_answer_rule_needs_both_numbers_and_enough_images(caplog):
         # a balanced split: the most frequent classes tie
         _evaluate_epochs(ClassReportHandler(2, ["a", "b"]), [_decisions([0, 1] * 15, [0] * 8 + [1] * 22)])
         assert _ours(caplog).pop().getMessage().startswith(
-            "epoch 1: accuracy 0.50 (15 of 30 images) is not above the share of the most frequent classes 'a', 'b' "
-            "(0.50 each), nor the balanced accuracy 0.50 above chance (1/2): the model does no better than always "
-            "answering one of them.")
+            "epoch 1: balanced accuracy 0.50 (mean recall of the 2 classes; chance 1/2) is within what guessing "
+            "reaches on these 30 images (random pairings of the predictions with the labels reach 0.63 one time in "
+            "20; p = 0.65), accuracy 0.50 (always answering one of 'a', 'b': 0.50): the model does no better than "
+            "guessing.")
         caplog.clear()
         # a collapsed model gets the collapse warning only
         _evaluate_epochs(ClassReportHandler(2, ["a", "b"]), [_decisions([0] * 26 + [1] * 14, [0] * 40)])
         assert [r.getMessage()[:40] for r in _ours(caplog)] == ["epoch 1: all 40 predictions are class 'a"]
 
 
-def test_multi_label_trivial_answer_is_a_macro_auc_at_chance(caplog):
-    truth = (torch.arange(40)[:, None] % torch.tensor([2, 3]) == 0).double()
+def _counts(confusion: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot probabilities and labels whose confusion matrix (rows truth, columns prediction) is ``confusion``."""
+    pairs = [(t, p) for t, row in enumerate(confusion) for p, n in enumerate(row) for _ in range(n)]
+    return _decisions([t for t, _ in pairs], [p for _, p in pairs], len(confusion))
+
+
+#: 120 images, 90 'a' and 30 'b', answers independent of the labels that the old rule (accuracy not above the
+#: majority share and balanced accuracy not above 1/2) let pass: guessing 'b' for 30 % (accuracy 0.61, balanced
+#: 0.52), for 10 % (accuracy 0.72, near the majority share 0.75), for 4 % (accuracy 0.76, above it)
+NEAR_RANDOM = {"guessing 30 %": [[63, 27], [20, 10]], "guessing 10 %": [[82, 8], [26, 4]],
+               "guessing 4 %": [[88, 2], [27, 3]]}
+#: a model that finds 90 % of 'a' and 70 % of 'b' on the same split, and one on a small split (30 images, 22 'a')
+GOOD = {"unbalanced": [[81, 9], [9, 21]], "small": [[19, 3], [2, 6]]}
+
+
+def test_a_near_random_model_on_an_unbalanced_split_is_named_and_a_good_one_is_not(caplog):
+    warned = {}
     with caplog.at_level(logging.WARNING, logger="monai_prompt"):
-        for auc in (0.45, 0.7, float("nan")):
+        for name, confusion in {**NEAR_RANDOM, **GOOD}.items():
+            caplog.clear()
+            _evaluate_epochs(ClassReportHandler(2, ["a", "b"], auc_name="val_auc"), [_counts(confusion)], auc=0.52)
+            warned[name] = [r.getMessage() for r in _ours(caplog)]
+    assert {name: len(messages) for name, messages in warned.items()} == {
+        "guessing 30 %": 1, "guessing 10 %": 1, "guessing 4 %": 1, "unbalanced": 0, "small": 0}
+    assert warned["guessing 10 %"] == [
+        "epoch 1: balanced accuracy 0.52 (mean recall of the 2 classes; chance 1/2) is within what guessing reaches on "
+        "these 120 images (random pairings of the predictions with the labels reach 0.54 one time in 20; p = 0.34), "
+        "accuracy 0.72 (always answering 'a': 0.75), macro AUC 0.52: the model does no better than guessing. "
+        + TRIVIAL_ADVICE]
+
+
+def test_the_chance_test_of_balanced_accuracy_is_fisher_s_exact_test_for_two_classes():
+    """For two classes the balanced accuracy grows with the first cell of a matrix of fixed margins, so the
+    permutation test's p-value is Fisher's one-sided exact test's; with more classes a random pairing's balanced
+    accuracy is 1/K on average."""
+    for confusion in (*NEAR_RANDOM.values(), *GOOD.values(), [[4, 1], [1, 4]], [[18, 8], [10, 4]]):
+        balanced, classes, p_value, reach = balanced_accuracy_chance(torch.tensor(confusion), permutations=20000)
+        exact = fisher_exact(confusion, alternative="greater").pvalue
+        assert (classes, p_value) == (2, pytest.approx(exact, abs=0.01)), confusion  # 3 Monte Carlo errors
+        assert p_value <= 0.05 or balanced <= reach + 1e-9
+    assert balanced_accuracy_chance(torch.tensor(GOOD["small"]))[2] < 0.01  # the small good split is no alarm
+    # three classes, the predictions independent of the labels by construction (each row the same shares)
+    balanced, classes, p_value, reach = balanced_accuracy_chance(torch.tensor([[30, 10, 5], [12, 4, 2], [6, 2, 1]]))
+    assert (classes, balanced, p_value > 0.3, 1 / 3 < reach < 0.5) == (3, pytest.approx(1 / 3), True, True)
+    assert balanced_accuracy_chance(torch.zeros(2, 2))[1] == 0
+
+
+def test_multi_label_trivial_answer_is_a_macro_auc_within_chance(caplog):
+    """Classes x (20 of 40 images) and y (14): a macro AUC at chance has a standard error of 0.067, so 0.55, above
+    0.5, is within what chance reaches (0.61) and 0.7 is not."""
+    truth = (torch.arange(40)[:, None] % torch.tensor([2, 3]) == 0).double()
+    positives = truth.sum(0)
+    expected = math.sqrt(41 / (12 * 20 * 20) + 41 / (12 * 14 * 26)) / 2
+    assert macro_auc_chance_error(positives, 40 - positives) == pytest.approx(expected)
+    assert macro_auc_chance_error(torch.tensor([0, 5]), torch.tensor([5, 0])) != macro_auc_chance_error(
+        torch.tensor([0, 5]), torch.tensor([5, 0]))  # no class with positives and negatives: nan
+    with caplog.at_level(logging.WARNING, logger="monai_prompt"):
+        for auc in (0.45, 0.55, 0.7, float("nan")):
             _evaluate_epochs(ClassReportHandler(2, ["x", "y"], multi_label=True, auc_name="val_auc"),
                              [(truth.flip(0), truth)], auc=auc)
     assert [r.getMessage() for r in _ours(caplog)] == [
-        "epoch 1: macro AUC 0.45 over 40 images is not above chance (0.5): the probabilities rank the images no "
-        "better than random. " + TRIVIAL_ADVICE
+        f"epoch 1: macro AUC {auc:.2f} is within what random probabilities reach on these 40 images (chance 0.5; "
+        f"0.61 one time in 20): the probabilities rank the images no better than random. " + TRIVIAL_ADVICE
+        for auc in (0.45, 0.55)
     ]
 
 

@@ -208,7 +208,7 @@ def _initialize(spec: BundleSpec, train: bool = True) -> list[str]:
 
 def _class_report(output_dir: bool) -> dict[str, Any]:
     """Per-class precision/recall/F1 and the confusion matrix of each evaluation, a warning when every prediction is
-    the same class or none is better than the trivial answer (``output_dir``: also ``eval/class_report.csv`` and
+    the same class or the model is no better than chance (``output_dir``: also ``eval/class_report.csv`` and
     ``eval/confusion_matrix.csv``)."""
     report = {"_target_": "monai_prompt.engine.ClassReportHandler", "num_classes": "@num_classes",
               "class_names": "@class_names", "multi_label": "@flags#multi_label"}

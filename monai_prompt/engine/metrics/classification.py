@@ -7,7 +7,8 @@ expect: ``(probabilities, class index)`` for multi-class, ``(0/1 predictions, 0/
 Everything else is ignite's or MONAI's own; only the kappa is written here (ignite's ``CohenKappa`` needs
 scikit-learn and hard labels). :class:`ClassReportHandler` accumulates ignite's confusion matrix over an
 evaluator's epoch, writes per-class precision/recall/F1 and the matrix as CSV files, and warns when every
-prediction is the same (a collapsed model) or the model does no better than the trivial answer. It also measures
+prediction is the same (a collapsed model) or the model does no better than chance (:func:`balanced_accuracy_chance`,
+:func:`macro_auc_chance_error`). It also measures
 the expected calibration error (:func:`expected_calibration_error`, Guo et al. 2017) into the engine's metrics
 (``ece``) and draws the reliability diagram (:func:`plot_reliability_diagram`).
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import ConfusionMatrix, Fbeta, MultiLabelConfusionMatrix, Precision, Recall
@@ -35,8 +37,10 @@ __all__ = [
     "calibration_histogram",
     "class_decisions",
     "confidence_and_correct",
+    "balanced_accuracy_chance",
     "ece_from_histogram",
     "expected_calibration_error",
+    "macro_auc_chance_error",
     "macro_f1",
     "per_class_scores",
     "plot_reliability_diagram",
@@ -45,7 +49,15 @@ __all__ = [
 
 #: confidence bins of the expected calibration error (Guo et al. 2017 use 15 equal-width bins).
 ECE_BINS = 15
-#: what to try when a classification bundle's model does no better than the trivial answer.
+#: level of the tests against chance: a model whose answers are independent of the labels escapes the warning in
+#: about 1 evaluation in 20.
+CHANCE_LEVEL = 0.05
+#: one-sided normal quantile of :data:`CHANCE_LEVEL` (the multi-label AUC's test).
+CHANCE_Z = 1.645
+#: random pairings of the single-label test (:func:`balanced_accuracy_chance`; its p-value near 0.05 is then
+#: within about 0.005).
+CHANCE_PERMUTATIONS = 2000
+#: what to try when a classification bundle's model does no better than chance.
 TRIVIAL_ADVICE = (
     "Try more epochs (--train#trainer#max_epochs) or another --learning_rate, check that the labels belong to the "
     "images (monai-prompt check-data) and that the pre-trained weights loaded (--pretrained)."
@@ -261,18 +273,89 @@ def per_class_scores(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def balanced_accuracy_chance(
+    confusion: torch.Tensor, permutations: int = CHANCE_PERMUTATIONS, seed: int = 0
+) -> tuple[float, int, float, float]:
+    """The balanced accuracy of a multi-class confusion matrix and a permutation test of it against chance.
+
+    The balanced accuracy is the mean recall over the ``K`` classes present (Brodersen et al., "The balanced accuracy
+    and its posterior distribution", ICPR 2010): ``1 / K`` on average for any answer independent of the image,
+    whatever the class balance, where the accuracy of such an answer reaches the share of the most frequent class.
+    The test pairs the same predictions with the same labels at random (the null hypothesis that they are
+    independent, conditioned on both margins as Fisher's exact test is; a label permutation test as in Ojala and
+    Garriga, "Permutation tests for studying classifier performance", JMLR 2010, for a fixed classifier): each
+    random pairing's confusion matrix is drawn exactly, row by row, from (multivariate) hypergeometric
+    distributions. How far chance reaches thus follows the images of each class and how the predictions spread
+    over the classes, which a normal approximation gets wrong for rare classes and small splits.
+
+    Args:
+        confusion: ``[C, C]`` counts, rows truth, columns prediction.
+        permutations: random pairings drawn.
+        seed: of the draws (the same matrix gives the same answer).
+
+    Returns:
+        ``(balanced accuracy, K, p-value, 95th percentile of the pairings' balanced accuracies)``, the p-value being
+        ``(1 + pairings at least as good) / (1 + permutations)``; nan with ``K`` 0 for an empty matrix.
+    """
+    counts = confusion.long().cpu().numpy()
+    support = counts.sum(1)
+    present = support > 0
+    if not present.any():
+        return float("nan"), 0, float("nan"), float("nan")
+    balanced = float((counts.diagonal()[present] / support[present]).mean())
+    rng = np.random.default_rng(seed)
+    pool = np.tile(counts.sum(0), (permutations, 1))  # per pairing, the predictions not yet given a label
+    recalls = np.zeros(permutations)
+    for row in np.flatnonzero(present):
+        left = np.full(permutations, support[row])  # labels of class ``row`` still to pair
+        rest = pool.sum(1)  # the predictions of the columns after ``column``
+        for column in np.flatnonzero(counts.sum(0)):
+            rest -= pool[:, column]
+            drawn = rng.hypergeometric(pool[:, column], rest, left)
+            pool[:, column] -= drawn
+            left -= drawn
+            if column == row:
+                recalls += drawn / support[row]
+    chance = recalls / int(present.sum())
+    p_value = (1 + int((chance >= balanced - 1e-12).sum())) / (1 + permutations)
+    return balanced, int(present.sum()), p_value, float(np.quantile(chance, 0.95))
+
+
+def macro_auc_chance_error(positives: torch.Tensor, negatives: torch.Tensor) -> float:
+    """The standard error of a macro AUC (the mean one-vs-rest ROC AUC over classes) when the probabilities are
+    independent of the labels: each class's AUC is then a Mann-Whitney U statistic over ``n1`` positives and ``n0``
+    negatives, of mean 0.5 and variance ``(n1 + n0 + 1) / (12 n1 n0)`` (Mann and Whitney 1947; Hanley and McNeil,
+    Radiology 1982), the classes taken as independent. Classes without positives or negatives have no AUC and are
+    left out (nan when none is left).
+
+    Args:
+        positives: ``[C]`` images with each class.
+        negatives: ``[C]`` images without it.
+    """
+    n1, n0 = positives.double(), negatives.double()
+    scored = (n1 > 0) & (n0 > 0)
+    if not scored.any():
+        return float("nan")
+    n1, n0 = n1[scored], n0[scored]
+    return float(((n1 + n0 + 1) / (12 * n1 * n0)).sum().sqrt() / int(scored.sum()))
+
+
 class ClassReportHandler:
     """Per-class precision/recall/F1 and the confusion matrix of an evaluator's epoch; warns on a collapsed model.
 
     Each epoch it accumulates ignite's ``ConfusionMatrix`` (``MultiLabelConfusionMatrix`` for multi-label;
     summed over processes under DDP) and, when every image gets the same prediction although the labels differ,
     logs a warning (the model collapsed to one class: another learning rate, the class balance). Otherwise,
-    on a split of at least ``min_images`` images, it warns when the model does no better than the trivial answer:
-    single-label, when its accuracy is not above the share of the most frequent class and its balanced accuracy
-    (mean recall over the classes present) not above chance (1 / their number), so that always answering that
-    class scores as well by both; multi-label, when the macro AUC (``auc_name``) is not above 0.5. That warning is
-    logged as :class:`~monai_prompt.engine.metrics.signals.SignalLog` does: once while it holds, a line when it
-    clears. Warnings are logged on rank 0 only. With
+    on a split of at least ``min_images`` images, it warns when the model does no better than chance, by a
+    one-sided test at the :data:`CHANCE_LEVEL` (5 %) level: single-label, when the balanced accuracy (mean recall
+    over the classes present) is not above what random pairings of the same predictions with the same labels reach
+    (:func:`balanced_accuracy_chance`, a permutation test), whatever the class balance, so that a model that guesses
+    with the class frequencies on an unbalanced split, its accuracy near the majority share, is named; multi-label,
+    when the macro AUC (``auc_name``) is not above 0.5 by :data:`CHANCE_Z` of its standard errors under chance
+    (:func:`macro_auc_chance_error`). A model better than chance by less than the split can show is warned about
+    too: the split cannot tell it from guessing. That warning is logged as
+    :class:`~monai_prompt.engine.metrics.signals.SignalLog` does: once while it holds, a line when it clears.
+    Warnings are logged on rank 0 only. With
     ``output_dir`` it also writes ``<prefix>class_report.csv`` (class, precision, recall, f1, support, predicted)
     and ``<prefix>confusion_matrix.csv`` (multi-class: rows truth, columns prediction; multi-label: tn, fp, fn,
     tp per class) beside MONAI's ``metrics.csv``, on rank 0.
@@ -297,7 +380,8 @@ class ClassReportHandler:
         ece_name: the metric name of the calibration error (``engine.state.metrics``).
         auc_name: the engine's macro AUC metric (``engine.state.metrics``; None: none), shown in the trivial-answer
             warning and the multi-label rule.
-        min_images: the fewest images of a split that the trivial-answer rule judges (fewer: no such warning).
+        min_images: the fewest images of a split that the trivial-answer rule judges (fewer: no such warning, as the
+            margin of chance is then so wide that a useful model may fall within it).
     """
 
     def __init__(
@@ -381,7 +465,7 @@ class ClassReportHandler:
         return collapsed
 
     def _warn_if_trivial(self, engine: Engine, confusion: torch.Tensor) -> None:
-        """Warn when the model does no better than the trivial answer (the rule of the class docstring)."""
+        """Warn when the model does no better than chance (the rule of the class docstring)."""
         total = int(confusion[0].sum()) if self.multi_label else int(confusion.sum())
         if total < self.min_images:
             return
@@ -389,26 +473,28 @@ class ClassReportHandler:
         auc = float(auc) if auc is not None and math.isfinite(float(auc)) else None
         warning = None
         if self.multi_label:
-            if auc is not None and auc <= 0.5:
-                warning = (f"macro AUC {auc:.2f} over {total} images is not above chance (0.5): the probabilities "
-                           f"rank the images no better than random.")
+            positives = confusion[:, 1, :].sum(1)
+            reach = 0.5 + CHANCE_Z * macro_auc_chance_error(positives, total - positives)
+            if auc is not None and auc <= reach:
+                warning = (f"macro AUC {auc:.2f} is within what random probabilities reach on these {total} images "
+                           f"(chance 0.5; {reach:.2f} one time in 20): the probabilities rank the images no "
+                           f"better than random.")
         else:
-            support, hits = confusion.sum(1), confusion.diagonal()
-            present = support > 0
-            classes, most, correct = int(present.sum()), int(support.max()), int(hits.sum())
-            balanced = float((hits[present].double() / support[present]).mean())
-            if classes > 1 and correct <= most and balanced * classes <= 1 + 1e-9:
+            balanced, classes, p_value, reach = balanced_accuracy_chance(confusion)
+            if classes > 1 and p_value > CHANCE_LEVEL:
+                support, correct = confusion.sum(1), int(confusion.diagonal().sum())
+                most = int(support.max())
                 tops = [repr(name) for name, n in zip(self.class_names, support.tolist()) if n == most]
-                which = (f"class {tops[0]} ({most / total:.2f})" if len(tops) == 1
-                         else f"classes {', '.join(tops)} ({most / total:.2f} each)")
+                which = tops[0] if len(tops) == 1 else f"one of {', '.join(tops)}"
                 warning = (
-                    f"accuracy {correct / total:.2f} ({correct} of {total} images) is not above the share of the "
-                    f"most frequent {which}, nor the balanced accuracy {balanced:.2f} above "
-                    f"chance (1/{classes}){'' if auc is None else f', macro AUC {auc:.2f}'}: the model does no "
-                    f"better than always answering {tops[0] if len(tops) == 1 else 'one of them'}."
+                    f"balanced accuracy {balanced:.2f} (mean recall of the {classes} classes; chance 1/{classes}) "
+                    f"is within what guessing reaches on these {total} images (random pairings of the predictions with "
+                    f"the labels reach {reach:.2f} one time in 20; p = {p_value:.2f}), accuracy {correct / total:.2f} "
+                    f"(always answering {which}: {most / total:.2f}){'' if auc is None else f', macro AUC {auc:.2f}'}: "
+                    f"the model does no better than guessing."
                 )
         self.signals.report(engine.state.epoch, "trivial", None if warning is None else f"{warning} {TRIVIAL_ADVICE}",
-                            "the model does better than the trivial answer again.")
+                            "the model does better than chance again.")
 
     def _write(self, confusion: torch.Tensor) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
