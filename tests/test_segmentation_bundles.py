@@ -467,6 +467,9 @@ def test_hd95_is_in_the_units_of_each_images_grid():
                                output_transform=from_engine(["pred", "label"], first=False)).attach(engine, "hd95")
         engine.run([0])
         np.testing.assert_allclose(engine.state.metric_details["hd95"], reference, rtol=1e-5)
+    metric = ClassHausdorffDistance(["one", "two"], num_classes=3)
+    with pytest.raises(ValueError, match="output must have length 2, got 3"):  # MONAI's message, not an unpacking one
+        metric.update((label_maps["pred"], label_maps["label"], label_maps["label"]))
     sagittal = np.array([[0, 0, 1.0, 0], [0, 1.5, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]])  # a 2D slice's x along z
     assert grid_spacing(MetaTensor(torch.zeros(1, 4, 4), affine=sagittal), 2) == [2.5, 1.5]
     assert grid_spacing(torch.zeros(1, 4, 4), 2) == [1.0, 1.0]  # no meta: pixels

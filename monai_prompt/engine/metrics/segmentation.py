@@ -139,7 +139,12 @@ class ClassHausdorffDistance(_PerClass, HausdorffDistance):
 
         Args:
             output: ``(y_pred, y)``: lists of channel-first images or batch-first tensors.
+
+        Raises:
+            ValueError: ``output`` is not a pair (MONAI's message).
         """
+        if len(output) != 2:
+            raise ValueError(f"output must have length 2, got {len(output)}.")
         y_pred, y = output
         for prediction, truth in zip(y_pred, y):
             grid = truth if isinstance(truth, MetaTensor) else prediction
