@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -89,6 +90,16 @@ def test_train_and_evaluate_logged_to_a_tracking_server(bundle, mlflow_server):
     assert params["peft_method"] == "linear" and params["peft_config"] == "{}"
     assert params["trainable_params"] == str(32 * 3 + 3)  # the head of a width-32 backbone, 3 classes
     assert int(params["total_params"]) > int(params["trainable_params"]) and params["max_epochs"] == "2"
+    # every setting that changes the result, as the run read it (the classes were only in training_config.json)
+    classes = json.dumps(json.loads((path / "models" / "training_config.json").read_text())["class_names"],
+                         separators=(",", ":"))
+    settings = {
+        "class_names": classes, "multi_label": "False", "datalist_options": "{}",
+        "img_size": str(overrides["img_size"]), "batch_size": "4", "learning_rate": str(SPEC.learning_rate),
+        "weight_decay": str(SPEC.weight_decay), "seed": "0", "val_interval": "1", "shuffle": "True",
+        "step_in_backward": "False"}
+    assert {key: params[key] for key in settings} == settings
+    assert params["datalist_file"].endswith("datalist.json") and "checkpoint" not in params
     history = client.get_metric_history(train.info.run_id, "val_accuracy")
     assert [metric.step for metric in history] == [1, 2]
     assert {"train_loss", "val_auc", "val_f1", "val_kappa", "val_ece", "peak_rss_mb"} <= set(train.data.metrics)
@@ -96,6 +107,12 @@ def test_train_and_evaluate_logged_to_a_tracking_server(bundle, mlflow_server):
     assert "model.pt" in artifacts and any(name.startswith("config_") for name in artifacts)
 
     assert {"accuracy", "auc", "f1", "kappa", "ece"} <= set(evaluate.data.metrics)
+    evaluated_params = evaluate.data.params  # what the evaluation read: no training schedule or recipe
+    assert not {"max_epochs", "epoch_length", "learning_rate", "batch_size", "seed"} & set(evaluated_params)
+    assert {key: evaluated_params[key] for key in ("class_names", "evaluate_split", "peft_method")} == {
+        "class_names": classes, "evaluate_split": "test", "peft_method": "linear"}
+    assert Path(evaluated_params["checkpoint"]).resolve() == (path / "models" / "model.pt").resolve()
+    assert evaluated_params["datalist_file"] == params["datalist_file"]
     evaluated = {artifact.path for artifact in client.list_artifacts(evaluate.info.run_id)}
     assert {"metrics.csv", "calibration.csv", "reliability.png", "model.pt"} <= evaluated
     local = client.download_artifacts(train.info.run_id, "model.pt", str(path.parent / "download"))

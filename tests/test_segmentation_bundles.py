@@ -585,7 +585,7 @@ def test_mlflow_tracking_logs_dice_per_class_and_the_evaluation_files(tiny_data,
     from mlflow.tracking import MlflowClient
 
     bundle, overrides = _copy("linear_segmentation", tiny_data["2d"], tiny_data["encoder2"], tmp_path)
-    run_bundle(bundle, ["train.json"], "train", tracking="mlflow", quiet=True, **overrides,
+    run_bundle(bundle, ["train.json"], "train", tracking="mlflow", quiet=True, pixdim=[1.5, 0.8], **overrides,
                **{"train#trainer#max_epochs": 2})
     run_bundle(bundle, ["train.json", "evaluate.json"], "infer", tracking="mlflow", quiet=True, **overrides)
     client = MlflowClient(f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
@@ -600,6 +600,13 @@ def test_mlflow_tracking_logs_dice_per_class_and_the_evaluation_files(tiny_data,
     assert {"mean_dice", "mean_hd95"} | per_class <= set(evaluate.data.metrics)
     artifacts = {artifact.path for artifact in client.list_artifacts(evaluate.info.run_id)}
     assert {"metrics.csv", "mean_dice_raw.csv", "hd95_raw.csv", "model.pt"} <= artifacts
+    # the spacing and classes (only in training_config.json before) in both runs; the ROI sampling in training
+    task = {"pixdim": "[1.5,0.8]", "class_names": json.dumps(list(TINY_CLASSES), separators=(",", ":")),
+            "label_values": "[0,1,2,3]", "feature_size": "8", "sw_overlap": "0.25"}
+    assert {key: train.data.params[key] for key in [*task, "num_samples", "img_size", "max_epochs"]} == {
+        **task, "num_samples": "1", "img_size": str(overrides["img_size"]), "max_epochs": "2"}
+    assert {key: evaluate.data.params[key] for key in task} == task
+    assert not {"max_epochs", "epoch_length", "num_samples", "learning_rate"} & set(evaluate.data.params)
 
 
 @pytest.mark.slow

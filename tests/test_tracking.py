@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import http.server
+import json
 import logging
 import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
@@ -20,7 +23,7 @@ from monai.handlers import MLFlowHandler, ValidationHandler
 
 from io_support import free_port
 from monai_prompt.engine import MLflowPeftLogger, check_tracking_uri, unique_run_name
-from monai_prompt.engine.tracking import MLFLOW_HTTP_LIMITS
+from monai_prompt.engine.tracking import LONG_PARAMS_ARTIFACT, MLFLOW_HTTP_LIMITS, MLFLOW_PARAM_LIMIT, capped_params
 from net_support import tiny_classifier
 
 
@@ -98,6 +101,49 @@ def test_tracking_that_fails_mid_run_does_not_stop_training(tmp_path, monkeypatc
     assert warnings == [("MLflow tracking failed (ConnectionError: server went away); training continues without "
                          "tracking from here (epoch 2). Check the tracking server and --tracking_uri.")]
     assert {name: os.environ[name] for name in MLFLOW_HTTP_LIMITS} == MLFLOW_HTTP_LIMITS
+
+
+#: 1000 class names: their list is longer than the longest parameter value MLflow stores.
+_MANY_CLASSES = [f"class_{index}" for index in range(1000)]
+#: the end of a parameter value cut to MLflow's limit.
+_CUT = f"...[cut: 11891 characters, the full value is in the artifact {LONG_PARAMS_ARTIFACT}]"
+
+
+def test_params_are_compact_and_cut_to_mlflows_limit():
+    logged, long = capped_params({"class_names": ["csf", "gray_matter"], "pixdim": (1.5, 0.8), "pretrained": None,
+                                  "label_values": np.array([0, 2, 300]), "many": _MANY_CLASSES})
+    assert logged == {"class_names": '["csf","gray_matter"]', "pixdim": "[1.5,0.8]", "pretrained": "None",
+                      "label_values": "[0,2,300]", "many": logged["many"]}
+    assert len(logged["many"]) == MLFLOW_PARAM_LIMIT and logged["many"].endswith(_CUT)
+    assert logged["many"].startswith('["class_0","class_1",') and long == {"many": _MANY_CLASSES}
+
+
+@pytest.mark.slow  # creates an MLflow SQLite store
+def test_an_evaluation_run_logs_its_settings_but_no_training_schedule(tmp_path, monkeypatch):
+    """MONAI's handler logged the evaluator's max_epochs and epoch_length (1 and its batch count), which read as a
+    training schedule; MLflow cut a parameter over its limit without a mark (and refused the run's parameters
+    with MLFLOW_TRUNCATE_LONG_VALUES=false)."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRUNCATE_LONG_VALUES", "false")  # a value over the limit fails, not cut unmarked
+    evaluator = SupervisedEvaluator(
+        device="cpu", network=torch.nn.Identity(),
+        val_data_loader=DataLoader([{"image": torch.zeros(1), "label": torch.zeros(1)}] * 3, batch_size=1),
+    )
+    MLflowPeftLogger(tiny_classifier(), extra_params={"class_names": _MANY_CLASSES, "pixdim": [1.5, 0.8]}).attach(
+        evaluator)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    MLFlowHandler(tracking_uri=uri, experiment_name="x", run_name="evaluate", iteration_log=False,
+                  close_on_complete=True).attach(evaluator)  # as --tracking mlflow attaches it to an evaluator
+    evaluator.run()
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs(client.get_experiment_by_name("x").experiment_id)
+    params = run.data.params
+    assert run.info.status == "FINISHED" and not {"max_epochs", "epoch_length"} & set(params)
+    assert params["pixdim"] == "[1.5,0.8]" and params["peft_method"] == "linear"
+    assert len(params["class_names"]) == MLFLOW_PARAM_LIMIT and params["class_names"].endswith(_CUT)
+    full = client.download_artifacts(run.info.run_id, LONG_PARAMS_ARTIFACT, str(tmp_path / "download"))
+    assert json.loads(Path(full).read_text()) == {"class_names": _MANY_CLASSES}
 
 
 def test_unique_run_names():

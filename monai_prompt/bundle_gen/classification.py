@@ -33,6 +33,14 @@ _DATALIST_TASK = {
 _UNTRAINED_TASK = {"num_classes": len(DEMO_CLASSES), "multi_label": False, "class_names": list(DEMO_CLASSES)}
 
 
+def _tracked(spec: BundleSpec) -> dict[str, str]:
+    """MLflow run parameters of training and evaluation runs alike: the classes, the datalist reader's options and
+    (FPT) the feature cache's precision."""
+    fpt = {"fpt_cache_dtype": "@fpt_cache_dtype"} if spec.fpt else {}
+    return {"class_names": "@class_names", "multi_label": "@flags#multi_label",
+            "datalist_options": "@datalist_options", **fpt}
+
+
 def _method_key(spec: BundleSpec) -> str:
     """The network argument that takes ``method_config``."""
     return "fpt_config" if spec.fpt else "method_config"
@@ -247,7 +255,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
             "dataset": common.dataset("$@datalist['training']", "@train#preprocessing"),
             "dataloader": common.loader("@train#dataset", shuffle="@flags#shuffle"),
             "inferer": {"_target_": "SimpleInferer"},
-            "handlers": common.train_handlers(),
+            "handlers": common.train_handlers(spec, _tracked(spec)),
             "trainer": common.trainer(spec, _fpt_batch(spec)),
         },
         "validate": {
@@ -287,7 +295,8 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
         "postprocessing": "@validate#postprocessing",
         "key_metric": key_metric,
         "additional_metrics": additional_metrics,
-        "handlers": common.evaluate_handlers(metrics_saver, _class_report(output_dir=True), files=reports),
+        "handlers": common.evaluate_handlers(metrics_saver, _class_report(output_dir=True), files=reports,
+                                             params=_tracked(spec)),
         "evaluator": common.evaluator("", _fpt_batch(spec)),
         "initialize": _initialize(spec, train=False),
         "run": ["$@evaluator.run()"],

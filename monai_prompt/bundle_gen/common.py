@@ -461,10 +461,42 @@ def train_checkpointing() -> dict[str, Any]:
     }
 
 
-def train_handlers() -> list[dict[str, Any]]:
+#: MLflow run parameters of every training run, beyond what ``MLflowPeftLogger`` logs itself (the method, its
+#: config, the backbone's config, parameter counts) and MONAI's handler (``max_epochs``, ``epoch_length``): the
+#: weights, the data and the recipe, each as the run read it. The task templates add theirs (the classes, ...).
+_TRAIN_PARAMS = {
+    "pretrained": "@pretrained",
+    "backbone": "@backbone",
+    "img_size": "@img_size",
+    "datalist_file": "@datalist_file",
+    "seed": "@seed",
+    "batch_size": "@batch_size",
+    "learning_rate": "@learning_rate",
+    "weight_decay": "@weight_decay",
+    "val_interval": "@val_interval",
+    "shuffle": "@flags#shuffle",
+    "amp": "@flags#amp",
+}
+#: MLflow run parameters of every evaluation run: the weights evaluated and the data; no training schedule.
+_EVALUATE_PARAMS = {
+    "pretrained": "@pretrained",
+    "checkpoint": "@load_path",
+    "datalist_file": "@datalist_file",
+    "evaluate_split": "@evaluate_split",
+    "amp": "@flags#amp",
+}
+
+
+def train_handlers(spec: BundleSpec, params: dict[str, str]) -> list[dict[str, Any]]:
     """Schedule (refitted when a resumed run is longer), validation every ``val_interval`` epochs, the parameter
     report, peak memory, loss logs, the time left (every epoch end, and every minute within an epoch; after the
-    validation, which it counts), a stop at the first NaN/Inf loss, MLflow."""
+    validation, which it counts), a stop at the first NaN/Inf loss, MLflow.
+
+    Args:
+        spec: the bundle's spec.
+        params: the task's MLflow run parameters, logged with :data:`_TRAIN_PARAMS` (name -> reference).
+    """
+    step = {} if spec.fpt else {"step_in_backward": "@flags#step_in_backward"}
     return [
         {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
         {
@@ -494,7 +526,7 @@ def train_handlers() -> list[dict[str, Any]]:
             "_target_": "monai_prompt.engine.MLflowPeftLogger",
             "network": "@network",
             "artifacts": ["$@ckpt_dir + '/model.pt'"],
-            "extra_params": {"pretrained": "@pretrained", "backbone": "@backbone", "img_size": "@img_size"},
+            "extra_params": {**_TRAIN_PARAMS, **step, **params},
         },
     ]
 
@@ -545,12 +577,15 @@ def evaluator(prefix: str = "", extra: dict[str, Any] | None = None, metrics: bo
     }
 
 
-def evaluate_handlers(*savers: dict[str, Any], files: Sequence[str] = ("metrics.csv",)) -> list[dict[str, Any]]:
+def evaluate_handlers(
+    *savers: dict[str, Any], files: Sequence[str] = ("metrics.csv",), params: dict[str, str]
+) -> list[dict[str, Any]]:
     """Delta loader, logs, the task's savers (``MetricsSaver``: ``eval/metrics.csv``, reports) and MLflow.
 
     Args:
         savers: handlers that write the evaluation's files.
         files: what they write under ``@output_dir``, logged as MLflow artifacts with the delta.
+        params: the task's MLflow run parameters, logged with :data:`_EVALUATE_PARAMS` (name -> reference).
     """
     return [
         delta_loader(),
@@ -560,7 +595,7 @@ def evaluate_handlers(*savers: dict[str, Any], files: Sequence[str] = ("metrics.
             "_target_": "monai_prompt.engine.MLflowPeftLogger",
             "network": "@network",
             "artifacts": [*(f"$@output_dir + '/{name}'" for name in files), "@load_path"],
-            "extra_params": {"pretrained": "@pretrained", "checkpoint": "@load_path"},
+            "extra_params": {**_EVALUATE_PARAMS, **params},
         },
     ]
 

@@ -263,6 +263,9 @@ _TRAINING_PIXDIM = f"${common.record_read('pixdim')} if @flags#continue_model el
 
 #: a training run that keeps the folder's previous run: ``--resume`` or ``continue_model`` (:func:`_continue_model`).
 _KEPT = "@flags#resume or @flags#continue_model"
+#: MLflow run parameters of training and evaluation runs alike: the classes, their label values, the spacing, the
+#: decoder's width and the sliding window's overlap (the ROI, ``img_size``, is in the logged ``backbone_config``).
+_TRACKED = {name: f"@{name}" for name in ("class_names", "label_values", "pixdim", "feature_size", "sw_overlap")}
 
 
 #: validation and evaluation warn when the predictions miss the ground truth's foreground or classes.
@@ -304,7 +307,7 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
             "dataset": common.dataset("$@datalist['training']", "@train#preprocessing"),
             "dataloader": common.loader("@train#dataset", shuffle="@flags#shuffle"),
             "inferer": {"_target_": "SimpleInferer"},
-            "handlers": common.train_handlers(),
+            "handlers": common.train_handlers(spec, {**_TRACKED, "num_samples": "@num_samples"}),
             "trainer": common.trainer(spec),
         },
         "validate": {
@@ -358,7 +361,7 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
         )),
         "key_metric": key_metric,
         "additional_metrics": additional_metrics,
-        "handlers": common.evaluate_handlers(metrics_saver, _COLLAPSE_CHECK,
+        "handlers": common.evaluate_handlers(metrics_saver, _COLLAPSE_CHECK, params=_TRACKED,
                                              files=("metrics.csv", "mean_dice_raw.csv", "hd95_raw.csv")),
         "evaluator": common.evaluator(""),
         "initialize": _initialize(train=False),

@@ -1,10 +1,12 @@
 """MLflow additions for ``--tracking mlflow``: unique run names, PEFT parameters and the delta as an artifact.
 
 ``python -m monai.bundle run ... --tracking mlflow`` appends MONAI's ``MLFlowHandler`` to the engine's handlers
-(``monai.bundle.utils.DEFAULT_MLFLOW_SETTINGS``). That handler logs ``max_epochs``, per-epoch metrics and the
-executed config. :class:`MLflowPeftLogger`, placed in the same handler list, hands it more to log: the method,
-its config, trainable/total parameter counts (as run parameters) and files such as the delta checkpoint (as
-artifacts). Without ``--tracking`` there is no ``MLFlowHandler`` and it does nothing.
+(``monai.bundle.utils.DEFAULT_MLFLOW_SETTINGS``). That handler logs ``max_epochs`` and ``epoch_length``, per-epoch
+metrics and the executed config. :class:`MLflowPeftLogger`, placed in the same handler list, hands it more to log:
+the method, its config, trainable/total parameter counts and the bundle's settings (as run parameters, readable in
+MLflow's UI: :func:`param_value`, :func:`capped_params`) and files such as the delta checkpoint (as artifacts); an
+evaluation run logs no ``max_epochs``/``epoch_length`` (training's schedule). Without ``--tracking`` there is no
+``MLFlowHandler`` and it does nothing.
 
 Tracking never holds training up: before the run, :func:`check_tracking_uri` fails within seconds when the
 tracking server is unreachable (naming the URI and the fix), MLflow's HTTP retries are cut to a few seconds, and
@@ -21,14 +23,17 @@ import functools
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ignite.engine import Engine, Events
+from monai.engines import Evaluator
 from monai.handlers import MLFlowHandler, ValidationHandler
 from torch import nn
 
@@ -37,10 +42,14 @@ from monai_prompt.engine.checkpoint import unwrap
 from monai_prompt.peft.report import trainable_report
 
 __all__ = [
+    "LONG_PARAMS_ARTIFACT",
     "MLFLOW_HTTP_LIMITS",
+    "MLFLOW_PARAM_LIMIT",
     "MLflowPeftLogger",
+    "capped_params",
     "check_tracking_uri",
     "find_mlflow_handlers",
+    "param_value",
     "peft_params",
     "unique_run_name",
 ]
@@ -48,6 +57,12 @@ __all__ = [
 #: MLflow's HTTP settings while we run training (MLflow's defaults: 7 retries with backoff, 120 s timeout, so a
 #: dead server blocks each logging call for minutes); an environment variable the user set wins.
 MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+#: the longest run parameter value MLflow stores (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``): it cuts a longer
+#: one without a mark, or refuses the run's parameters with ``MLFLOW_TRUNCATE_LONG_VALUES=false``.
+MLFLOW_PARAM_LIMIT = 6000
+#: the artifact holding the full values of the parameters :func:`capped_params` cut.
+LONG_PARAMS_ARTIFACT = "long_params.json"
 
 logger = logging.getLogger("monai_prompt")
 
@@ -75,6 +90,41 @@ def peft_params(network: nn.Module) -> dict[str, str]:
     if vit_config:
         params["backbone_config"] = json.dumps(vit_config, sort_keys=True)
     return params
+
+
+def _plain(value: object) -> object:
+    """A value JSON cannot write as itself: NumPy values and tensors as lists or numbers, anything else as ``str``."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def param_value(value: object) -> str:
+    """``value`` as a run parameter: lists, tuples, dicts and arrays as compact JSON (``["csf","gray_matter"]``,
+    ``[1.5,1.5,2.0]``), anything else as ``str`` (``None``, ``0.001``, a path)."""
+    value = value.tolist() if hasattr(value, "tolist") else value
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, separators=(",", ":"), default=_plain)
+    return str(value)
+
+
+def capped_params(params: Mapping[str, object]) -> tuple[dict[str, str], dict[str, object]]:
+    """``params`` as run parameters (:func:`param_value`) that MLflow accepts: a value longer than
+    :data:`MLFLOW_PARAM_LIMIT` is cut, ending in a marker that gives its length and names the artifact
+    :data:`LONG_PARAMS_ARTIFACT`, where the full value is.
+
+    Args:
+        params: parameter name -> value.
+
+    Returns:
+        The parameters to log, and the full values of those that were cut.
+    """
+    logged, long = {}, {}
+    for key, value in params.items():
+        text = param_value(value)
+        if len(text) > MLFLOW_PARAM_LIMIT:
+            marker = f"...[cut: {len(text)} characters, the full value is in the artifact {LONG_PARAMS_ARTIFACT}]"
+            text, long[key] = text[: MLFLOW_PARAM_LIMIT - len(marker)] + marker, value
+        logged[key] = text
+    return logged, long
 
 
 def _attached(engine: Engine, kind: type) -> list:
@@ -182,6 +232,16 @@ def _end_open_runs(handlers: Sequence[MLFlowHandler], failed: list[str]) -> None
             handler.close()
 
 
+def _write_long_params(values: Mapping[str, object]) -> str:
+    """``values`` as :data:`LONG_PARAMS_ARTIFACT` in a temporary folder removed at exit; its path."""
+    folder = tempfile.mkdtemp(prefix="monai_prompt_mlflow_")
+    atexit.register(shutil.rmtree, folder, True)
+    path = os.path.join(folder, LONG_PARAMS_ARTIFACT)
+    with open(path, "w") as file:
+        json.dump(values, file, indent=1, default=_plain)
+    return path
+
+
 class MLflowPeftLogger:
     """Add PEFT parameters and artifact files to the ``MLFlowHandler`` that ``--tracking mlflow`` attaches, and
     keep tracking from stopping or stalling training.
@@ -189,14 +249,17 @@ class MLflowPeftLogger:
     When the engine starts (before the MLflow run is opened) it checks every tracking server the run logs to
     (:func:`check_tracking_uri`, also those of the validator behind a ``ValidationHandler``), sets
     :data:`MLFLOW_HTTP_LIMITS`, makes the MLflow handlers of the engine and its validators skip themselves after
-    a first failure (one warning), and sets the handler's ``experiment_param`` to :func:`peft_params`; when the
-    engine completes (before the run is closed) it adds those of ``artifacts`` that exist to the handler's
-    artifacts. Place it in the same handler list, before the tracking handler is appended.
+    a first failure (one warning), and sets the handler's ``experiment_param`` to :func:`peft_params` and
+    ``extra_params`` (through :func:`capped_params`; the full values of those it cuts go to the artifact
+    :data:`LONG_PARAMS_ARTIFACT`); on an evaluator it also stops the handler from logging the engine's
+    ``max_epochs`` and ``epoch_length``, training's schedule. When the engine completes (before the run is closed)
+    it adds those of ``artifacts`` that exist to the handler's artifacts. Place it in the same handler list, before
+    the tracking handler is appended.
 
     Args:
         network: the (possibly DDP-wrapped) network.
         artifacts: files or folders to log when the engine completes (e.g. ``models/model.pt``).
-        extra_params: more run parameters (e.g. the pre-trained weight path).
+        extra_params: more run parameters (e.g. the pre-trained weight path, the class names).
     """
 
     def __init__(
@@ -204,7 +267,8 @@ class MLflowPeftLogger:
     ) -> None:
         self.network = network
         self.artifacts = [str(a) for a in artifacts]
-        self.extra_params = {k: str(v) for k, v in (extra_params or {}).items()}
+        self.extra_params = dict(extra_params or {})
+        self.long_params_file: str | None = None
         self.logger = logger
 
     def attach(self, engine: Engine) -> None:
@@ -225,15 +289,19 @@ class MLflowPeftLogger:
         for tracked_engine, handlers in tracked.items():
             _tolerate_failures(tracked_engine, handlers, failed)
         atexit.register(_end_open_runs, [h for handlers in tracked.values() for h in handlers], failed)
-        params = {**peft_params(self.network), **self.extra_params}
+        params, long = capped_params({**peft_params(self.network), **self.extra_params})
+        self.long_params_file = _write_long_params(long) if long else None
         for handler in tracked.get(engine, []):
             handler.experiment_param = {**(handler.experiment_param or {}), **params}
+            if isinstance(engine, Evaluator):
+                handler.default_tracking_params = []
 
     def completed(self, engine: Engine) -> None:
         handlers = find_mlflow_handlers(engine)
         if not handlers:
             return
         existing = [path for path in self.artifacts if os.path.exists(path)]
+        existing += [self.long_params_file] if self.long_params_file else []
         for path in sorted(set(self.artifacts) - set(existing)):
             self.logger.warning(f"MLflow artifact {path} does not exist; not logged.")
         for handler in handlers:
