@@ -31,7 +31,7 @@ from monai_prompt.engine.metrics import (
     per_class_scores,
     quadratic_weighted_kappa,
 )
-from monai_prompt.engine.metrics.classification import TRIVIAL_ADVICE
+from monai_prompt.engine.metrics.classification import CHANCE_FIRST_PERMUTATIONS, CHANCE_PERMUTATIONS, TRIVIAL_ADVICE
 
 #: four images, three classes: confidences 0.93 (right), 0.62 (wrong), 0.52 (right), 0.72 (right), in bins 13, 9,
 #: 7 and 10 of 15, so ECE = (0.07 + 0.62 + 0.48 + 0.28) / 4 = 0.3625.
@@ -327,7 +327,11 @@ def test_the_chance_test_of_balanced_accuracy_is_fisher_s_exact_test_for_two_cla
     # three classes, the predictions independent of the labels by construction (each row the same shares)
     balanced, classes, p_value, reach = balanced_accuracy_chance(torch.tensor([[30, 10, 5], [12, 4, 2], [6, 2, 1]]))
     assert (classes, balanced, p_value > 0.3, 1 / 3 < reach < 0.5) == (3, pytest.approx(1 / 3), True, True)
+    assert p_value * (1 + CHANCE_PERMUTATIONS) == pytest.approx(round(p_value * (1 + CHANCE_PERMUTATIONS)))  # all drawn
     assert balanced_accuracy_chance(torch.zeros(2, 2))[1] == 0
+    # 100 classes recognised well: no first pairing reaches the model, the rest are not drawn (5 s -> 0.5 s)
+    good = torch.eye(100, dtype=torch.long) * 5 + 1
+    assert balanced_accuracy_chance(good)[2] == 1 / (1 + CHANCE_FIRST_PERMUTATIONS)
 
 
 def test_multi_label_trivial_answer_is_a_macro_auc_within_chance(caplog):
