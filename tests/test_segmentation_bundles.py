@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -472,6 +474,22 @@ def test_hd95_is_in_the_units_of_each_images_grid():
     assert grid_spacing(torch.zeros(1, 4, 4), 2) == [1.0, 1.0]  # no meta: pixels
 
 
+def test_hd95_silences_monai_s_own_deprecation_warning_only():
+    """MONAI 1.6's HD95 hands ``get_mask_edges`` the argument MONAI deprecates (``always_return_as_numpy``), so
+    each run that scored HD95 warned about it; that warning is silenced, any other still shows."""
+    truth = torch.zeros(1, 8, 8)
+    truth[:, 2:6, 2:6] = 1
+    engine = Engine(lambda e, b: {"pred": [truth], "label": [truth]})
+    with warnings.catch_warnings(record=True) as caught:
+        ClassHausdorffDistance(["one"], num_classes=2, percentile=95,
+                               output_transform=from_engine(["pred", "label"])).attach(engine, "hd95")
+        engine.run([0])
+        warnings.warn("another FutureWarning", FutureWarning)
+    messages = [str(warning.message) for warning in caught]
+    assert engine.state.metrics["hd95_one"] == 0.0 and "another FutureWarning" in messages
+    assert not [message for message in messages if "get_mask_edges" in message], messages
+
+
 def test_the_per_image_files_head_their_columns_with_the_class_names(tmp_path):
     """MONAI's ``MetricsSaver`` heads the classes ``class0, class1``; the bundles' saver writes their names (quoted
     where a name holds the delimiter) and leaves MONAI's values and summary as they are."""
@@ -582,9 +600,20 @@ def test_mlflow_tracking_logs_dice_per_class_and_the_evaluation_files(tiny_data,
     from mlflow.tracking import MlflowClient
 
     bundle, overrides = _copy("linear_segmentation", tiny_data["2d"], tiny_data["encoder2"], tmp_path)
-    run_bundle(bundle, ["train.json"], "train", tracking="mlflow", quiet=True, **overrides,
-               **{"train#trainer#max_epochs": 2})
-    run_bundle(bundle, ["train.json", "evaluate.json"], "infer", tracking="mlflow", quiet=True, **overrides)
+    mlflow_lines: list[logging.LogRecord] = []  # MLflow logs to its own handler, not the root's
+    capture = logging.Handler()
+    capture.emit = mlflow_lines.append
+    logging.getLogger("mlflow").addHandler(capture)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            run_bundle(bundle, ["train.json"], "train", tracking="mlflow", **overrides,
+                       **{"train#trainer#max_epochs": 2})
+            run_bundle(bundle, ["train.json", "evaluate.json"], "infer", tracking="mlflow", quiet=True, **overrides)
+    finally:
+        logging.getLogger("mlflow").removeHandler(capture)
+    # neither MLflow's lines on creating eval/mlruns.db nor MONAI's warning about its own HD95 stand among the run's
+    assert not [record.getMessage() for record in mlflow_lines if record.levelno < logging.WARNING]
+    assert not [str(warning.message) for warning in caught if "get_mask_edges" in str(warning.message)]
     client = MlflowClient(f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("monai_prompt_segmentation")
     runs = {run.info.run_name.rsplit("_", 3)[0]: run for run in client.search_runs([experiment.experiment_id])}
