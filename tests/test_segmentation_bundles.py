@@ -136,7 +136,7 @@ def _copy(name: str, datalist: Path, encoder: Path, tmp_path: Path) -> tuple[Pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SEGMENTATION_SPECS))
-def test_bundle_train_evaluate_infer_verify_export(name, tiny_data, tmp_path):
+def test_bundle_train_evaluate_infer_verify_export(name, tiny_data, tmp_path, capsys):
     spec = SEGMENTATION_SPECS[name]
     png = spec.spatial_dims == 2 and spec.method in ("linear", "lora", "bitfit", "dvpt")  # both 2D formats covered
     datalist = tiny_data["2d_png" if png else f"{spec.spatial_dims}d"]
@@ -158,8 +158,12 @@ def test_bundle_train_evaluate_infer_verify_export(name, tiny_data, tmp_path):
     run_bundle(bundle, ["train.json", "evaluate.json"], "infer", quiet=True, **overrides)
     images = datalist.parent / "images" / "test"  # inference takes a folder or a glob of unlabelled images
     infer_images = str(images) if spec.spatial_dims == 2 else str(images / "*.nii.gz")
-    run_bundle(bundle, ["inference.json"], "infer", quiet=True, infer_images=infer_images, **overrides)
+    capsys.readouterr()
+    run_bundle(bundle, ["inference.json"], "infer", infer_images=infer_images, **overrides)
     _assert_masks_match_labels_and_metrics(bundle, datalist, png)
+    finished, last = capsys.readouterr().out.splitlines()[-2:]  # the run ends saying where the masks went
+    assert "Engine run finished" in finished
+    assert last.endswith(f" - monai_prompt - INFO - inference: wrote 2 masks to {bundle / 'eval' / 'masks'}")
 
     meta, infer = bundle / "configs" / "metadata.json", bundle / "configs" / "inference.json"
     verify_metadata(meta_file=str(meta), filepath=str(schema_file()))
@@ -739,7 +743,8 @@ def _recorded_workflow(configs: list[str], root: Path, record: dict[str, Any], *
     parser.read_config([str(find_bundle("lora_3d_segmentation") / "configs" / config) for config in configs])
     parser.update({"bundle_root": str(root), "training_config": record, "num_workers": 0, **overrides})
     parser["network"] = _IntensityClasses()
-    parser["handlers"] = [handler for handler in parser["handlers"] if handler["_target_"] not in _NO_DELTA]
+    parser["handlers"] = [handler for handler in parser["handlers"]  # inference's "@outputs" (the mask count) stays
+                          if not isinstance(handler, dict) or handler["_target_"] not in _NO_DELTA]
     evaluator = parser.get_parsed_content("evaluator")
     evaluator.run()
     return evaluator
