@@ -319,7 +319,7 @@ def test_rendered_transforms_are_classification_transforms(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BUNDLE_SPECS))
-def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path, monkeypatch):
+def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path, monkeypatch, capsys):
     spec = BUNDLE_SPECS[name]
     bundle = copy_bundle(name, tmp_path)
     overrides = tiny_overrides(spec, tiny["data"], tiny["backbone"])
@@ -344,8 +344,13 @@ def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path, monkeyp
     metrics = read_metrics(bundle / "eval" / "metrics.csv")
     assert set(metrics) == {"accuracy", "auc", "f1", "kappa", "ece"}
 
+    capsys.readouterr()
     run_bundle(bundle, ["inference.json"], "infer", **overrides)
-    with open(bundle / "eval" / "predictions.csv") as f:
+    finished, last = capsys.readouterr().out.splitlines()[-2:]  # the run ends saying where the predictions went
+    assert "Engine run finished" in finished
+    predictions = bundle / "eval" / "predictions.csv"
+    assert last.endswith(f" - monai_prompt - INFO - inference: wrote 6 prediction rows to {predictions}")
+    with open(predictions) as f:
         header, *rows = list(csv.reader(f))
     assert header == ["image", "dark", "mid", "bright", "predicted"]  # the class names of the training record
     assert len(rows) == 6 and all(len(row) == 5 for row in rows)

@@ -61,9 +61,12 @@ def test_same_named_inference_inputs_of_two_folders_get_a_mask_each(tmp_path):
     models = {p.name: sha256(p) for p in (bundle / "models").glob("*.*")}
 
     # --pretrained None is dropped by MONAI's run (every None is), so the recorded weights load and the delta with them
+    # (the bundle named relative to the working folder: the last line names the masks' folder absolute)
     infer = {**overrides, "infer_images": list(map(str, inputs)), "pretrained": None}
-    result = run_command(bundle_run(bundle, "inference.json", infer), cwd=tmp_path)
+    result = run_command(bundle_run(bundle.relative_to(tmp_path), "inference.json", infer), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.rstrip().splitlines()[-1]
+    assert last.endswith(f" - monai_prompt - INFO - inference: wrote 2 masks to {bundle / 'eval' / 'masks'}"), last
     masks = sorted(p.relative_to(bundle / "eval" / "masks").as_posix() for p in (bundle / "eval").rglob("*.nii.gz"))
     assert masks == ["a/t1_seg.nii.gz", "b/t1_seg.nii.gz"]
     for image in inputs:

@@ -146,6 +146,25 @@ def test_an_evaluation_run_logs_its_settings_but_no_training_schedule(tmp_path, 
     assert json.loads(Path(full).read_text()) == {"class_names": _MANY_CLASSES}
 
 
+@pytest.mark.slow  # creates an MLflow SQLite store
+def test_creating_the_sqlite_store_logs_no_line_among_the_run_lines(tmp_path):
+    """MLflow logged ``Creating initial MLflow database tables...`` and ``Updating database tables`` among a bundle
+    run's lines when it created the default ``eval/mlruns.db``; those two are silenced, its other lines show."""
+    from mlflow import MlflowClient
+
+    records: list[logging.LogRecord] = []
+    capture = logging.Handler()
+    capture.emit = records.append
+    logging.getLogger("mlflow").addHandler(capture)  # MLflow's loggers log to their own handler, not the root's
+    try:
+        MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}").search_experiments()
+        logging.getLogger("mlflow.store.db.utils").info("another line")
+    finally:
+        logging.getLogger("mlflow").removeHandler(capture)
+    assert (tmp_path / "mlruns.db").is_file()
+    assert [record.getMessage() for record in records if record.name == "mlflow.store.db.utils"] == ["another line"]
+
+
 def test_unique_run_names():
     names = {unique_run_name("vpt_classification_train") for _ in range(50)}
     assert len(names) == 50 and all(name.startswith("vpt_classification_train_2") for name in names)

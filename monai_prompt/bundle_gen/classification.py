@@ -305,7 +305,8 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
 
 def inference_config(spec: BundleSpec) -> dict[str, Any]:
     """``configs/inference.json`` (standalone): class probabilities and the predicted class per image to
-    ``eval/predictions.csv``, with the network and classes of the training record.
+    ``eval/predictions.csv``, with the network and classes of the training record; the run ends with the file's
+    path and number of rows (``inference: wrote 6 prediction rows to /abs/eval/predictions.csv``).
 
     ``infer_images`` is a folder (``--input_dir``), a glob or a list of them (default: the demo's test images); no
     datalist is read, and nothing is looked up before the workflow runs, so MONAI's property checks pass on a
@@ -325,20 +326,15 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "dataloader": common.loader("@dataset", shuffle=False),
         "inferer": {"_target_": "SimpleInferer"},
         "postprocessing": common.compose([_ACTIVATION, _DROP_IMAGE]),
-        "handlers": [
-            common.delta_loader(),
-            {"_target_": "StatsHandler", "iteration_log": False},
+        **common.inference_workflow(
+            "$monai_prompt.data.check_images(@infer_files, channels=@in_channels, read_pixels=@flags#check_pixels, "
+            "source=@infer_images, spatial_dims=@spatial_dims)",
             {
                 "_target_": "monai_prompt.engine.PredictionSaver",
                 "output_dir": "@output_dir",
                 "class_names": "@class_names",
                 "multi_label": "@flags#multi_label",
             },
-        ],
-        "evaluator": common.evaluator(metrics=False),
-        **common.inference_steps(
-            "$monai_prompt.data.check_images(@infer_files, channels=@in_channels, read_pixels=@flags#check_pixels, "
-            "source=@infer_images, spatial_dims=@spatial_dims)"
         ),
     })
 

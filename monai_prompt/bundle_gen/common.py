@@ -34,7 +34,7 @@ __all__ = [
     "device_settings",
     "evaluate_handlers",
     "evaluator",
-    "inference_steps",
+    "inference_workflow",
     "initialize",
     "loader",
     "metrics",
@@ -600,15 +600,25 @@ def evaluate_handlers(
     ]
 
 
-def inference_steps(check: str) -> dict[str, list[str]]:
-    """``initialize`` and ``run`` of an inference: errors shown last, the seed, a warning without pre-trained
-    weights; then ``check`` of the inputs and the evaluator. The check runs in ``run``, so that nothing is looked
-    up while MONAI checks the bundle's properties (a bundle without data passes).
+def inference_workflow(check: str, outputs: dict[str, Any]) -> dict[str, Any]:
+    """The end of an inference config: ``outputs``, the handlers (delta loader, logs, ``@outputs``), the evaluator,
+    ``initialize`` (errors shown last, the seed, a warning without pre-trained weights) and ``run``: ``check`` of the
+    inputs, the evaluator, then ``outputs``' report of where its files went (``report()``: the run's last line,
+    after ignite's ``Engine run finished``). The check runs in ``run``, so that nothing is looked up while MONAI
+    checks the bundle's properties (a bundle without data passes).
 
     Args:
         check: the expression that checks the input images.
+        outputs: the handler that writes or counts the inference's files and has a ``report()``
+            (``monai_prompt.engine.PredictionSaver``, ``monai_prompt.engine.SavedMasks``).
     """
-    return {"initialize": initialize((), train=False), "run": [check, "$@evaluator.run()"]}
+    return {
+        "outputs": outputs,
+        "handlers": [delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}, "@outputs"],
+        "evaluator": evaluator(metrics=False),
+        "initialize": initialize((), train=False),
+        "run": [check, "$@evaluator.run()", "$@outputs.report()"],
+    }
 
 
 def multi_gpu_config() -> dict[str, Any]:

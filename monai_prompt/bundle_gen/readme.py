@@ -230,8 +230,9 @@ sigmoid outputs and `BCEWithLogitsLoss` for multi-hot labels.""",
 - Input: `image`, 3 x {spec.img_size} x {spec.img_size} float32 in [0, 1].
 - Output: `pred`, logits `[B, num_classes]`; after postprocessing, class probabilities. Inference writes
   `eval/predictions.csv`: a header `image,<class names>,predicted`, then one row per image: its path, the
-  class probabilities and the predicted class's name. Evaluation writes `eval/metrics.csv` (`accuracy`, `auc`,
-  `f1`, `kappa`).""",
+  class probabilities and the predicted class's name; its last line says where
+  (`inference: wrote 6 prediction rows to /abs/path/eval/predictions.csv`). Evaluation writes `eval/metrics.csv`
+  (`accuracy`, `auc`, `f1`, `kappa`).""",
         performance=_classification_performance(spec, measured),
         data_hint=(f"The default `dataset_dir` is `{data_dir}/`: build\nit with `make demo` or alone with "
                    "`monai-prompt demo-data`, or pass `--dataset_dir`."),
@@ -398,7 +399,8 @@ resample as the delta was trained.""",
   mask per image to `eval/masks/<image>_seg.nii.gz` with the input's affine, shape and NIfTI sform/qform codes
   (`_seg.png` for PNG inputs), in the
   image's folder below the inputs' common one (`a/t1.nii.gz`, `b/t1.nii.gz`: `masks/a/t1_seg.nii.gz`,
-  `masks/b/t1_seg.nii.gz`).""",
+  `masks/b/t1_seg.nii.gz`); its last line says how many and where (`inference: wrote 12 masks to
+  /abs/path/eval/masks`).""",
         performance="\n".join([*_segmentation_counts(spec, measured), *_segmentation_demo(spec, measured)]),
         data_hint=("Build the demo data first with\n`monai-prompt demo-data --task segmentation` (it writes "
                    f"`{data_dir}/`, the default `dataset_dir`) or pass\n`--dataset_dir` / `--datalist_file`."),

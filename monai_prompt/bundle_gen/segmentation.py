@@ -377,8 +377,10 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
     datalist is read. The masks are ``<image name>_seg.nii.gz`` (the extension dropped in any case:
     ``mask_name_formatter``) with the input's affine and NIfTI codes (``NiftiMaskWriter``), or ``_seg.png`` for PNG
     inputs, in the input's folder below the inputs' common parent (``mask_root``: same-named inputs of two folders
-    get a mask each). MONAI Label's stock ``monaibundle`` app serves the same ``preprocessing``, ``inferer`` and
-    ``postprocessing`` (image-only loading, :data:`_MASK`).
+    get a mask each); ``SaveImaged`` leaves each mask's path in its meta (``saved_to``), and the run ends with the
+    count and folder of the masks (``SavedMasks``: ``inference: wrote 12 masks to /abs/eval/masks``). MONAI Label's
+    stock ``monaibundle`` app serves the same ``preprocessing``, ``inferer`` and ``postprocessing`` (image-only
+    loading, :data:`_MASK`).
     """
     return common.with_flags({
         **common.recorded(_network_settings(spec), {**_common(spec), "network_def": _network_def(spec, trained=True)},
@@ -403,13 +405,13 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
              "output_ext": "@mask_ext", "output_dtype": "$monai_prompt.data.mask_dtype(@label_values)",
              "resample": False, "separate_folder": False, "data_root_dir": "@mask_root",
              "output_name_formatter": "$monai_prompt.data.mask_name_formatter",
-             "writer": "$monai_prompt.data.NiftiMaskWriter if @mask_ext == '.nii.gz' else None", "print_log": False},
+             "writer": "$monai_prompt.data.NiftiMaskWriter if @mask_ext == '.nii.gz' else None", "print_log": False,
+             "savepath_in_metadict": True},
         ]),
-        "handlers": [common.delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}],
-        "evaluator": common.evaluator(metrics=False),
-        **common.inference_steps(
+        **common.inference_workflow(
             "$monai_prompt.data.check_images(@infer_files, channels=@in_channels, source=@infer_images, "
-            "spatial_dims=@spatial_dims)"
+            "spatial_dims=@spatial_dims)",
+            {"_target_": "monai_prompt.engine.SavedMasks", "output_dir": "@mask_dir"},
         ),
     })
 

@@ -38,7 +38,7 @@ from monai_prompt.engine.metrics import (
     per_class_scores,
     quadratic_weighted_kappa,
 )
-from monai_prompt.engine.predictions import PredictionSaver
+from monai_prompt.engine.predictions import PredictionSaver, SavedMasks
 from monai_prompt.engine.tracking import (
     MLflowPeftLogger,
     check_tracking_uri,
@@ -66,6 +66,7 @@ __all__ = [
     "ProgressLog",
     "QuadraticWeightedKappa",
     "ResumeLrScheduleHandler",
+    "SavedMasks",
     "SegmentationCollapseHandler",
     "TimeLeft",
     "TrainableReportHandler",

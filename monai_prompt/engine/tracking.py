@@ -13,6 +13,9 @@ tracking server is unreachable (naming the URI and the fix), MLflow's HTTP retri
 a server that goes away mid-run costs one warning, after which the run's MLflow handlers are skipped. A workflow
 that ends with an uncaught error ends its open MLflow runs ``FAILED`` (``KILLED`` after Ctrl-C) at exit, where
 MONAI's handler would leave them ``RUNNING``.
+
+Importing the module silences the two lines MLflow logs when it first creates a SQLite store, such as the bundles'
+default ``eval/mlruns.db``, which would stand among the run's own; every other MLflow message shows as before.
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ MLFLOW_PARAM_LIMIT = 6000
 LONG_PARAMS_ARTIFACT = "long_params.json"
 
 logger = logging.getLogger("monai_prompt")
+
+#: what MLflow logs (INFO, ``mlflow.store.db.utils``) when it creates the tables of a new SQLite store.
+_STORE_CREATED = ("Creating initial MLflow database tables...", "Updating database tables")
+
+logging.getLogger("mlflow.store.db.utils").addFilter(lambda record: record.getMessage() not in _STORE_CREATED)
 
 
 def unique_run_name(prefix: str) -> str:

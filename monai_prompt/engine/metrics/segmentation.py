@@ -11,7 +11,10 @@ would read as a perfect HD95). ``mean_name`` also stores the mean over all defin
 ``class_prefix`` names the per-class scalars and keeps MONAI's reduction under the handler's own name, so that one
 ``ClassMeanDice`` is both the key metric (``val_mean_dice``) and the Dice per class, computed once.
 
-HD95 is in the units of each image's grid (:func:`grid_spacing`: mm for NIfTI/DICOM, pixels for PNG).
+HD95 is in the units of each image's grid (:func:`grid_spacing`: mm for NIfTI/DICOM, pixels for PNG). MONAI's own
+HD95 (``get_edge_surface_distance``) hands ``get_mask_edges`` the argument MONAI deprecates, so each run that scores
+HD95 warned once about it; :class:`ClassHausdorffDistance` silences exactly that warning (nothing it could pass avoids
+it), every other warning shows.
 With ``num_classes`` both take class-index maps (``B1HW[D]``, e.g. an argmax and a label) instead of one-hot
 channels, one class at a time: the values are the one-hot ones, without the classes x volume one-hot tensors.
 :class:`ClassMetricsSaver` writes their per-image values with the classes' names for column heads.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,10 @@ __all__ = [
     "LabelMapHausdorffDistanceMetric",
     "grid_spacing",
 ]
+
+#: the FutureWarning of MONAI 1.5-1.6 that its HD95 raises itself (``get_edge_surface_distance`` passes
+#: ``always_return_as_numpy`` to ``get_mask_edges``, which deprecates it).
+_MASK_EDGES_DEPRECATION = r"monai\.metrics\.utils get_mask_edges:always_return_as_numpy"
 
 
 def grid_spacing(image: torch.Tensor, spatial_dims: int) -> list[float]:
@@ -125,6 +133,7 @@ class ClassHausdorffDistance(_PerClass, HausdorffDistance):
         self, class_names: Sequence[str], mean_name: str | None = None, num_classes: int | None = None, **kwargs: Any
     ) -> None:
         super().__init__(class_names, mean_name, **kwargs)
+        warnings.filterwarnings("ignore", message=_MASK_EDGES_DEPRECATION, category=FutureWarning)
         if num_classes is not None:
             one_hot = self.metric_fn
             self.metric_fn = LabelMapHausdorffDistanceMetric(
