@@ -17,3 +17,8 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").addFilter(
     lambda record: record.getMessage() != NVIMGCODEC_MISSING
 )
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
+#: the start of what MONAI's ``Orientation.inverse`` warns on every 2D image it turns back (a 2D segmentation's
+#: inference): it takes the axis codes of the image's 4 x 4 affine, a tuple of three, and rightly uses the first two.
+#: The forward transform names its codes as a string, so its warning about a real mismatch still shows.
+ORIENTATION_INVERSE_2D = r"axcodes \('\("
+warnings.filterwarnings("ignore", message=ORIENTATION_INVERSE_2D, category=UserWarning)
