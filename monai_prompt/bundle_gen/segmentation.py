@@ -405,7 +405,11 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
              "output_name_formatter": "$monai_prompt.data.mask_name_formatter",
              "writer": "$monai_prompt.data.NiftiMaskWriter if @mask_ext == '.nii.gz' else None", "print_log": False},
         ]),
-        "handlers": [common.delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}],
+        "handlers": [
+            common.delta_loader(),
+            {"_target_": "StatsHandler", "iteration_log": False},
+            common.inference_tracking({**_TRACKED, "mask_dir": "@mask_dir"}),
+        ],
         "evaluator": common.evaluator(metrics=False),
         **common.inference_steps(
             "$monai_prompt.data.check_images(@infer_files, channels=@in_channels, source=@infer_images, "
