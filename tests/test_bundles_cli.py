@@ -63,14 +63,17 @@ def test_monai_bundle_cli_from_repository_root_inside_the_bundle_and_elsewhere(t
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lora_classification", "fptplus_classification"])
 def test_torchrun_ddp_on_cpu_with_gloo(name, tiny, tmp_path):
-    """DDP with a frozen backbone; FPT+ also preloads its cache on rank 0 while rank 1 waits."""
+    """DDP with a frozen backbone; FPT+ also preloads its cache on rank 0 while rank 1 waits. The MLflow run (rank 0
+    only) logs the number of processes and the batch size they make together."""
+    from mlflow import MlflowClient
+
     spec = BUNDLE_SPECS[name]
     bundle = copy_bundle(name, tmp_path)
     configs = f"['bundles/{spec.name}/configs/train.json','bundles/{spec.name}/configs/multi_gpu_train.json']"
     result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
                   "-m", "monai.bundle", "run", "--config_file", configs,
-                  *cli_overrides(spec, tiny["data"], tiny["backbone"]), "--train#trainer#max_epochs", "1"],
-                 cwd=tmp_path)
+                  *cli_overrides(spec, tiny["data"], tiny["backbone"]), "--train#trainer#max_epochs", "1",
+                  "--tracking", "mlflow"], cwd=tmp_path)
     output = result.stdout + result.stderr
     assert output.count("Epoch: 1/1, Iter: 2/2") == 1  # 12 images on 2 ranks, batch 4; rank 1 does not log
     assert output.count("time left (epoch 1/1): 2/2 iterations, ") == 1  # nor does it log the time left
@@ -80,6 +83,10 @@ def test_torchrun_ddp_on_cpu_with_gloo(name, tiny, tmp_path):
     delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert not any(key.startswith("module.") for key in delta["model"])  # saved unwrapped from DDP
     assert delta["peft"]["method"] == spec.method
+    client = MlflowClient(f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
+    (tracked,) = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    assert {key: tracked.data.params[key] for key in ("world_size", "batch_size", "effective_batch_size")} == {
+        "world_size": "2", "batch_size": "4", "effective_batch_size": "8"}
 
 
 @pytest.mark.slow

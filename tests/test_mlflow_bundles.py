@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from bundle_support import copy_bundle, tiny_overrides
 from io_support import free_port
 from monai_prompt.bundle_gen import BUNDLE_SPECS
+from monai_prompt.engine.tracking import TRAINING_RUN_FILE
 from monai_prompt.runs.runner import run_bundle
 
 pytestmark = pytest.mark.slow  # every test runs bundle workflows
@@ -79,12 +80,14 @@ def test_train_and_evaluate_logged_to_a_tracking_server(bundle, mlflow_server):
     tracked = {**overrides, "tracking_uri": mlflow_server}
     run_bundle(path, ["train.json"], "train", tracking="mlflow", **tracked, **{"train#trainer#max_epochs": 2})
     run_bundle(path, ["train.json", "evaluate.json"], "infer", tracking="mlflow", **tracked)
+    images = str(Path(overrides["dataset_dir"]) / "images" / "test")
+    run_bundle(path, ["inference.json"], "infer", tracking="mlflow", infer_images=images, **tracked)
 
     client = MlflowClient(mlflow_server)
     runs = _runs(client)
-    train = next(run for name, run in runs.items() if name.startswith("linear_classification_train_"))
-    evaluate = next(run for name, run in runs.items() if name.startswith("linear_classification_evaluate_"))
-    assert len(runs) == 2 and train.info.status == evaluate.info.status == "FINISHED"
+    train, evaluate, infer = (next(run for name, run in runs.items() if name.startswith(f"{SPEC.name}_{kind}_"))
+                              for kind in ("train", "evaluate", "infer"))
+    assert len(runs) == 3 and train.info.status == evaluate.info.status == infer.info.status == "FINISHED"
 
     params = train.data.params
     assert params["peft_method"] == "linear" and params["peft_config"] == "{}"
@@ -97,7 +100,7 @@ def test_train_and_evaluate_logged_to_a_tracking_server(bundle, mlflow_server):
         "class_names": classes, "multi_label": "False", "datalist_options": "{}",
         "img_size": str(overrides["img_size"]), "batch_size": "4", "learning_rate": str(SPEC.learning_rate),
         "weight_decay": str(SPEC.weight_decay), "seed": "0", "val_interval": "1", "shuffle": "True",
-        "step_in_backward": "False"}
+        "step_in_backward": "False", "world_size": "1", "effective_batch_size": "4"}
     assert {key: params[key] for key in settings} == settings
     assert params["datalist_file"].endswith("datalist.json") and "checkpoint" not in params
     history = client.get_metric_history(train.info.run_id, "val_accuracy")
@@ -115,6 +118,16 @@ def test_train_and_evaluate_logged_to_a_tracking_server(bundle, mlflow_server):
     assert evaluated_params["datalist_file"] == params["datalist_file"]
     evaluated = {artifact.path for artifact in client.list_artifacts(evaluate.info.run_id)}
     assert {"metrics.csv", "calibration.csv", "reliability.png", "model.pt"} <= evaluated
+    # each names the training run that wrote its checkpoint, recorded beside it
+    assert evaluated_params["training_run_id"] == infer.data.params["training_run_id"] == train.info.run_id
+
+    inferred = infer.data.params  # what the inference read: the images, where it wrote; no schedule or data split
+    assert not {"max_epochs", "epoch_length", "batch_size", "evaluate_split", "datalist_file"} & set(inferred)
+    assert {key: inferred[key] for key in ("class_names", "multi_label", "infer_images", "peft_method")} == {
+        "class_names": classes, "multi_label": "False", "infer_images": images, "peft_method": "linear"}
+    assert Path(inferred["checkpoint"]).resolve() == (path / "models" / "model.pt").resolve()
+    assert Path(inferred["output_dir"]).resolve() == (path / "eval").resolve()
+    assert "predictions.csv" in {artifact.path for artifact in client.list_artifacts(infer.info.run_id)}
     local = client.download_artifacts(train.info.run_id, "model.pt", str(path.parent / "download"))
     assert Path(local).read_bytes() == (path / "models" / "model.pt").read_bytes()
 
@@ -129,3 +142,5 @@ def test_default_local_sqlite_store_and_unique_run_names(bundle):
     runs = _runs(MlflowClient(f"sqlite:///{store}"))
     assert len(runs) == 2 and all(name.startswith("linear_classification_train_") for name in runs)
     assert all(run.info.status == "FINISHED" and "val_accuracy" in run.data.metrics for run in runs.values())
+    latest = max(runs.values(), key=lambda run: run.info.start_time)  # the one whose delta is in models/
+    assert json.loads((path / "models" / TRAINING_RUN_FILE).read_text())["run_id"] == latest.info.run_id

@@ -616,6 +616,9 @@ def test_mlflow_tracking_logs_dice_per_class_and_the_evaluation_files(tiny_data,
             run_bundle(bundle, ["train.json"], "train", tracking="mlflow", pixdim=[1.5, 0.8], **overrides,
                        **{"train#trainer#max_epochs": 2})
             run_bundle(bundle, ["train.json", "evaluate.json"], "infer", tracking="mlflow", quiet=True, **overrides)
+            images = str(tiny_data["2d"].parent / "images" / "test")
+            run_bundle(bundle, ["inference.json"], "infer", tracking="mlflow", quiet=True, infer_images=images,
+                       **overrides)
     finally:
         logging.getLogger("mlflow").removeHandler(capture)
     # neither MLflow's lines on creating eval/mlruns.db nor MONAI's warning about its own HD95 stand among the run's
@@ -624,7 +627,7 @@ def test_mlflow_tracking_logs_dice_per_class_and_the_evaluation_files(tiny_data,
     client = MlflowClient(f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("monai_prompt_segmentation")
     runs = {run.info.run_name.rsplit("_", 3)[0]: run for run in client.search_runs([experiment.experiment_id])}
-    train, evaluate = runs["linear_segmentation_train"], runs["linear_segmentation_evaluate"]
+    train, evaluate, infer = (runs[f"linear_segmentation_{kind}"] for kind in ("train", "evaluate", "infer"))
     per_class = {f"{metric}_{name}" for metric in ("dice", "hd95") for name in FOREGROUND}
     assert {"train_loss", "val_mean_dice", "val_mean_hd95"} | {f"val_{name}" for name in per_class} <= set(
         train.data.metrics
@@ -640,6 +643,11 @@ def test_mlflow_tracking_logs_dice_per_class_and_the_evaluation_files(tiny_data,
         **task, "num_samples": "1", "img_size": str(overrides["img_size"]), "max_epochs": "2"}
     assert {key: evaluate.data.params[key] for key in task} == task
     assert not {"max_epochs", "epoch_length", "num_samples", "learning_rate"} & set(evaluate.data.params)
+    # inference: the same settings, the images and where its masks went, the training run of its checkpoint
+    assert {key: infer.data.params[key] for key in [*task, "infer_images", "training_run_id"]} == {
+        **task, "infer_images": images, "training_run_id": train.info.run_id}
+    assert Path(infer.data.params["mask_dir"]).resolve() == (bundle / "eval" / "masks").resolve()
+    assert not {"max_epochs", "epoch_length", "num_samples", "learning_rate"} & set(infer.data.params)
 
 
 @pytest.mark.slow

@@ -23,7 +23,13 @@ from monai.handlers import MLFlowHandler, ValidationHandler
 
 from io_support import free_port
 from monai_prompt.engine import MLflowPeftLogger, check_tracking_uri, unique_run_name
-from monai_prompt.engine.tracking import LONG_PARAMS_ARTIFACT, MLFLOW_HTTP_LIMITS, MLFLOW_PARAM_LIMIT, capped_params
+from monai_prompt.engine.tracking import (
+    LONG_PARAMS_ARTIFACT,
+    MLFLOW_HTTP_LIMITS,
+    MLFLOW_PARAM_LIMIT,
+    TRAINING_RUN_FILE,
+    capped_params,
+)
 from net_support import tiny_classifier
 
 
@@ -163,6 +169,56 @@ def test_creating_the_sqlite_store_logs_no_line_among_the_run_lines(tmp_path):
         logging.getLogger("mlflow").removeHandler(capture)
     assert (tmp_path / "mlruns.db").is_file()
     assert [record.getMessage() for record in records if record.name == "mlflow.store.db.utils"] == ["another line"]
+
+
+def test_a_training_run_logs_its_processes_and_its_evaluations_name_it(tmp_path, monkeypatch, caplog):
+    """Under torchrun the number of processes, which multiplies the batch size, was not logged; an evaluation or
+    inference did not say which training run wrote its checkpoint."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setattr("ignite.distributed.get_world_size", lambda: 2)  # as under torchrun --nproc_per_node=2
+    uri, folder = f"sqlite:///{tmp_path / 'mlruns.db'}", tmp_path / "models"
+    folder.mkdir()
+    (folder / TRAINING_RUN_FILE).write_text('{"run_id": "of an earlier run"}')
+
+    def train(tracked: bool) -> None:
+        trainer = Engine(lambda engine, batch: {"loss": torch.tensor(1.0)})
+        MLflowPeftLogger(tiny_classifier(), extra_params={"batch_size": 4}, run_folder=folder).attach(trainer)
+        if tracked:
+            MLFlowHandler(tracking_uri=uri, experiment_name="x", run_name="train", iteration_log=False,
+                          close_on_complete=True).attach(trainer)
+        trainer.run([0, 1], max_epochs=1)
+
+    def evaluate(checkpoint: Path) -> dict[str, str]:
+        evaluator = SupervisedEvaluator(
+            device="cpu", network=torch.nn.Identity(),
+            val_data_loader=DataLoader([{"image": torch.zeros(1), "label": torch.zeros(1)}], batch_size=1))
+        MLflowPeftLogger(tiny_classifier(), checkpoint=checkpoint).attach(evaluator)
+        name = unique_run_name("evaluate")
+        MLFlowHandler(tracking_uri=uri, experiment_name="x", run_name=name, iteration_log=False,
+                      close_on_complete=True).attach(evaluator)
+        evaluator.run()
+        (run,) = client.search_runs(experiment, filter_string=f"attributes.run_name = '{name}'")
+        return run.data.params
+
+    train(tracked=True)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("x").experiment_id
+    (trained,) = client.search_runs(experiment)
+    assert {key: trained.data.params[key] for key in ("world_size", "effective_batch_size", "batch_size")} == {
+        "world_size": "2", "effective_batch_size": "8", "batch_size": "4"}
+    record = json.loads((folder / TRAINING_RUN_FILE).read_text())
+    assert record == {"run_id": trained.info.run_id, "run_name": "train", "experiment_id": experiment,
+                      "tracking_uri": uri}
+    evaluated = evaluate(folder / "model.pt")
+    assert evaluated["training_run_id"] == trained.info.run_id and "world_size" not in evaluated
+    assert "training_run_id" not in evaluate(tmp_path / "elsewhere" / "model.pt")  # no record: nothing, no error
+    (folder / TRAINING_RUN_FILE).write_text("{")
+    with caplog.at_level(logging.WARNING, logger="monai_prompt"):
+        assert "training_run_id" not in evaluate(folder / "model.pt")
+    assert f"{folder / TRAINING_RUN_FILE} names no MLflow run (JSONDecodeError" in caplog.text
+    train(tracked=False)  # its checkpoints replace those the record named: no link
+    assert not (folder / TRAINING_RUN_FILE).exists()
 
 
 def test_unique_run_names():

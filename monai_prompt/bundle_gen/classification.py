@@ -335,6 +335,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
                 "class_names": "@class_names",
                 "multi_label": "@flags#multi_label",
             },
+            common.inference_tracking({"class_names": "@class_names", "multi_label": "@flags#multi_label"},
+                                      files=["predictions.csv"]),
         ),
     })
 

@@ -34,6 +34,7 @@ __all__ = [
     "device_settings",
     "evaluate_handlers",
     "evaluator",
+    "inference_tracking",
     "inference_workflow",
     "initialize",
     "loader",
@@ -485,6 +486,27 @@ _EVALUATE_PARAMS = {
     "evaluate_split": "@evaluate_split",
     "amp": "@flags#amp",
 }
+#: MLflow run parameters of every inference run: the weights, the images given and where the results go.
+_INFERENCE_PARAMS = {
+    "pretrained": "@pretrained",
+    "checkpoint": "@load_path",
+    "infer_images": "@infer_images",
+    "output_dir": "@output_dir",
+    "amp": "@flags#amp",
+}
+
+
+def _mlflow_logger(artifacts: Sequence[str], params: dict[str, str], **runs: str) -> dict[str, Any]:
+    """``MLflowPeftLogger`` of ``@network``.
+
+    Args:
+        artifacts: the files it logs when the engine completes.
+        params: its run parameters (name -> reference).
+        runs: ``run_folder`` (training: where the run records its MLflow run) or ``checkpoint`` (evaluation and
+            inference: the checkpoint whose training run they log).
+    """
+    return {"_target_": "monai_prompt.engine.MLflowPeftLogger", "network": "@network", "artifacts": list(artifacts),
+            "extra_params": params, **runs}
 
 
 def train_handlers(spec: BundleSpec, params: dict[str, str]) -> list[dict[str, Any]]:
@@ -522,12 +544,7 @@ def train_handlers(spec: BundleSpec, params: dict[str, str]) -> list[dict[str, A
         },
         {"_target_": "monai_prompt.engine.EtaHandler"},
         {"_target_": "monai_prompt.engine.NonFiniteGuard"},
-        {
-            "_target_": "monai_prompt.engine.MLflowPeftLogger",
-            "network": "@network",
-            "artifacts": ["$@ckpt_dir + '/model.pt'"],
-            "extra_params": {**_TRAIN_PARAMS, **step, **params},
-        },
+        _mlflow_logger(["$@ckpt_dir + '/model.pt'"], {**_TRAIN_PARAMS, **step, **params}, run_folder="@ckpt_dir"),
     ]
 
 
@@ -591,30 +608,39 @@ def evaluate_handlers(
         delta_loader(),
         {"_target_": "StatsHandler", "iteration_log": False},
         *savers,
-        {
-            "_target_": "monai_prompt.engine.MLflowPeftLogger",
-            "network": "@network",
-            "artifacts": [*(f"$@output_dir + '/{name}'" for name in files), "@load_path"],
-            "extra_params": {**_EVALUATE_PARAMS, **params},
-        },
+        _mlflow_logger([*(f"$@output_dir + '/{name}'" for name in files), "@load_path"],
+                       {**_EVALUATE_PARAMS, **params}, checkpoint="@load_path"),
     ]
 
 
-def inference_workflow(check: str, outputs: dict[str, Any]) -> dict[str, Any]:
-    """The end of an inference config: ``outputs``, the handlers (delta loader, logs, ``@outputs``), the evaluator,
-    ``initialize`` (errors shown last, the seed, a warning without pre-trained weights) and ``run``: ``check`` of the
-    inputs, the evaluator, then ``outputs``' report of where its files went (``report()``: the run's last line,
-    after ignite's ``Engine run finished``). The check runs in ``run``, so that nothing is looked up while MONAI
-    checks the bundle's properties (a bundle without data passes).
+def inference_tracking(params: dict[str, str], files: Sequence[str] = ()) -> dict[str, Any]:
+    """The MLflow logger of an inference: :data:`_INFERENCE_PARAMS` and the training run of its checkpoint; no
+    training schedule.
+
+    Args:
+        params: the task's MLflow run parameters (name -> reference).
+        files: what the inference writes under ``@output_dir`` that is logged as an MLflow artifact.
+    """
+    return _mlflow_logger([f"$@output_dir + '/{name}'" for name in files], {**_INFERENCE_PARAMS, **params},
+                          checkpoint="@load_path")
+
+
+def inference_workflow(check: str, outputs: dict[str, Any], tracking: dict[str, Any]) -> dict[str, Any]:
+    """The end of an inference config: ``outputs``, the handlers (delta loader, logs, ``tracking``, ``@outputs``),
+    the evaluator, ``initialize`` (errors shown last, the seed, a warning without pre-trained weights) and ``run``:
+    ``check`` of the inputs, the evaluator, then ``outputs``' report of where its files went (``report()``: the
+    run's last line, after ignite's ``Engine run finished``). The check runs in ``run``, so that nothing is looked
+    up while MONAI checks the bundle's properties (a bundle without data passes).
 
     Args:
         check: the expression that checks the input images.
         outputs: the handler that writes or counts the inference's files and has a ``report()``
             (``monai_prompt.engine.PredictionSaver``, ``monai_prompt.engine.SavedMasks``).
+        tracking: the MLflow logger of the inference (:func:`inference_tracking`).
     """
     return {
         "outputs": outputs,
-        "handlers": [delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}, "@outputs"],
+        "handlers": [delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}, tracking, "@outputs"],
         "evaluator": evaluator(metrics=False),
         "initialize": initialize((), train=False),
         "run": [check, "$@evaluator.run()", "$@outputs.report()"],

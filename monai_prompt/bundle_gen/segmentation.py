@@ -412,6 +412,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
             "$monai_prompt.data.check_images(@infer_files, channels=@in_channels, source=@infer_images, "
             "spatial_dims=@spatial_dims)",
             {"_target_": "monai_prompt.engine.SavedMasks", "output_dir": "@mask_dir"},
+            common.inference_tracking({**_TRACKED, "mask_dir": "@mask_dir"}),
         ),
     })
 

@@ -5,8 +5,11 @@
 metrics and the executed config. :class:`MLflowPeftLogger`, placed in the same handler list, hands it more to log:
 the method, its config, trainable/total parameter counts and the bundle's settings (as run parameters, readable in
 MLflow's UI: :func:`param_value`, :func:`capped_params`) and files such as the delta checkpoint (as artifacts); an
-evaluation run logs no ``max_epochs``/``epoch_length`` (training's schedule). Without ``--tracking`` there is no
-``MLFlowHandler`` and it does nothing.
+evaluation or inference run logs no ``max_epochs``/``epoch_length`` (training's schedule), a training run the number
+of processes (``world_size``) and the batch size they make together. A training run records its MLflow run id beside
+its checkpoints (:data:`TRAINING_RUN_FILE`); an evaluation or inference of such a checkpoint logs it as
+``training_run_id``. Without ``--tracking`` there is no ``MLFlowHandler`` and it does nothing (but remove the run id
+a previous training run recorded in the folder).
 
 Tracking never holds training up: before the run, :func:`check_tracking_uri` fails within seconds when the
 tracking server is unreachable (naming the URI and the fix), MLflow's HTTP retries are cut to a few seconds, and
@@ -34,7 +37,9 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from monai.engines import Evaluator
 from monai.handlers import MLFlowHandler, ValidationHandler
@@ -42,6 +47,7 @@ from torch import nn
 
 from monai_prompt.backbones.registry import find_backbone
 from monai_prompt.engine.checkpoint import unwrap
+from monai_prompt.io import atomic_write
 from monai_prompt.peft.report import trainable_report
 
 __all__ = [
@@ -49,11 +55,13 @@ __all__ = [
     "MLFLOW_HTTP_LIMITS",
     "MLFLOW_PARAM_LIMIT",
     "MLflowPeftLogger",
+    "TRAINING_RUN_FILE",
     "capped_params",
     "check_tracking_uri",
     "find_mlflow_handlers",
     "param_value",
     "peft_params",
+    "recorded_training_run",
     "unique_run_name",
 ]
 
@@ -66,6 +74,9 @@ MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUE
 MLFLOW_PARAM_LIMIT = 6000
 #: the artifact holding the full values of the parameters :func:`capped_params` cut.
 LONG_PARAMS_ARTIFACT = "long_params.json"
+#: the file in a training run's checkpoint folder that names the run's MLflow run (``run_id``, ``run_name``,
+#: ``experiment_id``, ``tracking_uri``); absent when the run that trained the folder's checkpoints was not tracked.
+TRAINING_RUN_FILE = "mlflow_run.json"
 
 logger = logging.getLogger("monai_prompt")
 
@@ -133,6 +144,24 @@ def capped_params(params: Mapping[str, object]) -> tuple[dict[str, str], dict[st
             text, long[key] = text[: MLFLOW_PARAM_LIMIT - len(marker)] + marker, value
         logged[key] = text
     return logged, long
+
+
+def recorded_training_run(checkpoint: str | os.PathLike) -> str | None:
+    """The MLflow run id of the training run that wrote ``checkpoint``, as that run recorded it beside it
+    (:data:`TRAINING_RUN_FILE`); ``None`` when none is recorded (a checkpoint from elsewhere, an untracked run) or
+    the record is unreadable (with a warning).
+
+    Args:
+        checkpoint: a checkpoint file (``models/model.pt``).
+    """
+    record = Path(checkpoint).parent / TRAINING_RUN_FILE
+    if not record.is_file():
+        return None
+    try:
+        return str(json.loads(record.read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        logger.warning(f"{record} names no MLflow run ({type(err).__name__}: {err}); training_run_id not logged.")
+        return None
 
 
 def _attached(engine: Engine, kind: type) -> list:
@@ -259,31 +288,49 @@ class MLflowPeftLogger:
     :data:`MLFLOW_HTTP_LIMITS`, makes the MLflow handlers of the engine and its validators skip themselves after
     a first failure (one warning), and sets the handler's ``experiment_param`` to :func:`peft_params` and
     ``extra_params`` (through :func:`capped_params`; the full values of those it cuts go to the artifact
-    :data:`LONG_PARAMS_ARTIFACT`); on an evaluator it also stops the handler from logging the engine's
-    ``max_epochs`` and ``epoch_length``, training's schedule. When the engine completes (before the run is closed)
-    it adds those of ``artifacts`` that exist to the handler's artifacts. Place it in the same handler list, before
-    the tracking handler is appended.
+    :data:`LONG_PARAMS_ARTIFACT`). On a trainer it adds ``world_size`` (``torchrun``'s processes) and, with a
+    ``batch_size`` in ``extra_params``, ``effective_batch_size`` (``batch_size`` x ``world_size``: the images of
+    one optimiser step); on an evaluator it adds ``training_run_id`` (:func:`recorded_training_run` of
+    ``checkpoint``, when recorded) and stops the handler from logging the engine's ``max_epochs`` and
+    ``epoch_length``, training's schedule. With ``run_folder`` (training) it removes the folder's
+    :data:`TRAINING_RUN_FILE` when the engine starts (on rank 0: this run's checkpoints replace those it names)
+    and writes this run's, atomically, once the MLflow run is open (the first epoch's start). When the engine
+    completes (before the run is closed) it adds those of ``artifacts`` that exist to the handler's artifacts.
+    Place it in the same handler list, before the tracking handler is appended.
 
     Args:
         network: the (possibly DDP-wrapped) network.
         artifacts: files or folders to log when the engine completes (e.g. ``models/model.pt``).
         extra_params: more run parameters (e.g. the pre-trained weight path, the class names).
+        run_folder: a training run's checkpoint folder, where it records its MLflow run.
+        checkpoint: the checkpoint an evaluation or inference loads, whose training run it logs.
     """
 
     def __init__(
-        self, network: nn.Module, artifacts: Sequence[str] = (), extra_params: dict[str, object] | None = None
+        self,
+        network: nn.Module,
+        artifacts: Sequence[str] = (),
+        extra_params: dict[str, object] | None = None,
+        run_folder: str | os.PathLike | None = None,
+        checkpoint: str | os.PathLike | None = None,
     ) -> None:
         self.network = network
         self.artifacts = [str(a) for a in artifacts]
         self.extra_params = dict(extra_params or {})
+        self.run_folder = run_folder
+        self.checkpoint = checkpoint
         self.long_params_file: str | None = None
+        self.run_to_record: MLFlowHandler | None = None
         self.logger = logger
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.record_run)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def started(self, engine: Engine) -> None:
+        if self.run_folder is not None and idist.get_rank() == 0:
+            Path(self.run_folder, TRAINING_RUN_FILE).unlink(missing_ok=True)
         engines = [engine, *(v.validator for v in _attached(engine, ValidationHandler) if v.validator is not None)]
         tracked = {e: find_mlflow_handlers(e) for e in engines}
         tracked = {e: handlers for e, handlers in tracked.items() if handlers}
@@ -297,12 +344,35 @@ class MLflowPeftLogger:
         for tracked_engine, handlers in tracked.items():
             _tolerate_failures(tracked_engine, handlers, failed)
         atexit.register(_end_open_runs, [h for handlers in tracked.values() for h in handlers], failed)
-        params, long = capped_params({**peft_params(self.network), **self.extra_params})
+        params, long = capped_params({**peft_params(self.network), **self.extra_params, **self._run_params(engine)})
         self.long_params_file = _write_long_params(long) if long else None
         for handler in tracked.get(engine, []):
             handler.experiment_param = {**(handler.experiment_param or {}), **params}
             if isinstance(engine, Evaluator):
                 handler.default_tracking_params = []
+        if self.run_folder is not None:
+            self.run_to_record = next(iter(tracked.get(engine, [])), None)
+
+    def _run_params(self, engine: Engine) -> dict[str, object]:
+        """A trainer's ``world_size`` and ``effective_batch_size``; an evaluator's ``training_run_id``."""
+        if isinstance(engine, Evaluator):
+            run = recorded_training_run(self.checkpoint) if self.checkpoint is not None else None
+            return {} if run is None else {"training_run_id": run}
+        world_size = idist.get_world_size()
+        batch_size = self.extra_params.get("batch_size")
+        effective = {"effective_batch_size": batch_size * world_size} if isinstance(batch_size, int) else {}
+        return {"world_size": world_size, **effective}
+
+    def record_run(self, engine: Engine) -> None:
+        """Write the MLflow run the handler opened at the start to ``run_folder``'s :data:`TRAINING_RUN_FILE`
+        (once)."""
+        handler, self.run_to_record = self.run_to_record, None
+        if handler is None or handler.cur_run is None:
+            return
+        info = handler.cur_run.info
+        text = json.dumps({"run_id": info.run_id, "run_name": info.run_name, "experiment_id": info.experiment_id,
+                           "tracking_uri": _tracking_uri(handler)}, indent=1) + "\n"
+        atomic_write(Path(self.run_folder, TRAINING_RUN_FILE), lambda tmp: Path(tmp).write_text(text))
 
     def completed(self, engine: Engine) -> None:
         handlers = find_mlflow_handlers(engine)
