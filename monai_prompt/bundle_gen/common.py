@@ -626,11 +626,12 @@ def inference_tracking(params: dict[str, str], files: Sequence[str] = ()) -> dic
 
 
 def inference_workflow(check: str, outputs: dict[str, Any], tracking: dict[str, Any]) -> dict[str, Any]:
-    """The end of an inference config: ``outputs``, the handlers (delta loader, logs, ``tracking``, ``@outputs``),
-    the evaluator, ``initialize`` (errors shown last, the seed, a warning without pre-trained weights) and ``run``:
-    ``check`` of the inputs, the evaluator, then ``outputs``' report of where its files went (``report()``: the
-    run's last line, after ignite's ``Engine run finished``). The check runs in ``run``, so that nothing is looked
-    up while MONAI checks the bundle's properties (a bundle without data passes).
+    """The end of an inference config: ``outputs``, the handlers (delta loader, logs, ``@outputs``, then
+    ``tracking``, so that the files are written before they are logged), the evaluator, ``initialize`` (errors shown
+    last, the seed, a warning without pre-trained weights) and ``run``: ``check`` of the inputs, the evaluator, then
+    ``outputs``' report of where its files went (``report()``: the run's last line, after ignite's ``Engine run
+    finished``). The check runs in ``run``, so that nothing is looked up while MONAI checks the bundle's properties
+    (a bundle without data passes).
 
     Args:
         check: the expression that checks the input images.
@@ -640,7 +641,7 @@ def inference_workflow(check: str, outputs: dict[str, Any], tracking: dict[str, 
     """
     return {
         "outputs": outputs,
-        "handlers": [delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}, tracking, "@outputs"],
+        "handlers": [delta_loader(), {"_target_": "StatsHandler", "iteration_log": False}, "@outputs", tracking],
         "evaluator": evaluator(metrics=False),
         "initialize": initialize((), train=False),
         "run": [check, "$@evaluator.run()", "$@outputs.report()"],
