@@ -50,12 +50,17 @@ def test_check_tracking_uri(status):
     server = http.server.HTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     uri = f"http://127.0.0.1:{server.server_address[1]}"
+    with_login = uri.replace("//", "//alice:s3cret@")  # MLflow's client takes it; the probe was refused (DNS)
     try:
         if status == 404:  # a server answers: reachable (MLflow reports what it wants)
             check_tracking_uri(uri)
+            check_tracking_uri(with_login)
         else:
             with pytest.raises(ConnectionError, match=rf"{uri} is unreachable \(HTTP 503"):
                 check_tracking_uri(uri)
+            with pytest.raises(ConnectionError, match=rf"server {uri} is unreachable \(HTTP 503") as refused:
+                check_tracking_uri(with_login)  # its password not shown
+            assert "s3cret" not in str(refused.value)
     finally:
         server.shutdown()
         server.server_close()

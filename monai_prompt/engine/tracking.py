@@ -63,6 +63,7 @@ __all__ = [
     "peft_params",
     "recorded_training_run",
     "unique_run_name",
+    "without_login",
 ]
 
 #: MLflow's HTTP settings while we run training (MLflow's defaults: 7 retries with backoff, 120 s timeout, so a
@@ -75,7 +76,8 @@ MLFLOW_PARAM_LIMIT = 6000
 #: the artifact holding the full values of the parameters :func:`capped_params` cut.
 LONG_PARAMS_ARTIFACT = "long_params.json"
 #: the file in a training run's checkpoint folder that names the run's MLflow run (``run_id``, ``run_name``,
-#: ``experiment_id``, ``tracking_uri``); absent when the run that trained the folder's checkpoints was not tracked.
+#: ``experiment_id``, ``tracking_uri`` without its login); absent when the run that trained the folder's checkpoints
+#: was not tracked.
 TRAINING_RUN_FILE = "mlflow_run.json"
 
 logger = logging.getLogger("monai_prompt")
@@ -182,11 +184,24 @@ def find_mlflow_handlers(engine: Engine) -> list[MLFlowHandler]:
     return _attached(engine, MLFlowHandler)
 
 
+def without_login(uri: str) -> str:
+    """``uri`` without the ``user:password@`` of its address (MLflow accepts one in an ``http(s)://`` URI), for what
+    is shown or written: ``http://alice:secret@host:5000`` -> ``http://host:5000``; other URIs are unchanged.
+
+    Args:
+        uri: the tracking URI.
+    """
+    parsed = urllib.parse.urlsplit(uri)
+    if "@" not in parsed.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parsed._replace(netloc=parsed.netloc.rpartition("@")[2]))
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail fast when an ``http(s)://`` MLflow tracking server does not answer (other URIs, e.g. SQLite, pass).
 
-    Asks the server's ``/health`` endpoint; any answer below 500 counts as reachable (also 401/403/404: a server
-    is there, MLflow reports what it wants).
+    Asks the server's ``/health`` endpoint, without the login a URI may hold (:func:`without_login`); any answer
+    below 500 counts as reachable (also 401/403/404: a server is there, MLflow reports what it wants).
 
     Args:
         uri: the tracking URI.
@@ -195,11 +210,11 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     Raises:
         ConnectionError: naming the URI, the reason and the fix.
     """
-    parsed = urllib.parse.urlparse(uri)
+    parsed, address = urllib.parse.urlparse(uri), without_login(uri)
     if parsed.scheme not in ("http", "https"):
         return
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+        with urllib.request.urlopen(f"{address.rstrip('/')}/health", timeout=timeout):
             return
     except urllib.error.HTTPError as err:
         if err.code < 500:
@@ -208,7 +223,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     except (OSError, ValueError) as err:  # URLError, refused connection, timeout, bad port
         reason = str(getattr(err, "reason", err))
     raise ConnectionError(
-        f"MLflow tracking server {uri} is unreachable ({reason}). Start it (e.g. mlflow server --host "
+        f"MLflow tracking server {address} is unreachable ({reason}). Start it (e.g. mlflow server --host "
         f"{parsed.hostname} --port {parsed.port or (443 if parsed.scheme == 'https' else 80)}), pass a reachable "
         f"--tracking_uri (or MLFLOW_TRACKING_URI), or run without --tracking mlflow."
     )
@@ -371,7 +386,7 @@ class MLflowPeftLogger:
             return
         info = handler.cur_run.info
         text = json.dumps({"run_id": info.run_id, "run_name": info.run_name, "experiment_id": info.experiment_id,
-                           "tracking_uri": _tracking_uri(handler)}, indent=1) + "\n"
+                           "tracking_uri": without_login(_tracking_uri(handler))}, indent=1) + "\n"
         atomic_write(Path(self.run_folder, TRAINING_RUN_FILE), lambda tmp: Path(tmp).write_text(text))
 
     def completed(self, engine: Engine) -> None:
