@@ -309,6 +309,20 @@ _SIGNALS_CHANGE = (
 )
 
 
+#: the release that reports where inference wrote, tests the model against chance and logs runs fully to MLflow.
+_REPORTS_CHANGE = (
+    "inference ends with a line naming its predictions file and rows; the warning about a model no better than the "
+    "trivial answer tests it against chance (a permutation test of the balanced accuracy, Fisher's exact test for "
+    "two classes; multi-label: the macro AUC against 0.5 plus 1.645 of its null standard errors), so that a model "
+    "guessing with the class frequencies on an unbalanced split is named; MLflow runs log the settings that change "
+    "the result (class names, multi_label, datalist options, batch size, learning rate, weight decay, seed, "
+    "world_size and the effective batch size, ...) as compact values cut to MLflow's limit (the full ones in "
+    "long_params.json); evaluation and inference runs log their own settings and no training schedule, and name "
+    "the training run of their checkpoint (models/mlflow_run.json); a tracking URI with a login is probed and "
+    "recorded without it"
+)
+
+
 def _released(spec: BundleSpec, change: str) -> BundleSpec:
     """``spec`` with ``change`` as its next patch release."""
     major, minor, patch = spec.version.split(".")
@@ -317,9 +331,9 @@ def _released(spec: BundleSpec, change: str) -> BundleSpec:
 
 #: bundle name -> spec, in the order of the docs.
 BUNDLE_SPECS: dict[str, BundleSpec] = {
-    spec.name: _released(
+    spec.name: _released(_released(
         _released(spec if spec.fpt else _released(spec, _IN_BACKWARD_CHANGE), _START_CHECKS_CHANGE), _SIGNALS_CHANGE
-    )
+    ), _REPORTS_CHANGE)
     for spec in _SPECS
 }
 
@@ -363,6 +377,18 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
         "decoder start from scratch; not tuned",
         references=(_UNETR, *spec.references),
         changelog=(
+            ("0.1.11", ("inference ends with a line naming the mask folder and how many masks it wrote; validation "
+                        "and evaluation warn about classes predicted only where the ground truth does not have them "
+                        "(Dice 0 although predicted: swapped classes, label maps off their images), and a collapse "
+                        "to background no longer makes the other warnings say they cleared; MLflow runs log the "
+                        "settings that change the result (class names, label values, pixdim, feature size, sliding "
+                        "window overlap, crops per image, batch size, learning rate, seed, world_size and the "
+                        "effective batch size, ...) as compact values cut to MLflow's limit (the full ones in "
+                        "long_params.json); evaluation and inference runs log their own settings and no training "
+                        "schedule, and name the training run of their checkpoint (models/mlflow_run.json); a "
+                        "tracking URI with a login is probed and recorded without it; MLflow's lines on creating "
+                        "its SQLite store, MONAI's get_mask_edges deprecation warning and its axcodes warning on "
+                        "turning each 2D mask back no longer show")),
             ("0.1.10", ("with pixdim set, evaluation scores each label on its own grid (the softmax resampled onto "
                         "it, as inference writes its masks; validation still scores the pixdim grid); the per-image "
                         "CSVs head their columns with the class names (ClassMetricsSaver) instead of class0, ...; "
