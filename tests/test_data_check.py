@@ -3,6 +3,8 @@ from folders, globs and lists: ``monai_prompt.data.check``."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +105,13 @@ def test_check_images_for_inference_inputs(tmp_path):
     ]
     with pytest.raises(DataCheckError, match="no images given"):
         check_images([])
+    missing = tmp_path / "bundle" / ".." / "nowhere" / "images"  # a default folder resolved from another root
+    with pytest.raises(DataCheckError) as caught:
+        check_images([], source=str(missing))
+    assert caught.value.problems[0].startswith(  # it said "no images in" a folder that is not there
+        f"{str(missing)!r} does not exist (from {os.getcwd()}: {tmp_path / 'nowhere' / 'images'}); give a folder")
+    with pytest.raises(DataCheckError, match=r"no images in '\S+\*\.png'"):
+        check_images([], source=str(tmp_path / "*.png"))  # a glob that matches nothing
 
 
 def test_a_nifti_extension_in_mixed_case_is_named_with_the_fix(tmp_path):

@@ -209,7 +209,12 @@ def check_images(
     paths = [str(path) for path in paths]
     where = f"images of {source!r}" if source is not None else f"{len(paths)} images"
     if not paths:
-        found_in = f"no images in {source!r}" if source is not None else "no images given"
+        if source is None:
+            found_in = "no images given"
+        elif isinstance(source, (str, os.PathLike)) and not glob.has_magic(str(source)) and not os.path.exists(source):
+            found_in = f"{str(source)!r} does not exist (from {os.getcwd()}: {os.path.abspath(source)})"
+        else:
+            found_in = f"no images in {source!r}"
         fix = (
             f'{found_in}; give a folder of images (--input_dir DIR), a glob (--infer_images "/data/*.png"), or a '
             f"list (--infer_images \"['a.png','b.png']\")."
