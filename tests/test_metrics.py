@@ -31,7 +31,12 @@ from monai_prompt.engine.metrics import (
     per_class_scores,
     quadratic_weighted_kappa,
 )
-from monai_prompt.engine.metrics.classification import CHANCE_FIRST_PERMUTATIONS, CHANCE_PERMUTATIONS, TRIVIAL_ADVICE
+from monai_prompt.engine.metrics.classification import (
+    CHANCE_FIRST_PERMUTATIONS,
+    CHANCE_PERMUTATIONS,
+    RANKING_ADVICE,
+    TRIVIAL_ADVICE,
+)
 
 #: four images, three classes: confidences 0.93 (right), 0.62 (wrong), 0.52 (right), 0.72 (right), in bins 13, 9,
 #: 7 and 10 of 15, so ECE = (0.07 + 0.62 + 0.48 + 0.28) / 4 = 0.3625.
@@ -314,6 +319,30 @@ def test_a_near_random_model_on_an_unbalanced_split_is_named_and_a_good_one_is_n
         + TRIVIAL_ADVICE]
 
 
+
+def test_a_model_that_ranks_well_but_decides_at_chance_is_told_so():
+    """Guessing 'b' for 10 % of the 90/30 split with a macro AUC of 0.9: the probabilities rank the images (random
+    ones reach 0.60 one time in 20: 0.5 + 1.645 x 0.061, the one-vs-rest standard error of either class), so the
+    advice is about the rarer class, not the learning rate or the weights."""
+    logger = logging.getLogger("monai_prompt")
+    for auc, ranks in ((0.9, True), (0.58, False)):
+        records = []
+        capture = logging.Handler()
+        capture.emit = records.append
+        logger.addHandler(capture)
+        try:
+            _evaluate_epochs(ClassReportHandler(2, ["a", "b"], auc_name="val_auc"),
+                             [_counts(NEAR_RANDOM["guessing 10 %"])], auc=auc)
+        finally:
+            logger.removeHandler(capture)
+        (message,) = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+        verdict = ("its decisions do no better than guessing, although its probabilities rank the images better than "
+                   "chance (random ones reach a macro AUC of 0.60 one time in 20): the most probable class is rarely "
+                   "the right one of the rarer classes. " + RANKING_ADVICE)
+        assert (verdict in message) == ranks and message.endswith(TRIVIAL_ADVICE), message
+        assert ("the model does no better than guessing." in message) != ranks
+
+
 def test_the_chance_test_of_balanced_accuracy_is_fisher_s_exact_test_for_two_classes():
     """For two classes the balanced accuracy grows with the first cell of a matrix of fixed margins, so the
     permutation test's p-value is Fisher's one-sided exact test's; with more classes a random pairing's balanced
@@ -341,6 +370,9 @@ def test_multi_label_trivial_answer_is_a_macro_auc_within_chance(caplog):
     positives = truth.sum(0)
     expected = math.sqrt(41 / (12 * 20 * 20) + 41 / (12 * 14 * 26)) / 2
     assert macro_auc_chance_error(positives, 40 - positives) == pytest.approx(expected)
+    # one softmax's two one-vs-rest AUCs are the same AUC: its standard error, not that of two independent ones
+    assert macro_auc_chance_error(torch.tensor([14, 26]), torch.tensor([26, 14]), independent=False) == pytest.approx(
+        math.sqrt(41 / (12 * 14 * 26)))
     assert macro_auc_chance_error(torch.tensor([0, 5]), torch.tensor([5, 0])) != macro_auc_chance_error(
         torch.tensor([0, 5]), torch.tensor([5, 0]))  # no class with positives and negatives: nan
     with caplog.at_level(logging.WARNING, logger="monai_prompt"):

@@ -60,6 +60,11 @@ CHANCE_PERMUTATIONS = 2000
 #: the pairings drawn first: when none reaches the model, the p-value is below 0.005 and the rest are not drawn (a
 #: model whose true p-value is 0.05 or more passes them all with probability at most 0.95 ** 200, 4e-5).
 CHANCE_FIRST_PERMUTATIONS = 200
+#: what the decisions of a model at chance point at when its probabilities rank the images well.
+RANKING_ADVICE = (
+    "Give the training split about as many images of each class (or more epochs, so that the rarer classes win "
+    "their images)."
+)
 #: what to try when a classification bundle's model does no better than chance.
 TRIVIAL_ADVICE = (
     "Try more epochs (--train#trainer#max_epochs) or another --learning_rate, check that the labels belong to the "
@@ -336,23 +341,26 @@ def _chance_balanced_accuracies(counts: np.ndarray, permutations: int, rng: np.r
     return recalls / len(present)
 
 
-def macro_auc_chance_error(positives: torch.Tensor, negatives: torch.Tensor) -> float:
+def macro_auc_chance_error(positives: torch.Tensor, negatives: torch.Tensor, independent: bool = True) -> float:
     """The standard error of a macro AUC (the mean one-vs-rest ROC AUC over classes) when the probabilities are
     independent of the labels: each class's AUC is then a Mann-Whitney U statistic over ``n1`` positives and ``n0``
     negatives, of mean 0.5 and variance ``(n1 + n0 + 1) / (12 n1 n0)`` (Mann and Whitney 1947; Hanley and McNeil,
-    Radiology 1982), the classes taken as independent. Classes without positives or negatives have no AUC and are
-    left out (nan when none is left).
+    Radiology 1982). Classes without positives or negatives have no AUC and are left out (nan when none is left).
 
     Args:
         positives: ``[C]`` images with each class.
         negatives: ``[C]`` images without it.
+        independent: the classes' AUCs are taken as independent (multi-label); else, for the one-vs-rest AUCs of
+            one softmax, which move together (two classes: the same AUC twice), the bound that holds whatever their
+            correlation, the mean of their standard errors (the standard deviation of a mean is at most the mean
+            of the standard deviations).
     """
     n1, n0 = positives.double(), negatives.double()
     scored = (n1 > 0) & (n0 > 0)
     if not scored.any():
         return float("nan")
-    n1, n0 = n1[scored], n0[scored]
-    return float(((n1 + n0 + 1) / (12 * n1 * n0)).sum().sqrt() / int(scored.sum()))
+    variance = (n1[scored] + n0[scored] + 1) / (12 * n1[scored] * n0[scored])
+    return float(variance.sum().sqrt() / int(scored.sum()) if independent else variance.sqrt().mean())
 
 
 class ClassReportHandler:
@@ -368,9 +376,11 @@ class ClassReportHandler:
     with the class frequencies on an unbalanced split, its accuracy near the majority share, is named; multi-label,
     when the macro AUC (``auc_name``) is not above 0.5 by :data:`CHANCE_Z` of its standard errors under chance
     (:func:`macro_auc_chance_error`). A model better than chance by less than the split can show is warned about
-    too: the split cannot tell it from guessing. That warning is logged as
-    :class:`~monai_prompt.engine.metrics.signals.SignalLog` does: once while it holds, a line when it clears.
-    Warnings are logged on rank 0 only. With
+    too: the split cannot tell it from guessing. A single-label model whose decisions are at chance while its macro
+    AUC is above what random probabilities reach (the one-vs-rest AUCs taken as correlated) is told that its
+    probabilities rank the images and that the rarer classes lose their images (:data:`RANKING_ADVICE`). That
+    warning is logged as :class:`~monai_prompt.engine.metrics.signals.SignalLog` does: once while it holds, a line
+    when it clears. Warnings are logged on rank 0 only. With
     ``output_dir`` it also writes ``<prefix>class_report.csv`` (class, precision, recall, f1, support, predicted)
     and ``<prefix>confusion_matrix.csv`` (multi-class: rows truth, columns prediction; multi-label: tn, fp, fn,
     tp per class) beside MONAI's ``metrics.csv``, on rank 0.
@@ -501,12 +511,19 @@ class ClassReportHandler:
                 most = int(support.max())
                 tops = [repr(name) for name, n in zip(self.class_names, support.tolist()) if n == most]
                 which = tops[0] if len(tops) == 1 else f"one of {', '.join(tops)}"
+                ranks = 0.5 + CHANCE_Z * macro_auc_chance_error(support, total - support, independent=False)
+                verdict = "the model does no better than guessing."
+                if auc is not None and auc > ranks:
+                    verdict = (f"its decisions do no better than guessing, although its probabilities rank the "
+                               f"images better than chance (random ones reach a macro AUC of {ranks:.2f} one time in "
+                               f"20): the most probable class is rarely the right one of the rarer classes. "
+                               f"{RANKING_ADVICE}")
                 warning = (
                     f"balanced accuracy {balanced:.2f} (mean recall of the {classes} classes; chance 1/{classes}) "
                     f"is within what guessing reaches on these {total} images (random pairings of the predictions with "
                     f"the labels reach {reach:.2f} one time in 20; p = {p_value:.2f}), accuracy {correct / total:.2f} "
                     f"(always answering {which}: {most / total:.2f}){'' if auc is None else f', macro AUC {auc:.2f}'}: "
-                    f"the model does no better than guessing."
+                    f"{verdict}"
                 )
         self.signals.report(engine.state.epoch, "trivial", None if warning is None else f"{warning} {TRIVIAL_ADVICE}",
                             "the model does better than chance again.")
