@@ -314,7 +314,9 @@ _REPORTS_CHANGE = (
     "inference ends with a line naming its predictions file and rows; the warning about a model no better than the "
     "trivial answer tests it against chance (a permutation test of the balanced accuracy, Fisher's exact test for "
     "two classes; multi-label: the macro AUC against 0.5 plus 1.645 of its null standard errors), so that a model "
-    "guessing with the class frequencies on an unbalanced split is named; MLflow runs log the settings that change "
+    "guessing with the class frequencies on an unbalanced split is named, and one whose probabilities rank the "
+    "images while its decisions are at chance is told to balance the classes; a missing --infer_images folder is "
+    "named as missing; MLflow runs log the settings that change "
     "the result (class names, multi_label, datalist options, batch size, learning rate, weight decay, seed, "
     "world_size and the effective batch size, ...) as compact values cut to MLflow's limit (the full ones in "
     "long_params.json); evaluation and inference runs log their own settings and no training schedule, and name "
@@ -377,7 +379,8 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
         "decoder start from scratch; not tuned",
         references=(_UNETR, *spec.references),
         changelog=(
-            ("0.1.11", ("inference ends with a line naming the mask folder and how many masks it wrote; validation "
+            ("0.1.11", ("inference ends with a line naming the mask folder and how many masks it wrote (a missing "
+                        "--infer_images folder is named as missing); validation "
                         "and evaluation warn about classes predicted only where the ground truth does not have them "
                         "(Dice 0 although predicted: swapped classes, label maps off their images), and a collapse "
                         "to background no longer makes the other warnings say they cleared; MLflow runs log the "
