@@ -15,6 +15,7 @@ from bundle_support import TINY_BACKBONE, TINY_IMG_SIZE, copy_bundle, tiny_overr
 from monai_prompt.bundle_gen.specs import ALL_BUNDLE_SPECS, BUNDLE_SPECS
 from monai_prompt.cli import main
 from monai_prompt.engine import latest_checkpoint
+from monai_prompt.engine.tracking import TRAINING_RUN_FILE, recorded_training_run
 from monai_prompt.peft.delta import FINGERPRINT_KEY, IDENTITY_KEYS, SOURCE_KEY, DeltaMismatchError, backbone_source
 from monai_prompt.runs.runner import run_bundle
 from monai_prompt.tools.package import package_bundle
@@ -91,6 +92,21 @@ def test_packaged_bundle_finds_its_backbone_and_predicts_as_the_original(trained
     assert backbone_source(net) == str(out / "models" / "backbone.pt")  # its own copy, not the original file
     net.load_state_dict(delta["model"], strict=False)
     assert torch.equal(net.head.weight, delta["model"]["head.weight"])
+
+
+def test_the_packaged_delta_keeps_the_mlflow_run_that_trained_it(trained, tmp_path):
+    """A tracked training run names its MLflow run beside its checkpoints; the package copies that record, so that
+    evaluations of the packaged bundle log ``training_run_id`` (they logged none)."""
+    bundle, _ = trained
+    record = bundle / "models" / TRAINING_RUN_FILE
+    record.write_text('{"run_id": "abc123", "run_name": "lora_train", "experiment_id": "1"}\n')
+    try:
+        out = package_bundle(bundle, tmp_path / SPEC.name).out
+    finally:
+        record.unlink()
+    assert (out / "models" / TRAINING_RUN_FILE).read_bytes() == b'{"run_id": "abc123", "run_name": "lora_train", ' \
+        b'"experiment_id": "1"}\n'
+    assert recorded_training_run(out / "models" / "model.pt") == "abc123"  # what a packaged evaluation logs
 
 
 def test_delta_refuses_a_random_or_other_backbone_and_takes_the_right_one(trained, tiny, tmp_path):

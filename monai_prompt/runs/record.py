@@ -8,7 +8,9 @@ and config, classes). ``evaluate.json`` and ``inference.json`` read the record o
 replaces the config entry that reads the record, so it wins. Every resumable checkpoint holds the run id
 (:class:`RunIdentity`); a resume picks the newest ``checkpoint_epoch=<N>.pt`` of the recorded run
 (:func:`~monai_prompt.engine.latest_checkpoint` with ``run_id``) and refuses a checkpoint of another run, and
-settings that define the network and data set otherwise than recorded (:func:`check_resumed_settings`).
+settings that define the network and data set otherwise than recorded (:func:`check_resumed_settings`). A tracked
+training run also names its MLflow run beside its checkpoints (:data:`TRAINING_RUN_FILE`, written by
+:class:`~monai_prompt.engine.MLflowPeftLogger`; here for the tools that copy a run's folder).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from monai_prompt.engine.tracking import TRAINING_RUN_FILE
 from monai_prompt.io import atomic_write
 
 __all__ = [
     "TRAINING_CONFIG",
+    "TRAINING_RUN_FILE",
     "RunIdentity",
     "check_resumed_settings",
     "read_training_config",

@@ -43,7 +43,7 @@ from monai_prompt.peft.delta import (
     identity_state,
     read_checkpoint,
 )
-from monai_prompt.runs.record import TRAINING_CONFIG, read_training_config
+from monai_prompt.runs.record import TRAINING_CONFIG, TRAINING_RUN_FILE, read_training_config
 
 __all__ = ["BACKBONE_NAME", "PackageReport", "package_bundle"]
 
@@ -179,7 +179,9 @@ def package_bundle(
             (``*_classification``, ``*_segmentation``), so keep the bundle's name.
         pretrained: the weights the delta was trained on (file or HuggingFace/open_clip folder; default: the
             ``pretrained`` of the delta's ``training_config.json``).
-        model: the delta (default ``<bundle>/models/model.pt``); its folder's ``training_config.json`` is copied.
+        model: the delta (default ``<bundle>/models/model.pt``); its folder's ``training_config.json`` is copied,
+            and the ``mlflow_run.json`` a tracked training run left there (so evaluations of the packaged bundle log
+            ``training_run_id``).
 
     Raises:
         FileNotFoundError: the bundle, delta, training record or weights are missing.
@@ -242,6 +244,8 @@ def package_bundle(
         else:
             shutil.copy2(weights, tmp / backbone)
         torch.save(delta, tmp / "models" / "model.pt")
+        if (model.parent / TRAINING_RUN_FILE).is_file():  # the MLflow run that trained it, for the packaged runs
+            shutil.copy2(model.parent / TRAINING_RUN_FILE, tmp / "models" / TRAINING_RUN_FILE)
         packaged_from = {
             "bundle": str(bundle.resolve()),
             "model": str(model.resolve()),
