@@ -490,9 +490,10 @@ class ClassReportHandler:
         return collapsed
 
     def _warn_if_trivial(self, engine: Engine, confusion: torch.Tensor) -> None:
-        """Warn when the model does no better than chance (the rule of the class docstring)."""
+        """Warn when the model does no better than chance (the rule of the class docstring); rank 0 tests it, the
+        only rank that logs."""
         total = int(confusion[0].sum()) if self.multi_label else int(confusion.sum())
-        if total < self.min_images:
+        if total < self.min_images or idist.get_rank() != 0:
             return
         auc = engine.state.metrics.get(self.auc_name) if self.auc_name else None
         auc = float(auc) if auc is not None and math.isfinite(float(auc)) else None
