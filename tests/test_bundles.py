@@ -317,6 +317,22 @@ def test_rendered_transforms_are_classification_transforms(tmp_path):
         )
 
 
+@pytest.mark.parametrize("multi_label", [False, True], ids=["softmax", "sigmoid"])
+def test_probabilities_of_fp16_logits_are_float32(multi_label):
+    """Under CUDA AMP the evaluator's fp16 autocast gives fp16 logits (emulated here): validation, evaluation and
+    inference turn them into float32 probabilities, which keep apart what fp16 rounds to 1.0 (margins 9 and 10)."""
+    logits = [torch.tensor([9.0, 0.0], dtype=torch.float16), torch.tensor([10.0, 0.0], dtype=torch.float16)]
+    for name in BUNDLE_SPECS:
+        settings = {"multi_label": multi_label, "num_classes": 2}
+        chains = [_parser(name, "train.json", settings).get_parsed_content("validate#postprocessing"),
+                  _parser(name, "inference.json", settings).get_parsed_content("postprocessing")]
+        for chain in chains:
+            label = torch.tensor([1.0, 0.0] if multi_label else [0.0])
+            first, second = (chain({"pred": pred, "label": label})["pred"] for pred in logits)
+            assert first.dtype == second.dtype == torch.float32, name
+            assert float(first[0]) < float(second[0]) < 1.0, name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BUNDLE_SPECS))
 def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path, monkeypatch, capsys):

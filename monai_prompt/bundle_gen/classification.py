@@ -173,9 +173,13 @@ def _metrics(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
     })
 
 
-#: probabilities: softmax, or sigmoid for multi-label.
-_ACTIVATION = {"_target_": "Activationsd", "keys": "pred", "softmax": "$not @flags#multi_label",
-               "sigmoid": "@flags#multi_label"}
+#: probabilities: softmax, or sigmoid for multi-label, of the logits in float32. Under CUDA AMP (the evaluator's fp16
+#: autocast) the head gives fp16 logits, and fp16 probabilities are 1.0 beyond a margin of about 8 and 0.0005 apart
+#: below it: confident images would tie in the AUC, share a calibration bin and read 1.000000 in predictions.csv.
+_PROBABILITIES = [
+    {"_target_": "CastToTyped", "keys": "pred", "dtype": "$torch.float32"},
+    {"_target_": "Activationsd", "keys": "pred", "softmax": "$not @flags#multi_label", "sigmoid": "@flags#multi_label"},
+]
 #: inference: the image (and its meta dict, which MONAI Label's loader adds) leaves the output with the
 #: probabilities, so that the ``Restored(ref_image="image")`` MONAI Label's ``BundleInferTask`` appends to these
 #: transforms has no image to resize the class vector to and leaves it as it is.
@@ -183,7 +187,7 @@ _DROP_IMAGE = {"_target_": "DeleteItemsd", "keys": ["image", "image_meta_dict"]}
 _POSTPROCESSING = {
     "_target_": "Compose",
     "transforms": [
-        _ACTIVATION,
+        *_PROBABILITIES,
         {"_target_": "AsDiscreted", "keys": "label", "to_onehot": "$None if @flags#multi_label else @num_classes"},
     ],
 }
@@ -325,7 +329,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "dataset": common.dataset("$[{'image': image} for image in @infer_files]", "@preprocessing"),
         "dataloader": common.loader("@dataset", shuffle=False),
         "inferer": {"_target_": "SimpleInferer"},
-        "postprocessing": common.compose([_ACTIVATION, _DROP_IMAGE]),
+        "postprocessing": common.compose([*_PROBABILITIES, _DROP_IMAGE]),
         **common.inference_workflow(
             "$monai_prompt.data.check_images(@infer_files, channels=@in_channels, read_pixels=@flags#check_pixels, "
             "source=@infer_images, spatial_dims=@spatial_dims)",
