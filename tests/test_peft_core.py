@@ -25,7 +25,7 @@ from monai_prompt.peft import (
     save_delta,
     trainable_report,
 )
-from monai_prompt.peft.delta import IDENTITY_KEYS
+from monai_prompt.peft.delta import IDENTITY_KEYS, trainable_state
 from net_support import tiny_classifier
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64, "patch_size": 8}
@@ -142,6 +142,23 @@ def test_trainable_report_counts_and_prints():
     assert report["percent_of_backbone"] == pytest.approx(100 * (4 * 32 + head) / backbone)
     text = format_report(report)
     assert "test_norm_tune" in text and f"{report['trainable']:,}" in text and "% of the backbone" in text
+
+
+def test_the_trainable_state_of_a_gpu_network_is_on_the_cpu():
+    """A delta saved from CUDA held CUDA tensors, which ``torch.load`` without ``map_location`` (ignite's
+    ``Checkpoint.load_objects``: MONAI's ``ckpt_export``) cannot read on a machine without a GPU. CUDA parameters
+    are emulated by fake tensors, which need no GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    net = tiny_classifier("lora")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for module in net.modules():
+            for name, param in module.named_parameters(recurse=False):
+                gpu = torch.empty_like(param, device="cuda")
+                module._parameters[name] = torch.nn.Parameter(gpu, requires_grad=param.requires_grad)
+        assert net.head.weight.device.type == "cuda"
+        state = trainable_state(net)
+    assert state and {tensor.device.type for tensor in state.values()} == {"cpu"}
 
 
 @pytest.mark.usefixtures("norm_tune")

@@ -178,8 +178,10 @@ def backbone_identity(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter of ``model`` (head included), by its ``named_parameters`` name."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """Every trainable parameter of ``model`` (head included), by its ``named_parameters`` name, copied to the CPU: a
+    delta or checkpoint saved from a GPU then loads on a machine without one, whatever reads it (``torch.load``
+    without ``map_location``, ignite's ``Checkpoint.load_objects`` in MONAI's ``ckpt_export``)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def delta_meta(model: nn.Module) -> dict:
