@@ -334,6 +334,33 @@ def test_probabilities_of_fp16_logits_are_float32(multi_label):
 
 
 @pytest.mark.slow
+def test_under_ddp_the_released_lpm_weights_are_not_held(tiny, tmp_path, monkeypatch):
+    """``DistributedDataParallel`` keeps every parameter of the module it wraps: FPT's network wrapped before the
+    LPM weights were released kept them on every GPU for the whole run. A one-process gloo group runs the
+    initialization of ``train.json`` with ``multi_gpu_train.json``."""
+    import torch.distributed as dist
+
+    from io_support import free_port
+
+    spec = BUNDLE_SPECS["fptplus_classification"]
+    bundle = copy_bundle(spec.name, tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / name) for name in ("train.json", "multi_gpu_train.json")])
+    overrides = tiny_overrides(spec, tiny["data"], tiny["backbone"])
+    parser.update({"bundle_root": str(bundle), **{k: v for k, v in overrides.items() if not k.startswith("_meta_")}})
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        parser.get_parsed_content("initialize")
+        network = parser.get_parsed_content("network")
+        assert isinstance(network, torch.nn.parallel.DistributedDataParallel) and network.module.lpm.released
+        held = {id(param) for param in network._module_parameters}  # what DDP keeps a reference to
+        assert held <= {id(param) for param in network.module.parameters()}  # none of the released LPM weights
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BUNDLE_SPECS))
 def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path, monkeypatch, capsys):
     spec = BUNDLE_SPECS[name]

@@ -204,17 +204,20 @@ _CHECK_DATALIST = (
 def _initialize(spec: BundleSpec, train: bool = True) -> list[str]:
     """:func:`~monai_prompt.bundle_gen.common.initialize` with every image and label checked and the data against
     the task (the splits the workflow reads not empty; evaluation: the training's classes); (FPT) then the LPM
-    features preloaded, on rank 0 only under DDP (the other ranks wait), then (training) the LPM weights freed."""
+    features preloaded, on rank 0 only under DDP (the other ranks wait), then (training) the LPM weights freed and
+    only then ``@network`` built: ``DistributedDataParallel`` keeps a reference to every parameter of the module it
+    wraps, so wrapped before the release it held the LPM's weights on every GPU for the whole run."""
     if train:
         task = "$monai_prompt.runs.check_task(@datalist, @num_classes, @flags#multi_label, ['training', 'validation'])"
     else:
         task = ("$monai_prompt.runs.check_task(@datalist, @num_classes, @flags#multi_label, [@evaluate_split], "
                 "classes=@class_names)")
-    steps = common.initialize([_CHECK_DATALIST, task], train=train)
+    release = spec.fpt and train  # training and validation read the cache: the LPM weights are not needed
+    steps = common.initialize([_CHECK_DATALIST, task], train=train, network="@network_def" if release else "@network")
     if spec.fpt:
         steps += [f"${_FPT_PRELOAD} if @flags#fpt_preload and not @is_not_rank0 else None", common.BARRIER]
-    if spec.fpt and train:  # training and validation read the cache: the LPM weights are not needed (every rank)
-        steps.append(_FPT_RELEASE)
+    if release:  # (every rank), then the network the trainer uses (DDP: wrapped without the LPM)
+        steps += [_FPT_RELEASE, "@network"]
     return steps
 
 

@@ -135,7 +135,9 @@ def training_record(spec: BundleSpec, settings: dict[str, Any]) -> dict[str, Any
     return {key: parsed.get(key, f"@{key}") for key in settings}
 
 
-def initialize(checks: Sequence[str], train: bool = True, kept: str = "@flags#resume") -> list[str]:
+def initialize(
+    checks: Sequence[str], train: bool = True, kept: str = "@flags#resume", network: str = "@network"
+) -> list[str]:
     """``initialize`` of a training or evaluation: errors shown last; training: ``distributed_setup`` (empty;
     ``multi_gpu_train.json`` fills it with the process group; before it, a ``val_interval`` longer than the run and
     a learning rate or weight decay no optimiser step can use are refused), the checkpoint folder locked (a
@@ -153,6 +155,8 @@ def initialize(checks: Sequence[str], train: bool = True, kept: str = "@flags#re
         train: a training run (else an evaluation).
         kept: the condition (config references) under which a training run continues the folder's previous run,
             which is then kept: ``@flags#resume`` (segmentation: ``@flags#resume or @flags#continue_model``).
+        network: the network built there: ``@network`` (under DDP, the wrapped one), or ``@network_def`` where a
+            later step changes the module before it is wrapped (FPT frees its LPM weights, which DDP would hold).
     """
     if not train:
         return [SHOW_CAUSE_LAST, FLAGS, _SEED, *checks, _WARN_IF_NOT_PRETRAINED]
@@ -166,7 +170,7 @@ def initialize(checks: Sequence[str], train: bool = True, kept: str = "@flags#re
         _SEED,
         *checks,
         "$monai_prompt.runs.check_resumed_settings(@ckpt_dir, @training_record) if @flags#resume else None",
-        "@network",
+        network,
         f"$None if {kept} else monai_prompt.runs.set_aside_previous_run(@ckpt_dir)",
         f"$None if {kept} else monai_prompt.runs.write_training_config(@ckpt_dir, @run_id, @training_record)",
         _WARN_IF_NOT_PRETRAINED,
