@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,30 @@ def test_report_is_rewritten_after_each_bundle(tmp_path, monkeypatch):
     assert calls == ["lora_classification", "ssf_segmentation"]
     assert seen == [["lora_classification"], ["lora_classification", "ssf_segmentation"]]
     assert [row["status"] for row in rows] == ["ok", "FAILED: x"]
+
+
+def _slow_check(spec, *args):
+    """A bundle check that takes two minutes (one second for ``lora_classification``); module level, so that the
+    spawned workers of :func:`gpu_check.check_bundles` import it."""
+    time.sleep(1 if spec.name == "lora_classification" else 120)
+    return {"bundle": spec.name, "status": "ok"}
+
+
+def test_an_interrupted_check_stops_its_workers_at_once(tmp_path, monkeypatch):
+    """A time limit's SIGTERM or Ctrl-C during the bundles (here: an error once the first row is in) ends the check
+    at once: the queued bundles are dropped and the running ones stopped. Leaving the pool's ``with`` waited for
+    every bundle submitted, so a check over its time limit ran on to the end of all of them."""
+    monkeypatch.setattr(gpu_check, "check_bundle", _slow_check)
+
+    def interrupt(rows):
+        raise KeyboardInterrupt
+
+    checks = [("lora_classification", False), ("ssf_segmentation", False), ("vpt_classification", False)]
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.check_bundles(checks, tmp_path, tmp_path, {}, jobs=2, on_row=interrupt)
+    assert time.perf_counter() - start < 90  # not the 120 s of a slow check, let alone two
+    assert not multiprocessing.active_children()
 
 
 def test_refuses_jobs_below_one(capsys):

@@ -222,8 +222,9 @@ def check_bundles(checks: Sequence[tuple[str, bool]], bundles: Path, work: Path,
         for index, args in enumerate(arguments):
             done(index, check_bundle(*args))
     else:  # spawn: CUDA cannot be used in a forked child
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_threads,
-                                 initargs=(jobs,)) as pool:
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_threads,
+                                   initargs=(jobs,))
+        try:
             futures = {pool.submit(check_bundle, *args): index for index, args in enumerate(arguments)}
             for future in as_completed(futures):
                 index = futures[future]
@@ -232,7 +233,27 @@ def check_bundles(checks: Sequence[tuple[str, bool]], bundles: Path, work: Path,
                 except Exception as err:  # the worker died (e.g. killed): its row says so, the others still run
                     row = {"bundle": _row_name(*checks[index]), "status": f"FAILED: {_last_line(err)[:200]}"}
                 done(index, row)
+        except BaseException:  # a time limit's SIGTERM, Ctrl-C: stop now
+            _stop_workers(pool)
+            raise
+        pool.shutdown()
     return [finished[i] for i in range(len(checks))]
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Drop the checks ``pool`` has not started and end its workers at once. Leaving the pool's ``with`` instead
+    waits for every check submitted, and a worker survives a ``SIGTERM`` (the bundle run turns it into an exception
+    that the worker hands back before it takes the next check), so a time limit stopped the check only once every
+    bundle had run."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(10)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def format_bundle_table(rows: Sequence[dict[str, Any]]) -> str:
