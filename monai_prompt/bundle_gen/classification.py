@@ -215,7 +215,7 @@ def _initialize(spec: BundleSpec, train: bool = True) -> list[str]:
     release = spec.fpt and train  # training and validation read the cache: the LPM weights are not needed
     steps = common.initialize([_CHECK_DATALIST, task], train=train, network="@network_def" if release else "@network")
     if spec.fpt:
-        steps += [f"${_FPT_PRELOAD} if @flags#fpt_preload and not @is_not_rank0 else None", common.BARRIER]
+        steps += [f"${_FPT_PRELOAD} if @flags#fpt_preload and not @is_not_rank0 else None", common.RANK0_WAIT]
     if release:  # (every rank), then the network the trainer uses (DDP: wrapped without the LPM)
         steps += [_FPT_RELEASE, "@network"]
     return steps

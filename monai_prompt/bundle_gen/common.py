@@ -16,13 +16,13 @@ from typing import Any
 from monai_prompt.bundle_gen.specs import BundleSpec
 
 __all__ = [
-    "BARRIER",
     "DICT_SETTINGS",
     "EVALUATOR",
     "FROM_PRED_LABEL",
     "IMPORTS",
     "IN_BACKWARD_AUTOCAST",
     "IN_BACKWARD_SETTING",
+    "RANK0_WAIT",
     "SDPA_SETTING",
     "SHOW_CAUSE_LAST",
     "TRAIN_RUN",
@@ -78,7 +78,8 @@ _FLAG_USE = re.compile(r"@flags#(\w+)")
 #: second step of every workflow's ``initialize``: every boolean setting read once, a bad value refused early.
 FLAGS = "@flags"
 #: under DDP, the other ranks wait here for rank 0 (a step that only rank 0 runs comes before it).
-BARRIER = "$torch.distributed.barrier() if torch.distributed.is_initialized() else None"
+#: the other processes wait for rank 0 (FPT's preload) for up to 12 hours, not NCCL's 10 minutes (on its own group)
+RANK0_WAIT = "$monai_prompt.runs.wait_for_rank0()"
 #: the trainer-state checkpoint handlers reference the trainer, so they are attached to it here rather than listed
 #: in ``train#handlers`` (which the trainer references: a cycle); they run after the listed handlers.
 TRAIN_RUN = (
@@ -655,9 +656,10 @@ def inference_workflow(check: str, outputs: dict[str, Any], tracking: dict[str, 
 def multi_gpu_config() -> dict[str, Any]:
     """``configs/multi_gpu_train.json`` (merged on ``train.json``, run with ``torchrun``): DDP, nccl on GPUs and
     gloo on CPUs. It fills ``train.json``'s ``distributed_setup`` (a step of its ``initialize`` before anything
-    touches the run folder, empty there) with the process group and keeps the rest of that ``initialize``: the
-    steps that differ under DDP (the run folder and record on rank 0, FPT's preload on rank 0 then a barrier) ask
-    the process group themselves. ``static_graph`` lets DDP skip the frozen backbone and tolerate parameters without
+    touches the run folder, empty there) with the process group and the gloo group the other processes wait on for
+    rank 0 (:func:`monai_prompt.runs.rank0_wait_group`), and keeps the rest of that ``initialize``: the steps that
+    differ under DDP (the run folder and record on rank 0, FPT's preload on rank 0 while the others wait) ask the
+    process group themselves. ``static_graph`` lets DDP skip the frozen backbone and tolerate parameters without
     gradients.
     """
     return {
@@ -691,6 +693,7 @@ def multi_gpu_config() -> dict[str, Any]:
                 "else 'gloo')"
             ),
             "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+            "$monai_prompt.runs.rank0_wait_group()",
         ],
         "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
     }

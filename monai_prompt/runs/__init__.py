@@ -3,6 +3,7 @@ claim, the training record, the data and weight checks), the in-process runner w
 bundles are, and the two demo tasks that ``monai-prompt demo`` and the benchmarks share."""
 
 from monai_prompt.runs.bundles import bundles_folder, find_bundle
+from monai_prompt.runs.distributed import RANK0_WAIT, rank0_wait_group, wait_for_rank0
 from monai_prompt.runs.errors import format_root_cause, on_error, root_cause, show_cause_last
 from monai_prompt.runs.progress import EpochProgress, RunSteps, attach_progress
 from monai_prompt.runs.record import (
@@ -38,6 +39,7 @@ from monai_prompt.runs.workflow import (
 
 __all__ = [
     "PREVIOUS_RUN",
+    "RANK0_WAIT",
     "TRAINING_CONFIG",
     "EpochProgress",
     "RunFolderError",
@@ -60,6 +62,7 @@ __all__ = [
     "format_root_cause",
     "on_error",
     "pretraining_images",
+    "rank0_wait_group",
     "read_metrics",
     "read_training_config",
     "recorded_method_config",
@@ -70,6 +73,7 @@ __all__ = [
     "set_aside_previous_run",
     "show_cause_last",
     "train_and_evaluate",
+    "wait_for_rank0",
     "warn_if_not_pretrained",
     "write_training_config",
 ]
