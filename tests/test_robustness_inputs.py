@@ -114,6 +114,28 @@ def test_a_dicom_and_a_metaimage_among_pngs_are_checked_and_train(tiny, tmp_path
     assert {"model.pt", "checkpoint_epoch=1.pt"} <= {p.name for p in (bundle / "models").iterdir()}
 
 
+def test_a_label_stored_in_another_axis_order_than_its_image_passes_the_data_check(tmp_path, capsys):
+    """A label map on its image's grid whose file stores the axes in another order (as a tool that writes RAS order,
+    ``nibabel.as_closest_canonical``, does beside an LSA image) passes check-data, as training reads it (both turned
+    to RAS): it was refused as a shape mismatch, with the advice to resample it. A label of its image's stored shape
+    whose axes are another order of the grid is refused, its shape given in RAS order."""
+    datalist = write_tiny_segmentation(tmp_path, 3, counts=(2, 1, 0))
+    first, second = (tmp_path / "labels" / "training" / f"case{index}.nii.gz" for index in (0, 1))
+    label = nib.load(first)
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj).transpose(2, 0, 1), label.affine[:, [2, 0, 1, 3]]), first)
+    assert nib.load(first).shape == (34, 36, 40)
+    assert main(["check-data", str(datalist)]) == 0
+    assert capsys.readouterr().out.startswith(f"segmentation datalist {datalist}: 4 classes")
+    label = nib.load(second)
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), label.affine[:, [1, 0, 2, 3]]), second)
+    with pytest.raises(SystemExit) as caught:
+        main(["check-data", str(datalist)])
+    assert str(caught.value).endswith(
+        f"{second}: shape (40, 36, 34) in RAS order differs from its image's (36, 40, 34) "
+        f"({tmp_path}/images/training/case1.nii.gz); the label must be on the image's grid (resample it with nearest "
+        "neighbour).")
+
+
 def test_check_data_reads_a_segmentation_datalist_as_one(tmp_path, capsys):
     datalist = write_tiny_segmentation(tmp_path, 2, counts=(2, 1, 0))
     assert main(["check-data", str(datalist)]) == 0

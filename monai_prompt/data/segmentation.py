@@ -224,16 +224,24 @@ def _load(path: str, load, problems: list[str]):
         return None
 
 
-def _ras_affine(array) -> np.ndarray:
-    """The affine of a channel-first ``MetaTensor`` once its axes are turned to RAS (``Orientationd``, which the
-    bundles apply to image and label alike): two files of one grid stored in other axis orders compare equal."""
+def _ras_grid(array) -> tuple[tuple[int, ...], np.ndarray]:
+    """The spatial shape and affine of a channel-first ``MetaTensor`` once its axes are turned to RAS
+    (``Orientationd``, which the bundles apply to image and label alike): two files of one grid stored in other axis
+    orders (a label that a tool wrote in RAS order, ``nibabel.as_closest_canonical``, beside an LSA image) compare
+    equal. An array whose affine does not match its dimensions keeps its own (:func:`_spatial_shape`)."""
     import nibabel as nib
 
     affine = np.asarray(array.affine, dtype=float)
     shape = array.shape[1:]
     if len(shape) != affine.shape[0] - 1:
-        return affine
-    return affine @ nib.orientations.inv_ornt_aff(nib.orientations.io_orientation(affine), shape)
+        return _spatial_shape(array), affine
+    orientation = nib.orientations.io_orientation(affine)
+    ras_shape = [0] * len(shape)
+    for axis, (ras_axis, _) in enumerate(orientation):
+        ras_shape[int(ras_axis)] = int(shape[axis])
+    while len(ras_shape) > 2 and ras_shape[-1] == 1:
+        ras_shape.pop()
+    return tuple(ras_shape), affine @ nib.orientations.inv_ornt_aff(orientation, shape)
 
 
 def _channels(image) -> int:
@@ -265,11 +273,13 @@ def _pair_problems(
         problems.append(f"{image_path}: {bad} NaN/Inf value(s); training would get a NaN loss: fix or drop the image.")
     if label.shape[0] != 1:
         problems.append(f"{label_path}: {label.shape[0]} channels; a label map has one (class index per voxel).")
-    if _spatial_shape(image) != _spatial_shape(label):
-        problems.append(f"{label_path}: shape {_spatial_shape(label)} differs from its image's {_spatial_shape(image)} "
-                        f"({image_path}); the label must be on the image's grid (resample it with nearest neighbour).")
+    (image_shape, image_affine), (label_shape, label_affine) = _ras_grid(image), _ras_grid(label)
+    if image_shape != label_shape:
+        stored = _spatial_shape(label), _spatial_shape(image)
+        shapes = stored if stored[0] != stored[1] else (f"{label_shape} in RAS order", str(image_shape))
+        problems.append(f"{label_path}: shape {shapes[0]} differs from its image's {shapes[1]} ({image_path}); the "
+                        "label must be on the image's grid (resample it with nearest neighbour).")
     else:
-        image_affine, label_affine = _ras_affine(image), _ras_affine(label)
         scale = max(float(np.abs(image_affine[:-1, :-1]).max()), 1.0)
         if image_affine.shape != label_affine.shape or not np.allclose(
             image_affine, label_affine, atol=_AFFINE_TOLERANCE * scale
