@@ -139,9 +139,10 @@ def _deterministic_transforms(label: bool = True, resample_label: bool = True) -
         {"_target_": "monai_prompt.data.MatchInputd", "keys": "image", "spatial_dims": "@spatial_dims",
          "channels": "@in_channels"},
         *(match_label if label else []),
-        {"_target_": "Orientationd", "keys": keys, "axcodes": "$'RAS'[:@spatial_dims]", "labels": None, **optional},
-        {"_target_": "Spacingd", "_disabled_": "$@pixdim is None", "keys": resampled, "pixdim": "@pixdim",
-         "mode": ["bilinear", "nearest"] if resampled == _KEYS else "bilinear", **optional},
+        {"_target_": "monai_prompt.data.SliceOrientationd", "keys": keys, "axcodes": "$'RAS'[:@spatial_dims]",
+         "labels": None, **optional},
+        {"_target_": "monai_prompt.data.SliceSpacingd", "_disabled_": "$@pixdim is None", "keys": resampled,
+         "pixdim": "@pixdim", "mode": ["bilinear", "nearest"] if resampled == _KEYS else "bilinear", **optional},
         {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
         {"_target_": "EnsureTyped", "keys": keys, "dtype": "$torch.float32", **optional},
     ]

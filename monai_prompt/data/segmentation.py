@@ -446,7 +446,7 @@ def resampled_shape(
     path: str | os.PathLike, spatial_dims: int, pixdim: float | Sequence[float]
 ) -> tuple[int, ...] | None:
     """The spatial shape of an image once the bundles' transforms have turned it to RAS and resampled it to
-    ``pixdim`` (``Orientation`` and ``Spacing``, run lazily on a header-sized placeholder: no voxel is read).
+    ``pixdim`` (``SliceOrientation`` and ``Spacing``, run lazily on a header-sized placeholder: no voxel is read).
 
     Args:
         path: a NIfTI or PNG-type image (others give ``None``: their headers are not read for a grid here).
@@ -456,9 +456,10 @@ def resampled_shape(
     import nibabel as nib
     import torch
     from monai.data import MetaTensor
-    from monai.transforms import Compose, Orientation, Spacing
+    from monai.transforms import Compose, Spacing
 
     from monai_prompt.data.headers import read_header
+    from monai_prompt.data.transforms import SliceOrientation, refuse_slice_resampling
 
     suffix = image_suffix(path)
     if suffix in (".nii", ".nii.gz"):
@@ -473,7 +474,8 @@ def resampled_shape(
     if len(shape) != spatial_dims:
         return None
     placeholder = MetaTensor(torch.zeros(1).expand(1, *shape), affine=torch.as_tensor(affine, dtype=torch.float64))
-    transforms = Compose([Orientation("RAS"[:spatial_dims], labels=None), Spacing(pixdim)], lazy=True)
+    refuse_slice_resampling(placeholder, path)
+    transforms = Compose([SliceOrientation("RAS"[:spatial_dims], labels=None), Spacing(pixdim)], lazy=True)
     return tuple(int(size) for size in transforms(placeholder).peek_pending_shape())
 
 
