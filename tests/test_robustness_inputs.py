@@ -22,7 +22,8 @@ from bundle_support import CLASSES, REPO, copy_bundle, tiny_overrides
 from io_support import sha256
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS, SEGMENTATION_SPECS
 from monai_prompt.cli import main
-from monai_prompt.data.datalist import ClassificationDatalist
+from monai_prompt.data.datalist import ClassificationDatalist, DataCheckError
+from monai_prompt.data.segmentation import check_segmentation_datalist
 from monai_prompt.peft import DeltaMismatchError
 from monai_prompt.runs import root_cause
 from monai_prompt.runs.runner import run_bundle
@@ -113,6 +114,16 @@ def test_a_dicom_and_a_metaimage_among_pngs_are_checked_and_train(tiny, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]  # was: "Collate error on the key 'image'", no file named
     assert f"data check of {datalist}: 2 of 20 images differ in size" in result.stdout
     assert {"model.pt", "checkpoint_epoch=1.pt"} <= {p.name for p in (bundle / "models").iterdir()}
+
+
+def test_a_missing_evaluation_split_names_the_splits_to_evaluate_instead(tmp_path):
+    """Evaluating a datalist without a 'test' list names the splits it has and --evaluate_split (it said only that
+    the workflow needs 'test' items)."""
+    datalist = write_tiny_segmentation(tmp_path, 3, counts=(2, 1, 0))
+    with pytest.raises(DataCheckError, match=rf"^1 problem\(s\) in {datalist}:\n  - {datalist}: no 'test' items; the "
+                       r"workflow needs them; add a 'test' list, or evaluate a split it has \(training, validation\) "
+                       r"with --evaluate_split validation\.$"):
+        check_segmentation_datalist(datalist, required_splits=["test"])
 
 
 def test_a_coronal_2d_slice_turns_to_ras_and_back():

@@ -300,6 +300,18 @@ def _pair_problems(
     return problems
 
 
+def _missing_split_fix(datalist: SegmentationDatalist, split: str) -> str:
+    """What to do about a ``split`` the workflow needs and ``datalist`` lacks: carve a validation split, or evaluate
+    a split it has (``--evaluate_split``)."""
+    if split == "validation":
+        return _CARVE
+    others = [other for other in ("training", "validation", "test") if other != split and datalist[other]]
+    if split == "training" or not others:
+        return ""
+    return (f"; add a {split!r} list, or evaluate a split it has ({', '.join(others)}) with --evaluate_split "
+            f"{others[-1]}")
+
+
 def check_segmentation_datalist(
     source: str | os.PathLike,
     class_names: Sequence[str] | None = None,
@@ -351,7 +363,7 @@ def check_segmentation_datalist(
                 f"those expected are {_classes_text(values, classes)} (a bundle's trained network's come from its "
                 "models/training_config.json; check-data's from --classes); relabel the data to the expected "
                 "classes, or train on these.")
-    problems += [f"{source}: no {split!r} items; the workflow needs them{_CARVE if split == 'validation' else ''}."
+    problems += [f"{source}: no {split!r} items; the workflow needs them{_missing_split_fix(datalist, split)}."
                  for split in required_splits if not datalist[split]]
     if num_classes is not None and num_classes != len(classes):
         problems.append(f"num_classes {num_classes} differs from the {len(classes)} classes {classes}: the network "
