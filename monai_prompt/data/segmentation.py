@@ -293,10 +293,10 @@ def _pair_problems(
                         "label map holds class indices (was it resampled with linear interpolation?).")
     outside = values[~np.isin(values, label_values) & (np.mod(values, 1) == 0)]  # fractions: reported above
     if outside.size:
-        problems.append(f"{label_path}: values {outside[:5].tolist()} are no class's ({_values_text(label_values)}, "
-                        "the 'labels' keys); name their classes in the datalist's 'labels' (e.g. "
-                        f'"{int(outside[0])}": "<class name>"), or set them to 0 (background) in a copy of the label '
-                        "maps.")
+        problems.append(f"{label_path}: values {outside[:5].astype(int).tolist()} are no class's "
+                        f"({_values_text(label_values)}, the 'labels' keys); name their classes in the datalist's "
+                        f'\'labels\' (e.g. "{int(outside[0])}": "<class name>"), or set them to 0 (background) in a '
+                        "copy of the label maps.")
     return problems
 
 
