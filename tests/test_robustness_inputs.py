@@ -154,6 +154,31 @@ def test_a_coronal_2d_slice_turns_to_ras_and_back():
     assert torch.equal(ours.as_tensor(), monai.as_tensor()) and torch.equal(ours.affine, monai.affine)
 
 
+def test_the_segmentation_flip_mirrors_left_right_and_leaves_a_sagittal_slice(tmp_path):
+    """The 2D segmentation bundles' training flip mirrors a coronal slice along its left-right axis and leaves a
+    sagittal slice, which has none (MONAI's RandFlipd on axis 0 mirrored it front to back); image and label alike."""
+    from monai.bundle import ConfigParser
+    from monai.data import MetaTensor
+
+    from monai_prompt.data import SliceOrientationd
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "linear_segmentation" / "configs" / "train.json"))
+    flip = parser.get_parsed_content("train#random_transforms#2", instantiate=True)
+    flip.prob = 1.0
+    pixels = torch.arange(12.0).reshape(1, 4, 3)
+    planes = {"coronal": [[-1.5, 0, 0, 0], [0, 0, 0.8, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]],
+              "sagittal": [[0, 0, 1.0, 0], [1.5, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]]}
+    for plane, affine in planes.items():
+        item = {key: MetaTensor(pixels.clone(), affine=torch.tensor(affine).double(),
+                                meta={"original_affine": torch.tensor(affine).double()}) for key in ("image", "label")}
+        turned = SliceOrientationd(["image", "label"], axcodes="RA", labels=None)(item)
+        flipped = flip(turned)
+        for key in ("image", "label"):
+            expected = turned[key].flip(1) if plane == "coronal" else turned[key]
+            assert torch.equal(flipped[key].as_tensor(), expected.as_tensor()), (plane, key)
+
+
 @pytest.mark.slow
 def test_coronal_2d_slices_train_evaluate_and_get_masks_on_their_grid(tmp_path):
     """2D NIfTI slices of a coronal plane (an LSA volume's slices, X x Z x 1) train, evaluate and get masks with their
