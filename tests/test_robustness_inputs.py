@@ -16,12 +16,14 @@ import itk
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from bundle_support import CLASSES, REPO, copy_bundle, tiny_overrides
 from io_support import sha256
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS, SEGMENTATION_SPECS
 from monai_prompt.cli import main
-from monai_prompt.data.datalist import ClassificationDatalist
+from monai_prompt.data.datalist import ClassificationDatalist, DataCheckError
+from monai_prompt.data.segmentation import check_segmentation_datalist
 from monai_prompt.peft import DeltaMismatchError
 from monai_prompt.runs import root_cause
 from monai_prompt.runs.runner import run_bundle
@@ -112,6 +114,121 @@ def test_a_dicom_and_a_metaimage_among_pngs_are_checked_and_train(tiny, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]  # was: "Collate error on the key 'image'", no file named
     assert f"data check of {datalist}: 2 of 20 images differ in size" in result.stdout
     assert {"model.pt", "checkpoint_epoch=1.pt"} <= {p.name for p in (bundle / "models").iterdir()}
+
+
+def test_a_missing_evaluation_split_names_the_splits_to_evaluate_instead(tmp_path):
+    """Evaluating a datalist without a 'test' list names the splits it has and --evaluate_split (it said only that
+    the workflow needs 'test' items)."""
+    datalist = write_tiny_segmentation(tmp_path, 3, counts=(2, 1, 0))
+    with pytest.raises(DataCheckError, match=rf"^1 problem\(s\) in {datalist}:\n  - {datalist}: no 'test' items; the "
+                       r"workflow needs them; add a 'test' list, or evaluate a split it has \(training, validation\) "
+                       r"with --evaluate_split validation\.$"):
+        check_segmentation_datalist(datalist, required_splits=["test"])
+
+
+def test_a_coronal_2d_slice_turns_to_ras_and_back():
+    """A 2D slice of a coronal plane (its axes along world x and z; MONAI's Orientation failed with "Unable to find
+    out axis 1.0 in start_ornt") is turned with its axes increasing (R, S) and back to its own voxels and affine, as
+    Invertd turns an inference's prediction; an axial slice is turned as MONAI turns it."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation
+
+    from monai_prompt.data import SliceOrientation, refuse_slice_resampling, slice_orientation
+
+    pixels = torch.arange(12.0).reshape(1, 4, 3)
+    coronal = torch.tensor([[-1.5, 0, 0, 30.0], [0, 0, 0.8, -10.0], [0, -2.0, 0, 7.0], [0, 0, 0, 1]]).double()
+    transform = SliceOrientation("RA", labels=None)
+    turned = transform(MetaTensor(pixels.clone(), affine=coronal))
+    assert torch.equal(turned.as_tensor(), pixels.flip(1, 2))
+    assert torch.allclose(turned.affine, torch.tensor([[1.5, 0, 0, 25.5], [0, 0, 0.8, -10], [0, 2, 0, 3], [0, 0, 0, 1]],
+                                                      dtype=torch.float64))
+    back = transform.inverse(turned)
+    assert torch.equal(back.as_tensor(), pixels) and torch.allclose(back.affine, coronal)
+    assert not back.applied_operations
+    with pytest.raises(ValueError, match=r"^slice\.nii\.gz: a 2D slice of a coronal or sagittal plane \(its axes run "
+                                         r"along world x and z\), which pixdim cannot resample"):
+        refuse_slice_resampling(turned, "slice.nii.gz")
+    axial = torch.tensor([[-1.5, 0, 0, 30.0], [0, 2.0, 0, 7.0], [0, 0, 0.8, -10.0], [0, 0, 0, 1]], dtype=torch.float64)
+    assert slice_orientation(axial, 2) is None and slice_orientation(coronal, 3) is None
+    ours, monai = (t(MetaTensor(pixels.clone(), affine=axial)) for t in (transform, Orientation("RA", labels=None)))
+    assert torch.equal(ours.as_tensor(), monai.as_tensor()) and torch.equal(ours.affine, monai.affine)
+
+
+def test_the_segmentation_flip_mirrors_left_right_and_leaves_a_sagittal_slice(tmp_path):
+    """The 2D segmentation bundles' training flip mirrors a coronal slice along its left-right axis and leaves a
+    sagittal slice, which has none (MONAI's RandFlipd on axis 0 mirrored it front to back); image and label alike."""
+    from monai.bundle import ConfigParser
+    from monai.data import MetaTensor
+
+    from monai_prompt.data import SliceOrientationd
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "linear_segmentation" / "configs" / "train.json"))
+    flip = parser.get_parsed_content("train#random_transforms#2", instantiate=True)
+    flip.prob = 1.0
+    pixels = torch.arange(12.0).reshape(1, 4, 3)
+    planes = {"coronal": [[-1.5, 0, 0, 0], [0, 0, 0.8, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]],
+              "sagittal": [[0, 0, 1.0, 0], [1.5, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]]}
+    for plane, affine in planes.items():
+        item = {key: MetaTensor(pixels.clone(), affine=torch.tensor(affine).double(),
+                                meta={"original_affine": torch.tensor(affine).double()}) for key in ("image", "label")}
+        turned = SliceOrientationd(["image", "label"], axcodes="RA", labels=None)(item)
+        flipped = flip(turned)
+        for key in ("image", "label"):
+            expected = turned[key].flip(1) if plane == "coronal" else turned[key]
+            assert torch.equal(flipped[key].as_tensor(), expected.as_tensor()), (plane, key)
+
+
+@pytest.mark.slow
+def test_coronal_2d_slices_train_evaluate_and_get_masks_on_their_grid(tmp_path):
+    """2D NIfTI slices of a coronal plane (an LSA volume's slices, X x Z x 1) train, evaluate and get masks with their
+    shape and affine, whose Dice against the label files is the evaluation's (each step failed: MONAI orients and
+    writes 2D images by the affine's world x and y rows, where such a slice has no second axis); pixdim, which
+    MONAI's Spacing cannot apply to them, is refused naming the file."""
+    spec = SEGMENTATION_SPECS["linear_segmentation"]
+    coronal = np.array([[-1.5, 0, 0, 30.0], [0, 0, 0.8, -10.0], [0, 2.0, 0, 7.0], [0, 0, 0, 1]])
+    datalist = write_tiny_segmentation(tmp_path / "data", 2, counts=(2, 1, 1), affine=coronal)
+    bundle = tmp_path / "bundles" / spec.name
+    shutil.copytree(REPO / "bundles" / spec.name, bundle)
+    overrides = tiny_segmentation_overrides(spec, datalist, write_tiny_encoder(tmp_path / "vit.pt", 2))
+    run_bundle(bundle, ["train.json"], "train", quiet=True, **overrides, **{"train#trainer#max_epochs": 1})
+    run_bundle(bundle, ["train.json", "evaluate.json"], "infer", quiet=True, **overrides)
+    metrics = dict(line.split(",") for line in (bundle / "eval" / "metrics.csv").read_text().splitlines())
+    image, label = (datalist.parent / f"{kind}s" / "test" / "case0.nii.gz" for kind in ("image", "label"))
+    run_bundle(bundle, ["inference.json"], "infer", quiet=True, **overrides, infer_images=[str(image)])
+    mask = nib.load(bundle / "eval" / "masks" / "case0_seg.nii.gz")
+    assert mask.shape == nib.load(image).shape and np.allclose(mask.affine, coronal)
+    predicted, truth = np.asarray(mask.dataobj), np.asarray(nib.load(label).dataobj)
+    dice = [2 * np.sum((predicted == c) & (truth == c)) / (np.sum(predicted == c) + np.sum(truth == c))
+            for c in range(1, 4) if (truth == c).any()]
+    assert np.mean(dice) == pytest.approx(float(metrics["mean_dice"]), abs=1e-6)
+    shutil.copytree(REPO / "bundles" / spec.name, tmp_path / "resampled")
+    with pytest.raises(Exception) as caught:
+        run_bundle(tmp_path / "resampled", ["train.json"], "train", quiet=True, **overrides, pixdim=[2.0, 2.0])
+    assert "a 2D slice of a coronal or sagittal plane (its axes run along world x and z), which pixdim cannot" in str(
+        root_cause(caught.value)[0])
+
+
+def test_a_label_stored_in_another_axis_order_than_its_image_passes_the_data_check(tmp_path, capsys):
+    """A label map on its image's grid whose file stores the axes in another order (as a tool that writes RAS order,
+    ``nibabel.as_closest_canonical``, does beside an LSA image) passes check-data, as training reads it (both turned
+    to RAS): it was refused as a shape mismatch, with the advice to resample it. A label of its image's stored shape
+    whose axes are another order of the grid is refused, its shape given in RAS order."""
+    datalist = write_tiny_segmentation(tmp_path, 3, counts=(2, 1, 0))
+    first, second = (tmp_path / "labels" / "training" / f"case{index}.nii.gz" for index in (0, 1))
+    label = nib.load(first)
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj).transpose(2, 0, 1), label.affine[:, [2, 0, 1, 3]]), first)
+    assert nib.load(first).shape == (34, 36, 40)
+    assert main(["check-data", str(datalist)]) == 0
+    assert capsys.readouterr().out.startswith(f"segmentation datalist {datalist}: 4 classes")
+    label = nib.load(second)
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), label.affine[:, [1, 0, 2, 3]]), second)
+    with pytest.raises(SystemExit) as caught:
+        main(["check-data", str(datalist)])
+    assert str(caught.value).endswith(
+        f"{second}: shape (40, 36, 34) in RAS order differs from its image's (36, 40, 34) "
+        f"({tmp_path}/images/training/case1.nii.gz); the label must be on the image's grid (resample it with nearest "
+        "neighbour).")
 
 
 def test_check_data_reads_a_segmentation_datalist_as_one(tmp_path, capsys):

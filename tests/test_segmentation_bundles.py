@@ -257,7 +257,7 @@ def test_label_values_other_than_0_to_k_name_their_classes(tmp_path):
            "expected are ['background', 'csf', 'gray_matter', 'white_matter']" in str(info.value)
     stored[0, 0] = 1
     nib.save(nib.Nifti1Image(stored, nib.load(label).affine), label)
-    with pytest.raises(DataCheckError, match=r"values \[1\.0\] are no class's \(0, 2, 4, 300, the 'labels' keys\)"):
+    with pytest.raises(DataCheckError, match=r"values \[1\] are no class's \(0, 2, 4, 300, the 'labels' keys\)"):
         check_segmentation_datalist(datalist)
 
 
@@ -312,7 +312,7 @@ def test_data_check_reports_every_bad_pair(tmp_path):
         f"{first}: shape (35, 40, 34) differs",
         f"{second}: its voxels are not where its image's are",
         f"{third}: non-integer values (e.g. [0.5])",
-        f"{third}: values [7.0] are no class's (0..4,",  # the bundle's 5 classes
+        f"{third}: values [7] are no class's (0..4,",  # the bundle's 5 classes (values as integers: not [7.0])
         "missing.nii.gz: file not found",
         "case0.nii.gz: no label; a test item needs both",
         "case0.nii.gz: listed in several splits ['test', 'training']",

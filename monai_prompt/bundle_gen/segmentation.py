@@ -139,9 +139,10 @@ def _deterministic_transforms(label: bool = True, resample_label: bool = True) -
         {"_target_": "monai_prompt.data.MatchInputd", "keys": "image", "spatial_dims": "@spatial_dims",
          "channels": "@in_channels"},
         *(match_label if label else []),
-        {"_target_": "Orientationd", "keys": keys, "axcodes": "$'RAS'[:@spatial_dims]", "labels": None, **optional},
-        {"_target_": "Spacingd", "_disabled_": "$@pixdim is None", "keys": resampled, "pixdim": "@pixdim",
-         "mode": ["bilinear", "nearest"] if resampled == _KEYS else "bilinear", **optional},
+        {"_target_": "monai_prompt.data.SliceOrientationd", "keys": keys, "axcodes": "$'RAS'[:@spatial_dims]",
+         "labels": None, **optional},
+        {"_target_": "monai_prompt.data.SliceSpacingd", "_disabled_": "$@pixdim is None", "keys": resampled,
+         "pixdim": "@pixdim", "mode": ["bilinear", "nearest"] if resampled == _KEYS else "bilinear", **optional},
         {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
         {"_target_": "EnsureTyped", "keys": keys, "dtype": "$torch.float32", **optional},
     ]
@@ -149,12 +150,13 @@ def _deterministic_transforms(label: bool = True, resample_label: bool = True) -
 
 def _random_transforms() -> list[dict[str, Any]]:
     """The training sampling and augmentations: pad to the ROI, ``num_samples`` ROI crops per image (half centred
-    on foreground), a left-right flip, contrast and intensity shifts."""
+    on foreground), a left-right flip (none for a sagittal slice: RandLeftRightFlipd), contrast and intensity
+    shifts."""
     return [
         {"_target_": "SpatialPadd", "keys": _KEYS, "spatial_size": "@roi_size"},
         {"_target_": "RandCropByPosNegLabeld", "keys": _KEYS, "label_key": "label", "image_key": "image",
          "spatial_size": "@roi_size", "pos": 1, "neg": 1, "num_samples": "@num_samples", "image_threshold": 0},
-        {"_target_": "RandFlipd", "keys": _KEYS, "prob": 0.5, "spatial_axis": 0},
+        {"_target_": "monai_prompt.data.RandLeftRightFlipd", "keys": _KEYS, "prob": 0.5, "spatial_axis": 0},
         {"_target_": "RandAdjustContrastd", "keys": "image", "prob": 0.3, "gamma": [0.7, 1.5]},
         {"_target_": "RandShiftIntensityd", "keys": "image", "prob": 0.5, "offsets": 0.1},
     ]

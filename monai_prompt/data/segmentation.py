@@ -224,16 +224,24 @@ def _load(path: str, load, problems: list[str]):
         return None
 
 
-def _ras_affine(array) -> np.ndarray:
-    """The affine of a channel-first ``MetaTensor`` once its axes are turned to RAS (``Orientationd``, which the
-    bundles apply to image and label alike): two files of one grid stored in other axis orders compare equal."""
+def _ras_grid(array) -> tuple[tuple[int, ...], np.ndarray]:
+    """The spatial shape and affine of a channel-first ``MetaTensor`` once its axes are turned to RAS
+    (``Orientationd``, which the bundles apply to image and label alike): two files of one grid stored in other axis
+    orders (a label that a tool wrote in RAS order, ``nibabel.as_closest_canonical``, beside an LSA image) compare
+    equal. An array whose affine does not match its dimensions keeps its own (:func:`_spatial_shape`)."""
     import nibabel as nib
 
     affine = np.asarray(array.affine, dtype=float)
     shape = array.shape[1:]
     if len(shape) != affine.shape[0] - 1:
-        return affine
-    return affine @ nib.orientations.inv_ornt_aff(nib.orientations.io_orientation(affine), shape)
+        return _spatial_shape(array), affine
+    orientation = nib.orientations.io_orientation(affine)
+    ras_shape = [0] * len(shape)
+    for axis, (ras_axis, _) in enumerate(orientation):
+        ras_shape[int(ras_axis)] = int(shape[axis])
+    while len(ras_shape) > 2 and ras_shape[-1] == 1:
+        ras_shape.pop()
+    return tuple(ras_shape), affine @ nib.orientations.inv_ornt_aff(orientation, shape)
 
 
 def _channels(image) -> int:
@@ -265,11 +273,13 @@ def _pair_problems(
         problems.append(f"{image_path}: {bad} NaN/Inf value(s); training would get a NaN loss: fix or drop the image.")
     if label.shape[0] != 1:
         problems.append(f"{label_path}: {label.shape[0]} channels; a label map has one (class index per voxel).")
-    if _spatial_shape(image) != _spatial_shape(label):
-        problems.append(f"{label_path}: shape {_spatial_shape(label)} differs from its image's {_spatial_shape(image)} "
-                        f"({image_path}); the label must be on the image's grid (resample it with nearest neighbour).")
+    (image_shape, image_affine), (label_shape, label_affine) = _ras_grid(image), _ras_grid(label)
+    if image_shape != label_shape:
+        stored = _spatial_shape(label), _spatial_shape(image)
+        shapes = stored if stored[0] != stored[1] else (f"{label_shape} in RAS order", str(image_shape))
+        problems.append(f"{label_path}: shape {shapes[0]} differs from its image's {shapes[1]} ({image_path}); the "
+                        "label must be on the image's grid (resample it with nearest neighbour).")
     else:
-        image_affine, label_affine = _ras_affine(image), _ras_affine(label)
         scale = max(float(np.abs(image_affine[:-1, :-1]).max()), 1.0)
         if image_affine.shape != label_affine.shape or not np.allclose(
             image_affine, label_affine, atol=_AFFINE_TOLERANCE * scale
@@ -283,11 +293,23 @@ def _pair_problems(
                         "label map holds class indices (was it resampled with linear interpolation?).")
     outside = values[~np.isin(values, label_values) & (np.mod(values, 1) == 0)]  # fractions: reported above
     if outside.size:
-        problems.append(f"{label_path}: values {outside[:5].tolist()} are no class's ({_values_text(label_values)}, "
-                        "the 'labels' keys); name their classes in the datalist's 'labels' (e.g. "
-                        f'"{int(outside[0])}": "<class name>"), or set them to 0 (background) in a copy of the label '
-                        "maps.")
+        problems.append(f"{label_path}: values {outside[:5].astype(int).tolist()} are no class's "
+                        f"({_values_text(label_values)}, the 'labels' keys); name their classes in the datalist's "
+                        f'\'labels\' (e.g. "{int(outside[0])}": "<class name>"), or set them to 0 (background) in a '
+                        "copy of the label maps.")
     return problems
+
+
+def _missing_split_fix(datalist: SegmentationDatalist, split: str) -> str:
+    """What to do about a ``split`` the workflow needs and ``datalist`` lacks: carve a validation split, or evaluate
+    a split it has (``--evaluate_split``)."""
+    if split == "validation":
+        return _CARVE
+    others = [other for other in ("training", "validation", "test") if other != split and datalist[other]]
+    if split == "training" or not others:
+        return ""
+    return (f"; add a {split!r} list, or evaluate a split it has ({', '.join(others)}) with --evaluate_split "
+            f"{others[-1]}")
 
 
 def check_segmentation_datalist(
@@ -341,7 +363,7 @@ def check_segmentation_datalist(
                 f"those expected are {_classes_text(values, classes)} (a bundle's trained network's come from its "
                 "models/training_config.json; check-data's from --classes); relabel the data to the expected "
                 "classes, or train on these.")
-    problems += [f"{source}: no {split!r} items; the workflow needs them{_CARVE if split == 'validation' else ''}."
+    problems += [f"{source}: no {split!r} items; the workflow needs them{_missing_split_fix(datalist, split)}."
                  for split in required_splits if not datalist[split]]
     if num_classes is not None and num_classes != len(classes):
         problems.append(f"num_classes {num_classes} differs from the {len(classes)} classes {classes}: the network "
@@ -436,7 +458,7 @@ def resampled_shape(
     path: str | os.PathLike, spatial_dims: int, pixdim: float | Sequence[float]
 ) -> tuple[int, ...] | None:
     """The spatial shape of an image once the bundles' transforms have turned it to RAS and resampled it to
-    ``pixdim`` (``Orientation`` and ``Spacing``, run lazily on a header-sized placeholder: no voxel is read).
+    ``pixdim`` (``SliceOrientation`` and ``Spacing``, run lazily on a header-sized placeholder: no voxel is read).
 
     Args:
         path: a NIfTI or PNG-type image (others give ``None``: their headers are not read for a grid here).
@@ -446,9 +468,10 @@ def resampled_shape(
     import nibabel as nib
     import torch
     from monai.data import MetaTensor
-    from monai.transforms import Compose, Orientation, Spacing
+    from monai.transforms import Compose, Spacing
 
     from monai_prompt.data.headers import read_header
+    from monai_prompt.data.transforms import SliceOrientation, refuse_slice_resampling
 
     suffix = image_suffix(path)
     if suffix in (".nii", ".nii.gz"):
@@ -463,7 +486,8 @@ def resampled_shape(
     if len(shape) != spatial_dims:
         return None
     placeholder = MetaTensor(torch.zeros(1).expand(1, *shape), affine=torch.as_tensor(affine, dtype=torch.float64))
-    transforms = Compose([Orientation("RAS"[:spatial_dims], labels=None), Spacing(pixdim)], lazy=True)
+    refuse_slice_resampling(placeholder, path)
+    transforms = Compose([SliceOrientation("RAS"[:spatial_dims], labels=None), Spacing(pixdim)], lazy=True)
     return tuple(int(size) for size in transforms(placeholder).peek_pending_shape())
 
 

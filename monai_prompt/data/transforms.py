@@ -15,6 +15,7 @@ softmax resampled a few classes at a time) and :class:`NiftiMaskWriter` (masks t
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -30,21 +31,26 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     MapTransform,
+    Orientation,
+    Orientationd,
     RandAdjustContrastd,
     RandAffined,
     RandFlipd,
     Resized,
     ScaleIntensityd,
+    Spacingd,
     SqueezeDim,
     ToTensord,
     Transform,
 )
+from monai.transforms.spatial.functional import orientation
 from monai.utils import MetaKeys, TraceKeys, convert_to_numpy, convert_to_tensor, ensure_tuple_rep
 
 from monai_prompt.data.headers import PIL_CONVERSIONS, channels_feed
 
-__all__ = ["MatchInputd", "NiftiMaskWriter", "RandLeftRightFlipd", "ResampledArgmaxd", "classification_transforms",
-           "left_right_axis", "match_input"]
+__all__ = ["MatchInputd", "NiftiMaskWriter", "RandLeftRightFlipd", "ResampledArgmaxd", "SliceOrientation",
+           "SliceOrientationd", "SliceSpacingd", "classification_transforms", "left_right_axis", "match_input",
+           "refuse_slice_resampling", "slice_orientation"]
 
 
 def match_input(image: torch.Tensor, spatial_dims: int, channels: int, convert_modes: bool = True) -> torch.Tensor:
@@ -261,6 +267,99 @@ class RandLeftRightFlipd(RandFlipd):
         return d
 
 
+def slice_orientation(affine: np.ndarray | torch.Tensor, spatial_dims: int) -> np.ndarray | None:
+    """The nibabel orientation of a 2D slice whose 4 x 4 affine lies in a coronal or sagittal plane (its two axes run
+    mostly along world x and z, or y and z), each axis given the rank of its world axis among the two and its
+    direction; ``None`` for an axial slice or a volume, which MONAI's ``Orientation`` turns itself. MONAI orients a 2D
+    image by the affine's world x and y rows only, where such a slice has no axis (nibabel's "Unable to find out axis
+    1.0 in start_ornt").
+
+    Args:
+        affine: the image's affine.
+        spatial_dims: the image's spatial dims.
+    """
+    affine = convert_to_numpy(affine, wrap_sequence=True).astype(np.float64)
+    if spatial_dims != 2 or affine.shape != (4, 4):
+        return None
+    world = nib.orientations.io_orientation(affine[:, [0, 1, 3]])  # the slice's axes in the three world axes
+    if set(world[:, 0].tolist()) == {0.0, 1.0}:
+        return None
+    world[:, 0] = np.argsort(np.argsort(world[:, 0]))
+    return world
+
+
+class SliceOrientation(Orientation):
+    """MONAI's ``Orientation`` that also turns a 2D slice of a coronal or sagittal plane (:func:`slice_orientation`):
+    its axes ordered and flipped as their world axes run, R before A before S, each increasing (the ``RAS`` order the
+    bundles turn every image to), and back in :meth:`inverse`. Axial slices and volumes are MONAI's."""
+
+    def __call__(self, data_array: torch.Tensor, lazy: bool | None = None) -> torch.Tensor:
+        meta = isinstance(data_array, MetaTensor)
+        plane = slice_orientation(data_array.affine, data_array.ndim - 1) if meta else None
+        if plane is None:
+            return super().__call__(data_array, lazy)
+        spatial = nib.orientations.ornt_transform(plane, np.array([[0, 1], [1, 1]]))
+        return orientation(data_array, convert_to_numpy(data_array.peek_pending_affine()), spatial,
+                           lazy=self.lazy if lazy is None else lazy, transform_info=self.get_transform_info())
+
+    def inverse(self, data: torch.Tensor) -> torch.Tensor:
+        original = self.get_most_recent_transform(data)[TraceKeys.EXTRA_INFO]["original_affine"]
+        plane = slice_orientation(original, data.ndim - 1)
+        if plane is None:
+            return super().inverse(data)
+        self.pop_transform(data)
+        with self.trace_transform(False):
+            return orientation(data, convert_to_numpy(data.affine),
+                               nib.orientations.ornt_transform(np.array([[0, 1], [1, 1]]), plane),
+                               lazy=False, transform_info=self.get_transform_info())
+
+
+class SliceOrientationd(Orientationd):
+    """MONAI's ``Orientationd`` with :class:`SliceOrientation`: 2D slices of any plane are turned (the segmentation
+    bundles' orientation to RAS), and turned back by ``Invertd``. Arguments: ``Orientationd``'s."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        axcodes: str | None = None,
+        as_closest_canonical: bool = False,
+        labels: Sequence[tuple[str, str]] | None = None,
+        allow_missing_keys: bool = False,
+        lazy: bool = False,
+    ):
+        super().__init__(keys, axcodes, as_closest_canonical, labels, allow_missing_keys, lazy)
+        self.ornt_transform = SliceOrientation(axcodes, as_closest_canonical, labels, lazy)
+
+
+def refuse_slice_resampling(image: torch.Tensor, name: str | os.PathLike | None = None) -> None:
+    """Raise, naming the file, for a 2D slice of a coronal or sagittal plane (:func:`slice_orientation`), which
+    ``pixdim`` cannot resample: MONAI's ``Spacing`` resamples a 2D image in the world x-y plane, where such a slice has
+    no second axis (numpy's "Matrix is not positive definite").
+
+    Args:
+        image: a channel-first ``MetaTensor``.
+        name: the file named (default: the image's ``filename_or_obj``).
+    """
+    if not isinstance(image, MetaTensor) or slice_orientation(image.affine, image.ndim - 1) is None:
+        return
+    axes = "xyz"[int(nib.orientations.io_orientation(image.affine.numpy()[:, [0, 1, 3]])[0, 0])]
+    raise ValueError(
+        f"{name or image.meta.get('filename_or_obj', 'image')}: a 2D slice of a coronal or sagittal plane (its axes "
+        f"run along world {axes} and z), which pixdim cannot resample (MONAI resamples 2D images in the world x-y "
+        "plane); leave pixdim unset (the slices' own spacing), or resample the slices before training."
+    )
+
+
+class SliceSpacingd(Spacingd):
+    """MONAI's ``Spacingd`` that refuses a 2D slice of a coronal or sagittal plane with the file and the fix
+    (:func:`refuse_slice_resampling`). Arguments: ``Spacingd``'s."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict[Hashable, torch.Tensor]:
+        for key in self.key_iterator(dict(data)):
+            refuse_slice_resampling(data[key])
+        return super().__call__(data, lazy)
+
+
 class ResampledArgmaxd(MapTransform):
     """The argmax over the channels (classes) of ``keys`` after ``transform`` resamples them, a few channels at a
     time: ``AsDiscreted(argmax=True)`` after ``transform`` with the resampled probabilities of ``channels`` classes
@@ -308,10 +407,18 @@ class NiftiMaskWriter(NibabelWriter):
     """MONAI's ``NibabelWriter`` that keeps the sform and qform codes of the image a mask was predicted for (NIfTI
     inputs: 2 aligned, 4 MNI, ... which FSL and others compare); ``NibabelWriter`` writes both as 1 (scanner).
     Where the metadata has neither code set (DICOM and other ITK inputs), both are 1, as ``NibabelWriter`` writes
-    them."""
+    them. Without ``resample`` (the bundles' masks) the mask is written as it is, with its affine: MONAI's writer
+    resamples it onto its own grid, which inverts the affine's world x and y rows (singular for a 2D slice of a
+    coronal or sagittal plane)."""
 
     def set_metadata(self, meta_dict: Mapping | None = None, resample: bool = True, **options: Any) -> None:
-        super().set_metadata(meta_dict, resample, **options)
+        if resample:
+            super().set_metadata(meta_dict, resample, **options)
+        else:
+            _, affine, _ = self.get_meta_info(meta_dict)
+            if self.output_dtype is None and hasattr(self.data_obj, "dtype"):
+                self.output_dtype = self.data_obj.dtype
+            self.affine = None if affine is None else convert_to_numpy(affine)
         codes = [int(np.asarray((meta_dict or {}).get(f"{form}_code", 0))) for form in ("sform", "qform")]
         self.codes = codes if any(codes) else [1, 1]
 
