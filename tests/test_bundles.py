@@ -366,7 +366,11 @@ def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path, monkeyp
     spec = BUNDLE_SPECS[name]
     bundle = copy_bundle(name, tmp_path)
     overrides = tiny_overrides(spec, tiny["data"], tiny["backbone"])
+    capsys.readouterr()
     run_bundle(bundle, ["train.json"], "train", **overrides, **{"train#trainer#max_epochs": 1})
+    last = capsys.readouterr().out.splitlines()[-1]  # the run ends saying what it reached and where the model went
+    assert re.search(rf" - monai_prompt - INFO - training: best val_accuracy \d\.\d{{4}} at epoch 1 of 1; best model "
+                     rf"{re.escape(str(bundle / 'models' / 'model.pt'))}$", last), last
 
     delta = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert list(delta) == ["peft", "model"] and delta["peft"]["method"] == spec.method
@@ -385,6 +389,9 @@ def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path, monkeyp
 
     run_bundle(bundle, ["train.json", "evaluate.json"], "infer", **overrides)
     metrics = read_metrics(bundle / "eval" / "metrics.csv")
+    assert capsys.readouterr().out.splitlines()[-1].endswith(
+        f" - monai_prompt - INFO - evaluation: accuracy {metrics['accuracy']:.4f} on the 6 images of split 'test'; "
+        f"metrics in {bundle / 'eval' / 'metrics.csv'}")
     assert set(metrics) == {"accuracy", "auc", "f1", "kappa", "ece"}
 
     capsys.readouterr()

@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -155,7 +156,12 @@ def test_bundle_train_evaluate_infer_verify_export(name, tiny_data, tmp_path, ca
     resume = torch.load(bundle / "models" / "checkpoint_epoch=1.pt", weights_only=True)
     assert resume["trainer"]["iteration"] == 2  # 4 training images, batch 2
 
-    run_bundle(bundle, ["train.json", "evaluate.json"], "infer", quiet=True, **overrides)
+    capsys.readouterr()
+    run_bundle(bundle, ["train.json", "evaluate.json"], "infer", **overrides)
+    last = capsys.readouterr().out.splitlines()[-1]  # the run ends with its score and where its metrics went
+    metrics_file = re.escape(str(bundle / "eval" / "metrics.csv"))
+    assert re.search(rf" - monai_prompt - INFO - evaluation: mean_dice \d\.\d{{4}} on the 2 images of split 'test'; "
+                     rf"metrics in {metrics_file}$", last), last
     images = datalist.parent / "images" / "test"  # inference takes a folder or a glob of unlabelled images
     infer_images = str(images) if spec.spatial_dims == 2 else str(images / "*.nii.gz")
     capsys.readouterr()

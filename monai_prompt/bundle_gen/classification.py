@@ -306,7 +306,7 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
                                              params=_tracked(spec)),
         "evaluator": common.evaluator("", _fpt_batch(spec)),
         "initialize": _initialize(spec, train=False),
-        "run": ["$@evaluator.run()"],
+        "run": ["$@evaluator.run()", common.REPORT_EVALUATION],
     }
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "IN_BACKWARD_AUTOCAST",
     "IN_BACKWARD_SETTING",
     "RANK0_WAIT",
+    "REPORT_EVALUATION",
     "SDPA_SETTING",
     "SHOW_CAUSE_LAST",
     "TRAIN_RUN",
@@ -77,17 +78,22 @@ _WARN_IF_NOT_PRETRAINED = "$monai_prompt.runs.warn_if_not_pretrained(@pretrained
 _FLAG_USE = re.compile(r"@flags#(\w+)")
 #: second step of every workflow's ``initialize``: every boolean setting read once, a bad value refused early.
 FLAGS = "@flags"
-#: under DDP, the other ranks wait here for rank 0 (a step that only rank 0 runs comes before it).
-#: the other processes wait for rank 0 (FPT's preload) for up to 12 hours, not NCCL's 10 minutes (on its own group)
+#: under DDP, the other ranks wait here for rank 0 (a step that only rank 0 runs comes before it: FPT's preload), for
+#: up to 12 hours, not NCCL's 10 minutes (on a group of its own)
 RANK0_WAIT = "$monai_prompt.runs.wait_for_rank0()"
 #: the trainer-state checkpoint handlers reference the trainer, so they are attached to it here rather than listed
-#: in ``train#handlers`` (which the trainer references: a cycle); they run after the listed handlers.
+#: in ``train#handlers`` (which the trainer references: a cycle); they run after the listed handlers. The run's last
+#: line says what it reached and where the best model is.
 TRAIN_RUN = (
     "$@train#checkpoint_loader.attach(@train#trainer) if @flags#resume else None",
     "$@train#checkpoint_saver.attach(@train#trainer)",
     "$monai_prompt.runs.delete_previous_run_after_checkpoint(@train#trainer, @ckpt_dir)",
     "$@train#trainer.run()",
+    "$monai_prompt.engine.report_training(@train#trainer, @validate#evaluator, "
+    "str(@ckpt_dir) + '/' + @train#model_saver#key_metric_filename)",
 )
+#: the last step of an evaluation: its key metric and where its metrics went
+REPORT_EVALUATION = "$monai_prompt.engine.report_evaluation(@evaluator, @evaluate_split, @output_dir + '/metrics.csv')"
 
 
 def with_flags(config: dict[str, Any]) -> dict[str, Any]:

@@ -367,7 +367,7 @@ def evaluate_config(spec: BundleSpec) -> dict[str, Any]:
                                              files=("metrics.csv", "mean_dice_raw.csv", "hd95_raw.csv")),
         "evaluator": common.evaluator(""),
         "initialize": _initialize(train=False),
-        "run": ["$@evaluator.run()"],
+        "run": ["$@evaluator.run()", common.REPORT_EVALUATION],
     }
 
 

@@ -39,6 +39,7 @@ from monai_prompt.engine.metrics import (
     quadratic_weighted_kappa,
 )
 from monai_prompt.engine.predictions import PredictionSaver, SavedMasks
+from monai_prompt.engine.summary import report_evaluation, report_training
 from monai_prompt.engine.tracking import (
     MLflowPeftLogger,
     check_tracking_uri,
@@ -87,6 +88,8 @@ __all__ = [
     "per_class_scores",
     "process_status_mib",
     "quadratic_weighted_kappa",
+    "report_evaluation",
+    "report_training",
     "unique_run_name",
     "unwrap",
 ]
