@@ -128,3 +128,36 @@ def test_check_data_reads_a_segmentation_datalist_as_one(tmp_path, capsys):
         f"check-data: 1 problem(s) in {datalist}:\n  - {tmp_path}/images/training/case0.nii.gz: listed 2 times in "
         f"'training'; keep it once (a repeated image weighs more in training and in the metrics)."
     )
+
+
+def test_a_0_255_mask_and_an_instance_mask_are_named_with_their_fix(tmp_path):
+    """A bone mask stored as 0/255 under ``"1": "bone"`` and a nuclei instance mask (one value per nucleus) given
+    as-is: check-data names what each is and its fix (before: "name their classes", with five of the instance
+    values and no count, and a 0/255 mask also told that its labels "hold only background")."""
+    datalist = write_tiny_segmentation(tmp_path, 2, counts=(1, 1, 0))
+    content = json.loads(datalist.read_text())
+    content["labels"] = {"0": "background", "1": "bone"}
+    datalist.write_text(json.dumps(content))
+    for split, scale in (("training", 255), ("validation", None)):
+        path = tmp_path / content[split][0]["label"]
+        stored = np.asarray(nib.load(path).dataobj)
+        if scale:  # a binary mask, foreground 255
+            label = (stored > 0).astype(np.uint8) * scale
+        else:  # an instance mask: 12 objects, values 1..12
+            label = np.zeros_like(stored)
+            for index in range(12):
+                label[3 * index:3 * index + 2, 5:9] = index + 1
+        nib.save(nib.Nifti1Image(label, nib.load(path).affine), path)
+    with pytest.raises(SystemExit) as caught:
+        main(["check-data", str(datalist)])
+    problems = str(caught.value).splitlines()[1:]
+    assert problems == [
+        f"  - {tmp_path}/labels/training/case0.nii.gz: values [255.0] are no class's (0..1, the 'labels' keys); a "
+        "binary mask stored as 0/255? Then its foreground value is 255, not 1: key the foreground class by it in the "
+        "datalist's 'labels' (\"255\": \"<class name>\" in place of \"1\"), or set 255 to 1 in a copy of the label "
+        "maps.",
+        f"  - {tmp_path}/labels/validation/case0.nii.gz: values [2.0, 3.0, 4.0, 5.0, 6.0] and 6 more are no class's "
+        "(0..1, the 'labels' keys); an instance mask (one value per object)? The bundles segment classes, not "
+        "instances: for one foreground class set every value above 0 to 1 in a copy of the label maps (numpy: "
+        "(label > 0).astype(np.uint8)); else name their classes in the datalist's 'labels'.",
+    ]

@@ -57,6 +57,9 @@ _AFFINE_TOLERANCE = 1e-3
 #: how far a label value may be from an integer to be read as that class value (float rounding, e.g. 1.0000001):
 #: the bundles' transforms round label maps (``AsDiscreted`` with ``rounding``).
 _LABEL_TOLERANCE = 1e-3
+#: a label map with this many distinct values that no class names reads as an instance mask (one value per object;
+#: with a single foreground class, two are enough).
+_INSTANCE_VALUES = 10
 
 
 @dataclass
@@ -283,11 +286,35 @@ def _pair_problems(
                         "label map holds class indices (was it resampled with linear interpolation?).")
     outside = values[~np.isin(values, label_values) & (np.mod(values, 1) == 0)]  # fractions: reported above
     if outside.size:
-        problems.append(f"{label_path}: values {outside[:5].tolist()} are no class's ({_values_text(label_values)}, "
-                        "the 'labels' keys); name their classes in the datalist's 'labels' (e.g. "
-                        f'"{int(outside[0])}": "<class name>"), or set them to 0 (background) in a copy of the label '
-                        "maps.")
+        more = f" and {outside.size - 5} more" if outside.size > 5 else ""
+        fix = _unnamed_values_fix(outside, values, label_values)
+        problems.append(f"{label_path}: values {outside[:5].tolist()}{more} are no class's "
+                        f"({_values_text(label_values)}, the 'labels' keys); {fix}")
     return problems
+
+
+def _unnamed_values_fix(outside: np.ndarray, found: np.ndarray, label_values: Sequence[int]) -> str:
+    """What to do about the label values ``outside`` no class names: an instance mask (many distinct values, or
+    several for one foreground class) is binarised, a binary mask stored with another foreground value (0/255)
+    names that value, else the values are named or set to background.
+
+    Args:
+        outside: the label map's integer values that no class names.
+        found: every distinct value of the label map.
+        label_values: the classes' label values.
+    """
+    named = [value for value in label_values if value != 0]
+    if outside.size >= _INSTANCE_VALUES or (outside.size > 1 and len(named) == 1):
+        return ("an instance mask (one value per object)? The bundles segment classes, not instances: for one "
+                "foreground class set every value above 0 to 1 in a copy of the label maps (numpy: (label > "
+                "0).astype(np.uint8)); else name their classes in the datalist's 'labels'.")
+    if outside.size == 1 and len(named) == 1 and named[0] not in found:
+        return (f"a binary mask stored as 0/{int(outside[0])}? Then its foreground value is {int(outside[0])}, not "
+                f"{named[0]}: key the foreground class by it in the datalist's 'labels' (\"{int(outside[0])}\": "
+                f"\"<class name>\" in place of \"{named[0]}\"), or set {int(outside[0])} to {named[0]} in a copy of "
+                "the label maps.")
+    return (f'name their classes in the datalist\'s \'labels\' (e.g. "{int(outside[0])}": "<class name>"), or set '
+            "them to 0 (background) in a copy of the label maps.")
 
 
 def check_segmentation_datalist(
@@ -350,6 +377,7 @@ def check_segmentation_datalist(
     load = LoadImage(image_only=True, ensure_channel_first=True)
     image_channels: dict[str, int] = {}
     voxels = {split: np.zeros(len(classes)) for split in SPLITS if datalist[split]}
+    unnamed = dict.fromkeys(voxels, False)  # a split's label maps hold values no class names (reported per file)
     for split, item in datalist.all_items():
         if split not in SPLITS:  # unlabelled images: the segmentation workflows do not read them
             continue
@@ -369,6 +397,7 @@ def check_segmentation_datalist(
             continue
         found, counts = _label_counts(label)
         problems += _pair_problems(image, label, item["image"], item["label"], values, found)
+        unnamed[split] |= bool((~np.isin(found, values) & (found != 0)).any())
         for value, count in zip(found, counts):
             if value in values:
                 voxels[split][values.index(value)] += count
@@ -377,7 +406,8 @@ def check_segmentation_datalist(
     problems += [
         f"{source}: the {split!r} labels hold only background (0): Dice is undefined on them, so no epoch can be "
         "chosen as best (validation) nor scored (evaluation); give this split images with foreground."
-        for split in required_splits if split in voxels and voxels[split][0] > 0 and not voxels[split][1:].any()
+        for split in required_splits
+        if split in voxels and voxels[split][0] > 0 and not voxels[split][1:].any() and not unnamed[split]
     ]
     problems += _duplicates(datalist) + _leaks(datalist)
     if problems:
