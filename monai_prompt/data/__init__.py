@@ -33,8 +33,8 @@ from monai_prompt.data.segmentation import (
 )
 from monai_prompt.data.split import SPLITS, SplitOptions, split_items
 
-_TRANSFORMS = ("MatchInputd", "NiftiMaskWriter", "RandLeftRightFlipd", "ResampledArgmaxd", "classification_transforms",
-               "left_right_axis", "match_input")
+_TRANSFORMS = ("MatchInputd", "NiftiMaskWriter", "RandLeftRightFlipd", "ResampledArgmaxd", "ScaleIntensityWindowd",
+               "classification_transforms", "left_right_axis", "match_input")
 
 __all__ = [
     "DEMO_CLASSES",
