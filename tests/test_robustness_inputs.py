@@ -130,6 +130,31 @@ def test_check_data_reads_a_segmentation_datalist_as_one(tmp_path, capsys):
     )
 
 
+def test_a_label_with_padding_rows_is_told_to_be_cropped_not_resampled(tmp_path):
+    """A mask one voxel larger than its CT along every axis (InVesalius writes its masks with a padding row and
+    column): check-data says to crop the padding off, with the slices, where resampling (its advice before) would
+    stretch the mask over the image; a label of another size altogether is still told to be resampled."""
+    datalist = write_tiny_segmentation(tmp_path, 3, counts=(2, 1, 0))
+    content = json.loads(datalist.read_text())
+    for item, pad in zip(content["training"], (((1, 0), (1, 0), (0, 0)), ((0, 9), (0, 0), (0, 0)))):
+        path = tmp_path / item["label"]
+        stored = nib.load(path)
+        nib.save(nib.Nifti1Image(np.pad(np.asarray(stored.dataobj), pad), stored.affine), path)
+    with pytest.raises(SystemExit) as caught:
+        main(["check-data", str(datalist)])
+    problems = str(caught.value).splitlines()[1:]
+    assert problems == [
+        f"  - {tmp_path}/labels/training/case0.nii.gz: shape (37, 41, 34) differs from its image's (36, 40, 34) "
+        f"({tmp_path}/images/training/case0.nii.gz); the label must be on the image's grid (it is 1 x 1 x 0 voxels "
+        "larger than the image: padding rows or columns? Crop them off rather than resample, which would stretch the "
+        "label over the image: label[1:, 1:, :] (padding first) or label[:-1, :-1, :] (padding last; axes in the "
+        "order of the shapes above), saved with the image's header).",
+        f"  - {tmp_path}/labels/training/case1.nii.gz: shape (45, 40, 34) differs from its image's (36, 40, 34) "
+        f"({tmp_path}/images/training/case1.nii.gz); the label must be on the image's grid (resample it with nearest "
+        "neighbour).",
+    ]
+
+
 def test_a_0_255_mask_and_an_instance_mask_are_named_with_their_fix(tmp_path):
     """A bone mask stored as 0/255 under ``"1": "bone"`` and a nuclei instance mask (one value per nucleus) given
     as-is: check-data names what each is and its fix (before: "name their classes", with five of the instance

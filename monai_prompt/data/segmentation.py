@@ -60,6 +60,8 @@ _LABEL_TOLERANCE = 1e-3
 #: a label map with this many distinct values that no class names reads as an instance mask (one value per object;
 #: with a single foreground class, two are enough).
 _INSTANCE_VALUES = 10
+#: a label at most this many voxels larger than its image along each axis reads as the image's grid with padding.
+_PADDING_VOXELS = 2
 
 
 @dataclass
@@ -270,7 +272,8 @@ def _pair_problems(
         problems.append(f"{label_path}: {label.shape[0]} channels; a label map has one (class index per voxel).")
     if _spatial_shape(image) != _spatial_shape(label):
         problems.append(f"{label_path}: shape {_spatial_shape(label)} differs from its image's {_spatial_shape(image)} "
-                        f"({image_path}); the label must be on the image's grid (resample it with nearest neighbour).")
+                        f"({image_path}); the label must be on the image's grid "
+                        f"({_regrid_fix(_spatial_shape(label), _spatial_shape(image))}).")
     else:
         image_affine, label_affine = _ras_affine(image), _ras_affine(label)
         scale = max(float(np.abs(image_affine[:-1, :-1]).max()), 1.0)
@@ -291,6 +294,25 @@ def _pair_problems(
         problems.append(f"{label_path}: values {outside[:5].tolist()}{more} are no class's "
                         f"({_values_text(label_values)}, the 'labels' keys); {fix}")
     return problems
+
+
+def _regrid_fix(label: tuple[int, ...], image: tuple[int, ...]) -> str:
+    """How to bring a label of shape ``label`` onto its image's grid of shape ``image``: resampling, unless it has
+    the image's dimensions with a few extra voxels along each axis that has any (padding rows or columns, as some
+    tools write a mask), which resampling would stretch over the image instead of cutting off.
+
+    Args:
+        label: the label's spatial shape, as :func:`_spatial_shape` gives it.
+        image: its image's.
+    """
+    extra = [size - target for size, target in zip(label, image)]
+    if len(label) != len(image) or not any(extra) or not all(0 <= count <= _PADDING_VOXELS for count in extra):
+        return "resample it with nearest neighbour"
+    first = ", ".join(f"{count}:" if count else ":" for count in extra)
+    last = ", ".join(f":-{count}" if count else ":" for count in extra)
+    return (f"it is {' x '.join(map(str, extra))} voxels larger than the image: padding rows or columns? Crop them "
+            f"off rather than resample, which would stretch the label over the image: label[{first}] (padding first) "
+            f"or label[{last}] (padding last; axes in the order of the shapes above), saved with the image's header")
 
 
 def _unnamed_values_fix(outside: np.ndarray, found: np.ndarray, label_values: Sequence[int]) -> str:
