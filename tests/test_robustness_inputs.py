@@ -22,6 +22,7 @@ from io_support import sha256
 from monai_prompt.bundle_gen.specs import BUNDLE_SPECS, SEGMENTATION_SPECS
 from monai_prompt.cli import main
 from monai_prompt.data.datalist import ClassificationDatalist
+from monai_prompt.data.segmentation import check_segmentation_datalist
 from monai_prompt.peft import DeltaMismatchError
 from monai_prompt.runs import root_cause
 from monai_prompt.runs.runner import run_bundle
@@ -128,6 +129,30 @@ def test_check_data_reads_a_segmentation_datalist_as_one(tmp_path, capsys):
         f"check-data: 1 problem(s) in {datalist}:\n  - {tmp_path}/images/training/case0.nii.gz: listed 2 times in "
         f"'training'; keep it once (a repeated image weighs more in training and in the metrics)."
     )
+
+
+def test_a_ct_in_hounsfield_units_is_told_about_the_intensity_window(tmp_path, capsys, caplog):
+    """Images whose values span air to bone in HU (int16, -1024 .. 1308): check-data, and a bundle's check in its
+    log, note that each image is scaled by its own min-max and name --intensity_range (before: nothing said that
+    a CT was min-max scaled per crop); not when the bundle has a window, nor for images without negative HU."""
+    datalist = write_tiny_segmentation(tmp_path, 3, counts=(1, 1, 0))
+    assert main(["check-data", str(datalist)]) == 0 and "note:" not in capsys.readouterr().out  # 0 .. 255
+    for item in json.loads(datalist.read_text())["training"] + json.loads(datalist.read_text())["validation"]:
+        path = tmp_path / item["image"]
+        stored = nib.load(path)
+        hu = np.asarray(stored.dataobj).astype(np.int16) * 11 - 1024  # 0 .. 212 -> -1024 .. 1308
+        nib.save(nib.Nifti1Image(hu, stored.affine), path)
+    assert main(["check-data", str(datalist)]) == 0
+    note = (
+        "note: intensities from -1024 to 1308, as a CT's Hounsfield units: each image is scaled to [0, 1] by its own "
+        "minimum and maximum, so one HU value lands at a different input value in each crop or scan; set one window "
+        'for every image, e.g. --intensity_range "[-1000, 2000]" (bone) or "[-160, 240]" (soft tissue), which the '
+        "training record keeps for evaluation and inference."
+    )
+    assert capsys.readouterr().out.splitlines()[-1] == note
+    with caplog.at_level("INFO", logger="monai_prompt"):
+        assert check_segmentation_datalist(datalist, intensity_range=[-1000, 2000]).notes == []
+    assert "note:" not in caplog.text
 
 
 def test_a_label_with_padding_rows_is_told_to_be_cropped_not_resampled(tmp_path):

@@ -287,7 +287,8 @@ def _initialize(train: bool = True) -> list[str]:
     splits = "['training', 'validation']" if train else "[@evaluate_split]"
     check = (
         f"monai_prompt.data.check_segmentation_datalist(@datalist_file, @class_names, channels=@in_channels, "
-        f"required_splits={splits}, num_classes=@num_classes, label_values=@label_values, datalist=@datalist)"
+        f"required_splits={splits}, num_classes=@num_classes, label_values=@label_values, datalist=@datalist, "
+        "intensity_range=@intensity_range)"
     )
     if not train:
         return common.initialize([f"${check}"], train=False)

@@ -16,7 +16,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,8 @@ _LABEL_TOLERANCE = 1e-3
 _INSTANCE_VALUES = 10
 #: a label at most this many voxels larger than its image along each axis reads as the image's grid with padding.
 _PADDING_VOXELS = 2
+#: images whose values reach both these (Hounsfield units: air -1000, cortical bone above 300) read as a CT.
+_HU_AIR, _HU_BONE = -500.0, 300.0
 
 
 @dataclass
@@ -176,6 +178,7 @@ class SegmentationSummary:
         counts: image/label pairs (unlabelled images) per split.
         voxel_fractions: per labelled split, the fraction of label voxels of each class.
         channels: the channel count every image has.
+        notes: what the bundle will do that the user may want to change (also logged by a workflow's check).
     """
 
     source: str
@@ -183,6 +186,7 @@ class SegmentationSummary:
     counts: dict[str, int]
     voxel_fractions: dict[str, list[float]]
     channels: int
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         width = max(len(name) for name in [*self.classes, "images"]) + 2
@@ -193,7 +197,8 @@ class SegmentationSummary:
         for split, count in self.counts.items():
             fractions = "".join(f"{value:>{width}.3f}" for value in self.voxel_fractions.get(split, []))
             lines.append(f"{split:<12}{count:>{width}}{fractions}")
-        return "\n".join(lines) + "\n(class columns: fraction of label voxels)"
+        lines.append("(class columns: fraction of label voxels)")
+        return "\n".join([*lines, *(f"note: {note}" for note in self.notes)])
 
 
 def _classes_text(label_values: Sequence[int], classes: Sequence[str]) -> str:
@@ -348,6 +353,7 @@ def check_segmentation_datalist(
     num_classes: int | None = None,
     label_values: Sequence[int] | None = None,
     datalist: SegmentationDatalist | None = None,
+    intensity_range: Sequence[float] | None = None,
 ) -> SegmentationSummary:
     """Check every image/label pair of a decathlon segmentation datalist and report all problems at once.
 
@@ -372,6 +378,8 @@ def check_segmentation_datalist(
             not given, else ``0..K-1``).
         datalist: ``source`` as the workflow has read it (default: read here), so that a carved validation split
             is carved and logged once.
+        intensity_range: the bundle's intensity window (``None``: each image's min-max, and images whose values
+            span air to bone in Hounsfield units get a note naming the setting).
 
     Raises:
         DataCheckError: listing every problem with its path and the fix.
@@ -399,6 +407,7 @@ def check_segmentation_datalist(
     load = LoadImage(image_only=True, ensure_channel_first=True)
     image_channels: dict[str, int] = {}
     voxels = {split: np.zeros(len(classes)) for split in SPLITS if datalist[split]}
+    extremes = [math.inf, -math.inf]  # the images' lowest and highest values
     unnamed = dict.fromkeys(voxels, False)  # a split's label maps hold values no class names (reported per file)
     for split, item in datalist.all_items():
         if split not in SPLITS:  # unlabelled images: the segmentation workflows do not read them
@@ -406,6 +415,7 @@ def check_segmentation_datalist(
         image = _load(item["image"], load, problems)
         if image is not None:
             image_channels[item["image"]] = _channels(image)
+            extremes = [min(extremes[0], float(image.min())), max(extremes[1], float(image.max()))]
         if "label" not in item:
             if split in ("training", "validation"):
                 problems.append(f"{item['image']}: no label; a {split} item needs both 'image' and 'label'.")
@@ -440,7 +450,27 @@ def check_segmentation_datalist(
         counts={split: len(items) for split, items in datalist.splits.items()},
         voxel_fractions={split: (v / max(v.sum(), 1)).tolist() for split, v in voxels.items()},
         channels=expected,
+        notes=_intensity_notes(source, *extremes) if intensity_range is None else [],
     )
+
+
+def _intensity_notes(source: str | os.PathLike, low: float, high: float) -> list[str]:
+    """A note, also logged, when the images' values span air to bone in Hounsfield units (a CT) and each image is
+    scaled by its own min-max: a window (``intensity_range``) keeps a HU value at one input value in every image.
+
+    Args:
+        source: the datalist (named in the log).
+        low: the images' lowest value.
+        high: their highest.
+    """
+    if not (low <= _HU_AIR and high >= _HU_BONE):
+        return []
+    note = (f"intensities from {low:g} to {high:g}, as a CT's Hounsfield units: each image is scaled to [0, 1] by its "
+            "own minimum and maximum, so one HU value lands at a different input value in each crop or scan; set "
+            "one window for every image, e.g. --intensity_range \"[-1000, 2000]\" (bone) or \"[-160, 240]\" (soft "
+            "tissue), which the training record keeps for evaluation and inference.")
+    logging.getLogger("monai_prompt").info(f"data check of {source}: note: {note}")
+    return [note]
 
 
 def whole_image_roi(
