@@ -199,7 +199,9 @@ ICBM152 2009a T1 template (shipped inside the nilearn wheel), labelled by the ti
 datalist `monai_prompt.data.read_classification_datalist` reads: a MONAI decathlon JSON, a CSV (one label column, or
 several 0/1 columns for multi-label) or a class-per-folder tree. Images are read
 with MONAI `LoadImaged` (PNG/JPEG, DICOM, NIfTI), matched to `in_channels` (grey repeated to RGB), scaled to
-[0, 1] and resized to `img_size`; training adds a left-right mirror, a small affine and contrast jitter. The
+[0, 1] (by each image's min-max, or, with `--intensity_range "[-1000, 2000]"`, by that window for every image,
+clipped: CT slices in Hounsfield units; recorded for evaluation and inference) and resized to `img_size`; training
+adds a left-right mirror, a small affine and contrast jitter. The
 mirror (`monai_prompt.data.RandLeftRightFlipd`, `train#random_transforms#0`) flips the patient's left-right axis
 of NIfTI and DICOM images, read from their affine (none for a sagittal slice); PNG/JPEG images carry no
 orientation, so it flips their `spatial_axis`: 0, horizontal as MONAI reads them. Where left-right runs vertically

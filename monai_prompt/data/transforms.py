@@ -385,15 +385,16 @@ def classification_transforms(
     track_meta: bool = True,
     image_key: str = "image",
     label_key: str = "label",
+    intensity_range: Sequence[float] | None = None,
 ) -> list[Transform]:
     """Transforms from a datalist item ``{"image": path, "label": ...}`` to network input and target.
 
     Load (MONAI ``LoadImaged``: PIL, ITK for DICOM files/series, nibabel), channel first, :class:`MatchInputd`,
-    min-max scale to [0, 1], resize to ``img_size`` (anti-aliased when shrinking), a float32 image and the label as
-    a tensor (``long`` index, or ``float32`` multi-hot; a missing label, unlabelled data, is allowed); then, with
-    ``augment``, a random left-right mirror (:class:`RandLeftRightFlipd`), a small random rotation/scaling and
-    random contrast. The
-    bundles spell out the same chain as ``train#deterministic_transforms`` and ``train#random_transforms``.
+    scale to [0, 1] (min-max, or the window ``intensity_range``: :class:`ScaleIntensityWindowd`), resize to
+    ``img_size`` (anti-aliased when shrinking), a float32 image and the label as a tensor (``long`` index, or
+    ``float32`` multi-hot; a missing label, unlabelled data, is allowed); then, with ``augment``, a random left-right
+    mirror (:class:`RandLeftRightFlipd`), a small random rotation/scaling and random contrast. The bundles spell out
+    the same chain as ``train#deterministic_transforms`` and ``train#random_transforms``.
 
     Args:
         img_size: the network's input size, one int or one per spatial dim.
@@ -407,6 +408,8 @@ def classification_transforms(
             and flips axis 0.
         image_key: key of the image path.
         label_key: key of the label.
+        intensity_range: ``[low, high]`` scaled to [0, 1] for every image, clipped (a CT's HU window), or ``None``:
+            each image's own minimum and maximum.
     """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims={spatial_dims}; use 2 or 3.")
@@ -415,7 +418,7 @@ def classification_transforms(
         LoadImaged(keys=image_key, image_only=True),
         EnsureChannelFirstd(keys=image_key),
         MatchInputd(keys=image_key, spatial_dims=spatial_dims, channels=in_channels),
-        ScaleIntensityd(keys=image_key, minv=0.0, maxv=1.0),
+        ScaleIntensityWindowd(keys=image_key, intensity_range=intensity_range),
         Resized(keys=image_key, spatial_size=size, mode="bilinear" if spatial_dims == 2 else "trilinear",
                 anti_aliasing=True),
         EnsureTyped(keys=image_key, dtype=torch.float32, track_meta=track_meta),
