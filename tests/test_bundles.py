@@ -360,6 +360,34 @@ def test_under_ddp_the_released_lpm_weights_are_not_held(tiny, tmp_path, monkeyp
         dist.destroy_process_group()
 
 
+def test_an_intensity_window_is_recorded_and_scales_validation_evaluation_and_inference(tmp_path):
+    """CT slices in Hounsfield units (an int16 NIfTI slice, -1024 .. 3000) classified with ``--intensity_range
+    "[-1000, 2000]"``: training, validation, evaluation and inference scale by that window, clipped, as
+    ``classification_transforms(intensity_range=...)`` does; the record keeps it; a record of an earlier version
+    reads as min-max. (Before: each slice by its own min-max, and no setting; the override was ignored.)"""
+    datalist = write_tiny_dataset(tmp_path / "data")
+    ct = np.array([[-1024, -1000, 0], [226, 2000, 3000]], dtype=np.int16)
+    path = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(ct[..., None], np.eye(4)), path)
+    item = {"image": str(path), "label": 1}
+    settings = {"img_size": 8, "spatial_dims": 2, "in_channels": 1, "datalist_file": str(datalist),
+                "intensity_range": [-1000, 2000]}
+    expected = Compose(classification_transforms(8, 2, 1, intensity_range=(-1000, 2000)))(item)
+    minmax = Compose(classification_transforms(8, 2, 1))(item)
+    assert not torch.allclose(expected["image"], minmax["image"])
+    train = _parser("lora_classification", "train.json", settings)
+    record = json.loads(json.dumps(train.get_parsed_content("training_record")))
+    assert record["intensity_range"] == [-1000, 2000]
+    _assert_same(train.get_parsed_content("validate#preprocessing")(item), expected)
+    earlier = {key: value for key, value in record.items() if key != "intensity_range"}
+    for training_config, scaled in ((record, expected), (earlier, minmax)):
+        for files in (["train.json", "evaluate.json"], ["inference.json"]):
+            parser = ConfigParser()
+            parser.read_config([str(REPO / "bundles" / "lora_classification" / "configs" / file) for file in files])
+            parser.update({"datalist_file": str(datalist), "training_config": training_config})
+            _assert_same(parser.get_parsed_content("preprocessing")(item), scaled)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BUNDLE_SPECS))
 def test_bundle_train_evaluate_infer_verify_export(name, tiny, tmp_path, monkeypatch, capsys):

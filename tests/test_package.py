@@ -151,6 +151,22 @@ def test_a_failed_package_leaves_nothing_and_names_the_cause(trained, tmp_path, 
     assert list(out.parent.iterdir()) == []
 
 
+def test_a_delta_trained_without_pretrained_weights_is_named_so(trained, tmp_path):
+    """A run trained without --pretrained (a random backbone, as a first try on new data does): package says that
+    the backbone it needs is in no file and what to train instead (before: "pass --pretrained <the weights the delta
+    was trained on>", of which there are none)."""
+    bundle = tmp_path / "bundles" / SPEC.name
+    shutil.copytree(trained[0], bundle, ignore=shutil.ignore_patterns(".lock", "checkpoint_*"))
+    record = bundle / "models" / "training_config.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "pretrained": None}))
+    with pytest.raises(SystemExit, match=(
+        rf"^package: {record} names no pretrained weights: the delta was trained on a randomly initialised backbone "
+        r"\(its training ran without --pretrained\), which no file holds for a packaged copy to load\. Train again "
+        r"with --pretrained <ViT weights> and package that run; if the delta was trained on weights the record does "
+        r"not name, pass --pretrained <those weights>\.$")):
+        main(["package", str(bundle), "--out", str(tmp_path / "out" / SPEC.name)])
+
+
 def test_a_truncated_delta_is_named_with_the_fix(trained, tmp_path):
     bundle = tmp_path / "bundles" / SPEC.name
     shutil.copytree(trained[0], bundle, ignore=shutil.ignore_patterns(".lock", "checkpoint_*"))

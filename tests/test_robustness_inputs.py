@@ -245,3 +245,86 @@ def test_check_data_reads_a_segmentation_datalist_as_one(tmp_path, capsys):
         f"check-data: 1 problem(s) in {datalist}:\n  - {tmp_path}/images/training/case0.nii.gz: listed 2 times in "
         f"'training'; keep it once (a repeated image weighs more in training and in the metrics)."
     )
+
+
+def test_a_ct_in_hounsfield_units_is_told_about_the_intensity_window(tmp_path, capsys, caplog):
+    """Images whose values span air to bone in HU (int16, -1024 .. 1308): check-data, and a bundle's check in its
+    log, note that each image is scaled by its own min-max and name --intensity_range (before: nothing said that
+    a CT was min-max scaled per crop); not when the bundle has a window, nor for images without negative HU."""
+    datalist = write_tiny_segmentation(tmp_path, 3, counts=(1, 1, 0))
+    assert main(["check-data", str(datalist)]) == 0 and "note:" not in capsys.readouterr().out  # 0 .. 255
+    for item in json.loads(datalist.read_text())["training"] + json.loads(datalist.read_text())["validation"]:
+        path = tmp_path / item["image"]
+        stored = nib.load(path)
+        hu = np.asarray(stored.dataobj).astype(np.int16) * 11 - 1024  # 0 .. 212 -> -1024 .. 1308
+        nib.save(nib.Nifti1Image(hu, stored.affine), path)
+    assert main(["check-data", str(datalist)]) == 0
+    note = (
+        "note: intensities from -1024 to 1308, as a CT's Hounsfield units: each image is scaled to [0, 1] by its own "
+        "minimum and maximum, so one HU value lands at a different input value in each crop or scan; set one window "
+        'for every image, e.g. --intensity_range "[-1000, 2000]" (bone) or "[-160, 240]" (soft tissue), which the '
+        "training record keeps for evaluation and inference."
+    )
+    assert capsys.readouterr().out.splitlines()[-1] == note
+    caplog.clear()  # check-data's own log records, captured when an earlier test left the logger at INFO
+    with caplog.at_level("INFO", logger="monai_prompt"):
+        assert check_segmentation_datalist(datalist, intensity_range=[-1000, 2000]).notes == []
+    assert "note:" not in caplog.text
+
+
+def test_a_label_with_padding_rows_is_told_to_be_cropped_not_resampled(tmp_path):
+    """A mask one voxel larger than its CT along every axis (InVesalius writes its masks with a padding row and
+    column): check-data says to crop the padding off, with the slices, where resampling (its advice before) would
+    stretch the mask over the image; a label of another size altogether is still told to be resampled."""
+    datalist = write_tiny_segmentation(tmp_path, 3, counts=(2, 1, 0))
+    content = json.loads(datalist.read_text())
+    for item, pad in zip(content["training"], (((1, 0), (1, 0), (0, 0)), ((0, 9), (0, 0), (0, 0)))):
+        path = tmp_path / item["label"]
+        stored = nib.load(path)
+        nib.save(nib.Nifti1Image(np.pad(np.asarray(stored.dataobj), pad), stored.affine), path)
+    with pytest.raises(SystemExit) as caught:
+        main(["check-data", str(datalist)])
+    problems = str(caught.value).splitlines()[1:]
+    assert problems == [
+        f"  - {tmp_path}/labels/training/case0.nii.gz: shape (37, 41, 34) differs from its image's (36, 40, 34) "
+        f"({tmp_path}/images/training/case0.nii.gz); the label must be on the image's grid (it is 1 x 1 x 0 voxels "
+        "larger than the image: padding rows or columns? Crop them off rather than resample, which would stretch the "
+        "label over the image: label[1:, 1:, :] (padding first) or label[:-1, :-1, :] (padding last; axes in the "
+        "order of the shapes above), saved with the image's header).",
+        f"  - {tmp_path}/labels/training/case1.nii.gz: shape (45, 40, 34) differs from its image's (36, 40, 34) "
+        f"({tmp_path}/images/training/case1.nii.gz); the label must be on the image's grid (resample it with nearest "
+        "neighbour).",
+    ]
+
+
+def test_a_0_255_mask_and_an_instance_mask_are_named_with_their_fix(tmp_path):
+    """A bone mask stored as 0/255 under ``"1": "bone"`` and a nuclei instance mask (one value per nucleus) given
+    as-is: check-data names what each is and its fix (before: "name their classes", with five of the instance
+    values and no count, and a 0/255 mask also told that its labels "hold only background")."""
+    datalist = write_tiny_segmentation(tmp_path, 2, counts=(1, 1, 0))
+    content = json.loads(datalist.read_text())
+    content["labels"] = {"0": "background", "1": "bone"}
+    datalist.write_text(json.dumps(content))
+    for split, scale in (("training", 255), ("validation", None)):
+        path = tmp_path / content[split][0]["label"]
+        stored = np.asarray(nib.load(path).dataobj)
+        if scale:  # a binary mask, foreground 255
+            label = (stored > 0).astype(np.uint8) * scale
+        else:  # an instance mask: 12 objects, values 1..12
+            label = np.zeros_like(stored)
+            for index in range(12):
+                label[3 * index:3 * index + 2, 5:9] = index + 1
+        nib.save(nib.Nifti1Image(label, nib.load(path).affine), path)
+    with pytest.raises(SystemExit) as caught:
+        main(["check-data", str(datalist)])
+    problems = str(caught.value).splitlines()[1:]
+    assert problems == [
+        f"  - {tmp_path}/labels/training/case0.nii.gz: values [255] are no class's (0..1, the 'labels' keys); a "
+        "binary mask stored as 0/255? Then its foreground value is 255, not 1: key the foreground class by it in the "
+        "datalist's 'labels' (\"255\": \"<class name>\" in place of \"1\"), or set 255 to 1 in a copy of the label "
+        "maps.",
+        f"  - {tmp_path}/labels/validation/case0.nii.gz: values [2, 3, 4, 5, 6] and 6 more are no class's "
+        "(0..1, the 'labels' keys); an instance mask (one value per object)? The bundles segment classes, not "
+        "instances: for one foreground class set every value above 0 to 1 in a copy of the label maps (numpy: "
+        "(label > 0).astype(np.uint8)); else name their classes in the datalist's 'labels'.",
+    ]

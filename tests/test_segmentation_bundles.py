@@ -30,7 +30,7 @@ from PIL import Image
 from monai_prompt.bundle_gen import check_bundles
 from monai_prompt.bundle_gen.metadata import schema_file
 from monai_prompt.bundle_gen.specs import SEGMENTATION_SPECS
-from monai_prompt.data import DataCheckError
+from monai_prompt.data import DataCheckError, ScaleIntensityWindowd
 from monai_prompt.data.segmentation import (
     check_segmentation_datalist,
     mask_dtype,
@@ -745,6 +745,44 @@ def test_pixdim_is_recorded_resampled_to_packaged_and_checked_on_resume(tiny_dat
     inference.update({"bundle_root": str(bundle)})
     assert inference.get_parsed_content("pixdim") is None
     assert inference.get_parsed_content("label_values") == list(range(len(TINY_CLASSES)))
+
+
+def test_an_intensity_window_is_recorded_and_scales_evaluation_and_inference_as_training(tmp_path):
+    """A CT in Hounsfield units: ``--intensity_range "[-1000, 2000]"`` scales every image by that window, clipped,
+    where min-max put the same HU at another value in each image (a crop without the scan's brightest voxel); the
+    record keeps it, and evaluation, inference and a continued run read it without being told; with a record of an
+    earlier version, each image's min-max; a window that is no [low, high] names the setting. (Before: no such
+    setting; ``--intensity_range`` was an unknown key that MONAI ignored.)"""
+    datalist = write_tiny_segmentation(tmp_path / "data", 3, counts=(1, 1, 0))
+    ct = np.array([-1024, -1000, 0, 226, 2000, 3000], dtype=np.int16).reshape(1, 2, 3).repeat(2, axis=0)
+    path, label = tmp_path / "ct.nii.gz", tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), path)  # RAS already: the transforms move no voxel
+    nib.save(nib.Nifti1Image((ct > 200).astype(np.uint8) * 2, np.eye(4)), label)  # 2: a class of the tiny data
+    window = np.clip((ct + 1000.0) / 3000.0, 0, 1)
+    min_max = (ct + 1024.0) / 4024.0
+    bundle = find_bundle("lora_3d_segmentation") / "configs"
+
+    def parsed(configs: list[str], key: str, **overrides: Any) -> Any:
+        parser = ConfigParser()
+        parser.read_config([str(bundle / config) for config in configs])
+        parser.update({"bundle_root": str(tmp_path), "datalist_file": str(datalist), **overrides})
+        return parser.get_parsed_content(key)
+
+    record = json.loads(json.dumps(parsed(["train.json"], "training_record", intensity_range=[-1000, 2000])))
+    assert record["intensity_range"] == [-1000, 2000]
+    train = Compose(parsed(["train.json"], "train#deterministic_transforms", intensity_range=[-1000, 2000]))
+    np.testing.assert_allclose(train({"image": str(path), "label": str(label)})["image"][0], window, atol=1e-6)
+    earlier = {key: value for key, value in record.items() if key != "intensity_range"}
+    for configs in (["train.json", "evaluate.json"], ["inference.json"]):
+        for training_config, expected in ((record, window), (earlier, min_max)):
+            preprocessing = parsed(configs, "preprocessing", training_config=training_config)
+            np.testing.assert_allclose(preprocessing({"image": str(path)})["image"][0], expected, atol=1e-6)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "training_config.json").write_text(json.dumps(record))
+    # MONAI Label's training of the served bundle scales by the recorded window
+    assert parsed(["train.json"], "intensity_range", continue_model=True) == [-1000, 2000]
+    with pytest.raises(ValueError, match=r"intensity_range \[2000, -1000\]: give \[low, high\], low below high"):
+        ScaleIntensityWindowd("image", [2000, -1000])
 
 
 class _IntensityClasses(torch.nn.Module):

@@ -73,9 +73,11 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
 
 
 def _network_settings(spec: BundleSpec, task: dict[str, Any] = _DATALIST_TASK) -> dict[str, Any]:
-    """What defines the network and its outputs: the ``training_record`` of ``models/training_config.json``
-    (``task``: the classes, :data:`_DATALIST_TASK` or :data:`_UNTRAINED_TASK`)."""
-    return {**task, "in_channels": 3, "spatial_dims": 2, "img_size": spec.img_size, **common.backbone_settings(spec)}
+    """What defines the network, its inputs and outputs: the ``training_record`` of ``models/training_config.json``
+    (``task``: the classes, :data:`_DATALIST_TASK` or :data:`_UNTRAINED_TASK`; ``intensity_range``: the window
+    scaled to [0, 1], default ``None``: each image's min-max)."""
+    return {**task, "in_channels": 3, "spatial_dims": 2, "img_size": spec.img_size, "intensity_range": None,
+            **common.backbone_settings(spec)}
 
 
 def _common(spec: BundleSpec, imports: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -132,14 +134,15 @@ _FPT_PRELOAD = (
 
 def _deterministic_transforms() -> list[dict[str, Any]]:
     """Datalist item to network input and target: load, channel first, match ``in_channels``/``spatial_dims``, scale
-    to [0, 1], resize to ``img_size``, float32 image, label tensor (``monai_prompt.data.classification_transforms``,
-    spelled out so each transform can be overridden by id)."""
+    to [0, 1] (min-max, or the window ``intensity_range``), resize to ``img_size``, float32 image, label tensor
+    (``monai_prompt.data.classification_transforms``, spelled out so each transform can be overridden by id)."""
     return [
         {"_target_": "LoadImaged", "keys": "image", "image_only": True},
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
         {"_target_": "monai_prompt.data.MatchInputd", "keys": "image", "spatial_dims": "@spatial_dims",
          "channels": "@in_channels"},
-        {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
+        {"_target_": "monai_prompt.data.ScaleIntensityWindowd", "keys": "image",
+         "intensity_range": "@intensity_range"},
         {"_target_": "Resized", "keys": "image", "spatial_size": "$monai.utils.ensure_tuple_rep(@img_size, "
          "@spatial_dims)", "mode": "bilinear", "anti_aliasing": True},
         {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},

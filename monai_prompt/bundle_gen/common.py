@@ -301,8 +301,11 @@ def delta_loader() -> dict[str, Any]:
 
 #: record keys that runs of earlier bundle versions did not write, and what they read as when absent: ``pixdim``
 #: (segmentation 0.1.7; earlier runs resampled in evaluation and inference only when ``--pixdim`` was given again)
-#: as ``None``; ``label_values`` (segmentation 0.1.8; earlier runs took consecutive label values only) as ``0..K-1``.
-LATER_RECORD_KEYS = {"pixdim": None, "label_values": "list(range(len(@training_config['class_names'])))"}
+#: as ``None``; ``label_values`` (segmentation 0.1.8; earlier runs took consecutive label values only) as ``0..K-1``;
+#: ``intensity_range`` (after segmentation 0.1.11 and classification 0.1.8; earlier runs scaled each image by its
+#: min-max) as ``None``.
+LATER_RECORD_KEYS = {"pixdim": None, "label_values": "list(range(len(@training_config['class_names'])))",
+                     "intensity_range": None}
 
 
 def record_read(key: str) -> str:

@@ -199,7 +199,9 @@ ICBM152 2009a T1 template (shipped inside the nilearn wheel), labelled by the ti
 datalist `monai_prompt.data.read_classification_datalist` reads: a MONAI decathlon JSON, a CSV (one label column, or
 several 0/1 columns for multi-label) or a class-per-folder tree. Images are read
 with MONAI `LoadImaged` (PNG/JPEG, DICOM, NIfTI), matched to `in_channels` (grey repeated to RGB), scaled to
-[0, 1] and resized to `img_size`; training adds a left-right mirror, a small affine and contrast jitter. The
+[0, 1] (by each image's min-max, or, with `--intensity_range "[-1000, 2000]"`, by that window for every image,
+clipped: CT slices in Hounsfield units; recorded for evaluation and inference) and resized to `img_size`; training
+adds a left-right mirror, a small affine and contrast jitter. The
 mirror (`monai_prompt.data.RandLeftRightFlipd`, `train#random_transforms#0`) flips the patient's left-right axis
 of NIfTI and DICOM images, read from their affine (none for a sagittal slice); PNG/JPEG images carry no
 orientation, so it flips their `spatial_axis`: 0, horizontal as MONAI reads them. Where left-right runs vertically
@@ -367,9 +369,12 @@ For other data the datalist's `labels` name the classes (`num_classes` follows) 
 maps: any distinct non-negative integers with `0` for background (BraTS' `0 1 2 4`, an atlas' region codes), mapped
 to class indices for training and written back into the masks (`uint16` above 255). Set `in_channels`, and
 `pixdim` to resample to a common spacing (default `None`: the data's own; e.g. `--pixdim "[1.5,1.5,2.0]"`).
-Training records the label values and `pixdim` with the network's settings, so evaluation, inference and the
-packaged copy (whose `metadata.json` `channel_def`, read by MONAI Label, names its classes) read the labels and
-resample as the delta was trained.""",
+Intensities are scaled to [0, 1] by each image's own minimum and maximum unless `intensity_range` sets one window
+for every image, clipped outside it: for CT give one in Hounsfield units (e.g. `--intensity_range "[-1000, 2000]"`
+for bone, `"[-160, 240]"` for soft tissue), or a crop, a slab and the whole scan put the same HU at different
+values. Training records the label values, `pixdim` and `intensity_range` with the network's settings, so
+evaluation, inference and the packaged copy (whose `metadata.json` `channel_def`, read by MONAI Label, names its
+classes) read the labels, resample and scale as the delta was trained.""",
         training=f"""\
 - Network: `{spec.method}` on `backbone="vit_base"` (ViT-B/16), `img_size` the ROI ({dims}D): training takes
   whole training images, their largest side rounded up to a multiple of 16, at most {ROI_BUDGET[spec.spatial_dims]}
@@ -380,7 +385,8 @@ resample as the delta was trained.""",
   annealing to 0 over {spec.epochs} epochs; batches of `batch_size` images x `num_samples` ROI crops; source:
   {spec.recipe_source}.
 - Loss: `DiceCELoss` (softmax, one-hot labels).
-- Preprocessing: load, channel first, RAS orientation, optional `Spacingd` (`pixdim`), intensity to [0, 1]; training
+- Preprocessing: load, channel first, RAS orientation, optional `Spacingd` (`pixdim`), intensity to [0, 1] (each
+  image's min-max, or the window `intensity_range`: `monai_prompt.data.ScaleIntensityWindowd`); training
   pads to the ROI and samples `num_samples` crops per image (`RandCropByPosNegLabeld`, half centred on
   foreground), with flips and contrast/intensity jitter.
 - Validation every `val_interval` epochs with `SlidingWindowInferer` over whole images (ROI `img_size`,

@@ -74,15 +74,18 @@ def _network_def(spec: BundleSpec, trained: bool = False) -> dict[str, Any]:
 
 
 def _network_settings(spec: BundleSpec, task: dict[str, Any] = _DATALIST_TASK) -> dict[str, Any]:
-    """The classes, input (its size and the spacing ``pixdim`` the images are resampled to, default ``None``: the
-    data's own), decoder width, encoder and method: what the training record keeps for evaluation, inference, the
-    packaged copy and a resume's check (``task``: the classes, :data:`_DATALIST_TASK` or :data:`_UNTRAINED_TASK`)."""
+    """The classes, input (its size, the spacing ``pixdim`` the images are resampled to, default ``None``: the
+    data's own, and the intensity window ``intensity_range`` scaled to [0, 1], default ``None``: each image's own
+    minimum and maximum), decoder width, encoder and method: what the training record keeps for evaluation,
+    inference, the packaged copy and a resume's check (``task``: the classes, :data:`_DATALIST_TASK` or
+    :data:`_UNTRAINED_TASK`)."""
     return {
         **task,
         "in_channels": 1,
         "spatial_dims": spec.spatial_dims,
         "img_size": spec.img_size,
         "pixdim": None,
+        "intensity_range": None,
         "feature_size": 16,
         **common.backbone_settings(spec),
     }
@@ -115,7 +118,8 @@ def _deterministic_transforms(label: bool = True, resample_label: bool = True) -
     """Datalist item to network input and target: load image and label, channel first, match
     ``in_channels``/``spatial_dims``, the label values, rounded (a float label map's 1.0000001 is 1), to class indices
     (``label_values`` -> ``0..K-1``), RAS orientation, resampling to ``pixdim`` when it is set (default: keep the
-    data's spacing), image scaled to [0, 1], float32. No resizing: the sliding window covers whole images of any size.
+    data's spacing), image scaled to [0, 1] (each image's min-max, or the window ``intensity_range``), float32. No
+    resizing: the sliding window covers whole images of any size.
 
     Args:
         label: also the label (training, validation, evaluation; allowed to be missing); inference reads images
@@ -143,7 +147,7 @@ def _deterministic_transforms(label: bool = True, resample_label: bool = True) -
          "labels": None, **optional},
         {"_target_": "monai_prompt.data.SliceSpacingd", "_disabled_": "$@pixdim is None", "keys": resampled,
          "pixdim": "@pixdim", "mode": ["bilinear", "nearest"] if resampled == _KEYS else "bilinear", **optional},
-        {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
+        {"_target_": "monai_prompt.data.ScaleIntensityWindowd", "keys": "image", "intensity_range": "@intensity_range"},
         {"_target_": "EnsureTyped", "keys": keys, "dtype": "$torch.float32", **optional},
     ]
 
@@ -263,6 +267,10 @@ _TRAINING_IMG_SIZE = ("$@training_config['img_size'] if @flags#continue_model el
 #: spacing; a command-line ``--pixdim`` replaces the expression.
 _TRAINING_PIXDIM = f"${common.record_read('pixdim')} if @flags#continue_model else None"
 
+#: training's ``intensity_range`` (default ``None``: each image's min-max; a CT window such as ``[-1000, 2000]``);
+#: continuing the served model: its recorded window; a command-line ``--intensity_range`` replaces the expression.
+_TRAINING_INTENSITY_RANGE = f"${common.record_read('intensity_range')} if @flags#continue_model else None"
+
 #: a training run that keeps the folder's previous run: ``--resume`` or ``continue_model`` (:func:`_continue_model`).
 _KEPT = "@flags#resume or @flags#continue_model"
 #: MLflow run parameters of training and evaluation runs alike: the classes, their label values, the spacing, the
@@ -281,7 +289,8 @@ def _initialize(train: bool = True) -> list[str]:
     splits = "['training', 'validation']" if train else "[@evaluate_split]"
     check = (
         f"monai_prompt.data.check_segmentation_datalist(@datalist_file, @class_names, channels=@in_channels, "
-        f"required_splits={splits}, num_classes=@num_classes, label_values=@label_values, datalist=@datalist)"
+        f"required_splits={splits}, num_classes=@num_classes, label_values=@label_values, datalist=@datalist, "
+        "intensity_range=@intensity_range)"
     )
     if not train:
         return common.initialize([f"${check}"], train=False)
@@ -292,7 +301,8 @@ def train_config(spec: BundleSpec) -> dict[str, Any]:
     """``configs/train.json``: training with sliding-window validation, best delta to ``models/model.pt``,
     resumable."""
     key_metric, additional_metrics = _metrics("val_")
-    settings = {**_common(spec), "img_size": _TRAINING_IMG_SIZE, "pixdim": _TRAINING_PIXDIM}
+    settings = {**_common(spec), "img_size": _TRAINING_IMG_SIZE, "pixdim": _TRAINING_PIXDIM,
+                "intensity_range": _TRAINING_INTENSITY_RANGE}
     settings["network_def"] = {**settings["network_def"], **common.IN_BACKWARD_AUTOCAST}
     return common.with_flags({
         **settings,

@@ -16,7 +16,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,13 @@ _AFFINE_TOLERANCE = 1e-3
 #: how far a label value may be from an integer to be read as that class value (float rounding, e.g. 1.0000001):
 #: the bundles' transforms round label maps (``AsDiscreted`` with ``rounding``).
 _LABEL_TOLERANCE = 1e-3
+#: a label map with this many distinct values that no class names reads as an instance mask (one value per object;
+#: with a single foreground class, two are enough).
+_INSTANCE_VALUES = 10
+#: a label at most this many voxels larger than its image along each axis reads as the image's grid with padding.
+_PADDING_VOXELS = 2
+#: images whose values reach both these (Hounsfield units: air -1000, cortical bone above 300) read as a CT.
+_HU_AIR, _HU_BONE = -500.0, 300.0
 
 
 @dataclass
@@ -171,6 +178,7 @@ class SegmentationSummary:
         counts: image/label pairs (unlabelled images) per split.
         voxel_fractions: per labelled split, the fraction of label voxels of each class.
         channels: the channel count every image has.
+        notes: what the bundle will do that the user may want to change (also logged by a workflow's check).
     """
 
     source: str
@@ -178,6 +186,7 @@ class SegmentationSummary:
     counts: dict[str, int]
     voxel_fractions: dict[str, list[float]]
     channels: int
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         width = max(len(name) for name in [*self.classes, "images"]) + 2
@@ -188,7 +197,8 @@ class SegmentationSummary:
         for split, count in self.counts.items():
             fractions = "".join(f"{value:>{width}.3f}" for value in self.voxel_fractions.get(split, []))
             lines.append(f"{split:<12}{count:>{width}}{fractions}")
-        return "\n".join(lines) + "\n(class columns: fraction of label voxels)"
+        lines.append("(class columns: fraction of label voxels)")
+        return "\n".join([*lines, *(f"note: {note}" for note in self.notes)])
 
 
 def _classes_text(label_values: Sequence[int], classes: Sequence[str]) -> str:
@@ -277,8 +287,9 @@ def _pair_problems(
     if image_shape != label_shape:
         stored = _spatial_shape(label), _spatial_shape(image)
         shapes = stored if stored[0] != stored[1] else (f"{label_shape} in RAS order", str(image_shape))
+        fix = _regrid_fix(*stored) if stored[0] != stored[1] else "resample it with nearest neighbour"
         problems.append(f"{label_path}: shape {shapes[0]} differs from its image's {shapes[1]} ({image_path}); the "
-                        "label must be on the image's grid (resample it with nearest neighbour).")
+                        f"label must be on the image's grid ({fix}).")
     else:
         scale = max(float(np.abs(image_affine[:-1, :-1]).max()), 1.0)
         if image_affine.shape != label_affine.shape or not np.allclose(
@@ -293,10 +304,10 @@ def _pair_problems(
                         "label map holds class indices (was it resampled with linear interpolation?).")
     outside = values[~np.isin(values, label_values) & (np.mod(values, 1) == 0)]  # fractions: reported above
     if outside.size:
-        problems.append(f"{label_path}: values {outside[:5].astype(int).tolist()} are no class's "
-                        f"({_values_text(label_values)}, the 'labels' keys); name their classes in the datalist's "
-                        f'\'labels\' (e.g. "{int(outside[0])}": "<class name>"), or set them to 0 (background) in a '
-                        "copy of the label maps.")
+        more = f" and {outside.size - 5} more" if outside.size > 5 else ""
+        fix = _unnamed_values_fix(outside, values, label_values)
+        problems.append(f"{label_path}: values {outside[:5].astype(int).tolist()}{more} are no class's "
+                        f"({_values_text(label_values)}, the 'labels' keys); {fix}")
     return problems
 
 
@@ -312,6 +323,49 @@ def _missing_split_fix(datalist: SegmentationDatalist, split: str) -> str:
             f"{others[-1]}")
 
 
+def _regrid_fix(label: tuple[int, ...], image: tuple[int, ...]) -> str:
+    """How to bring a label of shape ``label`` onto its image's grid of shape ``image``: resampling, unless it has
+    the image's dimensions with a few extra voxels along each axis that has any (padding rows or columns, as some
+    tools write a mask), which resampling would stretch over the image instead of cutting off.
+
+    Args:
+        label: the label's spatial shape, as :func:`_spatial_shape` gives it.
+        image: its image's.
+    """
+    extra = [size - target for size, target in zip(label, image)]
+    if len(label) != len(image) or not any(extra) or not all(0 <= count <= _PADDING_VOXELS for count in extra):
+        return "resample it with nearest neighbour"
+    first = ", ".join(f"{count}:" if count else ":" for count in extra)
+    last = ", ".join(f":-{count}" if count else ":" for count in extra)
+    return (f"it is {' x '.join(map(str, extra))} voxels larger than the image: padding rows or columns? Crop them "
+            f"off rather than resample, which would stretch the label over the image: label[{first}] (padding first) "
+            f"or label[{last}] (padding last; axes in the order of the shapes above), saved with the image's header")
+
+
+def _unnamed_values_fix(outside: np.ndarray, found: np.ndarray, label_values: Sequence[int]) -> str:
+    """What to do about the label values ``outside`` no class names: an instance mask (many distinct values, or
+    several for one foreground class) is binarised, a binary mask stored with another foreground value (0/255)
+    names that value, else the values are named or set to background.
+
+    Args:
+        outside: the label map's integer values that no class names.
+        found: every distinct value of the label map.
+        label_values: the classes' label values.
+    """
+    named = [value for value in label_values if value != 0]
+    if outside.size >= _INSTANCE_VALUES or (outside.size > 1 and len(named) == 1):
+        return ("an instance mask (one value per object)? The bundles segment classes, not instances: for one "
+                "foreground class set every value above 0 to 1 in a copy of the label maps (numpy: (label > "
+                "0).astype(np.uint8)); else name their classes in the datalist's 'labels'.")
+    if outside.size == 1 and len(named) == 1 and named[0] not in found:
+        return (f"a binary mask stored as 0/{int(outside[0])}? Then its foreground value is {int(outside[0])}, not "
+                f"{named[0]}: key the foreground class by it in the datalist's 'labels' (\"{int(outside[0])}\": "
+                f"\"<class name>\" in place of \"{named[0]}\"), or set {int(outside[0])} to {named[0]} in a copy of "
+                "the label maps.")
+    return (f'name their classes in the datalist\'s \'labels\' (e.g. "{int(outside[0])}": "<class name>"), or set '
+            "them to 0 (background) in a copy of the label maps.")
+
+
 def check_segmentation_datalist(
     source: str | os.PathLike,
     class_names: Sequence[str] | None = None,
@@ -321,6 +375,7 @@ def check_segmentation_datalist(
     num_classes: int | None = None,
     label_values: Sequence[int] | None = None,
     datalist: SegmentationDatalist | None = None,
+    intensity_range: Sequence[float] | None = None,
 ) -> SegmentationSummary:
     """Check every image/label pair of a decathlon segmentation datalist and report all problems at once.
 
@@ -345,6 +400,8 @@ def check_segmentation_datalist(
             not given, else ``0..K-1``).
         datalist: ``source`` as the workflow has read it (default: read here), so that a carved validation split
             is carved and logged once.
+        intensity_range: the bundle's intensity window (``None``: each image's min-max, and images whose values
+            span air to bone in Hounsfield units get a note naming the setting).
 
     Raises:
         DataCheckError: listing every problem with its path and the fix.
@@ -372,12 +429,15 @@ def check_segmentation_datalist(
     load = LoadImage(image_only=True, ensure_channel_first=True)
     image_channels: dict[str, int] = {}
     voxels = {split: np.zeros(len(classes)) for split in SPLITS if datalist[split]}
+    extremes = [math.inf, -math.inf]  # the images' lowest and highest values
+    unnamed = dict.fromkeys(voxels, False)  # a split's label maps hold values no class names (reported per file)
     for split, item in datalist.all_items():
         if split not in SPLITS:  # unlabelled images: the segmentation workflows do not read them
             continue
         image = _load(item["image"], load, problems)
         if image is not None:
             image_channels[item["image"]] = _channels(image)
+            extremes = [min(extremes[0], float(image.min())), max(extremes[1], float(image.max()))]
         if "label" not in item:
             if split in ("training", "validation"):
                 problems.append(f"{item['image']}: no label; a {split} item needs both 'image' and 'label'.")
@@ -391,6 +451,7 @@ def check_segmentation_datalist(
             continue
         found, counts = _label_counts(label)
         problems += _pair_problems(image, label, item["image"], item["label"], values, found)
+        unnamed[split] |= bool((~np.isin(found, values) & (found != 0)).any())
         for value, count in zip(found, counts):
             if value in values:
                 voxels[split][values.index(value)] += count
@@ -399,7 +460,8 @@ def check_segmentation_datalist(
     problems += [
         f"{source}: the {split!r} labels hold only background (0): Dice is undefined on them, so no epoch can be "
         "chosen as best (validation) nor scored (evaluation); give this split images with foreground."
-        for split in required_splits if split in voxels and voxels[split][0] > 0 and not voxels[split][1:].any()
+        for split in required_splits
+        if split in voxels and voxels[split][0] > 0 and not voxels[split][1:].any() and not unnamed[split]
     ]
     problems += _duplicates(datalist) + _leaks(datalist)
     if problems:
@@ -410,7 +472,27 @@ def check_segmentation_datalist(
         counts={split: len(items) for split, items in datalist.splits.items()},
         voxel_fractions={split: (v / max(v.sum(), 1)).tolist() for split, v in voxels.items()},
         channels=expected,
+        notes=_intensity_notes(source, *extremes) if intensity_range is None else [],
     )
+
+
+def _intensity_notes(source: str | os.PathLike, low: float, high: float) -> list[str]:
+    """A note, also logged, when the images' values span air to bone in Hounsfield units (a CT) and each image is
+    scaled by its own min-max: a window (``intensity_range``) keeps a HU value at one input value in every image.
+
+    Args:
+        source: the datalist (named in the log).
+        low: the images' lowest value.
+        high: their highest.
+    """
+    if not (low <= _HU_AIR and high >= _HU_BONE):
+        return []
+    note = (f"intensities from {low:g} to {high:g}, as a CT's Hounsfield units: each image is scaled to [0, 1] by its "
+            "own minimum and maximum, so one HU value lands at a different input value in each crop or scan; set "
+            "one window for every image, e.g. --intensity_range \"[-1000, 2000]\" (bone) or \"[-160, 240]\" (soft "
+            "tissue), which the training record keeps for evaluation and inference.")
+    logging.getLogger("monai_prompt").info(f"data check of {source}: note: {note}")
+    return [note]
 
 
 def whole_image_roi(

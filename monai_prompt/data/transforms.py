@@ -9,7 +9,8 @@ image float32 and the label a tensor, then optionally augment. Two transforms ar
 images as their colours and converts between grey and colour channels, with an error that names the file) and
 :class:`RandLeftRightFlipd` (MONAI's ``RandFlipd`` flips a fixed array axis, which is the patient's left-right axis
 only in some orientations). The segmentation bundles' postprocessing adds :class:`ResampledArgmaxd` (the argmax of a
-softmax resampled a few classes at a time) and :class:`NiftiMaskWriter` (masks that keep their input's NIfTI codes).
+softmax resampled a few classes at a time), :class:`NiftiMaskWriter` (masks that keep their input's NIfTI codes) and
+:class:`ScaleIntensityWindowd` (min-max, or a fixed intensity window such as a CT's, recorded by training).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from monai.transforms import (
     RandFlipd,
     Resized,
     ScaleIntensityd,
+    ScaleIntensityRanged,
     Spacingd,
     SqueezeDim,
     ToTensord,
@@ -48,9 +50,9 @@ from monai.utils import MetaKeys, TraceKeys, convert_to_numpy, convert_to_tensor
 
 from monai_prompt.data.headers import PIL_CONVERSIONS, channels_feed
 
-__all__ = ["MatchInputd", "NiftiMaskWriter", "RandLeftRightFlipd", "ResampledArgmaxd", "SliceOrientation",
-           "SliceOrientationd", "SliceSpacingd", "classification_transforms", "left_right_axis", "match_input",
-           "refuse_slice_resampling", "slice_orientation"]
+__all__ = ["MatchInputd", "NiftiMaskWriter", "RandLeftRightFlipd", "ResampledArgmaxd", "ScaleIntensityWindowd",
+           "SliceOrientation", "SliceOrientationd", "SliceSpacingd", "classification_transforms", "left_right_axis",
+           "match_input", "refuse_slice_resampling", "slice_orientation"]
 
 
 def match_input(image: torch.Tensor, spatial_dims: int, channels: int, convert_modes: bool = True) -> torch.Tensor:
@@ -360,6 +362,55 @@ class SliceSpacingd(Spacingd):
         return super().__call__(data, lazy)
 
 
+class ScaleIntensityWindowd(MapTransform):
+    """Image intensities to [0, 1]: each image's own minimum and maximum (``intensity_range`` ``None``: MONAI's
+    ``ScaleIntensityd``), or one fixed window ``[low, high]`` for every image, clipped outside it (MONAI's
+    ``ScaleIntensityRanged`` with ``clip=True``). A window keeps a CT's Hounsfield units meaning the same in every
+    image (bone at 226 HU lands where it does in training whatever an image's own extremes), where min-max maps it
+    elsewhere in each crop, slab or whole volume.
+
+    Args:
+        keys: image keys.
+        intensity_range: ``[low, high]`` in the images' units (e.g. ``[-1000, 2000]`` for bone in CT), or ``None``.
+        allow_missing_keys: skip absent keys.
+
+    Raises:
+        ValueError: ``intensity_range`` is not two finite numbers, low below high.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, intensity_range: Sequence[float] | None = None, allow_missing_keys: bool = False
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.intensity_range = _intensity_window(intensity_range)
+        if self.intensity_range is None:
+            self.scale: MapTransform = ScaleIntensityd(keys, minv=0.0, maxv=1.0, allow_missing_keys=allow_missing_keys)
+        else:
+            low, high = self.intensity_range
+            self.scale = ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True,
+                                              allow_missing_keys=allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        return self.scale(data)
+
+
+def _intensity_window(value: Sequence[float] | None) -> tuple[float, float] | None:
+    """``value`` as ``(low, high)``, or ``None``; anything else is refused with the setting's name and an example."""
+    if value is None:
+        return None
+    try:
+        low, high = (float(bound) for bound in value)
+    except (TypeError, ValueError):
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(
+            f"intensity_range {value!r}: give [low, high], low below high, in the images' units (CT Hounsfield "
+            "units: e.g. --intensity_range \"[-1000, 2000]\" for bone, \"[-160, 240]\" for soft tissue), or null to "
+            "scale each image by its own minimum and maximum."
+        )
+    return low, high
+
+
 class ResampledArgmaxd(MapTransform):
     """The argmax over the channels (classes) of ``keys`` after ``transform`` resamples them, a few channels at a
     time: ``AsDiscreted(argmax=True)`` after ``transform`` with the resampled probabilities of ``channels`` classes
@@ -441,15 +492,16 @@ def classification_transforms(
     track_meta: bool = True,
     image_key: str = "image",
     label_key: str = "label",
+    intensity_range: Sequence[float] | None = None,
 ) -> list[Transform]:
     """Transforms from a datalist item ``{"image": path, "label": ...}`` to network input and target.
 
     Load (MONAI ``LoadImaged``: PIL, ITK for DICOM files/series, nibabel), channel first, :class:`MatchInputd`,
-    min-max scale to [0, 1], resize to ``img_size`` (anti-aliased when shrinking), a float32 image and the label as
-    a tensor (``long`` index, or ``float32`` multi-hot; a missing label, unlabelled data, is allowed); then, with
-    ``augment``, a random left-right mirror (:class:`RandLeftRightFlipd`), a small random rotation/scaling and
-    random contrast. The
-    bundles spell out the same chain as ``train#deterministic_transforms`` and ``train#random_transforms``.
+    scale to [0, 1] (min-max, or the window ``intensity_range``: :class:`ScaleIntensityWindowd`), resize to
+    ``img_size`` (anti-aliased when shrinking), a float32 image and the label as a tensor (``long`` index, or
+    ``float32`` multi-hot; a missing label, unlabelled data, is allowed); then, with ``augment``, a random left-right
+    mirror (:class:`RandLeftRightFlipd`), a small random rotation/scaling and random contrast. The bundles spell out
+    the same chain as ``train#deterministic_transforms`` and ``train#random_transforms``.
 
     Args:
         img_size: the network's input size, one int or one per spatial dim.
@@ -463,6 +515,8 @@ def classification_transforms(
             and flips axis 0.
         image_key: key of the image path.
         label_key: key of the label.
+        intensity_range: ``[low, high]`` scaled to [0, 1] for every image, clipped (a CT's HU window), or ``None``:
+            each image's own minimum and maximum.
     """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims={spatial_dims}; use 2 or 3.")
@@ -471,7 +525,7 @@ def classification_transforms(
         LoadImaged(keys=image_key, image_only=True),
         EnsureChannelFirstd(keys=image_key),
         MatchInputd(keys=image_key, spatial_dims=spatial_dims, channels=in_channels),
-        ScaleIntensityd(keys=image_key, minv=0.0, maxv=1.0),
+        ScaleIntensityWindowd(keys=image_key, intensity_range=intensity_range),
         Resized(keys=image_key, spatial_size=size, mode="bilinear" if spatial_dims == 2 else "trilinear",
                 anti_aliasing=True),
         EnsureTyped(keys=image_key, dtype=torch.float32, track_meta=track_meta),

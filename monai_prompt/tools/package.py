@@ -210,8 +210,10 @@ def package_bundle(
         )
     if pretrained is None and not record.get("pretrained"):
         raise ValueError(
-            f"{model.parent / TRAINING_CONFIG} names no pretrained weights: pass --pretrained <the weights the delta "
-            f"was trained on>."
+            f"{model.parent / TRAINING_CONFIG} names no pretrained weights: the delta was trained on a randomly "
+            "initialised backbone (its training ran without --pretrained), which no file holds for a packaged copy "
+            "to load. Train again with --pretrained <ViT weights> and package that run; if the delta was trained on "
+            "weights the record does not name, pass --pretrained <those weights>."
         )
     weights = _weights(pretrained if pretrained is not None else record["pretrained"])
     if out.exists():
