@@ -100,7 +100,7 @@ def test_train_and_evaluate_logged_to_a_tracking_server(bundle, mlflow_server):
         "class_names": classes, "multi_label": "False", "datalist_options": "{}",
         "img_size": str(overrides["img_size"]), "batch_size": "4", "learning_rate": str(SPEC.learning_rate),
         "weight_decay": str(SPEC.weight_decay), "seed": "0", "val_interval": "1", "shuffle": "True",
-        "step_in_backward": "False", "world_size": "1", "effective_batch_size": "4"}
+        "step_in_backward": "False", "world_size": "1", "effective_batch_size": "4", "intensity_range": "None"}
     assert {key: params[key] for key in settings} == settings
     assert params["datalist_file"].endswith("datalist.json") and "checkpoint" not in params
     history = client.get_metric_history(train.info.run_id, "val_accuracy")
@@ -112,8 +112,8 @@ def test_train_and_evaluate_logged_to_a_tracking_server(bundle, mlflow_server):
     assert {"accuracy", "auc", "f1", "kappa", "ece"} <= set(evaluate.data.metrics)
     evaluated_params = evaluate.data.params  # what the evaluation read: no training schedule or recipe
     assert not {"max_epochs", "epoch_length", "learning_rate", "batch_size", "seed"} & set(evaluated_params)
-    assert {key: evaluated_params[key] for key in ("class_names", "evaluate_split", "peft_method")} == {
-        "class_names": classes, "evaluate_split": "test", "peft_method": "linear"}
+    assert {key: evaluated_params[key] for key in ("class_names", "evaluate_split", "peft_method", "intensity_range")
+            } == {"class_names": classes, "evaluate_split": "test", "peft_method": "linear", "intensity_range": "None"}
     assert Path(evaluated_params["checkpoint"]).resolve() == (path / "models" / "model.pt").resolve()
     assert evaluated_params["datalist_file"] == params["datalist_file"]
     evaluated = {artifact.path for artifact in client.list_artifacts(evaluate.info.run_id)}

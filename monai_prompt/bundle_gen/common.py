@@ -483,6 +483,7 @@ _TRAIN_PARAMS = {
     "pretrained": "@pretrained",
     "backbone": "@backbone",
     "img_size": "@img_size",
+    "intensity_range": "@intensity_range",
     "datalist_file": "@datalist_file",
     "seed": "@seed",
     "batch_size": "@batch_size",
@@ -496,6 +497,7 @@ _TRAIN_PARAMS = {
 _EVALUATE_PARAMS = {
     "pretrained": "@pretrained",
     "checkpoint": "@load_path",
+    "intensity_range": "@intensity_range",
     "datalist_file": "@datalist_file",
     "evaluate_split": "@evaluate_split",
     "amp": "@flags#amp",
@@ -504,6 +506,7 @@ _EVALUATE_PARAMS = {
 _INFERENCE_PARAMS = {
     "pretrained": "@pretrained",
     "checkpoint": "@load_path",
+    "intensity_range": "@intensity_range",
     "infer_images": "@infer_images",
     "output_dir": "@output_dir",
     "amp": "@flags#amp",
