@@ -325,6 +325,21 @@ _REPORTS_CHANGE = (
 )
 
 
+#: the release of the intensity window, the runs' last lines and the fixes for CUDA and torchrun.
+_WINDOW_CHANGE = (
+    "--intensity_range \"[low, high]\" scales every image by one window, clipped (CT slices in Hounsfield units; "
+    "default: each image's own min-max), kept in the training record for evaluation, inference and the packaged "
+    "copy, and logged to MLflow; training and evaluation end with a line giving the best or key metric and where "
+    "the model or metrics went; probabilities come from float32 logits (under CUDA AMP the fp16 logits gave "
+    "probabilities of exactly 1.0 to confident images, tying them in the AUC, the calibration bins and "
+    "predictions.csv); deltas and checkpoints hold their tensors on the CPU, so that one trained on a GPU loads on "
+    "a machine without one (torch.load and MONAI's ckpt_export read it without map_location); under torchrun the "
+    "other ranks wait for rank 0 on a gloo group of their own for up to 12 hours (FPT's preload: NCCL's barrier "
+    "gave up after 10 minutes), and FPT's network is wrapped by DDP after its LPM weights are released (DDP kept "
+    "them on every GPU)"
+)
+
+
 def _released(spec: BundleSpec, change: str) -> BundleSpec:
     """``spec`` with ``change`` as its next patch release."""
     major, minor, patch = spec.version.split(".")
@@ -333,9 +348,9 @@ def _released(spec: BundleSpec, change: str) -> BundleSpec:
 
 #: bundle name -> spec, in the order of the docs.
 BUNDLE_SPECS: dict[str, BundleSpec] = {
-    spec.name: _released(_released(
+    spec.name: _released(_released(_released(
         _released(spec if spec.fpt else _released(spec, _IN_BACKWARD_CHANGE), _START_CHECKS_CHANGE), _SIGNALS_CHANGE
-    ), _REPORTS_CHANGE)
+    ), _REPORTS_CHANGE), _WINDOW_CHANGE)
     for spec in _SPECS
 }
 
@@ -379,6 +394,19 @@ def _segmentation_spec(spec: BundleSpec, spatial_dims: int) -> BundleSpec:
         "decoder start from scratch; not tuned",
         references=(_UNETR, *spec.references),
         changelog=(
+            ("0.1.12", ("2D slices of a coronal or sagittal plane (e.g. X x Z x 1 of an LSA volume) train, evaluate "
+                        "and get masks on their own grid (MONAI's orientation stopped with 'Unable to find out axis'); "
+                        "pixdim on them is refused naming the slice; the random flip mirrors left and right (a "
+                        "sagittal slice was flipped front to back); --intensity_range \"[low, high]\" scales every "
+                        "image by one window, clipped (CT in Hounsfield units; default: each image's own min-max), "
+                        "kept in the training record and logged to MLflow, and the data check notes a CT scaled per "
+                        "image; the data check passes a label map stored in another axis order than its image, tells "
+                        "a 0/255 mask to key its class by 255, an instance mask to be binarised and a label with "
+                        "padding rows to be cropped, and names the splits a missing evaluation split could be; "
+                        "training and evaluation end with a line giving the best or key metric and where the model "
+                        "or metrics went; deltas and checkpoints hold their tensors on the CPU (one trained on a GPU "
+                        "loads on a machine without one); under torchrun the other ranks wait for rank 0 on a gloo "
+                        "group of their own")),
             ("0.1.11", ("inference ends with a line naming the mask folder and how many masks it wrote (a missing "
                         "--infer_images folder is named as missing); validation "
                         "and evaluation warn about classes predicted only where the ground truth does not have them "
