@@ -783,6 +783,10 @@ def test_an_intensity_window_is_recorded_and_scales_evaluation_and_inference_as_
     assert parsed(["train.json"], "intensity_range", continue_model=True) == [-1000, 2000]
     with pytest.raises(ValueError, match=r"intensity_range \[2000, -1000\]: give \[low, high\], low below high"):
         ScaleIntensityWindowd("image", [2000, -1000])
+    for spelling in ("none", "Null"):  # the command line passes --intensity_range none (or null) as a string
+        assert ScaleIntensityWindowd("image", spelling).intensity_range is None
+    with pytest.raises(ValueError, match="intensity_range 'bone': give"):
+        ScaleIntensityWindowd("image", "bone")
 
 
 class _IntensityClasses(torch.nn.Module):

@@ -395,8 +395,9 @@ class ScaleIntensityWindowd(MapTransform):
 
 
 def _intensity_window(value: Sequence[float] | None) -> tuple[float, float] | None:
-    """``value`` as ``(low, high)``, or ``None``; anything else is refused with the setting's name and an example."""
-    if value is None:
+    """``value`` as ``(low, high)``, or ``None`` (also the command line's ``none``/``null``, which reach the config as
+    strings); anything else is refused with the setting's name and an example."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
         return None
     try:
         low, high = (float(bound) for bound in value)
@@ -405,7 +406,7 @@ def _intensity_window(value: Sequence[float] | None) -> tuple[float, float] | No
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise ValueError(
             f"intensity_range {value!r}: give [low, high], low below high, in the images' units (CT Hounsfield "
-            "units: e.g. --intensity_range \"[-1000, 2000]\" for bone, \"[-160, 240]\" for soft tissue), or null to "
+            "units: e.g. --intensity_range \"[-1000, 2000]\" for bone, \"[-160, 240]\" for soft tissue), or none to "
             "scale each image by its own minimum and maximum."
         )
     return low, high
