@@ -244,9 +244,10 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """Drop the checks ``pool`` has not started and end its workers at once. Leaving the pool's ``with`` instead
     waits for every check submitted, and a worker survives a ``SIGTERM`` (the bundle run turns it into an exception
     that the worker hands back before it takes the next check), so a time limit stopped the check only once every
-    bundle had run."""
+    bundle had run. (``ProcessPoolExecutor`` names its workers only in ``_processes``, which ``shutdown`` forgets;
+    Python 3.14's ``terminate_workers`` does the same.)"""
+    workers = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
-    workers = multiprocessing.active_children()
     for worker in workers:
         worker.terminate()
     for worker in workers:
