@@ -200,6 +200,27 @@ def test_a_learning_rate_no_optimiser_step_can_use_is_refused_first(name):
         parser[key] = default
 
 
+@pytest.mark.parametrize("name", ["lora_classification", "lora_segmentation"])
+def test_an_intensity_window_is_checked_first_and_recorded_as_the_transforms_read_it(name):
+    """A window the transforms cannot take (``"[2000, -1000]"``) stopped the run only when the data loader was
+    built, after the run folder had been claimed and the record written; ``initialize`` refuses it first. The record
+    keeps the window as the transforms read it: ``--intensity_range none`` (a string from the command line) as None,
+    so that a resume without the setting is the same run."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / name / "configs" / "train.json"))
+    steps = parser["initialize"]
+    step = next(i for i, text in enumerate(steps) if "intensity_window" in text)
+    assert step < next(i for i, text in enumerate(steps) if "claim_run_folder" in text)
+    for given, read in ((None, None), ("none", None), ("NULL", None), ([-1000, 2000], [-1000.0, 2000.0])):
+        parser["intensity_range"] = given
+        assert parser.get_parsed_content(f"initialize#{step}") == read
+        assert parser.get_parsed_content("training_record#intensity_range") == read
+    parser["intensity_range"] = [2000, -1000]
+    with pytest.raises(RuntimeError) as caught:  # MONAI wraps the error
+        parser.get_parsed_content(f"initialize#{step}")
+    assert str(caught.value.__cause__).startswith("intensity_range [2000, -1000]: give [low, high], low below high")
+
+
 @pytest.mark.parametrize("name", ["fpt_classification", "fptplus_classification"])
 def test_fpt_side_input_follows_img_size_and_a_larger_one_is_refused(name):
     """``--img_size 32`` gives the side network the papers' side size at 512 scaled to 32 px (one 8 px patch for

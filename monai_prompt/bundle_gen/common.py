@@ -21,6 +21,7 @@ __all__ = [
     "FROM_PRED_LABEL",
     "IMPORTS",
     "IN_BACKWARD_AUTOCAST",
+    "INTENSITY_WINDOW",
     "IN_BACKWARD_SETTING",
     "RANK0_WAIT",
     "REPORT_EVALUATION",
@@ -92,6 +93,8 @@ TRAIN_RUN = (
     "$monai_prompt.engine.report_training(@train#trainer, @validate#evaluator, "
     "str(@ckpt_dir) + '/' + @train#model_saver#key_metric_filename)",
 )
+#: ``intensity_range`` as the transforms read it (``none`` from the command line: None), refused at start when invalid
+INTENSITY_WINDOW = "$monai_prompt.data.intensity_window(@intensity_range)"
 #: the last step of an evaluation: its key metric and where its metrics went
 REPORT_EVALUATION = "$monai_prompt.engine.report_evaluation(@evaluator, @evaluate_split, @output_dir + '/metrics.csv')"
 
@@ -138,7 +141,8 @@ def training_record(spec: BundleSpec, settings: dict[str, Any]) -> dict[str, Any
         spec: the bundle's spec.
         settings: the task's settings that define the network and data.
     """
-    parsed = {"multi_label": "@flags#multi_label", "method_config": method_config_ref(spec)}
+    parsed = {"multi_label": "@flags#multi_label", "method_config": method_config_ref(spec),
+              "intensity_range": INTENSITY_WINDOW}
     return {key: parsed.get(key, f"@{key}") for key in settings}
 
 
@@ -172,6 +176,7 @@ def initialize(
         FLAGS,
         "$monai_prompt.runs.check_validation_interval(@val_interval, @train#trainer#max_epochs)",
         "$monai_prompt.runs.check_optimizer_settings(@learning_rate, @weight_decay)",
+        INTENSITY_WINDOW,
         "@distributed_setup",
         f"$monai_prompt.runs.claim_run_folder(@ckpt_dir, resume={kept}, overwrite=@flags#overwrite)",
         _SEED,

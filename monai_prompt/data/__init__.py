@@ -34,8 +34,8 @@ from monai_prompt.data.segmentation import (
 from monai_prompt.data.split import SPLITS, SplitOptions, split_items
 
 _TRANSFORMS = ("MatchInputd", "NiftiMaskWriter", "RandLeftRightFlipd", "ResampledArgmaxd", "ScaleIntensityWindowd",
-               "SliceOrientation", "SliceOrientationd", "SliceSpacingd", "classification_transforms", "left_right_axis",
-               "match_input", "refuse_slice_resampling", "slice_orientation")
+               "SliceOrientation", "SliceOrientationd", "SliceSpacingd", "classification_transforms",
+               "intensity_window", "left_right_axis", "match_input", "refuse_slice_resampling", "slice_orientation")
 
 __all__ = [
     "DEMO_CLASSES",

@@ -51,8 +51,8 @@ from monai.utils import MetaKeys, TraceKeys, convert_to_numpy, convert_to_tensor
 from monai_prompt.data.headers import PIL_CONVERSIONS, channels_feed
 
 __all__ = ["MatchInputd", "NiftiMaskWriter", "RandLeftRightFlipd", "ResampledArgmaxd", "ScaleIntensityWindowd",
-           "SliceOrientation", "SliceOrientationd", "SliceSpacingd", "classification_transforms", "left_right_axis",
-           "match_input", "refuse_slice_resampling", "slice_orientation"]
+           "SliceOrientation", "SliceOrientationd", "SliceSpacingd", "classification_transforms", "intensity_window",
+           "left_right_axis", "match_input", "refuse_slice_resampling", "slice_orientation"]
 
 
 def match_input(image: torch.Tensor, spatial_dims: int, channels: int, convert_modes: bool = True) -> torch.Tensor:
@@ -382,7 +382,7 @@ class ScaleIntensityWindowd(MapTransform):
         self, keys: KeysCollection, intensity_range: Sequence[float] | None = None, allow_missing_keys: bool = False
     ):
         super().__init__(keys, allow_missing_keys)
-        self.intensity_range = _intensity_window(intensity_range)
+        self.intensity_range = intensity_window(intensity_range)
         if self.intensity_range is None:
             self.scale: MapTransform = ScaleIntensityd(keys, minv=0.0, maxv=1.0, allow_missing_keys=allow_missing_keys)
         else:
@@ -394,9 +394,17 @@ class ScaleIntensityWindowd(MapTransform):
         return self.scale(data)
 
 
-def _intensity_window(value: Sequence[float] | None) -> tuple[float, float] | None:
-    """``value`` as ``(low, high)``, or ``None`` (also the command line's ``none``/``null``, which reach the config as
-    strings); anything else is refused with the setting's name and an example."""
+def intensity_window(value: Sequence[float] | str | None) -> list[float] | None:
+    """The ``intensity_range`` setting as ``[low, high]``, or ``None`` (also the command line's ``none``/``null``,
+    which reach the config as strings): what :class:`ScaleIntensityWindowd` applies and the training record keeps;
+    the bundles check it before the run folder is touched.
+
+    Args:
+        value: the setting as given.
+
+    Raises:
+        ValueError: not two finite numbers, low below high, nor none, naming the setting with an example.
+    """
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
         return None
     try:
@@ -409,7 +417,7 @@ def _intensity_window(value: Sequence[float] | None) -> tuple[float, float] | No
             "units: e.g. --intensity_range \"[-1000, 2000]\" for bone, \"[-160, 240]\" for soft tissue), or none to "
             "scale each image by its own minimum and maximum."
         )
-    return low, high
+    return [low, high]
 
 
 class ResampledArgmaxd(MapTransform):
