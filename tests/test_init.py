@@ -50,8 +50,9 @@ def test_turning_a_2d_image_back_warns_nothing_and_a_real_axcodes_mismatch_still
         import monai_prompt
         image = MetaTensor(torch.arange(12.0).reshape(1, 3, 4), affine=np.diag([-2.0, -2.0, 1.0, 1.0]))  # LPS slice
         with warnings.catch_warnings(record=True) as caught:
-            turned = Orientation("RA", labels=None)(image)
-            back = Orientation("RA", labels=None).inverse(turned)
+            orientation = Orientation("RA", labels=None)  # one instance: MONAI's inverse checks the forward's id
+            turned = orientation(image)
+            back = orientation.inverse(turned)
             Orientation("RAS", labels=None)(image)  # three codes for a 2D image: a real mismatch
         assert torch.equal(back.as_tensor(), image.as_tensor()) and not torch.equal(turned, image)
         print(repr([str(warning.message).splitlines()[0] for warning in caught]))
