@@ -26,7 +26,6 @@ from monai_prompt.data.check import _channel_problems, _duplicates, _input_chann
 from monai_prompt.data.datalist import DataCheckError, Datalist
 from monai_prompt.data.headers import IMAGE_SUFFIXES, PIL_CONVERSIONS, PIL_SUFFIXES, image_suffix, pil_channels
 from monai_prompt.data.split import SPLITS, SplitOptions, split_items
-from monai_prompt.data.transforms import intensity_window
 
 __all__ = [
     "SegmentationDatalist",
@@ -376,7 +375,7 @@ def check_segmentation_datalist(
     num_classes: int | None = None,
     label_values: Sequence[int] | None = None,
     datalist: SegmentationDatalist | None = None,
-    intensity_range: Sequence[float] | str | None = None,
+    intensity_range: Sequence[float] | None = None,
 ) -> SegmentationSummary:
     """Check every image/label pair of a decathlon segmentation datalist and report all problems at once.
 
@@ -473,7 +472,7 @@ def check_segmentation_datalist(
         counts={split: len(items) for split, items in datalist.splits.items()},
         voxel_fractions={split: (v / max(v.sum(), 1)).tolist() for split, v in voxels.items()},
         channels=expected,
-        notes=_intensity_notes(source, *extremes) if intensity_window(intensity_range) is None else [],
+        notes=_intensity_notes(source, *extremes) if intensity_range is None else [],
     )
 
 
